@@ -1,0 +1,189 @@
+"""What a plugin's agent-side code is handed: the deployment, a way to report, a way to run.
+
+Deploy executors, health probes and rollback strategies all receive a :class:`DeployContext`.
+They report stages with :meth:`DeployContext.report`, send output with
+:meth:`DeployContext.log`, and run scripts with :meth:`DeployContext.run_script`, which applies
+the timeout, the process-group kill and the output bound for them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from deploy_core.agent.process import ProcessResult, run_process
+from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
+
+# Variables a script inherits from the agent's own environment; nothing else leaks through
+# (the agent's environment may hold credentials).
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class DeployFailed(Exception):
+    """Raised by an executor to fail the deployment, optionally with its result attached.
+
+    :param status: ``failed`` or ``timeout``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        result: BaseModel | None = None,
+        status: DeployStatus = DeployStatus.FAILED,
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.status = status
+
+
+class Reporter(Protocol):
+    """Where a context's reports and log lines go (the agent's outbox; a list in tests)."""
+
+    def report(self, status: DeployStatus, progress: int, stage: str, message: str) -> None:
+        """Record a status report for sending."""
+
+    def log(self, line: LogLine) -> None:
+        """Record one log line for sending with the next report."""
+
+
+class DeployContext:
+    """One deployment (or rollback) as seen by the plugin code that carries it out."""
+
+    def __init__(
+        self,
+        *,
+        command: DeployCommand,
+        reporter: Reporter,
+        data_dir: Path,
+        stage_of: Callable[[str], tuple[int, int]] | None = None,
+    ) -> None:
+        self.command = command
+        self.deploy_id = command.deploy_id
+        self.command_type = command.command_type
+        self.deadline = command.expires_at
+        self.data_dir = data_dir
+        # Set while a rollback runs: why the deployment failed, and the deployment undone
+        # (its parameters, checks, rollback options and what ``prepare`` saved).
+        self.failure_reason: str | None = None
+        self.rollback_target: RollbackTarget | None = command.rollback_of
+        self._reporter = reporter
+        self._stage_of = stage_of or (lambda status: (0, 100))
+        self._status = DeployStatus.EXECUTING
+        self._stage = ""
+        self._progress = 0
+
+    # ------------------------------------------------------------------ reporting
+
+    @property
+    def progress(self) -> int:
+        """The last progress reported (0-100)."""
+        return self._progress
+
+    def report(
+        self,
+        status: DeployStatus | str,
+        *,
+        fraction: float | None = None,
+        progress: int | None = None,
+        stage: str | None = None,
+        message: str = "",
+    ) -> None:
+        """Report a status (and stage) with progress.
+
+        ``fraction`` (0.0-1.0) places progress inside the range the deploy type registered for
+        this status; ``progress`` sets it outright.  Progress never goes down.
+        """
+        status = DeployStatus(status)
+        if progress is None:
+            start, end = self._stage_of(status.value)
+            progress = int(start + (end - start) * min(max(fraction or 0.0, 0.0), 1.0))
+        self._progress = max(self._progress, min(max(progress, 0), 100))
+        self._status = status
+        self._stage = stage if stage is not None else status.value
+        self._reporter.report(status, self._progress, self._stage, message)
+
+    def log(self, line: str, *, stream: str = "stdout") -> None:
+        """Send one line of output to the server, tagged with the current stage."""
+        self._reporter.log(LogLine(stream=stream, stage=self._stage, line=line[:8192]))
+
+    # ------------------------------------------------------------------ running things
+
+    def remaining(self) -> float:
+        """Seconds left before the deployment's deadline (never negative)."""
+        return max(0.0, self.deadline - time.time())
+
+    def script_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment scripts get: a few safe variables of the agent's, the deployment's
+        identity, then ``extra``."""
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        env.setdefault("PATH", DEFAULT_PATH)
+        env["DEPLOY_ID"] = self.deploy_id
+        env["DEPLOY_COMMAND"] = self.command_type
+        if extra:
+            env.update(extra)
+        return env
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        stream_prefix: str = "",
+    ) -> ProcessResult:
+        """Run ``argv`` with a timeout (never past the deadline), logging every output line."""
+
+        def on_line(stream: str, line: str) -> None:
+            self.log(line, stream=stream_prefix + stream)
+
+        return await run_process(
+            argv,
+            timeout=max(0.001, min(timeout, self.remaining() or timeout)),
+            cwd=cwd,
+            env=self.script_env(env),
+            on_line=on_line,
+        )
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        timeout: float,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        name: str = "script",
+        stream_prefix: str = "",
+    ) -> ProcessResult:
+        """Write ``script`` to a private file and run it: by its ``#!`` line if it has one,
+        else with ``/bin/sh``."""
+        scripts = self.data_dir / "scripts"
+        scripts.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = scripts / f"{self.deploy_id}-{name}.sh"
+        path.write_text(script)
+        path.chmod(0o700)
+        argv = [str(path)] if script.startswith("#!") else ["/bin/sh", str(path)]
+        try:
+            return await self.run(
+                argv, timeout=timeout, cwd=cwd, env=env, stream_prefix=stream_prefix
+            )
+        finally:
+            path.unlink(missing_ok=True)
+
+
+@dataclass
+class AgentServiceContext:
+    """What an agent service (a long-running plugin task) is handed."""
+
+    client_id: str
+    data_dir: Path
+    send_event: Callable[[str, dict[str, Any]], Awaitable[None]]
+    config: dict[str, Any]

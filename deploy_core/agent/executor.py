@@ -1,0 +1,316 @@
+"""Carries out one deployment on the agent, start to callback (SPEC deploy-08 … -10, -17, -18).
+
+deploy (the type's executor) → health checks → on failure: rollback strategy → health checks
+again → one callback.  ``deploy.rollback`` commands run the second half only.  Every step is
+reported; every error ends in the callback, never in a crash of the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from deploy_core.agent.context import DeployContext, DeployFailed
+from deploy_core.agent.health import run_health_checks
+from deploy_core.agent.journal import Journal
+from deploy_core.agent.reporter import OutboxReporter
+from deploy_core.models import (
+    COMMAND_ROLLBACK,
+    EVENT_CALLBACK,
+    DeployCallbackPayload,
+    DeployCommand,
+    DeployStatus,
+    HealthCheckResult,
+    RollbackResult,
+    RollbackTarget,
+)
+from deploy_core.plugins import DeployPlugins
+from deploy_core.registry import DeployType, RollbackStrategy
+
+log = logging.getLogger(__name__)
+
+# Extra seconds the core gives an executor past its own timeout before cancelling it: the
+# executor is expected to enforce the timeout itself and report what it saw.
+EXECUTOR_GRACE = 10.0
+HEALTH_PROGRESS = 90
+
+
+@dataclass
+class Outcome:
+    """How the deployment went, gathered as the flow runs."""
+
+    status: DeployStatus
+    error: str | None = None
+    result: BaseModel | None = None
+    health: list[HealthCheckResult] | None = None
+    rollback: RollbackResult | None = None
+    rollback_state: dict[str, Any] | None = None
+
+
+class Executor:
+    """Runs deployments for one agent, one at a time."""
+
+    def __init__(self, *, plugins: DeployPlugins, journal: Journal, data_dir: Path,
+                 wake: Any) -> None:
+        self.plugins = plugins
+        self.journal = journal
+        self.data_dir = data_dir
+        self.wake = wake
+
+    def _context(self, command: DeployCommand, deploy_type: DeployType | None) -> DeployContext:
+        reporter = OutboxReporter(
+            self.journal,
+            deploy_id=command.deploy_id,
+            command_type=command.command_type,
+            wake=self.wake,
+        )
+
+        def stage_of(status: str) -> tuple[int, int]:
+            if status == DeployStatus.HEALTH_CHECK.value:
+                return HEALTH_PROGRESS, 100
+            if deploy_type is None:
+                return 0, 100
+            stage = deploy_type.stage(status)
+            return stage.start, stage.end
+
+        return DeployContext(
+            command=command, reporter=reporter, data_dir=self.data_dir, stage_of=stage_of
+        )
+
+    async def run(self, command: DeployCommand) -> DeployStatus:
+        """Run a journaled command to its callback; returns the final status."""
+        self.journal.mark_started(command.deploy_id)
+        started = time.monotonic()
+        if command.command_type == COMMAND_ROLLBACK:
+            ctx = self._context(command, None)
+            outcome = await self._manual_rollback(ctx, command)
+        else:
+            deploy_type = self.plugins.deploy_types.get(command.command_type)
+            ctx = self._context(command, deploy_type)
+            outcome = await self._deploy(ctx, command, deploy_type)
+        self._callback(ctx, outcome, time.monotonic() - started)
+        return outcome.status
+
+    async def recover(self, command: DeployCommand, stage: str,
+                      rollback_state: dict[str, Any] | None) -> DeployStatus:
+        """A deployment this agent was running when it stopped: never run it again; roll it
+        back if it has a rollback, and report it (DESIGN §3, SPEC deploy-31)."""
+        started = time.monotonic()
+        ctx = self._context(command, self.plugins.deploy_types.get(command.command_type))
+        reason = f"agent restarted during stage {stage or 'start'}; the deployment was not resumed"
+        ctx.log(reason, stream="agent")
+        outcome = Outcome(DeployStatus.FAILED, reason, rollback_state=rollback_state)
+        if command.command_type != COMMAND_ROLLBACK:
+            await self._roll_back_after_failure(ctx, command, outcome)
+        self._callback(ctx, outcome, time.monotonic() - started)
+        return outcome.status
+
+    def refuse(self, command: DeployCommand, status: DeployStatus, reason: str) -> None:
+        """Finish a command without running it (expired, unknown type …)."""
+        ctx = self._context(command, None)
+        self.journal.mark_started(command.deploy_id)
+        self._callback(ctx, Outcome(status, reason), 0.0)
+
+    # ------------------------------------------------------------------ the flow
+
+    async def _deploy(
+        self, ctx: DeployContext, command: DeployCommand, deploy_type: DeployType | None
+    ) -> Outcome:
+        if deploy_type is None:
+            return Outcome(
+                DeployStatus.FAILED, f"this agent has no plugin for {command.command_type}"
+            )
+        if time.time() > command.expires_at:
+            return Outcome(DeployStatus.TIMEOUT, "the deadline passed before the agent could start")
+        try:
+            params = deploy_type.params.model_validate(command.params)
+        except ValidationError as exc:
+            return Outcome(DeployStatus.FAILED, f"invalid parameters: {exc}")
+        ctx.report(DeployStatus.EXECUTING, progress=0, message="deployment started")
+        outcome = Outcome(DeployStatus.SUCCESS)
+        strategy = await self._prepare_rollback(ctx, command, outcome)
+        if outcome.status is not DeployStatus.SUCCESS:
+            return outcome
+        try:
+            outcome.result = await asyncio.wait_for(
+                deploy_type.executor(ctx, params), params.timeout + EXECUTOR_GRACE
+            )
+        except DeployFailed as exc:
+            outcome.status, outcome.error, outcome.result = exc.status, str(exc), exc.result
+        except TimeoutError:
+            outcome.status = DeployStatus.TIMEOUT
+            outcome.error = f"{command.command_type} did not finish within {params.timeout:g}s"
+        except Exception as exc:
+            log.exception("executor of %s failed", command.command_type)
+            outcome.status, outcome.error = DeployStatus.FAILED, f"{type(exc).__name__}: {exc}"
+        if outcome.status is DeployStatus.SUCCESS and command.health_checks:
+            ctx.report(DeployStatus.HEALTH_CHECK, progress=HEALTH_PROGRESS,
+                       message=f"running {len(command.health_checks)} health check(s)")
+            outcome.health = await run_health_checks(ctx, self.plugins, command.health_checks)
+            failed = [h for h in outcome.health if not h.success]
+            if failed:
+                outcome.status = DeployStatus.FAILED
+                outcome.error = "health check failed: " + "; ".join(
+                    f"{h.check_type}: {h.error}" for h in failed
+                )
+        if outcome.status is DeployStatus.SUCCESS:
+            if strategy is not None and command.rollback is not None:
+                await self._discard(ctx, strategy, command, outcome)
+            return outcome
+        await self._roll_back_after_failure(ctx, command, outcome, strategy)
+        return outcome
+
+    async def _prepare_rollback(
+        self, ctx: DeployContext, command: DeployCommand, outcome: Outcome
+    ) -> RollbackStrategy | None:
+        if command.rollback is None:
+            return None
+        try:
+            strategy, params = self.plugins.parse_rollback(command.rollback)
+        except (LookupError, ValidationError) as exc:
+            outcome.status, outcome.error = DeployStatus.FAILED, f"rollback not possible: {exc}"
+            return None
+        if strategy.prepare is None:
+            return strategy
+        try:
+            outcome.rollback_state = await asyncio.wait_for(
+                strategy.prepare(ctx, params), params.timeout
+            )
+        except Exception as exc:
+            outcome.status = DeployStatus.FAILED
+            outcome.error = f"rollback strategy {strategy.name} could not prepare: {exc}"
+            return None
+        self.journal.set_rollback_state(ctx.deploy_id, outcome.rollback_state)
+        return strategy
+
+    async def _discard(self, ctx: DeployContext, strategy: RollbackStrategy,
+                       command: DeployCommand, outcome: Outcome) -> None:
+        assert command.rollback is not None
+        _strategy, params = self.plugins.parse_rollback(command.rollback)
+        try:
+            await asyncio.wait_for(strategy.discard(ctx, params, outcome.rollback_state),
+                                   params.timeout)
+        except Exception as exc:  # retention is housekeeping: never fails a deployment
+            ctx.log(f"rollback strategy {strategy.name} could not discard: {exc}", stream="agent")
+
+    async def _roll_back_after_failure(
+        self,
+        ctx: DeployContext,
+        command: DeployCommand,
+        outcome: Outcome,
+        strategy: RollbackStrategy | None = None,
+    ) -> None:
+        ctx.report(outcome.status, progress=ctx.progress, message=outcome.error or "")
+        if command.rollback is None:
+            outcome.error = f"{outcome.error}; no rollback configured"
+            return
+        target = RollbackTarget(
+            deploy_id=command.deploy_id,
+            command_type=command.command_type,
+            params=command.params,
+            health_checks=command.health_checks,
+            rollback=command.rollback,
+            rollback_state=outcome.rollback_state,
+        )
+        outcome.rollback = await self._rollback(ctx, target, outcome.error or "failed")
+        outcome.status = (
+            DeployStatus.ROLLED_BACK if outcome.rollback.success else DeployStatus.ROLLBACK_FAILED
+        )
+
+    async def _manual_rollback(self, ctx: DeployContext, command: DeployCommand) -> Outcome:
+        target = command.rollback_of
+        if target is None:
+            return Outcome(DeployStatus.ROLLBACK_FAILED, "deploy.rollback without a target")
+        ctx.report(DeployStatus.EXECUTING, progress=0,
+                   message=f"rolling back deployment {target.deploy_id}")
+        result = await self._rollback(ctx, target, "manual rollback")
+        status = DeployStatus.ROLLED_BACK if result.success else DeployStatus.ROLLBACK_FAILED
+        return Outcome(status, result.error, rollback=result)
+
+    async def _rollback(
+        self, ctx: DeployContext, target: RollbackTarget, reason: str
+    ) -> RollbackResult:
+        """Run the target's strategy, then its health checks again."""
+        started = time.monotonic()
+        ctx.failure_reason = reason
+        ctx.rollback_target = target
+        try:
+            strategy, params = self.plugins.parse_rollback(target.rollback)
+        except (LookupError, ValidationError) as exc:
+            return RollbackResult(success=False, strategy=target.rollback.get("strategy"),
+                                  error=f"cannot roll back: {exc}")
+        ctx.report(DeployStatus.ROLLING_BACK, progress=ctx.progress,
+                   message=f"rolling back with strategy {strategy.name}: {reason}")
+        if strategy.needs_state and target.rollback_state is None:
+            return RollbackResult(
+                success=False, strategy=strategy.name, duration=time.monotonic() - started,
+                error=f"strategy {strategy.name} has no saved state for {target.deploy_id}",
+            )
+        try:
+            await asyncio.wait_for(
+                strategy.rollback(ctx, params, target.rollback_state), params.timeout
+            )
+        except TimeoutError:
+            return RollbackResult(success=False, strategy=strategy.name,
+                                  duration=time.monotonic() - started,
+                                  error=f"rollback did not finish within {params.timeout:g}s")
+        except Exception as exc:
+            return RollbackResult(success=False, strategy=strategy.name,
+                                  duration=time.monotonic() - started,
+                                  error=str(exc) or type(exc).__name__)
+        health: list[HealthCheckResult] = []
+        if target.health_checks:
+            ctx.report(DeployStatus.HEALTH_CHECK, progress=ctx.progress,
+                       message="health checks after rollback")
+            health = await run_health_checks(ctx, self.plugins, target.health_checks)
+        failed = [h for h in health if not h.success]
+        return RollbackResult(
+            success=not failed,
+            strategy=strategy.name,
+            duration=time.monotonic() - started,
+            error="health check failed after rollback: "
+            + "; ".join(f"{h.check_type}: {h.error}" for h in failed)
+            if failed
+            else None,
+            message="rolled back" if not failed else "rolled back, but unhealthy",
+            health=health,
+        )
+
+    def _callback(self, ctx: DeployContext, outcome: Outcome, duration: float) -> None:
+        result = outcome.result.model_dump(mode="json") if outcome.result is not None else None
+        reporter = ctx._reporter
+        if isinstance(reporter, OutboxReporter):
+            reporter.flush()
+        kind = ctx.command_type.split(".", 1)[-1]
+        payload = DeployCallbackPayload(
+            callback_id=ctx.deploy_id,
+            command_type=ctx.command_type,
+            deploy_type=kind,
+            status=outcome.status,
+            success=outcome.status is DeployStatus.SUCCESS
+            or (ctx.command_type == COMMAND_ROLLBACK
+                and outcome.status is DeployStatus.ROLLED_BACK),
+            result=result,
+            error=(outcome.error or None) and outcome.error[:16000],
+            duration=round(duration, 6),
+            health=outcome.health or [],
+            rollback=outcome.rollback,
+            rollback_state=outcome.rollback_state,
+        )
+        self.journal.finish(
+            ctx.deploy_id,
+            outcome.status.value,
+            f"cb-{uuid.uuid4().hex}",
+            EVENT_CALLBACK,
+            payload.model_dump(mode="json"),
+        )
+        self.wake()
+        log.info("deployment %s finished: %s%s", ctx.deploy_id, outcome.status.value,
+                 f" ({outcome.error})" if outcome.error else "")

@@ -1,0 +1,243 @@
+"""The agent's durable memory: the deployments it accepted and the messages it owes the
+server (DESIGN §3: journal and outbox).
+
+A command is journaled before it is acknowledged, and marked started before it runs, so a
+restarted agent never runs a ``deploy_id`` twice and knows which one it was in the middle of.
+Status reports and callbacks are written to the outbox in the same transaction that gives
+them their sequence number, and stay there until the server acknowledges them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy_core.models import DeployCommand
+
+ACCEPTED = "accepted"
+STARTED = "started"
+FINISHED = "finished"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    deploy_id TEXT PRIMARY KEY,
+    command_type TEXT NOT NULL,
+    command TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    report_seq INTEGER NOT NULL DEFAULT -1,
+    rollback_state TEXT,
+    final_status TEXT,
+    accepted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id TEXT NOT NULL UNIQUE,
+    deploy_id TEXT,
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """An event waiting for the server's acknowledgement."""
+
+    seq: int
+    msg_id: str
+    deploy_id: str | None
+    name: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One accepted deployment as the journal knows it."""
+
+    deploy_id: str
+    command: DeployCommand
+    state: str
+    stage: str
+    rollback_state: dict[str, Any] | None
+    final_status: str | None
+
+
+class Journal:
+    """SQLite-backed journal and outbox (synchronous, safe to share between threads)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a report the agent believes written survives a power cut.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def _tx(self) -> Any:
+        return _Transaction(self)
+
+    # ------------------------------------------------------------------ deployments
+
+    def accept(self, command: DeployCommand) -> bool:
+        """Journal a command; ``False`` when this ``deploy_id`` was seen before."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO deployments (deploy_id, command_type, command, state,"
+                " accepted_at) VALUES (?, ?, ?, ?, ?)",
+                (command.deploy_id, command.command_type, command.model_dump_json(), ACCEPTED,
+                 time.time()),
+            )
+            return bool(cur.rowcount)
+
+    def mark_started(self, deploy_id: str) -> None:
+        """The deployment is about to run: from now on a restart must not run it again."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deployments SET state = ?, started_at = ? WHERE deploy_id = ?",
+                (STARTED, time.time(), deploy_id),
+            )
+
+    def set_stage(self, deploy_id: str, stage: str) -> None:
+        """Remember the stage a deployment reached."""
+        with self._tx() as db:
+            db.execute("UPDATE deployments SET stage = ? WHERE deploy_id = ?", (stage, deploy_id))
+
+    def set_rollback_state(self, deploy_id: str, state: dict[str, Any] | None) -> None:
+        """Keep what the rollback strategy prepared."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deployments SET rollback_state = ? WHERE deploy_id = ?",
+                (json.dumps(state) if state is not None else None, deploy_id),
+            )
+
+    def get(self, deploy_id: str) -> JournalEntry | None:
+        """One journaled deployment."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT deploy_id, command, state, stage, rollback_state, final_status"
+                " FROM deployments WHERE deploy_id = ?",
+                (deploy_id,),
+            ).fetchone()
+        return _entry(row) if row else None
+
+    def in_state(self, state: str) -> list[JournalEntry]:
+        """Deployments in ``state`` (accepted, started or finished), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT deploy_id, command, state, stage, rollback_state, final_status"
+                " FROM deployments WHERE state = ? ORDER BY accepted_at",
+                (state,),
+            ).fetchall()
+        return [_entry(r) for r in rows]
+
+    # ------------------------------------------------------------------ outbox
+
+    def enqueue(
+        self, msg_id: str, name: str, payload: dict[str, Any], *, deploy_id: str | None = None
+    ) -> None:
+        """Add an event to the outbox."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (msg_id, deploy_id, name, json.dumps(payload), time.time()),
+            )
+
+    def enqueue_report(
+        self, deploy_id: str, msg_id: str, name: str, payload: dict[str, Any], stage: str
+    ) -> int:
+        """Give a status report the deployment's next sequence number and add it to the
+        outbox, in one transaction.  Returns the sequence number used."""
+        with self._tx() as db:
+            (seq,) = db.execute(
+                "UPDATE deployments SET report_seq = report_seq + 1, stage = ?"
+                " WHERE deploy_id = ? RETURNING report_seq",
+                (stage, deploy_id),
+            ).fetchone()
+            payload = {**payload, "seq": seq}
+            db.execute(
+                "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (msg_id, deploy_id, name, json.dumps(payload), time.time()),
+            )
+            return int(seq)
+
+    def finish(
+        self, deploy_id: str, status: str, msg_id: str, name: str, payload: dict[str, Any]
+    ) -> None:
+        """Mark a deployment finished and add its callback to the outbox, atomically."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deployments SET state = ?, final_status = ?, finished_at = ?"
+                " WHERE deploy_id = ?",
+                (FINISHED, status, time.time(), deploy_id),
+            )
+            db.execute(
+                "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (msg_id, deploy_id, name, json.dumps(payload), time.time()),
+            )
+
+    def pending(self, *, after: int = 0, limit: int = 500) -> list[OutboxMessage]:
+        """Unacknowledged events in order, after outbox position ``after``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, msg_id, deploy_id, name, payload FROM outbox WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [OutboxMessage(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def ack(self, msg_id: str) -> bool:
+        """The server has the event: drop it from the outbox."""
+        with self._tx() as db:
+            return bool(db.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,)).rowcount)
+
+    def outbox_size(self) -> int:
+        """How many events wait for acknowledgement."""
+        with self._lock:
+            (count,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
+        return int(count)
+
+
+class _Transaction:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.journal._lock.acquire()
+        self.journal._db.execute("BEGIN IMMEDIATE")
+        return self.journal._db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.journal._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.journal._lock.release()
+
+
+def _entry(row: Any) -> JournalEntry:
+    return JournalEntry(
+        deploy_id=row[0],
+        command=DeployCommand.model_validate_json(row[1]),
+        state=row[2],
+        stage=row[3],
+        rollback_state=json.loads(row[4]) if row[4] else None,
+        final_status=row[5],
+    )

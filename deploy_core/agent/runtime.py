@@ -1,0 +1,222 @@
+"""The agent process: connection, command intake, the outbox pump and the worker.
+
+Commands are journaled, then acknowledged, then run one at a time.  Events leave through the
+outbox: written first, sent while connected, dropped only when the server acknowledges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from deploy_core import __version__
+from deploy_core.agent.context import AgentServiceContext
+from deploy_core.agent.executor import Executor
+from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
+from deploy_core.models import DeployCommand, DeployStatus
+from deploy_core.plugins import DeployPlugins, get_plugins
+from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
+
+log = logging.getLogger(__name__)
+
+# Unacknowledged events are sent again after this long, in case the server dropped them.
+RESEND_AFTER = 30.0
+
+
+@dataclass
+class AgentConfig:
+    """How an agent runs."""
+
+    server_host: str
+    server_port: int
+    client_id: str
+    state_dir: Path
+    ca_file: Path
+    join_token_file: Path | None = None
+    server_name: str = "localhost"
+    heartbeat_interval: float = 5.0
+    idle_timeout: float = 30.0
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    """One agent: run it with :meth:`run` until :meth:`stop`."""
+
+    def __init__(self, config: AgentConfig, plugins: DeployPlugins | None = None) -> None:
+        self.config = config
+        self.plugins = plugins or get_plugins()
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.journal = Journal(config.state_dir / "journal.db")
+        self._wake = asyncio.Event()
+        self._queue: asyncio.Queue[DeployCommand] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._sent_upto = 0
+        self._last_resend = time.monotonic()
+        self._stopping = asyncio.Event()
+        self.executor = Executor(
+            plugins=self.plugins,
+            journal=self.journal,
+            data_dir=config.state_dir / "data",
+            wake=self._wake.set,
+        )
+        self.connector = AgentConnector(
+            host=config.server_host,
+            port=config.server_port,
+            ca_file=config.ca_file,
+            client_id=config.client_id,
+            credentials=FileCredentials(config.state_dir, config.join_token_file),
+            capabilities=self.capabilities,
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            heartbeat_interval=config.heartbeat_interval,
+            idle_timeout=config.idle_timeout,
+            server_name=config.server_name,
+        )
+
+    def capabilities(self) -> dict[str, Any]:
+        """What this agent tells the server it can do."""
+        return {"agent_version": __version__, **self.plugins.capabilities()}
+
+    async def run(self) -> None:
+        """Recover what a previous run left, then serve until :meth:`stop`."""
+        tasks = [
+            asyncio.create_task(self.connector.run(), name="connector"),
+            asyncio.create_task(self._pump(), name="outbox"),
+            asyncio.create_task(self._worker(), name="worker"),
+        ]
+        for name, service in self.plugins.agent_services.entries.items():
+            ctx = AgentServiceContext(
+                client_id=self.config.client_id,
+                data_dir=self.config.state_dir / "data",
+                send_event=self.send_event,
+                config=dict(self.config.services.get(name, {})),
+            )
+            tasks.append(asyncio.create_task(self._service(name, service.run, ctx)))
+        try:
+            await self._recover()
+            await self._stopping.wait()
+        finally:
+            await self.connector.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.journal.close()
+
+    async def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        self._stopping.set()
+
+    async def send_event(self, name: str, payload: dict[str, Any]) -> None:
+        """Queue an event for the server through the outbox (used by agent services)."""
+        await asyncio.to_thread(self.journal.enqueue, f"ev-{uuid.uuid4().hex}", name, payload)
+        self._wake.set()
+
+    async def _service(self, name: str, run: Any, ctx: AgentServiceContext) -> None:
+        try:
+            await run(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent service %s stopped with an error", name)
+
+    async def _recover(self) -> None:
+        for entry in self.journal.in_state(STARTED):
+            log.warning("deployment %s was interrupted by a restart", entry.deploy_id)
+            await self.executor.recover(entry.command, entry.stage, entry.rollback_state)
+        for entry in self.journal.in_state(ACCEPTED):
+            self._enqueue(entry.command)
+
+    def _enqueue(self, command: DeployCommand) -> None:
+        if command.deploy_id not in self._queued:
+            self._queued.add(command.deploy_id)
+            self._queue.put_nowait(command)
+
+    async def _worker(self) -> None:
+        while True:
+            command = await self._queue.get()
+            try:
+                if time.time() > command.expires_at:
+                    self.executor.refuse(
+                        command, DeployStatus.TIMEOUT,
+                        "the deadline passed before the agent could start the deployment",
+                    )
+                else:
+                    await self.executor.run(command)
+            except Exception:
+                log.exception("deployment %s could not be run", command.deploy_id)
+            finally:
+                self._queued.discard(command.deploy_id)
+
+    # ------------------------------------------------------------------ messages
+
+    async def _on_connected(self) -> None:
+        self._sent_upto = 0
+        self._wake.set()
+
+    async def _on_message(self, env: Envelope) -> None:
+        if env.kind is Kind.COMMAND:
+            await self._on_command(env)
+        elif env.kind is Kind.ACK:
+            if env.ref:
+                self.journal.ack(env.ref)
+        elif env.kind is Kind.ERROR:
+            if env.ref and self.journal.ack(env.ref):
+                log.warning("server refused event %s: %s", env.ref, env.payload.get("reason"))
+            else:
+                log.warning("server error: %s", env.payload.get("reason"))
+        else:
+            self.connector.send(error_for(env, f"unexpected message kind {env.kind.value!r}"))
+
+    async def _on_command(self, env: Envelope) -> None:
+        try:
+            command = DeployCommand.model_validate(env.payload)
+        except ValidationError as exc:
+            self.connector.send(error_for(env, f"malformed command: {exc}"))
+            return
+        if command.command_type != env.name or env.callback_id != command.deploy_id:
+            self.connector.send(error_for(env, "command name or callback id does not match"))
+            return
+        new = await asyncio.to_thread(self.journal.accept, command)
+        self.connector.send(
+            Envelope(kind=Kind.ACK, ref=env.id, name=env.name,
+                     payload={"deploy_id": command.deploy_id})
+        )
+        if new:
+            log.info("accepted deployment %s (%s)", command.deploy_id, command.command_type)
+            self._enqueue(command)
+
+    async def _pump(self) -> None:
+        """Send outbox events in order while connected."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            if not self.connector.connected:
+                continue
+            if time.monotonic() - self._last_resend > RESEND_AFTER:
+                self._sent_upto = 0
+                self._last_resend = time.monotonic()
+            while self.connector.connected:
+                batch = await asyncio.to_thread(self.journal.pending, after=self._sent_upto)
+                if not batch:
+                    break
+                for msg in batch:
+                    env = Envelope(
+                        id=msg.msg_id,
+                        kind=Kind.EVENT,
+                        name=msg.name,
+                        callback_id=msg.deploy_id,
+                        payload=msg.payload,
+                    )
+                    if not self.connector.send(env):
+                        break
+                    self._sent_upto = msg.seq
+                await asyncio.sleep(0)

@@ -1,0 +1,530 @@
+"""``deployctl``: run the server or an agent, deploy, and look at what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core import __version__
+from deploy_core.client import DEFAULT_STATE_DIR, ApiError, ConfigError, DeployClient
+
+TERMINAL_OK = {"success"}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if level != "debug":
+        # Their INFO lines are per request / per connection noise for an operator.
+        for name in ("httpx", "alembic", "quic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` until SIGINT/SIGTERM sets ``stop``."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="deployctl")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(log_level: str) -> None:
+    """Deploy Center: deploy scripts, packages and images to hosts over QUIC."""
+    _setup_logging(log_level)
+
+
+# --------------------------------------------------------------------------- processes
+
+state_dir_option = click.option(
+    "--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR,
+    show_default=True, help="where the server keeps its certificates, tokens and database",
+)
+
+
+@main.command()
+@state_dir_option
+@click.option("--api-host", default="127.0.0.1", show_default=True)
+@click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--quic-host", default="127.0.0.1", show_default=True)
+@click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--db", "db_url", default=None,
+              help="database URL (default: SQLite in the state directory), "
+                   "e.g. postgresql://user@host/dbname")
+def server(state_dir: Path, api_host: str, api_port: int, quic_host: str, quic_port: int,
+           db_url: str | None) -> None:
+    """Run the server: the HTTP API and the QUIC endpoint for agents."""
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    config = ServerConfig(state_dir=state_dir, api_host=api_host, api_port=api_port,
+                          quic_host=quic_host, quic_port=quic_port, db_url=db_url)
+
+    async def run(stop: asyncio.Event) -> None:
+        srv = DeployServer(config)
+        await srv.start()
+        _print_server_banner(srv)
+        try:
+            await stop.wait()
+        finally:
+            await srv.stop()
+
+    _run_until_signal(run)
+
+
+def _print_server_banner(srv: Any) -> None:
+    click.echo(f"Deploy Center server {__version__}")
+    click.echo(f"  API:          {srv.api_url}")
+    click.echo(f"  QUIC:         {srv.config.quic_host}:{srv.transport.port}")
+    click.echo(f"  admin token:  {srv.state.admin_token_file}")
+    click.echo(f"  join token:   {srv.state.join_token_file}")
+    click.echo(f"  agents' CA:   {srv.state.certs.ca_cert}")
+
+
+@main.command()
+@click.option("--server", "server_addr", required=True, help="the server's QUIC HOST:PORT")
+@click.option("--client-id", required=True, help="this agent's id, e.g. web-1")
+@click.option("--state-dir", type=click.Path(path_type=Path), required=True,
+              help="where the agent keeps its key and journal")
+@click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="the server's CA certificate (ca.pem)")
+@click.option("--join-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="join token, needed only for the first connection")
+@click.option("--server-name", default="localhost", show_default=True,
+              help="name the server's certificate is checked against")
+def agent(server_addr: str, client_id: str, state_dir: Path, ca_file: Path,
+          join_token_file: Path | None, server_name: str) -> None:
+    """Run an agent: connect to the server and carry out deployments."""
+    import re
+
+    from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.models import ID_PATTERN
+
+    if not re.match(ID_PATTERN, client_id):
+        raise click.BadParameter("letters, digits, '.', '_' and '-', at most 64",
+                                 param_hint="--client-id")
+    host, port = _host_port(server_addr)
+    config = AgentConfig(server_host=host, server_port=port, client_id=client_id,
+                         state_dir=state_dir, ca_file=ca_file, join_token_file=join_token_file,
+                         server_name=server_name)
+
+    async def run(stop: asyncio.Event) -> None:
+        agt = Agent(config)
+        task = asyncio.create_task(agt.run())
+        await stop.wait()
+        await agt.stop()
+        await task
+
+    _run_until_signal(run)
+
+
+@main.command()
+@state_dir_option
+@click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
+def up(state_dir: Path, api_port: int, quic_port: int) -> None:
+    """Run a server and one local agent (client id "local") in one process."""
+    from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    async def run(stop: asyncio.Event) -> None:
+        srv = DeployServer(ServerConfig(state_dir=state_dir, api_port=api_port,
+                                        quic_port=quic_port))
+        await srv.start()
+        agt = Agent(AgentConfig(
+            server_host="127.0.0.1", server_port=srv.transport.port, client_id="local",
+            state_dir=state_dir / "agent-local", ca_file=srv.state.certs.ca_cert,
+            join_token_file=srv.state.join_token_file,
+        ), plugins=srv.plugins)
+        agent_task = asyncio.create_task(agt.run())
+        connected = await agt.connector.wait_connected(15)
+        _print_server_banner(srv)
+        click.echo(f"  local agent:  {'connected' if connected else 'NOT connected'} "
+                   f"as client 'local'")
+        click.echo("Try:  deployctl deploy shell --client local --script 'echo hello' --wait")
+        try:
+            await stop.wait()
+        finally:
+            await agt.stop()
+            await agent_task
+            await srv.stop()
+
+    _run_until_signal(run)
+
+
+# --------------------------------------------------------------------------- API commands
+
+api_options = [
+    click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL"),
+    click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token"),
+    state_dir_option,
+]
+
+
+def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --url/--token/--state-dir and pass a ready :class:`DeployClient` as ``api``."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(url: str | None, token: str | None, state_dir: Path, **kwargs: Any) -> Any:
+        try:
+            api = DeployClient.from_env(url, token, state_dir)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
+            return fn(api=api, **kwargs)
+        except ApiError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            api.close()
+
+    for option in reversed(api_options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@main.group()
+def deploy() -> None:
+    """Start a deployment (answers at once with its id; add --wait to follow it)."""
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--env")
+        env[key] = value
+    return env
+
+
+def parse_health(spec: str) -> dict[str, Any]:
+    """``http:8080/healthz``, ``http://host:8080/path``, ``tcp:5432``, ``tcp:host:5432``."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("http", "tcp"):
+        raise click.BadParameter(
+            f"expected http:PORT[/PATH] or tcp:[HOST:]PORT, got {spec!r}", param_hint="--health"
+        )
+    rest = rest.removeprefix("//")
+    hostport, slash, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"no port in {spec!r}", param_hint="--health")
+    check: dict[str, Any] = {"type": kind, "port": int(port)}
+    if host:
+        check["host"] = host
+    if kind == "http":
+        check["path"] = "/" + path if slash else "/"
+    return check
+
+
+def _read_script(text: str | None, file: Path | None, what: str) -> str | None:
+    if text is not None and file is not None:
+        raise click.UsageError(f"give {what} as text or as a file, not both")
+    if file is not None:
+        return file.read_text()
+    return text
+
+
+@deploy.command("shell")
+@click.option("--client", "client_id", required=True, help="target client id")
+@click.option("--script", default=None, help="script text")
+@click.option("--script-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workdir", default=None, help="absolute working directory on the host")
+@click.option("--env", "env", multiple=True, help="KEY=VALUE, repeatable")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300,
+              show_default=True, help="seconds before the script is killed")
+@click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
+@click.option("--health-script-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a script whose exit code 0 means healthy")
+@click.option("--health-retries", type=click.IntRange(0, 100), default=None)
+@click.option("--health-interval", type=click.FloatRange(min=0), default=None)
+@click.option("--rollback", "rollback_strategy", default=None,
+              help="rollback strategy: inline (run the script again with DEPLOY_ACTION=rollback),"
+                   " script, snapshot")
+@click.option("--rollback-script-file", type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="script run to roll back (implies --rollback script)")
+@click.option("--snapshot", "snapshot_dir", default=None,
+              help="directory to snapshot before and restore on failure (implies --rollback "
+                   "snapshot)")
+@click.option("--wait", is_flag=True, help="follow the deployment until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def deploy_shell(api: DeployClient, client_id: str, script: str | None, script_file: Path | None,
+                 workdir: str | None, env: tuple[str, ...], timeout: float,
+                 health: tuple[str, ...], health_script_file: Path | None,
+                 health_retries: int | None, health_interval: float | None,
+                 rollback_strategy: str | None, rollback_script_file: Path | None,
+                 snapshot_dir: str | None, wait: bool, wait_timeout: float) -> None:
+    """Run a shell script on a client."""
+    body_script = _read_script(script, script_file, "the script")
+    if body_script is None:
+        raise click.UsageError("give --script or --script-file")
+    body: dict[str, Any] = {"client_id": client_id, "script": body_script,
+                            "env": _parse_env(env), "timeout": timeout}
+    if workdir:
+        body["workdir"] = workdir
+    checks = [parse_health(h) for h in health]
+    if health_script_file is not None:
+        checks.append({"type": "script", "script": health_script_file.read_text()})
+    for check in checks:
+        if health_retries is not None:
+            check["retries"] = health_retries
+        if health_interval is not None:
+            check["interval"] = health_interval
+    if checks:
+        body["health_checks"] = checks
+    body["rollback"] = _rollback_option(rollback_strategy, rollback_script_file, snapshot_dir)
+    if body["rollback"] is None:
+        del body["rollback"]
+    _submit_and_follow(api, "shell", body, wait, wait_timeout)
+
+
+def _rollback_option(strategy: str | None, script_file: Path | None,
+                     snapshot_dir: str | None) -> dict[str, Any] | None:
+    if script_file is not None:
+        return {"strategy": strategy or "script", "script": script_file.read_text()}
+    if snapshot_dir is not None:
+        return {"strategy": strategy or "snapshot", "path": snapshot_dir}
+    if strategy is not None:
+        return {"strategy": strategy}
+    return None
+
+
+@deploy.command("submit")
+@click.argument("kind")
+@click.argument("body_file", type=click.File("r"))
+@click.option("--wait", is_flag=True, help="follow the deployment until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def deploy_submit(api: DeployClient, kind: str, body_file: Any, wait: bool,
+                  wait_timeout: float) -> None:
+    """Send a deploy request of any type: KIND (e.g. shell) and a JSON body file ('-' = stdin)."""
+    try:
+        body = json.load(body_file)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="BODY_FILE") from None
+    _submit_and_follow(api, kind, body, wait, wait_timeout)
+
+
+def _submit_and_follow(api: DeployClient, kind: str, body: dict[str, Any], wait: bool,
+                       wait_timeout: float) -> None:
+    accepted = api.deploy(kind, body)
+    deploy_id = accepted["deploy_id"]
+    if not wait:
+        _echo_json(accepted)
+        return
+    click.echo(f"deployment {deploy_id} accepted"
+               + ("" if accepted.get("client_connected") else
+                  " (client not connected: it runs when the agent connects)"), err=True)
+    final = follow(api, deploy_id, wait_timeout)
+    sys.exit(0 if final["status"] in TERMINAL_OK else 1)
+
+
+def _bar(progress: int, width: int = 24) -> str:
+    done = width * progress // 100
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def follow(api: DeployClient, deploy_id: str, timeout: float) -> dict[str, Any]:
+    """Show stage and progress live until the deployment ends; print the outcome."""
+    tty = sys.stderr.isatty()
+    record: dict[str, Any] = {}
+    last_line = ""
+    try:
+        for record in api.watch(deploy_id, timeout=timeout):
+            line = f"{_bar(record['progress'])} {record['progress']:3d}% {record['status']}"
+            if record["stage"] and record["stage"] != record["status"]:
+                line += f" ({record['stage']})"
+            if line == last_line:
+                continue
+            last_line = line
+            if tty:
+                click.echo("\r\033[K" + line, nl=False, err=True)
+            else:
+                click.echo(line, err=True)
+    except TimeoutError as exc:
+        if tty:
+            click.echo(err=True)
+        raise click.ClickException(str(exc)) from None
+    if tty:
+        click.echo(err=True)
+    _print_outcome(record)
+    return record
+
+
+def _print_outcome(record: dict[str, Any]) -> None:
+    click.echo(f"deployment {record['deploy_id']}: {record['status']}")
+    if record.get("error"):
+        click.echo(f"  error: {record['error']}")
+    result = record.get("result") or {}
+    if "exit_code" in result:
+        click.echo(f"  exit code: {result['exit_code']}  duration: {result.get('duration', 0):.2f}s")
+    for key in ("stdout_tail", "stderr_tail"):
+        text = (result.get(key) or "").rstrip()
+        if text:
+            click.echo(f"  {key.replace('_tail', '')} (tail):")
+            for line in text.splitlines()[-20:]:
+                click.echo(f"    {line}")
+    for check in record.get("health") or []:
+        mark = "ok" if check["success"] else "FAILED"
+        click.echo(f"  health {check['check_type']}: {mark} after {check.get('attempts', 1)} "
+                   f"attempt(s){' - ' + check['error'] if check.get('error') else ''}")
+    rollback = record.get("rollback")
+    if rollback:
+        click.echo(f"  rollback ({rollback.get('strategy')}): "
+                   f"{'ok' if rollback['success'] else 'FAILED'}"
+                   f"{' - ' + rollback['error'] if rollback.get('error') else ''}")
+
+
+@main.command()
+@click.argument("deploy_id")
+@click.option("--history", is_flag=True, help="also show the status history")
+@click.option("--json", "as_json", is_flag=True, help="print the raw record")
+@with_api
+def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> None:
+    """Show a deployment's status and result."""
+    record = api.get(deploy_id)
+    rows = api.history(deploy_id) if history else []
+    if as_json:
+        _echo_json({**record, "history": rows} if history else record)
+        return
+    click.echo(f"{record['deploy_id']}  {record['command_type']}  client {record['client_id']}")
+    click.echo(f"  {_bar(record['progress'])} {record['progress']}% {record['status']}"
+               f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})")
+    if record["finished"]:
+        _print_outcome(record)
+    for row in rows:
+        click.echo(f"  {row['timestamp']}  {row['status']:<15} {row['progress']:3d}%  "
+                   f"{row['message']}")
+
+
+@main.command("list")
+@click.option("--client", "client_id", required=True)
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--json", "as_json", is_flag=True)
+@with_api
+def list_cmd(api: DeployClient, client_id: str, limit: int, offset: int, as_json: bool) -> None:
+    """List a client's deployments, newest first."""
+    page = api.list(client_id, limit=limit, offset=offset)
+    if as_json:
+        _echo_json(page)
+        return
+    for rec in page["items"]:
+        click.echo(f"{rec['deploy_id']}  {rec['created_at']}  {rec['command_type']:<14} "
+                   f"{rec['status']:<15} {rec['progress']:3d}%")
+    click.echo(f"({len(page['items'])} of {page['total']})", err=True)
+
+
+@main.command()
+@click.argument("deploy_id")
+@click.option("-f", "--follow", "follow_", is_flag=True, help="keep printing until it ends")
+@with_api
+def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
+    """Print a deployment's output lines."""
+    after = 0
+    while True:
+        page = api.logs(deploy_id, after=after)
+        for line in page["lines"]:
+            click.echo(f"{line['timestamp']} [{line['stream']}] {line['line']}")
+        after = page["next_after"]
+        if page["lines"]:
+            continue
+        if not follow_ or api.get(deploy_id)["finished"]:
+            break
+        with contextlib.suppress(ApiError):
+            api.get(deploy_id, wait=10, since=api.get(deploy_id)["updated_ts"])
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@with_api
+def clients(api: DeployClient, as_json: bool) -> None:
+    """List enrolled clients and whether they are connected."""
+    rows = api.clients()
+    if as_json:
+        _echo_json(rows)
+        return
+    for c in rows:
+        state = ("connected since " + (c["connected_since"] or "?")) if c["connected"] else (
+            "disconnected since " + (c["disconnected_since"] or "?"))
+        types = ", ".join(c["capabilities"].get("deploy_types", []))
+        click.echo(f"{c['client_id']:<20} {state:<45} {types}")
+
+
+@main.command()
+@click.option("--server", "from_server", is_flag=True, help="ask the server instead of this host")
+@click.option("--url", envvar="DEPLOY_CENTER_URL", default=None)
+@click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None)
+@state_dir_option
+def plugins(from_server: bool, url: str | None, token: str | None, state_dir: Path) -> None:
+    """Show installed plugins as JSON: name, version, hooks, what each registered."""
+    if from_server:
+        try:
+            with DeployClient.from_env(url, token, state_dir) as api:
+                _echo_json(api.plugins())
+        except (ConfigError, ApiError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
+    from deploy_core.plugins import PluginError, get_plugins
+
+    try:
+        _echo_json(get_plugins().describe())
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@click.option("--db", "db_url", default=None, help="database URL (default: the state dir's SQLite)")
+@state_dir_option
+def db_upgrade(db_url: str | None, state_dir: Path) -> None:
+    """Create or migrate the core's tables to the newest schema."""
+    from deploy_core.server import db as dbm
+
+    url = db_url or dbm.sqlite_url(state_dir / "deploy-center.db")
+    if db_url is None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = dbm.make_engine(url)
+    try:
+        before = dbm.current_revision(engine)
+        dbm.upgrade(engine)
+        after = dbm.current_revision(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"schema {before or 'empty'} -> {after}")

@@ -1,0 +1,172 @@
+"""A small synchronous client of the HTTP API, used by ``deployctl``, tests and benchmarks.
+
+It finds the server from explicit arguments, then ``DEPLOY_CENTER_URL`` /
+``DEPLOY_CENTER_TOKEN``, then a server state directory (``server.json`` and ``admin.token``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_STATE_DIR = Path(os.environ.get("DEPLOY_CENTER_STATE", "~/.deploy-center")).expanduser()
+
+
+class ApiError(Exception):
+    """The API answered with an error; ``str()`` is its message."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        self.status = status
+        self.body = body
+        message = body.get("error") if isinstance(body, dict) else str(body)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        if isinstance(detail, list):
+            message = f"{message}: " + "; ".join(
+                f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}".strip(": ")
+                for d in detail
+            )
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class ConfigError(Exception):
+    """The client could not tell where the server is or what token to use."""
+
+
+def resolve(
+    url: str | None = None, token: str | None = None, state_dir: Path | None = None
+) -> tuple[str, str]:
+    """Find the API URL and token."""
+    url = url or os.environ.get("DEPLOY_CENTER_URL")
+    token = token or os.environ.get("DEPLOY_CENTER_TOKEN")
+    state = state_dir or DEFAULT_STATE_DIR
+    if url is None:
+        info = state / "server.json"
+        if info.exists():
+            url = json.loads(info.read_text())["api_url"]
+    if token is None:
+        token_file = state / "admin.token"
+        if token_file.exists():
+            token = token_file.read_text().strip()
+    if not url or not token:
+        raise ConfigError(
+            f"cannot find the server: set DEPLOY_CENTER_URL and DEPLOY_CENTER_TOKEN, pass "
+            f"--url/--token, or point --state-dir at the server's state directory "
+            f"(looked in {state})"
+        )
+    return url.rstrip("/"), token
+
+
+class DeployClient:
+    """Calls the API; every method returns the decoded JSON or raises :class:`ApiError`."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.url = url
+        self.http = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    @classmethod
+    def from_env(
+        cls, url: str | None = None, token: str | None = None, state_dir: Path | None = None
+    ) -> DeployClient:
+        """A client for the server :func:`resolve` finds."""
+        return cls(*resolve(url, token, state_dir))
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.http.close()
+
+    def __enter__(self) -> DeployClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One API call."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(0, {"error": f"cannot reach {self.url}: {exc}"}) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": response.text[:500]}
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, body)
+        return body
+
+    def deploy(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/deploy/{kind}``."""
+        result: dict[str, Any] = self.request("POST", f"/api/deploy/{kind}", json=body)
+        return result
+
+    def get(self, deploy_id: str, *, wait: float = 0, since: float | None = None) -> dict[str, Any]:
+        """The record; with ``wait``, long-poll for a change (or for the end)."""
+        params: dict[str, Any] = {}
+        if wait:
+            params["wait"] = wait
+            if since is not None:
+                params["since"] = since
+        result: dict[str, Any] = self.request(
+            "GET", f"/api/deploy/{deploy_id}", params=params, timeout=wait + 30
+        )
+        return result
+
+    def history(self, deploy_id: str) -> list[dict[str, Any]]:
+        """The status history, oldest first."""
+        result: list[dict[str, Any]] = self.request("GET", f"/api/deploy/{deploy_id}/status")[
+            "history"
+        ]
+        return result
+
+    def logs(self, deploy_id: str, *, after: int = 0) -> dict[str, Any]:
+        """Log lines after line id ``after``."""
+        result: dict[str, Any] = self.request(
+            "GET", f"/api/deploy/{deploy_id}/logs", params={"after": after}
+        )
+        return result
+
+    def list(self, client_id: str, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """A client's deployments, newest first."""
+        result: dict[str, Any] = self.request(
+            "GET", f"/api/deploy/{client_id}/list", params={"limit": limit, "offset": offset}
+        )
+        return result
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Every enrolled client."""
+        result: list[dict[str, Any]] = self.request("GET", "/api/clients")["clients"]
+        return result
+
+    def plugins(self) -> list[dict[str, Any]]:
+        """The server's plugins."""
+        result: list[dict[str, Any]] = self.request("GET", "/api/plugins")["plugins"]
+        return result
+
+    def watch(self, deploy_id: str, *, timeout: float) -> Iterator[dict[str, Any]]:
+        """Yield the record each time it changes, until it finishes or ``timeout`` passes."""
+        end = time.monotonic() + timeout
+        record = self.get(deploy_id)
+        yield record
+        while not record["finished"]:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"deployment {deploy_id} did not finish within {timeout:g}s")
+            newer = self.get(deploy_id, wait=min(20.0, left), since=record["updated_ts"])
+            if newer["updated_ts"] != record["updated_ts"]:
+                yield newer
+            record = newer
+
+    def wait(self, deploy_id: str, *, timeout: float = 600) -> dict[str, Any]:
+        """Block until the deployment finishes; the final record."""
+        record: dict[str, Any] = {}
+        for record in self.watch(deploy_id, timeout=timeout):
+            pass
+        return record

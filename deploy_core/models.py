@@ -1,0 +1,243 @@
+"""Wire models shared by the server, the agent and plugins (SPEC deploy-01 … deploy-07).
+
+Every model here travels on the wire or through the API, so each carries a schema version
+(``v``) and refuses unknown fields where the sender is untrusted.  JSON Schema for all of
+them comes from :func:`wire_schemas` (served at ``/api/schemas``).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WIRE_VERSION = 1
+
+# Event and command names the core itself owns.  Deploy command types (``deploy.shell`` …)
+# are not listed here: they come from plugins (SPEC deploy-01).
+EVENT_STATUS = "deploy.status"
+EVENT_CALLBACK = "command.callback"
+COMMAND_ROLLBACK = "deploy.rollback"
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class DeployStatus(str, enum.Enum):
+    """Every status a deployment can be in (SPEC deploy-02).
+
+    Plugins add *stage* names freely; the statuses, and which of them are terminal, are the
+    core's.
+    """
+
+    PENDING = "pending"
+    EXECUTING = "executing"
+    SUCCESS = "success"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    # shell
+    SCRIPT_RUNNING = "script_running"
+    HEALTH_CHECK = "health_check"
+    # tar.gz
+    UPLOADING = "uploading"
+    EXTRACTING = "extracting"
+    INSTALLING = "installing"
+    # docker
+    PULLING = "pulling"
+    STOPPING = "stopping"
+    STARTING = "starting"
+    # rollback
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ROLLBACK_FAILED = "rollback_failed"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the statuses a finished deployment can end in."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: frozenset[DeployStatus] = frozenset(
+    {
+        DeployStatus.SUCCESS,
+        DeployStatus.FAILED,
+        DeployStatus.TIMEOUT,
+        DeployStatus.ROLLED_BACK,
+        DeployStatus.ROLLBACK_FAILED,
+    }
+)
+
+
+def now() -> float:
+    """Wall-clock time as sent on the wire: seconds since the epoch."""
+    return time.time()
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: versioned, strict about unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = WIRE_VERSION
+
+
+# --------------------------------------------------------------------------- results
+
+
+class HealthCheckResult(WireModel):
+    """Outcome of one configured health check (SPEC deploy-06)."""
+
+    success: bool
+    check_type: str
+    response_time: float = Field(0.0, ge=0, description="seconds taken by the last attempt")
+    retry_count: int = Field(0, ge=0, description="attempts made after the first one")
+    attempts: int = Field(1, ge=0)
+    error: str | None = None
+    detail: str = Field("", description="e.g. the HTTP status or the script's output tail")
+
+
+class RollbackResult(WireModel):
+    """Outcome of a rollback (SPEC deploy-07)."""
+
+    success: bool
+    strategy: str | None
+    duration: float = 0.0
+    error: str | None = None
+    message: str = ""
+    health: list[HealthCheckResult] = Field(default_factory=list)
+
+
+class DeployShellResult(WireModel):
+    """What an operator needs to know about a shell deployment (SPEC deploy-05)."""
+
+    exit_code: int | None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    duration: float = 0.0
+    timed_out: bool = False
+    output_truncated: bool = False
+
+
+class DeployTarResult(WireModel):
+    """What an operator needs to know about a tar.gz deployment (SPEC deploy-05)."""
+
+    release_dir: str | None = None
+    previous_release: str | None = None
+    sha256: str | None = None
+    bytes_sent: int = 0
+    bytes_resumed: int = 0
+    install_exit_code: int | None = None
+    install_output_tail: str = ""
+    duration: float = 0.0
+
+
+class DeployDockerResult(WireModel):
+    """What an operator needs to know about a Docker deployment (SPEC deploy-05)."""
+
+    container_id: str | None = None
+    container_name: str | None = None
+    image: str | None = None
+    image_id: str | None = None
+    image_digest: str | None = None
+    previous_container_id: str | None = None
+    previous_image: str | None = None
+    duration: float = 0.0
+
+
+# --------------------------------------------------------------------------- wire events
+
+
+class LogLine(WireModel):
+    """One line of output gathered during a deployment (SPEC deploy-32)."""
+
+    ts: float = Field(default_factory=now)
+    stream: str = Field("stdout", max_length=32)
+    stage: str = Field("", max_length=64)
+    line: str = Field(max_length=8192)
+
+
+class DeployStatusReport(WireModel):
+    """A ``deploy.status`` event: one stage transition or progress step (SPEC deploy-04).
+
+    ``seq`` increases by one per report of a deployment; the server applies a report only
+    if its ``seq`` is newer than the last one it applied, so late or duplicate reports never
+    move a record backwards.
+    """
+
+    deploy_id: str = Field(pattern=ID_PATTERN)
+    command_type: str = Field(max_length=64)
+    status: DeployStatus
+    progress: int = Field(ge=0, le=100)
+    stage: str = Field("", max_length=64)
+    message: str = Field("", max_length=4096)
+    logs: list[LogLine] = Field(default_factory=list, max_length=1000)
+    timestamp: float = Field(default_factory=now)
+    seq: int = Field(ge=0)
+
+
+class DeployCallbackPayload(WireModel):
+    """The single ``command.callback`` event that ends a deployment (SPEC deploy-03)."""
+
+    callback_id: str = Field(pattern=ID_PATTERN)
+    command_type: str = Field(max_length=64)
+    deploy_type: str = Field(max_length=64)
+    status: DeployStatus
+    success: bool
+    result: dict[str, Any] | None = None
+    error: str | None = Field(None, max_length=16384)
+    duration: float = Field(0.0, ge=0)
+    timestamp: float = Field(default_factory=now)
+    health: list[HealthCheckResult] = Field(default_factory=list)
+    rollback: RollbackResult | None = None
+    rollback_state: dict[str, Any] | None = Field(
+        None, description="what the rollback strategy prepared, for a later manual rollback"
+    )
+
+
+class DeployCommand(WireModel):
+    """Payload of a deploy command sent to an agent.
+
+    ``callback_id`` equals ``deploy_id`` (SPEC §10.1).  ``expires_at`` is the server-side
+    deadline: an agent never starts a command past it.
+    """
+
+    deploy_id: str = Field(pattern=ID_PATTERN)
+    command_type: str = Field(max_length=64)
+    params: dict[str, Any] = Field(default_factory=dict)
+    health_checks: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+    rollback: dict[str, Any] | None = None
+    issued_at: float = Field(default_factory=now)
+    expires_at: float
+    rollback_of: RollbackTarget | None = None
+
+
+class RollbackTarget(WireModel):
+    """For ``deploy.rollback``: the deployment to undo and what its strategy prepared."""
+
+    deploy_id: str = Field(pattern=ID_PATTERN)
+    command_type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    health_checks: list[dict[str, Any]] = Field(default_factory=list)
+    rollback: dict[str, Any]
+    rollback_state: dict[str, Any] | None = None
+
+
+DeployCommand.model_rebuild()
+
+
+WIRE_MODELS: tuple[type[BaseModel], ...] = (
+    DeployStatusReport,
+    DeployCallbackPayload,
+    DeployCommand,
+    DeployShellResult,
+    DeployTarResult,
+    DeployDockerResult,
+    HealthCheckResult,
+    RollbackResult,
+)
+
+
+def wire_schemas() -> dict[str, Any]:
+    """JSON Schema of every wire model, keyed by model name."""
+    return {model.__name__: model.model_json_schema() for model in WIRE_MODELS}

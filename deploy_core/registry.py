@@ -1,0 +1,235 @@
+"""What plugins register: deploy types, health checks, rollback strategies, server event
+handlers, routes and agent services.
+
+Each ``register_*`` hook receives a ``register`` callable and passes it one of the frozen
+dataclasses below.  The constructors check what they are given and fail with a message that
+names the bad value, so a broken plugin is caught when it loads, not when it first runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from deploy_core.agent.context import AgentServiceContext, DeployContext
+    from deploy_core.server.events import EventContext
+
+COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
+SIMPLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class RegistrationError(ValueError):
+    """A plugin registered something malformed or a name that is already taken."""
+
+
+# --------------------------------------------------------------------------- deploy types
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a deploy type: the status reported and the progress range it covers."""
+
+    status: str
+    start: int
+    end: int
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end <= 100:
+            raise RegistrationError(
+                f"stage {self.status!r}: progress range {self.start}-{self.end} is not within 0-100"
+            )
+
+    def at(self, fraction: float) -> int:
+        """Overall progress for ``fraction`` (0.0-1.0) of the way through this stage."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        return int(self.start + (self.end - self.start) * fraction)
+
+
+class DeployParams(BaseModel):
+    """Base for a deploy type's parameter model.  ``timeout`` bounds the type's own work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float = Field(300.0, gt=0, le=86400, description="seconds the deployment may take")
+
+
+Executor = Callable[["DeployContext", Any], Awaitable[BaseModel]]
+
+
+@dataclass(frozen=True)
+class DeployType:
+    """A kind of deployment, e.g. ``deploy.shell``.
+
+    :param name: the command name, ``<family>.<kind>``; the API route is
+        ``POST /api/deploy/<kind>``.
+    :param params: pydantic model (a :class:`DeployParams`) the API validates requests with.
+    :param executor: agent side, ``async (ctx, params) -> result model``.  Raise
+        :class:`deploy_core.agent.context.DeployFailed` to fail with a result attached.
+    :param stages: the type's own stages in order, with their progress ranges.
+    :param default_rollback: strategy used when a request names none but asks for rollback.
+    """
+
+    name: str
+    params: type[DeployParams]
+    executor: Executor
+    stages: Sequence[Stage] = ()
+    default_rollback: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not COMMAND_NAME.match(self.name):
+            raise RegistrationError(
+                f"deploy type name {self.name!r} must look like 'deploy.kind' (lower case)"
+            )
+        if not (isinstance(self.params, type) and issubclass(self.params, DeployParams)):
+            raise RegistrationError(f"deploy type {self.name}: params must subclass DeployParams")
+        if not callable(self.executor):
+            raise RegistrationError(f"deploy type {self.name}: executor is not callable")
+
+    @property
+    def kind(self) -> str:
+        """The short name used in the API path: ``shell`` for ``deploy.shell``."""
+        return self.name.split(".", 1)[1]
+
+    def stage(self, status: str) -> Stage:
+        """The stage registered for ``status``; a full-range stage when there is none."""
+        for stage in self.stages:
+            if stage.status == status:
+                return stage
+        return Stage(status, 0, 100)
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+class HealthCheckParams(BaseModel):
+    """Options every health check has (SPEC deploy-16 defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    retries: int = Field(3, ge=0, le=100, description="attempts after the first failure")
+    interval: float = Field(10.0, ge=0, le=3600, description="seconds between attempts")
+    initial_delay: float = Field(0.0, ge=0, le=3600)
+    timeout: float = Field(60.0, gt=0, le=3600, description="overall seconds for this check")
+    attempt_timeout: float = Field(5.0, gt=0, le=600, description="seconds for one attempt")
+
+
+Probe = Callable[[Any, "DeployContext"], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class HealthCheckType:
+    """A health check kind (``http``, ``tcp``, ``script`` …).
+
+    :param probe: ``async (params, ctx) -> None`` when healthy, or a short error string.
+        One attempt only: the core owns retries, intervals and the overall timeout.
+    """
+
+    name: str
+    params: type[HealthCheckParams]
+    probe: Probe
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not SIMPLE_NAME.match(self.name):
+            raise RegistrationError(f"health check name {self.name!r} must be a lower-case word")
+        if not (isinstance(self.params, type) and issubclass(self.params, HealthCheckParams)):
+            raise RegistrationError(
+                f"health check {self.name}: params must subclass HealthCheckParams"
+            )
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+class RollbackParams(BaseModel):
+    """Base for a rollback strategy's parameter model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str
+    timeout: float = Field(300.0, gt=0, le=86400)
+
+
+RollbackState = dict[str, Any]
+PrepareFn = Callable[["DeployContext", Any], Awaitable[RollbackState | None]]
+RollbackFn = Callable[["DeployContext", Any, RollbackState | None], Awaitable[None]]
+
+
+async def _nothing_to_discard(ctx: DeployContext, params: Any, state: RollbackState | None) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class RollbackStrategy:
+    """A way to undo a deployment.
+
+    :param prepare: before the deployment; returns JSON-able state (e.g. a snapshot path)
+        kept with the deployment, or ``None``.
+    :param rollback: undo; raise to report the rollback failed.
+    :param discard: after success (retention: prune old snapshots).
+    :param needs_state: a manual rollback is refused unless ``prepare`` returned state.
+    """
+
+    name: str
+    params: type[RollbackParams]
+    rollback: RollbackFn
+    prepare: PrepareFn | None = None
+    discard: RollbackFn = _nothing_to_discard
+    needs_state: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not SIMPLE_NAME.match(self.name):
+            raise RegistrationError(f"rollback strategy name {self.name!r} must be a lower-case word")
+        if not (isinstance(self.params, type) and issubclass(self.params, RollbackParams)):
+            raise RegistrationError(
+                f"rollback strategy {self.name}: params must subclass RollbackParams"
+            )
+
+
+# --------------------------------------------------------------------------- server / agent
+
+
+EventHandlerFn = Callable[["EventContext"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class EventHandler:
+    """Server side: handles agent events named ``name`` (e.g. ``docker.monitor``)."""
+
+    name: str
+    handler: EventHandlerFn
+
+    def __post_init__(self) -> None:
+        if not COMMAND_NAME.match(self.name):
+            raise RegistrationError(f"event name {self.name!r} must look like 'family.name'")
+
+
+@dataclass(frozen=True)
+class RouteSet:
+    """Server side: extra Starlette routes, mounted under ``/api``; every one needs a token."""
+
+    name: str
+    routes: Sequence[BaseRoute] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class AgentService:
+    """Agent side: a long-running task started with the agent (e.g. the Docker sampler)."""
+
+    name: str
+    run: Callable[[AgentServiceContext], Awaitable[None]]
+
+    def __post_init__(self) -> None:
+        if not SIMPLE_NAME.match(self.name):
+            raise RegistrationError(f"agent service name {self.name!r} must be a lower-case word")

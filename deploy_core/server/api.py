@@ -1,0 +1,528 @@
+"""The HTTP API (Starlette).  Every route under ``/api`` needs ``Authorization: Bearer``.
+
+Deploy requests are validated with the deploy type's own parameter model plus the common
+fields (:class:`DeployRequestCommon`); health checks and rollback options are validated with
+the models of the plugins that provide them.  Errors say what was wrong:
+``{"error": "...", "detail": [...]}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deploy_core import __version__
+from deploy_core.models import ID_PATTERN, wire_schemas
+from deploy_core.registry import DeployType
+from deploy_core.server.app import DeployServer
+from deploy_core.server.records import ClientBusy
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+MAX_WAIT = 60.0
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, message and optional detail."""
+
+    def __init__(self, status: int, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+
+
+class DeployRequestCommon(BaseModel):
+    """Fields every deploy request has, beside its deploy type's own parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = Field(pattern=ID_PATTERN, description="the target agent")
+    health_checks: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=16, description="checks run after the deployment"
+    )
+    rollback: dict[str, Any] | None = Field(
+        None, description="rollback strategy and its options; none means no rollback"
+    )
+    deadline: float | None = Field(
+        None,
+        gt=0,
+        le=7 * 86400,
+        description="seconds from now after which the server gives the deployment up",
+    )
+
+
+_COMMON_FIELDS = set(DeployRequestCommon.model_fields)
+_request_models: dict[str, type[BaseModel]] = {}
+
+
+def request_model(deploy_type: DeployType) -> type[BaseModel]:
+    """The API request model of a deploy type: common fields + the type's parameters."""
+    model = _request_models.get(deploy_type.name)
+    if model is None:
+        name = "".join(p.capitalize() for p in deploy_type.kind.split("_")) + "DeployRequest"
+        model = create_model(name, __base__=(DeployRequestCommon, deploy_type.params))
+        _request_models[deploy_type.name] = model
+    return model
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def render_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A deployment record as the API shows it."""
+    return {
+        "deploy_id": record["deploy_id"],
+        "client_id": record["client_id"],
+        "command_type": record["command_type"],
+        "status": record["status"],
+        "stage": record["stage"],
+        "progress": record["progress"],
+        "finished": record["finished_at"] is not None,
+        "result": record["result"],
+        "error": record["error"],
+        "health": record["health"],
+        "rollback": record["rollback"],
+        "rollback_of": record["rollback_of"],
+        "rolled_back_by": record["rolled_back_by"],
+        "agent_status": record["agent_status"],
+        "request": record["request"],
+        "created_at": _iso(record["created_at"]),
+        "updated_at": _iso(record["updated_at"]),
+        "finished_at": _iso(record["finished_at"]),
+        "deadline": _iso(record["deadline"]),
+        "updated_ts": record["updated_at"],
+    }
+
+
+def render_history(row: dict[str, Any]) -> dict[str, Any]:
+    """One status-history row as the API shows it."""
+    return {
+        "status": row["status"],
+        "stage": row["stage"],
+        "progress": row["progress"],
+        "message": row["message"],
+        "source": row["source"],
+        "seq": row["seq"],
+        "timestamp": _iso(row["ts"]),
+    }
+
+
+def _validation_detail(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    return [
+        {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def _server(request: Request) -> DeployServer:
+    server: DeployServer = request.app.state.services
+    return server
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        import json
+
+        data = json.loads(body or b"null")
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "request body must be a JSON object")
+    return data
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"query parameter {name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(422, f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+def _float_param(request: Request, name: str, default: float, low: float, high: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, f"query parameter {name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(422, f"query parameter {name} must be between {low:g} and {high:g}")
+    return value
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def validate_options(
+    server: DeployServer, deploy_type: DeployType, common: DeployRequestCommon
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float]:
+    """Validate health checks and rollback against the server's plugins; return them as sent
+    to the agent, and the seconds they add to the deadline."""
+    checks: list[dict[str, Any]] = []
+    extra = 0.0
+    for i, spec in enumerate(common.health_checks):
+        try:
+            _check, params = server.plugins.parse_health_check(spec)
+        except LookupError as exc:
+            raise ApiError(422, str(exc), [{"loc": ["health_checks", i, "type"]}]) from None
+        except ValidationError as exc:
+            raise ApiError(
+                422, "invalid health check", _validation_detail(exc, ("health_checks", i))
+            ) from None
+        checks.append(params.model_dump(mode="json"))
+        extra += params.initial_delay + params.timeout
+    rollback = None
+    if common.rollback is not None:
+        try:
+            _strategy, rparams = server.plugins.parse_rollback(
+                common.rollback, deploy_type.default_rollback
+            )
+        except LookupError as exc:
+            raise ApiError(422, str(exc), [{"loc": ["rollback", "strategy"]}]) from None
+        except ValidationError as exc:
+            raise ApiError(422, "invalid rollback", _validation_detail(exc, ("rollback",))) from None
+        rollback = rparams.model_dump(mode="json")
+        extra += rparams.timeout + extra  # the checks run again after a rollback
+    return checks, rollback, extra
+
+
+def check_capabilities(
+    client: dict[str, Any], command_type: str, checks: list[dict[str, Any]],
+    rollback: dict[str, Any] | None,
+) -> None:
+    """Refuse (409) what the target agent said it cannot do."""
+    caps = client.get("capabilities")
+    if not caps:
+        return  # never connected yet: it will refuse by callback if it cannot
+    cid = client["client_id"]
+    if command_type not in caps.get("deploy_types", []):
+        raise ApiError(
+            409,
+            f"client {cid} cannot run {command_type}: its agent has no plugin for it "
+            f"(it has: {', '.join(caps.get('deploy_types', [])) or 'none'})",
+        )
+    for check in checks:
+        if check["type"] not in caps.get("health_checks", []):
+            raise ApiError(409, f"client {cid} has no {check['type']!r} health check plugin")
+    if rollback and rollback["strategy"] not in caps.get("rollback_strategies", []):
+        raise ApiError(
+            409, f"client {cid} has no {rollback['strategy']!r} rollback strategy plugin"
+        )
+
+
+async def create_deployment(request: Request) -> Response:
+    """``POST /api/deploy/{kind}`` → ``202 {"deploy_id": …}`` (SPEC deploy-23)."""
+    server = _server(request)
+    kind = request.path_params["kind"]
+    deploy_type = next(
+        (t for t in server.plugins.deploy_types.entries.values() if t.kind == kind), None
+    )
+    if deploy_type is None:
+        known = ", ".join(t.kind for t in server.plugins.deploy_types.entries.values())
+        raise ApiError(404, f"unknown deploy type {kind!r} (this server has: {known or 'none'})")
+    body = await _json_body(request)
+    try:
+        validated = request_model(deploy_type).model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid deploy request", _validation_detail(exc)) from None
+    common = DeployRequestCommon.model_validate(
+        {k: v for k, v in validated.model_dump().items() if k in _COMMON_FIELDS}
+    )
+    params = deploy_type.params.model_validate(
+        {k: v for k, v in validated.model_dump().items() if k not in _COMMON_FIELDS}
+    )
+    checks, rollback, extra = validate_options(server, deploy_type, common)
+    client = await server.db(server.records.get_client, common.client_id)
+    if client is None:
+        raise ApiError(404, f"unknown client {common.client_id!r}: no agent enrolled with that id")
+    check_capabilities(client, deploy_type.name, checks, rollback)
+    seconds = common.deadline or (params.timeout + extra + server.config.deadline_margin)
+    try:
+        record = await server.submit(
+            client_id=common.client_id,
+            command_type=deploy_type.name,
+            request={
+                "params": params.model_dump(mode="json"),
+                "health_checks": checks,
+                "rollback": rollback,
+                "deadline_seconds": seconds,
+            },
+            deadline=time.time() + seconds,
+        )
+    except ClientBusy as exc:
+        raise ApiError(409, str(exc), {"busy_with": exc.deploy_id}) from None
+    return JSONResponse(
+        {
+            "deploy_id": record["deploy_id"],
+            "status": record["status"],
+            "client_connected": server.is_connected(common.client_id),
+            "url": f"/api/deploy/{record['deploy_id']}",
+        },
+        status_code=202,
+    )
+
+
+async def _record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]:
+    record = await server.db(server.records.get, deploy_id)
+    if record is None:
+        raise ApiError(404, f"no deployment {deploy_id!r}")
+    return record
+
+
+async def get_deployment(request: Request) -> Response:
+    """``GET /api/deploy/{deploy_id}`` — the record.  ``?wait=S&since=T`` long-polls up to S
+    seconds for a change after ``updated_ts`` T (or for the end, without ``since``)."""
+    server = _server(request)
+    deploy_id = request.path_params["deploy_id"]
+    wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
+    since = _float_param(request, "since", -1.0, -1.0, 1e12)
+    record = await _record_or_404(server, deploy_id)
+    if wait > 0:
+        async with server.listeners.subscribe(deploy_id) as queue:
+            record = await _record_or_404(server, deploy_id)  # read after subscribing
+            end = time.monotonic() + wait
+
+            def settled(rec: dict[str, Any]) -> bool:
+                if since >= 0:
+                    return bool(rec["updated_at"] > since)
+                return rec["finished_at"] is not None
+
+            while not settled(record) and (left := end - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+                record = await _record_or_404(server, deploy_id)
+    return JSONResponse(render_record(record))
+
+
+async def get_status_history(request: Request) -> Response:
+    """``GET /api/deploy/{deploy_id}/status`` — the status history, oldest first."""
+    server = _server(request)
+    deploy_id = request.path_params["deploy_id"]
+    record = await _record_or_404(server, deploy_id)
+    rows = await server.db(server.records.history, deploy_id)
+    return JSONResponse(
+        {
+            "deploy_id": deploy_id,
+            "status": record["status"],
+            "history": [render_history(r) for r in rows],
+        }
+    )
+
+
+async def get_logs(request: Request) -> Response:
+    """``GET /api/deploy/{deploy_id}/logs?after=ID&limit=N`` — output lines in order."""
+    server = _server(request)
+    deploy_id = request.path_params["deploy_id"]
+    await _record_or_404(server, deploy_id)
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 1000, 1, 10000)
+    rows = await server.db(server.records.logs, deploy_id, after=after, limit=limit)
+    return JSONResponse(
+        {
+            "deploy_id": deploy_id,
+            "lines": [
+                {"id": r["id"], "timestamp": _iso(r["ts"]), "stream": r["stream"],
+                 "stage": r["stage"], "line": r["line"]}
+                for r in rows
+            ],
+            "next_after": rows[-1]["id"] if rows else after,
+        }
+    )
+
+
+async def list_deployments(request: Request) -> Response:
+    """``GET /api/deploy/{client_id}/list`` — newest first, ``?limit=&offset=``."""
+    server = _server(request)
+    client_id = request.path_params["client_id"]
+    limit = _int_param(request, "limit", 50, 1, 500)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    if await server.db(server.records.get_client, client_id) is None:
+        raise ApiError(404, f"unknown client {client_id!r}")
+    items, total = await server.db(
+        server.records.list_for_client, client_id, limit=limit, offset=offset
+    )
+    return JSONResponse(
+        {
+            "client_id": client_id,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": [render_record(r) for r in items],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- clients, plugins
+
+
+def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
+    """A client as the API shows it."""
+    caps = row.get("capabilities") or {}
+    return {
+        "client_id": row["client_id"],
+        "connected": bool(row["connected"]),
+        "connected_here": server.is_connected(row["client_id"]),
+        "connected_since": _iso(row["connected_since"]) if row["connected"] else None,
+        "disconnected_since": None if row["connected"] else _iso(row["disconnected_since"]),
+        "last_seen": _iso(row["last_seen"]),
+        "remote": row["remote"],
+        "enrolled_at": _iso(row["enrolled_at"]),
+        "plugins": caps.get("plugins", {}),
+        "capabilities": caps,
+    }
+
+
+async def list_clients(request: Request) -> Response:
+    """``GET /api/clients`` — every enrolled client with its state and capabilities."""
+    server = _server(request)
+    rows = await server.db(server.records.list_clients)
+    return JSONResponse({"clients": [render_client(server, r) for r in rows]})
+
+
+async def get_client(request: Request) -> Response:
+    """``GET /api/clients/{client_id}``."""
+    server = _server(request)
+    row = await server.db(server.records.get_client, request.path_params["client_id"])
+    if row is None:
+        raise ApiError(404, f"unknown client {request.path_params['client_id']!r}")
+    lock = await server.db(server.records.lock_holder, row["client_id"])
+    return JSONResponse({**render_client(server, row), "busy_with": lock and lock["deploy_id"]})
+
+
+async def list_plugins(request: Request) -> Response:
+    """``GET /api/plugins`` — loaded plugins, their versions, hooks and registrations."""
+    return JSONResponse({"plugins": _server(request).plugins.describe()})
+
+
+async def get_schemas(request: Request) -> Response:
+    """``GET /api/schemas`` — JSON Schema of the wire models and of each deploy request."""
+    server = _server(request)
+    return JSONResponse(
+        {
+            "wire": wire_schemas(),
+            "deploy_requests": {
+                t.name: request_model(t).model_json_schema()
+                for t in server.plugins.deploy_types.entries.values()
+            },
+        }
+    )
+
+
+async def get_info(request: Request) -> Response:
+    """``GET /api/info`` — server version, id and endpoints."""
+    server = _server(request)
+    return JSONResponse(
+        {
+            "version": __version__,
+            "server_id": server.config.server_id,
+            "quic_port": server.transport.port,
+            "started_at": _iso(server.started_at),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- app
+
+
+class TokenAuth:
+    """Refuses every ``/api`` request without the right bearer token (401)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"].startswith("/api"):
+            headers = dict(scope.get("headers") or [])
+            value = headers.get(b"authorization", b"")
+            scheme, _, given = value.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+                client = scope.get("client") or ("?", 0)
+                log.warning("refused %s %s from %s: %s", scope.get("method", "WS"),
+                            scope["path"], client[0],
+                            "no bearer token" if not value else "wrong token")
+                if scope["type"] == "http":
+                    response = JSONResponse(
+                        {"error": "missing or invalid API token: send 'Authorization: Bearer "
+                                  "<token>' (the admin token is in the server's state directory)"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                    await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    body: dict[str, Any] = {"error": exc.message}
+    if exc.detail is not None:
+        body["detail"] = exc.detail
+    return JSONResponse(body, status_code=exc.status)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"no route {request.method} {request.url.path}"}, 404)
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return JSONResponse(
+        {"error": f"method {request.method} not allowed on {request.url.path}"}, 405
+    )
+
+
+def api_routes() -> list[BaseRoute]:
+    """The core's routes (under ``/api``)."""
+    return [
+        Route("/deploy/{kind:str}", create_deployment, methods=["POST"]),
+        Route("/deploy/{deploy_id:str}", get_deployment, methods=["GET"]),
+        Route("/deploy/{deploy_id:str}/status", get_status_history, methods=["GET"]),
+        Route("/deploy/{deploy_id:str}/logs", get_logs, methods=["GET"]),
+        Route("/deploy/{client_id:str}/list", list_deployments, methods=["GET"]),
+        Route("/clients", list_clients, methods=["GET"]),
+        Route("/clients/{client_id:str}", get_client, methods=["GET"]),
+        Route("/plugins", list_plugins, methods=["GET"]),
+        Route("/schemas", get_schemas, methods=["GET"]),
+        Route("/info", get_info, methods=["GET"]),
+    ]
+
+
+def create_app(server: DeployServer) -> ASGIApp:
+    """The ASGI app: core routes, plugin routes, token check."""
+    routes = api_routes()
+    for route_set in server.plugins.route_sets.entries.values():
+        routes.extend(route_set.routes)
+    app = Starlette(
+        routes=[Mount("/api", routes=routes)],
+        exception_handlers={ApiError: _api_error, 404: _not_found, 405: _method_not_allowed},
+    )
+    app.state.services = server
+    return TokenAuth(app, server.state.admin_token)

@@ -1,0 +1,381 @@
+"""The server process: the QUIC endpoint for agents and the HTTP API, in one event loop.
+
+:class:`DeployServer` wires the parts together: records, listeners, the event router, command
+dispatch and the watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import uvicorn
+
+from deploy_core.models import DeployCommand, DeployStatus, RollbackTarget
+from deploy_core.plugins import DeployPlugins, get_plugins
+from deploy_core.server import db
+from deploy_core.server.callbacks import Listeners
+from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.server.records import AlreadyEnrolled, RecordStore
+from deploy_core.server.state import SERVER_INFO, ServerState, init_state
+from deploy_core.transport import (
+    AgentSession,
+    AuthError,
+    Envelope,
+    Kind,
+    QuicServer,
+    ack_for,
+    error_for,
+)
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_API_PORT = 8470
+DEFAULT_QUIC_PORT = 8471
+
+
+@dataclass
+class ServerConfig:
+    """How a server runs.  ``db_url`` defaults to SQLite in the state directory."""
+
+    state_dir: Path
+    api_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT
+    quic_host: str = "127.0.0.1"
+    quic_port: int = DEFAULT_QUIC_PORT
+    db_url: str | None = None
+    server_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    watchdog_interval: float = 1.0
+    heartbeat_flush_interval: float = 5.0
+    deadline_margin: float = 60.0
+    migrate: bool = True
+
+
+class _Authority:
+    """Checks agents' credentials against the join token and the enrolled keys."""
+
+    def __init__(self, server: DeployServer) -> None:
+        self.server = server
+
+    async def agent_key(self, client_id: str) -> bytes | None:
+        key = await self.server.db(self.server.records.agent_key, client_id)
+        return bytes.fromhex(key) if key else None
+
+    async def enroll(self, client_id: str, join_token: str) -> bytes:
+        if not hmac.compare_digest(join_token.encode(), self.server.state.join_token.encode()):
+            raise AuthError("join token refused")
+        key = secrets.token_bytes(32)
+        try:
+            await self.server.db(self.server.records.enroll, client_id, key.hex())
+        except AlreadyEnrolled:
+            raise AuthError(
+                f"client id {client_id} is already enrolled with another key; "
+                "use the agent's existing state directory or choose another client id"
+            ) from None
+        log.info("agent %s enrolled", client_id)
+        return key
+
+
+class _UvicornServer(uvicorn.Server):
+    """Uvicorn without its own signal handling: the process owner decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class DeployServer:
+    """One server replica."""
+
+    def __init__(self, config: ServerConfig, plugins: DeployPlugins | None = None) -> None:
+        self.config = config
+        self.plugins = plugins or get_plugins()
+        self.listeners = Listeners()
+        self.started_at = time.time()
+        self.state: ServerState
+        self.records: RecordStore
+        self.transport: QuicServer
+        self._http: _UvicornServer | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.api_port = config.api_port
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Open the database, start the QUIC endpoint, the HTTP API and the background loops."""
+        from deploy_core.server.api import create_app
+
+        cfg = self.config
+        self.state = await asyncio.to_thread(init_state, cfg.state_dir)
+        url = cfg.db_url or db.sqlite_url(self.state.database_file)
+        self.engine = db.make_engine(url)
+        if cfg.migrate:
+            await asyncio.to_thread(db.upgrade, self.engine)
+        self.plugins.create_tables(db.plugin_metadata)
+        await asyncio.to_thread(db.create_plugin_tables, self.engine)
+        self.records = RecordStore(self.engine, server_id=cfg.server_id)
+        await self.db(self.records.mark_all_disconnected)
+        self.transport = QuicServer(
+            host=cfg.quic_host,
+            port=cfg.quic_port,
+            certs=self.state.certs,
+            authority=_Authority(self),
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+            on_disconnect=self._on_disconnect,
+        )
+        await self.transport.start()
+        self.app = create_app(self)
+        self._http = _UvicornServer(
+            uvicorn.Config(
+                self.app,
+                host=cfg.api_host,
+                port=cfg.api_port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
+        )
+        http_task = asyncio.create_task(self._http.serve(), name="http")
+        self._tasks.append(http_task)
+        while not self._http.started:
+            if http_task.done():
+                http_task.result()
+                raise RuntimeError(f"the HTTP API could not listen on {cfg.api_host}:{cfg.api_port}")
+            await asyncio.sleep(0.01)
+        self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
+        info = {
+            "api_url": self.api_url,
+            "quic": f"{cfg.quic_host}:{self.transport.port}",
+            "ca": str(self.state.certs.ca_cert),
+            "admin_token_file": str(self.state.admin_token_file),
+            "join_token_file": str(self.state.join_token_file),
+            "pid": __import__("os").getpid(),
+        }
+        (cfg.state_dir / SERVER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        log.info("server %s: API %s, QUIC %s", cfg.server_id, self.api_url, info["quic"])
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the HTTP API."""
+        host = self.config.api_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.api_port}"
+
+    async def stop(self) -> None:
+        """Stop serving: HTTP, loops, then the QUIC endpoint and the database."""
+        if self._http is not None:
+            self._http.should_exit = True
+        for task in self._tasks:
+            if task.get_name() != "http":
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(AttributeError):
+            await self.transport.close()
+        with contextlib.suppress(AttributeError):
+            self.engine.dispose()
+
+    async def db(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a blocking records call in a worker thread."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ records changing
+
+    def record_changed(self, record: dict[str, Any], previous: str | None) -> None:
+        """Tell listeners and plugins a record changed."""
+        from deploy_core.server.api import render_record
+
+        view = render_record(record)
+        self.listeners.publish(view)
+        if previous != record["status"]:
+            self.plugins.notify("deploy_status_changed", record=dict(view), previous=previous)
+
+    async def deployment_finished(self, record: dict[str, Any]) -> None:
+        """A deployment reached its terminal status (its lock is already released)."""
+        from deploy_core.server.api import render_record
+
+        self.plugins.notify("deploy_finished", record=render_record(record))
+
+    async def submit(
+        self,
+        *,
+        client_id: str,
+        command_type: str,
+        request: dict[str, Any],
+        deadline: float,
+        rollback_of: str | None = None,
+    ) -> dict[str, Any]:
+        """Record a new deployment (taking the client's lock) and send it if the agent is
+        connected.  :raises ClientBusy: the client is busy."""
+        deploy_id = uuid.uuid4().hex
+        record = await self.db(
+            self.records.create_deployment,
+            deploy_id=deploy_id,
+            client_id=client_id,
+            command_type=command_type,
+            request=request,
+            deadline=deadline,
+            rollback_of=rollback_of,
+        )
+        self.record_changed(record, None)
+        await self.dispatch(record)
+        return record
+
+    def command_for(self, record: dict[str, Any]) -> Envelope:
+        """The command envelope that carries ``record`` to its agent."""
+        req = record["request"]
+        target = req.get("rollback_of")
+        command = DeployCommand(
+            deploy_id=record["deploy_id"],
+            command_type=record["command_type"],
+            params=req.get("params", {}),
+            health_checks=req.get("health_checks", []),
+            rollback=req.get("rollback"),
+            issued_at=record["created_at"],
+            expires_at=record["deadline"],
+            rollback_of=RollbackTarget.model_validate(target) if target else None,
+        )
+        return Envelope(
+            id=f"cmd-{record['deploy_id']}",
+            kind=Kind.COMMAND,
+            name=record["command_type"],
+            wait_ack=True,
+            need_callback=True,
+            callback_id=record["deploy_id"],
+            payload=command.model_dump(mode="json"),
+        )
+
+    async def dispatch(self, record: dict[str, Any]) -> bool:
+        """Send a recorded deployment to its agent, if that agent is connected here."""
+        session = self.transport.session(record["client_id"])
+        if session is None or session.closed:
+            return False
+        session.send(self.command_for(record))
+        await self.db(self.records.mark_dispatched, record["deploy_id"])
+        return True
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    async def _on_connect(self, session: AgentSession) -> None:
+        await self.db(
+            self.records.set_connected,
+            session.client_id,
+            remote=f"{session.remote[0]}:{session.remote[1]}",
+            capabilities=session.capabilities,
+        )
+        log.info("agent %s connected from %s", session.client_id, session.remote[0])
+        for record in await self.db(self.records.undelivered, session.client_id):
+            if record["deadline"] > time.time():
+                session.send(self.command_for(record))
+                await self.db(self.records.mark_dispatched, record["deploy_id"])
+
+    async def _on_disconnect(self, session: AgentSession) -> None:
+        await self.db(self.records.set_disconnected, session.client_id, last_seen=session.last_seen)
+        log.info("agent %s disconnected", session.client_id)
+
+    async def _on_message(self, session: AgentSession, env: Envelope) -> None:
+        if env.kind is Kind.ACK:
+            deploy_id = env.payload.get("deploy_id")
+            if isinstance(deploy_id, str):
+                await self.db(self.records.mark_acked, deploy_id)
+            return
+        if env.kind is Kind.ERROR:
+            log.warning("agent %s reports an error: %s", session.client_id, env.payload)
+            return
+        if env.kind is not Kind.EVENT:
+            session.send(error_for(env, f"unexpected message kind {env.kind.value!r}"))
+            return
+        handler = self.plugins.event_handlers.get(env.name)
+        if handler is None:
+            session.send(error_for(env, f"no handler for event {env.name!r} on this server"))
+            return
+        try:
+            await handler.handler(EventContext(self, session.client_id, env))
+        except EventRejected as exc:
+            log.warning("event %s from %s refused: %s", env.name, session.client_id, exc)
+            session.send(error_for(env, str(exc)))
+            return
+        except Exception:
+            # Not acknowledged: the agent keeps the event and sends it again later.
+            log.exception("handler for %s failed on an event from %s", env.name, session.client_id)
+            return
+        session.send(ack_for(env))
+
+    # ------------------------------------------------------------------ background loops
+
+    async def _watchdog(self) -> None:
+        """Finish deployments past their deadline (SPEC deploy-31)."""
+        while True:
+            try:
+                await self.expire_overdue()
+            except Exception:
+                log.exception("watchdog pass failed")
+            await asyncio.sleep(self.config.watchdog_interval)
+
+    async def expire_overdue(self) -> int:
+        """One watchdog pass; returns how many deployments it expired."""
+        expired = 0
+        for record in await self.db(self.records.overdue):
+            reason = await self._timeout_reason(record)
+            applied = await self.db(self.records.expire, record["deploy_id"], reason)
+            if applied.applied and applied.record is not None:
+                expired += 1
+                log.warning("deployment %s timed out: %s", record["deploy_id"], reason)
+                self.record_changed(applied.record, applied.previous)
+                await self.deployment_finished(applied.record)
+        return expired
+
+    async def _timeout_reason(self, record: dict[str, Any]) -> str:
+        client = await self.db(self.records.get_client, record["client_id"])
+        if record["acked_at"] is None:
+            if client and not client["connected"]:
+                return (
+                    f"deadline passed while agent {record['client_id']} was disconnected; "
+                    "the deployment never started"
+                )
+            return "deadline passed before the agent accepted the deployment; it never started"
+        if client and not client["connected"]:
+            return (
+                f"deadline passed while agent {record['client_id']} was disconnected "
+                f"(last report: {record['status']} at progress {record['progress']})"
+            )
+        return (
+            f"deadline passed with no final report from the agent "
+            f"(last report: {record['status']} at progress {record['progress']})"
+        )
+
+    async def _flush_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_flush_interval)
+            seen = {cid: s.last_seen for cid, s in self.transport.sessions.items()}
+            try:
+                await self.db(self.records.touch_clients, seen)
+            except Exception:
+                log.exception("could not record heartbeats")
+
+    def is_connected(self, client_id: str) -> bool:
+        """Whether the agent is connected to this replica right now."""
+        session = self.transport.session(client_id)
+        return session is not None and not session.closed
+
+
+def terminal(status: str) -> bool:
+    """Whether ``status`` ends a deployment."""
+    return DeployStatus(status).terminal

@@ -1,0 +1,180 @@
+"""The server's database: engine set-up, the core's tables, and schema migrations.
+
+SQLite (WAL mode) by default, PostgreSQL by URL.  The core's tables are created and changed
+only by the Alembic migrations in ``deploy_core/server/migrations`` (``deployctl db
+upgrade``); plugin tables live on :data:`plugin_metadata` and are created when missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+metadata = sa.MetaData()
+plugin_metadata = sa.MetaData()
+
+ID = sa.String(64)
+NAME = sa.String(64)
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("deploy_id", ID, primary_key=True),
+    sa.Column("client_id", ID, nullable=False, index=True),
+    sa.Column("command_type", NAME, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("stage", NAME, nullable=False, default=""),
+    sa.Column("progress", sa.Integer, nullable=False, default=0),
+    sa.Column("last_seq", sa.Integer, nullable=False, default=-1),
+    sa.Column("request", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("health", sa.JSON),
+    sa.Column("rollback", sa.JSON),
+    sa.Column("rollback_state", sa.JSON),
+    sa.Column("rollback_of", ID),
+    sa.Column("rolled_back_by", ID),
+    sa.Column("rollback_wanted", sa.Boolean, nullable=False, default=False),
+    sa.Column("agent_status", sa.String(32)),
+    sa.Column("deadline", sa.Float, nullable=False),
+    sa.Column("dispatched_at", sa.Float),
+    sa.Column("acked_at", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+)
+sa.Index("ix_deployments_open", deployments.c.finished_at, deployments.c.deadline)
+
+status_history = sa.Table(
+    "status_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "deploy_id",
+        ID,
+        sa.ForeignKey("deployments.deploy_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("seq", sa.Integer),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("stage", NAME, nullable=False, default=""),
+    sa.Column("progress", sa.Integer, nullable=False, default=0),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+)
+
+deploy_logs = sa.Table(
+    "deploy_logs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "deploy_id",
+        ID,
+        sa.ForeignKey("deployments.deploy_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("stream", sa.String(32), nullable=False),
+    sa.Column("stage", NAME, nullable=False, default=""),
+    sa.Column("line", sa.Text, nullable=False),
+)
+
+clients = sa.Table(
+    "clients",
+    metadata,
+    sa.Column("client_id", ID, primary_key=True),
+    sa.Column("agent_key", sa.String(128), nullable=False),
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("connected", sa.Boolean, nullable=False, default=False),
+    sa.Column("server_id", ID),
+    sa.Column("connected_since", sa.Float),
+    sa.Column("disconnected_since", sa.Float),
+    sa.Column("last_seen", sa.Float),
+    sa.Column("remote", sa.String(128)),
+    sa.Column("capabilities", sa.JSON),
+)
+
+client_locks = sa.Table(
+    "client_locks",
+    metadata,
+    sa.Column("client_id", ID, primary_key=True),
+    sa.Column("deploy_id", ID, nullable=False),
+    sa.Column("owner", ID, nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``postgres://`` URLs and use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def sqlite_url(path: Path) -> str:
+    """The URL of a SQLite database file."""
+    return f"sqlite:///{path}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Take the write lock when a transaction begins (BEGIN IMMEDIATE) so that a
+            # read-then-write, such as "apply this report unless finished", is atomic.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrations_config(engine: Engine) -> Any:
+    """An Alembic config pointing at the core's migrations and at ``engine``."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the core's schema to ``revision`` (default: the newest)."""
+    from alembic import command
+
+    command.upgrade(migrations_config(engine), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at, or ``None`` for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def create_plugin_tables(engine: Engine) -> None:
+    """Create the tables plugins defined, where missing."""
+    plugin_metadata.create_all(engine)

@@ -1,0 +1,52 @@
+"""The core's own agent-event handlers, registered through the same hook as any plugin's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from deploy_core.hookspecs import hookimpl
+from deploy_core.models import (
+    EVENT_CALLBACK,
+    EVENT_STATUS,
+    DeployCallbackPayload,
+    DeployStatusReport,
+)
+from deploy_core.registry import EventHandler
+from deploy_core.server.events import EventContext, EventRejected
+
+
+async def handle_status_report(ctx: EventContext) -> None:
+    """``deploy.status``: update the record live and keep the history (SPEC deploy-21)."""
+    try:
+        report = DeployStatusReport.model_validate(ctx.payload)
+    except ValidationError as exc:
+        raise EventRejected(f"malformed deploy.status: {exc}") from None
+    applied = await ctx.server.db(ctx.server.records.apply_report, ctx.client_id, report)
+    if applied.record is None:
+        raise EventRejected(f"no deployment {report.deploy_id} for client {ctx.client_id}")
+    if applied.applied:
+        ctx.server.record_changed(applied.record, applied.previous)
+
+
+async def handle_callback(ctx: EventContext) -> None:
+    """``command.callback``: finish the record, free the client, wake listeners, and ask
+    for a rollback the agent could not do itself (SPEC deploy-20)."""
+    try:
+        callback = DeployCallbackPayload.model_validate(ctx.payload)
+    except ValidationError as exc:
+        raise EventRejected(f"malformed command.callback: {exc}") from None
+    applied = await ctx.server.db(ctx.server.records.finish, ctx.client_id, callback)
+    if applied.record is None:
+        raise EventRejected(f"no deployment {callback.callback_id} for client {ctx.client_id}")
+    ctx.server.record_changed(applied.record, applied.previous)
+    if applied.applied:
+        await ctx.server.deployment_finished(applied.record)
+
+
+@hookimpl
+def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> None:
+    """Register the core's ``deploy.status`` and ``command.callback`` handlers."""
+    register(EventHandler(EVENT_STATUS, handle_status_report))
+    register(EventHandler(EVENT_CALLBACK, handle_callback))

@@ -1,0 +1,526 @@
+"""Deployment records, status history, logs and the per-client lock (SPEC deploy-19, -22).
+
+This is the one place where a deployment's status moves.  Agent reports carry a per-deploy
+``seq``: a report is applied only when its ``seq`` is newer than the last applied one, and
+nothing moves a finished record, so late and duplicate reports never move it backwards.  A
+deployment finishes once, by the agent's callback or by the server's watchdog, and finishing
+releases the client's lock in the same transaction.
+
+The methods are synchronous (SQLAlchemy Core); the async server calls them in a thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
+from deploy_core.server.db import client_locks, clients, deploy_logs, deployments, status_history
+
+# How long a lock outlives its deployment's deadline before anyone may take it over, in case
+# the watchdog of the replica that holds it is gone.
+LOCK_GRACE = 60.0
+
+
+class ClientBusy(Exception):
+    """The client already runs a deployment (SPEC deploy-22)."""
+
+    def __init__(self, client_id: str, deploy_id: str, since: float) -> None:
+        self.client_id = client_id
+        self.deploy_id = deploy_id
+        self.since = since
+        ago = max(0.0, time.time() - since)
+        super().__init__(
+            f"client {client_id} is busy with deployment {deploy_id} (started {ago:.0f} s ago); "
+            "wait for it to finish or roll it back"
+        )
+
+
+class AlreadyEnrolled(Exception):
+    """A client id is taken by an enrolled agent."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying an agent message did: whether it changed the record, the record after,
+    and the status before."""
+
+    applied: bool
+    record: dict[str, Any] | None
+    previous: str | None
+
+
+def _row(row: Any) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+class RecordStore:
+    """Everything the server stores about deployments and clients."""
+
+    def __init__(self, engine: Engine, *, server_id: str = "server") -> None:
+        self.engine = engine
+        self.server_id = server_id
+
+    # ------------------------------------------------------------------ deployments
+
+    def create_deployment(
+        self,
+        *,
+        deploy_id: str,
+        client_id: str,
+        command_type: str,
+        request: dict[str, Any],
+        deadline: float,
+        rollback_of: str | None = None,
+    ) -> dict[str, Any]:
+        """Insert a ``pending`` record and take the client's lock, atomically.
+
+        :raises ClientBusy: another deployment holds the client's lock.
+        """
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                # A lock whose deployment finished (or whose expiry passed) is stale.
+                stale = sa.select(deployments.c.deploy_id).where(
+                    deployments.c.deploy_id == client_locks.c.deploy_id,
+                    deployments.c.finished_at.is_not(None),
+                )
+                conn.execute(
+                    client_locks.delete().where(
+                        client_locks.c.client_id == client_id,
+                        sa.or_(client_locks.c.expires_at < now, stale.exists()),
+                    )
+                )
+                conn.execute(
+                    client_locks.insert().values(
+                        client_id=client_id,
+                        deploy_id=deploy_id,
+                        owner=self.server_id,
+                        acquired_at=now,
+                        expires_at=deadline + LOCK_GRACE,
+                    )
+                )
+                conn.execute(
+                    deployments.insert().values(
+                        deploy_id=deploy_id,
+                        client_id=client_id,
+                        command_type=command_type,
+                        status=DeployStatus.PENDING.value,
+                        stage="pending",
+                        progress=0,
+                        last_seq=-1,
+                        request=request,
+                        rollback_of=rollback_of,
+                        rollback_wanted=False,
+                        deadline=deadline,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                if rollback_of is not None:
+                    conn.execute(
+                        deployments.update()
+                        .where(deployments.c.deploy_id == rollback_of)
+                        .values(rolled_back_by=deploy_id, rollback_wanted=False)
+                    )
+                self._history(conn, deploy_id, None, DeployStatus.PENDING.value, "pending", 0,
+                              "accepted by the server", "server", now)
+        except IntegrityError:
+            holder = self.lock_holder(client_id)
+            if holder is None:  # released between our insert and this read: try once more
+                return self.create_deployment(
+                    deploy_id=deploy_id,
+                    client_id=client_id,
+                    command_type=command_type,
+                    request=request,
+                    deadline=deadline,
+                    rollback_of=rollback_of,
+                )
+            raise ClientBusy(client_id, holder["deploy_id"], holder["acquired_at"]) from None
+        record = self.get(deploy_id)
+        assert record is not None
+        return record
+
+    def lock_holder(self, client_id: str) -> dict[str, Any] | None:
+        """The lock row of ``client_id``, if one is held."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(client_locks).where(client_locks.c.client_id == client_id)
+            ).first()
+        return _row(row) if row else None
+
+    def locks(self) -> list[dict[str, Any]]:
+        """Every lock currently held."""
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(sa.select(client_locks))]
+
+    def get(self, deploy_id: str) -> dict[str, Any] | None:
+        """One deployment record."""
+        with self.engine.connect() as conn:
+            return self._get(conn, deploy_id)
+
+    def _get(self, conn: Connection, deploy_id: str) -> dict[str, Any] | None:
+        row = conn.execute(
+            sa.select(deployments).where(deployments.c.deploy_id == deploy_id)
+        ).first()
+        return _row(row) if row else None
+
+    def history(self, deploy_id: str) -> list[dict[str, Any]]:
+        """The status history of a deployment, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(status_history)
+                .where(status_history.c.deploy_id == deploy_id)
+                .order_by(status_history.c.id)
+            )
+            return [_row(r) for r in rows]
+
+    def logs(self, deploy_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Log lines of a deployment in order, after line id ``after``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deploy_logs)
+                .where(deploy_logs.c.deploy_id == deploy_id, deploy_logs.c.id > after)
+                .order_by(deploy_logs.c.id)
+                .limit(limit)
+            )
+            return [_row(r) for r in rows]
+
+    def list_for_client(
+        self, client_id: str, *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
+        """A client's deployments, newest first, and how many there are in all."""
+        with self.engine.connect() as conn:
+            total = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(deployments)
+                .where(deployments.c.client_id == client_id)
+            ).scalar_one()
+            rows = conn.execute(
+                sa.select(deployments)
+                .where(deployments.c.client_id == client_id)
+                .order_by(deployments.c.created_at.desc(), deployments.c.deploy_id)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [_row(r) for r in rows], int(total)
+
+    def apply_report(self, client_id: str, report: DeployStatusReport) -> Applied:
+        """Apply a ``deploy.status`` report from ``client_id`` (SPEC deploy-21).
+
+        History and logs of a new ``seq`` are always kept; the record's status moves only
+        while it is not finished.
+        """
+        with self.engine.begin() as conn:
+            rec = conn.execute(
+                sa.select(deployments)
+                .where(
+                    deployments.c.deploy_id == report.deploy_id,
+                    deployments.c.client_id == client_id,
+                )
+                .with_for_update()
+            ).first()
+            if rec is None:
+                return Applied(False, None, None)
+            record = _row(rec)
+            previous = record["status"]
+            if report.seq <= record["last_seq"]:
+                return Applied(False, record, previous)
+            values: dict[str, Any] = {"last_seq": report.seq, "updated_at": time.time()}
+            moved = record["finished_at"] is None
+            if moved:
+                values.update(
+                    status=report.status.value, stage=report.stage, progress=report.progress
+                )
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == report.deploy_id)
+                .values(**values)
+            )
+            self._history(
+                conn,
+                report.deploy_id,
+                report.seq,
+                report.status.value,
+                report.stage,
+                report.progress,
+                report.message if moved else f"(after finish) {report.message}",
+                "agent",
+                report.timestamp,
+            )
+            if report.logs:
+                conn.execute(
+                    deploy_logs.insert(),
+                    [
+                        {
+                            "deploy_id": report.deploy_id,
+                            "ts": line.ts,
+                            "stream": line.stream,
+                            "stage": line.stage,
+                            "line": line.line,
+                        }
+                        for line in report.logs
+                    ],
+                )
+            return Applied(moved, self._get(conn, report.deploy_id), previous)
+
+    def finish(self, client_id: str, callback: DeployCallbackPayload) -> Applied:
+        """Apply the agent's ``command.callback`` (SPEC deploy-20): the first finish wins and
+        releases the lock.  A callback for a record the watchdog already finished is kept as
+        the agent's truth (``agent_status``) beside the server's verdict."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            rec = conn.execute(
+                sa.select(deployments)
+                .where(
+                    deployments.c.deploy_id == callback.callback_id,
+                    deployments.c.client_id == client_id,
+                )
+                .with_for_update()
+            ).first()
+            if rec is None:
+                return Applied(False, None, None)
+            record = _row(rec)
+            previous = record["status"]
+            if record["finished_at"] is not None:
+                if record["agent_status"] is None and record["status"] != callback.status.value:
+                    conn.execute(
+                        deployments.update()
+                        .where(deployments.c.deploy_id == callback.callback_id)
+                        .values(agent_status=callback.status.value, updated_at=now)
+                    )
+                    self._history(
+                        conn, callback.callback_id, None, callback.status.value, "callback", 100,
+                        f"late callback from the agent: {callback.status.value}"
+                        f"{': ' + callback.error if callback.error else ''}", "agent", now,
+                    )
+                return Applied(False, self._get(conn, callback.callback_id), previous)
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == callback.callback_id)
+                .values(
+                    status=callback.status.value,
+                    stage=callback.status.value,
+                    progress=100,
+                    result=callback.result,
+                    error=callback.error,
+                    health=[h.model_dump(mode="json") for h in callback.health],
+                    rollback=callback.rollback.model_dump(mode="json")
+                    if callback.rollback
+                    else None,
+                    rollback_state=callback.rollback_state,
+                    agent_status=callback.status.value,
+                    updated_at=now,
+                    finished_at=now,
+                )
+            )
+            self._history(
+                conn, callback.callback_id, None, callback.status.value, callback.status.value,
+                100, callback.error or ("succeeded" if callback.success else "finished"),
+                "agent", now,
+            )
+            self._release(conn, record["client_id"], callback.callback_id)
+            return Applied(True, self._get(conn, callback.callback_id), previous)
+
+    def expire(self, deploy_id: str, reason: str, *, rollback_wanted: bool = True) -> Applied:
+        """The watchdog's verdict: mark an unfinished deployment ``timeout`` and free its
+        client (SPEC deploy-31)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            rec = conn.execute(
+                sa.select(deployments)
+                .where(deployments.c.deploy_id == deploy_id)
+                .with_for_update()
+            ).first()
+            if rec is None or rec.finished_at is not None:
+                return Applied(False, _row(rec) if rec else None, rec.status if rec else None)
+            previous = rec.status
+            executed = rec.acked_at is not None
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == deploy_id)
+                .values(
+                    status=DeployStatus.TIMEOUT.value,
+                    stage="timeout",
+                    error=reason,
+                    rollback_wanted=rollback_wanted and executed,
+                    updated_at=now,
+                    finished_at=now,
+                )
+            )
+            self._history(conn, deploy_id, None, DeployStatus.TIMEOUT.value, "timeout",
+                          rec.progress, reason, "server", now)
+            self._release(conn, rec.client_id, deploy_id)
+            return Applied(True, self._get(conn, deploy_id), previous)
+
+    def overdue(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Unfinished deployments past their deadline."""
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployments).where(
+                    deployments.c.finished_at.is_(None), deployments.c.deadline < now
+                )
+            )
+            return [_row(r) for r in rows]
+
+    def undelivered(self, client_id: str) -> list[dict[str, Any]]:
+        """Unfinished deployments of ``client_id`` the agent has not acknowledged, oldest
+        first: they are (re)sent when the agent connects."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployments)
+                .where(
+                    deployments.c.client_id == client_id,
+                    deployments.c.finished_at.is_(None),
+                    deployments.c.acked_at.is_(None),
+                )
+                .order_by(deployments.c.created_at)
+            )
+            return [_row(r) for r in rows]
+
+    def mark_dispatched(self, deploy_id: str) -> None:
+        """The command was handed to the transport."""
+        self._set(deploy_id, dispatched_at=time.time())
+
+    def mark_acked(self, deploy_id: str) -> None:
+        """The agent acknowledged (journaled) the command."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == deploy_id, deployments.c.acked_at.is_(None))
+                .values(acked_at=time.time())
+            )
+
+    def _set(self, deploy_id: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                deployments.update().where(deployments.c.deploy_id == deploy_id).values(**values)
+            )
+
+    @staticmethod
+    def _release(conn: Connection, client_id: str, deploy_id: str) -> None:
+        conn.execute(
+            client_locks.delete().where(
+                client_locks.c.client_id == client_id, client_locks.c.deploy_id == deploy_id
+            )
+        )
+
+    @staticmethod
+    def _history(
+        conn: Connection,
+        deploy_id: str,
+        seq: int | None,
+        status: str,
+        stage: str,
+        progress: int,
+        message: str,
+        source: str,
+        ts: float,
+    ) -> None:
+        conn.execute(
+            status_history.insert().values(
+                deploy_id=deploy_id,
+                seq=seq,
+                status=status,
+                stage=stage,
+                progress=progress,
+                message=message,
+                source=source,
+                ts=ts,
+            )
+        )
+
+    # ------------------------------------------------------------------ clients
+
+    def agent_key(self, client_id: str) -> str | None:
+        """The enrolled agent's key (hex), or ``None``."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(clients.c.agent_key).where(clients.c.client_id == client_id)
+            ).scalar_one_or_none()
+
+    def enroll(self, client_id: str, agent_key: str) -> None:
+        """Record a newly enrolled agent.
+
+        :raises AlreadyEnrolled: the id is taken.
+        """
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    clients.insert().values(
+                        client_id=client_id,
+                        agent_key=agent_key,
+                        enrolled_at=time.time(),
+                        connected=False,
+                    )
+                )
+        except IntegrityError:
+            raise AlreadyEnrolled(client_id) from None
+
+    def set_connected(
+        self, client_id: str, *, remote: str, capabilities: dict[str, Any]
+    ) -> None:
+        """The agent connected to this server."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                clients.update()
+                .where(clients.c.client_id == client_id)
+                .values(
+                    connected=True,
+                    server_id=self.server_id,
+                    connected_since=now,
+                    last_seen=now,
+                    remote=remote,
+                    capabilities=capabilities,
+                )
+            )
+
+    def set_disconnected(self, client_id: str, *, last_seen: float) -> None:
+        """The agent's connection to this server ended."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                clients.update()
+                .where(clients.c.client_id == client_id, clients.c.server_id == self.server_id)
+                .values(connected=False, disconnected_since=time.time(), last_seen=last_seen)
+            )
+
+    def touch_clients(self, seen: dict[str, float]) -> None:
+        """Record last-seen times of connected agents (heartbeats), in one transaction."""
+        if not seen:
+            return
+        with self.engine.begin() as conn:
+            for client_id, ts in seen.items():
+                conn.execute(
+                    clients.update().where(clients.c.client_id == client_id).values(last_seen=ts)
+                )
+
+    def mark_all_disconnected(self) -> None:
+        """At start-up: this server holds no connections yet."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                clients.update()
+                .where(clients.c.server_id == self.server_id, clients.c.connected.is_(True))
+                .values(connected=False, disconnected_since=time.time())
+            )
+
+    def get_client(self, client_id: str) -> dict[str, Any] | None:
+        """One client, without its key."""
+        rows = self.list_clients([client_id])
+        return rows[0] if rows else None
+
+    def list_clients(self, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Known clients, without their keys, by id."""
+        cols = [c for c in clients.c if c.name != "agent_key"]
+        query = sa.select(*cols).order_by(clients.c.client_id)
+        if ids is not None:
+            query = query.where(clients.c.client_id.in_(list(ids)))
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query)]

@@ -1,0 +1,507 @@
+"""Agent end of the control channel: connect, authenticate, stay connected.
+
+:class:`AgentConnector` keeps one QUIC connection to the server, pinned to the server's
+own CA. It authenticates with the stored agent key, or enrolls with a join token and
+stores the key it is given; it sends heartbeats, and reconnects with full-jitter
+exponential back-off whenever the connection is lost or refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import re
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+
+from .certs import write_private_file
+from .envelope import (
+    ALPN_PROTOCOL,
+    CLIENT_ID_PATTERN,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Envelope,
+    FrameDecoder,
+    Kind,
+    ProtocolError,
+    encode,
+)
+from .server import MAX_DATA, MAX_DATAGRAM_SIZE, MAX_STREAM_DATA
+
+__all__ = ["AgentConnector", "CredentialStore", "FileCredentials", "HandshakeRefused"]
+
+logger = logging.getLogger(__name__)
+
+# A connection that lasted this long resets the back-off even if it never authenticated.
+_STABLE_AFTER = 10.0
+# How long a closing connection waits for the peer before the socket is released.
+_CLOSE_LINGER = 0.5
+# Heartbeats missed in a row before the connection counts as lost.
+_MISSED_HEARTBEATS = 3
+
+
+class CredentialStore(Protocol):
+    """Where an agent keeps its key and finds its join token."""
+
+    def load_key(self) -> bytes | None:
+        """Return the agent key, or ``None`` before enrollment."""
+        ...
+
+    def save_key(self, key: bytes) -> None:
+        """Store the key the server issued at enrollment."""
+        ...
+
+    def join_token(self) -> str | None:
+        """Return the join token to enroll with, or ``None`` when there is none."""
+        ...
+
+
+class FileCredentials:
+    """Credentials on disk: ``state_dir/agent.key`` (hex, mode 0600) and a join token file.
+
+    Both files are read on every call, so an operator can add a token without a restart.
+    """
+
+    def __init__(self, state_dir: Path, join_token_file: Path | None = None) -> None:
+        self.key_file = state_dir / "agent.key"
+        self.join_token_file = join_token_file
+
+    def load_key(self) -> bytes | None:
+        """Return the stored key, ``None`` when there is no key file.
+
+        :raises ValueError: when the key file does not hold a hex key.
+        """
+        try:
+            text = self.key_file.read_text(encoding="ascii", errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if not key:
+            raise ValueError(
+                f"{self.key_file} does not hold a hex agent key; delete it and give the "
+                "agent a join token to enroll again"
+            )
+        return key
+
+    def save_key(self, key: bytes) -> None:
+        """Write the key atomically with mode 0600."""
+        self.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private_file(self.key_file, key.hex().encode("ascii") + b"\n")
+
+    def join_token(self) -> str | None:
+        """Return the stripped contents of the join token file, ``None`` if absent or empty."""
+        if self.join_token_file is None:
+            return None
+        try:
+            token = self.join_token_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return token or None
+
+
+class HandshakeRefused(Exception):
+    """The server answered the handshake with ERROR; ``str(e)`` is its reason."""
+
+
+class _MissingCredentials(Exception):
+    """Neither a key nor a join token: no point in connecting."""
+
+
+class _ServerConnection(QuicConnectionProtocol):
+    """The agent's side of one QUIC connection: frames in, frames out, loss detection."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: QuicStreamHandler | None = None,
+        *,
+        max_bytes: int,
+    ) -> None:
+        super().__init__(quic, stream_handler)
+        self._decoder = FrameDecoder(max_bytes=max_bytes)
+        self._max_bytes = max_bytes
+        self._flush_scheduled = False
+        self.control_stream: int | None = None
+        self.inbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
+        self.last_frame_at = asyncio.get_running_loop().time()
+        #: Why the connection is gone; ``None`` while it is usable.
+        self.lost_reason: str | None = None
+
+    def open_control_stream(self) -> None:
+        self.control_stream = self._quic.get_next_available_stream_id()
+
+    def send(self, env: Envelope) -> None:
+        if self.lost_reason is not None or self.control_stream is None:
+            return
+        self._quic.send_stream_data(self.control_stream, encode(env, max_bytes=self._max_bytes))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.transmit()
+
+    def lose(self, reason: str) -> None:
+        """Give up on the connection: wake the reader and close."""
+        self._mark_lost(reason)
+        self.close(reason_phrase=reason[:300])
+
+    def _mark_lost(self, reason: str) -> None:
+        if self.lost_reason is None:
+            self.lost_reason = reason
+            self.inbox.put_nowait(None)
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived) and event.stream_id == self.control_stream:
+            self._control_data(event)
+        elif isinstance(event, StreamReset) and event.stream_id == self.control_stream:
+            self.lose("server reset the control stream")
+        elif isinstance(event, ConnectionTerminated):
+            reason = event.reason_phrase or f"QUIC error code {event.error_code:#x}"
+            self._mark_lost(f"connection closed: {reason}")
+
+    def _control_data(self, event: StreamDataReceived) -> None:
+        if self.lost_reason is not None:
+            return
+        try:
+            envelopes = self._decoder.feed(event.data)
+        except ProtocolError as exc:
+            self.lose(f"server sent a bad frame: {exc}")
+            return
+        self.last_frame_at = asyncio.get_running_loop().time()
+        for env in envelopes:
+            if env.kind is Kind.PING:
+                self.send(Envelope(kind=Kind.PONG, ref=env.id))
+            elif env.kind is not Kind.PONG:
+                self.inbox.put_nowait(env)
+        if event.end_stream:
+            self.lose("server closed the control stream")
+
+
+async def _close_quietly(transport: asyncio.BaseTransport, connection: _ServerConnection) -> None:
+    """Send CONNECTION_CLOSE, linger briefly for the peer, then release the socket."""
+    try:
+        connection.close()
+        await asyncio.wait_for(connection.wait_closed(), _CLOSE_LINGER)
+    except TimeoutError:
+        pass
+    finally:
+        transport.close()
+
+
+async def _guarded(what: str, call: Awaitable[None]) -> None:
+    """Await a user callback; its exceptions are logged, never passed on."""
+    try:
+        await call
+    except Exception:
+        logger.exception("%s callback failed", what)
+
+
+class AgentConnector:
+    """Keeps an agent connected to the server until :meth:`stop`.
+
+    ``on_message`` receives every envelope after the handshake except PONG, in order;
+    PINGs from the server are answered here. Use :meth:`send` to transmit; it returns
+    ``False`` while disconnected, so the caller keeps the message for later.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ca_file: Path,
+        client_id: str,
+        credentials: CredentialStore,
+        capabilities: Callable[[], dict[str, Any]],
+        on_message: Callable[[Envelope], Awaitable[None]],
+        on_connected: Callable[[], Awaitable[None]] | None = None,
+        on_disconnected: Callable[[], Awaitable[None]] | None = None,
+        heartbeat_interval: float = 5.0,
+        idle_timeout: float = 30.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        server_name: str = "localhost",
+    ) -> None:
+        if not re.match(CLIENT_ID_PATTERN, client_id):
+            raise ValueError(f"client_id must match {CLIENT_ID_PATTERN}, got {client_id!r}")
+        for name, value in [
+            ("heartbeat_interval", heartbeat_interval),
+            ("idle_timeout", idle_timeout),
+            ("backoff_initial", backoff_initial),
+            ("connect_timeout", connect_timeout),
+        ]:
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if backoff_max < backoff_initial:
+            raise ValueError(
+                f"backoff_max ({backoff_max}) must not be below backoff_initial ({backoff_initial})"
+            )
+        self._host = host
+        self._port = port
+        self._ca_file = ca_file
+        self._client_id = client_id
+        self._credentials = credentials
+        self._capabilities = capabilities
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._heartbeat_interval = heartbeat_interval
+        self._idle_timeout = idle_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._connect_timeout = connect_timeout
+        self._max_message_bytes = max_message_bytes
+        self._server_name = server_name
+        #: Why the last attempt or connection ended (the server's reason when refused).
+        self.last_error: str | None = None
+        self._connection: _ServerConnection | None = None
+        self._authenticated = False
+        self._connected = asyncio.Event()
+        self._stopping = False
+        self._stop_requested = asyncio.Event()
+        self._attempt: asyncio.Task[None] | None = None
+        self._running = False
+        self._finished = asyncio.Event()
+
+    # -- public API
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful handshake and the loss of that connection."""
+        connection = self._connection
+        return connection is not None and connection.lost_reason is None
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a connection; return whether there is one."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        return self.connected
+
+    def send(self, env: Envelope) -> bool:
+        """Send ``env`` now; ``False`` when not connected (nothing was sent).
+
+        :raises ProtocolError: when ``env`` is over the message size limit.
+        """
+        connection = self._connection
+        if connection is None or connection.lost_reason is not None:
+            return False
+        connection.send(env)
+        return True
+
+    async def stop(self) -> None:
+        """Close the connection, stop reconnecting, and wait for :meth:`run` to return."""
+        self._stopping = True
+        self._stop_requested.set()
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.cancel()
+            if attempt is asyncio.current_task():
+                return  # called from one of our own callbacks; run() ends after it
+        if self._running:
+            await self._finished.wait()
+
+    async def run(self) -> None:
+        """Stay connected until :meth:`stop`, reconnecting with back-off."""
+        if self._running:
+            raise RuntimeError("AgentConnector.run() is already running")
+        self._running = True
+        self._finished.clear()
+        loop = asyncio.get_running_loop()
+        failures = 0
+        try:
+            while not self._stopping:
+                started = loop.time()
+                self._authenticated = False
+                self._attempt = asyncio.create_task(self._connect_once())
+                try:
+                    await self._attempt
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if not self._stopping or (current is not None and current.cancelling()):
+                        raise
+                except (HandshakeRefused, _MissingCredentials) as exc:
+                    self.last_error = str(exc)
+                    logger.warning(
+                        "server %s:%d refused %s: %s", self._host, self._port, self._client_id, exc
+                    )
+                except Exception as exc:
+                    self.last_error = str(exc) or type(exc).__name__
+                    logger.info(
+                        "connection to %s:%d failed: %s", self._host, self._port, self.last_error
+                    )
+                if self._stopping:
+                    break
+                if self._authenticated or loop.time() - started > _STABLE_AFTER:
+                    failures = 0
+                ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failures, 32))
+                failures += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), random.uniform(0, ceiling))
+        finally:
+            if self._attempt is not None and not self._attempt.done():
+                self._attempt.cancel()
+                await asyncio.gather(self._attempt, return_exceptions=True)
+            self._attempt = None
+            self._running = False
+            self._finished.set()
+
+    # -- one connection
+
+    def _configuration(self) -> QuicConfiguration:
+        # Only the given CA is trusted: with cafile set, aioquic loads no other roots.
+        return QuicConfiguration(
+            is_client=True,
+            alpn_protocols=[ALPN_PROTOCOL],
+            cafile=str(self._ca_file),
+            verify_mode=ssl.CERT_REQUIRED,
+            server_name=self._server_name,
+            idle_timeout=self._idle_timeout,
+            max_data=MAX_DATA,
+            max_stream_data=MAX_STREAM_DATA,
+            max_datagram_size=MAX_DATAGRAM_SIZE,
+        )
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> _ServerConnection:
+        """Open a UDP socket and complete the QUIC/TLS handshake; ``stack`` closes both."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        quic = QuicConnection(configuration=self._configuration())
+        transport, connection = await loop.create_datagram_endpoint(
+            lambda: _ServerConnection(quic, max_bytes=self._max_message_bytes),
+            family=family,
+            local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0),
+        )
+        stack.push_async_callback(_close_quietly, transport, connection)
+        connection.connect(address)
+        try:
+            await connection.wait_connected()
+        except ConnectionError:
+            # aioquic raises a bare ConnectionError; the close reason says what failed.
+            raise ConnectionError(connection.lost_reason or "connection refused") from None
+        return connection
+
+    async def _connect_once(self) -> None:
+        """Connect, authenticate, and serve until the connection is lost (raises why)."""
+        if not self._ca_file.is_file():
+            raise ConnectionError(
+                f"CA file {self._ca_file} not found; copy the server's ca.pem there"
+            )
+        if self._credentials.load_key() is None and not self._credentials.join_token():
+            raise _MissingCredentials(
+                "no agent key stored and no join token configured; give the agent a join token"
+            )
+        where = f"{self._host}:{self._port}"
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    connection = await self._open(stack)
+                    await self._handshake(connection)
+            except TimeoutError:
+                raise ConnectionError(
+                    f"no answer from {where} within {self._connect_timeout:g} s"
+                ) from None
+            except ConnectionError as exc:
+                raise ConnectionError(f"cannot connect to {where}: {exc}") from None
+            await self._serve(connection)
+
+    async def _serve(self, connection: _ServerConnection) -> None:
+        self._authenticated = True
+        self._connection = connection
+        self._connected.set()
+        self.last_error = None
+        logger.info("connected to %s:%d as %s", self._host, self._port, self._client_id)
+        heartbeat = asyncio.create_task(self._heartbeat(connection))
+        try:
+            if self._on_connected is not None:
+                await _guarded("on_connected", self._on_connected())
+            while (env := await connection.inbox.get()) is not None:
+                await _guarded("on_message", self._on_message(env))
+            raise ConnectionError(connection.lost_reason or "connection lost")
+        finally:
+            heartbeat.cancel()
+            self._connection = None
+            self._connected.clear()
+            if self._on_disconnected is not None:
+                await _guarded("on_disconnected", self._on_disconnected())
+
+    async def _heartbeat(self, connection: _ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        limit = _MISSED_HEARTBEATS * self._heartbeat_interval
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            silent = loop.time() - connection.last_frame_at
+            if silent > limit:
+                connection.lose(f"no frame from the server for {silent:.1f} s")
+                return
+            connection.send(Envelope(kind=Kind.PING))
+
+    async def _handshake(self, connection: _ServerConnection) -> None:
+        connection.open_control_stream()
+        connection.send(
+            Envelope(
+                kind=Kind.HELLO,
+                payload={"client_id": self._client_id, "protocol": PROTOCOL_VERSION},
+            )
+        )
+        challenge = await self._expect(connection, Kind.CHALLENGE)
+        nonce_hex = challenge.payload.get("nonce")
+        try:
+            nonce = bytes.fromhex(nonce_hex) if isinstance(nonce_hex, str) else b""
+        except ValueError:
+            nonce = b""
+        if len(nonce) != 32:
+            raise ProtocolError("server's challenge has no 64-hex-digit nonce")
+
+        auth: dict[str, Any] = {"capabilities": self._capabilities()}
+        key = self._credentials.load_key()
+        token = self._credentials.join_token() if key is None else None
+        if key is not None:
+            mac = hmac.new(key, nonce + self._client_id.encode(), hashlib.sha256).hexdigest()
+            auth.update(method="key", mac=mac)
+        elif token:
+            auth.update(method="join", join_token=token)
+        else:
+            raise _MissingCredentials("no agent key stored and no join token configured")
+        connection.send(Envelope(kind=Kind.AUTH, payload=auth))
+
+        welcome = await self._expect(connection, Kind.WELCOME)
+        new_key = welcome.payload.get("agent_key")
+        if new_key is not None:
+            try:
+                key_bytes = bytes.fromhex(new_key) if isinstance(new_key, str) else b""
+            except ValueError:
+                key_bytes = b""
+            if not key_bytes:
+                raise ProtocolError("server's welcome has an agent_key that is not hex")
+            self._credentials.save_key(key_bytes)
+            logger.info("enrolled %s with the server; agent key saved", self._client_id)
+
+    async def _expect(self, connection: _ServerConnection, kind: Kind) -> Envelope:
+        env = await connection.inbox.get()
+        if env is None:
+            raise ConnectionError(connection.lost_reason or "connection lost during the handshake")
+        if env.kind is Kind.ERROR:
+            raise HandshakeRefused(str(env.payload.get("reason") or "no reason given"))
+        if env.kind is not kind:
+            raise ProtocolError(f"expected {kind.value} from the server, got {env.kind.value}")
+        return env

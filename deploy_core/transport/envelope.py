@@ -1,0 +1,179 @@
+"""The envelope: the one message shape on the control stream, and its framing.
+
+A frame is a 4-byte big-endian length followed by that many bytes of compact UTF-8
+JSON holding one :class:`Envelope`. Both ends refuse frames over a size limit before
+buffering them, and turn anything that is not a valid envelope into a
+:class:`ProtocolError` that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, Literal
+from uuid import uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ALPN_PROTOCOL",
+    "CLIENT_ID_PATTERN",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
+    "Envelope",
+    "FrameDecoder",
+    "Kind",
+    "ProtocolError",
+    "ack_for",
+    "encode",
+    "error_for",
+]
+
+#: TLS ALPN identifier; a peer that does not offer it is not a Deploy Center peer.
+ALPN_PROTOCOL = "deploy-center/1"
+#: Version of the handshake carried in HELLO's ``protocol`` field.
+PROTOCOL_VERSION = 1
+#: What an agent may call itself (checked by the server in HELLO).
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+_HEADER = struct.Struct(">I")
+
+
+class Kind(enum.StrEnum):
+    """What an envelope is for; ``ref`` links ACK, ERROR and PONG to the message answered."""
+
+    HELLO = "hello"
+    CHALLENGE = "challenge"
+    AUTH = "auth"
+    WELCOME = "welcome"
+    COMMAND = "command"
+    EVENT = "event"
+    ACK = "ack"
+    ERROR = "error"
+    PING = "ping"
+    PONG = "pong"
+
+
+class Envelope(BaseModel):
+    """One message on the control stream, in either direction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    id: str = Field(default_factory=lambda: uuid4().hex, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Kind
+    name: str = Field(default="", max_length=128, pattern=r"^[a-z0-9_.-]*$")
+    wait_ack: bool = False
+    need_callback: bool = False
+    callback_id: str | None = Field(default=None, max_length=64)
+    ref: str | None = Field(default=None, max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProtocolError(Exception):
+    """A frame or message broke the wire protocol; the text says how."""
+
+
+def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
+    """Frame ``env`` for the wire.
+
+    :param env: the envelope to send.
+    :param max_bytes: largest JSON body allowed (the 4-byte prefix is not counted).
+    :raises ProtocolError: when the encoded body is larger than ``max_bytes``.
+    """
+    body = env.model_dump_json().encode("utf-8")
+    if len(body) > max_bytes:
+        raise ProtocolError(
+            f"{env.kind.value} {env.name or env.id} encodes to {len(body)} bytes, over the "
+            f"{max_bytes}-byte message limit; send large data as a file, not in the payload"
+        )
+    return _HEADER.pack(len(body)) + body
+
+
+def _describe(error: ValidationError) -> str:
+    """Turn pydantic's report into one line that names each bad field."""
+    problems = []
+    for item in error.errors(include_url=False):
+        if item["type"] == "json_invalid":
+            return f"frame is not valid JSON: {item['msg']}"
+        if item["type"] == "model_type":
+            return "frame is not a JSON object"
+        where = ".".join(str(part) for part in item["loc"]) or "envelope"
+        problems.append(f"{where}: {item['msg']}")
+    return "invalid envelope: " + "; ".join(problems)
+
+
+def decode_body(body: bytes) -> Envelope:
+    """Parse one frame body (without its length prefix).
+
+    :raises ProtocolError: when the body is not JSON, not an object, or not a valid envelope.
+    """
+    try:
+        return Envelope.model_validate_json(body)
+    except ValidationError as exc:
+        raise ProtocolError(_describe(exc)) from None
+
+
+class FrameDecoder:
+    """Incremental decoder for one byte stream of frames.
+
+    After it has raised :class:`ProtocolError` the stream is out of sync, so every
+    later :meth:`feed` raises the same error.
+    """
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self._max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._failure: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> list[Envelope]:
+        """Add received bytes and return the envelopes they complete, in order.
+
+        :raises ProtocolError: on a declared length over the limit (checked as soon as
+            the prefix arrives, before the body is buffered) or on a bad body.
+        """
+        if self._failure is not None:
+            raise self._failure
+        self._buffer += data
+        envelopes: list[Envelope] = []
+        offset = 0
+        try:
+            while len(self._buffer) - offset >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(self._buffer, offset)
+                if length > self._max_bytes:
+                    raise ProtocolError(
+                        f"frame declares {length} bytes, over the {self._max_bytes}-byte "
+                        "message limit"
+                    )
+                end = offset + _HEADER.size + length
+                if len(self._buffer) < end:
+                    break
+                envelopes.append(decode_body(bytes(self._buffer[offset + _HEADER.size : end])))
+                offset = end
+        except ProtocolError as exc:
+            self._failure = exc
+            self._buffer.clear()
+            raise
+        del self._buffer[:offset]
+        return envelopes
+
+
+def ack_for(env: Envelope) -> Envelope:
+    """The ACK that confirms ``env`` was received."""
+    return Envelope(kind=Kind.ACK, ref=env.id, name=env.name)
+
+
+def error_for(env: Envelope | None, reason: str) -> Envelope:
+    """An ERROR answering ``env`` (or no message in particular when ``None``).
+
+    :param reason: what was wrong and, where possible, what to do; goes in ``payload.reason``.
+    """
+    return Envelope(
+        kind=Kind.ERROR,
+        ref=env.id if env is not None else None,
+        name=env.name if env is not None else "",
+        payload={"reason": reason},
+    )

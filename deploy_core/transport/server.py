@@ -1,0 +1,543 @@
+"""QUIC server end of the control channel.
+
+aioquic servers cannot verify client certificates, so an agent proves who it is inside
+the connection, on the first bidirectional stream it opens (the control stream)::
+
+    agent -> HELLO     {"client_id", "protocol": 1}
+    server -> CHALLENGE {"nonce": 64 hex chars}
+    agent -> AUTH      {"method": "key", "mac": hex HMAC-SHA256(key, nonce + client_id)}
+                       or {"method": "join", "join_token": ...}; plus "capabilities"
+    server -> WELCOME  {"client_id", "server_time"} (+ "agent_key" when just enrolled)
+              or ERROR {"reason"} and the connection closes
+
+Anything else before WELCOME, a malformed or oversize frame at any time, or a handshake
+slower than ``handshake_timeout`` gets an ERROR and a closed connection; other
+connections are not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
+from aioquic.asyncio.server import QuicServer as _QuicEndpoint
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+
+from .certs import ServerCerts
+from .envelope import (
+    ALPN_PROTOCOL,
+    CLIENT_ID_PATTERN,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Envelope,
+    FrameDecoder,
+    Kind,
+    ProtocolError,
+    encode,
+    error_for,
+)
+
+__all__ = [
+    "MAX_DATA",
+    "MAX_DATAGRAM_SIZE",
+    "MAX_STREAM_DATA",
+    "AgentAuthority",
+    "AgentSession",
+    "AuthError",
+    "QuicServer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Connection-wide and per-stream flow-control windows (both ends use the same).
+MAX_DATA = 16 << 20
+MAX_STREAM_DATA = 8 << 20
+#: Fits a 1500-byte Ethernet MTU with room for tunnels.
+MAX_DATAGRAM_SIZE = 1350
+
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+# How long to wait for the peer to acknowledge an ERROR before closing anyway.
+_ERROR_FLUSH_WAIT = 1.0
+# How long a replacing connection waits for on_disconnect of the one it replaces.
+_REPLACE_WAIT = 10.0
+# How long close() lets callbacks finish before cancelling them.
+_SHUTDOWN_WAIT = 5.0
+# Envelopes waiting for on_message; an agent that outruns the server this far is cut off.
+_MAX_PENDING = 10_000
+# QUIC puts the close reason in one packet; keep it well inside.
+_MAX_REASON_CHARS = 300
+
+
+class AuthError(Exception):
+    """An agent may not connect; ``str(e)`` is the reason sent to it in the ERROR."""
+
+
+class AgentAuthority(Protocol):
+    """Where the server looks up and creates agent keys."""
+
+    async def agent_key(self, client_id: str) -> bytes | None:
+        """Return the key of an enrolled agent.
+
+        :param client_id: the agent's id, already checked against the client id pattern.
+        :returns: the key, or ``None`` when the agent is not enrolled.
+        """
+        ...
+
+    async def enroll(self, client_id: str, join_token: str) -> bytes:
+        """Enroll an agent with a join token and return its fresh key.
+
+        :raises AuthError: when the token is refused; the text is sent to the agent.
+        """
+        ...
+
+
+class AgentSession:
+    """One authenticated agent connection, as seen by the server's callbacks."""
+
+    def __init__(
+        self,
+        connection: _AgentConnection,
+        client_id: str,
+        capabilities: dict[str, Any],
+        remote: tuple[str, int],
+    ) -> None:
+        self.client_id = client_id
+        self.capabilities = capabilities
+        self.remote = remote
+        self.connected_at = time.time()
+        #: time.time() of the last frame received from the agent.
+        self.last_seen = self.connected_at
+        self._connection = connection
+
+    def send(self, env: Envelope) -> None:
+        """Queue ``env`` on the control stream and transmit it; no-op once closed.
+
+        :raises ProtocolError: when ``env`` is over the message size limit.
+        """
+        self._connection.send(env)
+
+    def close(self, reason: str = "") -> None:
+        """Close the connection; ``reason`` travels in the QUIC close frame."""
+        self._connection.shutdown(reason or "closed by server")
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or gone."""
+        return self._connection.shut
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<AgentSession {self.client_id} {self.remote[0]}:{self.remote[1]} {state}>"
+
+
+async def _guarded(what: str, client_id: str, call: Awaitable[None]) -> None:
+    """Await a user callback; its exceptions are logged, never passed on."""
+    try:
+        await call
+    except Exception:
+        logger.exception("%s callback failed for client %s", what, client_id)
+
+
+class _AgentConnection(QuicConnectionProtocol):
+    """One QUIC connection: the handshake, then envelopes to and from the callbacks."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: QuicStreamHandler | None = None,
+        *,
+        server: QuicServer,
+    ) -> None:
+        super().__init__(quic, stream_handler)
+        self._server = server
+        self._decoder = FrameDecoder(max_bytes=server._max_message_bytes)
+        self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
+        self._control_stream: int | None = None
+        self._pre_auth_frames = 0
+        self._last_handshake_env: Envelope | None = None
+        self._session: AgentSession | None = None
+        self._flush_scheduled = False
+        self._linger: asyncio.Task[None] | None = None
+        self._disconnected = asyncio.Event()
+        self.shut = False
+        self.task = asyncio.create_task(self._serve())
+        self.task.add_done_callback(self._served)
+        server._connections.add(self)
+
+    # -- receiving (synchronous, in aioquic's datagram callback)
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        # The base class would copy stream data into StreamReaders; the frames are
+        # decoded here instead so that size limits apply before anything is buffered.
+        if isinstance(event, StreamDataReceived):
+            self._stream_data(event)
+        elif isinstance(event, StreamReset) and event.stream_id == self._control_stream:
+            self.shutdown("agent reset the control stream")
+        elif isinstance(event, ConnectionTerminated):
+            self._mark_shut()
+
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        if self.shut:
+            return
+        client_bidi = event.stream_id % 4 == 0
+        if self._control_stream is None and self._session is None and client_bidi:
+            self._control_stream = event.stream_id
+        if event.stream_id != self._control_stream:
+            if self._session is None:
+                self.refuse(
+                    None,
+                    f"data on stream {event.stream_id} before authentication; "
+                    "use only the control stream until WELCOME",
+                )
+            # After authentication other streams belong to file transfer, not to this class.
+            return
+        try:
+            envelopes = self._decoder.feed(event.data)
+        except ProtocolError as exc:
+            self.refuse(None, str(exc))
+            return
+        if self._session is not None:
+            self._session.last_seen = time.time()
+        for env in envelopes:
+            if self._session is None:
+                self._pre_auth_frames += 1
+                if self._pre_auth_frames > 2:
+                    self.refuse(env, f"{env.kind.value} sent before WELCOME; wait for it")
+                    return
+            elif env.kind is Kind.PING:
+                self.send(Envelope(kind=Kind.PONG, ref=env.id))
+                continue
+            elif self._inbox.qsize() >= _MAX_PENDING:
+                self.refuse(env, f"more than {_MAX_PENDING} messages waiting; slow down")
+                return
+            self._inbox.put_nowait(env)
+        if event.end_stream:
+            self.shutdown("agent closed the control stream")
+
+    # -- sending
+
+    def send(self, env: Envelope) -> None:
+        """Queue ``env`` on the control stream; transmitted at the next loop turn."""
+        if self.shut or self._control_stream is None:
+            return
+        self._quic.send_stream_data(
+            self._control_stream, encode(env, max_bytes=self._server._max_message_bytes)
+        )
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.transmit()
+
+    # -- closing
+
+    def refuse(self, env: Envelope | None, reason: str) -> None:
+        """Send ERROR(reason), stop reading, and close once the peer has had it."""
+        if self.shut:
+            return
+        who = self._session.client_id if self._session else self._peer()
+        logger.warning("closing connection from %s: %s", who, reason)
+        self.send(error_for(env, reason))
+        self.transmit()
+        self._mark_shut()
+        self._linger = asyncio.create_task(self._close_after_flush(reason))
+
+    async def _close_after_flush(self, reason: str) -> None:
+        # Closing at once would discard the ERROR still in flight; a PING's ack means
+        # the peer has received what was sent before it.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await asyncio.wait_for(self.ping(), _ERROR_FLUSH_WAIT)
+        self.close(reason_phrase=reason[:_MAX_REASON_CHARS])
+
+    def shutdown(self, reason: str) -> None:
+        """Close the connection now (idempotent)."""
+        if self._linger is not None:
+            self._linger.cancel()
+        self._mark_shut()
+        self.close(reason_phrase=reason[:_MAX_REASON_CHARS])
+
+    def _mark_shut(self) -> None:
+        if self.shut:
+            return
+        self.shut = True
+        self._inbox.put_nowait(None)  # wakes the serving task
+        if self._session is not None:
+            self._server._forget(self._session)
+
+    async def wait_disconnected(self, timeout: float) -> bool:
+        """Wait until this connection's on_disconnect (if any) has returned."""
+        try:
+            await asyncio.wait_for(self._disconnected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- the connection's life, one task per connection
+
+    async def _serve(self) -> None:
+        try:
+            session = await self._authenticate()
+            if session is None:
+                return
+            old = self._server._register(session)
+            if old is not None:
+                logger.info("client %s reconnected; closing its previous connection", old.client_id)
+                old.close("replaced by a newer connection from the same client")
+                if not await old._connection.wait_disconnected(_REPLACE_WAIT):
+                    logger.warning("on_disconnect for %s still running; connecting anyway", old)
+            await _guarded("on_connect", session.client_id, self._server._on_connect(session))
+            try:
+                while (env := await self._inbox.get()) is not None and not self.shut:
+                    await _guarded(
+                        "on_message", session.client_id, self._server._on_message(session, env)
+                    )
+            finally:
+                await _guarded(
+                    "on_disconnect", session.client_id, self._server._on_disconnect(session)
+                )
+        finally:
+            self._disconnected.set()
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._server._connections.discard(self)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("connection task for %s failed", self._peer(), exc_info=task.exception())
+
+    async def _authenticate(self) -> AgentSession | None:
+        deadline = asyncio.timeout(self._server._handshake_timeout)
+        try:
+            async with deadline:
+                return await self._handshake()
+        except AuthError as exc:
+            self.refuse(self._last_handshake_env, str(exc))
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self.refuse(
+                None, f"handshake did not complete within {self._server._handshake_timeout:g} s"
+            )
+        except Exception:
+            logger.exception("authenticating %s failed", self._peer())
+            self.refuse(
+                self._last_handshake_env, "internal error while authenticating; see the server log"
+            )
+        return None
+
+    async def _next_handshake_message(self) -> Envelope | None:
+        env = await self._inbox.get()
+        if env is None or self.shut:
+            return None
+        self._last_handshake_env = env
+        return env
+
+    async def _handshake(self) -> AgentSession | None:
+        hello = await self._next_handshake_message()
+        if hello is None:
+            return None
+        if hello.kind is not Kind.HELLO:
+            raise AuthError(f"expected hello as the first message, got {hello.kind.value}")
+        client_id = hello.payload.get("client_id")
+        if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id):
+            raise AuthError(
+                f"hello.payload.client_id must match {CLIENT_ID_PATTERN}, got {client_id!r:.80}"
+            )
+        protocol = hello.payload.get("protocol")
+        if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
+            raise AuthError(
+                f"unsupported protocol {protocol!r:.20}; this server speaks {PROTOCOL_VERSION}"
+            )
+        nonce = secrets.token_bytes(32)
+        self.send(Envelope(kind=Kind.CHALLENGE, ref=hello.id, payload={"nonce": nonce.hex()}))
+
+        auth = await self._next_handshake_message()
+        if auth is None:
+            return None
+        if auth.kind is not Kind.AUTH:
+            raise AuthError(f"expected auth after challenge, got {auth.kind.value}")
+        capabilities = auth.payload.get("capabilities", {})
+        if not isinstance(capabilities, dict):
+            raise AuthError("auth.payload.capabilities must be an object")
+        method = auth.payload.get("method")
+        new_key: bytes | None = None
+        if method == "key":
+            await self._check_mac(client_id, nonce, auth.payload.get("mac"))
+        elif method == "join":
+            token = auth.payload.get("join_token")
+            if not isinstance(token, str) or not token:
+                raise AuthError("auth.payload.join_token must be a non-empty string")
+            new_key = await self._server._authority.enroll(client_id, token)
+            logger.info("client %s enrolled with a join token", client_id)
+        else:
+            raise AuthError(f"auth.payload.method must be 'key' or 'join', got {method!r:.20}")
+        if self.shut:
+            return None
+
+        session = AgentSession(self, client_id, capabilities, self._peer_address())
+        self._session = session
+        welcome: dict[str, Any] = {"client_id": client_id, "server_time": time.time()}
+        if new_key is not None:
+            welcome["agent_key"] = new_key.hex()
+        self.send(Envelope(kind=Kind.WELCOME, ref=auth.id, payload=welcome))
+        return session
+
+    async def _check_mac(self, client_id: str, nonce: bytes, mac: object) -> None:
+        key = await self._server._authority.agent_key(client_id)
+        if key is None:
+            raise AuthError(
+                f"client {client_id} is not enrolled; start the agent with a join token"
+            )
+        try:
+            given = bytes.fromhex(mac) if isinstance(mac, str) else None
+        except ValueError:
+            given = None
+        if given is None:
+            raise AuthError("auth.payload.mac must be a hex string")
+        expected = hmac.new(key, nonce + client_id.encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, given):
+            raise AuthError(
+                f"wrong agent key for client {client_id}; delete the agent's agent.key and "
+                "enroll it again with a join token"
+            )
+
+    def _peer_address(self) -> tuple[str, int]:
+        addr = self._quic.get_peer_address()
+        return (str(addr[0]), int(addr[1])) if addr else ("", 0)
+
+    def _peer(self) -> str:
+        host, port = self._peer_address()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class QuicServer:
+    """Accepts agent connections, authenticates them, and hands envelopes to callbacks.
+
+    Callbacks receive only authenticated sessions. For one connection, ``on_connect``,
+    every ``on_message`` and ``on_disconnect`` run one after another in arrival order;
+    ``on_disconnect`` runs exactly once for each session whose ``on_connect`` ran,
+    whether the agent left, went silent past ``idle_timeout``, was replaced by a newer
+    connection with the same client id (its ``on_disconnect`` runs before the newer
+    ``on_connect``), or the server closed.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        certs: ServerCerts,
+        authority: AgentAuthority,
+        on_connect: Callable[[AgentSession], Awaitable[None]],
+        on_message: Callable[[AgentSession, Envelope], Awaitable[None]],
+        on_disconnect: Callable[[AgentSession], Awaitable[None]],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        idle_timeout: float = 30.0,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        if max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        if idle_timeout <= 0 or handshake_timeout <= 0:
+            raise ValueError(
+                f"idle_timeout and handshake_timeout must be positive, got "
+                f"{idle_timeout} and {handshake_timeout}"
+            )
+        self._host = host
+        self._certs = certs
+        self._authority = authority
+        self._on_connect = on_connect
+        self._on_message = on_message
+        self._on_disconnect = on_disconnect
+        self._max_message_bytes = max_message_bytes
+        self._idle_timeout = idle_timeout
+        self._handshake_timeout = handshake_timeout
+        self._requested_port = port
+        self._sessions: dict[str, AgentSession] = {}
+        #: Authenticated sessions by client id (a live, read-only view).
+        self.sessions: Mapping[str, AgentSession] = MappingProxyType(self._sessions)
+        #: Every live connection, authenticated or not.
+        self._connections: set[_AgentConnection] = set()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._endpoint: _QuicEndpoint | None = None
+
+    def _configuration(self) -> QuicConfiguration:
+        configuration = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=[ALPN_PROTOCOL],
+            idle_timeout=self._idle_timeout,
+            max_data=MAX_DATA,
+            max_stream_data=MAX_STREAM_DATA,
+            max_datagram_size=MAX_DATAGRAM_SIZE,
+        )
+        configuration.load_cert_chain(self._certs.cert, self._certs.key)
+        return configuration
+
+    async def start(self) -> None:
+        """Bind the UDP port and start accepting connections."""
+        if self._endpoint is not None:
+            raise RuntimeError("QuicServer.start() called twice")
+        configuration = self._configuration()
+        # No session ticket handler: no resumption, so no 0-RTT data is ever accepted.
+        transport, endpoint = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _QuicEndpoint(
+                configuration=configuration,
+                create_protocol=functools.partial(_AgentConnection, server=self),
+            ),
+            local_addr=(self._host, self._requested_port),
+        )
+        self._transport = transport
+        self._endpoint = endpoint
+        logger.info("QUIC server listening on %s:%d", self._host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound UDP port (useful when constructed with ``port=0``)."""
+        if self._transport is None:
+            raise RuntimeError("QuicServer is not started")
+        return int(self._transport.get_extra_info("sockname")[1])
+
+    def session(self, client_id: str) -> AgentSession | None:
+        """The connected session of ``client_id``, or ``None``."""
+        return self._sessions.get(client_id)
+
+    def _register(self, session: AgentSession) -> AgentSession | None:
+        """Make ``session`` the current one for its client id; return the one it replaces."""
+        old = self._sessions.get(session.client_id)
+        self._sessions[session.client_id] = session
+        return old
+
+    def _forget(self, session: AgentSession) -> None:
+        """Drop ``session`` from :attr:`sessions` unless a newer one took its place."""
+        if self._sessions.get(session.client_id) is session:
+            del self._sessions[session.client_id]
+
+    async def close(self) -> None:
+        """Close every connection and the endpoint; wait for on_disconnect callbacks."""
+        if self._endpoint is None:
+            return
+        connections = list(self._connections)
+        for connection in connections:
+            connection.shutdown("server shutting down")
+        self._endpoint.close()
+        self._endpoint = None
+        self._transport = None
+        tasks = [connection.task for connection in connections]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=_SHUTDOWN_WAIT)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""Deploy Center plugin: ``deploy.shell`` runs a script on the target host."""

@@ -1,0 +1,45 @@
+"""``script``: undo a deployment by running a separate rollback script given with it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from deploy_core.agent.context import DeployContext
+from deploy_core.registry import RollbackParams, RollbackState, RollbackStrategy
+from pydantic import Field
+
+from rollback_basic.runner import AbsoluteDir, ScriptEnv, ScriptText, run_rollback_script
+
+
+class ScriptParams(RollbackParams):
+    """Options of the ``script`` strategy.
+
+    ``workdir`` unset runs the script in the agent's own working directory.
+    """
+
+    strategy: Literal["script"] = "script"
+    script: ScriptText = Field(description="the rollback script (at most 100 KB)")
+    workdir: AbsoluteDir = Field(None, description="absolute directory to run the script in")
+    env: ScriptEnv = Field(default_factory=dict, description="extra environment variables")
+
+
+async def rollback_script(
+    ctx: DeployContext, params: ScriptParams, state: RollbackState | None
+) -> None:
+    """Run ``params.script`` with ``params.env`` plus the ``DEPLOY_*`` rollback variables."""
+    await run_rollback_script(
+        ctx,
+        params.script,
+        timeout=params.timeout,
+        cwd=params.workdir,
+        env=params.env,
+        name="rollback",
+    )
+
+
+SCRIPT = RollbackStrategy(
+    name="script",
+    params=ScriptParams,
+    rollback=rollback_script,
+    description="run a separate rollback script given with the deployment",
+)

@@ -1,0 +1,674 @@
+"""Server and agent over real QUIC on 127.0.0.1: handshake, messages, failures, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import ssl
+import stat
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
+from cryptography import x509
+
+from deploy_core.transport import (
+    ALPN_PROTOCOL,
+    AgentConnector,
+    AgentSession,
+    AuthError,
+    Envelope,
+    FileCredentials,
+    FrameDecoder,
+    Kind,
+    QuicServer,
+    ServerCerts,
+    encode,
+    ensure_server_certs,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+class MemoryAuthority:
+    """AgentAuthority keeping keys in a dict; one valid join token."""
+
+    def __init__(self, join_token: str = "join-secret") -> None:
+        self.join_token = join_token
+        self.keys: dict[str, bytes] = {}
+        self.enrolled: list[str] = []
+
+    async def agent_key(self, client_id: str) -> bytes | None:
+        return self.keys.get(client_id)
+
+    async def enroll(self, client_id: str, join_token: str) -> bytes:
+        if join_token != self.join_token:
+            raise AuthError("join token rejected; ask the operator for a fresh one")
+        key = secrets.token_bytes(32)
+        self.keys[client_id] = key
+        self.enrolled.append(client_id)
+        return key
+
+
+class MemoryCredentials:
+    """CredentialStore in memory."""
+
+    def __init__(self, key: bytes | None = None, token: str | None = None) -> None:
+        self.key = key
+        self.token = token
+
+    def load_key(self) -> bytes | None:
+        return self.key
+
+    def save_key(self, key: bytes) -> None:
+        self.key = key
+
+    def join_token(self) -> str | None:
+        return self.token
+
+
+class Recorder:
+    """Server callbacks that record (what, session, envelope) in call order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, AgentSession, Envelope | None]] = []
+        self.fail_next_message = False
+
+    async def on_connect(self, session: AgentSession) -> None:
+        self.log.append(("connect", session, None))
+
+    async def on_message(self, session: AgentSession, env: Envelope) -> None:
+        self.log.append(("message", session, env))
+        if self.fail_next_message:
+            self.fail_next_message = False
+            raise RuntimeError("callback bug")
+
+    async def on_disconnect(self, session: AgentSession) -> None:
+        self.log.append(("disconnect", session, None))
+
+    def sessions(self, what: str) -> list[AgentSession]:
+        return [session for kind, session, _ in self.log if kind == what]
+
+    def messages(self) -> list[Envelope]:
+        return [env for kind, _, env in self.log if kind == "message" and env is not None]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+class RawClient(QuicConnectionProtocol):
+    """A bare aioquic client that speaks the framing but follows no rules."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoder = FrameDecoder()
+        self.received: asyncio.Queue[Envelope] = asyncio.Queue()
+        self.stream_id: int | None = None
+        self.terminated: ConnectionTerminated | None = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            for env in self.decoder.feed(event.data):
+                self.received.put_nowait(env)
+        elif isinstance(event, ConnectionTerminated):
+            self.terminated = event
+
+    def send_raw(self, data: bytes) -> None:
+        if self.stream_id is None:
+            self.stream_id = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(self.stream_id, data)
+        self.transmit()
+
+    def send_env(self, env: Envelope) -> None:
+        self.send_raw(encode(env))
+
+    async def recv(self, timeout: float = 3.0) -> Envelope:
+        return await asyncio.wait_for(self.received.get(), timeout)
+
+    async def authenticate(self, client_id: str, key: bytes) -> Envelope:
+        self.send_env(Envelope(kind=Kind.HELLO, payload={"client_id": client_id, "protocol": 1}))
+        challenge = await self.recv()
+        assert challenge.kind is Kind.CHALLENGE
+        nonce = bytes.fromhex(challenge.payload["nonce"])
+        mac = hmac.new(key, nonce + client_id.encode(), hashlib.sha256).hexdigest()
+        self.send_env(Envelope(kind=Kind.AUTH, payload={"method": "key", "mac": mac}))
+        return await self.recv()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> ServerCerts:
+    return ensure_server_certs(tmp_path / "server")
+
+
+@pytest.fixture
+def authority() -> MemoryAuthority:
+    return MemoryAuthority()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+StartServer = Callable[..., Awaitable[QuicServer]]
+StartConnector = Callable[..., AgentConnector]
+
+
+@pytest_asyncio.fixture
+async def start_server(
+    certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
+) -> AsyncIterator[StartServer]:
+    servers: list[QuicServer] = []
+
+    async def start(**overrides: Any) -> QuicServer:
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "certs": certs,
+            "authority": authority,
+            "on_connect": recorder.on_connect,
+            "on_message": recorder.on_message,
+            "on_disconnect": recorder.on_disconnect,
+            "idle_timeout": 5.0,
+            "handshake_timeout": 2.0,
+        }
+        server = QuicServer(**(options | overrides))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await asyncio.wait_for(server.close(), 10)
+
+
+@pytest_asyncio.fixture
+async def start_connector(certs: ServerCerts) -> AsyncIterator[StartConnector]:
+    running: list[tuple[AgentConnector, asyncio.Task[None]]] = []
+
+    def start(server: QuicServer, credentials: Any, **overrides: Any) -> AgentConnector:
+        received: list[Envelope] = []
+
+        async def on_message(env: Envelope) -> None:
+            received.append(env)
+
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "ca_file": certs.ca_cert,
+            "client_id": "web-1",
+            "credentials": credentials,
+            "capabilities": lambda: {"os": "linux", "plugins": ["shell"]},
+            "on_message": on_message,
+            "heartbeat_interval": 0.2,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.3,
+            "connect_timeout": 1.5,
+        }
+        connector = AgentConnector(**(options | overrides))
+        connector.received = received  # type: ignore[attr-defined]
+        running.append((connector, asyncio.create_task(connector.run())))
+        return connector
+
+    yield start
+    for connector, task in running:
+        await asyncio.wait_for(connector.stop(), 10)
+        assert task.done()
+
+
+@contextlib.asynccontextmanager
+async def raw_client(server: QuicServer, certs: ServerCerts) -> AsyncIterator[RawClient]:
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN_PROTOCOL],
+        cafile=str(certs.ca_cert),
+        verify_mode=ssl.CERT_REQUIRED,
+        server_name="localhost",
+    )
+    async with asyncio.timeout(5):
+        async with connect(
+            "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
+        ) as client:
+            assert isinstance(client, RawClient)
+            yield client
+
+
+def received(connector: AgentConnector) -> list[Envelope]:
+    return connector.received  # type: ignore[attr-defined,no-any-return]
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+@pytest.mark.asyncio
+async def test_join_token_enrolls_and_the_saved_key_authenticates_next_time(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_connector: StartConnector,
+    authority: MemoryAuthority,
+    recorder: Recorder,
+) -> None:
+    server = await start_server()
+    token_file = tmp_path / "join-token"
+    token_file.write_text("  join-secret\n")
+    state = tmp_path / "agent"
+
+    first = start_connector(server, FileCredentials(state, token_file))
+    assert await first.wait_connected(5)
+    key_file = state / "agent.key"
+    assert bytes.fromhex(key_file.read_text()) == authority.keys["web-1"]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    await eventually(lambda: len(recorder.sessions("connect")) == 1)
+    session = recorder.sessions("connect")[0]
+    assert session.client_id == "web-1"
+    assert session.capabilities == {"os": "linux", "plugins": ["shell"]}
+    assert session.remote[0] == "127.0.0.1"
+    assert server.session("web-1") is session
+
+    await asyncio.wait_for(first.stop(), 5)
+    await eventually(lambda: recorder.sessions("disconnect") == [session])
+    assert server.session("web-1") is None
+
+    token_file.unlink()  # the key alone must do now
+    second = start_connector(server, FileCredentials(state))
+    assert await second.wait_connected(5)
+    assert authority.enrolled == ["web-1"]
+    await eventually(lambda: len(recorder.sessions("connect")) == 2)
+
+
+@pytest.mark.asyncio
+async def test_wrong_join_token_is_refused_with_the_servers_reason(
+    start_server: StartServer, start_connector: StartConnector, recorder: Recorder
+) -> None:
+    server = await start_server()
+    connector = start_connector(server, MemoryCredentials(token="guessed"))
+    await eventually(lambda: connector.last_error is not None)
+    assert "join token rejected" in (connector.last_error or "")
+    assert not connector.connected
+    await asyncio.sleep(0.3)  # it retries with back-off; none of it may get through
+    assert recorder.log == []
+    assert dict(server.sessions) == {}
+
+
+@pytest.mark.asyncio
+async def test_wrong_key_is_refused(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    authority: MemoryAuthority,
+    recorder: Recorder,
+) -> None:
+    server = await start_server()
+    authority.keys["web-1"] = secrets.token_bytes(32)
+    connector = start_connector(server, MemoryCredentials(key=secrets.token_bytes(32)))
+    await eventually(lambda: connector.last_error is not None)
+    assert "wrong agent key for client web-1" in (connector.last_error or "")
+    assert not connector.connected
+    assert recorder.log == []
+
+
+@pytest.mark.asyncio
+async def test_unknown_agent_with_a_key_is_told_to_enroll(
+    start_server: StartServer, start_connector: StartConnector
+) -> None:
+    server = await start_server()
+    connector = start_connector(server, MemoryCredentials(key=b"k" * 32))
+    await eventually(lambda: connector.last_error is not None)
+    assert "not enrolled" in (connector.last_error or "")
+
+
+@pytest.mark.asyncio
+async def test_agent_trusts_only_the_pinned_ca(
+    tmp_path: Path, start_server: StartServer, start_connector: StartConnector, recorder: Recorder
+) -> None:
+    server = await start_server()
+    other_ca = ensure_server_certs(tmp_path / "other").ca_cert
+    connector = start_connector(server, MemoryCredentials(token="join-secret"), ca_file=other_ca)
+    await eventually(lambda: connector.last_error is not None)
+    assert not connector.connected
+    assert recorder.log == []
+
+
+@pytest.mark.asyncio
+async def test_message_before_auth_gets_error_and_close_while_agents_keep_working(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    certs: ServerCerts,
+    recorder: Recorder,
+) -> None:
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+
+    async with raw_client(server, certs) as raw:
+        raw.send_env(Envelope(kind=Kind.EVENT, name="deploy.done"))
+        error = await raw.recv()
+        assert error.kind is Kind.ERROR
+        assert "expected hello as the first message, got event" in error.payload["reason"]
+        await eventually(lambda: raw.terminated is not None)
+
+    assert agent.send(Envelope(kind=Kind.EVENT, name="still.here"))
+    await eventually(lambda: [env.name for env in recorder.messages()] == ["still.here"])
+    assert len(recorder.sessions("connect")) == 1
+
+
+@pytest.mark.asyncio
+async def test_extra_message_during_the_handshake_is_refused(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
+) -> None:
+    server = await start_server()
+    authority.keys["raw-1"] = b"k" * 32
+    async with raw_client(server, certs) as raw:
+        raw.send_env(Envelope(kind=Kind.HELLO, payload={"client_id": "raw-1", "protocol": 1}))
+        challenge = await raw.recv()
+        nonce = bytes.fromhex(challenge.payload["nonce"])
+        mac = hmac.new(b"k" * 32, nonce + b"raw-1", hashlib.sha256).hexdigest()
+        auth = Envelope(kind=Kind.AUTH, payload={"method": "key", "mac": mac})
+        # In one write, so the event is on the wire before the server could answer.
+        raw.send_raw(encode(auth) + encode(Envelope(kind=Kind.EVENT, name="too.early")))
+        error = await raw.recv()
+        assert error.kind is Kind.ERROR
+        assert "before WELCOME" in error.payload["reason"]
+        await eventually(lambda: raw.terminated is not None)
+    assert recorder.log == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({"client_id": "../etc", "protocol": 1}, "client_id must match"),
+        ({"client_id": "web-1", "protocol": 2}, "unsupported protocol 2"),
+        ({"protocol": 1}, "client_id must match"),
+    ],
+)
+async def test_bad_hello_is_refused(
+    start_server: StartServer,
+    certs: ServerCerts,
+    recorder: Recorder,
+    payload: dict[str, Any],
+    reason: str,
+) -> None:
+    server = await start_server()
+    async with raw_client(server, certs) as raw:
+        raw.send_env(Envelope(kind=Kind.HELLO, payload=payload))
+        error = await raw.recv()
+        assert error.kind is Kind.ERROR
+        assert reason in error.payload["reason"]
+        await eventually(lambda: raw.terminated is not None)
+    assert recorder.log == []
+
+
+@pytest.mark.asyncio
+async def test_slow_handshake_is_cut_off(start_server: StartServer, certs: ServerCerts) -> None:
+    server = await start_server(handshake_timeout=0.3)
+    async with raw_client(server, certs) as raw:
+        raw.send_env(Envelope(kind=Kind.HELLO, payload={"client_id": "slow", "protocol": 1}))
+        assert (await raw.recv()).kind is Kind.CHALLENGE
+        error = await raw.recv()  # and then never answer
+        assert error.payload["reason"] == "handshake did not complete within 0.3 s"
+        await eventually(lambda: raw.terminated is not None)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@pytest.mark.asyncio
+async def test_commands_reach_the_agent_and_events_reach_the_server(
+    start_server: StartServer, start_connector: StartConnector, recorder: Recorder
+) -> None:
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: server.session("web-1") is not None)
+    session = server.session("web-1")
+    assert session is not None
+
+    command = Envelope(
+        kind=Kind.COMMAND, name="deploy.start", wait_ack=True, payload={"deploy_id": "d1"}
+    )
+    session.send(command)
+    await eventually(lambda: received(agent) == [command])
+
+    events = [
+        Envelope(kind=Kind.EVENT, name="deploy.progress", payload={"i": i}) for i in range(20)
+    ]
+    for event in events:
+        assert agent.send(event)
+    await eventually(lambda: recorder.messages() == events)
+    assert all(s is session for kind, s, _ in recorder.log if kind == "message")
+
+    # Heartbeats flow both ways but neither side's callback sees them.
+    seen = session.last_seen
+    await asyncio.sleep(0.5)
+    assert session.last_seen > seen
+    assert recorder.messages() == events
+    assert received(agent) == [command]
+
+
+@pytest.mark.asyncio
+async def test_a_failing_callback_does_not_break_the_connection(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    recorder.fail_next_message = True
+    with caplog.at_level(logging.ERROR, logger="deploy_core.transport.server"):
+        agent.send(Envelope(kind=Kind.EVENT, name="first"))
+        agent.send(Envelope(kind=Kind.EVENT, name="second"))
+        await eventually(lambda: len(recorder.messages()) == 2)
+    assert "on_message callback failed for client web-1" in caplog.text
+    assert agent.connected
+    assert recorder.sessions("disconnect") == []
+
+
+@pytest.mark.asyncio
+async def test_oversize_frame_closes_only_that_connection(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    certs: ServerCerts,
+    authority: MemoryAuthority,
+    recorder: Recorder,
+) -> None:
+    server = await start_server(max_message_bytes=4096)
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    authority.keys["raw-1"] = key = secrets.token_bytes(32)
+
+    async with raw_client(server, certs) as raw:
+        welcome = await raw.authenticate("raw-1", key)
+        assert welcome.kind is Kind.WELCOME and "agent_key" not in welcome.payload
+        await eventually(lambda: server.session("raw-1") is not None)
+        raw.send_raw(struct.pack(">I", 10_000) + b"{")
+        error = await raw.recv()
+        assert error.kind is Kind.ERROR
+        assert "10000 bytes, over the 4096-byte message limit" in error.payload["reason"]
+        await eventually(lambda: raw.terminated is not None)
+
+    await eventually(lambda: [s.client_id for s in recorder.sessions("disconnect")] == ["raw-1"])
+    assert server.session("raw-1") is None
+    assert agent.send(Envelope(kind=Kind.EVENT, name="unaffected"))
+    await eventually(lambda: [env.name for env in recorder.messages()] == ["unaffected"])
+
+
+# --------------------------------------------------------------------------- connection life
+
+
+@pytest.mark.asyncio
+async def test_agent_reconnects_after_server_restart(
+    start_server: StartServer, start_connector: StartConnector, recorder: Recorder
+) -> None:
+    first = await start_server()
+    port = first.port
+    agent = start_connector(first, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: len(recorder.sessions("connect")) == 1)
+
+    await asyncio.wait_for(first.close(), 5)
+    assert len(recorder.sessions("disconnect")) == 1
+    await eventually(lambda: not agent.connected)
+    assert agent.last_error is not None and "server shutting down" in agent.last_error
+
+    second = await start_server(port=port)
+    assert await agent.wait_connected(8)
+    await eventually(lambda: second.session("web-1") is not None)
+    assert len(recorder.sessions("connect")) == 2
+    assert len(recorder.sessions("disconnect")) == 1
+
+
+@pytest.mark.asyncio
+async def test_second_connection_for_a_client_replaces_the_first(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
+) -> None:
+    server = await start_server()
+    authority.keys["web-1"] = key = secrets.token_bytes(32)
+    async with raw_client(server, certs) as old, raw_client(server, certs) as new:
+        assert (await old.authenticate("web-1", key)).kind is Kind.WELCOME
+        await eventually(lambda: len(recorder.sessions("connect")) == 1)
+        assert (await new.authenticate("web-1", key)).kind is Kind.WELCOME
+        await eventually(lambda: old.terminated is not None)
+        await eventually(lambda: len(recorder.sessions("connect")) == 2)
+        first, second = recorder.sessions("connect")
+        assert first.closed and not second.closed
+        assert server.session("web-1") is second
+        assert [(what, s) for what, s, _ in recorder.log] == [
+            ("connect", first),
+            ("disconnect", first),
+            ("connect", second),
+        ]
+        assert "replaced by a newer connection" in old.terminated.reason_phrase
+    await eventually(lambda: recorder.sessions("disconnect") == [first, second])
+
+
+@pytest.mark.asyncio
+async def test_idle_agent_is_disconnected_exactly_once(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
+) -> None:
+    server = await start_server(idle_timeout=0.5)
+    authority.keys["quiet"] = key = secrets.token_bytes(32)
+    async with raw_client(server, certs) as raw:
+        assert (await raw.authenticate("quiet", key)).kind is Kind.WELCOME
+        await eventually(lambda: len(recorder.sessions("disconnect")) == 1, timeout=4)
+        assert server.session("quiet") is None
+        await asyncio.sleep(0.3)
+    assert len(recorder.sessions("disconnect")) == 1
+    assert len(recorder.sessions("connect")) == 1
+
+
+@pytest.mark.asyncio
+async def test_server_close_disconnects_every_session_once(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
+) -> None:
+    server = await start_server()
+    keys = {name: secrets.token_bytes(32) for name in ("a", "b")}
+    authority.keys.update(keys)
+    async with raw_client(server, certs) as a, raw_client(server, certs) as b:
+        for client, name in ((a, "a"), (b, "b")):
+            assert (await client.authenticate(name, keys[name])).kind is Kind.WELCOME
+        await eventually(lambda: len(recorder.sessions("connect")) == 2)
+        await asyncio.wait_for(server.close(), 5)
+        assert sorted(s.client_id for s in recorder.sessions("disconnect")) == ["a", "b"]
+        await eventually(lambda: a.terminated is not None and b.terminated is not None)
+        await asyncio.wait_for(server.close(), 5)  # a second close is harmless
+    assert len(recorder.sessions("disconnect")) == 2
+    assert dict(server.sessions) == {}
+
+
+# --------------------------------------------------------------------------- files on disk
+
+
+def test_server_certs_are_created_private_and_reused(tmp_path: Path) -> None:
+    certs = ensure_server_certs(tmp_path / "state")
+    for path in (certs.ca_key, certs.cert, certs.key):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(certs.ca_cert.stat().st_mode) in (0o600, 0o644)
+    cert = x509.load_pem_x509_certificate(certs.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.issuer == ca.subject
+
+    before = {path: path.read_bytes() for path in (certs.ca_cert, certs.ca_key, certs.cert)}
+    again = ensure_server_certs(tmp_path / "state")
+    assert again == certs
+    assert {path: path.read_bytes() for path in before} == before
+
+
+def test_new_hostname_reissues_the_server_cert_under_the_same_ca(tmp_path: Path) -> None:
+    certs = ensure_server_certs(tmp_path)
+    ca_before = certs.ca_cert.read_bytes()
+    cert_before = certs.cert.read_bytes()
+    ensure_server_certs(tmp_path, hostnames=["deploy.example.org", "10.0.0.5"])
+    assert certs.ca_cert.read_bytes() == ca_before
+    assert certs.cert.read_bytes() != cert_before
+    cert = x509.load_pem_x509_certificate(certs.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["deploy.example.org"]
+
+
+def test_missing_ca_key_is_explained(tmp_path: Path) -> None:
+    certs = ensure_server_certs(tmp_path)
+    certs.ca_key.unlink()
+    certs.cert.unlink()
+    with pytest.raises(ValueError, match=r"ca\.key is missing"):
+        ensure_server_certs(tmp_path)
+
+
+def test_file_credentials(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    credentials = FileCredentials(tmp_path / "agent", token_file)
+    assert credentials.load_key() is None
+    assert credentials.join_token() is None
+    token_file.write_text("\n")
+    assert credentials.join_token() is None
+    token_file.write_text(" abc \n")
+    assert credentials.join_token() == "abc"
+    credentials.save_key(b"\x01\x02")
+    assert credentials.load_key() == b"\x01\x02"
+    assert stat.S_IMODE(credentials.key_file.stat().st_mode) == 0o600
+    assert list((tmp_path / "agent").iterdir()) == [credentials.key_file]  # no temp files left
+    credentials.key_file.write_text("not hex")
+    with pytest.raises(ValueError, match="does not hold a hex agent key"):
+        credentials.load_key()
+
+
+def test_connector_rejects_a_bad_client_id(certs: ServerCerts) -> None:
+    async def ignore(env: Envelope) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="client_id must match"):
+        AgentConnector(
+            host="127.0.0.1",
+            port=1,
+            ca_file=certs.ca_cert,
+            client_id="bad id",
+            credentials=MemoryCredentials(),
+            capabilities=dict,
+            on_message=ignore,
+        )
