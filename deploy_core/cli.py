@@ -528,3 +528,7 @@ def db_upgrade(db_url: str | None, state_dir: Path) -> None:
     finally:
         engine.dispose()
     click.echo(f"schema {before or 'empty'} -> {after}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-WIRE_VERSION = 1
+WIRE_VERSION: Final = 1
 
 # Event and command names the core itself owns.  Deploy command types (``deploy.shell`` …)
 # are not listed here: they come from plugins (SPEC deploy-01).

@@ -78,3 +78,183 @@ def deploy_context(
         return make_context(tmp_path / "agent-data", **kwargs)
 
     yield factory
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def free_port(kind: int = __import__("socket").SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that was free a moment ago (TCP by default, UDP with SOCK_DGRAM)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class DeployCenter:
+    """A real server process and real agent processes on loopback, for end-to-end tests.
+
+    Ports are chosen once, so a restarted server comes back where its agents expect it.
+    Every wait has a timeout; :meth:`close` kills whatever is left.
+    """
+
+    def __init__(self, root: Path, *, db_url: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        import socket
+
+        self.root = root
+        self.server_dir = root / "server"
+        self.db_url = db_url
+        self.api_port = free_port()
+        self.quic_port = free_port(socket.SOCK_DGRAM)
+        self.env = {**__import__("os").environ, **(env or {})}
+        self.server_proc: Any = None
+        self.agents: dict[str, Any] = {}
+        self._api: Any = None
+
+    # ------------------------------------------------------------------ server
+
+    def _spawn(self, args: list[str], log_name: str) -> Any:
+        import subprocess
+        import sys
+
+        log = open(self.root / log_name, "ab")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(
+            [sys.executable, "-m", "deploy_core.cli", "--log-level", "info", *args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        """Start (or restart) the server and wait until its API answers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        args = ["server", "--state-dir", str(self.server_dir), "--api-port", str(self.api_port),
+                "--quic-port", str(self.quic_port)]
+        if self.db_url:
+            args += ["--db", self.db_url]
+        self.server_proc = self._spawn(args, "server.log")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.server_proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.server_proc.returncode}: "
+                                   f"{self.log('server')[-3000:]}")
+            try:
+                self.api.request("GET", "/api/info")
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise TimeoutError(f"server did not answer within {timeout}s: {self.log('server')[-3000:]}")
+
+    def stop_server(self, sig: int | None = None, timeout: float = 15.0) -> None:
+        """Stop the server (SIGTERM by default, or ``sig``) and wait for it to exit."""
+        import signal
+
+        self._stop(self.server_proc, sig or signal.SIGTERM, timeout)
+        self.server_proc = None
+
+    @property
+    def api(self) -> Any:
+        """A :class:`~deploy_core.client.DeployClient` for the server's API."""
+        from deploy_core.client import DeployClient
+
+        if self._api is None:
+            self.server_dir.mkdir(parents=True, exist_ok=True)
+            token_file = self.server_dir / "admin.token"
+            end = time.monotonic() + 30
+            while not token_file.exists() and time.monotonic() < end:
+                time.sleep(0.05)
+            self._api = DeployClient(f"http://127.0.0.1:{self.api_port}",
+                                     token_file.read_text().strip(), timeout=60)
+        return self._api
+
+    # ------------------------------------------------------------------ agents
+
+    def start_agent(self, client_id: str, *, join_token_file: Path | None = None,
+                    wait: bool = True, timeout: float = 30.0) -> Any:
+        """Start (or restart) an agent process; wait until the server lists it connected."""
+        args = ["agent", "--server", f"127.0.0.1:{self.quic_port}", "--client-id", client_id,
+                "--state-dir", str(self.root / f"agent-{client_id}"),
+                "--ca", str(self.server_dir / "ca.pem"),
+                "--join-token-file", str(join_token_file or self.server_dir / "join.token")]
+        proc = self._spawn(args, f"agent-{client_id}.log")
+        self.agents[client_id] = proc
+        if wait:
+            self.wait_connected(client_id, timeout=timeout)
+        return proc
+
+    def stop_agent(self, client_id: str, sig: int | None = None, timeout: float = 15.0) -> None:
+        """Stop an agent (SIGTERM, or ``sig`` such as SIGKILL) and wait for it to exit."""
+        import signal
+
+        self._stop(self.agents.pop(client_id, None), sig or signal.SIGTERM, timeout)
+
+    def wait_connected(self, client_id: str, *, connected: bool = True,
+                       timeout: float = 30.0) -> None:
+        """Wait until the server shows the client (dis)connected."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                for client in self.api.clients():
+                    if client["client_id"] == client_id and client["connected_here"] == connected:
+                        return
+            except Exception:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"client {client_id} not {'connected' if connected else 'gone'} "
+                           f"after {timeout}s: {self.log('agent-' + client_id)[-3000:]}")
+
+    # ------------------------------------------------------------------ helpers
+
+    def deploy_shell(self, client_id: str, script: str, **fields: Any) -> str:
+        """Start a shell deployment; its id."""
+        body = {"client_id": client_id, "script": script, **fields}
+        deploy_id: str = self.api.deploy("shell", body)["deploy_id"]
+        return deploy_id
+
+    def wait(self, deploy_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """The final record of a deployment (raises TimeoutError)."""
+        record: dict[str, Any] = self.api.wait(deploy_id, timeout=timeout)
+        return record
+
+    def log(self, name: str) -> str:
+        """What a process wrote (``server`` or ``agent-<id>``)."""
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @staticmethod
+    def _stop(proc: Any, sig: int, timeout: float) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+    def close(self) -> None:
+        """Stop every process this harness started."""
+        import signal
+
+        for client_id in list(self.agents):
+            self.stop_agent(client_id, signal.SIGKILL)
+        if self.server_proc is not None:
+            self.stop_server(signal.SIGKILL)
+        if self._api is not None:
+            self._api.close()
+
+
+@pytest.fixture
+def deploy_center(tmp_path: Path) -> Iterator[DeployCenter]:
+    """A started server (SQLite) with no agents yet; start them with ``start_agent``."""
+    center = DeployCenter(tmp_path / "center")
+    try:
+        center.start_server()
+        yield center
+    finally:
+        center.close()

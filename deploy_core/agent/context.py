@@ -147,7 +147,8 @@ class DeployContext:
 
         return await run_process(
             argv,
-            timeout=max(0.001, min(timeout, self.remaining() or timeout)),
+            # Never past the deadline, but give a step at least a second to report itself.
+            timeout=min(timeout, max(self.remaining(), 1.0)),
             cwd=cwd,
             env=self.script_env(env),
             on_line=on_line,

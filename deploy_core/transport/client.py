@@ -24,7 +24,13 @@ from typing import Any, Protocol
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
 
 from .certs import write_private_file
 from .envelope import (
@@ -141,6 +147,15 @@ class _ServerConnection(QuicConnectionProtocol):
         self.last_frame_at = asyncio.get_running_loop().time()
         #: Why the connection is gone; ``None`` while it is usable.
         self.lost_reason: str | None = None
+        self._handshake_over = asyncio.Event()
+
+    async def wait_handshake(self) -> None:
+        """Wait for the QUIC/TLS handshake; raise ConnectionError with the reason if it fails."""
+        # Not the base class's wait_connected(): its future is left with an unretrieved
+        # exception when the wait is cancelled by a timeout.
+        await self._handshake_over.wait()
+        if self.lost_reason is not None:
+            raise ConnectionError(self.lost_reason)
 
     def open_control_stream(self) -> None:
         self.control_stream = self._quic.get_next_available_stream_id()
@@ -172,9 +187,12 @@ class _ServerConnection(QuicConnectionProtocol):
             self._control_data(event)
         elif isinstance(event, StreamReset) and event.stream_id == self.control_stream:
             self.lose("server reset the control stream")
+        elif isinstance(event, HandshakeCompleted):
+            self._handshake_over.set()
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"QUIC error code {event.error_code:#x}"
             self._mark_lost(f"connection closed: {reason}")
+            self._handshake_over.set()
 
     def _control_data(self, event: StreamDataReceived) -> None:
         if self.lost_reason is not None:
@@ -393,11 +411,7 @@ class AgentConnector:
         )
         stack.push_async_callback(_close_quietly, transport, connection)
         connection.connect(address)
-        try:
-            await connection.wait_connected()
-        except ConnectionError:
-            # aioquic raises a bare ConnectionError; the close reason says what failed.
-            raise ConnectionError(connection.lost_reason or "connection refused") from None
+        await connection.wait_handshake()
         return connection
 
     async def _connect_once(self) -> None:
@@ -436,7 +450,8 @@ class AgentConnector:
                 await _guarded("on_connected", self._on_connected())
             while (env := await connection.inbox.get()) is not None:
                 await _guarded("on_message", self._on_message(env))
-            raise ConnectionError(connection.lost_reason or "connection lost")
+            self.last_error = connection.lost_reason or "connection lost"
+            raise ConnectionError(self.last_error)
         finally:
             heartbeat.cancel()
             self._connection = None

@@ -34,7 +34,13 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer as _QuicEndpoint
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    PingAcknowledged,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
 
 from .certs import ServerCerts
 from .envelope import (
@@ -71,6 +77,7 @@ MAX_DATAGRAM_SIZE = 1350
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 # How long to wait for the peer to acknowledge an ERROR before closing anyway.
 _ERROR_FLUSH_WAIT = 1.0
+_FLUSH_PING = 1
 # How long a replacing connection waits for on_disconnect of the one it replaces.
 _REPLACE_WAIT = 10.0
 # How long close() lets callbacks finish before cancelling them.
@@ -172,6 +179,7 @@ class _AgentConnection(QuicConnectionProtocol):
         self._flush_scheduled = False
         self._linger: asyncio.Task[None] | None = None
         self._disconnected = asyncio.Event()
+        self._flushed = asyncio.Event()
         self.shut = False
         self.task = asyncio.create_task(self._serve())
         self.task.add_done_callback(self._served)
@@ -186,7 +194,10 @@ class _AgentConnection(QuicConnectionProtocol):
             self._stream_data(event)
         elif isinstance(event, StreamReset) and event.stream_id == self._control_stream:
             self.shutdown("agent reset the control stream")
+        elif isinstance(event, PingAcknowledged) and event.uid == _FLUSH_PING:
+            self._flushed.set()
         elif isinstance(event, ConnectionTerminated):
+            self._flushed.set()
             self._mark_shut()
 
     def _stream_data(self, event: StreamDataReceived) -> None:
@@ -253,15 +264,16 @@ class _AgentConnection(QuicConnectionProtocol):
         who = self._session.client_id if self._session else self._peer()
         logger.warning("closing connection from %s: %s", who, reason)
         self.send(error_for(env, reason))
+        # Closing at once would discard the ERROR still in flight. A PING sent in the
+        # same packet is acknowledged once the peer has the ERROR.
+        self._quic.send_ping(_FLUSH_PING)
         self.transmit()
         self._mark_shut()
         self._linger = asyncio.create_task(self._close_after_flush(reason))
 
     async def _close_after_flush(self, reason: str) -> None:
-        # Closing at once would discard the ERROR still in flight; a PING's ack means
-        # the peer has received what was sent before it.
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            await asyncio.wait_for(self.ping(), _ERROR_FLUSH_WAIT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flushed.wait(), _ERROR_FLUSH_WAIT)
         self.close(reason_phrase=reason[:_MAX_REASON_CHARS])
 
     def shutdown(self, reason: str) -> None:

@@ -1,0 +1,167 @@
+"""The server's database: engine set-up and the core's Alembic migrations (SPEC deploy-33).
+
+Every test that takes ``db_url`` runs against SQLite and against PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from deploy_core.server.db import (
+    current_revision,
+    make_engine,
+    metadata,
+    normalise_url,
+    sqlite_url,
+    upgrade,
+)
+
+CORE_TABLES = {"deployments", "status_history", "deploy_logs", "clients", "client_locks"}
+
+
+def _tables(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def test_upgrade_from_empty_creates_every_table_and_records_revision(engine: sa.Engine) -> None:
+    assert current_revision(engine) is None
+    assert not _tables(engine) & CORE_TABLES
+
+    upgrade(engine)
+
+    assert current_revision(engine) == "0001"
+    assert _tables(engine) >= CORE_TABLES | {"alembic_version"}
+    # The migration and the table definitions the code uses describe the same schema.
+    assert set(metadata.tables) == CORE_TABLES
+    inspector = sa.inspect(engine)
+    for name, table in metadata.tables.items():
+        migrated = {c["name"] for c in inspector.get_columns(name)}
+        assert migrated == set(table.c.keys()), name
+
+
+def test_migrated_schema_accepts_rows_and_cascades_history_on_delete(engine: sa.Engine) -> None:
+    from deploy_core.server.db import deployments, status_history
+
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            deployments.insert().values(
+                deploy_id="d1", client_id="web-1", command_type="deploy.shell",
+                status="pending", stage="pending", progress=0, last_seq=-1,
+                request={"params": {"script": "true"}}, rollback_wanted=False,
+                deadline=1.0, created_at=1.0, updated_at=1.0,
+            )
+        )
+        conn.execute(
+            status_history.insert().values(
+                deploy_id="d1", status="pending", stage="pending", progress=0,
+                message="", source="server", ts=1.0,
+            )
+        )
+    with engine.begin() as conn:
+        conn.execute(deployments.delete().where(deployments.c.deploy_id == "d1"))
+    with engine.connect() as conn:
+        left = conn.execute(sa.select(sa.func.count()).select_from(status_history)).scalar()
+    assert left == 0
+
+
+def test_history_row_for_unknown_deployment_is_refused(engine: sa.Engine) -> None:
+    from deploy_core.server.db import status_history
+
+    upgrade(engine)
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(
+            status_history.insert().values(
+                deploy_id="nope", status="pending", stage="", progress=0,
+                message="", source="server", ts=1.0,
+            )
+        )
+
+
+def test_upgrade_twice_is_a_no_op(engine: sa.Engine) -> None:
+    from deploy_core.server.db import clients
+
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            clients.insert().values(
+                client_id="web-1", agent_key="k", enrolled_at=1.0, connected=False
+            )
+        )
+
+    upgrade(engine)
+
+    assert current_revision(engine) == "0001"
+    with engine.connect() as conn:
+        kept = conn.execute(sa.select(clients.c.client_id)).scalars().all()
+    assert kept == ["web-1"]
+
+
+def test_downgrade_to_base_drops_tables_and_upgrade_again_restores_them(
+    engine: sa.Engine,
+) -> None:
+    from alembic import command
+
+    from deploy_core.server.db import migrations_config
+
+    upgrade(engine)
+    command.downgrade(migrations_config(engine), "base")
+
+    assert current_revision(engine) is None
+    assert not _tables(engine) & CORE_TABLES
+
+    upgrade(engine)
+
+    assert current_revision(engine) == "0001"
+    assert _tables(engine) >= CORE_TABLES
+
+
+def test_sqlite_engine_uses_wal_and_enforces_foreign_keys(tmp_path: Path) -> None:
+    engine = make_engine(sqlite_url(tmp_path / "wal.db"))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    finally:
+        engine.dispose()
+    # WAL is a property of the file: a plain connection opened later sees it too.
+    raw = sqlite3.connect(tmp_path / "wal.db")
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgres://u:p@db:5432/deploy", "postgresql+psycopg://u:p@db:5432/deploy"),
+        ("postgresql://u@db/deploy?sslmode=require", "postgresql+psycopg://u@db/deploy?sslmode=require"),
+        ("postgresql+psycopg://u@db/deploy", "postgresql+psycopg://u@db/deploy"),
+        ("sqlite:////var/lib/deploy/center.db", "sqlite:////var/lib/deploy/center.db"),
+    ],
+)
+def test_normalise_url_uses_psycopg_for_postgres_urls(given: str, expected: str) -> None:
+    assert normalise_url(given) == expected
+
+
+def test_make_engine_on_postgres_url_picks_the_psycopg_driver() -> None:
+    engine = make_engine("postgres://u@127.0.0.1:1/none")
+    try:
+        assert engine.dialect.name == "postgresql"
+        assert engine.dialect.driver == "psycopg"
+    finally:
+        engine.dispose()

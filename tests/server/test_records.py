@@ -1,0 +1,709 @@
+"""Deployment records, status history, logs, the per-client lock and clients
+(SPEC deploy-19 … deploy-22, deploy-31, deploy-33).
+
+Every test runs against a fresh SQLite database and a fresh PostgreSQL schema.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from deploy_core.models import (
+    DeployCallbackPayload,
+    DeployStatus,
+    DeployStatusReport,
+    LogLine,
+)
+from deploy_core.server.db import client_locks, make_engine, upgrade
+from deploy_core.server.records import (
+    LOCK_GRACE,
+    AlreadyEnrolled,
+    ClientBusy,
+    RecordStore,
+)
+
+SHELL = "deploy.shell"
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[RecordStore]:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield RecordStore(engine, server_id="s1")
+    engine.dispose()
+
+
+def create(
+    store: RecordStore,
+    deploy_id: str,
+    client_id: str = "web-1",
+    *,
+    deadline: float | None = None,
+    rollback_of: str | None = None,
+) -> dict[str, Any]:
+    return store.create_deployment(
+        deploy_id=deploy_id,
+        client_id=client_id,
+        command_type=SHELL,
+        request={"params": {"script": "echo hi"}},
+        deadline=time.time() + 600 if deadline is None else deadline,
+        rollback_of=rollback_of,
+    )
+
+
+def report(
+    deploy_id: str,
+    seq: int,
+    status: DeployStatus = DeployStatus.SCRIPT_RUNNING,
+    *,
+    progress: int = 50,
+    message: str = "",
+    logs: list[str] | None = None,
+) -> DeployStatusReport:
+    return DeployStatusReport(
+        deploy_id=deploy_id,
+        command_type=SHELL,
+        status=status,
+        progress=progress,
+        stage=status.value,
+        message=message or f"report {seq}",
+        logs=[LogLine(line=line, stage=status.value) for line in logs or []],
+        seq=seq,
+    )
+
+
+def callback(
+    deploy_id: str,
+    status: DeployStatus = DeployStatus.SUCCESS,
+    *,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> DeployCallbackPayload:
+    return DeployCallbackPayload(
+        callback_id=deploy_id,
+        command_type=SHELL,
+        deploy_type="shell",
+        status=status,
+        success=status is DeployStatus.SUCCESS,
+        result=result,
+        error=error,
+    )
+
+
+def run_together(n: int, work: Callable[[int], Any]) -> list[Any]:
+    """Run ``work(i)`` in ``n`` threads released at once; each returns its value or its
+    exception.  Bounded: a stuck thread fails the test instead of hanging it."""
+    barrier = threading.Barrier(n, timeout=10)
+    results: list[Any] = [None] * n
+
+    def target(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in 30 s"
+    return results
+
+
+# --------------------------------------------------------------------------- create and lock
+
+
+def test_create_records_pending_with_one_server_history_row_and_takes_the_lock(
+    store: RecordStore,
+) -> None:
+    before = time.time()
+    record = create(store, "d1")
+
+    assert record["deploy_id"] == "d1"
+    assert record["client_id"] == "web-1"
+    assert record["status"] == DeployStatus.PENDING.value
+    assert record["progress"] == 0
+    assert record["last_seq"] == -1
+    assert record["request"] == {"params": {"script": "echo hi"}}
+    assert record["finished_at"] is None
+    assert record["rollback_wanted"] is False
+    assert before <= record["created_at"] <= time.time()
+    assert store.get("d1") == record
+
+    history = store.history("d1")
+    assert [(h["status"], h["source"], h["seq"]) for h in history] == [
+        ("pending", "server", None)
+    ]
+
+    holder = store.lock_holder("web-1")
+    assert holder is not None
+    assert holder["deploy_id"] == "d1"
+    assert holder["owner"] == "s1"
+    assert holder["expires_at"] == pytest.approx(record["deadline"] + LOCK_GRACE)
+
+
+def test_second_deployment_for_busy_client_raises_client_busy_naming_the_first(
+    store: RecordStore,
+) -> None:
+    create(store, "d1")
+
+    with pytest.raises(ClientBusy) as info:
+        create(store, "d2")
+
+    assert info.value.deploy_id == "d1"
+    assert info.value.client_id == "web-1"
+    message = str(info.value)
+    assert "d1" in message
+    assert "busy" in message
+    assert "web-1" in message
+    # Refused means nothing was written for it.
+    assert store.get("d2") is None
+    assert store.history("d2") == []
+    assert store.lock_holder("web-1")["deploy_id"] == "d1"
+
+
+def test_busy_client_does_not_block_another_client(store: RecordStore) -> None:
+    create(store, "d1", "web-1")
+
+    record = create(store, "d2", "web-2")
+
+    assert record["status"] == "pending"
+    assert {lock["client_id"]: lock["deploy_id"] for lock in store.locks()} == {
+        "web-1": "d1",
+        "web-2": "d2",
+    }
+
+
+def test_stale_lock_past_deadline_and_grace_is_taken_over(store: RecordStore) -> None:
+    create(store, "d1", deadline=time.time() - LOCK_GRACE - 5)
+
+    record = create(store, "d2")
+
+    assert record["status"] == "pending"
+    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+    # The watchdog expiring the old deployment later must not free the new one's lock.
+    assert store.expire("d1", "deadline passed").applied
+    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+
+
+def test_lock_past_deadline_but_within_grace_still_holds(store: RecordStore) -> None:
+    create(store, "d1", deadline=time.time() - 1)
+
+    with pytest.raises(ClientBusy, match="d1"):
+        create(store, "d2")
+
+
+def test_lock_left_behind_by_a_finished_deployment_is_stale(store: RecordStore) -> None:
+    create(store, "d1")
+    assert store.finish("web-1", callback("d1")).applied
+    # A lock row that outlived its deployment, e.g. written back by a replica that crashed.
+    with store.engine.begin() as conn:
+        conn.execute(
+            client_locks.insert().values(
+                client_id="web-1", deploy_id="d1", owner="s2",
+                acquired_at=time.time(), expires_at=time.time() + 3600,
+            )
+        )
+
+    record = create(store, "d2")
+
+    assert record["status"] == "pending"
+    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+
+
+def test_concurrent_creates_for_one_client_let_exactly_one_through(store: RecordStore) -> None:
+    results = run_together(8, lambda i: create(store, f"d{i}"))
+
+    made = [r for r in results if isinstance(r, dict)]
+    busy = [r for r in results if isinstance(r, ClientBusy)]
+    assert len(made) == 1, results
+    assert len(busy) == 7, results
+    winner = made[0]["deploy_id"]
+    assert {b.deploy_id for b in busy} == {winner}
+    assert store.lock_holder("web-1")["deploy_id"] == winner
+    records, total = store.list_for_client("web-1")
+    assert total == 1
+    assert [r["deploy_id"] for r in records] == [winner]
+
+
+def test_concurrent_creates_for_different_clients_all_succeed(store: RecordStore) -> None:
+    results = run_together(6, lambda i: create(store, f"d{i}", f"web-{i}"))
+
+    assert all(isinstance(r, dict) for r in results), results
+    assert len(store.locks()) == 6
+
+
+def test_duplicate_deploy_id_fails_instead_of_retrying_forever(store: RecordStore) -> None:
+    create(store, "d1", "web-1")
+
+    with pytest.raises(sa.exc.IntegrityError):
+        create(store, "d1", "web-2")
+
+    assert store.lock_holder("web-2") is None
+    assert store.get("d1")["client_id"] == "web-1"
+
+
+def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
+    create(store, "d1")
+    store.mark_acked("d1")
+    store.expire("d1", "deadline passed")
+    assert store.get("d1")["rollback_wanted"] is True
+
+    create(store, "r1", rollback_of="d1")
+
+    original = store.get("d1")
+    assert original["rolled_back_by"] == "r1"
+    assert original["rollback_wanted"] is False
+    assert store.get("r1")["rollback_of"] == "d1"
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def test_finish_sets_result_and_releases_lock_so_next_deployment_starts(
+    store: RecordStore,
+) -> None:
+    create(store, "d1")
+
+    applied = store.finish("web-1", callback("d1", result={"exit_code": 0}))
+
+    assert applied.applied
+    assert applied.previous == "pending"
+    record = applied.record
+    assert record is not None
+    assert record["status"] == "success"
+    assert record["progress"] == 100
+    assert record["result"] == {"exit_code": 0}
+    assert record["agent_status"] == "success"
+    assert record["finished_at"] is not None
+    assert store.get("d1") == record
+    assert store.history("d1")[-1]["status"] == "success"
+    assert store.lock_holder("web-1") is None
+
+    assert create(store, "d2")["status"] == "pending"
+
+
+def test_second_callback_is_not_applied(store: RecordStore) -> None:
+    create(store, "d1")
+    first = store.finish("web-1", callback("d1", result={"exit_code": 0})).record
+    create(store, "d2")
+    history = store.history("d1")
+
+    again = store.finish("web-1", callback("d1", DeployStatus.FAILED, error="boom"))
+
+    assert not again.applied
+    assert again.record == first
+    assert store.history("d1") == history
+    # Nor does it touch the lock the next deployment now holds.
+    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+
+
+def test_failed_callback_keeps_error_health_and_rollback(store: RecordStore) -> None:
+    from deploy_core.models import HealthCheckResult, RollbackResult
+
+    create(store, "d1")
+    payload = callback("d1", DeployStatus.ROLLED_BACK, error="health check failed")
+    payload.health = [HealthCheckResult(success=False, check_type="http", error="503")]
+    payload.rollback = RollbackResult(success=True, strategy="snapshot")
+
+    record = store.finish("web-1", payload).record
+
+    assert record is not None
+    assert record["status"] == "rolled_back"
+    assert record["error"] == "health check failed"
+    assert record["health"][0]["error"] == "503"
+    assert record["rollback"]["strategy"] == "snapshot"
+    assert store.history("d1")[-1]["message"] == "health check failed"
+    assert store.lock_holder("web-1") is None
+
+
+def test_callback_from_another_client_is_not_applied(store: RecordStore) -> None:
+    create(store, "d1", "web-1")
+
+    applied = store.finish("web-2", callback("d1"))
+
+    assert not applied.applied
+    assert applied.record is None
+    assert store.get("d1")["status"] == "pending"
+    assert store.lock_holder("web-1")["deploy_id"] == "d1"
+
+
+# --------------------------------------------------------------------------- status reports
+
+
+def test_reports_apply_in_seq_order_with_history_and_logs(store: RecordStore) -> None:
+    create(store, "d1")
+    steps = [
+        (DeployStatus.EXECUTING, 10, ["preparing"]),
+        (DeployStatus.SCRIPT_RUNNING, 40, ["line 1", "line 2"]),
+        (DeployStatus.HEALTH_CHECK, 90, ["GET /health 200"]),
+    ]
+    previous = "pending"
+    for seq, (status, progress, logs) in enumerate(steps):
+        applied = store.apply_report("web-1", report("d1", seq, status, progress=progress,
+                                                      logs=logs))
+        assert applied.applied
+        assert applied.previous == previous
+        assert applied.record["status"] == status.value
+        assert applied.record["progress"] == progress
+        assert applied.record["last_seq"] == seq
+        previous = status.value
+
+    history = store.history("d1")
+    assert [(h["seq"], h["status"], h["source"]) for h in history] == [
+        (None, "pending", "server"),
+        (0, "executing", "agent"),
+        (1, "script_running", "agent"),
+        (2, "health_check", "agent"),
+    ]
+    lines = store.logs("d1")
+    assert [line["line"] for line in lines] == ["preparing", "line 1", "line 2", "GET /health 200"]
+    assert [line["line"] for line in store.logs("d1", after=lines[1]["id"])] == [
+        "line 2",
+        "GET /health 200",
+    ]
+    assert len(store.logs("d1", limit=2)) == 2
+
+
+def test_duplicate_seq_is_not_applied(store: RecordStore) -> None:
+    create(store, "d1")
+    store.apply_report("web-1", report("d1", 0, DeployStatus.SCRIPT_RUNNING, progress=40,
+                                       logs=["once"]))
+
+    again = store.apply_report("web-1", report("d1", 0, DeployStatus.EXECUTING, progress=5,
+                                               logs=["twice"]))
+
+    assert not again.applied
+    assert again.record["status"] == "script_running"
+    assert again.record["progress"] == 40
+    assert len(store.history("d1")) == 2
+    assert [line["line"] for line in store.logs("d1")] == ["once"]
+
+
+def test_older_seq_does_not_move_status_or_progress_back(store: RecordStore) -> None:
+    create(store, "d1")
+    store.apply_report("web-1", report("d1", 5, DeployStatus.HEALTH_CHECK, progress=90))
+
+    late = store.apply_report("web-1", report("d1", 3, DeployStatus.SCRIPT_RUNNING, progress=30))
+
+    assert not late.applied
+    record = store.get("d1")
+    assert record["status"] == "health_check"
+    assert record["progress"] == 90
+    assert record["last_seq"] == 5
+    assert [h["seq"] for h in store.history("d1")] == [None, 5]
+
+
+def test_report_after_finish_is_kept_in_history_but_status_stays_the_callbacks(
+    store: RecordStore,
+) -> None:
+    create(store, "d1")
+    store.apply_report("web-1", report("d1", 0))
+    store.finish("web-1", callback("d1", DeployStatus.FAILED, error="exit 1"))
+
+    late = store.apply_report("web-1", report("d1", 1, DeployStatus.HEALTH_CHECK, progress=90,
+                                              message="checking", logs=["tail"]))
+
+    assert not late.applied
+    record = store.get("d1")
+    assert record["status"] == "failed"
+    assert record["progress"] == 100
+    last = store.history("d1")[-1]
+    assert last["seq"] == 1
+    assert last["status"] == "health_check"
+    assert last["message"] == "(after finish) checking"
+    assert [line["line"] for line in store.logs("d1")] == ["tail"]
+
+
+def test_report_for_another_clients_deployment_is_not_applied(store: RecordStore) -> None:
+    create(store, "d1", "web-1")
+
+    applied = store.apply_report("web-2", report("d1", 0, logs=["forged"]))
+
+    assert not applied.applied
+    assert applied.record is None
+    assert store.get("d1")["status"] == "pending"
+    assert len(store.history("d1")) == 1
+    assert store.logs("d1") == []
+
+
+def test_report_for_unknown_deployment_returns_no_record(store: RecordStore) -> None:
+    applied = store.apply_report("web-1", report("nope", 0))
+
+    assert applied == type(applied)(False, None, None)
+
+
+def test_concurrent_duplicate_reports_are_applied_once(store: RecordStore) -> None:
+    create(store, "d1")
+
+    results = run_together(6, lambda i: store.apply_report("web-1", report("d1", 0)))
+
+    assert [r.applied for r in results].count(True) == 1, results
+    assert [h["seq"] for h in store.history("d1")] == [None, 0]
+
+
+# --------------------------------------------------------------------------- watchdog
+
+
+@pytest.mark.parametrize("acked", [True, False])
+def test_expire_marks_timeout_releases_lock_and_wants_rollback_only_if_acked(
+    store: RecordStore, acked: bool
+) -> None:
+    create(store, "d1")
+    store.apply_report("web-1", report("d1", 0, progress=60))
+    if acked:
+        store.mark_acked("d1")
+
+    applied = store.expire("d1", "no report for 300 s")
+
+    assert applied.applied
+    assert applied.previous == "script_running"
+    record = applied.record
+    assert record["status"] == "timeout"
+    assert record["error"] == "no report for 300 s"
+    assert record["finished_at"] is not None
+    assert record["rollback_wanted"] is acked
+    last = store.history("d1")[-1]
+    assert (last["status"], last["source"], last["message"], last["progress"]) == (
+        "timeout", "server", "no report for 300 s", 60,
+    )
+    assert store.lock_holder("web-1") is None
+
+
+def test_expire_without_rollback_wanted_never_asks_for_one(store: RecordStore) -> None:
+    create(store, "d1")
+    store.mark_acked("d1")
+
+    assert store.expire("d1", "deadline", rollback_wanted=False).record["rollback_wanted"] is False
+
+
+def test_expire_does_not_touch_a_finished_deployment(store: RecordStore) -> None:
+    create(store, "d1")
+    store.finish("web-1", callback("d1"))
+
+    applied = store.expire("d1", "deadline")
+
+    assert not applied.applied
+    assert applied.record["status"] == "success"
+    assert applied.record["error"] is None
+    assert store.expire("nope", "deadline") == type(applied)(False, None, None)
+
+
+def test_late_callback_after_expire_keeps_timeout_and_records_agent_status(
+    store: RecordStore,
+) -> None:
+    create(store, "d1")
+    store.expire("d1", "deadline passed")
+
+    late = store.finish("web-1", callback("d1", DeployStatus.SUCCESS))
+
+    assert not late.applied
+    record = store.get("d1")
+    assert record["status"] == "timeout"
+    assert record["agent_status"] == "success"
+    assert record["error"] == "deadline passed"
+    last = store.history("d1")[-1]
+    assert last["source"] == "agent"
+    assert last["status"] == "success"
+    assert "late callback" in last["message"]
+
+    # A second late callback changes nothing more.
+    rows = len(store.history("d1"))
+    store.finish("web-1", callback("d1", DeployStatus.FAILED, error="boom"))
+    assert store.get("d1")["agent_status"] == "success"
+    assert len(store.history("d1")) == rows
+
+
+def test_late_timeout_callback_after_expire_is_still_recorded(store: RecordStore) -> None:
+    # The agent's own timeout (its script ran too long) agrees with the watchdog's verdict;
+    # the agent's word and its error must still be kept.
+    create(store, "d1")
+    store.expire("d1", "deadline passed")
+
+    store.finish("web-1", callback("d1", DeployStatus.TIMEOUT, error="script killed after 300 s"))
+
+    assert store.get("d1")["agent_status"] == "timeout"
+    last = store.history("d1")[-1]
+    assert "late callback" in last["message"]
+    assert "script killed after 300 s" in last["message"]
+
+
+def test_concurrent_callback_and_expire_finish_once(store: RecordStore) -> None:
+    create(store, "d1")
+    store.mark_acked("d1")
+
+    def work(i: int) -> Any:
+        if i == 0:
+            return store.finish("web-1", callback("d1"))
+        return store.expire("d1", "deadline passed")
+
+    results = run_together(2, work)
+
+    assert [r.applied for r in results].count(True) == 1, results
+    record = store.get("d1")
+    assert record["status"] in {"success", "timeout"}
+    finishing = [h for h in store.history("d1") if h["status"] in {"success", "timeout"}]
+    # The winner's row, plus a "late callback" row if the watchdog won.
+    assert finishing[0]["status"] == record["status"]
+    assert store.lock_holder("web-1") is None
+
+
+def test_overdue_lists_only_unfinished_deployments_past_their_deadline(
+    store: RecordStore,
+) -> None:
+    now = time.time()
+    create(store, "late", "web-1", deadline=now - 10)
+    create(store, "early", "web-2", deadline=now + 600)
+    create(store, "done", "web-3", deadline=now - 10)
+    store.finish("web-3", callback("done"))
+
+    assert [r["deploy_id"] for r in store.overdue()] == ["late"]
+    assert sorted(r["deploy_id"] for r in store.overdue(now + 601)) == ["early", "late"]
+    assert store.overdue(now - 3600) == []
+
+
+def test_undelivered_lists_unacked_unfinished_deployments_oldest_first(
+    store: RecordStore,
+) -> None:
+    create(store, "a")
+    store.expire("a", "deadline")  # finished: never resent
+    create(store, "b")
+    create(store, "c", "web-2")  # another client's
+
+    assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
+
+    store.mark_dispatched("b")
+    dispatched = store.get("b")["dispatched_at"]
+    assert dispatched is not None
+    # Dispatched is not delivered: only the agent's ack is.
+    assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
+
+    store.mark_acked("b")
+    assert store.undelivered("web-1") == []
+    assert [r["deploy_id"] for r in store.undelivered("web-2")] == ["c"]
+
+
+def test_undelivered_orders_by_creation(store: RecordStore) -> None:
+    # Two unfinished deployments of one client exist when a stale lock was taken over.
+    create(store, "first", deadline=time.time() - LOCK_GRACE - 5)
+    create(store, "second")
+
+    assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["first", "second"]
+
+
+def test_mark_acked_keeps_the_first_ack_time(store: RecordStore) -> None:
+    create(store, "d1")
+    store.mark_acked("d1")
+    first = store.get("d1")["acked_at"]
+    assert first is not None
+
+    time.sleep(0.01)
+    store.mark_acked("d1")
+
+    assert store.get("d1")["acked_at"] == first
+
+
+def test_list_for_client_is_newest_first_with_total_and_paging(store: RecordStore) -> None:
+    for i in range(5):
+        create(store, f"d{i}")
+        store.finish("web-1", callback(f"d{i}"))
+    create(store, "other", "web-2")
+
+    page, total = store.list_for_client("web-1")
+    assert total == 5
+    assert [r["deploy_id"] for r in page] == ["d4", "d3", "d2", "d1", "d0"]
+
+    page, total = store.list_for_client("web-1", limit=2, offset=1)
+    assert total == 5
+    assert [r["deploy_id"] for r in page] == ["d3", "d2"]
+
+    page, total = store.list_for_client("web-1", limit=2, offset=4)
+    assert [r["deploy_id"] for r in page] == ["d0"]
+    assert store.list_for_client("nobody") == ([], 0)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def test_enroll_stores_the_key_and_refuses_a_taken_id(store: RecordStore) -> None:
+    store.enroll("web-1", "aa" * 32)
+
+    with pytest.raises(AlreadyEnrolled, match="web-1"):
+        store.enroll("web-1", "bb" * 32)
+
+    assert store.agent_key("web-1") == "aa" * 32
+    assert store.agent_key("web-2") is None
+    client = store.get_client("web-1")
+    assert client["connected"] is False
+    assert client["enrolled_at"] is not None
+    assert store.get_client("web-2") is None
+
+
+def test_connect_disconnect_and_heartbeats_are_recorded(store: RecordStore) -> None:
+    store.enroll("web-1", "k1")
+
+    store.set_connected("web-1", remote="10.0.0.5:4433", capabilities={"types": [SHELL]})
+    client = store.get_client("web-1")
+    assert client["connected"] is True
+    assert client["server_id"] == "s1"
+    assert client["remote"] == "10.0.0.5:4433"
+    assert client["capabilities"] == {"types": [SHELL]}
+    assert client["connected_since"] is not None
+
+    store.touch_clients({"web-1": 12345.0})
+    assert store.get_client("web-1")["last_seen"] == 12345.0
+    store.touch_clients({})  # nothing to record is fine
+
+    store.set_disconnected("web-1", last_seen=23456.0)
+    client = store.get_client("web-1")
+    assert client["connected"] is False
+    assert client["last_seen"] == 23456.0
+    assert client["disconnected_since"] is not None
+
+
+def test_another_server_cannot_disconnect_an_agent_it_does_not_hold(
+    store: RecordStore,
+) -> None:
+    store.enroll("web-1", "k1")
+    store.set_connected("web-1", remote="r", capabilities={})
+    other = RecordStore(store.engine, server_id="s2")
+
+    other.set_disconnected("web-1", last_seen=1.0)
+    other.mark_all_disconnected()
+
+    assert store.get_client("web-1")["connected"] is True
+
+
+def test_mark_all_disconnected_clears_only_this_servers_agents(store: RecordStore) -> None:
+    other = RecordStore(store.engine, server_id="s2")
+    for client_id, server in (("web-1", store), ("web-2", store), ("web-3", other)):
+        store.enroll(client_id, f"key-{client_id}")
+        server.set_connected(client_id, remote="r", capabilities={})
+
+    store.mark_all_disconnected()
+
+    connected = {c["client_id"]: c["connected"] for c in store.list_clients()}
+    assert connected == {"web-1": False, "web-2": False, "web-3": True}
+    assert store.get_client("web-1")["disconnected_since"] is not None
+
+
+def test_list_clients_never_returns_agent_keys(store: RecordStore) -> None:
+    for client_id in ("web-2", "web-1", "db-1"):
+        store.enroll(client_id, f"secret-{client_id}")
+
+    everyone = store.list_clients()
+    some = store.list_clients(["web-1", "nope"])
+
+    assert [c["client_id"] for c in everyone] == ["db-1", "web-1", "web-2"]
+    assert [c["client_id"] for c in some] == ["web-1"]
+    for client in [*everyone, *some, store.get_client("db-1")]:
+        assert "agent_key" not in client
+        assert not any("secret" in str(value) for value in client.values())
