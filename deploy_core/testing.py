@@ -13,7 +13,7 @@ suite once ``deploy-core`` is installed:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import pytest
 
 from deploy_core.agent.context import DeployContext
 from deploy_core.models import DeployCommand, DeployStatus, LogLine
+from deploy_core.registry import Stage
 
 
 @dataclass
@@ -56,8 +57,13 @@ def make_context(
     params: dict[str, Any] | None = None,
     deploy_id: str | None = None,
     timeout: float = 600.0,
+    stages: Sequence[Stage] = (),
 ) -> tuple[DeployContext, RecordingReporter]:
-    """A context for one made-up deployment, with a :class:`RecordingReporter`."""
+    """A context for one made-up deployment, with a :class:`RecordingReporter`.
+
+    ``stages`` are the deploy type's stages, so ``ctx.report(status, fraction=…)`` maps into
+    their progress ranges as it does on a real agent.
+    """
     reporter = RecordingReporter()
     command = DeployCommand(
         deploy_id=deploy_id or f"test-{time.monotonic_ns()}",
@@ -65,7 +71,13 @@ def make_context(
         params=params or {},
         expires_at=time.time() + timeout,
     )
-    return DeployContext(command=command, reporter=reporter, data_dir=data_dir), reporter
+    ranges = {stage.status: (stage.start, stage.end) for stage in stages}
+    return DeployContext(
+        command=command,
+        reporter=reporter,
+        data_dir=data_dir,
+        stage_of=lambda status: ranges.get(status, (0, 100)),
+    ), reporter
 
 
 @pytest.fixture

@@ -36,8 +36,9 @@ from deploy_core.registry import DeployType, RollbackStrategy
 
 log = logging.getLogger(__name__)
 
-# Extra seconds the core gives an executor past its own timeout before cancelling it: the
-# executor is expected to enforce the timeout itself and report what it saw.
+# Extra seconds the core gives an executor or a rollback strategy past its own timeout before
+# cancelling it: plugins enforce their timeouts themselves and report what they saw, which
+# says more than the core's cancellation would.
 EXECUTOR_GRACE = 10.0
 HEALTH_PROGRESS = 90
 
@@ -181,7 +182,7 @@ class Executor:
             return strategy
         try:
             outcome.rollback_state = await asyncio.wait_for(
-                strategy.prepare(ctx, params), params.timeout
+                strategy.prepare(ctx, params), params.timeout + EXECUTOR_GRACE
             )
         except Exception as exc:
             outcome.status = DeployStatus.FAILED
@@ -196,7 +197,7 @@ class Executor:
         _strategy, params = self.plugins.parse_rollback(command.rollback)
         try:
             await asyncio.wait_for(strategy.discard(ctx, params, outcome.rollback_state),
-                                   params.timeout)
+                                   params.timeout + EXECUTOR_GRACE)
         except Exception as exc:  # retention is housekeeping: never fails a deployment
             ctx.log(f"rollback strategy {strategy.name} could not discard: {exc}", stream="agent")
 
@@ -255,7 +256,8 @@ class Executor:
             )
         try:
             await asyncio.wait_for(
-                strategy.rollback(ctx, params, target.rollback_state), params.timeout
+                strategy.rollback(ctx, params, target.rollback_state),
+                params.timeout + EXECUTOR_GRACE,
             )
         except TimeoutError:
             return RollbackResult(success=False, strategy=strategy.name,

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from deploy_core.agent.context import DeployContext
 from deploy_core.registry import RollbackParams, RollbackState, RollbackStrategy
@@ -24,6 +25,25 @@ from rollback_basic.store import SnapshotStore
 from rollback_basic.tree import human_size, restore_tree
 
 MAX_SKIPPED_LOGGED = 10
+MIN_RESTART_TIMEOUT = 1.0
+T = TypeVar("T")
+
+
+async def _file_work(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking file work in a thread, to completion.
+
+    A thread cannot be stopped.  If the caller is cancelled (the agent's timeout), wait for
+    the thread before letting the cancellation through, so nothing swaps a directory after the
+    agent has moved on (possibly to the next deployment).
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller hears about
+        raise
 
 
 def _check_path(path: str) -> str:
@@ -41,7 +61,11 @@ SnapshotPath = Annotated[str, AfterValidator(_check_path)]
 
 
 class SnapshotParams(RollbackParams):
-    """Options of the ``snapshot`` strategy; ``timeout`` bounds the restart script."""
+    """Options of the ``snapshot`` strategy.
+
+    ``timeout`` bounds each step (the snapshot; the restore with its restart script), as the
+    agent enforces it; the restart script gets whatever the restore left of it.
+    """
 
     strategy: Literal["snapshot"] = "snapshot"
     path: SnapshotPath = Field(description="absolute directory to snapshot and restore")
@@ -92,7 +116,7 @@ async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> Rollba
     ctx.log(f"snapshot: copying {params.path}")
     started = time.monotonic()
     try:
-        directory, info, stats, linked_from = await asyncio.to_thread(
+        directory, info, stats, linked_from = await _file_work(
             store.take, params.path, ctx.deploy_id, ctx.command_type
         )
     except NotADirectoryError as exc:
@@ -149,7 +173,8 @@ async def rollback_snapshot(
     _refuse_unsafe(ctx, saved.path)
     store = SnapshotStore(ctx.data_dir)
     directory = Path(saved.snapshot)
-    info = await asyncio.to_thread(store.load, directory)
+    started = time.monotonic()
+    info = await _file_work(store.load, directory)
     if info is None or info.path != saved.path:
         raise RollbackError(
             f"the snapshot of {saved.path} at {directory} no longer exists on this agent "
@@ -161,10 +186,9 @@ async def rollback_snapshot(
         f"restore: rebuilding {saved.path} from the snapshot before {info.deploy_id} "
         + ("(the directory did not exist)" if info.absent else f"({info.files} files)")
     )
-    started = time.monotonic()
     source = None if info.absent else directory / "tree"
     try:
-        stats = await asyncio.to_thread(restore_tree, source, Path(saved.path))
+        stats = await _file_work(restore_tree, source, Path(saved.path))
     except OSError as exc:
         raise RollbackError(f"restoring {saved.path} from {directory} failed: {exc}") from exc
     took = time.monotonic() - started
@@ -178,10 +202,10 @@ async def rollback_snapshot(
 
     if params.restart is not None:
         cwd = saved.path if os.path.isdir(saved.path) else None
+        # The agent bounds the whole rollback by ``timeout``; the restart gets what is left.
+        left = max(params.timeout - (time.monotonic() - started), MIN_RESTART_TIMEOUT)
         try:
-            await run_rollback_script(
-                ctx, params.restart, timeout=params.timeout, cwd=cwd, name="restart"
-            )
+            await run_rollback_script(ctx, params.restart, timeout=left, cwd=cwd, name="restart")
         except RollbackError as exc:
             raise RollbackError(f"{saved.path} was restored, but {exc}") from exc
 
@@ -195,7 +219,7 @@ async def discard_snapshot(
         with contextlib.suppress(ValidationError):  # else prune by the configured path
             path = SnapshotState.model_validate(state).path
     store = SnapshotStore(ctx.data_dir)
-    removed = await asyncio.to_thread(store.prune, path, params.keep)
+    removed = await _file_work(store.prune, path, params.keep)
     ctx.log(
         f"snapshot: keeping the newest {params.keep} snapshots of {path}; "
         f"removed {len(removed)}" + (f" ({', '.join(removed)})" if removed else "")

@@ -1,6 +1,6 @@
 """Faithful copies of a directory tree, and swapping one in place of another.
 
-Blocking code: the ``snapshot`` strategy runs it with :func:`asyncio.to_thread`.
+Blocking code: the ``snapshot`` strategy runs it in a thread.
 
 A copy keeps regular files, directories and symbolic links (copied as links, never followed),
 with their modes, access and modification times, hard links between files of the tree, and

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from pydantic import ValidationError
 
 from rollback_basic import tree
 from rollback_basic.errors import RollbackError
-from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
+from rollback_basic.snapshot import SNAPSHOT, SnapshotParams, _file_work
 
 T0 = 1_600_000_000_000_000_000  # fixed mtimes (ns), so unchanged files really are unchanged
 
@@ -331,3 +333,15 @@ async def test_a_state_pointing_outside_the_snapshot_store_is_refused(
 
     with pytest.raises(RollbackError, match="no longer exists"):
         await SNAPSHOT.rollback(ctx, params, forged)
+
+
+async def test_timed_out_file_work_finishes_before_the_timeout_is_reported():
+    finished = []
+
+    def slow_swap() -> None:
+        time.sleep(0.3)
+        finished.append(True)
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(_file_work(slow_swap), 0.05)
+    assert finished == [True]  # nothing still running behind the agent's back
