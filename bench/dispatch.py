@@ -42,7 +42,8 @@ def main() -> int:
             for _ in range(args.n):
                 start = time.perf_counter()
                 deploy_id = api.deploy("shell", {"client_id": "bench", "script": "true"})[
-                    "deploy_id"]
+                    "deploy_id"
+                ]
                 record = api.wait(deploy_id, timeout=60)
                 deploy_times.append(time.perf_counter() - start)
                 if record["status"] != "success":
@@ -58,8 +59,10 @@ def main() -> int:
     d50, d99 = percentile(deploy_times, 50), percentile(deploy_times, 99)
     l50, l99 = percentile(local_times, 50), percentile(local_times, 99)
     print(f"deployments: {args.n}")
-    print(f"deploy `true` via API+QUIC+agent: p50 {d50 * 1000:.1f} ms  p99 {d99 * 1000:.1f} ms"
-          f"  mean {statistics.mean(deploy_times) * 1000:.1f} ms")
+    print(
+        f"deploy `true` via API+QUIC+agent: p50 {d50 * 1000:.1f} ms  p99 {d99 * 1000:.1f} ms"
+        f"  mean {statistics.mean(deploy_times) * 1000:.1f} ms"
+    )
     print(f"local subprocess `true`:          p50 {l50 * 1000:.2f} ms  p99 {l99 * 1000:.2f} ms")
     print(f"ratio deploy/local: p50 {d50 / l50:.1f}x  p99 {d99 / l99:.1f}x")
     return 0

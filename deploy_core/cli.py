@@ -53,8 +53,12 @@ def _host_port(value: str) -> tuple[str, int]:
 
 @click.group()
 @click.version_option(__version__, prog_name="deployctl")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def main(log_level: str) -> None:
     """Deploy Center: deploy scripts, packages and images to hosts over QUIC."""
     _setup_logging(log_level)
@@ -63,8 +67,11 @@ def main(log_level: str) -> None:
 # --------------------------------------------------------------------------- processes
 
 state_dir_option = click.option(
-    "--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR,
-    show_default=True, help="where the server keeps its certificates, tokens and database",
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="where the server keeps its certificates, tokens and database",
 )
 
 
@@ -74,16 +81,32 @@ state_dir_option = click.option(
 @click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--quic-host", default="127.0.0.1", show_default=True)
 @click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--db", "db_url", default=None,
-              help="database URL (default: SQLite in the state directory), "
-                   "e.g. postgresql://user@host/dbname")
-def server(state_dir: Path, api_host: str, api_port: int, quic_host: str, quic_port: int,
-           db_url: str | None) -> None:
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    help="database URL (default: SQLite in the state directory), "
+    "e.g. postgresql://user@host/dbname",
+)
+def server(
+    state_dir: Path,
+    api_host: str,
+    api_port: int,
+    quic_host: str,
+    quic_port: int,
+    db_url: str | None,
+) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
 
-    config = ServerConfig(state_dir=state_dir, api_host=api_host, api_port=api_port,
-                          quic_host=quic_host, quic_port=quic_port, db_url=db_url)
+    config = ServerConfig(
+        state_dir=state_dir,
+        api_host=api_host,
+        api_port=api_port,
+        quic_host=quic_host,
+        quic_port=quic_port,
+        db_url=db_url,
+    )
 
     async def run(stop: asyncio.Event) -> None:
         srv = DeployServer(config)
@@ -109,16 +132,39 @@ def _print_server_banner(srv: Any) -> None:
 @main.command()
 @click.option("--server", "server_addr", required=True, help="the server's QUIC HOST:PORT")
 @click.option("--client-id", required=True, help="this agent's id, e.g. web-1")
-@click.option("--state-dir", type=click.Path(path_type=Path), required=True,
-              help="where the agent keeps its key and journal")
-@click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="the server's CA certificate (ca.pem)")
-@click.option("--join-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="join token, needed only for the first connection")
-@click.option("--server-name", default="localhost", show_default=True,
-              help="name the server's certificate is checked against")
-def agent(server_addr: str, client_id: str, state_dir: Path, ca_file: Path,
-          join_token_file: Path | None, server_name: str) -> None:
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="where the agent keeps its key and journal",
+)
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="the server's CA certificate (ca.pem)",
+)
+@click.option(
+    "--join-token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="join token, needed only for the first connection",
+)
+@click.option(
+    "--server-name",
+    default="localhost",
+    show_default=True,
+    help="name the server's certificate is checked against",
+)
+def agent(
+    server_addr: str,
+    client_id: str,
+    state_dir: Path,
+    ca_file: Path,
+    join_token_file: Path | None,
+    server_name: str,
+) -> None:
     """Run an agent: connect to the server and carry out deployments."""
     import re
 
@@ -126,12 +172,19 @@ def agent(server_addr: str, client_id: str, state_dir: Path, ca_file: Path,
     from deploy_core.models import ID_PATTERN
 
     if not re.match(ID_PATTERN, client_id):
-        raise click.BadParameter("letters, digits, '.', '_' and '-', at most 64",
-                                 param_hint="--client-id")
+        raise click.BadParameter(
+            "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
+        )
     host, port = _host_port(server_addr)
-    config = AgentConfig(server_host=host, server_port=port, client_id=client_id,
-                         state_dir=state_dir, ca_file=ca_file, join_token_file=join_token_file,
-                         server_name=server_name)
+    config = AgentConfig(
+        server_host=host,
+        server_port=port,
+        client_id=client_id,
+        state_dir=state_dir,
+        ca_file=ca_file,
+        join_token_file=join_token_file,
+        server_name=server_name,
+    )
 
     async def run(stop: asyncio.Event) -> None:
         agt = Agent(config)
@@ -153,19 +206,27 @@ def up(state_dir: Path, api_port: int, quic_port: int) -> None:
     from deploy_core.server.app import DeployServer, ServerConfig
 
     async def run(stop: asyncio.Event) -> None:
-        srv = DeployServer(ServerConfig(state_dir=state_dir, api_port=api_port,
-                                        quic_port=quic_port))
+        srv = DeployServer(
+            ServerConfig(state_dir=state_dir, api_port=api_port, quic_port=quic_port)
+        )
         await srv.start()
-        agt = Agent(AgentConfig(
-            server_host="127.0.0.1", server_port=srv.transport.port, client_id="local",
-            state_dir=state_dir / "agent-local", ca_file=srv.state.certs.ca_cert,
-            join_token_file=srv.state.join_token_file,
-        ), plugins=srv.plugins)
+        agt = Agent(
+            AgentConfig(
+                server_host="127.0.0.1",
+                server_port=srv.transport.port,
+                client_id="local",
+                state_dir=state_dir / "agent-local",
+                ca_file=srv.state.certs.ca_cert,
+                join_token_file=srv.state.join_token_file,
+            ),
+            plugins=srv.plugins,
+        )
         agent_task = asyncio.create_task(agt.run())
         connected = await agt.connector.wait_connected(15)
         _print_server_banner(srv)
-        click.echo(f"  local agent:  {'connected' if connected else 'NOT connected'} "
-                   f"as client 'local'")
+        click.echo(
+            f"  local agent:  {'connected' if connected else 'NOT connected'} as client 'local'"
+        )
         click.echo("Try:  deployctl deploy shell --client local --script 'echo hello' --wait")
         try:
             await stop.wait()
@@ -261,37 +322,70 @@ def _read_script(text: str | None, file: Path | None, what: str) -> str | None:
 @click.option("--script-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--workdir", default=None, help="absolute working directory on the host")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE, repeatable")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300,
-              show_default=True, help="seconds before the script is killed")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300,
+    show_default=True,
+    help="seconds before the script is killed",
+)
 @click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
-@click.option("--health-script-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="a script whose exit code 0 means healthy")
+@click.option(
+    "--health-script-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a script whose exit code 0 means healthy",
+)
 @click.option("--health-retries", type=click.IntRange(0, 100), default=None)
 @click.option("--health-interval", type=click.FloatRange(min=0), default=None)
-@click.option("--rollback", "rollback_strategy", default=None,
-              help="rollback strategy: inline (run the script again with DEPLOY_ACTION=rollback),"
-                   " script, snapshot")
-@click.option("--rollback-script-file", type=click.Path(exists=True, dir_okay=False,
-                                                         path_type=Path),
-              help="script run to roll back (implies --rollback script)")
-@click.option("--snapshot", "snapshot_dir", default=None,
-              help="directory to snapshot before and restore on failure (implies --rollback "
-                   "snapshot)")
+@click.option(
+    "--rollback",
+    "rollback_strategy",
+    default=None,
+    help="rollback strategy: inline (run the script again with DEPLOY_ACTION=rollback),"
+    " script, snapshot",
+)
+@click.option(
+    "--rollback-script-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="script run to roll back (implies --rollback script)",
+)
+@click.option(
+    "--snapshot",
+    "snapshot_dir",
+    default=None,
+    help="directory to snapshot before and restore on failure (implies --rollback snapshot)",
+)
 @click.option("--wait", is_flag=True, help="follow the deployment until it ends")
 @click.option("--wait-timeout", type=float, default=3600, show_default=True)
 @with_api
-def deploy_shell(api: DeployClient, client_id: str, script: str | None, script_file: Path | None,
-                 workdir: str | None, env: tuple[str, ...], timeout: float,
-                 health: tuple[str, ...], health_script_file: Path | None,
-                 health_retries: int | None, health_interval: float | None,
-                 rollback_strategy: str | None, rollback_script_file: Path | None,
-                 snapshot_dir: str | None, wait: bool, wait_timeout: float) -> None:
+def deploy_shell(
+    api: DeployClient,
+    client_id: str,
+    script: str | None,
+    script_file: Path | None,
+    workdir: str | None,
+    env: tuple[str, ...],
+    timeout: float,
+    health: tuple[str, ...],
+    health_script_file: Path | None,
+    health_retries: int | None,
+    health_interval: float | None,
+    rollback_strategy: str | None,
+    rollback_script_file: Path | None,
+    snapshot_dir: str | None,
+    wait: bool,
+    wait_timeout: float,
+) -> None:
     """Run a shell script on a client."""
     body_script = _read_script(script, script_file, "the script")
     if body_script is None:
         raise click.UsageError("give --script or --script-file")
-    body: dict[str, Any] = {"client_id": client_id, "script": body_script,
-                            "env": _parse_env(env), "timeout": timeout}
+    body: dict[str, Any] = {
+        "client_id": client_id,
+        "script": body_script,
+        "env": _parse_env(env),
+        "timeout": timeout,
+    }
     if workdir:
         body["workdir"] = workdir
     checks = [parse_health(h) for h in health]
@@ -310,8 +404,9 @@ def deploy_shell(api: DeployClient, client_id: str, script: str | None, script_f
     _submit_and_follow(api, "shell", body, wait, wait_timeout)
 
 
-def _rollback_option(strategy: str | None, script_file: Path | None,
-                     snapshot_dir: str | None) -> dict[str, Any] | None:
+def _rollback_option(
+    strategy: str | None, script_file: Path | None, snapshot_dir: str | None
+) -> dict[str, Any] | None:
     if script_file is not None:
         return {"strategy": strategy or "script", "script": script_file.read_text()}
     if snapshot_dir is not None:
@@ -327,8 +422,9 @@ def _rollback_option(strategy: str | None, script_file: Path | None,
 @click.option("--wait", is_flag=True, help="follow the deployment until it ends")
 @click.option("--wait-timeout", type=float, default=3600, show_default=True)
 @with_api
-def deploy_submit(api: DeployClient, kind: str, body_file: Any, wait: bool,
-                  wait_timeout: float) -> None:
+def deploy_submit(
+    api: DeployClient, kind: str, body_file: Any, wait: bool, wait_timeout: float
+) -> None:
     """Send a deploy request of any type: KIND (e.g. shell) and a JSON body file ('-' = stdin)."""
     try:
         body = json.load(body_file)
@@ -337,16 +433,23 @@ def deploy_submit(api: DeployClient, kind: str, body_file: Any, wait: bool,
     _submit_and_follow(api, kind, body, wait, wait_timeout)
 
 
-def _submit_and_follow(api: DeployClient, kind: str, body: dict[str, Any], wait: bool,
-                       wait_timeout: float) -> None:
+def _submit_and_follow(
+    api: DeployClient, kind: str, body: dict[str, Any], wait: bool, wait_timeout: float
+) -> None:
     accepted = api.deploy(kind, body)
     deploy_id = accepted["deploy_id"]
     if not wait:
         _echo_json(accepted)
         return
-    click.echo(f"deployment {deploy_id} accepted"
-               + ("" if accepted.get("client_connected") else
-                  " (client not connected: it runs when the agent connects)"), err=True)
+    click.echo(
+        f"deployment {deploy_id} accepted"
+        + (
+            ""
+            if accepted.get("client_connected")
+            else " (client not connected: it runs when the agent connects)"
+        ),
+        err=True,
+    )
     final = follow(api, deploy_id, wait_timeout)
     sys.exit(0 if final["status"] in TERMINAL_OK else 1)
 
@@ -389,7 +492,9 @@ def _print_outcome(record: dict[str, Any]) -> None:
         click.echo(f"  error: {record['error']}")
     result = record.get("result") or {}
     if "exit_code" in result:
-        click.echo(f"  exit code: {result['exit_code']}  duration: {result.get('duration', 0):.2f}s")
+        click.echo(
+            f"  exit code: {result['exit_code']}  duration: {result.get('duration', 0):.2f}s"
+        )
     for key in ("stdout_tail", "stderr_tail"):
         text = (result.get(key) or "").rstrip()
         if text:
@@ -398,13 +503,17 @@ def _print_outcome(record: dict[str, Any]) -> None:
                 click.echo(f"    {line}")
     for check in record.get("health") or []:
         mark = "ok" if check["success"] else "FAILED"
-        click.echo(f"  health {check['check_type']}: {mark} after {check.get('attempts', 1)} "
-                   f"attempt(s){' - ' + check['error'] if check.get('error') else ''}")
+        click.echo(
+            f"  health {check['check_type']}: {mark} after {check.get('attempts', 1)} "
+            f"attempt(s){' - ' + check['error'] if check.get('error') else ''}"
+        )
     rollback = record.get("rollback")
     if rollback:
-        click.echo(f"  rollback ({rollback.get('strategy')}): "
-                   f"{'ok' if rollback['success'] else 'FAILED'}"
-                   f"{' - ' + rollback['error'] if rollback.get('error') else ''}")
+        click.echo(
+            f"  rollback ({rollback.get('strategy')}): "
+            f"{'ok' if rollback['success'] else 'FAILED'}"
+            f"{' - ' + rollback['error'] if rollback.get('error') else ''}"
+        )
 
 
 @main.command()
@@ -420,13 +529,16 @@ def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> N
         _echo_json({**record, "history": rows} if history else record)
         return
     click.echo(f"{record['deploy_id']}  {record['command_type']}  client {record['client_id']}")
-    click.echo(f"  {_bar(record['progress'])} {record['progress']}% {record['status']}"
-               f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})")
+    click.echo(
+        f"  {_bar(record['progress'])} {record['progress']}% {record['status']}"
+        f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})"
+    )
     if record["finished"]:
         _print_outcome(record)
     for row in rows:
-        click.echo(f"  {row['timestamp']}  {row['status']:<15} {row['progress']:3d}%  "
-                   f"{row['message']}")
+        click.echo(
+            f"  {row['timestamp']}  {row['status']:<15} {row['progress']:3d}%  {row['message']}"
+        )
 
 
 @main.command("list")
@@ -442,8 +554,10 @@ def list_cmd(api: DeployClient, client_id: str, limit: int, offset: int, as_json
         _echo_json(page)
         return
     for rec in page["items"]:
-        click.echo(f"{rec['deploy_id']}  {rec['created_at']}  {rec['command_type']:<14} "
-                   f"{rec['status']:<15} {rec['progress']:3d}%")
+        click.echo(
+            f"{rec['deploy_id']}  {rec['created_at']}  {rec['command_type']:<14} "
+            f"{rec['status']:<15} {rec['progress']:3d}%"
+        )
     click.echo(f"({len(page['items'])} of {page['total']})", err=True)
 
 
@@ -477,8 +591,11 @@ def clients(api: DeployClient, as_json: bool) -> None:
         _echo_json(rows)
         return
     for c in rows:
-        state = ("connected since " + (c["connected_since"] or "?")) if c["connected"] else (
-            "disconnected since " + (c["disconnected_since"] or "?"))
+        state = (
+            ("connected since " + (c["connected_since"] or "?"))
+            if c["connected"]
+            else ("disconnected since " + (c["disconnected_since"] or "?"))
+        )
         types = ", ".join(c["capabilities"].get("deploy_types", []))
         click.echo(f"{c['client_id']:<20} {state:<45} {types}")
 

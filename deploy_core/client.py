@@ -6,6 +6,7 @@ It finds the server from explicit arguments, then ``DEPLOY_CENTER_URL`` /
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -119,11 +120,11 @@ class DeployClient:
         )
         return result
 
-    def history(self, deploy_id: str) -> list[dict[str, Any]]:
+    def history(self, deploy_id: str) -> builtins.list[dict[str, Any]]:
         """The status history, oldest first."""
-        result: list[dict[str, Any]] = self.request("GET", f"/api/deploy/{deploy_id}/status")[
-            "history"
-        ]
+        result: builtins.list[dict[str, Any]] = self.request(
+            "GET", f"/api/deploy/{deploy_id}/status"
+        )["history"]
         return result
 
     def logs(self, deploy_id: str, *, after: int = 0) -> dict[str, Any]:
@@ -140,14 +141,14 @@ class DeployClient:
         )
         return result
 
-    def clients(self) -> list[dict[str, Any]]:
+    def clients(self) -> builtins.list[dict[str, Any]]:
         """Every enrolled client."""
-        result: list[dict[str, Any]] = self.request("GET", "/api/clients")["clients"]
+        result: builtins.list[dict[str, Any]] = self.request("GET", "/api/clients")["clients"]
         return result
 
-    def plugins(self) -> list[dict[str, Any]]:
+    def plugins(self) -> builtins.list[dict[str, Any]]:
         """The server's plugins."""
-        result: list[dict[str, Any]] = self.request("GET", "/api/plugins")["plugins"]
+        result: builtins.list[dict[str, Any]] = self.request("GET", "/api/plugins")["plugins"]
         return result
 
     def watch(self, deploy_id: str, *, timeout: float) -> Iterator[dict[str, Any]]:
@@ -166,7 +167,7 @@ class DeployClient:
 
     def wait(self, deploy_id: str, *, timeout: float = 600) -> dict[str, Any]:
         """Block until the deployment finishes; the final record."""
-        record: dict[str, Any] = {}
-        for record in self.watch(deploy_id, timeout=timeout):
+        final: dict[str, Any] = {}
+        for final in self.watch(deploy_id, timeout=timeout):  # noqa: B007 - the last one counts
             pass
-        return record
+        return final

@@ -31,17 +31,17 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 __all__ = [
     "PROJECT_NAME",
-    "hookimpl",
-    "hookspec",
+    "deploy_agent_services",
+    "deploy_finished",
     "deploy_register_deploy_types",
+    "deploy_register_event_handlers",
     "deploy_register_health_checks",
     "deploy_register_rollback_strategies",
-    "deploy_register_event_handlers",
     "deploy_register_routes",
     "deploy_register_tables",
-    "deploy_agent_services",
     "deploy_status_changed",
-    "deploy_finished",
+    "hookimpl",
+    "hookspec",
 ]
 
 # -------------------------------------------------------------------------------------------

@@ -152,9 +152,7 @@ class DeployPlugins:
                     dt.default_rollback,
                 )
 
-    def _collect(
-        self, hook_name: str, registry: Registry[Any], key: Callable[[Any], str]
-    ) -> None:
+    def _collect(self, hook_name: str, registry: Registry[Any], key: Callable[[Any], str]) -> None:
         expected = _REGISTRY_TYPES[hook_name]
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             owner = impl.plugin_name

@@ -190,7 +190,9 @@ class RollbackStrategy:
 
     def __post_init__(self) -> None:
         if not SIMPLE_NAME.match(self.name):
-            raise RegistrationError(f"rollback strategy name {self.name!r} must be a lower-case word")
+            raise RegistrationError(
+                f"rollback strategy name {self.name!r} must be a lower-case word"
+            )
         if not (isinstance(self.params, type) and issubclass(self.params, RollbackParams)):
             raise RegistrationError(
                 f"rollback strategy {self.name}: params must subclass RollbackParams"

@@ -112,8 +112,9 @@ class DeployCenter:
     Every wait has a timeout; :meth:`close` kills whatever is left.
     """
 
-    def __init__(self, root: Path, *, db_url: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, *, db_url: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         import socket
 
         self.root = root
@@ -135,22 +136,34 @@ class DeployCenter:
         log = open(self.root / log_name, "ab")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
             [sys.executable, "-m", "deploy_core.cli", "--log-level", "info", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
         )
 
     def start_server(self, timeout: float = 30.0) -> None:
         """Start (or restart) the server and wait until its API answers."""
         self.root.mkdir(parents=True, exist_ok=True)
-        args = ["server", "--state-dir", str(self.server_dir), "--api-port", str(self.api_port),
-                "--quic-port", str(self.quic_port)]
+        args = [
+            "server",
+            "--state-dir",
+            str(self.server_dir),
+            "--api-port",
+            str(self.api_port),
+            "--quic-port",
+            str(self.quic_port),
+        ]
         if self.db_url:
             args += ["--db", self.db_url]
         self.server_proc = self._spawn(args, "server.log")
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.server_proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.server_proc.returncode}: "
-                                   f"{self.log('server')[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.server_proc.returncode}: "
+                    f"{self.log('server')[-3000:]}"
+                )
             try:
                 self.api.request("GET", "/api/info")
                 return
@@ -176,19 +189,35 @@ class DeployCenter:
             end = time.monotonic() + 30
             while not token_file.exists() and time.monotonic() < end:
                 time.sleep(0.05)
-            self._api = DeployClient(f"http://127.0.0.1:{self.api_port}",
-                                     token_file.read_text().strip(), timeout=60)
+            self._api = DeployClient(
+                f"http://127.0.0.1:{self.api_port}", token_file.read_text().strip(), timeout=60
+            )
         return self._api
 
     # ------------------------------------------------------------------ agents
 
-    def start_agent(self, client_id: str, *, join_token_file: Path | None = None,
-                    wait: bool = True, timeout: float = 30.0) -> Any:
+    def start_agent(
+        self,
+        client_id: str,
+        *,
+        join_token_file: Path | None = None,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Any:
         """Start (or restart) an agent process; wait until the server lists it connected."""
-        args = ["agent", "--server", f"127.0.0.1:{self.quic_port}", "--client-id", client_id,
-                "--state-dir", str(self.root / f"agent-{client_id}"),
-                "--ca", str(self.server_dir / "ca.pem"),
-                "--join-token-file", str(join_token_file or self.server_dir / "join.token")]
+        args = [
+            "agent",
+            "--server",
+            f"127.0.0.1:{self.quic_port}",
+            "--client-id",
+            client_id,
+            "--state-dir",
+            str(self.root / f"agent-{client_id}"),
+            "--ca",
+            str(self.server_dir / "ca.pem"),
+            "--join-token-file",
+            str(join_token_file or self.server_dir / "join.token"),
+        ]
         proc = self._spawn(args, f"agent-{client_id}.log")
         self.agents[client_id] = proc
         if wait:
@@ -201,8 +230,9 @@ class DeployCenter:
 
         self._stop(self.agents.pop(client_id, None), sig or signal.SIGTERM, timeout)
 
-    def wait_connected(self, client_id: str, *, connected: bool = True,
-                       timeout: float = 30.0) -> None:
+    def wait_connected(
+        self, client_id: str, *, connected: bool = True, timeout: float = 30.0
+    ) -> None:
         """Wait until the server shows the client (dis)connected."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -213,8 +243,10 @@ class DeployCenter:
             except Exception:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"client {client_id} not {'connected' if connected else 'gone'} "
-                           f"after {timeout}s: {self.log('agent-' + client_id)[-3000:]}")
+        raise TimeoutError(
+            f"client {client_id} not {'connected' if connected else 'gone'} "
+            f"after {timeout}s: {self.log('agent-' + client_id)[-3000:]}"
+        )
 
     # ------------------------------------------------------------------ helpers
 

@@ -58,8 +58,9 @@ class Outcome:
 class Executor:
     """Runs deployments for one agent, one at a time."""
 
-    def __init__(self, *, plugins: DeployPlugins, journal: Journal, data_dir: Path,
-                 wake: Any) -> None:
+    def __init__(
+        self, *, plugins: DeployPlugins, journal: Journal, data_dir: Path, wake: Any
+    ) -> None:
         self.plugins = plugins
         self.journal = journal
         self.data_dir = data_dir
@@ -99,8 +100,9 @@ class Executor:
         self._callback(ctx, outcome, time.monotonic() - started)
         return outcome.status
 
-    async def recover(self, command: DeployCommand, stage: str,
-                      rollback_state: dict[str, Any] | None) -> DeployStatus:
+    async def recover(
+        self, command: DeployCommand, stage: str, rollback_state: dict[str, Any] | None
+    ) -> DeployStatus:
         """A deployment this agent was running when it stopped: never run it again; roll it
         back if it has a rollback, and report it (DESIGN §3, SPEC deploy-31)."""
         started = time.monotonic()
@@ -152,8 +154,11 @@ class Executor:
             log.exception("executor of %s failed", command.command_type)
             outcome.status, outcome.error = DeployStatus.FAILED, f"{type(exc).__name__}: {exc}"
         if outcome.status is DeployStatus.SUCCESS and command.health_checks:
-            ctx.report(DeployStatus.HEALTH_CHECK, progress=HEALTH_PROGRESS,
-                       message=f"running {len(command.health_checks)} health check(s)")
+            ctx.report(
+                DeployStatus.HEALTH_CHECK,
+                progress=HEALTH_PROGRESS,
+                message=f"running {len(command.health_checks)} health check(s)",
+            )
             outcome.health = await run_health_checks(ctx, self.plugins, command.health_checks)
             failed = [h for h in outcome.health if not h.success]
             if failed:
@@ -191,13 +196,20 @@ class Executor:
         self.journal.set_rollback_state(ctx.deploy_id, outcome.rollback_state)
         return strategy
 
-    async def _discard(self, ctx: DeployContext, strategy: RollbackStrategy,
-                       command: DeployCommand, outcome: Outcome) -> None:
+    async def _discard(
+        self,
+        ctx: DeployContext,
+        strategy: RollbackStrategy,
+        command: DeployCommand,
+        outcome: Outcome,
+    ) -> None:
         assert command.rollback is not None
         _strategy, params = self.plugins.parse_rollback(command.rollback)
         try:
-            await asyncio.wait_for(strategy.discard(ctx, params, outcome.rollback_state),
-                                   params.timeout + EXECUTOR_GRACE)
+            await asyncio.wait_for(
+                strategy.discard(ctx, params, outcome.rollback_state),
+                params.timeout + EXECUTOR_GRACE,
+            )
         except Exception as exc:  # retention is housekeeping: never fails a deployment
             ctx.log(f"rollback strategy {strategy.name} could not discard: {exc}", stream="agent")
 
@@ -229,8 +241,11 @@ class Executor:
         target = command.rollback_of
         if target is None:
             return Outcome(DeployStatus.ROLLBACK_FAILED, "deploy.rollback without a target")
-        ctx.report(DeployStatus.EXECUTING, progress=0,
-                   message=f"rolling back deployment {target.deploy_id}")
+        ctx.report(
+            DeployStatus.EXECUTING,
+            progress=0,
+            message=f"rolling back deployment {target.deploy_id}",
+        )
         result = await self._rollback(ctx, target, "manual rollback")
         status = DeployStatus.ROLLED_BACK if result.success else DeployStatus.ROLLBACK_FAILED
         return Outcome(status, result.error, rollback=result)
@@ -245,13 +260,21 @@ class Executor:
         try:
             strategy, params = self.plugins.parse_rollback(target.rollback)
         except (LookupError, ValidationError) as exc:
-            return RollbackResult(success=False, strategy=target.rollback.get("strategy"),
-                                  error=f"cannot roll back: {exc}")
-        ctx.report(DeployStatus.ROLLING_BACK, progress=ctx.progress,
-                   message=f"rolling back with strategy {strategy.name}: {reason}")
+            return RollbackResult(
+                success=False,
+                strategy=target.rollback.get("strategy"),
+                error=f"cannot roll back: {exc}",
+            )
+        ctx.report(
+            DeployStatus.ROLLING_BACK,
+            progress=ctx.progress,
+            message=f"rolling back with strategy {strategy.name}: {reason}",
+        )
         if strategy.needs_state and target.rollback_state is None:
             return RollbackResult(
-                success=False, strategy=strategy.name, duration=time.monotonic() - started,
+                success=False,
+                strategy=strategy.name,
+                duration=time.monotonic() - started,
                 error=f"strategy {strategy.name} has no saved state for {target.deploy_id}",
             )
         try:
@@ -260,17 +283,26 @@ class Executor:
                 params.timeout + EXECUTOR_GRACE,
             )
         except TimeoutError:
-            return RollbackResult(success=False, strategy=strategy.name,
-                                  duration=time.monotonic() - started,
-                                  error=f"rollback did not finish within {params.timeout:g}s")
+            return RollbackResult(
+                success=False,
+                strategy=strategy.name,
+                duration=time.monotonic() - started,
+                error=f"rollback did not finish within {params.timeout:g}s",
+            )
         except Exception as exc:
-            return RollbackResult(success=False, strategy=strategy.name,
-                                  duration=time.monotonic() - started,
-                                  error=str(exc) or type(exc).__name__)
+            return RollbackResult(
+                success=False,
+                strategy=strategy.name,
+                duration=time.monotonic() - started,
+                error=str(exc) or type(exc).__name__,
+            )
         health: list[HealthCheckResult] = []
         if target.health_checks:
-            ctx.report(DeployStatus.HEALTH_CHECK, progress=ctx.progress,
-                       message="health checks after rollback")
+            ctx.report(
+                DeployStatus.HEALTH_CHECK,
+                progress=ctx.progress,
+                message="health checks after rollback",
+            )
             health = await run_health_checks(ctx, self.plugins, target.health_checks)
         failed = [h for h in health if not h.success]
         return RollbackResult(
@@ -297,8 +329,9 @@ class Executor:
             deploy_type=kind,
             status=outcome.status,
             success=outcome.status is DeployStatus.SUCCESS
-            or (ctx.command_type == COMMAND_ROLLBACK
-                and outcome.status is DeployStatus.ROLLED_BACK),
+            or (
+                ctx.command_type == COMMAND_ROLLBACK and outcome.status is DeployStatus.ROLLED_BACK
+            ),
             result=result,
             error=(outcome.error or None) and outcome.error[:16000],
             duration=round(duration, 6),
@@ -314,5 +347,9 @@ class Executor:
             payload.model_dump(mode="json"),
         )
         self.wake()
-        log.info("deployment %s finished: %s%s", ctx.deploy_id, outcome.status.value,
-                 f" ({outcome.error})" if outcome.error else "")
+        log.info(
+            "deployment %s finished: %s%s",
+            ctx.deploy_id,
+            outcome.status.value,
+            f" ({outcome.error})" if outcome.error else "",
+        )

@@ -100,8 +100,13 @@ class Journal:
             cur = db.execute(
                 "INSERT OR IGNORE INTO deployments (deploy_id, command_type, command, state,"
                 " accepted_at) VALUES (?, ?, ?, ?, ?)",
-                (command.deploy_id, command.command_type, command.model_dump_json(), ACCEPTED,
-                 time.time()),
+                (
+                    command.deploy_id,
+                    command.command_type,
+                    command.model_dump_json(),
+                    ACCEPTED,
+                    time.time(),
+                ),
             )
             return bool(cur.rowcount)
 

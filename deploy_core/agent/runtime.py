@@ -145,7 +145,8 @@ class Agent:
             try:
                 if time.time() > command.expires_at:
                     self.executor.refuse(
-                        command, DeployStatus.TIMEOUT,
+                        command,
+                        DeployStatus.TIMEOUT,
                         "the deadline passed before the agent could start the deployment",
                     )
                 else:
@@ -186,8 +187,9 @@ class Agent:
             return
         new = await asyncio.to_thread(self.journal.accept, command)
         self.connector.send(
-            Envelope(kind=Kind.ACK, ref=env.id, name=env.name,
-                     payload={"deploy_id": command.deploy_id})
+            Envelope(
+                kind=Kind.ACK, ref=env.id, name=env.name, payload={"deploy_id": command.deploy_id}
+            )
         )
         if new:
             log.info("accepted deployment %s (%s)", command.deploy_id, command.command_type)

@@ -206,14 +206,19 @@ def validate_options(
         except LookupError as exc:
             raise ApiError(422, str(exc), [{"loc": ["rollback", "strategy"]}]) from None
         except ValidationError as exc:
-            raise ApiError(422, "invalid rollback", _validation_detail(exc, ("rollback",))) from None
+            raise ApiError(
+                422, "invalid rollback", _validation_detail(exc, ("rollback",))
+            ) from None
         rollback = rparams.model_dump(mode="json")
-        extra += rparams.timeout + extra  # the checks run again after a rollback
+        # After a rollback the checks run again: their time counts twice.
+        extra = 2 * extra + rparams.timeout
     return checks, rollback, extra
 
 
 def check_capabilities(
-    client: dict[str, Any], command_type: str, checks: list[dict[str, Any]],
+    client: dict[str, Any],
+    command_type: str,
+    checks: list[dict[str, Any]],
     rollback: dict[str, Any] | None,
 ) -> None:
     """Refuse (409) what the target agent said it cannot do."""
@@ -349,8 +354,13 @@ async def get_logs(request: Request) -> Response:
         {
             "deploy_id": deploy_id,
             "lines": [
-                {"id": r["id"], "timestamp": _iso(r["ts"]), "stream": r["stream"],
-                 "stage": r["stage"], "line": r["line"]}
+                {
+                    "id": r["id"],
+                    "timestamp": _iso(r["ts"]),
+                    "stream": r["stream"],
+                    "stage": r["stage"],
+                    "line": r["line"],
+                }
                 for r in rows
             ],
             "next_after": rows[-1]["id"] if rows else after,
@@ -466,13 +476,19 @@ class TokenAuth:
             scheme, _, given = value.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
                 client = scope.get("client") or ("?", 0)
-                log.warning("refused %s %s from %s: %s", scope.get("method", "WS"),
-                            scope["path"], client[0],
-                            "no bearer token" if not value else "wrong token")
+                log.warning(
+                    "refused %s %s from %s: %s",
+                    scope.get("method", "WS"),
+                    scope["path"],
+                    client[0],
+                    "no bearer token" if not value else "wrong token",
+                )
                 if scope["type"] == "http":
                     response = JSONResponse(
-                        {"error": "missing or invalid API token: send 'Authorization: Bearer "
-                                  "<token>' (the admin token is in the server's state directory)"},
+                        {
+                            "error": "missing or invalid API token: send 'Authorization: Bearer "
+                            "<token>' (the admin token is in the server's state directory)"
+                        },
                         status_code=401,
                         headers={"WWW-Authenticate": "Bearer"},
                     )

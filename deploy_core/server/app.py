@@ -155,7 +155,9 @@ class DeployServer:
         while not self._http.started:
             if http_task.done():
                 http_task.result()
-                raise RuntimeError(f"the HTTP API could not listen on {cfg.api_host}:{cfg.api_port}")
+                raise RuntimeError(
+                    f"the HTTP API could not listen on {cfg.api_host}:{cfg.api_port}"
+                )
             await asyncio.sleep(0.01)
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))

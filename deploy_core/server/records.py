@@ -129,8 +129,17 @@ class RecordStore:
                         .where(deployments.c.deploy_id == rollback_of)
                         .values(rolled_back_by=deploy_id, rollback_wanted=False)
                     )
-                self._history(conn, deploy_id, None, DeployStatus.PENDING.value, "pending", 0,
-                              "accepted by the server", "server", now)
+                self._history(
+                    conn,
+                    deploy_id,
+                    None,
+                    DeployStatus.PENDING.value,
+                    "pending",
+                    0,
+                    "accepted by the server",
+                    "server",
+                    now,
+                )
         except IntegrityError:
             holder = self.lock_holder(client_id)
             if holder is None:  # released between our insert and this read: try once more
@@ -296,9 +305,16 @@ class RecordStore:
                         .values(agent_status=callback.status.value, updated_at=now)
                     )
                     self._history(
-                        conn, callback.callback_id, None, callback.status.value, "callback", 100,
+                        conn,
+                        callback.callback_id,
+                        None,
+                        callback.status.value,
+                        "callback",
+                        100,
                         f"late callback from the agent: {callback.status.value}"
-                        f"{': ' + callback.error if callback.error else ''}", "agent", now,
+                        f"{': ' + callback.error if callback.error else ''}",
+                        "agent",
+                        now,
                     )
                 return Applied(False, self._get(conn, callback.callback_id), previous)
             conn.execute(
@@ -321,9 +337,15 @@ class RecordStore:
                 )
             )
             self._history(
-                conn, callback.callback_id, None, callback.status.value, callback.status.value,
-                100, callback.error or ("succeeded" if callback.success else "finished"),
-                "agent", now,
+                conn,
+                callback.callback_id,
+                None,
+                callback.status.value,
+                callback.status.value,
+                100,
+                callback.error or ("succeeded" if callback.success else "finished"),
+                "agent",
+                now,
             )
             self._release(conn, record["client_id"], callback.callback_id)
             return Applied(True, self._get(conn, callback.callback_id), previous)
@@ -334,9 +356,7 @@ class RecordStore:
         now = time.time()
         with self.engine.begin() as conn:
             rec = conn.execute(
-                sa.select(deployments)
-                .where(deployments.c.deploy_id == deploy_id)
-                .with_for_update()
+                sa.select(deployments).where(deployments.c.deploy_id == deploy_id).with_for_update()
             ).first()
             if rec is None or rec.finished_at is not None:
                 return Applied(False, _row(rec) if rec else None, rec.status if rec else None)
@@ -354,8 +374,17 @@ class RecordStore:
                     finished_at=now,
                 )
             )
-            self._history(conn, deploy_id, None, DeployStatus.TIMEOUT.value, "timeout",
-                          rec.progress, reason, "server", now)
+            self._history(
+                conn,
+                deploy_id,
+                None,
+                DeployStatus.TIMEOUT.value,
+                "timeout",
+                rec.progress,
+                reason,
+                "server",
+                now,
+            )
             self._release(conn, rec.client_id, deploy_id)
             return Applied(True, self._get(conn, deploy_id), previous)
 
@@ -464,9 +493,7 @@ class RecordStore:
         except IntegrityError:
             raise AlreadyEnrolled(client_id) from None
 
-    def set_connected(
-        self, client_id: str, *, remote: str, capabilities: dict[str, Any]
-    ) -> None:
+    def set_connected(self, client_id: str, *, remote: str, capabilities: dict[str, Any]) -> None:
         """The agent connected to this server."""
         now = time.time()
         with self.engine.begin() as conn:

@@ -63,7 +63,9 @@ class ServerState:
         return self.root / "deploy-center.db"
 
 
-def init_state(root: Path, *, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> ServerState:
+def init_state(
+    root: Path, *, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+) -> ServerState:
     """Create (or open) a state directory: CA and server certificate, admin and join tokens."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     certs = ensure_server_certs(root, hostnames=hostnames)

@@ -35,8 +35,11 @@ def statuses(center: DeployCenter, deploy_id: str) -> list[str]:
 
 def test_success_reports_every_stage_and_the_output(center: DeployCenter, tmp_path: Path) -> None:
     deploy_id = center.deploy_shell(
-        "web-1", "echo hello from $RELEASE; pwd; echo oops >&2",
-        env={"RELEASE": "r42"}, workdir=str(tmp_path), timeout=30,
+        "web-1",
+        "echo hello from $RELEASE; pwd; echo oops >&2",
+        env={"RELEASE": "r42"},
+        workdir=str(tmp_path),
+        timeout=30,
     )
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "success"
@@ -110,7 +113,9 @@ def test_two_clients_deploy_in_parallel(center: DeployCenter, tmp_path: Path) ->
     lines = marks.read_text().split()
     # Both started before either ended: they ran at the same time.
     assert lines[:2] == sorted([f"start-{a}", f"start-{b}"]) or set(lines[:2]) == {
-        f"start-{a}", f"start-{b}"}
+        f"start-{a}",
+        f"start-{b}",
+    }
 
 
 def test_bad_bodies_are_refused_naming_the_field(center: DeployCenter) -> None:
@@ -122,16 +127,19 @@ def test_bad_bodies_are_refused_naming_the_field(center: DeployCenter) -> None:
         ({"client_id": "web-1", "script": "true", "surprise": 1}, "surprise"),
         ({"client_id": "web-1", "script": "x" * (100 * 1024 + 1)}, "script"),
         ({"client_id": "web-1", "script": "true", "env": {"BAD-NAME": "1"}}, "env"),
-        ({"client_id": "web-1", "script": "true", "health_checks": [{"type": "nope"}]},
-         "health_checks"),
+        (
+            {"client_id": "web-1", "script": "true", "health_checks": [{"type": "nope"}]},
+            "health_checks",
+        ),
     ]
     for body, field in cases:
         with pytest.raises(ApiError) as err:
             center.api.deploy("shell", body)
         assert err.value.status == 422, body
         assert field in str(err.value), (field, str(err.value))
-    raw = httpx.post(f"{center.api.url}/api/deploy/shell", content=b"{not json",
-                     headers=center.api.http.headers)
+    raw = httpx.post(
+        f"{center.api.url}/api/deploy/shell", content=b"{not json", headers=center.api.http.headers
+    )
     assert raw.status_code == 400 and "not JSON" in raw.json()["error"]
 
 
@@ -167,8 +175,12 @@ def test_every_route_needs_the_token(center: DeployCenter) -> None:
     ]
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
-            response = httpx.request(method, center.api.url + path, headers=headers,
-                                     json={"client_id": "web-1", "script": "true"})
+            response = httpx.request(
+                method,
+                center.api.url + path,
+                headers=headers,
+                json={"client_id": "web-1", "script": "true"},
+            )
             assert response.status_code == 401, (method, path, headers)
 
 

@@ -23,8 +23,9 @@ async def test_runs_the_script_in_its_workdir_with_its_env(
     deploy_context: Factory, tmp_path: Path
 ) -> None:
     ctx, reporter = deploy_context(stages=STAGES)
-    params = ShellParams(script="echo $GREETING; pwd", workdir=str(tmp_path),
-                         env={"GREETING": "hi"})
+    params = ShellParams(
+        script="echo $GREETING; pwd", workdir=str(tmp_path), env={"GREETING": "hi"}
+    )
     result = await run_shell(ctx, params)
     assert result.exit_code == 0
     assert result.stdout_tail.split() == ["hi", str(tmp_path)]
@@ -57,8 +58,9 @@ async def test_timeout_is_reported_as_timeout(deploy_context: Factory) -> None:
     assert err.value.result is not None and err.value.result.model_dump()["timed_out"]
 
 
-async def test_missing_workdir_fails_before_running(deploy_context: Factory,
-                                                    tmp_path: Path) -> None:
+async def test_missing_workdir_fails_before_running(
+    deploy_context: Factory, tmp_path: Path
+) -> None:
     ctx, reporter = deploy_context()
     with pytest.raises(DeployFailed, match="does not exist"):
         await run_shell(ctx, ShellParams(script="true", workdir=str(tmp_path / "nope")))

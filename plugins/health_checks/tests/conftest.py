@@ -7,9 +7,9 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import health_checks.plugin
 import pytest
 
+import health_checks.plugin
 from deploy_core.agent.health import run_health_checks
 from deploy_core.models import HealthCheckResult
 from deploy_core.plugins import DeployPlugins, load_plugins

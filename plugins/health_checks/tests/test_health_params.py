@@ -6,13 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from health_checks.http import HttpCheckParams
-from health_checks.script import MAX_SCRIPT_BYTES, ScriptCheckParams
-from health_checks.tcp import TcpCheckParams
 from pydantic import ValidationError
 
 from deploy_core.agent.health import run_health_checks
 from deploy_core.plugins import DeployPlugins
+from health_checks.http import HttpCheckParams
+from health_checks.script import MAX_SCRIPT_BYTES, ScriptCheckParams
+from health_checks.tcp import TcpCheckParams
 
 
 @pytest.mark.parametrize(
