@@ -518,6 +518,22 @@ def _print_outcome(record: dict[str, Any]) -> None:
 
 @main.command()
 @click.argument("deploy_id")
+@click.option("--wait", is_flag=True, help="follow the rollback until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def rollback(api: DeployClient, deploy_id: str, wait: bool, wait_timeout: float) -> None:
+    """Roll back a finished deployment with its own strategy and health checks."""
+    accepted = api.rollback(deploy_id)
+    if not wait:
+        _echo_json(accepted)
+        return
+    click.echo(f"rollback {accepted['deploy_id']} of {deploy_id} accepted", err=True)
+    final = follow(api, accepted["deploy_id"], wait_timeout)
+    sys.exit(0 if final["status"] == "rolled_back" else 1)
+
+
+@main.command()
+@click.argument("deploy_id")
 @click.option("--history", is_flag=True, help="also show the status history")
 @click.option("--json", "as_json", is_flag=True, help="print the raw record")
 @with_api

@@ -108,6 +108,11 @@ class DeployClient:
         result: dict[str, Any] = self.request("POST", f"/api/deploy/{kind}", json=body)
         return result
 
+    def rollback(self, deploy_id: str) -> dict[str, Any]:
+        """``POST /api/deploy/{deploy_id}/rollback``: a new ``deploy.rollback`` deployment."""
+        result: dict[str, Any] = self.request("POST", f"/api/deploy/{deploy_id}/rollback")
+        return result
+
     def get(self, deploy_id: str, *, wait: float = 0, since: float | None = None) -> dict[str, Any]:
         """The record; with ``wait``, long-poll for a change (or for the end)."""
         params: dict[str, Any] = {}

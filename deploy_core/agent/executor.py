@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # says more than the core's cancellation would.
 EXECUTOR_GRACE = 10.0
 HEALTH_PROGRESS = 90
+UNDONE = {DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value}
 
 
 @dataclass
@@ -246,6 +247,19 @@ class Executor:
             progress=0,
             message=f"rolling back deployment {target.deploy_id}",
         )
+        entry = self.journal.get(target.deploy_id)
+        if entry is not None and entry.final_status in UNDONE:
+            # The agent rolled it back itself while the server had given up on it.
+            return Outcome(
+                DeployStatus.ROLLED_BACK,
+                rollback=RollbackResult(
+                    success=entry.final_status == DeployStatus.ROLLED_BACK.value,
+                    strategy=target.rollback.get("strategy"),
+                    message=f"already {entry.final_status} by this agent when it failed",
+                ),
+            )
+        if target.rollback_state is None and entry is not None:
+            target = target.model_copy(update={"rollback_state": entry.rollback_state})
         result = await self._rollback(ctx, target, "manual rollback")
         status = DeployStatus.ROLLED_BACK if result.success else DeployStatus.ROLLBACK_FAILED
         return Outcome(status, result.error, rollback=result)

@@ -61,6 +61,8 @@ class Agent:
         self._sent_upto = 0
         self._last_resend = time.monotonic()
         self._stopping = asyncio.Event()
+        # The worker starts nothing new until interrupted deployments are dealt with.
+        self._recovered = asyncio.Event()
         self.executor = Executor(
             plugins=self.plugins,
             journal=self.journal,
@@ -101,7 +103,10 @@ class Agent:
             )
             tasks.append(asyncio.create_task(self._service(name, service.run, ctx)))
         try:
-            await self._recover()
+            try:
+                await self._recover()
+            finally:
+                self._recovered.set()
             await self._stopping.wait()
         finally:
             await self.connector.stop()
@@ -140,6 +145,7 @@ class Agent:
             self._queue.put_nowait(command)
 
     async def _worker(self) -> None:
+        await self._recovered.wait()
         while True:
             command = await self._queue.get()
             try:

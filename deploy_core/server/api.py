@@ -27,6 +27,7 @@ from deploy_core.models import ID_PATTERN, wire_schemas
 from deploy_core.registry import DeployType
 from deploy_core.server.app import DeployServer
 from deploy_core.server.records import ClientBusy
+from deploy_core.server.rollbacks import RollbackRefused, request_rollback
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,29 @@ async def create_deployment(request: Request) -> Response:
     )
 
 
+async def rollback_deployment(request: Request) -> Response:
+    """``POST /api/deploy/{deploy_id}/rollback`` → ``202`` with the rollback's own deployment
+    id (SPEC deploy-25).  ``409`` when there is nothing to restore or the client is busy."""
+    server = _server(request)
+    record = await _record_or_404(server, request.path_params["deploy_id"])
+    try:
+        rollback = await request_rollback(server, record)
+    except RollbackRefused as exc:
+        raise ApiError(409, str(exc)) from None
+    except ClientBusy as exc:
+        raise ApiError(409, str(exc), {"busy_with": exc.deploy_id}) from None
+    return JSONResponse(
+        {
+            "deploy_id": rollback["deploy_id"],
+            "rollback_of": record["deploy_id"],
+            "status": rollback["status"],
+            "client_connected": server.is_connected(record["client_id"]),
+            "url": f"/api/deploy/{rollback['deploy_id']}",
+        },
+        status_code=202,
+    )
+
+
 async def _record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]:
     record = await server.db(server.records.get, deploy_id)
     if record is None:
@@ -522,6 +546,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/deploy/{deploy_id:str}", get_deployment, methods=["GET"]),
         Route("/deploy/{deploy_id:str}/status", get_status_history, methods=["GET"]),
         Route("/deploy/{deploy_id:str}/logs", get_logs, methods=["GET"]),
+        Route("/deploy/{deploy_id:str}/rollback", rollback_deployment, methods=["POST"]),
         Route("/deploy/{client_id:str}/list", list_deployments, methods=["GET"]),
         Route("/clients", list_clients, methods=["GET"]),
         Route("/clients/{client_id:str}", get_client, methods=["GET"]),

@@ -27,7 +27,8 @@ from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.events import EventContext, EventRejected
-from deploy_core.server.records import AlreadyEnrolled, RecordStore
+from deploy_core.server.records import AlreadyEnrolled, ClientBusy, RecordStore
+from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.transport import (
     AgentSession,
@@ -214,6 +215,14 @@ class DeployServer:
         from deploy_core.server.api import render_record
 
         self.plugins.notify("deploy_finished", record=render_record(record))
+        if agent_left_it_unrolled(record):
+            try:
+                rollback = await request_rollback(self, record)
+            except (RollbackRefused, ClientBusy) as exc:
+                log.warning("cannot roll back %s: %s", record["deploy_id"], exc)
+            else:
+                log.info("deployment %s failed without a rollback by its agent; rollback %s "
+                         "asked for", record["deploy_id"], rollback["deploy_id"])
 
     async def submit(
         self,

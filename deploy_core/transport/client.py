@@ -338,7 +338,10 @@ class AgentConnector:
             await self._finished.wait()
 
     async def run(self) -> None:
-        """Stay connected until :meth:`stop`, reconnecting with back-off."""
+        """Stay connected until :meth:`stop`, reconnecting with back-off.
+
+        A stopped connector stays stopped; make a new one to connect again.
+        """
         if self._running:
             raise RuntimeError("AgentConnector.run() is already running")
         self._running = True
@@ -356,15 +359,19 @@ class AgentConnector:
                     current = asyncio.current_task()
                     if not self._stopping or (current is not None and current.cancelling()):
                         raise
-                except (HandshakeRefused, _MissingCredentials) as exc:
+                except HandshakeRefused as exc:
                     self.last_error = str(exc)
                     logger.warning(
                         "server %s:%d refused %s: %s", self._host, self._port, self._client_id, exc
                     )
+                except _MissingCredentials as exc:
+                    self.last_error = str(exc)
+                    logger.warning("%s cannot authenticate: %s", self._client_id, exc)
                 except Exception as exc:
                     self.last_error = str(exc) or type(exc).__name__
+                    what = "lost" if self._authenticated else "failed"
                     logger.info(
-                        "connection to %s:%d failed: %s", self._host, self._port, self.last_error
+                        "connection to %s:%d %s: %s", self._host, self._port, what, self.last_error
                     )
                 if self._stopping:
                     break

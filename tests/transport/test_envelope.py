@@ -170,8 +170,6 @@ def test_random_bytes_property() -> None:
     hypothesis = pytest.importorskip("hypothesis")
     strategies = pytest.importorskip("hypothesis.strategies")
 
-    @hypothesis.settings(max_examples=300, deadline=None)
-    @hypothesis.given(chunks=strategies.lists(strategies.binary(max_size=64), max_size=8))
     def check(chunks: list[bytes]) -> None:
         decoder = FrameDecoder(max_bytes=4096)
         for chunk in chunks:
@@ -180,4 +178,6 @@ def test_random_bytes_property() -> None:
             except ProtocolError:
                 return
 
-    check()
+    chunks = strategies.lists(strategies.binary(max_size=64), max_size=8)
+    settings = hypothesis.settings(max_examples=300, deadline=None)
+    settings(hypothesis.given(chunks=chunks)(check))()

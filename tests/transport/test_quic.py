@@ -484,12 +484,22 @@ async def test_a_failing_callback_does_not_break_the_connection(
 
 
 @pytest.mark.asyncio
-async def test_oversize_frame_closes_only_that_connection(
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (struct.pack(">I", 10_000) + b"{", "10000 bytes, over the 4096-byte message limit"),
+        (struct.pack(">I", 5) + b"{oops", "frame is not valid JSON"),
+        (struct.pack(">I", 18) + b'{"kind":"explode"}', "kind: Input should be"),
+    ],
+)
+async def test_bad_frame_after_auth_closes_only_that_connection(
     start_server: StartServer,
     start_connector: StartConnector,
     certs: ServerCerts,
     authority: MemoryAuthority,
     recorder: Recorder,
+    frame: bytes,
+    reason: str,
 ) -> None:
     server = await start_server(max_message_bytes=4096)
     agent = start_connector(server, MemoryCredentials(token="join-secret"))
@@ -500,10 +510,10 @@ async def test_oversize_frame_closes_only_that_connection(
         welcome = await raw.authenticate("raw-1", key)
         assert welcome.kind is Kind.WELCOME and "agent_key" not in welcome.payload
         await eventually(lambda: server.session("raw-1") is not None)
-        raw.send_raw(struct.pack(">I", 10_000) + b"{")
+        raw.send_raw(frame)
         error = await raw.recv()
         assert error.kind is Kind.ERROR
-        assert "10000 bytes, over the 4096-byte message limit" in error.payload["reason"]
+        assert reason in error.payload["reason"]
         await eventually(lambda: raw.terminated is not None)
 
     await eventually(lambda: [s.client_id for s in recorder.sessions("disconnect")] == ["raw-1"])
@@ -538,6 +548,26 @@ async def test_agent_reconnects_after_server_restart(
 
 
 @pytest.mark.asyncio
+async def test_silent_server_is_detected_by_heartbeat_and_the_agent_reconnects(
+    start_server: StartServer, start_connector: StartConnector, recorder: Recorder
+) -> None:
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    # The server stops hearing anything (as if the network dropped), so no PONGs come back.
+    transport = server._transport
+    assert isinstance(transport, asyncio.ReadTransport)  # the selector loop's UDP transport
+    transport.pause_reading()
+    await eventually(lambda: not agent.connected, timeout=3)
+    await eventually(lambda: "no frame from the server" in (agent.last_error or ""))
+    transport.resume_reading()
+    assert await agent.wait_connected(8)
+    await eventually(lambda: len(recorder.sessions("connect")) == 2)
+    await eventually(lambda: len(recorder.sessions("disconnect")) == 1)
+    assert server.session("web-1") is recorder.sessions("connect")[1]
+
+
+@pytest.mark.asyncio
 async def test_second_connection_for_a_client_replaces_the_first(
     start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
 ) -> None:
@@ -557,6 +587,7 @@ async def test_second_connection_for_a_client_replaces_the_first(
             ("disconnect", first),
             ("connect", second),
         ]
+        assert old.terminated is not None
         assert "replaced by a newer connection" in old.terminated.reason_phrase
     await eventually(lambda: recorder.sessions("disconnect") == [first, second])
 
