@@ -111,7 +111,7 @@ def decode_body(body: bytes) -> Envelope:
     """
     try:
         return Envelope.model_validate_json(body)
-    except KeyError as exc:
+    except ValidationError as exc:
         raise ProtocolError(_describe(exc)) from None
 
 

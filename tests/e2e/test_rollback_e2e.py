@@ -3,6 +3,7 @@ and server-initiated rollbacks — real server, real agent, real HTTP and TCP se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -119,10 +120,8 @@ def test_failed_tcp_check_rolls_back_and_rechecks(center: DeployCenter, tmp_path
         with socket.create_server(("127.0.0.1", port)) as sock:
             listening.set()
             sock.settimeout(10)
-            try:
+            with contextlib.suppress(TimeoutError):
                 sock.accept()[0].close()
-            except TimeoutError:
-                pass
 
     thread = threading.Thread(target=listen_after_rollback, daemon=True)
     thread.start()
