@@ -44,6 +44,21 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
+def load_agent_settings(path: Path) -> dict[str, Any]:
+    """Read an agent's TOML configuration; ``[services.NAME]`` tables configure agent
+    services."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    services = data.get("services", {})
+    if not isinstance(services, dict) or not all(isinstance(v, dict) for v in services.values()):
+        raise click.BadParameter(f"{path}: [services.NAME] must be tables", param_hint="--config")
+    return data
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -51,7 +66,43 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-@click.group()
+class _PluginAwareGroup(click.Group):
+    """Adds plugins' commands on first use, so ``deployctl --help`` lists them too."""
+
+    _loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from deploy_core.plugins import PluginError, get_plugins
+
+        try:
+            registered = get_plugins().cli_commands
+        except PluginError as exc:
+            logging.getLogger(__name__).warning("plugin commands not loaded: %s", exc)
+            return
+        for name, command in registered.entries.items():
+            if name in self.commands:
+                logging.getLogger(__name__).warning(
+                    "plugin %s's command %r clashes with a core command; ignored",
+                    registered.owners[name],
+                    name,
+                )
+                continue
+            self.add_command(command, name)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_PluginAwareGroup)
 @click.version_option(__version__, prog_name="deployctl")
 @click.option(
     "--log-level",

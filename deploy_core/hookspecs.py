@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import click
     from sqlalchemy import MetaData
 
     from deploy_core.registry import (
@@ -33,6 +34,7 @@ __all__ = [
     "PROJECT_NAME",
     "deploy_agent_services",
     "deploy_finished",
+    "deploy_register_cli_commands",
     "deploy_register_deploy_types",
     "deploy_register_event_handlers",
     "deploy_register_health_checks",
@@ -135,6 +137,19 @@ def deploy_agent_services(register: Callable[[AgentService], None]) -> None:
     """Agent side: register long-running tasks started with the agent (e.g. a sampler).
 
     :param register: call it once per :class:`~deploy_core.registry.AgentService`.
+
+    The return value is ignored.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def deploy_register_cli_commands(register: Callable[[click.Command], None]) -> None:
+    """Add commands to ``deployctl`` (e.g. ``deployctl docker ps``).
+
+    :param register: call it with a :class:`click.Command` or :class:`click.Group`; its name
+        must not clash with a core command or another plugin's.
 
     The return value is ignored.
 

@@ -17,6 +17,7 @@ from importlib import metadata
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
+import click
 import pluggy
 from sqlalchemy import MetaData
 
@@ -104,6 +105,7 @@ class DeployPlugins:
         self.event_handlers: Registry[EventHandler] = Registry("event handler")
         self.route_sets: Registry[RouteSet] = Registry("route set")
         self.agent_services: Registry[AgentService] = Registry("agent service")
+        self.cli_commands: Registry[click.Command] = Registry("deployctl command")
         self.versions: dict[str, str] = {}
         self.failed: dict[str, str] = {}
 
@@ -144,6 +146,7 @@ class DeployPlugins:
         self._collect("deploy_register_event_handlers", self.event_handlers, lambda e: e.name)
         self._collect("deploy_register_routes", self.route_sets, lambda e: e.name)
         self._collect("deploy_agent_services", self.agent_services, lambda e: e.name)
+        self._collect("deploy_register_cli_commands", self.cli_commands, lambda e: e.name)
         for name, dt in self.deploy_types.entries.items():
             if dt.default_rollback and dt.default_rollback not in self.rollback_strategies:
                 log.info(
@@ -241,6 +244,7 @@ class DeployPlugins:
                     "event_handlers": self.event_handlers.by_owner(name),
                     "routes": self.route_sets.by_owner(name),
                     "agent_services": self.agent_services.by_owner(name),
+                    "cli_commands": self.cli_commands.by_owner(name),
                 }
             )
         for name, reason in sorted(self.failed.items()):
@@ -268,6 +272,7 @@ _REGISTRY_TYPES: dict[str, type] = {
     "deploy_register_event_handlers": EventHandler,
     "deploy_register_routes": RouteSet,
     "deploy_agent_services": AgentService,
+    "deploy_register_cli_commands": click.Command,
 }
 
 

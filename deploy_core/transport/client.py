@@ -56,6 +56,8 @@ _STABLE_AFTER = 10.0
 _CLOSE_LINGER = 0.5
 # Heartbeats missed in a row before the connection counts as lost.
 _MISSED_HEARTBEATS = 3
+# QUIC puts the close reason in one packet; keep it well inside.
+_MAX_REASON_CHARS = 300
 
 
 class CredentialStore(Protocol):
@@ -175,7 +177,7 @@ class _ServerConnection(QuicConnectionProtocol):
     def lose(self, reason: str) -> None:
         """Give up on the connection: wake the reader and close."""
         self._mark_lost(reason)
-        self.close(reason_phrase=reason[:300])
+        self.close(reason_phrase=reason[:_MAX_REASON_CHARS])
 
     def _mark_lost(self, reason: str) -> None:
         if self.lost_reason is None:
