@@ -648,10 +648,19 @@ def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
             api.get(deploy_id, wait=10, since=api.get(deploy_id)["updated_ts"])
 
 
-@main.command()
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def clients(ctx: click.Context, as_json: bool) -> None:
+    """List enrolled clients and whether they are connected (or revoke / forget one)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(clients_list, as_json=as_json)
+
+
+@clients.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @with_api
-def clients(api: DeployClient, as_json: bool) -> None:
+def clients_list(api: DeployClient, as_json: bool) -> None:
     """List enrolled clients and whether they are connected."""
     rows = api.clients()
     if as_json:
@@ -663,8 +672,115 @@ def clients(api: DeployClient, as_json: bool) -> None:
             if c["connected"]
             else ("disconnected since " + (c["disconnected_since"] or "?"))
         )
+        if c.get("revoked_at"):
+            state = "REVOKED " + c["revoked_at"]
         types = ", ".join(c["capabilities"].get("deploy_types", []))
         click.echo(f"{c['client_id']:<20} {state:<45} {types}")
+
+
+@clients.command("revoke")
+@click.argument("client_id")
+@with_api
+def clients_revoke(api: DeployClient, client_id: str) -> None:
+    """Cut a client off now and refuse its agent from then on."""
+    api.request("POST", f"/api/clients/{client_id}/revoke")
+    click.echo(f"client {client_id} revoked")
+
+
+@clients.command("forget")
+@click.argument("client_id")
+@with_api
+def clients_forget(api: DeployClient, client_id: str) -> None:
+    """Drop a client's enrolment so its id can enroll again with a join token."""
+    api.request("DELETE", f"/api/clients/{client_id}")
+    click.echo(f"client {client_id} forgotten; it can enroll again with a join token")
+
+
+def parse_duration(value: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a duration like 90s, 15m, 1h, 7d; got {value!r}"
+        ) from None
+    if seconds <= 0:
+        raise click.BadParameter("a duration must be positive")
+    return seconds
+
+
+@main.group()
+def token() -> None:
+    """API tokens (with scopes) and agents' join tokens."""
+
+
+@token.command("create")
+@click.argument("name", required=False)
+@click.option(
+    "--scope",
+    type=click.Choice(["read", "deploy", "admin"]),
+    default=None,
+    help="what an API token may do",
+)
+@click.option("--join", "join", is_flag=True, help="make a join token for enrolling agents")
+@click.option("--ttl", default=None, help="join token lifetime, e.g. 1h")
+@click.option("--uses", type=click.IntRange(1), default=None, help="join token enrolments")
+@with_api
+def token_create(
+    api: DeployClient,
+    name: str | None,
+    scope: str | None,
+    join: bool,
+    ttl: str | None,
+    uses: int | None,
+) -> None:
+    """Create an API token NAME with --scope, or a join token with --join."""
+    if join:
+        if name or scope:
+            raise click.UsageError("a join token takes no NAME or --scope")
+        body: dict[str, Any] = {"note": "deployctl"}
+        if ttl:
+            body["ttl"] = parse_duration(ttl)
+        if uses:
+            body["uses"] = uses
+        made = api.request("POST", "/api/join-tokens", json=body)
+        click.echo(made["token"])
+        click.echo(
+            f"join token {made['token_id']}"
+            + (f", {uses} use(s)" if uses else "")
+            + (f", expires in {ttl}" if ttl else ""),
+            err=True,
+        )
+        return
+    if not name or not scope:
+        raise click.UsageError("an API token needs NAME and --scope (or use --join)")
+    made = api.request("POST", "/api/tokens", json={"name": name, "scope": scope})
+    click.echo(made["token"])
+    click.echo(f"token {name} ({scope}); shown once, keep it safe", err=True)
+
+
+@token.command("list")
+@with_api
+def token_list(api: DeployClient) -> None:
+    """List API tokens and join tokens (never their values)."""
+    _echo_json(
+        {
+            "tokens": api.request("GET", "/api/tokens")["tokens"],
+            "join_tokens": api.request("GET", "/api/join-tokens")["join_tokens"],
+        }
+    )
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.option("--join", "join", is_flag=True, help="NAME is a join token id")
+@with_api
+def token_revoke(api: DeployClient, name: str, join: bool) -> None:
+    """Revoke an API token by name, or a join token by id (--join)."""
+    api.request("DELETE", f"/api/{'join-tokens' if join else 'tokens'}/{name}")
+    click.echo(f"revoked {name}")
 
 
 @main.command()

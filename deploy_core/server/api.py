@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hmac
 import logging
 import time
 from typing import Any
@@ -20,29 +19,28 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, wire_schemas
 from deploy_core.registry import DeployType
+from deploy_core.server.admin import admin_routes
 from deploy_core.server.app import DeployServer
+from deploy_core.server.auth import TokenAuth
 from deploy_core.server.records import ClientBusy
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
+from deploy_core.server.web import (
+    ApiError,
+    float_param,
+    int_param,
+    json_body,
+    services,
+    validation_detail,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
 MAX_WAIT = 60.0
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, message and optional detail."""
-
-    def __init__(self, status: int, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
 
 
 class DeployRequestCommon(BaseModel):
@@ -124,59 +122,6 @@ def render_history(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _validation_detail(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    return [
-        {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-
-
-def _server(request: Request) -> DeployServer:
-    server: DeployServer = request.app.state.services
-    return server
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        import json
-
-        data = json.loads(body or b"null")
-    except ValueError as exc:
-        raise ApiError(400, f"request body is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "request body must be a JSON object")
-    return data
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, f"query parameter {name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(422, f"query parameter {name} must be between {low} and {high}")
-    return value
-
-
-def _float_param(request: Request, name: str, default: float, low: float, high: float) -> float:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(422, f"query parameter {name} must be a number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(422, f"query parameter {name} must be between {low:g} and {high:g}")
-    return value
-
-
 # --------------------------------------------------------------------------- deploy
 
 
@@ -194,7 +139,7 @@ def validate_options(
             raise ApiError(422, str(exc), [{"loc": ["health_checks", i, "type"]}]) from None
         except ValidationError as exc:
             raise ApiError(
-                422, "invalid health check", _validation_detail(exc, ("health_checks", i))
+                422, "invalid health check", validation_detail(exc, ("health_checks", i))
             ) from None
         checks.append(params.model_dump(mode="json"))
         extra += params.initial_delay + params.timeout
@@ -207,9 +152,7 @@ def validate_options(
         except LookupError as exc:
             raise ApiError(422, str(exc), [{"loc": ["rollback", "strategy"]}]) from None
         except ValidationError as exc:
-            raise ApiError(
-                422, "invalid rollback", _validation_detail(exc, ("rollback",))
-            ) from None
+            raise ApiError(422, "invalid rollback", validation_detail(exc, ("rollback",))) from None
         rollback = rparams.model_dump(mode="json")
         # After a rollback the checks run again: their time counts twice.
         extra = 2 * extra + rparams.timeout
@@ -244,7 +187,7 @@ def check_capabilities(
 
 async def create_deployment(request: Request) -> Response:
     """``POST /api/deploy/{kind}`` → ``202 {"deploy_id": …}`` (SPEC deploy-23)."""
-    server = _server(request)
+    server = services(request)
     kind = request.path_params["kind"]
     deploy_type = next(
         (t for t in server.plugins.deploy_types.entries.values() if t.kind == kind), None
@@ -252,11 +195,11 @@ async def create_deployment(request: Request) -> Response:
     if deploy_type is None:
         known = ", ".join(t.kind for t in server.plugins.deploy_types.entries.values())
         raise ApiError(404, f"unknown deploy type {kind!r} (this server has: {known or 'none'})")
-    body = await _json_body(request)
+    body = await json_body(request)
     try:
         validated = request_model(deploy_type).model_validate(body)
     except ValidationError as exc:
-        raise ApiError(422, "invalid deploy request", _validation_detail(exc)) from None
+        raise ApiError(422, "invalid deploy request", validation_detail(exc)) from None
     common = DeployRequestCommon.model_validate(
         {k: v for k, v in validated.model_dump().items() if k in _COMMON_FIELDS}
     )
@@ -297,7 +240,7 @@ async def create_deployment(request: Request) -> Response:
 async def rollback_deployment(request: Request) -> Response:
     """``POST /api/deploy/{deploy_id}/rollback`` → ``202`` with the rollback's own deployment
     id (SPEC deploy-25).  ``409`` when there is nothing to restore or the client is busy."""
-    server = _server(request)
+    server = services(request)
     record = await _record_or_404(server, request.path_params["deploy_id"])
     try:
         rollback = await request_rollback(server, record)
@@ -327,10 +270,10 @@ async def _record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]
 async def get_deployment(request: Request) -> Response:
     """``GET /api/deploy/{deploy_id}`` — the record.  ``?wait=S&since=T`` long-polls up to S
     seconds for a change after ``updated_ts`` T (or for the end, without ``since``)."""
-    server = _server(request)
+    server = services(request)
     deploy_id = request.path_params["deploy_id"]
-    wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
-    since = _float_param(request, "since", -1.0, -1.0, 1e12)
+    wait = float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
+    since = float_param(request, "since", -1.0, -1.0, 1e12)
     record = await _record_or_404(server, deploy_id)
     if wait > 0:
         async with server.listeners.subscribe(deploy_id) as queue:
@@ -353,7 +296,7 @@ async def get_deployment(request: Request) -> Response:
 
 async def get_status_history(request: Request) -> Response:
     """``GET /api/deploy/{deploy_id}/status`` — the status history, oldest first."""
-    server = _server(request)
+    server = services(request)
     deploy_id = request.path_params["deploy_id"]
     record = await _record_or_404(server, deploy_id)
     rows = await server.db(server.records.history, deploy_id)
@@ -368,11 +311,11 @@ async def get_status_history(request: Request) -> Response:
 
 async def get_logs(request: Request) -> Response:
     """``GET /api/deploy/{deploy_id}/logs?after=ID&limit=N`` — output lines in order."""
-    server = _server(request)
+    server = services(request)
     deploy_id = request.path_params["deploy_id"]
     await _record_or_404(server, deploy_id)
-    after = _int_param(request, "after", 0, 0, 2**62)
-    limit = _int_param(request, "limit", 1000, 1, 10000)
+    after = int_param(request, "after", 0, 0, 2**62)
+    limit = int_param(request, "limit", 1000, 1, 10000)
     rows = await server.db(server.records.logs, deploy_id, after=after, limit=limit)
     return JSONResponse(
         {
@@ -394,10 +337,10 @@ async def get_logs(request: Request) -> Response:
 
 async def list_deployments(request: Request) -> Response:
     """``GET /api/deploy/{client_id}/list`` — newest first, ``?limit=&offset=``."""
-    server = _server(request)
+    server = services(request)
     client_id = request.path_params["client_id"]
-    limit = _int_param(request, "limit", 50, 1, 500)
-    offset = _int_param(request, "offset", 0, 0, 10**9)
+    limit = int_param(request, "limit", 50, 1, 500)
+    offset = int_param(request, "offset", 0, 0, 10**9)
     if await server.db(server.records.get_client, client_id) is None:
         raise ApiError(404, f"unknown client {client_id!r}")
     items, total = await server.db(
@@ -429,6 +372,7 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
         "last_seen": _iso(row["last_seen"]),
         "remote": row["remote"],
         "enrolled_at": _iso(row["enrolled_at"]),
+        "revoked_at": _iso(row.get("revoked_at")),
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
     }
@@ -436,14 +380,14 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
 
 async def list_clients(request: Request) -> Response:
     """``GET /api/clients`` — every enrolled client with its state and capabilities."""
-    server = _server(request)
+    server = services(request)
     rows = await server.db(server.records.list_clients)
     return JSONResponse({"clients": [render_client(server, r) for r in rows]})
 
 
 async def get_client(request: Request) -> Response:
     """``GET /api/clients/{client_id}``."""
-    server = _server(request)
+    server = services(request)
     row = await server.db(server.records.get_client, request.path_params["client_id"])
     if row is None:
         raise ApiError(404, f"unknown client {request.path_params['client_id']!r}")
@@ -453,12 +397,12 @@ async def get_client(request: Request) -> Response:
 
 async def list_plugins(request: Request) -> Response:
     """``GET /api/plugins`` — loaded plugins, their versions, hooks and registrations."""
-    return JSONResponse({"plugins": _server(request).plugins.describe()})
+    return JSONResponse({"plugins": services(request).plugins.describe()})
 
 
 async def get_schemas(request: Request) -> Response:
     """``GET /api/schemas`` — JSON Schema of the wire models and of each deploy request."""
-    server = _server(request)
+    server = services(request)
     return JSONResponse(
         {
             "wire": wire_schemas(),
@@ -472,7 +416,7 @@ async def get_schemas(request: Request) -> Response:
 
 async def get_info(request: Request) -> Response:
     """``GET /api/info`` — server version, id and endpoints."""
-    server = _server(request)
+    server = services(request)
     return JSONResponse(
         {
             "version": __version__,
@@ -484,41 +428,6 @@ async def get_info(request: Request) -> Response:
 
 
 # --------------------------------------------------------------------------- app
-
-
-class TokenAuth:
-    """Refuses every ``/api`` request without the right bearer token (401)."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.token = token.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"].startswith("/api"):
-            headers = dict(scope.get("headers") or [])
-            value = headers.get(b"authorization", b"")
-            scheme, _, given = value.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
-                client = scope.get("client") or ("?", 0)
-                log.warning(
-                    "refused %s %s from %s: %s",
-                    scope.get("method", "WS"),
-                    scope["path"],
-                    client[0],
-                    "no bearer token" if not value else "wrong token",
-                )
-                if scope["type"] == "http":
-                    response = JSONResponse(
-                        {
-                            "error": "missing or invalid API token: send 'Authorization: Bearer "
-                            "<token>' (the admin token is in the server's state directory)"
-                        },
-                        status_code=401,
-                        headers={"WWW-Authenticate": "Bearer"},
-                    )
-                    await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -558,7 +467,7 @@ def api_routes() -> list[BaseRoute]:
 
 def create_app(server: DeployServer) -> ASGIApp:
     """The ASGI app: core routes, plugin routes, token check."""
-    routes = api_routes()
+    routes = api_routes() + admin_routes()
     for route_set in server.plugins.route_sets.entries.values():
         routes.extend(route_set.routes)
     app = Starlette(
@@ -566,4 +475,4 @@ def create_app(server: DeployServer) -> ASGIApp:
         exception_handlers={ApiError: _api_error, 404: _not_found, 405: _method_not_allowed},
     )
     app.state.services = server
-    return TokenAuth(app, server.state.admin_token)
+    return TokenAuth(app, server)

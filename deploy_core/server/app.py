@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import secrets
@@ -30,6 +29,7 @@ from deploy_core.server.events import EventContext, EventRejected
 from deploy_core.server.records import AlreadyEnrolled, ClientBusy, RecordStore
 from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
+from deploy_core.server.tokens import TokenError, TokenStore
 from deploy_core.transport import (
     AgentSession,
     AuthError,
@@ -67,26 +67,35 @@ class ServerConfig:
 
 
 class _Authority:
-    """Checks agents' credentials against the join token and the enrolled keys."""
+    """Checks agents' credentials: join tokens to enroll, then each agent's own key."""
 
     def __init__(self, server: DeployServer) -> None:
         self.server = server
 
     async def agent_key(self, client_id: str) -> bytes | None:
-        key = await self.server.db(self.server.records.agent_key, client_id)
-        return bytes.fromhex(key) if key else None
+        client = await self.server.db(self.server.records.client_credentials, client_id)
+        if client is None:
+            return None
+        if client["revoked_at"] is not None:
+            raise AuthError(f"client {client_id} was revoked by an operator")
+        return bytes.fromhex(client["agent_key"])
 
     async def enroll(self, client_id: str, join_token: str) -> bytes:
-        if not hmac.compare_digest(join_token.encode(), self.server.state.join_token.encode()):
-            raise AuthError("join token refused")
+        if await self.server.db(self.server.records.client_credentials, client_id) is not None:
+            raise AuthError(
+                f"client id {client_id} is already enrolled; use the agent's existing state "
+                "directory, or have an operator run 'deployctl clients forget "
+                f"{client_id}' first"
+            )
+        try:
+            await self.server.db(self.server.tokens.consume_join_token, join_token)
+        except TokenError as exc:
+            raise AuthError(str(exc)) from None
         key = secrets.token_bytes(32)
         try:
             await self.server.db(self.server.records.enroll, client_id, key.hex())
         except AlreadyEnrolled:
-            raise AuthError(
-                f"client id {client_id} is already enrolled with another key; "
-                "use the agent's existing state directory or choose another client id"
-            ) from None
+            raise AuthError(f"client id {client_id} is already enrolled") from None
         log.info("agent %s enrolled", client_id)
         return key
 
@@ -129,6 +138,11 @@ class DeployServer:
         self.plugins.create_tables(db.plugin_metadata)
         await asyncio.to_thread(db.create_plugin_tables, self.engine)
         self.records = RecordStore(self.engine, server_id=cfg.server_id)
+        self.tokens = TokenStore(
+            self.engine,
+            admin_token=self.state.admin_token,
+            join_token_file=self.state.join_token_file,
+        )
         await self.db(self.records.mark_all_disconnected)
         self.transport = QuicServer(
             host=cfg.quic_host,
@@ -221,8 +235,11 @@ class DeployServer:
             except (RollbackRefused, ClientBusy) as exc:
                 log.warning("cannot roll back %s: %s", record["deploy_id"], exc)
             else:
-                log.info("deployment %s failed without a rollback by its agent; rollback %s "
-                         "asked for", record["deploy_id"], rollback["deploy_id"])
+                log.info(
+                    "deployment %s failed without a rollback by its agent; rollback %s asked for",
+                    record["deploy_id"],
+                    rollback["deploy_id"],
+                )
 
     async def submit(
         self,
@@ -380,6 +397,14 @@ class DeployServer:
                 await self.db(self.records.touch_clients, seen)
             except Exception:
                 log.exception("could not record heartbeats")
+
+    async def revoke_client(self, client_id: str) -> bool:
+        """Refuse the agent from now on and cut its connection."""
+        done = await self.db(self.records.revoke_client, client_id)
+        session = self.transport.session(client_id)
+        if session is not None:
+            session.close("revoked by an operator")
+        return done
 
     def is_connected(self, client_id: str) -> bool:
         """Whether the agent is connected to this replica right now."""

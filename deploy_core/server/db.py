@@ -98,6 +98,7 @@ clients = sa.Table(
     sa.Column("last_seen", sa.Float),
     sa.Column("remote", sa.String(128)),
     sa.Column("capabilities", sa.JSON),
+    sa.Column("revoked_at", sa.Float),
 )
 
 client_locks = sa.Table(
@@ -108,6 +109,28 @@ client_locks = sa.Table(
     sa.Column("owner", ID, nullable=False),
     sa.Column("acquired_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_used", sa.Float),
+)
+
+join_tokens = sa.Table(
+    "join_tokens",
+    metadata,
+    sa.Column("token_id", sa.String(16), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("uses_left", sa.Integer),
+    sa.Column("note", sa.String(200), nullable=False),
 )
 
 

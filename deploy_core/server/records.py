@@ -78,10 +78,13 @@ class RecordStore:
         request: dict[str, Any],
         deadline: float,
         rollback_of: str | None = None,
+        _retried: bool = False,
     ) -> dict[str, Any]:
         """Insert a ``pending`` record and take the client's lock, atomically.
 
         :raises ClientBusy: another deployment holds the client's lock.
+        :raises sqlalchemy.exc.IntegrityError: the record itself was refused, e.g. its
+            ``deploy_id`` is taken.
         """
         now = time.time()
         try:
@@ -142,7 +145,10 @@ class RecordStore:
                 )
         except IntegrityError:
             holder = self.lock_holder(client_id)
-            if holder is None:  # released between our insert and this read: try once more
+            if holder is None:
+                if _retried:  # not the lock that refused us: retrying cannot help
+                    raise
+                # The lock was released between our insert and this read: try once more.
                 return self.create_deployment(
                     deploy_id=deploy_id,
                     client_id=client_id,
@@ -150,6 +156,7 @@ class RecordStore:
                     request=request,
                     deadline=deadline,
                     rollback_of=rollback_of,
+                    _retried=True,
                 )
             raise ClientBusy(client_id, holder["deploy_id"], holder["acquired_at"]) from None
         record = self.get(deploy_id)
@@ -298,11 +305,17 @@ class RecordStore:
             record = _row(rec)
             previous = record["status"]
             if record["finished_at"] is not None:
-                if record["agent_status"] is None and record["status"] != callback.status.value:
+                # Keep the first late callback, even one that agrees with the watchdog: a
+                # record the agent finished already has agent_status, so repeats change nothing.
+                if record["agent_status"] is None:
+                    late: dict[str, Any] = {"agent_status": callback.status.value}
+                    if callback.rollback_state is not None:
+                        # What the agent prepared is what a manual rollback restores.
+                        late["rollback_state"] = callback.rollback_state
                     conn.execute(
                         deployments.update()
                         .where(deployments.c.deploy_id == callback.callback_id)
-                        .values(agent_status=callback.status.value, updated_at=now)
+                        .values(**late, updated_at=now)
                     )
                     self._history(
                         conn,
@@ -474,6 +487,34 @@ class RecordStore:
             return conn.execute(
                 sa.select(clients.c.agent_key).where(clients.c.client_id == client_id)
             ).scalar_one_or_none()
+
+    def client_credentials(self, client_id: str) -> dict[str, Any] | None:
+        """The enrolled agent's key (hex) and revocation time, or ``None``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(clients.c.agent_key, clients.c.revoked_at).where(
+                    clients.c.client_id == client_id
+                )
+            ).first()
+        return _row(row) if row else None
+
+    def revoke_client(self, client_id: str) -> bool:
+        """Mark a client revoked: its agent is refused from now on."""
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    clients.update()
+                    .where(clients.c.client_id == client_id)
+                    .values(revoked_at=time.time(), connected=False, disconnected_since=time.time())
+                ).rowcount
+            )
+
+    def forget_client(self, client_id: str) -> bool:
+        """Delete a client's enrolment so its id can enroll again (its deployments stay)."""
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(clients.delete().where(clients.c.client_id == client_id)).rowcount
+            )
 
     def enroll(self, client_id: str, agent_key: str) -> None:
         """Record a newly enrolled agent.

@@ -59,8 +59,7 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
     unknown = record["acked_at"] is not None and record["agent_status"] is None
     if strategy.needs_state and record["rollback_state"] is None and not unknown:
         raise RollbackRefused(
-            f"deployment {deploy_id} has no restorable state: strategy {strategy.name} saved "
-            "none"
+            f"deployment {deploy_id} has no restorable state: strategy {strategy.name} saved none"
         )
     checks = request.get("health_checks", [])
     seconds = (
@@ -76,8 +75,13 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
         "rollback": rollback,
         "rollback_state": record["rollback_state"],
     }
-    return {"params": {}, "health_checks": [], "rollback": None, "rollback_of": target,
-            "deadline_seconds": seconds}, seconds
+    return {
+        "params": {},
+        "health_checks": [],
+        "rollback": None,
+        "rollback_of": target,
+        "deadline_seconds": seconds,
+    }, seconds
 
 
 async def request_rollback(server: DeployServer, record: dict[str, Any]) -> dict[str, Any]:

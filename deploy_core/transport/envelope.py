@@ -104,7 +104,7 @@ def _describe(error: ValidationError) -> str:
     return "invalid envelope: " + "; ".join(problems)
 
 
-def decode_body(body: bytes) -> Envelope:
+def _decode_body(body: bytes) -> Envelope:
     """Parse one frame body (without its length prefix).
 
     :raises ProtocolError: when the body is not JSON, not an object, or not a valid envelope.
@@ -151,7 +151,7 @@ class FrameDecoder:
                 end = offset + _HEADER.size + length
                 if len(self._buffer) < end:
                     break
-                envelopes.append(decode_body(bytes(self._buffer[offset + _HEADER.size : end])))
+                envelopes.append(_decode_body(bytes(self._buffer[offset + _HEADER.size : end])))
                 offset = end
         except ProtocolError as exc:
             self._failure = exc

@@ -166,18 +166,43 @@ def test_random_bytes_only_ever_raise_protocol_error() -> None:
         _assert_only_protocol_errors(decoder, data)
 
 
-def test_random_bytes_property() -> None:
+def test_random_frames_only_ever_raise_protocol_error_property() -> None:
     hypothesis = pytest.importorskip("hypothesis")
-    strategies = pytest.importorskip("hypothesis.strategies")
+    st = pytest.importorskip("hypothesis.strategies")
 
-    def check(chunks: list[bytes]) -> None:
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=8,
+    )
+    envelope_like = st.fixed_dictionaries(
+        {"kind": st.sampled_from([kind.value for kind in Kind] + ["bogus", ""])},
+        optional={
+            "id": st.text(max_size=70) | json_values,
+            "name": st.text(max_size=20) | json_values,
+            "v": json_values,
+            "wait_ack": json_values,
+            "ref": json_values,
+            "payload": json_values,
+            "extra": json_values,
+        },
+    )
+    bodies = st.one_of(
+        st.binary(max_size=64),
+        json_values.map(lambda value: json.dumps(value).encode()),
+        envelope_like.map(lambda value: json.dumps(value).encode()),
+    )
+    pieces = st.lists(st.one_of(bodies.map(frame), st.binary(max_size=8)), max_size=4)
+
+    def check(parts: list[bytes], cut: int) -> None:
+        data = b"".join(parts)
         decoder = FrameDecoder(max_bytes=4096)
-        for chunk in chunks:
+        for chunk in (data[:cut], data[cut:]):
             try:
-                decoder.feed(chunk)
+                for env in decoder.feed(chunk):
+                    assert isinstance(env, Envelope)
             except ProtocolError:
                 return
 
-    chunks = strategies.lists(strategies.binary(max_size=64), max_size=8)
-    settings = hypothesis.settings(max_examples=300, deadline=None)
-    settings(hypothesis.given(chunks=chunks)(check))()
+    settings = hypothesis.settings(max_examples=300, deadline=None, database=None)
+    settings(hypothesis.given(parts=pieces, cut=st.integers(0, 300))(check))()
