@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -633,19 +632,23 @@ def list_cmd(api: DeployClient, client_id: str, limit: int, offset: int, as_json
 @click.option("-f", "--follow", "follow_", is_flag=True, help="keep printing until it ends")
 @with_api
 def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
-    """Print a deployment's output lines."""
+    """Print a deployment's output lines (with -f, as they come until it ends)."""
+    if follow_:
+        for item in api.follow_logs(deploy_id):
+            if "end" in item:
+                if item["end"]:
+                    click.echo(f"-- deployment ended: {item['status']}", err=True)
+                break
+            click.echo(f"{item['timestamp']} [{item['stream']}] {item['line']}")
+        return
     after = 0
     while True:
         page = api.logs(deploy_id, after=after)
         for line in page["lines"]:
             click.echo(f"{line['timestamp']} [{line['stream']}] {line['line']}")
-        after = page["next_after"]
-        if page["lines"]:
-            continue
-        if not follow_ or api.get(deploy_id)["finished"]:
+        if not page["lines"]:
             break
-        with contextlib.suppress(ApiError):
-            api.get(deploy_id, wait=10, since=api.get(deploy_id)["updated_ts"])
+        after = page["next_after"]
 
 
 @main.group(invoke_without_command=True)

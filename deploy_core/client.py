@@ -139,6 +139,21 @@ class DeployClient:
         )
         return result
 
+    def follow_logs(self, deploy_id: str, *, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Yield log lines as they arrive until the deployment ends (the last item is the
+        ``{"end": …}`` marker)."""
+        params = {"after": after, "follow": 1}
+        with self.http.stream(
+            "GET", f"/api/deploy/{deploy_id}/logs", params=params, timeout=None
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response.status_code, response.json())
+            for raw in response.iter_lines():
+                if raw.strip():
+                    item: dict[str, Any] = json.loads(raw)
+                    yield item
+
     def list(self, client_id: str, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A client's deployments, newest first."""
         result: dict[str, Any] = self.request(

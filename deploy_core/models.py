@@ -207,6 +207,10 @@ class DeployCommand(WireModel):
     params: dict[str, Any] = Field(default_factory=dict)
     health_checks: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
     rollback: dict[str, Any] | None = None
+    secret_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment values the agent gives scripts but masks in all it reports",
+    )
     issued_at: float = Field(default_factory=now)
     expires_at: float
     rollback_of: RollbackTarget | None = None

@@ -24,6 +24,9 @@ from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTar
 # (the agent's environment may hold credentials).
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MASK = "***"
+# Shorter values would mask ordinary text everywhere ("1", "on").
+MIN_MASKED = 3
 
 
 class DeployFailed(Exception):
@@ -75,6 +78,13 @@ class DeployContext:
         self.failure_reason: str | None = None
         self.rollback_target: RollbackTarget | None = command.rollback_of
         self._reporter = reporter
+        self.secret_env = dict(command.secret_env)
+        # Longest first, so a secret containing another is masked whole.
+        self._secrets = sorted(
+            (v for v in command.secret_env.values() if len(v) >= MIN_MASKED),
+            key=len,
+            reverse=True,
+        )
         self._stage_of = stage_of or (lambda status: (0, 100))
         self._status = DeployStatus.EXECUTING
         self._stage = ""
@@ -108,11 +118,30 @@ class DeployContext:
         self._progress = max(self._progress, min(max(progress, 0), 100))
         self._status = status
         self._stage = stage if stage is not None else status.value
-        self._reporter.report(status, self._progress, self._stage, message)
+        self._reporter.report(status, self._progress, self._stage, self.mask(message))
 
     def log(self, line: str, *, stream: str = "stdout") -> None:
         """Send one line of output to the server, tagged with the current stage."""
-        self._reporter.log(LogLine(stream=stream, stage=self._stage, line=line[:8192]))
+        self._reporter.log(LogLine(stream=stream, stage=self._stage, line=self.mask(line)[:8192]))
+
+    def mask(self, text: str) -> str:
+        """``text`` with every secret value of the deployment replaced by ``***``."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+    def mask_data(self, data: Any) -> Any:
+        """:meth:`mask` applied to every string inside JSON-like ``data``."""
+        if not self._secrets:
+            return data
+        if isinstance(data, str):
+            return self.mask(data)
+        if isinstance(data, dict):
+            return {k: self.mask_data(v) for k, v in data.items()}
+        if isinstance(data, list):
+            return [self.mask_data(v) for v in data]
+        return data
 
     # ------------------------------------------------------------------ running things
 
@@ -122,13 +151,14 @@ class DeployContext:
 
     def script_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment scripts get: a few safe variables of the agent's, the deployment's
-        identity, then ``extra``."""
+        identity, then ``extra``, then the deployment's secret variables."""
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env.setdefault("PATH", DEFAULT_PATH)
         env["DEPLOY_ID"] = self.deploy_id
         env["DEPLOY_COMMAND"] = self.command_type
         if extra:
             env.update(extra)
+        env.update(self.secret_env)
         return env
 
     async def run(

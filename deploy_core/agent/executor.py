@@ -346,11 +346,17 @@ class Executor:
             or (
                 ctx.command_type == COMMAND_ROLLBACK and outcome.status is DeployStatus.ROLLED_BACK
             ),
-            result=result,
-            error=(outcome.error or None) and outcome.error[:16000],
+            result=ctx.mask_data(result),
+            error=(outcome.error or None) and ctx.mask(outcome.error)[:16000],
             duration=round(duration, 6),
-            health=outcome.health or [],
-            rollback=outcome.rollback,
+            health=[
+                type(h).model_validate(ctx.mask_data(h.model_dump())) for h in outcome.health or []
+            ],
+            rollback=type(outcome.rollback).model_validate(
+                ctx.mask_data(outcome.rollback.model_dump())
+            )
+            if outcome.rollback
+            else None,
             rollback_state=outcome.rollback_state,
         )
         self.journal.finish(

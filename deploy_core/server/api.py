@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
+import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_WAIT = 60.0
 
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
 class DeployRequestCommon(BaseModel):
     """Fields every deploy request has, beside its deploy type's own parameters."""
 
@@ -61,6 +67,23 @@ class DeployRequestCommon(BaseModel):
         le=7 * 86400,
         description="seconds from now after which the server gives the deployment up",
     )
+    secret_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables whose values are masked in logs, results and "
+        "records (only their names are stored with the deployment)",
+    )
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 64:
+            raise ValueError("at most 64 secret variables")
+        for key, val in value.items():
+            if not ENV_NAME.match(key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+            if "\x00" in val or len(val) > 32768:
+                raise ValueError(f"secret {key} has a NUL byte or is over 32 KiB")
+        return value
 
 
 _COMMON_FIELDS = set(DeployRequestCommon.model_fields)
@@ -221,8 +244,10 @@ async def create_deployment(request: Request) -> Response:
                 "health_checks": checks,
                 "rollback": rollback,
                 "deadline_seconds": seconds,
+                "secret_env_names": sorted(common.secret_env),
             },
             deadline=time.time() + seconds,
+            secret_env=common.secret_env,
         )
     except ClientBusy as exc:
         raise ApiError(409, str(exc), {"busy_with": exc.deploy_id}) from None
@@ -309,30 +334,76 @@ async def get_status_history(request: Request) -> Response:
     )
 
 
+def render_log(row: dict[str, Any]) -> dict[str, Any]:
+    """One log line as the API shows it."""
+    return {
+        "id": row["id"],
+        "timestamp": _iso(row["ts"]),
+        "stream": row["stream"],
+        "stage": row["stage"],
+        "line": row["line"],
+    }
+
+
 async def get_logs(request: Request) -> Response:
-    """``GET /api/deploy/{deploy_id}/logs?after=ID&limit=N`` — output lines in order."""
+    """``GET /api/deploy/{deploy_id}/logs?after=ID&limit=N`` — output lines in order.
+
+    With ``?follow=1`` the answer is a stream of JSON lines (``application/x-ndjson``): every
+    stored line, then each new one as it arrives, then ``{"end": true, "status": …}`` when
+    the deployment finishes (or ``{"end": false}`` after ``max_wait`` seconds, default 3600;
+    reconnect with ``after``).  Empty lines are keep-alives.
+    """
     server = services(request)
     deploy_id = request.path_params["deploy_id"]
     await _record_or_404(server, deploy_id)
     after = int_param(request, "after", 0, 0, 2**62)
     limit = int_param(request, "limit", 1000, 1, 10000)
+    if request.query_params.get("follow") in ("1", "true", "yes"):
+        max_wait = float_param(request, "max_wait", 3600.0, 1.0, 86400.0)
+        return StreamingResponse(
+            _follow_logs(server, deploy_id, after, max_wait),
+            media_type="application/x-ndjson",
+        )
     rows = await server.db(server.records.logs, deploy_id, after=after, limit=limit)
     return JSONResponse(
         {
             "deploy_id": deploy_id,
-            "lines": [
-                {
-                    "id": r["id"],
-                    "timestamp": _iso(r["ts"]),
-                    "stream": r["stream"],
-                    "stage": r["stage"],
-                    "line": r["line"],
-                }
-                for r in rows
-            ],
+            "lines": [render_log(r) for r in rows],
             "next_after": rows[-1]["id"] if rows else after,
         }
     )
+
+
+KEEPALIVE = 15.0
+
+
+async def _follow_logs(
+    server: DeployServer, deploy_id: str, after: int, max_wait: float
+) -> AsyncIterator[bytes]:
+    end = time.monotonic() + max_wait
+    async with server.listeners.subscribe(deploy_id) as changes:
+        while True:
+            rows = await server.db(server.records.logs, deploy_id, after=after, limit=1000)
+            for row in rows:
+                yield (json.dumps(render_log(row)) + "\n").encode()
+                after = row["id"]
+            if len(rows) == 1000:
+                continue
+            record = await _record_or_404(server, deploy_id)
+            if record["finished_at"] is not None:
+                # Lines of the last reports may land just after the callback: one last read.
+                for row in await server.db(server.records.logs, deploy_id, after=after):
+                    yield (json.dumps(render_log(row)) + "\n").encode()
+                yield (json.dumps({"end": True, "status": record["status"]}) + "\n").encode()
+                return
+            left = end - time.monotonic()
+            if left <= 0:
+                yield (json.dumps({"end": False, "next_after": after}) + "\n").encode()
+                return
+            try:
+                await asyncio.wait_for(changes.get(), min(KEEPALIVE, left))
+            except TimeoutError:
+                yield b"\n"
 
 
 async def list_deployments(request: Request) -> Response:

@@ -249,6 +249,7 @@ class DeployServer:
         request: dict[str, Any],
         deadline: float,
         rollback_of: str | None = None,
+        secret_env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Record a new deployment (taking the client's lock) and send it if the agent is
         connected.  :raises ClientBusy: the client is busy."""
@@ -261,12 +262,13 @@ class DeployServer:
             request=request,
             deadline=deadline,
             rollback_of=rollback_of,
+            secret_env=secret_env,
         )
         self.record_changed(record, None)
         await self.dispatch(record)
         return record
 
-    def command_for(self, record: dict[str, Any]) -> Envelope:
+    async def command_for(self, record: dict[str, Any]) -> Envelope:
         """The command envelope that carries ``record`` to its agent."""
         req = record["request"]
         target = req.get("rollback_of")
@@ -276,6 +278,9 @@ class DeployServer:
             params=req.get("params", {}),
             health_checks=req.get("health_checks", []),
             rollback=req.get("rollback"),
+            secret_env=await self.db(self.records.secret_env, record["deploy_id"])
+            if req.get("secret_env_names")
+            else {},
             issued_at=record["created_at"],
             expires_at=record["deadline"],
             rollback_of=RollbackTarget.model_validate(target) if target else None,
@@ -295,7 +300,7 @@ class DeployServer:
         session = self.transport.session(record["client_id"])
         if session is None or session.closed:
             return False
-        session.send(self.command_for(record))
+        session.send(await self.command_for(record))
         await self.db(self.records.mark_dispatched, record["deploy_id"])
         return True
 
@@ -311,7 +316,7 @@ class DeployServer:
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
         for record in await self.db(self.records.undelivered, session.client_id):
             if record["deadline"] > time.time():
-                session.send(self.command_for(record))
+                session.send(await self.command_for(record))
                 await self.db(self.records.mark_dispatched, record["deploy_id"])
 
     async def _on_disconnect(self, session: AgentSession) -> None:

@@ -45,6 +45,10 @@ deployments = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float),
+    sa.Column("log_bytes", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column(
+        "log_truncated", sa.Boolean, nullable=False, default=False, server_default=sa.false()
+    ),
 )
 sa.Index("ix_deployments_open", deployments.c.finished_at, deployments.c.deadline)
 
@@ -111,6 +115,20 @@ client_locks = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
+
+# Secret environment values of unfinished deployments, apart from the request record (which
+# shows their names only) and deleted when the deployment finishes.
+deploy_secrets = sa.Table(
+    "deploy_secrets",
+    metadata,
+    sa.Column(
+        "deploy_id",
+        ID,
+        sa.ForeignKey("deployments.deploy_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("secret_env", sa.JSON, nullable=False),
+)
 
 api_tokens = sa.Table(
     "api_tokens",

@@ -21,11 +21,22 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
-from deploy_core.server.db import client_locks, clients, deploy_logs, deployments, status_history
+from deploy_core.server.db import (
+    client_locks,
+    clients,
+    deploy_logs,
+    deploy_secrets,
+    deployments,
+    status_history,
+)
 
 # How long a lock outlives its deployment's deadline before anyone may take it over, in case
 # the watchdog of the replica that holds it is gone.
 LOCK_GRACE = 60.0
+DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
+TRUNCATION_MARKER = (
+    "[log truncated: this deployment reached its limit of {limit} bytes; further output is dropped]"
+)
 
 
 class ClientBusy(Exception):
@@ -63,9 +74,16 @@ def _row(row: Any) -> dict[str, Any]:
 class RecordStore:
     """Everything the server stores about deployments and clients."""
 
-    def __init__(self, engine: Engine, *, server_id: str = "server") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        server_id: str = "server",
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    ) -> None:
         self.engine = engine
         self.server_id = server_id
+        self.max_log_bytes = max_log_bytes
 
     # ------------------------------------------------------------------ deployments
 
@@ -78,9 +96,12 @@ class RecordStore:
         request: dict[str, Any],
         deadline: float,
         rollback_of: str | None = None,
+        secret_env: dict[str, str] | None = None,
         _retried: bool = False,
     ) -> dict[str, Any]:
         """Insert a ``pending`` record and take the client's lock, atomically.
+
+        ``secret_env`` is kept apart from the record and deleted when it finishes.
 
         :raises ClientBusy: another deployment holds the client's lock.
         :raises sqlalchemy.exc.IntegrityError: the record itself was refused, e.g. its
@@ -126,6 +147,10 @@ class RecordStore:
                         updated_at=now,
                     )
                 )
+                if secret_env:
+                    conn.execute(
+                        deploy_secrets.insert().values(deploy_id=deploy_id, secret_env=secret_env)
+                    )
                 if rollback_of is not None:
                     conn.execute(
                         deployments.update()
@@ -156,6 +181,7 @@ class RecordStore:
                     request=request,
                     deadline=deadline,
                     rollback_of=rollback_of,
+                    secret_env=secret_env,
                     _retried=True,
                 )
             raise ClientBusy(client_id, holder["deploy_id"], holder["acquired_at"]) from None
@@ -271,20 +297,61 @@ class RecordStore:
                 report.timestamp,
             )
             if report.logs:
-                conn.execute(
-                    deploy_logs.insert(),
-                    [
-                        {
-                            "deploy_id": report.deploy_id,
-                            "ts": line.ts,
-                            "stream": line.stream,
-                            "stage": line.stage,
-                            "line": line.line,
-                        }
-                        for line in report.logs
-                    ],
-                )
+                self._store_logs(conn, record, report)
             return Applied(moved, self._get(conn, report.deploy_id), previous)
+
+    def _store_logs(
+        self, conn: Connection, record: dict[str, Any], report: DeployStatusReport
+    ) -> None:
+        """Keep a report's log lines within the deployment's byte limit; past it, one marker
+        line says the rest was dropped."""
+        if record["log_truncated"]:
+            return
+        budget = self.max_log_bytes - record["log_bytes"]
+        rows, used = [], 0
+        truncated = False
+        for line in report.logs:
+            size = len(line.line.encode())
+            if used + size > budget:
+                truncated = True
+                break
+            used += size
+            rows.append(
+                {
+                    "deploy_id": report.deploy_id,
+                    "ts": line.ts,
+                    "stream": line.stream,
+                    "stage": line.stage,
+                    "line": line.line,
+                }
+            )
+        if truncated:
+            rows.append(
+                {
+                    "deploy_id": report.deploy_id,
+                    "ts": time.time(),
+                    "stream": "server",
+                    "stage": report.stage,
+                    "line": TRUNCATION_MARKER.format(limit=self.max_log_bytes),
+                }
+            )
+        if rows:
+            conn.execute(deploy_logs.insert(), rows)
+        conn.execute(
+            deployments.update()
+            .where(deployments.c.deploy_id == report.deploy_id)
+            .values(log_bytes=record["log_bytes"] + used, log_truncated=truncated)
+        )
+
+    def secret_env(self, deploy_id: str) -> dict[str, str]:
+        """The secret environment of an unfinished deployment (empty when none)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(deploy_secrets.c.secret_env).where(
+                    deploy_secrets.c.deploy_id == deploy_id
+                )
+            ).scalar_one_or_none()
+        return dict(value or {})
 
     def finish(self, client_id: str, callback: DeployCallbackPayload) -> Applied:
         """Apply the agent's ``command.callback`` (SPEC deploy-20): the first finish wins and
@@ -448,6 +515,8 @@ class RecordStore:
 
     @staticmethod
     def _release(conn: Connection, client_id: str, deploy_id: str) -> None:
+        """Free the client and forget the finished deployment's secrets."""
+        conn.execute(deploy_secrets.delete().where(deploy_secrets.c.deploy_id == deploy_id))
         conn.execute(
             client_locks.delete().where(
                 client_locks.c.client_id == client_id, client_locks.c.deploy_id == deploy_id

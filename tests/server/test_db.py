@@ -11,21 +11,34 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.script import ScriptDirectory
 
 from deploy_core.server.db import (
+    clients,
     current_revision,
+    deployments,
     make_engine,
     metadata,
+    migrations_config,
     normalise_url,
     sqlite_url,
+    status_history,
     upgrade,
 )
 
-CORE_TABLES = {"deployments", "status_history", "deploy_logs", "clients", "client_locks"}
+# The tables the first migration creates; later ones add more.
+INITIAL_TABLES = {"deployments", "status_history", "deploy_logs", "clients", "client_locks"}
 
 
 def _tables(engine: sa.Engine) -> set[str]:
     return set(sa.inspect(engine).get_table_names())
+
+
+def _head(engine: sa.Engine) -> str:
+    heads = ScriptDirectory.from_config(migrations_config(engine)).get_heads()
+    assert len(heads) == 1, f"migrations must form one line, found heads {heads}"
+    return heads[0]
 
 
 @pytest.fixture
@@ -37,37 +50,58 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 def test_upgrade_from_empty_creates_every_table_and_records_revision(engine: sa.Engine) -> None:
     assert current_revision(engine) is None
-    assert not _tables(engine) & CORE_TABLES
+    assert not _tables(engine) & set(metadata.tables)
 
     upgrade(engine)
 
-    assert current_revision(engine) == "0001"
-    assert _tables(engine) >= CORE_TABLES | {"alembic_version"}
-    # The migration and the table definitions the code uses describe the same schema.
-    assert set(metadata.tables) == CORE_TABLES
+    assert current_revision(engine) == _head(engine)
+    assert _tables(engine) == set(metadata.tables) | {"alembic_version"}
+    # The migrations and the table definitions the code uses describe the same columns.
     inspector = sa.inspect(engine)
     for name, table in metadata.tables.items():
         migrated = {c["name"] for c in inspector.get_columns(name)}
         assert migrated == set(table.c.keys()), name
 
 
-def test_migrated_schema_accepts_rows_and_cascades_history_on_delete(engine: sa.Engine) -> None:
-    from deploy_core.server.db import deployments, status_history
+def test_first_revision_is_0001_with_the_initial_tables(engine: sa.Engine) -> None:
+    upgrade(engine, "0001")
 
+    assert current_revision(engine) == "0001"
+    assert _tables(engine) == INITIAL_TABLES | {"alembic_version"}
+
+    upgrade(engine)
+
+    assert current_revision(engine) == _head(engine)
+
+
+def test_migrated_schema_accepts_rows_and_cascades_history_on_delete(engine: sa.Engine) -> None:
     upgrade(engine)
     with engine.begin() as conn:
         conn.execute(
             deployments.insert().values(
-                deploy_id="d1", client_id="web-1", command_type="deploy.shell",
-                status="pending", stage="pending", progress=0, last_seq=-1,
-                request={"params": {"script": "true"}}, rollback_wanted=False,
-                deadline=1.0, created_at=1.0, updated_at=1.0,
+                deploy_id="d1",
+                client_id="web-1",
+                command_type="deploy.shell",
+                status="pending",
+                stage="pending",
+                progress=0,
+                last_seq=-1,
+                request={"params": {"script": "true"}},
+                rollback_wanted=False,
+                deadline=1.0,
+                created_at=1.0,
+                updated_at=1.0,
             )
         )
         conn.execute(
             status_history.insert().values(
-                deploy_id="d1", status="pending", stage="pending", progress=0,
-                message="", source="server", ts=1.0,
+                deploy_id="d1",
+                status="pending",
+                stage="pending",
+                progress=0,
+                message="",
+                source="server",
+                ts=1.0,
             )
         )
     with engine.begin() as conn:
@@ -78,21 +112,22 @@ def test_migrated_schema_accepts_rows_and_cascades_history_on_delete(engine: sa.
 
 
 def test_history_row_for_unknown_deployment_is_refused(engine: sa.Engine) -> None:
-    from deploy_core.server.db import status_history
-
     upgrade(engine)
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(
             status_history.insert().values(
-                deploy_id="nope", status="pending", stage="", progress=0,
-                message="", source="server", ts=1.0,
+                deploy_id="nope",
+                status="pending",
+                stage="",
+                progress=0,
+                message="",
+                source="server",
+                ts=1.0,
             )
         )
 
 
 def test_upgrade_twice_is_a_no_op(engine: sa.Engine) -> None:
-    from deploy_core.server.db import clients
-
     upgrade(engine)
     with engine.begin() as conn:
         conn.execute(
@@ -103,7 +138,7 @@ def test_upgrade_twice_is_a_no_op(engine: sa.Engine) -> None:
 
     upgrade(engine)
 
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == _head(engine)
     with engine.connect() as conn:
         kept = conn.execute(sa.select(clients.c.client_id)).scalars().all()
     assert kept == ["web-1"]
@@ -112,20 +147,16 @@ def test_upgrade_twice_is_a_no_op(engine: sa.Engine) -> None:
 def test_downgrade_to_base_drops_tables_and_upgrade_again_restores_them(
     engine: sa.Engine,
 ) -> None:
-    from alembic import command
-
-    from deploy_core.server.db import migrations_config
-
     upgrade(engine)
     command.downgrade(migrations_config(engine), "base")
 
     assert current_revision(engine) is None
-    assert not _tables(engine) & CORE_TABLES
+    assert not _tables(engine) & set(metadata.tables)
 
     upgrade(engine)
 
-    assert current_revision(engine) == "0001"
-    assert _tables(engine) >= CORE_TABLES
+    assert current_revision(engine) == _head(engine)
+    assert _tables(engine) >= set(metadata.tables)
 
 
 def test_sqlite_engine_uses_wal_and_enforces_foreign_keys(tmp_path: Path) -> None:
@@ -149,7 +180,10 @@ def test_sqlite_engine_uses_wal_and_enforces_foreign_keys(tmp_path: Path) -> Non
     ("given", "expected"),
     [
         ("postgres://u:p@db:5432/deploy", "postgresql+psycopg://u:p@db:5432/deploy"),
-        ("postgresql://u@db/deploy?sslmode=require", "postgresql+psycopg://u@db/deploy?sslmode=require"),
+        (
+            "postgresql://u@db/deploy?sslmode=require",
+            "postgresql+psycopg://u@db/deploy?sslmode=require",
+        ),
         ("postgresql+psycopg://u@db/deploy", "postgresql+psycopg://u@db/deploy"),
         ("sqlite:////var/lib/deploy/center.db", "sqlite:////var/lib/deploy/center.db"),
     ],

@@ -18,12 +18,15 @@ from deploy_core.models import (
     DeployCallbackPayload,
     DeployStatus,
     DeployStatusReport,
+    HealthCheckResult,
     LogLine,
+    RollbackResult,
 )
 from deploy_core.server.db import client_locks, make_engine, upgrade
 from deploy_core.server.records import (
     LOCK_GRACE,
     AlreadyEnrolled,
+    Applied,
     ClientBusy,
     RecordStore,
 )
@@ -96,6 +99,29 @@ def callback(
     )
 
 
+def record_of(store: RecordStore, deploy_id: str) -> dict[str, Any]:
+    record = store.get(deploy_id)
+    assert record is not None, f"no record {deploy_id}"
+    return record
+
+
+def record_in(applied: Applied) -> dict[str, Any]:
+    assert applied.record is not None, applied
+    return applied.record
+
+
+def client_of(store: RecordStore, client_id: str) -> dict[str, Any]:
+    client = store.get_client(client_id)
+    assert client is not None, f"no client {client_id}"
+    return client
+
+
+def locked_by(store: RecordStore, client_id: str) -> str | None:
+    """The deploy_id holding ``client_id``'s lock, if any."""
+    holder = store.lock_holder(client_id)
+    return None if holder is None else str(holder["deploy_id"])
+
+
 def run_together(n: int, work: Callable[[int], Any]) -> list[Any]:
     """Run ``work(i)`` in ``n`` threads released at once; each returns its value or its
     exception.  Bounded: a stuck thread fails the test instead of hanging it."""
@@ -139,9 +165,7 @@ def test_create_records_pending_with_one_server_history_row_and_takes_the_lock(
     assert store.get("d1") == record
 
     history = store.history("d1")
-    assert [(h["status"], h["source"], h["seq"]) for h in history] == [
-        ("pending", "server", None)
-    ]
+    assert [(h["status"], h["source"], h["seq"]) for h in history] == [("pending", "server", None)]
 
     holder = store.lock_holder("web-1")
     assert holder is not None
@@ -167,7 +191,7 @@ def test_second_deployment_for_busy_client_raises_client_busy_naming_the_first(
     # Refused means nothing was written for it.
     assert store.get("d2") is None
     assert store.history("d2") == []
-    assert store.lock_holder("web-1")["deploy_id"] == "d1"
+    assert locked_by(store, "web-1") == "d1"
 
 
 def test_busy_client_does_not_block_another_client(store: RecordStore) -> None:
@@ -188,10 +212,10 @@ def test_stale_lock_past_deadline_and_grace_is_taken_over(store: RecordStore) ->
     record = create(store, "d2")
 
     assert record["status"] == "pending"
-    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+    assert locked_by(store, "web-1") == "d2"
     # The watchdog expiring the old deployment later must not free the new one's lock.
     assert store.expire("d1", "deadline passed").applied
-    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+    assert locked_by(store, "web-1") == "d2"
 
 
 def test_lock_past_deadline_but_within_grace_still_holds(store: RecordStore) -> None:
@@ -208,15 +232,18 @@ def test_lock_left_behind_by_a_finished_deployment_is_stale(store: RecordStore) 
     with store.engine.begin() as conn:
         conn.execute(
             client_locks.insert().values(
-                client_id="web-1", deploy_id="d1", owner="s2",
-                acquired_at=time.time(), expires_at=time.time() + 3600,
+                client_id="web-1",
+                deploy_id="d1",
+                owner="s2",
+                acquired_at=time.time(),
+                expires_at=time.time() + 3600,
             )
         )
 
     record = create(store, "d2")
 
     assert record["status"] == "pending"
-    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+    assert locked_by(store, "web-1") == "d2"
 
 
 def test_concurrent_creates_for_one_client_let_exactly_one_through(store: RecordStore) -> None:
@@ -228,7 +255,7 @@ def test_concurrent_creates_for_one_client_let_exactly_one_through(store: Record
     assert len(busy) == 7, results
     winner = made[0]["deploy_id"]
     assert {b.deploy_id for b in busy} == {winner}
-    assert store.lock_holder("web-1")["deploy_id"] == winner
+    assert locked_by(store, "web-1") == winner
     records, total = store.list_for_client("web-1")
     assert total == 1
     assert [r["deploy_id"] for r in records] == [winner]
@@ -248,21 +275,21 @@ def test_duplicate_deploy_id_fails_instead_of_retrying_forever(store: RecordStor
         create(store, "d1", "web-2")
 
     assert store.lock_holder("web-2") is None
-    assert store.get("d1")["client_id"] == "web-1"
+    assert record_of(store, "d1")["client_id"] == "web-1"
 
 
 def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
     create(store, "d1")
     store.mark_acked("d1")
     store.expire("d1", "deadline passed")
-    assert store.get("d1")["rollback_wanted"] is True
+    assert record_of(store, "d1")["rollback_wanted"] is True
 
     create(store, "r1", rollback_of="d1")
 
-    original = store.get("d1")
+    original = record_of(store, "d1")
     assert original["rolled_back_by"] == "r1"
     assert original["rollback_wanted"] is False
-    assert store.get("r1")["rollback_of"] == "d1"
+    assert record_of(store, "r1")["rollback_of"] == "d1"
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -277,8 +304,7 @@ def test_finish_sets_result_and_releases_lock_so_next_deployment_starts(
 
     assert applied.applied
     assert applied.previous == "pending"
-    record = applied.record
-    assert record is not None
+    record = record_in(applied)
     assert record["status"] == "success"
     assert record["progress"] == 100
     assert record["result"] == {"exit_code": 0}
@@ -301,22 +327,20 @@ def test_second_callback_is_not_applied(store: RecordStore) -> None:
 
     assert not again.applied
     assert again.record == first
+    assert record_of(store, "d1")["status"] == "success"
     assert store.history("d1") == history
     # Nor does it touch the lock the next deployment now holds.
-    assert store.lock_holder("web-1")["deploy_id"] == "d2"
+    assert locked_by(store, "web-1") == "d2"
 
 
 def test_failed_callback_keeps_error_health_and_rollback(store: RecordStore) -> None:
-    from deploy_core.models import HealthCheckResult, RollbackResult
-
     create(store, "d1")
     payload = callback("d1", DeployStatus.ROLLED_BACK, error="health check failed")
     payload.health = [HealthCheckResult(success=False, check_type="http", error="503")]
     payload.rollback = RollbackResult(success=True, strategy="snapshot")
 
-    record = store.finish("web-1", payload).record
+    record = record_in(store.finish("web-1", payload))
 
-    assert record is not None
     assert record["status"] == "rolled_back"
     assert record["error"] == "health check failed"
     assert record["health"][0]["error"] == "503"
@@ -332,8 +356,8 @@ def test_callback_from_another_client_is_not_applied(store: RecordStore) -> None
 
     assert not applied.applied
     assert applied.record is None
-    assert store.get("d1")["status"] == "pending"
-    assert store.lock_holder("web-1")["deploy_id"] == "d1"
+    assert record_of(store, "d1")["status"] == "pending"
+    assert locked_by(store, "web-1") == "d1"
 
 
 # --------------------------------------------------------------------------- status reports
@@ -348,13 +372,14 @@ def test_reports_apply_in_seq_order_with_history_and_logs(store: RecordStore) ->
     ]
     previous = "pending"
     for seq, (status, progress, logs) in enumerate(steps):
-        applied = store.apply_report("web-1", report("d1", seq, status, progress=progress,
-                                                      logs=logs))
+        applied = store.apply_report(
+            "web-1", report("d1", seq, status, progress=progress, logs=logs)
+        )
         assert applied.applied
         assert applied.previous == previous
-        assert applied.record["status"] == status.value
-        assert applied.record["progress"] == progress
-        assert applied.record["last_seq"] == seq
+        assert record_in(applied)["status"] == status.value
+        assert record_in(applied)["progress"] == progress
+        assert record_in(applied)["last_seq"] == seq
         previous = status.value
 
     history = store.history("d1")
@@ -375,15 +400,17 @@ def test_reports_apply_in_seq_order_with_history_and_logs(store: RecordStore) ->
 
 def test_duplicate_seq_is_not_applied(store: RecordStore) -> None:
     create(store, "d1")
-    store.apply_report("web-1", report("d1", 0, DeployStatus.SCRIPT_RUNNING, progress=40,
-                                       logs=["once"]))
+    store.apply_report(
+        "web-1", report("d1", 0, DeployStatus.SCRIPT_RUNNING, progress=40, logs=["once"])
+    )
 
-    again = store.apply_report("web-1", report("d1", 0, DeployStatus.EXECUTING, progress=5,
-                                               logs=["twice"]))
+    again = store.apply_report(
+        "web-1", report("d1", 0, DeployStatus.EXECUTING, progress=5, logs=["twice"])
+    )
 
     assert not again.applied
-    assert again.record["status"] == "script_running"
-    assert again.record["progress"] == 40
+    assert record_in(again)["status"] == "script_running"
+    assert record_in(again)["progress"] == 40
     assert len(store.history("d1")) == 2
     assert [line["line"] for line in store.logs("d1")] == ["once"]
 
@@ -395,7 +422,7 @@ def test_older_seq_does_not_move_status_or_progress_back(store: RecordStore) -> 
     late = store.apply_report("web-1", report("d1", 3, DeployStatus.SCRIPT_RUNNING, progress=30))
 
     assert not late.applied
-    record = store.get("d1")
+    record = record_of(store, "d1")
     assert record["status"] == "health_check"
     assert record["progress"] == 90
     assert record["last_seq"] == 5
@@ -409,11 +436,13 @@ def test_report_after_finish_is_kept_in_history_but_status_stays_the_callbacks(
     store.apply_report("web-1", report("d1", 0))
     store.finish("web-1", callback("d1", DeployStatus.FAILED, error="exit 1"))
 
-    late = store.apply_report("web-1", report("d1", 1, DeployStatus.HEALTH_CHECK, progress=90,
-                                              message="checking", logs=["tail"]))
+    late = store.apply_report(
+        "web-1",
+        report("d1", 1, DeployStatus.HEALTH_CHECK, progress=90, message="checking", logs=["tail"]),
+    )
 
     assert not late.applied
-    record = store.get("d1")
+    record = record_of(store, "d1")
     assert record["status"] == "failed"
     assert record["progress"] == 100
     last = store.history("d1")[-1]
@@ -430,7 +459,7 @@ def test_report_for_another_clients_deployment_is_not_applied(store: RecordStore
 
     assert not applied.applied
     assert applied.record is None
-    assert store.get("d1")["status"] == "pending"
+    assert record_of(store, "d1")["status"] == "pending"
     assert len(store.history("d1")) == 1
     assert store.logs("d1") == []
 
@@ -438,7 +467,7 @@ def test_report_for_another_clients_deployment_is_not_applied(store: RecordStore
 def test_report_for_unknown_deployment_returns_no_record(store: RecordStore) -> None:
     applied = store.apply_report("web-1", report("nope", 0))
 
-    assert applied == type(applied)(False, None, None)
+    assert applied == Applied(False, None, None)
 
 
 def test_concurrent_duplicate_reports_are_applied_once(store: RecordStore) -> None:
@@ -466,14 +495,17 @@ def test_expire_marks_timeout_releases_lock_and_wants_rollback_only_if_acked(
 
     assert applied.applied
     assert applied.previous == "script_running"
-    record = applied.record
+    record = record_in(applied)
     assert record["status"] == "timeout"
     assert record["error"] == "no report for 300 s"
     assert record["finished_at"] is not None
     assert record["rollback_wanted"] is acked
     last = store.history("d1")[-1]
     assert (last["status"], last["source"], last["message"], last["progress"]) == (
-        "timeout", "server", "no report for 300 s", 60,
+        "timeout",
+        "server",
+        "no report for 300 s",
+        60,
     )
     assert store.lock_holder("web-1") is None
 
@@ -482,7 +514,9 @@ def test_expire_without_rollback_wanted_never_asks_for_one(store: RecordStore) -
     create(store, "d1")
     store.mark_acked("d1")
 
-    assert store.expire("d1", "deadline", rollback_wanted=False).record["rollback_wanted"] is False
+    assert (
+        record_in(store.expire("d1", "deadline", rollback_wanted=False))["rollback_wanted"] is False
+    )
 
 
 def test_expire_does_not_touch_a_finished_deployment(store: RecordStore) -> None:
@@ -492,9 +526,9 @@ def test_expire_does_not_touch_a_finished_deployment(store: RecordStore) -> None
     applied = store.expire("d1", "deadline")
 
     assert not applied.applied
-    assert applied.record["status"] == "success"
-    assert applied.record["error"] is None
-    assert store.expire("nope", "deadline") == type(applied)(False, None, None)
+    assert record_in(applied)["status"] == "success"
+    assert record_in(applied)["error"] is None
+    assert store.expire("nope", "deadline") == Applied(False, None, None)
 
 
 def test_late_callback_after_expire_keeps_timeout_and_records_agent_status(
@@ -506,7 +540,7 @@ def test_late_callback_after_expire_keeps_timeout_and_records_agent_status(
     late = store.finish("web-1", callback("d1", DeployStatus.SUCCESS))
 
     assert not late.applied
-    record = store.get("d1")
+    record = record_of(store, "d1")
     assert record["status"] == "timeout"
     assert record["agent_status"] == "success"
     assert record["error"] == "deadline passed"
@@ -518,7 +552,7 @@ def test_late_callback_after_expire_keeps_timeout_and_records_agent_status(
     # A second late callback changes nothing more.
     rows = len(store.history("d1"))
     store.finish("web-1", callback("d1", DeployStatus.FAILED, error="boom"))
-    assert store.get("d1")["agent_status"] == "success"
+    assert record_of(store, "d1")["agent_status"] == "success"
     assert len(store.history("d1")) == rows
 
 
@@ -528,9 +562,15 @@ def test_late_timeout_callback_after_expire_is_still_recorded(store: RecordStore
     create(store, "d1")
     store.expire("d1", "deadline passed")
 
-    store.finish("web-1", callback("d1", DeployStatus.TIMEOUT, error="script killed after 300 s"))
+    payload = callback("d1", DeployStatus.TIMEOUT, error="script killed after 300 s")
+    payload.rollback_state = {"snapshot": "/var/lib/deploy/snap-1"}
+    store.finish("web-1", payload)
 
-    assert store.get("d1")["agent_status"] == "timeout"
+    record = record_of(store, "d1")
+    assert record["status"] == "timeout"
+    assert record["agent_status"] == "timeout"
+    # A manual rollback later needs what the agent prepared.
+    assert record["rollback_state"] == {"snapshot": "/var/lib/deploy/snap-1"}
     last = store.history("d1")[-1]
     assert "late callback" in last["message"]
     assert "script killed after 300 s" in last["message"]
@@ -548,7 +588,7 @@ def test_concurrent_callback_and_expire_finish_once(store: RecordStore) -> None:
     results = run_together(2, work)
 
     assert [r.applied for r in results].count(True) == 1, results
-    record = store.get("d1")
+    record = record_of(store, "d1")
     assert record["status"] in {"success", "timeout"}
     finishing = [h for h in store.history("d1") if h["status"] in {"success", "timeout"}]
     # The winner's row, plus a "late callback" row if the watchdog won.
@@ -581,7 +621,7 @@ def test_undelivered_lists_unacked_unfinished_deployments_oldest_first(
     assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
 
     store.mark_dispatched("b")
-    dispatched = store.get("b")["dispatched_at"]
+    dispatched = record_of(store, "b")["dispatched_at"]
     assert dispatched is not None
     # Dispatched is not delivered: only the agent's ack is.
     assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
@@ -602,13 +642,13 @@ def test_undelivered_orders_by_creation(store: RecordStore) -> None:
 def test_mark_acked_keeps_the_first_ack_time(store: RecordStore) -> None:
     create(store, "d1")
     store.mark_acked("d1")
-    first = store.get("d1")["acked_at"]
+    first = record_of(store, "d1")["acked_at"]
     assert first is not None
 
     time.sleep(0.01)
     store.mark_acked("d1")
 
-    assert store.get("d1")["acked_at"] == first
+    assert record_of(store, "d1")["acked_at"] == first
 
 
 def test_list_for_client_is_newest_first_with_total_and_paging(store: RecordStore) -> None:
@@ -641,7 +681,7 @@ def test_enroll_stores_the_key_and_refuses_a_taken_id(store: RecordStore) -> Non
 
     assert store.agent_key("web-1") == "aa" * 32
     assert store.agent_key("web-2") is None
-    client = store.get_client("web-1")
+    client = client_of(store, "web-1")
     assert client["connected"] is False
     assert client["enrolled_at"] is not None
     assert store.get_client("web-2") is None
@@ -651,7 +691,7 @@ def test_connect_disconnect_and_heartbeats_are_recorded(store: RecordStore) -> N
     store.enroll("web-1", "k1")
 
     store.set_connected("web-1", remote="10.0.0.5:4433", capabilities={"types": [SHELL]})
-    client = store.get_client("web-1")
+    client = client_of(store, "web-1")
     assert client["connected"] is True
     assert client["server_id"] == "s1"
     assert client["remote"] == "10.0.0.5:4433"
@@ -659,11 +699,11 @@ def test_connect_disconnect_and_heartbeats_are_recorded(store: RecordStore) -> N
     assert client["connected_since"] is not None
 
     store.touch_clients({"web-1": 12345.0})
-    assert store.get_client("web-1")["last_seen"] == 12345.0
+    assert client_of(store, "web-1")["last_seen"] == 12345.0
     store.touch_clients({})  # nothing to record is fine
 
     store.set_disconnected("web-1", last_seen=23456.0)
-    client = store.get_client("web-1")
+    client = client_of(store, "web-1")
     assert client["connected"] is False
     assert client["last_seen"] == 23456.0
     assert client["disconnected_since"] is not None
@@ -679,7 +719,7 @@ def test_another_server_cannot_disconnect_an_agent_it_does_not_hold(
     other.set_disconnected("web-1", last_seen=1.0)
     other.mark_all_disconnected()
 
-    assert store.get_client("web-1")["connected"] is True
+    assert client_of(store, "web-1")["connected"] is True
 
 
 def test_mark_all_disconnected_clears_only_this_servers_agents(store: RecordStore) -> None:
@@ -692,7 +732,7 @@ def test_mark_all_disconnected_clears_only_this_servers_agents(store: RecordStor
 
     connected = {c["client_id"]: c["connected"] for c in store.list_clients()}
     assert connected == {"web-1": False, "web-2": False, "web-3": True}
-    assert store.get_client("web-1")["disconnected_since"] is not None
+    assert client_of(store, "web-1")["disconnected_since"] is not None
 
 
 def test_list_clients_never_returns_agent_keys(store: RecordStore) -> None:
@@ -704,6 +744,6 @@ def test_list_clients_never_returns_agent_keys(store: RecordStore) -> None:
 
     assert [c["client_id"] for c in everyone] == ["db-1", "web-1", "web-2"]
     assert [c["client_id"] for c in some] == ["web-1"]
-    for client in [*everyone, *some, store.get_client("db-1")]:
+    for client in [*everyone, *some, client_of(store, "db-1")]:
         assert "agent_key" not in client
         assert not any("secret" in str(value) for value in client.values())
