@@ -138,6 +138,18 @@ state_dir_option = click.option(
     help="database URL (default: SQLite in the state directory), "
     "e.g. postgresql://user@host/dbname",
 )
+@click.option(
+    "--retention",
+    default=None,
+    help="delete finished deployments older than this (e.g. 30d), checked daily",
+)
+@click.option(
+    "--max-log-bytes",
+    type=click.IntRange(1024),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="output kept per deployment; past it a marker line says the rest was dropped",
+)
 def server(
     state_dir: Path,
     api_host: str,
@@ -145,6 +157,8 @@ def server(
     quic_host: str,
     quic_port: int,
     db_url: str | None,
+    retention: str | None,
+    max_log_bytes: int,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
@@ -156,6 +170,8 @@ def server(
         quic_host=quic_host,
         quic_port=quic_port,
         db_url=db_url,
+        retention_days=parse_duration(retention) / 86400 if retention else None,
+        max_log_bytes=max_log_bytes,
     )
 
     async def run(stop: asyncio.Event) -> None:
@@ -811,6 +827,40 @@ def plugins(from_server: bool, url: str | None, token: str | None, state_dir: Pa
 @main.group()
 def db() -> None:
     """Database maintenance."""
+
+
+@db.command("prune")
+@click.option(
+    "--older-than", required=True, help="delete finished deployments older than this, e.g. 30d, 12h"
+)
+@click.option("--db", "db_url", default=None, help="database URL (default: the state dir's SQLite)")
+@click.option("--dry-run", is_flag=True, help="only count what would be deleted")
+@state_dir_option
+def db_prune(older_than: str, db_url: str | None, dry_run: bool, state_dir: Path) -> None:
+    """Delete finished deployments (with history and logs) older than a duration."""
+    import time
+
+    import sqlalchemy as sa
+
+    from deploy_core.server import db as dbm
+    from deploy_core.server.records import RecordStore
+
+    cutoff = time.time() - parse_duration(older_than)
+    engine = dbm.make_engine(db_url or dbm.sqlite_url(state_dir / "deploy-center.db"))
+    try:
+        if dry_run:
+            with engine.connect() as conn:
+                count = conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(dbm.deployments)
+                    .where(dbm.deployments.c.finished_at < cutoff)
+                ).scalar_one()
+            click.echo(f"would delete {count} deployments finished before {older_than} ago")
+            return
+        deleted = RecordStore(engine).prune(cutoff)
+    finally:
+        engine.dispose()
+    click.echo(f"deleted {deleted} deployments finished more than {older_than} ago")
 
 
 @db.command("upgrade")

@@ -124,6 +124,8 @@ class DeployCenter:
         self.quic_port = free_port(socket.SOCK_DGRAM)
         self.env = {**__import__("os").environ, **(env or {})}
         self.server_proc: Any = None
+        # Extra ``deployctl server`` options, e.g. ["--max-log-bytes", "4096"].
+        self.server_args: list[str] = []
         self.agents: dict[str, Any] = {}
         self._api: Any = None
 
@@ -153,6 +155,7 @@ class DeployCenter:
             str(self.api_port),
             "--quic-port",
             str(self.quic_port),
+            *self.server_args,
         ]
         if self.db_url:
             args += ["--db", self.db_url]

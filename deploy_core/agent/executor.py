@@ -371,5 +371,5 @@ class Executor:
             "deployment %s finished: %s%s",
             ctx.deploy_id,
             outcome.status.value,
-            f" ({outcome.error})" if outcome.error else "",
+            f" ({payload.error})" if payload.error else "",
         )

@@ -26,7 +26,12 @@ from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.events import EventContext, EventRejected
-from deploy_core.server.records import AlreadyEnrolled, ClientBusy, RecordStore
+from deploy_core.server.records import (
+    DEFAULT_MAX_LOG_BYTES,
+    AlreadyEnrolled,
+    ClientBusy,
+    RecordStore,
+)
 from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.tokens import TokenError, TokenStore
@@ -64,6 +69,9 @@ class ServerConfig:
     heartbeat_flush_interval: float = 5.0
     deadline_margin: float = 60.0
     migrate: bool = True
+    # Finished deployments older than this are deleted by a daily pass; None keeps them all.
+    retention_days: float | None = None
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
 
 
 class _Authority:
@@ -137,7 +145,9 @@ class DeployServer:
             await asyncio.to_thread(db.upgrade, self.engine)
         self.plugins.create_tables(db.plugin_metadata)
         await asyncio.to_thread(db.create_plugin_tables, self.engine)
-        self.records = RecordStore(self.engine, server_id=cfg.server_id)
+        self.records = RecordStore(
+            self.engine, server_id=cfg.server_id, max_log_bytes=cfg.max_log_bytes
+        )
         self.tokens = TokenStore(
             self.engine,
             admin_token=self.state.admin_token,
@@ -177,6 +187,8 @@ class DeployServer:
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
+        if cfg.retention_days is not None:
+            self._tasks.append(asyncio.create_task(self._retention(), name="retention"))
         info = {
             "api_url": self.api_url,
             "quic": f"{cfg.quic_host}:{self.transport.port}",
@@ -393,6 +405,23 @@ class DeployServer:
             f"deadline passed with no final report from the agent "
             f"(last report: {record['status']} at progress {record['progress']})"
         )
+
+    async def _retention(self) -> None:
+        """Delete finished deployments past the retention period, at start and then daily."""
+        assert self.config.retention_days is not None
+        while True:
+            cutoff = time.time() - self.config.retention_days * 86400
+            try:
+                deleted = await self.db(self.records.prune, cutoff)
+                if deleted:
+                    log.info(
+                        "retention: deleted %d deployments older than %g days",
+                        deleted,
+                        self.config.retention_days,
+                    )
+            except Exception:
+                log.exception("retention pass failed")
+            await asyncio.sleep(86400)
 
     async def _flush_heartbeats(self) -> None:
         while True:

@@ -494,6 +494,41 @@ class RecordStore:
             )
             return [_row(r) for r in rows]
 
+    def prune(self, older_than: float, *, batch: int = 500) -> int:
+        """Delete finished deployments that finished before ``older_than`` (epoch seconds),
+        with their history, logs and secrets; unfinished ones are never touched.  Works in
+        batches so a large clean-up does not hold one long transaction.  Returns how many
+        deployments were deleted."""
+        deleted = 0
+        while True:
+            with self.engine.begin() as conn:
+                ids = list(
+                    conn.execute(
+                        sa.select(deployments.c.deploy_id)
+                        .where(
+                            deployments.c.finished_at.is_not(None),
+                            deployments.c.finished_at < older_than,
+                        )
+                        .limit(batch)
+                    ).scalars()
+                )
+                if not ids:
+                    return deleted
+                for table in (status_history, deploy_logs, deploy_secrets):
+                    conn.execute(table.delete().where(table.c.deploy_id.in_(ids)))
+                conn.execute(
+                    deployments.update()
+                    .where(deployments.c.rollback_of.in_(ids))
+                    .values(rollback_of=None)
+                )
+                conn.execute(
+                    deployments.update()
+                    .where(deployments.c.rolled_back_by.in_(ids))
+                    .values(rolled_back_by=None)
+                )
+                conn.execute(deployments.delete().where(deployments.c.deploy_id.in_(ids)))
+                deleted += len(ids)
+
     def mark_dispatched(self, deploy_id: str) -> None:
         """The command was handed to the transport."""
         self._set(deploy_id, dispatched_at=time.time())
