@@ -624,21 +624,41 @@ def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> N
 
 
 @main.command("list")
-@click.option("--client", "client_id", required=True)
+@click.option("--client", "client_id", default=None, help="only this client's deployments")
+@click.option("--status", default=None, help="only deployments in this status")
+@click.option("--running", is_flag=True, help="only unfinished deployments")
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0)
 @click.option("--json", "as_json", is_flag=True)
 @with_api
-def list_cmd(api: DeployClient, client_id: str, limit: int, offset: int, as_json: bool) -> None:
-    """List a client's deployments, newest first."""
-    page = api.list(client_id, limit=limit, offset=offset)
+def list_cmd(
+    api: DeployClient,
+    client_id: str | None,
+    status: str | None,
+    running: bool,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """List deployments, newest first (all clients, or one with --client)."""
+    if client_id and not status and not running:
+        page = api.list(client_id, limit=limit, offset=offset)
+    else:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if client_id:
+            params["client_id"] = client_id
+        if status:
+            params["status"] = status
+        if running:
+            params["unfinished"] = 1
+        page = api.request("GET", "/api/deployments", params=params)
     if as_json:
         _echo_json(page)
         return
     for rec in page["items"]:
         click.echo(
-            f"{rec['deploy_id']}  {rec['created_at']}  {rec['command_type']:<14} "
-            f"{rec['status']:<15} {rec['progress']:3d}%"
+            f"{rec['deploy_id']}  {rec['created_at']}  {rec['client_id']:<16} "
+            f"{rec['command_type']:<15} {rec['status']:<15} {rec['progress']:3d}%"
         )
     click.echo(f"({len(page['items'])} of {page['total']})", err=True)
 

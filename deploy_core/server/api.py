@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from deploy_core import __version__
-from deploy_core.models import ID_PATTERN, wire_schemas
+from deploy_core.models import ID_PATTERN, DeployStatus, wire_schemas
 from deploy_core.registry import DeployType
 from deploy_core.server.admin import admin_routes
 from deploy_core.server.app import DeployServer
@@ -428,6 +428,41 @@ async def list_deployments(request: Request) -> Response:
     )
 
 
+async def list_all_deployments(request: Request) -> Response:
+    """``GET /api/deployments?status=&client_id=&unfinished=1&limit=&offset=`` — every
+    client's deployments, newest first."""
+    server = services(request)
+    status = request.query_params.get("status")
+    if status is not None:
+        try:
+            DeployStatus(status)
+        except ValueError:
+            known = ", ".join(s.value for s in DeployStatus)
+            raise ApiError(422, f"unknown status {status!r} (one of: {known})") from None
+    client_id = request.query_params.get("client_id")
+    if client_id is not None and not re.match(ID_PATTERN, client_id):
+        raise ApiError(422, f"invalid client_id {client_id!r}")
+    limit = int_param(request, "limit", 50, 1, 500)
+    offset = int_param(request, "offset", 0, 0, 10**9)
+    unfinished = request.query_params.get("unfinished") in ("1", "true", "yes")
+    items, total = await server.db(
+        server.records.list_all,
+        status=status,
+        client_id=client_id,
+        unfinished=unfinished,
+        limit=limit,
+        offset=offset,
+    )
+    return JSONResponse(
+        {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": [render_record(r) for r in items],
+        }
+    )
+
+
 # --------------------------------------------------------------------------- clients, plugins
 
 
@@ -528,6 +563,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/deploy/{deploy_id:str}/logs", get_logs, methods=["GET"]),
         Route("/deploy/{deploy_id:str}/rollback", rollback_deployment, methods=["POST"]),
         Route("/deploy/{client_id:str}/list", list_deployments, methods=["GET"]),
+        Route("/deployments", list_all_deployments, methods=["GET"]),
         Route("/clients", list_clients, methods=["GET"]),
         Route("/clients/{client_id:str}", get_client, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),

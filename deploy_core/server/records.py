@@ -253,6 +253,36 @@ class RecordStore:
             )
             return [_row(r) for r in rows], int(total)
 
+    def list_all(
+        self,
+        *,
+        status: str | None = None,
+        client_id: str | None = None,
+        unfinished: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Deployments of every client, newest first, optionally filtered; and the total."""
+        where = []
+        if status is not None:
+            where.append(deployments.c.status == status)
+        if client_id is not None:
+            where.append(deployments.c.client_id == client_id)
+        if unfinished:
+            where.append(deployments.c.finished_at.is_(None))
+        with self.engine.connect() as conn:
+            total = conn.execute(
+                sa.select(sa.func.count()).select_from(deployments).where(*where)
+            ).scalar_one()
+            rows = conn.execute(
+                sa.select(deployments)
+                .where(*where)
+                .order_by(deployments.c.created_at.desc(), deployments.c.deploy_id)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [_row(r) for r in rows], int(total)
+
     def apply_report(self, client_id: str, report: DeployStatusReport) -> Applied:
         """Apply a ``deploy.status`` report from ``client_id`` (SPEC deploy-21).
 

@@ -195,6 +195,26 @@ def test_list_is_newest_first_and_paginated(center: DeployCenter) -> None:
     assert center.api.list("web-2", limit=1, offset=2)["items"][0]["deploy_id"] == ids[0]
 
 
+def test_all_deployments_are_listed_with_filters(center: DeployCenter) -> None:
+    failed = center.deploy_shell("web-1", "exit 9")
+    center.wait(failed)
+    everything = center.api.request("GET", "/api/deployments", params={"limit": 500})
+    ids = [r["deploy_id"] for r in everything["items"]]
+    assert failed in ids and everything["total"] >= len(ids)
+    created = [r["created_at"] for r in everything["items"]]
+    assert created == sorted(created, reverse=True)
+    only_failed = center.api.request(
+        "GET", "/api/deployments", params={"status": "failed", "client_id": "web-1"}
+    )
+    assert only_failed["items"] and all(
+        r["status"] == "failed" and r["client_id"] == "web-1" for r in only_failed["items"]
+    )
+    for bad in ({"status": "exploded"}, {"client_id": "../x"}, {"limit": 0}):
+        with pytest.raises(ApiError) as err:
+            center.api.request("GET", "/api/deployments", params=bad)
+        assert err.value.status == 422
+
+
 def test_clients_and_plugins_are_listed(center: DeployCenter) -> None:
     clients = {c["client_id"]: c for c in center.api.clients()}
     assert clients["web-1"]["connected"] is True
