@@ -1,0 +1,245 @@
+"""``deploy.file``: write a file with a given content and mode, and put back what was there
+when the deployment is rolled back.
+
+Two registrations:
+
+- the deploy type ``deploy.file`` (parameters, executor, stages);
+- the rollback strategy ``file_restore``, its default: before the write it keeps a copy of
+  the file (or notes that there was none), on rollback it puts that copy back, and after a
+  success it prunes old copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from deploy_core import hookimpl
+from deploy_core.agent.context import DeployContext, DeployFailed
+from deploy_core.models import DeployStatus
+from deploy_core.registry import (
+    DeployParams,
+    DeployType,
+    RollbackParams,
+    RollbackState,
+    RollbackStrategy,
+    Stage,
+)
+from pydantic import BaseModel, Field, field_validator
+
+MAX_CONTENT_BYTES = 512 * 1024
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class FileParams(DeployParams):
+    """What a ``deploy.file`` request carries besides the common fields."""
+
+    path: str = Field(description="absolute path of the file to write")
+    content: str = Field(description="the file's new content (UTF-8 text)")
+    mode: str = Field("0644", description="permission bits, in octal: '0644', '600'")
+    timeout: float = Field(30.0, gt=0, le=3600, description="seconds the write may take")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_file_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or "\x00" in value:
+            raise ValueError("path must be an absolute file path, e.g. /etc/app/app.conf")
+        return os.path.normpath(value)
+
+    @field_validator("content")
+    @classmethod
+    def _content_size(cls, value: str) -> str:
+        size = len(value.encode())
+        if size > MAX_CONTENT_BYTES:
+            raise ValueError(f"content is {size} bytes; the limit is {MAX_CONTENT_BYTES}")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _octal_mode(cls, value: str) -> str:
+        digits = value.removeprefix("0o")
+        if not (1 <= len(digits) <= 4 and all(c in "01234567" for c in digits)):
+            raise ValueError(f"mode must be octal permission bits like '0644', got {value!r}")
+        return f"{int(digits, 8):04o}"
+
+
+class FileResult(BaseModel):
+    """The callback's ``result`` for ``deploy.file``."""
+
+    path: str
+    bytes: int
+    sha256: str
+    mode: str
+    previous_sha256: str | None = Field(description="None when the file did not exist")
+    changed: bool
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode``: a reader sees the old file or the new one,
+    never half of it."""
+    tmp = path.with_name(f".{path.name}.deploy-file.tmp")
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted write
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed the mode given to open()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+STAGES = (
+    Stage(DeployStatus.EXECUTING.value, 0, 10, "checking the target"),
+    Stage(DeployStatus.INSTALLING.value, 10, 90, "writing the file"),
+)
+
+
+async def write_file(ctx: DeployContext, params: FileParams) -> FileResult:
+    """The executor: check the target, then write the file in one atomic step."""
+    target = Path(params.path)
+    ctx.report(DeployStatus.EXECUTING, fraction=0.5, message=f"checking {target}")
+    if not target.parent.is_dir():
+        raise DeployFailed(f"directory {target.parent} does not exist on this host")
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise DeployFailed(f"{target} exists and is not a regular file")
+    previous = _sha256(target)
+    data = params.content.encode()
+    ctx.report(
+        DeployStatus.INSTALLING, fraction=0.0, message=f"writing {len(data)} bytes to {target}"
+    )
+    try:
+        await asyncio.to_thread(write_atomically, target, data, int(params.mode, 8))
+    except OSError as exc:
+        raise DeployFailed(f"cannot write {target}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    ctx.log(f"wrote {target}: {len(data)} bytes, mode {params.mode}, sha256 {digest[:12]}")
+    ctx.report(DeployStatus.INSTALLING, fraction=1.0, message="file written")
+    return FileResult(
+        path=str(target),
+        bytes=len(data),
+        sha256=digest,
+        mode=params.mode,
+        previous_sha256=previous,
+        changed=previous != digest,
+    )
+
+
+# ----------------------------------------------------------------------------- rollback
+
+
+class RestoreParams(RollbackParams):
+    """Options of the ``file_restore`` strategy."""
+
+    strategy: Literal["file_restore"] = "file_restore"
+    keep: int = Field(3, ge=1, le=100, description="copies of each file kept after a success")
+
+
+def _backup_dir(ctx: DeployContext, path: str) -> Path:
+    return ctx.data_dir / "file-backups" / hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
+def _mode_of(path: Path) -> str:
+    return f"{path.stat().st_mode & 0o7777:04o}"
+
+
+async def keep_copy(ctx: DeployContext, params: RestoreParams) -> RollbackState:
+    """``prepare``: before the write, copy the file (or note that there is none)."""
+    if ctx.command_type != "deploy.file":
+        raise RuntimeError(f"file_restore only undoes deploy.file, not {ctx.command_type}")
+    path = FileParams.model_validate(ctx.command.params).path
+    target = Path(path)
+    if not target.exists() and not target.is_symlink():
+        return {"path": path, "existed": False}
+    if target.is_symlink() or not target.is_file():
+        raise RuntimeError(f"{target} is not a regular file; file_restore cannot keep it")
+    # Named by time first: sorting by name sorts by age (file times can be too coarse).
+    backup = _backup_dir(ctx, path) / f"{time.time_ns():020d}-{ctx.deploy_id}"
+    backup.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    await asyncio.to_thread(shutil.copyfile, target, backup)
+    ctx.log(f"kept a copy of {target} in {backup}")
+    return {"path": path, "existed": True, "backup": str(backup), "mode": _mode_of(target)}
+
+
+async def restore_copy(
+    ctx: DeployContext, params: RestoreParams, state: RollbackState | None
+) -> None:
+    """``rollback``: put the kept copy back, or remove a file the deployment created."""
+    if state is None:  # the core refuses before this, since needs_state is set
+        raise RuntimeError("no copy was kept for this deployment")
+    target = Path(state["path"])
+    if not state["existed"]:
+        target.unlink(missing_ok=True)
+        ctx.log(f"removed {target}: it did not exist before the deployment")
+        return
+    backup = Path(state["backup"])
+    if not backup.is_file():
+        raise RuntimeError(f"the copy {backup} is gone (pruned after newer deployments?)")
+    data = await asyncio.to_thread(backup.read_bytes)
+    await asyncio.to_thread(write_atomically, target, data, int(state["mode"], 8))
+    ctx.log(f"restored {target} from {backup}")
+
+
+async def prune_copies(
+    ctx: DeployContext, params: RestoreParams, state: RollbackState | None
+) -> None:
+    """``discard``: after a success, keep only the newest ``keep`` copies of the file."""
+    if not state or not state.get("existed"):
+        return
+    copies = sorted(Path(state["backup"]).parent.iterdir(), reverse=True)
+    for old in copies[params.keep :]:
+        old.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@hookimpl
+def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None:
+    """Register ``deploy.file``."""
+    register(
+        DeployType(
+            name="deploy.file",
+            params=FileParams,
+            executor=write_file,
+            stages=STAGES,
+            default_rollback="file_restore",
+            description="write a file with a given content and mode",
+        )
+    )
+
+
+@hookimpl
+def deploy_register_rollback_strategies(register: Callable[[RollbackStrategy], None]) -> None:
+    """Register ``file_restore``."""
+    register(
+        RollbackStrategy(
+            name="file_restore",
+            params=RestoreParams,
+            prepare=keep_copy,
+            rollback=restore_copy,
+            discard=prune_copies,
+            needs_state=True,
+            description="put back the file deploy.file replaced",
+        )
+    )
