@@ -137,7 +137,13 @@ class DeployPlugins:
 
     def collect(self) -> None:
         """Call the registration hooks and fill the registries."""
-        self.pm.check_pending()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+            raise PluginError(
+                f"plugin {name!r} implements a hook that does not exist (a misspelling?): {exc}"
+            ) from None
         self._collect("deploy_register_deploy_types", self.deploy_types, lambda e: e.name)
         self._collect("deploy_register_health_checks", self.health_checks, lambda e: e.name)
         self._collect(
@@ -147,6 +153,17 @@ class DeployPlugins:
         self._collect("deploy_register_routes", self.route_sets, lambda e: e.name)
         self._collect("deploy_agent_services", self.agent_services, lambda e: e.name)
         self._collect("deploy_register_cli_commands", self.cli_commands, lambda e: e.name)
+        kinds: dict[str, str] = {}
+        for name in self.deploy_types.entries:
+            kind = self.deploy_types.entries[name].kind
+            if kind in kinds:
+                owners = self.deploy_types.owners
+                raise PluginError(
+                    f"deploy types {kinds[kind]!r} (plugin {owners[kinds[kind]]!r}) and "
+                    f"{name!r} (plugin {owners[name]!r}) would share the API route "
+                    f"/api/deploy/{kind}; disable one of them"
+                )
+            kinds[kind] = name
         for name, dt in self.deploy_types.entries.items():
             if dt.default_rollback and dt.default_rollback not in self.rollback_strategies:
                 log.info(
@@ -176,8 +193,14 @@ class DeployPlugins:
                 raise PluginError(f"plugin {owner!r} failed in {hook_name}: {exc}") from exc
 
     def create_tables(self, metadata_: MetaData) -> None:
-        """Let plugins define their tables on ``metadata_``."""
-        self.pm.hook.deploy_register_tables(metadata=metadata_)
+        """Let plugins define their tables on ``metadata_``; a failure names the plugin."""
+        for impl in self.pm.hook.deploy_register_tables.get_hookimpls():
+            try:
+                impl.function(metadata=metadata_)
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in deploy_register_tables: {exc}"
+                ) from exc
 
     # ----------------------------------------------------------------- parsing options
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 import httpx
-import pluggy
 import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -240,8 +239,25 @@ def test_a_misspelled_hookimpl_fails_check_pending() -> None:
         def deploy_register_deploy_typez(self, register: Callable[[Any], None]) -> None:
             raise AssertionError("never called")
 
-    with pytest.raises(pluggy.PluginValidationError, match="deploy_register_deploy_typez"):
+    with pytest.raises(PluginError, match=r"plugin 'typo'.*deploy_register_deploy_typez"):
         load_plugins(extra=[("typo", Misspelled())], entry_points=False)
+
+
+def test_two_deploy_types_with_one_api_route_are_refused() -> None:
+    def executor(ctx: Any, params: Any) -> Any:
+        raise AssertionError("never called")
+
+    def plugin(family: str) -> object:
+        class P:
+            @hookimpl
+            def deploy_register_deploy_types(self, register: Callable[[Any], None]) -> None:
+                register(DeployType(name=f"{family}.file", params=DeployParams,
+                                    executor=executor))
+
+        return P()
+
+    with pytest.raises(PluginError, match="share the API route /api/deploy/file"):
+        load_plugins(extra=[("a", plugin("deploy")), ("b", plugin("acme"))], entry_points=False)
 
 
 def test_an_entry_point_that_fails_to_import_is_skipped_and_listed(
