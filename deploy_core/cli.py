@@ -45,8 +45,13 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 def load_agent_settings(path: Path) -> dict[str, Any]:
     """Read an agent's TOML configuration; ``[services.NAME]`` tables configure agent
-    services."""
+    services, the ``[constraints]`` table what scripts must satisfy (returned parsed, as a
+    :class:`~deploy_core.agent.constraints.Constraints`)."""
     import tomllib
+
+    from pydantic import ValidationError
+
+    from deploy_core.agent.constraints import Constraints
 
     try:
         data = tomllib.loads(path.read_text())
@@ -55,6 +60,13 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
     services = data.get("services", {})
     if not isinstance(services, dict) or not all(isinstance(v, dict) for v in services.values()):
         raise click.BadParameter(f"{path}: [services.NAME] must be tables", param_hint="--config")
+    try:
+        data["constraints"] = Constraints.model_validate(data.get("constraints", {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"constraints.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+        raise click.BadParameter(f"{path}: {problems}", param_hint="--config") from None
     return data
 
 
@@ -139,6 +151,13 @@ state_dir_option = click.option(
     "e.g. postgresql://user@host/dbname",
 )
 @click.option(
+    "--cert-name",
+    "cert_names",
+    multiple=True,
+    help="a host name or address agents use to reach this server (repeatable); the server "
+    "certificate covers it besides localhost, 127.0.0.1 and ::1",
+)
+@click.option(
     "--retention",
     default=None,
     help="delete finished deployments older than this (e.g. 30d), checked daily",
@@ -150,6 +169,13 @@ state_dir_option = click.option(
     show_default=True,
     help="output kept per deployment; past it a marker line says the rest was dropped",
 )
+@click.option(
+    "--max-artifact-size",
+    envvar="DEPLOY_CENTER_MAX_ARTIFACT_SIZE",
+    default="2G",
+    show_default=True,
+    help="largest package the artifact store accepts (bytes, or with K, M, G)",
+)
 def server(
     state_dir: Path,
     api_host: str,
@@ -159,6 +185,8 @@ def server(
     db_url: str | None,
     retention: str | None,
     max_log_bytes: int,
+    cert_names: tuple[str, ...],
+    max_artifact_size: str,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
@@ -172,6 +200,8 @@ def server(
         db_url=db_url,
         retention_days=parse_duration(retention) / 86400 if retention else None,
         max_log_bytes=max_log_bytes,
+        cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
+        max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
     )
 
     async def run(stop: asyncio.Event) -> None:
@@ -223,6 +253,20 @@ def _print_server_banner(srv: Any) -> None:
     show_default=True,
     help="name the server's certificate is checked against",
 )
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file: [constraints] on scripts, [services.NAME] for agent services",
+)
+@click.option(
+    "--chunk-size",
+    envvar="DEPLOY_CENTER_CHUNK_SIZE",
+    default="256K",
+    show_default=True,
+    help="artifact transfer chunk, 64K to 1M: what a killed agent may receive twice",
+)
 def agent(
     server_addr: str,
     client_id: str,
@@ -230,10 +274,13 @@ def agent(
     ca_file: Path,
     join_token_file: Path | None,
     server_name: str,
+    config_file: Path | None,
+    chunk_size: str,
 ) -> None:
     """Run an agent: connect to the server and carry out deployments."""
     import re
 
+    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
     from deploy_core.agent.runtime import Agent, AgentConfig
     from deploy_core.models import ID_PATTERN
 
@@ -242,6 +289,12 @@ def agent(
             "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
         )
     host, port = _host_port(server_addr)
+    settings = load_agent_settings(config_file) if config_file else {}
+    constraints = settings.get("constraints") or Constraints()
+    try:  # refuse to start rather than run scripts unconstrained
+        ConstraintPolicy(constraints)
+    except ConstraintConfigError as exc:
+        raise click.ClickException(f"{config_file}: [constraints] {exc}") from None
     config = AgentConfig(
         server_host=host,
         server_port=port,
@@ -250,6 +303,9 @@ def agent(
         ca_file=ca_file,
         join_token_file=join_token_file,
         server_name=server_name,
+        services=settings.get("services", {}),
+        constraints=constraints,
+        chunk_size=_chunk_size(chunk_size),
     )
 
     async def run(stop: asyncio.Event) -> None:
@@ -293,7 +349,10 @@ def up(state_dir: Path, api_port: int, quic_port: int) -> None:
         click.echo(
             f"  local agent:  {'connected' if connected else 'NOT connected'} as client 'local'"
         )
-        click.echo("Try:  deployctl deploy shell --client local --script 'echo hello' --wait")
+        if "deploy.shell" in srv.plugins.deploy_types:
+            click.echo(
+                "Try:  deployctl deploy shell --client local --script 'echo hello' --wait"
+            )
         try:
             await stop.wait()
         finally:
@@ -689,11 +748,16 @@ def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
 
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL")
+@click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token")
+@state_dir_option
 @click.pass_context
-def clients(ctx: click.Context, as_json: bool) -> None:
+def clients(
+    ctx: click.Context, as_json: bool, url: str | None, token: str | None, state_dir: Path
+) -> None:
     """List enrolled clients and whether they are connected (or revoke / forget one)."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(clients_list, as_json=as_json)
+        ctx.invoke(clients_list, as_json=as_json, url=url, token=token, state_dir=state_dir)
 
 
 @clients.command("list")
@@ -901,6 +965,99 @@ def db_upgrade(db_url: str | None, state_dir: Path) -> None:
     finally:
         engine.dispose()
     click.echo(f"schema {before or 'empty'} -> {after}")
+
+
+# --------------------------------------------------------------------------- artifacts
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str, option: str = "size") -> int:
+    """``512K``, ``2G``, ``1048576`` → bytes (binary units; a trailing ``B``/``iB`` is fine)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper())
+    if match is None:
+        raise click.BadParameter(
+            f"expected a size such as 500M or 2G, got {value!r}", param_hint=option
+        )
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size < 1:
+        raise click.BadParameter("must be at least 1 byte", param_hint=option)
+    return size
+
+
+def _chunk_size(value: str) -> int:
+    from deploy_core.transport.files import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+    size = parse_size(value, "--chunk-size")
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise click.BadParameter(
+            f"must be between 64K and 1M, got {value}", param_hint="--chunk-size"
+        )
+    return size
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+@main.group()
+def artifact() -> None:
+    """Upload packages to the server's artifact store, and look them up."""
+
+
+@artifact.command("push")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
+@with_api
+def artifact_push(api: DeployClient, file: Path, as_json: bool) -> None:
+    """Upload FILE (streamed, with a progress bar on stderr); prints its SHA-256."""
+    import time
+
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+    shown = [-1]
+
+    def progress(sent: int, total: int) -> None:
+        percent = 100 * sent // total if total else 100
+        if percent == shown[0] or (not tty and percent % 10 and sent != total):
+            return
+        shown[0] = percent
+        rate = sent / max(time.monotonic() - started, 1e-6)
+        line = f"{_bar(percent)} {percent:3d}% {_human(sent)} of {_human(total)}"
+        line += f" {_human(rate)}/s"
+        click.echo("\r\033[K" + line if tty else line, nl=not tty, err=True)
+
+    try:
+        result = api.upload_artifact(file, progress=progress)
+    finally:
+        if tty and shown[0] >= 0:
+            click.echo(err=True)
+    if as_json:
+        _echo_json(result)
+        return
+    how = "already stored" if result.get("existing") else "stored"
+    click.echo(f"{result['sha256']}  {_human(result['size'])}  {how}")
+
+
+@artifact.command("show")
+@click.argument("sha256")
+@click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
+@with_api
+def artifact_show(api: DeployClient, sha256: str, as_json: bool) -> None:
+    """Show a stored artifact's size and upload time."""
+    result = api.artifact(sha256)
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(f"sha256:     {result['sha256']}")
+    click.echo(f"size:       {result['size']} bytes ({_human(result['size'])})")
+    click.echo(f"created_at: {result['created_at']}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ It finds the server from explicit arguments, then ``DEPLOY_CENTER_URL`` /
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,55 @@ class DeployClient:
     def plugins(self) -> builtins.list[dict[str, Any]]:
         """The server's plugins."""
         result: builtins.list[dict[str, Any]] = self.request("GET", "/api/plugins")["plugins"]
+        return result
+
+    def upload_artifact(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        chunk_size: int = 1 << 20,
+    ) -> dict[str, Any]:
+        """``POST /api/artifacts``: stream a package to the server's store.
+
+        The file is read twice, a chunk at a time, never whole: once to hash it (the server
+        checks the hash it is told), once to send it.
+
+        :param progress: ``progress(bytes_sent, total_bytes)`` after each chunk.
+        :returns: ``sha256``, ``size``, ``created_at``, ``existing`` (true when the store
+            already had these bytes).
+        """
+        file = Path(path)
+        size = file.stat().st_size
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            while block := handle.read(chunk_size):
+                digest.update(block)
+
+        def body() -> Iterator[bytes]:
+            sent = 0
+            with file.open("rb") as handle:
+                while block := handle.read(chunk_size):
+                    yield block
+                    sent += len(block)
+                    if progress is not None:
+                        progress(sent, size)
+
+        result: dict[str, Any] = self.request(
+            "POST",
+            "/api/artifacts",
+            content=body(),
+            headers={
+                "Content-Length": str(size),
+                "Content-Type": "application/octet-stream",
+                "X-Content-SHA256": digest.hexdigest(),
+            },
+        )
+        return result
+
+    def artifact(self, sha256: str) -> dict[str, Any]:
+        """``GET /api/artifacts/{sha256}``: a stored artifact's metadata."""
+        result: dict[str, Any] = self.request("GET", f"/api/artifacts/{sha256}")
         return result
 
     def watch(self, deploy_id: str, *, timeout: float) -> Iterator[dict[str, Any]]:

@@ -225,6 +225,11 @@ class RollbackTarget(WireModel):
     health_checks: list[dict[str, Any]] = Field(default_factory=list)
     rollback: dict[str, Any]
     rollback_state: dict[str, Any] | None = None
+    only_if_ran: bool = Field(
+        False,
+        description="the server does not know whether the agent ever ran the deployment: an "
+        "agent that never did has nothing to undo",
+    )
 
 
 DeployCommand.model_rebuild()

@@ -206,12 +206,20 @@ class DeployCenter:
         join_token_file: Path | None = None,
         wait: bool = True,
         timeout: float = 30.0,
+        server_port: int | None = None,
+        config: str | None = None,
     ) -> Any:
-        """Start (or restart) an agent process; wait until the server lists it connected."""
+        """Start (or restart) an agent process; wait until the server lists it connected.
+
+        ``server_port`` points the agent at another UDP port on 127.0.0.1 than the server's,
+        e.g. a relay that stands between them (:mod:`deploy_core.testing_chaos`).
+        ``config`` is the agent's TOML config text (``[constraints]``, ``[services.NAME]``),
+        written to ``agent-<id>.toml`` and passed as ``--config``.
+        """
         args = [
             "agent",
             "--server",
-            f"127.0.0.1:{self.quic_port}",
+            f"127.0.0.1:{server_port or self.quic_port}",
             "--client-id",
             client_id,
             "--state-dir",
@@ -221,6 +229,10 @@ class DeployCenter:
             "--join-token-file",
             str(join_token_file or self.server_dir / "join.token"),
         ]
+        if config is not None:
+            config_file = self.root / f"agent-{client_id}.toml"
+            config_file.write_text(config)
+            args += ["--config", str(config_file)]
         proc = self._spawn(args, f"agent-{client_id}.log")
         self.agents[client_id] = proc
         if wait:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import pwd
@@ -32,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from deploy_core.agent.cgroups import CgroupParent, find_cgroup_parent
+from deploy_core.agent.deny_rules import DEFAULT_DENY, DenyRule, logical_lines
 from deploy_core.agent.process import Confinement, ProcessResult
-from deploy_core.agent.rules import DEFAULT_DENY, DenyRule, logical_lines
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ _OOM_WORDS = re.compile(
 )
 _NPROC_WORDS = re.compile(r"Resource temporarily unavailable|Cannot fork|fork: retry", re.I)
 _NOFILE_WORDS = re.compile(r"Too many open files", re.I)
+_OOM_SIGNALS = (signal.SIGSEGV, signal.SIGABRT)
 
 
 class ConstraintConfigError(ValueError):
@@ -73,16 +75,19 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Sizes take a number of bytes or a string such as "200MiB" or "1GB".
     cpu_seconds: int | None = Field(None, ge=1, description="CPU time (RLIMIT_CPU)")
-    memory_bytes: int | None = Field(
+    memory_bytes: ByteSize | None = Field(
         None, ge=16 * 1024 * 1024, description="address space (RLIMIT_AS), and memory.max"
     )
     processes: int | None = Field(
         None, ge=1, description="processes of the run-as user (RLIMIT_NPROC), and pids.max"
     )
     open_files: int | None = Field(None, ge=8, description="file descriptors (RLIMIT_NOFILE)")
-    file_size: int | None = Field(None, ge=1, description="largest file written (RLIMIT_FSIZE)")
-    output_bytes: int | None = Field(
+    file_size: ByteSize | None = Field(
+        None, ge=1, description="largest file a script writes (RLIMIT_FSIZE)"
+    )
+    output_bytes: ByteSize | None = Field(
         None, ge=1024, description="output streamed to the server and kept in the tails"
     )
     cgroup: str = Field(
@@ -103,7 +108,7 @@ class Constraints(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_script_bytes: int = Field(DEFAULT_MAX_SCRIPT_BYTES, ge=1)
+    max_script_bytes: ByteSize = Field(ByteSize(DEFAULT_MAX_SCRIPT_BYTES), ge=1)
     policy: Literal["deny-list", "allow-list"] = "deny-list"
     deny: list[DenyRule] = Field(default_factory=lambda: list(DEFAULT_DENY))
     deny_extra: list[DenyRule] = Field(default_factory=list)
@@ -172,6 +177,10 @@ class ConstraintPolicy:
         self.allow = [re.compile(pattern) for pattern in config.allow]
         self.roots = [os.path.realpath(root) for root in config.workdir_roots]
         self.run_as = _resolve_user(config.run_as)
+        # The user to switch to: none when the agent already is that user.
+        self.switch_to = (
+            self.run_as if self.run_as is not None and self.run_as.uid != os.geteuid() else None
+        )
         self.limits = config.limits
         self.rlimits = self._rlimits()
         self.cgroup: CgroupParent | None = None
@@ -190,6 +199,7 @@ class ConstraintPolicy:
         set_limits = {k: v for k, v in self.limits.model_dump().items() if v and k != "cgroup"}
         if set_limits:
             parts.append("limits " + " ".join(f"{k}={v}" for k, v in set_limits.items()))
+        if self.limits.memory_bytes or self.limits.processes:
             parts.append(
                 f"cgroup v2 under {self.cgroup.path}"
                 if self.cgroup is not None
@@ -247,7 +257,7 @@ class ConstraintPolicy:
     @contextlib.contextmanager
     def confinement(self, run_name: str) -> Iterator[Confinement | None]:
         """The confinement for one run; a per-run cgroup lives as long as the block."""
-        if self.run_as is None and not self.rlimits and self.cgroup is None:
+        if self.switch_to is None and not self.rlimits and self.cgroup is None:
             yield None
             return
         notes = []
@@ -262,7 +272,7 @@ class ConstraintPolicy:
                 notes.append(f"constraints: cgroups v2 not used: cannot create a cgroup: {exc}")
         elif self.limits.memory_bytes or self.limits.processes:
             notes.append(f"constraints: cgroups v2 not used: {self.cgroup_reason}")
-        run_as = self.run_as
+        run_as = self.switch_to
         try:
             yield Confinement(
                 uid=run_as.uid if run_as else None,
@@ -279,19 +289,22 @@ class ConstraintPolicy:
     def explain(self, result: ProcessResult, confinement: Confinement | None) -> str | None:
         """Which limit (if any) a failed run most likely hit, in words, else ``None``."""
         code, lim = result.exit_code, self.limits
-        if result.timed_out or code in (0, None):
+        if result.timed_out or code is None or code == 0:
             return None
         said = result.stderr_tail[-4096:] + result.stdout_tail[-4096:]
-        sig = -code if code < 0 else None
+        # Killed by a signal itself, or a shell reporting a command it ran was (128 + n).
+        sig = -code if code < 0 else code - 128 if 128 < code < 128 + 65 else None
         if sig == signal.SIGXCPU and lim.cpu_seconds:
             return f"killed by SIGXCPU: it used up limits.cpu_seconds = {lim.cpu_seconds}"
         if sig == signal.SIGXFSZ and lim.file_size:
-            return f"killed by SIGXFSZ: it wrote a file over limits.file_size = {lim.file_size}"
-        if sig == signal.SIGKILL and confinement is not None and confinement.cgroup:
-            if self.cgroup is not None and self.cgroup.oom_killed(Path(confinement.cgroup)):
-                return f"killed by the kernel: over the cgroup memory.max = {lim.memory_bytes}"
-        if lim.memory_bytes and (_OOM_WORDS.search(said) or sig in (signal.SIGSEGV, 6)):
-            return f"it ran out of memory under limits.memory_bytes = {lim.memory_bytes}"
+            return f"killed by SIGXFSZ: it wrote past limits.file_size = {_size(lim.file_size)}"
+        run_cgroup = confinement.cgroup if confinement is not None else None
+        parent = self.cgroup
+        if sig == signal.SIGKILL and run_cgroup and parent and parent.oom_killed(Path(run_cgroup)):
+            return f"killed by the kernel: over the cgroup memory.max = {_size(lim.memory_bytes)}"
+        # Out of address space: a program says so, or dies of what it could not allocate.
+        if lim.memory_bytes and (_OOM_WORDS.search(said) or sig in _OOM_SIGNALS):
+            return f"it ran out of memory under limits.memory_bytes = {_size(lim.memory_bytes)}"
         if sig == signal.SIGKILL and lim.cpu_seconds:
             return f"killed by SIGKILL, possibly at limits.cpu_seconds = {lim.cpu_seconds} + 1"
         if lim.processes and _NPROC_WORDS.search(said):
@@ -325,6 +338,12 @@ class ConstraintPolicy:
         return tuple(out)
 
 
+@functools.cache
+def default_policy() -> ConstraintPolicy:
+    """The policy of an agent whose config says nothing: the defaults, compiled once."""
+    return ConstraintPolicy()
+
+
 def _resolve_user(name: str | None) -> RunAs | None:
     if name is None:
         return None
@@ -341,6 +360,10 @@ def _resolve_user(name: str | None) -> RunAs | None:
         )
     groups = tuple(os.getgrouplist(name, entry.pw_gid))
     return RunAs(name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+
+
+def _size(value: int | None) -> str:
+    return f"{value} bytes ({ByteSize(value or 0).human_readable()})"
 
 
 def _quote(line: str, limit: int = 200) -> str:

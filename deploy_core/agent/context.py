@@ -3,13 +3,18 @@
 Deploy executors, health probes and rollback strategies all receive a :class:`DeployContext`.
 They report stages with :meth:`DeployContext.report`, send output with
 :meth:`DeployContext.log`, and run scripts with :meth:`DeployContext.run_script`, which applies
-the timeout, the process-group kill and the output bound for them.
+the timeout, the process-group kill, the output bound and the agent's constraints for them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +22,14 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from deploy_core.agent.process import ProcessResult, run_process
+from deploy_core.agent.artifacts import (
+    ArtifactError,
+    ArtifactProvider,
+    ArtifactTimeout,
+    FetchedArtifact,
+)
+from deploy_core.agent.constraints import ConstraintPolicy, ConstraintRefusal, default_policy
+from deploy_core.agent.process import DEFAULT_TAIL_BYTES, ProcessResult, run_process
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
 
 # Variables a script inherits from the agent's own environment; nothing else leaks through
@@ -67,7 +79,13 @@ class DeployContext:
         reporter: Reporter,
         data_dir: Path,
         stage_of: Callable[[str], tuple[int, int]] | None = None,
+        constraints: ConstraintPolicy | None = None,
+        artifacts: ArtifactProvider | None = None,
     ) -> None:
+        """:param constraints: what scripts must satisfy and run under; the defaults when
+        ``None``.
+        :param artifacts: where :meth:`fetch_artifact` gets packages (the agent's fetcher);
+        with ``None`` it fails the deployment."""
         self.command = command
         self.deploy_id = command.deploy_id
         self.command_type = command.command_type
@@ -77,6 +95,7 @@ class DeployContext:
         # (its parameters, checks, rollback options and what ``prepare`` saved).
         self.failure_reason: str | None = None
         self.rollback_target: RollbackTarget | None = command.rollback_of
+        self.constraints = constraints if constraints is not None else default_policy()
         self._reporter = reporter
         self.secret_env = dict(command.secret_env)
         # Longest first, so a secret containing another is masked whole.
@@ -86,6 +105,7 @@ class DeployContext:
             reverse=True,
         )
         self._stage_of = stage_of or (lambda status: (0, 100))
+        self._artifacts = artifacts
         self._status = DeployStatus.EXECUTING
         self._stage = ""
         self._progress = 0
@@ -96,6 +116,11 @@ class DeployContext:
     def progress(self) -> int:
         """The last progress reported (0-100)."""
         return self._progress
+
+    def resume_at(self, progress: int) -> None:
+        """Continue a deployment a previous agent process reported up to ``progress``, so
+        what this one reports never moves it backwards."""
+        self._progress = max(self._progress, min(max(progress, 0), 100))
 
     def report(
         self,
@@ -143,17 +168,49 @@ class DeployContext:
             return [self.mask_data(v) for v in data]
         return data
 
+    # ------------------------------------------------------------------ artifacts
+
+    async def fetch_artifact(
+        self, sha256: str, *, progress: Callable[[int, int], None] | None = None
+    ) -> FetchedArtifact:
+        """Get an artifact of the server's store by SHA-256, verified (SPEC deploy-11).
+
+        A copy cached by an earlier deployment is used without any transfer; otherwise the
+        bytes come over QUIC, resuming after a dropped connection (waiting for the agent to
+        reconnect until the deadline) or from what an interrupted fetch left on disk.
+
+        :param sha256: the artifact's SHA-256, 64 hex digits.
+        :param progress: ``progress(bytes_received, total_bytes)``, at most once per percent.
+        :returns: the cached file (read it; never change, move or delete it) and what the
+            transfer took: ``bytes_transferred``, ``bytes_resumed``, ``from_cache``.
+        :raises DeployFailed: the artifact is unknown, failed verification twice, or did not
+            arrive before the deadline (status ``timeout``).
+        """
+        if self._artifacts is None:
+            raise DeployFailed("this agent cannot fetch artifacts (no fetcher configured)")
+        try:
+            return await self._artifacts.fetch(sha256, deadline=self.deadline, progress=progress)
+        except ArtifactTimeout as exc:
+            raise DeployFailed(str(exc), status=DeployStatus.TIMEOUT) from exc
+        except ArtifactError as exc:
+            raise DeployFailed(str(exc)) from exc
+
     # ------------------------------------------------------------------ running things
 
     def remaining(self) -> float:
         """Seconds left before the deployment's deadline (never negative)."""
         return max(0.0, self.deadline - time.time())
 
-    def script_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment scripts get: a few safe variables of the agent's, the deployment's
-        identity, then ``extra``, then the deployment's secret variables."""
+    def script_env(
+        self, extra: Mapping[str, str] | None = None, *, run_as: bool = True
+    ) -> dict[str, str]:
+        """The environment scripts get: a few safe variables of the agent's (with ``HOME``,
+        ``USER`` and ``LOGNAME`` of the constraints' run-as user unless ``run_as`` is false),
+        the deployment's identity, then ``extra``, then the deployment's secret variables."""
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env.setdefault("PATH", DEFAULT_PATH)
+        if run_as:
+            env = self.constraints.environment(env)
         env["DEPLOY_ID"] = self.deploy_id
         env["DEPLOY_COMMAND"] = self.command_type
         if extra:
@@ -170,19 +227,83 @@ class DeployContext:
         env: Mapping[str, str] | None = None,
         stream_prefix: str = "",
     ) -> ProcessResult:
-        """Run ``argv`` with a timeout (never past the deadline), logging every output line."""
+        """Run ``argv`` with a timeout (never past the deadline), logging every output line.
+
+        For a plugin's own commands: of the agent's constraints only ``workdir_roots``
+        applies (a refusal raises :class:`DeployFailed`).  Scripts go through
+        :meth:`run_script`, which applies them all.
+        """
+        self._enforce(self.constraints.check_workdir, cwd)
+        return await self._run(
+            argv, timeout=timeout, cwd=cwd, env=env, stream_prefix=stream_prefix, confine=None
+        )
+
+    async def _run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        cwd: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+        stream_prefix: str,
+        confine: str | None,
+    ) -> ProcessResult:
+        """Run ``argv``; with ``confine`` (the run's name) as the run-as user, under the
+        limits, and with a failure a limit explains said so in the stderr tail."""
 
         def on_line(stream: str, line: str) -> None:
             self.log(line, stream=stream_prefix + stream)
 
-        return await run_process(
-            argv,
-            # Never past the deadline, but give a step at least a second to report itself.
-            timeout=min(timeout, max(self.remaining(), 1.0)),
-            cwd=cwd,
-            env=self.script_env(env),
-            on_line=on_line,
-        )
+        # Never past the deadline, but give a step at least a second to report itself.
+        timeout = min(timeout, max(self.remaining(), 1.0))
+        if confine is None:
+            return await run_process(
+                argv,
+                timeout=timeout,
+                cwd=cwd,
+                env=self.script_env(env, run_as=False),
+                on_line=on_line,
+            )
+        policy = self.constraints
+        output_bytes = policy.limits.output_bytes
+        with policy.confinement(confine) as confinement:
+            for note in confinement.notes if confinement else ():
+                self.log(note, stream="agent")
+            try:
+                result = await run_process(
+                    argv,
+                    timeout=timeout,
+                    cwd=cwd,
+                    env=self.script_env(env),
+                    on_line=on_line,
+                    tail_bytes=min(DEFAULT_TAIL_BYTES, output_bytes or DEFAULT_TAIL_BYTES),
+                    confinement=confinement,
+                    output_limit=output_bytes,
+                )
+            except OSError as exc:
+                why = policy.explain_start_error(exc)
+                if why is None:
+                    raise
+                raise DeployFailed(f"the script could not start: {why}") from exc
+            except subprocess.SubprocessError as exc:  # the preexec step failed in the child
+                raise DeployFailed(
+                    f"the script could not be put under the constraints (run_as, limits): {exc}"
+                ) from exc
+            why = policy.explain(result, confinement)
+        if why is None:
+            return result
+        self.log(f"[agent] {why}", stream="agent")
+        tail = result.stderr_tail
+        tail += ("" if not tail or tail.endswith("\n") else "\n") + f"[agent] {why}\n"
+        return dataclasses.replace(result, stderr_tail=tail, limit_hit=why)
+
+    def _enforce(self, check: Callable[[Any], None], subject: Any) -> None:
+        """Run one constraint check; a refusal is logged and fails the step."""
+        try:
+            check(subject)
+        except ConstraintRefusal as exc:
+            self.log(str(exc), stream="agent")
+            raise DeployFailed(str(exc)) from exc
 
     async def run_script(
         self,
@@ -195,19 +316,41 @@ class DeployContext:
         stream_prefix: str = "",
     ) -> ProcessResult:
         """Write ``script`` to a private file and run it: by its ``#!`` line if it has one,
-        else with ``/bin/sh``."""
-        scripts = self.data_dir / "scripts"
-        scripts.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else with ``/bin/sh``.
+
+        The agent's constraints are checked first — size, deny/allow rules, working
+        directory — and a refusal raises :class:`DeployFailed` naming the rule before
+        anything runs.  The script then runs as the run-as user, under the limits.
+        """
+        self._enforce(self.constraints.check_script, script)
+        self._enforce(self.constraints.check_workdir, cwd)
+        run_as = self.constraints.switch_to
+        if run_as is None:
+            scripts = self.data_dir / "scripts"
+            scripts.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:  # the agent's state directory is closed to the run-as user
+            scripts = Path(tempfile.mkdtemp(prefix="deploy-script-"))
+            os.chown(scripts, run_as.uid, run_as.gid)
         path = scripts / f"{self.deploy_id}-{name}.sh"
-        path.write_text(script)
-        path.chmod(0o700)
         argv = [str(path)] if script.startswith("#!") else ["/bin/sh", str(path)]
         try:
-            return await self.run(
-                argv, timeout=timeout, cwd=cwd, env=env, stream_prefix=stream_prefix
+            path.write_text(script)
+            path.chmod(0o700)
+            if run_as is not None:
+                os.chown(path, run_as.uid, run_as.gid)
+            return await self._run(
+                argv,
+                timeout=timeout,
+                cwd=cwd,
+                env=env,
+                stream_prefix=stream_prefix,
+                confine=f"{self.deploy_id}-{name}-{uuid.uuid4().hex[:8]}",
             )
         finally:
             path.unlink(missing_ok=True)
+            if run_as is not None:
+                with contextlib.suppress(OSError):
+                    scripts.rmdir()
 
 
 @dataclass

@@ -40,12 +40,13 @@ _E = r"(?![\w.\-])"
 _END = r"(?=[\s;&|)]|$)"
 _SYSTEM_DIRS = "bin|boot|dev|etc|home|lib|lib32|lib64|libx32|opt|proc|root|run|sbin|srv|sys|usr|var"
 # ``/``, ``/*``, ``~``, ``$HOME`` or a top-level system directory, quoted or not.
-_ROOT_TARGET = (
-    rf"""["']?(?:/+|(?:~|\$HOME|\$\{{HOME\}}|/(?:{_SYSTEM_DIRS}))/?)\*?["']?{_END}"""
-)
+_ROOT_TARGET = rf"""["']?(?:/+|(?:~|\$HOME|\$\{{HOME\}}|/(?:{_SYSTEM_DIRS}))/?)\*?["']?{_END}"""
 _DISK = r"(?:sd[a-z]|hd[a-z]|vd[a-z]|xvd[a-z]|nvme\d|mmcblk\d|md\d|dm-\d|mapper/|disk/)"
 _SHELL = r"(?:ba|da|k|z|c|tc|fi)?sh"
 _REDIRECT_OR_TEE = rf"(?:>\|?|{_B}tee\s+(?:-\S+\s+)*)"
+# The rest of one command, bounded: an unbounded scan from every ``rm`` of a long line is
+# quadratic, and a check must stay fast on a 100 KB script written to defeat it.
+_ARGS = r"[^;&|]{0,1024}?"
 
 
 def _rule(name: str, pattern: str, description: str) -> DenyRule:
@@ -55,13 +56,13 @@ def _rule(name: str, pattern: str, description: str) -> DenyRule:
 DEFAULT_DENY: tuple[DenyRule, ...] = (
     _rule(
         "rm-root",
-        rf"{_B}rm(?=\s)(?=[^;&|]*?\s(?:-[A-Za-z]*[rR][A-Za-z]*|--recursive){_END})"
-        rf"(?=[^;&|]*?\s{_ROOT_TARGET})",
+        rf"{_B}rm(?=\s)(?={_ARGS}\s(?:-[A-Za-z]*[rR][A-Za-z]*|--recursive){_END})"
+        rf"(?={_ARGS}\s{_ROOT_TARGET})",
         "recursive rm of /, /*, ~, $HOME or a top-level system directory",
     ),
     _rule(
         "rm-no-preserve-root",
-        rf"{_B}rm\s[^;&|]*--no-preserve-root",
+        rf"{_B}rm\s{_ARGS}--no-preserve-root",
         "rm told to go ahead on /",
     ),
     _rule(
@@ -71,7 +72,7 @@ DEFAULT_DENY: tuple[DenyRule, ...] = (
     ),
     _rule(
         "dd-to-disk",
-        rf"{_B}dd\s[^;&|]*?\bof=[\"']?/dev/{_DISK}",
+        rf"{_B}dd\s{_ARGS}\bof=[\"']?/dev/{_DISK}",
         "dd writing to a disk device",
     ),
     _rule(
@@ -81,26 +82,26 @@ DEFAULT_DENY: tuple[DenyRule, ...] = (
     ),
     _rule(
         "wipe-disk",
-        rf"{_B}(?:shred|wipefs|blkdiscard)\s[^;&|]*?/dev/{_DISK}",
+        rf"{_B}(?:shred|wipefs|blkdiscard)\s{_ARGS}/dev/{_DISK}",
         "shredding or wiping a disk device",
     ),
     _rule(
         "fork-bomb",
-        r"(?:function\s+)?([\w:.\-]+)\s*(?:\(\s*\))?\s*\{[^}]*?(?<![\w.\-:])\1\s*[|&]\s*\1"
+        r"(?<![\w:.\-])([\w:.\-]{1,64})\s*(?:\(\s*\))?\s*\{[^}]{0,512}?(?<![\w.\-:])\1\s*[|&]\s*\1"
         r"(?![\w.\-:])|fork\s+while\s+fork",
         "a function that starts two copies of itself (:(){ :|:& };:)",
     ),
     _rule(
         "curl-pipe-shell",
-        rf"{_B}(?:curl|wget)\b[^;&]*?\|\s*(?:sudo\s+(?:-\S+\s+)*)?(?:env\s+(?:\S+=\S*\s+)*)?"
+        rf"{_B}(?:curl|wget)\b[^;&]{{0,1024}}?\|\s*(?:sudo\s+(?:-\S+\s+)*)?(?:env\s+(?:\S+=\S*\s+)*)?"
         rf"(?:/\S*/)?(?:{_SHELL}{_E}|(?:python[\d.]*|perl|ruby|node)\s*(?:-\s*)?(?:$|[;&|)]))"
         rf"|{_B}(?:{_SHELL}|source|eval|\.)\s+(?:-\S+\s+)*(?:<\(|[\"']?\$\()\s*(?:curl|wget)\b",
         "running what was just downloaded (curl … | sh, bash <(curl …))",
     ),
     _rule(
         "chmod-root",
-        rf"{_B}(?:chmod|chown|chgrp)(?=\s)(?=[^;&|]*?\s(?:-[A-Za-z]*R[A-Za-z]*|--recursive){_END})"
-        rf"(?=[^;&|]*?\s{_ROOT_TARGET})",
+        rf"{_B}(?:chmod|chown|chgrp)(?=\s)(?={_ARGS}\s(?:-[A-Za-z]*R[A-Za-z]*|--recursive){_END})"
+        rf"(?={_ARGS}\s{_ROOT_TARGET})",
         "recursive chmod/chown of / or a top-level system directory",
     ),
     _rule(
@@ -116,7 +117,7 @@ DEFAULT_DENY: tuple[DenyRule, ...] = (
     ),
     _rule(
         "find-root-delete",
-        rf"{_B}find\s+{_ROOT_TARGET}[^|&]*?\s-(?:delete|exec\s+rm){_E}",
+        rf"{_B}find\s+{_ROOT_TARGET}[^|&]{{0,1024}}?\s-(?:delete|exec\s+rm){_E}",
         "find over / or a system directory deleting what it finds",
     ),
 )

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from deploy_core.agent.artifacts import ArtifactProvider
+from deploy_core.agent.constraints import ConstraintPolicy, default_policy
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.agent.health import run_health_checks
 from deploy_core.agent.journal import Journal
@@ -60,12 +62,25 @@ class Executor:
     """Runs deployments for one agent, one at a time."""
 
     def __init__(
-        self, *, plugins: DeployPlugins, journal: Journal, data_dir: Path, wake: Any
+        self,
+        *,
+        plugins: DeployPlugins,
+        journal: Journal,
+        data_dir: Path,
+        wake: Any,
+        constraints: ConstraintPolicy | None = None,
+        artifacts: ArtifactProvider | None = None,
     ) -> None:
+        """:param constraints: what every script must satisfy and runs under (SPEC
+        deploy-30); the defaults when ``None``.
+        :param artifacts: the agent's artifact fetcher, handed to every context (deploy-11)."""
         self.plugins = plugins
         self.journal = journal
         self.data_dir = data_dir
         self.wake = wake
+        self.constraints = constraints if constraints is not None else default_policy()
+        self.artifacts = artifacts
+        log.info("constraints: %s", self.constraints.describe())
 
     def _context(self, command: DeployCommand, deploy_type: DeployType | None) -> DeployContext:
         reporter = OutboxReporter(
@@ -84,7 +99,12 @@ class Executor:
             return stage.start, stage.end
 
         return DeployContext(
-            command=command, reporter=reporter, data_dir=self.data_dir, stage_of=stage_of
+            command=command,
+            reporter=reporter,
+            data_dir=self.data_dir,
+            stage_of=stage_of,
+            constraints=self.constraints,
+            artifacts=self.artifacts,
         )
 
     async def run(self, command: DeployCommand) -> DeployStatus:
@@ -102,12 +122,17 @@ class Executor:
         return outcome.status
 
     async def recover(
-        self, command: DeployCommand, stage: str, rollback_state: dict[str, Any] | None
+        self,
+        command: DeployCommand,
+        stage: str,
+        rollback_state: dict[str, Any] | None,
+        progress: int = 0,
     ) -> DeployStatus:
         """A deployment this agent was running when it stopped: never run it again; roll it
         back if it has a rollback, and report it (DESIGN §3, SPEC deploy-31)."""
         started = time.monotonic()
         ctx = self._context(command, self.plugins.deploy_types.get(command.command_type))
+        ctx.resume_at(progress)
         reason = f"agent restarted during stage {stage or 'start'}; the deployment was not resumed"
         ctx.log(reason, stream="agent")
         outcome = Outcome(DeployStatus.FAILED, reason, rollback_state=rollback_state)
@@ -248,6 +273,15 @@ class Executor:
             message=f"rolling back deployment {target.deploy_id}",
         )
         entry = self.journal.get(target.deploy_id)
+        if entry is None and target.only_if_ran:
+            return Outcome(
+                DeployStatus.ROLLED_BACK,
+                rollback=RollbackResult(
+                    success=True,
+                    strategy=target.rollback.get("strategy"),
+                    message=f"this agent never ran {target.deploy_id}: nothing to undo",
+                ),
+            )
         if entry is not None and entry.final_status in UNDONE:
             # The agent rolled it back itself while the server had given up on it.
             return Outcome(

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     state TEXT NOT NULL,
     stage TEXT NOT NULL DEFAULT '',
     report_seq INTEGER NOT NULL DEFAULT -1,
+    progress INTEGER NOT NULL DEFAULT 0,
     rollback_state TEXT,
     final_status TEXT,
     accepted_at REAL NOT NULL,
@@ -69,6 +70,7 @@ class JournalEntry:
     stage: str
     rollback_state: dict[str, Any] | None
     final_status: str | None
+    progress: int = 0
 
 
 class Journal:
@@ -83,6 +85,11 @@ class Journal:
         # FULL: a report the agent believes written survives a power cut.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
+        if "progress" not in columns:  # a journal written by 0.1.0 before this column
+            self._db.execute(
+                "ALTER TABLE deployments ADD COLUMN progress INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         """Close the database."""
@@ -135,7 +142,7 @@ class Journal:
         """One journaled deployment."""
         with self._lock:
             row = self._db.execute(
-                "SELECT deploy_id, command, state, stage, rollback_state, final_status"
+                "SELECT deploy_id, command, state, stage, rollback_state, final_status, progress"
                 " FROM deployments WHERE deploy_id = ?",
                 (deploy_id,),
             ).fetchone()
@@ -145,7 +152,7 @@ class Journal:
         """Deployments in ``state`` (accepted, started or finished), oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT deploy_id, command, state, stage, rollback_state, final_status"
+                "SELECT deploy_id, command, state, stage, rollback_state, final_status, progress"
                 " FROM deployments WHERE state = ? ORDER BY accepted_at",
                 (state,),
             ).fetchall()
@@ -171,9 +178,9 @@ class Journal:
         outbox, in one transaction.  Returns the sequence number used."""
         with self._tx() as db:
             (seq,) = db.execute(
-                "UPDATE deployments SET report_seq = report_seq + 1, stage = ?"
-                " WHERE deploy_id = ? RETURNING report_seq",
-                (stage, deploy_id),
+                "UPDATE deployments SET report_seq = report_seq + 1, stage = ?,"
+                " progress = max(progress, ?) WHERE deploy_id = ? RETURNING report_seq",
+                (stage, int(payload.get("progress", 0)), deploy_id),
             ).fetchone()
             payload = {**payload, "seq": seq}
             db.execute(
@@ -245,4 +252,5 @@ def _entry(row: Any) -> JournalEntry:
         stage=row[3],
         rollback_state=json.loads(row[4]) if row[4] else None,
         final_status=row[5],
+        progress=row[6],
     )

@@ -18,12 +18,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from deploy_core import __version__
+from deploy_core.agent.artifacts import ArtifactFetcher
+from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import AgentServiceContext
 from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
 from deploy_core.models import DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
+from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ class AgentConfig:
     heartbeat_interval: float = 5.0
     idle_timeout: float = 30.0
     services: dict[str, Any] = field(default_factory=dict)
+    # What scripts must satisfy and run under (the config file's [constraints]).
+    constraints: Constraints = field(default_factory=Constraints)
+    # Bytes per artifact chunk (64 KiB-1 MiB); a killed agent receives at most this again.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
 class Agent:
@@ -68,6 +75,7 @@ class Agent:
             journal=self.journal,
             data_dir=config.state_dir / "data",
             wake=self._wake.set,
+            constraints=ConstraintPolicy(config.constraints),
         )
         self.connector = AgentConnector(
             host=config.server_host,
@@ -82,6 +90,11 @@ class Agent:
             idle_timeout=config.idle_timeout,
             server_name=config.server_name,
         )
+        #: Artifacts by SHA-256 into state_dir/cache, for DeployContext.fetch_artifact.
+        self.artifacts = ArtifactFetcher(
+            self.connector, config.state_dir / "cache", chunk_size=config.chunk_size
+        )
+        self.executor.artifacts = self.artifacts
 
     def capabilities(self) -> dict[str, Any]:
         """What this agent tells the server it can do."""
@@ -135,7 +148,9 @@ class Agent:
     async def _recover(self) -> None:
         for entry in self.journal.in_state(STARTED):
             log.warning("deployment %s was interrupted by a restart", entry.deploy_id)
-            await self.executor.recover(entry.command, entry.stage, entry.rollback_state)
+            await self.executor.recover(
+                entry.command, entry.stage, entry.rollback_state, entry.progress
+            )
         for entry in self.journal.in_state(ACCEPTED):
             self._enqueue(entry.command)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from deploy_core.server.tokens import SCOPES, TokenError
-from deploy_core.server.web import ApiError, json_body, parse_model, services
+from deploy_core.server.web import ApiError, iso_time, json_body, parse_model, services
 
 
 class NewApiToken(BaseModel):
@@ -32,6 +32,10 @@ class NewJoinToken(BaseModel):
     note: str = Field("", max_length=200)
 
 
+def _with_iso(row: dict[str, Any], *fields: str) -> dict[str, Any]:
+    return {k: iso_time(v) if k in fields else v for k, v in row.items()}
+
+
 async def create_api_token(request: Request) -> Response:
     """``POST /api/tokens`` → ``201 {"name", "scope", "token"}`` (the token is shown once)."""
     server = services(request)
@@ -46,7 +50,8 @@ async def create_api_token(request: Request) -> Response:
 async def list_api_tokens(request: Request) -> Response:
     """``GET /api/tokens`` — names and scopes, never values."""
     server = services(request)
-    return JSONResponse({"tokens": await server.db(server.tokens.list_api_tokens)})
+    tokens = await server.db(server.tokens.list_api_tokens)
+    return JSONResponse({"tokens": [_with_iso(t, "created_at", "last_used") for t in tokens]})
 
 
 async def revoke_api_token(request: Request) -> Response:
@@ -62,14 +67,14 @@ async def create_join_token(request: Request) -> Response:
     """``POST /api/join-tokens`` → ``201 {"token_id", "token", "expires_at", "uses"}``."""
     server = services(request)
     new = parse_model(NewJoinToken, await json_body(request))
-    token_id, token = await server.db(
+    token_id, token, expires_at = await server.db(
         server.tokens.create_join_token, ttl=new.ttl, uses=new.uses, note=new.note
     )
     return JSONResponse(
         {
             "token_id": token_id,
             "token": token,
-            "expires_at": time.time() + new.ttl if new.ttl else None,
+            "expires_at": iso_time(expires_at),
             "uses": new.uses,
         },
         201,
@@ -79,7 +84,10 @@ async def create_join_token(request: Request) -> Response:
 async def list_join_tokens(request: Request) -> Response:
     """``GET /api/join-tokens``."""
     server = services(request)
-    return JSONResponse({"join_tokens": await server.db(server.tokens.list_join_tokens)})
+    tokens = await server.db(server.tokens.list_join_tokens)
+    return JSONResponse(
+        {"join_tokens": [_with_iso(t, "created_at", "expires_at") for t in tokens]}
+    )
 
 
 async def revoke_join_token(request: Request) -> Response:

@@ -9,33 +9,35 @@ the models of the plugins that provide them.  Errors say what was wrong:
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import ASGIApp
+from starlette.routing import BaseRoute, Match, Mount, Route
+from starlette.types import ASGIApp, Scope
 
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, DeployStatus, wire_schemas
 from deploy_core.registry import DeployType
 from deploy_core.server.admin import admin_routes
 from deploy_core.server.app import DeployServer
+from deploy_core.server.artifacts import artifact_routes
 from deploy_core.server.auth import TokenAuth
 from deploy_core.server.records import ClientBusy
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
 from deploy_core.server.web import (
     ApiError,
+    flag_param,
     float_param,
     int_param,
+    iso_time,
     json_body,
     services,
     validation_detail,
@@ -46,7 +48,10 @@ log = logging.getLogger(__name__)
 MAX_WAIT = 60.0
 
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# As pydantic patterns, so that the OpenAPI document states them too; "$" there ends the
+# text (with re.match it also matched before a trailing newline: "A\n" was a valid name).
+SecretName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+SecretValue = Annotated[str, Field(max_length=32768, pattern=r"^[^\x00]*$")]
 
 
 class DeployRequestCommon(BaseModel):
@@ -67,43 +72,28 @@ class DeployRequestCommon(BaseModel):
         le=7 * 86400,
         description="seconds from now after which the server gives the deployment up",
     )
-    secret_env: dict[str, str] = Field(
+    secret_env: dict[SecretName, SecretValue] = Field(
         default_factory=dict,
+        max_length=64,
+        json_schema_extra={"additionalProperties": False},  # names outside the pattern
         description="environment variables whose values are masked in logs, results and "
-        "records (only their names are stored with the deployment)",
+        "records (only their names are stored with the deployment); at most 64, each value "
+        "at most 32 KiB without NUL bytes",
     )
-
-    @field_validator("secret_env")
-    @classmethod
-    def _secret_env(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > 64:
-            raise ValueError("at most 64 secret variables")
-        for key, val in value.items():
-            if not ENV_NAME.match(key):
-                raise ValueError(f"invalid environment variable name {key!r}")
-            if "\x00" in val or len(val) > 32768:
-                raise ValueError(f"secret {key} has a NUL byte or is over 32 KiB")
-        return value
 
 
 _COMMON_FIELDS = set(DeployRequestCommon.model_fields)
-_request_models: dict[str, type[BaseModel]] = {}
+_request_models: dict[DeployType, type[BaseModel]] = {}
 
 
 def request_model(deploy_type: DeployType) -> type[BaseModel]:
     """The API request model of a deploy type: common fields + the type's parameters."""
-    model = _request_models.get(deploy_type.name)
+    model = _request_models.get(deploy_type)
     if model is None:
         name = "".join(p.capitalize() for p in deploy_type.kind.split("_")) + "DeployRequest"
         model = create_model(name, __base__=(DeployRequestCommon, deploy_type.params))
-        _request_models[deploy_type.name] = model
+        _request_models[deploy_type] = model
     return model
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def render_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -124,10 +114,10 @@ def render_record(record: dict[str, Any]) -> dict[str, Any]:
         "rolled_back_by": record["rolled_back_by"],
         "agent_status": record["agent_status"],
         "request": record["request"],
-        "created_at": _iso(record["created_at"]),
-        "updated_at": _iso(record["updated_at"]),
-        "finished_at": _iso(record["finished_at"]),
-        "deadline": _iso(record["deadline"]),
+        "created_at": iso_time(record["created_at"]),
+        "updated_at": iso_time(record["updated_at"]),
+        "finished_at": iso_time(record["finished_at"]),
+        "deadline": iso_time(record["deadline"]),
         "updated_ts": record["updated_at"],
     }
 
@@ -141,7 +131,7 @@ def render_history(row: dict[str, Any]) -> dict[str, Any]:
         "message": row["message"],
         "source": row["source"],
         "seq": row["seq"],
-        "timestamp": _iso(row["ts"]),
+        "timestamp": iso_time(row["ts"]),
     }
 
 
@@ -338,7 +328,7 @@ def render_log(row: dict[str, Any]) -> dict[str, Any]:
     """One log line as the API shows it."""
     return {
         "id": row["id"],
-        "timestamp": _iso(row["ts"]),
+        "timestamp": iso_time(row["ts"]),
         "stream": row["stream"],
         "stage": row["stage"],
         "line": row["line"],
@@ -358,7 +348,7 @@ async def get_logs(request: Request) -> Response:
     await _record_or_404(server, deploy_id)
     after = int_param(request, "after", 0, 0, 2**62)
     limit = int_param(request, "limit", 1000, 1, 10000)
-    if request.query_params.get("follow") in ("1", "true", "yes"):
+    if flag_param(request, "follow"):
         max_wait = float_param(request, "max_wait", 3600.0, 1.0, 86400.0)
         return StreamingResponse(
             _follow_logs(server, deploy_id, after, max_wait),
@@ -440,11 +430,11 @@ async def list_all_deployments(request: Request) -> Response:
             known = ", ".join(s.value for s in DeployStatus)
             raise ApiError(422, f"unknown status {status!r} (one of: {known})") from None
     client_id = request.query_params.get("client_id")
-    if client_id is not None and not re.match(ID_PATTERN, client_id):
+    if client_id is not None and not re.fullmatch(ID_PATTERN, client_id):
         raise ApiError(422, f"invalid client_id {client_id!r}")
     limit = int_param(request, "limit", 50, 1, 500)
     offset = int_param(request, "offset", 0, 0, 10**9)
-    unfinished = request.query_params.get("unfinished") in ("1", "true", "yes")
+    unfinished = flag_param(request, "unfinished")
     items, total = await server.db(
         server.records.list_all,
         status=status,
@@ -473,12 +463,12 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
         "client_id": row["client_id"],
         "connected": bool(row["connected"]),
         "connected_here": server.is_connected(row["client_id"]),
-        "connected_since": _iso(row["connected_since"]) if row["connected"] else None,
-        "disconnected_since": None if row["connected"] else _iso(row["disconnected_since"]),
-        "last_seen": _iso(row["last_seen"]),
+        "connected_since": iso_time(row["connected_since"]) if row["connected"] else None,
+        "disconnected_since": None if row["connected"] else iso_time(row["disconnected_since"]),
+        "last_seen": iso_time(row["last_seen"]),
         "remote": row["remote"],
-        "enrolled_at": _iso(row["enrolled_at"]),
-        "revoked_at": _iso(row.get("revoked_at")),
+        "enrolled_at": iso_time(row["enrolled_at"]),
+        "revoked_at": iso_time(row.get("revoked_at")),
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
     }
@@ -528,7 +518,7 @@ async def get_info(request: Request) -> Response:
             "version": __version__,
             "server_id": server.config.server_id,
             "quic_port": server.transport.port,
-            "started_at": _iso(server.started_at),
+            "started_at": iso_time(server.started_at),
         }
     )
 
@@ -548,10 +538,42 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": f"no route {request.method} {request.url.path}"}, 404)
 
 
+def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> set[str]:
+    """Every method some route serves at the request's path (several routes may share one
+    path, e.g. ``GET`` and ``POST /api/tokens``; Starlette's own 405 names only the first)."""
+    allowed: set[str] = set()
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            allowed |= _allowed_methods(route.routes, {**scope, **child})
+        elif isinstance(route, Route) and route.methods:
+            allowed |= route.methods
+    return allowed
+
+
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    # Match from the top again: routing left the scope inside the mount it went through.
+    scope = request.scope
+    top = {**scope, "root_path": scope.get("app_root_path", scope.get("root_path", ""))}
+    allowed = _allowed_methods(request.app.routes, top)
     return JSONResponse(
-        {"error": f"method {request.method} not allowed on {request.url.path}"}, 405
+        {"error": f"method {request.method} not allowed on {request.url.path}"},
+        405,
+        headers={"Allow": ", ".join(sorted(allowed))},  # RFC 9110: a 405 lists them
     )
+
+
+async def get_openapi(request: Request) -> Response:
+    """``GET /openapi.json`` — the OpenAPI 3.1 document of this server's API (public: it
+    describes the routes and holds no data)."""
+    from deploy_core.server.openapi import build_openapi  # it reads this module's models
+
+    state = request.app.state
+    if getattr(state, "openapi", None) is None:
+        state.openapi = build_openapi(services(request).plugins, request.app.routes)
+    return JSONResponse(state.openapi)
 
 
 def api_routes() -> list[BaseRoute]:
@@ -573,12 +595,19 @@ def api_routes() -> list[BaseRoute]:
 
 
 def create_app(server: DeployServer) -> ASGIApp:
-    """The ASGI app: core routes, plugin routes, token check."""
-    routes = api_routes() + admin_routes()
+    """The ASGI app: the web page (public), core routes, the live socket, plugin routes,
+    token check."""
+    from deploy_core.server.live import live_routes, page_routes
+
+    routes = live_routes() + api_routes() + admin_routes() + artifact_routes()
     for route_set in server.plugins.route_sets.entries.values():
         routes.extend(route_set.routes)
     app = Starlette(
-        routes=[Mount("/api", routes=routes)],
+        routes=[
+            *page_routes(),
+            Route("/openapi.json", get_openapi, methods=["GET"]),
+            Mount("/api", routes=routes),
+        ],
         exception_handlers={ApiError: _api_error, 404: _not_found, 405: _method_not_allowed},
     )
     app.state.services = server

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -24,6 +24,7 @@ import uvicorn
 from deploy_core.models import DeployCommand, DeployStatus, RollbackTarget
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
+from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.events import EventContext, EventRejected
 from deploy_core.server.records import (
@@ -64,14 +65,21 @@ class ServerConfig:
     quic_host: str = "127.0.0.1"
     quic_port: int = DEFAULT_QUIC_PORT
     db_url: str | None = None
-    server_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    # Which replica this is; the records of the agents it holds carry it.  Default: made once
+    # and kept in the state directory (server.id), so a restarted server knows its own rows.
+    server_id: str | None = None
     watchdog_interval: float = 1.0
     heartbeat_flush_interval: float = 5.0
     deadline_margin: float = 60.0
     migrate: bool = True
+    # Names and addresses agents may use to reach the QUIC endpoint: the server certificate
+    # covers them (agents check it against the CA with --server-name).
+    cert_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     # Finished deployments older than this are deleted by a daily pass; None keeps them all.
     retention_days: float | None = None
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    # Largest package POST /api/artifacts accepts; past it the upload is refused with 413.
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
 
 
 class _Authority:
@@ -127,6 +135,7 @@ class DeployServer:
         self.state: ServerState
         self.records: RecordStore
         self.transport: QuicServer
+        self.artifacts: ArtifactStore
         self._http: _UvicornServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_port = config.api_port
@@ -138,13 +147,18 @@ class DeployServer:
         from deploy_core.server.api import create_app
 
         cfg = self.config
-        self.state = await asyncio.to_thread(init_state, cfg.state_dir)
+        self.state = await asyncio.to_thread(init_state, cfg.state_dir, hostnames=cfg.cert_names)
         url = cfg.db_url or db.sqlite_url(self.state.database_file)
         self.engine = db.make_engine(url)
         if cfg.migrate:
             await asyncio.to_thread(db.upgrade, self.engine)
-        self.plugins.create_tables(db.plugin_metadata)
-        await asyncio.to_thread(db.create_plugin_tables, self.engine)
+        # Plugins' tables live on one process-wide MetaData; a plugin defines each table once
+        # (``if name not in metadata.tables``), see docs/plugins.md.
+        self.plugin_metadata = db.plugin_metadata
+        self.plugins.create_tables(self.plugin_metadata)
+        await asyncio.to_thread(db.create_plugin_tables, self.engine, self.plugin_metadata)
+        if cfg.server_id is None:
+            cfg.server_id = await asyncio.to_thread(self._stable_server_id)
         self.records = RecordStore(
             self.engine, server_id=cfg.server_id, max_log_bytes=cfg.max_log_bytes
         )
@@ -154,6 +168,9 @@ class DeployServer:
             join_token_file=self.state.join_token_file,
         )
         await self.db(self.records.mark_all_disconnected)
+        self.artifacts = await asyncio.to_thread(
+            ArtifactStore, cfg.state_dir / "artifacts", max_bytes=cfg.max_artifact_bytes
+        )
         self.transport = QuicServer(
             host=cfg.quic_host,
             port=cfg.quic_port,
@@ -162,6 +179,7 @@ class DeployServer:
             on_connect=self._on_connect,
             on_message=self._on_message,
             on_disconnect=self._on_disconnect,
+            files=self.artifacts,
         )
         await self.transport.start()
         self.app = create_app(self)
@@ -199,6 +217,12 @@ class DeployServer:
         }
         (cfg.state_dir / SERVER_INFO).write_text(json.dumps(info, indent=2) + "\n")
         log.info("server %s: API %s, QUIC %s", cfg.server_id, self.api_url, info["quic"])
+
+    def _stable_server_id(self) -> str:
+        path = self.config.state_dir / "server.id"
+        if not path.exists():
+            path.write_text(f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}\n")
+        return path.read_text().strip()
 
     @property
     def api_url(self) -> str:
@@ -312,8 +336,11 @@ class DeployServer:
         session = self.transport.session(record["client_id"])
         if session is None or session.closed:
             return False
-        session.send(await self.command_for(record))
+        envelope = await self.command_for(record)
+        # Recorded before it leaves: a server that dies right after sending must not later
+        # claim the agent never got it.
         await self.db(self.records.mark_dispatched, record["deploy_id"])
+        session.send(envelope)
         return True
 
     # ------------------------------------------------------------------ transport callbacks
@@ -328,8 +355,9 @@ class DeployServer:
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
         for record in await self.db(self.records.undelivered, session.client_id):
             if record["deadline"] > time.time():
-                session.send(await self.command_for(record))
+                envelope = await self.command_for(record)
                 await self.db(self.records.mark_dispatched, record["deploy_id"])
+                session.send(envelope)
 
     async def _on_disconnect(self, session: AgentSession) -> None:
         await self.db(self.records.set_disconnected, session.client_id, last_seen=session.last_seen)
@@ -389,14 +417,20 @@ class DeployServer:
 
     async def _timeout_reason(self, record: dict[str, Any]) -> str:
         client = await self.db(self.records.get_client, record["client_id"])
-        if record["acked_at"] is None:
-            if client and not client["connected"]:
-                return (
-                    f"deadline passed while agent {record['client_id']} was disconnected; "
-                    "the deployment never started"
-                )
-            return "deadline passed before the agent accepted the deployment; it never started"
-        if client and not client["connected"]:
+        away = client is not None and not client["connected"]
+        if record["dispatched_at"] is None:
+            where = f"while agent {record['client_id']} was disconnected" if away else (
+                "before it could be sent to the agent")
+            return f"deadline passed {where}; the deployment never started"
+        if record["acked_at"] is None and record["last_seq"] < 0:
+            # Sent, but neither acknowledged nor reported: it may have run all the same (an
+            # acknowledgement can be lost), so say no more than we know.
+            return (
+                "deadline passed without the agent acknowledging or reporting the deployment"
+                + (f" (agent {record['client_id']} is disconnected)" if away else "")
+                + "; it may not have started"
+            )
+        if away:
             return (
                 f"deadline passed while agent {record['client_id']} was disconnected "
                 f"(last report: {record['status']} at progress {record['progress']})"

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SELF_AUTHENTICATED_SOCKET = "/api/live"
 _ADMIN = re.compile(r"^/api/(tokens|join-tokens)(/|$)|^/api/clients/[^/]+(/revoke)?$")
 
 
@@ -41,6 +42,11 @@ class TokenAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not scope["path"].startswith("/api"):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket" and scope["path"] == SELF_AUTHENTICATED_SOCKET:
+            # Browsers cannot set headers on a WebSocket: this one takes its token as its
+            # first message and checks it with the same token store (server/live.py).
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "GET")

@@ -216,6 +216,6 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def create_plugin_tables(engine: Engine) -> None:
+def create_plugin_tables(engine: Engine, metadata_: sa.MetaData | None = None) -> None:
     """Create the tables plugins defined, where missing."""
-    plugin_metadata.create_all(engine)
+    (metadata_ or plugin_metadata).create_all(engine)

@@ -471,7 +471,9 @@ class RecordStore:
             if rec is None or rec.finished_at is not None:
                 return Applied(False, _row(rec) if rec else None, rec.status if rec else None)
             previous = rec.status
-            executed = rec.acked_at is not None
+            # Sent counts: the agent may have run it even if its acknowledgement was lost; a
+            # rollback of one it never ran is answered "nothing to undo" by the agent.
+            executed = rec.dispatched_at is not None
             conn.execute(
                 deployments.update()
                 .where(deployments.c.deploy_id == deploy_id)

@@ -74,6 +74,7 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
         "health_checks": checks,
         "rollback": rollback,
         "rollback_state": record["rollback_state"],
+        "only_if_ran": record["acked_at"] is None and record["last_seq"] < 0,
     }
     return {
         "params": {},

@@ -118,10 +118,11 @@ class TokenStore:
 
     def create_join_token(
         self, *, ttl: float | None = None, uses: int | None = None, note: str = ""
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, float | None]:
         """Make a join token that expires after ``ttl`` seconds and/or ``uses`` enrolments.
 
-        :returns: its id (for listing and revoking) and its value (shown once).
+        :returns: its id (for listing and revoking), its value (shown once), and when it
+            expires.
         """
         if ttl is not None and ttl <= 0:
             raise TokenError("ttl must be positive")
@@ -130,18 +131,19 @@ class TokenStore:
         token_id = secrets.token_hex(6)
         token = "dcj_" + secrets.token_urlsafe(32)
         now = time.time()
+        expires_at = now + ttl if ttl else None
         with self.engine.begin() as conn:
             conn.execute(
                 join_tokens.insert().values(
                     token_id=token_id,
                     token_hash=digest(token),
                     created_at=now,
-                    expires_at=now + ttl if ttl else None,
+                    expires_at=expires_at,
                     uses_left=uses,
                     note=note[:200],
                 )
             )
-        return token_id, token
+        return token_id, token, expires_at
 
     def consume_join_token(self, token: str) -> None:
         """Spend one use of a join token.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,13 +41,30 @@ def services(request: Request) -> DeployServer:
     return server
 
 
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it grows past the limit: never buffered whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's body as a JSON object, refusing oversize, non-JSON and non-objects."""
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    body = await _read_body(request)
     try:
-        data = json.loads(body or b"null")
+        data = json.loads(body or b"null", parse_constant=_not_json)
+    except RecursionError:
+        raise ApiError(400, "request body is not JSON we accept: nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, f"request body is not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -80,9 +98,32 @@ def float_param(request: Request, name: str, default: float, low: float, high: f
     return value
 
 
+FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def flag_param(request: Request, name: str) -> bool:
+    """A yes/no query parameter (``1``/``true``/``yes`` or ``0``/``false``/``no``; absent is
+    no); anything else is refused rather than read as no."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    if raw not in FLAG_VALUES:
+        raise ApiError(
+            422, f"query parameter {name} must be one of {', '.join(FLAG_VALUES)}, got {raw!r}"
+        )
+    return FLAG_VALUES[raw]
+
+
 def parse_model(model: type[M], body: dict[str, Any]) -> M:
     """Validate a request body with ``model``, or answer 422 with the field errors."""
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         raise ApiError(422, "invalid request", validation_detail(exc)) from None
+
+
+def iso_time(ts: float | None) -> str | None:
+    """Epoch seconds as the API shows times: ISO 8601 in UTC with a ``Z``."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")

@@ -44,7 +44,15 @@ from .envelope import (
     ProtocolError,
     encode,
 )
-from .server import MAX_DATA, MAX_DATAGRAM_SIZE, MAX_STREAM_DATA
+from .files import FileStreamClient
+from .server import (
+    CONGESTION_CONTROL,
+    MAX_DATA,
+    MAX_STREAM_DATA,
+    SOCKET_BUFFER_BYTES,
+    datagram_size_for,
+    enlarge_socket_buffers,
+)
 
 __all__ = ["AgentConnector", "CredentialStore", "FileCredentials", "HandshakeRefused"]
 
@@ -150,6 +158,8 @@ class _ServerConnection(QuicConnectionProtocol):
         #: Why the connection is gone; ``None`` while it is usable.
         self.lost_reason: str | None = None
         self._handshake_over = asyncio.Event()
+        #: Artifact requests on their own streams (deploy-11); used once authenticated.
+        self.files = FileStreamClient(quic, self.transmit)
 
     async def wait_handshake(self) -> None:
         """Wait for the QUIC/TLS handshake; raise ConnectionError with the reason if it fails."""
@@ -183,12 +193,17 @@ class _ServerConnection(QuicConnectionProtocol):
         if self.lost_reason is None:
             self.lost_reason = reason
             self.inbox.put_nowait(None)
+            self.files.connection_lost(reason)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived) and event.stream_id == self.control_stream:
             self._control_data(event)
         elif isinstance(event, StreamReset) and event.stream_id == self.control_stream:
             self.lose("server reset the control stream")
+        elif isinstance(event, StreamDataReceived):
+            self.files.data_received(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, StreamReset):
+            self.files.stream_reset(event.stream_id, event.error_code)
         elif isinstance(event, HandshakeCompleted):
             self._handshake_over.set()
         elif isinstance(event, ConnectionTerminated):
@@ -261,7 +276,7 @@ class AgentConnector:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         server_name: str = "localhost",
     ) -> None:
-        if not re.match(CLIENT_ID_PATTERN, client_id):
+        if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
             raise ValueError(f"client_id must match {CLIENT_ID_PATTERN}, got {client_id!r}")
         for name, value in [
             ("heartbeat_interval", heartbeat_interval),
@@ -315,6 +330,15 @@ class AgentConnector:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._connected.wait(), timeout)
         return self.connected
+
+    @property
+    def files(self) -> FileStreamClient | None:
+        """File streams of the current authenticated connection; ``None`` while there is
+        none (see :class:`~deploy_core.agent.artifacts.ArtifactFetcher`)."""
+        connection = self._connection
+        if connection is None or connection.lost_reason is not None:
+            return None
+        return connection.files
 
     def send(self, env: Envelope) -> bool:
         """Send ``env`` now; ``False`` when not connected (nothing was sent).
@@ -404,7 +428,8 @@ class AgentConnector:
             idle_timeout=self._idle_timeout,
             max_data=MAX_DATA,
             max_stream_data=MAX_STREAM_DATA,
-            max_datagram_size=MAX_DATAGRAM_SIZE,
+            max_datagram_size=datagram_size_for(self._host),
+            congestion_control_algorithm=CONGESTION_CONTROL,
         )
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> _ServerConnection:
@@ -419,6 +444,7 @@ class AgentConnector:
             local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0),
         )
         stack.push_async_callback(_close_quietly, transport, connection)
+        enlarge_socket_buffers(transport, SOCKET_BUFFER_BYTES)
         connection.connect(address)
         await connection.wait_handshake()
         return connection

@@ -9,6 +9,7 @@ buffering them, and turn anything that is not a valid envelope into a
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from typing import Any, Literal
 from uuid import uuid4
@@ -104,15 +105,33 @@ def _describe(error: ValidationError) -> str:
     return "invalid envelope: " + "; ".join(problems)
 
 
+def _finite(value: Any) -> bool:
+    """False when ``value`` holds NaN or an infinity anywhere (the parser accepts the
+    ``NaN`` and ``Infinity`` tokens, which JSON does not have)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def _decode_body(body: bytes) -> Envelope:
     """Parse one frame body (without its length prefix).
 
     :raises ProtocolError: when the body is not JSON, not an object, or not a valid envelope.
     """
     try:
-        return Envelope.model_validate_json(body)
+        env = Envelope.model_validate_json(body)
     except ValidationError as exc:
         raise ProtocolError(_describe(exc)) from None
+    if not _finite(env.payload):
+        raise ProtocolError("frame is not valid JSON: NaN and Infinity are not JSON numbers")
+    return env
 
 
 class FrameDecoder:

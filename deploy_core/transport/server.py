@@ -7,6 +7,7 @@ the connection, on the first bidirectional stream it opens (the control stream):
     server -> CHALLENGE {"nonce": 64 hex chars}
     agent -> AUTH      {"method": "key", "mac": hex HMAC-SHA256(key, nonce + client_id)}
                        or {"method": "join", "join_token": ...}; plus "capabilities"
+                       (an object, at most 16 KiB of JSON)
     server -> WELCOME  {"client_id", "server_time"} (+ "agent_key" when just enrolled)
               or ERROR {"reason"} and the connection closes
 
@@ -22,9 +23,12 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
+import json
 import logging
 import re
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -38,6 +42,7 @@ from aioquic.quic.events import (
     ConnectionTerminated,
     PingAcknowledged,
     QuicEvent,
+    StopSendingReceived,
     StreamDataReceived,
     StreamReset,
 )
@@ -55,15 +60,22 @@ from .envelope import (
     encode,
     error_for,
 )
+from .files import ArtifactSource, FileStreamServer
 
 __all__ = [
+    "CONGESTION_CONTROL",
+    "LOOPBACK_DATAGRAM_SIZE",
+    "MAX_CAPABILITIES_BYTES",
     "MAX_DATA",
     "MAX_DATAGRAM_SIZE",
     "MAX_STREAM_DATA",
+    "SOCKET_BUFFER_BYTES",
     "AgentAuthority",
     "AgentSession",
     "AuthError",
     "QuicServer",
+    "datagram_size_for",
+    "enlarge_socket_buffers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +85,32 @@ MAX_DATA = 16 << 20
 MAX_STREAM_DATA = 8 << 20
 #: Fits a 1500-byte Ethernet MTU with room for tunnels.
 MAX_DATAGRAM_SIZE = 1350
+#: On loopback there is no path to fit: the largest datagram of a 1500-byte MTU (IPv4).
+LOOPBACK_DATAGRAM_SIZE = 1472
+#: aioquic offers "reno" and "cubic" (measured by bench/transfer.py).
+CONGESTION_CONTROL = "reno"
+#: UDP socket buffers; the kernel's default (~208 KiB) drops bursts of a fast sender.
+#: Linux caps the request at net.core.rmem_max / wmem_max.
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def datagram_size_for(host: str) -> int:
+    """The datagram size to use towards or on ``host``: larger on loopback only."""
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return LOOPBACK_DATAGRAM_SIZE if loopback else MAX_DATAGRAM_SIZE
+
+
+def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int) -> None:
+    """Ask for ``size``-byte send and receive buffers on a UDP transport's socket."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 # How long to wait for the peer to acknowledge an ERROR before closing anyway.
@@ -86,6 +124,9 @@ _SHUTDOWN_WAIT = 5.0
 _MAX_PENDING = 10_000
 # QUIC puts the close reason in one packet; keep it well inside.
 _MAX_REASON_CHARS = 300
+# What an agent announces is stored with the client and shown by the API; a real agent's
+# capabilities are well under 1 KiB.
+MAX_CAPABILITIES_BYTES = 16 * 1024
 
 
 class AuthError(Exception):
@@ -176,6 +217,8 @@ class _AgentConnection(QuicConnectionProtocol):
         self._pre_auth_frames = 0
         self._last_handshake_env: Envelope | None = None
         self._session: AgentSession | None = None
+        # Serves the agent's file requests once it is authenticated (deploy-11).
+        self._files: FileStreamServer | None = None
         self._flush_scheduled = False
         self._linger: asyncio.Task[None] | None = None
         self._disconnected = asyncio.Event()
@@ -194,6 +237,8 @@ class _AgentConnection(QuicConnectionProtocol):
             self._stream_data(event)
         elif isinstance(event, StreamReset) and event.stream_id == self._control_stream:
             self.shutdown("agent reset the control stream")
+        elif isinstance(event, StreamReset | StopSendingReceived) and self._files is not None:
+            self._files.stream_reset(event.stream_id)
         elif isinstance(event, PingAcknowledged) and event.uid == _FLUSH_PING:
             self._flushed.set()
         elif isinstance(event, ConnectionTerminated):
@@ -213,7 +258,8 @@ class _AgentConnection(QuicConnectionProtocol):
                     f"data on stream {event.stream_id} before authentication; "
                     "use only the control stream until WELCOME",
                 )
-            # After authentication other streams belong to file transfer, not to this class.
+            elif self._files is not None:
+                self._files.data_received(event.stream_id, event.data, event.end_stream)
             return
         try:
             envelopes = self._decoder.feed(event.data)
@@ -287,6 +333,8 @@ class _AgentConnection(QuicConnectionProtocol):
         if self.shut:
             return
         self.shut = True
+        if self._files is not None:
+            self._files.close()
         self._inbox.put_nowait(None)  # wakes the serving task
         if self._session is not None:
             self._server._forget(self._session)
@@ -364,7 +412,8 @@ class _AgentConnection(QuicConnectionProtocol):
         if hello.kind is not Kind.HELLO:
             raise AuthError(f"expected hello as the first message, got {hello.kind.value}")
         client_id = hello.payload.get("client_id")
-        if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id):
+        # fullmatch: with match, "$" would also accept a trailing newline ("web-1\n").
+        if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
             raise AuthError(
                 f"hello.payload.client_id must match {CLIENT_ID_PATTERN}, got {client_id!r:.80}"
             )
@@ -384,6 +433,12 @@ class _AgentConnection(QuicConnectionProtocol):
         capabilities = auth.payload.get("capabilities", {})
         if not isinstance(capabilities, dict):
             raise AuthError("auth.payload.capabilities must be an object")
+        size = len(json.dumps(capabilities))
+        if size > MAX_CAPABILITIES_BYTES:
+            raise AuthError(
+                f"auth.payload.capabilities is {size} bytes of JSON; at most "
+                f"{MAX_CAPABILITIES_BYTES} are accepted"
+            )
         method = auth.payload.get("method")
         new_key: bytes | None = None
         if method == "key":
@@ -401,6 +456,9 @@ class _AgentConnection(QuicConnectionProtocol):
 
         session = AgentSession(self, client_id, capabilities, self._peer_address())
         self._session = session
+        self._files = FileStreamServer(
+            self._quic, self.transmit, source=self._server._files, client_id=client_id
+        )
         welcome: dict[str, Any] = {"client_id": client_id, "server_time": time.time()}
         if new_key is not None:
             welcome["agent_key"] = new_key.hex()
@@ -459,7 +517,10 @@ class QuicServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout: float = 30.0,
         handshake_timeout: float = 10.0,
+        files: ArtifactSource | None = None,
     ) -> None:
+        """:param files: the artifacts authenticated agents may fetch on file streams; with
+        ``None`` every file request is refused."""
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if idle_timeout <= 0 or handshake_timeout <= 0:
@@ -476,6 +537,7 @@ class QuicServer:
         self._max_message_bytes = max_message_bytes
         self._idle_timeout = idle_timeout
         self._handshake_timeout = handshake_timeout
+        self._files = files
         self._requested_port = port
         self._sessions: dict[str, AgentSession] = {}
         #: Authenticated sessions by client id (a live, read-only view).
@@ -492,7 +554,8 @@ class QuicServer:
             idle_timeout=self._idle_timeout,
             max_data=MAX_DATA,
             max_stream_data=MAX_STREAM_DATA,
-            max_datagram_size=MAX_DATAGRAM_SIZE,
+            max_datagram_size=datagram_size_for(self._host),
+            congestion_control_algorithm=CONGESTION_CONTROL,
         )
         configuration.load_cert_chain(self._certs.cert, self._certs.key)
         return configuration
@@ -510,6 +573,7 @@ class QuicServer:
             ),
             local_addr=(self._host, self._requested_port),
         )
+        enlarge_socket_buffers(transport, SOCKET_BUFFER_BYTES)
         self._transport = transport
         self._endpoint = endpoint
         logger.info("QUIC server listening on %s:%d", self._host, self.port)

@@ -1,0 +1,341 @@
+"""Artifact transfer goodput over QUIC on loopback, beside bare aioquic, in one run.
+
+Three transfers of the same number of bytes, each from a server process to this process:
+
+- **ours**: the agent's fetcher pulling an artifact from the server's store over a file stream
+  (QuicServer + AgentConnector + ArtifactFetcher: disk reads, credits, SHA-256, disk writes);
+- **bare tuned**: one aioquic stream from memory to a byte counter, with the QUIC settings the
+  transport uses (windows, datagram size, congestion control, socket buffers);
+- **bare default**: the same with aioquic's default configuration.
+
+Rounds alternate the three so that a busy machine slows them alike; the figures are medians.
+``--sweep`` also measures bare aioquic at other datagram sizes and congestion controls.
+
+    python bench/transfer.py [--size-mb 50] [--rounds 3] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import secrets
+import shutil
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aioquic.asyncio import connect, serve
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StreamDataReceived
+
+from deploy_core.agent.artifacts import ArtifactFetcher
+from deploy_core.server.artifacts import ArtifactStore
+from deploy_core.transport import AgentConnector, AuthError, QuicServer, ensure_server_certs
+from deploy_core.transport import server as transport_server
+from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
+
+MB = 1 << 20
+BARE_ALPN = "bench"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """QUIC settings of one bare run; ``None`` fields keep aioquic's defaults."""
+
+    name: str
+    max_data: int | None = None
+    max_stream_data: int | None = None
+    datagram: int | None = None
+    congestion: str | None = None
+    socket_buffer: int | None = None
+
+    def configuration(self, *, is_client: bool) -> QuicConfiguration:
+        options: dict[str, Any] = {}
+        if self.max_data:
+            options["max_data"] = self.max_data
+        if self.max_stream_data:
+            options["max_stream_data"] = self.max_stream_data
+        if self.datagram:
+            options["max_datagram_size"] = self.datagram
+        if self.congestion:
+            options["congestion_control_algorithm"] = self.congestion
+        return QuicConfiguration(is_client=is_client, alpn_protocols=[BARE_ALPN], **options)
+
+
+def transport_settings(name: str = "bare tuned", **changes: Any) -> Settings:
+    """The settings deploy_core.transport uses, with ``changes``."""
+    base = {
+        "max_data": transport_server.MAX_DATA,
+        "max_stream_data": transport_server.MAX_STREAM_DATA,
+        "datagram": transport_server.datagram_size_for("127.0.0.1"),
+        "congestion": transport_server.CONGESTION_CONTROL,
+        "socket_buffer": transport_server.SOCKET_BUFFER_BYTES,
+    }
+    return Settings(name, **(base | changes))
+
+
+def set_buffers(transport: Any, size: int | None) -> None:
+    if size:
+        transport_server.enlarge_socket_buffers(transport, size)
+
+
+# --------------------------------------------------------------------------- bare aioquic
+
+
+class _Pusher(QuicConnectionProtocol):
+    """Answers a stream carrying a decimal byte count with that many bytes, from memory."""
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived) and event.data:
+            left = int(event.data)
+            block = secrets.token_bytes(MB)
+            while left > 0:
+                piece = block[: min(left, MB)]
+                left -= len(piece)
+                self._quic.send_stream_data(event.stream_id, piece, end_stream=left == 0)
+            self.transmit()
+
+
+class _Counter(QuicConnectionProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self.received += len(event.data)
+            if event.end_stream and not self.done.done():
+                self.done.set_result(None)
+
+
+def _bare_server(certs_dir: str, settings: Settings, ready: Any) -> None:
+    async def main() -> None:
+        certs = ensure_server_certs(Path(certs_dir))
+        configuration = settings.configuration(is_client=False)
+        configuration.load_cert_chain(certs.cert, certs.key)
+        endpoint = await serve("127.0.0.1", 0, configuration=configuration, create_protocol=_Pusher)
+        set_buffers(endpoint._transport, settings.socket_buffer)
+        ready.put(endpoint._transport.get_extra_info("sockname")[1])  # type: ignore[union-attr]
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def _bare_client(port: int, certs_dir: Path, settings: Settings, size: int) -> float:
+    configuration = settings.configuration(is_client=True)
+    configuration.cafile = str(certs_dir / "ca.pem")
+    configuration.verify_mode = ssl.CERT_REQUIRED
+    configuration.server_name = "localhost"
+    async with connect(
+        "127.0.0.1", port, configuration=configuration, create_protocol=_Counter
+    ) as client:
+        assert isinstance(client, _Counter)
+        set_buffers(client._transport, settings.socket_buffer)
+        stream = client._quic.get_next_available_stream_id()
+        started = time.perf_counter()
+        client._quic.send_stream_data(stream, str(size).encode())
+        client.transmit()
+        await client.done
+        elapsed = time.perf_counter() - started
+        assert client.received == size
+    return elapsed
+
+
+# --------------------------------------------------------------------------- ours
+
+
+class _Authority:
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+
+    async def agent_key(self, client_id: str) -> bytes | None:
+        return self.keys.get(client_id)
+
+    async def enroll(self, client_id: str, join_token: str) -> bytes:
+        if join_token != "bench":
+            raise AuthError("wrong token")
+        self.keys[client_id] = secrets.token_bytes(32)
+        return self.keys[client_id]
+
+
+class _Credentials:
+    def __init__(self) -> None:
+        self.key: bytes | None = None
+
+    def load_key(self) -> bytes | None:
+        return self.key
+
+    def save_key(self, key: bytes) -> None:
+        self.key = key
+
+    def join_token(self) -> str:
+        return "bench"
+
+
+async def _nothing(*args: Any) -> None:
+    return None
+
+
+def _our_server(certs_dir: str, store_dir: str, ready: Any) -> None:
+    async def main() -> None:
+        server = QuicServer(
+            host="127.0.0.1",
+            port=0,
+            certs=ensure_server_certs(Path(certs_dir)),
+            authority=_Authority(),
+            on_connect=_nothing,
+            on_message=_nothing,
+            on_disconnect=_nothing,
+            files=ArtifactStore(Path(store_dir)),
+        )
+        await server.start()
+        ready.put(server.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def _our_fetch(port: int, certs_dir: Path, cache: Path, sha: str, chunk: int) -> float:
+    connector = AgentConnector(
+        host="127.0.0.1",
+        port=port,
+        ca_file=certs_dir / "ca.pem",
+        client_id="bench",
+        credentials=_Credentials(),
+        capabilities=dict,
+        on_message=_nothing,
+    )
+    task = asyncio.create_task(connector.run())
+    try:
+        if not await connector.wait_connected(15):
+            raise RuntimeError(f"cannot connect: {connector.last_error}")
+        shutil.rmtree(cache, ignore_errors=True)
+        fetcher = ArtifactFetcher(connector, cache, chunk_size=chunk)
+        started = time.perf_counter()
+        fetched = await fetcher.fetch(sha)
+        elapsed = time.perf_counter() - started
+        assert fetched.bytes_transferred == fetched.size and not fetched.from_cache
+        return elapsed
+    finally:
+        await connector.stop()
+        await task
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class ServerProcess:
+    """A server in its own process (so both ends get a CPU), stopped on exit."""
+
+    def __init__(self, target: Any, *args: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        ready = context.Queue()
+        self.process = context.Process(target=target, args=(*args, ready), daemon=True)
+        self.process.start()
+        self.port: int = ready.get(timeout=60)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+async def _store(root: Path, size: int) -> str:
+    async def body() -> AsyncIterator[bytes]:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MB))
+            left -= len(block)
+            yield block
+
+    info, _ = await ArtifactStore(root).receive(body())
+    return info.sha256
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mb", type=int, default=50, help="bytes per transfer, in MiB")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three transfers")
+    parser.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_SIZE // 1024)
+    parser.add_argument("--sweep", action="store_true", help="also try other bare settings")
+    args = parser.parse_args()
+    size = args.size_mb * MB
+    tuned = transport_settings()
+    default = Settings("bare default")
+    sweep = []
+    if args.sweep:
+        sweep = [
+            transport_settings("tuned, datagram 1350", datagram=1350),
+            transport_settings("tuned, datagram 1200", datagram=1200),
+            transport_settings("tuned, datagram 1472", datagram=1472),
+            transport_settings(
+                "tuned, cubic" if tuned.congestion != "cubic" else "tuned, reno",
+                congestion="reno" if tuned.congestion == "cubic" else "cubic",
+            ),
+            transport_settings("tuned, default socket buffers", socket_buffer=None),
+            transport_settings("tuned, default windows", max_data=None, max_stream_data=None),
+        ]
+    chunks = [args.chunk_kb]
+    if args.sweep:
+        chunks += [kb for kb in (64, 1024) if kb != args.chunk_kb]
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        root = Path(tmp)
+        certs_dir = root / "certs"
+        ensure_server_certs(certs_dir)
+        sha = asyncio.run(_store(root / "store", size))
+        for round_ in range(1, args.rounds + 1):
+            for kb in chunks:
+                with ServerProcess(_our_server, str(certs_dir), str(root / "store")) as server:
+                    elapsed = asyncio.run(
+                        _our_fetch(server.port, certs_dir, root / "cache", sha, kb * 1024)
+                    )
+                name = "ours" if kb == args.chunk_kb else f"ours, chunk {kb} KiB"
+                times.setdefault(name, []).append(elapsed)
+            for settings in [tuned, default, *sweep]:
+                with ServerProcess(_bare_server, str(certs_dir), settings) as server:
+                    elapsed = asyncio.run(_bare_client(server.port, certs_dir, settings, size))
+                    times.setdefault(settings.name, []).append(elapsed)
+            print(
+                f"round {round_}: "
+                + ", ".join(f"{name} {size / t[-1] / 1e6:.1f}" for name, t in times.items())
+                + " MB/s",
+                file=sys.stderr,
+            )
+
+    def goodput(name: str) -> float:
+        return size / statistics.median(times[name]) / 1e6
+
+    print(
+        f"transfer of {args.size_mb} MiB over QUIC on loopback, {args.rounds} rounds, "
+        f"chunk {args.chunk_kb} KiB (median goodput, best in brackets)"
+    )
+    print(
+        f"settings: max_data {tuned.max_data}, max_stream_data {tuned.max_stream_data}, "
+        f"datagram {tuned.datagram}, congestion {tuned.congestion}, "
+        f"socket buffers {tuned.socket_buffer}"
+    )
+    for name, values in times.items():
+        best = size / min(values) / 1e6
+        print(f"  {name:32s} {goodput(name):8.1f} MB/s   ({best:.1f})")
+    ours_ratio = goodput("ours") / goodput("bare tuned")
+    tuned_ratio = goodput("bare tuned") / goodput("bare default")
+    print(f"ours / bare tuned:          {ours_ratio:5.2f}   (target >= 0.85)")
+    print(f"bare tuned / bare default:  {tuned_ratio:5.2f}   (target >= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The agent's artifact fetcher: pull by SHA-256, resume, verify, cache (SPEC deploy-11).
+
+Files, under the agent's ``state_dir/cache``::
+
+    <sha256>.partial   bytes received so far; a later fetch, even after a restart, resumes at
+                       its size
+    <sha256>           a complete, verified artifact; fetching it again transfers nothing
+
+The bytes arrive on QUIC file streams (:mod:`deploy_core.transport.files`). A dropped
+connection makes the fetcher wait for the agent to reconnect (until the deadline) and ask
+for the rest. The finished file is checked against its SHA-256 before anyone may use it: on a
+mismatch it is thrown away and fetched once more from zero; a second mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from deploy_core.transport.files import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    SHA256_PATTERN,
+    FileRefused,
+    FileRequest,
+    FileStreamClient,
+    TransferInterrupted,
+)
+
+__all__ = [
+    "ArtifactError",
+    "ArtifactFetcher",
+    "ArtifactProvider",
+    "ArtifactTimeout",
+    "FetchedArtifact",
+    "FileChannel",
+    "Progress",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``progress(bytes_on_disk, total_bytes)``.
+Progress = Callable[[int, int], None]
+
+# How long a fetch without a deadline waits for the connection to come back.
+DEFAULT_WAIT = 600.0
+# Attempts in a row that end without a single new byte before the fetch gives up.
+_MAX_FRUITLESS = 5
+_HASH_READ = 1 << 20
+_SHA256 = re.compile(SHA256_PATTERN)
+
+
+@dataclass(frozen=True)
+class FetchedArtifact:
+    """An artifact ready to use, and what getting it took.
+
+    ``path`` is the agent's cached copy: read it, never change, move or delete it.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+    #: Artifact bytes received from the server by this fetch (all attempts together).
+    bytes_transferred: int
+    #: Bytes an earlier, interrupted fetch had left in the partial file, so not sent again.
+    bytes_resumed: int
+    #: True when the verified copy was already cached: nothing was transferred.
+    from_cache: bool
+    #: Times this fetch lost its stream or connection and carried on where it stopped.
+    interruptions: int = 0
+
+
+class ArtifactError(Exception):
+    """The artifact could not be fetched; the text says why and what to do."""
+
+
+class ArtifactTimeout(ArtifactError):
+    """The deadline passed before the artifact was complete."""
+
+
+class FileChannel(Protocol):
+    """The agent's connection as the fetcher needs it (:class:`AgentConnector` is one)."""
+
+    @property
+    def files(self) -> FileStreamClient | None:
+        """File streams of the current connection; ``None`` while disconnected."""
+        ...
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a connection; whether there is one."""
+        ...
+
+
+class ArtifactProvider(Protocol):
+    """What a :class:`~deploy_core.agent.context.DeployContext` fetches artifacts with."""
+
+    async def fetch(
+        self, sha256: str, *, deadline: float | None = None, progress: Progress | None = None
+    ) -> FetchedArtifact:
+        """Return the verified artifact, from the cache or from the server."""
+        ...
+
+
+class _Throttle:
+    """Calls ``progress`` when the whole percentage moves, and at the end."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        percent = 100 * done // total if total else 100
+        if percent != self._last:
+            self._last = percent
+            try:
+                self._progress(done, total)
+            except Exception:
+                log.exception("artifact progress callback failed")
+
+
+def _hash_file(path: Path) -> tuple[hashlib._Hash, int]:
+    hasher = hashlib.sha256()
+    size = 0
+    with path.open("rb") as file:
+        while block := file.read(_HASH_READ):
+            hasher.update(block)
+            size += len(block)
+    return hasher, size
+
+
+class _Partial:
+    """The partial file of one artifact, open for appending, with the hash of its bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: BinaryIO = path.open("ab")
+        self.hasher, self.size = _hash_file(path)
+
+    def append(self, data: bytes) -> None:
+        self.file.write(data)
+        self.file.flush()  # in the page cache: survives the agent being killed
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def seal(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class ArtifactFetcher:
+    """Fetches artifacts for one agent into its cache directory.
+
+    :param channel: the agent's connection (reconnects on its own).
+    :param cache_dir: where partial and finished artifacts are kept.
+    :param chunk_size: bytes the server reads and the agent writes at a time
+        (64 KiB to 1 MiB); after the agent is killed, at most this much is received again.
+    :param stall_timeout: seconds without data after which a transfer counts as broken.
+    """
+
+    def __init__(
+        self,
+        channel: FileChannel,
+        cache_dir: Path,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stall_timeout: float = 30.0,
+        verify_cached: bool = True,
+    ) -> None:
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(
+                f"chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes, "
+                f"got {chunk_size}"
+            )
+        if stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be positive, got {stall_timeout}")
+        self.channel = channel
+        self.cache_dir = cache_dir
+        self.chunk_size = chunk_size
+        self.stall_timeout = stall_timeout
+        self.verify_cached = verify_cached
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def cached(self, sha256: str) -> Path | None:
+        """The finished copy of an artifact, if the cache has one (not re-verified)."""
+        path = self.cache_dir / sha256
+        return path if path.is_file() else None
+
+    async def fetch(
+        self, sha256: str, *, deadline: float | None = None, progress: Progress | None = None
+    ) -> FetchedArtifact:
+        """Return the verified artifact ``sha256``, from the cache or from the server.
+
+        :param deadline: ``time.time()`` after which to give up (waiting for a reconnect
+            included); ``None`` waits up to ten minutes for a connection.
+        :param progress: called with ``(bytes on disk, total bytes)`` as bytes arrive, at
+            most once per whole percent.
+        :raises ArtifactTimeout: the deadline passed first.
+        :raises ArtifactError: the server refused, or the bytes failed verification twice.
+        """
+        sha256 = sha256.strip().lower()
+        if not _SHA256.match(sha256):
+            raise ArtifactError(f"not a SHA-256 (64 hex digits): {sha256!r:.80}")
+        deadline = deadline if deadline is not None else time.time() + DEFAULT_WAIT
+        lock = self._locks.setdefault(sha256, asyncio.Lock())
+        async with lock:
+            await asyncio.to_thread(self.cache_dir.mkdir, parents=True, exist_ok=True)
+            cached = await self._from_cache(sha256)
+            if cached is not None:
+                _Throttle(progress)(cached.size, cached.size)
+                return cached
+            return await self._download(sha256, deadline, _Throttle(progress))
+
+    async def _from_cache(self, sha256: str) -> FetchedArtifact | None:
+        path = self.cached(sha256)
+        if path is None:
+            return None
+        if self.verify_cached:
+            hasher, size = await asyncio.to_thread(_hash_file, path)
+            if hasher.hexdigest() != sha256:
+                log.warning("cached artifact %s is damaged; fetching it again", sha256)
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                return None
+        else:
+            size = path.stat().st_size
+        return FetchedArtifact(path, sha256, size, 0, 0, from_cache=True)
+
+    async def _download(self, sha256: str, deadline: float, progress: _Throttle) -> FetchedArtifact:
+        final = self.cache_dir / sha256
+        partial_path = self.cache_dir / f"{sha256}.partial"
+        transferred = 0
+        interruptions = 0
+        resumed: int | None = None
+        for attempt in (1, 2):
+            partial = await asyncio.to_thread(_Partial, partial_path)
+            if resumed is None:
+                resumed = partial.size
+                if resumed:
+                    log.info("artifact %s: resuming at byte %d", sha256[:12], resumed)
+            try:
+                got, breaks, size = await self._receive(sha256, partial, deadline, progress)
+                transferred += got
+                interruptions += breaks
+            except BaseException:
+                await asyncio.to_thread(partial.file.close)
+                raise
+            digest = partial.hasher.hexdigest()
+            if digest == sha256:
+                await asyncio.to_thread(partial.seal)
+                await asyncio.to_thread(os.replace, partial_path, final)
+                log.info(
+                    "artifact %s: %d bytes verified (%d received, %d resumed, %d interruptions)",
+                    sha256[:12],
+                    size,
+                    transferred,
+                    resumed,
+                    interruptions,
+                )
+                return FetchedArtifact(
+                    final, sha256, size, transferred, resumed, False, interruptions
+                )
+            await asyncio.to_thread(partial.discard)
+            if attempt == 1:
+                log.warning(
+                    "artifact %s: received bytes hash to %s; discarded, fetching again from 0",
+                    sha256,
+                    digest,
+                )
+                continue
+            raise ArtifactError(
+                f"artifact {sha256} failed SHA-256 verification twice (the bytes received "
+                f"hash to {digest}); the server's stored copy is probably damaged: upload "
+                "the package again"
+            )
+        raise AssertionError("unreachable")
+
+    async def _receive(
+        self, sha256: str, partial: _Partial, deadline: float, progress: _Throttle
+    ) -> tuple[int, int, int]:
+        """Fill ``partial`` up to the artifact's size; returns (bytes received, interruptions,
+        size)."""
+        received = 0
+        interruptions = 0
+        fruitless = 0
+        last_error = ""
+        restarted = False
+        while True:
+            files = await self._connected(sha256, deadline, last_error)
+            offset = partial.size
+            incoming = files.request(
+                FileRequest(sha256=sha256, offset=offset, chunk_size=self.chunk_size)
+            )
+            before = received
+            try:
+                header = await incoming.header(timeout=self._timeout(deadline))
+                progress(offset, header.size)
+                while data := await incoming.read(timeout=self._timeout(deadline)):
+                    if partial.size + len(data) > header.size:
+                        raise TransferInterrupted("the server sent more bytes than it announced")
+                    await asyncio.to_thread(partial.append, data)
+                    received += len(data)
+                    incoming.credit(partial.size)
+                    progress(partial.size, header.size)
+                if partial.size != header.size:
+                    raise TransferInterrupted(
+                        f"stream ended at byte {partial.size} of {header.size}"
+                    )
+                return received, interruptions, header.size
+            except FileRefused as exc:
+                if exc.code == "bad_offset" and not restarted:
+                    # The partial file is longer than the artifact: it cannot be part of it.
+                    log.warning("artifact %s: %s", sha256[:12], exc)
+                    restarted = True
+                    await asyncio.to_thread(partial.file.truncate, 0)
+                    partial.hasher, partial.size = hashlib.sha256(), 0
+                    continue
+                raise ArtifactError(f"the server refused artifact {sha256}: {exc}") from None
+            except TransferInterrupted as exc:
+                last_error = str(exc)
+                interruptions += 1
+                fruitless = 0 if received > before else fruitless + 1
+                log.warning(
+                    "artifact %s: transfer interrupted at byte %d: %s",
+                    sha256[:12],
+                    partial.size,
+                    exc,
+                )
+                if time.time() >= deadline:
+                    raise ArtifactTimeout(
+                        f"artifact {sha256} incomplete at the deadline ({partial.size} bytes "
+                        f"received): {exc}"
+                    ) from None
+                if fruitless >= _MAX_FRUITLESS:
+                    raise ArtifactError(
+                        f"artifact {sha256}: {fruitless} attempts in a row brought no data; "
+                        f"last: {exc}"
+                    ) from None
+                if fruitless:
+                    await asyncio.sleep(min(0.2 * 2**fruitless, max(deadline - time.time(), 0)))
+            finally:
+                incoming.close()
+
+    def _timeout(self, deadline: float) -> float:
+        return max(min(self.stall_timeout, deadline - time.time()), 0.01)
+
+    async def _connected(self, sha256: str, deadline: float, last_error: str) -> FileStreamClient:
+        """The current connection's file streams, waiting for a reconnect until ``deadline``."""
+        while True:
+            files = self.channel.files
+            if files is not None:
+                return files
+            left = deadline - time.time()
+            if left <= 0:
+                why = f" (last error: {last_error})" if last_error else ""
+                raise ArtifactTimeout(
+                    f"no connection to the server to fetch artifact {sha256} before the "
+                    f"deadline{why}"
+                )
+            if not await self.channel.wait_connected(left):
+                await asyncio.sleep(0.05)  # the old connection is still being torn down

@@ -1,0 +1,298 @@
+"""The artifact store: packages kept by SHA-256 under the state directory, and its routes.
+
+Layout, under ``state_dir/artifacts``::
+
+    sha256/ab/abcd…        the bytes (never changed once there)
+    sha256/ab/abcd….json   {"sha256", "size", "created_at"}
+    tmp/                   uploads in progress (emptied at start-up)
+
+An upload is streamed to a temporary file while it is hashed, so memory stays flat whatever
+its size; it is linked into place only once complete and checked, so a reader (the QUIC file
+streams, :meth:`ArtifactStore.locate`) never sees a partial artifact. The same bytes uploaded
+twice are stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from deploy_core.server.web import ApiError, services
+from deploy_core.transport.files import SHA256_PATTERN
+
+__all__ = [
+    "DEFAULT_MAX_ARTIFACT_BYTES",
+    "ArtifactEmpty",
+    "ArtifactInfo",
+    "ArtifactMismatch",
+    "ArtifactRejected",
+    "ArtifactStore",
+    "ArtifactTooLarge",
+    "artifact_routes",
+    "format_size",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ARTIFACT_BYTES = 2 << 30
+_SHA256 = re.compile(SHA256_PATTERN)
+# Received bytes are written and hashed in a worker thread once this many have gathered.
+_WRITE_BATCH = 1 << 20
+
+
+def format_size(size: int) -> str:
+    """``2147483648`` → ``2 GiB``; exact multiples only lose their digits."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+class ArtifactRejected(Exception):
+    """An upload was not stored; ``status`` is the HTTP status that says why."""
+
+    status = 422
+
+
+class ArtifactTooLarge(ArtifactRejected):
+    """An upload went past the size limit."""
+
+    status = 413
+
+
+class ArtifactMismatch(ArtifactRejected):
+    """An upload's bytes did not hash to the SHA-256 the uploader announced."""
+
+
+class ArtifactEmpty(ArtifactRejected):
+    """An upload had no bytes at all."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """A stored artifact's metadata."""
+
+    sha256: str
+    size: int
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's view."""
+        created = dt.datetime.fromtimestamp(self.created_at, dt.UTC)
+        return {
+            "sha256": self.sha256,
+            "size": self.size,
+            "created_at": created.isoformat().replace("+00:00", "Z"),
+            "url": f"/api/artifacts/{self.sha256}",
+        }
+
+
+class _Upload:
+    """A temporary file being filled and hashed."""
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        self.file = file
+        self.path = path
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def finish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class ArtifactStore:
+    """Content-addressed package store on the local disk (one per server replica)."""
+
+    def __init__(self, root: Path, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.root = root
+        self.max_bytes = max_bytes
+        self._tmp = root / "tmp"
+        shutil.rmtree(self._tmp, ignore_errors=True)  # uploads a previous run left unfinished
+        self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (root / "sha256").mkdir(exist_ok=True, mode=0o700)
+
+    @staticmethod
+    def valid_sha256(value: str) -> bool:
+        """Whether ``value`` is 64 lowercase hex digits."""
+        return bool(_SHA256.match(value))
+
+    def path_for(self, sha256: str) -> Path:
+        """Where an artifact's bytes live (whether or not they are there)."""
+        if not self.valid_sha256(sha256):
+            raise ValueError(f"not a SHA-256 (64 lowercase hex digits): {sha256!r:.80}")
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def locate(self, sha256: str) -> Path | None:
+        """The file of a stored artifact, ``None`` when absent (serves the QUIC file streams)."""
+        path = self.path_for(sha256)
+        return path if path.is_file() else None
+
+    def get(self, sha256: str) -> ArtifactInfo | None:
+        """A stored artifact's metadata, or ``None``."""
+        path = self.locate(sha256)
+        if path is None:
+            return None
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            return ArtifactInfo(sha256, int(meta["size"]), float(meta["created_at"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            # Sidecar lost or damaged: the bytes are the truth.
+            stat = path.stat()
+            return ArtifactInfo(sha256, stat.st_size, stat.st_mtime)
+
+    async def receive(
+        self, chunks: AsyncIterator[bytes], *, expected_sha256: str | None = None
+    ) -> tuple[ArtifactInfo, bool]:
+        """Store an upload; returns its metadata and whether it is new.
+
+        :param chunks: the body, as it arrives.
+        :param expected_sha256: the hash the uploader announced, checked at the end.
+        :raises ArtifactTooLarge: as soon as the body passes :attr:`max_bytes`.
+        :raises ArtifactMismatch: when the bytes do not hash to ``expected_sha256``.
+        """
+        path = self._tmp / f"upload-{secrets.token_hex(8)}"
+        upload = _Upload(await asyncio.to_thread(open, path, "xb"), path)
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                if upload.size + batched + len(chunk) > self.max_bytes:
+                    raise ArtifactTooLarge(
+                        f"upload is over the server's artifact size limit of "
+                        f"{format_size(self.max_bytes)} ({self.max_bytes} bytes)"
+                    )
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    await asyncio.to_thread(upload.write, b"".join(batch))
+                    batch, batched = [], 0
+            if batch:
+                await asyncio.to_thread(upload.write, b"".join(batch))
+            if upload.size == 0:
+                raise ArtifactEmpty(
+                    "the request body is empty; send the package's bytes as the body"
+                )
+            await asyncio.to_thread(upload.finish)
+            sha256 = upload.hasher.hexdigest()
+            if expected_sha256 is not None and sha256 != expected_sha256:
+                raise ArtifactMismatch(
+                    f"the uploaded bytes hash to {sha256}, not {expected_sha256} as announced; "
+                    "the upload was damaged or the wrong file was sent: nothing was stored"
+                )
+            return await asyncio.to_thread(self._keep, path, sha256, upload.size)
+        finally:
+            await asyncio.to_thread(upload.discard)
+
+    def _keep(self, tmp: Path, sha256: str, size: int) -> tuple[ArtifactInfo, bool]:
+        final = self.path_for(sha256)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
+        try:
+            # A hard link creates the name only if it is free: two uploads of the same bytes
+            # racing each other store it once.
+            os.link(tmp, final)
+        except FileExistsError:
+            info = self.get(sha256)
+            if info is not None:
+                return info, False
+        info = ArtifactInfo(sha256, size, time.time())
+        sidecar = final.with_suffix(".json")
+        partial = sidecar.with_suffix(f".json.{secrets.token_hex(4)}")
+        partial.write_text(
+            json.dumps({"sha256": sha256, "size": size, "created_at": info.created_at}) + "\n"
+        )
+        os.replace(partial, sidecar)
+        log.info("stored artifact %s (%d bytes)", sha256, size)
+        return info, True
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _sha_param(value: str, where: str) -> str:
+    value = value.strip().lower()
+    if not ArtifactStore.valid_sha256(value):
+        raise ApiError(422, f"{where} must be a SHA-256: 64 hex digits, got {value!r:.80}")
+    return value
+
+
+def _too_large(message: str) -> Response:
+    # Closing the connection stops a client still sending the rest of the body; it then
+    # reads this answer instead of pushing gigabytes that would be thrown away.
+    return JSONResponse({"error": message}, status_code=413, headers={"Connection": "close"})
+
+
+async def upload_artifact(request: Request) -> Response:
+    """``POST /api/artifacts`` — the raw body is the package; ``201`` new, ``200`` already
+    stored (``"existing": true``), ``413`` over the limit, ``422`` when the optional
+    ``X-Content-SHA256`` header (or ``?sha256=``) does not match."""
+    store: ArtifactStore = services(request).artifacts
+    announced = request.headers.get("x-content-sha256") or request.query_params.get("sha256")
+    expected = _sha_param(announced, "X-Content-SHA256") if announced else None
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > store.max_bytes:
+        return _too_large(
+            f"artifact of {format_size(int(declared))} is over the server's limit of "
+            f"{format_size(store.max_bytes)} ({store.max_bytes} bytes)"
+        )
+    try:
+        info, new = await store.receive(request.stream(), expected_sha256=expected)
+    except ArtifactTooLarge as exc:
+        return _too_large(str(exc))
+    except ArtifactRejected as exc:
+        raise ApiError(exc.status, str(exc)) from None
+    return JSONResponse({**info.to_json(), "existing": not new}, status_code=201 if new else 200)
+
+
+async def get_artifact(request: Request) -> Response:
+    """``GET /api/artifacts/{sha256}`` — an artifact's size and upload time, or ``404``."""
+    store: ArtifactStore = services(request).artifacts
+    sha256 = _sha_param(request.path_params["sha256"], "the artifact id")
+    info = await asyncio.to_thread(store.get, sha256)
+    if info is None:
+        raise ApiError(
+            404,
+            f"no artifact {sha256}; upload it with POST /api/artifacts "
+            "(deployctl artifact push FILE)",
+        )
+    return JSONResponse(info.to_json())
+
+
+def artifact_routes() -> list[BaseRoute]:
+    """The artifact store's routes (under ``/api``)."""
+    return [
+        Route("/artifacts", upload_artifact, methods=["POST"]),
+        Route("/artifacts/{sha256:str}", get_artifact, methods=["GET"]),
+    ]

@@ -1,0 +1,541 @@
+"""File streams: an authenticated agent pulls an artifact from the server by SHA-256.
+
+Every request travels on a fresh bidirectional QUIC stream that the agent opens after WELCOME
+(never on the control stream)::
+
+    agent  -> REQUEST  4-byte big-endian length + JSON {"sha256", "offset", "chunk_size"}
+    server -> HEADER   4-byte big-endian length + JSON {"size", "offset"}
+                       or {"error", "code"} and FIN
+    server -> the artifact's bytes from ``offset`` to ``size``, read from disk ``chunk_size``
+              at a time, then FIN
+    agent  -> CREDIT   8-byte big-endian integers: the offset the agent has written up to
+
+The server keeps at most ``window`` bytes past the agent's last credit in flight, so neither
+side buffers a whole artifact, and a slow disk on the agent slows the server down instead of
+filling its memory. A transfer the server cannot finish (the file vanished, a read failed, no
+credit for ``stall_timeout``) is reset with :data:`RESET_SERVER_ERROR`; an agent that gives up
+sends STOP_SENDING and resets its side with :data:`RESET_CANCELLED`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Protocol
+
+from aioquic.quic.connection import QuicConnection
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_WINDOW",
+    "MAX_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "RESET_CANCELLED",
+    "RESET_SERVER_ERROR",
+    "SHA256_PATTERN",
+    "ArtifactSource",
+    "FileError",
+    "FileHeader",
+    "FileRefused",
+    "FileRequest",
+    "FileStreamClient",
+    "FileStreamServer",
+    "IncomingFile",
+    "TransferInterrupted",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = 256 << 10
+#: Bytes the server sends past the agent's last credit; stays below the QUIC stream window.
+DEFAULT_WINDOW = 4 << 20
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+#: Application error codes in RESET_STREAM / STOP_SENDING frames.
+RESET_CANCELLED = 1
+RESET_SERVER_ERROR = 2
+
+_LENGTH = struct.Struct(">I")
+_CREDIT = struct.Struct(">Q")
+_MAX_FRAME = 4096
+# Concurrent transfers one agent connection may run.
+_MAX_TRANSFERS = 8
+
+
+class FileRequest(BaseModel):
+    """What the agent asks for: an artifact, from an offset, in chunks of a size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    offset: int = Field(default=0, ge=0)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+
+
+class FileHeader(BaseModel):
+    """The server's yes: the artifact's whole size and the offset the bytes start at."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class FileError(BaseModel):
+    """The server's no, with a reason for a person and a code for the agent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: Literal["bad_request", "not_found", "bad_offset", "busy", "unavailable"]
+    error: str
+
+
+class FileRefused(Exception):
+    """The server refused a request; ``code`` says which way (:class:`FileError`)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class TransferInterrupted(Exception):
+    """The stream or the connection broke before the whole file arrived."""
+
+
+def _frame(model: BaseModel) -> bytes:
+    body = model.model_dump_json().encode()
+    return _LENGTH.pack(len(body)) + body
+
+
+def _take_frame(buffer: bytearray) -> bytes | None:
+    """Cut one length-prefixed frame off ``buffer``; ``None`` until it is complete.
+
+    :raises ValueError: when the declared length is over the frame limit.
+    """
+    if len(buffer) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack_from(buffer)
+    if length > _MAX_FRAME:
+        raise ValueError(f"frame declares {length} bytes, over the {_MAX_FRAME}-byte limit")
+    end = _LENGTH.size + length
+    if len(buffer) < end:
+        return None
+    body = bytes(buffer[_LENGTH.size : end])
+    del buffer[:end]
+    return body
+
+
+# --------------------------------------------------------------------------- server end
+
+
+class ArtifactSource(Protocol):
+    """Where the server finds the artifacts it may serve."""
+
+    def locate(self, sha256: str) -> Path | None:
+        """The stored file of a complete artifact, or ``None`` when the store lacks it.
+
+        :param sha256: 64 lowercase hex digits, already validated.
+        """
+        ...
+
+
+class _Outgoing:
+    """One request being served."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.buffer = bytearray()
+        self.request: FileRequest | None = None
+        self.credited = 0
+        self.credit = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class FileStreamServer:
+    """Serves the file requests of one authenticated agent connection.
+
+    The connection feeds it stream events; it answers on the same streams through ``quic``
+    and calls ``transmit`` after queueing data.
+    """
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        transmit: Callable[[], None],
+        *,
+        source: ArtifactSource | None,
+        client_id: str,
+        window: int = DEFAULT_WINDOW,
+        stall_timeout: float = 60.0,
+    ) -> None:
+        if window < MAX_CHUNK_SIZE:
+            raise ValueError(f"window must be at least {MAX_CHUNK_SIZE} bytes, got {window}")
+        self._quic = quic
+        self._transmit = transmit
+        self._source = source
+        self._client_id = client_id
+        self._window = window
+        self._stall_timeout = stall_timeout
+        self._streams: dict[int, _Outgoing] = {}
+        self._highest = -1
+        self._closed = False
+        #: Artifact bytes queued for this agent over the connection's life.
+        self.bytes_sent = 0
+
+    def data_received(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """Bytes the agent sent on a stream other than the control stream."""
+        if self._closed:
+            return
+        out = self._streams.get(stream_id)
+        if out is None:
+            if stream_id <= self._highest:
+                return  # a stream already answered: late credits or the agent's FIN
+            self._highest = stream_id
+            if stream_id % 4 != 0:
+                # Only agent-initiated bidirectional streams carry requests.
+                with contextlib.suppress(ValueError):
+                    self._quic.stop_stream(stream_id, RESET_CANCELLED)
+                self._transmit()
+                return
+            out = self._streams[stream_id] = _Outgoing(stream_id)
+        out.buffer += data
+        if out.request is None:
+            self._read_request(out)
+        if out.request is not None:
+            self._read_credits(out)
+        if end_stream and out.request is None and stream_id in self._streams:
+            self._refuse(out, "bad_request", "stream ended before a complete request")
+
+    def stream_reset(self, stream_id: int) -> None:
+        """The agent reset its side or asked the server to stop sending: give the stream up."""
+        out = self._streams.pop(stream_id, None)
+        if out is not None and out.task is not None:
+            out.task.cancel()
+
+    def close(self) -> None:
+        """The connection is gone: stop every transfer."""
+        self._closed = True
+        for out in self._streams.values():
+            if out.task is not None:
+                out.task.cancel()
+        self._streams.clear()
+
+    @property
+    def active(self) -> int:
+        """Transfers in progress."""
+        return sum(1 for out in self._streams.values() if out.task is not None)
+
+    def _read_request(self, out: _Outgoing) -> None:
+        try:
+            body = _take_frame(out.buffer)
+        except ValueError as exc:
+            self._refuse(out, "bad_request", str(exc))
+            return
+        if body is None:
+            return
+        try:
+            request = FileRequest.model_validate_json(body)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            self._refuse(out, "bad_request", f"invalid file request: {problems}")
+            return
+        if self.active >= _MAX_TRANSFERS:
+            self._refuse(
+                out, "busy", f"{_MAX_TRANSFERS} transfers already running on this connection"
+            )
+            return
+        out.request = request
+        out.credited = request.offset
+        out.task = asyncio.create_task(self._serve(out, request))
+
+    def _read_credits(self, out: _Outgoing) -> None:
+        count = len(out.buffer) // _CREDIT.size
+        if not count:
+            return
+        for (value,) in _CREDIT.iter_unpack(bytes(out.buffer[: count * _CREDIT.size])):
+            out.credited = max(out.credited, value)
+        del out.buffer[: count * _CREDIT.size]
+        out.credit.set()
+
+    def _refuse(self, out: _Outgoing, code: str, reason: str) -> None:
+        logger.warning("file request from %s refused: %s", self._client_id, reason)
+        self._streams.pop(out.stream_id, None)
+        error = FileError.model_validate({"code": code, "error": reason})
+        with contextlib.suppress(RuntimeError, ValueError):
+            self._quic.send_stream_data(out.stream_id, _frame(error), end_stream=True)
+        self._transmit()
+
+    async def _serve(self, out: _Outgoing, request: FileRequest) -> None:
+        sha = request.sha256
+        try:
+            path = self._source.locate(sha) if self._source is not None else None
+            if path is None:
+                reason = (
+                    f"artifact {sha} is not in the server's store; upload it first "
+                    "(POST /api/artifacts or 'deployctl artifact push')"
+                    if self._source is not None
+                    else "this server does not serve artifacts"
+                )
+                self._refuse(out, "not_found" if self._source else "unavailable", reason)
+                return
+            try:
+                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._refuse(out, "not_found", f"artifact {sha} is no longer in the store")
+                return
+            try:
+                await self._send_file(out, request, fd)
+            finally:
+                os.close(fd)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("sending artifact %s to %s failed: %s", sha, self._client_id, exc)
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._quic.reset_stream(out.stream_id, RESET_SERVER_ERROR)
+            self._transmit()
+        finally:
+            if self._streams.get(out.stream_id) is out:
+                del self._streams[out.stream_id]
+
+    async def _send_file(self, out: _Outgoing, request: FileRequest, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if request.offset > size:
+            self._refuse(
+                out,
+                "bad_offset",
+                f"offset {request.offset} is past the end of artifact {request.sha256} "
+                f"({size} bytes); discard the partial file and start from 0",
+            )
+            return
+        header = FileHeader(size=size, offset=request.offset)
+        self._quic.send_stream_data(
+            out.stream_id, _frame(header), end_stream=request.offset == size
+        )
+        self._transmit()
+        logger.info(
+            "sending artifact %s to %s: bytes %d-%d",
+            request.sha256[:12],
+            self._client_id,
+            request.offset,
+            size,
+        )
+        position = request.offset
+        while position < size:
+            while position - out.credited >= self._window:
+                out.credit.clear()
+                try:
+                    await asyncio.wait_for(out.credit.wait(), self._stall_timeout)
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"no credit from the agent for {self._stall_timeout:g} s"
+                    ) from None
+            length = min(request.chunk_size, size - position)
+            data = await asyncio.to_thread(os.pread, fd, length, position)
+            if len(data) != length:
+                raise OSError(f"artifact file shrank to {position + len(data)} bytes")
+            position += length
+            self._quic.send_stream_data(out.stream_id, data, end_stream=position == size)
+            self.bytes_sent += length
+            self._transmit()
+
+
+# --------------------------------------------------------------------------- agent end
+
+
+class IncomingFile:
+    """One requested file as it arrives: its header, then its bytes in chunks.
+
+    Use :meth:`header` once, then :meth:`read` until it returns ``b""``; :meth:`credit`
+    after writing, so the server sends more; :meth:`close` when done or giving up.
+    """
+
+    def __init__(self, client: FileStreamClient, stream_id: int, chunk_size: int) -> None:
+        self._client = client
+        self.stream_id = stream_id
+        self._chunk_size = chunk_size
+        self._prefix = bytearray()
+        self._header: FileHeader | None = None
+        self._refusal: FileError | None = None
+        self._pieces: list[bytes] = []
+        self._buffered = 0
+        self._eof = False
+        self._failure: str | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    # -- fed by the connection (synchronous)
+
+    def _data(self, data: bytes, end_stream: bool) -> None:
+        if self._header is None and self._refusal is None:
+            self._prefix += data
+            try:
+                body = _take_frame(self._prefix)
+            except ValueError as exc:
+                self._fail(f"server sent a bad header: {exc}")
+                return
+            if body is None:
+                if end_stream:
+                    self._fail("server ended the stream before its header")
+                return
+            try:
+                fields = json.loads(body)
+                if isinstance(fields, dict) and "error" in fields:
+                    self._refusal = FileError.model_validate(fields)
+                else:
+                    self._header = FileHeader.model_validate(fields)
+            except (ValueError, ValidationError) as exc:
+                self._fail(f"server sent a bad header: {exc}")
+                return
+            data = bytes(self._prefix)
+            self._prefix.clear()
+        if data:
+            self._pieces.append(data)
+            self._buffered += len(data)
+        if end_stream:
+            self._eof = True
+        if self._refusal is not None or self._eof or self._buffered >= self._chunk_size:
+            self._wake()
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None and not self._eof:
+            self._failure = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, timeout: float) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._waiter, timeout)
+        except TimeoutError:
+            raise TransferInterrupted(f"no data from the server for {timeout:g} s") from None
+        finally:
+            self._waiter = None
+
+    # -- used by the fetcher
+
+    async def header(self, *, timeout: float) -> FileHeader:
+        """Wait for the server's answer.
+
+        :raises FileRefused: the server refused the request.
+        :raises TransferInterrupted: the stream broke or stayed silent for ``timeout``.
+        """
+        while self._header is None:
+            if self._refusal is not None:
+                raise FileRefused(self._refusal.code, self._refusal.error)
+            if self._failure is not None:
+                raise TransferInterrupted(self._failure)
+            await self._wait(timeout)
+        return self._header
+
+    async def read(self, *, timeout: float) -> bytes:
+        """The next bytes: at least a chunk, except at the end; ``b""`` once all arrived.
+
+        After a break it first returns what did arrive, then raises.
+
+        :raises TransferInterrupted: the stream broke or stayed silent for ``timeout``.
+        """
+        while True:
+            if self._buffered >= self._chunk_size or (self._buffered and self._eof):
+                return self._drain()
+            if self._eof:
+                return b""
+            if self._failure is not None:
+                if self._buffered:
+                    return self._drain()
+                raise TransferInterrupted(self._failure)
+            await self._wait(timeout)
+
+    def _drain(self) -> bytes:
+        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        self._pieces.clear()
+        self._buffered = 0
+        return data
+
+    def credit(self, offset: int) -> None:
+        """Tell the server the file is written up to ``offset``."""
+        if not self._closed and self._failure is None:
+            self._client._send(self.stream_id, _CREDIT.pack(offset))
+
+    def close(self) -> None:
+        """Finish the stream: FIN when the whole file arrived, otherwise cancel it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client._finish(self, complete=self._eof and self._failure is None)
+
+
+class FileStreamClient:
+    """Opens file requests on one authenticated connection (the agent's end)."""
+
+    def __init__(self, quic: QuicConnection, transmit: Callable[[], None]) -> None:
+        self._quic = quic
+        self._transmit = transmit
+        self._incoming: dict[int, IncomingFile] = {}
+        self._lost: str | None = None
+
+    def request(self, request: FileRequest) -> IncomingFile:
+        """Send ``request`` on a new stream; its answer arrives in the returned object."""
+        stream_id = self._quic.get_next_available_stream_id()
+        incoming = IncomingFile(self, stream_id, request.chunk_size)
+        if self._lost is not None:
+            incoming._fail(self._lost)
+            return incoming
+        self._incoming[stream_id] = incoming
+        self._send(stream_id, _frame(request))
+        return incoming
+
+    def data_received(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """Bytes the server sent on a file stream."""
+        incoming = self._incoming.get(stream_id)
+        if incoming is not None:
+            incoming._data(data, end_stream)
+
+    def stream_reset(self, stream_id: int, error_code: int) -> None:
+        """The server reset a file stream."""
+        incoming = self._incoming.get(stream_id)
+        if incoming is not None:
+            why = "the server could not read it" if error_code == RESET_SERVER_ERROR else "reset"
+            incoming._fail(f"the server stopped the transfer ({why}); see the server log")
+
+    def connection_lost(self, reason: str) -> None:
+        """The connection is gone: every transfer on it is interrupted."""
+        self._lost = reason
+        for incoming in self._incoming.values():
+            incoming._fail(reason)
+        self._incoming.clear()
+
+    def _send(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if self._lost is not None:
+            return
+        with contextlib.suppress(RuntimeError, ValueError):
+            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        self._transmit()
+
+    def _finish(self, incoming: IncomingFile, *, complete: bool) -> None:
+        self._incoming.pop(incoming.stream_id, None)
+        if self._lost is not None:
+            return
+        if complete:
+            self._send(incoming.stream_id, b"", end_stream=True)
+            return
+        with contextlib.suppress(RuntimeError, ValueError):
+            self._quic.stop_stream(incoming.stream_id, RESET_CANCELLED)
+        with contextlib.suppress(RuntimeError, ValueError):
+            self._quic.reset_stream(incoming.stream_id, RESET_CANCELLED)
+        self._transmit()
