@@ -15,6 +15,12 @@ if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; the
   fi
 fi
 
+# Real parts the tests drive: headless Chromium for the web page.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing chromium (web page tests)"
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 echo "== ruff"
 "$VENV/bin/ruff" check deploy_core plugins tests bench
 echo "== mypy"
