@@ -284,7 +284,7 @@ def agent(
     from deploy_core.agent.runtime import Agent, AgentConfig
     from deploy_core.models import ID_PATTERN
 
-    if not re.match(ID_PATTERN, client_id):
+    if not re.fullmatch(ID_PATTERN, client_id):
         raise click.BadParameter(
             "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
         )

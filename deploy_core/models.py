@@ -77,7 +77,8 @@ def now() -> float:
 class WireModel(BaseModel):
     """Base of every wire model: versioned, strict about unknown fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are not JSON and would poison records (a NaN timestamp).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     v: Literal[1] = WIRE_VERSION
 

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Scope
 
 from deploy_core import __version__
@@ -546,7 +547,9 @@ def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> set[str]:
         match, child = route.matches(scope)
         if match is Match.NONE:
             continue
-        if isinstance(route, Mount):
+        if isinstance(route, Mount) and isinstance(route.app, StaticFiles):
+            allowed |= {"GET", "HEAD"}
+        elif isinstance(route, Mount):
             allowed |= _allowed_methods(route.routes, {**scope, **child})
         elif isinstance(route, Route) and route.methods:
             allowed |= route.methods

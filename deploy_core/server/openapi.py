@@ -47,6 +47,7 @@ from deploy_core.server.responses import (
     StatusHistory,
 )
 from deploy_core.server.tokens import TOKEN_NAME
+from deploy_core.server.web import FLAG_VALUES
 from deploy_core.transport.files import SHA256_PATTERN
 
 if TYPE_CHECKING:
@@ -69,24 +70,23 @@ ERROR_TEXT = {
 }
 
 
-def _path(name: str, pattern: str, description: str) -> dict[str, Any]:
+def _param(where: str, name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """A parameter ``in`` path, query or header; only path parameters are required."""
     return {
         "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": {"type": "string", "pattern": pattern},
-    }
-
-
-def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
+        "in": where,
+        "required": where == "path",
         "description": description,
         "schema": schema,
     }
+
+
+def _path(name: str, pattern: str, description: str) -> dict[str, Any]:
+    return _param("path", name, {"type": "string", "pattern": pattern}, description)
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return _param("query", name, schema, description)
 
 
 def _integer(low: int, high: int, default: int) -> dict[str, Any]:
@@ -97,21 +97,11 @@ def _number(low: float, high: float, default: float) -> dict[str, Any]:
     return {"type": "number", "minimum": low, "maximum": high, "default": default}
 
 
-def _header(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "header",
-        "required": False,
-        "description": description,
-        "schema": schema,
-    }
-
-
 SHA256 = {"type": "string", "pattern": SHA256_PATTERN}
 DEPLOY_ID = _path("deploy_id", ID_PATTERN, "a deployment's id")
 CLIENT_ID = _path("client_id", ID_PATTERN, "an agent's client id")
 #: The values a yes/no query parameter takes (:func:`deploy_core.server.web.flag_param`).
-FLAG = {"type": "string", "enum": ["1", "true", "yes", "0", "false", "no"], "default": "0"}
+FLAG = {"type": "string", "enum": list(FLAG_VALUES), "default": "0"}
 LIMIT = _query("limit", _integer(1, 500, 50), "page size")
 OFFSET = _query("offset", _integer(0, 10**9, 0), "deployments to skip")
 
@@ -161,7 +151,7 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
         OFFSET,
     )),
     ("POST", "/api/artifacts"): Spec(201, ArtifactStored, (413, 422), (
-        _header("X-Content-SHA256", SHA256, "the SHA-256 the body must hash to"),
+        _param("header", "X-Content-SHA256", SHA256, "the SHA-256 the body must hash to"),
         _query("sha256", SHA256, "the same, for clients that cannot set headers"),
     ), bytes, (200,)),
     ("GET", "/api/artifacts/{sha256}"): Spec(200, ArtifactView, (404, 422), (

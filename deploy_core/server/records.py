@@ -473,7 +473,9 @@ class RecordStore:
             previous = rec.status
             # Sent counts: the agent may have run it even if its acknowledgement was lost; a
             # rollback of one it never ran is answered "nothing to undo" by the agent.
-            executed = rec.dispatched_at is not None
+            executed = (
+                rec.dispatched_at is not None or rec.acked_at is not None or rec.last_seq >= 0
+            )
             conn.execute(
                 deployments.update()
                 .where(deployments.c.deploy_id == deploy_id)

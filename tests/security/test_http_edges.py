@@ -113,6 +113,8 @@ def test_yes_and_no_spellings_are_accepted(http: httpx.Client) -> None:
         ("PATCH", "/api/join-tokens", "GET, HEAD, POST"),
         ("PUT", "/api/clients/web-1", "DELETE, GET, HEAD"),
         ("DELETE", "/api/info", "GET, HEAD"),
+        ("POST", "/static/style.css", "GET, HEAD"),
+        ("PUT", "/openapi.json", "GET, HEAD"),
     ],
 )
 def test_a_405_lists_every_method_the_path_serves(

@@ -483,9 +483,10 @@ def test_concurrent_duplicate_reports_are_applied_once(store: RecordStore) -> No
 
 
 @pytest.mark.parametrize("acked", [True, False])
-def test_expire_marks_timeout_releases_lock_and_wants_rollback_only_if_acked(
+def test_expire_marks_timeout_releases_lock_and_wants_rollback_once_it_may_have_run(
     store: RecordStore, acked: bool
 ) -> None:
+    # A report from the agent means it ran, acknowledged or not.
     create(store, "d1")
     store.apply_report("web-1", report("d1", 0, progress=60))
     if acked:
@@ -499,7 +500,7 @@ def test_expire_marks_timeout_releases_lock_and_wants_rollback_only_if_acked(
     assert record["status"] == "timeout"
     assert record["error"] == "no report for 300 s"
     assert record["finished_at"] is not None
-    assert record["rollback_wanted"] is acked
+    assert record["rollback_wanted"] is True
     last = store.history("d1")[-1]
     assert (last["status"], last["source"], last["message"], last["progress"]) == (
         "timeout",
@@ -508,6 +509,17 @@ def test_expire_marks_timeout_releases_lock_and_wants_rollback_only_if_acked(
         60,
     )
     assert store.lock_holder("web-1") is None
+
+
+@pytest.mark.parametrize("sent", [True, False])
+def test_expire_wants_a_rollback_only_if_the_command_may_have_reached_the_agent(
+    store: RecordStore, sent: bool
+) -> None:
+    create(store, "d1")
+    if sent:
+        store.mark_dispatched("d1")
+    record = record_in(store.expire("d1", "deadline passed"))
+    assert record["rollback_wanted"] is sent
 
 
 def test_expire_without_rollback_wanted_never_asks_for_one(store: RecordStore) -> None:

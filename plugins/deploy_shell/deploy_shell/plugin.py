@@ -51,7 +51,7 @@ class ShellParams(DeployParams):
         if len(value) > 256:
             raise ValueError("at most 256 environment variables")
         for key, val in value.items():
-            if not re.match(ENV_NAME, key):
+            if not re.fullmatch(ENV_NAME, key):
                 raise ValueError(f"invalid environment variable name {key!r}")
             if "\x00" in val or len(val) > 32768:
                 raise ValueError(f"environment variable {key} has a NUL byte or is over 32 KiB")

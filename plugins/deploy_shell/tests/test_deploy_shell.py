@@ -97,3 +97,8 @@ def test_deploys_through_a_real_server_and_agent(deploy_center: DeployCenter) ->
     record = deploy_center.wait(deploy_id, timeout=30)
     assert record["status"] == "success"
     assert record["result"]["stdout_tail"].strip() == "it works"
+
+
+def test_env_names_with_a_trailing_newline_are_refused() -> None:
+    with pytest.raises(ValidationError, match="env"):
+        ShellParams.model_validate({"script": "true", "env": {"NAME\n": "x"}})

@@ -32,7 +32,7 @@ def _check_script(script: str) -> str:
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
-    bad = sorted(name for name in env if not ENV_NAME.match(name))
+    bad = sorted(name for name in env if not ENV_NAME.fullmatch(name))
     if bad:
         raise ValueError(f"invalid environment variable names: {', '.join(bad)}")
     return env
