@@ -31,7 +31,7 @@ def check_host(value: str) -> str:
             "and write IPv6 addresses without brackets"
         )
     name = value.removesuffix(".")
-    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise ValueError(
             f"host {value!r} is not a valid hostname or IP address "
             "(letters, digits, '-', '_' and dots; no path, port or spaces)"

@@ -118,3 +118,10 @@ async def test_bad_params_in_a_deployment_become_a_failed_check_without_attempts
     assert result.success is False
     assert result.attempts == 0
     assert result.error is not None and "port" in result.error
+
+
+def test_a_host_with_a_trailing_newline_is_refused() -> None:
+    from health_checks.http import HttpCheckParams
+
+    with pytest.raises(ValidationError, match="host"):
+        HttpCheckParams(type="http", port=80, host="localhost\n")
