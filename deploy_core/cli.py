@@ -78,9 +78,13 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 class _PluginAwareGroup(click.Group):
-    """Adds plugins' commands on first use, so ``deployctl --help`` lists them too."""
+    """Adds plugins' commands on first use, so ``deployctl --help`` lists them too.
+
+    ``plugin_group`` names the group plugins address (``None`` for the top level).
+    """
 
     _loaded = False
+    plugin_group: str | None = None
 
     def _load_plugin_commands(self) -> None:
         if self._loaded:
@@ -93,11 +97,14 @@ class _PluginAwareGroup(click.Group):
         except PluginError as exc:
             logging.getLogger(__name__).warning("plugin commands not loaded: %s", exc)
             return
-        for name, command in registered.entries.items():
+        for key, command in registered.entries.items():
+            group, _, name = key.rpartition(" ")
+            if (group or None) != self.plugin_group:
+                continue
             if name in self.commands:
                 logging.getLogger(__name__).warning(
                     "plugin %s's command %r clashes with a core command; ignored",
-                    registered.owners[name],
+                    registered.owners[key],
                     name,
                 )
                 continue
@@ -398,7 +405,11 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-@main.group()
+class _PluginAwareDeployGroup(_PluginAwareGroup):
+    plugin_group = "deploy"
+
+
+@main.group(cls=_PluginAwareDeployGroup)
 def deploy() -> None:
     """Start a deployment (answers at once with its id; add --wait to follow it)."""
 

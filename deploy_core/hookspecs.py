@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    import click
     from sqlalchemy import MetaData
 
     from deploy_core.registry import (
@@ -145,11 +144,13 @@ def deploy_agent_services(register: Callable[[AgentService], None]) -> None:
 
 
 @hookspec
-def deploy_register_cli_commands(register: Callable[[click.Command], None]) -> None:
-    """Add commands to ``deployctl`` (e.g. ``deployctl docker ps``).
+def deploy_register_cli_commands(register: Callable[..., None]) -> None:
+    """Add commands to ``deployctl`` (e.g. ``deployctl docker ps``, ``deployctl deploy tar``).
 
-    :param register: call it with a :class:`click.Command` or :class:`click.Group`; its name
-        must not clash with a core command or another plugin's.
+    :param register: call it with a :class:`click.Command` or :class:`click.Group`, and
+        ``group="deploy"`` to place it under ``deployctl deploy``; its name must not clash
+        with a core command or another plugin's.  Commands that call the API can use
+        :func:`deploy_core.cli.with_api` and :func:`deploy_core.cli.follow`.
 
     The return value is ignored.
 

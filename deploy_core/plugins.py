@@ -38,6 +38,9 @@ ENTRY_POINT_GROUP = "deploy_core"
 ENV_ONLY = "DEPLOY_CORE_PLUGINS"
 ENV_DISABLE = "DEPLOY_CORE_DISABLE_PLUGINS"
 
+# Core ``deployctl`` groups a plugin may add commands to (None: the top level).
+CLI_GROUPS = (None, "deploy")
+
 # The core's own behaviour, registered through the same hooks as third-party plugins.
 DEFAULT_PLUGINS = ("deploy_core.server.handlers",)
 
@@ -152,7 +155,7 @@ class DeployPlugins:
         self._collect("deploy_register_event_handlers", self.event_handlers, lambda e: e.name)
         self._collect("deploy_register_routes", self.route_sets, lambda e: e.name)
         self._collect("deploy_agent_services", self.agent_services, lambda e: e.name)
-        self._collect("deploy_register_cli_commands", self.cli_commands, lambda e: e.name)
+        self._collect_cli_commands()
         kinds: dict[str, str] = {}
         for name in self.deploy_types.entries:
             kind = self.deploy_types.entries[name].kind
@@ -191,6 +194,37 @@ class DeployPlugins:
                 raise
             except Exception as exc:
                 raise PluginError(f"plugin {owner!r} failed in {hook_name}: {exc}") from exc
+
+    def _collect_cli_commands(self) -> None:
+        """Like :meth:`_collect`, but ``register(command, group="deploy")`` places a command
+        under a core group; such entries are keyed ``"deploy <name>"``."""
+        for impl in self.pm.hook.deploy_register_cli_commands.get_hookimpls():
+            owner = impl.plugin_name
+
+            def register(
+                command: Any, group: str | None = None, _owner: str = owner
+            ) -> None:
+                if not isinstance(command, click.Command) or not command.name:
+                    raise PluginError(
+                        f"plugin {_owner!r} passed {type(command).__name__} to "
+                        "deploy_register_cli_commands; expected a named click.Command"
+                    )
+                if group not in CLI_GROUPS:
+                    raise PluginError(
+                        f"plugin {_owner!r}: command group {group!r} is not one of "
+                        f"{', '.join(repr(g) for g in CLI_GROUPS)}"
+                    )
+                key = f"{group} {command.name}" if group else command.name
+                self.cli_commands.add(key, command, _owner)
+
+            try:
+                impl.function(register=register)
+            except (PluginError, RegistrationError):
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {owner!r} failed in deploy_register_cli_commands: {exc}"
+                ) from exc
 
     def create_tables(self, metadata_: MetaData) -> None:
         """Let plugins define their tables on ``metadata_``; a failure names the plugin."""
@@ -295,7 +329,6 @@ _REGISTRY_TYPES: dict[str, type] = {
     "deploy_register_event_handlers": EventHandler,
     "deploy_register_routes": RouteSet,
     "deploy_agent_services": AgentService,
-    "deploy_register_cli_commands": click.Command,
 }
 
 

@@ -21,6 +21,16 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
 
+# A real Docker engine and a local registry (127.0.0.1:5000) for the Docker plugins.
+echo "== docker test bed"
+if ! bash "$ROOT/scripts/docker-testbed.sh"; then
+  if [ "${DEPLOY_CENTER_STRICT:-}" = 1 ]; then
+    echo "docker test bed could not be set up (DEPLOY_CENTER_STRICT=1)" >&2
+    exit 1
+  fi
+  echo "docker test bed unavailable; the Docker tests will skip" >&2
+fi
+
 echo "== ruff"
 "$VENV/bin/ruff" check deploy_core plugins tests bench
 echo "== mypy"

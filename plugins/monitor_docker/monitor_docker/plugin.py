@@ -1,0 +1,52 @@
+"""The plugin object Deploy Center loads through the ``deploy_core`` entry-point group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+import sqlalchemy as sa
+
+from deploy_core import hookimpl
+from deploy_core.registry import AgentService, EventHandler, RouteSet
+from monitor_docker.models import EVENT
+from monitor_docker.sampler import run_monitor
+from monitor_docker.store import define_tables
+
+SERVICE = "docker_monitor"
+
+
+@hookimpl
+def deploy_agent_services(register: Callable[[AgentService], None]) -> None:
+    """Agent side: the sampler (SPEC deploy-26)."""
+    register(AgentService(SERVICE, run_monitor))
+
+
+@hookimpl
+def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> None:
+    """Server side: store ``docker.monitor`` batches (SPEC deploy-27)."""
+    from monitor_docker.events import handle_monitor
+
+    register(EventHandler(EVENT, handle_monitor))
+
+
+@hookimpl
+def deploy_register_tables(metadata: sa.MetaData) -> None:
+    """Server side: samples, current state, last report per client."""
+    define_tables(metadata)
+
+
+@hookimpl
+def deploy_register_routes(register: Callable[[RouteSet], None]) -> None:
+    """Server side: ``GET /api/docker/monitor/{client_id}`` (SPEC deploy-28)."""
+    from monitor_docker.routes import ROUTES
+
+    register(RouteSet("docker_monitor", ROUTES))
+
+
+@hookimpl(optionalhook=True)  # optional: a core without the hook still loads the plugin
+def deploy_register_cli_commands(register: Callable[[click.Command], None]) -> None:
+    """CLI: ``deployctl docker ps``."""
+    from monitor_docker.cli import docker
+
+    register(docker)
