@@ -70,6 +70,26 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
     return data
 
 
+def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    unknown = set(data) - {"plugins"}
+    if unknown:
+        raise click.BadParameter(
+            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME]",
+            param_hint="--config",
+        )
+    plugins = data.get("plugins", {})
+    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
+        raise click.BadParameter(f"{path}: [plugins.NAME] must be tables", param_hint="--config")
+    return plugins
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -158,6 +178,13 @@ state_dir_option = click.option(
     "e.g. postgresql://user@host/dbname",
 )
 @click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings",
+)
+@click.option(
     "--cert-name",
     "cert_names",
     multiple=True,
@@ -194,6 +221,7 @@ def server(
     max_log_bytes: int,
     cert_names: tuple[str, ...],
     max_artifact_size: str,
+    config_file: Path | None,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
@@ -209,6 +237,7 @@ def server(
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
+        plugin_settings=load_server_settings(config_file) if config_file else {},
     )
 
     async def run(stop: asyncio.Event) -> None:
@@ -329,10 +358,24 @@ def agent(
 @state_dir_option
 @click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
-def up(state_dir: Path, api_port: int, quic_port: int) -> None:
+@click.option(
+    "--agent-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="the local agent's configuration (TOML: [constraints], [services.NAME])",
+)
+def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None) -> None:
     """Run a server and one local agent (client id "local") in one process."""
+    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
     from deploy_core.agent.runtime import Agent, AgentConfig
     from deploy_core.server.app import DeployServer, ServerConfig
+
+    settings = load_agent_settings(agent_config) if agent_config else {}
+    constraints = settings.get("constraints") or Constraints()
+    try:
+        ConstraintPolicy(constraints)
+    except ConstraintConfigError as exc:
+        raise click.ClickException(f"{agent_config}: [constraints] {exc}") from None
 
     async def run(stop: asyncio.Event) -> None:
         srv = DeployServer(
@@ -347,6 +390,8 @@ def up(state_dir: Path, api_port: int, quic_port: int) -> None:
                 state_dir=state_dir / "agent-local",
                 ca_file=srv.state.certs.ca_cert,
                 join_token_file=srv.state.join_token_file,
+                services=settings.get("services", {}),
+                constraints=constraints,
             ),
             plugins=srv.plugins,
         )

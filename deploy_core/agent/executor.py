@@ -391,7 +391,7 @@ class Executor:
             )
             if outcome.rollback
             else None,
-            rollback_state=outcome.rollback_state,
+            rollback_state=ctx.mask_data(outcome.rollback_state),
         )
         self.journal.finish(
             ctx.deploy_id,

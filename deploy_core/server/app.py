@@ -15,11 +15,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import uvicorn
+from sqlalchemy.engine import Engine
 
 from deploy_core.models import DeployCommand, DeployStatus, RollbackTarget
 from deploy_core.plugins import DeployPlugins, get_plugins
@@ -75,6 +76,9 @@ class ServerConfig:
     # Names and addresses agents may use to reach the QUIC endpoint: the server certificate
     # covers them (agents check it against the CA with --server-name).
     cert_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    # Plugins' own settings by plugin name (``[plugins.NAME]`` of ``deployctl server
+    # --config``); a plugin reads its table with :meth:`DeployServer.plugin_config`.
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Finished deployments older than this are deleted by a daily pass; None keeps them all.
     retention_days: float | None = None
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
@@ -133,6 +137,7 @@ class DeployServer:
         self.listeners = Listeners()
         self.started_at = time.time()
         self.state: ServerState
+        self.engine: Engine
         self.records: RecordStore
         self.transport: QuicServer
         self.artifacts: ArtifactStore
@@ -217,6 +222,10 @@ class DeployServer:
         }
         (cfg.state_dir / SERVER_INFO).write_text(json.dumps(info, indent=2) + "\n")
         log.info("server %s: API %s, QUIC %s", cfg.server_id, self.api_url, info["quic"])
+
+    def plugin_config(self, name: str) -> dict[str, Any]:
+        """The settings an operator gave plugin ``name`` (empty when none)."""
+        return dict(self.config.plugin_settings.get(name, {}))
 
     def _stable_server_id(self) -> str:
         path = self.config.state_dir / "server.id"
