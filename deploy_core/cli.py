@@ -459,7 +459,8 @@ def deploy() -> None:
     """Start a deployment (answers at once with its id; add --wait to follow it)."""
 
 
-def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+def parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    """``--env KEY=VALUE`` options as a dict (for plugins' commands too)."""
     env = {}
     for item in values:
         key, sep, value = item.partition("=")
@@ -564,7 +565,7 @@ def deploy_shell(
     body: dict[str, Any] = {
         "client_id": client_id,
         "script": body_script,
-        "env": _parse_env(env),
+        "env": parse_env(env),
         "timeout": timeout,
     }
     if workdir:
@@ -582,7 +583,7 @@ def deploy_shell(
     body["rollback"] = _rollback_option(rollback_strategy, rollback_script_file, snapshot_dir)
     if body["rollback"] is None:
         del body["rollback"]
-    _submit_and_follow(api, "shell", body, wait, wait_timeout)
+    submit_and_follow(api, "shell", body, wait, wait_timeout)
 
 
 def _rollback_option(
@@ -611,12 +612,14 @@ def deploy_submit(
         body = json.load(body_file)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="BODY_FILE") from None
-    _submit_and_follow(api, kind, body, wait, wait_timeout)
+    submit_and_follow(api, kind, body, wait, wait_timeout)
 
 
-def _submit_and_follow(
+def submit_and_follow(
     api: DeployClient, kind: str, body: dict[str, Any], wait: bool, wait_timeout: float
 ) -> None:
+    """``POST /api/deploy/{kind}``; print the answer, or with ``wait`` follow it live and
+    exit 0 only on success (for plugins' ``deploy`` commands too)."""
     accepted = api.deploy(kind, body)
     deploy_id = accepted["deploy_id"]
     if not wait:

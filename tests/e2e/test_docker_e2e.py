@@ -5,6 +5,9 @@ scripts/docker-testbed.sh``).  Without an engine the tests that need one skip wi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -150,6 +153,44 @@ def test_v1_deploys_healthy_and_answers(
         assert history.index(earlier) < history.index(later)
     progress = [row["progress"] for row in center.api.history(record["deploy_id"])]
     assert progress == sorted(progress)
+
+
+def test_deployctl_deploy_docker_waits_for_success(center: DeployCenter, name: str) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DEPLOY_CENTER_URL": center.api.url,
+        "DEPLOY_CENTER_TOKEN": (center.server_dir / "admin.token").read_text().strip(),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy_core.cli",
+            "deploy",
+            "docker",
+            "--client",
+            AGENT,
+            "--image",
+            f"{IMAGE}:v1",
+            "--name",
+            name,
+            "--port",
+            f"127.0.0.1:{port}:8080",
+            "--health",
+            f"http:{port}/healthz",
+            "--wait",
+            "--wait-timeout",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert ": success" in done.stdout
+    assert "web v1" in (answer(port) or "")
 
 
 def test_v2_over_v1_fails_health_then_v1_is_back_and_alone(

@@ -40,3 +40,11 @@ def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None
 def deploy_register_rollback_strategies(register: Callable[[RollbackStrategy], None]) -> None:
     """Register ``previous_container``."""
     register(PREVIOUS_CONTAINER)
+
+
+@hookimpl
+def deploy_register_cli_commands(register: Callable[..., None]) -> None:
+    """CLI: ``deployctl deploy docker``."""
+    from deploy_docker.cli import deploy_docker_command
+
+    register(deploy_docker_command, group="deploy")
