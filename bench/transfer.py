@@ -11,7 +11,7 @@ Three transfers of the same number of bytes, each from a server process to this 
 Rounds alternate the three so that a busy machine slows them alike; the figures are medians.
 ``--sweep`` also measures bare aioquic at other datagram sizes and congestion controls.
 
-    python bench/transfer.py [--size-mb 50] [--rounds 3] [--sweep]
+    python bench/transfer.py [--size-mb 50] [--rounds 5] [--sweep]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,25 @@ def set_buffers(transport: Any, size: int | None) -> None:
         transport_server.enlarge_socket_buffers(transport, size)
 
 
+CpuClock = Callable[[], float]
+
+
+@dataclass
+class Sample:
+    """Wall time of one transfer, and the CPU time both processes spent on it."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def start(cls, server_cpu: CpuClock) -> Sample:
+        return cls(-time.perf_counter(), -time.process_time() - server_cpu())
+
+    def stop(self, server_cpu: CpuClock) -> None:
+        self.wall += time.perf_counter()
+        self.cpu += time.process_time() + server_cpu()
+
+
 # --------------------------------------------------------------------------- bare aioquic
 
 
@@ -131,7 +150,9 @@ def _bare_server(certs_dir: str, settings: Settings, ready: Any) -> None:
     asyncio.run(main())
 
 
-async def _bare_client(port: int, certs_dir: Path, settings: Settings, size: int) -> float:
+async def _bare_client(
+    port: int, certs_dir: Path, settings: Settings, size: int, server_cpu: CpuClock
+) -> Sample:
     configuration = settings.configuration(is_client=True)
     configuration.cafile = str(certs_dir / "ca.pem")
     configuration.verify_mode = ssl.CERT_REQUIRED
@@ -142,13 +163,13 @@ async def _bare_client(port: int, certs_dir: Path, settings: Settings, size: int
         assert isinstance(client, _Counter)
         set_buffers(client._transport, settings.socket_buffer)
         stream = client._quic.get_next_available_stream_id()
-        started = time.perf_counter()
+        sample = Sample.start(server_cpu)
         client._quic.send_stream_data(stream, str(size).encode())
         client.transmit()
         await client.done
-        elapsed = time.perf_counter() - started
+        sample.stop(server_cpu)
         assert client.received == size
-    return elapsed
+    return sample
 
 
 # --------------------------------------------------------------------------- ours
@@ -205,7 +226,9 @@ def _our_server(certs_dir: str, store_dir: str, ready: Any) -> None:
     asyncio.run(main())
 
 
-async def _our_fetch(port: int, certs_dir: Path, cache: Path, sha: str, chunk: int) -> float:
+async def _our_fetch(
+    port: int, certs_dir: Path, cache: Path, sha: str, chunk: int, server_cpu: CpuClock
+) -> Sample:
     connector = AgentConnector(
         host="127.0.0.1",
         port=port,
@@ -221,11 +244,11 @@ async def _our_fetch(port: int, certs_dir: Path, cache: Path, sha: str, chunk: i
             raise RuntimeError(f"cannot connect: {connector.last_error}")
         shutil.rmtree(cache, ignore_errors=True)
         fetcher = ArtifactFetcher(connector, cache, chunk_size=chunk)
-        started = time.perf_counter()
+        sample = Sample.start(server_cpu)
         fetched = await fetcher.fetch(sha)
-        elapsed = time.perf_counter() - started
+        sample.stop(server_cpu)
         assert fetched.bytes_transferred == fetched.size and not fetched.from_cache
-        return elapsed
+        return sample
     finally:
         await connector.stop()
         await task
@@ -243,6 +266,11 @@ class ServerProcess:
         self.process = context.Process(target=target, args=(*args, ready), daemon=True)
         self.process.start()
         self.port: int = ready.get(timeout=60)
+
+    def cpu(self) -> float:
+        """CPU seconds the server process has used (user + system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -267,7 +295,7 @@ async def _store(root: Path, size: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=50, help="bytes per transfer, in MiB")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three transfers")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the three transfers")
     parser.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_SIZE // 1024)
     parser.add_argument("--sweep", action="store_true", help="also try other bare settings")
     args = parser.parse_args()
@@ -290,50 +318,71 @@ def main() -> int:
     chunks = [args.chunk_kb]
     if args.sweep:
         chunks += [kb for kb in (64, 1024) if kb != args.chunk_kb]
-    times: dict[str, list[float]] = {}
+    samples: dict[str, list[Sample]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         root = Path(tmp)
         certs_dir = root / "certs"
         ensure_server_certs(certs_dir)
         sha = asyncio.run(_store(root / "store", size))
-        for round_ in range(1, args.rounds + 1):
-            for kb in chunks:
-                with ServerProcess(_our_server, str(certs_dir), str(root / "store")) as server:
-                    elapsed = asyncio.run(
-                        _our_fetch(server.port, certs_dir, root / "cache", sha, kb * 1024)
-                    )
-                name = "ours" if kb == args.chunk_kb else f"ours, chunk {kb} KiB"
-                times.setdefault(name, []).append(elapsed)
-            for settings in [tuned, default, *sweep]:
-                with ServerProcess(_bare_server, str(certs_dir), settings) as server:
-                    elapsed = asyncio.run(_bare_client(server.port, certs_dir, settings, size))
-                    times.setdefault(settings.name, []).append(elapsed)
+        runs: list[tuple[str, Any]] = []
+        for kb in chunks:
+            name = "ours" if kb == args.chunk_kb else f"ours, chunk {kb} KiB"
+            runs.append((name, kb))
+        runs += [(settings.name, settings) for settings in [tuned, default, *sweep]]
+        for round_ in range(args.rounds):
+            # Rotate the order: a machine that gets busier or quieter favours no one.
+            shift = round_ % len(runs)
+            for name, what in runs[shift:] + runs[:shift]:
+                if isinstance(what, Settings):
+                    with ServerProcess(_bare_server, str(certs_dir), what) as server:
+                        sample = asyncio.run(
+                            _bare_client(server.port, certs_dir, what, size, server.cpu)
+                        )
+                else:
+                    with ServerProcess(_our_server, str(certs_dir), str(root / "store")) as server:
+                        sample = asyncio.run(
+                            _our_fetch(
+                                server.port, certs_dir, root / "cache", sha, what * 1024, server.cpu
+                            )
+                        )
+                samples.setdefault(name, []).append(sample)
             print(
-                f"round {round_}: "
-                + ", ".join(f"{name} {size / t[-1] / 1e6:.1f}" for name, t in times.items())
+                f"round {round_ + 1}: "
+                + ", ".join(f"{name} {size / s[-1].wall / 1e6:.1f}" for name, s in samples.items())
                 + " MB/s",
                 file=sys.stderr,
             )
 
     def goodput(name: str) -> float:
-        return size / statistics.median(times[name]) / 1e6
+        return size / statistics.median(s.wall for s in samples[name]) / 1e6
+
+    def cpu_per_mb(name: str) -> float:
+        return statistics.median(s.cpu for s in samples[name]) / (size / 1e6) * 1e3
 
     print(
         f"transfer of {args.size_mb} MiB over QUIC on loopback, {args.rounds} rounds, "
-        f"chunk {args.chunk_kb} KiB (median goodput, best in brackets)"
+        f"chunk {args.chunk_kb} KiB; medians (best goodput in brackets); CPU is both "
+        "processes together"
     )
     print(
         f"settings: max_data {tuned.max_data}, max_stream_data {tuned.max_stream_data}, "
         f"datagram {tuned.datagram}, congestion {tuned.congestion}, "
         f"socket buffers {tuned.socket_buffer}"
     )
-    for name, values in times.items():
-        best = size / min(values) / 1e6
-        print(f"  {name:32s} {goodput(name):8.1f} MB/s   ({best:.1f})")
+    for name, values in samples.items():
+        best = size / min(s.wall for s in values) / 1e6
+        print(
+            f"  {name:30s} {goodput(name):7.1f} MB/s ({best:5.1f})   "
+            f"{cpu_per_mb(name):6.1f} ms CPU per MB"
+        )
     ours_ratio = goodput("ours") / goodput("bare tuned")
     tuned_ratio = goodput("bare tuned") / goodput("bare default")
-    print(f"ours / bare tuned:          {ours_ratio:5.2f}   (target >= 0.85)")
-    print(f"bare tuned / bare default:  {tuned_ratio:5.2f}   (target >= 1.5)")
+    print(f"goodput ours / bare tuned:          {ours_ratio:5.2f}   (target >= 0.85)")
+    print(f"goodput bare tuned / bare default:  {tuned_ratio:5.2f}   (target >= 1.5)")
+    ours_cpu = cpu_per_mb("bare tuned") / cpu_per_mb("ours")
+    tuned_cpu = cpu_per_mb("bare default") / cpu_per_mb("bare tuned")
+    print(f"CPU efficiency ours / bare tuned:   {ours_cpu:5.2f}")
+    print(f"CPU efficiency tuned / default:     {tuned_cpu:5.2f}")
     return 0
 
 

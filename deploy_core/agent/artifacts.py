@@ -257,7 +257,10 @@ class ArtifactFetcher:
                 transferred += got
                 interruptions += breaks
             except BaseException:
-                await asyncio.to_thread(partial.file.close)
+                # Keep what arrived for the next fetch; an empty file is no use to it.
+                await asyncio.to_thread(
+                    partial.discard if partial.size == 0 else partial.file.close
+                )
                 raise
             digest = partial.hasher.hexdigest()
             if digest == sha256:

@@ -242,9 +242,10 @@ class ArtifactStore:
 
 
 def _sha_param(value: str, where: str) -> str:
-    value = value.strip().lower()
     if not ArtifactStore.valid_sha256(value):
-        raise ApiError(422, f"{where} must be a SHA-256: 64 hex digits, got {value!r:.80}")
+        raise ApiError(
+            422, f"{where} must be a SHA-256: 64 lowercase hex digits, got {value!r:.80}"
+        )
     return value
 
 

@@ -186,7 +186,9 @@ class FileStreamServer:
         self._window = window
         self._stall_timeout = stall_timeout
         self._streams: dict[int, _Outgoing] = {}
-        self._highest = -1
+        # Streams answered whose agent side is still open: late credits and the agent's FIN
+        # arrive there, and must not read as new requests.
+        self._answered: set[int] = set()
         self._closed = False
         #: Artifact bytes queued for this agent over the connection's life.
         self.bytes_sent = 0
@@ -197,9 +199,10 @@ class FileStreamServer:
             return
         out = self._streams.get(stream_id)
         if out is None:
-            if stream_id <= self._highest:
-                return  # a stream already answered: late credits or the agent's FIN
-            self._highest = stream_id
+            if stream_id in self._answered:
+                if end_stream:
+                    self._answered.discard(stream_id)
+                return
             if stream_id % 4 != 0:
                 # Only agent-initiated bidirectional streams carry requests.
                 with contextlib.suppress(ValueError):
@@ -217,6 +220,7 @@ class FileStreamServer:
 
     def stream_reset(self, stream_id: int) -> None:
         """The agent reset its side or asked the server to stop sending: give the stream up."""
+        self._answered.discard(stream_id)
         out = self._streams.pop(stream_id, None)
         if out is not None and out.task is not None:
             out.task.cancel()
@@ -228,6 +232,7 @@ class FileStreamServer:
             if out.task is not None:
                 out.task.cancel()
         self._streams.clear()
+        self._answered.clear()
 
     @property
     def active(self) -> int:
@@ -271,7 +276,7 @@ class FileStreamServer:
 
     def _refuse(self, out: _Outgoing, code: str, reason: str) -> None:
         logger.warning("file request from %s refused: %s", self._client_id, reason)
-        self._streams.pop(out.stream_id, None)
+        self._forget(out)
         error = FileError.model_validate({"code": code, "error": reason})
         with contextlib.suppress(RuntimeError, ValueError):
             self._quic.send_stream_data(out.stream_id, _frame(error), end_stream=True)
@@ -291,7 +296,8 @@ class FileStreamServer:
                 self._refuse(out, "not_found" if self._source else "unavailable", reason)
                 return
             try:
-                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+                # Not in a thread: a cancelled thread would leak the descriptor it opens.
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 self._refuse(out, "not_found", f"artifact {sha} is no longer in the store")
                 return
@@ -307,8 +313,13 @@ class FileStreamServer:
                 self._quic.reset_stream(out.stream_id, RESET_SERVER_ERROR)
             self._transmit()
         finally:
-            if self._streams.get(out.stream_id) is out:
-                del self._streams[out.stream_id]
+            self._forget(out)
+
+    def _forget(self, out: _Outgoing) -> None:
+        if self._streams.get(out.stream_id) is out:
+            del self._streams[out.stream_id]
+            if not self._closed:
+                self._answered.add(out.stream_id)
 
     async def _send_file(self, out: _Outgoing, request: FileRequest, fd: int) -> None:
         size = os.fstat(fd).st_size

@@ -93,6 +93,22 @@ CONGESTION_CONTROL = "reno"
 #: Linux caps the request at net.core.rmem_max / wmem_max.
 SOCKET_BUFFER_BYTES = 4 << 20
 
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+# How long to wait for the peer to acknowledge an ERROR before closing anyway.
+_ERROR_FLUSH_WAIT = 1.0
+_FLUSH_PING = 1
+# How long a replacing connection waits for on_disconnect of the one it replaces.
+_REPLACE_WAIT = 10.0
+# How long close() lets callbacks finish before cancelling them.
+_SHUTDOWN_WAIT = 5.0
+# Envelopes waiting for on_message; an agent that outruns the server this far is cut off.
+_MAX_PENDING = 10_000
+# QUIC puts the close reason in one packet; keep it well inside.
+_MAX_REASON_CHARS = 300
+# What an agent announces is stored with the client and shown by the API; a real agent's
+# capabilities are well under 1 KiB.
+MAX_CAPABILITIES_BYTES = 16 * 1024
+
 
 def datagram_size_for(host: str) -> int:
     """The datagram size to use towards or on ``host``: larger on loopback only."""
@@ -111,22 +127,6 @@ def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, size)
-
-_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
-# How long to wait for the peer to acknowledge an ERROR before closing anyway.
-_ERROR_FLUSH_WAIT = 1.0
-_FLUSH_PING = 1
-# How long a replacing connection waits for on_disconnect of the one it replaces.
-_REPLACE_WAIT = 10.0
-# How long close() lets callbacks finish before cancelling them.
-_SHUTDOWN_WAIT = 5.0
-# Envelopes waiting for on_message; an agent that outruns the server this far is cut off.
-_MAX_PENDING = 10_000
-# QUIC puts the close reason in one packet; keep it well inside.
-_MAX_REASON_CHARS = 300
-# What an agent announces is stored with the client and shown by the API; a real agent's
-# capabilities are well under 1 KiB.
-MAX_CAPABILITIES_BYTES = 16 * 1024
 
 
 class AuthError(Exception):

@@ -131,7 +131,7 @@ def test_status_codes_of_the_artifact_routes(center: DeployCenter, tmp_path: Pat
 
         assert http.post(url, content=b"", headers=auth).status_code == 422
         bad = http.get(f"{url}/not-a-hash", headers=auth)
-        assert bad.status_code == 422 and "64 hex digits" in bad.json()["error"]
+        assert bad.status_code == 422 and "64 lowercase hex digits" in bad.json()["error"]
         missing = http.get(f"{url}/{'c' * 64}", headers=auth)
         assert missing.status_code == 404 and "deployctl artifact push" in missing.json()["error"]
 

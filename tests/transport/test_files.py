@@ -370,6 +370,7 @@ async def test_bad_requests_get_error_frames_and_the_connection_keeps_working(
 
     with pytest.raises(ArtifactError, match="not in the server's store"):
         await rig.fetcher.fetch("f" * 64)
+    assert not (rig.cache / f"{'f' * 64}.partial").exists()
     with pytest.raises(ArtifactError, match="not a SHA-256"):
         await rig.fetcher.fetch("abc")
 
