@@ -1,0 +1,135 @@
+"""``deployctl deploy tar``: upload a package (with a progress bar) and deploy it.
+
+Registered under the core's ``deploy`` group with ``deploy_register_cli_commands``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core.cli import parse_env, parse_health, submit_and_follow, with_api
+from deploy_core.client import DeployClient
+from deploy_tar.deploy import size_text
+
+__all__ = ["deploy_tar", "upload_with_progress"]
+
+
+def upload_with_progress(api: DeployClient, package: Path) -> dict[str, Any]:
+    """Stream ``package`` to the artifact store, drawing progress on stderr (a bar redrawn
+    in place on a terminal, a line per 10 % otherwise); the store's answer."""
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+    shown = [-1]
+
+    def progress(sent: int, total: int) -> None:
+        percent = 100 * sent // total if total else 100
+        if percent == shown[0] or (not tty and percent % 10 and sent != total):
+            return
+        shown[0] = percent
+        bar = "#" * (24 * percent // 100)
+        rate = int(sent / max(time.monotonic() - started, 1e-6))
+        line = f"[{bar:.<24}] {percent:3d}% {size_text(sent)} of {size_text(total)}"
+        line += f" {size_text(rate)}/s"
+        click.echo("\r\033[K" + line if tty else line, nl=not tty, err=True)
+
+    try:
+        return api.upload_artifact(package, progress=progress)
+    finally:
+        if tty and shown[0] >= 0:
+            click.echo(err=True)
+
+
+@click.command("tar")
+@click.option("--client", "client_id", required=True, help="target client id")
+@click.option(
+    "--package",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a .tar.gz (or .tar, .tar.bz2, .tar.xz) to upload and deploy",
+)
+@click.option("--artifact", help="SHA-256 of a package already uploaded (deployctl artifact push)")
+@click.option("--target-dir", required=True, help="absolute directory on the host")
+@click.option(
+    "--install-script", help="script inside the package to run (default: install.sh if present)"
+)
+@click.option("--env", "env", multiple=True, help="KEY=VALUE for the install script, repeatable")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600,
+    show_default=True,
+    help="seconds for fetch, extraction and install",
+)
+@click.option("--keep-releases", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
+@click.option("--health-retries", type=click.IntRange(0, 100), default=None)
+@click.option("--health-interval", type=click.FloatRange(min=0), default=None)
+@click.option(
+    "--start-script",
+    default=None,
+    help="on rollback, script inside the previous release that starts it (default: its "
+    "install script again, with DEPLOY_ACTION=rollback)",
+)
+@click.option("--no-rollback", is_flag=True, help="on failure, leave things as they are")
+@click.option("--wait", is_flag=True, help="follow the deployment until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def deploy_tar(
+    api: DeployClient,
+    client_id: str,
+    package: Path | None,
+    artifact: str | None,
+    target_dir: str,
+    install_script: str | None,
+    env: tuple[str, ...],
+    timeout: float,
+    keep_releases: int,
+    health: tuple[str, ...],
+    health_retries: int | None,
+    health_interval: float | None,
+    start_script: str | None,
+    no_rollback: bool,
+    wait: bool,
+    wait_timeout: float,
+) -> None:
+    """Deploy a tar.gz package as a new release under --target-dir.
+
+    The package is uploaded first (--package) unless it is in the store already
+    (--artifact). On failure the release rollback switches back to the previous release.
+    """
+    if (package is None) == (artifact is None):
+        raise click.UsageError("give exactly one of --package FILE and --artifact SHA256")
+    if no_rollback and start_script is not None:
+        raise click.UsageError("--start-script is for the rollback; drop --no-rollback")
+    if package is not None:
+        stored = upload_with_progress(api, package)
+        artifact = stored["sha256"]
+        how = "already stored" if stored.get("existing") else "uploaded"
+        click.echo(f"package {artifact} {how} ({size_text(stored['size'])})", err=True)
+    body: dict[str, Any] = {
+        "client_id": client_id,
+        "artifact": artifact,
+        "target_dir": target_dir,
+        "env": parse_env(env),
+        "timeout": timeout,
+        "keep_releases": keep_releases,
+    }
+    if install_script:
+        body["install_script"] = install_script
+    checks = [parse_health(h) for h in health]
+    for check in checks:
+        if health_retries is not None:
+            check["retries"] = health_retries
+        if health_interval is not None:
+            check["interval"] = health_interval
+    if checks:
+        body["health_checks"] = checks
+    if not no_rollback:
+        body["rollback"] = {"strategy": "release"}
+        if start_script:
+            body["rollback"]["start"] = start_script
+    submit_and_follow(api, "tar", body, wait, wait_timeout)

@@ -1,0 +1,50 @@
+"""The plugin object Deploy Center loads through the ``deploy_core`` entry-point group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from deploy_core import hookimpl
+from deploy_core.registry import DeployType, RollbackStrategy
+from deploy_tar.cli import deploy_tar
+from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
+from deploy_tar.params import ReleaseParams, TarParams
+from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
+
+DEPLOY_TYPE = DeployType(
+    name="deploy.tar",
+    params=TarParams,
+    executor=deploy_release,
+    stages=STAGES,
+    default_rollback=STRATEGY,
+    description="install a tar.gz package as a new release and switch current to it",
+)
+
+RELEASE = RollbackStrategy(
+    name=STRATEGY,
+    params=ReleaseParams,
+    rollback=rollback_release,
+    prepare=prepare_release,
+    discard=discard_releases,
+    needs_state=True,
+    description="switch current back to the previous release and start it again",
+)
+
+
+@hookimpl
+def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None:
+    """Register ``deploy.tar``."""
+    register(DEPLOY_TYPE)
+
+
+@hookimpl
+def deploy_register_rollback_strategies(register: Callable[[RollbackStrategy], None]) -> None:
+    """Register ``release``."""
+    register(RELEASE)
+
+
+@hookimpl
+def deploy_register_cli_commands(register: Callable[..., Any]) -> None:
+    """Register ``deployctl deploy tar``."""
+    register(deploy_tar, group="deploy")

@@ -1,0 +1,142 @@
+"""The ``release`` rollback strategy: go back to the release that was live before.
+
+- ``prepare`` (before the deployment) records the release ``current`` points at.
+- ``rollback`` marks the deployment's release bad, switches ``current`` back to the recorded
+  release (or, if that one is gone or bad, to the newest good release made before), and starts
+  it again: its own install script runs once more with ``DEPLOY_ACTION=rollback``, or the
+  strategy's ``start`` script when one is named. The core health-checks again afterwards.
+  A release the deployment never extracted (it failed while fetching or extracting) left
+  nothing to undo. A manual rollback of a successful deployment does the same.
+- ``discard`` (after the deployment passed its checks) removes releases beyond
+  ``keep_releases``, never the current or the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from deploy_core.agent.context import DeployContext
+from deploy_core.registry import RollbackState
+from deploy_tar.params import ReleaseParams, TarParams
+from deploy_tar.releases import ReleaseError, Releases
+from deploy_tar.scripts import failure, find_script, run_release_script
+
+__all__ = ["discard_releases", "prepare_release", "rollback_release"]
+
+
+def _releases(params: dict[str, object]) -> tuple[TarParams, Releases]:
+    deploy = TarParams.model_validate(params)
+    return deploy, Releases(Path(deploy.target_dir).resolve())
+
+
+async def prepare_release(ctx: DeployContext, params: ReleaseParams) -> RollbackState:
+    """Record the live release (``previous`` is ``None`` before the first deployment)."""
+    _deploy, releases = _releases(ctx.command.params)
+    previous = await asyncio.to_thread(releases.current)
+    if previous is not None:
+        ctx.log(f"previous release: {previous}", stream="agent")
+    return {
+        "target_dir": str(releases.target_dir),
+        "release": ctx.deploy_id,
+        "previous": previous,
+    }
+
+
+async def rollback_release(
+    ctx: DeployContext, params: ReleaseParams, state: RollbackState | None
+) -> None:
+    """Mark the deployment's release bad, make the release before it current, start it."""
+    target = ctx.rollback_target
+    if target is None:
+        raise ReleaseError("no deployment to roll back")
+    deploy, releases = _releases(target.params)
+    state = state or {}
+    failed = str(state.get("release") or target.deploy_id)
+    recorded = state.get("previous") if isinstance(state.get("previous"), str) else None
+    if not releases.exists(failed):
+        ctx.log(f"release {failed} was never extracted: nothing to undo", stream="agent")
+        return
+    current = releases.current()
+    back_to = releases.fallback(failed, recorded)
+    if current not in {failed, recorded, back_to, None}:
+        raise ReleaseError(
+            f"{releases.current_link} points at release {current}, made after {failed}; "
+            f"roll back the deployment of {current} first"
+        )
+    reason = ctx.failure_reason or "manual rollback"
+    releases.mark_bad(failed, f"rolled back by {ctx.deploy_id}: {reason}")
+    ctx.log(f"release {failed} marked bad", stream="agent")
+    if back_to is None:
+        if current == failed:
+            releases.remove_current()
+        ctx.log(
+            f"no earlier good release to go back to; {releases.current_link} removed",
+            stream="agent",
+        )
+        return
+    if back_to != recorded:
+        ctx.log(
+            f"the previous release {recorded or '(none recorded)'} is bad or gone; going back "
+            f"to {back_to}, the newest good release before {failed}",
+            stream="agent",
+        )
+    await asyncio.to_thread(releases.switch, back_to)
+    ctx.log(f"current -> releases/{back_to}", stream="agent")
+    await _start(ctx, params, deploy, releases, back_to, failed)
+
+
+async def _start(
+    ctx: DeployContext,
+    params: ReleaseParams,
+    deploy: TarParams,
+    releases: Releases,
+    name: str,
+    failed: str,
+) -> None:
+    """Start release ``name`` again: ``params.start``, else the script it was installed with."""
+    release_dir = releases.path(name)
+    if params.start is not None:
+        script = find_script(release_dir, params.start)
+    elif (entry := releases.entry(name)) is not None:
+        recorded = entry.get("install_script")
+        script = recorded if isinstance(recorded, str) else None
+    else:  # made before the ledger knew it: look for the default install script
+        script = find_script(release_dir, None)
+    if script is None:
+        ctx.log(f"release {name} has no install script: nothing to start", stream="agent")
+        return
+    target = ctx.rollback_target
+    timeout = min(params.timeout, max(ctx.remaining(), 1.0))
+    result = await run_release_script(
+        ctx,
+        release_dir,
+        script,
+        action="rollback",
+        target_dir=releases.target_dir,
+        other_release=releases.path(failed),
+        env={
+            **deploy.env,
+            "DEPLOY_ROLLBACK_OF": target.deploy_id if target is not None else failed,
+            "DEPLOY_FAILURE_REASON": ctx.failure_reason or "manual",
+        },
+        timeout=timeout,
+    )
+    why = failure(result, f"{script} of release {name}", timeout)
+    if why is not None:
+        raise ReleaseError(f"switched back to release {name}, but starting it failed: {why}")
+
+
+async def discard_releases(
+    ctx: DeployContext, params: ReleaseParams, state: RollbackState | None
+) -> None:
+    """After a success: remove releases beyond ``keep_releases`` (never the current one, the
+    previous one or this deployment's)."""
+    deploy, releases = _releases(ctx.command.params)
+    protect = {ctx.deploy_id}
+    for name in (releases.current(), (state or {}).get("previous")):
+        if isinstance(name, str):
+            protect.add(name)
+    removed = await asyncio.to_thread(releases.prune, deploy.keep_releases, protect)
+    if removed:
+        ctx.log(f"removed old releases: {', '.join(removed)}", stream="agent")

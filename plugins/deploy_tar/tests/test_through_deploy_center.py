@@ -1,0 +1,147 @@
+"""deploy.tar through a real server and a real agent process: the package uploaded over HTTP,
+fetched over QUIC, installed; the rollback; ``deployctl deploy tar``; the registration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import build_package
+
+from deploy_core.plugins import load_plugins
+from deploy_core.testing import DeployCenter
+from deploy_tar.releases import Releases
+
+AGENT = "tar-1"
+INSTALL = 'echo "$(cat version) $DEPLOY_ACTION" >> "$TARGET_DIR/events.log"\n[ ! -f fail ]\n'
+
+
+@pytest.fixture(scope="module")
+def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
+    c = DeployCenter(tmp_path_factory.mktemp("tar"))
+    try:
+        c.start_server()
+        c.start_agent(AGENT)
+        yield c
+    finally:
+        c.close()
+
+
+def upload(center: DeployCenter, tmp_path: Path, version: str, *, fail: bool = False) -> str:
+    files: dict[str, str | bytes] = {"version": version, "install.sh": INSTALL}
+    if fail:
+        files["fail"] = ""
+    package = build_package(tmp_path / f"app-{version}.tar.gz", files)
+    sha: str = center.api.upload_artifact(package)["sha256"]
+    return sha
+
+
+def deploy(center: DeployCenter, sha: str, target: Path, **fields: object) -> dict[str, object]:
+    body = {"client_id": AGENT, "artifact": sha, "target_dir": str(target), **fields}
+    record: dict[str, object] = center.wait(center.api.deploy("tar", body)["deploy_id"], 60)
+    return record
+
+
+def test_registered_through_the_entry_point() -> None:
+    plugins = load_plugins(env={"DEPLOY_CORE_PLUGINS": "deploy_tar"})
+    assert plugins.deploy_types.names() == ["deploy.tar"]
+    assert plugins.deploy_types.entries["deploy.tar"].default_rollback == "release"
+    assert plugins.rollback_strategies.names() == ["release"]
+    assert plugins.cli_commands.names() == ["deploy tar"]
+    assert plugins.deploy_types.owners["deploy.tar"] == "deploy_tar"
+
+
+def test_deploys_rolls_back_and_redeploys_from_the_cache(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    target = tmp_path / "app"
+    first_sha = upload(center, tmp_path, "1")
+    first = deploy(center, first_sha, target, rollback={})
+    assert first["status"] == "success", first["error"]
+    result = first["result"]
+    assert isinstance(result, dict)
+    size = os.path.getsize(tmp_path / "app-1.tar.gz")
+    assert (result["sha256"], result["bytes_sent"], result["bytes_resumed"]) == (first_sha, size, 0)
+    assert result["release_dir"] == f"{target}/releases/{first['deploy_id']}"
+
+    failing = deploy(center, upload(center, tmp_path, "2", fail=True), target, rollback={})
+    assert failing["status"] == "rolled_back", failing["error"]
+    assert failing["error"] == "install script install.sh exited with code 1"
+    assert Releases(target).current() == first["deploy_id"]
+
+    again = deploy(center, first_sha, target, rollback={})
+    assert again["status"] == "success"
+    assert again["result"]["bytes_sent"] == 0  # type: ignore[index]
+    assert (target / "events.log").read_text().split("\n") == [
+        "1 install",
+        "2 install",
+        "1 rollback",
+        "1 install",
+        "",
+    ]
+
+
+def test_manual_rollback_goes_back_to_the_release_before(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    target = tmp_path / "app"
+    first = deploy(center, upload(center, tmp_path, "1"), target, rollback={})
+    second = deploy(center, upload(center, tmp_path, "2"), target, rollback={})
+    assert Releases(target).current() == second["deploy_id"]
+
+    undo = center.wait(center.api.rollback(str(second["deploy_id"]))["deploy_id"], 60)
+
+    assert undo["status"] == "rolled_back", undo["error"]
+    assert Releases(target).current() == first["deploy_id"]
+    assert Releases(target).is_bad(str(second["deploy_id"]))
+
+
+def test_unknown_artifact_fails_with_what_to_do(center: DeployCenter, tmp_path: Path) -> None:
+    record = deploy(center, "cd" * 32, tmp_path / "app")
+    assert record["status"] == "failed"
+    assert "cd" * 32 in str(record["error"])
+
+
+def test_deployctl_uploads_with_progress_and_deploys(center: DeployCenter, tmp_path: Path) -> None:
+    package = build_package(
+        tmp_path / "app.tar.gz",
+        {
+            "version": "7",
+            "install.sh": "echo installed $(cat version)\n",
+            "blob": os.urandom(2 << 20),
+        },
+    )
+    env = {
+        **center.env,
+        "DEPLOY_CENTER_URL": f"http://127.0.0.1:{center.api_port}",
+        "DEPLOY_CENTER_TOKEN": (center.server_dir / "admin.token").read_text().strip(),
+    }
+    command = [sys.executable, "-m", "deploy_core.cli", "deploy", "tar", "--client", AGENT]
+    target = tmp_path / "app"
+
+    done = subprocess.run(
+        [*command, "--package", str(package), "--target-dir", str(target), "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "100% 2.0 MiB of 2.0 MiB" in done.stderr and "uploaded" in done.stderr
+    assert done.stdout.endswith(": success\n")
+    assert (target / "current" / "version").read_text() == "7"
+
+    both = subprocess.run(
+        [*command, "--package", str(package), "--artifact", "a" * 64, "--target-dir", "/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert both.returncode == 2
+    assert "give exactly one of --package FILE and --artifact SHA256" in both.stderr
