@@ -402,9 +402,7 @@ def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None
             f"  local agent:  {'connected' if connected else 'NOT connected'} as client 'local'"
         )
         if "deploy.shell" in srv.plugins.deploy_types:
-            click.echo(
-                "Try:  deployctl deploy shell --client local --script 'echo hello' --wait"
-            )
+            click.echo("Try:  deployctl deploy shell --client local --script 'echo hello' --wait")
         try:
             await stop.wait()
         finally:
@@ -671,19 +669,28 @@ def follow(api: DeployClient, deploy_id: str, timeout: float) -> dict[str, Any]:
 
 
 def _print_outcome(record: dict[str, Any]) -> None:
+    """The end of a deployment for a person: status, error, the result's fields (any deploy
+    type's), output tails, health checks and rollback."""
     click.echo(f"deployment {record['deploy_id']}: {record['status']}")
     if record.get("error"):
         click.echo(f"  error: {record['error']}")
     result = record.get("result") or {}
-    if "exit_code" in result:
-        click.echo(
-            f"  exit code: {result['exit_code']}  duration: {result.get('duration', 0):.2f}s"
-        )
-    for key in ("stdout_tail", "stderr_tail"):
-        text = (result.get(key) or "").rstrip()
-        if text:
-            click.echo(f"  {key.replace('_tail', '')} (tail):")
-            for line in text.splitlines()[-20:]:
+    fields = [
+        f"{key.replace('_', ' ')}: {value:.2f}s"
+        if key == "duration"
+        else f"{key.replace('_', ' ')}: {value}"
+        for key, value in result.items()
+        if key != "v"
+        and not key.endswith("_tail")
+        and value not in (None, "", [], {})
+        and not isinstance(value, (dict, list))
+    ]
+    for line in fields:
+        click.echo(f"  {line}")
+    for key, text in result.items():
+        if key.endswith("_tail") and isinstance(text, str) and text.strip():
+            click.echo(f"  {key.removesuffix('_tail').replace('_', ' ')} (tail):")
+            for line in text.rstrip().splitlines()[-20:]:
                 click.echo(f"    {line}")
     for check in record.get("health") or []:
         mark = "ok" if check["success"] else "FAILED"
@@ -1076,6 +1083,18 @@ def artifact() -> None:
 @with_api
 def artifact_push(api: DeployClient, file: Path, as_json: bool) -> None:
     """Upload FILE (streamed, with a progress bar on stderr); prints its SHA-256."""
+    result = upload_with_progress(api, file)
+    if as_json:
+        _echo_json(result)
+        return
+    how = "already stored" if result.get("existing") else "stored"
+    click.echo(f"{result['sha256']}  {_human(result['size'])}  {how}")
+
+
+def upload_with_progress(api: DeployClient, path: Path) -> dict[str, Any]:
+    """Stream ``path`` to the artifact store with a progress bar on stderr (redrawn in place
+    on a terminal, a line per 10 % otherwise); the store's answer (for plugins' commands
+    too)."""
     import time
 
     tty = sys.stderr.isatty()
@@ -1093,15 +1112,11 @@ def artifact_push(api: DeployClient, file: Path, as_json: bool) -> None:
         click.echo("\r\033[K" + line if tty else line, nl=not tty, err=True)
 
     try:
-        result = api.upload_artifact(file, progress=progress)
+        result: dict[str, Any] = api.upload_artifact(path, progress=progress)
     finally:
         if tty and shown[0] >= 0:
             click.echo(err=True)
-    if as_json:
-        _echo_json(result)
-        return
-    how = "already stored" if result.get("existing") else "stored"
-    click.echo(f"{result['sha256']}  {_human(result['size'])}  {how}")
+    return result
 
 
 @artifact.command("show")

@@ -75,6 +75,10 @@ class DeployType:
         :class:`deploy_core.agent.context.DeployFailed` to fail with a result attached.
     :param stages: the type's own stages in order, with their progress ranges.
     :param default_rollback: strategy used when a request names none but asks for rollback.
+    :param server_check: server side, ``async (server, params) -> None``, run when a request
+        is accepted: raise :class:`LookupError` for something that does not exist (404) or
+        :class:`ValueError` for something wrong (422), with a message that says what.  E.g. a
+        package that was never uploaded, refused at once instead of failing on the agent.
     """
 
     name: str
@@ -83,9 +87,10 @@ class DeployType:
     stages: Sequence[Stage] = ()
     default_rollback: str | None = None
     description: str = ""
+    server_check: Callable[[Any, Any], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
-        if not COMMAND_NAME.match(self.name):
+        if not COMMAND_NAME.fullmatch(self.name):
             raise RegistrationError(
                 f"deploy type name {self.name!r} must look like 'deploy.kind' (lower case)"
             )
@@ -140,7 +145,7 @@ class HealthCheckType:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not SIMPLE_NAME.match(self.name):
+        if not SIMPLE_NAME.fullmatch(self.name):
             raise RegistrationError(f"health check name {self.name!r} must be a lower-case word")
         if not (isinstance(self.params, type) and issubclass(self.params, HealthCheckParams)):
             raise RegistrationError(
@@ -189,7 +194,7 @@ class RollbackStrategy:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not SIMPLE_NAME.match(self.name):
+        if not SIMPLE_NAME.fullmatch(self.name):
             raise RegistrationError(
                 f"rollback strategy name {self.name!r} must be a lower-case word"
             )
@@ -213,7 +218,7 @@ class EventHandler:
     handler: EventHandlerFn
 
     def __post_init__(self) -> None:
-        if not COMMAND_NAME.match(self.name):
+        if not COMMAND_NAME.fullmatch(self.name):
             raise RegistrationError(f"event name {self.name!r} must look like 'family.name'")
 
 
@@ -233,5 +238,5 @@ class AgentService:
     run: Callable[[AgentServiceContext], Awaitable[None]]
 
     def __post_init__(self) -> None:
-        if not SIMPLE_NAME.match(self.name):
+        if not SIMPLE_NAME.fullmatch(self.name):
             raise RegistrationError(f"agent service name {self.name!r} must be a lower-case word")

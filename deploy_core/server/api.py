@@ -220,6 +220,13 @@ async def create_deployment(request: Request) -> Response:
     params = deploy_type.params.model_validate(
         {k: v for k, v in validated.model_dump().items() if k not in _COMMON_FIELDS}
     )
+    if deploy_type.server_check is not None:
+        try:
+            await deploy_type.server_check(server, params)
+        except LookupError as exc:
+            raise ApiError(404, str(exc).strip("'\"")) from None
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
     checks, rollback, extra = validate_options(server, deploy_type, common)
     client = await server.db(server.records.get_client, common.client_id)
     if client is None:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import missing_part
 
+from deploy_core.client import ApiError
 from deploy_core.testing import DeployCenter, free_port
 
 AGENT = "tar-e2e"
@@ -227,6 +228,13 @@ def test_redeploy_of_the_same_artifact_transfers_nothing(
     assert app.get("/version") == "1"
     messages = [row["message"] for row in center.api.history(record["deploy_id"])]
     assert "package ready: from the agent's cache, nothing transferred" in messages
+
+
+def test_a_package_never_uploaded_is_refused_at_once(center: DeployCenter, app: App) -> None:
+    with pytest.raises(ApiError) as err:
+        center.api.deploy("tar", app.params("0" * 64))
+    assert err.value.status == 404
+    assert "upload the package first" in str(err.value)
 
 
 # --------------------------------------------------------------------------- malicious packages

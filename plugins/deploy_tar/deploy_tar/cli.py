@@ -5,43 +5,22 @@ Registered under the core's ``deploy`` group with ``deploy_register_cli_commands
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from deploy_core.cli import parse_env, parse_health, submit_and_follow, with_api
+from deploy_core.cli import (
+    parse_env,
+    parse_health,
+    submit_and_follow,
+    upload_with_progress,
+    with_api,
+)
 from deploy_core.client import DeployClient
 from deploy_tar.deploy import size_text
 
-__all__ = ["deploy_tar", "upload_with_progress"]
-
-
-def upload_with_progress(api: DeployClient, package: Path) -> dict[str, Any]:
-    """Stream ``package`` to the artifact store, drawing progress on stderr (a bar redrawn
-    in place on a terminal, a line per 10 % otherwise); the store's answer."""
-    tty = sys.stderr.isatty()
-    started = time.monotonic()
-    shown = [-1]
-
-    def progress(sent: int, total: int) -> None:
-        percent = 100 * sent // total if total else 100
-        if percent == shown[0] or (not tty and percent % 10 and sent != total):
-            return
-        shown[0] = percent
-        bar = "#" * (24 * percent // 100)
-        rate = int(sent / max(time.monotonic() - started, 1e-6))
-        line = f"[{bar:.<24}] {percent:3d}% {size_text(sent)} of {size_text(total)}"
-        line += f" {size_text(rate)}/s"
-        click.echo("\r\033[K" + line if tty else line, nl=not tty, err=True)
-
-    try:
-        return api.upload_artifact(package, progress=progress)
-    finally:
-        if tty and shown[0] >= 0:
-            click.echo(err=True)
+__all__ = ["deploy_tar"]
 
 
 @click.command("tar")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,19 @@ from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
 
+
+async def package_is_stored(server: Any, params: TarParams) -> None:
+    """Refuse at once (404) a deployment of a package the server's store does not hold."""
+    store = getattr(server, "artifacts", None)
+    if store is None:
+        return
+    if await asyncio.to_thread(store.get, params.artifact) is None:
+        raise LookupError(
+            f"no artifact {params.artifact} on this server; upload the package first "
+            "(deployctl artifact push FILE, or deployctl deploy tar --package FILE)"
+        )
+
+
 DEPLOY_TYPE = DeployType(
     name="deploy.tar",
     params=TarParams,
@@ -19,6 +33,7 @@ DEPLOY_TYPE = DeployType(
     stages=STAGES,
     default_rollback=STRATEGY,
     description="install a tar.gz package as a new release and switch current to it",
+    server_check=package_is_stored,
 )
 
 RELEASE = RollbackStrategy(
