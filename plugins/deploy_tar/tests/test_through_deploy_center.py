@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import build_package
 
+from deploy_core.client import ApiError
 from deploy_core.plugins import load_plugins
 from deploy_core.testing import DeployCenter
 from deploy_tar.releases import Releases
@@ -100,10 +101,13 @@ def test_manual_rollback_goes_back_to_the_release_before(
     assert Releases(target).is_bad(str(second["deploy_id"]))
 
 
-def test_unknown_artifact_fails_with_what_to_do(center: DeployCenter, tmp_path: Path) -> None:
-    record = deploy(center, "cd" * 32, tmp_path / "app")
-    assert record["status"] == "failed"
-    assert "cd" * 32 in str(record["error"])
+def test_unknown_artifact_is_refused_at_once_with_what_to_do(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    with pytest.raises(ApiError) as err:
+        deploy(center, "cd" * 32, tmp_path / "app")
+    assert err.value.status == 404
+    assert "cd" * 32 in str(err.value) and "upload the package first" in str(err.value)
 
 
 def test_deployctl_uploads_with_progress_and_deploys(center: DeployCenter, tmp_path: Path) -> None:
@@ -133,7 +137,8 @@ def test_deployctl_uploads_with_progress_and_deploys(center: DeployCenter, tmp_p
 
     assert done.returncode == 0, done.stderr + done.stdout
     assert "100% 2.0 MiB of 2.0 MiB" in done.stderr and "uploaded" in done.stderr
-    assert done.stdout.endswith(": success\n")
+    assert ": success\n" in done.stdout
+    assert "install output (tail):" in done.stdout and "installed 7" in done.stdout
     assert (target / "current" / "version").read_text() == "7"
 
     both = subprocess.run(
