@@ -1,0 +1,45 @@
+"""``deployctl``: run the server or an agent, deploy, and look at what happened.
+
+The commands live in the modules of this package by theme; importing it registers them all
+on :data:`main`.  Plugins' commands use the helpers re-exported here (see
+``docs/plugins.md``).
+"""
+
+from deploy_core.cli import admin, artifacts, deploys, processes
+from deploy_core.cli.common import (
+    echo_json,
+    follow,
+    human_size,
+    parse_duration,
+    parse_env,
+    parse_health,
+    parse_size,
+    print_outcome,
+    submit_and_follow,
+    upload_with_progress,
+    with_api,
+)
+from deploy_core.cli.groups import deploy, main
+from deploy_core.cli.processes import load_agent_settings, load_server_settings
+
+__all__ = [
+    "admin",
+    "artifacts",
+    "deploy",
+    "deploys",
+    "echo_json",
+    "follow",
+    "human_size",
+    "load_agent_settings",
+    "load_server_settings",
+    "main",
+    "parse_duration",
+    "parse_env",
+    "parse_health",
+    "parse_size",
+    "print_outcome",
+    "processes",
+    "submit_and_follow",
+    "upload_with_progress",
+    "with_api",
+]

@@ -1,0 +1,223 @@
+"""``deployctl clients``, ``token``, ``plugins`` and ``db``: administration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core.cli.common import (
+    echo_json,
+    parse_duration,
+    state_dir_option,
+    with_api,
+)
+from deploy_core.cli.groups import main
+from deploy_core.client import ApiError, ConfigError, DeployClient
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL")
+@click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token")
+@state_dir_option
+@click.pass_context
+def clients(
+    ctx: click.Context, as_json: bool, url: str | None, token: str | None, state_dir: Path
+) -> None:
+    """List enrolled clients and whether they are connected (or revoke / forget one)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(clients_list, as_json=as_json, url=url, token=token, state_dir=state_dir)
+
+
+@clients.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@with_api
+def clients_list(api: DeployClient, as_json: bool) -> None:
+    """List enrolled clients and whether they are connected."""
+    rows = api.clients()
+    if as_json:
+        echo_json(rows)
+        return
+    for c in rows:
+        state = (
+            ("connected since " + (c["connected_since"] or "?"))
+            if c["connected"]
+            else ("disconnected since " + (c["disconnected_since"] or "?"))
+        )
+        if c.get("revoked_at"):
+            state = "REVOKED " + c["revoked_at"]
+        types = ", ".join(c["capabilities"].get("deploy_types", []))
+        click.echo(f"{c['client_id']:<20} {state:<45} {types}")
+
+
+@clients.command("revoke")
+@click.argument("client_id")
+@with_api
+def clients_revoke(api: DeployClient, client_id: str) -> None:
+    """Cut a client off now and refuse its agent from then on."""
+    api.request("POST", f"/api/clients/{client_id}/revoke")
+    click.echo(f"client {client_id} revoked")
+
+
+@clients.command("forget")
+@click.argument("client_id")
+@with_api
+def clients_forget(api: DeployClient, client_id: str) -> None:
+    """Drop a client's enrolment so its id can enroll again with a join token."""
+    api.request("DELETE", f"/api/clients/{client_id}")
+    click.echo(f"client {client_id} forgotten; it can enroll again with a join token")
+
+
+@main.group()
+def token() -> None:
+    """API tokens (with scopes) and agents' join tokens."""
+
+
+@token.command("create")
+@click.argument("name", required=False)
+@click.option(
+    "--scope",
+    type=click.Choice(["read", "deploy", "admin"]),
+    default=None,
+    help="what an API token may do",
+)
+@click.option("--join", "join", is_flag=True, help="make a join token for enrolling agents")
+@click.option("--ttl", default=None, help="join token lifetime, e.g. 1h")
+@click.option("--uses", type=click.IntRange(1), default=None, help="join token enrolments")
+@with_api
+def token_create(
+    api: DeployClient,
+    name: str | None,
+    scope: str | None,
+    join: bool,
+    ttl: str | None,
+    uses: int | None,
+) -> None:
+    """Create an API token NAME with --scope, or a join token with --join."""
+    if join:
+        if name or scope:
+            raise click.UsageError("a join token takes no NAME or --scope")
+        body: dict[str, Any] = {"note": "deployctl"}
+        if ttl:
+            body["ttl"] = parse_duration(ttl)
+        if uses:
+            body["uses"] = uses
+        made = api.request("POST", "/api/join-tokens", json=body)
+        click.echo(made["token"])
+        click.echo(
+            f"join token {made['token_id']}"
+            + (f", {uses} use(s)" if uses else "")
+            + (f", expires in {ttl}" if ttl else ""),
+            err=True,
+        )
+        return
+    if not name or not scope:
+        raise click.UsageError("an API token needs NAME and --scope (or use --join)")
+    made = api.request("POST", "/api/tokens", json={"name": name, "scope": scope})
+    click.echo(made["token"])
+    click.echo(f"token {name} ({scope}); shown once, keep it safe", err=True)
+
+
+@token.command("list")
+@with_api
+def token_list(api: DeployClient) -> None:
+    """List API tokens and join tokens (never their values)."""
+    echo_json(
+        {
+            "tokens": api.request("GET", "/api/tokens")["tokens"],
+            "join_tokens": api.request("GET", "/api/join-tokens")["join_tokens"],
+        }
+    )
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.option("--join", "join", is_flag=True, help="NAME is a join token id")
+@with_api
+def token_revoke(api: DeployClient, name: str, join: bool) -> None:
+    """Revoke an API token by name, or a join token by id (--join)."""
+    api.request("DELETE", f"/api/{'join-tokens' if join else 'tokens'}/{name}")
+    click.echo(f"revoked {name}")
+
+
+@main.command()
+@click.option("--server", "from_server", is_flag=True, help="ask the server instead of this host")
+@click.option("--url", envvar="DEPLOY_CENTER_URL", default=None)
+@click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None)
+@state_dir_option
+def plugins(from_server: bool, url: str | None, token: str | None, state_dir: Path) -> None:
+    """Show installed plugins as JSON: name, version, hooks, what each registered."""
+    if from_server:
+        try:
+            with DeployClient.from_env(url, token, state_dir) as api:
+                echo_json(api.plugins())
+        except (ConfigError, ApiError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
+    from deploy_core.plugins import PluginError, get_plugins
+
+    try:
+        echo_json(get_plugins().describe())
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("prune")
+@click.option(
+    "--older-than", required=True, help="delete finished deployments older than this, e.g. 30d, 12h"
+)
+@click.option("--db", "db_url", default=None, help="database URL (default: the state dir's SQLite)")
+@click.option("--dry-run", is_flag=True, help="only count what would be deleted")
+@state_dir_option
+def db_prune(older_than: str, db_url: str | None, dry_run: bool, state_dir: Path) -> None:
+    """Delete finished deployments (with history and logs) older than a duration."""
+    import time
+
+    import sqlalchemy as sa
+
+    from deploy_core.server import db as dbm
+    from deploy_core.server.records import RecordStore
+
+    cutoff = time.time() - parse_duration(older_than)
+    engine = dbm.make_engine(db_url or dbm.sqlite_url(state_dir / "deploy-center.db"))
+    try:
+        if dry_run:
+            with engine.connect() as conn:
+                count = conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(dbm.deployments)
+                    .where(dbm.deployments.c.finished_at < cutoff)
+                ).scalar_one()
+            click.echo(f"would delete {count} deployments finished before {older_than} ago")
+            return
+        deleted = RecordStore(engine).prune(cutoff)
+    finally:
+        engine.dispose()
+    click.echo(f"deleted {deleted} deployments finished more than {older_than} ago")
+
+
+@db.command("upgrade")
+@click.option("--db", "db_url", default=None, help="database URL (default: the state dir's SQLite)")
+@state_dir_option
+def db_upgrade(db_url: str | None, state_dir: Path) -> None:
+    """Create or migrate the core's tables to the newest schema."""
+    from deploy_core.server import db as dbm
+
+    url = db_url or dbm.sqlite_url(state_dir / "deploy-center.db")
+    if db_url is None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = dbm.make_engine(url)
+    try:
+        before = dbm.current_revision(engine)
+        dbm.upgrade(engine)
+        after = dbm.current_revision(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"schema {before or 'empty'} -> {after}")

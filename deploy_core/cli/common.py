@@ -1,0 +1,252 @@
+"""What ``deployctl``'s commands share, and plugins' commands may use: finding the API
+(:func:`with_api`), parsing options, following a deployment live, uploading with progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core.client import DEFAULT_STATE_DIR, ApiError, ConfigError, DeployClient
+
+TERMINAL_OK = {"success"}
+
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="where the server keeps its certificates, tokens and database",
+)
+
+
+api_options = [
+    click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL"),
+    click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token"),
+    state_dir_option,
+]
+
+
+def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --url/--token/--state-dir and pass a ready :class:`DeployClient` as ``api``."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(url: str | None, token: str | None, state_dir: Path, **kwargs: Any) -> Any:
+        try:
+            api = DeployClient.from_env(url, token, state_dir)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
+            return fn(api=api, **kwargs)
+        except ApiError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            api.close()
+
+    for option in reversed(api_options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    """``--env KEY=VALUE`` options as a dict (for plugins' commands too)."""
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--env")
+        env[key] = value
+    return env
+
+
+def parse_health(spec: str) -> dict[str, Any]:
+    """``http:8080/healthz``, ``http://host:8080/path``, ``tcp:5432``, ``tcp:host:5432``."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("http", "tcp"):
+        raise click.BadParameter(
+            f"expected http:PORT[/PATH] or tcp:[HOST:]PORT, got {spec!r}", param_hint="--health"
+        )
+    rest = rest.removeprefix("//")
+    hostport, slash, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"no port in {spec!r}", param_hint="--health")
+    check: dict[str, Any] = {"type": kind, "port": int(port)}
+    if host:
+        check["host"] = host
+    if kind == "http":
+        check["path"] = "/" + path if slash else "/"
+    return check
+
+
+def submit_and_follow(
+    api: DeployClient, kind: str, body: dict[str, Any], wait: bool, wait_timeout: float
+) -> None:
+    """``POST /api/deploy/{kind}``; print the answer, or with ``wait`` follow it live and
+    exit 0 only on success (for plugins' ``deploy`` commands too)."""
+    accepted = api.deploy(kind, body)
+    deploy_id = accepted["deploy_id"]
+    if not wait:
+        echo_json(accepted)
+        return
+    click.echo(
+        f"deployment {deploy_id} accepted"
+        + (
+            ""
+            if accepted.get("client_connected")
+            else " (client not connected: it runs when the agent connects)"
+        ),
+        err=True,
+    )
+    final = follow(api, deploy_id, wait_timeout)
+    sys.exit(0 if final["status"] in TERMINAL_OK else 1)
+
+
+def progress_bar(progress: int, width: int = 24) -> str:
+    done = width * progress // 100
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def follow(api: DeployClient, deploy_id: str, timeout: float) -> dict[str, Any]:
+    """Show stage and progress live until the deployment ends; print the outcome."""
+    tty = sys.stderr.isatty()
+    record: dict[str, Any] = {}
+    last_line = ""
+    try:
+        for record in api.watch(deploy_id, timeout=timeout):
+            line = f"{progress_bar(record['progress'])} {record['progress']:3d}% {record['status']}"
+            if record["stage"] and record["stage"] != record["status"]:
+                line += f" ({record['stage']})"
+            if line == last_line:
+                continue
+            last_line = line
+            if tty:
+                click.echo("\r\033[K" + line, nl=False, err=True)
+            else:
+                click.echo(line, err=True)
+    except TimeoutError as exc:
+        if tty:
+            click.echo(err=True)
+        raise click.ClickException(str(exc)) from None
+    if tty:
+        click.echo(err=True)
+    print_outcome(record)
+    return record
+
+
+def print_outcome(record: dict[str, Any]) -> None:
+    """The end of a deployment for a person: status, error, the result's fields (any deploy
+    type's), output tails, health checks and rollback."""
+    click.echo(f"deployment {record['deploy_id']}: {record['status']}")
+    if record.get("error"):
+        click.echo(f"  error: {record['error']}")
+    result = record.get("result") or {}
+    fields = [
+        f"{key.replace('_', ' ')}: {value:.2f}s"
+        if key == "duration"
+        else f"{key.replace('_', ' ')}: {value}"
+        for key, value in result.items()
+        if key != "v"
+        and not key.endswith("_tail")
+        and value not in (None, "", [], {})
+        and not isinstance(value, (dict, list))
+    ]
+    for line in fields:
+        click.echo(f"  {line}")
+    for key, text in result.items():
+        if key.endswith("_tail") and isinstance(text, str) and text.strip():
+            click.echo(f"  {key.removesuffix('_tail').replace('_', ' ')} (tail):")
+            for line in text.rstrip().splitlines()[-20:]:
+                click.echo(f"    {line}")
+    for check in record.get("health") or []:
+        mark = "ok" if check["success"] else "FAILED"
+        click.echo(
+            f"  health {check['check_type']}: {mark} after {check.get('attempts', 1)} "
+            f"attempt(s){' - ' + check['error'] if check.get('error') else ''}"
+        )
+    rollback = record.get("rollback")
+    if rollback:
+        click.echo(
+            f"  rollback ({rollback.get('strategy')}): "
+            f"{'ok' if rollback['success'] else 'FAILED'}"
+            f"{' - ' + rollback['error'] if rollback.get('error') else ''}"
+        )
+
+
+def parse_duration(value: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a duration like 90s, 15m, 1h, 7d; got {value!r}"
+        ) from None
+    if seconds <= 0:
+        raise click.BadParameter("a duration must be positive")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str, option: str = "size") -> int:
+    """``512K``, ``2G``, ``1048576`` → bytes (binary units; a trailing ``B``/``iB`` is fine)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", value.upper())
+    if match is None:
+        raise click.BadParameter(
+            f"expected a size such as 500M or 2G, got {value!r}", param_hint=option
+        )
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size < 1:
+        raise click.BadParameter("must be at least 1 byte", param_hint=option)
+    return size
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def upload_with_progress(api: DeployClient, path: Path) -> dict[str, Any]:
+    """Stream ``path`` to the artifact store with a progress bar on stderr (redrawn in place
+    on a terminal, a line per 10 % otherwise); the store's answer (for plugins' commands
+    too)."""
+    import time
+
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+    shown = [-1]
+
+    def progress(sent: int, total: int) -> None:
+        percent = 100 * sent // total if total else 100
+        if percent == shown[0] or (not tty and percent % 10 and sent != total):
+            return
+        shown[0] = percent
+        rate = sent / max(time.monotonic() - started, 1e-6)
+        line = f"{progress_bar(percent)} {percent:3d}% {human_size(sent)} of {human_size(total)}"
+        line += f" {human_size(rate)}/s"
+        click.echo("\r\033[K" + line if tty else line, nl=not tty, err=True)
+
+    try:
+        result: dict[str, Any] = api.upload_artifact(path, progress=progress)
+    finally:
+        if tty and shown[0] >= 0:
+            click.echo(err=True)
+    return result

@@ -1,0 +1,253 @@
+"""``deployctl deploy shell|submit``, ``rollback``, ``status``, ``list`` and ``logs``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core.cli.common import (
+    echo_json,
+    follow,
+    parse_env,
+    parse_health,
+    print_outcome,
+    progress_bar,
+    submit_and_follow,
+    with_api,
+)
+from deploy_core.cli.groups import deploy, main
+from deploy_core.client import DeployClient
+
+
+def _read_script(text: str | None, file: Path | None, what: str) -> str | None:
+    if text is not None and file is not None:
+        raise click.UsageError(f"give {what} as text or as a file, not both")
+    if file is not None:
+        return file.read_text()
+    return text
+
+
+@deploy.command("shell")
+@click.option("--client", "client_id", required=True, help="target client id")
+@click.option("--script", default=None, help="script text")
+@click.option("--script-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workdir", default=None, help="absolute working directory on the host")
+@click.option("--env", "env", multiple=True, help="KEY=VALUE, repeatable")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300,
+    show_default=True,
+    help="seconds before the script is killed",
+)
+@click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
+@click.option(
+    "--health-script-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a script whose exit code 0 means healthy",
+)
+@click.option("--health-retries", type=click.IntRange(0, 100), default=None)
+@click.option("--health-interval", type=click.FloatRange(min=0), default=None)
+@click.option(
+    "--rollback",
+    "rollback_strategy",
+    default=None,
+    help="rollback strategy: inline (run the script again with DEPLOY_ACTION=rollback),"
+    " script, snapshot",
+)
+@click.option(
+    "--rollback-script-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="script run to roll back (implies --rollback script)",
+)
+@click.option(
+    "--snapshot",
+    "snapshot_dir",
+    default=None,
+    help="directory to snapshot before and restore on failure (implies --rollback snapshot)",
+)
+@click.option("--wait", is_flag=True, help="follow the deployment until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def deploy_shell(
+    api: DeployClient,
+    client_id: str,
+    script: str | None,
+    script_file: Path | None,
+    workdir: str | None,
+    env: tuple[str, ...],
+    timeout: float,
+    health: tuple[str, ...],
+    health_script_file: Path | None,
+    health_retries: int | None,
+    health_interval: float | None,
+    rollback_strategy: str | None,
+    rollback_script_file: Path | None,
+    snapshot_dir: str | None,
+    wait: bool,
+    wait_timeout: float,
+) -> None:
+    """Run a shell script on a client."""
+    body_script = _read_script(script, script_file, "the script")
+    if body_script is None:
+        raise click.UsageError("give --script or --script-file")
+    body: dict[str, Any] = {
+        "client_id": client_id,
+        "script": body_script,
+        "env": parse_env(env),
+        "timeout": timeout,
+    }
+    if workdir:
+        body["workdir"] = workdir
+    checks = [parse_health(h) for h in health]
+    if health_script_file is not None:
+        checks.append({"type": "script", "script": health_script_file.read_text()})
+    for check in checks:
+        if health_retries is not None:
+            check["retries"] = health_retries
+        if health_interval is not None:
+            check["interval"] = health_interval
+    if checks:
+        body["health_checks"] = checks
+    body["rollback"] = _rollback_option(rollback_strategy, rollback_script_file, snapshot_dir)
+    if body["rollback"] is None:
+        del body["rollback"]
+    submit_and_follow(api, "shell", body, wait, wait_timeout)
+
+
+def _rollback_option(
+    strategy: str | None, script_file: Path | None, snapshot_dir: str | None
+) -> dict[str, Any] | None:
+    if script_file is not None:
+        return {"strategy": strategy or "script", "script": script_file.read_text()}
+    if snapshot_dir is not None:
+        return {"strategy": strategy or "snapshot", "path": snapshot_dir}
+    if strategy is not None:
+        return {"strategy": strategy}
+    return None
+
+
+@deploy.command("submit")
+@click.argument("kind")
+@click.argument("body_file", type=click.File("r"))
+@click.option("--wait", is_flag=True, help="follow the deployment until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def deploy_submit(
+    api: DeployClient, kind: str, body_file: Any, wait: bool, wait_timeout: float
+) -> None:
+    """Send a deploy request of any type: KIND (e.g. shell) and a JSON body file ('-' = stdin)."""
+    try:
+        body = json.load(body_file)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="BODY_FILE") from None
+    submit_and_follow(api, kind, body, wait, wait_timeout)
+
+
+@main.command()
+@click.argument("deploy_id")
+@click.option("--wait", is_flag=True, help="follow the rollback until it ends")
+@click.option("--wait-timeout", type=float, default=3600, show_default=True)
+@with_api
+def rollback(api: DeployClient, deploy_id: str, wait: bool, wait_timeout: float) -> None:
+    """Roll back a finished deployment with its own strategy and health checks."""
+    accepted = api.rollback(deploy_id)
+    if not wait:
+        echo_json(accepted)
+        return
+    click.echo(f"rollback {accepted['deploy_id']} of {deploy_id} accepted", err=True)
+    final = follow(api, accepted["deploy_id"], wait_timeout)
+    sys.exit(0 if final["status"] == "rolled_back" else 1)
+
+
+@main.command()
+@click.argument("deploy_id")
+@click.option("--history", is_flag=True, help="also show the status history")
+@click.option("--json", "as_json", is_flag=True, help="print the raw record")
+@with_api
+def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> None:
+    """Show a deployment's status and result."""
+    record = api.get(deploy_id)
+    rows = api.history(deploy_id) if history else []
+    if as_json:
+        echo_json({**record, "history": rows} if history else record)
+        return
+    click.echo(f"{record['deploy_id']}  {record['command_type']}  client {record['client_id']}")
+    click.echo(
+        f"  {progress_bar(record['progress'])} {record['progress']}% {record['status']}"
+        f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})"
+    )
+    if record["finished"]:
+        print_outcome(record)
+    for row in rows:
+        click.echo(
+            f"  {row['timestamp']}  {row['status']:<15} {row['progress']:3d}%  {row['message']}"
+        )
+
+
+@main.command("list")
+@click.option("--client", "client_id", default=None, help="only this client's deployments")
+@click.option("--status", default=None, help="only deployments in this status")
+@click.option("--running", is_flag=True, help="only unfinished deployments")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--json", "as_json", is_flag=True)
+@with_api
+def list_cmd(
+    api: DeployClient,
+    client_id: str | None,
+    status: str | None,
+    running: bool,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """List deployments, newest first (all clients, or one with --client)."""
+    if client_id and not status and not running:
+        page = api.list(client_id, limit=limit, offset=offset)
+    else:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if client_id:
+            params["client_id"] = client_id
+        if status:
+            params["status"] = status
+        if running:
+            params["unfinished"] = 1
+        page = api.request("GET", "/api/deployments", params=params)
+    if as_json:
+        echo_json(page)
+        return
+    for rec in page["items"]:
+        click.echo(
+            f"{rec['deploy_id']}  {rec['created_at']}  {rec['client_id']:<16} "
+            f"{rec['command_type']:<15} {rec['status']:<15} {rec['progress']:3d}%"
+        )
+    click.echo(f"({len(page['items'])} of {page['total']})", err=True)
+
+
+@main.command()
+@click.argument("deploy_id")
+@click.option("-f", "--follow", "follow_", is_flag=True, help="keep printing until it ends")
+@with_api
+def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
+    """Print a deployment's output lines (with -f, as they come until it ends)."""
+    if follow_:
+        for item in api.follow_logs(deploy_id):
+            if "end" in item:
+                if item["end"]:
+                    click.echo(f"-- deployment ended: {item['status']}", err=True)
+                break
+            click.echo(f"{item['timestamp']} [{item['stream']}] {item['line']}")
+        return
+    after = 0
+    while True:
+        page = api.logs(deploy_id, after=after)
+        for line in page["lines"]:
+            click.echo(f"{line['timestamp']} [{line['stream']}] {line['line']}")
+        if not page["lines"]:
+            break
+        after = page["next_after"]

@@ -1,0 +1,85 @@
+"""The ``deployctl`` command groups, which also carry the commands plugins register."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from deploy_core import __version__
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if level != "debug":
+        # Their INFO lines are per request / per connection noise for an operator.
+        for name in ("httpx", "alembic", "quic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _PluginAwareGroup(click.Group):
+    """Adds plugins' commands on first use, so ``deployctl --help`` lists them too.
+
+    ``plugin_group`` names the group plugins address (``None`` for the top level).
+    """
+
+    _loaded = False
+    plugin_group: str | None = None
+
+    def _load_plugin_commands(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from deploy_core.plugins import PluginError, get_plugins
+
+        try:
+            registered = get_plugins().cli_commands
+        except PluginError as exc:
+            logging.getLogger(__name__).warning("plugin commands not loaded: %s", exc)
+            return
+        for key, command in registered.entries.items():
+            group, _, name = key.rpartition(" ")
+            if (group or None) != self.plugin_group:
+                continue
+            if name in self.commands:
+                logging.getLogger(__name__).warning(
+                    "plugin %s's command %r clashes with a core command; ignored",
+                    registered.owners[key],
+                    name,
+                )
+                continue
+            self.add_command(command, name)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_PluginAwareGroup)
+@click.version_option(__version__, prog_name="deployctl")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def main(log_level: str) -> None:
+    """Deploy Center: deploy scripts, packages and images to hosts over QUIC."""
+    _setup_logging(log_level)
+
+
+class _PluginAwareDeployGroup(_PluginAwareGroup):
+    plugin_group = "deploy"
+
+
+@main.group(cls=_PluginAwareDeployGroup)
+def deploy() -> None:
+    """Start a deployment (answers at once with its id; add --wait to follow it)."""

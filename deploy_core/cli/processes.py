@@ -1,0 +1,346 @@
+"""``deployctl server``, ``agent`` and ``up``: the long-running processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core import __version__
+from deploy_core.cli.common import (
+    parse_duration,
+    parse_size,
+    state_dir_option,
+)
+from deploy_core.cli.groups import main
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` until SIGINT/SIGTERM sets ``stop``."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def load_agent_settings(path: Path) -> dict[str, Any]:
+    """Read an agent's TOML configuration; ``[services.NAME]`` tables configure agent
+    services, the ``[constraints]`` table what scripts must satisfy (returned parsed, as a
+    :class:`~deploy_core.agent.constraints.Constraints`)."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from deploy_core.agent.constraints import Constraints
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    services = data.get("services", {})
+    if not isinstance(services, dict) or not all(isinstance(v, dict) for v in services.values()):
+        raise click.BadParameter(f"{path}: [services.NAME] must be tables", param_hint="--config")
+    try:
+        data["constraints"] = Constraints.model_validate(data.get("constraints", {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"constraints.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+        raise click.BadParameter(f"{path}: {problems}", param_hint="--config") from None
+    return data
+
+
+def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    unknown = set(data) - {"plugins"}
+    if unknown:
+        raise click.BadParameter(
+            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME]",
+            param_hint="--config",
+        )
+    plugins = data.get("plugins", {})
+    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
+        raise click.BadParameter(f"{path}: [plugins.NAME] must be tables", param_hint="--config")
+    return plugins
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@main.command()
+@state_dir_option
+@click.option("--api-host", default="127.0.0.1", show_default=True)
+@click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--quic-host", default="127.0.0.1", show_default=True)
+@click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    help="database URL (default: SQLite in the state directory), "
+    "e.g. postgresql://user@host/dbname",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings",
+)
+@click.option(
+    "--cert-name",
+    "cert_names",
+    multiple=True,
+    help="a host name or address agents use to reach this server (repeatable); the server "
+    "certificate covers it besides localhost, 127.0.0.1 and ::1",
+)
+@click.option(
+    "--retention",
+    default=None,
+    help="delete finished deployments older than this (e.g. 30d), checked daily",
+)
+@click.option(
+    "--max-log-bytes",
+    type=click.IntRange(1024),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="output kept per deployment; past it a marker line says the rest was dropped",
+)
+@click.option(
+    "--max-artifact-size",
+    envvar="DEPLOY_CENTER_MAX_ARTIFACT_SIZE",
+    default="2G",
+    show_default=True,
+    help="largest package the artifact store accepts (bytes, or with K, M, G)",
+)
+def server(
+    state_dir: Path,
+    api_host: str,
+    api_port: int,
+    quic_host: str,
+    quic_port: int,
+    db_url: str | None,
+    retention: str | None,
+    max_log_bytes: int,
+    cert_names: tuple[str, ...],
+    max_artifact_size: str,
+    config_file: Path | None,
+) -> None:
+    """Run the server: the HTTP API and the QUIC endpoint for agents."""
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    config = ServerConfig(
+        state_dir=state_dir,
+        api_host=api_host,
+        api_port=api_port,
+        quic_host=quic_host,
+        quic_port=quic_port,
+        db_url=db_url,
+        retention_days=parse_duration(retention) / 86400 if retention else None,
+        max_log_bytes=max_log_bytes,
+        cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
+        max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
+        plugin_settings=load_server_settings(config_file) if config_file else {},
+    )
+
+    async def run(stop: asyncio.Event) -> None:
+        srv = DeployServer(config)
+        await srv.start()
+        _print_server_banner(srv)
+        try:
+            await stop.wait()
+        finally:
+            await srv.stop()
+
+    _run_until_signal(run)
+
+
+def _print_server_banner(srv: Any) -> None:
+    click.echo(f"Deploy Center server {__version__}")
+    click.echo(f"  API:          {srv.api_url}")
+    click.echo(f"  QUIC:         {srv.config.quic_host}:{srv.transport.port}")
+    click.echo(f"  admin token:  {srv.state.admin_token_file}")
+    click.echo(f"  join token:   {srv.state.join_token_file}")
+    click.echo(f"  agents' CA:   {srv.state.certs.ca_cert}")
+
+
+@main.command()
+@click.option("--server", "server_addr", required=True, help="the server's QUIC HOST:PORT")
+@click.option("--client-id", required=True, help="this agent's id, e.g. web-1")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="where the agent keeps its key and journal",
+)
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="the server's CA certificate (ca.pem)",
+)
+@click.option(
+    "--join-token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="join token, needed only for the first connection",
+)
+@click.option(
+    "--server-name",
+    default="localhost",
+    show_default=True,
+    help="name the server's certificate is checked against",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file: [constraints] on scripts, [services.NAME] for agent services",
+)
+@click.option(
+    "--chunk-size",
+    envvar="DEPLOY_CENTER_CHUNK_SIZE",
+    default="256K",
+    show_default=True,
+    help="artifact transfer chunk, 64K to 1M: what a killed agent may receive twice",
+)
+def agent(
+    server_addr: str,
+    client_id: str,
+    state_dir: Path,
+    ca_file: Path,
+    join_token_file: Path | None,
+    server_name: str,
+    config_file: Path | None,
+    chunk_size: str,
+) -> None:
+    """Run an agent: connect to the server and carry out deployments."""
+    import re
+
+    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
+    from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.models import ID_PATTERN
+
+    if not re.fullmatch(ID_PATTERN, client_id):
+        raise click.BadParameter(
+            "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
+        )
+    host, port = _host_port(server_addr)
+    settings = load_agent_settings(config_file) if config_file else {}
+    constraints = settings.get("constraints") or Constraints()
+    try:  # refuse to start rather than run scripts unconstrained
+        ConstraintPolicy(constraints)
+    except ConstraintConfigError as exc:
+        raise click.ClickException(f"{config_file}: [constraints] {exc}") from None
+    config = AgentConfig(
+        server_host=host,
+        server_port=port,
+        client_id=client_id,
+        state_dir=state_dir,
+        ca_file=ca_file,
+        join_token_file=join_token_file,
+        server_name=server_name,
+        services=settings.get("services", {}),
+        constraints=constraints,
+        chunk_size=_chunk_size(chunk_size),
+    )
+
+    async def run(stop: asyncio.Event) -> None:
+        agt = Agent(config)
+        task = asyncio.create_task(agt.run())
+        await stop.wait()
+        await agt.stop()
+        await task
+
+    _run_until_signal(run)
+
+
+@main.command()
+@state_dir_option
+@click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--agent-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="the local agent's configuration (TOML: [constraints], [services.NAME])",
+)
+def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None) -> None:
+    """Run a server and one local agent (client id "local") in one process."""
+    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
+    from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    settings = load_agent_settings(agent_config) if agent_config else {}
+    constraints = settings.get("constraints") or Constraints()
+    try:
+        ConstraintPolicy(constraints)
+    except ConstraintConfigError as exc:
+        raise click.ClickException(f"{agent_config}: [constraints] {exc}") from None
+
+    async def run(stop: asyncio.Event) -> None:
+        srv = DeployServer(
+            ServerConfig(state_dir=state_dir, api_port=api_port, quic_port=quic_port)
+        )
+        await srv.start()
+        agt = Agent(
+            AgentConfig(
+                server_host="127.0.0.1",
+                server_port=srv.transport.port,
+                client_id="local",
+                state_dir=state_dir / "agent-local",
+                ca_file=srv.state.certs.ca_cert,
+                join_token_file=srv.state.join_token_file,
+                services=settings.get("services", {}),
+                constraints=constraints,
+            ),
+            plugins=srv.plugins,
+        )
+        agent_task = asyncio.create_task(agt.run())
+        connected = await agt.connector.wait_connected(15)
+        _print_server_banner(srv)
+        click.echo(
+            f"  local agent:  {'connected' if connected else 'NOT connected'} as client 'local'"
+        )
+        if "deploy.shell" in srv.plugins.deploy_types:
+            click.echo("Try:  deployctl deploy shell --client local --script 'echo hello' --wait")
+        try:
+            await stop.wait()
+        finally:
+            await agt.stop()
+            await agent_task
+            await srv.stop()
+
+    _run_until_signal(run)
+
+
+def _chunk_size(value: str) -> int:
+    from deploy_core.transport.files import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+    size = parse_size(value, "--chunk-size")
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise click.BadParameter(
+            f"must be between 64K and 1M, got {value}", param_hint="--chunk-size"
+        )
+    return size
