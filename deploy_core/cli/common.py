@@ -159,6 +159,7 @@ def print_outcome(record: dict[str, Any]) -> None:
         if key != "v"
         and not key.endswith("_tail")
         and value not in (None, "", [], {})
+        and value is not False
         and not isinstance(value, (dict, list))
     ]
     for line in fields:
