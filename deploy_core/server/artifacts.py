@@ -260,8 +260,11 @@ async def upload_artifact(request: Request) -> Response:
     stored (``"existing": true``), ``413`` over the limit, ``422`` when the optional
     ``X-Content-SHA256`` header (or ``?sha256=``) does not match."""
     store: ArtifactStore = services(request).artifacts
-    announced = request.headers.get("x-content-sha256") or request.query_params.get("sha256")
-    expected = _sha_param(announced, "X-Content-SHA256") if announced else None
+    # Given but empty is a malformed hash, not an absent one.
+    announced = request.headers.get("x-content-sha256")
+    if announced is None:
+        announced = request.query_params.get("sha256")
+    expected = _sha_param(announced, "X-Content-SHA256") if announced is not None else None
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > store.max_bytes:
         return _too_large(

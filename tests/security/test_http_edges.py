@@ -124,3 +124,15 @@ def test_a_405_lists_every_method_the_path_serves(
     assert answer.status_code == 405
     assert answer.headers["allow"] == allow
     assert f"method {method} not allowed" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [({"X-Content-SHA256": ""}, ""), ({}, "?sha256="), ({"X-Content-SHA256": "abc"}, "")],
+)
+def test_an_empty_or_malformed_announced_hash_is_refused(
+    http: httpx.Client, headers: dict[str, str], query: str
+) -> None:
+    answer = http.post(f"/api/artifacts{query}", content=b"package bytes", headers=headers)
+    assert answer.status_code == 422
+    assert "SHA-256" in answer.json()["error"]
