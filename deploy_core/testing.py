@@ -13,7 +13,8 @@ suite once ``deploy-core`` is installed:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,68 @@ def deploy_center(tmp_path: Path) -> Iterator[DeployCenter]:
         yield center
     finally:
         center.close()
+
+
+# --------------------------------------------------------------------------- in one process
+
+
+@dataclass
+class InProcessCenter:
+    """A server and one agent running in the test's own event loop (see
+    :func:`in_process_center`): reach into either, and call the API with ``http``."""
+
+    server: Any
+    agent: Any
+    http: Any
+
+
+@asynccontextmanager
+async def in_process_center(
+    root: Path,
+    plugins: Any,
+    *,
+    client_id: str = "web-1",
+    services: dict[str, Any] | None = None,
+) -> AsyncIterator[InProcessCenter]:
+    """Start a :class:`~deploy_core.server.app.DeployServer` (SQLite, ports chosen by the
+    system) and an :class:`~deploy_core.agent.runtime.Agent` sharing ``plugins``, wait until
+    the agent is connected, and stop both on exit.  ``http`` is an ``httpx.AsyncClient`` on
+    the API with the admin token."""
+    import asyncio
+
+    import httpx
+
+    from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    server = DeployServer(
+        ServerConfig(state_dir=root / "server", api_port=0, quic_port=0), plugins=plugins
+    )
+    await server.start()
+    agent = Agent(
+        AgentConfig(
+            server_host="127.0.0.1",
+            server_port=server.transport.port,
+            client_id=client_id,
+            state_dir=root / "agent",
+            ca_file=server.state.certs.ca_cert,
+            join_token_file=server.state.join_token_file,
+            services=services or {},
+        ),
+        plugins=plugins,
+    )
+    task = asyncio.create_task(agent.run())
+    http = httpx.AsyncClient(
+        base_url=server.api_url,
+        headers={"Authorization": f"Bearer {server.state.admin_token}"},
+        timeout=60,
+    )
+    try:
+        if not await agent.connector.wait_connected(15):
+            raise TimeoutError(f"agent {client_id} did not connect: {agent.connector.last_error}")
+        yield InProcessCenter(server, agent, http)
+    finally:
+        await http.aclose()
+        await agent.stop()
+        await asyncio.wait_for(task, 15)
+        await server.stop()

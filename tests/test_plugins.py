@@ -27,7 +27,6 @@ from starlette.routing import Route
 
 from deploy_core import hookimpl
 from deploy_core.agent.context import AgentServiceContext, DeployContext
-from deploy_core.agent.runtime import Agent, AgentConfig
 from deploy_core.plugins import DEFAULT_PLUGINS, DeployPlugins, PluginError, load_plugins
 from deploy_core.registry import (
     AgentService,
@@ -43,9 +42,10 @@ from deploy_core.registry import (
     Stage,
 )
 from deploy_core.server import db as server_db
-from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.server.app import DeployServer
 from deploy_core.server.events import EventContext
 from deploy_core.server.web import ApiError
+from deploy_core.testing import in_process_center
 
 BUILTIN = "deploy_core.server.handlers"
 INSTALLED = {"deploy_shell", "health_checks", "rollback_basic"}
@@ -251,8 +251,7 @@ def test_two_deploy_types_with_one_api_route_are_refused() -> None:
         class P:
             @hookimpl
             def deploy_register_deploy_types(self, register: Callable[[Any], None]) -> None:
-                register(DeployType(name=f"{family}.file", params=DeployParams,
-                                    executor=executor))
+                register(DeployType(name=f"{family}.file", params=DeployParams, executor=executor))
 
         return P()
 
@@ -661,36 +660,12 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     plugins = load_plugins(
         extra=[("plugintest", plugin), ("boom", Notes(fail=True))], entry_points=False
     )
-    server = DeployServer(
-        ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0), plugins=plugins
-    )
-    await server.start()
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=server.transport.port,
-            client_id="web-1",
-            state_dir=tmp_path / "agent",
-            ca_file=server.state.certs.ca_cert,
-            join_token_file=server.state.join_token_file,
-            services={"pinger": {"greeting": "hi"}},
-        ),
-        plugins=plugins,
-    )
-    agent_task = asyncio.create_task(agent.run())
-    http = httpx.AsyncClient(
-        base_url=server.api_url,
-        headers={"Authorization": f"Bearer {server.state.admin_token}"},
-        timeout=30,
-    )
     try:
-        assert await agent.connector.wait_connected(15), "agent did not connect"
-        yield Running(server, http, plugin)
+        async with in_process_center(
+            tmp_path, plugins, services={"pinger": {"greeting": "hi"}}
+        ) as center:
+            yield Running(center.server, center.http, plugin)
     finally:
-        await http.aclose()
-        await agent.stop()
-        await agent_task
-        await server.stop()
         server_db.plugin_metadata.remove(server_db.plugin_metadata.tables[PINGS.key])
 
 

@@ -9,20 +9,18 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from deploy_core.agent.runtime import Agent, AgentConfig
 from deploy_core.plugins import load_plugins
-from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.testing import InProcessCenter, in_process_center
 from deploy_core.transport import Envelope
 
 
 class Pair:
-    def __init__(self, server: DeployServer, agent: Agent, http: httpx.AsyncClient) -> None:
-        self.server = server
-        self.agent = agent
-        self.http = http
+    def __init__(self, center: InProcessCenter) -> None:
+        self.server = center.server
+        self.agent = center.agent
+        self.http = center.http
 
     async def deploy(self, script: str, **fields: Any) -> str:
         answer = await self.http.post(
@@ -41,35 +39,8 @@ class Pair:
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     plugins = load_plugins(env={"DEPLOY_CORE_PLUGINS": "deploy_shell"})
-    server = DeployServer(
-        ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0), plugins=plugins
-    )
-    await server.start()
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=server.transport.port,
-            client_id="web-1",
-            state_dir=tmp_path / "agent",
-            ca_file=server.state.certs.ca_cert,
-            join_token_file=server.state.join_token_file,
-        ),
-        plugins=plugins,
-    )
-    task = asyncio.create_task(agent.run())
-    http = httpx.AsyncClient(
-        base_url=server.api_url,
-        headers={"Authorization": f"Bearer {server.state.admin_token}"},
-        timeout=30,
-    )
-    try:
-        assert await agent.connector.wait_connected(15), "agent did not connect"
-        yield Pair(server, agent, http)
-    finally:
-        await http.aclose()
-        await agent.stop()
-        await task
-        await server.stop()
+    async with in_process_center(tmp_path, plugins) as center:
+        yield Pair(center)
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:

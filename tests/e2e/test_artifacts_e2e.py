@@ -4,7 +4,6 @@ fetches a 50 MB artifact through the whole path (API → command → agent → Q
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -24,14 +23,13 @@ import pytest_asyncio
 from pydantic import BaseModel
 
 from deploy_core.agent.context import DeployContext
-from deploy_core.agent.runtime import Agent, AgentConfig
 from deploy_core.client import ApiError
 from deploy_core.hookspecs import hookimpl
 from deploy_core.models import DeployStatus
 from deploy_core.plugins import load_plugins
 from deploy_core.registry import DeployParams, DeployType, Stage
-from deploy_core.server.app import DeployServer, ServerConfig
-from deploy_core.testing import DeployCenter
+from deploy_core.server.app import DeployServer
+from deploy_core.testing import DeployCenter, in_process_center
 
 MB = 1 << 20
 LIMIT = 60 * MB
@@ -328,35 +326,8 @@ class FetchOnlyPlugin:
 @pytest_asyncio.fixture
 async def in_process(tmp_path: Path) -> AsyncIterator[tuple[DeployServer, httpx.AsyncClient]]:
     plugins = load_plugins(extra=[("fetch_only", FetchOnlyPlugin)], entry_points=False)
-    server = DeployServer(
-        ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0), plugins=plugins
-    )
-    await server.start()
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=server.transport.port,
-            client_id="in-proc",
-            state_dir=tmp_path / "agent",
-            ca_file=server.state.certs.ca_cert,
-            join_token_file=server.state.join_token_file,
-        ),
-        plugins=plugins,
-    )
-    task = asyncio.create_task(agent.run())
-    http = httpx.AsyncClient(
-        base_url=server.api_url,
-        headers={"Authorization": f"Bearer {server.state.admin_token}"},
-        timeout=60,
-    )
-    try:
-        assert await agent.connector.wait_connected(15)
-        yield server, http
-    finally:
-        await http.aclose()
-        await agent.stop()
-        await asyncio.wait_for(task, 15)
-        await server.stop()
+    async with in_process_center(tmp_path, plugins, client_id="in-proc") as center:
+        yield center.server, center.http
 
 
 async def deploy_and_wait(http: httpx.AsyncClient, sha: str) -> dict[str, Any]:
