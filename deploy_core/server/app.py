@@ -27,13 +27,9 @@ from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.events import EventContext, EventRejected
-from deploy_core.server.records import (
-    DEFAULT_MAX_LOG_BYTES,
-    AlreadyEnrolled,
-    ClientBusy,
-    RecordStore,
-)
+from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
 from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.tokens import TokenError, TokenStore

@@ -22,10 +22,10 @@ from deploy_core.models import (
     LogLine,
     RollbackResult,
 )
+from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.db import client_locks, make_engine, upgrade
 from deploy_core.server.records import (
     LOCK_GRACE,
-    AlreadyEnrolled,
     Applied,
     ClientBusy,
     RecordStore,
