@@ -9,28 +9,33 @@ the models of the plugins that provide them.  Errors say what was wrong:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Scope
 
-from deploy_core import __version__
-from deploy_core.models import ID_PATTERN, DeployStatus, wire_schemas
+from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.registry import DeployType
 from deploy_core.server.admin import admin_routes
 from deploy_core.server.app import DeployServer
 from deploy_core.server.artifacts import artifact_routes
 from deploy_core.server.auth import TokenAuth
+from deploy_core.server.info import (
+    get_client,
+    get_info,
+    get_schemas,
+    list_clients,
+    list_plugins,
+)
+from deploy_core.server.logs import get_logs
 from deploy_core.server.records import ClientBusy
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
 from deploy_core.server.web import (
@@ -40,6 +45,7 @@ from deploy_core.server.web import (
     int_param,
     iso_time,
     json_body,
+    record_or_404,
     services,
     validation_detail,
 )
@@ -264,7 +270,7 @@ async def rollback_deployment(request: Request) -> Response:
     """``POST /api/deploy/{deploy_id}/rollback`` → ``202`` with the rollback's own deployment
     id (SPEC deploy-25).  ``409`` when there is nothing to restore or the client is busy."""
     server = services(request)
-    record = await _record_or_404(server, request.path_params["deploy_id"])
+    record = await record_or_404(server, request.path_params["deploy_id"])
     try:
         rollback = await request_rollback(server, record)
     except RollbackRefused as exc:
@@ -283,13 +289,6 @@ async def rollback_deployment(request: Request) -> Response:
     )
 
 
-async def _record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]:
-    record = await server.db(server.records.get, deploy_id)
-    if record is None:
-        raise ApiError(404, f"no deployment {deploy_id!r}")
-    return record
-
-
 async def get_deployment(request: Request) -> Response:
     """``GET /api/deploy/{deploy_id}`` — the record.  ``?wait=S&since=T`` long-polls up to S
     seconds for a change after ``updated_ts`` T (or for the end, without ``since``)."""
@@ -297,10 +296,10 @@ async def get_deployment(request: Request) -> Response:
     deploy_id = request.path_params["deploy_id"]
     wait = float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     since = float_param(request, "since", -1.0, -1.0, 1e12)
-    record = await _record_or_404(server, deploy_id)
+    record = await record_or_404(server, deploy_id)
     if wait > 0:
         async with server.listeners.subscribe(deploy_id) as queue:
-            record = await _record_or_404(server, deploy_id)  # read after subscribing
+            record = await record_or_404(server, deploy_id)  # read after subscribing
             end = time.monotonic() + wait
 
             def settled(rec: dict[str, Any]) -> bool:
@@ -313,7 +312,7 @@ async def get_deployment(request: Request) -> Response:
                     await asyncio.wait_for(queue.get(), left)
                 except TimeoutError:
                     break
-                record = await _record_or_404(server, deploy_id)
+                record = await record_or_404(server, deploy_id)
     return JSONResponse(render_record(record))
 
 
@@ -321,7 +320,7 @@ async def get_status_history(request: Request) -> Response:
     """``GET /api/deploy/{deploy_id}/status`` — the status history, oldest first."""
     server = services(request)
     deploy_id = request.path_params["deploy_id"]
-    record = await _record_or_404(server, deploy_id)
+    record = await record_or_404(server, deploy_id)
     rows = await server.db(server.records.history, deploy_id)
     return JSONResponse(
         {
@@ -330,78 +329,6 @@ async def get_status_history(request: Request) -> Response:
             "history": [render_history(r) for r in rows],
         }
     )
-
-
-def render_log(row: dict[str, Any]) -> dict[str, Any]:
-    """One log line as the API shows it."""
-    return {
-        "id": row["id"],
-        "timestamp": iso_time(row["ts"]),
-        "stream": row["stream"],
-        "stage": row["stage"],
-        "line": row["line"],
-    }
-
-
-async def get_logs(request: Request) -> Response:
-    """``GET /api/deploy/{deploy_id}/logs?after=ID&limit=N`` — output lines in order.
-
-    With ``?follow=1`` the answer is a stream of JSON lines (``application/x-ndjson``): every
-    stored line, then each new one as it arrives, then ``{"end": true, "status": …}`` when
-    the deployment finishes (or ``{"end": false}`` after ``max_wait`` seconds, default 3600;
-    reconnect with ``after``).  Empty lines are keep-alives.
-    """
-    server = services(request)
-    deploy_id = request.path_params["deploy_id"]
-    await _record_or_404(server, deploy_id)
-    after = int_param(request, "after", 0, 0, 2**62)
-    limit = int_param(request, "limit", 1000, 1, 10000)
-    if flag_param(request, "follow"):
-        max_wait = float_param(request, "max_wait", 3600.0, 1.0, 86400.0)
-        return StreamingResponse(
-            _follow_logs(server, deploy_id, after, max_wait),
-            media_type="application/x-ndjson",
-        )
-    rows = await server.db(server.records.logs, deploy_id, after=after, limit=limit)
-    return JSONResponse(
-        {
-            "deploy_id": deploy_id,
-            "lines": [render_log(r) for r in rows],
-            "next_after": rows[-1]["id"] if rows else after,
-        }
-    )
-
-
-KEEPALIVE = 15.0
-
-
-async def _follow_logs(
-    server: DeployServer, deploy_id: str, after: int, max_wait: float
-) -> AsyncIterator[bytes]:
-    end = time.monotonic() + max_wait
-    async with server.listeners.subscribe(deploy_id) as changes:
-        while True:
-            rows = await server.db(server.records.logs, deploy_id, after=after, limit=1000)
-            for row in rows:
-                yield (json.dumps(render_log(row)) + "\n").encode()
-                after = row["id"]
-            if len(rows) == 1000:
-                continue
-            record = await _record_or_404(server, deploy_id)
-            if record["finished_at"] is not None:
-                # Lines of the last reports may land just after the callback: one last read.
-                for row in await server.db(server.records.logs, deploy_id, after=after):
-                    yield (json.dumps(render_log(row)) + "\n").encode()
-                yield (json.dumps({"end": True, "status": record["status"]}) + "\n").encode()
-                return
-            left = end - time.monotonic()
-            if left <= 0:
-                yield (json.dumps({"end": False, "next_after": after}) + "\n").encode()
-                return
-            try:
-                await asyncio.wait_for(changes.get(), min(KEEPALIVE, left))
-            except TimeoutError:
-                yield b"\n"
 
 
 async def list_deployments(request: Request) -> Response:
@@ -457,76 +384,6 @@ async def list_all_deployments(request: Request) -> Response:
             "limit": limit,
             "offset": offset,
             "items": [render_record(r) for r in items],
-        }
-    )
-
-
-# --------------------------------------------------------------------------- clients, plugins
-
-
-def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
-    """A client as the API shows it."""
-    caps = row.get("capabilities") or {}
-    return {
-        "client_id": row["client_id"],
-        "connected": bool(row["connected"]),
-        "connected_here": server.is_connected(row["client_id"]),
-        "connected_since": iso_time(row["connected_since"]) if row["connected"] else None,
-        "disconnected_since": None if row["connected"] else iso_time(row["disconnected_since"]),
-        "last_seen": iso_time(row["last_seen"]),
-        "remote": row["remote"],
-        "enrolled_at": iso_time(row["enrolled_at"]),
-        "revoked_at": iso_time(row.get("revoked_at")),
-        "plugins": caps.get("plugins", {}),
-        "capabilities": caps,
-    }
-
-
-async def list_clients(request: Request) -> Response:
-    """``GET /api/clients`` — every enrolled client with its state and capabilities."""
-    server = services(request)
-    rows = await server.db(server.records.list_clients)
-    return JSONResponse({"clients": [render_client(server, r) for r in rows]})
-
-
-async def get_client(request: Request) -> Response:
-    """``GET /api/clients/{client_id}``."""
-    server = services(request)
-    row = await server.db(server.records.get_client, request.path_params["client_id"])
-    if row is None:
-        raise ApiError(404, f"unknown client {request.path_params['client_id']!r}")
-    lock = await server.db(server.records.lock_holder, row["client_id"])
-    return JSONResponse({**render_client(server, row), "busy_with": lock and lock["deploy_id"]})
-
-
-async def list_plugins(request: Request) -> Response:
-    """``GET /api/plugins`` — loaded plugins, their versions, hooks and registrations."""
-    return JSONResponse({"plugins": services(request).plugins.describe()})
-
-
-async def get_schemas(request: Request) -> Response:
-    """``GET /api/schemas`` — JSON Schema of the wire models and of each deploy request."""
-    server = services(request)
-    return JSONResponse(
-        {
-            "wire": wire_schemas(),
-            "deploy_requests": {
-                t.name: request_model(t).model_json_schema()
-                for t in server.plugins.deploy_types.entries.values()
-            },
-        }
-    )
-
-
-async def get_info(request: Request) -> Response:
-    """``GET /api/info`` — server version, id and endpoints."""
-    server = services(request)
-    return JSONResponse(
-        {
-            "version": __version__,
-            "server_id": server.config.server_id,
-            "quic_port": server.transport.port,
-            "started_at": iso_time(server.started_at),
         }
     )
 

@@ -267,7 +267,7 @@ class LiveFeed:
     async def send_clients_if_changed(self) -> None:
         """Send the client list when it differs from the last one sent (heartbeat times
         aside, which change every few seconds and are not news)."""
-        from deploy_core.server.api import render_client
+        from deploy_core.server.info import render_client
 
         rows = await self.server.db(self.server.records.list_clients)
         clients = [render_client(self.server, row) for row in rows]

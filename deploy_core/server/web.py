@@ -127,3 +127,11 @@ def iso_time(ts: float | None) -> str | None:
     if ts is None:
         return None
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+async def record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]:
+    """The deployment record ``deploy_id``, or a 404 answer."""
+    record = await server.db(server.records.get, deploy_id)
+    if record is None:
+        raise ApiError(404, f"no deployment {deploy_id!r}")
+    return record

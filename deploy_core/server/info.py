@@ -1,0 +1,82 @@
+"""Read-only routes about the server itself: clients, plugins, schemas, version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from deploy_core import __version__
+from deploy_core.models import wire_schemas
+from deploy_core.server.app import DeployServer
+from deploy_core.server.web import ApiError, iso_time, services
+
+
+def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
+    """A client as the API shows it."""
+    caps = row.get("capabilities") or {}
+    return {
+        "client_id": row["client_id"],
+        "connected": bool(row["connected"]),
+        "connected_here": server.is_connected(row["client_id"]),
+        "connected_since": iso_time(row["connected_since"]) if row["connected"] else None,
+        "disconnected_since": None if row["connected"] else iso_time(row["disconnected_since"]),
+        "last_seen": iso_time(row["last_seen"]),
+        "remote": row["remote"],
+        "enrolled_at": iso_time(row["enrolled_at"]),
+        "revoked_at": iso_time(row.get("revoked_at")),
+        "plugins": caps.get("plugins", {}),
+        "capabilities": caps,
+    }
+
+
+async def list_clients(request: Request) -> Response:
+    """``GET /api/clients`` — every enrolled client with its state and capabilities."""
+    server = services(request)
+    rows = await server.db(server.records.list_clients)
+    return JSONResponse({"clients": [render_client(server, r) for r in rows]})
+
+
+async def get_client(request: Request) -> Response:
+    """``GET /api/clients/{client_id}``."""
+    server = services(request)
+    row = await server.db(server.records.get_client, request.path_params["client_id"])
+    if row is None:
+        raise ApiError(404, f"unknown client {request.path_params['client_id']!r}")
+    lock = await server.db(server.records.lock_holder, row["client_id"])
+    return JSONResponse({**render_client(server, row), "busy_with": lock and lock["deploy_id"]})
+
+
+async def list_plugins(request: Request) -> Response:
+    """``GET /api/plugins`` — loaded plugins, their versions, hooks and registrations."""
+    return JSONResponse({"plugins": services(request).plugins.describe()})
+
+
+async def get_schemas(request: Request) -> Response:
+    """``GET /api/schemas`` — JSON Schema of the wire models and of each deploy request."""
+    from deploy_core.server.api import request_model  # api mounts this route
+
+    server = services(request)
+    return JSONResponse(
+        {
+            "wire": wire_schemas(),
+            "deploy_requests": {
+                t.name: request_model(t).model_json_schema()
+                for t in server.plugins.deploy_types.entries.values()
+            },
+        }
+    )
+
+
+async def get_info(request: Request) -> Response:
+    """``GET /api/info`` — server version, id and endpoints."""
+    server = services(request)
+    return JSONResponse(
+        {
+            "version": __version__,
+            "server_id": server.config.server_id,
+            "quic_port": server.transport.port,
+            "started_at": iso_time(server.started_at),
+        }
+    )
