@@ -25,7 +25,8 @@ class NewApiToken(BaseModel):
 class NewJoinToken(BaseModel):
     """``POST /api/join-tokens``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON true is not "1 use" nor "1 second".
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ttl: float | None = Field(None, gt=0, le=365 * 86400, description="seconds it stays valid")
     uses: int | None = Field(None, ge=1, le=100000, description="enrolments it allows")

@@ -101,7 +101,7 @@ def test_bad_token_requests_are_refused(center: DeployCenter) -> None:
     with pytest.raises(ApiError) as err:
         center.api.request("POST", "/api/tokens", json={"name": "dup", "scope": "read"})
     assert err.value.status == 409
-    for body in ({"ttl": -1}, {"uses": 0}, {"ttl": "soon"}):
+    for body in ({"ttl": -1}, {"uses": 0}, {"ttl": "soon"}, {"uses": True}, {"ttl": True}):
         with pytest.raises(ApiError) as err:
             center.api.request("POST", "/api/join-tokens", json=body)
         assert err.value.status == 422
