@@ -15,7 +15,7 @@ mismatch it is thrown away and fetched once more from zero; a second mismatch is
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
 import os
 import re
@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
+from deploy_core.hashed_file import HashedFile, hash_file
 from deploy_core.transport.files import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -55,7 +56,6 @@ Progress = Callable[[int, int], None]
 DEFAULT_WAIT = 600.0
 # Attempts in a row that end without a single new byte before the fetch gives up.
 _MAX_FRUITLESS = 5
-_HASH_READ = 1 << 20
 _SHA256 = re.compile(SHA256_PATTERN)
 
 
@@ -129,40 +129,6 @@ class _Throttle:
                 log.exception("artifact progress callback failed")
 
 
-def _hash_file(path: Path) -> tuple[hashlib._Hash, int]:
-    hasher = hashlib.sha256()
-    size = 0
-    with path.open("rb") as file:
-        while block := file.read(_HASH_READ):
-            hasher.update(block)
-            size += len(block)
-    return hasher, size
-
-
-class _Partial:
-    """The partial file of one artifact, open for appending, with the hash of its bytes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.file: BinaryIO = path.open("ab")
-        self.hasher, self.size = _hash_file(path)
-
-    def append(self, data: bytes) -> None:
-        self.file.write(data)
-        self.file.flush()  # in the page cache: survives the agent being killed
-        self.hasher.update(data)
-        self.size += len(data)
-
-    def seal(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-    def discard(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
-
-
 class ArtifactFetcher:
     """Fetches artifacts for one agent into its cache directory.
 
@@ -231,7 +197,7 @@ class ArtifactFetcher:
         if path is None:
             return None
         if self.verify_cached:
-            hasher, size = await asyncio.to_thread(_hash_file, path)
+            hasher, size = await asyncio.to_thread(hash_file, path)
             if hasher.hexdigest() != sha256:
                 log.warning("cached artifact %s is damaged; fetching it again", sha256)
                 await asyncio.to_thread(path.unlink, missing_ok=True)
@@ -247,7 +213,9 @@ class ArtifactFetcher:
         interruptions = 0
         resumed: int | None = None
         for attempt in (1, 2):
-            partial = await asyncio.to_thread(_Partial, partial_path)
+            partial = await asyncio.to_thread(
+                functools.partial(HashedFile, partial_path, resume=True, flush_each=True)
+            )
             if resumed is None:
                 resumed = partial.size
                 if resumed:
@@ -258,11 +226,9 @@ class ArtifactFetcher:
                 interruptions += breaks
             except BaseException:
                 # Keep what arrived for the next fetch; an empty file is no use to it.
-                await asyncio.to_thread(
-                    partial.discard if partial.size == 0 else partial.file.close
-                )
+                await asyncio.to_thread(partial.discard if partial.size == 0 else partial.close)
                 raise
-            digest = partial.hasher.hexdigest()
+            digest = partial.sha256
             if digest == sha256:
                 await asyncio.to_thread(partial.seal)
                 await asyncio.to_thread(os.replace, partial_path, final)
@@ -293,7 +259,7 @@ class ArtifactFetcher:
         raise AssertionError("unreachable")
 
     async def _receive(
-        self, sha256: str, partial: _Partial, deadline: float, progress: _Throttle
+        self, sha256: str, partial: HashedFile, deadline: float, progress: _Throttle
     ) -> tuple[int, int, int]:
         """Fill ``partial`` up to the artifact's size; returns (bytes received, interruptions,
         size)."""
@@ -315,7 +281,7 @@ class ArtifactFetcher:
                 while data := await incoming.read(timeout=self._timeout(deadline)):
                     if partial.size + len(data) > header.size:
                         raise TransferInterrupted("the server sent more bytes than it announced")
-                    await asyncio.to_thread(partial.append, data)
+                    await asyncio.to_thread(partial.write, data)
                     received += len(data)
                     incoming.credit(partial.size)
                     progress(partial.size, header.size)
@@ -329,8 +295,7 @@ class ArtifactFetcher:
                     # The partial file is longer than the artifact: it cannot be part of it.
                     log.warning("artifact %s: %s", sha256[:12], exc)
                     restarted = True
-                    await asyncio.to_thread(partial.file.truncate, 0)
-                    partial.hasher, partial.size = hashlib.sha256(), 0
+                    await asyncio.to_thread(partial.restart)
                     continue
                 raise ArtifactError(f"the server refused artifact {sha256}: {exc}") from None
             except TransferInterrupted as exc:

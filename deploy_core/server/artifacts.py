@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -27,12 +26,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from deploy_core.hashed_file import HashedFile
 from deploy_core.server.web import ApiError, services
 from deploy_core.transport.files import SHA256_PATTERN
 
@@ -105,30 +105,6 @@ class ArtifactInfo:
         }
 
 
-class _Upload:
-    """A temporary file being filled and hashed."""
-
-    def __init__(self, file: BinaryIO, path: Path) -> None:
-        self.file = file
-        self.path = path
-        self.hasher = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.hasher.update(data)
-        self.size += len(data)
-
-    def finish(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-    def discard(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
-
-
 class ArtifactStore:
     """Content-addressed package store on the local disk (one per server replica)."""
 
@@ -182,7 +158,7 @@ class ArtifactStore:
         :raises ArtifactMismatch: when the bytes do not hash to ``expected_sha256``.
         """
         path = self._tmp / f"upload-{secrets.token_hex(8)}"
-        upload = _Upload(await asyncio.to_thread(open, path, "xb"), path)
+        upload = await asyncio.to_thread(HashedFile, path)
         try:
             batch: list[bytes] = []
             batched = 0
@@ -205,8 +181,8 @@ class ArtifactStore:
                 raise ArtifactEmpty(
                     "the request body is empty; send the package's bytes as the body"
                 )
-            await asyncio.to_thread(upload.finish)
-            sha256 = upload.hasher.hexdigest()
+            await asyncio.to_thread(upload.seal)
+            sha256 = upload.sha256
             if expected_sha256 is not None and sha256 != expected_sha256:
                 raise ArtifactMismatch(
                     f"the uploaded bytes hash to {sha256}, not {expected_sha256} as announced; "
