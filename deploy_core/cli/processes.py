@@ -59,6 +59,20 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
     return data
 
 
+def agent_settings_and_constraints(path: Path | None) -> tuple[dict[str, Any], Any]:
+    """An agent's configuration file (or none) and its constraints, checked: an agent
+    refuses to start rather than run scripts under constraints it cannot apply."""
+    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
+
+    settings = load_agent_settings(path) if path else {}
+    constraints = settings.get("constraints") or Constraints()
+    try:
+        ConstraintPolicy(constraints)
+    except ConstraintConfigError as exc:
+        raise click.ClickException(f"{path}: [constraints] {exc}") from None
+    return settings, constraints
+
+
 def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
     """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
     import tomllib
@@ -238,7 +252,6 @@ def agent(
     """Run an agent: connect to the server and carry out deployments."""
     import re
 
-    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
     from deploy_core.agent.runtime import Agent, AgentConfig
     from deploy_core.models import ID_PATTERN
 
@@ -247,12 +260,7 @@ def agent(
             "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
         )
     host, port = _host_port(server_addr)
-    settings = load_agent_settings(config_file) if config_file else {}
-    constraints = settings.get("constraints") or Constraints()
-    try:  # refuse to start rather than run scripts unconstrained
-        ConstraintPolicy(constraints)
-    except ConstraintConfigError as exc:
-        raise click.ClickException(f"{config_file}: [constraints] {exc}") from None
+    settings, constraints = agent_settings_and_constraints(config_file)
     config = AgentConfig(
         server_host=host,
         server_port=port,
@@ -288,16 +296,10 @@ def agent(
 )
 def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None) -> None:
     """Run a server and one local agent (client id "local") in one process."""
-    from deploy_core.agent.constraints import ConstraintConfigError, ConstraintPolicy, Constraints
     from deploy_core.agent.runtime import Agent, AgentConfig
     from deploy_core.server.app import DeployServer, ServerConfig
 
-    settings = load_agent_settings(agent_config) if agent_config else {}
-    constraints = settings.get("constraints") or Constraints()
-    try:
-        ConstraintPolicy(constraints)
-    except ConstraintConfigError as exc:
-        raise click.ClickException(f"{agent_config}: [constraints] {exc}") from None
+    settings, constraints = agent_settings_and_constraints(agent_config)
 
     async def run(stop: asyncio.Event) -> None:
         srv = DeployServer(
