@@ -5,15 +5,19 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 EXTRAS="${EXTRAS:-}"
+# The interpreter a fresh machine has: the distribution's own, not a newer build on PATH.
+if [ -z "${DEPLOY_CENTER_PYTHON:-}" ]; then
+  if [ -x /usr/bin/python3 ]; then DEPLOY_CENTER_PYTHON=/usr/bin/python3; else DEPLOY_CENTER_PYTHON=python3; fi
+fi
 
 ensure_venv() {
   local dir="$1"
   if [ ! -x "$dir/bin/python" ]; then
-    if ! python3 -m venv "$dir" 2>/dev/null; then
+    if ! "$DEPLOY_CENTER_PYTHON" -m venv "$dir" >/dev/null 2>&1; then
       echo "python3 cannot make a virtual environment; installing python3-venv with apt" >&2
       rm -rf "$dir"
       apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-      python3 -m venv "$dir"
+      "$DEPLOY_CENTER_PYTHON" -m venv "$dir"
     fi
     "$dir/bin/python" -m pip install -q --upgrade pip
   fi
