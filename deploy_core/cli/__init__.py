@@ -21,6 +21,7 @@ from deploy_core.cli.common import (
 )
 from deploy_core.cli.groups import deploy, main
 from deploy_core.cli.processes import load_agent_settings, load_server_settings
+from deploy_core.cli.terminal import terminal_safe
 
 __all__ = [
     "admin",
@@ -40,6 +41,7 @@ __all__ = [
     "print_outcome",
     "processes",
     "submit_and_follow",
+    "terminal_safe",
     "upload_with_progress",
     "with_api",
 ]

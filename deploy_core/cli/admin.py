@@ -14,6 +14,7 @@ from deploy_core.cli.common import (
     with_api,
 )
 from deploy_core.cli.groups import main
+from deploy_core.cli.terminal import terminal_safe
 from deploy_core.client import ApiError, ConfigError, DeployClient
 
 
@@ -49,7 +50,7 @@ def clients_list(api: DeployClient, as_json: bool) -> None:
         if c.get("revoked_at"):
             state = "REVOKED " + c["revoked_at"]
         types = ", ".join(c["capabilities"].get("deploy_types", []))
-        click.echo(f"{c['client_id']:<20} {state:<45} {types}")
+        click.echo(terminal_safe(f"{c['client_id']:<20} {state:<45} {types}"))
 
 
 @clients.command("revoke")
@@ -154,7 +155,7 @@ def plugins(from_server: bool, url: str | None, token: str | None, state_dir: Pa
             with DeployClient.from_env(url, token, state_dir) as api:
                 echo_json(api.plugins())
         except (ConfigError, ApiError) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(terminal_safe(exc)) from None
         return
     from deploy_core.plugins import PluginError, get_plugins
 

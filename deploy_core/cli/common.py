@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from deploy_core.cli.terminal import terminal_safe
 from deploy_core.client import DEFAULT_STATE_DIR, ApiError, ConfigError, DeployClient
 
 TERMINAL_OK = {"success"}
@@ -45,7 +46,7 @@ def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(api=api, **kwargs)
         except ApiError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(terminal_safe(exc)) from None
         finally:
             api.close()
 
@@ -127,6 +128,7 @@ def follow(api: DeployClient, deploy_id: str, timeout: float) -> dict[str, Any]:
             line = f"{progress_bar(record['progress'])} {record['progress']:3d}% {record['status']}"
             if record["stage"] and record["stage"] != record["status"]:
                 line += f" ({record['stage']})"
+            line = terminal_safe(line)
             if line == last_line:
                 continue
             last_line = line
@@ -146,10 +148,11 @@ def follow(api: DeployClient, deploy_id: str, timeout: float) -> dict[str, Any]:
 
 def print_outcome(record: dict[str, Any]) -> None:
     """The end of a deployment for a person: status, error, the result's fields (any deploy
-    type's), output tails, health checks and rollback."""
-    click.echo(f"deployment {record['deploy_id']}: {record['status']}")
+    type's), output tails, health checks and rollback.  What came from the deployment is
+    printed through :func:`terminal_safe`."""
+    click.echo(terminal_safe(f"deployment {record['deploy_id']}: {record['status']}"))
     if record.get("error"):
-        click.echo(f"  error: {record['error']}")
+        click.echo(terminal_safe(f"  error: {record['error']}"))
     result = record.get("result") or {}
     fields = [
         f"{key.replace('_', ' ')}: {value:.2f}s"
@@ -163,24 +166,28 @@ def print_outcome(record: dict[str, Any]) -> None:
         and not isinstance(value, (dict, list))
     ]
     for line in fields:
-        click.echo(f"  {line}")
+        click.echo(terminal_safe(f"  {line}"))
     for key, text in result.items():
         if key.endswith("_tail") and isinstance(text, str) and text.strip():
-            click.echo(f"  {key.removesuffix('_tail').replace('_', ' ')} (tail):")
-            for line in text.rstrip().splitlines()[-20:]:
-                click.echo(f"    {line}")
+            click.echo(terminal_safe(f"  {key.removesuffix('_tail').replace('_', ' ')} (tail):"))
+            for line in text.rstrip().split("\n")[-20:]:
+                click.echo(terminal_safe(f"    {line}"))
     for check in record.get("health") or []:
         mark = "ok" if check["success"] else "FAILED"
         click.echo(
-            f"  health {check['check_type']}: {mark} after {check.get('attempts', 1)} "
-            f"attempt(s){' - ' + check['error'] if check.get('error') else ''}"
+            terminal_safe(
+                f"  health {check['check_type']}: {mark} after {check.get('attempts', 1)} "
+                f"attempt(s){' - ' + check['error'] if check.get('error') else ''}"
+            )
         )
     rollback = record.get("rollback")
     if rollback:
         click.echo(
-            f"  rollback ({rollback.get('strategy')}): "
-            f"{'ok' if rollback['success'] else 'FAILED'}"
-            f"{' - ' + rollback['error'] if rollback.get('error') else ''}"
+            terminal_safe(
+                f"  rollback ({rollback.get('strategy')}): "
+                f"{'ok' if rollback['success'] else 'FAILED'}"
+                f"{' - ' + rollback['error'] if rollback.get('error') else ''}"
+            )
         )
 
 

@@ -20,6 +20,7 @@ from deploy_core.cli.common import (
     with_api,
 )
 from deploy_core.cli.groups import deploy, main
+from deploy_core.cli.terminal import terminal_safe
 from deploy_core.client import DeployClient
 
 
@@ -176,17 +177,22 @@ def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> N
     if as_json:
         echo_json({**record, "history": rows} if history else record)
         return
-    click.echo(f"{record['deploy_id']}  {record['command_type']}  client {record['client_id']}")
     click.echo(
-        f"  {progress_bar(record['progress'])} {record['progress']}% {record['status']}"
-        f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})"
+        terminal_safe(
+            f"{record['deploy_id']}  {record['command_type']}  client {record['client_id']}"
+        )
+    )
+    click.echo(
+        terminal_safe(
+            f"  {progress_bar(record['progress'])} {record['progress']}% {record['status']}"
+            f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})"
+        )
     )
     if record["finished"]:
         print_outcome(record)
     for row in rows:
-        click.echo(
-            f"  {row['timestamp']}  {row['status']:<15} {row['progress']:3d}%  {row['message']}"
-        )
+        line = f"  {row['timestamp']}  {row['status']:<15} {row['progress']:3d}%  {row['message']}"
+        click.echo(terminal_safe(line))
 
 
 @main.command("list")
@@ -223,8 +229,10 @@ def list_cmd(
         return
     for rec in page["items"]:
         click.echo(
-            f"{rec['deploy_id']}  {rec['created_at']}  {rec['client_id']:<16} "
-            f"{rec['command_type']:<15} {rec['status']:<15} {rec['progress']:3d}%"
+            terminal_safe(
+                f"{rec['deploy_id']}  {rec['created_at']}  {rec['client_id']:<16} "
+                f"{rec['command_type']:<15} {rec['status']:<15} {rec['progress']:3d}%"
+            )
         )
     click.echo(f"({len(page['items'])} of {page['total']})", err=True)
 
@@ -239,15 +247,15 @@ def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
         for item in api.follow_logs(deploy_id):
             if "end" in item:
                 if item["end"]:
-                    click.echo(f"-- deployment ended: {item['status']}", err=True)
+                    click.echo(terminal_safe(f"-- deployment ended: {item['status']}"), err=True)
                 break
-            click.echo(f"{item['timestamp']} [{item['stream']}] {item['line']}")
+            click.echo(terminal_safe(f"{item['timestamp']} [{item['stream']}] {item['line']}"))
         return
     after = 0
     while True:
         page = api.logs(deploy_id, after=after)
         for line in page["lines"]:
-            click.echo(f"{line['timestamp']} [{line['stream']}] {line['line']}")
+            click.echo(terminal_safe(f"{line['timestamp']} [{line['stream']}] {line['line']}"))
         if not page["lines"]:
             break
         after = page["next_after"]
