@@ -7,9 +7,14 @@ Two streaming passes over the file, neither of which holds the archive in memory
    setuid/setgid/sticky bits, duplicate names, size, count and expansion limits, corruption).
    Nothing is written.
 2. :func:`extract_archive` scans, then extracts into ``.staging-<name>`` next to the destination,
-   running the same checks again plus tarfile's ``data`` filter (belt and braces, and the archive
-   may change between the passes), and renames the staging directory into place. On any error the
-   staging directory is removed.
+   running the same checks again (the archive may change between the passes) and writing each
+   member itself through :class:`_ReleaseWriter`, which checks again what tarfile's ``data``
+   filter checks (belt and braces), and renames the staging directory into place. On any error
+   the staging directory is removed.
+
+tarfile only parses here; it never writes. Its extraction filters arrived in 3.11.4 and its
+extraction code changes between patch releases, so the same code and the same checks run on
+every supported Python (3.11.2 and later).
 
 Every refusal is an :class:`UnsafeArchive` naming the member and the rule. The rules are in
 :mod:`deploy_tar.rules`, the streaming reader in :mod:`deploy_tar.stream`; this module writes.
@@ -43,6 +48,7 @@ __all__ = [
 ]
 
 _PROGRESS_STEP = 1 * MiB
+_COPY_CHUNK = 64 * 1024
 
 
 def scan_archive(path: Path, limits: ExtractLimits = DEFAULT_LIMITS) -> ExtractStats:
@@ -104,10 +110,13 @@ def extract_archive(
                 for member in archive.members():
                     checker.check(member)
                     report.begin(member)
-                    yield member  # tarfile extracts it before asking for the next one
+                    yield member  # written before the next one is parsed
                     report.end()
 
-            archive.tar.extractall(str(staging), members=checked(), filter=_release_filter)
+            writer = _ReleaseWriter(archive.tar, staging)
+            for member in checked():
+                writer.write(member)
+            writer.finish()
             archive.finish()
             extracted = checker.finish()
         if extracted != expected:
@@ -123,19 +132,91 @@ def extract_archive(
     return extracted
 
 
-def _release_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's ``data`` filter, keeping the archive's permission bits (s-bits were refused).
+class _ReleaseWriter:
+    """Writes members into a fresh directory, checking what tarfile's ``data`` filter checks.
 
-    The data filter drops group/other write on files and leaves directories at 0700; a release
-    is meant to be installed as packaged, so the packaged bits are restored, and directories
-    get at least u+rwx so their contents can be written and later removed.
+    The rules (:mod:`deploy_tar.rules`) have already refused all of this; these checks hold even
+    if they missed something. A member is refused (rule ``data-filter``) when its name is
+    absolute, when it would land outside the directory once symlinks on disk are followed, when
+    it is a symlink whose target is absolute or leaves the directory, when it is anything but a
+    regular file, a directory or a symlink (hard links, devices, FIFOs), or when its path already
+    exists as anything but a directory. Files are created with ``O_EXCL | O_NOFOLLOW``, so an
+    existing entry is never followed or overwritten.
+
+    Modes are the packaged ones without setuid, setgid and sticky bits; directories get at least
+    u+rwx so their contents can be written and later removed. Ownership is never copied from the
+    archive. Directory modes and times are applied by :meth:`finish`, deepest first, once nothing
+    more is written into them.
     """
-    filtered = tarfile.data_filter(member, dest)
-    if member.isreg():
-        return filtered.replace(mode=member.mode & 0o777, deep=False)
-    if member.isdir():
-        return filtered.replace(mode=member.mode & 0o777 | 0o700, deep=False)
-    return filtered
+
+    def __init__(self, tar: tarfile.TarFile, root: Path) -> None:
+        self._tar = tar
+        self._root = os.path.realpath(root)
+        self._dirs: list[tuple[str, int, float]] = []  # (path, mode, mtime)
+
+    def write(self, member: tarfile.TarInfo) -> None:
+        """Create ``member`` (the tar stream's current member) below the root."""
+        path = self._target(member)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if member.isdir():
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    raise self._refuse(member, "already exists and is not a directory") from None
+            self._dirs.append((path, member.mode & 0o777 | 0o700, member.mtime))
+        elif member.issym():
+            self._check_link(member, path)
+            try:
+                os.symlink(member.linkname, path)
+            except FileExistsError:
+                raise self._refuse(member, "already exists; not replaced") from None
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        elif member.isreg():
+            self._write_file(member, path)
+        else:
+            raise self._refuse(member, f"member type {member.type!r} is not extracted")
+
+    def finish(self) -> None:
+        """Apply directory modes and times, deepest first."""
+        for path, mode, mtime in sorted(self._dirs, key=lambda d: d[0].count("/"), reverse=True):
+            os.chmod(path, mode)
+            os.utime(path, (mtime, mtime))
+
+    def _target(self, member: tarfile.TarInfo) -> str:
+        if os.path.isabs(member.name):
+            raise self._refuse(member, "absolute path")
+        path = os.path.join(self._root, member.name)
+        self._require_inside(member, os.path.realpath(path), "would be written")
+        return os.path.normpath(path)
+
+    def _check_link(self, member: tarfile.TarInfo, path: str) -> None:
+        if os.path.isabs(member.linkname):
+            raise self._refuse(member, f"symlink to absolute path {member.linkname!r}")
+        target = os.path.realpath(os.path.join(os.path.dirname(path), member.linkname))
+        self._require_inside(member, target, "symlink points")
+
+    def _require_inside(self, member: tarfile.TarInfo, path: str, what: str) -> None:
+        if os.path.commonpath([path, self._root]) != self._root:
+            raise self._refuse(member, f"{what} to {path}, outside the release directory")
+
+    def _write_file(self, member: tarfile.TarInfo, path: str) -> None:
+        source = self._tar.extractfile(member)
+        if source is None:  # isreg() members always have content; tarfile says so
+            raise self._refuse(member, "tarfile has no content for this regular file")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise self._refuse(member, "already exists; not replaced") from None
+        with source, open(fd, "wb") as out:
+            shutil.copyfileobj(source, out, _COPY_CHUNK)
+            os.fchmod(fd, member.mode & 0o777)
+            os.utime(fd, (member.mtime, member.mtime))
+
+    @staticmethod
+    def _refuse(member: tarfile.TarInfo, detail: str) -> UnsafeArchive:
+        return UnsafeArchive(member.name, "data-filter", detail)
 
 
 class _Progress:

@@ -4,6 +4,11 @@ Nothing here holds the archive in memory: members are parsed one at a time and f
 and GNU long-name headers are capped, the expansion ratio is watched as bytes come out of the
 decompressor, and the end-of-archive marker and the compressor's checksum are required.
 Decompression and tarfile errors become ``UnsafeArchive(rule="corrupt")``.
+
+The header cap does not rely on tarfile internals (they changed in 3.13.4, and a subclass hook
+that 3.11 to 3.13.3 call is bypassed since): every 512-byte header block is read here, from the
+raw stream, before tarfile parses it, and an extended header (pax ``x``/``g``/``X``, GNU long
+name ``L`` or long link ``K``) whose size field is over 1 MiB is refused before its data is read.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Protocol
 
 from deploy_tar.rules import ExtractLimits, UnsafeArchive
 
@@ -29,10 +34,9 @@ _RATIO_FLOOR = 1 * MiB  # below this much output the expansion ratio is not chec
 _META_LIMIT = 1 * MiB  # largest pax / GNU long-name header tarfile may load into memory
 _TRAILER_LIMIT = 1 * MiB  # data allowed after the end-of-archive marker (record padding)
 _CHUNK = 64 * 1024
-_META_TYPES = frozenset(
-    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
-    | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
-)
+_BLOCK = tarfile.BLOCKSIZE
+_LONG_TYPES = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
+_META_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}) | _LONG_TYPES
 
 
 class _Readable(Protocol):
@@ -44,34 +48,79 @@ class _Corrupt(Exception):
     """The bytes are not an intact archive; turned into ``UnsafeArchive(rule="corrupt")``."""
 
 
-class _GuardedTarInfo(tarfile.TarInfo):
-    """Refuses pax and GNU long-name headers tarfile would otherwise load whole into memory."""
+def _number(field: bytes) -> int:
+    """A numeric header field as tar writes it: octal digits, or GNU base-256 (+ or -).
 
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-        info = super().frombuf(buf, encoding, errors)
-        if info.type in _META_TYPES and not 0 <= info.size <= _META_LIMIT:
-            raise UnsafeArchive(
-                info.name,
-                "header-size",
-                f"extended header declares {info.size} bytes (at most {_META_LIMIT} allowed)",
-            )
-        return info
+    :raises ValueError: the field is neither (tarfile refuses such a header as invalid).
+    """
+    if field[0] in (0o200, 0o377):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
+    text = field.split(b"\0", 1)[0].decode("ascii")
+    return int(text.strip() or "0", 8)
+
+
+def _check_header(offset: int, block: bytes) -> int | None:
+    """Judge the header block at ``offset`` before tarfile parses it.
+
+    Refuses negative sizes, GNU sparse members (their extension blocks would pile up in memory)
+    and extended headers over ``_META_LIMIT``. Blocks tarfile will not take as a header (zeros,
+    bad checksum, unreadable fields) are left to it.
+
+    :returns: where the next header of the same member starts when this block is an extended
+        header (tarfile reads that one in the same step), else ``None``.
+    """
+    try:
+        if not any(block) or _number(block[148:156]) not in (
+            256 + sum(block[:148]) + sum(block[156:]),
+            256 + sum(b - (b & 0x80) * 2 for b in block[:148] + block[156:]),
+        ):
+            return None
+        size = _number(block[124:136])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    kind = block[156:157]
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if prefix and kind not in _LONG_TYPES | {tarfile.GNUTYPE_SPARSE}:
+        name = prefix + b"/" + name
+    member = name.decode("utf-8", "surrogateescape")
+    if size < 0:
+        raise UnsafeArchive(member, "member-size", f"declares a negative size ({size})")
+    if kind == tarfile.GNUTYPE_SPARSE:
+        raise UnsafeArchive(member, "special-type", "sparse files are not supported")
+    if kind not in _META_TYPES:
+        return None
+    if size > _META_LIMIT:
+        raise UnsafeArchive(
+            member,
+            "header-size",
+            f"extended header declares {size} bytes (at most {_META_LIMIT} allowed)",
+        )
+    return offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
 
 
 class _CountingReader:
     """The decompressed tar stream, as tarfile reads it.
 
     Counts bytes (for the expansion ratio and progress), keeps the last few so the end-of-archive
-    marker can be checked, and reports decompression errors as corruption.
+    marker can be checked, judges each header block before tarfile sees it
+    (:func:`_check_header`), and reports decompression errors as corruption.
     """
 
     def __init__(self, source: _Readable, ratio: Callable[[int, str | None], None]) -> None:
         self._source = source
         self._ratio = ratio
         self._tail = bytearray()
+        self._header: int | None = 0  # offset of the next header block to judge
         self.position = 0
         self.on_read: Callable[[int], None] | None = None
+
+    def expect_header(self, offset: int) -> None:
+        """tarfile's next header starts at ``offset``: judge it (and the extended headers chained
+        after it) as soon as it has been read, before tarfile parses it."""
+        self._header = offset
+        self._judge_headers()
 
     def read(self, size: int, /) -> bytes:
         try:
@@ -80,6 +129,7 @@ class _CountingReader:
             raise _Corrupt(f"cannot decompress: {exc}") from exc
         self.position += len(data)
         self._tail += data
+        self._judge_headers()
         if len(self._tail) > 2 * _CHUNK:
             del self._tail[: len(self._tail) - _CHUNK]
         self._ratio(self.position, None)
@@ -87,12 +137,19 @@ class _CountingReader:
             self.on_read(self.position)
         return data
 
+    def _judge_headers(self) -> None:
+        while self._header is not None and self._header + _BLOCK <= self.position:
+            if self._header < self.position - len(self._tail):
+                # Reads are at most _CHUNK bytes and the tail keeps more, so this is a bug here.
+                raise _Corrupt(f"header at offset {self._header} was read before it was judged")
+            self._header = _check_header(self._header, self.block_at(self._header))
+
     def block_at(self, offset: int) -> bytes:
         """The (up to) 512 bytes read at ``offset``, if still remembered, else ``b""``."""
         start = self.position - len(self._tail)
         if offset < start:
             return b""
-        return bytes(self._tail[offset - start : offset - start + tarfile.BLOCKSIZE])
+        return bytes(self._tail[offset - start : offset - start + _BLOCK])
 
     def tell(self) -> int:
         return self.position
@@ -132,7 +189,11 @@ class ArchiveStream:
 
     def members(self) -> Iterator[tarfile.TarInfo]:
         """The members, each parsed (pax headers applied) and then forgotten by tarfile."""
-        while (member := self.tar.next()) is not None:
+        while True:
+            self.reader.expect_header(self.tar.offset)
+            member = self.tar.next()
+            if member is None:
+                return
             # Stream mode still keeps every TarInfo in tar.members; the checker keeps what it
             # needs, so drop them to keep memory flat on archives with many members.
             seen = getattr(self.tar, "members", None)
@@ -145,9 +206,9 @@ class ArchiveStream:
         """Require the end-of-archive marker, then read to the end so gzip checks its CRC."""
         offset = self.tar.offset  # where tarfile stopped: must be a block of zeros
         block = self.reader.block_at(offset)
-        if len(block) < tarfile.BLOCKSIZE:
+        if len(block) < _BLOCK:
             raise _Corrupt(f"no end-of-archive marker at offset {offset}: truncated")
-        if block.count(0) != tarfile.BLOCKSIZE:
+        if block.count(0) != _BLOCK:
             raise _Corrupt(f"damaged header at offset {offset}")
         while self.reader.read(_CHUNK):
             if self.reader.position - offset > _TRAILER_LIMIT:
@@ -172,11 +233,9 @@ def open_archive(path: Path, limits: ExtractLimits) -> Iterator[ArchiveStream]:
     with path.open("rb") as raw, contextlib.closing(_decompressor(raw)) as source:
         try:
             archive = ArchiveStream(source, os.fstat(raw.fileno()).st_size, limits)
-            with tarfile.open(fileobj=archive.reader, mode="r|", tarinfo=_GuardedTarInfo) as tar:
+            with tarfile.open(fileobj=archive.reader, mode="r|") as tar:
                 archive.tar = tar
                 yield archive
-        except tarfile.FilterError as exc:
-            raise UnsafeArchive(exc.tarinfo.name, "data-filter", str(exc)) from exc
         except (tarfile.TarError, _Corrupt, RecursionError) as exc:
             after = archive.last if archive is not None else None
             where = f" after member {after!r}" if after is not None else ""
