@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import missing_part
 from pydantic import ValidationError
 
 from deploy_core.agent import cgroups
@@ -27,7 +28,15 @@ from deploy_core.models import DeployCommand
 from deploy_core.testing import RecordingReporter
 
 IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="switching users needs the agent to be root")
+
+
+@pytest.fixture
+def _root() -> None:
+    if not IS_ROOT:
+        missing_part("switching users needs the agent to be root")
+
+
+needs_root = pytest.mark.usefixtures("_root")
 MiB = 1024 * 1024
 
 

@@ -6,6 +6,8 @@ import json
 import random
 import struct
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 from deploy_core.transport import (
@@ -167,9 +169,6 @@ def test_random_bytes_only_ever_raise_protocol_error() -> None:
 
 
 def test_random_frames_only_ever_raise_protocol_error_property() -> None:
-    hypothesis = pytest.importorskip("hypothesis")
-    st = pytest.importorskip("hypothesis.strategies")
-
     json_values = st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),

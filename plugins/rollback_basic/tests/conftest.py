@@ -16,6 +16,13 @@ from deploy_core.testing import RecordingReporter, make_context
 Tree = dict[str, tuple[Any, ...]]
 
 
+def missing_part(reason: str) -> None:
+    """Skip, or fail under ``DEPLOY_CENTER_STRICT=1``, because a real part is missing."""
+    if os.environ.get("DEPLOY_CENTER_STRICT") == "1":
+        pytest.fail(f"required part missing (DEPLOY_CENTER_STRICT=1): {reason}")
+    pytest.skip(reason)
+
+
 def _tree_of(root: Path) -> Tree:
     """Everything about ``root`` a restore must bring back: per entry its kind, permission
     bits, modification time and content (bytes for files, target for symlinks)."""
