@@ -16,7 +16,6 @@ import os
 import random
 import stat
 import tarfile
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -380,6 +379,48 @@ def test_malicious_archive_is_refused_and_leaves_nothing(
     assert caught.value.rule == rule
 
 
+@pytest.mark.parametrize("kind", [b"x", b"g", b"L", b"K"])
+def test_oversized_extended_header_is_refused_before_it_is_read(
+    archives: Path, kind: bytes
+) -> None:
+    """The 8 MiB header is refused from its size field: it is never loaded into memory, whatever
+    the Python version's tarfile does with extended headers."""
+    body = random.Random(8).randbytes(8 * MiB)  # incompressible: no ratio refusal first
+    archive = raw(member(b"././@LongHeader", body, kind=kind) + member(b"f") + END)(
+        archives / "p.tgz"
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafeArchive) as caught:
+            scan_archive(archive)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (caught.value.rule, caught.value.member) == ("header-size", "././@LongHeader")
+    assert "declares 8388608 bytes (at most 1048576 allowed)" in str(caught.value)
+    assert peak < 2 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+def test_extended_header_under_the_cap_is_read(site: Site, archives: Path) -> None:
+    name = "n" * 300_000  # a GNU long name of 300 kB, chained with a pax header
+    archive = raw(
+        member(b"././@LongLink", name.encode() + b"\0", kind=b"L")
+        + pax_member(mtime=b"1700000001")
+        + member(b"placeholder", b"data")
+        + END
+    )(archives / "p.tgz")
+    error = assert_refused(site, archive, "path-length", name)  # parsed, then judged by the rules
+    assert "300000 bytes" in str(error)
+
+
+def test_ustar_prefix_names_the_refused_member(site: Site, archives: Path) -> None:
+    block = bytearray(member(b"neg", size_field=NEGATIVE_SIZE))
+    block[345:348] = b"dir"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    assert_refused(site, raw(bytes(block) + END)(archives / "p.tgz"), "member-size", "dir/neg")
+
+
 def test_symlink_retargeted_later_says_so(site: Site, archives: Path) -> None:
     archive = pack(link("l", "s/../x"), link("s", "."))(archives / "p.tar.gz")
     error = assert_refused(site, archive, "symlink-escape", "l")
@@ -465,9 +506,9 @@ def test_corrupt_archive_is_refused_with_tarfile_error(
 def test_decompression_bomb_is_refused_before_decompressing(site: Site, archives: Path) -> None:
     archive = repeated(archives / "bomb.tar.gz", [("zeros.bin", 200)])
     assert archive.stat().st_size < 400_000  # 200 MiB of zeros in a few hundred KB
-    started = time.monotonic()
     error = assert_refused(site, archive, "ratio", "zeros.bin")
-    assert time.monotonic() - started < 1.0  # refused on the declared size
+    # Refused on the declared size (200 MiB), not after decompressing up to the limit (~75 MiB).
+    assert "archive expands to 200.0 MiB" in str(error)
     assert "max_ratio=200" in str(error)
 
 
@@ -526,12 +567,47 @@ def test_extraction_rechecks_members_when_scan_is_bypassed(
     assert_refused(site, archive, "traversal", "../escape")
 
 
-def test_data_filter_backs_up_our_checks(
+BEHIND_THE_RULES = [
+    pytest.param(pack(file("../x")), "../x", id="dotdot"),
+    pytest.param(pack(file("/tmp/deploy-tar-evil")), "/tmp/deploy-tar-evil", id="absolute"),
+    pytest.param(pack(link("l", "/etc")), "l", id="symlink-absolute"),
+    pytest.param(pack(directory("a"), link("a/up", "../../outside")), "a/up", id="symlink-up"),
+    pytest.param(
+        # l points inside when written; once s exists it points next to the release
+        pack(link("l", "s/../outside"), link("s", "."), file("l/deploy-tar-evil", b"pwned")),
+        "l/deploy-tar-evil",
+        id="through-symlink-retargeted",
+    ),
+    pytest.param(pack(file("a", b"x"), link("b", "a", tarfile.LNKTYPE)), "b", id="hardlink"),
+    pytest.param(pack(node("null", tarfile.CHRTYPE)), "null", id="char-device"),
+    pytest.param(pack(node("pipe", tarfile.FIFOTYPE)), "pipe", id="fifo"),
+    pytest.param(pack(file("a", b"1"), file("a", b"2")), "a", id="file-over-file"),
+    pytest.param(pack(file("a", b"1"), link("a", "b")), "a", id="symlink-over-file"),
+    pytest.param(pack(link("a", "b"), file("a", b"x")), "a", id="file-over-symlink"),
+    pytest.param(pack(file("a", b"1"), directory("a")), "a", id="dir-over-file"),
+]
+
+
+@pytest.mark.parametrize(("build", "name"), BEHIND_THE_RULES)
+def test_writer_backs_up_the_rules(
+    site: Site, archives: Path, monkeypatch: pytest.MonkeyPatch, build: Builder, name: str
+) -> None:
+    """With the rules switched off, the writer alone still refuses what tarfile's data filter
+    refuses, on every Python (tarfile's own filter is absent before 3.11.4)."""
+    monkeypatch.setattr(rules.MemberRules, "check", lambda self, member: None)
+    assert_refused(site, build(archives / "p.tgz"), "data-filter", name)
+
+
+def test_writer_drops_special_mode_bits_behind_the_rules(
     site: Site, archives: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rules.MemberRules, "check", lambda self, member: None)
-    assert_refused(site, pack(file("../x"))(archives / "a.tgz"), "data-filter", "../x")
-    assert_refused(site, pack(link("l", "/etc"))(archives / "b.tgz"), "data-filter", "l")
+    archive = pack(directory("shared", 0o3775), file("shared/su", b"#!/bin/sh\n", 0o6755))(
+        archives / "p.tgz"
+    )
+    extract_archive(archive, site.dest)
+    assert stat.S_IMODE(os.lstat(site.dest / "shared").st_mode) == 0o775
+    assert stat.S_IMODE(os.lstat(site.dest / "shared/su").st_mode) == 0o755
 
 
 def test_archive_changed_between_scan_and_extraction(
@@ -617,15 +693,12 @@ def test_50mb_package_extracts_in_bounded_memory(site: Site, archives: Path) -> 
 
     tracemalloc.start()
     try:
-        started = time.monotonic()
         stats = extract_archive(archive, site.dest)
-        elapsed = time.monotonic() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert stats.bytes == 50 * MiB
     assert peak < 20 * MiB, f"peak {peak / MiB:.1f} MiB"
-    assert elapsed < 10
     with (site.dest / "payload.bin").open("rb") as f:
         assert f.read(MiB) == block
         f.seek(49 * MiB)
