@@ -158,7 +158,8 @@ async def test_an_engine_call_past_its_timeout_stops_waiting(engine_ready: None)
         started = time.monotonic()
         with pytest.raises(EngineTimeout, match=r"within 0\.2s"):
             await engine.call("sleeping", time.sleep, 3, timeout=0.2)
-        assert time.monotonic() - started < 1
+        # Gave up before the 3 s call returned (a wide margin over 0.2 s for busy machines).
+        assert time.monotonic() - started < 3
         # The loop stayed free while the call blocked its thread.
         assert await asyncio.wait_for(asyncio.sleep(0, "free"), 1) == "free"
     finally:
