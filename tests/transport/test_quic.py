@@ -547,24 +547,73 @@ async def test_agent_reconnects_after_server_restart(
     assert len(recorder.sessions("disconnect")) == 1
 
 
+class SilenceRelay:
+    """A UDP relay on loopback between agents and a server that can go silent, as a dropped
+    network does: while ``silent``, datagrams in both directions are dropped and counted."""
+
+    def __init__(self) -> None:
+        self.silent = False
+        self.dropped = 0
+        self.port = 0
+        self._agent: tuple[str, int] | None = None
+        self._front: asyncio.DatagramTransport | None = None  # agents talk to this
+        self._back: asyncio.DatagramTransport | None = None  # connected to the server
+
+    async def start(self, server_port: int) -> None:
+        relay = self
+        loop = asyncio.get_running_loop()
+
+        class Front(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                relay._agent = addr  # a reconnecting agent comes from a new port
+                relay._pass(data, relay._back, None)
+
+        class Back(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                relay._pass(data, relay._front, relay._agent)
+
+        self._front, _ = await loop.create_datagram_endpoint(Front, local_addr=("127.0.0.1", 0))
+        self._back, _ = await loop.create_datagram_endpoint(
+            Back, remote_addr=("127.0.0.1", server_port)
+        )
+        self.port = int(self._front.get_extra_info("sockname")[1])
+
+    def _pass(
+        self, data: bytes, out: asyncio.DatagramTransport | None, addr: tuple[str, int] | None
+    ) -> None:
+        if self.silent:
+            self.dropped += 1
+        elif out is not None:
+            out.sendto(data, addr)
+
+    def close(self) -> None:
+        for transport in (self._front, self._back):
+            if transport is not None:
+                transport.close()
+
+
 @pytest.mark.asyncio
 async def test_silent_server_is_detected_by_heartbeat_and_the_agent_reconnects(
     start_server: StartServer, start_connector: StartConnector, recorder: Recorder
 ) -> None:
     server = await start_server()
-    agent = start_connector(server, MemoryCredentials(token="join-secret"))
-    assert await agent.wait_connected(5)
-    # The server stops hearing anything (as if the network dropped), so no PONGs come back.
-    transport = server._transport
-    assert isinstance(transport, asyncio.ReadTransport)  # the selector loop's UDP transport
-    transport.pause_reading()
-    await eventually(lambda: not agent.connected, timeout=3)
-    await eventually(lambda: "no frame from the server" in (agent.last_error or ""))
-    transport.resume_reading()
-    assert await agent.wait_connected(8)
-    await eventually(lambda: len(recorder.sessions("connect")) == 2)
-    await eventually(lambda: len(recorder.sessions("disconnect")) == 1)
-    assert server.session("web-1") is recorder.sessions("connect")[1]
+    relay = SilenceRelay()
+    await relay.start(server.port)
+    try:
+        agent = start_connector(server, MemoryCredentials(token="join-secret"), port=relay.port)
+        assert await agent.wait_connected(5)
+        # The network drops everything both ways, so no PONGs come back.
+        relay.silent = True
+        await eventually(lambda: not agent.connected, timeout=3)
+        await eventually(lambda: "no frame from the server" in (agent.last_error or ""))
+        assert relay.dropped > 0
+        relay.silent = False
+        assert await agent.wait_connected(8)
+        await eventually(lambda: len(recorder.sessions("connect")) == 2)
+        await eventually(lambda: len(recorder.sessions("disconnect")) == 1)
+        assert server.session("web-1") is recorder.sessions("connect")[1]
+    finally:
+        relay.close()
 
 
 @pytest.mark.asyncio
