@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # Bring up the Docker test bed the Docker tests run against (docs/docker.md):
-#   - docker.io, docker-registry and busybox-static from apt, when missing;
+#   - docker.io (and docker-cli where it is a package of its own, as on Debian 13),
+#     docker-registry and busybox-static from apt, when missing;
 #   - dockerd, started in the background when it does not answer (no systemd here);
-#   - a registry on 127.0.0.1:5000 (storage under /var/lib/deploy-center-testbed);
+#   - a registry of its own on a free loopback port it chooses, never one it did not start:
+#     it is known by its pid file and by a random token it sends back in a response header.
+#     The address (host:port) is recorded in $STATE/registry.address, where the tests read
+#     it (deploy_core.testing_docker; DEPLOY_CENTER_TEST_REGISTRY overrides);
 #   - images built from the static busybox with `docker import` and pushed there:
-#       127.0.0.1:5000/web:v1           busybox httpd on :8080, / and /healthz answer
-#       127.0.0.1:5000/web:v2           starts, but /healthz is missing (HTTP 404)
-#       127.0.0.1:5000/web:healthcheck  v1 with a Docker HEALTHCHECK that passes
-#       127.0.0.1:5000/web:unhealthy    v1 with a Docker HEALTHCHECK that never passes
-#       127.0.0.1:5000/web:crash        exits with code 3 right after starting
+#       REGISTRY/web:v1           busybox httpd on :8080, / and /healthz answer
+#       REGISTRY/web:v2           starts, but /healthz is missing (HTTP 404)
+#       REGISTRY/web:healthcheck  v1 with a Docker HEALTHCHECK that passes
+#       REGISTRY/web:unhealthy    v1 with a Docker HEALTHCHECK that never passes
+#       REGISTRY/web:crash        exits with code 3 right after starting
 # Nothing comes from the internet but the apt packages.  Idempotent: a second run checks,
-# finds everything up and returns in about a second.
+# finds everything up and returns in about a second.  dockerd and the registry are left
+# running for the next test run; `--stop` stops what this script started.
 #
-# Usage: bash scripts/docker-testbed.sh        (as root; prints what it did)
+# Usage: bash scripts/docker-testbed.sh           (as root; prints what it did)
+#        bash scripts/docker-testbed.sh --address (the registry's host:port, when it is up)
+#        bash scripts/docker-testbed.sh --stop    (stop the registry, and dockerd if it
+#                                                   was started here)
 # Env:   DOCKERD_FLAGS  extra dockerd flags, tried before the automatic fallbacks
 #        TESTBED_WAIT   seconds to wait for dockerd to answer (default 60)
+#        DEPLOY_CENTER_TESTBED_STATE  state directory (default /var/lib/deploy-center-testbed)
 set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive  # apt asks nothing and prints no debconf noise
 
-STATE=/var/lib/deploy-center-testbed
+STATE="${DEPLOY_CENTER_TESTBED_STATE:-/var/lib/deploy-center-testbed}"
 DOCKERD_LOG=/var/log/dockerd-testbed.log
 REGISTRY_LOG=/var/log/docker-registry-testbed.log
-REGISTRY=127.0.0.1:5000
+# The registry's files: its address (read by the tests), pid, identifying token, config and
+# storage.  (An older version of this script used registry.yml, registry/ and port 5000.)
+REGISTRY_ADDRESS_FILE="$STATE/registry.address"
+REGISTRY_PID_FILE="$STATE/registry.pid"
+REGISTRY_TOKEN_FILE="$STATE/registry.token"
+REGISTRY_CONFIG="$STATE/registry-config.yml"
+REGISTRY_STORAGE="$STATE/registry-storage"
+REGISTRY_HEADER=X-Deploy-Center-Testbed
+DOCKERD_PID_FILE="$STATE/dockerd.pid"  # only when this script started dockerd
 REPO=web
 # Bump when the images below change: a different stamp rebuilds and pushes them again.
 IMAGES_VERSION=4
@@ -31,33 +49,98 @@ START=$(date +%s.%N)
 say() { printf 'docker-testbed: %s\n' "$*"; }
 die() { printf 'docker-testbed: ERROR: %s\n' "$*" >&2; exit 1; }
 elapsed() { awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
+BUSYBOX=/bin/busybox
+
+# No `wget -T`: this busybox build segfaults with it; coreutils timeout bounds the call.
+fetch() { timeout 5 "$BUSYBOX" wget -q -O - "$1" 2>/dev/null; }
+
+# --------------------------------------------------------------------------- registry identity
+
+# The pid of the registry this script started, when that process still runs its config.
+own_registry_pid() {
+  local pid
+  pid=$(cat "$REGISTRY_PID_FILE" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$REGISTRY_CONFIG" || return 1
+  echo "$pid"
+}
+
+# 0 when ADDRESS answers as the registry this script started: /v2/ answers with its token.
+registry_is_ours() {
+  local address="$1" token
+  token=$(cat "$REGISTRY_TOKEN_FILE" 2>/dev/null) || return 1
+  own_registry_pid >/dev/null || return 1
+  timeout 5 "$BUSYBOX" wget -S -q -O /dev/null "http://$address/v2/" 2>&1 \
+    | grep -qiF "$REGISTRY_HEADER: $token"
+}
+
+recorded_address() { cat "$REGISTRY_ADDRESS_FILE" 2>/dev/null; }
+
+stop_pid() {
+  local pid="$1" what="$2"
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || { say "stopped $what (pid $pid)"; return 0; }; sleep 0.2; done
+  kill -9 "$pid" 2>/dev/null || true
+  say "killed $what (pid $pid): it did not stop within 20 s"
+}
+
+case "${1:-}" in
+  --address)
+    address=$(recorded_address) && registry_is_ours "$address" || die "the test bed's registry is not up; run: bash scripts/docker-testbed.sh"
+    echo "$address"
+    exit 0
+    ;;
+  --stop)
+    if pid=$(own_registry_pid); then stop_pid "$pid" "the test registry"; else say "no test registry of ours is running"; fi
+    rm -f "$REGISTRY_PID_FILE" "$REGISTRY_ADDRESS_FILE"
+    pid=$(cat "$DOCKERD_PID_FILE" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat /var/run/docker.pid 2>/dev/null)" = "$pid" ]; then
+      stop_pid "$pid" dockerd
+    elif [ -n "$(cat /var/run/docker.pid 2>/dev/null)" ]; then
+      say "dockerd (pid $(cat /var/run/docker.pid)) was not started by this script; left running"
+    fi
+    rm -f "$DOCKERD_PID_FILE"
+    exit 0
+    ;;
+  "") ;;
+  *) die "unknown argument $1 (use no argument, --address or --stop)" ;;
+esac
 
 mkdir -p "$STATE"
 
 # --------------------------------------------------------------------------- packages
 
+docker_cli() { [ -x /usr/bin/docker ] || command -v docker >/dev/null; }
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
+docker_cli || missing+=(docker-cli)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 # The images need a static busybox: the rootfs holds no libc.
 if ! dpkg -s busybox-static >/dev/null 2>&1; then missing+=(busybox-static); fi
 if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || die "missing ${missing[*]} and not root: install them or run as root"
-  say "installing ${missing[*]} with apt"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$STATE/apt.log" 2>&1; then
-    apt-get update -qq >>"$STATE/apt.log" 2>&1
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
-      || { cat "$STATE/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+  [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; apt needs root: run sudo apt install ${missing[*]} (or this script as root)"
+  say "installing ${missing[*]} with apt (the Docker engine, its CLI, a registry and busybox for the test images)"
+  apt-get update -qq >"$STATE/apt.log" 2>&1 || { cat "$STATE/apt.log" >&2; die "apt-get update failed"; }
+  packages=()
+  for pkg in "${missing[@]}"; do
+    # Debian 13 split the CLI out of docker.io into docker-cli (only "recommended"); before
+    # that docker.io ships /usr/bin/docker and there is no docker-cli package.
+    if [ "$pkg" = docker-cli ] && ! apt-cache show docker-cli >/dev/null 2>&1; then pkg=docker.io; fi
+    case " ${packages[*]} " in *" $pkg "*) ;; *) packages+=("$pkg") ;; esac
+  done
+  if [[ " ${packages[*]} " == *" docker.io "* ]] && apt-cache show docker-cli >/dev/null 2>&1; then
+    case " ${packages[*]} " in *" docker-cli "*) ;; *) packages+=(docker-cli) ;; esac
   fi
+  apt-get install -y -qq --no-install-recommends "${packages[@]}" >>"$STATE/apt.log" 2>&1 \
+    || { cat "$STATE/apt.log" >&2; die "apt-get install ${packages[*]} failed"; }
+  docker_cli || die "no docker CLI after installing ${packages[*]}: install the docker CLI by hand"
 else
-  say "packages present (docker.io, docker-registry, busybox-static)"
+  say "packages present (dockerd, docker CLI, docker-registry, busybox-static)"
 fi
 # The Debian docker CLI matches the Debian dockerd; another docker earlier on PATH works too
 # (the API version is negotiated), but prefer the pair.
 DOCKER=docker
 [ -x /usr/bin/docker ] && DOCKER=/usr/bin/docker
-BUSYBOX=/bin/busybox
 
 engine_up() { timeout 10 "$DOCKER" info >/dev/null 2>&1; }
 
@@ -79,6 +162,7 @@ start_dockerd() {
   while [ "$(date +%s)" -lt "$end" ]; do
     if engine_up; then
       if [ -n "$*" ]; then echo "$*" >"$STATE/dockerd.flags"; else rm -f "$STATE/dockerd.flags"; fi
+      echo "$pid" >"$DOCKERD_PID_FILE"  # so that --stop knows this dockerd is ours
       return 0
     fi
     kill -0 "$pid" 2>/dev/null || break
@@ -119,34 +203,82 @@ fi
 
 # --------------------------------------------------------------------------- registry
 
-# No `wget -T`: this busybox build segfaults with it; coreutils timeout bounds the call.
-fetch() { timeout 5 "$BUSYBOX" wget -q -O - "$1" 2>/dev/null; }
-registry_up() { fetch "http://$REGISTRY/v2/" >/dev/null; }
+# A loopback port that is free now: PREFERRED when it is, else one the kernel picks.
+free_port() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+for port in (int(sys.argv[1] or 0), 0):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print(s.getsockname()[1])
+        break
+EOF
+}
 
-if registry_up; then
-  say "registry answers on $REGISTRY"
-else
-  mkdir -p "$STATE/registry"
-  cat >"$STATE/registry.yml" <<EOF
-# Written by scripts/docker-testbed.sh: a local, unauthenticated registry for the tests.
+# Start a registry of our own on a free port; 0 once it answers with our token.
+start_registry() {
+  local port address pid token end previous
+  previous=$(recorded_address || true)
+  port=$(free_port "${previous##*:}")  # the same port as last time, when it is free
+  address="127.0.0.1:$port"
+  token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  echo "$token" >"$REGISTRY_TOKEN_FILE"
+  mkdir -p "$REGISTRY_STORAGE"
+  cat >"$REGISTRY_CONFIG" <<EOF
+# Written by scripts/docker-testbed.sh: the tests' own local, unauthenticated registry.
 version: 0.1
 log:
   level: warn
 storage:
   filesystem:
-    rootdirectory: $STATE/registry
+    rootdirectory: $REGISTRY_STORAGE
   delete:
     enabled: true
 http:
-  addr: $REGISTRY
+  addr: $address
+  headers:
+    $REGISTRY_HEADER: ["$token"]
 EOF
-  say "starting docker-registry on $REGISTRY (storage $STATE/registry, log $REGISTRY_LOG)"
-  setsid nohup docker-registry serve "$STATE/registry.yml" >>"$REGISTRY_LOG" 2>&1 </dev/null &
+  say "starting docker-registry on $address (storage $REGISTRY_STORAGE, log $REGISTRY_LOG)"
+  echo "=== $(date -u +%FT%TZ) docker-registry on $address" >>"$REGISTRY_LOG"
+  # setsid: the registry outlives this script and the test run that called it.
+  setsid nohup docker-registry serve "$REGISTRY_CONFIG" >>"$REGISTRY_LOG" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$REGISTRY_PID_FILE"
   end=$(( $(date +%s) + 20 ))
-  until registry_up; do
-    [ "$(date +%s)" -lt "$end" ] || { tail -n 5 "$REGISTRY_LOG" >&2; die "registry did not answer"; }
+  while [ "$(date +%s)" -lt "$end" ]; do
+    if registry_is_ours "$address"; then
+      echo "$address" >"$REGISTRY_ADDRESS_FILE"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.2
   done
+  tail -n 3 "$REGISTRY_LOG" | sed 's/^/    /'
+  kill "$pid" 2>/dev/null || true
+  rm -f "$REGISTRY_PID_FILE"
+  return 1
+}
+
+REGISTRY=$(recorded_address || true)
+if [ -n "$REGISTRY" ] && registry_is_ours "$REGISTRY"; then
+  say "our registry answers on $REGISTRY (pid $(own_registry_pid))"
+else
+  if pid=$(own_registry_pid); then
+    say "our registry (pid $pid) does not answer as ours on ${REGISTRY:-its address}; restarting it"
+    kill "$pid" 2>/dev/null || true
+  fi
+  rm -f "$REGISTRY_ADDRESS_FILE"
+  # A port picked free can be taken before the registry binds it: try another.
+  ok=no
+  for _ in 1 2 3; do
+    if start_registry; then ok=yes; break; fi
+  done
+  [ "$ok" = yes ] || die "the registry did not come up (log $REGISTRY_LOG)"
+  REGISTRY=$(recorded_address)
 fi
 
 # --------------------------------------------------------------------------- images
@@ -232,4 +364,5 @@ if [ "$started_engine" = yes ] || [ "$built_images" = yes ]; then
   say "smoke test: a container answered on a published port"
 fi
 
-say "ready in $(elapsed)s: engine $("$DOCKER" context inspect --format '{{.Endpoints.docker.Host}}' 2>/dev/null || echo unix:///var/run/docker.sock), registry http://$REGISTRY"
+say "ready in $(elapsed)s: engine $("$DOCKER" context inspect --format '{{.Endpoints.docker.Host}}' 2>/dev/null || echo unix:///var/run/docker.sock), registry http://$REGISTRY (recorded in $REGISTRY_ADDRESS_FILE)"
+say "left running: dockerd (pid $(cat /var/run/docker.pid 2>/dev/null || echo ?)) and the registry (pid $(own_registry_pid)); to stop them: bash scripts/docker-testbed.sh --stop"

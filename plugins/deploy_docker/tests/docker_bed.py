@@ -14,9 +14,11 @@ import pytest
 from deploy_core.agent.context import DeployContext
 from deploy_core.models import RollbackTarget
 from deploy_core.testing import RecordingReporter
+from deploy_core.testing_docker import no_registry_reason, registry_address
 from deploy_docker.spec import NAME_LABEL
 
-REGISTRY = "127.0.0.1:5000"
+# The test bed's own registry (scripts/docker-testbed.sh records where it is).
+REGISTRY = registry_address()
 IMAGE = f"{REGISTRY}/web"
 TESTBED_TAGS = ("v1", "v2", "healthcheck", "unhealthy", "crash")
 
@@ -38,6 +40,8 @@ def testbed_problem() -> str | None:
         api.close()
     except Exception as exc:
         return f"no Docker engine ({exc}); run `bash scripts/docker-testbed.sh`"
+    if REGISTRY is None:
+        return no_registry_reason()
     try:
         with urllib.request.urlopen(f"http://{REGISTRY}/v2/web/tags/list", timeout=5) as answer:
             tags = answer.read().decode()

@@ -10,7 +10,11 @@ from typing import Any, TypeVar
 import docker
 import pytest
 
-IMAGE = "127.0.0.1:5000/web:v1"
+from deploy_core.testing_docker import no_registry_reason, registry_address
+
+# The test bed's own registry (scripts/docker-testbed.sh records where it is).
+REGISTRY = registry_address()
+IMAGE = f"{REGISTRY}/web:v1"
 T = TypeVar("T")
 
 RunContainer = Callable[..., Any]
@@ -26,6 +30,8 @@ def missing_part(reason: str) -> None:
 
 def engine_problem() -> str | None:
     """Why no container of the test bed's image can be run here, or ``None``."""
+    if REGISTRY is None:
+        return no_registry_reason()
     try:
         client = docker.from_env(timeout=10)
     except Exception as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from monitor_bed import RunContainer
+from monitor_bed import IMAGE, RunContainer
 
 from deploy_core.agent.context import AgentServiceContext
 from monitor_docker.models import EVENT, MonitorBatch
@@ -81,7 +81,7 @@ def test_a_running_managed_container_is_sampled_with_its_memory(
     assert seen.memory_usage is not None and seen.memory_usage > 0
     assert seen.memory_limit is not None and seen.memory_limit >= seen.memory_usage
     assert first[managed.id].cpu_percent is None and seen.cpu_percent is not None
-    assert seen.image == "127.0.0.1:5000/web:v1" and seen.started_at
+    assert seen.image == IMAGE and seen.started_at
 
 
 def test_a_stopped_container_shows_exited_with_its_code(
