@@ -8,6 +8,8 @@ through it in :meth:`~deploy_core.agent.context.DeployContext.run_script`:
 - content: no line matches a ``deny`` rule (unless an ``allow`` pattern matches the whole
   line), or, with ``policy = "allow-list"``, every line matches an ``allow`` pattern;
 - place: the working directory lies under one of ``workdir_roots`` (symlinks resolved);
+  so does every path a plugin writes as root (:meth:`ConstraintPolicy.check_path`), which,
+  with ``run_as``, must also be one the run-as user could write itself;
 - identity and resources: the script runs as ``run_as`` under ``limits`` (rlimits, and a
   cgroup v2 where one is delegated to the agent).
 
@@ -28,6 +30,7 @@ import pwd
 import re
 import resource
 import signal
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,10 @@ _NOFILE_WORDS = re.compile(r"Too many open files", re.I)
 _OOM_SIGNALS = (signal.SIGSEGV, signal.SIGABRT)
 
 
+#: How a plugin uses a path it hands to :meth:`ConstraintPolicy.check_path`.
+PathAccess = Literal["read", "write", "replace"]
+
+
 class ConstraintConfigError(ValueError):
     """The constraints cannot be enforced on this host (unknown user, not root …)."""
 
@@ -61,7 +68,7 @@ class ConstraintRefusal(Exception):
     """A script or working directory the constraints refuse.
 
     :param rule: what refused it: ``max_script_bytes``, ``deny:NAME``, ``allow-list``,
-        ``workdir_roots``.
+        ``workdir_roots``, ``run_as``.
     """
 
     def __init__(self, rule: str, detail: str) -> None:
@@ -245,6 +252,39 @@ class ConstraintPolicy:
             f"working directory {shown} is outside the allowed roots {', '.join(self.roots)}",
         )
 
+    def check_path(
+        self, path: str | os.PathLike[str], purpose: str, *, access: PathAccess = "write"
+    ) -> str:
+        """The resolved ``path`` a plugin is about to touch for ``purpose``, refused (a
+        :class:`ConstraintRefusal` naming the rule) when it lies outside ``workdir_roots``
+        or, with ``run_as``, when the run-as user could not do the same there itself.
+
+        The agent acts as root; this keeps it to what the constraints allow a script.
+
+        :param purpose: what the path is, for the message (``"tar target_dir"``).
+        :param access: ``read`` (reach and read it), ``write`` (create or write into it:
+            the nearest existing ancestor must be writable when it does not exist yet), or
+            ``replace`` (swap the whole entry: write on its parent and on itself).
+        """
+        real = os.path.realpath(path)
+        shown = str(path) if real == os.path.normpath(path) else f"{path} (resolves to {real})"
+        if self.roots and not any(_under(real, root) for root in self.roots):
+            raise ConstraintRefusal(
+                "workdir_roots",
+                f"{purpose} {shown} is outside the allowed roots {', '.join(self.roots)}",
+            )
+        user = self.switch_to
+        if user is None or user.uid == 0:
+            return real
+        denied = _denied(user, real, access)
+        if denied is not None:
+            raise ConstraintRefusal(
+                "run_as",
+                f"{purpose} {shown}: {user.name} (uid {user.uid}) {denied}; the agent does "
+                f"as root only what {user.name} could do there itself",
+            )
+        return real
+
     # ------------------------------------------------------------------ while running
 
     def environment(self, env: Mapping[str, str]) -> dict[str, str]:
@@ -360,6 +400,60 @@ def _resolve_user(name: str | None) -> RunAs | None:
         )
     groups = tuple(os.getgrouplist(name, entry.pw_gid))
     return RunAs(name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+_R, _W, _X = 4, 2, 1
+
+
+def _may(user: RunAs, st: os.stat_result, want: int) -> bool:
+    """Whether ``user`` has ``want`` (rwx bits) on ``st`` by its mode bits (ACLs are not
+    read: they can only make this stricter than needed, never looser)."""
+    if st.st_uid == user.uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid == user.gid or st.st_gid in user.groups:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & want == want
+
+
+def _denied(user: RunAs, real: str, access: PathAccess) -> str | None:
+    """Why ``user`` could not ``access`` resolved path ``real``, or ``None`` if it could."""
+    parts = [part for part in real.split("/") if part]
+    at = "/"
+    chain: list[tuple[str, os.stat_result]] = []
+    for part in ["", *parts]:
+        at = os.path.join(at, part) if part else "/"
+        try:
+            chain.append((at, os.stat(at)))
+        except FileNotFoundError:
+            break
+    exists = len(chain) == len(parts) + 1
+    # Every existing directory on the way must be searchable.
+    for where, st in chain[:-1] if exists else chain:
+        if not _may(user, st, _X):
+            return f"cannot enter {where}"
+    last, st = chain[-1]
+    if not exists:  # created: the nearest existing ancestor must take new entries
+        return None if _may(user, st, _W | _X) else f"cannot create entries in {last}"
+    if access == "read":
+        want = _R | _X if stat.S_ISDIR(st.st_mode) else _R
+        return None if _may(user, st, want) else f"cannot read {last}"
+    if stat.S_ISDIR(st.st_mode) and not _may(user, st, _W | _X):
+        return f"cannot write in {last}"
+    if not stat.S_ISDIR(st.st_mode) and not _may(user, st, _W):
+        return f"cannot write {last}"
+    if access == "replace" and len(chain) > 1:
+        parent, pst = chain[-2]
+        if not _may(user, pst, _W | _X):
+            return f"cannot replace entries of {parent}"
+        if pst.st_mode & stat.S_ISVTX and user.uid not in (pst.st_uid, st.st_uid):
+            return f"cannot replace {last} in the sticky directory {parent}"
+    return None
 
 
 def _size(value: int | None) -> str:

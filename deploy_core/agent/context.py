@@ -22,13 +22,19 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from deploy_core.agent import safefs
 from deploy_core.agent.artifacts import (
     ArtifactError,
     ArtifactProvider,
     ArtifactTimeout,
     FetchedArtifact,
 )
-from deploy_core.agent.constraints import ConstraintPolicy, ConstraintRefusal, default_policy
+from deploy_core.agent.constraints import (
+    ConstraintPolicy,
+    ConstraintRefusal,
+    PathAccess,
+    default_policy,
+)
 from deploy_core.agent.process import DEFAULT_TAIL_BYTES, ProcessResult, run_process
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
 
@@ -195,6 +201,43 @@ class DeployContext:
         except ArtifactError as exc:
             raise DeployFailed(str(exc)) from exc
 
+    # ------------------------------------------------------------------ paths
+
+    def check_path(
+        self, path: str | os.PathLike[str], purpose: str, *, access: PathAccess = "write"
+    ) -> Path:
+        """The resolved ``path`` a plugin is about to work on as root, for ``purpose``.
+
+        Call it before anything is written.  Refused — :class:`DeployFailed` naming the
+        rule, also logged — when the path resolves to ``/`` or into the agent's data
+        directory, lies outside the constraints' ``workdir_roots``, or (with ``run_as``) is
+        one the run-as user could not itself ``access`` (``read``, ``write`` or ``replace``;
+        see :meth:`ConstraintPolicy.check_path`).  Then work on the returned path with
+        :mod:`deploy_core.agent.safefs`, which refuses a symlink swapped in afterwards.
+
+        :param purpose: what the path is, for messages: ``"tar target_dir"``.
+        """
+        real = Path(os.path.realpath(path))
+        data = Path(os.path.realpath(self.data_dir))
+        if real == Path("/"):
+            refusal = f"{purpose} {path} resolves to '/'; name the application's own directory"
+        elif real == data or real.is_relative_to(data):
+            refusal = (
+                f"{purpose} {path} is inside the agent's data directory {data}; "
+                "name the application's own directory"
+            )
+        else:
+            refusal = None
+        if refusal is not None:
+            self.log(refusal, stream="agent")
+            raise DeployFailed(refusal)
+        try:
+            self.constraints.check_path(path, purpose, access=access)
+        except ConstraintRefusal as exc:
+            self.log(str(exc), stream="agent")
+            raise DeployFailed(str(exc)) from exc
+        return real
+
     # ------------------------------------------------------------------ running things
 
     def remaining(self) -> float:
@@ -325,19 +368,9 @@ class DeployContext:
         self._enforce(self.constraints.check_script, script)
         self._enforce(self.constraints.check_workdir, cwd)
         run_as = self.constraints.switch_to
-        if run_as is None:
-            scripts = self.data_dir / "scripts"
-            scripts.mkdir(parents=True, exist_ok=True, mode=0o700)
-        else:  # the agent's state directory is closed to the run-as user
-            scripts = Path(tempfile.mkdtemp(prefix="deploy-script-"))
-            os.chown(scripts, run_as.uid, run_as.gid)
-        path = scripts / f"{self.deploy_id}-{name}.sh"
+        scripts, path = self._script_file(script, f"{self.deploy_id}-{name}.sh")
         argv = [str(path)] if script.startswith("#!") else ["/bin/sh", str(path)]
         try:
-            path.write_text(script)
-            path.chmod(0o700)
-            if run_as is not None:
-                os.chown(path, run_as.uid, run_as.gid)
             return await self._run(
                 argv,
                 timeout=timeout,
@@ -347,10 +380,35 @@ class DeployContext:
                 confine=f"{self.deploy_id}-{name}-{uuid.uuid4().hex[:8]}",
             )
         finally:
-            path.unlink(missing_ok=True)
+            with scripts, contextlib.suppress(FileNotFoundError):
+                os.unlink(path.name, dir_fd=scripts.fd)
             if run_as is not None:
                 with contextlib.suppress(OSError):
-                    scripts.rmdir()
+                    os.rmdir(scripts.path)
+
+    def _script_file(self, script: str, name: str) -> tuple[safefs.Dir, Path]:
+        """Write ``script`` as ``name`` into a directory only the agent can write, readable
+        and runnable by whoever runs it; returns the open directory and the file's path.
+
+        With ``run_as`` the file belongs to the run-as user, in a fresh root-owned directory
+        it may enter but not change (the agent's data directory is closed to it): nothing
+        the run-as user does can make the agent write or chown anything else.
+        """
+        run_as = self.constraints.switch_to
+        if run_as is None:
+            folder = safefs.open_dir(self.data_dir / "scripts", create=True, mode=0o700)
+            owner = None
+        else:
+            created = tempfile.mkdtemp(prefix="deploy-script-")  # 0700, exclusively made
+            folder = safefs.open_dir(created)
+            os.fchmod(folder.fd, 0o711)  # the run-as user may enter, not list or write
+            owner = (run_as.uid, run_as.gid)
+        try:
+            safefs.write_file_at(folder, name, script.encode(), 0o700, owner=owner)
+        except BaseException:
+            folder.close()
+            raise
+        return folder, Path(folder.path) / name
 
 
 @dataclass
