@@ -79,6 +79,12 @@ class DeployType:
         is accepted: raise :class:`LookupError` for something that does not exist (404) or
         :class:`ValueError` for something wrong (422), with a message that says what.  E.g. a
         package that was never uploaded, refused at once instead of failing on the agent.
+    :param target: ``(params) -> str | None``: what a deployment changes on its host (a
+        directory, a container name), so the server knows which deployment is live there and
+        refuses a rollback that would undo a newer one.  ``None`` (or no function): one
+        target per deploy type and client.
+    :param artifacts: ``(params) -> SHA-256s``: the stored artifacts a deployment fetches; an
+        agent may fetch only the artifacts of deployments sent to it.
     """
 
     name: str
@@ -88,6 +94,8 @@ class DeployType:
     default_rollback: str | None = None
     description: str = ""
     server_check: Callable[[Any, Any], Awaitable[None]] | None = None
+    target: Callable[[Any], str | None] | None = None
+    artifacts: Callable[[Any], Sequence[str]] | None = None
 
     def __post_init__(self) -> None:
         if not COMMAND_NAME.fullmatch(self.name):
@@ -103,6 +111,16 @@ class DeployType:
     def kind(self) -> str:
         """The short name used in the API path: ``shell`` for ``deploy.shell``."""
         return self.name.split(".", 1)[1]
+
+    def target_key(self, params: Any) -> str:
+        """The target a deployment with ``params`` changes, prefixed with the type's name:
+        ``deploy.tar:/srv/app``; just ``deploy.tar`` when the type names none."""
+        name = self.target(params) if self.target is not None else None
+        return f"{self.name}:{name}" if name else self.name
+
+    def artifact_ids(self, params: Any) -> list[str]:
+        """The SHA-256s of the stored artifacts a deployment with ``params`` fetches."""
+        return sorted(set(self.artifacts(params))) if self.artifacts is not None else []
 
     def stage(self, status: str) -> Stage:
         """The stage registered for ``status``; a full-range stage when there is none."""

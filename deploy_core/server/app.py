@@ -29,9 +29,11 @@ from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactSto
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.server.ownership import named_deployments
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
 from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
+from deploy_core.server.targets import deployment_scope
 from deploy_core.server.tokens import TokenError, TokenStore
 from deploy_core.transport import (
     AgentSession,
@@ -181,6 +183,7 @@ class DeployServer:
             on_message=self._on_message,
             on_disconnect=self._on_disconnect,
             files=self.artifacts,
+            may_fetch=self._may_fetch,
         )
         await self.transport.start()
         self.app = create_app(self)
@@ -295,6 +298,7 @@ class DeployServer:
         """Record a new deployment (taking the client's lock) and send it if the agent is
         connected.  :raises ClientBusy: the client is busy."""
         deploy_id = uuid.uuid4().hex
+        target, artifacts = deployment_scope(self.plugins, command_type, request)
         record = await self.db(
             self.records.create_deployment,
             deploy_id=deploy_id,
@@ -304,6 +308,8 @@ class DeployServer:
             deadline=deadline,
             rollback_of=rollback_of,
             secret_env=secret_env,
+            target=target,
+            artifacts=artifacts,
         )
         self.record_changed(record, None)
         await self.dispatch(record)
@@ -369,10 +375,18 @@ class DeployServer:
         log.info("agent %s disconnected", session.client_id)
 
     async def _on_message(self, session: AgentSession, env: Envelope) -> None:
+        """One message of an authenticated agent.  Whatever names a deployment is checked
+        against the deployments of that agent first: a foreign one gets an ERROR and changes
+        nothing, whichever handler it was meant for."""
         if env.kind is Kind.ACK:
             deploy_id = env.payload.get("deploy_id")
-            if isinstance(deploy_id, str):
-                await self.db(self.records.mark_acked, deploy_id)
+            if deploy_id is None:
+                return
+            owned = isinstance(deploy_id, str) and await self.db(
+                self.records.mark_acked, session.client_id, deploy_id
+            )
+            if not owned:
+                session.send(error_for(env, self._not_yours(session.client_id, [deploy_id])))
             return
         if env.kind is Kind.ERROR:
             log.warning("agent %s reports an error: %s", session.client_id, env.payload)
@@ -383,6 +397,17 @@ class DeployServer:
         handler = self.plugins.event_handlers.get(env.name)
         if handler is None:
             session.send(error_for(env, f"no handler for event {env.name!r} on this server"))
+            return
+        named = named_deployments(env.payload)
+        foreign = named and await self.db(self.records.not_owned, session.client_id, named)
+        if foreign:
+            log.warning(
+                "event %s from %s names deployments not sent to it: %s",
+                env.name,
+                session.client_id,
+                ", ".join(map(str, foreign)),
+            )
+            session.send(error_for(env, self._not_yours(session.client_id, foreign)))
             return
         try:
             await handler.handler(EventContext(self, session.client_id, env))
@@ -395,6 +420,19 @@ class DeployServer:
             log.exception("handler for %s failed on an event from %s", env.name, session.client_id)
             return
         session.send(ack_for(env))
+
+    @staticmethod
+    def _not_yours(client_id: str, deploy_ids: list[Any]) -> str:
+        # The same words for a deployment of another client and for one that does not
+        # exist: an agent learns nothing about other clients' deployments.
+        names = ", ".join(f"{d:.80}" if isinstance(d, str) else f"{d!r:.80}" for d in deploy_ids)
+        return (
+            f"no deployment {names} for client {client_id}; an agent may name only the "
+            "deployments sent to it"
+        )
+
+    async def _may_fetch(self, client_id: str, sha256: str) -> bool:
+        return await self.db(self.records.may_fetch, client_id, sha256)
 
     # ------------------------------------------------------------------ background loops
 

@@ -49,8 +49,26 @@ deployments = sa.Table(
     sa.Column(
         "log_truncated", sa.Boolean, nullable=False, default=False, server_default=sa.false()
     ),
+    # What the deployment changes on its host (DeployType.target_key): which deployment is
+    # live there, and which rollbacks would undo a newer one.
+    sa.Column("target", sa.String(600)),
 )
 sa.Index("ix_deployments_open", deployments.c.finished_at, deployments.c.deadline)
+sa.Index("ix_deployments_target", deployments.c.client_id, deployments.c.target)
+
+# The stored artifacts each deployment fetches: an agent may fetch only those of deployments
+# sent to it.
+deploy_artifacts = sa.Table(
+    "deploy_artifacts",
+    metadata,
+    sa.Column(
+        "deploy_id",
+        ID,
+        sa.ForeignKey("deployments.deploy_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("sha256", sa.String(64), primary_key=True, index=True),
+)
 
 status_history = sa.Table(
     "status_history",

@@ -12,6 +12,7 @@ The methods are synchronous (SQLAlchemy Core); the async server calls them in a 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,13 @@ from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatus
 from deploy_core.server.clients import ClientRecords
 from deploy_core.server.db import (
     client_locks,
+    deploy_artifacts,
     deploy_logs,
     deploy_secrets,
     deployments,
     status_history,
 )
+from deploy_core.server.ownership import OwnershipRecords
 
 # How long a lock outlives its deployment's deadline before anyone may take it over, in case
 # the watchdog of the replica that holds it is gone.
@@ -66,9 +69,10 @@ def _row(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
 
 
-class RecordStore(ClientRecords):
+class RecordStore(ClientRecords, OwnershipRecords):
     """Everything the server stores about deployments (and, through
-    :class:`~deploy_core.server.clients.ClientRecords`, about clients)."""
+    :class:`~deploy_core.server.clients.ClientRecords`, about clients; through
+    :class:`~deploy_core.server.ownership.OwnershipRecords`, what each agent may name)."""
 
     def __init__(
         self,
@@ -93,11 +97,16 @@ class RecordStore(ClientRecords):
         deadline: float,
         rollback_of: str | None = None,
         secret_env: dict[str, str] | None = None,
+        target: str | None = None,
+        artifacts: Sequence[str] = (),
         _retried: bool = False,
     ) -> dict[str, Any]:
         """Insert a ``pending`` record and take the client's lock, atomically.
 
         ``secret_env`` is kept apart from the record and deleted when it finishes.
+        ``target`` names what the deployment changes on its host
+        (:meth:`~deploy_core.registry.DeployType.target_key`); ``artifacts`` are the
+        SHA-256s it may fetch.
 
         :raises ClientBusy: another deployment holds the client's lock.
         :raises sqlalchemy.exc.IntegrityError: the record itself was refused, e.g. its
@@ -141,8 +150,14 @@ class RecordStore(ClientRecords):
                         deadline=deadline,
                         created_at=now,
                         updated_at=now,
+                        target=target,
                     )
                 )
+                if artifacts:
+                    conn.execute(
+                        deploy_artifacts.insert(),
+                        [{"deploy_id": deploy_id, "sha256": sha} for sha in sorted(set(artifacts))],
+                    )
                 if secret_env:
                     conn.execute(
                         deploy_secrets.insert().values(deploy_id=deploy_id, secret_env=secret_env)
@@ -178,6 +193,8 @@ class RecordStore(ClientRecords):
                     deadline=deadline,
                     rollback_of=rollback_of,
                     secret_env=secret_env,
+                    target=target,
+                    artifacts=artifacts,
                     _retried=True,
                 )
             raise ClientBusy(client_id, holder["deploy_id"], holder["acquired_at"]) from None
@@ -544,7 +561,7 @@ class RecordStore(ClientRecords):
                 )
                 if not ids:
                     return deleted
-                for table in (status_history, deploy_logs, deploy_secrets):
+                for table in (status_history, deploy_logs, deploy_secrets, deploy_artifacts):
                     conn.execute(table.delete().where(table.c.deploy_id.in_(ids)))
                 conn.execute(
                     deployments.update()
@@ -563,14 +580,24 @@ class RecordStore(ClientRecords):
         """The command was handed to the transport."""
         self._set(deploy_id, dispatched_at=time.time())
 
-    def mark_acked(self, deploy_id: str) -> None:
-        """The agent acknowledged (journaled) the command."""
+    def mark_acked(self, client_id: str, deploy_id: str) -> bool:
+        """Agent ``client_id`` acknowledged (journaled) the command; ``False`` (and nothing
+        changed) when ``deploy_id`` is not a deployment of that client."""
         with self.engine.begin() as conn:
-            conn.execute(
-                deployments.update()
-                .where(deployments.c.deploy_id == deploy_id, deployments.c.acked_at.is_(None))
-                .values(acked_at=time.time())
-            )
+            owned = conn.execute(
+                sa.select(deployments.c.acked_at).where(
+                    deployments.c.deploy_id == deploy_id, deployments.c.client_id == client_id
+                )
+            ).first()
+            if owned is None:
+                return False
+            if owned.acked_at is None:
+                conn.execute(
+                    deployments.update()
+                    .where(deployments.c.deploy_id == deploy_id)
+                    .values(acked_at=time.time())
+                )
+            return True
 
     def _set(self, deploy_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:

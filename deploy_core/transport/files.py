@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -41,6 +41,7 @@ __all__ = [
     "RESET_SERVER_ERROR",
     "SHA256_PATTERN",
     "ArtifactSource",
+    "FetchCheck",
     "FileError",
     "FileHeader",
     "FileRefused",
@@ -148,6 +149,10 @@ class ArtifactSource(Protocol):
         ...
 
 
+#: ``async (client_id, sha256) -> bool``: whether that agent may fetch that artifact.
+FetchCheck = Callable[[str, str], Awaitable[bool]]
+
+
 class _Outgoing:
     """One request being served."""
 
@@ -174,6 +179,7 @@ class FileStreamServer:
         *,
         source: ArtifactSource | None,
         client_id: str,
+        may_fetch: FetchCheck | None = None,
         window: int = DEFAULT_WINDOW,
         stall_timeout: float = 60.0,
     ) -> None:
@@ -183,6 +189,7 @@ class FileStreamServer:
         self._transmit = transmit
         self._source = source
         self._client_id = client_id
+        self._may_fetch = may_fetch
         self._window = window
         self._stall_timeout = stall_timeout
         self._streams: dict[int, _Outgoing] = {}
@@ -285,6 +292,16 @@ class FileStreamServer:
     async def _serve(self, out: _Outgoing, request: FileRequest) -> None:
         sha = request.sha256
         try:
+            if self._may_fetch is not None and not await self._may_fetch(self._client_id, sha):
+                # The same code as a missing artifact: the agent learns nothing of what other
+                # clients deploy.
+                self._refuse(
+                    out,
+                    "not_found",
+                    f"artifact {sha} is not part of any deployment sent to client "
+                    f"{self._client_id}; an agent may fetch only its own deployments' artifacts",
+                )
+                return
             path = self._source.locate(sha) if self._source is not None else None
             if path is None:
                 reason = (

@@ -60,7 +60,7 @@ from .envelope import (
     encode,
     error_for,
 )
-from .files import ArtifactSource, FileStreamServer
+from .files import ArtifactSource, FetchCheck, FileStreamServer
 
 __all__ = [
     "CONGESTION_CONTROL",
@@ -457,7 +457,11 @@ class _AgentConnection(QuicConnectionProtocol):
         session = AgentSession(self, client_id, capabilities, self._peer_address())
         self._session = session
         self._files = FileStreamServer(
-            self._quic, self.transmit, source=self._server._files, client_id=client_id
+            self._quic,
+            self.transmit,
+            source=self._server._files,
+            client_id=client_id,
+            may_fetch=self._server._may_fetch,
         )
         welcome: dict[str, Any] = {"client_id": client_id, "server_time": time.time()}
         if new_key is not None:
@@ -518,9 +522,13 @@ class QuicServer:
         idle_timeout: float = 30.0,
         handshake_timeout: float = 10.0,
         files: ArtifactSource | None = None,
+        may_fetch: FetchCheck | None = None,
     ) -> None:
         """:param files: the artifacts authenticated agents may fetch on file streams; with
-        ``None`` every file request is refused."""
+        ``None`` every file request is refused.
+        :param may_fetch: ``async (client_id, sha256) -> bool``, asked before each transfer:
+        whether that agent may fetch that artifact; ``None`` lets every agent fetch every
+        artifact in ``files``."""
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if idle_timeout <= 0 or handshake_timeout <= 0:
@@ -538,6 +546,7 @@ class QuicServer:
         self._idle_timeout = idle_timeout
         self._handshake_timeout = handshake_timeout
         self._files = files
+        self._may_fetch = may_fetch
         self._requested_port = port
         self._sessions: dict[str, AgentSession] = {}
         #: Authenticated sessions by client id (a live, read-only view).

@@ -280,7 +280,7 @@ def test_duplicate_deploy_id_fails_instead_of_retrying_forever(store: RecordStor
 
 def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
     create(store, "d1")
-    store.mark_acked("d1")
+    store.mark_acked("web-1", "d1")
     store.expire("d1", "deadline passed")
     assert record_of(store, "d1")["rollback_wanted"] is True
 
@@ -490,7 +490,7 @@ def test_expire_marks_timeout_releases_lock_and_wants_rollback_once_it_may_have_
     create(store, "d1")
     store.apply_report("web-1", report("d1", 0, progress=60))
     if acked:
-        store.mark_acked("d1")
+        store.mark_acked("web-1", "d1")
 
     applied = store.expire("d1", "no report for 300 s")
 
@@ -524,7 +524,7 @@ def test_expire_wants_a_rollback_only_if_the_command_may_have_reached_the_agent(
 
 def test_expire_without_rollback_wanted_never_asks_for_one(store: RecordStore) -> None:
     create(store, "d1")
-    store.mark_acked("d1")
+    store.mark_acked("web-1", "d1")
 
     assert (
         record_in(store.expire("d1", "deadline", rollback_wanted=False))["rollback_wanted"] is False
@@ -590,7 +590,7 @@ def test_late_timeout_callback_after_expire_is_still_recorded(store: RecordStore
 
 def test_concurrent_callback_and_expire_finish_once(store: RecordStore) -> None:
     create(store, "d1")
-    store.mark_acked("d1")
+    store.mark_acked("web-1", "d1")
 
     def work(i: int) -> Any:
         if i == 0:
@@ -638,7 +638,7 @@ def test_undelivered_lists_unacked_unfinished_deployments_oldest_first(
     # Dispatched is not delivered: only the agent's ack is.
     assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
 
-    store.mark_acked("b")
+    store.mark_acked("web-1", "b")
     assert store.undelivered("web-1") == []
     assert [r["deploy_id"] for r in store.undelivered("web-2")] == ["c"]
 
@@ -653,12 +653,12 @@ def test_undelivered_orders_by_creation(store: RecordStore) -> None:
 
 def test_mark_acked_keeps_the_first_ack_time(store: RecordStore) -> None:
     create(store, "d1")
-    store.mark_acked("d1")
+    store.mark_acked("web-1", "d1")
     first = record_of(store, "d1")["acked_at"]
     assert first is not None
 
     time.sleep(0.01)
-    store.mark_acked("d1")
+    store.mark_acked("web-1", "d1")
 
     assert record_of(store, "d1")["acked_at"] == first
 

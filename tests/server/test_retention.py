@@ -94,7 +94,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url: str) -> None:
             {"t": now},
         )
     db.upgrade(engine)
-    assert db.current_revision(engine) == "0003"
+    assert (db.current_revision(engine) or "") >= "0003"  # 0003 or a later head
     record = RecordStore(engine).get("d1")
     assert record is not None
     assert record["log_bytes"] == 0 and record["log_truncated"] is False

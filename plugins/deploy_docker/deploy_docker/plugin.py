@@ -17,6 +17,7 @@ DEPLOY_TYPE = DeployType(
     stages=STAGES,
     default_rollback=STRATEGY,
     description="pull an image and replace a container with one running it",
+    target=lambda params: params.container_name,
 )
 
 PREVIOUS_CONTAINER = RollbackStrategy(

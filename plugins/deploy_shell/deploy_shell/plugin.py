@@ -109,5 +109,6 @@ def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None
             stages=STAGES,
             default_rollback="inline",
             description="run a shell script on the target host",
+            target=lambda params: params.workdir,
         )
     )

@@ -34,6 +34,8 @@ DEPLOY_TYPE = DeployType(
     default_rollback=STRATEGY,
     description="install a tar.gz package as a new release and switch current to it",
     server_check=package_is_stored,
+    target=lambda params: params.target_dir,
+    artifacts=lambda params: [params.artifact],
 )
 
 RELEASE = RollbackStrategy(
