@@ -107,6 +107,11 @@ class RollbackResult(WireModel):
     error: str | None = None
     message: str = ""
     health: list[HealthCheckResult] = Field(default_factory=list)
+    details: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the strategy reports beside its message, e.g. the processes a "
+        "snapshot restore stopped and the services it started again",
+    )
 
 
 class DeployShellResult(WireModel):
@@ -208,6 +213,12 @@ class DeployCommand(WireModel):
     params: dict[str, Any] = Field(default_factory=dict)
     health_checks: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
     rollback: dict[str, Any] | None = None
+    no_rollback_reason: str | None = Field(
+        None,
+        max_length=1024,
+        description="when rollback is None: why (the request opted out, or nothing names a "
+        "strategy for this deploy type); the agent puts it in the record of a failure",
+    )
     secret_env: dict[str, str] = Field(
         default_factory=dict,
         description="environment values the agent gives scripts but masks in all it reports",

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import click
 import pluggy
+from pydantic import ValidationError
 from sqlalchemy import MetaData
 
 from deploy_core import hookspecs
@@ -174,6 +175,14 @@ class DeployPlugins:
                     name,
                     dt.default_rollback,
                 )
+            elif dt.default_rollback:
+                try:
+                    self.parse_rollback({**dt.default_rollback_params}, dt.default_rollback)
+                except ValidationError as exc:
+                    raise PluginError(
+                        f"deploy type {name} (plugin {self.deploy_types.owners[name]!r}): its "
+                        f"default_rollback_params do not fit strategy {dt.default_rollback}: {exc}"
+                    ) from None
 
     def _collect(self, hook_name: str, registry: Registry[Any], key: Callable[[Any], str]) -> None:
         expected = _REGISTRY_TYPES[hook_name]

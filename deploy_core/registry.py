@@ -9,7 +9,7 @@ names the bad value, so a broken plugin is caught when it loads, not when it fir
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +74,12 @@ class DeployType:
     :param executor: agent side, ``async (ctx, params) -> result model``.  Raise
         :class:`deploy_core.agent.context.DeployFailed` to fail with a result attached.
     :param stages: the type's own stages in order, with their progress ranges.
-    :param default_rollback: strategy used when a request names none but asks for rollback.
+    :param default_rollback: the rollback strategy a failed deployment of this type gets
+        when neither the request nor the server's ``[defaults.rollback]`` names one (issue 10
+        §2: a type that knows how to undo itself rolls back by default); ``None`` when the
+        type cannot undo on its own (``deploy.shell``).
+    :param default_rollback_params: options of that strategy (``strategy`` left out); they
+        are validated against the strategy's model when the plugins are collected.
     :param server_check: server side, ``async (server, params) -> None``, run when a request
         is accepted: raise :class:`LookupError` for something that does not exist (404) or
         :class:`ValueError` for something wrong (422), with a message that says what.  E.g. a
@@ -92,6 +97,10 @@ class DeployType:
     executor: Executor
     stages: Sequence[Stage] = ()
     default_rollback: str | None = None
+    # Not part of the identity: deploy types are dictionary keys (request models are cached).
+    default_rollback_params: Mapping[str, Any] = field(
+        default_factory=dict, hash=False, compare=False
+    )
     description: str = ""
     server_check: Callable[[Any, Any], Awaitable[None]] | None = None
     target: Callable[[Any], str | None] | None = None
@@ -106,6 +115,20 @@ class DeployType:
             raise RegistrationError(f"deploy type {self.name}: params must subclass DeployParams")
         if not callable(self.executor):
             raise RegistrationError(f"deploy type {self.name}: executor is not callable")
+        if self.default_rollback is not None and not SIMPLE_NAME.fullmatch(self.default_rollback):
+            raise RegistrationError(
+                f"deploy type {self.name}: default_rollback {self.default_rollback!r} is not a "
+                "rollback strategy name (a lower-case word)"
+            )
+        if self.default_rollback_params and self.default_rollback is None:
+            raise RegistrationError(
+                f"deploy type {self.name}: default_rollback_params without a default_rollback"
+            )
+        if "strategy" in self.default_rollback_params:
+            raise RegistrationError(
+                f"deploy type {self.name}: name the strategy in default_rollback, not in "
+                "default_rollback_params"
+            )
 
     @property
     def kind(self) -> str:
@@ -184,8 +207,30 @@ class RollbackParams(BaseModel):
 
 
 RollbackState = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RollbackReport:
+    """What a strategy's ``rollback`` may return to say more than "rolled back".
+
+    :param message: one line for the record, e.g. ``"nothing to roll back to: first release"``.
+    :param nothing_to_undo: nothing was restored because there was nothing before the
+        deployment (a first release, no previous container).  The rollback counts as done and
+        the health checks are not run again: they would only test that nothing runs.
+    :param details: JSON-able facts for the record's ``rollback.details`` (e.g. the processes
+        a snapshot restore stopped and the services it started again).
+    """
+
+    message: str = ""
+    nothing_to_undo: bool = False
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
 PrepareFn = Callable[["DeployContext", Any], Awaitable[RollbackState | None]]
-RollbackFn = Callable[["DeployContext", Any, RollbackState | None], Awaitable[None]]
+RollbackFn = Callable[
+    ["DeployContext", Any, RollbackState | None], Awaitable[RollbackReport | None]
+]
+DiscardFn = Callable[["DeployContext", Any, RollbackState | None], Awaitable[None]]
 
 
 async def _nothing_to_discard(ctx: DeployContext, params: Any, state: RollbackState | None) -> None:
@@ -198,7 +243,8 @@ class RollbackStrategy:
 
     :param prepare: before the deployment; returns JSON-able state (e.g. a snapshot path)
         kept with the deployment, or ``None``.
-    :param rollback: undo; raise to report the rollback failed.
+    :param rollback: undo; raise to report the rollback failed.  May return a
+        :class:`RollbackReport` (``None`` means plainly "rolled back").
     :param discard: after success (retention: prune old snapshots).
     :param needs_state: a manual rollback is refused unless ``prepare`` returned state.
     """
@@ -207,7 +253,7 @@ class RollbackStrategy:
     params: type[RollbackParams]
     rollback: RollbackFn
     prepare: PrepareFn | None = None
-    discard: RollbackFn = _nothing_to_discard
+    discard: DiscardFn = _nothing_to_discard
     needs_state: bool = False
     description: str = ""
 

@@ -34,7 +34,7 @@ from deploy_core.models import (
     RollbackTarget,
 )
 from deploy_core.plugins import DeployPlugins
-from deploy_core.registry import DeployType, RollbackStrategy
+from deploy_core.registry import DeployType, RollbackReport, RollbackStrategy
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,10 @@ class Executor:
     ) -> None:
         ctx.report(outcome.status, progress=ctx.progress, message=outcome.error or "")
         if command.rollback is None:
-            outcome.error = f"{outcome.error}; no rollback configured"
+            # Never a blind re-run: say plainly that nothing was undone, and why.
+            why = command.no_rollback_reason or "the command named no rollback strategy"
+            outcome.error = f"{outcome.error}; not rolled back: {why}"
+            ctx.log(f"not rolled back: {why}", stream="agent")
             return
         target = RollbackTarget(
             deploy_id=command.deploy_id,
@@ -326,7 +329,7 @@ class Executor:
                 error=f"strategy {strategy.name} has no saved state for {target.deploy_id}",
             )
         try:
-            await asyncio.wait_for(
+            report = await asyncio.wait_for(
                 strategy.rollback(ctx, params, target.rollback_state),
                 params.timeout + EXECUTOR_GRACE,
             )
@@ -343,6 +346,18 @@ class Executor:
                 strategy=strategy.name,
                 duration=time.monotonic() - started,
                 error=str(exc) or type(exc).__name__,
+            )
+        report = report if isinstance(report, RollbackReport) else RollbackReport()
+        details = dict(report.details)  # masked with the rest of the callback
+        if report.nothing_to_undo:
+            # Nothing ran before the deployment: checking health again would only show that.
+            ctx.log(f"rollback: {report.message or 'nothing to undo'}", stream="agent")
+            return RollbackResult(
+                success=True,
+                strategy=strategy.name,
+                duration=time.monotonic() - started,
+                message=report.message or "nothing to undo",
+                details=details,
             )
         health: list[HealthCheckResult] = []
         if target.health_checks:
@@ -361,8 +376,9 @@ class Executor:
             + "; ".join(f"{h.check_type}: {h.error}" for h in failed)
             if failed
             else None,
-            message="rolled back" if not failed else "rolled back, but unhealthy",
+            message=(report.message or "rolled back") + (", but unhealthy" if failed else ""),
             health=health,
+            details=details,
         )
 
     def _callback(self, ctx: DeployContext, outcome: Outcome, duration: float) -> None:

@@ -73,24 +73,60 @@ def agent_settings_and_constraints(path: Path | None) -> tuple[dict[str, Any], A
     return settings, constraints
 
 
-def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
+def _read_server_config(path: Path) -> dict[str, Any]:
+    """A server's TOML configuration, its sections checked for shape."""
     import tomllib
 
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    unknown = set(data) - {"plugins"}
+    unknown = set(data) - {"plugins", "defaults"}
     if unknown:
         raise click.BadParameter(
-            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME]",
+            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME] "
+            "and [defaults.rollback]",
             param_hint="--config",
         )
     plugins = data.get("plugins", {})
     if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
         raise click.BadParameter(f"{path}: [plugins.NAME] must be tables", param_hint="--config")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict) or set(defaults) - {"rollback"}:
+        raise click.BadParameter(
+            f'{path}: [defaults] holds only [defaults.rollback."<deploy type>"] tables',
+            param_hint="--config",
+        )
+    rollback = defaults.get("rollback", {})
+    if not isinstance(rollback, dict) or not all(isinstance(v, dict) for v in rollback.values()):
+        raise click.BadParameter(
+            f"{path}: [defaults.rollback] must hold one table per deploy type, e.g. "
+            '"deploy.shell" = {strategy = "snapshot", path = "{workdir}"}',
+            param_hint="--config",
+        )
+    return data
+
+
+def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
+    plugins: dict[str, dict[str, Any]] = _read_server_config(path).get("plugins", {})
     return plugins
+
+
+def load_rollback_defaults(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a server's TOML configuration; returns its ``[defaults.rollback]`` tables by
+    deploy type, checked against the installed plugins (docs/user-guide.md, "Rollback")."""
+    from deploy_core.plugins import get_plugins
+    from deploy_core.server.rollback_plan import RollbackDefaults, RollbackDefaultsError
+
+    tables: dict[str, dict[str, Any]] = (
+        _read_server_config(path).get("defaults", {}).get("rollback", {})
+    )
+    try:
+        RollbackDefaults(tables, get_plugins())
+    except RollbackDefaultsError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    return tables
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -118,7 +154,8 @@ def _host_port(value: str) -> tuple[str, int]:
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings",
+    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
+    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none',
 )
 @click.option(
     "--cert-name",
@@ -174,6 +211,7 @@ def server(
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
         plugin_settings=load_server_settings(config_file) if config_file else {},
+        rollback_defaults=load_rollback_defaults(config_file) if config_file else {},
     )
 
     async def run(stop: asyncio.Event) -> None:

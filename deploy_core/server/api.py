@@ -14,7 +14,7 @@ import re
 import time
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,6 +37,12 @@ from deploy_core.server.info import (
 )
 from deploy_core.server.logs import get_logs
 from deploy_core.server.records import ClientBusy
+from deploy_core.server.rollback_plan import (
+    SOURCE_REQUEST,
+    RollbackPlan,
+    RollbackPlanError,
+    plan_rollback,
+)
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
 from deploy_core.server.web import (
     ApiError,
@@ -70,8 +76,12 @@ class DeployRequestCommon(BaseModel):
     health_checks: list[dict[str, Any]] = Field(
         default_factory=list, max_length=16, description="checks run after the deployment"
     )
-    rollback: dict[str, Any] | None = Field(
-        None, description="rollback strategy and its options; none means no rollback"
+    rollback: dict[str, Any] | StrictBool | None = Field(
+        None,
+        description='how a failure is undone: {"strategy": NAME, …options}; false or '
+        '{"strategy": "none"} opts out; true, or options without a strategy, ask for the '
+        "default.  Absent: the server config's [defaults.rollback] for the deploy type, else "
+        "the type's own default (tar: release, Docker: previous_container), else none",
     )
     deadline: float | None = Field(
         None,
@@ -146,10 +156,14 @@ def render_history(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_options(
-    server: DeployServer, deploy_type: DeployType, common: DeployRequestCommon
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None, float]:
-    """Validate health checks and rollback against the server's plugins; return them as sent
-    to the agent, and the seconds they add to the deadline."""
+    server: DeployServer,
+    deploy_type: DeployType,
+    common: DeployRequestCommon,
+    deploy_params: BaseModel,
+) -> tuple[list[dict[str, Any]], RollbackPlan, float]:
+    """Validate health checks against the server's plugins and resolve the rollback
+    (:func:`plan_rollback`); return the checks as sent to the agent, the rollback plan, and
+    the seconds they add to the deadline."""
     checks: list[dict[str, Any]] = []
     extra = 0.0
     for i, spec in enumerate(common.health_checks):
@@ -163,27 +177,23 @@ def validate_options(
             ) from None
         checks.append(params.model_dump(mode="json"))
         extra += params.initial_delay + params.timeout
-    rollback = None
-    if common.rollback is not None:
-        try:
-            _strategy, rparams = server.plugins.parse_rollback(
-                common.rollback, deploy_type.default_rollback
-            )
-        except LookupError as exc:
-            raise ApiError(422, str(exc), [{"loc": ["rollback", "strategy"]}]) from None
-        except ValidationError as exc:
-            raise ApiError(422, "invalid rollback", validation_detail(exc, ("rollback",))) from None
-        rollback = rparams.model_dump(mode="json")
+    try:
+        plan = plan_rollback(
+            server.plugins, server.rollback_defaults, deploy_type, common.rollback, deploy_params
+        )
+    except RollbackPlanError as exc:
+        raise ApiError(422, str(exc), exc.detail) from None
+    if plan.spec is not None:
         # After a rollback the checks run again: their time counts twice.
-        extra = 2 * extra + rparams.timeout
-    return checks, rollback, extra
+        extra = 2 * extra + float(plan.spec.get("timeout", 0))
+    return checks, plan, extra
 
 
 def check_capabilities(
     client: dict[str, Any],
     command_type: str,
     checks: list[dict[str, Any]],
-    rollback: dict[str, Any] | None,
+    plan: RollbackPlan,
 ) -> None:
     """Refuse (409) what the target agent said it cannot do."""
     caps = client.get("capabilities")
@@ -199,9 +209,18 @@ def check_capabilities(
     for check in checks:
         if check["type"] not in caps.get("health_checks", []):
             raise ApiError(409, f"client {cid} has no {check['type']!r} health check plugin")
+    rollback = plan.spec
     if rollback and rollback["strategy"] not in caps.get("rollback_strategies", []):
+        hint = (
+            ""
+            if plan.source == SOURCE_REQUEST
+            else (
+                f" (the rollback is {plan.note}; name another strategy, or opt out with "
+                '"rollback": false)'
+            )
+        )
         raise ApiError(
-            409, f"client {cid} has no {rollback['strategy']!r} rollback strategy plugin"
+            409, f"client {cid} has no {rollback['strategy']!r} rollback strategy plugin{hint}"
         )
 
 
@@ -233,11 +252,11 @@ async def create_deployment(request: Request) -> Response:
             raise ApiError(404, str(exc).strip("'\"")) from None
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
-    checks, rollback, extra = validate_options(server, deploy_type, common)
+    checks, plan, extra = validate_options(server, deploy_type, common, params)
     client = await server.db(server.records.get_client, common.client_id)
     if client is None:
         raise ApiError(404, f"unknown client {common.client_id!r}: no agent enrolled with that id")
-    check_capabilities(client, deploy_type.name, checks, rollback)
+    check_capabilities(client, deploy_type.name, checks, plan)
     seconds = common.deadline or (params.timeout + extra + server.config.deadline_margin)
     try:
         record = await server.submit(
@@ -246,7 +265,8 @@ async def create_deployment(request: Request) -> Response:
             request={
                 "params": params.model_dump(mode="json"),
                 "health_checks": checks,
-                "rollback": rollback,
+                "rollback": plan.spec,
+                "rollback_plan": plan.record(),
                 "deadline_seconds": seconds,
                 "secret_env_names": sorted(common.secret_env),
             },

@@ -31,6 +31,7 @@ from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.events import EventContext, EventRejected
 from deploy_core.server.ownership import named_deployments
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
+from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.targets import deployment_scope
@@ -77,6 +78,9 @@ class ServerConfig:
     # Plugins' own settings by plugin name (``[plugins.NAME]`` of ``deployctl server
     # --config``); a plugin reads its table with :meth:`DeployServer.plugin_config`.
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # ``[defaults.rollback."<deploy type>"]`` tables of the server config: the rollback a
+    # deployment of that type gets when its request names none (server/rollback_plan.py).
+    rollback_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Finished deployments older than this are deleted by a daily pass; None keeps them all.
     retention_days: float | None = None
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
@@ -132,6 +136,8 @@ class DeployServer:
     def __init__(self, config: ServerConfig, plugins: DeployPlugins | None = None) -> None:
         self.config = config
         self.plugins = plugins or get_plugins()
+        # Checked against the plugins now: a wrong default stops the server from starting.
+        self.rollback_defaults = RollbackDefaults(config.rollback_defaults, self.plugins)
         self.listeners = Listeners()
         self.started_at = time.time()
         self.state: ServerState
@@ -325,6 +331,9 @@ class DeployServer:
             params=req.get("params", {}),
             health_checks=req.get("health_checks", []),
             rollback=req.get("rollback"),
+            no_rollback_reason=(req.get("rollback_plan") or {}).get("note", "")[:1024] or None
+            if not req.get("rollback")
+            else None,
             secret_env=await self.db(self.records.secret_env, record["deploy_id"])
             if req.get("secret_env_names")
             else {},

@@ -65,7 +65,12 @@ def test_nonzero_exit_fails_with_exit_code_and_stderr(center: DeployCenter) -> N
     assert record["result"]["exit_code"] == 3
     assert "broken config" in record["result"]["stderr_tail"]
     assert "exited with code 3" in record["error"]
-    assert "no rollback configured" in record["error"]
+    assert record["error"].endswith(
+        "; not rolled back: deploy.shell has no default rollback and the request named none "
+        '(add "rollback": {"strategy": ...} to the request, or set '
+        '[defaults.rollback."deploy.shell"] in the server config)'
+    )
+    assert record["rollback"] is None
 
 
 def test_timeout_kills_the_script_and_its_children(center: DeployCenter, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from deploy_core.agent.context import DeployContext
-from deploy_core.registry import RollbackState
+from deploy_core.registry import RollbackReport, RollbackState
 from deploy_docker import secret_store
 from deploy_docker.deploy import connect
 from deploy_docker.engine import Engine
@@ -56,8 +56,10 @@ async def prepare_previous(ctx: DeployContext, params: PreviousContainerParams) 
 
 async def rollback_previous(
     ctx: DeployContext, params: PreviousContainerParams, state: RollbackState | None
-) -> None:
-    """Remove the new container and bring the previous one back under its name."""
+) -> RollbackReport:
+    """Remove the new container and bring the previous one back under its name.  With no
+    container under the name before the deployment, there is nothing to roll back to: the
+    new one is removed and the report says so."""
     target = ctx.rollback_target
     if target is None:
         raise RuntimeError("no deployment to roll back")
@@ -76,7 +78,11 @@ async def rollback_previous(
             ctx.log(
                 f"there was no {name} before the deployment: nothing to restore", stream="agent"
             )
-            return
+            removed = " (the new one was removed)" if current is not None else ""
+            return RollbackReport(
+                message=f"nothing to roll back to: no previous container {name}{removed}",
+                nothing_to_undo=True,
+            )
         old_id = await _bring_back(ctx, engine, name, previous, target.deploy_id)
         if previous.get("running"):
             attrs = await engine.container(old_id)
@@ -89,6 +95,10 @@ async def rollback_previous(
                 min_uptime=deploy.min_uptime,
             )
         ctx.log(f"{name} is the previous container again ({old_id[:12]})", stream="agent")
+        return RollbackReport(
+            message=f"{name} is the previous container again ({old_id[:12]}, "
+            f"{previous.get('image')})"
+        )
     finally:
         engine.close()
 

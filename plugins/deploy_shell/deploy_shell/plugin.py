@@ -107,7 +107,6 @@ def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None
             params=ShellParams,
             executor=run_shell,
             stages=STAGES,
-            default_rollback="inline",
             description="run a shell script on the target host",
             target=lambda params: params.workdir,
         )

@@ -17,7 +17,7 @@ import asyncio
 from pathlib import Path
 
 from deploy_core.agent.context import DeployContext
-from deploy_core.registry import RollbackState
+from deploy_core.registry import RollbackReport, RollbackState
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.releases import ReleaseError, Releases
 from deploy_tar.scripts import failure, find_script, run_release_script
@@ -45,8 +45,11 @@ async def prepare_release(ctx: DeployContext, params: ReleaseParams) -> Rollback
 
 async def rollback_release(
     ctx: DeployContext, params: ReleaseParams, state: RollbackState | None
-) -> None:
-    """Mark the deployment's release bad, make the release before it current, start it."""
+) -> RollbackReport:
+    """Mark the deployment's release bad, make the release before it current, start it.
+
+    With no release before it (a first deployment) there is nothing to roll back to: the
+    release is marked bad, ``current`` removed, and the report says so."""
     target = ctx.rollback_target
     if target is None:
         raise ReleaseError("no deployment to roll back")
@@ -56,7 +59,12 @@ async def rollback_release(
     recorded = state.get("previous") if isinstance(state.get("previous"), str) else None
     if not releases.exists(failed):
         ctx.log(f"release {failed} was never extracted: nothing to undo", stream="agent")
-        return
+        live = releases.current()
+        return RollbackReport(
+            message=f"nothing to undo: release {failed} was never extracted"
+            + (f"; current is still {live}" if live else ""),
+            nothing_to_undo=True,
+        )
     current = releases.current()
     back_to = releases.fallback(failed, recorded)
     if current not in {failed, recorded, back_to, None}:
@@ -74,7 +82,12 @@ async def rollback_release(
             f"no earlier good release to go back to; {releases.current_link} removed",
             stream="agent",
         )
-        return
+        why = "first release" if recorded is None else "no earlier good release is left"
+        return RollbackReport(
+            message=f"nothing to roll back to: {why} (release {failed} marked bad, "
+            f"{releases.current_link.name} removed)",
+            nothing_to_undo=True,
+        )
     if back_to != recorded:
         ctx.log(
             f"the previous release {recorded or '(none recorded)'} is bad or gone; going back "
@@ -84,6 +97,7 @@ async def rollback_release(
     await asyncio.to_thread(releases.switch, back_to)
     ctx.log(f"current -> releases/{back_to}", stream="agent")
     await _start(ctx, params, deploy, releases, back_to, failed)
+    return RollbackReport(message=f"back to release {back_to} (release {failed} marked bad)")
 
 
 async def _start(
