@@ -427,9 +427,12 @@ def test_malicious_package_fails_naming_member_and_rule_and_writes_nothing(
 
     record = deploy(center, app.params(sha))
 
-    assert record["status"] == "failed"
+    # The release rollback is the default: with no release made, it has nothing to undo.
+    assert record["status"] == "rolled_back"
     assert record["error"].startswith(f"package refused: member {name!r}: "), record["error"]
-    assert record["error"].endswith(f"(rule {rule}); no rollback configured")
+    assert record["error"].endswith(f"(rule {rule})")
+    assert record["rollback"]["success"]
+    assert record["rollback"]["message"].startswith("nothing to undo: release ")
     assert snapshot(app.target, app.outside) == before  # no release, no staging left
     assert not (app.target / "releases" / record["deploy_id"]).exists()
     for escaped in (app.tmp / "escape.txt", app.target / "escape.txt", app.outside / "escape.txt"):
