@@ -42,6 +42,7 @@ from deploy_core.transport import (
     Envelope,
     Kind,
     QuicServer,
+    RevokedAgent,
     ack_for,
     error_for,
 )
@@ -98,9 +99,15 @@ class _Authority:
         client = await self.server.db(self.server.records.client_credentials, client_id)
         if client is None:
             return None
+        key = bytes.fromhex(client["agent_key"])
         if client["revoked_at"] is not None:
-            raise AuthError(f"client {client_id} was revoked by an operator")
-        return bytes.fromhex(client["agent_key"])
+            # Told only to a peer that proves this key; others get the unknown-id refusal.
+            raise RevokedAgent(
+                f"client {client_id} was revoked by an operator; an operator may enroll it "
+                "again after 'deployctl clients forget'",
+                key,
+            )
+        return key
 
     async def enroll(self, client_id: str, join_token: str) -> bytes:
         if await self.server.db(self.server.records.client_credentials, client_id) is not None:

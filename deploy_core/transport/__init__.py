@@ -20,10 +20,11 @@ from .envelope import (
     encode,
     error_for,
 )
-from .server import AgentAuthority, AgentSession, AuthError, QuicServer
+from .server import AUTH_FAILED, AgentAuthority, AgentSession, AuthError, QuicServer, RevokedAgent
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "AUTH_FAILED",
     "CLIENT_ID_PATTERN",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
@@ -39,6 +40,7 @@ __all__ = [
     "Kind",
     "ProtocolError",
     "QuicServer",
+    "RevokedAgent",
     "ServerCerts",
     "ack_for",
     "encode",

@@ -63,6 +63,7 @@ from .envelope import (
 from .files import ArtifactSource, FetchCheck, FileStreamServer
 
 __all__ = [
+    "AUTH_FAILED",
     "CONGESTION_CONTROL",
     "LOOPBACK_DATAGRAM_SIZE",
     "MAX_CAPABILITIES_BYTES",
@@ -74,6 +75,8 @@ __all__ = [
     "AgentSession",
     "AuthError",
     "QuicServer",
+    "RevokedAgent",
+    "auth_refusal",
     "datagram_size_for",
     "enlarge_socket_buffers",
 ]
@@ -130,7 +133,38 @@ def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int) -> None:
 
 
 class AuthError(Exception):
-    """An agent may not connect; ``str(e)`` is the reason sent to it in the ERROR."""
+    """An agent may not connect; ``str(e)`` is the reason sent to it in the ERROR, and
+    ``code`` (when given) its ``payload.code``."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class RevokedAgent(AuthError):
+    """Raised by :meth:`AgentAuthority.agent_key` for an agent an operator revoked.
+
+    ``key`` is the agent's enrolled key: the reason is told only to a peer that proves it
+    holds that key; anyone else gets the refusal an unknown client id gets.
+    """
+
+    def __init__(self, reason: str, key: bytes) -> None:
+        super().__init__(reason, "revoked")
+        self.key = key
+
+
+#: ``payload.code`` of the ERROR that refuses a key handshake, whatever the cause.
+AUTH_FAILED = "auth_failed"
+
+
+def auth_refusal(client_id: str) -> str:
+    """The one refusal for an unknown client id, a wrong key and (to anyone but the agent
+    itself) a revoked client: the handshake tells a stranger nothing about which ids exist."""
+    return (
+        f"unknown client or wrong agent key for client {client_id}: either it is not enrolled "
+        "on this server or its agent.key is not the enrolled one; delete the agent's agent.key "
+        "and enroll it again with a join token"
+    )
 
 
 class AgentAuthority(Protocol):
@@ -141,6 +175,7 @@ class AgentAuthority(Protocol):
 
         :param client_id: the agent's id, already checked against the client id pattern.
         :returns: the key, or ``None`` when the agent is not enrolled.
+        :raises RevokedAgent: the agent was revoked (with its key, see there).
         """
         ...
 
@@ -303,13 +338,16 @@ class _AgentConnection(QuicConnectionProtocol):
 
     # -- closing
 
-    def refuse(self, env: Envelope | None, reason: str) -> None:
-        """Send ERROR(reason), stop reading, and close once the peer has had it."""
+    def refuse(self, env: Envelope | None, reason: str, code: str | None = None) -> None:
+        """Send ERROR(reason[, code]), stop reading, and close once the peer has had it."""
         if self.shut:
             return
         who = self._session.client_id if self._session else self._peer()
         logger.warning("closing connection from %s: %s", who, reason)
-        self.send(error_for(env, reason))
+        error = error_for(env, reason)
+        if code is not None:
+            error.payload["code"] = code
+        self.send(error)
         # Closing at once would discard the ERROR still in flight. A PING sent in the
         # same packet is acknowledged once the peer has the ERROR.
         self._quic.send_ping(_FLUSH_PING)
@@ -384,7 +422,7 @@ class _AgentConnection(QuicConnectionProtocol):
             async with deadline:
                 return await self._handshake()
         except AuthError as exc:
-            self.refuse(self._last_handshake_env, str(exc))
+            self.refuse(self._last_handshake_env, str(exc), exc.code)
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -470,23 +508,36 @@ class _AgentConnection(QuicConnectionProtocol):
         return session
 
     async def _check_mac(self, client_id: str, nonce: bytes, mac: object) -> None:
-        key = await self._server._authority.agent_key(client_id)
-        if key is None:
-            raise AuthError(
-                f"client {client_id} is not enrolled; start the agent with a join token"
-            )
+        # The shape of the proof is checked before anything is looked up, so that answer
+        # cannot depend on the client id.
         try:
             given = bytes.fromhex(mac) if isinstance(mac, str) else None
         except ValueError:
             given = None
         if given is None:
             raise AuthError("auth.payload.mac must be a hex string")
-        expected = hmac.new(key, nonce + client_id.encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, given):
-            raise AuthError(
-                f"wrong agent key for client {client_id}; delete the agent's agent.key and "
-                "enroll it again with a join token"
+        revoked: RevokedAgent | None = None
+        try:
+            key = await self._server._authority.agent_key(client_id)
+        except RevokedAgent as exc:
+            key, revoked = exc.key, exc
+        # An unknown id costs the same work as a known one: the MAC is computed and compared
+        # with a throw-away key, and the refusal is the same words.
+        expected = hmac.new(
+            key if key is not None else secrets.token_bytes(32),
+            nonce + client_id.encode(),
+            hashlib.sha256,
+        ).digest()
+        proven = hmac.compare_digest(expected, given) and key is not None
+        if not proven:
+            logger.info(
+                "key handshake for client %s refused: %s",
+                client_id,
+                "revoked" if revoked else "wrong key" if key is not None else "not enrolled",
             )
+            raise AuthError(auth_refusal(client_id), AUTH_FAILED)
+        if revoked is not None:
+            raise revoked  # the agent itself may know why
 
     def _peer_address(self) -> tuple[str, int]:
         addr = self._quic.get_peer_address()
