@@ -1,0 +1,376 @@
+"""Every process a deployment starts, found again: on a timeout, and after the agent restarts.
+
+A script run is identified three ways, strongest first:
+
+1. its **cgroup** (:mod:`deploy_core.agent.cgroup_tracking`), when the agent can make one:
+   every process the run starts is a member, whatever it does with sessions;
+2. its **process group and session**: the child is started as a session leader, so its pid
+   is both ids, and the kernel does not give the number to another process while the group
+   or session exists; the child's start time (``/proc/PID/stat`` field 22) tells a reused pid
+   apart;
+3. the **parent chain**: the agent is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so an
+   orphan — the grandchild of a double fork — is re-parented to the agent instead of init,
+   and stays findable while the agent lives; the agent reaps these orphans when they exit.
+
+Before a child can run a line of the script, the journal holds its :class:`RunRecord`: the
+cgroup (made before the fork), then the pid and start time (the child waits on a pipe until
+they are written).  A restarted agent reads the records of the deployment it was running and
+kills what is left (:meth:`ProcessTracker.kill_recorded`) before it reports or rolls back.
+
+A marker variable (``DEPLOY_CENTER_RUN``) in the child's environment is only a last hint for
+hosts without cgroups: a script can unset it for the programs it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from deploy_core.agent import proctable
+from deploy_core.agent.cgroup_tracking import (
+    TrackingHierarchy,
+    find_tracking_hierarchy,
+    kill_all,
+    members,
+)
+
+log = logging.getLogger(__name__)
+
+MARKER_ENV = "DEPLOY_CENTER_RUN"
+RUNNING = "running"  # may have processes; killed on recovery
+LEFT_RUNNING = "left_running"  # exited successfully and left processes behind (a service)
+ENDED = "ended"  # nothing of it is left
+POLL = 0.05
+# SIGKILL rounds for a run without a cgroup whose processes keep forking.
+KILL_ROUNDS = 100
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What identifies the processes of one script run; kept in the agent's journal.
+
+    :param run: the run's name (unique within the deployment).
+    :param token: the value of ``DEPLOY_CENTER_RUN`` in the child's environment.
+    :param boot_id: the boot the pids below belong to.
+    :param cgroup: the run's cgroup directory, when one was made.
+    :param pid: the child's pid, which is also its process group and session id.
+    :param start_ticks: the child's start time (``/proc/PID/stat`` field 22).
+    :param state: ``running``, ``left_running`` or ``ended``.
+    :param left: ``(pid, start_ticks)`` of each process it left running.
+    """
+
+    run: str
+    token: str
+    boot_id: str
+    cgroup: str | None = None
+    pid: int | None = None
+    start_ticks: int | None = None
+    state: str = RUNNING
+    left: tuple[tuple[int, int], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as the journal stores it."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """A record read back from the journal."""
+        return cls(**{**data, "left": tuple((int(p), int(t)) for p, t in data.get("left", ()))})
+
+
+class RunLedger(Protocol):
+    """Where run records are kept durably (the agent's journal)."""
+
+    def record_run(self, deploy_id: str, record: dict[str, Any]) -> None:
+        """Add or replace (by ``run``) one record of ``deploy_id``, committed on return."""
+
+
+def become_subreaper() -> str | None:
+    """Make this process the child subreaper of everything it starts; ``None``, or why not."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            return f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}"
+    except (OSError, AttributeError) as exc:
+        return f"prctl is not available: {exc}"
+    return None
+
+
+class ProcessTracker:
+    """The agent's view of every script run it started (one per agent).
+
+    :param hierarchy: where run cgroups are made; ``None`` tracks by session, parent chain
+        and marker only.
+    :param ledger: the journal the records go to before a child runs; ``None`` keeps none
+        (a run that outlives the agent is then found by nothing).
+    """
+
+    def __init__(
+        self,
+        hierarchy: TrackingHierarchy | None = None,
+        ledger: RunLedger | None = None,
+        *,
+        reason: str = "",
+    ) -> None:
+        self.hierarchy = hierarchy
+        self.ledger = ledger
+        self.reason = reason
+        self.subreaper = False
+        # Children of the agent being waited for by run_process, by pid.
+        self._active: dict[int, TrackedRun] = {}
+        # (pid, start_ticks) of what finished runs left running: never another run's orphan.
+        self._left: set[tuple[int, int]] = set()
+
+    @classmethod
+    def detect(cls, ledger: RunLedger | None, setting: str = "auto") -> ProcessTracker:
+        """A tracker using the best cgroup hierarchy this host lets the agent write."""
+        hierarchy, reason = find_tracking_hierarchy(setting)
+        return cls(hierarchy, ledger, reason=reason)
+
+    def describe(self) -> str:
+        """What tracking does here, for the agent's log."""
+        how = (
+            f"cgroups ({self.hierarchy.describe()})"
+            if self.hierarchy is not None
+            else f"sessions and /proc only ({self.reason})"
+        )
+        reaper = "; orphans re-parent to the agent" if self.subreaper else ""
+        return f"process tracking: {how}{reaper}"
+
+    def enable_subreaper(self) -> None:
+        """Become the child subreaper (call once, in the agent process)."""
+        why = become_subreaper()
+        self.subreaper = why is None
+        if why:
+            log.warning("orphans of scripts re-parent to init, not the agent: %s", why)
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(
+        self, deploy_id: str | None, name: str, *, limits_cgroup: str | None = None
+    ) -> TrackedRun:
+        """Prepare one run: its cgroup made and its record journaled, before the fork.
+
+        :param deploy_id: the deployment it belongs to; ``None`` journals nothing.
+        :param limits_cgroup: the cgroup v2 the constraints put the run in; on a v2 hierarchy
+            a process is in one cgroup only, so that one also tracks it.
+        """
+        record = RunRecord(run=name, token=uuid.uuid4().hex, boot_id=proctable.boot_id())
+        join: list[str] = []
+        if self.hierarchy is not None and not (limits_cgroup and self.hierarchy.version == 2):
+            try:
+                path = self.hierarchy.create(deploy_id or "adhoc", name)
+                join.append(str(path))
+                record = replace(record, cgroup=str(path))
+            except OSError as exc:
+                log.warning("run %s has no tracking cgroup: %s", name, exc)
+        elif limits_cgroup:
+            record = replace(record, cgroup=limits_cgroup)
+        run = TrackedRun(self, deploy_id, record, tuple(join))
+        run.save()
+        return run
+
+    def kill_recorded(self, records: Iterable[RunRecord], grace: float) -> list[str]:
+        """Kill what is left of the recorded runs (after a restart): SIGTERM, at most
+        ``grace`` seconds, then SIGKILL.  Returns ``"pid (name)"`` of each process found."""
+        records = list(records)
+        found = {pid: info for r in records for pid, info in _find(r).items()}
+        if not found:
+            return []
+        for pid in found:
+            _signal(pid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(_find(r) for r in records):
+            time.sleep(POLL)
+        for _round in range(KILL_ROUNDS):
+            left = {pid: i for r in records for pid, i in _find(r).items()}
+            for r in records:
+                if r.cgroup and Path(r.cgroup).is_dir():
+                    kill_all(Path(r.cgroup))
+            if not left:
+                break
+            for pid in left:
+                _signal(pid, signal.SIGKILL)
+            time.sleep(POLL)
+        for r in records:
+            if r.cgroup and self.hierarchy is not None and self.hierarchy.owns(Path(r.cgroup)):
+                self.hierarchy.remove(Path(r.cgroup))
+        return [f"{pid} ({info.comm})" for pid, info in sorted(found.items())]
+
+    def forget(self, records: Iterable[RunRecord]) -> None:
+        """Remove the empty cgroups of finished runs (ones still holding a service stay)."""
+        for r in records:
+            if r.cgroup and self.hierarchy is not None and self.hierarchy.owns(Path(r.cgroup)):
+                self.hierarchy.remove(Path(r.cgroup))
+
+    def reap_orphans(self) -> int:
+        """Collect the exit status of orphans the agent adopted as subreaper (never of a
+        child someone waits for); how many were reaped."""
+        me, my_sid, reaped = os.getpid(), os.getsid(0), 0
+        for info in proctable.processes():
+            if (
+                info.ppid == me
+                and info.zombie
+                and info.pid not in self._active
+                and info.sid != my_sid
+            ):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(info.pid, os.WNOHANG)
+                    reaped += 1
+        return reaped
+
+    def _adopted(self, run: TrackedRun, table: list[proctable.ProcInfo]) -> set[int]:
+        """Orphans the agent adopted that belong to ``run`` (a run without a cgroup): started
+        after it, not left running by an earlier run, and carrying its marker — or any such
+        when it is the only run going."""
+        if not self.subreaper or (run.record.cgroup and Path(run.record.cgroup).is_dir()):
+            return set()
+        me, my_sid, since = os.getpid(), os.getsid(0), run.record.start_ticks or 0
+        alone = len(self._active) <= 1
+        return {
+            i.pid
+            for i in table
+            if i.ppid == me
+            and i.pid not in self._active
+            and i.sid != my_sid
+            and i.start_ticks >= since
+            and (i.pid, i.start_ticks) not in self._left
+            and (alone or proctable.has_env(i.pid, MARKER_ENV, run.record.token))
+        }
+
+
+@dataclass
+class TrackedRun:
+    """One script run while it goes: what :func:`~deploy_core.agent.process.run_process`
+    asks to join, record, kill and forget."""
+
+    tracker: ProcessTracker
+    deploy_id: str | None
+    record: RunRecord
+    cgroups: tuple[str, ...] = ()
+    _done: bool = field(default=False, repr=False)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Variables the child's environment gets."""
+        return {MARKER_ENV: self.record.token}
+
+    def save(self) -> None:
+        """Journal the record as it is now."""
+        if self.tracker.ledger is not None and self.deploy_id is not None:
+            self.tracker.ledger.record_run(self.deploy_id, self.record.to_json())
+
+    def spawned(self, pid: int) -> None:
+        """The child exists (and waits): journal its pid and start time before it runs."""
+        info = proctable.read(pid)
+        self.record = replace(self.record, pid=pid, start_ticks=info.start_ticks if info else None)
+        self.tracker._active[pid] = self
+        self.save()
+
+    def processes(self) -> set[int]:
+        """The live processes of this run now."""
+        table = proctable.processes()
+        found = set(_find(self.record, table))
+        found |= proctable.descendants(self.tracker._adopted(self, table), table)
+        return {pid for pid in found if pid != os.getpid()}
+
+    async def terminate(self, grace: float) -> set[int]:
+        """SIGTERM every process of the run, SIGKILL what is left after ``grace`` seconds
+        (a cgroup's members at once, race-free); returns the pids signalled."""
+        seen = await asyncio.to_thread(self.processes)
+        for pid in seen:
+            _signal(pid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and seen:
+            await asyncio.sleep(POLL)
+            if not await asyncio.to_thread(self.processes):
+                return seen
+        for _round in range(KILL_ROUNDS):
+            if self.record.cgroup:
+                seen |= await asyncio.to_thread(kill_all, Path(self.record.cgroup))
+            left = await asyncio.to_thread(self.processes)
+            if not left:
+                break
+            seen |= left
+            for pid in left:
+                _signal(pid, signal.SIGKILL)
+            await asyncio.sleep(POLL)
+        return seen
+
+    def kill_now(self) -> None:
+        """SIGKILL every process of the run at once (the run was cancelled)."""
+        if self.record.cgroup and Path(self.record.cgroup).is_dir():
+            kill_all(Path(self.record.cgroup))
+        for pid in self.processes():
+            _signal(pid, signal.SIGKILL)
+
+    def finished(self) -> list[proctable.ProcInfo]:
+        """The run is over: note what it left running (a service stays) and forget the rest.
+        Returns the processes left."""
+        if self._done:
+            return []
+        self._done = True
+        if self.record.pid is not None:
+            self.tracker._active.pop(self.record.pid, None)
+        table = proctable.processes()
+        pids = set(_find(self.record, table)) | proctable.descendants(
+            self.tracker._adopted(self, table), table
+        )
+        by_pid = {i.pid: i for i in table}
+        left = [by_pid[p] for p in sorted(pids) if p in by_pid and not by_pid[p].zombie]
+        self.record = replace(
+            self.record,
+            state=LEFT_RUNNING if left else ENDED,
+            left=tuple((i.pid, i.start_ticks) for i in left),
+        )
+        self.tracker._left.update(self.record.left)
+        self.save()
+        if not left:
+            self.tracker.forget([self.record])
+        return left
+
+
+def _find(
+    record: RunRecord, table: list[proctable.ProcInfo] | None = None
+) -> dict[int, proctable.ProcInfo]:
+    """The live processes of a recorded run: its cgroup's members when the cgroup exists
+    (the kernel's word), else its session and process group, what it was noted to leave
+    running, the carriers of its marker, and their descendants — all started no earlier
+    than the run, in this boot."""
+    if record.boot_id and record.boot_id != proctable.boot_id():
+        return {}
+    table = proctable.processes() if table is None else table
+    by_pid = {i.pid: i for i in table if not i.zombie}
+    if record.cgroup and Path(record.cgroup).is_dir():
+        return {p: by_pid[p] for p in members(Path(record.cgroup)) if p in by_pid}
+    since = record.start_ticks
+    roots: set[int] = set()
+    leader = by_pid.get(record.pid) if record.pid is not None else None
+    # A living process with the leader's pid but another start time: the pid was reused, and
+    # the group and session of that number are someone else's.
+    if record.pid is not None and (leader is None or leader.start_ticks == since):
+        roots |= {i.pid for i in by_pid.values() if record.pid in (i.pgid, i.sid)}
+    roots |= {p for p, t in record.left if p in by_pid and by_pid[p].start_ticks == t}
+    roots |= {p for p in by_pid if proctable.has_env(p, MARKER_ENV, record.token)}
+    found = proctable.descendants(roots, list(by_pid.values()))
+    return {
+        p: by_pid[p]
+        for p in found
+        if p in by_pid and p != os.getpid() and (since is None or by_pid[p].start_ticks >= since)
+    }
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
