@@ -33,7 +33,26 @@ class ApiError(Exception):
                 f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}".strip(": ")
                 for d in detail
             )
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+
+
+class ServerUnreachable(ApiError):
+    """No answer from the server (``status`` 0): it is not running, the address is wrong, or
+    the network failed; ``str()`` says which, and what to check."""
+
+    def __init__(self, url: str, cause: httpx.TransportError) -> None:
+        if isinstance(cause, httpx.TimeoutException):
+            why = f"no answer in time ({type(cause).__name__})"
+        else:
+            why = str(cause) or type(cause).__name__
+        super().__init__(
+            0,
+            {
+                "error": f"cannot reach the server at {url}: {why}. Check that the server is "
+                f"running (deployctl server, or deployctl up) and that {url} is its API "
+                f"address (--url, DEPLOY_CENTER_URL, or server.json in the --state-dir used)"
+            },
+        )
 
 
 class ConfigError(Exception):
@@ -95,7 +114,7 @@ class DeployClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ApiError(0, {"error": f"cannot reach {self.url}: {exc}"}) from None
+            raise ServerUnreachable(self.url, exc) from None
         try:
             body = response.json()
         except ValueError:
@@ -144,16 +163,19 @@ class DeployClient:
         """Yield log lines as they arrive until the deployment ends (the last item is the
         ``{"end": …}`` marker)."""
         params = {"after": after, "follow": 1}
-        with self.http.stream(
-            "GET", f"/api/deploy/{deploy_id}/logs", params=params, timeout=None
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ApiError(response.status_code, response.json())
-            for raw in response.iter_lines():
-                if raw.strip():
-                    item: dict[str, Any] = json.loads(raw)
-                    yield item
+        try:
+            with self.http.stream(
+                "GET", f"/api/deploy/{deploy_id}/logs", params=params, timeout=None
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError(response.status_code, response.json())
+                for raw in response.iter_lines():
+                    if raw.strip():
+                        item: dict[str, Any] = json.loads(raw)
+                        yield item
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.url, exc) from None
 
     def list(self, client_id: str, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A client's deployments, newest first."""

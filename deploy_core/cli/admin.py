@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from deploy_core.cli.common import (
+    database_url,
     echo_json,
     parse_duration,
     state_dir_option,
@@ -16,6 +17,7 @@ from deploy_core.cli.common import (
 from deploy_core.cli.groups import main
 from deploy_core.cli.terminal import terminal_safe
 from deploy_core.client import ApiError, ConfigError, DeployClient
+from deploy_core.durations import human_duration
 
 
 @main.group(invoke_without_command=True)
@@ -186,8 +188,9 @@ def db_prune(older_than: str, db_url: str | None, dry_run: bool, state_dir: Path
     from deploy_core.server import db as dbm
     from deploy_core.server.records import RecordStore
 
-    cutoff = time.time() - parse_duration(older_than)
-    engine = dbm.make_engine(db_url or dbm.sqlite_url(state_dir / "deploy-center.db"))
+    age = parse_duration(older_than)
+    cutoff = time.time() - age
+    engine = dbm.make_engine(database_url(db_url, state_dir))
     try:
         if dry_run:
             with engine.connect() as conn:
@@ -196,12 +199,14 @@ def db_prune(older_than: str, db_url: str | None, dry_run: bool, state_dir: Path
                     .select_from(dbm.deployments)
                     .where(dbm.deployments.c.finished_at < cutoff)
                 ).scalar_one()
-            click.echo(f"would delete {count} deployments finished before {older_than} ago")
+            click.echo(
+                f"would delete {count} deployments finished more than {human_duration(age)} ago"
+            )
             return
         deleted = RecordStore(engine).prune(cutoff)
     finally:
         engine.dispose()
-    click.echo(f"deleted {deleted} deployments finished more than {older_than} ago")
+    click.echo(f"deleted {deleted} deployments finished more than {human_duration(age)} ago")
 
 
 @db.command("upgrade")
@@ -211,7 +216,7 @@ def db_upgrade(db_url: str | None, state_dir: Path) -> None:
     """Create or migrate the core's tables to the newest schema."""
     from deploy_core.server import db as dbm
 
-    url = db_url or dbm.sqlite_url(state_dir / "deploy-center.db")
+    url = database_url(db_url, state_dir)
     if db_url is None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     engine = dbm.make_engine(url)

@@ -17,9 +17,11 @@ from deploy_core.client import DEFAULT_STATE_DIR, ApiError, ConfigError, DeployC
 TERMINAL_OK = {"success"}
 
 
+# Path options are made absolute at start-up (resolve_path): a relative path typed by a
+# person would break as soon as a script runs in another working directory.
 state_dir_option = click.option(
     "--state-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, resolve_path=True),
     default=DEFAULT_STATE_DIR,
     show_default=True,
     help="where the server keeps its certificates, tokens and database",
@@ -53,6 +55,47 @@ def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(api_options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def database_url(db_url: str | None, state_dir: Path) -> str:
+    """The database a ``--db`` option names, ready to open: the state directory's SQLite
+    file when none is given, a relative SQLite path made absolute.  A URL SQLAlchemy cannot
+    use, or whose driver is not installed, is refused with what to do."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from deploy_core.server import db as dbm
+
+    if db_url is None:
+        return dbm.sqlite_url(state_dir.absolute() / "deploy-center.db")
+    try:
+        url = make_url(dbm.normalise_url(db_url))
+        dialect = url.get_dialect()
+    except ArgumentError as exc:
+        raise click.BadParameter(
+            f"{db_url!r} is not a database URL deploy-core can use ({exc}); "
+            f"e.g. postgresql://user@host/dbname or sqlite:////var/lib/deploy-center/db.sqlite",
+            param_hint="--db",
+        ) from None
+    backend = url.get_backend_name()
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        how = (
+            "pip install 'deploy-core[postgres]'"
+            if backend == "postgresql"
+            else f"install the Python module {exc.name}"
+        )
+        raise click.ClickException(
+            f"--db {make_url(db_url).render_as_string(hide_password=True)} needs the {backend} "
+            f"driver {exc.name}, which is not installed here: {how} (in the environment "
+            f"deployctl runs from), then run the command again"
+        ) from None
+    path = url.database
+    if backend == "sqlite" and path not in (None, "", ":memory:") and not Path(path).is_absolute():
+        # SQLAlchemy opens a relative SQLite path from the working directory of the moment.
+        return url.set(database=str(Path(path).absolute())).render_as_string(hide_password=False)
+    return db_url
 
 
 def echo_json(data: Any) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import shlex
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ import click
 
 from deploy_core import __version__
 from deploy_core.cli.common import (
+    database_url,
     parse_duration,
     parse_size,
     state_dir_option,
@@ -152,7 +156,7 @@ def _host_port(value: str) -> tuple[str, int]:
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
     help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
     '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none',
@@ -205,7 +209,7 @@ def server(
         api_port=api_port,
         quic_host=quic_host,
         quic_port=quic_port,
-        db_url=db_url,
+        db_url=database_url(db_url, state_dir) if db_url else None,
         retention_days=parse_duration(retention) / 86400 if retention else None,
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
@@ -240,20 +244,20 @@ def _print_server_banner(srv: Any) -> None:
 @click.option("--client-id", required=True, help="this agent's id, e.g. web-1")
 @click.option(
     "--state-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, resolve_path=True),
     required=True,
     help="where the agent keeps its key and journal",
 )
 @click.option(
     "--ca",
     "ca_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     required=True,
     help="the server's CA certificate (ca.pem)",
 )
 @click.option(
     "--join-token-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
     help="join token, needed only for the first connection",
 )
@@ -266,7 +270,7 @@ def _print_server_banner(srv: Any) -> None:
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
     help="TOML file: [constraints] on scripts, [services.NAME] for agent services",
 )
@@ -297,8 +301,11 @@ def agent(
         raise click.BadParameter(
             "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
         )
+    from deploy_core.plugins import get_plugins
+
     host, port = _host_port(server_addr)
     settings, constraints = agent_settings_and_constraints(config_file)
+    warn_unknown_services(config_file, settings.get("services", {}), get_plugins())
     config = AgentConfig(
         server_host=host,
         server_port=port,
@@ -328,7 +335,7 @@ def agent(
 @click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--agent-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
     help="the local agent's configuration (TOML: [constraints], [services.NAME])",
 )
@@ -344,6 +351,7 @@ def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None
             ServerConfig(state_dir=state_dir, api_port=api_port, quic_port=quic_port)
         )
         await srv.start()
+        warn_unknown_services(agent_config, settings.get("services", {}), srv.plugins)
         agt = Agent(
             AgentConfig(
                 server_host="127.0.0.1",
@@ -364,7 +372,7 @@ def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None
             f"  local agent:  {'connected' if connected else 'NOT connected'} as client 'local'"
         )
         if "deploy.shell" in srv.plugins.deploy_types:
-            click.echo("Try:  deployctl deploy shell --client local --script 'echo hello' --wait")
+            click.echo(f"Try:  {_try_command(srv, state_dir)}")
         try:
             await stop.wait()
         finally:
@@ -373,6 +381,34 @@ def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None
             await srv.stop()
 
     _run_until_signal(run)
+
+
+def warn_unknown_services(config_file: Path | None, services: dict[str, Any], plugins: Any) -> None:
+    """Warn about ``[services.NAME]`` tables no installed agent service reads: a misspelt
+    name would otherwise leave the service on its defaults without a word."""
+    known = sorted(plugins.agent_services.entries)
+    for name in sorted(set(services) - set(known)):
+        logging.getLogger(__name__).warning(
+            "%s: [services.%s] is ignored: no installed agent service is called %r; %s",
+            config_file,
+            name,
+            name,
+            f"the installed ones are {', '.join(known)}" if known else "none is installed",
+        )
+
+
+def _try_command(srv: Any, state_dir: Path) -> str:
+    """A first deployment to try from another terminal, with what it needs to reach this
+    server: ``--state-dir`` unless it is the default, ``--url``/``--token`` when the
+    environment's DEPLOY_CENTER_URL/DEPLOY_CENTER_TOKEN would point elsewhere."""
+    words = "deployctl deploy shell --client local --script 'echo hello' --wait"
+    if state_dir != Path("~/.deploy-center").expanduser():
+        words += f" --state-dir {shlex.quote(str(state_dir))}"
+    if os.environ.get("DEPLOY_CENTER_URL"):
+        words += f" --url {shlex.quote(srv.api_url)}"
+    if os.environ.get("DEPLOY_CENTER_TOKEN"):
+        words += f' --token "$(cat {shlex.quote(str(srv.state.admin_token_file))})"'
+    return words
 
 
 def _chunk_size(value: str) -> int:

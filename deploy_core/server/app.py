@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import uvicorn
 from sqlalchemy.engine import Engine
 
+from deploy_core.durations import human_duration
 from deploy_core.models import DeployCommand, DeployStatus, RollbackTarget
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
@@ -508,9 +509,9 @@ class DeployServer:
                 deleted = await self.db(self.records.prune, cutoff)
                 if deleted:
                     log.info(
-                        "retention: deleted %d deployments older than %g days",
+                        "retention: deleted %d deployments finished more than %s ago",
                         deleted,
-                        self.config.retention_days,
+                        human_duration(self.config.retention_days * 86400),
                     )
             except Exception:
                 log.exception("retention pass failed")
