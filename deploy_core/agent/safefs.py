@@ -406,40 +406,79 @@ def _writable(handle: Dir) -> None:
 
 def _empty(top: Dir, device: int, step: Step | None) -> None:
     """Delete everything inside ``top``, depth first, holding at most one descriptor per
-    level (an explicit stack: deep trees do not hit Python's recursion limit)."""
+    level (an explicit stack: deep trees do not hit Python's recursion limit).
+
+    The tree may change meanwhile: an entry already gone is skipped, a directory that became
+    a link is unlinked as a link, one that gained entries is listed again."""
     _writable(top)
-    stack: list[tuple[Dir, list[os.DirEntry[str]]]] = [(top, list(os.scandir(top.fd)))]
+    stack: list[tuple[Dir, list[str]]] = [(top, os.listdir(top.fd))]
     try:
         while stack:
-            handle, entries = stack[-1]
-            if not entries:
-                stack.pop()
-                if stack:  # a subdirectory now empty: remove it from its parent
-                    parent = stack[-1][0]
-                    os.rmdir(os.path.basename(handle.path), dir_fd=parent.fd)
-                    handle.close()
+            handle, names = stack[-1]
+            if names:
+                if step is not None:
+                    step()
+                child = _enter_or_unlink(handle, names.pop(), device)
+                if child is not None:
+                    stack.append((child, os.listdir(child.fd)))
                 continue
-            entry = entries.pop()
-            if step is not None:
-                step()
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                os.unlink(entry.name, dir_fd=handle.fd)
-                continue
-            shown = handle.join(entry.name)
-            if st.st_dev != device:
-                raise UnsafePath(
-                    shown,
-                    "it is a mount point (another file system); unmount it first: "
-                    "removal never crosses file systems",
-                )
-            child = open_subdir(handle, entry.name, expect=identity(st))
-            try:
-                _writable(child)
-                stack.append((child, list(os.scandir(child.fd))))
-            except BaseException:
-                child.close()
-                raise
+            stack.pop()
+            if not stack:
+                break
+            parent = stack[-1][0]
+            try:  # a subdirectory now empty: remove it from its parent
+                os.rmdir(os.path.basename(handle.path), dir_fd=parent.fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.ENOTDIR:  # replaced by a link or file: unlink that
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.basename(handle.path), dir_fd=parent.fd)
+                elif exc.errno == errno.ENOTEMPTY:
+                    name = os.path.basename(handle.path)
+                    if identity(os.lstat(name, dir_fd=parent.fd)) != handle.identity:
+                        raise UnsafePath(
+                            handle.path, "it was replaced while being removed"
+                        ) from None
+                    if step is not None:
+                        step()
+                    stack.append((handle, os.listdir(handle.fd)))  # written to: list again
+                    continue
+                else:
+                    raise
+            handle.close()
     finally:
         for handle, _ in stack[1:]:
             handle.close()
+
+
+def _enter_or_unlink(handle: Dir, name: str, device: int) -> Dir | None:
+    """Unlink entry ``name`` of ``handle`` unless it is a directory; open that one (made
+    writable) and return it.  ``None`` when there is nothing more to do for it."""
+    try:
+        st = os.lstat(name, dir_fd=handle.fd)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=handle.fd)
+            return None
+        if st.st_dev != device:
+            raise UnsafePath(
+                handle.join(name),
+                "it is a mount point (another file system); unmount it first: "
+                "removal never crosses file systems",
+            )
+        try:
+            child = open_subdir(handle, name, expect=identity(st))
+        except UnsafePath:
+            now = os.lstat(name, dir_fd=handle.fd)
+            if stat.S_ISDIR(now.st_mode):
+                raise
+            os.unlink(name, dir_fd=handle.fd)  # became a link or file: remove that, only
+            return None
+    except FileNotFoundError:
+        return None  # gone already
+    try:
+        _writable(child)
+    except BaseException:
+        child.close()
+        raise
+    return child

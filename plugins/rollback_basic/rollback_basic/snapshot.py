@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal
 
-from deploy_core.agent.context import DeployContext
+from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
+from deploy_core.agent.context import DeployContext, DeployFailed
+from deploy_core.agent.safefs import UnsafePath, identity, open_dir
 from deploy_core.registry import RollbackParams, RollbackState, RollbackStrategy
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,25 +26,14 @@ from rollback_basic.store import SnapshotStore
 from rollback_basic.tree import human_size, restore_tree
 
 MAX_SKIPPED_LOGGED = 10
+MAX_STEPS = 100_000_000  # entries and megabytes one snapshot or restore may go through
 MIN_RESTART_TIMEOUT = 1.0
-T = TypeVar("T")
 
 
-async def _file_work(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking file work in a thread, to completion.
-
-    A thread cannot be stopped.  If the caller is cancelled (the agent's timeout), wait for
-    the thread before letting the cancellation through, so nothing swaps a directory after the
-    agent has moved on (possibly to the next deployment).
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation is what the caller hears about
-        raise
+def _budget(what: str, params: SnapshotParams) -> WorkBudget:
+    """Work on a tree stops when the agent gives up on the step (its timeout) — the thread
+    with it — and never runs longer than the step's own timeout."""
+    return WorkBudget(what, steps=MAX_STEPS, seconds=params.timeout)
 
 
 def _check_path(path: str) -> str:
@@ -85,46 +75,74 @@ class SnapshotState(BaseModel):
     absent: bool
     files: int = Field(ge=0)
     bytes: int = Field(ge=0)
+    # Where the path led when the snapshot was taken, and what its parent and the directory
+    # itself were (st_dev, st_ino): a restore works on that resolved path and refuses when
+    # the parent was replaced (a symlink swapped in, say).  Older states lack them.
+    resolved: str | None = None
+    parent_identity: list[int] | None = None
+    identity: list[int] | None = None
 
 
-def _refuse_unsafe(ctx: DeployContext, path: str) -> None:
-    """Refuse ``/``, the agent's data directory, anything inside it and anything holding it:
-    the snapshots would contain themselves, or a restore would replace them."""
+def _refuse_unsafe(ctx: DeployContext, path: str) -> Path:
+    """The resolved ``path``, checked like every path a plugin works on as root
+    (:meth:`DeployContext.check_path`: not ``/``, not in the agent's data directory, under
+    ``workdir_roots``, replaceable by the ``run_as`` user), and never holding the agent's
+    data directory: the snapshots would contain themselves."""
     try:
         _check_path(path)
-    except ValueError as exc:
-        raise RollbackError(f"refusing to snapshot or restore {path!r}: {exc}") from exc
-    target = Path(path).resolve()
+        target = ctx.check_path(path, "snapshot path", access="replace")
+    except (ValueError, DeployFailed) as exc:
+        raise RollbackError(f"refusing to snapshot or restore {path}: {exc}") from exc
     data = ctx.data_dir.resolve()
-    if target == data or data in target.parents:
-        raise RollbackError(
-            f"refusing to snapshot or restore {path}: it is inside the agent's data "
-            f"directory {data}; name the application's own directory"
-        )
     if target in data.parents:
         raise RollbackError(
             f"refusing to snapshot or restore {path}: it contains the agent's data "
             f"directory {data}, so snapshots would include themselves; name the "
             "application's own directory"
         )
+    return target
+
+
+def _identities(path: Path) -> tuple[list[int] | None, list[int] | None]:
+    """The identities of ``path``'s parent and of ``path`` (``None`` where missing), read
+    without following a link."""
+    try:
+        with open_dir(path.parent) as parent:
+            try:
+                own = list(identity(os.lstat(path.name, dir_fd=parent.fd)))
+            except FileNotFoundError:
+                own = None
+            return list(parent.identity), own
+    except FileNotFoundError:
+        return None, None
 
 
 async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> RollbackState:
     """Snapshot ``params.path`` before the deployment (a missing path is recorded as absent)."""
-    _refuse_unsafe(ctx, params.path)
+    if os.path.islink(params.path):
+        raise RollbackError(
+            f"cannot snapshot {params.path}: it is not a directory (a symlink); "
+            "name the directory itself"
+        )
+    resolved = _refuse_unsafe(ctx, params.path)
     store = SnapshotStore(ctx.data_dir)
     ctx.log(f"snapshot: copying {params.path}")
     started = time.monotonic()
+    budget = _budget(f"snapshot of {params.path}", params)
     try:
-        directory, info, stats, linked_from = await _file_work(
-            store.take, params.path, ctx.deploy_id, ctx.command_type
+        parent_identity, own_identity = _identities(resolved)
+        directory, info, stats, linked_from = await run_bounded(
+            lambda: store.take(
+                params.path, ctx.deploy_id, ctx.command_type, source=resolved, budget=budget
+            ),
+            budget,
         )
     except NotADirectoryError as exc:
         raise RollbackError(
             f"cannot snapshot {params.path}: it is not a directory (a symlink or a file); "
             "name the directory itself"
         ) from exc
-    except OSError as exc:
+    except (OSError, WorkStopped) as exc:
         raise RollbackError(f"cannot snapshot {params.path}: {exc}") from exc
     took = time.monotonic() - started
     if info.absent:
@@ -146,6 +164,9 @@ async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> Rollba
         absent=info.absent,
         files=info.files,
         bytes=info.bytes,
+        resolved=str(resolved),
+        parent_identity=parent_identity,
+        identity=own_identity,
     )
     return state.model_dump()
 
@@ -170,11 +191,12 @@ async def rollback_snapshot(
     """Restore the snapshotted directory exactly (or remove it if it was absent), then run
     ``params.restart`` if given."""
     saved = _state_of(ctx, state)
-    _refuse_unsafe(ctx, saved.path)
+    resolved = Path(saved.resolved) if saved.resolved else _refuse_unsafe(ctx, saved.path)
+    _refuse_unsafe(ctx, str(resolved))  # the constraints may have changed since
     store = SnapshotStore(ctx.data_dir)
     directory = Path(saved.snapshot)
     started = time.monotonic()
-    info = await _file_work(store.load, directory)
+    info = await asyncio.to_thread(store.load, directory)
     if info is None or info.path != saved.path:
         raise RollbackError(
             f"the snapshot of {saved.path} at {directory} no longer exists on this agent "
@@ -187,9 +209,23 @@ async def rollback_snapshot(
         + ("(the directory did not exist)" if info.absent else f"({info.files} files)")
     )
     source = None if info.absent else directory / "tree"
+    run_as = ctx.constraints.switch_to
+    budget = _budget(f"restore of {saved.path}", params)
     try:
-        stats = await _file_work(restore_tree, source, Path(saved.path))
-    except OSError as exc:
+        stats = await run_bounded(
+            lambda: restore_tree(
+                source,
+                resolved,
+                parent_identity=saved.parent_identity,
+                identity=saved.identity,
+                owner=run_as.uid if run_as is not None else None,
+                budget=budget,
+            ),
+            budget,
+        )
+    except UnsafePath as exc:
+        raise RollbackError(f"restoring {saved.path} refused: {exc}") from exc
+    except (OSError, WorkStopped) as exc:
         raise RollbackError(f"restoring {saved.path} from {directory} failed: {exc}") from exc
     took = time.monotonic() - started
     if info.absent:
@@ -219,7 +255,8 @@ async def discard_snapshot(
         with contextlib.suppress(ValidationError):  # else prune by the configured path
             path = SnapshotState.model_validate(state).path
     store = SnapshotStore(ctx.data_dir)
-    removed = await _file_work(store.prune, path, params.keep)
+    budget = _budget(f"pruning snapshots of {path}", params)
+    removed = await run_bounded(lambda: store.prune(path, params.keep, budget=budget), budget)
     ctx.log(
         f"snapshot: keeping the newest {params.keep} snapshots of {path}; "
         f"removed {len(removed)}" + (f" ({', '.join(removed)})" if removed else "")

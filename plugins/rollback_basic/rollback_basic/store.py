@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deploy_core.agent.bounded import WorkBudget
+
 from rollback_basic.tree import CopyStats, copy_tree, remove_tree
 
 META = "meta.json"
@@ -98,11 +100,21 @@ class SnapshotStore:
         return found
 
     def take(
-        self, path: str, deploy_id: str, command_type: str
+        self,
+        path: str,
+        deploy_id: str,
+        command_type: str,
+        *,
+        source: Path | None = None,
+        budget: WorkBudget | None = None,
     ) -> tuple[Path, SnapshotInfo, CopyStats, str | None]:
         """Snapshot directory ``path`` (or record that it is absent) before ``deploy_id``.
 
         Unchanged files are hard-linked from the newest earlier snapshot of ``path``.
+
+        :param source: where ``path`` resolved to when it was checked: the copy reads that,
+            refusing any symlink met on the way (default ``path`` itself).
+        :param budget: stops the copy when spent or cancelled.
 
         :returns: the snapshot directory, its info, the copy's counts, and the deploy id of
             the snapshot files were hard-linked from (``None`` if none).
@@ -122,12 +134,16 @@ class SnapshotStore:
         )
         tmp = holder / f"{TMP_PREFIX}{deploy_id}"
         tmp.mkdir(mode=0o700)
+        source = source if source is not None else Path(path)
         try:
-            absent = not os.path.lexists(path)
+            absent = not os.path.lexists(source)
             stats = CopyStats()
             if not absent:
                 stats = copy_tree(
-                    Path(path), tmp / TREE, previous=previous[0] / TREE if previous else None
+                    source,
+                    tmp / TREE,
+                    previous=previous[0] / TREE if previous else None,
+                    budget=budget,
                 )
             info = SnapshotInfo(
                 path=path,
@@ -148,13 +164,13 @@ class SnapshotStore:
             raise
         return final, info, stats, previous[1].deploy_id if previous else None
 
-    def prune(self, path: str, keep: int) -> list[str]:
+    def prune(self, path: str, keep: int, *, budget: WorkBudget | None = None) -> list[str]:
         """Remove all but the newest ``keep`` snapshots of ``path``.
 
         :returns: the deploy ids whose snapshots were removed.
         """
         removed = []
         for directory, info in self.snapshots(path)[keep:]:
-            remove_tree(directory)
+            remove_tree(directory, budget=budget)
             removed.append(info.deploy_id)
         return removed

@@ -1,26 +1,34 @@
 """Faithful copies of a directory tree, and swapping one in place of another.
 
-Blocking code: the ``snapshot`` strategy runs it in a thread.
+Blocking code: the ``snapshot`` strategy runs it in a thread, with a
+:class:`~deploy_core.agent.bounded.WorkBudget` it steps once per entry and per megabyte, so a
+timed-out deployment stops it.
 
 A copy keeps regular files, directories and symbolic links (copied as links, never followed),
 with their modes, access and modification times, hard links between files of the tree, and
 ownership when the agent runs as root.  Sockets, FIFOs and device files are left out and
 named in :attr:`CopyStats.skipped`.
+
+The trees copied from and swapped into are ones a deployment's script can change while the
+agent works on them as root, so every step goes through :mod:`deploy_core.agent.safefs`:
+directories are opened one component at a time without following links, entries are named
+relative to open directories, and a swapped-in symlink or replaced directory is refused
+with :class:`~deploy_core.agent.safefs.UnsafePath`.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
-import functools
 import os
 import secrets
-import shutil
 import stat
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from deploy_core.agent import safefs
+from deploy_core.agent.bounded import WorkBudget
 
 CHUNK = 1024 * 1024
 Inode = tuple[int, int]
@@ -63,113 +71,200 @@ def human_size(n: int) -> str:
 
 # --------------------------------------------------------------------------- copying
 
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 
-def _apply_metadata(path: Path, st: os.stat_result, *, link: bool = False) -> None:
+
+def _meta_fd(fd: int, st: os.stat_result) -> None:
     # Ownership first: chown clears set-uid/set-gid bits that chmod then puts back.
     if os.geteuid() == 0:
-        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-    if not link:  # a symlink's own mode means nothing on Linux and cannot be set
-        os.chmod(path, stat.S_IMODE(st.st_mode))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _same_content(a: str | Path, b: str | Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            chunk_a = fa.read(CHUNK)
-            if chunk_a != fb.read(CHUNK):
-                return False
-            if not chunk_a:
-                return True
+def _meta_link(parent: safefs.Dir, name: str, st: os.stat_result) -> None:
+    # A symlink's own mode means nothing on Linux and cannot be set.
+    if os.geteuid() == 0:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=parent.fd, follow_symlinks=False)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
+
+
+def _open_source(parent: safefs.Dir, name: str, st: os.stat_result) -> int:
+    """Open regular file ``name`` listed as ``st``; refuse anything else found there now."""
+    fd = safefs.open_file_at(parent, name, _FILE_FLAGS)
+    if safefs.identity(os.fstat(fd)) != safefs.identity(st):
+        os.close(fd)
+        raise safefs.UnsafePath(parent.join(name), "it was replaced while being copied")
+    return fd
+
+
+def _copy_bytes(src: int, dst: int, budget: WorkBudget | None) -> None:
+    while True:
+        if budget is not None:
+            budget.step()
+        try:
+            sent = os.sendfile(dst, src, None, CHUNK)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            block = os.read(src, CHUNK)
+            sent = len(block)
+            if block:
+                os.write(dst, block)
+        if not sent:
+            return
+
+
+def _same_content(a: int, b: int) -> bool:
+    os.lseek(a, 0, os.SEEK_SET)
+    os.lseek(b, 0, os.SEEK_SET)
+    while True:
+        chunk_a = os.read(a, CHUNK)
+        if chunk_a != os.read(b, CHUNK):
+            return False
+        if not chunk_a:
+            return True
+
+
+@dataclass
+class _Level:
+    """One directory being copied: source, copy, the previous snapshot's (if a real
+    directory there), the entries still to do, and the source's stat for its metadata."""
+
+    src: safefs.Dir
+    dst: safefs.Dir
+    previous: safefs.Dir | None
+    entries: list[os.DirEntry[str]]
+    st: os.stat_result
+    rel: str
+
+    def close(self) -> None:
+        for handle in (self.src, self.dst, self.previous):
+            if handle is not None:
+                handle.close()
 
 
 class _Copier:
-    """One copy of ``src`` to ``dst``; see :func:`copy_tree`."""
+    """One copy of an open source directory into a new directory; see :func:`copy_tree`."""
 
-    def __init__(self, src: Path, dst: Path, previous: Path | None) -> None:
-        self.src = src
-        self.dst = dst
-        self.previous = previous
+    def __init__(self, budget: WorkBudget | None) -> None:
+        self.budget = budget
         self.stats = CopyStats()
-        # Source inode -> its first copy, so names hard-linked in the source stay linked.
-        self.copies: dict[Inode, Path] = {}
+        # Source inode -> its first copy (relative to the copy's top), so names hard-linked
+        # in the source stay linked.
+        self.copies: dict[Inode, str] = {}
         # Previous-snapshot inode -> the source inode it stands for in this copy; one previous
         # inode never stands for two different source files.
         self.reused: dict[Inode, Inode] = {}
+        self.top: safefs.Dir | None = None
 
-    def run(self) -> CopyStats:
-        root = os.lstat(self.src)
-        if not stat.S_ISDIR(root.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.src))
-        # Private until complete: modes are applied once everything is in place.
-        os.mkdir(self.dst, 0o700)
-        dirs: list[tuple[Path, os.stat_result]] = [(self.dst, root)]
-        # Each directory still to copy, and whether the previous snapshot has it as a real
-        # directory (never look up a file in it through a symlink: that could lead outside).
-        pending = [(Path(), self.previous is not None)]
-        while pending:
-            rel, in_previous = pending.pop()
-            with os.scandir(self.src / rel) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
-            for entry in entries:
-                path = rel / entry.name
-                st = entry.stat(follow_symlinks=False)
-                target = self.dst / path
-                if stat.S_ISDIR(st.st_mode):
-                    os.mkdir(target, 0o700)
-                    dirs.append((target, st))
-                    pending.append((path, in_previous and self._is_previous_dir(path)))
-                    self.stats.dirs += 1
-                elif stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(entry.path), target)
-                    _apply_metadata(target, st, link=True)
-                    self.stats.symlinks += 1
-                elif stat.S_ISREG(st.st_mode):
-                    self._file(Path(entry.path), path, target, st, in_previous)
-                else:
-                    self.stats.skipped.append(str(path))
-        # Directory times last: creating their entries above moved them.
-        for target, st in reversed(dirs):
-            _apply_metadata(target, st)
+    def run(
+        self, src: safefs.Dir, dst_parent: safefs.Dir, name: str, previous: safefs.Dir | None
+    ) -> CopyStats:
+        # Private until complete: modes are applied once everything inside is in place.
+        self.top = top = safefs.private_dir(dst_parent, name)
+        stack = [_Level(src, top, previous, self._list(src), src.stat, "")]
+        try:
+            while stack:
+                level = stack[-1]
+                if not level.entries:
+                    _meta_fd(level.dst.fd, level.st)  # its times last: entries moved them
+                    stack.pop()
+                    if stack:
+                        level.close()
+                    continue
+                entry = level.entries.pop()
+                child = self._entry(level, entry)
+                if child is not None:
+                    stack.append(child)
+        finally:
+            for level in stack[1:]:
+                level.close()
         return self.stats
 
-    def _is_previous_dir(self, rel: Path) -> bool:
-        assert self.previous is not None
-        try:
-            return stat.S_ISDIR(os.lstat(self.previous / rel).st_mode)
-        except OSError:
-            return False
+    def _list(self, handle: safefs.Dir) -> list[os.DirEntry[str]]:
+        with os.scandir(handle.fd) as scan:
+            return sorted(scan, key=lambda entry: entry.name, reverse=True)
 
-    def _file(
-        self, source: Path, rel: Path, target: Path, st: os.stat_result, in_previous: bool
-    ) -> None:
+    def _entry(self, level: _Level, entry: os.DirEntry[str]) -> _Level | None:
+        if self.budget is not None:
+            self.budget.step()
+        name = entry.name
+        rel = f"{level.rel}/{name}" if level.rel else name
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            src = safefs.open_subdir(level.src, name, expect=safefs.identity(st))
+            try:
+                os.mkdir(name, 0o700, dir_fd=level.dst.fd)
+                dst = safefs.open_subdir(level.dst, name)
+                previous = self._previous_dir(level.previous, name)
+            except BaseException:
+                src.close()
+                raise
+            self.stats.dirs += 1
+            return _Level(src, dst, previous, self._list(src), st, rel)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=level.src.fd)
+            os.symlink(target, name, dir_fd=level.dst.fd)
+            _meta_link(level.dst, name, st)
+            self.stats.symlinks += 1
+        elif stat.S_ISREG(st.st_mode):
+            self._file(level, name, rel, st)
+        else:
+            self.stats.skipped.append(rel)
+        return None
+
+    def _previous_dir(self, previous: safefs.Dir | None, name: str) -> safefs.Dir | None:
+        """The previous snapshot's ``name`` if it is a real directory (never a link: a file
+        looked up through one could lie outside)."""
+        if previous is None:
+            return None
+        try:
+            return safefs.open_subdir(previous, name)
+        except OSError:
+            return None
+
+    def _file(self, level: _Level, name: str, rel: str, st: os.stat_result) -> None:
         self.stats.files += 1
         self.stats.bytes += st.st_size
-        inode = (st.st_dev, st.st_ino)
+        assert self.top is not None
+        inode = safefs.identity(st)
         if st.st_nlink > 1 and inode in self.copies:
-            os.link(self.copies[inode], target)
+            os.link(
+                self.copies[inode],
+                name,
+                src_dir_fd=self.top.fd,
+                dst_dir_fd=level.dst.fd,
+                follow_symlinks=False,
+            )
             return
-        earlier = self._unchanged_in_previous(source, rel, st) if in_previous else None
-        if earlier is not None:
-            os.link(earlier, target)
-            self.stats.linked += 1
-        else:
-            shutil.copyfile(source, target, follow_symlinks=False)
-            _apply_metadata(target, st)
-            self.stats.copied += 1
-        if st.st_nlink > 1:
-            self.copies[inode] = target
-
-    def _unchanged_in_previous(self, source: Path, rel: Path, st: os.stat_result) -> Path | None:
-        """The previous snapshot's copy of ``rel`` if it is identical to ``source`` in content,
-        mode, owner and modification time.  Its directory is known to be a real one."""
-        if self.previous is None:
-            return None
-        earlier = self.previous / rel
+        src = _open_source(level.src, name, st)
         try:
-            old = os.lstat(earlier)
+            if self._link_unchanged(level, name, st, src):
+                self.stats.linked += 1
+            else:
+                out = safefs.open_file_at(level.dst, name, _NEW_FILE, 0o600)
+                try:
+                    _copy_bytes(src, out, self.budget)
+                    _meta_fd(out, st)
+                finally:
+                    os.close(out)
+                self.stats.copied += 1
+        finally:
+            os.close(src)
+        if st.st_nlink > 1:
+            self.copies[inode] = rel
+
+    def _link_unchanged(self, level: _Level, name: str, st: os.stat_result, src: int) -> bool:
+        """Hard-link the previous snapshot's copy of ``name`` if it is identical to the
+        source in content, mode, owner and modification time."""
+        if level.previous is None:
+            return False
+        try:
+            old = os.lstat(name, dir_fd=level.previous.fd)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return False
         if not (
             stat.S_ISREG(old.st_mode)
             and old.st_mode == st.st_mode
@@ -177,107 +272,115 @@ class _Copier:
             and old.st_mtime_ns == st.st_mtime_ns
             and (old.st_uid, old.st_gid) == (st.st_uid, st.st_gid)
         ):
-            return None
-        inode = (st.st_dev, st.st_ino)
-        if self.reused.get((old.st_dev, old.st_ino), inode) != inode:
-            return None
-        if not _same_content(source, earlier):
-            return None
-        self.reused[(old.st_dev, old.st_ino)] = inode
-        return earlier
+            return False
+        inode = safefs.identity(st)
+        if self.reused.get(safefs.identity(old), inode) != inode:
+            return False
+        earlier = safefs.open_file_at(level.previous, name, _FILE_FLAGS)
+        try:
+            if not _same_content(src, earlier):
+                return False
+        finally:
+            os.close(earlier)
+        os.link(
+            name,
+            name,
+            src_dir_fd=level.previous.fd,
+            dst_dir_fd=level.dst.fd,
+            follow_symlinks=False,
+        )
+        self.reused[safefs.identity(old)] = inode
+        return True
 
 
-def copy_tree(src: Path, dst: Path, *, previous: Path | None = None) -> CopyStats:
+def copy_into(
+    src: safefs.Dir,
+    dst_parent: safefs.Dir,
+    name: str,
+    *,
+    previous: safefs.Dir | None = None,
+    budget: WorkBudget | None = None,
+) -> CopyStats:
+    """Copy open directory ``src`` to new directory ``name`` of ``dst_parent``, faithfully;
+    see :func:`copy_tree`.  On an error the partial copy is left for the caller to remove."""
+    return _Copier(budget).run(src, dst_parent, name, previous)
+
+
+def copy_tree(
+    src: Path,
+    dst: Path,
+    *,
+    previous: Path | None = None,
+    budget: WorkBudget | None = None,
+) -> CopyStats:
     """Copy directory ``src`` to ``dst`` (which must not exist), faithfully.
 
     :param previous: an earlier copy of the same tree, never written to.  A file whose
         content, mode, owner and modification time match its copy there is hard-linked to
         that copy instead of copied again.  Never pass the live tree: a later in-place write
         to it would change the copy too.
+    :param budget: stepped once per entry and per megabyte; it stops the copy when spent.
     :raises NotADirectoryError: ``src`` is not a directory (a symlink to one counts as not).
+    :raises UnsafePath: a component of ``src`` is a symlink, or the tree changed under the
+        copy in a way that would have led it outside.
     """
-    return _Copier(src, dst, previous).run()
+    if not stat.S_ISDIR(os.lstat(src).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(src))
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(safefs.open_dir(src))
+        parent = stack.enter_context(safefs.open_dir(dst.parent))
+        earlier = None
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                earlier = stack.enter_context(safefs.open_dir(previous))
+        return copy_into(source, parent, dst.name, previous=earlier, budget=budget)
 
 
 # --------------------------------------------------------------------------- removing
 
 
-def _make_writable(path: Path) -> None:
-    """Give the owner full access to every directory under ``path`` (never via a symlink), so
-    read-only directories can be emptied."""
-    os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IRWXU)
-    for root, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            sub = os.path.join(root, name)
-            st = os.lstat(sub)
-            if stat.S_ISDIR(st.st_mode):
-                os.chmod(sub, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
-
-
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path, *, budget: WorkBudget | None = None) -> None:
     """Remove ``path`` whatever it is (directory, file, symlink); nothing if it is missing.
 
-    Read-only directories inside (a copy keeps them read-only) are made writable first.
+    Never follows a symlink and never crosses into another file system (see
+    :func:`deploy_core.agent.safefs.remove_at`); a symlinked parent is refused.
     """
     try:
-        st = os.lstat(path)
+        parent = safefs.open_dir(path.parent)
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-    try:
-        shutil.rmtree(path)
-    except PermissionError:
-        _make_writable(path)
-        shutil.rmtree(path)
+    with parent:
+        safefs.remove_at(parent, path.name, step=budget.step if budget else None)
 
 
 # --------------------------------------------------------------------------- swapping
 
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
+
+def _leftovers(parent: safefs.Dir, name: str) -> list[str]:
+    """Staging directories of restores of ``name`` that were interrupted: ours (owned by
+    the agent, still private).  Anything else of that name is left alone: a script could
+    have renamed something there for the agent to delete."""
+    prefix = f".{name}.rollback-new-"
+    found = []
+    for entry in os.scandir(parent.fd):
+        if not entry.name.startswith(prefix):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        if mine and stat.S_IMODE(st.st_mode) == 0o700:
+            found.append(entry.name)
+    return found
 
 
-@functools.cache
-def _renameat2() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Atomically swap the entries ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    :returns: ``False``, having changed nothing, where the system or file system cannot.
-    """
-    fn = _renameat2()
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _siblings(path: Path, marker: str) -> list[Path]:
-    prefix = f".{path.name}.{marker}-"
-    try:
-        names = os.listdir(path.parent)
-    except FileNotFoundError:
-        return []
-    return [path.parent / name for name in names if name.startswith(prefix)]
-
-
-def restore_tree(source: Path | None, path: Path) -> CopyStats:
+def restore_tree(
+    source: Path | None,
+    path: Path,
+    *,
+    parent_identity: Sequence[int] | None = None,
+    identity: Sequence[int] | None = None,
+    owner: int | None = None,
+    budget: WorkBudget | None = None,
+) -> CopyStats:
     """Make ``path`` an exact copy of directory ``source``, or remove it when ``source`` is
     ``None``.
 
@@ -285,30 +388,66 @@ def restore_tree(source: Path | None, path: Path) -> CopyStats:
     allows), so ``path`` is never seen half restored; what was there is removed afterwards.
     Files are always copied, never hard-linked to ``source``, so writes to the restored tree
     cannot reach ``source``.
+
+    :param parent_identity: the identity of ``path``'s parent when the snapshot was taken;
+        a different directory there now is refused (a missing one is created).
+    :param identity: the identity of ``path`` itself then (``None`` if it was absent).
+    :param owner: the uid scripts ran as: what stands at ``path`` now must be the recorded
+        directory, or something that user made (or a symlink, file or anything the user can
+        replace); a directory owned by someone else that was moved there is refused.
+    :raises UnsafePath: the parent or ``path`` changed in a way the agent must not follow.
     """
-    # Left by a restore that was interrupted; the restore under way supersedes it.
-    for leftover in _siblings(path, "rollback"):
-        remove_tree(leftover)
-    token = secrets.token_hex(4)
-    trash = path.parent / f".{path.name}.rollback-old-{token}"
-    stats = CopyStats()
-    if source is None:
-        if os.path.lexists(path):
-            os.rename(path, trash)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.parent / f".{path.name}.rollback-new-{token}"
-        try:
-            stats = copy_tree(source, staging)
-        except BaseException:
-            remove_tree(staging)
-            raise
-        if not os.path.lexists(path):
-            os.rename(staging, path)
-        elif exchange(staging, path):
-            os.rename(staging, trash)
+    step = budget.step if budget is not None else None
+    try:
+        parent = safefs.open_dir(path.parent, expect=parent_identity)
+    except FileNotFoundError:
+        if source is None:
+            return CopyStats()
+        parent = safefs.open_dir(path.parent, create=True)
+    with parent:
+        name = path.name
+        for leftover in _leftovers(parent, name):
+            safefs.remove_at(parent, leftover, step=step)
+        token = secrets.token_hex(4)
+        trash = f".{name}.rollback-old-{token}"
+        current = _replaceable(parent, name, identity, owner)
+        stats = CopyStats()
+        if source is None:
+            if current is not None:
+                safefs.rename_at(parent, name, parent, trash)
         else:
-            os.rename(path, trash)
-            os.rename(staging, path)
-    remove_tree(trash)
+            staging = f".{name}.rollback-new-{token}"
+            try:
+                with safefs.open_dir(source) as src:
+                    stats = copy_into(src, parent, staging, budget=budget)
+            except BaseException:
+                safefs.remove_at(parent, staging, step=step)
+                raise
+            if current is None:
+                safefs.rename_at(parent, staging, parent, name)
+            elif safefs.exchange_at(parent, staging, parent, name):
+                safefs.rename_at(parent, staging, parent, trash)
+            else:
+                safefs.rename_at(parent, name, parent, trash)
+                safefs.rename_at(parent, staging, parent, name)
+        if current is not None:
+            safefs.remove_at(parent, trash, expect=safefs.identity(current), step=step)
     return stats
+
+
+def _replaceable(
+    parent: safefs.Dir, name: str, recorded: Sequence[int] | None, owner: int | None
+) -> os.stat_result | None:
+    """What stands at ``name`` now, if the restore may replace it."""
+    st = safefs.lstat_at(parent, name)
+    if st is None or owner is None or not stat.S_ISDIR(st.st_mode):
+        return st
+    if recorded is not None and safefs.identity(st) == safefs.as_identity(recorded):
+        return st
+    if st.st_uid != owner:
+        raise safefs.UnsafePath(
+            parent.join(name),
+            f"it is not the directory snapshotted and belongs to uid {st.st_uid}, not to uid "
+            f"{owner} scripts run as: something was moved there; move it away first",
+        )
+    return st

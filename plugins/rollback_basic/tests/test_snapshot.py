@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from deploy_core.agent import safefs
+from deploy_core.agent.bounded import run_bounded
 from deploy_core.models import RollbackTarget
 from pydantic import ValidationError
 
-from rollback_basic import tree
 from rollback_basic.errors import RollbackError
-from rollback_basic.snapshot import SNAPSHOT, SnapshotParams, _file_work
+from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
 
 T0 = 1_600_000_000_000_000_000  # fixed mtimes (ns), so unchanged files really are unchanged
 
@@ -87,6 +88,7 @@ async def test_rollback_restores_the_directory_byte_for_byte(
     app, data_dir, deployment, failed, tree_of
 ):
     before = tree_of(app)
+    recorded = [app.lstat().st_dev, app.lstat().st_ino]
     params = snapshot_params(app)
     ctx, reporter = deployment("d-1")
 
@@ -105,6 +107,9 @@ async def test_rollback_restores_the_directory_byte_for_byte(
         "absent": False,
         "files": 8,
         "bytes": file_bytes,
+        "resolved": str(app),
+        "parent_identity": [app.parent.stat().st_dev, app.parent.stat().st_ino],
+        "identity": recorded,
     }
     assert json.loads(json.dumps(state)) == state
     assert not list(app.parent.glob(".app.rollback-*"))  # nothing left beside it
@@ -261,7 +266,7 @@ async def test_manual_rollback_of_a_successful_deployment_restores_the_earlier_s
 async def test_restore_without_atomic_exchange_falls_back_to_two_renames(
     app, deployment, failed, tree_of, monkeypatch
 ):
-    monkeypatch.setattr(tree, "exchange", lambda a, b: False)
+    monkeypatch.setattr(safefs, "exchange_at", lambda *args: False)
     before = tree_of(app)
     params = snapshot_params(app)
     ctx, _ = deployment("d-1")
@@ -280,6 +285,7 @@ async def test_leftovers_of_an_interrupted_restore_are_cleared(app, deployment, 
     state = await SNAPSHOT.prepare(ctx, params)
     leftover = app.parent / ".app.rollback-new-0badf00d"
     (leftover / "half").mkdir(parents=True)
+    leftover.chmod(0o700)  # a staging directory is private until it is swapped in
     failed(ctx, "script exited with code 1", params.model_dump(), state)
 
     await SNAPSHOT.rollback(ctx, params, state)
@@ -343,5 +349,5 @@ async def test_timed_out_file_work_finishes_before_the_timeout_is_reported():
         finished.append(True)
 
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(_file_work(slow_swap), 0.05)
+        await asyncio.wait_for(run_bounded(slow_swap), 0.05)
     assert finished == [True]  # nothing still running behind the agent's back

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import missing_part
 
-from rollback_basic.tree import copy_tree, exchange, restore_tree
+from rollback_basic.tree import copy_tree, restore_tree
 
 T0 = 1_600_000_000_000_000_000
 
@@ -68,20 +67,6 @@ def test_copy_of_a_symlinked_directory_is_refused(tmp_path):
 
     with pytest.raises(NotADirectoryError):
         copy_tree(tmp_path / "link", tmp_path / "dst")
-
-
-def test_exchange_swaps_two_directories_atomically(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    (a / "from-a").touch()
-    (b / "from-b").touch()
-
-    if not exchange(a, b):
-        missing_part("renameat2(RENAME_EXCHANGE) is not available here")
-
-    assert os.listdir(a) == ["from-b"]
-    assert os.listdir(b) == ["from-a"]
 
 
 def test_restore_replaces_a_file_or_symlink_standing_at_the_path(tmp_path):
