@@ -133,6 +133,32 @@ def parse_health(spec: str) -> dict[str, Any]:
     return check
 
 
+def no_rollback_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--no-rollback`` flag of every ``deployctl deploy`` command (plugins' too); pair
+    it with :func:`rollback_field`."""
+    return click.option(
+        "--no-rollback",
+        is_flag=True,
+        help='on failure, leave things as they are (sends "rollback": false); without it the '
+        "rollback named by the command's options applies, else the server's default for the "
+        "deploy type, else the type's own (tar: previous release, Docker: previous container)",
+    )(fn)
+
+
+def rollback_field(no_rollback: bool, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``rollback`` part of a deploy request body: ``{"rollback": false}`` for
+    ``--no-rollback``, ``{"rollback": spec}`` when the command's options name one, else
+    nothing, so that the server picks the default (see docs/api.md, "Rollback")."""
+    if no_rollback:
+        if spec:
+            raise click.UsageError(
+                f"--no-rollback and a {spec.get('strategy', 'rollback')} rollback option "
+                "contradict each other; drop one"
+            )
+        return {"rollback": False}
+    return {"rollback": spec} if spec else {}
+
+
 def submit_and_follow(
     api: DeployClient, kind: str, body: dict[str, Any], wait: bool, wait_timeout: float
 ) -> None:

@@ -12,10 +12,12 @@ import click
 from deploy_core.cli.common import (
     echo_json,
     follow,
+    no_rollback_option,
     parse_env,
     parse_health,
     print_outcome,
     progress_bar,
+    rollback_field,
     submit_and_follow,
     with_api,
 )
@@ -71,6 +73,7 @@ def _read_script(text: str | None, file: Path | None, what: str) -> str | None:
     default=None,
     help="directory to snapshot before and restore on failure (implies --rollback snapshot)",
 )
+@no_rollback_option
 @click.option("--wait", is_flag=True, help="follow the deployment until it ends")
 @click.option("--wait-timeout", type=float, default=3600, show_default=True)
 @with_api
@@ -89,10 +92,12 @@ def deploy_shell(
     rollback_strategy: str | None,
     rollback_script_file: Path | None,
     snapshot_dir: str | None,
+    no_rollback: bool,
     wait: bool,
     wait_timeout: float,
 ) -> None:
-    """Run a shell script on a client."""
+    """Run a shell script on a client.  Without a rollback option, a failure is undone only
+    if the server config sets a default for deploy.shell (the record says which)."""
     body_script = _read_script(script, script_file, "the script")
     if body_script is None:
         raise click.UsageError("give --script or --script-file")
@@ -114,9 +119,11 @@ def deploy_shell(
             check["interval"] = health_interval
     if checks:
         body["health_checks"] = checks
-    body["rollback"] = _rollback_option(rollback_strategy, rollback_script_file, snapshot_dir)
-    if body["rollback"] is None:
-        del body["rollback"]
+    body.update(
+        rollback_field(
+            no_rollback, _rollback_option(rollback_strategy, rollback_script_file, snapshot_dir)
+        )
+    )
     submit_and_follow(api, "shell", body, wait, wait_timeout)
 
 

@@ -6,7 +6,14 @@ from typing import Any
 
 import click
 
-from deploy_core.cli import parse_env, parse_health, submit_and_follow, with_api
+from deploy_core.cli import (
+    no_rollback_option,
+    parse_env,
+    parse_health,
+    rollback_field,
+    submit_and_follow,
+    with_api,
+)
 from deploy_core.client import DeployClient
 
 
@@ -18,7 +25,7 @@ from deploy_core.client import DeployClient
 @click.option("--env", "env", multiple=True, help="KEY=VALUE, repeatable")
 @click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
 @click.option("--start-first", is_flag=True, help="start the new container before stopping the old")
-@click.option("--no-rollback", is_flag=True, help="leave a failed deployment as it is")
+@no_rollback_option
 @click.option(
     "--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True
 )
@@ -53,6 +60,5 @@ def deploy_docker_command(
     checks = [parse_health(h) for h in health]
     if checks:
         body["health_checks"] = checks
-    if not no_rollback:
-        body["rollback"] = {"strategy": "previous_container"}
+    body.update(rollback_field(no_rollback))
     submit_and_follow(api, "docker", body, wait, wait_timeout)

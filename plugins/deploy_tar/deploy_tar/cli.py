@@ -11,8 +11,10 @@ from typing import Any
 import click
 
 from deploy_core.cli import (
+    no_rollback_option,
     parse_env,
     parse_health,
+    rollback_field,
     submit_and_follow,
     upload_with_progress,
     with_api,
@@ -53,7 +55,7 @@ __all__ = ["deploy_tar"]
     help="on rollback, script inside the previous release that starts it (default: its "
     "install script again, with DEPLOY_ACTION=rollback)",
 )
-@click.option("--no-rollback", is_flag=True, help="on failure, leave things as they are")
+@no_rollback_option
 @click.option("--wait", is_flag=True, help="follow the deployment until it ends")
 @click.option("--wait-timeout", type=float, default=3600, show_default=True)
 @with_api
@@ -78,7 +80,8 @@ def deploy_tar(
     """Deploy a tar.gz package as a new release under --target-dir.
 
     The package is uploaded first (--package) unless it is in the store already
-    (--artifact). On failure the release rollback switches back to the previous release.
+    (--artifact). On failure the release rollback switches back to the previous release
+    (the default of deploy.tar, unless the server config sets another), unless --no-rollback.
     """
     if (package is None) == (artifact is None):
         raise click.UsageError("give exactly one of --package FILE and --artifact SHA256")
@@ -107,8 +110,9 @@ def deploy_tar(
             check["interval"] = health_interval
     if checks:
         body["health_checks"] = checks
-    if not no_rollback:
-        body["rollback"] = {"strategy": "release"}
-        if start_script:
-            body["rollback"]["start"] = start_script
+    body.update(
+        rollback_field(
+            no_rollback, {"strategy": "release", "start": start_script} if start_script else None
+        )
+    )
     submit_and_follow(api, "tar", body, wait, wait_timeout)
