@@ -223,7 +223,7 @@ def test_v2_over_v1_fails_health_then_v1_is_back_and_alone(
 def test_missing_image_fails_with_the_engines_message(
     center: DeployCenter, name: str, client: docker.DockerClient
 ) -> None:
-    deploy_id = deploy(center, name, "no-such-tag", free_port(), rollback=None)
+    deploy_id = deploy(center, name, "no-such-tag", free_port(), rollback=False)
     record = center.wait(deploy_id, timeout=60)
     assert record["status"] == "failed"
     with pytest.raises(docker.errors.NotFound) as engine:
