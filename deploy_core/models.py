@@ -226,6 +226,13 @@ class DeployCommand(WireModel):
     issued_at: float = Field(default_factory=now)
     expires_at: float
     rollback_of: RollbackTarget | None = None
+    log_budget_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="bytes of output lines the server keeps for this deployment "
+        "(--max-log-bytes): the agent streams no more, keeping the tail of the rest for the "
+        "end; absent (an older server): no limit",
+    )
 
 
 class RollbackTarget(WireModel):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +36,13 @@ from deploy_core.agent.constraints import (
     PathAccess,
     default_policy,
 )
-from deploy_core.agent.process import DEFAULT_TAIL_BYTES, ProcessResult, run_process
+from deploy_core.agent.process import (
+    DEFAULT_TAIL_BYTES,
+    OutputBudget,
+    Pace,
+    ProcessResult,
+    run_process,
+)
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
 
 # Variables a script inherits from the agent's own environment; nothing else leaks through
@@ -45,6 +52,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MASK = "***"
 # Shorter values would mask ordinary text everywhere ("1", "on").
 MIN_MASKED = 3
+# Of the server's log budget, the part kept for the tail of a run that overflows it (and the
+# line that says so): at most this much, and at most a quarter of the budget.
+LOG_TAIL_BYTES = 64 * 1024
+LOG_MARKER_BYTES = 256
 
 
 class DeployFailed(Exception):
@@ -104,11 +115,13 @@ class DeployContext:
         self.constraints = constraints if constraints is not None else default_policy()
         self._reporter = reporter
         self.secret_env = dict(command.secret_env)
-        # Longest first, so a secret containing another is masked whole.
-        self._secrets = sorted(
-            (v for v in command.secret_env.values() if len(v) >= MIN_MASKED),
-            key=len,
-            reverse=True,
+        self._secrets = masked_forms(command.secret_env.values())
+        # What is left of the server's log budget for streamed lines, and how much of an
+        # overflowing run's tail is sent at its end (docs/api.md, "Logs").
+        budget = command.log_budget_bytes
+        self._log_tail = 0 if budget is None else min(LOG_TAIL_BYTES, budget // 4)
+        self._log_left = (
+            None if budget is None else max(0, budget - self._log_tail - LOG_MARKER_BYTES)
         )
         self._stage_of = stage_of or (lambda status: (0, 100))
         self._artifacts = artifacts
@@ -156,7 +169,9 @@ class DeployContext:
         self._reporter.log(LogLine(stream=stream, stage=self._stage, line=self.mask(line)[:8192]))
 
     def mask(self, text: str) -> str:
-        """``text`` with every secret value of the deployment replaced by ``***``."""
+        """``text`` with every secret value of the deployment replaced by ``***``: each
+        value whole, and each line of a multi-line value (a PEM key), so neither a text
+        holding the whole value nor one line of output shows any of it."""
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
@@ -300,15 +315,22 @@ class DeployContext:
         # Never past the deadline, but give a step at least a second to report itself.
         timeout = min(timeout, max(self.remaining(), 1.0))
         if confine is None:
-            return await run_process(
-                argv,
-                timeout=timeout,
-                cwd=cwd,
-                env=self.script_env(env, run_as=False),
-                on_line=on_line,
-            )
+            budget = self._output_budget(None)
+            try:
+                return await run_process(
+                    argv,
+                    timeout=timeout,
+                    cwd=cwd,
+                    env=self.script_env(env, run_as=False),
+                    on_line=on_line,
+                    output_budget=budget,
+                    pace=self._pace(),
+                )
+            finally:
+                self._spend(budget)
         policy = self.constraints
         output_bytes = policy.limits.output_bytes
+        budget = self._output_budget(output_bytes)
         with policy.confinement(confine) as confinement:
             for note in confinement.notes if confinement else ():
                 self.log(note, stream="agent")
@@ -321,7 +343,8 @@ class DeployContext:
                     on_line=on_line,
                     tail_bytes=min(DEFAULT_TAIL_BYTES, output_bytes or DEFAULT_TAIL_BYTES),
                     confinement=confinement,
-                    output_limit=output_bytes,
+                    output_budget=budget,
+                    pace=self._pace(),
                 )
             except OSError as exc:
                 why = policy.explain_start_error(exc)
@@ -332,6 +355,8 @@ class DeployContext:
                 raise DeployFailed(
                     f"the script could not be put under the constraints (run_as, limits): {exc}"
                 ) from exc
+            finally:
+                self._spend(budget)
             why = policy.explain(result, confinement)
         if why is None:
             return result
@@ -339,6 +364,24 @@ class DeployContext:
         tail = result.stderr_tail
         tail += ("" if not tail or tail.endswith("\n") else "\n") + f"[agent] {why}\n"
         return dataclasses.replace(result, stderr_tail=tail, limit_hit=why)
+
+    def _output_budget(self, cap: int | None) -> OutputBudget:
+        """The output budget of one run: the agent's own per-run limit (``cap``) when it is
+        the smaller, else what is left of the server's budget for the deployment, with a tail
+        kept for the end."""
+        left = self._log_left
+        if cap is not None and (left is None or cap <= left):
+            return OutputBudget(cap)
+        return OutputBudget(left, tail_bytes=self._log_tail)
+
+    def _spend(self, budget: OutputBudget) -> None:
+        if self._log_left is not None:
+            self._log_left = max(0, self._log_left - budget.streamed - budget.sent_after)
+
+    def _pace(self) -> Pace | None:
+        """The reporter's back-pressure, if it has any (the agent's outbox does)."""
+        wait: Pace | None = getattr(self._reporter, "wait_for_room", None)
+        return wait
 
     def _enforce(self, check: Callable[[Any], None], subject: Any) -> None:
         """Run one constraint check; a refusal is logged and fails the step."""
@@ -409,6 +452,23 @@ class DeployContext:
             folder.close()
             raise
         return folder, Path(folder.path) / name
+
+
+def masked_forms(values: Iterable[str]) -> list[str]:
+    """Every text to mask for these secret values, longest first (so a secret containing
+    another is masked whole): each value, its JSON-escaped form, and each line of a
+    multi-line value that is at least :data:`MIN_MASKED` long (a log stream sees one line at
+    a time)."""
+    forms: set[str] = set()
+    for value in values:
+        if len(value) < MIN_MASKED:
+            continue
+        forms.update((value, value.replace("\n", "\r\n"), json.dumps(value)[1:-1]))
+        for line in value.splitlines():
+            for form in (line, line.strip()):
+                if len(form) >= MIN_MASKED:
+                    forms.add(form)
+    return sorted(forms, key=len, reverse=True)
 
 
 @dataclass

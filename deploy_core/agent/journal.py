@@ -5,6 +5,10 @@ A command is journaled before it is acknowledged, and marked started before it r
 restarted agent never runs a ``deploy_id`` twice and knows which one it was in the middle of.
 Status reports and callbacks are written to the outbox in the same transaction that gives
 them their sequence number, and stay there until the server acknowledges them.
+
+The journal holds secrets for as long as a deployment runs (its command's ``secret_env``):
+the files are private (0600), deleted content is overwritten (``secure_delete``), and a
+finished deployment's secret values are removed from its stored command.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy_core.models import DeployCommand
+from deploy_core.private import private_database
 
 ACCEPTED = "accepted"
 STARTED = "started"
@@ -49,6 +54,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+# The WAL file is cut back to this size after a checkpoint (it would keep its largest size).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class OutboxMessage:
     """An event waiting for the server's acknowledgement."""
@@ -58,6 +67,8 @@ class OutboxMessage:
     deploy_id: str | None
     name: str
     payload: dict[str, Any]
+    #: Bytes of the payload as stored (JSON).
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,24 +91,34 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        private_database(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # Deleted rows (acknowledged events, removed secrets) are overwritten, not left in
+        # free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         # FULL: a report the agent believes written survives a power cut.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        private_database(path)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
         if "progress" not in columns:  # a journal written by 0.1.0 before this column
             self._db.execute(
                 "ALTER TABLE deployments ADD COLUMN progress INTEGER NOT NULL DEFAULT 0"
             )
+        (outbox_bytes,) = self._db.execute(
+            "SELECT coalesce(sum(length(payload)), 0) FROM outbox"
+        ).fetchone()
+        self._outbox_bytes = int(outbox_bytes)
 
     def close(self) -> None:
         """Close the database."""
         with self._lock:
             self._db.close()
 
-    def _tx(self) -> Any:
-        return _Transaction(self)
+    def _tx(self, *, durable: bool = True) -> Any:
+        return _Transaction(self, durable)
 
     # ------------------------------------------------------------------ deployments
 
@@ -165,46 +186,85 @@ class Journal:
     ) -> None:
         """Add an event to the outbox."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (msg_id, deploy_id, name, json.dumps(payload), time.time()),
-            )
+            size = self._insert(db, msg_id, deploy_id, name, payload)
+        self._grew(size)
 
     def enqueue_report(
-        self, deploy_id: str, msg_id: str, name: str, payload: dict[str, Any], stage: str
+        self,
+        deploy_id: str,
+        msg_id: str,
+        name: str,
+        payload: dict[str, Any],
+        stage: str,
+        *,
+        durable: bool = True,
     ) -> int:
         """Give a status report the deployment's next sequence number and add it to the
-        outbox, in one transaction.  Returns the sequence number used."""
-        with self._tx() as db:
+        outbox, in one transaction.  Returns the sequence number used.
+
+        :param durable: wait for the disk (``synchronous=FULL``).  ``False`` for a batch of
+            log lines that moves nothing: it survives a crash of the agent, and the next
+            durable write takes it to the disk; a power cut may lose it."""
+        with self._tx(durable=durable) as db:
             (seq,) = db.execute(
                 "UPDATE deployments SET report_seq = report_seq + 1, stage = ?,"
                 " progress = max(progress, ?) WHERE deploy_id = ? RETURNING report_seq",
                 (stage, int(payload.get("progress", 0)), deploy_id),
             ).fetchone()
-            payload = {**payload, "seq": seq}
-            db.execute(
-                "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (msg_id, deploy_id, name, json.dumps(payload), time.time()),
-            )
-            return int(seq)
+            size = self._insert(db, msg_id, deploy_id, name, {**payload, "seq": seq})
+        self._grew(size)
+        return int(seq)
 
     def finish(
         self, deploy_id: str, status: str, msg_id: str, name: str, payload: dict[str, Any]
     ) -> None:
-        """Mark a deployment finished and add its callback to the outbox, atomically."""
+        """Mark a deployment finished and add its callback to the outbox, atomically.
+
+        The stored command loses its secret values (their names stay): nothing needs them
+        after the end, and a journal must not keep them at rest."""
         with self._tx() as db:
+            row = db.execute(
+                "SELECT command FROM deployments WHERE deploy_id = ?", (deploy_id,)
+            ).fetchone()
+            command = json.loads(row[0]) if row else {}
+            if command.get("secret_env"):
+                command["secret_env"] = {}
             db.execute(
-                "UPDATE deployments SET state = ?, final_status = ?, finished_at = ?"
-                " WHERE deploy_id = ?",
-                (FINISHED, status, time.time(), deploy_id),
+                "UPDATE deployments SET state = ?, final_status = ?, finished_at = ?,"
+                " command = coalesce(?, command) WHERE deploy_id = ?",
+                (
+                    FINISHED,
+                    status,
+                    time.time(),
+                    json.dumps(command) if row else None,
+                    deploy_id,
+                ),
             )
-            db.execute(
-                "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (msg_id, deploy_id, name, json.dumps(payload), time.time()),
-            )
+            size = self._insert(db, msg_id, deploy_id, name, payload)
+        self._grew(size)
+        # The old versions of the command's page must not linger in the WAL file either.
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @staticmethod
+    def _insert(
+        db: sqlite3.Connection,
+        msg_id: str,
+        deploy_id: str | None,
+        name: str,
+        payload: dict[str, Any],
+    ) -> int:
+        text = json.dumps(payload)
+        db.execute(
+            "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (msg_id, deploy_id, name, text, time.time()),
+        )
+        return len(text)
+
+    def _grew(self, size: int) -> None:
+        with self._lock:
+            self._outbox_bytes += size
 
     def pending(self, *, after: int = 0, limit: int = 500) -> list[OutboxMessage]:
         """Unacknowledged events in order, after outbox position ``after``."""
@@ -214,12 +274,23 @@ class Journal:
                 " ORDER BY seq LIMIT ?",
                 (after, limit),
             ).fetchall()
-        return [OutboxMessage(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        return [
+            OutboxMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), size=len(r[4])) for r in rows
+        ]
 
     def ack(self, msg_id: str) -> bool:
-        """The server has the event: drop it from the outbox."""
-        with self._tx() as db:
-            return bool(db.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,)).rowcount)
+        """The server has the event: drop it from the outbox.  Not waited for on disk: an
+        acknowledgement lost to a power cut only makes the event go again, and the server
+        drops what it already has."""
+        with self._tx(durable=False) as db:
+            row = db.execute(
+                "DELETE FROM outbox WHERE msg_id = ? RETURNING length(payload)", (msg_id,)
+            ).fetchone()
+        if row is None:
+            return False
+        with self._lock:
+            self._outbox_bytes -= int(row[0])
+        return True
 
     def outbox_size(self) -> int:
         """How many events wait for acknowledgement."""
@@ -227,13 +298,20 @@ class Journal:
             (count,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
         return int(count)
 
+    def outbox_bytes(self) -> int:
+        """Bytes of the events waiting for acknowledgement (kept in memory, cheap)."""
+        return self._outbox_bytes
+
 
 class _Transaction:
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, durable: bool) -> None:
         self.journal = journal
+        self.durable = durable
 
     def __enter__(self) -> sqlite3.Connection:
         self.journal._lock.acquire()
+        if not self.durable:
+            self.journal._db.execute("PRAGMA synchronous=NORMAL")
         self.journal._db.execute("BEGIN IMMEDIATE")
         return self.journal._db
 
@@ -241,6 +319,8 @@ class _Transaction:
         try:
             self.journal._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
+            if not self.durable:
+                self.journal._db.execute("PRAGMA synchronous=FULL")
             self.journal._lock.release()
 
 

@@ -14,17 +14,22 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_TAIL_BYTES = 64 * 1024
 MAX_LINE_CHARS = 8192
+# Bytes asked of a pipe per read.
+READ_BYTES = 1 << 20
 # After the main process exits, how long to keep reading output a background child may still
 # be writing before we stop listening (the child keeps running: it may be the service).
 DRAIN_AFTER_EXIT = 0.5
 KILL_GRACE = 2.0
 
 LineSink = Callable[[str, str], None]
+# Awaited by the pump after each chunk it turned into lines: where back-pressure enters.
+Pace = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -85,28 +90,121 @@ class Confinement:
         return apply
 
 
-class _OutputBudget:
-    """How many bytes of output may still be streamed line by line (shared by both streams).
+class OutputBudget:
+    """How many bytes of output lines one run may stream to ``on_line`` (both streams
+    together), and what becomes of the rest.
 
-    Once spent, one marker line is sent and the rest is only kept in the tail."""
+    Past ``limit`` the pump stops splitting output into lines, so a script that prints
+    gigabytes costs the agent a pipe read per chunk and no more.  With ``tail_bytes`` 0 one
+    ``[output truncated after N bytes]`` line is sent at once and the rest is dropped (the
+    agent's own ``limits.output_bytes``).  Otherwise the last ``tail_bytes`` of the rest are
+    kept and sent when the run ends, after one line saying how many bytes were left out (the
+    server's per-deployment log budget: the head and the tail of a flood both reach it).
 
-    def __init__(self, limit: int | None) -> None:
+    :param limit: bytes of lines to stream, a newline counted for each; ``None``: no limit.
+    :param tail_bytes: bytes of the rest to send at the end.
+    """
+
+    def __init__(self, limit: int | None, *, tail_bytes: int = 0) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError(f"an output limit cannot be negative, got {limit}")
+        if tail_bytes < 0:
+            raise ValueError(f"tail_bytes cannot be negative, got {tail_bytes}")
         self.limit = limit
         self.left = limit
-        self.marked = False
+        self.tail_bytes = tail_bytes
+        #: Bytes of lines streamed while within the limit.
+        self.streamed = 0
+        #: Bytes that came past the limit (some of them kept for the tail).
+        self.dropped = 0
+        #: Bytes of lines sent by :meth:`finish` (the marker and the tail).
+        self.sent_after = 0
+        self.spent = limit == 0
+        self._marked = False
+        self._kept: deque[tuple[str, bytes]] = deque()
+        self._kept_bytes = 0
 
-    def admit(self, stream: str, line: str, on_line: LineSink) -> None:
+    def admit(self, stream: str, raw: bytes, on_line: LineSink) -> bool:
+        """Stream one line if it fits; ``False`` once the limit is reached (the line is
+        then the caller's to :meth:`drop`)."""
         if self.left is None:
-            on_line(stream, line)
-            return
-        size = len(line.encode()) + 1
-        if size <= self.left:
+            on_line(stream, _line_text(raw))
+            return True
+        size = len(raw) + 1
+        if not self.spent and size <= self.left:
             self.left -= size
-            on_line(stream, line)
-        elif not self.marked:
-            self.left = 0
-            self.marked = True
+            self.streamed += size
+            on_line(stream, _line_text(raw))
+            return True
+        self.spent = True
+        if not self.tail_bytes and not self._marked:
+            self._marked = True
             on_line(stream, f"[output truncated after {self.limit} bytes]")
+        return False
+
+    def drop(self, stream: str, data: bytes) -> None:
+        """Output past the limit: counted, and its last ``tail_bytes`` kept."""
+        self.spent = True
+        self.dropped += len(data)
+        if not self.tail_bytes or not data:
+            return
+        self._kept.append((stream, data))
+        self._kept_bytes += len(data)
+        while self._kept_bytes - len(self._kept[0][1]) >= self.tail_bytes:
+            self._kept_bytes -= len(self._kept.popleft()[1])
+
+    def finish(self, on_line: LineSink) -> None:
+        """The run is over: send the marker and the kept tail, if anything was dropped."""
+        if not self.dropped:
+            return
+        if not self.tail_bytes:
+            if not self._marked:
+                self._marked = True
+                on_line("agent", f"[output truncated after {self.limit} bytes]")
+            return
+        segments = _merge(self._kept, self._kept_bytes - self.tail_bytes)
+        kept = sum(len(data) for _, data in segments)
+        if kept < self.dropped and segments:  # cut mid-line: start at the next whole line
+            stream, data = segments[0]
+            cut = data.find(b"\n")
+            segments[0] = (stream, data[cut + 1 :] if cut >= 0 else b"")
+            kept = sum(len(data) for _, data in segments)
+        marker = (
+            f"[output truncated: {self.dropped - kept} bytes left out after the first "
+            f"{self.streamed} bytes (the deployment's log budget); the last {kept} bytes follow]"
+        )
+        self._send(on_line, "agent", marker)
+        for stream, data in segments:
+            lines = data.split(b"\n")
+            if lines and not lines[-1]:
+                lines.pop()
+            for raw in lines:
+                self._send(on_line, stream, _line_text(raw))
+        self._kept.clear()
+        self._kept_bytes = 0
+
+    def _send(self, on_line: LineSink, stream: str, line: str) -> None:
+        self.sent_after += len(line.encode()) + 1
+        on_line(stream, line)
+
+
+def _line_text(raw: bytes) -> str:
+    return raw[: MAX_LINE_CHARS * 4].decode("utf-8", errors="replace")[:MAX_LINE_CHARS]
+
+
+def _merge(chunks: deque[tuple[str, bytes]], skip: int) -> list[tuple[str, bytes]]:
+    """Consecutive chunks of one stream joined, the first ``skip`` bytes left out."""
+    merged: list[tuple[str, bytes]] = []
+    for stream, data in chunks:
+        if skip > 0:
+            data, skip = data[skip:], skip - len(data)
+            if not data:
+                continue
+        if merged and merged[-1][0] == stream:
+            merged[-1] = (stream, merged[-1][1] + data)
+        else:
+            merged.append((stream, data))
+    return merged
 
 
 class _Tail:
@@ -118,6 +216,10 @@ class _Tail:
         self.dropped = 0
 
     def write(self, data: bytes) -> None:
+        if len(data) >= self.limit:  # a big chunk: no need to copy the old tail first
+            self.dropped += len(self.buf) + len(data) - self.limit
+            self.buf = bytearray(data[len(data) - self.limit :])
+            return
         self.buf += data
         excess = len(self.buf) - self.limit
         if excess > 0:
@@ -133,27 +235,44 @@ async def _pump(
     tail: _Tail,
     stream: str,
     on_line: LineSink | None,
-    budget: _OutputBudget,
+    budget: OutputBudget,
+    pace: Pace | None,
 ) -> None:
+    """Read one stream to its end: into the tail, and line by line into ``on_line`` while
+    the budget lasts.  ``pace`` is awaited after each chunk that produced lines, so a
+    reporter with no room stops the reading (and the child blocks on its full pipe)."""
     pending = b""
     while True:
-        chunk = await reader.read(65536)
+        chunk = await reader.read(READ_BYTES)
         if not chunk:
             break
         tail.write(chunk)
         if on_line is None:
             continue
+        if budget.spent:
+            budget.drop(stream, pending + chunk)
+            pending = b""
+            continue
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            budget.admit(stream, raw.decode("utf-8", errors="replace")[:MAX_LINE_CHARS], on_line)
-        if len(pending) > MAX_LINE_CHARS:
-            budget.admit(
-                stream, pending.decode("utf-8", errors="replace")[:MAX_LINE_CHARS], on_line
-            )
-            pending = b""
-    if pending and on_line is not None:
-        budget.admit(stream, pending.decode("utf-8", errors="replace")[:MAX_LINE_CHARS], on_line)
+        for index, raw in enumerate(lines):
+            if not budget.admit(stream, raw, on_line):
+                budget.drop(stream, b"\n".join([*lines[index:], pending]))
+                pending = b""
+                break
+        else:
+            if len(pending) > MAX_LINE_CHARS:  # one overlong line: its start only
+                if not budget.admit(stream, pending, on_line):
+                    budget.drop(stream, pending)
+                pending = b""
+        if pace is not None:
+            await pace()
+    if (
+        pending
+        and on_line is not None
+        and (budget.spent or not budget.admit(stream, pending, on_line))
+    ):
+        budget.drop(stream, pending)
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -172,6 +291,8 @@ async def run_process(
     kill_grace: float = KILL_GRACE,
     confinement: Confinement | None = None,
     output_limit: int | None = None,
+    output_budget: OutputBudget | None = None,
+    pace: Pace | None = None,
 ) -> ProcessResult:
     """Run ``argv`` in its own process group, at most ``timeout`` seconds.
 
@@ -182,6 +303,10 @@ async def run_process(
     :param confinement: the user, rlimits and cgroup the child runs under.
     :param output_limit: at most this many bytes of output go to ``on_line``; after them one
         ``[output truncated after N bytes]`` line, and the rest only reaches the tails.
+    :param output_budget: instead of ``output_limit``, a budget that may keep a tail of what
+        went past it for the end (see :class:`OutputBudget`).
+    :param pace: awaited after each chunk of output turned into lines; while it waits, the
+        child's pipes are not read (back-pressure from wherever the lines go).
     """
     if timeout <= 0:
         raise ValueError("timeout must be positive")
@@ -198,10 +323,10 @@ async def run_process(
     )
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Tail(tail_bytes), _Tail(tail_bytes)
-    budget = _OutputBudget(output_limit)
+    budget = output_budget if output_budget is not None else OutputBudget(output_limit)
     pumps = [
-        asyncio.ensure_future(_pump(proc.stdout, out, "stdout", on_line, budget)),
-        asyncio.ensure_future(_pump(proc.stderr, err, "stderr", on_line, budget)),
+        asyncio.ensure_future(_pump(proc.stdout, out, "stdout", on_line, budget, pace)),
+        asyncio.ensure_future(_pump(proc.stderr, err, "stderr", on_line, budget, pace)),
     ]
     timed_out = False
     try:
@@ -222,6 +347,8 @@ async def run_process(
         for pump in pumps:
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+        if on_line is not None:
+            budget.finish(on_line)
         if proc.returncode is None:  # cancelled from outside: leave nothing running
             _kill_group(proc.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
 from deploy_core.models import DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
+from deploy_core.private import private_dir
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
 from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Unacknowledged events are sent again after this long, in case the server dropped them.
 RESEND_AFTER = 30.0
+# Bytes of events sent and not yet acknowledged: past this the pump waits for acks, so the
+# control stream never queues more than this ahead of a heartbeat or an ack, and the
+# server's inbox holds no more than this of one agent's events.
+SEND_WINDOW_BYTES = 512 * 1024
 
 
 @dataclass
@@ -60,12 +65,14 @@ class Agent:
     def __init__(self, config: AgentConfig, plugins: DeployPlugins | None = None) -> None:
         self.config = config
         self.plugins = plugins or get_plugins()
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(config.state_dir)
         self.journal = Journal(config.state_dir / "journal.db")
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[DeployCommand] = asyncio.Queue()
         self._queued: set[str] = set()
         self._sent_upto = 0
+        # Sent and unacknowledged events: their sizes by message id.
+        self._in_flight: dict[str, int] = {}
         self._last_resend = time.monotonic()
         self._stopping = asyncio.Event()
         # The worker starts nothing new until interrupted deployments are dealt with.
@@ -181,6 +188,7 @@ class Agent:
 
     async def _on_connected(self) -> None:
         self._sent_upto = 0
+        self._in_flight.clear()
         self._wake.set()
 
     async def _on_message(self, env: Envelope) -> None:
@@ -188,8 +196,11 @@ class Agent:
             await self._on_command(env)
         elif env.kind is Kind.ACK:
             if env.ref:
+                self._acked(env.ref)
                 self.journal.ack(env.ref)
         elif env.kind is Kind.ERROR:
+            if env.ref:
+                self._acked(env.ref)
             if env.ref and self.journal.ack(env.ref):
                 log.warning("server refused event %s: %s", env.ref, env.payload.get("reason"))
             else:
@@ -216,8 +227,13 @@ class Agent:
             log.info("accepted deployment %s (%s)", command.deploy_id, command.command_type)
             self._enqueue(command)
 
+    def _acked(self, msg_id: str) -> None:
+        if self._in_flight.pop(msg_id, None) is not None:
+            self._wake.set()
+
     async def _pump(self) -> None:
-        """Send outbox events in order while connected."""
+        """Send outbox events in order while connected, at most :data:`SEND_WINDOW_BYTES`
+        of them unacknowledged at a time."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -226,9 +242,12 @@ class Agent:
                 continue
             if time.monotonic() - self._last_resend > RESEND_AFTER:
                 self._sent_upto = 0
+                self._in_flight.clear()
                 self._last_resend = time.monotonic()
-            while self.connector.connected:
-                batch = await asyncio.to_thread(self.journal.pending, after=self._sent_upto)
+            while self.connector.connected and self._window_open():
+                batch = await asyncio.to_thread(
+                    self.journal.pending, after=self._sent_upto, limit=64
+                )
                 if not batch:
                     break
                 for msg in batch:
@@ -239,7 +258,12 @@ class Agent:
                         callback_id=msg.deploy_id,
                         payload=msg.payload,
                     )
-                    if not self.connector.send(env):
+                    if not self._window_open() or not self.connector.send(env):
                         break
+                    self._in_flight[msg.msg_id] = msg.size
                     self._sent_upto = msg.seq
                 await asyncio.sleep(0)
+
+    def _window_open(self) -> bool:
+        # One event always goes, however large, so nothing waits forever.
+        return not self._in_flight or sum(self._in_flight.values()) < SEND_WINDOW_BYTES

@@ -348,6 +348,7 @@ class DeployServer:
             issued_at=record["created_at"],
             expires_at=record["deadline"],
             rollback_of=RollbackTarget.model_validate(target) if target else None,
+            log_budget_bytes=self.config.max_log_bytes,
         )
         return Envelope(
             id=f"cmd-{record['deploy_id']}",
@@ -479,8 +480,11 @@ class DeployServer:
         client = await self.db(self.records.get_client, record["client_id"])
         away = client is not None and not client["connected"]
         if record["dispatched_at"] is None:
-            where = f"while agent {record['client_id']} was disconnected" if away else (
-                "before it could be sent to the agent")
+            where = (
+                f"while agent {record['client_id']} was disconnected"
+                if away
+                else ("before it could be sent to the agent")
+            )
             return f"deadline passed {where}; the deployment never started"
         if record["acked_at"] is None and record["last_seq"] < 0:
             # Sent, but neither acknowledged nor reported: it may have run all the same (an

@@ -59,11 +59,10 @@ def test_follow_from_another_thread_sees_the_same_as_a_later_read(center: Deploy
     assert stored == followed
 
 
-def test_output_past_the_limit_is_cut_with_a_marker(center: DeployCenter) -> None:
+def test_output_past_the_limit_keeps_head_and_tail_with_a_marker(center: DeployCenter) -> None:
     deploy_id = center.deploy_shell("l1", "seq 1 20000")  # ~109 KB of output, limit 20 KB
     record = center.wait(deploy_id)
     assert record["status"] == "success"
-    lines = center.api.logs(deploy_id, after=0)
     everything = []
     after = 0
     while True:
@@ -72,11 +71,19 @@ def test_output_past_the_limit_is_cut_with_a_marker(center: DeployCenter) -> Non
             break
         everything.extend(page["lines"])
         after = page["next_after"]
-    assert lines["lines"][0]["line"] == "1"
-    assert "log truncated" in everything[-1]["line"]
-    assert everything[-1]["stream"] == "server"
-    kept = sum(len(entry["line"]) for entry in everything[:-1])
-    assert 15000 < kept <= 20000
+    lines = [entry["line"] for entry in everything]
+    # The agent streamed the head, then at the end one line saying what it left out, then
+    # the tail: the server's own truncation never had to act.
+    (marker,) = [entry for entry in everything if entry["stream"] == "agent"]
+    assert marker["line"].startswith("[output truncated: ")
+    at = everything.index(marker)
+    head, tail = lines[:at], lines[at + 1 :]
+    assert head == [str(n) for n in range(1, len(head) + 1)]
+    assert tail == [str(n) for n in range(20001 - len(tail), 20001)]
+    left_out = sum(len(str(n)) + 1 for n in range(len(head) + 1, 20001 - len(tail)))
+    assert f"{left_out} bytes left out" in marker["line"]
+    assert not any(entry["stream"] == "server" for entry in everything)
+    assert 15000 < sum(len(line) for line in lines) <= 20000
 
 
 def test_secret_values_are_masked_in_logs_results_and_records(
