@@ -1,8 +1,11 @@
-"""``snapshot`` (SPEC deploy-29): copy the deploy directory before the deployment, put it back
-exactly on rollback, then optionally run a restart script.
+"""``snapshot`` (SPEC deploy-29): copy the deploy directory before the deployment and record
+what runs from it (processes, the units the request names); on rollback stop what the failed
+release started there, put the directory back exactly, then bring back what ran before
+(``systemctl restart`` of the units that were active, and the restart script if given).
 
 The file work lives in :mod:`rollback_basic.tree` (copying, swapping) and
-:mod:`rollback_basic.store` (layout, retention); this module is the strategy around them.
+:mod:`rollback_basic.store` (layout, retention), the processes and units in
+:mod:`rollback_basic.running`; this module is the strategy around them.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.agent.safefs import UnsafePath, identity, open_dir
-from deploy_core.registry import RollbackParams, RollbackState, RollbackStrategy
+from deploy_core.registry import RollbackParams, RollbackReport, RollbackState, RollbackStrategy
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from rollback_basic import running
 from rollback_basic.errors import RollbackError
 from rollback_basic.runner import ScriptText, rollback_target, run_rollback_script
 from rollback_basic.store import SnapshotStore
@@ -28,6 +32,7 @@ from rollback_basic.tree import human_size, restore_tree
 MAX_SKIPPED_LOGGED = 10
 MAX_STEPS = 100_000_000  # entries and megabytes one snapshot or restore may go through
 MIN_RESTART_TIMEOUT = 1.0
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for what the failed release started
 
 
 def _budget(what: str, params: SnapshotParams) -> WorkBudget:
@@ -63,6 +68,12 @@ class SnapshotParams(RollbackParams):
     restart: ScriptText | None = Field(
         None, description="script run after the directory is restored (at most 100 KB)"
     )
+    units: list[Annotated[str, Field(pattern=running.UNIT_NAME)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="systemd units this directory's application runs as: their state is "
+        "recorded with the snapshot, and those that were active are restarted on restore",
+    )
 
 
 class SnapshotState(BaseModel):
@@ -81,6 +92,11 @@ class SnapshotState(BaseModel):
     resolved: str | None = None
     parent_identity: list[int] | None = None
     identity: list[int] | None = None
+    # What ran from the directory when the snapshot was taken (deploy-29), and when (clock
+    # ticks after boot, as /proc counts process start times).  Older states lack them.
+    processes: list[dict[str, Any]] = Field(default_factory=list)
+    units: dict[str, str] = Field(default_factory=dict)
+    taken_ticks: int | None = None
 
 
 def _refuse_unsafe(ctx: DeployContext, path: str) -> Path:
@@ -126,6 +142,8 @@ async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> Rollba
         )
     resolved = _refuse_unsafe(ctx, params.path)
     store = SnapshotStore(ctx.data_dir)
+    taken_ticks, procs, units = await asyncio.to_thread(_what_runs, resolved, params.units)
+    _log_what_runs(ctx, params.path, procs, units)
     ctx.log(f"snapshot: copying {params.path}")
     started = time.monotonic()
     budget = _budget(f"snapshot of {params.path}", params)
@@ -167,8 +185,31 @@ async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> Rollba
         resolved=str(resolved),
         parent_identity=parent_identity,
         identity=own_identity,
+        processes=[p.to_json() for p in procs],
+        units=units,
+        taken_ticks=taken_ticks,
     )
     return state.model_dump()
+
+
+def _what_runs(
+    resolved: Path, units: list[str]
+) -> tuple[int, list[running.RunningProcess], dict[str, str]]:
+    """Now (in clock ticks), the processes running from ``resolved``, the units' states."""
+    return running.now_ticks(), running.processes_under(str(resolved)), running.unit_states(units)
+
+
+def _log_what_runs(
+    ctx: DeployContext, path: str, procs: list[running.RunningProcess], units: dict[str, str]
+) -> None:
+    if procs:
+        ctx.log(f"snapshot: {len(procs)} process(es) run from {path}:")
+        for proc in procs:
+            ctx.log(f"snapshot:   {proc.describe()}")
+    else:
+        ctx.log(f"snapshot: no process runs from {path}")
+    for unit, state in units.items():
+        ctx.log(f"snapshot: unit {unit} is {state}")
 
 
 def _state_of(ctx: DeployContext, state: RollbackState | None) -> SnapshotState:
@@ -187,9 +228,11 @@ def _state_of(ctx: DeployContext, state: RollbackState | None) -> SnapshotState:
 
 async def rollback_snapshot(
     ctx: DeployContext, params: SnapshotParams, state: RollbackState | None
-) -> None:
-    """Restore the snapshotted directory exactly (or remove it if it was absent), then run
-    ``params.restart`` if given."""
+) -> RollbackReport:
+    """Stop what the failed release started in the directory, restore the directory exactly
+    (or remove it if it was absent), then bring back what ran before: restart the units that
+    were active and run ``params.restart`` if given.  The report lists what was stopped and
+    what was brought back."""
     saved = _state_of(ctx, state)
     resolved = Path(saved.resolved) if saved.resolved else _refuse_unsafe(ctx, saved.path)
     _refuse_unsafe(ctx, str(resolved))  # the constraints may have changed since
@@ -203,6 +246,8 @@ async def rollback_snapshot(
             f"(only the newest {params.keep} snapshots of a path are kept); "
             "restore it another way"
         )
+
+    stopped, kept = await _stop_new_processes(ctx, saved, resolved, params)
 
     ctx.log(
         f"restore: rebuilding {saved.path} from the snapshot before {info.deploy_id} "
@@ -236,6 +281,16 @@ async def rollback_snapshot(
             f"{human_size(stats.bytes)} written"
         )
 
+    restored: list[str] = []
+    for unit, before in saved.units.items():
+        if before != "active":
+            ctx.log(f"restore: unit {unit} was {before} before the deployment; left as it is")
+            continue
+        outcome = await asyncio.to_thread(running.restart_unit, unit)
+        ctx.log(f"restore: {outcome}")
+        if not running.unit_restarted(outcome):
+            raise RollbackError(f"{saved.path} was restored, but {outcome}")
+        restored.append(outcome)
     if params.restart is not None:
         cwd = saved.path if os.path.isdir(saved.path) else None
         # The agent bounds the whole rollback by ``timeout``; the restart gets what is left.
@@ -244,6 +299,75 @@ async def rollback_snapshot(
             await run_rollback_script(ctx, params.restart, timeout=left, cwd=cwd, name="restart")
         except RollbackError as exc:
             raise RollbackError(f"{saved.path} was restored, but {exc}") from exc
+        restored.append("restart script ran")
+    return _report(saved, stopped, kept, restored)
+
+
+async def _stop_new_processes(
+    ctx: DeployContext, saved: SnapshotState, resolved: Path, params: SnapshotParams
+) -> tuple[list[running.RunningProcess], list[running.RunningProcess]]:
+    """Stop the processes running from the directory that were not running when the snapshot
+    was taken and started after it (the failed release's), SIGTERM then SIGKILL.  With
+    ``run_as`` constraints only that user's processes are stopped.  Returns (stopped, the
+    recorded ones still running)."""
+    before = {(p["pid"], p["start"]) for p in saved.processes if "pid" in p and "start" in p}
+    now = await asyncio.to_thread(running.processes_under, str(resolved))
+    run_as = ctx.constraints.switch_to
+    new, kept = [], []
+    for proc in now:
+        if (proc.pid, proc.start) in before:
+            kept.append(proc)
+        elif saved.taken_ticks is not None and proc.start < saved.taken_ticks:
+            ctx.log(f"restore: leaving {proc.describe()}: it ran before the snapshot")
+        elif run_as is not None and proc.uid != run_as.uid:
+            ctx.log(f"restore: leaving {proc.describe()}: not the run_as user's")
+        else:
+            new.append(proc)
+    if not new:
+        return [], kept
+    for proc in new:
+        ctx.log(f"restore: stopping {proc.describe()}, started by the deployment")
+    grace = min(STOP_GRACE, max(ctx.remaining() / 4, 0.5))
+    alive = await asyncio.to_thread(running.stop, new, grace)
+    if alive:
+        raise RollbackError(
+            f"could not stop {', '.join(p.describe() for p in alive)} running from "
+            f"{saved.path}; nothing was restored"
+        )
+    return new, kept
+
+
+def _report(
+    saved: SnapshotState,
+    stopped: list[running.RunningProcess],
+    kept: list[running.RunningProcess],
+    restored: list[str],
+) -> RollbackReport:
+    running_now = {(p.pid, p.start) for p in kept}
+    gone = [
+        running.RunningProcess.from_json(p)
+        for p in saved.processes
+        if (p.get("pid"), p.get("start")) not in running_now
+    ]
+    parts = [f"{saved.path} restored"]
+    if stopped:
+        parts.append(f"stopped {len(stopped)} process(es) the deployment started there")
+    if restored:
+        parts.append("; ".join(restored))
+    if gone:
+        parts.append(
+            f"{len(gone)} process(es) that ran before no longer run"
+            + ("" if restored else ": name their units or a restart script to bring them back")
+        )
+    return RollbackReport(
+        message="; ".join(parts),
+        details={
+            "stopped": [p.to_json() for p in stopped],
+            "restored": restored,
+            "still_running": [p.to_json() for p in kept],
+            "ran_before_and_gone": [p.to_json() for p in gone],
+        },
+    )
 
 
 async def discard_snapshot(

@@ -110,6 +110,9 @@ async def test_rollback_restores_the_directory_byte_for_byte(
         "resolved": str(app),
         "parent_identity": [app.parent.stat().st_dev, app.parent.stat().st_ino],
         "identity": recorded,
+        "processes": [],  # nothing runs from it (test_snapshot_processes.py has that)
+        "units": {},
+        "taken_ticks": state["taken_ticks"],
     }
     assert json.loads(json.dumps(state)) == state
     assert not list(app.parent.glob(".app.rollback-*"))  # nothing left beside it
