@@ -105,8 +105,8 @@ def _finish_one_deployment(tmp_path: Path) -> Path:
     center = DeployCenter(tmp_path / "center")
     center.server_dir = state
     try:
-        center.start_server()
-        center.start_agent("old-1")
+        center.start_server(timeout=90)  # generous: busy machines start slowly
+        center.start_agent("old-1", timeout=90)
         assert center.wait(center.deploy_shell("old-1", "true"))["status"] == "success"
     finally:
         center.close()
@@ -126,8 +126,8 @@ def test_prune_and_retention_say_durations_humanly(tmp_path: Path) -> None:
     center.server_dir = state
     center.server_args = ["--retention", "2s"]
     try:
-        center.start_server()
-        end = time.monotonic() + 30
+        center.start_server(timeout=90)
+        end = time.monotonic() + 60
         while "retention:" not in center.log("server") and time.monotonic() < end:
             time.sleep(0.1)
     finally:

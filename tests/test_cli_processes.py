@@ -71,7 +71,7 @@ def up(tmp_path: Path) -> Iterator[StartUp]:
                 proc.wait(10)
 
 
-def _try_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+def _try_line(proc: subprocess.Popen[str], timeout: float = 120) -> str:
     """The ``Try:`` line ``up`` prints once its agent is connected."""
     lines: list[str] = []
 
@@ -137,7 +137,7 @@ def test_an_agent_started_with_relative_paths_runs_scripts_elsewhere(tmp_path: P
     (center.root / "agent.toml").write_text("[services.docker_sampler]\ninterval = 5\n")
     agent = None
     try:
-        center.start_server()
+        center.start_server(timeout=90)  # generous: busy machines start slowly
         log = open(center.root / "agent-rel-1.log", "wb")  # noqa: SIM115 - closed below
         agent = subprocess.Popen(
             [
@@ -162,7 +162,7 @@ def test_an_agent_started_with_relative_paths_runs_scripts_elsewhere(tmp_path: P
             start_new_session=True,
         )
         log.close()
-        center.wait_connected("rel-1")
+        center.wait_connected("rel-1", timeout=90)
         deploy_id = center.deploy_shell("rel-1", "pwd; echo ran", workdir=str(workdir))
         record = center.wait(deploy_id)
         assert record["status"] == "success", (record["error"], center.log("agent-rel-1"))
