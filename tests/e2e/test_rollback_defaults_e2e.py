@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 
 from deploy_core.client import ApiError
-from deploy_core.testing import DeployCenter
+from deploy_core.testing import DeployCenter, free_port
 
 AGENT = "rd-1"
 INSTALL = 'echo "$(cat version) $DEPLOY_ACTION" >> "$TARGET_DIR/events.log"\n[ ! -f fail ]\n'
@@ -198,6 +200,61 @@ def test_server_default_snapshots_the_shell_workdir(center: DeployCenter, tmp_pa
     assert record["rollback"]["strategy"] == "snapshot" and record["rollback"]["success"]
     assert (workdir / "config.txt").read_text() == "old\n"
     assert not (workdir / "leftover").exists()
+
+
+def test_snapshot_rollback_stops_what_the_release_started_and_lists_it(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    port = free_port()
+    service = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pidfile = tmp_path / "new.pid"
+    try:
+        wait_listening(port)
+        record = deploy(
+            center,
+            "shell",
+            script=f"setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}; exit 5",
+            workdir=str(workdir),
+        )
+        new_pid = int(pidfile.read_text())
+
+        assert record["status"] == "rolled_back", record["error"]
+        details = record["rollback"]["details"]
+        assert [(p["pid"], p["cmdline"]) for p in details["stopped"]] == [(new_pid, "sleep 300")]
+        [kept] = details["still_running"]
+        assert (kept["pid"], kept["ports"]) == (service.pid, [f"127.0.0.1:{port}"])
+        assert "stopped 1 process(es) the deployment started there" in record["rollback"]["message"]
+        assert not alive(new_pid)
+        assert service.poll() is None
+    finally:
+        service.kill()
+        service.wait(10)
+
+
+def wait_listening(port: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be collected does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def test_shell_with_nothing_that_applies_says_plainly_why(
