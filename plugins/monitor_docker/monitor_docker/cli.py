@@ -10,7 +10,7 @@ import json
 
 import click
 
-from deploy_core.cli import with_api
+from deploy_core.cli import terminal_safe, with_api
 from deploy_core.client import DeployClient
 
 
@@ -65,7 +65,7 @@ def ps(api: DeployClient, client_id: str, as_json: bool) -> None:
         click.echo(json.dumps(view, indent=2))
         return
     for line in render_ps(view):
-        click.echo(line)
+        click.echo(terminal_safe(line))  # names, images and errors come from the agent
 
 
 if __name__ == "__main__":
