@@ -9,7 +9,7 @@ import shlex
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,9 @@ from deploy_core.cli.common import (
     state_dir_option,
 )
 from deploy_core.cli.groups import main
+
+if TYPE_CHECKING:
+    from deploy_core.plugins import DeployPlugins
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -383,7 +386,9 @@ def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None
     _run_until_signal(run)
 
 
-def warn_unknown_services(config_file: Path | None, services: dict[str, Any], plugins: Any) -> None:
+def warn_unknown_services(
+    config_file: Path | None, services: dict[str, Any], plugins: DeployPlugins
+) -> None:
     """Warn about ``[services.NAME]`` tables no installed agent service reads: a misspelt
     name would otherwise leave the service on its defaults without a word."""
     known = sorted(plugins.agent_services.entries)
