@@ -24,6 +24,11 @@ from deploy_core.cli.groups import main
 
 if TYPE_CHECKING:
     from deploy_core.plugins import DeployPlugins
+from deploy_core.server.http_limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_UNAUTHENTICATED,
+)
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -190,6 +195,27 @@ def _host_port(value: str) -> tuple[str, int]:
     show_default=True,
     help="largest package the artifact store accepts (bytes, or with K, M, G)",
 )
+@click.option(
+    "--http-header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="seconds a client has to send a request's headers; then 408 and the connection closes",
+)
+@click.option(
+    "--http-body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_BODY_TIMEOUT,
+    show_default=True,
+    help="seconds a request body may stall (no bytes) before the connection is closed",
+)
+@click.option(
+    "--http-max-unauthenticated",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_UNAUTHENTICATED,
+    show_default=True,
+    help="HTTP connections without an authenticated request kept at once; more get 503",
+)
 def server(
     state_dir: Path,
     api_host: str,
@@ -202,9 +228,13 @@ def server(
     cert_names: tuple[str, ...],
     max_artifact_size: str,
     config_file: Path | None,
+    http_header_timeout: float,
+    http_body_timeout: float,
+    http_max_unauthenticated: int,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
+    from deploy_core.server.http_limits import HttpLimits
 
     config = ServerConfig(
         state_dir=state_dir,
@@ -219,6 +249,11 @@ def server(
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
         plugin_settings=load_server_settings(config_file) if config_file else {},
         rollback_defaults=load_rollback_defaults(config_file) if config_file else {},
+        http_limits=HttpLimits(
+            header_timeout=http_header_timeout,
+            body_timeout=http_body_timeout,
+            max_unauthenticated=http_max_unauthenticated,
+        ),
     )
 
     async def run(stop: asyncio.Event) -> None:

@@ -30,6 +30,7 @@ from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactSto
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.server.http_limits import HttpLimits
 from deploy_core.server.ownership import named_deployments
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
@@ -88,6 +89,9 @@ class ServerConfig:
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     # Largest package POST /api/artifacts accepts; past it the upload is refused with 413.
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    # Header and body read timeouts and the cap on unauthenticated connections of the HTTP
+    # API (server/http_limits.py).
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 class _Authority:
@@ -209,6 +213,7 @@ class DeployServer:
                 log_level="warning",
                 lifespan="off",
                 access_log=False,
+                http=cfg.http_limits.protocol(),
             )
         )
         http_task = asyncio.create_task(self._http.serve(), name="http")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from deploy_core.hookspecs import hookimpl
 from deploy_core.models import DeployStatus
 from deploy_core.plugins import load_plugins
 from deploy_core.registry import DeployParams, DeployType, Stage
+from deploy_core.server import db
 from deploy_core.server.app import DeployServer
+from deploy_core.server.records import RecordStore
 from deploy_core.testing import DeployCenter, in_process_center
 
 MB = 1 << 20
@@ -207,10 +210,32 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
+def allow_fetch(center: DeployCenter, client_id: str, sha: str) -> None:
+    """Record a deployment of ``client_id`` that uses artifact ``sha`` as sent (and over):
+    an agent may fetch only the artifacts of deployments sent to it."""
+    engine = db.make_engine(db.sqlite_url(center.server_dir / "deploy-center.db"))
+    try:
+        store = RecordStore(engine)
+        deploy_id = uuid.uuid4().hex
+        store.create_deployment(
+            deploy_id=deploy_id,
+            client_id=client_id,
+            command_type="deploy.fetchonly",
+            request={"params": {"artifact": sha}},
+            deadline=time.time() + 600,
+            artifacts=[sha],
+        )
+        store.mark_dispatched(deploy_id)
+        store.expire(deploy_id, "only a grant to fetch, for the test", rollback_wanted=False)
+    finally:
+        engine.dispose()
+
+
 class FetchProcess:
     """A real agent process that fetches one artifact and prints its progress as JSON."""
 
     def __init__(self, center: DeployCenter, state: Path, sha: str) -> None:
+        allow_fetch(center, "fetcher", sha)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.proc = subprocess.Popen(
             [
@@ -319,6 +344,7 @@ class FetchOnlyPlugin:
                 params=FetchParams,
                 executor=fetch_only,
                 stages=(Stage(DeployStatus.UPLOADING.value, 0, 30),),
+                artifacts=lambda params: [params.artifact],
             )
         )
 

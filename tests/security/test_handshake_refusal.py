@@ -74,7 +74,7 @@ async def test_unknown_id_wrong_key_and_revoked_id_get_one_refusal(center: Cente
 async def test_a_malformed_proof_gets_the_same_answer_for_any_id(center: Center) -> None:
     answers = {await center.answer(cid, mac="not hex") for cid in ("alpha", "nobody", "gone")}
     assert len(answers) == 1
-    (reason, _code), = answers
+    ((reason, _code),) = answers
     assert "auth.payload.mac must be a hex string" in reason
 
 
