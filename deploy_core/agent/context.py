@@ -43,6 +43,7 @@ from deploy_core.agent.process import (
     ProcessResult,
     run_process,
 )
+from deploy_core.agent.tracking import ProcessTracker
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
 
 # Variables a script inherits from the agent's own environment; nothing else leaks through
@@ -98,11 +99,14 @@ class DeployContext:
         stage_of: Callable[[str], tuple[int, int]] | None = None,
         constraints: ConstraintPolicy | None = None,
         artifacts: ArtifactProvider | None = None,
+        processes: ProcessTracker | None = None,
     ) -> None:
         """:param constraints: what scripts must satisfy and run under; the defaults when
         ``None``.
         :param artifacts: where :meth:`fetch_artifact` gets packages (the agent's fetcher);
-        with ``None`` it fails the deployment."""
+        with ``None`` it fails the deployment.
+        :param processes: the agent's process tracker, which journals every run's processes
+        (cgroup, session) before it starts; with ``None`` runs are tracked but not journaled."""
         self.command = command
         self.deploy_id = command.deploy_id
         self.command_type = command.command_type
@@ -125,6 +129,7 @@ class DeployContext:
         )
         self._stage_of = stage_of or (lambda status: (0, 100))
         self._artifacts = artifacts
+        self._processes = processes if processes is not None else ProcessTracker()
         self._status = DeployStatus.EXECUTING
         self._stage = ""
         self._progress = 0
@@ -313,7 +318,8 @@ class DeployContext:
             self.log(line, stream=stream_prefix + stream)
 
         # Never past the deadline, but give a step at least a second to report itself.
-        timeout = min(timeout, max(self.remaining(), 1.0))
+        step_timeout, timeout = timeout, min(timeout, max(self.remaining(), 1.0))
+        run_name = confine or f"{self.deploy_id}-run-{uuid.uuid4().hex[:8]}"
         if confine is None:
             budget = self._output_budget(None)
             try:
@@ -325,6 +331,8 @@ class DeployContext:
                     on_line=on_line,
                     output_budget=budget,
                     pace=self._pace(),
+                    tracking=self._processes.start_run(self.deploy_id, run_name),
+                    step_timeout=step_timeout,
                 )
             finally:
                 self._spend(budget)
@@ -345,6 +353,12 @@ class DeployContext:
                     confinement=confinement,
                     output_budget=budget,
                     pace=self._pace(),
+                    tracking=self._processes.start_run(
+                        self.deploy_id,
+                        run_name,
+                        limits_cgroup=confinement.cgroup if confinement else None,
+                    ),
+                    step_timeout=step_timeout,
                 )
             except OSError as exc:
                 why = policy.explain_start_error(exc)

@@ -22,7 +22,9 @@ from deploy_core.agent.constraints import ConstraintPolicy, default_policy
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.agent.health import run_health_checks
 from deploy_core.agent.journal import Journal
+from deploy_core.agent.process import KILL_GRACE
 from deploy_core.agent.reporter import OutboxReporter
+from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.models import (
     COMMAND_ROLLBACK,
     EVENT_CALLBACK,
@@ -70,16 +72,20 @@ class Executor:
         wake: Any,
         constraints: ConstraintPolicy | None = None,
         artifacts: ArtifactProvider | None = None,
+        processes: ProcessTracker | None = None,
     ) -> None:
         """:param constraints: what every script must satisfy and runs under (SPEC
         deploy-30); the defaults when ``None``.
-        :param artifacts: the agent's artifact fetcher, handed to every context (deploy-11)."""
+        :param artifacts: the agent's artifact fetcher, handed to every context (deploy-11).
+        :param processes: the agent's process tracker; ``None``: one that tracks by session
+        and /proc, journaled in ``journal``."""
         self.plugins = plugins
         self.journal = journal
         self.data_dir = data_dir
         self.wake = wake
         self.constraints = constraints if constraints is not None else default_policy()
         self.artifacts = artifacts
+        self.processes = processes if processes is not None else ProcessTracker(None, journal)
         log.info("constraints: %s", self.constraints.describe())
 
     def _context(self, command: DeployCommand, deploy_type: DeployType | None) -> DeployContext:
@@ -105,6 +111,7 @@ class Executor:
             stage_of=stage_of,
             constraints=self.constraints,
             artifacts=self.artifacts,
+            processes=self.processes,
         )
 
     async def run(self, command: DeployCommand) -> DeployStatus:
@@ -128,18 +135,36 @@ class Executor:
         rollback_state: dict[str, Any] | None,
         progress: int = 0,
     ) -> DeployStatus:
-        """A deployment this agent was running when it stopped: never run it again; roll it
-        back if it has a rollback, and report it (DESIGN §3, SPEC deploy-31)."""
+        """A deployment this agent was running when it stopped: never run it again; kill
+        every process it started (its journaled runs), then roll it back if it has a
+        rollback, and report it (DESIGN §3, SPEC deploy-31)."""
         started = time.monotonic()
+        killed = await self._kill_leftovers(command.deploy_id)
         ctx = self._context(command, self.plugins.deploy_types.get(command.command_type))
         ctx.resume_at(progress)
         reason = f"agent restarted during stage {stage or 'start'}; the deployment was not resumed"
         ctx.log(reason, stream="agent")
+        if killed:
+            ctx.log(
+                f"killed {len(killed)} process(es) the interrupted deployment had started: "
+                + ", ".join(killed),
+                stream="agent",
+            )
         outcome = Outcome(DeployStatus.FAILED, reason, rollback_state=rollback_state)
         if command.command_type != COMMAND_ROLLBACK:
             await self._roll_back_after_failure(ctx, command, outcome)
         self._callback(ctx, outcome, time.monotonic() - started)
         return outcome.status
+
+    async def _kill_leftovers(self, deploy_id: str) -> list[str]:
+        """Kill what the journaled runs of ``deploy_id`` left, and forget them."""
+        records = [RunRecord.from_json(r) for r in self.journal.runs(deploy_id)]
+        killed = await asyncio.to_thread(self.processes.kill_recorded, records, KILL_GRACE)
+        for record in records:
+            self.journal.record_run(deploy_id, {**record.to_json(), "state": ENDED})
+        if killed:
+            log.warning("deployment %s: killed what it left running: %s", deploy_id, killed)
+        return killed
 
     def refuse(self, command: DeployCommand, status: DeployStatus, reason: str) -> None:
         """Finish a command without running it (expired, unknown type …)."""
@@ -175,7 +200,10 @@ class Executor:
             outcome.status, outcome.error, outcome.result = exc.status, str(exc), exc.result
         except TimeoutError:
             outcome.status = DeployStatus.TIMEOUT
-            outcome.error = f"{command.command_type} did not finish within {params.timeout:g}s"
+            outcome.error = (
+                f"{command.command_type} did not finish within its timeout of "
+                f"{params.timeout:g} s (plus {EXECUTOR_GRACE:g} s grace)"
+            )
         except Exception as exc:
             log.exception("executor of %s failed", command.command_type)
             outcome.status, outcome.error = DeployStatus.FAILED, f"{type(exc).__name__}: {exc}"

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     final_status TEXT,
     accepted_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    processes TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -107,6 +108,10 @@ class Journal:
             self._db.execute(
                 "ALTER TABLE deployments ADD COLUMN progress INTEGER NOT NULL DEFAULT 0"
             )
+        if "processes" not in columns:  # a journal from before process tracking
+            self._db.execute(
+                "ALTER TABLE deployments ADD COLUMN processes TEXT NOT NULL DEFAULT '[]'"
+            )
         (outbox_bytes,) = self._db.execute(
             "SELECT coalesce(sum(length(payload)), 0) FROM outbox"
         ).fetchone()
@@ -158,6 +163,32 @@ class Journal:
                 "UPDATE deployments SET rollback_state = ? WHERE deploy_id = ?",
                 (json.dumps(state) if state is not None else None, deploy_id),
             )
+
+    def record_run(self, deploy_id: str, record: dict[str, Any]) -> None:
+        """Add or replace (by its ``run`` name) what identifies the processes of one script
+        run of the deployment (:class:`~deploy_core.agent.tracking.RunRecord`); committed
+        when this returns, so it is there before the child runs."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT processes FROM deployments WHERE deploy_id = ?", (deploy_id,)
+            ).fetchone()
+            if row is None:
+                return
+            runs = [r for r in json.loads(row[0]) if r.get("run") != record["run"]]
+            if record.get("state") != "ended":  # a run with nothing left needs no record
+                runs.append(record)
+            db.execute(
+                "UPDATE deployments SET processes = ? WHERE deploy_id = ?",
+                (json.dumps(runs), deploy_id),
+            )
+
+    def runs(self, deploy_id: str) -> list[dict[str, Any]]:
+        """The run records of a deployment, in the order they started."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT processes FROM deployments WHERE deploy_id = ?", (deploy_id,)
+            ).fetchone()
+        return list(json.loads(row[0])) if row else []
 
     def get(self, deploy_id: str) -> JournalEntry | None:
         """One journaled deployment."""

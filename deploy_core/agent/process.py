@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import resource
+import shutil
 import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from deploy_core.agent.cgroup_tracking import join as join_cgroup
+from deploy_core.agent.tracking import ProcessTracker, TrackedRun
+
 DEFAULT_TAIL_BYTES = 64 * 1024
+# Every child starts in this gate: it waits for one line on stdin (sent once the journal
+# holds its pid), then becomes the real program, or exits unrun if the agent died first.
+GATE_SHELL = "/bin/sh"
+GATE = 'read -r _ || exit 125; exec "$@" </dev/null'
 MAX_LINE_CHARS = 8192
 # Bytes asked of a pipe per read.
 READ_BYTES = 1 << 20
@@ -44,6 +53,20 @@ class ProcessResult:
     truncated: bool
     # Set by the caller when the exit can be put down to a resource limit (which one, why).
     limit_hit: str | None = None
+    # The seconds it was allowed; and, when the deployment's deadline cut that shorter than
+    # the step's own timeout, that timeout (so a message names the limit that fired).
+    timeout: float = 0.0
+    step_timeout: float | None = None
+
+    def timeout_text(self) -> str:
+        """How it was stopped, naming the limit that fired: ``timed out after 30 s``, or
+        ``was stopped at the deployment's deadline, after 3 s (its own timeout is 30 s)``."""
+        if self.step_timeout is not None and self.step_timeout > self.timeout:
+            return (
+                f"was stopped at the deployment's deadline, after {self.timeout:g} s "
+                f"(its own timeout is {self.step_timeout:g} s)"
+            )
+        return f"timed out after {self.timeout:g} s"
 
 
 @dataclass(frozen=True)
@@ -280,6 +303,91 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _preexec(cgroups: Sequence[str], confinement: Confinement | None) -> Callable[[], None] | None:
+    """Join the tracking cgroups, then apply the confinement (system calls only)."""
+    confine = confinement.preexec() if confinement is not None else None
+    if not cgroups:
+        return confine
+    paths = list(cgroups)
+
+    def apply() -> None:
+        for path in paths:
+            join_cgroup(path)
+        if confine is not None:
+            confine()
+
+    return apply
+
+
+def _resolve(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None
+) -> None:
+    """Raise the :class:`OSError` that ``exec`` would, now, for a program that cannot start
+    (missing, not executable, a ``#!`` interpreter that is missing): behind the gate the
+    error would only show as exit code 126 or 127."""
+    program = argv[0] if argv else ""
+    if "/" in program:
+        path: str | None = os.path.join(cwd, program) if cwd is not None else program
+    else:
+        path = shutil.which(program, path=env.get("PATH", os.defpath))
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", program)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", program)
+    head = b""
+    with contextlib.suppress(OSError), open(path, "rb") as file:
+        head = file.read(256)
+    words = head[2:].split(b"\n", 1)[0].split() if head.startswith(b"#!") else []
+    if words and not os.path.exists(words[0]):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", program)
+
+
+async def _spawn(
+    argv: Sequence[str],
+    run: TrackedRun,
+    *,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    confinement: Confinement | None,
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` held at the gate, journal who it is, then let it run.
+
+    The child is a new session; it joins the run's cgroup before ``exec``, then waits in
+    :data:`GATE` for a line on its stdin, which it gets only once :meth:`TrackedRun.spawned`
+    has committed its pid and start time.  If the agent dies before, the child reads end
+    of file and exits without running anything.
+    """
+    child_env = dict(env) if env is not None else dict(os.environ)
+    child_env.update(run.env)
+    _resolve(argv, child_env, cwd)
+    proc = await asyncio.create_subprocess_exec(
+        GATE_SHELL,
+        "-c",
+        GATE,
+        "deploy-gate",
+        *argv,
+        cwd=cwd,
+        env=child_env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_preexec(run.cgroups, confinement),
+    )
+    assert proc.stdin is not None
+    try:
+        run.spawned(proc.pid)
+    except BaseException:
+        _kill_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    with contextlib.suppress(ConnectionError):
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+    proc.stdin.close()
+    return proc
+
+
 async def run_process(
     argv: Sequence[str],
     *,
@@ -293,12 +401,17 @@ async def run_process(
     output_limit: int | None = None,
     output_budget: OutputBudget | None = None,
     pace: Pace | None = None,
+    tracking: TrackedRun | None = None,
+    step_timeout: float | None = None,
 ) -> ProcessResult:
-    """Run ``argv`` in its own process group, at most ``timeout`` seconds.
+    """Run ``argv`` in its own session, at most ``timeout`` seconds.
 
-    On timeout the whole group gets SIGTERM, then SIGKILL after ``kill_grace`` seconds, so
-    children the process started die with it.  ``env`` replaces the environment entirely
-    when given.  ``on_line(stream, line)`` is called for each stdout/stderr line.
+    On timeout every process of the run gets SIGTERM, then SIGKILL after ``kill_grace``
+    seconds: its process group and session, and what left them (found through the run's
+    cgroup, or as orphans re-parented to the agent; see :mod:`deploy_core.agent.tracking`).
+    When it exits by itself, what it left running (a service) stays.  ``env`` replaces the
+    environment entirely when given.  ``on_line(stream, line)`` is called for each
+    stdout/stderr line.
 
     :param confinement: the user, rlimits and cgroup the child runs under.
     :param output_limit: at most this many bytes of output go to ``on_line``; after them one
@@ -307,20 +420,20 @@ async def run_process(
         went past it for the end (see :class:`OutputBudget`).
     :param pace: awaited after each chunk of output turned into lines; while it waits, the
         child's pipes are not read (back-pressure from wherever the lines go).
+    :param tracking: the run as the agent's :class:`~deploy_core.agent.tracking.ProcessTracker`
+        prepared it (cgroup, journal record); ``None`` tracks it by session and /proc only.
+    :param step_timeout: the step's own timeout when ``timeout`` is shorter because of the
+        deployment's deadline (see :meth:`ProcessResult.timeout_text`).
     """
     if timeout <= 0:
         raise ValueError("timeout must be positive")
+    run = tracking or ProcessTracker().start_run(None, "adhoc")
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=dict(env) if env is not None else None,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=confinement.preexec() if confinement is not None else None,
-    )
+    try:
+        proc = await _spawn(argv, run, cwd=cwd, env=env, confinement=confinement)
+    except BaseException:
+        run.finished()
+        raise
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Tail(tail_bytes), _Tail(tail_bytes)
     budget = output_budget if output_budget is not None else OutputBudget(output_limit)
@@ -334,14 +447,10 @@ async def run_process(
             await asyncio.wait_for(proc.wait(), timeout)
         except TimeoutError:
             timed_out = True
-            _kill_group(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), kill_grace)
-            except TimeoutError:
-                _kill_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            # Whatever is left of the group goes too, even if it ignored SIGTERM.
+            # Everything of the run, escaped or not, even what ignores SIGTERM.
+            await run.terminate(kill_grace)
             _kill_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
         await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT)
     finally:
         for pump in pumps:
@@ -350,9 +459,11 @@ async def run_process(
         if on_line is not None:
             budget.finish(on_line)
         if proc.returncode is None:  # cancelled from outside: leave nothing running
+            run.kill_now()
             _kill_group(proc.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), kill_grace)
+        run.finished()
     return ProcessResult(
         exit_code=proc.returncode,
         stdout_tail=out.text(),
@@ -360,4 +471,6 @@ async def run_process(
         duration=time.monotonic() - started,
         timed_out=timed_out,
         truncated=bool(out.dropped or err.dropped),
+        timeout=timeout,
+        step_timeout=step_timeout,
     )

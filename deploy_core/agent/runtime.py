@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import AgentServiceContext
 from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
+from deploy_core.agent.tracking import ProcessTracker
 from deploy_core.models import DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.private import private_dir
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Unacknowledged events are sent again after this long, in case the server dropped them.
 RESEND_AFTER = 30.0
+# Seconds between collections of exited orphans (the agent is their subreaper).
+REAP_INTERVAL = 1.0
 # Bytes of events sent and not yet acknowledged: past this the pump waits for acks, so the
 # control stream never queues more than this ahead of a heartbeat or an ack, and the
 # server's inbox holds no more than this of one agent's events.
@@ -57,6 +61,11 @@ class AgentConfig:
     constraints: Constraints = field(default_factory=Constraints)
     # Bytes per artifact chunk (64 KiB-1 MiB); a killed agent receives at most this again.
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Where script runs' cgroups are made: "auto", "v2", "freezer", "pids" or "off"
+    # (see deploy_core.agent.tracking); the environment's DEPLOY_CENTER_PROCESS_TRACKING.
+    process_tracking: str = field(
+        default_factory=lambda: os.environ.get("DEPLOY_CENTER_PROCESS_TRACKING", "auto")
+    )
 
 
 class Agent:
@@ -67,6 +76,8 @@ class Agent:
         self.plugins = plugins or get_plugins()
         private_dir(config.state_dir)
         self.journal = Journal(config.state_dir / "journal.db")
+        #: Every script run's processes, journaled before they start (cgroup, session).
+        self.processes = ProcessTracker.detect(self.journal, config.process_tracking)
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[DeployCommand] = asyncio.Queue()
         self._queued: set[str] = set()
@@ -83,6 +94,7 @@ class Agent:
             data_dir=config.state_dir / "data",
             wake=self._wake.set,
             constraints=ConstraintPolicy(config.constraints),
+            processes=self.processes,
         )
         self.connector = AgentConnector(
             host=config.server_host,
@@ -109,7 +121,10 @@ class Agent:
 
     async def run(self) -> None:
         """Recover what a previous run left, then serve until :meth:`stop`."""
+        self.processes.enable_subreaper()
+        log.info("%s", self.processes.describe())
         tasks = [
+            asyncio.create_task(self._reap(), name="reaper"),
             asyncio.create_task(self.connector.run(), name="connector"),
             asyncio.create_task(self._pump(), name="outbox"),
             asyncio.create_task(self._worker(), name="worker"),
@@ -152,7 +167,14 @@ class Agent:
         except Exception:
             log.exception("agent service %s stopped with an error", name)
 
+    async def _reap(self) -> None:
+        """Collect orphans the agent adopted as child subreaper, so none stays a zombie."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            await asyncio.to_thread(self.processes.reap_orphans)
+
     async def _recover(self) -> None:
+        # Interrupted deployments: their processes are killed first (Executor.recover).
         for entry in self.journal.in_state(STARTED):
             log.warning("deployment %s was interrupted by a restart", entry.deploy_id)
             await self.executor.recover(

@@ -84,7 +84,7 @@ async def run_shell(ctx: DeployContext, params: ShellParams) -> DeployShellResul
     )
     if proc.timed_out:
         raise DeployFailed(
-            f"script timed out after {params.timeout:g}s; its process group was killed",
+            f"script {proc.timeout_text()}; every process it started was killed",
             result=result,
             status=DeployStatus.TIMEOUT,
         )

@@ -17,9 +17,12 @@ deny rules, run-as user, limits) apply to it like to any other script.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from deploy_core.agent import safefs
 from deploy_core.agent.context import DeployContext
 from deploy_core.agent.process import ProcessResult
 from deploy_tar.releases import ReleaseError
@@ -52,14 +55,36 @@ def _read(release_dir: Path, script: str) -> str:
         raise ReleaseError(f"script {script!r} resolves outside its release, to {path}")
     if not path.is_file():
         raise ReleaseError(f"script {script!r} is not a regular file in {release_dir}")
-    with path.open("rb") as file:
-        data = file.read(MAX_READ + 1)
+    data = _read_inside(release_dir, path.relative_to(release_dir.resolve()))
     if len(data) > MAX_READ:
         raise ReleaseError(f"script {script!r} is over {MAX_READ} bytes")
     try:
         return data.decode()
     except UnicodeDecodeError as exc:
         raise ReleaseError(f"script {script!r} is not UTF-8 text: {exc}") from None
+
+
+def _read_inside(release_dir: Path, relative: Path) -> bytes:
+    """Read ``relative`` (already resolved) inside the release as root, without following a
+    link anywhere on the way: a script that swapped ``releases/`` or a parent for a link
+    between the check above and this read gets a refusal, not a root-only file."""
+    handle: safefs.Dir | None = None
+    try:
+        handle = safefs.open_dir(release_dir)
+        for part in relative.parts[:-1]:
+            inner = safefs.open_subdir(handle, part)
+            handle.close()
+            handle = inner
+        fd = safefs.open_file_at(handle, relative.parts[-1], os.O_RDONLY | os.O_NONBLOCK)
+    except safefs.UnsafePath as exc:
+        raise ReleaseError(f"cannot read the script: {exc}") from None
+    finally:
+        if handle is not None:
+            handle.close()
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ReleaseError(f"script {relative} is not a regular file in {release_dir}")
+        return file.read(MAX_READ + 1)
 
 
 async def run_release_script(
@@ -115,7 +140,7 @@ def output_tail(result: ProcessResult) -> str:
 def failure(result: ProcessResult, what: str, timeout: float) -> str | None:
     """Why ``result`` is a failure, in a sentence (``None`` when it exited 0)."""
     if result.timed_out:
-        return f"{what} timed out after {timeout:g} s; its process group was killed"
+        return f"{what} {result.timeout_text()}; every process it started was killed"
     if result.exit_code == 0:
         return None
     if result.exit_code is not None and result.exit_code < 0:

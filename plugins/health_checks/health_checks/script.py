@@ -71,7 +71,7 @@ async def probe_script(params: ScriptCheckParams, ctx: DeployContext) -> str | N
 
 def _failure(result: ProcessResult, timeout: float) -> str:
     if result.timed_out:
-        what = f"timed out after {timeout:g}s"
+        what = result.timeout_text()
     elif result.exit_code is not None and result.exit_code < 0:
         what = f"killed by {_signal_name(-result.exit_code)}"
     else:

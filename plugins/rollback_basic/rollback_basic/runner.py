@@ -87,7 +87,7 @@ def last_line(text: str) -> str:
 def failure_of(result: ProcessResult, what: str, timeout: float) -> str | None:
     """Why ``result`` counts as a failure (``None`` when it exited 0)."""
     if result.timed_out:
-        return f"{what} timed out after {timeout:g} s and was killed"
+        return f"{what} {result.timeout_text()} and was killed"
     if result.exit_code == 0:
         return None
     if result.exit_code is not None and result.exit_code < 0:

@@ -1,0 +1,116 @@
+"""An agent killed with SIGKILL mid-deployment leaves nothing running once it is back (issue 10
+§1): the restarted agent kills every process of the interrupted deployment — the script and
+what escaped its session — before it rolls back and reports.  Real server, real agent
+processes, real QUIC on loopback, real cgroups where the host has them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import missing_part
+
+from deploy_core.agent import proctable
+from deploy_core.agent.cgroup_tracking import find_tracking_hierarchy
+from deploy_core.testing import DeployCenter
+
+# The escaped process writes its file this long after it starts: far past the agent's restart.
+LATE_AFTER = 15
+
+
+def alive(pid: int) -> bool:
+    info = proctable.read(pid)
+    return info is not None and not info.zombie
+
+
+def carriers(name: str, value: str) -> list[int]:
+    """Processes started with ``name=value`` in their environment."""
+    return [p.pid for p in proctable.processes() if proctable.has_env(p.pid, name, value)]
+
+
+def wait_for(path: Path, seconds: float = 60.0) -> str:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.mark.parametrize(
+    ("tracking", "unmarked"),
+    [
+        # cgroups: the escapee also drops every variable that names the deployment
+        ("auto", True),
+        # no cgroups: found by session, then by the marker it kept
+        ("off", False),
+    ],
+)
+def test_a_restarted_agent_kills_the_interrupted_deployment_before_rolling_back(
+    tmp_path: Path, tracking: str, unmarked: bool
+) -> None:
+    if tracking == "auto" and find_tracking_hierarchy("auto")[0] is None:
+        missing_part(f"no writable cgroup hierarchy: {find_tracking_hierarchy('auto')[1]}")
+    work = tmp_path / "work"
+    work.mkdir()
+    mark = uuid.uuid4().hex  # the test's own: the agent knows nothing of it
+    drop = "unset DEPLOY_ID DEPLOY_CENTER_RUN; " if unmarked else ""
+    script = f"""
+if [ "$DEPLOY_ACTION" = rollback ]; then
+  for f in main escaped; do  # running, not a zombie waiting for init to collect it
+    state=$(sed 's/.*) //' "/proc/$(cat {work}/$f.pid)/stat" 2>/dev/null | cut -c1)
+    case "$state" in ""|Z|X) ;; *) echo "$f" >> {work}/alive-at-rollback ;; esac
+  done
+  echo done > {work}/rolled-back
+  exit 0
+fi
+echo $$ > {work}/main.pid
+( {drop}setsid sh -c 'echo $$ > {work}/escaped.pid; sleep {LATE_AFTER}; echo X > {work}/late.txt' \
+    </dev/null >/dev/null 2>&1 & )
+sleep {LATE_AFTER}
+echo X > {work}/late-main.txt
+"""
+    center = DeployCenter(tmp_path / "center", env={"DEPLOY_CENTER_PROCESS_TRACKING": tracking})
+    try:
+        center.start_server()
+        center.start_agent("web-1")
+        deploy_id = center.deploy_shell(
+            "web-1",
+            script,
+            env={"E2E_MARK": mark},
+            workdir=str(work),
+            timeout=120,
+            rollback={"strategy": "inline"},
+        )
+        main = int(wait_for(work / "main.pid"))
+        escaped = int(wait_for(work / "escaped.pid"))
+        started = time.monotonic()
+        center.stop_agent("web-1", signal.SIGKILL)
+        # The crash itself kills nothing: the script and its escapee live on.
+        assert alive(main) and alive(escaped)
+
+        center.start_agent("web-1")
+        record = center.wait(deploy_id, timeout=120)
+
+        assert record["status"] in ("rolled_back", "failed"), record
+        assert record["status"] == "rolled_back", record
+        assert "agent restarted" in (record["error"] or "")
+        assert not alive(main) and not alive(escaped)
+        assert carriers("E2E_MARK", mark) == [], "a process of the deployment is still running"
+        assert wait_for(work / "rolled-back") == "done"
+        # Killed before the rollback ran, not after.
+        assert not (work / "alive-at-rollback").exists()
+        lines = [line["line"] for line in center.api.logs(deploy_id)["lines"]]
+        assert any(line.startswith("killed ") and str(escaped) in line for line in lines), lines
+        # Past the time the late writes were due, they never happened.
+        time.sleep(max(0.0, LATE_AFTER + 2 - (time.monotonic() - started)))
+        assert not (work / "late.txt").exists()
+        assert not (work / "late-main.txt").exists()
+    finally:
+        center.close()
+        for pid in carriers("E2E_MARK", mark):
+            os.kill(pid, signal.SIGKILL)
