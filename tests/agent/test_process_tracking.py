@@ -277,3 +277,22 @@ def test_an_old_journal_gains_the_processes_column(tmp_path: Path) -> None:
         assert [RunRecord.from_json(r) for r in journal.runs("old")] == [record]
     finally:
         journal.close()
+
+
+@pytest.mark.parametrize("mode", ["v2", "freezer", "pids"])
+async def test_the_child_runs_in_its_run_cgroup(mode: str) -> None:
+    hierarchy, reason = find_tracking_hierarchy(mode)
+    if hierarchy is None:
+        missing_part(f"cgroup hierarchy {mode} not usable here: {reason}")
+    run = ProcessTracker(hierarchy).start_run("d-in", "inside")
+    result = await run_process(["/bin/sh", "-c", "cat /proc/self/cgroup"], timeout=30, tracking=run)
+    assert result.exit_code == 0, result.stderr_tail
+    want = ("0", "") if mode == "v2" else (None, mode)
+    lines = [line.split(":", 2) for line in result.stdout_tail.splitlines()]
+    (path,) = [
+        p
+        for number, controllers, p in lines
+        if (want[0] is None or number == want[0])
+        and (controllers.split(",") == [""] if mode == "v2" else mode in controllers.split(","))
+    ]
+    assert path.endswith("/deploy-center/d-in/inside")
