@@ -15,9 +15,10 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TypeVar
 
-__all__ = ["WorkBudget", "WorkStopped", "run_bounded"]
+__all__ = ["WorkBudget", "WorkStopped", "run_bounded", "step"]
 
 T = TypeVar("T")
 _CHECK_EVERY = 1024  # steps between looks at the clock and the cancel flag
@@ -85,13 +86,30 @@ class WorkBudget:
             )
 
 
+_current: ContextVar[WorkBudget | None] = ContextVar("deploy_work_budget", default=None)
+
+
+def step(n: int = 1) -> None:
+    """Step the budget of the bounded work this code runs under (:func:`run_bounded` sets
+    it for its thread); nothing when there is none.  For loops deep inside a library that
+    cannot be handed a budget: an archive pre-scan resolving symlinks, a decompressor."""
+    budget = _current.get()
+    if budget is not None:
+        budget.step(n)
+
+
 async def run_bounded(fn: Callable[[], T], budget: WorkBudget | None = None) -> T:
     """Run ``fn`` in a thread; if the caller is cancelled, cancel ``budget`` and wait for
     the thread to stop before the cancellation goes on, so nothing of it runs afterwards.
 
-    ``fn`` must step ``budget`` often (without a budget the thread is only waited for).
+    ``fn`` must step ``budget`` often, itself or through :func:`step` (which finds
+    ``budget`` in the thread's context); without a budget the thread is only waited for.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    token = _current.set(budget)
+    try:  # the task, and the thread it starts, run in a copy of this context
+        task = asyncio.ensure_future(asyncio.to_thread(fn))
+    finally:
+        _current.reset(token)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -9,13 +9,16 @@ The core then runs the health checks (90-100 %) and, on failure, the rollback st
 from __future__ import annotations
 
 import asyncio
-import threading
+import os
+import stat
 import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
+from deploy_core.agent import safefs
 from deploy_core.agent.artifacts import FetchedArtifact
+from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.models import DeployStatus, DeployTarResult
 from deploy_core.registry import Stage
@@ -36,11 +39,11 @@ STAGES = (
 )
 _RANGES = {stage.status: stage for stage in STAGES}
 REPORT_EVERY = 0.2
+# Steps of extraction work (stream blocks read, symlink path parts resolved by the pre-scan,
+# progress reports): far above what the archive limits allow a sane package, low enough that
+# a pathological one stops in seconds rather than burning a core for hours.
+EXTRACT_STEPS = 20_000_000
 T = TypeVar("T")
-
-
-class _Cancelled(Exception):
-    """Raised in the extraction thread when the deployment gave up on it."""
 
 
 class _Progress:
@@ -75,18 +78,8 @@ def size_text(size: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def _checked_target(ctx: DeployContext, params: TarParams) -> Releases:
-    """The target directory's releases, created if missing; never inside the agent's own
-    state."""
-    target = Path(params.target_dir).resolve()
-    if target == Path("/"):
-        raise DeployFailed(f"target_dir {params.target_dir} resolves to '/'; name a directory")
-    data_dir = ctx.data_dir.resolve()
-    if target.is_relative_to(data_dir):
-        raise DeployFailed(
-            f"target_dir {params.target_dir} is inside the agent's data directory {data_dir}; "
-            "deploy somewhere else"
-        )
+def _created(target: Path) -> Releases:
+    """The releases of checked ``target``, the layout created if missing (blocking)."""
     releases = Releases(target)
     try:
         releases.create()
@@ -97,11 +90,69 @@ def _checked_target(ctx: DeployContext, params: TarParams) -> Releases:
     return releases
 
 
+def _trusted_chain(path: Path) -> str | None:
+    """Why a script could rename or swap a directory on the way to ``path`` (one not owned
+    by the agent, or writable by others without the sticky bit), or ``None``."""
+    at = Path("/")
+    for part in ("", *path.parts[1:]):
+        at = at / part if part else at
+        st = os.lstat(at)
+        open_to_others = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or open_to_others:
+            return f"{at} is not a directory only the agent can change"
+    return None
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the file system ``path`` lies on."""
+    device = os.lstat(path).st_dev
+    while path != path.parent and os.lstat(path.parent).st_dev == device:
+        path = path.parent
+    return path
+
+
+def staging_area(ctx: DeployContext, releases: Releases) -> safefs.Dir:
+    """A private directory (the agent's, mode 0700, reached only through directories no
+    script can change) on the file system of the target, where the package is extracted
+    before its release directory is moved into ``releases/`` by ``renameat``.
+
+    It is ``<data_dir>/deploy_tar/staging`` when the agent's data directory shares the
+    target's file system, else ``.deploy-tar-staging`` at the root of that file system.
+    """
+    with safefs.open_dir(releases.root) as where:
+        device = where.stat.st_dev
+    data_area = ctx.data_dir / "deploy_tar" / "staging"
+    area = safefs.open_dir(data_area, create=True, mode=0o700)
+    if area.stat.st_dev == device:
+        return area
+    area.close()
+    mount = _mount_point(releases.root)
+    why = _trusted_chain(mount)
+    if why is not None:
+        raise DeployFailed(
+            f"cannot extract the package where no script can reach it: the agent's data "
+            f"directory is on another file system than target_dir {releases.target_dir}, "
+            f"and {why}; put the agent's state directory on the target's file system"
+        )
+    with safefs.open_dir(mount) as top:
+        area = safefs.open_subdir(top, ".deploy-tar-staging", create=True, mode=0o700)
+    if area.stat.st_uid != os.geteuid() or stat.S_IMODE(area.stat.st_mode) != 0o700:
+        area.close()
+        raise DeployFailed(
+            f"{area.path} is not the agent's private staging directory (owner or mode "
+            "changed); remove it"
+        )
+    return area
+
+
 async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResult:
     """Install the package as a new release and make it current."""
     started = time.monotonic()
     end = started + params.timeout
-    releases = await asyncio.to_thread(_checked_target, ctx, params)
+    # Never ``/`` or inside the agent's state; within what the agent's constraints allow
+    # (workdir_roots, a directory the run_as user could write itself): before any write.
+    target = ctx.check_path(params.target_dir, "tar target_dir", access="write")
+    releases = await asyncio.to_thread(_created, target)
     name = ctx.deploy_id
     release_dir = releases.path(name)
     try:
@@ -148,8 +199,10 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
     # -- extract (30-60 %)
     ctx.report(DeployStatus.EXTRACTING, fraction=0.0, message=f"extracting into {release_dir}")
     try:
-        stats = await bounded(_extract(ctx, params, fetched.path, release_dir), "extraction")
+        stats = await bounded(_extract(ctx, params, fetched.path, releases), "extraction")
     except UnsafeArchive as exc:
+        raise fail(f"package refused: {exc}") from None
+    except WorkStopped as exc:
         raise fail(f"package refused: {exc}") from None
     except (OSError, ReleaseError) as exc:
         raise fail(f"extraction into {release_dir} failed: {exc}") from None
@@ -213,22 +266,39 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
 
 
 async def _extract(
-    ctx: DeployContext, params: TarParams, archive: Path, release_dir: Path
+    ctx: DeployContext, params: TarParams, archive: Path, releases: Releases
 ) -> ExtractStats:
-    """Run :func:`extract_archive` in a thread, reporting progress on the event loop; a
-    cancelled deployment stops the thread at its next progress step."""
+    """Extract the package into the private staging area (:func:`staging_area`), then move
+    the release into ``releases/``; in a thread, reporting progress on the event loop.
+
+    The work is bounded: the pre-scan and the extraction step a budget (the deployment's
+    timeout) and stop at their next step when the deployment gives up on them.
+    """
     loop = asyncio.get_running_loop()
-    cancelled = threading.Event()
     report = _Progress(ctx, DeployStatus.EXTRACTING)
+    name = ctx.deploy_id
+    budget = WorkBudget(
+        f"extraction of {params.artifact[:12]}", steps=EXTRACT_STEPS, seconds=params.timeout
+    )
 
     def progress(done: int, total: int) -> None:
-        if cancelled.is_set():
-            raise _Cancelled()
+        budget.step()
         loop.call_soon_threadsafe(report, done, total)
 
-    try:
-        return await asyncio.to_thread(
-            extract_archive, archive, release_dir, params.limits.to_limits(), progress=progress
-        )
-    finally:
-        cancelled.set()
+    def work() -> ExtractStats:
+        with staging_area(ctx, releases) as area:
+            for stale in (name, f".staging-{name}"):  # an interrupted extraction's
+                safefs.remove_at(area, stale, step=budget.step)
+            try:
+                stats = extract_archive(
+                    archive,
+                    Path(area.path) / name,
+                    params.limits.to_limits(),
+                    progress=progress,
+                )
+                releases.adopt(name, area, name)
+            finally:
+                safefs.remove_at(area, name, step=budget.step)
+        return stats
+
+    return await run_bounded(work, budget)

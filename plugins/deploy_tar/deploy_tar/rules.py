@@ -15,6 +15,8 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from deploy_core.agent.bounded import step as work_step
+
 __all__ = ["DEFAULT_LIMITS", "ExtractLimits", "ExtractStats", "MemberRules", "UnsafeArchive"]
 
 _MAX_LINK_HOPS = 40  # symlinks followed while resolving one target, as Linux does
@@ -229,6 +231,7 @@ class MemberRules:
         todo = target.split("/")[::-1]
         hops = 0
         while todo:
+            work_step()  # bounded: a pre-scan of pathological links stops, and on cancellation
             part = todo.pop()
             if part in ("", "."):
                 continue

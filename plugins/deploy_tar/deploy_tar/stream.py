@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from deploy_core.agent.bounded import step as work_step
 from deploy_tar.rules import ExtractLimits, UnsafeArchive
 
 __all__ = ["ArchiveStream", "MiB", "open_archive"]
@@ -123,6 +124,7 @@ class _CountingReader:
         self._judge_headers()
 
     def read(self, size: int, /) -> bytes:
+        work_step()  # bounded: stops when the deployment gives up on the pass
         try:
             data = self._source.read(size)
         except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
