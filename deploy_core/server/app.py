@@ -35,6 +35,7 @@ from deploy_core.server.ownership import named_deployments
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
+from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.targets import deployment_scope
 from deploy_core.server.tokens import TokenError, TokenStore
@@ -181,8 +182,13 @@ class DeployServer:
         if cfg.server_id is None:
             cfg.server_id = await asyncio.to_thread(self._stable_server_id)
         self.records = RecordStore(
-            self.engine, server_id=cfg.server_id, max_log_bytes=cfg.max_log_bytes
+            self.engine,
+            server_id=cfg.server_id,
+            max_log_bytes=cfg.max_log_bytes,
+            secret_box=await asyncio.to_thread(SecretBox.from_state_dir, cfg.state_dir),
         )
+        if sealed := await self.db(self.records.seal_plaintext_secrets):
+            log.info("sealed the plaintext secret_env of %d unfinished deployments", sealed)
         self.tokens = TokenStore(
             self.engine,
             admin_token=self.state.admin_token,

@@ -13,6 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from deploy_core.private import private_database
+
 metadata = sa.MetaData()
 plugin_metadata = sa.MetaData()
 
@@ -184,9 +186,13 @@ def sqlite_url(path: Path) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys, secure delete,
+    and database files private to the server's user (0600)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            private_database(Path(database))
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @sa.event.listens_for(engine, "connect")
@@ -195,6 +201,8 @@ def make_engine(url: str) -> Engine:
             # read-then-write, such as "apply this report unless finished", is atomic.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
+            # Deleted rows (a finished deployment's sealed secrets) are overwritten on disk.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")

@@ -31,6 +31,7 @@ from deploy_core.server.db import (
     status_history,
 )
 from deploy_core.server.ownership import OwnershipRecords
+from deploy_core.server.secret_box import SecretBox, is_sealed
 
 # How long a lock outlives its deployment's deadline before anyone may take it over, in case
 # the watchdog of the replica that holds it is gone.
@@ -80,10 +81,14 @@ class RecordStore(ClientRecords, OwnershipRecords):
         *,
         server_id: str = "server",
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        secret_box: SecretBox | None = None,
     ) -> None:
+        """:param secret_box: seals ``secret_env`` in the database (the server's comes from
+        its state directory); ``None``: a key that lives only as long as this store."""
         self.engine = engine
         self.server_id = server_id
         self.max_log_bytes = max_log_bytes
+        self.secret_box = secret_box if secret_box is not None else SecretBox()
 
     # ------------------------------------------------------------------ deployments
 
@@ -103,7 +108,7 @@ class RecordStore(ClientRecords, OwnershipRecords):
     ) -> dict[str, Any]:
         """Insert a ``pending`` record and take the client's lock, atomically.
 
-        ``secret_env`` is kept apart from the record and deleted when it finishes.
+        ``secret_env`` is kept apart from the record, sealed, and deleted when it finishes.
         ``target`` names what the deployment changes on its host
         (:meth:`~deploy_core.registry.DeployType.target_key`); ``artifacts`` are the
         SHA-256s it may fetch.
@@ -160,7 +165,9 @@ class RecordStore(ClientRecords, OwnershipRecords):
                     )
                 if secret_env:
                     conn.execute(
-                        deploy_secrets.insert().values(deploy_id=deploy_id, secret_env=secret_env)
+                        deploy_secrets.insert().values(
+                            deploy_id=deploy_id, secret_env=self.secret_box.seal(secret_env)
+                        )
                     )
                 if rollback_of is not None:
                     conn.execute(
@@ -394,7 +401,24 @@ class RecordStore(ClientRecords, OwnershipRecords):
                     deploy_secrets.c.deploy_id == deploy_id
                 )
             ).scalar_one_or_none()
-        return dict(value or {})
+        return self.secret_box.open(value) if value else {}
+
+    def seal_plaintext_secrets(self) -> int:
+        """Seal the secret environments an older server stored in plaintext; returns how
+        many rows it sealed."""
+        sealed = 0
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(deploy_secrets)).all()
+            for row in rows:
+                if is_sealed(row.secret_env):
+                    continue
+                conn.execute(
+                    deploy_secrets.update()
+                    .where(deploy_secrets.c.deploy_id == row.deploy_id)
+                    .values(secret_env=self.secret_box.seal(dict(row.secret_env)))
+                )
+                sealed += 1
+        return sealed
 
     def finish(self, client_id: str, callback: DeployCallbackPayload) -> Applied:
         """Apply the agent's ``command.callback`` (SPEC deploy-20): the first finish wins and

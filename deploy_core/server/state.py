@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy_core.private import private_dir
 from deploy_core.transport import ServerCerts, ensure_server_certs
 
 ADMIN_TOKEN = "admin.token"
@@ -66,8 +67,9 @@ class ServerState:
 def init_state(
     root: Path, *, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 ) -> ServerState:
-    """Create (or open) a state directory: CA and server certificate, admin and join tokens."""
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create (or open) a state directory: CA and server certificate, admin and join tokens.
+    The directory is made 0700 even when it already existed."""
+    private_dir(root)
     certs = ensure_server_certs(root, hostnames=hostnames)
     return ServerState(
         root=root,
