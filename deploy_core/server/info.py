@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from deploy_core import __version__
 from deploy_core.models import wire_schemas
 from deploy_core.server.app import DeployServer
+from deploy_core.server.rollback_plan import describe_defaults
 from deploy_core.server.web import ApiError, iso_time, services
 
 
@@ -70,7 +71,8 @@ async def get_schemas(request: Request) -> Response:
 
 
 async def get_info(request: Request) -> Response:
-    """``GET /api/info`` — server version, id and endpoints."""
+    """``GET /api/info`` — server version, id and endpoints, and the rollback each deploy
+    type gets when a request names none."""
     server = services(request)
     return JSONResponse(
         {
@@ -78,5 +80,6 @@ async def get_info(request: Request) -> Response:
             "server_id": server.config.server_id,
             "quic_port": server.transport.port,
             "started_at": iso_time(server.started_at),
+            "rollback_defaults": describe_defaults(server.plugins, server.rollback_defaults),
         }
     )

@@ -183,6 +183,17 @@ class SchemaSet(_Answer):
     deploy_requests: dict[str, dict[str, Any]]
 
 
+class RollbackDefaultView(_Answer):
+    """What a deploy request without a ``rollback`` field gets (docs/api.md, "Rollback")."""
+
+    strategy: str | None = Field(description="the strategy; null: a failure is not undone")
+    source: Literal["server defaults", "deploy type default", "opted out", "none"]
+    note: str
+    options: dict[str, Any] = Field(
+        description='options from the server config; "{param}" values come from each request'
+    )
+
+
 class ServerInfo(_Answer):
     """``GET /api/info``."""
 
@@ -190,6 +201,9 @@ class ServerInfo(_Answer):
     server_id: str
     quic_port: int
     started_at: str | None
+    rollback_defaults: dict[str, RollbackDefaultView] = Field(
+        description="per deploy type, the rollback a request that names none gets"
+    )
 
 
 class ApiTokenCreated(_Answer):

@@ -270,3 +270,46 @@ def _validated(plugins: DeployPlugins, options: dict[str, Any], what: str) -> di
         ) from None
     dumped: dict[str, Any] = params.model_dump(mode="json")
     return dumped
+
+
+def describe_defaults(plugins: DeployPlugins, defaults: RollbackDefaults | None) -> dict[str, Any]:
+    """What a request without a ``rollback`` field gets, per deploy type (``GET /api/info``,
+    the web page's form): ``{"strategy", "source", "note", "options"}``; options the server
+    fills in from each request keep their ``"{param}"`` form."""
+    out: dict[str, Any] = {}
+    for name, deploy_type in sorted(plugins.deploy_types.entries.items()):
+        configured = defaults.for_type(name) if defaults is not None else None
+        if configured is not None and configured["strategy"] == NO_STRATEGY:
+            view = {
+                "strategy": None,
+                "source": SOURCE_OPTED_OUT,
+                "note": f'rollback disabled by the server config ([defaults.rollback."{name}"])',
+            }
+        elif configured is not None:
+            filled = [
+                f"{key} from the request's {m.group(1)}"
+                for key, value in configured.items()
+                if isinstance(value, str) and (m := PLACEHOLDER.match(value))
+            ]
+            view = {
+                "strategy": configured["strategy"],
+                "source": SOURCE_SERVER,
+                "note": f"{configured['strategy']}, the server's default for {name}"
+                + (f" ({', '.join(filled)})" if filled else ""),
+            }
+        elif deploy_type.default_rollback in plugins.rollback_strategies:
+            view = {
+                "strategy": deploy_type.default_rollback,
+                "source": SOURCE_TYPE,
+                "note": f"{deploy_type.default_rollback}, the default of {name}",
+            }
+        else:
+            view = {
+                "strategy": None,
+                "source": SOURCE_NONE,
+                "note": f"{name} has no default rollback: a failure is not undone unless the "
+                "request names a strategy",
+            }
+        options = {k: v for k, v in (configured or {}).items() if k != "strategy"}
+        out[name] = {**view, "options": options}
+    return out

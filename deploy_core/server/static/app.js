@@ -28,6 +28,7 @@
     logsDone: null, // the deployment whose log stream ended
     historyBusy: false,
     historyAgain: false,
+    rollbackDefault: null, // GET /api/info's rollback_defaults["deploy.shell"]
   };
 
   const $ = (id) => document.getElementById(id);
@@ -241,6 +242,7 @@
         }, 25000);
         if (state.selected) refreshSelected();
         else route();
+        loadRollbackDefault();
         break;
       case "clients":
         state.clients = message.clients;
@@ -444,6 +446,12 @@
       ? el("a", { href: "#deploy/" + deployId, class: "mono", text: deployId }) : "");
   }
 
+  function setText(termId, valueId, text) {
+    $(termId).hidden = !text;
+    $(valueId).hidden = !text;
+    $(valueId).textContent = text;
+  }
+
   function renderDetail(rec) {
     if (!rec) return;
     const status = $("d-status");
@@ -463,6 +471,13 @@
     $("d-message").hidden = !rec.error;
     $("d-message").textContent = rec.error || "";
     $("d-rollback").hidden = !canRollBack(rec);
+    // What the server decided to do on failure when it accepted the request, and what the
+    // rollback said it did (e.g. "nothing to roll back to: first release").
+    const plan = rec.request && rec.request.rollback_plan;
+    setText("d-plan-t", "d-plan", plan ? plan.note : "");
+    const undo = rec.rollback;
+    setText("d-undo-t", "d-undo", undo
+      ? `${undo.success ? "done" : "FAILED"}: ${undo.error || undo.message || ""}` : "");
     const outcome = {};
     if (rec.result) outcome.result = rec.result;
     if (rec.health && rec.health.length) outcome.health = rec.health;
@@ -592,11 +607,48 @@
 
   // ------------------------------------------------------------------ actions
 
-  $("f-rollback").addEventListener("change", () => {
-    const wantsScript = $("f-rollback").value === "script";
-    $("f-rollback-script-row").hidden = !wantsScript;
-    $("f-rollback-script").required = wantsScript;
-  });
+  // What a shell deployment gets when the form names no strategy: the server's [defaults]
+  // or the deploy type's own default, as GET /api/info tells (docs/api.md, "Rollback").
+  async function loadRollbackDefault() {
+    let view = null;
+    try {
+      const info = await api("GET", "/api/info");
+      view = (info.rollback_defaults || {})["deploy.shell"] || null;
+    } catch (err) {
+      view = null;
+    }
+    state.rollbackDefault = view;
+    const option = $("f-rollback-default");
+    if (!view) {
+      option.textContent = "the server's default (unknown)";
+    } else if (view.strategy) {
+      option.textContent = `default: ${view.strategy}`;
+    } else {
+      option.textContent = "default: none (nothing is undone)";
+    }
+    showRollbackChoice();
+  }
+
+  function showRollbackChoice() {
+    const on = $("f-rollback-on").checked;
+    const strategy = $("f-rollback").value;
+    const view = state.rollbackDefault;
+    $("f-rollback").disabled = !on;
+    $("f-rollback-script-row").hidden = !on || strategy !== "script";
+    $("f-rollback-script").required = on && strategy === "script";
+    $("f-workdir").required = on && strategy === "snapshot";
+    let hint;
+    if (!on) hint = 'Not rolled back: the request says "rollback": false.';
+    else if (strategy === "snapshot") hint = "The working directory is copied before the script runs and put back on failure; what the script started there is stopped.";
+    else if (strategy) hint = `Rolled back with the ${strategy} strategy.`;
+    else if (view && view.strategy) hint = `On failure: ${view.note}.`;
+    else if (view) hint = `On failure nothing is undone: ${view.note}. Pick a strategy to roll back.`;
+    else hint = "The server decides (its default could not be read).";
+    $("f-rollback-hint").textContent = hint;
+  }
+
+  $("f-rollback").addEventListener("change", showRollbackChoice);
+  $("f-rollback-on").addEventListener("change", showRollbackChoice);
 
   $("deploy-form").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -608,9 +660,14 @@
       script: $("f-script").value,
       timeout: Number($("f-timeout").value),
     };
+    const workdir = $("f-workdir").value.trim();
+    if (workdir) body.workdir = workdir;
     const strategy = $("f-rollback").value;
-    if (strategy === "inline") body.rollback = { strategy: "inline" };
-    if (strategy === "script") body.rollback = { strategy: "script", script: $("f-rollback-script").value };
+    if (!$("f-rollback-on").checked) body.rollback = false;
+    else if (strategy === "inline") body.rollback = { strategy: "inline" };
+    else if (strategy === "script") body.rollback = { strategy: "script", script: $("f-rollback-script").value };
+    else if (strategy === "snapshot") body.rollback = { strategy: "snapshot", path: workdir };
+    // else: no "rollback" field, so the server's default applies
     button.disabled = true;
     try {
       const answer = await api("POST", "/api/deploy/shell", body);
