@@ -190,6 +190,14 @@ class Journal:
             ).fetchone()
         return list(json.loads(row[0])) if row else []
 
+    def with_runs(self) -> list[str]:
+        """Deployments that still have run records (running, or a service left running)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT deploy_id FROM deployments WHERE processes != '[]' ORDER BY accepted_at"
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def get(self, deploy_id: str) -> JournalEntry | None:
         """One journaled deployment."""
         with self._lock:

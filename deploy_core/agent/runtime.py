@@ -24,7 +24,7 @@ from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import AgentServiceContext
 from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
-from deploy_core.agent.tracking import ProcessTracker
+from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.models import DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.private import private_dir
@@ -148,6 +148,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.processes.disable_subreaper()
             self.journal.close()
 
     async def stop(self) -> None:
@@ -182,6 +183,20 @@ class Agent:
             )
         for entry in self.journal.in_state(ACCEPTED):
             self._enqueue(entry.command)
+        await asyncio.to_thread(self._forget_ended_runs)
+
+    def _forget_ended_runs(self) -> None:
+        """Drop the records (and empty cgroups) of services finished deployments left that
+        have exited since; ones still running stay noted."""
+        for deploy_id in self.journal.with_runs():
+            entry = self.journal.get(deploy_id)
+            if entry is None or entry.state == STARTED:
+                continue
+            for data in self.journal.runs(deploy_id):
+                record = RunRecord.from_json(data)
+                if self.processes.ended(record):
+                    self.processes.forget([record])
+                    self.journal.record_run(deploy_id, {**data, "state": ENDED})
 
     def _enqueue(self, command: DeployCommand) -> None:
         if command.deploy_id not in self._queued:

@@ -96,11 +96,12 @@ class RunLedger(Protocol):
         """Add or replace (by ``run``) one record of ``deploy_id``, committed on return."""
 
 
-def become_subreaper() -> str | None:
-    """Make this process the child subreaper of everything it starts; ``None``, or why not."""
+def become_subreaper(on: bool = True) -> str | None:
+    """Make this process the child subreaper of everything it starts (or no longer, with
+    ``on`` false); ``None``, or why not."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
             return f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}"
     except (OSError, AttributeError) as exc:
         return f"prctl is not available: {exc}"
@@ -150,10 +151,17 @@ class ProcessTracker:
 
     def enable_subreaper(self) -> None:
         """Become the child subreaper (call once, in the agent process)."""
-        why = become_subreaper()
+        why = become_subreaper(True)
         self.subreaper = why is None
         if why:
             log.warning("orphans of scripts re-parent to init, not the agent: %s", why)
+
+    def disable_subreaper(self) -> None:
+        """Stop adopting orphans (the agent stops; its process may go on, as in tests)."""
+        if self.subreaper:
+            become_subreaper(False)
+            self.subreaper = False
+            self.reap_orphans()
 
     # ------------------------------------------------------------------ runs
 
@@ -214,11 +222,18 @@ class ProcessTracker:
             if r.cgroup and self.hierarchy is not None and self.hierarchy.owns(Path(r.cgroup)):
                 self.hierarchy.remove(Path(r.cgroup))
 
+    def ended(self, record: RunRecord) -> bool:
+        """Whether nothing of a finished run is left (its service, if any, has exited)."""
+        return not _find(record)
+
     def reap_orphans(self) -> int:
         """Collect the exit status of orphans the agent adopted as subreaper (never of a
         child someone waits for); how many were reaped."""
         me, my_sid, reaped = os.getpid(), os.getsid(0), 0
-        for info in proctable.processes():
+        table = proctable.processes()
+        now = {(i.pid, i.start_ticks) for i in table if not i.zombie}
+        self._left &= now  # what finished runs left and has ended since
+        for info in table:
             if (
                 info.ppid == me
                 and info.zombie

@@ -296,3 +296,27 @@ async def test_the_child_runs_in_its_run_cgroup(mode: str) -> None:
         and (controllers.split(",") == [""] if mode == "v2" else mode in controllers.split(","))
     ]
     assert path.endswith("/deploy-center/d-in/inside")
+
+
+async def test_a_left_service_is_noted_until_it_exits(
+    tracker: ProcessTracker, tmp_path: Path
+) -> None:
+    script = (
+        f"setsid sh -c 'echo $$ > {tmp_path}/svc.pid; exec sleep 60' "
+        "</dev/null >/dev/null 2>&1 &\n"
+        f"while [ ! -s {tmp_path}/svc.pid ]; do sleep 0.02; done\n"
+    )
+    run = tracker.start_run("d1", "service")
+    await run_process(["/bin/sh", "-c", script], timeout=30, tracking=run)
+    service = int((tmp_path / "svc.pid").read_text())
+    journal = tracker.ledger
+    assert isinstance(journal, Journal)
+    try:
+        assert journal.with_runs() == ["d1"]
+        assert not tracker.ended(run.record)
+    finally:
+        kill(service)
+    end = time.monotonic() + 30
+    while alive(service) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert tracker.ended(run.record)
