@@ -19,6 +19,7 @@ import gzip
 import io
 import lzma
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ _CHUNK = 64 * 1024
 _BLOCK = tarfile.BLOCKSIZE
 _LONG_TYPES = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
 _META_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}) | _LONG_TYPES
+_SPARSE_RECORD = re.compile(rb"[0-9] GNU\.sparse\.")
 
 
 class _Readable(Protocol):
@@ -61,15 +63,15 @@ def _number(field: bytes) -> int:
     return int(text.strip() or "0", 8)
 
 
-def _check_header(offset: int, block: bytes) -> int | None:
-    """Judge the header block at ``offset`` before tarfile parses it.
+def _check_header(block: bytes) -> tuple[str, bytes, int] | None:
+    """Judge a header block before tarfile parses it.
 
     Refuses negative sizes, GNU sparse members (their extension blocks would pile up in memory)
     and extended headers over ``_META_LIMIT``. Blocks tarfile will not take as a header (zeros,
     bad checksum, unreadable fields) are left to it.
 
-    :returns: where the next header of the same member starts when this block is an extended
-        header (tarfile reads that one in the same step), else ``None``.
+    :returns: the member name, type and size when this is an extended header (tarfile reads it,
+        and the header after it, in the same step), else ``None``.
     """
     try:
         if not any(block) or _number(block[148:156]) not in (
@@ -98,7 +100,66 @@ def _check_header(offset: int, block: bytes) -> int | None:
             "header-size",
             f"extended header declares {size} bytes (at most {_META_LIMIT} allowed)",
         )
-    return offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
+    return member, kind, size
+
+
+def _check_pax(member: str, records: bytes) -> None:
+    """Refuse pax records describing a GNU sparse file: tarfile reads the map of the 1.0 format
+    from the member's data without a bound (and fails on a short one with a bare ValueError).
+
+    Any ``GNU.sparse.`` after a record's length is refused; that includes every key tarfile
+    could parse, whatever its version's record parser.
+    """
+    if _SPARSE_RECORD.search(records):
+        raise UnsafeArchive(
+            member, "special-type", "sparse files (pax GNU.sparse) are not supported"
+        )
+
+
+class _HeaderGuard:
+    """Follows the header blocks tarfile is about to parse, judging each (:func:`_check_header`)
+    and the pax records it announces (:func:`_check_pax`) from the bytes read so far."""
+
+    def __init__(self) -> None:
+        self._header: int | None = 0  # offset of the next header block to judge
+        self._pax: tuple[str, int, int] | None = None  # member, start and end of pax records
+        self._records = bytearray()
+
+    def expect(self, offset: int) -> None:
+        """tarfile's next header starts at ``offset``."""
+        self._header = offset
+
+    def judge(self, tail: bytearray, start: int) -> None:
+        """Judge what ``tail`` (the stream's bytes from offset ``start`` to now) completes."""
+        end = start + len(tail)
+        while True:
+            if self._pax is not None:
+                member, first, last = self._pax
+                have = first + len(self._records)
+                if have < min(last, end):
+                    self._require_remembered(have, start)
+                    self._records += tail[have - start : min(last, end) - start]
+                if end < last:
+                    return
+                _check_pax(member, bytes(self._records))
+                self._pax, self._records = None, bytearray()
+            offset = self._header
+            if offset is None or offset + _BLOCK > end:
+                return
+            self._require_remembered(offset, start)
+            extended = _check_header(bytes(tail[offset - start : offset - start + _BLOCK]))
+            self._header = None
+            if extended is not None:
+                member, kind, size = extended
+                self._header = offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
+                if kind not in _LONG_TYPES:
+                    self._pax = (member, offset + _BLOCK, offset + _BLOCK + size)
+
+    @staticmethod
+    def _require_remembered(offset: int, start: int) -> None:
+        if offset < start:
+            # Reads are at most _CHUNK bytes and the tail keeps more, so this is a bug here.
+            raise _Corrupt(f"bytes at offset {offset} were read before they were judged")
 
 
 class _CountingReader:
@@ -106,22 +167,22 @@ class _CountingReader:
 
     Counts bytes (for the expansion ratio and progress), keeps the last few so the end-of-archive
     marker can be checked, judges each header block before tarfile sees it
-    (:func:`_check_header`), and reports decompression errors as corruption.
+    (:class:`_HeaderGuard`), and reports decompression errors as corruption.
     """
 
     def __init__(self, source: _Readable, ratio: Callable[[int, str | None], None]) -> None:
         self._source = source
         self._ratio = ratio
         self._tail = bytearray()
-        self._header: int | None = 0  # offset of the next header block to judge
+        self._guard = _HeaderGuard()
         self.position = 0
         self.on_read: Callable[[int], None] | None = None
 
     def expect_header(self, offset: int) -> None:
         """tarfile's next header starts at ``offset``: judge it (and the extended headers chained
         after it) as soon as it has been read, before tarfile parses it."""
-        self._header = offset
-        self._judge_headers()
+        self._guard.expect(offset)
+        self._guard.judge(self._tail, self.position - len(self._tail))
 
     def read(self, size: int, /) -> bytes:
         work_step()  # bounded: stops when the deployment gives up on the pass
@@ -131,20 +192,13 @@ class _CountingReader:
             raise _Corrupt(f"cannot decompress: {exc}") from exc
         self.position += len(data)
         self._tail += data
-        self._judge_headers()
+        self._guard.judge(self._tail, self.position - len(self._tail))
         if len(self._tail) > 2 * _CHUNK:
             del self._tail[: len(self._tail) - _CHUNK]
         self._ratio(self.position, None)
         if self.on_read is not None:
             self.on_read(self.position)
         return data
-
-    def _judge_headers(self) -> None:
-        while self._header is not None and self._header + _BLOCK <= self.position:
-            if self._header < self.position - len(self._tail):
-                # Reads are at most _CHUNK bytes and the tail keeps more, so this is a bug here.
-                raise _Corrupt(f"header at offset {self._header} was read before it was judged")
-            self._header = _check_header(self._header, self.block_at(self._header))
 
     def block_at(self, offset: int) -> bytes:
         """The (up to) 512 bytes read at ``offset``, if still remembered, else ``b""``."""

@@ -259,6 +259,7 @@ def assert_refused(
 SPARSE = header(b"sparse", kind=b"S")
 HUGE_SIZE = b"\x80" + (2**80).to_bytes(11, "big")  # GNU base-256: 1.2e24 bytes
 NEGATIVE_SIZE = b"\xff" * 11 + b"\xfb"  # GNU base-256: -5
+SPARSE_1_0 = {"GNU.sparse.major": b"1", "GNU.sparse.minor": b"0", "GNU.sparse.realsize": b"9"}
 
 MALICIOUS = [
     pytest.param(pack(file("../x")), "traversal", "../x", id="dotdot"),
@@ -358,6 +359,23 @@ MALICIOUS = [
         "member-size",
         "paxsize",
         id="pax-size-override",
+    ),
+    pytest.param(
+        # GNU sparse 1.0: tarfile reads the map from the data unbounded (bare ValueError if short)
+        raw(pax_member(**SPARSE_1_0) + member(b"placeholder", b"3\n1\n2\n") + END),
+        "special-type",
+        "././@PaxHeader",
+        id="pax-gnu-sparse-1.0",
+    ),
+    pytest.param(
+        raw(
+            member(b"././@PaxHeader", pax_member(**SPARSE_1_0)[512:].rstrip(b"\0"), kind=b"g")
+            + member(b"f", b"1\n")
+            + END
+        ),
+        "special-type",
+        "././@PaxHeader",
+        id="global-pax-gnu-sparse",
     ),
     pytest.param(
         raw(header(b"././@PaxHeader", kind=b"x", size=2 * MiB) + bytes(2 * MiB) + END),
