@@ -119,6 +119,15 @@ class Releases:
             pass
         self.current()  # refuses a ``current`` that is not our symlink
 
+    def identify(self) -> list[int] | None:
+        """``[st_dev, st_ino]`` of the target directory (reached without following a link),
+        to pass back as ``identity`` later; ``None`` while it does not exist."""
+        try:
+            with self._target() as target:
+                return list(target.identity)
+        except FileNotFoundError:
+            return None
+
     def adopt(self, name: str, source: safefs.Dir, source_name: str) -> None:
         """Move the complete directory ``source_name`` of ``source`` (extracted where no
         script can reach) into place as release ``name``, by ``renameat``."""

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from deploy_core.agent.context import DeployContext
 from deploy_core.registry import RollbackReport, RollbackState
@@ -25,14 +24,20 @@ from deploy_tar.scripts import failure, find_script, run_release_script
 __all__ = ["discard_releases", "prepare_release", "rollback_release"]
 
 
-def _releases(params: dict[str, object]) -> tuple[TarParams, Releases]:
+def _releases(
+    ctx: DeployContext, params: dict[str, object], state: RollbackState | None = None
+) -> tuple[TarParams, Releases]:
+    """The deployment's releases: ``target_dir`` held to the agent's constraints, and to
+    the directory ``prepare`` found there (a different one put in its place is refused)."""
     deploy = TarParams.model_validate(params)
-    return deploy, Releases(Path(deploy.target_dir).resolve())
+    target = ctx.check_path(deploy.target_dir, "tar target_dir", access="write")
+    recorded = (state or {}).get("target_identity")
+    return deploy, Releases(target, identity=recorded if isinstance(recorded, list) else None)
 
 
 async def prepare_release(ctx: DeployContext, params: ReleaseParams) -> RollbackState:
     """Record the live release (``previous`` is ``None`` before the first deployment)."""
-    _deploy, releases = _releases(ctx.command.params)
+    _deploy, releases = _releases(ctx, ctx.command.params)
     previous = await asyncio.to_thread(releases.current)
     if previous is not None:
         ctx.log(f"previous release: {previous}", stream="agent")
@@ -40,6 +45,7 @@ async def prepare_release(ctx: DeployContext, params: ReleaseParams) -> Rollback
         "target_dir": str(releases.target_dir),
         "release": ctx.deploy_id,
         "previous": previous,
+        "target_identity": await asyncio.to_thread(releases.identify),
     }
 
 
@@ -53,7 +59,7 @@ async def rollback_release(
     target = ctx.rollback_target
     if target is None:
         raise ReleaseError("no deployment to roll back")
-    deploy, releases = _releases(target.params)
+    deploy, releases = _releases(ctx, target.params, state)
     state = state or {}
     failed = str(state.get("release") or target.deploy_id)
     recorded = state.get("previous") if isinstance(state.get("previous"), str) else None
@@ -146,7 +152,7 @@ async def discard_releases(
 ) -> None:
     """After a success: remove releases beyond ``keep_releases`` (never the current one, the
     previous one or this deployment's)."""
-    deploy, releases = _releases(ctx.command.params)
+    deploy, releases = _releases(ctx, ctx.command.params, state)
     protect = {ctx.deploy_id}
     for name in (releases.current(), (state or {}).get("previous")):
         if isinstance(name, str):

@@ -227,12 +227,8 @@ async def test_a_deployment_racing_a_releases_swapper_never_writes_outside(
     thread.join()
     assert swaps > 0
     assert fingerprint(decoy) == before, outcomes
-    for outcome in outcomes:
-        assert (
-            outcome == "success"
-            or "refusing to work as root" in outcome
-            or ("is not a directory (a symlink or a file)" in outcome)
-        ), outcome
+    for outcome in outcomes:  # a failure names the target (the race, not a crash)
+        assert outcome == "success" or str(target) in outcome, outcome
 
 
 # --------------------------------------------------------------------------- bounded work
