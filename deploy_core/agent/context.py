@@ -120,13 +120,9 @@ class DeployContext:
         self._reporter = reporter
         self.secret_env = dict(command.secret_env)
         self._secrets = masked_forms(command.secret_env.values())
-        # What is left of the server's log budget for streamed lines, and how much of an
-        # overflowing run's tail is sent at its end (docs/api.md, "Logs").
-        budget = command.log_budget_bytes
-        self._log_tail = 0 if budget is None else min(LOG_TAIL_BYTES, budget // 4)
-        self._log_left = (
-            None if budget is None else max(0, budget - self._log_tail - LOG_MARKER_BYTES)
-        )
+        # What is left of the server's log budget for this deployment's runs (docs/api.md,
+        # "Logs"); None: no budget (an older server).
+        self._log_room = command.log_budget_bytes
         self._stage_of = stage_of or (lambda status: (0, 100))
         self._artifacts = artifacts
         self._processes = processes if processes is not None else ProcessTracker()
@@ -383,14 +379,20 @@ class DeployContext:
         """The output budget of one run: the agent's own per-run limit (``cap``) when it is
         the smaller, else what is left of the server's budget for the deployment, with a tail
         kept for the end."""
-        left = self._log_left
-        if cap is not None and (left is None or cap <= left):
+        room = self._log_room
+        if room is None:
             return OutputBudget(cap)
-        return OutputBudget(left, tail_bytes=self._log_tail)
+        # A quarter of what is left (at most LOG_TAIL_BYTES) for the tail, the marker's room,
+        # the rest for the head: the run never sends more than the server keeps.
+        tail = min(LOG_TAIL_BYTES, room // 4)
+        head = max(0, room - tail - LOG_MARKER_BYTES)
+        if cap is not None and cap <= head:
+            return OutputBudget(cap)
+        return OutputBudget(head, tail_bytes=tail)
 
     def _spend(self, budget: OutputBudget) -> None:
-        if self._log_left is not None:
-            self._log_left = max(0, self._log_left - budget.streamed - budget.sent_after)
+        if self._log_room is not None:
+            self._log_room = max(0, self._log_room - budget.streamed - budget.sent_after)
 
     def _pace(self) -> Pace | None:
         """The reporter's back-pressure, if it has any (the agent's outbox does)."""

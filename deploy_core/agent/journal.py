@@ -55,8 +55,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
-# The WAL file is cut back to this size after a checkpoint (it would keep its largest size).
-WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# Pages written to the WAL before it is copied into the database (SQLite's default is 1000)
+# and the size the WAL file is cut back to after that (it would keep its largest size): the
+# journal on disk stays near what the outbox holds, whatever a deployment prints.
+WAL_AUTOCHECKPOINT_PAGES = 256
+WAL_SIZE_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Journal:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         # FULL: a report the agent believes written survives a power cut.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)

@@ -24,7 +24,7 @@ MAX_BATCH_BYTES = 64 * 1024
 # Bytes each line adds to a report beyond its text (timestamp, stream, stage, JSON).
 LINE_OVERHEAD = 64
 # The outbox may hold this much before a running script's output is no longer read.
-MAX_UNACKED_BYTES = 2 * 1024 * 1024
+MAX_UNACKED_BYTES = 1024 * 1024
 # How often wait_for_room looks again while the outbox is full.
 ROOM_POLL = 0.02
 
