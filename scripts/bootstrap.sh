@@ -124,7 +124,13 @@ plugin_dirs() {
   for p in "$ROOT"/plugins/*/; do [ -f "$p/pyproject.toml" ] && echo "${p%/}"; done
 }
 
+# install_checkout: deploy-core (with $EXTRAS) and every plugin, editable, into $VENV.
+install_checkout() {
+  local args=(-e "$ROOT${EXTRAS:+[$EXTRAS]}") p
+  while read -r p; do args+=(-e "$p"); done < <(plugin_dirs)
+  install_once "$VENV" "${args[@]}"
+}
+
 ensure_venv "$VENV"
-args=(-e "$ROOT${EXTRAS:+[$EXTRAS]}")
-while read -r p; do args+=(-e "$p"); done < <(plugin_dirs)
-install_once "$VENV" "${args[@]}"
+# scripts/test.sh installs by itself, to go on with what it can run when this fails.
+[ "${BOOTSTRAP_FUNCTIONS_ONLY:-}" = 1 ] || install_checkout

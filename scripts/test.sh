@@ -19,11 +19,12 @@ System-wide, with apt, when missing (needs root; without root each step says wha
   - docker.io (+ docker-cli on Debian 13), docker-registry, busybox-static: the Docker test
     bed (scripts/docker-testbed.sh), which also starts dockerd and a registry of its own.
 Into this checkout: .venv and .venv-plugins/NAME (Python packages from PyPI).
-Left running afterwards: dockerd and the test registry (stop: bash scripts/docker-testbed.sh --stop).
+Left running afterwards: dockerd and the test registry (stop: bash scripts/docker-testbed.sh --stop),
+and a local PostgreSQL cluster if this script had to start it.
 EOF
 
-# The main venv (deploy-core with test and dev extras, every plugin); nothing runs without it.
-EXTRAS=test,dev source "$ROOT/scripts/bootstrap.sh"
+# The main venv: deploy-core with its test and dev extras, and every plugin.
+EXTRAS=test,dev BOOTSTRAP_FUNCTIONS_ONLY=1 source "$ROOT/scripts/bootstrap.sh"
 set +e  # from here on a failing step is recorded, and the next one runs
 PY="$VENV/bin/python"
 RESULTS=$(mktemp -d)
@@ -32,6 +33,11 @@ trap 'rm -rf "$RESULTS"' EXIT
 summary=()          # one line per suite
 failed_steps=()     # names of suites, ruff or mypy runs that failed
 total_passed=0 total_failed=0 total_skipped=0
+if ! install_checkout; then
+  # What did install still runs; the suites that need the rest fail and say so.
+  failed_steps+=("install into .venv")
+  summary+=("install into .venv: FAILED (pip output above)")
+fi
 
 # record NAME OK(yes/no) TEXT: remember one summary line.
 record() {
@@ -109,10 +115,16 @@ isolated_suite() {
 
 # ----------------------------------------------------------------------- real parts
 
-# PostgreSQL is started by this machine kind; start it again if it has stopped.
+# PostgreSQL (DEPLOY_CENTER_TEST_PG, README "Giving the tests a PostgreSQL"): a local cluster
+# that has stopped is started again.
+pg_line=""
 if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
-  if command -v pg_ctlcluster >/dev/null; then
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    cluster="$(ls /etc/postgresql | head -1)"
+    echo "deploy-center: starting the local PostgreSQL cluster $cluster/main for the database tests"
+    if pg_ctlcluster --skip-systemctl-redirect "$cluster" main start; then
+      pg_line="PostgreSQL $cluster/main, started for the tests and left running; stop it with: pg_ctlcluster $cluster main stop"
+    fi
   fi
 fi
 
@@ -167,6 +179,7 @@ echo
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 echo "docker test bed: $testbed_line"
+[ -z "$pg_line" ] || echo "$pg_line"
 if [ ${#failed_steps[@]} -gt 0 ]; then
   echo "FAILED: $(IFS=,; echo "${failed_steps[*]}" | sed 's/,/, /g')"
 fi
