@@ -11,15 +11,27 @@ from typing import Any, BinaryIO
 _READ = 1 << 20
 
 
+# Never through a symlink: a planted link must not make the writer (root, on an agent)
+# append to or hash some other file.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def hash_file(path: Path) -> tuple[Any, int]:
     """The running SHA-256 (a ``hashlib`` object, still open to updates) and size of what
-    ``path`` holds, read in blocks."""
+    ``path`` holds, read in blocks (a symlink at ``path`` is refused, not followed)."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    try:
+        return _hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_fd(fd: int) -> tuple[Any, int]:
     hasher = hashlib.sha256()
     size = 0
-    with path.open("rb") as file:
-        while block := file.read(_READ):
-            hasher.update(block)
-            size += len(block)
+    while block := os.pread(fd, _READ, size):
+        hasher.update(block)
+        size += len(block)
     return hasher, size
 
 
@@ -35,9 +47,12 @@ class HashedFile:
     def __init__(self, path: Path, *, resume: bool = False, flush_each: bool = False) -> None:
         self.path = path
         self.flush_each = flush_each
-        self.file: BinaryIO = path.open("ab" if resume else "xb")
+        # Private (0600) and never through a symlink, whether created or resumed.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW
+        fd = os.open(path, flags if resume else flags | os.O_EXCL, 0o600)
+        self.file: BinaryIO = os.fdopen(fd, "ab")
         if resume:
-            self.hasher, self.size = hash_file(path)
+            self.hasher, self.size = _hash_fd(fd)
         else:
             self.hasher, self.size = hashlib.sha256(), 0
 

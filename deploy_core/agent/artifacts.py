@@ -1,6 +1,7 @@
 """The agent's artifact fetcher: pull by SHA-256, resume, verify, cache (SPEC deploy-11).
 
-Files, under the agent's ``state_dir/cache``::
+Files, under the agent's ``state_dir/cache`` (0700, opened without following a link; files
+0600, created and appended to with ``O_NOFOLLOW``)::
 
     <sha256>.partial   bytes received so far; a later fetch, even after a restart, resumes at
                        its size
@@ -19,12 +20,14 @@ import functools
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from deploy_core.agent import safefs
 from deploy_core.hashed_file import HashedFile, hash_file
 from deploy_core.transport.files import (
     DEFAULT_CHUNK_SIZE,
@@ -163,9 +166,19 @@ class ArtifactFetcher:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def cached(self, sha256: str) -> Path | None:
-        """The finished copy of an artifact, if the cache has one (not re-verified)."""
+        """The finished copy of an artifact, if the cache has one (not re-verified; a
+        symlink there is not one)."""
         path = self.cache_dir / sha256
-        return path if path.is_file() else None
+        try:
+            return path if stat.S_ISREG(path.lstat().st_mode) else None
+        except FileNotFoundError:
+            return None
+
+    def _open_cache(self) -> None:
+        """Create the cache directory if missing, private (0700: packages may hold secrets),
+        reached without following a symlink."""
+        with safefs.open_dir(self.cache_dir, create=True, mode=0o700) as cache:
+            os.fchmod(cache.fd, 0o700)
 
     async def fetch(
         self, sha256: str, *, deadline: float | None = None, progress: Progress | None = None
@@ -185,7 +198,7 @@ class ArtifactFetcher:
         deadline = deadline if deadline is not None else time.time() + DEFAULT_WAIT
         lock = self._locks.setdefault(sha256, asyncio.Lock())
         async with lock:
-            await asyncio.to_thread(self.cache_dir.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(self._open_cache)
             cached = await self._from_cache(sha256)
             if cached is not None:
                 _Throttle(progress)(cached.size, cached.size)

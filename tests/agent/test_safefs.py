@@ -227,3 +227,27 @@ async def test_a_cancelled_caller_stops_the_thread_before_going_on() -> None:
         await asyncio.wait_for(run_bounded(spin, budget), 0.2)
     assert stopped.is_set()  # by the time the timeout is heard, the thread has stopped
     assert budget.cancelled
+
+
+# --------------------------------------------------------------------------- cache writes
+
+
+def test_a_partial_download_never_appends_through_a_planted_link(
+    tmp_path: Path, decoy: Path
+) -> None:
+    from deploy_core.hashed_file import HashedFile, hash_file
+
+    before = fingerprint(decoy)
+    partial = tmp_path / ("ab" * 32 + ".partial")
+    partial.symlink_to(decoy / "secret")
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        HashedFile(partial, resume=True)
+    with pytest.raises(OSError):
+        hash_file(partial)
+    assert fingerprint(decoy) == before
+    partial.unlink()
+    fresh = HashedFile(partial, resume=True)
+    fresh.write(b"abc")
+    fresh.seal()
+    assert partial.stat().st_mode & 0o777 == 0o600
+    assert hash_file(partial)[1] == 3
