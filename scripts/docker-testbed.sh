@@ -209,6 +209,8 @@ free_port() {
 import socket, sys
 for port in (int(sys.argv[1] or 0), 0):
     with socket.socket() as s:
+        # As the registry (Go) binds: connections left in TIME_WAIT do not make a port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -218,11 +220,11 @@ for port in (int(sys.argv[1] or 0), 0):
 EOF
 }
 
-# Start a registry of our own on a free port; 0 once it answers with our token.
+# start_registry [PORT]: start a registry of our own on PORT when it is free, else on another
+# free port; 0 once it answers with our token.
 start_registry() {
-  local port address pid token end previous
-  previous=$(recorded_address || true)
-  port=$(free_port "${previous##*:}")  # the same port as last time, when it is free
+  local port address pid token end
+  port=$(free_port "${1:-}")
   address="127.0.0.1:$port"
   token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   echo "$token" >"$REGISTRY_TOKEN_FILE"
@@ -252,6 +254,7 @@ EOF
   while [ "$(date +%s)" -lt "$end" ]; do
     if registry_is_ours "$address"; then
       echo "$address" >"$REGISTRY_ADDRESS_FILE"
+      echo "$port" >"$STATE/registry.port"  # kept by --stop, to come back on the same port
       return 0
     fi
     kill -0 "$pid" 2>/dev/null || break
@@ -272,10 +275,12 @@ else
     kill "$pid" 2>/dev/null || true
   fi
   rm -f "$REGISTRY_ADDRESS_FILE"
-  # A port picked free can be taken before the registry binds it: try another.
+  # The same port as last time when it is free (stable image names); a port picked free can
+  # be taken before the registry binds it: then try others.
+  previous_port=$(cat "$STATE/registry.port" 2>/dev/null || true)
   ok=no
-  for _ in 1 2 3; do
-    if start_registry; then ok=yes; break; fi
+  for port in "$previous_port" "" ""; do
+    if start_registry "$port"; then ok=yes; break; fi
   done
   [ "$ok" = yes ] || die "the registry did not come up (log $REGISTRY_LOG)"
   REGISTRY=$(recorded_address)
