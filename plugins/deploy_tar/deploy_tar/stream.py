@@ -20,6 +20,7 @@ import io
 import lzma
 import os
 import re
+import struct
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ _CHUNK = 64 * 1024
 _BLOCK = tarfile.BLOCKSIZE
 _LONG_TYPES = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
 _META_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}) | _LONG_TYPES
+_JUDGED_TYPES = _META_TYPES | {tarfile.GNUTYPE_SPARSE}
 _SPARSE_RECORD = re.compile(rb"[0-9] GNU\.sparse\.")
 
 
@@ -73,16 +75,18 @@ def _check_header(block: bytes) -> tuple[str, bytes, int] | None:
     :returns: the member name, type and size when this is an extended header (tarfile reads it,
         and the header after it, in the same step), else ``None``.
     """
+    kind = block[156:157]
+    if kind not in _JUDGED_TYPES and block[124] != 0o377:  # the common case: nothing to judge
+        return None
     try:
-        if not any(block) or _number(block[148:156]) not in (
+        if _number(block[148:156]) not in (
             256 + sum(block[:148]) + sum(block[156:]),
-            256 + sum(b - (b & 0x80) * 2 for b in block[:148] + block[156:]),
+            256 + sum(struct.unpack_from("148b8x356b", block)),  # signed, as some tars
         ):
             return None
         size = _number(block[124:136])
     except (ValueError, UnicodeDecodeError):
         return None
-    kind = block[156:157]
     name = block[:100].split(b"\0", 1)[0]
     prefix = block[345:500].split(b"\0", 1)[0]
     if prefix and kind not in _LONG_TYPES | {tarfile.GNUTYPE_SPARSE}:
