@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from deploy_core.agent.context import DeployContext
+from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.agent.process import ProcessResult
 from deploy_core.registry import HealthCheckParams
 
@@ -50,10 +50,15 @@ class ScriptCheckParams(HealthCheckParams):
 
 
 async def probe_script(params: ScriptCheckParams, ctx: DeployContext) -> str | None:
-    """Run the script once; ``None`` when it exits 0, else its exit code and last words."""
-    if params.workdir is not None and not os.path.isdir(params.workdir):
-        return f"working directory {params.workdir} does not exist or is not a directory"
+    """Run the script once; ``None`` when it exits 0, else its exit code and last words.
+
+    The working directory is held to the agent's constraints first (``workdir_roots``, and
+    one the ``run_as`` user can enter), so a refused one is named as such, not probed."""
     try:
+        if params.workdir is not None:
+            ctx.check_path(params.workdir, "health-check working directory", access="read")
+            if not os.path.isdir(params.workdir):
+                return f"working directory {params.workdir} does not exist or is not a directory"
         result = await ctx.run_script(
             params.script,
             timeout=params.attempt_timeout,
@@ -61,6 +66,8 @@ async def probe_script(params: ScriptCheckParams, ctx: DeployContext) -> str | N
             env=params.env,
             name="health",
         )
+    except DeployFailed as exc:  # refused by the agent's constraints
+        return str(exc)
     except OSError as exc:
         hint = "; check its #! line" if params.script.startswith("#!") else ""
         return f"cannot start the health script: {exc.strerror or exc}{hint}"
