@@ -106,7 +106,8 @@ case "${1:-}" in
   *) die "unknown argument $1 (use no argument, --address or --stop)" ;;
 esac
 
-mkdir -p "$STATE"
+mkdir -p "$STATE" 2>/dev/null && [ -w "$STATE" ] \
+  || die "cannot write $STATE: run as root, or set DEPLOY_CENTER_TESTBED_STATE to a writable directory"
 
 # --------------------------------------------------------------------------- packages
 
