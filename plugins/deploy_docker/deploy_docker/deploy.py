@@ -41,6 +41,24 @@ def keeps_previous(ctx: DeployContext) -> bool:
     return rollback is not None and rollback.get("strategy") == STRATEGY
 
 
+def check_bind_sources(ctx: DeployContext, params: DockerParams) -> None:
+    """Hold every bind-mount source (a host path; named volumes are the engine's) to the
+    agent's constraints before the engine is asked for anything: under ``workdir_roots``,
+    and with ``run_as`` a directory that user could itself read (``:ro``) or write.
+
+    The engine runs as root and mounts what it is given; this keeps a deployment from
+    handing a container the host's ``/etc`` on an agent whose scripts may not touch it.
+    The engine resolves the path again when it creates the container.
+    """
+    for volume in params.volumes:
+        if volume.source.startswith("/"):
+            ctx.check_path(
+                volume.source,
+                f"bind-mount source of {volume.target}",
+                access="read" if volume.read_only else "write",
+            )
+
+
 async def connect(params: DockerParams) -> Engine:
     """The engine, or :class:`DeployFailed` at once when it does not answer."""
     try:
@@ -53,6 +71,7 @@ async def deploy_container(ctx: DeployContext, params: DockerParams) -> DeployDo
     """Run ``params.image`` as ``params.container_name``; fail with the engine's reason."""
     started = time.monotonic()
     result = DeployDockerResult(container_name=params.container_name, image=params.image)
+    check_bind_sources(ctx, params)
     ctx.report(DeployStatus.EXECUTING, fraction=0.0, message="connecting to the Docker engine")
     engine = await connect(params)
     try:
