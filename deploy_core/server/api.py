@@ -43,7 +43,12 @@ from deploy_core.server.rollback_plan import (
     RollbackPlanError,
     plan_rollback,
 )
-from deploy_core.server.rollbacks import RollbackRefused, request_rollback
+from deploy_core.server.rollbacks import (
+    RollbackRefused,
+    RollbackSuperseded,
+    cascade_order,
+    request_rollback,
+)
 from deploy_core.server.web import (
     ApiError,
     flag_param,
@@ -51,6 +56,7 @@ from deploy_core.server.web import (
     int_param,
     iso_time,
     json_body,
+    parse_model,
     record_or_404,
     services,
     validation_detail,
@@ -286,13 +292,35 @@ async def create_deployment(request: Request) -> Response:
     )
 
 
+class RollbackOptions(BaseModel):
+    """The optional body of ``POST /api/deploy/{deploy_id}/rollback``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cascade: StrictBool = Field(
+        False,
+        description="when newer deployments of the same target are still in place, roll them "
+        "back first, newest first, then this one (each its own linked rollback)",
+    )
+
+
 async def rollback_deployment(request: Request) -> Response:
     """``POST /api/deploy/{deploy_id}/rollback`` → ``202`` with the rollback's own deployment
-    id (SPEC deploy-25).  ``409`` when there is nothing to restore or the client is busy."""
+    id (SPEC deploy-25).  ``409`` when there is nothing to restore, when the client is busy,
+    or when newer deployments of the same target are still in place (``detail.newer``) and
+    the body does not ask for ``{"cascade": true}``."""
     server = services(request)
+    has_body = (
+        request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+    )
+    options = (
+        parse_model(RollbackOptions, await json_body(request)) if has_body else RollbackOptions()
+    )
     record = await record_or_404(server, request.path_params["deploy_id"])
     try:
-        rollback = await request_rollback(server, record)
+        rollback = await request_rollback(server, record, cascade=options.cascade)
+    except RollbackSuperseded as exc:
+        raise ApiError(409, str(exc), {"newer": exc.newer}) from None
     except RollbackRefused as exc:
         raise ApiError(409, str(exc)) from None
     except ClientBusy as exc:
@@ -300,7 +328,8 @@ async def rollback_deployment(request: Request) -> Response:
     return JSONResponse(
         {
             "deploy_id": rollback["deploy_id"],
-            "rollback_of": record["deploy_id"],
+            "rollback_of": rollback["rollback_of"],
+            "cascade": cascade_order(rollback),
             "status": rollback["status"],
             "client_connected": server.is_connected(record["client_id"]),
             "url": f"/api/deploy/{rollback['deploy_id']}",

@@ -34,7 +34,12 @@ from deploy_core.server.http_limits import HttpLimits
 from deploy_core.server.ownership import named_deployments
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
-from deploy_core.server.rollbacks import RollbackRefused, agent_left_it_unrolled, request_rollback
+from deploy_core.server.rollbacks import (
+    RollbackRefused,
+    agent_left_it_unrolled,
+    continue_cascade,
+    request_rollback,
+)
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.targets import deployment_scope
@@ -298,6 +303,7 @@ class DeployServer:
         from deploy_core.server.api import render_record
 
         self.plugins.notify("deploy_finished", record=render_record(record))
+        await continue_cascade(self, record)
         if agent_left_it_unrolled(record):
             try:
                 rollback = await request_rollback(self, record)

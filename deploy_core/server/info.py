@@ -40,13 +40,29 @@ async def list_clients(request: Request) -> Response:
 
 
 async def get_client(request: Request) -> Response:
-    """``GET /api/clients/{client_id}``."""
+    """``GET /api/clients/{client_id}`` — the client, the deployment it is busy with, and the
+    deployment live on each of its targets."""
     server = services(request)
     row = await server.db(server.records.get_client, request.path_params["client_id"])
     if row is None:
         raise ApiError(404, f"unknown client {request.path_params['client_id']!r}")
     lock = await server.db(server.records.lock_holder, row["client_id"])
-    return JSONResponse({**render_client(server, row), "busy_with": lock and lock["deploy_id"]})
+    live = await server.db(server.records.live_deployments, row["client_id"])
+    return JSONResponse(
+        {
+            **render_client(server, row),
+            "busy_with": lock and lock["deploy_id"],
+            "live": [
+                {
+                    "target": r["target"],
+                    "deploy_id": r["deploy_id"],
+                    "command_type": r["command_type"],
+                    "finished_at": iso_time(r["finished_at"]),
+                }
+                for r in live
+            ],
+        }
+    )
 
 
 async def list_plugins(request: Request) -> Response:

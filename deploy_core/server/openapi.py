@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.admin import NewApiToken, NewJoinToken
+from deploy_core.server.api import RollbackOptions
 from deploy_core.server.auth import needed_scope
 from deploy_core.server.responses import (
     ApiTokenCreated,
@@ -138,8 +139,9 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
         _query("max_wait", _number(1, 86400, 3600), "with `follow`: seconds after which the "
                'stream ends with {"end": false}'),
     )),
-    ("POST", "/api/deploy/{deploy_id}/rollback"): Spec(202, RollbackAccepted, (404, 409),
-                                                       (DEPLOY_ID,)),
+    ("POST", "/api/deploy/{deploy_id}/rollback"): Spec(202, RollbackAccepted,
+                                                       (400, 404, 409, 413, 422), (DEPLOY_ID,),
+                                                       RollbackOptions),
     ("GET", "/api/deploy/{client_id}/list"): Spec(200, DeploymentList, (404, 422),
                                                   (CLIENT_ID, LIMIT, OFFSET)),
     ("GET", "/api/deployments"): Spec(200, DeploymentPage, (422,), (

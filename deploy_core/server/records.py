@@ -32,6 +32,7 @@ from deploy_core.server.db import (
 )
 from deploy_core.server.ownership import OwnershipRecords
 from deploy_core.server.secret_box import SecretBox, is_sealed
+from deploy_core.server.targets import TargetRecords
 
 # How long a lock outlives its deployment's deadline before anyone may take it over, in case
 # the watchdog of the replica that holds it is gone.
@@ -70,10 +71,11 @@ def _row(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
 
 
-class RecordStore(ClientRecords, OwnershipRecords):
+class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
     """Everything the server stores about deployments (and, through
     :class:`~deploy_core.server.clients.ClientRecords`, about clients; through
-    :class:`~deploy_core.server.ownership.OwnershipRecords`, what each agent may name)."""
+    :class:`~deploy_core.server.ownership.OwnershipRecords`, what each agent may name;
+    through :class:`~deploy_core.server.targets.TargetRecords`, what is live where)."""
 
     def __init__(
         self,
@@ -446,6 +448,10 @@ class RecordStore(ClientRecords, OwnershipRecords):
                     if callback.rollback_state is not None:
                         # What the agent prepared is what a manual rollback restores.
                         late["rollback_state"] = callback.rollback_state
+                    if callback.rollback is not None and record["rollback"] is None:
+                        # The agent rolled back after the server's deadline: the record says
+                        # so where a reader looks, not only in agent_status.
+                        late["rollback"] = callback.rollback.model_dump(mode="json")
                     conn.execute(
                         deployments.update()
                         .where(deployments.c.deploy_id == callback.callback_id)

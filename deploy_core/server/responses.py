@@ -40,6 +40,10 @@ class RollbackAccepted(DeployAccepted):
     """``202`` for a rollback: a deployment of its own, undoing ``rollback_of``."""
 
     rollback_of: str
+    cascade: list[str] = Field(
+        description="the deployments this rollback and the ones it asks for next undo, in "
+        "order: newer deployments of the same target first, the one asked for last"
+    )
 
 
 class DeploymentView(_Answer):
@@ -141,10 +145,21 @@ class ClientView(_Answer):
     capabilities: dict[str, Any]
 
 
+class LiveDeployment(_Answer):
+    """The deployment live on one target of a client: its newest success not undone."""
+
+    target: str = Field(description="what it changed: '<deploy type>:<directory or name>'")
+    deploy_id: str
+    command_type: str
+    finished_at: str | None
+
+
 class ClientDetail(ClientView):
-    """``GET /api/clients/{client_id}``: a client and the deployment it is busy with."""
+    """``GET /api/clients/{client_id}``: a client, the deployment it is busy with, and what
+    is live on each of its targets."""
 
     busy_with: str | None
+    live: list[LiveDeployment]
 
 
 class ClientList(_Answer):

@@ -3,6 +3,14 @@ deployment failed and its agent did not roll back (SPEC deploy-20, deploy-31).
 
 Either way the rollback is a deployment of its own, of command type ``deploy.rollback``,
 that takes the client's lock like any other and links to the deployment it undoes.
+
+A rollback never silently undoes a newer deployment (issue 10 §3): when deployments made
+after the one to undo are still in place on the same target
+(:meth:`~deploy_core.server.targets.TargetRecords.newer_in_place`), the rollback is refused
+(:class:`RollbackSuperseded`, ``409`` at the API) naming them, unless ``cascade`` asks to
+roll them back first: then the newest is rolled back now and each rollback, when it ends
+``rolled_back``, asks for the next one (its request's ``cascade`` lists what is left), each
+linked to the deployment it undoes.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from deploy_core.models import COMMAND_ROLLBACK, DeployStatus
+from deploy_core.server.records import ClientBusy
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
@@ -25,6 +34,21 @@ UNDONE = {DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value}
 
 class RollbackRefused(Exception):
     """The deployment cannot be rolled back; the message says why."""
+
+
+class RollbackSuperseded(RollbackRefused):
+    """Newer deployments of the same target are still in place; ``newer`` lists their ids,
+    newest first."""
+
+    def __init__(self, record: dict[str, Any], newer: list[dict[str, Any]]) -> None:
+        self.newer = [n["deploy_id"] for n in newer]
+        listed = ", ".join(f"{n['deploy_id']} ({n['status']})" for n in newer)
+        super().__init__(
+            f"deployment {record['deploy_id']} was followed on target {record['target']} by "
+            f"{listed}; rolling it back would silently undo "
+            f"{'that one' if len(newer) == 1 else 'those'}. Roll back {self.newer[0]} first, "
+            'or ask with {"cascade": true} to roll back the newer ones first, newest first'
+        )
 
 
 def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -85,13 +109,66 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
     }, seconds
 
 
-async def request_rollback(server: DeployServer, record: dict[str, Any]) -> dict[str, Any]:
-    """Record and send a ``deploy.rollback`` for ``record``.
+async def request_rollback(
+    server: DeployServer, record: dict[str, Any], *, cascade: bool = False
+) -> dict[str, Any]:
+    """Record and send a ``deploy.rollback`` for ``record`` — or, with ``cascade``, for the
+    newest of the deployments in place after it on its target, the rest to follow.
 
-    :raises RollbackRefused: see :func:`rollback_request`.
+    :returns: the rollback deployment sent now; :func:`cascade_order` says what it and its
+        followers undo.
+    :raises RollbackSuperseded: newer deployments are in place and ``cascade`` is false.
+    :raises RollbackRefused: see :func:`rollback_request` (for any deployment of the chain).
     :raises ClientBusy: the client runs another deployment.
     """
+    newer = await server.db(server.records.newer_in_place, record)
+    if newer and not cascade:
+        raise RollbackSuperseded(record, newer)
+    chain = [*newer, record]
+    # Every link is checked before the first is sent: a chain that cannot finish is refused
+    # whole instead of stopping half-way.
+    for link in chain:
+        rollback_request(server, link)
+    return await _submit_rollback(server, chain[0], [link["deploy_id"] for link in chain[1:]])
+
+
+def cascade_order(rollback: dict[str, Any]) -> list[str]:
+    """The deployments a rollback deployment and the ones it will ask for undo, in order."""
+    return [rollback["rollback_of"], *(rollback["request"].get("cascade") or [])]
+
+
+async def continue_cascade(server: DeployServer, rollback: dict[str, Any]) -> None:
+    """A rollback deployment finished: if it was part of a cascade and undid its deployment,
+    ask for the next rollback of the chain (errors are logged, the chain stops)."""
+    rest: list[str] = list(rollback["request"].get("cascade") or [])
+    if not rest or rollback["command_type"] != COMMAND_ROLLBACK:
+        return
+    if rollback["status"] != DeployStatus.ROLLED_BACK.value:
+        log.warning(
+            "cascade stopped: rollback %s ended %s; not rolled back: %s",
+            rollback["deploy_id"],
+            rollback["status"],
+            ", ".join(rest),
+        )
+        return
+    record = await server.db(server.records.get, rest[0])
+    if record is None:
+        log.warning("cascade stopped: deployment %s no longer exists", rest[0])
+        return
+    try:
+        nxt = await _submit_rollback(server, record, rest[1:])
+    except (RollbackRefused, ClientBusy) as exc:
+        log.warning("cascade stopped before %s: %s", rest[0], exc)
+        return
+    log.info("cascade: rollback %s of %s asked for", nxt["deploy_id"], rest[0])
+
+
+async def _submit_rollback(
+    server: DeployServer, record: dict[str, Any], then: list[str]
+) -> dict[str, Any]:
     request, seconds = rollback_request(server, record)
+    if then:
+        request["cascade"] = then
     return await server.submit(
         client_id=record["client_id"],
         command_type=COMMAND_ROLLBACK,

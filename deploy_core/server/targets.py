@@ -16,12 +16,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine
 
-from deploy_core.models import COMMAND_ROLLBACK
+from deploy_core.models import COMMAND_ROLLBACK, DeployStatus
+from deploy_core.server.db import deployments
 
 if TYPE_CHECKING:
     from deploy_core.plugins import DeployPlugins
+
+UNDONE_STATUSES = (DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value)
 
 
 def deployment_scope(
@@ -46,3 +51,89 @@ def deployment_scope(
     except ValidationError:
         return deploy_type.name, []
     return deploy_type.target_key(params), deploy_type.artifact_ids(params)
+
+
+def _undone() -> sa.ColumnElement[bool]:
+    """A deployment whose changes are gone: it ended undone itself, or a rollback of it
+    finished ``rolled_back``."""
+    undoer = deployments.alias("undoer")
+    rolled_back = (
+        sa.select(undoer.c.deploy_id)
+        .where(
+            undoer.c.deploy_id == deployments.c.rolled_back_by,
+            undoer.c.status == DeployStatus.ROLLED_BACK.value,
+        )
+        .exists()
+    )
+    return sa.or_(deployments.c.status.in_(UNDONE_STATUSES), rolled_back)
+
+
+def _in_place() -> sa.ColumnElement[bool]:
+    """A finished deployment (not a rollback) whose changes may still be on its target: it
+    succeeded, or failed after it started, and nothing undid it."""
+    ran = sa.or_(deployments.c.acked_at.is_not(None), deployments.c.last_seq >= 0)
+    return sa.and_(
+        deployments.c.command_type != COMMAND_ROLLBACK,
+        deployments.c.finished_at.is_not(None),
+        sa.or_(deployments.c.status == DeployStatus.SUCCESS.value, ran),
+        sa.not_(_undone()),
+    )
+
+
+class TargetRecords:
+    """Live-target queries of the server's database (mixed into ``RecordStore``)."""
+
+    engine: Engine
+
+    def newer_in_place(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """Deployments of ``record``'s client and target made after it whose changes may
+        still be in place, newest first: a rollback of ``record`` would undo them too."""
+        if record.get("target") is None:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployments)
+                .where(
+                    deployments.c.client_id == record["client_id"],
+                    deployments.c.target == record["target"],
+                    deployments.c.created_at > record["created_at"],
+                    _in_place(),
+                )
+                .order_by(deployments.c.created_at.desc(), deployments.c.deploy_id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def live_deployments(self, client_id: str) -> list[dict[str, Any]]:
+        """Per target of ``client_id``, the newest deployment that succeeded and was not
+        undone: what runs there now, as far as the server knows.  Sorted by target."""
+        newest = (
+            sa.select(
+                deployments.c.target,
+                sa.func.max(deployments.c.created_at).label("created_at"),
+            )
+            .where(
+                deployments.c.client_id == client_id,
+                deployments.c.target.is_not(None),
+                deployments.c.status == DeployStatus.SUCCESS.value,
+                _in_place(),
+            )
+            .group_by(deployments.c.target)
+            .subquery()
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployments)
+                .join(
+                    newest,
+                    sa.and_(
+                        deployments.c.target == newest.c.target,
+                        deployments.c.created_at == newest.c.created_at,
+                    ),
+                )
+                .where(deployments.c.client_id == client_id)
+                .order_by(deployments.c.target, deployments.c.deploy_id)
+            )
+            live: dict[str, dict[str, Any]] = {}
+            for row in rows:
+                live.setdefault(row.target, dict(row._mapping))
+        return list(live.values())
