@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
 from deploy_core.server.clients import ClientRecords
 from deploy_core.server.db import (
+    bulk_insert,
     client_locks,
     deploy_artifacts,
     deploy_logs,
@@ -38,6 +39,7 @@ from deploy_core.server.targets import TargetRecords
 # the watchdog of the replica that holds it is gone.
 LOCK_GRACE = 60.0
 DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
+LOG_COLUMNS = ("deploy_id", "ts", "stream", "stage", "line")
 TRUNCATION_MARKER = (
     "[log truncated: this deployment reached its limit of {limit} bytes; further output is dropped]"
 )
@@ -360,35 +362,21 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         if record["log_truncated"]:
             return
         budget = self.max_log_bytes - record["log_bytes"]
-        rows, used = [], 0
+        rows: list[tuple[str, float, str, str, str]] = []
+        used = 0
         truncated = False
+        deploy_id = report.deploy_id
         for line in report.logs:
             size = len(line.line.encode())
             if used + size > budget:
                 truncated = True
                 break
             used += size
-            rows.append(
-                {
-                    "deploy_id": report.deploy_id,
-                    "ts": line.ts,
-                    "stream": line.stream,
-                    "stage": line.stage,
-                    "line": line.line,
-                }
-            )
+            rows.append((deploy_id, line.ts, line.stream, line.stage, line.line))
         if truncated:
-            rows.append(
-                {
-                    "deploy_id": report.deploy_id,
-                    "ts": time.time(),
-                    "stream": "server",
-                    "stage": report.stage,
-                    "line": TRUNCATION_MARKER.format(limit=self.max_log_bytes),
-                }
-            )
-        if rows:
-            conn.execute(deploy_logs.insert(), rows)
+            marker = TRUNCATION_MARKER.format(limit=self.max_log_bytes)
+            rows.append((deploy_id, time.time(), "server", report.stage, marker))
+        bulk_insert(conn, deploy_logs, LOG_COLUMNS, rows)
         conn.execute(
             deployments.update()
             .where(deployments.c.deploy_id == report.deploy_id)
