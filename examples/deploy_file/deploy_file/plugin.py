@@ -12,15 +12,17 @@ Two registrations:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
-import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from deploy_core import hookimpl
+from deploy_core.agent import safefs
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.models import DeployStatus
 from deploy_core.registry import (
@@ -84,29 +86,30 @@ class FileResult(BaseModel):
 # ----------------------------------------------------------------------------- writing
 
 
-def _sha256(path: Path) -> str | None:
+def _read(path: Path) -> tuple[bytes, int] | None:
+    """The content and permission bits of regular file ``path``; ``None`` when it is
+    missing.  Read through its directory opened without following a link (the agent is
+    root; a script may own that directory and swap a link in)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with safefs.open_dir(path.parent) as parent:
+            st = safefs.lstat_at(parent, path.name)
+            if st is None:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise safefs.UnsafePath(str(path), "it is not a regular file")
+            fd = safefs.open_file_at(parent, path.name, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(), stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
 
 
 def write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode``: a reader sees the old file or the new one,
-    never half of it."""
-    tmp = path.with_name(f".{path.name}.deploy-file.tmp")
-    tmp.unlink(missing_ok=True)  # a leftover of an interrupted write
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed the mode given to open()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    never half of it.  A fresh file is written in the directory opened without following a
+    link, then renamed over ``path`` (:func:`deploy_core.agent.safefs.write_file_at`)."""
+    with safefs.open_dir(path.parent) as parent:
+        safefs.write_file_at(parent, path.name, data, mode)
 
 
 STAGES = (
@@ -115,28 +118,39 @@ STAGES = (
 )
 
 
+def _checked(ctx: DeployContext, path: str) -> Path:
+    """``path`` resolved and held to the agent's constraints (``workdir_roots``; with
+    ``run_as``, a file that user could replace itself): the agent writes it as root."""
+    if os.path.islink(path):
+        raise DeployFailed(f"{path} is a symlink, not a regular file; name the file itself")
+    return ctx.check_path(path, "deploy.file path", access="replace")
+
+
 async def write_file(ctx: DeployContext, params: FileParams) -> FileResult:
     """The executor: check the target, then write the file in one atomic step."""
-    target = Path(params.path)
-    ctx.report(DeployStatus.EXECUTING, fraction=0.5, message=f"checking {target}")
+    shown = Path(params.path)
+    ctx.report(DeployStatus.EXECUTING, fraction=0.5, message=f"checking {shown}")
+    target = _checked(ctx, params.path)
     if not target.parent.is_dir():
-        raise DeployFailed(f"directory {target.parent} does not exist on this host")
-    if target.is_symlink() or (target.exists() and not target.is_file()):
-        raise DeployFailed(f"{target} exists and is not a regular file")
-    previous = _sha256(target)
+        raise DeployFailed(f"directory {shown.parent} does not exist on this host")
+    try:
+        before = await asyncio.to_thread(_read, target)
+    except safefs.UnsafePath:
+        raise DeployFailed(f"{shown} exists and is not a regular file") from None
+    previous = hashlib.sha256(before[0]).hexdigest() if before is not None else None
     data = params.content.encode()
     ctx.report(
-        DeployStatus.INSTALLING, fraction=0.0, message=f"writing {len(data)} bytes to {target}"
+        DeployStatus.INSTALLING, fraction=0.0, message=f"writing {len(data)} bytes to {shown}"
     )
     try:
         await asyncio.to_thread(write_atomically, target, data, int(params.mode, 8))
     except OSError as exc:
-        raise DeployFailed(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise DeployFailed(f"cannot write {shown}: {exc.strerror or exc}") from None
     digest = hashlib.sha256(data).hexdigest()
-    ctx.log(f"wrote {target}: {len(data)} bytes, mode {params.mode}, sha256 {digest[:12]}")
+    ctx.log(f"wrote {shown}: {len(data)} bytes, mode {params.mode}, sha256 {digest[:12]}")
     ctx.report(DeployStatus.INSTALLING, fraction=1.0, message="file written")
     return FileResult(
-        path=str(target),
+        path=str(shown),
         bytes=len(data),
         sha256=digest,
         mode=params.mode,
@@ -159,26 +173,24 @@ def _backup_dir(ctx: DeployContext, path: str) -> Path:
     return ctx.data_dir / "file-backups" / hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
-def _mode_of(path: Path) -> str:
-    return f"{path.stat().st_mode & 0o7777:04o}"
-
-
 async def keep_copy(ctx: DeployContext, params: RestoreParams) -> RollbackState:
     """``prepare``: before the write, copy the file (or note that there is none)."""
     if ctx.command_type != "deploy.file":
         raise RuntimeError(f"file_restore only undoes deploy.file, not {ctx.command_type}")
     path = FileParams.model_validate(ctx.command.params).path
-    target = Path(path)
-    if not target.exists() and not target.is_symlink():
+    try:
+        kept = await asyncio.to_thread(_read, _checked(ctx, path))
+    except safefs.UnsafePath:
+        raise RuntimeError(f"{path} is not a regular file; file_restore cannot keep it") from None
+    if kept is None:
         return {"path": path, "existed": False}
-    if target.is_symlink() or not target.is_file():
-        raise RuntimeError(f"{target} is not a regular file; file_restore cannot keep it")
+    data, mode = kept
     # Named by time first: sorting by name sorts by age (file times can be too coarse).
     backup = _backup_dir(ctx, path) / f"{time.time_ns():020d}-{ctx.deploy_id}"
     backup.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    await asyncio.to_thread(shutil.copyfile, target, backup)
-    ctx.log(f"kept a copy of {target} in {backup}")
-    return {"path": path, "existed": True, "backup": str(backup), "mode": _mode_of(target)}
+    await asyncio.to_thread(write_atomically, backup, data, 0o600)
+    ctx.log(f"kept a copy of {path} in {backup}")
+    return {"path": path, "existed": True, "backup": str(backup), "mode": f"{mode:04o}"}
 
 
 async def restore_copy(
@@ -187,17 +199,18 @@ async def restore_copy(
     """``rollback``: put the kept copy back, or remove a file the deployment created."""
     if state is None:  # the core refuses before this, since needs_state is set
         raise RuntimeError("no copy was kept for this deployment")
-    target = Path(state["path"])
+    target = _checked(ctx, state["path"])
     if not state["existed"]:
-        target.unlink(missing_ok=True)
-        ctx.log(f"removed {target}: it did not exist before the deployment")
+        with contextlib.suppress(FileNotFoundError), safefs.open_dir(target.parent) as parent:
+            os.unlink(target.name, dir_fd=parent.fd)
+        ctx.log(f"removed {state['path']}: it did not exist before the deployment")
         return
     backup = Path(state["backup"])
     if not backup.is_file():
         raise RuntimeError(f"the copy {backup} is gone (pruned after newer deployments?)")
     data = await asyncio.to_thread(backup.read_bytes)
     await asyncio.to_thread(write_atomically, target, data, int(state["mode"], 8))
-    ctx.log(f"restored {target} from {backup}")
+    ctx.log(f"restored {state['path']} from {backup}")
 
 
 async def prune_copies(

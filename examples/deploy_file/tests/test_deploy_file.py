@@ -4,11 +4,16 @@ deployments through a real server and agent."""
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.plugins import load_plugins
 from deploy_core.testing import DeployCenter, RecordingReporter
@@ -206,3 +211,60 @@ def test_a_failed_write_is_rolled_back_with_the_default_strategy(
     assert record["status"] == "rolled_back"
     assert "does not exist" in record["error"]
     assert record["rollback"]["strategy"] == "file_restore"
+
+
+# ----------------------------------------------------------------------------- trust boundary
+
+
+async def test_a_directory_swapped_for_a_link_before_the_restore_is_refused(
+    deploy_context: Factory, open_base: Path
+) -> None:
+    """With ``run_as``, the agent (root) writes only where that user could: a script that
+    swaps the file's directory for a link to a root-only one gets a refusal, not a write."""
+    nobody = pwd.getpwnam("nobody")
+    app = open_base / "app"
+    app.mkdir()
+    (app / "app.conf").write_text("v1\n")
+    for path in (app, app / "app.conf"):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    decoy = open_base / "root-only"
+    decoy.mkdir(mode=0o700)
+    (decoy / "app.conf").write_text("root's\n")
+    params = FileParams(path=str(app / "app.conf"), content="v2\n")
+    ctx, _ = deploy_context(command_type="deploy.file", params=params.model_dump())
+    ctx.constraints = ConstraintPolicy(Constraints(run_as="nobody"))
+    state = await keep_copy(ctx, RestoreParams())
+    await write_file(ctx, params)
+    assert (app / "app.conf").read_text() == "v2\n"
+    app.rename(open_base / "app.moved")  # the script, as nobody, swaps its directory
+    app.symlink_to(decoy)
+
+    with pytest.raises(DeployFailed) as caught:
+        await restore_copy(ctx, RestoreParams(), state)
+
+    assert str(caught.value).startswith(
+        f"refused by constraint run_as: deploy.file path {app}/app.conf (resolves to "
+        f"{decoy}/app.conf): nobody (uid {nobody.pw_uid}) cannot enter {decoy}"
+    )
+    assert (decoy / "app.conf").read_text() == "root's\n"
+    assert sorted(os.listdir(decoy)) == ["app.conf"]
+
+
+def missing_part(reason: str) -> None:
+    """Skip, or fail under ``DEPLOY_CENTER_STRICT=1``, because a real part is missing."""
+    if os.environ.get("DEPLOY_CENTER_STRICT") == "1":
+        pytest.fail(f"required part missing (DEPLOY_CENTER_STRICT=1): {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A directory every user may enter (pytest's tmp dir is closed to others)."""
+    if os.geteuid() != 0:
+        missing_part("run_as needs the agent to be root")
+    base = Path(tempfile.mkdtemp(prefix="deploy-file-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
