@@ -10,6 +10,7 @@ ticks since boot — names one process for the whole uptime, and with the boot i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def has_env(pid: int, name: str, value: str) -> bool:
     return f"{name}={value}".encode() in data.split(b"\0")
 
 
+@functools.cache
 def boot_id() -> str:
     """This boot's random id; pids and start ticks of another boot name nothing now."""
     with contextlib.suppress(OSError):

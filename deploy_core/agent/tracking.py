@@ -295,10 +295,18 @@ class TrackedRun:
 
     def processes(self) -> set[int]:
         """The live processes of this run now."""
+        return set(self._live())
+
+    def _live(self) -> dict[int, proctable.ProcInfo]:
+        if self.record.cgroup and Path(self.record.cgroup).is_dir():
+            return _find(self.record)  # the cgroup's members: no need to read every process
         table = proctable.processes()
-        found = set(_find(self.record, table))
-        found |= proctable.descendants(self.tracker._adopted(self, table), table)
-        return {pid for pid in found if pid != os.getpid()}
+        found = _find(self.record, table)
+        by_pid = {i.pid: i for i in table if not i.zombie}
+        adopted = proctable.descendants(self.tracker._adopted(self, table), table)
+        found.update({p: by_pid[p] for p in adopted if p in by_pid})
+        found.pop(os.getpid(), None)
+        return found
 
     async def terminate(self, grace: float) -> set[int]:
         """SIGTERM every process of the run, SIGKILL what is left after ``grace`` seconds
@@ -338,12 +346,8 @@ class TrackedRun:
         self._done = True
         if self.record.pid is not None:
             self.tracker._active.pop(self.record.pid, None)
-        table = proctable.processes()
-        pids = set(_find(self.record, table)) | proctable.descendants(
-            self.tracker._adopted(self, table), table
-        )
-        by_pid = {i.pid: i for i in table}
-        left = [by_pid[p] for p in sorted(pids) if p in by_pid and not by_pid[p].zombie]
+        live = self._live()
+        left = [live[p] for p in sorted(live)]
         self.record = replace(
             self.record,
             state=LEFT_RUNNING if left else ENDED,
@@ -365,10 +369,11 @@ def _find(
     than the run, in this boot."""
     if record.boot_id and record.boot_id != proctable.boot_id():
         return {}
+    if record.cgroup and Path(record.cgroup).is_dir():
+        infos = [proctable.read(pid) for pid in members(Path(record.cgroup))]
+        return {i.pid: i for i in infos if i is not None and not i.zombie}
     table = proctable.processes() if table is None else table
     by_pid = {i.pid: i for i in table if not i.zombie}
-    if record.cgroup and Path(record.cgroup).is_dir():
-        return {p: by_pid[p] for p in members(Path(record.cgroup)) if p in by_pid}
     since = record.start_ticks
     roots: set[int] = set()
     leader = by_pid.get(record.pid) if record.pid is not None else None
@@ -377,7 +382,14 @@ def _find(
     if record.pid is not None and (leader is None or leader.start_ticks == since):
         roots |= {i.pid for i in by_pid.values() if record.pid in (i.pgid, i.sid)}
     roots |= {p for p, t in record.left if p in by_pid and by_pid[p].start_ticks == t}
-    roots |= {p for p in by_pid if proctable.has_env(p, MARKER_ENV, record.token)}
+    # Only what started since the run can carry its marker: the environments of the rest
+    # are not read.
+    roots |= {
+        p
+        for p, i in by_pid.items()
+        if (since is None or i.start_ticks >= since)
+        and proctable.has_env(p, MARKER_ENV, record.token)
+    }
     found = proctable.descendants(roots, list(by_pid.values()))
     return {
         p: by_pid[p]
