@@ -251,11 +251,12 @@ def print_outcome(record: dict[str, Any]) -> None:
         )
     rollback = record.get("rollback")
     if rollback:
+        # The error of a failed one; else what it did ("nothing to roll back to: …").
+        said = rollback.get("error") or rollback.get("message") or ""
         click.echo(
             terminal_safe(
                 f"  rollback ({rollback.get('strategy')}): "
-                f"{'ok' if rollback['success'] else 'FAILED'}"
-                f"{' - ' + rollback['error'] if rollback.get('error') else ''}"
+                f"{'ok' if rollback['success'] else 'FAILED'}" + (f" - {said}" if said else "")
             )
         )
 
