@@ -320,3 +320,37 @@ async def test_a_left_service_is_noted_until_it_exits(
     while alive(service) and time.monotonic() < end:
         time.sleep(0.02)
     assert tracker.ended(run.record)
+
+
+def test_the_subreaper_collects_the_orphans_it_adopted(tmp_path: Path) -> None:
+    # Its own process, as the agent is: a run leaves a short-lived escapee, which the
+    # process adopts and, once it exits, reaps; nothing stays a zombie.
+    program = textwrap.dedent(
+        f"""
+        import asyncio, json, os, time
+        from deploy_core.agent import proctable
+        from deploy_core.agent.process import run_process
+        from deploy_core.agent.tracking import ProcessTracker
+        tracker = ProcessTracker(None)
+        tracker.enable_subreaper()
+        script = ("setsid sh -c 'echo $$ > {tmp_path}/orphan.pid; sleep 0.3' "
+                  "</dev/null >/dev/null 2>&1 &")
+        asyncio.run(run_process(["/bin/sh", "-c", script], timeout=30))
+        while not os.path.exists("{tmp_path}/orphan.pid"):
+            time.sleep(0.01)
+        time.sleep(0.05)
+        orphan = int(open("{tmp_path}/orphan.pid").read())
+        adopted = proctable.read(orphan).ppid == os.getpid()
+        end = time.monotonic() + 30
+        while not proctable.read(orphan).zombie and time.monotonic() < end:
+            time.sleep(0.02)
+        reaped = tracker.reap_orphans()
+        print(json.dumps({{"adopted": adopted, "reaped": reaped,
+                           "gone": proctable.read(orphan) is None}}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"adopted": True, "reaped": 1, "gone": True}
