@@ -354,3 +354,20 @@ def test_the_subreaper_collects_the_orphans_it_adopted(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"adopted": True, "reaped": 1, "gone": True}
+
+
+async def test_a_job_in_its_own_process_group_dies_on_timeout(
+    tracker: ProcessTracker, tmp_path: Path
+) -> None:
+    # set -m: every background job gets a process group of its own (same session).
+    script = (
+        f"set -m\nsh -c 'trap \"\" TERM; echo $$ > {tmp_path}/job.pid; exec sleep 60' &\nsleep 60\n"
+    )
+    run = tracker.start_run("d1", "jobs")
+    result = await run_process(["/bin/sh", "-c", script], timeout=1.5, kill_grace=0.3, tracking=run)
+    job = int(wait_for_file(tmp_path / "job.pid"))
+    try:
+        assert result.timed_out
+        assert not alive(job)
+    finally:
+        kill(job)
