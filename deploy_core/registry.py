@@ -247,6 +247,11 @@ class RollbackStrategy:
         :class:`RollbackReport` (``None`` means plainly "rolled back").
     :param discard: after success (retention: prune old snapshots).
     :param needs_state: a manual rollback is refused unless ``prepare`` returned state.
+    :param restorable: server side, ``(record, later) -> str | None``: why a rollback of
+        deployment ``record`` can no longer work, judged from the deployments of the same
+        client made after it (``later``, oldest first, finished ones), e.g. its snapshot was
+        pruned by a later success; ``None`` when it still can.  The API refuses such a
+        rollback with ``409`` and the reason instead of sending it to fail on the agent.
     """
 
     name: str
@@ -256,6 +261,7 @@ class RollbackStrategy:
     discard: DiscardFn = _nothing_to_discard
     needs_state: bool = False
     description: str = ""
+    restorable: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not SIMPLE_NAME.fullmatch(self.name):

@@ -129,7 +129,21 @@ async def request_rollback(
     # whole instead of stopping half-way.
     for link in chain:
         rollback_request(server, link)
+        await _check_restorable(server, link)
     return await _submit_rollback(server, chain[0], [link["deploy_id"] for link in chain[1:]])
+
+
+async def _check_restorable(server: DeployServer, record: dict[str, Any]) -> None:
+    """Ask the strategy whether what it saved for ``record`` is still there (a snapshot a
+    later success pruned is not): refuse now rather than fail on the agent."""
+    rollback = record["request"].get("rollback") or {}
+    strategy = server.plugins.rollback_strategies.get(str(rollback.get("strategy")))
+    if strategy is None or strategy.restorable is None:
+        return
+    later = await server.db(server.records.finished_after, record)
+    reason = strategy.restorable(record, later)
+    if reason:
+        raise RollbackRefused(f"deployment {record['deploy_id']} cannot be rolled back: {reason}")
 
 
 def cascade_order(rollback: dict[str, Any]) -> list[str]:

@@ -103,6 +103,22 @@ class TargetRecords:
             )
             return [dict(r._mapping) for r in rows]
 
+    def finished_after(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """Finished deployments (not rollbacks) of ``record``'s client made after it, oldest
+        first: what a rollback strategy's ``restorable`` judges by."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployments)
+                .where(
+                    deployments.c.client_id == record["client_id"],
+                    deployments.c.created_at > record["created_at"],
+                    deployments.c.command_type != COMMAND_ROLLBACK,
+                    deployments.c.finished_at.is_not(None),
+                )
+                .order_by(deployments.c.created_at, deployments.c.deploy_id)
+            )
+            return [dict(r._mapping) for r in rows]
+
     def live_deployments(self, client_id: str) -> list[dict[str, Any]]:
         """Per target of ``client_id``, the newest deployment that succeeded and was not
         undone: what runs there now, as far as the server knows.  Sorted by target."""

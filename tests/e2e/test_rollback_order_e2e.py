@@ -55,7 +55,7 @@ async def wait_finished(http: httpx.AsyncClient, deploy_id: str, timeout: float 
     raise AssertionError(f"deployment {deploy_id} did not finish within {timeout} s")
 
 
-async def deploy_version(http: httpx.AsyncClient, app: Path, version: str) -> str:
+async def deploy_version(http: httpx.AsyncClient, app: Path, version: str, keep: int = 3) -> str:
     script = f"echo {version} > version; echo {version} > {version}.txt"
     answer = await http.post(
         "/api/deploy/shell",
@@ -63,7 +63,7 @@ async def deploy_version(http: httpx.AsyncClient, app: Path, version: str) -> st
             "client_id": CLIENT,
             "script": script,
             "workdir": str(app),
-            "rollback": {"strategy": "snapshot", "path": str(app)},
+            "rollback": {"strategy": "snapshot", "path": str(app), "keep": keep},
         },
     )
     assert answer.status_code == 202, answer.text
@@ -154,6 +154,31 @@ async def test_other_targets_do_not_block_a_rollback(
     assert record["status"] == "rolled_back", record["error"]
     assert sorted(p.name for p in one.iterdir()) == []
     assert (two / "version").read_text() == "v1\n"
+
+
+async def test_a_rollback_whose_snapshot_was_pruned_is_refused_at_the_api(
+    center: InProcessCenter, tmp_path: Path
+) -> None:
+    http = center.http
+    app = tmp_path / "app"
+    app.mkdir()
+    v1 = await deploy_version(http, app, "v1", keep=1)
+    v2 = await deploy_version(http, app, "v2", keep=1)  # keeps only its own snapshot
+    undo2 = await http.post(f"/api/deploy/{v2}/rollback")
+    assert undo2.status_code == 202, undo2.text
+    record = await wait_finished(http, undo2.json()["deploy_id"])
+    assert record["status"] == "rolled_back", record["error"]
+    assert (app / "version").read_text() == "v1\n"
+    assert await live_on(http, app) == v1
+
+    # v1 is live again, but the snapshot taken before it is gone: refused at once.
+    refused = await http.post(f"/api/deploy/{v1}/rollback")
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert f"pruned when deployment {v2} succeeded" in error
+    assert "newest 1 snapshots" in error
+    assert (app / "version").read_text() == "v1\n"
+    assert (await http.get(f"/api/deploy/{v1}")).json()["rolled_back_by"] is None
 
 
 async def test_a_rollback_after_the_servers_deadline_shows_in_the_record(

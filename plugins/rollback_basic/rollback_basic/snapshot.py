@@ -387,6 +387,42 @@ async def discard_snapshot(
     )
 
 
+def _snapshot_path(record: dict[str, Any]) -> str | None:
+    """The directory a deployment's snapshot strategy covers (``None``: another strategy)."""
+    options = record["request"].get("rollback") or {}
+    if options.get("strategy") != "snapshot":
+        return None
+    state = record.get("rollback_state") or {}
+    path = state.get("path") or options.get("path")
+    return str(path) if path else None
+
+
+def snapshot_still_kept(record: dict[str, Any], later: list[dict[str, Any]]) -> str | None:
+    """Server side: whether the snapshot taken before ``record`` was pruned since.
+
+    Each later deployment that snapshotted the same directory adds a newer snapshot; each
+    that succeeded then kept only its ``keep`` newest.  ``record``'s is gone once a success
+    found at least ``keep`` snapshots newer than it.
+    """
+    path = _snapshot_path(record)
+    if path is None:
+        return None
+    newer = 0
+    for other in later:
+        if _snapshot_path(other) != path:
+            continue
+        if other.get("rollback_state"):
+            newer += 1
+        keep = int((other["request"].get("rollback") or {}).get("keep", 3))
+        if other["status"] == "success" and newer >= keep:
+            return (
+                f"its snapshot of {path} was pruned when deployment {other['deploy_id']} "
+                f"succeeded (it kept only the newest {keep} snapshots of {path}); restore "
+                "the directory another way"
+            )
+    return None
+
+
 SNAPSHOT = RollbackStrategy(
     name="snapshot",
     params=SnapshotParams,
@@ -395,4 +431,5 @@ SNAPSHOT = RollbackStrategy(
     discard=discard_snapshot,
     needs_state=True,
     description="snapshot the deploy directory before deploying; restore it exactly on rollback",
+    restorable=snapshot_still_kept,
 )
