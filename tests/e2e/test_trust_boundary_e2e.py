@@ -1,0 +1,199 @@
+"""The agent's trust boundary end to end (issue 10 §4): an agent running as root whose
+constraints set ``run_as`` (a real unprivileged user) and ``workdir_roots``.  Every path a
+plugin touches — a tar ``target_dir``, a snapshot ``path`` — is refused outside them before
+anything is written, and a script (running as that user) that swaps a symlink to a root-only
+directory into a path the agent later works on cannot make the agent touch that directory.
+
+Real server and agent processes, real QUIC, real files; needs root (to switch users) and
+the deploy-tar and rollback-basic plugins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pwd
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import missing_part
+
+from deploy_core.testing import DeployCenter
+
+AGENT = "bounded"
+USER = "nobody"
+INSTALL = '#!/bin/sh\nid -un > "$TARGET_DIR/installed-by"\n'
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                out[str(path)] = f"link {os.readlink(path)}"
+            elif path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                out[str(path)] = f"dir {path.lstat().st_mode:o}"
+    return out
+
+
+def build(path: Path, files: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755 if name.endswith(".sh") else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Path]:
+    """A directory every user may enter, holding ``apps`` (the only root, owned by the
+    run-as user) and a root-only ``decoy`` standing for /etc, /root and the like."""
+    if os.geteuid() != 0:
+        missing_part("an agent with run_as must run as root")
+    user = pwd.getpwnam(USER)
+    base = Path(tempfile.mkdtemp(prefix="trust-boundary-"))
+    base.chmod(0o755)
+    apps = base / "apps"
+    apps.mkdir()
+    os.chown(apps, user.pw_uid, user.pw_gid)
+    decoy = base / "decoy"
+    (decoy / "releases" / "old" / "etc").mkdir(parents=True)
+    (decoy / "releases" / "old" / "etc" / "shadow").write_text("root:secret\n")
+    (decoy / "keys").write_text("private\n")
+    decoy.chmod(0o700)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.fixture(scope="module")
+def center(site: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
+    config = f'[constraints]\nrun_as = "{USER}"\nworkdir_roots = ["{site / "apps"}"]\n'
+    c = DeployCenter(tmp_path_factory.mktemp("trust"))
+    try:
+        c.start_server()
+        c.start_agent(AGENT, config=config)
+        kinds = next(x for x in c.api.clients() if x["client_id"] == AGENT)["capabilities"]
+        if "deploy.tar" not in kinds["deploy_types"]:
+            missing_part("deploy-tar must be installed")
+        if "snapshot" not in kinds["rollback_strategies"]:
+            missing_part("rollback-basic must be installed")
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def package(center: DeployCenter, site: Path) -> str:
+    built = build(site / "app.tar.gz", {"install.sh": INSTALL, "index.html": "v1\n"})
+    sha: str = center.api.upload_artifact(built)["sha256"]
+    return sha
+
+
+def deploy_tar(center: DeployCenter, sha: str, target: Path, **fields: object) -> dict:
+    body = {"client_id": AGENT, "artifact": sha, "target_dir": str(target), "timeout": 60}
+    accepted = center.api.deploy("tar", {**body, **fields})
+    return center.wait(accepted["deploy_id"], timeout=90)
+
+
+def test_a_tar_target_outside_the_roots_is_refused_before_anything_is_written(
+    center: DeployCenter, package: str, site: Path
+) -> None:
+    record = deploy_tar(center, package, site / "outside" / "app")
+    assert record["status"] == "failed"
+    # The release strategy's prepare (the default rollback) or the executor: either way,
+    # before anything is written.
+    assert record["error"].endswith(
+        f"refused by constraint workdir_roots: tar target_dir {site}/outside/app is outside "
+        f"the allowed roots {site}/apps"
+    )
+    assert not (site / "outside").exists()
+
+
+def test_a_tar_target_the_run_as_user_could_not_write_is_refused(
+    center: DeployCenter, package: str, site: Path
+) -> None:
+    closed = site / "apps" / "root-owned"
+    closed.mkdir(exist_ok=True)  # root's, 0755: inside the roots, not the user's to write
+    record = deploy_tar(center, package, closed / "app")
+    assert record["status"] == "failed"
+    assert (
+        f"refused by constraint run_as: tar target_dir {closed}/app: {USER} " in (record["error"])
+    )
+    assert "cannot create entries in" in record["error"]
+    assert list(closed.iterdir()) == []
+
+
+def test_a_snapshot_path_outside_the_roots_is_refused_before_the_script_runs(
+    center: DeployCenter, site: Path
+) -> None:
+    marker = site / "apps" / "ran"
+    deploy_id = center.deploy_shell(
+        AGENT,
+        f"touch {marker}",
+        workdir=str(site / "apps"),
+        rollback={"strategy": "snapshot", "path": str(site / "decoy")},
+    )
+    record = center.wait(deploy_id, timeout=60)
+    assert record["status"] == "failed"
+    assert "refused by constraint workdir_roots: snapshot path" in record["error"]
+    assert not marker.exists()
+
+
+def test_inside_the_roots_a_tar_deployment_runs_as_the_user(
+    center: DeployCenter, package: str, site: Path
+) -> None:
+    target = site / "apps" / "web"
+    target.mkdir(exist_ok=True)
+    user = pwd.getpwnam(USER)
+    os.chown(target, user.pw_uid, user.pw_gid)
+    record = deploy_tar(center, package, target)
+    assert record["status"] == "success", record["error"]
+    assert (target / "installed-by").read_text().strip() == USER
+    assert (target / "current" / "index.html").read_text() == "v1\n"
+
+
+def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_it(
+    center: DeployCenter, package: str, site: Path
+) -> None:
+    target = site / "apps" / "web"
+    if not (target / "current").exists():
+        test_inside_the_roots_a_tar_deployment_runs_as_the_user(center, package, site)
+    decoy = site / "decoy"
+    before = fingerprint(decoy)
+
+    # The user's script replaces releases/ (in its own target directory) with a link to the
+    # root-only directory; the next deployment would prune there (keep_releases=1).
+    swap = center.deploy_shell(
+        AGENT, f"mv releases releases.mine && ln -s {decoy}/releases releases", workdir=str(target)
+    )
+    assert center.wait(swap, timeout=60)["status"] == "success"
+    record = deploy_tar(center, package, target, keep_releases=1)
+    # Refused, and so is the default rollback that would switch ``current`` back in there.
+    assert record["status"] in ("failed", "rollback_failed"), record
+    assert f"{target}/releases exists and is not a directory (a symlink" in record["error"]
+    assert fingerprint(decoy) == before
+
+    # It then replaces the whole target directory with a link to the root-only directory.
+    swap = center.deploy_shell(
+        AGENT, f"mv {target} {target}.mine && ln -s {decoy} {target}", workdir=str(site / "apps")
+    )
+    assert center.wait(swap, timeout=60)["status"] == "success"
+    record = deploy_tar(center, package, target, keep_releases=1)
+    assert record["status"] in ("failed", "rollback_failed"), record
+    assert (
+        f"refused by constraint workdir_roots: tar target_dir {target} (resolves to {decoy})"
+        in record["error"]
+    )
+    assert fingerprint(decoy) == before
