@@ -195,6 +195,7 @@ class ProcessTracker:
         records = list(records)
         found = {pid: info for r in records for pid, info in _find(r).items()}
         if not found:
+            self.forget(records)
             return []
         for pid in found:
             _signal(pid, signal.SIGTERM)
@@ -211,9 +212,7 @@ class ProcessTracker:
             for pid in left:
                 _signal(pid, signal.SIGKILL)
             time.sleep(POLL)
-        for r in records:
-            if r.cgroup and self.hierarchy is not None and self.hierarchy.owns(Path(r.cgroup)):
-                self.hierarchy.remove(Path(r.cgroup))
+        self.forget(records)
         return [f"{pid} ({info.comm})" for pid, info in sorted(found.items())]
 
     def forget(self, records: Iterable[RunRecord]) -> None:
@@ -232,7 +231,8 @@ class ProcessTracker:
         me, my_sid, reaped = os.getpid(), os.getsid(0), 0
         table = proctable.processes()
         now = {(i.pid, i.start_ticks) for i in table if not i.zombie}
-        self._left &= now  # what finished runs left and has ended since
+        # What finished runs left and has ended since (in place: runs add to it meanwhile).
+        self._left -= {entry for entry in self._left if entry not in now}
         for info in table:
             if (
                 info.ppid == me
