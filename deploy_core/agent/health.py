@@ -43,8 +43,13 @@ async def run_check(
             error = await asyncio.wait_for(
                 check.probe(params, ctx), min(params.attempt_timeout, left)
             )
-        except TimeoutError:
-            error = f"attempt timed out after {min(params.attempt_timeout, left):g}s"
+        except TimeoutError:  # say which limit fired: the attempt's, or the check's overall
+            error = (
+                f"attempt timed out after {params.attempt_timeout:g}s"
+                if params.attempt_timeout <= left
+                else f"attempt stopped at the overall timeout of {params.timeout:g}s "
+                f"(after {left:.3g}s; the attempt timeout is {params.attempt_timeout:g}s)"
+            )
         except Exception as exc:  # a probe bug is a failed check, not a crashed agent
             error = f"{type(exc).__name__}: {exc}"
         response_time = time.monotonic() - attempt_started
