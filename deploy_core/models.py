@@ -163,6 +163,17 @@ class LogLine(WireModel):
     line: str = Field(max_length=8192)
 
 
+class LogBlock(WireModel):
+    """Consecutive lines of one stream and stage, joined by newlines: how an agent sends a
+    lot of output cheaply (a server splits it back into lines).  Sent only to a server that
+    announced a log budget (``DeployCommand.log_budget_bytes``), which knows this model."""
+
+    ts: float = Field(default_factory=now)
+    stream: str = Field("stdout", max_length=32)
+    stage: str = Field("", max_length=64)
+    text: str = Field(max_length=256 * 1024, description="lines of at most 8192 characters")
+
+
 class DeployStatusReport(WireModel):
     """A ``deploy.status`` event: one stage transition or progress step (SPEC deploy-04).
 
@@ -178,6 +189,11 @@ class DeployStatusReport(WireModel):
     stage: str = Field("", max_length=64)
     message: str = Field("", max_length=4096)
     logs: list[LogLine] = Field(default_factory=list, max_length=1000)
+    log_blocks: list[LogBlock] = Field(
+        default_factory=list,
+        max_length=256,
+        description="more lines, in blocks, after those in logs (newer agents)",
+    )
     timestamp: float = Field(default_factory=now)
     seq: int = Field(ge=0)
 

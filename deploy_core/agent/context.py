@@ -169,6 +169,19 @@ class DeployContext:
         """Send one line of output to the server, tagged with the current stage."""
         self._reporter.log(LogLine(stream=stream, stage=self._stage, line=self.mask(line)[:8192]))
 
+    def log_lines(self, lines: list[str], *, stream: str = "stdout") -> None:
+        """Send many lines of one stream at once (a chunk of a script's output): as one
+        block when the reporter and the server can take it, else line by line."""
+        block = getattr(self._reporter, "log_lines", None)
+        if block is None or self.command.log_budget_bytes is None:  # an older server
+            for line in lines:
+                self.log(line, stream=stream)
+            return
+        if self._secrets:
+            # Whole, so a multi-line secret is masked across the line breaks too.
+            lines = self.mask("\n".join(lines)).split("\n")
+        block(stream[:32], self._stage[:64], lines)
+
     def mask(self, text: str) -> str:
         """``text`` with every secret value of the deployment replaced by ``***``: each
         value whole, and each line of a multi-line value (a PEM key), so neither a text
@@ -310,8 +323,8 @@ class DeployContext:
         """Run ``argv``; with ``confine`` (the run's name) as the run-as user, under the
         limits, and with a failure a limit explains said so in the stderr tail."""
 
-        def on_line(stream: str, line: str) -> None:
-            self.log(line, stream=stream_prefix + stream)
+        def on_lines(stream: str, lines: list[str]) -> None:
+            self.log_lines(lines, stream=stream_prefix + stream)
 
         # Never past the deadline, but give a step at least a second to report itself.
         step_timeout, timeout = timeout, min(timeout, max(self.remaining(), 1.0))
@@ -324,7 +337,7 @@ class DeployContext:
                     timeout=timeout,
                     cwd=cwd,
                     env=self.script_env(env, run_as=False),
-                    on_line=on_line,
+                    on_lines=on_lines,
                     output_budget=budget,
                     pace=self._pace(),
                     tracking=self._processes.start_run(self.deploy_id, run_name),
@@ -344,7 +357,7 @@ class DeployContext:
                     timeout=timeout,
                     cwd=cwd,
                     env=self.script_env(env),
-                    on_line=on_line,
+                    on_lines=on_lines,
                     tail_bytes=min(DEFAULT_TAIL_BYTES, output_bytes or DEFAULT_TAIL_BYTES),
                     confinement=confinement,
                     output_budget=budget,

@@ -37,6 +37,8 @@ DRAIN_AFTER_EXIT = 0.5
 KILL_GRACE = 2.0
 
 LineSink = Callable[[str, str], None]
+# Called with a stream's name and a chunk's worth of its lines at once.
+LinesSink = Callable[[str, list[str]], None]
 # Awaited by the pump after each chunk it turned into lines: where back-pressure enters.
 Pace = Callable[[], Awaitable[None]]
 
@@ -147,23 +149,34 @@ class OutputBudget:
         self._kept: deque[tuple[str, bytes]] = deque()
         self._kept_bytes = 0
 
-    def admit(self, stream: str, raw: bytes, on_line: LineSink) -> bool:
-        """Stream one line if it fits; ``False`` once the limit is reached (the line is
-        then the caller's to :meth:`drop`)."""
+    def admit(self, stream: str, raws: list[bytes], sink: LinesSink) -> int:
+        """Stream as many of ``raws`` (whole lines, without their newlines) as fit, in one
+        call of ``sink``; returns how many.  The rest is the caller's to :meth:`drop`."""
+        if not raws:
+            return 0
         if self.left is None:
-            on_line(stream, _line_text(raw))
-            return True
-        size = len(raw) + 1
-        if not self.spent and size <= self.left:
+            sink(stream, _texts(raws))
+            return len(raws)
+        count, size = len(raws), sum(map(len, raws)) + len(raws)
+        if self.spent:
+            count, size = 0, 0
+        elif size > self.left:  # the limit falls inside: up to the line that does not fit
+            count, size = 0, 0
+            for raw in raws:
+                if size + len(raw) + 1 > self.left:
+                    break
+                size += len(raw) + 1
+                count += 1
+        if count:
             self.left -= size
             self.streamed += size
-            on_line(stream, _line_text(raw))
-            return True
-        self.spent = True
-        if not self.tail_bytes and not self._marked:
-            self._marked = True
-            on_line(stream, f"[output truncated after {self.limit} bytes]")
-        return False
+            sink(stream, _texts(raws[:count]))
+        if count < len(raws):
+            self.spent = True
+            if not self.tail_bytes and not self._marked:
+                self._marked = True
+                sink(stream, [f"[output truncated after {self.limit} bytes]"])
+        return count
 
     def drop(self, stream: str, data: bytes) -> None:
         """Output past the limit: counted, and its last ``tail_bytes`` kept."""
@@ -176,14 +189,14 @@ class OutputBudget:
         while self._kept_bytes - len(self._kept[0][1]) >= self.tail_bytes:
             self._kept_bytes -= len(self._kept.popleft()[1])
 
-    def finish(self, on_line: LineSink) -> None:
+    def finish(self, sink: LinesSink) -> None:
         """The run is over: send the marker and the kept tail, if anything was dropped."""
         if not self.dropped:
             return
         if not self.tail_bytes:
             if not self._marked:
                 self._marked = True
-                on_line("agent", f"[output truncated after {self.limit} bytes]")
+                sink("agent", [f"[output truncated after {self.limit} bytes]"])
             return
         segments = _merge(self._kept, self._kept_bytes - self.tail_bytes)
         kept = sum(len(data) for _, data in segments)
@@ -196,23 +209,29 @@ class OutputBudget:
             f"[output truncated: {self.dropped - kept} bytes left out after the first "
             f"{self.streamed} bytes (the deployment's log budget); the last {kept} bytes follow]"
         )
-        self._send(on_line, "agent", marker)
+        self._send(sink, "agent", [marker])
         for stream, data in segments:
-            lines = data.split(b"\n")
-            if lines and not lines[-1]:
-                lines.pop()
-            for raw in lines:
-                self._send(on_line, stream, _line_text(raw))
+            raws = data.split(b"\n")
+            if raws and not raws[-1]:
+                raws.pop()
+            self._send(sink, stream, _texts(raws))
         self._kept.clear()
         self._kept_bytes = 0
 
-    def _send(self, on_line: LineSink, stream: str, line: str) -> None:
-        self.sent_after += len(line.encode()) + 1
-        on_line(stream, line)
+    def _send(self, sink: LinesSink, stream: str, lines: list[str]) -> None:
+        if lines:
+            self.sent_after += sum(len(line.encode()) + 1 for line in lines)
+            sink(stream, lines)
 
 
-def _line_text(raw: bytes) -> str:
-    return raw[: MAX_LINE_CHARS * 4].decode("utf-8", errors="replace")[:MAX_LINE_CHARS]
+def _texts(raws: list[bytes]) -> list[str]:
+    """Lines as text: one decode for them all, each cut to :data:`MAX_LINE_CHARS`."""
+    if max(map(len, raws)) > MAX_LINE_CHARS * 4:  # decode no more of a huge line than shown
+        raws = [raw[: MAX_LINE_CHARS * 4] for raw in raws]
+    lines = b"\n".join(raws).decode("utf-8", errors="replace").split("\n")
+    if max(map(len, lines)) > MAX_LINE_CHARS:
+        lines = [line[:MAX_LINE_CHARS] for line in lines]
+    return lines
 
 
 def _merge(chunks: deque[tuple[str, bytes]], skip: int) -> list[tuple[str, bytes]]:
@@ -253,24 +272,37 @@ class _Tail:
         return self.buf.decode("utf-8", errors="replace")
 
 
+def _per_line(on_line: LineSink | None) -> LinesSink | None:
+    if on_line is None:
+        return None
+    line_sink = on_line
+
+    def sink(stream: str, lines: list[str]) -> None:
+        for line in lines:
+            line_sink(stream, line)
+
+    return sink
+
+
 async def _pump(
     reader: asyncio.StreamReader,
     tail: _Tail,
     stream: str,
-    on_line: LineSink | None,
+    sink: LinesSink | None,
     budget: OutputBudget,
     pace: Pace | None,
 ) -> None:
-    """Read one stream to its end: into the tail, and line by line into ``on_line`` while
-    the budget lasts.  ``pace`` is awaited after each chunk that produced lines, so a
-    reporter with no room stops the reading (and the child blocks on its full pipe)."""
+    """Read one stream to its end: into the tail, and the complete lines of each chunk
+    into ``sink`` while the budget lasts.  ``pace`` is awaited after each chunk that
+    produced lines, so a reporter with no room stops the reading (and the child blocks on
+    its full pipe)."""
     pending = b""
     while True:
         chunk = await reader.read(READ_BYTES)
         if not chunk:
             break
         tail.write(chunk)
-        if on_line is None:
+        if sink is None:
             continue
         if budget.spent:
             budget.drop(stream, pending + chunk)
@@ -278,23 +310,17 @@ async def _pump(
             continue
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        for index, raw in enumerate(lines):
-            if not budget.admit(stream, raw, on_line):
-                budget.drop(stream, b"\n".join([*lines[index:], pending]))
-                pending = b""
-                break
-        else:
-            if len(pending) > MAX_LINE_CHARS:  # one overlong line: its start only
-                if not budget.admit(stream, pending, on_line):
-                    budget.drop(stream, pending)
-                pending = b""
+        admitted = budget.admit(stream, lines, sink)
+        if admitted < len(lines):
+            budget.drop(stream, b"\n".join([*lines[admitted:], pending]))
+            pending = b""
+        elif len(pending) > MAX_LINE_CHARS:  # one overlong line: its start only
+            if not budget.admit(stream, [pending], sink):
+                budget.drop(stream, pending)
+            pending = b""
         if pace is not None:
             await pace()
-    if (
-        pending
-        and on_line is not None
-        and (budget.spent or not budget.admit(stream, pending, on_line))
-    ):
+    if pending and sink is not None and (budget.spent or not budget.admit(stream, [pending], sink)):
         budget.drop(stream, pending)
 
 
@@ -395,6 +421,7 @@ async def run_process(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     on_line: LineSink | None = None,
+    on_lines: LinesSink | None = None,
     tail_bytes: int = DEFAULT_TAIL_BYTES,
     kill_grace: float = KILL_GRACE,
     confinement: Confinement | None = None,
@@ -411,7 +438,8 @@ async def run_process(
     cgroup, or as orphans re-parented to the agent; see :mod:`deploy_core.agent.tracking`).
     When it exits by itself, what it left running (a service) stays.  ``env`` replaces the
     environment entirely when given.  ``on_line(stream, line)`` is called for each
-    stdout/stderr line.
+    stdout/stderr line, or ``on_lines(stream, lines)`` once for the complete lines of each
+    chunk read (far cheaper for a script that prints a lot).
 
     :param confinement: the user, rlimits and cgroup the child runs under.
     :param output_limit: at most this many bytes of output go to ``on_line``; after them one
@@ -437,9 +465,10 @@ async def run_process(
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Tail(tail_bytes), _Tail(tail_bytes)
     budget = output_budget if output_budget is not None else OutputBudget(output_limit)
+    sink = on_lines if on_lines is not None else _per_line(on_line)
     pumps = [
-        asyncio.ensure_future(_pump(proc.stdout, out, "stdout", on_line, budget, pace)),
-        asyncio.ensure_future(_pump(proc.stderr, err, "stderr", on_line, budget, pace)),
+        asyncio.ensure_future(_pump(proc.stdout, out, "stdout", sink, budget, pace)),
+        asyncio.ensure_future(_pump(proc.stderr, err, "stderr", sink, budget, pace)),
     ]
     timed_out = False
     try:
@@ -456,8 +485,8 @@ async def run_process(
         for pump in pumps:
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-        if on_line is not None:
-            budget.finish(on_line)
+        if sink is not None:
+            budget.finish(sink)
         if proc.returncode is None:  # cancelled from outside: leave nothing running
             run.kill_now()
             _kill_group(proc.pid, signal.SIGKILL)

@@ -6,20 +6,30 @@ of the current status when the batch is full (:data:`MAX_BATCH_LINES` lines or
 holds more than :data:`MAX_UNACKED_BYTES` the server has not acknowledged,
 :meth:`OutboxReporter.wait_for_room` waits: a script's output is read no faster than the
 server takes it.
+
+A script's output arrives a chunk at a time (:meth:`OutboxReporter.log_lines`) and travels as
+:class:`~deploy_core.models.LogBlock` objects, one string for many lines, so a line costs the
+agent and the server a split and a join, not a model of its own.  Once a batch holds a block, the
+single lines of the batch travel as blocks too, so their order is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from deploy_core.agent.journal import Journal
-from deploy_core.models import EVENT_STATUS, DeployStatus, DeployStatusReport, LogLine
+from deploy_core.models import EVENT_STATUS, DeployStatus, DeployStatusReport, LogBlock, LogLine
 
-# A report carries at most 1000 lines (DeployStatusReport.logs).
+# A report carries at most 1000 lines (DeployStatusReport.logs) and 256 blocks.
 MAX_BATCH_LINES = 1000
+MAX_BATCH_BLOCKS = 200
 MAX_BATCH_BYTES = 64 * 1024
 # Bytes each line adds to a report beyond its text (timestamp, stream, stage, JSON).
 LINE_OVERHEAD = 64
@@ -48,7 +58,9 @@ class OutboxReporter:
         self.wake = wake
         self.flush_interval = flush_interval
         self.max_unacked_bytes = max_unacked_bytes
-        self._lines: list[LogLine] = []
+        # The batch: single lines and blocks (their JSON form), in the order they came.
+        self._lines: list[LogLine | dict[str, Any]] = []
+        self._blocks = 0
         self._bytes = 0
         self._last = (DeployStatus.PENDING, 0, "", "")
         self._flusher: asyncio.TimerHandle | None = None
@@ -62,7 +74,38 @@ class OutboxReporter:
         """Batch one log line."""
         self._lines.append(line)
         self._bytes += len(line.line) + LINE_OVERHEAD
-        if len(self._lines) >= MAX_BATCH_LINES or self._bytes >= MAX_BATCH_BYTES:
+        self._added()
+
+    def log_lines(self, stream: str, stage: str, lines: list[str]) -> None:
+        """Batch many lines of one stream as blocks of at most :data:`MAX_BATCH_BYTES`.
+
+        Only for a server that knows :class:`~deploy_core.models.LogBlock` (one that sent a
+        log budget with the command)."""
+        # Where each line ends in the joined text (newline included): C-level loops only.
+        ends = list(itertools.accumulate(map(len, lines), lambda total, n: total + n + 1))
+        start = 0
+        done = -1  # ends[] position of the text already batched (minus the newline)
+        while start < len(lines):
+            room = MAX_BATCH_BYTES - self._bytes - LINE_OVERHEAD
+            stop = bisect.bisect_right(ends, (ends[start - 1] if start else done) + room, start)
+            if stop == start:
+                if self._lines:
+                    self.flush()
+                    continue
+                stop = start + 1  # one line longer than a whole batch
+            text = "\n".join(lines[start:stop])
+            self._lines.append({"ts": time.time(), "stream": stream, "stage": stage, "text": text})
+            self._blocks += 1
+            self._bytes += len(text) + LINE_OVERHEAD
+            start = stop
+            self._added()
+
+    def _added(self) -> None:
+        if (
+            len(self._lines) >= MAX_BATCH_LINES
+            or self._blocks >= MAX_BATCH_BLOCKS
+            or self._bytes >= MAX_BATCH_BYTES
+        ):
             self.flush()
         elif self._flusher is None:
             with contextlib.suppress(RuntimeError):  # no running loop: flushed by the next report
@@ -90,6 +133,20 @@ class OutboxReporter:
             self._flusher.cancel()
             self._flusher = None
         lines, self._lines, self._bytes = self._lines, [], 0
+        logs: list[LogLine] = []
+        blocks: list[LogBlock] = []
+        if self._blocks:
+            blocks = [
+                LogBlock.model_construct(**entry)
+                if isinstance(entry, dict)
+                else LogBlock.model_construct(
+                    ts=entry.ts, stream=entry.stream, stage=entry.stage, text=entry.line
+                )
+                for entry in lines
+            ]
+        else:
+            logs = [entry for entry in lines if isinstance(entry, LogLine)]
+        self._blocks = 0
         report = DeployStatusReport(
             deploy_id=self.deploy_id,
             command_type=self.command_type,
@@ -97,7 +154,8 @@ class OutboxReporter:
             progress=progress,
             stage=stage,
             message=message[:4096],
-            logs=lines,
+            logs=logs,
+            log_blocks=blocks,
             seq=0,  # replaced by the journal's sequence number
         )
         self.journal.enqueue_report(

@@ -40,9 +40,20 @@ from deploy_core.server.targets import TargetRecords
 LOCK_GRACE = 60.0
 DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
 LOG_COLUMNS = ("deploy_id", "ts", "stream", "stage", "line")
+# LogLine.line's limit, which lines of a LogBlock are held to as well.
+MAX_LINE_CHARS = 8192
 TRUNCATION_MARKER = (
     "[log truncated: this deployment reached its limit of {limit} bytes; further output is dropped]"
 )
+
+
+def _block_lines(text: str) -> list[str]:
+    """A :class:`~deploy_core.models.LogBlock`'s lines, each at most as long as a
+    :class:`~deploy_core.models.LogLine` may be."""
+    lines = text.split("\n")
+    if max(map(len, lines)) > MAX_LINE_CHARS:
+        lines = [line[:MAX_LINE_CHARS] for line in lines]
+    return lines
 
 
 class ClientBusy(Exception):
@@ -350,7 +361,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 "agent",
                 report.timestamp,
             )
-            if report.logs:
+            if report.logs or report.log_blocks:
                 self._store_logs(conn, record, report)
             return Applied(moved, self._get(conn, report.deploy_id), previous)
 
@@ -366,13 +377,22 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         used = 0
         truncated = False
         deploy_id = report.deploy_id
-        for line in report.logs:
-            size = len(line.line.encode())
-            if used + size > budget:
-                truncated = True
-                break
-            used += size
-            rows.append((deploy_id, line.ts, line.stream, line.stage, line.line))
+        entries = [(line.ts, line.stream, line.stage, [line.line]) for line in report.logs]
+        entries += [(b.ts, b.stream, b.stage, _block_lines(b.text)) for b in report.log_blocks]
+        for ts, stream, stage, lines in entries:
+            size = sum(map(len, map(str.encode, lines)))
+            if used + size <= budget:
+                used += size
+                rows += [(deploy_id, ts, stream, stage, line) for line in lines]
+                continue
+            for line in lines:  # the limit falls inside: up to the line that does not fit
+                size = len(line.encode())
+                if used + size > budget:
+                    break
+                used += size
+                rows.append((deploy_id, ts, stream, stage, line))
+            truncated = True
+            break
         if truncated:
             marker = TRUNCATION_MARKER.format(limit=self.max_log_bytes)
             rows.append((deploy_id, time.time(), "server", report.stage, marker))
