@@ -132,7 +132,7 @@ def good_tar_gz() -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         for info, data in (file("a", b"x" * 3000), file("b", b"y" * 3000)):
-            tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, io.BytesIO(data or b""))
     return out.getvalue()
 
 
@@ -140,7 +140,7 @@ def random_tar_gz() -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         info, data = file("random", random.Random(1).randbytes(20_000))
-        tar.addfile(info, io.BytesIO(data))
+        tar.addfile(info, io.BytesIO(data or b""))
     return out.getvalue()
 
 
@@ -210,7 +210,9 @@ class Site:
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)
                 st = os.lstat(path)
-                extra = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+                extra: str | bytes | None = None
+                if stat.S_ISLNK(st.st_mode):
+                    extra = os.readlink(path)
                 if stat.S_ISREG(st.st_mode):
                     extra = Path(path).read_bytes()
                 rel = os.path.relpath(path, self.root)
