@@ -26,7 +26,7 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy_tar.rules import (
@@ -105,17 +105,12 @@ def extract_archive(
         with open_archive(path, limits) as archive:
             archive.reader.on_read = report.stream_at
             checker = MemberRules(limits, archive.ratio)
-
-            def checked() -> Iterator[tarfile.TarInfo]:
-                for member in archive.members():
-                    checker.check(member)
-                    report.begin(member)
-                    yield member  # written before the next one is parsed
-                    report.end()
-
             writer = _ReleaseWriter(archive.tar, staging)
-            for member in checked():
+            for member in archive.members():  # each written before the next one is parsed
+                checker.check(member)
+                report.begin(member)
                 writer.write(member)
+                report.end()
             writer.finish()
             archive.finish()
             extracted = checker.finish()
