@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import h11
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,18 @@ class LimitedH11Protocol(H11Protocol):
                 )
                 await self._refuse(send)
                 return
-        await self._app(scope, receive, send)
-        if (scope.get("state") or {}).get("caller") is not None:
-            self.authenticated = True  # TokenAuth let this request through
+
+        async def send_marking(message: Message) -> None:
+            # TokenAuth has run once the answer starts: a long answer (a followed log) must
+            # not keep counting its connection as a stranger's.
+            if (
+                message["type"] == "http.response.start"
+                and (scope.get("state") or {}).get("caller") is not None
+            ):
+                self.authenticated = True
+            await send(message)
+
+        await self._app(scope, receive, send_marking)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps(
