@@ -206,6 +206,7 @@ class _ReleaseWriter:
             raise self._refuse(member, "already exists; not replaced") from None
         with source, open(fd, "wb") as out:
             shutil.copyfileobj(source, out, _COPY_CHUNK)
+            out.flush()  # before the time is set: a later write would move it
             os.fchmod(fd, member.mode & 0o777)
             os.utime(fd, (member.mtime, member.mtime))
 

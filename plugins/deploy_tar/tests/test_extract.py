@@ -681,6 +681,12 @@ def test_package_extracts_with_tree_links_and_modes(site: Site, archives: Path) 
     assert os.listdir(dest / "var/empty") == []
     assert (dest / "docs/a/b/c/guide.txt").read_text() == "guide\n"
     assert (dest / "current-lib" / "tool").is_file()
+    # times as packaged: files and directories, and the symlink itself, not its target
+    assert os.lstat(dest / "docs/a/b/c/guide.txt").st_mtime == 1_700_000_000
+    assert os.lstat(dest / "install.sh").st_mtime == 1_700_000_000
+    assert os.lstat(dest / "var/empty").st_mtime == 0
+    assert os.lstat(dest / "bin/tool").st_mtime == 0
+    assert os.lstat(dest / "lib/tool").st_mtime == 1_700_000_000
 
 
 def test_scan_counts_members_and_writes_nothing(site: Site, archives: Path) -> None:
