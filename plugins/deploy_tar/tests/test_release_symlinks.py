@@ -10,15 +10,18 @@ import asyncio
 import hashlib
 import os
 import shutil
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
-from conftest import ContextFactory
+from conftest import ContextFactory, LocalArtifacts
 
 from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
 from deploy_core.agent.context import DeployFailed
+from deploy_core.models import DeployStatus
 from deploy_tar.deploy import deploy_release
 from deploy_tar.extract import scan_archive
 from deploy_tar.params import TarParams
@@ -284,3 +287,29 @@ async def test_a_cancelled_pre_scan_stops_its_thread_before_the_timeout_is_heard
         await asyncio.wait_for(run_bounded(scan, budget), 0.5)
     assert finished.is_set()  # the thread is done, not still resolving links
     assert budget.cancelled and budget.used > 0
+
+
+async def test_a_timed_out_deployment_leaves_no_thread_scanning(
+    tar_context: ContextFactory, artifacts: LocalArtifacts, tmp_path: Path
+) -> None:
+    sha = artifacts.add(link_maze(tmp_path / "maze.tar", links=20000))
+    fields = {"artifact": sha, "target_dir": str(tmp_path / "app"), "timeout": 1}
+    ctx, _ = tar_context(fields)
+
+    with pytest.raises(DeployFailed) as caught:
+        await deploy_release(ctx, TarParams.model_validate(fields))
+
+    assert caught.value.status == DeployStatus.TIMEOUT
+    assert "extraction did not finish within the deployment's timeout of 1 s" in str(caught.value)
+    # The deployment is over: no thread of it is still resolving the maze's links.
+    working = {"scan_archive", "extract_archive", "_check_resolves"}
+    for frame in sys._current_frames().values():
+        names = {f.f_code.co_name for f in _stack(frame)}
+        assert not names & working, names
+    assert not list((tmp_path / "app" / "releases").iterdir())
+
+
+def _stack(frame: FrameType | None) -> Iterator[FrameType]:
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
