@@ -170,6 +170,11 @@ async def continue_cascade(server: DeployServer, rollback: dict[str, Any]) -> No
         log.warning("cascade stopped: deployment %s no longer exists", rest[0])
         return
     try:
+        # Something deployed on the target while the chain ran is not undone either.
+        newer = await server.db(server.records.newer_in_place, record)
+        if newer:
+            raise RollbackSuperseded(record, newer)
+        await _check_restorable(server, record)
         nxt = await _submit_rollback(server, record, rest[1:])
     except (RollbackRefused, ClientBusy) as exc:
         log.warning("cascade stopped before %s: %s", rest[0], exc)
