@@ -197,3 +197,41 @@ def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_
         in record["error"]
     )
     assert fingerprint(decoy) == before
+
+
+def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
+    center: DeployCenter, site: Path
+) -> None:
+    user = pwd.getpwnam(USER)
+    parent = site / "apps" / "p"
+    app = parent / "site"
+    app.mkdir(parents=True)
+    (app / "index.html").write_text("v1\n")
+    for path in (parent, app, app / "index.html"):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    rollback = {"strategy": "snapshot", "path": str(app)}
+
+    # An ordinary failure as the user: restored exactly.
+    failed = center.deploy_shell(
+        AGENT, "echo v2 > index.html; touch new; exit 1", workdir=str(app), rollback=rollback
+    )
+    record = center.wait(failed, timeout=60)
+    assert record["status"] == "rolled_back", record
+    assert sorted(os.listdir(app)) == ["index.html"]
+    assert (app / "index.html").read_text() == "v1\n"
+
+    # The failing script swaps the snapshot path's parent for a link to a root-only
+    # directory that has a "site" too: the restore must not replace it.
+    decoy = site / "decoy"
+    (decoy / "site").mkdir(exist_ok=True)
+    before = fingerprint(decoy)
+    swap = f"cd {site}/apps && mv p p.mine && ln -s {decoy} p; exit 1"
+    record = center.wait(
+        center.deploy_shell(AGENT, swap, workdir=str(app), rollback=rollback), timeout=60
+    )
+    assert record["status"] == "rollback_failed", record
+    assert (
+        f"refused by constraint workdir_roots: snapshot path {app} (resolves to {decoy}/site)"
+        in record["rollback"]["error"]
+    )
+    assert fingerprint(decoy) == before

@@ -102,11 +102,11 @@ class SnapshotState(BaseModel):
 def _refuse_unsafe(ctx: DeployContext, path: str) -> Path:
     """The resolved ``path``, checked like every path a plugin works on as root
     (:meth:`DeployContext.check_path`: not ``/``, not in the agent's data directory, under
-    ``workdir_roots``, replaceable by the ``run_as`` user), and never holding the agent's
+    ``workdir_roots``, writable by the ``run_as`` user), and never holding the agent's
     data directory: the snapshots would contain themselves."""
     try:
         _check_path(path)
-        target = ctx.check_path(path, "snapshot path", access="replace")
+        target = ctx.check_path(path, "snapshot path", access="write")
     except (ValueError, DeployFailed) as exc:
         raise RollbackError(f"refusing to snapshot or restore {path}: {exc}") from exc
     data = ctx.data_dir.resolve()
