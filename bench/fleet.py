@@ -1,0 +1,383 @@
+"""The fleet benchmark (issue 13): N real agents in K worker processes against one
+``deployctl server`` on loopback, measured in one run.
+
+    python bench/fleet.py [--agents 200] [--procs 4] [--pg [URL]] [--artifact-agents M]
+
+Agent ``fleet-00000`` runs alone in a process of its own and is the one dispatch latency is
+measured on, first while it is the only agent connected, then with all N connected.  The
+other N-1 agents are spread over ``--procs`` workers (``bench/fleet_agents.py``), all enrolled
+with one join token made through the API.  Printed at the end, as a table:
+
+- seconds until all N are connected (``GET /api/clients`` polled);
+- server RSS per agent ((VmRSS with N connected - VmRSS with 1) / (N-1)) and the server's
+  CPU over 10 idle seconds (/proc/PID/stat utime+stime), the workers' beside it;
+- dispatch p50/p99 of ``true`` (POST to terminal status through the waiting API), 1 vs N;
+- ``true`` on all N agents from 8 POSTing threads: seconds until the last finished, by status;
+- optionally a package (default 50 MB) through the artifact store to M agents;
+- ``kill -9`` of the server and a restart on the same state dir and ports: seconds until all
+  N are back, and what the agents logged meanwhile (refusals, "already enrolled").
+
+Exits 1 when something did not come up or finish (the table says what), 130 on Ctrl-C.
+Every process it starts is in a process group of its own and ended on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fleet_harness import Fleet, cpu_seconds, rss_kib
+from fleet_runs import (
+    dispatch_latency,
+    fan_out,
+    make_package,
+    percentiles,
+    worker_totals,
+)
+
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+SOLO = "fleet-00000"
+IDLE_WINDOW = 10.0
+
+
+class Report:
+    """Figures in the order measured, and what went wrong."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+        self.problems: list[str] = []
+        self.data: dict[str, Any] = {}
+
+    def add(self, key: str, label: str, value: Any, shown: str, target: str = "") -> None:
+        """One figure: ``value`` for the JSON, ``shown`` for the table."""
+        self.data[key] = value
+        self.rows.append((label, shown, target))
+        print(f"  {label}: {shown}", flush=True)
+
+    def problem(self, what: str) -> None:
+        """Something that did not come up or finish."""
+        self.problems.append(what)
+        print(f"  PROBLEM: {what}", flush=True)
+
+    def table(self) -> str:
+        """The figures as an aligned table."""
+        rows = [("figure", "measured", "issue 13 target"), *self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _postgres_schema(url: str) -> tuple[str, Any]:
+    """A fresh schema in ``url``'s database: the server's URL, and an engine to drop it."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
+    schema = f"fleet_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}", (engine, schema)
+
+
+def _drop_schema(handle: Any) -> None:
+    import sqlalchemy as sa
+
+    engine, schema = handle
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
+
+
+def measure_dispatch(fleet: Fleet, report: Report, args: argparse.Namespace, which: str) -> None:
+    """p50/p99 of `true` on the solo agent, recorded under ``which`` ("1" or "N")."""
+    times, failures = dispatch_latency(fleet.api, SOLO, args.samples, args.deploy_timeout)
+    for failure in failures[:3]:
+        report.problem(f"dispatch ({which} connected): {failure}")
+    if times:
+        p50, p99 = percentiles(times)
+        report.data[f"dispatch_{which}"] = {"p50": p50, "p99": p99, "samples": len(times)}
+        report.add(
+            f"dispatch_{which}_p50_p99",
+            f"dispatch `true`, {which} connected (p50 / p99, {len(times)} samples)",
+            [p50, p99],
+            f"{_ms(p50)} / {_ms(p99)}",
+            "1-agent p50 <= 10 ms" if which == "1" else "p99 <= 2x the 1-agent p99",
+        )
+
+
+def run(args: argparse.Namespace, root: Path, report: Report) -> None:
+    """Every phase, in order; a phase that cannot go on raises and the rest is skipped."""
+    db_url, schema = (None, None)
+    if args.pg:
+        db_url, schema = _postgres_schema(args.pg)
+    fleet = Fleet(root, db_url=db_url, keep_monitor=args.keep_monitor)
+    ids = [f"fleet-{i:05d}" for i in range(args.agents)]
+    try:
+        report.add("load_start", "load average at start (1/5/15 min)", _load(), _load())
+        fleet.start_server(60.0)
+        join_token = fleet.make_join_token(uses=args.agents)
+
+        # ---- one agent
+        fleet.start_worker("solo", [SOLO], join_token)
+        if fleet.wait_connected({SOLO}, 60.0, time.monotonic()) is None:
+            raise RuntimeError(f"{SOLO} did not connect in 60 s; see {root}/solo.log")
+        measure_dispatch(fleet, report, args, "1")
+        rss_one = rss_kib(fleet.server_pids())
+
+        # ---- N agents
+        rest = ids[1:]
+        started = time.monotonic()
+        for k in range(args.procs):
+            share = rest[k :: args.procs]
+            if share:
+                fleet.start_worker(f"worker-{k}", share, join_token)
+        took = fleet.wait_connected(set(ids), args.connect_timeout, started)
+        if took is None:
+            count = len(fleet.connected() & set(ids))
+            report.problem(f"only {count}/{len(ids)} connected after {args.connect_timeout:g} s")
+        else:
+            report.add(
+                "connect_s",
+                f"all {len(ids)} connected",
+                took,
+                f"{took:.1f} s",
+                "2,000 within 60 s",
+            )
+        time.sleep(2.0)  # let the last handshakes' bookkeeping settle
+        server_pids, worker_pids = fleet.server_pids(), fleet.worker_pids()
+        rss_all = rss_kib(server_pids)
+        per_agent = (rss_all - rss_one) / max(1, len(ids) - 1)
+        report.add(
+            "rss_per_agent_kib",
+            "server RSS per agent",
+            per_agent,
+            f"{per_agent:.0f} KiB ({rss_one / 1024:.0f} -> {rss_all / 1024:.0f} MiB)",
+            "<= 150 KiB",
+        )
+        cpu_server, cpu_workers = cpu_seconds(server_pids), cpu_seconds(worker_pids)
+        time.sleep(IDLE_WINDOW)
+        idle = (cpu_seconds(server_pids) - cpu_server) / IDLE_WINDOW * 100
+        idle_workers = (cpu_seconds(worker_pids) - cpu_workers) / IDLE_WINDOW * 100
+        report.add(
+            "idle_cpu_pct",
+            "idle server CPU (10 s)",
+            idle,
+            f"{idle:.1f} % of a core (agent workers: {idle_workers:.0f} %)",
+            "<= 10 %",
+        )
+        report.data["idle_workers_cpu_pct"] = idle_workers
+
+        measure_dispatch(fleet, report, args, "N")
+        one, many = report.data.get("dispatch_1"), report.data.get("dispatch_N")
+        if one and many:
+            ratio = many["p99"] / one["p99"]
+            report.add(
+                "dispatch_p99_ratio",
+                f"dispatch p99, {len(ids)} vs 1 connected",
+                ratio,
+                f"{ratio:.2f}x",
+                "<= 2x",
+            )
+
+        # ---- `true` everywhere
+        everywhere = fan_out(
+            fleet,
+            ids,
+            "shell",
+            lambda cid: {"client_id": cid, "script": "true"},
+            threads=args.threads,
+            timeout=args.deploy_timeout * 4,
+        )
+        report.add(
+            "true_all",
+            f"`true` on all {len(ids)} ({args.threads} threads)",
+            everywhere,
+            everywhere["summary"],
+            "1,000 success within 10 s",
+        )
+        if everywhere["statuses"].get("success", 0) != len(ids):
+            report.problem(f"`true` everywhere ended {everywhere['statuses']}")
+
+        # ---- a package to M agents
+        if args.artifact_agents:
+            package = make_package(root / "package.tar.gz", args.artifact_mb)
+            upload_started = time.monotonic()
+            sha = fleet.api.upload_artifact(package)["sha256"]
+            upload = time.monotonic() - upload_started
+            targets = ids[: args.artifact_agents]
+            shipped = fan_out(
+                fleet,
+                targets,
+                "tar",
+                lambda cid: {
+                    "client_id": cid,
+                    "artifact": sha,
+                    "target_dir": str(root / "targets" / cid),
+                },
+                threads=args.threads,
+                timeout=args.artifact_timeout,
+            )
+            total_mb = args.artifact_mb * shipped["statuses"].get("success", 0)
+            rate = total_mb / shipped["last_finished_s"] if shipped["last_finished_s"] else 0.0
+            report.add(
+                "artifact",
+                f"{args.artifact_mb} MB package to {len(targets)} (store)",
+                shipped,
+                f"{shipped['summary']}; {rate:.0f} MB/s in all; upload {upload:.1f} s",
+            )
+            if shipped["statuses"].get("success", 0) != len(targets):
+                report.problem(f"package deployments ended {shipped['statuses']}")
+
+        # ---- kill -9 and restart
+        before = worker_totals(fleet)
+        killed = time.monotonic()
+        fleet.kill_server()
+        api_up = fleet.start_server(60.0)
+        back = fleet.wait_connected(set(ids), args.connect_timeout, killed)
+        time.sleep(2.0)  # refusals logged around the last connections
+        after = worker_totals(fleet)
+        refusals = after["refusals"] - before["refusals"]
+        enrolled_again = after["already_enrolled"] - before["already_enrolled"]
+        refused_agents = sorted(set(after["refused_ids"]) - set(before["refused_ids"]))
+        if back is None:
+            count = len(fleet.connected() & set(ids))
+            report.problem(
+                f"after the restart only {count}/{len(ids)} came back in {args.connect_timeout:g} s"
+            )
+        else:
+            report.add(
+                "restart_back_s",
+                f"kill -9 + restart: all {len(ids)} back",
+                back,
+                f"{back:.1f} s after the kill (API up in {api_up:.1f} s)",
+                "all within 60 s",
+            )
+        report.add(
+            "restart_refusals",
+            "refusals agents logged during the restart",
+            refusals,
+            f"{refusals} ({enrolled_again} 'already enrolled'; {len(refused_agents)} agents)",
+            "0 refused",
+        )
+        report.data["initial_refusals"] = before["refusals"]
+        report.data["refused_agents"] = refused_agents
+        report.data["worker_log_categories"] = after["categories"]
+    finally:
+        report.add("load_end", "load average at the end (1/5/15 min)", _load(), _load())
+        dead = fleet.dead_workers()
+        if dead:
+            report.problem(f"workers exited early: {', '.join(dead)}")
+        crashed = worker_totals(fleet)["crashed"]
+        if crashed:
+            report.problem(f"{len(crashed)} agents crashed, e.g. {crashed[0]}")
+        fleet.close()
+        if schema is not None:
+            _drop_schema(schema)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--agents", type=int, default=200, help="N, at least 2 (default 200)")
+    parser.add_argument("--procs", type=int, default=4, help="worker processes (default 4)")
+    parser.add_argument(
+        "--pg",
+        nargs="?",
+        const=DEFAULT_PG,
+        default=None,
+        help=f"use PostgreSQL (a fresh schema, dropped at the end); default URL {DEFAULT_PG}",
+    )
+    parser.add_argument("--samples", type=int, default=40, help="dispatch samples per case")
+    parser.add_argument("--threads", type=int, default=8, help="POSTing threads")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for all agents (default 60 + 0.15 s per agent)",
+    )
+    parser.add_argument("--deploy-timeout", type=float, default=60.0, help="per deployment")
+    parser.add_argument(
+        "--artifact-agents", type=int, default=0, help="M: send a package to M agents (off)"
+    )
+    parser.add_argument("--artifact-mb", type=int, default=50, help="the package's size")
+    parser.add_argument("--artifact-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--keep-monitor",
+        action="store_true",
+        help="keep the docker monitor agent service on (off: N samplers on one docker daemon)",
+    )
+    parser.add_argument("--keep", type=Path, default=None, help="run in DIR and keep it")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    return parser
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    if args.agents < 2 or args.procs < 1 or args.samples < 1 or args.threads < 1:
+        raise SystemExit("--agents must be at least 2, --procs/--samples/--threads at least 1")
+    if args.connect_timeout is None:
+        args.connect_timeout = 60.0 + 0.15 * args.agents
+    args.artifact_agents = min(args.artifact_agents, args.agents)
+    signal.signal(signal.SIGTERM, _interrupt)
+    report = Report()
+    print(
+        f"fleet: {args.agents} agents in {args.procs}+1 processes, "
+        f"{'PostgreSQL' if args.pg else 'SQLite'}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    code = 0
+    with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
+        root = args.keep or Path(tmp)
+        print(f"  logs in {root}{'' if args.keep else ' (removed at the end; --keep DIR)'}")
+        try:
+            run(args, root, report)
+        except KeyboardInterrupt:
+            report.problem("interrupted")
+            code = 130
+        except Exception as exc:
+            report.problem(f"{type(exc).__name__}: {exc}")
+        categories: Counter[str] = Counter(report.data.get("worker_log_categories", {}))
+        if categories:
+            print("\nwhat the agents logged (transport messages and warnings), most first:")
+            for text, count in categories.most_common(12):
+                print(f"  {count:6d}  {text}")
+        if report.problems and args.keep is None:
+            log = root / "server.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(none)"
+            print(f"\nthe server's last lines:\n{tail}")
+    print(f"\n{report.table()}")
+    if args.json:
+        args.json.write_text(json.dumps(report.data, indent=2, default=str))
+    if report.problems:
+        print("\nNOT OK:\n  " + "\n  ".join(report.problems))
+        return code or 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

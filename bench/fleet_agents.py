@@ -1,0 +1,186 @@
+"""One worker process of ``bench/fleet.py``: many real :class:`Agent` objects in one event loop.
+
+Each agent has its own state directory, journal and QUIC connection, exactly as a lone
+``deployctl agent`` would; they only share the process, the plugins and the event loop.
+Every second the worker writes a JSON snapshot to ``--stats`` (atomically): how many of its
+agents are connected, and what its agents logged — refusals by the server (``already
+enrolled`` among them), enrolments, failed attempts — counted by a logging handler, with the
+ids of the agents that were refused.  SIGTERM or SIGINT stops the agents and ends the worker.
+
+    python bench/fleet_agents.py --server 127.0.0.1:PORT --ca CA --join-token-file F \\
+        --root DIR --stats FILE.json ID [ID ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import resource
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from deploy_core.agent import runtime
+from deploy_core.agent.runtime import Agent, AgentConfig
+from deploy_core.plugins import get_plugins
+
+# One agent per host scans /proc for orphans once a second.  A worker holds hundreds of
+# agents, whose scans (~8 ms each on this machine) would cost the worker whole cores that
+# no real host spends; `true` leaves no orphans, so the workers scan once a minute instead.
+FLEET_REAP_INTERVAL = 60.0
+STATS_EVERY = 1.0
+STOP_TIMEOUT = 30.0
+
+_CLIENT_ID = re.compile(r"\bfleet-\d+\b")
+_VOLATILE = [
+    (re.compile(r"\b[0-9a-f]{8,}\b"), "<hex>"),
+    (re.compile(r"\d+(\.\d+)?"), "<n>"),
+]
+
+
+def normalise(message: str) -> str:
+    """A log message with its ids and numbers replaced, so alike messages count together."""
+    text = _CLIENT_ID.sub("<id>", message.splitlines()[0] if message else "")
+    for pattern, placeholder in _VOLATILE:
+        text = pattern.sub(placeholder, text)
+    return text[:160]
+
+
+class OutcomeCounter(logging.Handler):
+    """Counts what the agents log: refusals (and which agents), enrolments, and every
+    transport message and warning by its normalised text."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.refusals = 0
+        self.already_enrolled = 0
+        self.enrolled = 0
+        self.refused_ids: set[str] = set()
+        self.categories: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record must not stop the counting
+            message = str(record.msg)
+        lowered = message.lower()
+        from_transport = record.name.startswith("deploy_core.transport")
+        if from_transport and "refused" in lowered:
+            self.refusals += 1
+            self.refused_ids.update(_CLIENT_ID.findall(message))
+        if "already enrolled" in lowered:
+            self.already_enrolled += 1
+        if from_transport and lowered.startswith("enrolled"):
+            self.enrolled += 1
+        if from_transport or record.levelno >= logging.WARNING:
+            self.categories[f"{record.levelname} {record.name}: {normalise(message)}"] += 1
+
+
+def raise_fd_limit() -> None:
+    """Each agent holds a UDP socket and a journal; allow as many descriptors as permitted."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def write_stats(
+    path: Path, agents: list[Agent], counter: OutcomeCounter, crashed: list[str]
+) -> None:
+    """The worker's snapshot, replaced atomically so the parent never reads half of it."""
+    snapshot: dict[str, Any] = {
+        "pid": os.getpid(),
+        "time": time.time(),
+        "agents": len(agents),
+        "connected": sum(1 for a in agents if a.connector.connected),
+        "refusals": counter.refusals,
+        "already_enrolled": counter.already_enrolled,
+        "enrolled": counter.enrolled,
+        "refused_ids": sorted(counter.refused_ids),
+        "categories": dict(counter.categories.most_common(40)),
+        "crashed": crashed,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(snapshot))
+    os.replace(tmp, path)
+
+
+async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
+    """Start every agent, report until told to stop, then stop them all."""
+    host, _, port = args.server.rpartition(":")
+    plugins = get_plugins()
+    agents = [
+        Agent(
+            AgentConfig(
+                server_host=host,
+                server_port=int(port),
+                client_id=client_id,
+                state_dir=args.root / client_id,
+                ca_file=args.ca,
+                join_token_file=args.join_token_file,
+            ),
+            plugins=plugins,
+        )
+        for client_id in args.ids
+    ]
+    crashed: list[str] = []
+
+    async def run_one(agent: Agent) -> None:
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            crashed.append(f"{agent.config.client_id}: {type(exc).__name__}: {exc}")
+            logging.getLogger("fleet").exception("agent %s crashed", agent.config.client_id)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(run_one(agent)) for agent in agents]
+    while not stop.is_set():
+        write_stats(args.stats, agents, counter, crashed)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STATS_EVERY)
+    await asyncio.gather(*(agent.stop() for agent in agents))
+    _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    write_stats(args.stats, agents, counter, crashed)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--server", required=True, help="the server's QUIC 127.0.0.1:PORT")
+    parser.add_argument("--ca", type=Path, required=True)
+    parser.add_argument("--join-token-file", type=Path, required=True)
+    parser.add_argument("--root", type=Path, required=True, help="agents' state dirs go here")
+    parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--log", type=Path, required=True, help="what the agents log")
+    parser.add_argument("ids", nargs="+")
+    args = parser.parse_args()
+    raise_fd_limit()
+    if hasattr(runtime, "REAP_INTERVAL"):
+        runtime.REAP_INTERVAL = FLEET_REAP_INTERVAL
+    counter = OutcomeCounter()
+    file_handler = logging.FileHandler(args.log)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(counter)
+    root.addHandler(file_handler)
+    asyncio.run(run_agents(args, counter))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

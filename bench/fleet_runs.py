@@ -1,0 +1,175 @@
+"""The deployments ``bench/fleet.py`` measures: one at a time on one agent, and one to
+each of many agents from several POSTing threads; and the workers' refusal counts summed."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tarfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fleet_harness import Fleet
+
+from deploy_core.client import DeployClient
+
+WARM_UP = 3
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99 (the 99th of 100 quantiles; with few samples, near the largest)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    return statistics.median(values), statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
+def dispatch_latency(
+    api: DeployClient, client_id: str, samples: int, timeout: float
+) -> tuple[list[float], list[str]]:
+    """Seconds from ``POST /api/deploy/shell`` of ``true`` to the terminal record, one at a
+    time (after a few not counted); and what went wrong, if anything."""
+    times: list[float] = []
+    failures: list[str] = []
+    for n in range(WARM_UP + samples):
+        started = time.perf_counter()
+        try:
+            deploy_id = api.deploy("shell", {"client_id": client_id, "script": "true"})["deploy_id"]
+            record = api.wait(deploy_id, timeout=timeout)
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            if len(failures) >= 3:
+                break
+            continue
+        took = time.perf_counter() - started
+        if record.get("status") != "success":
+            failures.append(f"deployment {deploy_id} ended {record.get('status')}")
+        elif n >= WARM_UP:
+            times.append(took)
+    return times, failures
+
+
+def _epoch(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def fan_out(
+    fleet: Fleet,
+    ids: list[str],
+    kind: str,
+    body: Callable[[str], dict[str, Any]],
+    *,
+    threads: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """One ``POST /api/deploy/{kind}`` per agent from ``threads`` threads, then wait for
+    all.  Returns the statuses counted, seconds the POSTs took, seconds from the first POST
+    to the last ``finished_at`` the server recorded, and a one-line summary."""
+    local = threading.local()
+    clients: list[DeployClient] = []
+    lock = threading.Lock()
+
+    def api() -> DeployClient:
+        if not hasattr(local, "api"):
+            local.api = DeployClient(fleet.url, fleet.token, timeout=60)
+            with lock:
+                clients.append(local.api)
+        client: DeployClient = local.api
+        return client
+
+    def post(client_id: str) -> tuple[str | None, str | None]:
+        try:
+            return api().deploy(kind, body(client_id))["deploy_id"], None
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    deadline = time.monotonic() + timeout
+
+    def wait(deploy_id: str) -> dict[str, Any] | None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            record: dict[str, Any] = api().wait(deploy_id, timeout=left)
+            return record
+        except TimeoutError:
+            return None
+        except Exception as exc:
+            return {"status": f"unknown ({type(exc).__name__})", "error": str(exc)}
+
+    wall, started = time.time(), time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fleet-post")
+    try:
+        posted = list(pool.map(post, ids))
+        posting = time.monotonic() - started
+        accepted = [deploy_id for deploy_id, _ in posted if deploy_id]
+        records = list(pool.map(wait, accepted))
+        observed = time.monotonic() - started
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for client in clients:
+            client.close()
+    statuses: Counter[str] = Counter()
+    statuses["refused at POST"] = sum(1 for deploy_id, _ in posted if deploy_id is None)
+    errors = [error for _, error in posted if error][:3]
+    finished: list[float] = []
+    for record in records:
+        statuses[record["status"] if record else "unfinished"] += 1
+        if record and (at := _epoch(record.get("finished_at"))) is not None:
+            finished.append(at - wall)
+        if record and record.get("status") != "success" and record.get("error"):
+            errors.append(str(record["error"])[:200])
+    statuses = +statuses  # drop the zero counts
+    last = max(finished) if finished else None
+    shown = ", ".join(f"{n} {status}" for status, n in statuses.most_common())
+    summary = (
+        f"{shown}; last finished {last:.1f} s after the first POST" if last is not None else shown
+    ) + f" (POSTs took {posting:.1f} s, {len(ids) / max(posting, 1e-9):.0f}/s)"
+    return {
+        "statuses": dict(statuses),
+        "post_s": posting,
+        "last_finished_s": last,
+        "observed_s": observed,
+        "errors": errors[:5],
+        "summary": summary,
+    }
+
+
+def make_package(path: Path, megabytes: int) -> Path:
+    """A tar.gz of ``megabytes`` MB of random bytes (so gzip cannot shrink it)."""
+    payload = path.with_name("payload.bin")
+    with payload.open("wb") as out:
+        for _ in range(megabytes):
+            out.write(os.urandom(1_000_000))
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        tar.add(payload, arcname="payload.bin")
+    payload.unlink()
+    return path
+
+
+def worker_totals(fleet: Fleet) -> dict[str, Any]:
+    """What every worker's agents logged so far, summed."""
+    totals: dict[str, Any] = {
+        "refusals": 0,
+        "already_enrolled": 0,
+        "enrolled": 0,
+        "connected": 0,
+        "refused_ids": [],
+        "crashed": [],
+        "categories": Counter(),
+    }
+    for worker in fleet.workers:
+        stats = worker.stats()
+        for key in ("refusals", "already_enrolled", "enrolled", "connected"):
+            totals[key] += int(stats.get(key, 0))
+        totals["refused_ids"] += stats.get("refused_ids", [])
+        totals["crashed"] += stats.get("crashed", [])
+        totals["categories"].update(stats.get("categories", {}))
+    return totals
