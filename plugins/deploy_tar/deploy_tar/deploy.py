@@ -28,7 +28,7 @@ from deploy_tar.releases import ReleaseError, Releases
 from deploy_tar.rules import UnsafeArchive
 from deploy_tar.scripts import failure, find_script, output_tail, run_release_script
 
-__all__ = ["STAGES", "STRATEGY", "deploy_release", "size_text"]
+__all__ = ["STAGES", "STRATEGY", "deploy_release", "prune_bounded", "size_text", "staging_area"]
 
 STRATEGY = "release"
 STAGES = (
@@ -43,6 +43,7 @@ REPORT_EVERY = 0.2
 # progress reports): far above what the archive limits allow a sane package, low enough that
 # a pathological one stops in seconds rather than burning a core for hours.
 EXTRACT_STEPS = 20_000_000
+PRUNE_STEPS = 100_000_000  # entries removed while pruning old releases
 T = TypeVar("T")
 
 
@@ -258,11 +259,22 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
     if ctx.command.rollback is None:
         # No rollback strategy to prune after the health checks: keep the disk bounded here.
         protect = {name} | ({previous} if previous is not None else set())
-        removed = await asyncio.to_thread(releases.prune, params.keep_releases, protect)
+        removed = await prune_bounded(releases, params, protect)
         if removed:
             ctx.log(f"removed old releases: {', '.join(removed)}", stream="agent")
     result.duration = round(time.monotonic() - started, 6)
     return result
+
+
+async def prune_bounded(releases: Releases, params: TarParams, protect: set[str]) -> list[str]:
+    """:meth:`Releases.prune` in a thread, stopped when the step is cancelled (a timeout,
+    the agent stopping) or after the deployment's timeout."""
+    budget = WorkBudget(
+        f"pruning releases of {releases.target_dir}", steps=PRUNE_STEPS, seconds=params.timeout
+    )
+    return await run_bounded(
+        lambda: releases.prune(params.keep_releases, protect, budget=budget), budget
+    )
 
 
 async def _extract(

@@ -17,6 +17,7 @@ import asyncio
 
 from deploy_core.agent.context import DeployContext
 from deploy_core.registry import RollbackReport, RollbackState
+from deploy_tar.deploy import prune_bounded
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.releases import ReleaseError, Releases
 from deploy_tar.scripts import failure, find_script, run_release_script
@@ -157,6 +158,6 @@ async def discard_releases(
     for name in (releases.current(), (state or {}).get("previous")):
         if isinstance(name, str):
             protect.add(name)
-    removed = await asyncio.to_thread(releases.prune, deploy.keep_releases, protect)
+    removed = await prune_bounded(releases, deploy, protect)
     if removed:
         ctx.log(f"removed old releases: {', '.join(removed)}", stream="agent")
