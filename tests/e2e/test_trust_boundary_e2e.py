@@ -15,8 +15,10 @@ import io
 import os
 import pwd
 import shutil
+import signal
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,3 +237,43 @@ def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
         in record["rollback"]["error"]
     )
     assert fingerprint(decoy) == before
+
+
+def link_maze(path: Path, links: int, parts: int = 1500) -> Path:
+    """A package every member of which is allowed, but whose symlinks take the pre-scan
+    millions of steps to resolve."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(links):
+            info = tarfile.TarInfo(f"l{i}")
+            info.type, info.linkname = tarfile.SYMTYPE, "./" * parts + "x"
+            tar.addfile(info)
+        info = tarfile.TarInfo("x")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    return path
+
+
+def test_the_agent_stops_on_sigterm_in_the_middle_of_a_long_pre_scan(
+    center: DeployCenter, site: Path, tmp_path: Path
+) -> None:
+    center.start_agent("busy")
+    sha = center.api.upload_artifact(link_maze(tmp_path / "maze.tar", links=6000))["sha256"]
+    target = site / "busy-app"
+    accepted = center.api.deploy(
+        "tar", {"client_id": "busy", "artifact": sha, "target_dir": str(target), "timeout": 600}
+    )
+    deploy_id = accepted["deploy_id"]
+    for _ in range(600):  # until the agent is in the pre-scan
+        if center.api.get(deploy_id)["status"] == "extracting":
+            break
+        time.sleep(0.05)
+    assert center.api.get(deploy_id)["status"] == "extracting"
+
+    proc = center.agents.pop("busy")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0  # on its own: the scan thread stopped when told
+
+    center.start_agent("busy")  # the restarted agent settles the interrupted deployment
+    record = center.wait(deploy_id, timeout=120)
+    assert record["status"] in ("failed", "rolled_back", "rollback_failed"), record
+    assert not (target / "releases").exists() or not os.listdir(target / "releases")
