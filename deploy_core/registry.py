@@ -268,6 +268,10 @@ class RollbackStrategy:
             raise RegistrationError(
                 f"rollback strategy name {self.name!r} must be a lower-case word"
             )
+        if self.name == "none":  # {"strategy": "none"} is how a request opts out
+            raise RegistrationError(
+                "rollback strategy name 'none' is reserved: it means no rollback"
+            )
         if not (isinstance(self.params, type) and issubclass(self.params, RollbackParams)):
             raise RegistrationError(
                 f"rollback strategy {self.name}: params must subclass RollbackParams"

@@ -222,6 +222,15 @@ def test_an_exception_inside_a_registration_hook_names_the_plugin() -> None:
         (lambda: HealthCheckType("http", NoopParams, probe_always), "HealthCheckParams"),  # type: ignore[arg-type]
         (lambda: RollbackStrategy("re-run", RollbackParams, undo_nothing), "lower-case word"),
         (lambda: RollbackStrategy("x", NoopParams, undo_nothing), "RollbackParams"),  # type: ignore[arg-type]
+        (lambda: RollbackStrategy("none", RollbackParams, undo_nothing), "reserved"),
+        (
+            lambda: DeployType("deploy.x", NoopParams, run_noop, default_rollback="Re-Run"),
+            "not a rollback strategy name",
+        ),
+        (
+            lambda: DeployType("deploy.x", NoopParams, run_noop, default_rollback_params={"a": 1}),
+            "without a default_rollback",
+        ),
         (lambda: EventHandler("monitor", undo_nothing), "family.name"),  # type: ignore[arg-type]
         (lambda: AgentService("Docker Sampler", undo_nothing), "lower-case word"),  # type: ignore[arg-type]
     ],
