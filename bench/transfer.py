@@ -36,10 +36,17 @@ from aioquic.asyncio import connect, serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.server.artifacts import ArtifactStore
-from deploy_core.transport import AgentConnector, AuthError, QuicServer, ensure_server_certs
+from deploy_core.transport import (
+    AgentConnector,
+    AgentCredential,
+    AuthError,
+    QuicServer,
+    ensure_server_certs,
+)
 from deploy_core.transport import server as transport_server
 from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
 
@@ -178,20 +185,39 @@ async def _bare_client(
 class _Authority:
     def __init__(self) -> None:
         self.keys: dict[str, bytes] = {}
+        self.public_keys: dict[str, bytes] = {}
 
-    async def agent_key(self, client_id: str) -> bytes | None:
-        return self.keys.get(client_id)
+    async def credential(self, client_id: str) -> AgentCredential | None:
+        if client_id in self.public_keys:
+            return AgentCredential(public_key=self.public_keys[client_id])
+        key = self.keys.get(client_id)
+        return None if key is None else AgentCredential(shared_key=key)
 
-    async def enroll(self, client_id: str, join_token: str) -> bytes:
+    async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:
         if join_token != "bench":
             raise AuthError("wrong token")
-        self.keys[client_id] = secrets.token_bytes(32)
-        return self.keys[client_id]
+        self.public_keys[client_id] = public_key
+
+    async def upgrade(self, client_id: str, public_key: bytes) -> None:
+        self.keys.pop(client_id, None)
+        self.public_keys[client_id] = public_key
 
 
 class _Credentials:
     def __init__(self) -> None:
         self.key: bytes | None = None
+
+    identity: Ed25519PrivateKey | None = None
+
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        return self.identity
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        self.identity = Ed25519PrivateKey.generate()
+        return self.identity
+
+    def drop_key(self) -> None:
+        self.key = None
 
     def load_key(self) -> bytes | None:
         return self.key

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import socket
 import time
 import uuid
@@ -28,7 +27,7 @@ from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
-from deploy_core.server.clients import AlreadyEnrolled
+from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventContext, EventRejected
 from deploy_core.server.http_limits import HttpLimits
 from deploy_core.server.ownership import named_deployments
@@ -43,14 +42,12 @@ from deploy_core.server.rollbacks import (
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.targets import deployment_scope
-from deploy_core.server.tokens import TokenError, TokenStore
+from deploy_core.server.tokens import TokenStore
 from deploy_core.transport import (
     AgentSession,
-    AuthError,
     Envelope,
     Kind,
     QuicServer,
-    RevokedAgent,
     ack_for,
     error_for,
 )
@@ -98,46 +95,6 @@ class ServerConfig:
     # Header and body read timeouts and the cap on unauthenticated connections of the HTTP
     # API (server/http_limits.py).
     http_limits: HttpLimits = field(default_factory=HttpLimits)
-
-
-class _Authority:
-    """Checks agents' credentials: join tokens to enroll, then each agent's own key."""
-
-    def __init__(self, server: DeployServer) -> None:
-        self.server = server
-
-    async def agent_key(self, client_id: str) -> bytes | None:
-        client = await self.server.db(self.server.records.client_credentials, client_id)
-        if client is None:
-            return None
-        key = bytes.fromhex(client["agent_key"])
-        if client["revoked_at"] is not None:
-            # Told only to a peer that proves this key; others get the unknown-id refusal.
-            raise RevokedAgent(
-                f"client {client_id} was revoked by an operator; an operator may enroll it "
-                "again after 'deployctl clients forget'",
-                key,
-            )
-        return key
-
-    async def enroll(self, client_id: str, join_token: str) -> bytes:
-        if await self.server.db(self.server.records.client_credentials, client_id) is not None:
-            raise AuthError(
-                f"client id {client_id} is already enrolled; use the agent's existing state "
-                "directory, or have an operator run 'deployctl clients forget "
-                f"{client_id}' first"
-            )
-        try:
-            await self.server.db(self.server.tokens.consume_join_token, join_token)
-        except TokenError as exc:
-            raise AuthError(str(exc)) from None
-        key = secrets.token_bytes(32)
-        try:
-            await self.server.db(self.server.records.enroll, client_id, key.hex())
-        except AlreadyEnrolled:
-            raise AuthError(f"client id {client_id} is already enrolled") from None
-        log.info("agent %s enrolled", client_id)
-        return key
 
 
 class _UvicornServer(uvicorn.Server):
@@ -207,7 +164,7 @@ class DeployServer:
             host=cfg.quic_host,
             port=cfg.quic_port,
             certs=self.state.certs,
-            authority=_Authority(self),
+            authority=AgentRegistry(self.records, self.tokens, self.db),
             on_connect=self._on_connect,
             on_message=self._on_message,
             on_disconnect=self._on_disconnect,

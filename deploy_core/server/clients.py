@@ -1,5 +1,10 @@
 """Enrolled agents: their keys, revocation, and whether and where they are connected.
 
+An agent is enrolled with the public half of a key pair it made itself (``public_key``,
+hex); the server holds no secret of it. Rows of agents enrolled before that hold the shared
+key the server issued them (``agent_key``) until the agent upgrades
+(:meth:`ClientRecords.set_public_key`), which clears it.
+
 :class:`ClientRecords` is part of :class:`~deploy_core.server.records.RecordStore`; it lives
 here so each file holds one kind of record.
 """
@@ -7,11 +12,11 @@ here so each file holds one kind of record.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from deploy_core.server.db import clients
@@ -32,17 +37,18 @@ class ClientRecords:
     server_id: str
 
     def agent_key(self, client_id: str) -> str | None:
-        """The enrolled agent's key (hex), or ``None``."""
+        """The enrolled agent's shared key (hex), or ``None`` (none, or not enrolled)."""
         with self.engine.connect() as conn:
             return conn.execute(
                 sa.select(clients.c.agent_key).where(clients.c.client_id == client_id)
             ).scalar_one_or_none()
 
     def client_credentials(self, client_id: str) -> dict[str, Any] | None:
-        """The enrolled agent's key (hex) and revocation time, or ``None``."""
+        """The enrolled agent's ``public_key`` and/or shared ``agent_key`` (hex, each
+        ``None`` when it has none) and ``revoked_at``, or ``None`` when not enrolled."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(clients.c.agent_key, clients.c.revoked_at).where(
+                sa.select(clients.c.public_key, clients.c.agent_key, clients.c.revoked_at).where(
                     clients.c.client_id == client_id
                 )
             ).first()
@@ -66,23 +72,65 @@ class ClientRecords:
                 conn.execute(clients.delete().where(clients.c.client_id == client_id)).rowcount
             )
 
-    def enroll(self, client_id: str, agent_key: str) -> None:
-        """Record a newly enrolled agent.
+    def enroll(
+        self,
+        client_id: str,
+        agent_key: str | None = None,
+        *,
+        public_key: str | None = None,
+        spend: Callable[[Connection], None] | None = None,
+    ) -> bool:
+        """Record an enrolled agent, by its public key (or, for tests of older rows, by a
+        shared key), in one transaction with ``spend`` (the join-token use it costs).
 
-        :raises AlreadyEnrolled: the id is taken.
+        Idempotent for a public key: when ``client_id`` is enrolled with the same one,
+        nothing changes and ``spend`` is not called.
+
+        :returns: whether a row was added.
+        :raises AlreadyEnrolled: the id is taken by another key.
+        :raises Exception: what ``spend`` raised (nothing is recorded then).
         """
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    clients.insert().values(
-                        client_id=client_id,
-                        agent_key=agent_key,
-                        enrolled_at=time.time(),
-                        connected=False,
+        if (agent_key is None) == (public_key is None):
+            raise ValueError("enroll needs exactly one of agent_key and public_key")
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    taken = conn.execute(
+                        sa.select(clients.c.public_key).where(clients.c.client_id == client_id)
+                    ).first()
+                    if taken is not None:
+                        if public_key is not None and taken.public_key == public_key:
+                            return False
+                        raise AlreadyEnrolled(client_id)
+                    if spend is not None:
+                        spend(conn)
+                    conn.execute(
+                        clients.insert().values(
+                            client_id=client_id,
+                            agent_key=agent_key,
+                            public_key=public_key,
+                            enrolled_at=time.time(),
+                            connected=False,
+                        )
                     )
-                )
-        except IntegrityError:
-            raise AlreadyEnrolled(client_id) from None
+                    return True
+            except IntegrityError:
+                # Another enrollment of this id committed first; look again (once).
+                if attempt:
+                    raise AlreadyEnrolled(client_id) from None
+        raise AssertionError("unreachable")
+
+    def set_public_key(self, client_id: str, public_key: str) -> bool:
+        """An agent enrolled with a shared key now has a key pair: keep its public key and
+        forget the shared key. ``False`` when the agent has no shared key (any more)."""
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    clients.update()
+                    .where(clients.c.client_id == client_id, clients.c.agent_key.is_not(None))
+                    .values(public_key=public_key, agent_key=None)
+                ).rowcount
+            )
 
     def set_connected(self, client_id: str, *, remote: str, capabilities: dict[str, Any]) -> None:
         """The agent connected to this server."""

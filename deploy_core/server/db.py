@@ -114,7 +114,10 @@ clients = sa.Table(
     "clients",
     metadata,
     sa.Column("client_id", ID, primary_key=True),
-    sa.Column("agent_key", sa.String(128), nullable=False),
+    # The shared key of an agent enrolled before agents made their own key pairs (cleared
+    # when it upgrades); an agent with a key pair has only its public key here.
+    sa.Column("agent_key", sa.String(128)),
+    sa.Column("public_key", sa.String(64)),
     sa.Column("enrolled_at", sa.Float, nullable=False),
     sa.Column("connected", sa.Boolean, nullable=False, default=False),
     sa.Column("server_id", ID),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from deploy_core.server.db import api_tokens, join_tokens
@@ -150,29 +150,37 @@ class TokenStore:
 
         :raises TokenError: unknown, expired or used up (the reason is told to the agent).
         """
+        with self.engine.begin() as conn:
+            self.spend_join_token(conn, token)
+
+    def spend_join_token(self, conn: Connection, token: str) -> None:
+        """Spend one use of a join token inside the caller's transaction ``conn`` (so that
+        the use and what it pays for commit together, or neither does).
+
+        :raises TokenError: unknown, expired or used up (the reason is told to the agent).
+        """
         if self._join_file is not None and self._join_file.exists():
             file_token = self._join_file.read_text().strip()
             if file_token and hmac.compare_digest(token.encode(), file_token.encode()):
                 return
         now = time.time()
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(join_tokens).where(join_tokens.c.token_hash == digest(token))
-            ).first()
-            if row is None:
-                raise TokenError("join token refused")
-            if row.expires_at is not None and row.expires_at < now:
-                raise TokenError("join token expired")
-            if row.uses_left is not None:
-                if row.uses_left < 1:
-                    raise TokenError("join token used up")
-                done = conn.execute(
-                    join_tokens.update()
-                    .where(join_tokens.c.token_id == row.token_id, join_tokens.c.uses_left > 0)
-                    .values(uses_left=join_tokens.c.uses_left - 1)
-                ).rowcount
-                if not done:
-                    raise TokenError("join token used up")
+        row = conn.execute(
+            sa.select(join_tokens).where(join_tokens.c.token_hash == digest(token))
+        ).first()
+        if row is None:
+            raise TokenError("join token refused")
+        if row.expires_at is not None and row.expires_at < now:
+            raise TokenError("join token expired")
+        if row.uses_left is not None:
+            if row.uses_left < 1:
+                raise TokenError("join token used up")
+            done = conn.execute(
+                join_tokens.update()
+                .where(join_tokens.c.token_id == row.token_id, join_tokens.c.uses_left > 0)
+                .values(uses_left=join_tokens.c.uses_left - 1)
+            ).rowcount
+            if not done:
+                raise TokenError("join token used up")
 
     def list_join_tokens(self) -> list[dict[str, Any]]:
         """Join tokens, without their hashes."""

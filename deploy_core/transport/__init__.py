@@ -1,8 +1,9 @@
 """QUIC transport between the server and its agents.
 
 The wire format (:mod:`.envelope`), the server's CA and certificate (:mod:`.certs`), the
-server endpoint with in-connection agent authentication (:mod:`.server`) and the agent's
-reconnecting connector (:mod:`.client`).
+agent's own key pair and what it signs (:mod:`.identity`), the server endpoint with
+in-connection agent authentication (:mod:`.server`) and the agent's reconnecting connector
+(:mod:`.client`).
 """
 
 from .certs import ServerCerts, ensure_server_certs
@@ -20,7 +21,14 @@ from .envelope import (
     encode,
     error_for,
 )
-from .server import AUTH_FAILED, AgentAuthority, AgentSession, AuthError, QuicServer, RevokedAgent
+from .server import (
+    AUTH_FAILED,
+    AgentAuthority,
+    AgentCredential,
+    AgentSession,
+    AuthError,
+    QuicServer,
+)
 
 __all__ = [
     "ALPN_PROTOCOL",
@@ -30,6 +38,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AgentAuthority",
     "AgentConnector",
+    "AgentCredential",
     "AgentSession",
     "AuthError",
     "CredentialStore",
@@ -40,7 +49,6 @@ __all__ = [
     "Kind",
     "ProtocolError",
     "QuicServer",
-    "RevokedAgent",
     "ServerCerts",
     "ack_for",
     "encode",

@@ -1,9 +1,11 @@
 """Agent end of the control channel: connect, authenticate, stay connected.
 
 :class:`AgentConnector` keeps one QUIC connection to the server, pinned to the server's
-own CA. It authenticates with the stored agent key, or enrolls with a join token and
-stores the key it is given; it sends heartbeats, and reconnects with full-jitter
-exponential back-off whenever the connection is lost or refused.
+own CA. It authenticates by signing the server's challenge with its own Ed25519 key, which
+it makes (and stores) before it first enrolls with a join token; an agent still holding a
+shared key from before key pairs proves that key and offers its new key pair, which the
+server takes instead. It sends heartbeats, and reconnects with full-jitter exponential
+back-off whenever the connection is lost or refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .certs import write_private_file
 from .envelope import (
@@ -45,6 +50,7 @@ from .envelope import (
     encode,
 )
 from .files import FileStreamClient
+from .identity import auth_transcript, certificate_digest, new_private_key, public_bytes
 from .server import (
     CONGESTION_CONTROL,
     MAX_DATA,
@@ -69,14 +75,27 @@ _MAX_REASON_CHARS = 300
 
 
 class CredentialStore(Protocol):
-    """Where an agent keeps its key and finds its join token."""
+    """Where an agent keeps its keys and finds its join token."""
+
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        """Return the agent's own key pair, or ``None`` before it made one."""
+        ...
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        """Make the agent's key pair and store it durably before returning it (it is sent
+        to the server right after, and the same key must be sent on every retry)."""
+        ...
 
     def load_key(self) -> bytes | None:
-        """Return the agent key, or ``None`` before enrollment."""
+        """Return the older scheme's shared key, or ``None`` when the agent holds none."""
         ...
 
     def save_key(self, key: bytes) -> None:
-        """Store the key the server issued at enrollment."""
+        """Store a shared key that an older server issued at enrollment."""
+        ...
+
+    def drop_key(self) -> None:
+        """Forget the shared key: the server now knows the agent by its key pair."""
         ...
 
     def join_token(self) -> str | None:
@@ -85,17 +104,54 @@ class CredentialStore(Protocol):
 
 
 class FileCredentials:
-    """Credentials on disk: ``state_dir/agent.key`` (hex, mode 0600) and a join token file.
+    """Credentials on disk, all in ``state_dir`` with mode 0600: ``agent-identity.pem`` (the
+    agent's Ed25519 private key, PKCS#8 PEM), ``agent.key`` (hex; only on an agent enrolled
+    before agents made their own keys, removed once the server has its public key), and a
+    join token file.
 
-    Both files are read on every call, so an operator can add a token without a restart.
+    The files are read on every call, so an operator can add a token without a restart.
     """
 
     def __init__(self, state_dir: Path, join_token_file: Path | None = None) -> None:
+        self.identity_file = state_dir / "agent-identity.pem"
         self.key_file = state_dir / "agent.key"
         self.join_token_file = join_token_file
 
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        """Return the stored key pair, ``None`` when there is no identity file.
+
+        :raises ValueError: when the file does not hold an Ed25519 private key.
+        """
+        try:
+            data = self.identity_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            key = None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(
+                f"{self.identity_file} does not hold an Ed25519 private key (PKCS#8 PEM); "
+                "restore it from a backup, or delete it and have an operator run 'deployctl "
+                "clients forget' so that the agent enrolls again with a join token"
+            )
+        return key
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        """Make a key pair and write it atomically with mode 0600."""
+        key = new_private_key()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.identity_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private_file(self.identity_file, pem)
+        return key
+
     def load_key(self) -> bytes | None:
-        """Return the stored key, ``None`` when there is no key file.
+        """Return the stored shared key, ``None`` when there is no key file.
 
         :raises ValueError: when the key file does not hold a hex key.
         """
@@ -118,6 +174,10 @@ class FileCredentials:
         """Write the key atomically with mode 0600."""
         self.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private_file(self.key_file, key.hex().encode("ascii") + b"\n")
+
+    def drop_key(self) -> None:
+        """Delete the shared key file."""
+        self.key_file.unlink(missing_ok=True)
 
     def join_token(self) -> str | None:
         """Return the stripped contents of the join token file, ``None`` if absent or empty."""
@@ -240,6 +300,19 @@ class _ServerConnection(QuicConnectionProtocol):
                 self.inbox.put_nowait(env)
         if event.end_stream:
             self.lose("server closed the control stream")
+
+
+def _server_certificate(connection: _ServerConnection) -> bytes:
+    """The digest of the certificate the server presented on ``connection``."""
+    # aioquic keeps the verified peer certificate on its TLS context but offers no public
+    # accessor for it (checked with aioquic 1.2 to 1.7).
+    certificate = getattr(connection._quic.tls, "_peer_certificate", None)
+    if not isinstance(certificate, x509.Certificate):
+        raise ProtocolError(
+            "cannot read the server's certificate from aioquic to bind the signature to it; "
+            "this aioquic release is not supported"
+        )
+    return certificate_digest(certificate)
 
 
 async def _close_quietly(transport: asyncio.BaseTransport, connection: _ServerConnection) -> None:
@@ -468,7 +541,12 @@ class AgentConnector:
             raise ConnectionError(
                 f"CA file {self._ca_file} not found; copy the server's ca.pem there"
             )
-        if self._credentials.load_key() is None and not self._credentials.join_token():
+        credentials = self._credentials
+        if (
+            credentials.load_identity() is None
+            and credentials.load_key() is None
+            and not credentials.join_token()
+        ):
             raise _MissingCredentials(
                 "no agent key stored and no join token configured; give the agent a join token"
             )
@@ -535,29 +613,48 @@ class AgentConnector:
         if len(nonce) != 32:
             raise ProtocolError("server's challenge has no 64-hex-digit nonce")
 
+        transcript = auth_transcript(self._client_id, nonce, _server_certificate(connection))
         auth: dict[str, Any] = {"capabilities": self._capabilities()}
-        key = self._credentials.load_key()
-        token = self._credentials.join_token() if key is None else None
-        if key is not None:
-            mac = hmac.new(key, nonce + self._client_id.encode(), hashlib.sha256).hexdigest()
-            auth.update(method="key", mac=mac)
-        elif token:
-            auth.update(method="join", join_token=token)
-        else:
+        credentials = self._credentials
+        shared = credentials.load_key()
+        token = credentials.join_token() if shared is None else None
+        identity = credentials.load_identity()
+        if identity is None and (shared is not None or token):
+            # Stored before it is first sent: every retry offers the same key.
+            identity = credentials.create_identity()
+        if identity is None:
             raise _MissingCredentials("no agent key stored and no join token configured")
+        public_key = public_bytes(identity)
+        proof = {"public_key": public_key.hex(), "signature": identity.sign(transcript).hex()}
+        if shared is not None:
+            # Enrolled before agents made their own keys: prove the shared key, and offer
+            # the key pair so that the server can replace the shared key with it.
+            mac = hmac.new(shared, nonce + self._client_id.encode(), hashlib.sha256).hexdigest()
+            auth.update(method="key", mac=mac, **proof)
+        elif token:
+            # Idempotent: the same key for an id enrolled with it just signs in.
+            auth.update(method="join", join_token=token, **proof)
+        else:
+            auth.update(method="signature", signature=proof["signature"])
         connection.send(Envelope(kind=Kind.AUTH, payload=auth))
 
         welcome = await self._expect(connection, Kind.WELCOME)
-        new_key = welcome.payload.get("agent_key")
-        if new_key is not None:
+        if welcome.payload.get("public_key") == public_key.hex():
+            if shared is not None:
+                credentials.drop_key()
+                logger.info("%s now authenticates with its own key pair", self._client_id)
+            return
+        issued = welcome.payload.get("agent_key")
+        if issued is not None and shared is None:
+            # A server older than key pairs issued a shared key at enrollment.
             try:
-                key_bytes = bytes.fromhex(new_key) if isinstance(new_key, str) else b""
+                key_bytes = bytes.fromhex(issued) if isinstance(issued, str) else b""
             except ValueError:
                 key_bytes = b""
             if not key_bytes:
                 raise ProtocolError("server's welcome has an agent_key that is not hex")
-            self._credentials.save_key(key_bytes)
-            logger.info("enrolled %s with the server; agent key saved", self._client_id)
+            credentials.save_key(key_bytes)
+            logger.info("enrolled %s with an older server; its agent key saved", self._client_id)
 
     async def _expect(self, connection: _ServerConnection, kind: Kind) -> Envelope:
         env = await connection.inbox.get()

@@ -5,11 +5,26 @@ the connection, on the first bidirectional stream it opens (the control stream):
 
     agent -> HELLO     {"client_id", "protocol": 1}
     server -> CHALLENGE {"nonce": 64 hex chars}
-    agent -> AUTH      {"method": "key", "mac": hex HMAC-SHA256(key, nonce + client_id)}
-                       or {"method": "join", "join_token": ...}; plus "capabilities"
-                       (an object, at most 16 KiB of JSON)
-    server -> WELCOME  {"client_id", "server_time"} (+ "agent_key" when just enrolled)
-              or ERROR {"reason"} and the connection closes
+    agent -> AUTH      one of
+                       {"method": "signature", "signature"}
+                       {"method": "join", "join_token", "public_key", "signature"}
+                       {"method": "key", "mac": hex HMAC-SHA256(key, nonce + client_id)}
+                         (+ "public_key", "signature": upgrade to a key pair)
+                       plus "capabilities" (an object, at most 16 KiB of JSON)
+    server -> WELCOME  {"client_id", "server_time"} (+ "public_key" when the server holds
+                       the agent's public key)
+              or ERROR {"reason", "code"?} and the connection closes
+
+``signature`` is the agent's Ed25519 signature of :func:`~.identity.auth_transcript` (the
+nonce, the client id and the server certificate's digest), hex; ``public_key`` its raw
+public key, hex. The agent makes its key pair itself; the server keeps public keys only.
+``join`` enrolls that key with a join token, and is idempotent: the same key for an id
+already enrolled with it is a plain sign-in (no join-token use is spent, whatever the
+token's state now), so an agent whose WELCOME was lost gets in on its next try. ``key`` is
+the older scheme (a shared key the server issued at enrollment), accepted for the agents
+that still hold one; with an upgrade offer the server replaces the shared key by the
+public key, and from then on also accepts the ``key`` message whose offer is that same
+public key, in case the WELCOME of the upgrade was lost.
 
 Anything else before WELCOME, a malformed or oversize frame at any time, or a handshake
 slower than ``handshake_timeout`` gets an ERROR and a closed connection; other
@@ -31,6 +46,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -46,6 +62,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from cryptography import x509
 
 from .certs import ServerCerts
 from .envelope import (
@@ -61,6 +78,15 @@ from .envelope import (
     error_for,
 )
 from .files import ArtifactSource, FetchCheck, FileStreamServer
+from .identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    auth_transcript,
+    certificate_digest,
+    new_private_key,
+    public_bytes,
+    verify_signature,
+)
 
 __all__ = [
     "AUTH_FAILED",
@@ -72,10 +98,10 @@ __all__ = [
     "MAX_STREAM_DATA",
     "SOCKET_BUFFER_BYTES",
     "AgentAuthority",
+    "AgentCredential",
     "AgentSession",
     "AuthError",
     "QuicServer",
-    "RevokedAgent",
     "auth_refusal",
     "datagram_size_for",
     "enlarge_socket_buffers",
@@ -141,16 +167,20 @@ class AuthError(Exception):
         self.code = code
 
 
-class RevokedAgent(AuthError):
-    """Raised by :meth:`AgentAuthority.agent_key` for an agent an operator revoked.
+@dataclass(frozen=True)
+class AgentCredential:
+    """What the server holds to check an enrolled agent's proof.
 
-    ``key`` is the agent's enrolled key: the reason is told only to a peer that proves it
-    holds that key; anyone else gets the refusal an unknown client id gets.
+    :param public_key: the agent's raw Ed25519 public key; ``None`` for an agent enrolled
+        before agents made their own keys (until it upgrades).
+    :param shared_key: the older scheme's shared key, only for such an agent.
+    :param revoked: why the agent may not connect, when an operator revoked it: told only to
+        a peer that proves the key; anyone else gets the refusal an unknown client id gets.
     """
 
-    def __init__(self, reason: str, key: bytes) -> None:
-        super().__init__(reason, "revoked")
-        self.key = key
+    public_key: bytes | None = None
+    shared_key: bytes | None = None
+    revoked: str | None = None
 
 
 #: ``payload.code`` of the ERROR that refuses a key handshake, whatever the cause.
@@ -158,32 +188,43 @@ AUTH_FAILED = "auth_failed"
 
 
 def auth_refusal(client_id: str) -> str:
-    """The one refusal for an unknown client id, a wrong key and (to anyone but the agent
-    itself) a revoked client: the handshake tells a stranger nothing about which ids exist."""
+    """The one refusal for an unknown client id, a wrong key or signature and (to anyone but
+    the agent itself) a revoked client: the handshake tells a stranger nothing about which
+    ids exist."""
     return (
         f"unknown client or wrong agent key for client {client_id}: either it is not enrolled "
-        "on this server or its agent.key is not the enrolled one; delete the agent's agent.key "
-        "and enroll it again with a join token"
+        "on this server or the agent's key is not the enrolled one; have an operator run "
+        f"'deployctl clients forget {client_id}', delete the agent's agent-identity.pem and "
+        "agent.key, and enroll it again with a join token"
     )
 
 
 class AgentAuthority(Protocol):
-    """Where the server looks up and creates agent keys."""
+    """Where the server looks up agents' credentials and records enrollments."""
 
-    async def agent_key(self, client_id: str) -> bytes | None:
-        """Return the key of an enrolled agent.
+    async def credential(self, client_id: str) -> AgentCredential | None:
+        """Return what the server holds for an enrolled agent.
 
         :param client_id: the agent's id, already checked against the client id pattern.
-        :returns: the key, or ``None`` when the agent is not enrolled.
-        :raises RevokedAgent: the agent was revoked (with its key, see there).
+        :returns: its credential, or ``None`` when the agent is not enrolled.
         """
         ...
 
-    async def enroll(self, client_id: str, join_token: str) -> bytes:
-        """Enroll an agent with a join token and return its fresh key.
+    async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:
+        """Enroll an agent's public key with a join token (the agent has proven it holds
+        the private key).
 
-        :raises AuthError: when the token is refused; the text is sent to the agent.
+        Idempotent: when ``client_id`` is enrolled with this same ``public_key`` it returns
+        without spending a use of the token, whatever the token's state now.
+
+        :raises AuthError: when the token is refused, the id is enrolled with another key,
+            or the agent is revoked; the text is sent to the agent.
         """
+        ...
+
+    async def upgrade(self, client_id: str, public_key: bytes) -> None:
+        """Replace the shared key of an agent that has just proven it by ``public_key``,
+        which the agent has proven to hold; the shared key is forgotten."""
         ...
 
 
@@ -478,17 +519,18 @@ class _AgentConnection(QuicConnectionProtocol):
                 f"{MAX_CAPABILITIES_BYTES} are accepted"
             )
         method = auth.payload.get("method")
-        new_key: bytes | None = None
-        if method == "key":
-            await self._check_mac(client_id, nonce, auth.payload.get("mac"))
+        transcript = auth_transcript(client_id, nonce, self._server._certificate_digest)
+        public_key: bytes | None
+        if method == "signature":
+            public_key = await self._check_signature(client_id, transcript, auth.payload)
+        elif method == "key":
+            public_key = await self._check_mac(client_id, nonce, transcript, auth.payload)
         elif method == "join":
-            token = auth.payload.get("join_token")
-            if not isinstance(token, str) or not token:
-                raise AuthError("auth.payload.join_token must be a non-empty string")
-            new_key = await self._server._authority.enroll(client_id, token)
-            logger.info("client %s enrolled with a join token", client_id)
+            public_key = await self._enroll(client_id, transcript, auth.payload)
         else:
-            raise AuthError(f"auth.payload.method must be 'key' or 'join', got {method!r:.20}")
+            raise AuthError(
+                f"auth.payload.method must be 'signature', 'join' or 'key', got {method!r:.20}"
+            )
         if self.shut:
             return None
 
@@ -502,42 +544,120 @@ class _AgentConnection(QuicConnectionProtocol):
             may_fetch=self._server._may_fetch,
         )
         welcome: dict[str, Any] = {"client_id": client_id, "server_time": time.time()}
-        if new_key is not None:
-            welcome["agent_key"] = new_key.hex()
+        if public_key is not None:
+            welcome["public_key"] = public_key.hex()
         self.send(Envelope(kind=Kind.WELCOME, ref=auth.id, payload=welcome))
         return session
 
-    async def _check_mac(self, client_id: str, nonce: bytes, mac: object) -> None:
-        # The shape of the proof is checked before anything is looked up, so that answer
-        # cannot depend on the client id.
+    # The shape of a proof is checked before anything is looked up, so that answer cannot
+    # depend on the client id; an unknown id then costs the same work as a known one (a
+    # throw-away key) and gets the same refusal as a wrong proof.
+
+    async def _credential(self, client_id: str) -> AgentCredential | None:
+        return await self._server._authority.credential(client_id)
+
+    def _refused(self, client_id: str, why: str) -> AuthError:
+        logger.info("handshake of client %s refused: %s", client_id, why)
+        return AuthError(auth_refusal(client_id), AUTH_FAILED)
+
+    async def _check_signature(
+        self, client_id: str, transcript: bytes, payload: dict[str, Any]
+    ) -> bytes:
+        signature = _hex_field(payload, "signature", SIGNATURE_BYTES, required=True)
+        assert signature is not None
+        credential = await self._credential(client_id)
+        known = credential.public_key if credential is not None else None
+        valid = verify_signature(known or self._server._decoy_key, signature, transcript)
+        if credential is None or known is None or not valid:
+            raise self._refused(
+                client_id,
+                "not enrolled"
+                if credential is None
+                else "enrolled with a shared key, not a key pair"
+                if known is None
+                else "revoked, wrong signature"
+                if credential.revoked
+                else "wrong signature",
+            )
+        if credential.revoked is not None:
+            raise AuthError(credential.revoked, "revoked")  # the agent itself may know why
+        return known
+
+    async def _check_mac(
+        self, client_id: str, nonce: bytes, transcript: bytes, payload: dict[str, Any]
+    ) -> bytes | None:
         try:
-            given = bytes.fromhex(mac) if isinstance(mac, str) else None
+            given = bytes.fromhex(mac) if isinstance(mac := payload.get("mac"), str) else None
         except ValueError:
             given = None
         if given is None:
             raise AuthError("auth.payload.mac must be a hex string")
-        revoked: RevokedAgent | None = None
-        try:
-            key = await self._server._authority.agent_key(client_id)
-        except RevokedAgent as exc:
-            key, revoked = exc.key, exc
-        # An unknown id costs the same work as a known one: the MAC is computed and compared
-        # with a throw-away key, and the refusal is the same words.
+        offer = _key_offer(payload)
+        credential = await self._credential(client_id)
+        shared = credential.shared_key if credential is not None else None
         expected = hmac.new(
-            key if key is not None else secrets.token_bytes(32),
+            shared if shared is not None else secrets.token_bytes(32),
             nonce + client_id.encode(),
             hashlib.sha256,
         ).digest()
-        proven = hmac.compare_digest(expected, given) and key is not None
-        if not proven:
-            logger.info(
-                "key handshake for client %s refused: %s",
+        by_mac = hmac.compare_digest(expected, given) and shared is not None
+        offered_valid = offer is not None and verify_signature(*offer, transcript)
+        # The agent offered its key pair and the server took it, but the WELCOME that said
+        # so was lost: the agent still holds its shared key and offers the same key again.
+        by_upgraded_key = (
+            not by_mac
+            and offered_valid
+            and offer is not None
+            and credential is not None
+            and credential.public_key is not None
+            and hmac.compare_digest(offer[0], credential.public_key)
+        )
+        if credential is None or not (by_mac or by_upgraded_key):
+            raise self._refused(
                 client_id,
-                "revoked" if revoked else "wrong key" if key is not None else "not enrolled",
+                "not enrolled"
+                if credential is None
+                else "revoked, wrong key"
+                if credential.revoked
+                else "wrong key",
             )
-            raise AuthError(auth_refusal(client_id), AUTH_FAILED)
-        if revoked is not None:
-            raise revoked  # the agent itself may know why
+        if credential.revoked is not None:
+            raise AuthError(credential.revoked, "revoked")
+        if by_upgraded_key:
+            return credential.public_key
+        if offer is not None and offered_valid:
+            await self._server._authority.upgrade(client_id, offer[0])
+            logger.info("client %s upgraded from a shared key to its own key pair", client_id)
+            return offer[0]
+        if offer is not None:
+            logger.warning(
+                "client %s offered a key pair whose signature does not verify; it keeps "
+                "its shared key",
+                client_id,
+            )
+        return None
+
+    async def _enroll(self, client_id: str, transcript: bytes, payload: dict[str, Any]) -> bytes:
+        token = payload.get("join_token")
+        if not isinstance(token, str) or not token:
+            raise AuthError("auth.payload.join_token must be a non-empty string")
+        offer = _key_offer(payload)
+        if offer is None:
+            raise AuthError(
+                "auth.payload.public_key and auth.payload.signature are missing: this server "
+                "enrolls an agent only with a key pair the agent makes itself (it never "
+                "issues shared keys); upgrade the agent to a release that does"
+            )
+        public_key, signature = offer
+        if not verify_signature(public_key, signature, transcript):
+            raise AuthError(
+                "auth.payload.signature is not public_key's signature of this connection's "
+                "challenge; the agent must sign the nonce, its client id and the server "
+                "certificate it sees (is something between the agent and the server?)"
+            )
+        await self._server._authority.enroll(client_id, token, public_key)
+        logger.info("client %s signed in with a join token and its key pair", client_id)
+        return public_key
 
     def _peer_address(self) -> tuple[str, int]:
         addr = self._quic.get_peer_address()
@@ -546,6 +666,31 @@ class _AgentConnection(QuicConnectionProtocol):
     def _peer(self) -> str:
         host, port = self._peer_address()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _hex_field(payload: dict[str, Any], name: str, size: int, *, required: bool) -> bytes | None:
+    """``payload[name]`` as ``size`` bytes given in hex; ``None`` when absent and optional."""
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise AuthError(f"auth.payload.{name} must be {2 * size} hex digits")
+    return raw
+
+
+def _key_offer(payload: dict[str, Any]) -> tuple[bytes, bytes] | None:
+    """The ``(public_key, signature)`` an AUTH carries, or ``None`` when it carries none."""
+    public_key = _hex_field(payload, "public_key", PUBLIC_KEY_BYTES, required=False)
+    signature = _hex_field(payload, "signature", SIGNATURE_BYTES, required=public_key is not None)
+    if public_key is None or signature is None:
+        if signature is not None:
+            raise AuthError("auth.payload.signature needs auth.payload.public_key")
+        return None
+    return public_key, signature
 
 
 class QuicServer:
@@ -606,6 +751,10 @@ class QuicServer:
         self._connections: set[_AgentConnection] = set()
         self._transport: asyncio.DatagramTransport | None = None
         self._endpoint: _QuicEndpoint | None = None
+        #: What agents' signatures are bound to (see identity.auth_transcript).
+        self._certificate_digest = b""
+        # Checked against for unknown ids, so that they cost the same work as known ones.
+        self._decoy_key = public_bytes(new_private_key())
 
     def _configuration(self) -> QuicConfiguration:
         configuration = QuicConfiguration(
@@ -625,6 +774,9 @@ class QuicServer:
         if self._endpoint is not None:
             raise RuntimeError("QuicServer.start() called twice")
         configuration = self._configuration()
+        self._certificate_digest = certificate_digest(
+            x509.load_pem_x509_certificates(self._certs.cert.read_bytes())[0]
+        )
         # No session ticket handler: no resumption, so no 0-RTT data is ever accepted.
         transport, endpoint = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: _QuicEndpoint(

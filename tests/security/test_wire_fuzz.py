@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from security_harness import LoopThread, RawPeer, mac_for, raw_peer
 
 from deploy_core.transport import (
+    AgentCredential,
     AgentSession,
     AuthError,
     Envelope,
@@ -180,15 +181,22 @@ class Authority:
 
     def __init__(self) -> None:
         self.keys: dict[str, bytes] = {}
+        self.public_keys: dict[str, bytes] = {}
 
-    async def agent_key(self, client_id: str) -> bytes | None:
-        return self.keys.get(client_id)
+    async def credential(self, client_id: str) -> AgentCredential | None:
+        if client_id in self.public_keys:
+            return AgentCredential(public_key=self.public_keys[client_id])
+        key = self.keys.get(client_id)
+        return None if key is None else AgentCredential(shared_key=key)
 
-    async def enroll(self, client_id: str, join_token: str) -> bytes:
+    async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:
         if join_token != self.join_token:
             raise AuthError("join token refused")
-        self.keys[client_id] = key = secrets.token_bytes(32)
-        return key
+        self.public_keys[client_id] = public_key
+
+    async def upgrade(self, client_id: str, public_key: bytes) -> None:
+        self.keys.pop(client_id, None)
+        self.public_keys[client_id] = public_key
 
 
 class Wire:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from conftest import missing_part
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher
 from deploy_core.hookspecs import hookimpl
@@ -52,7 +53,19 @@ class KeyCredentials:
     """An enrolled agent's key, held in memory."""
 
     def __init__(self, key: bytes) -> None:
-        self.key = key
+        self.key: bytes | None = key
+
+    identity: Ed25519PrivateKey | None = None
+
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        return self.identity
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        self.identity = Ed25519PrivateKey.generate()
+        return self.identity
+
+    def drop_key(self) -> None:
+        self.key = None
 
     def load_key(self) -> bytes | None:
         return self.key

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,12 +19,14 @@ from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher, ArtifactTimeout
 from deploy_core.server.artifacts import ArtifactStore
 from deploy_core.transport import (
     ALPN_PROTOCOL,
     AgentConnector,
+    AgentCredential,
     AgentSession,
     AuthError,
     Envelope,
@@ -49,20 +50,39 @@ class MemoryAuthority:
 
     def __init__(self) -> None:
         self.keys: dict[str, bytes] = {}
+        self.public_keys: dict[str, bytes] = {}
 
-    async def agent_key(self, client_id: str) -> bytes | None:
-        return self.keys.get(client_id)
+    async def credential(self, client_id: str) -> AgentCredential | None:
+        if client_id in self.public_keys:
+            return AgentCredential(public_key=self.public_keys[client_id])
+        key = self.keys.get(client_id)
+        return None if key is None else AgentCredential(shared_key=key)
 
-    async def enroll(self, client_id: str, join_token: str) -> bytes:
+    async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:
         if join_token != "join-secret":
             raise AuthError("join token rejected")
-        self.keys[client_id] = secrets.token_bytes(32)
-        return self.keys[client_id]
+        self.public_keys[client_id] = public_key
+
+    async def upgrade(self, client_id: str, public_key: bytes) -> None:
+        self.keys.pop(client_id, None)
+        self.public_keys[client_id] = public_key
 
 
 class MemoryCredentials:
     def __init__(self) -> None:
         self.key: bytes | None = None
+
+    identity: Ed25519PrivateKey | None = None
+
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        return self.identity
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        self.identity = Ed25519PrivateKey.generate()
+        return self.identity
+
+    def drop_key(self) -> None:
+        self.key = None
 
     def load_key(self) -> bytes | None:
         return self.key

@@ -23,10 +23,13 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.transport import (
     ALPN_PROTOCOL,
     AgentConnector,
+    AgentCredential,
     AgentSession,
     AuthError,
     Envelope,
@@ -43,23 +46,35 @@ from deploy_core.transport import (
 
 
 class MemoryAuthority:
-    """AgentAuthority keeping keys in a dict; one valid join token."""
+    """AgentAuthority keeping credentials in dicts; one valid join token. ``keys`` holds
+    shared keys (agents enrolled before key pairs), ``public_keys`` agents' public keys."""
 
     def __init__(self, join_token: str = "join-secret") -> None:
         self.join_token = join_token
         self.keys: dict[str, bytes] = {}
+        self.public_keys: dict[str, bytes] = {}
         self.enrolled: list[str] = []
 
-    async def agent_key(self, client_id: str) -> bytes | None:
-        return self.keys.get(client_id)
+    async def credential(self, client_id: str) -> AgentCredential | None:
+        if client_id in self.public_keys:
+            return AgentCredential(public_key=self.public_keys[client_id])
+        if client_id in self.keys:
+            return AgentCredential(shared_key=self.keys[client_id])
+        return None
 
-    async def enroll(self, client_id: str, join_token: str) -> bytes:
+    async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:
+        if self.public_keys.get(client_id) == public_key:
+            return
+        if client_id in self.public_keys or client_id in self.keys:
+            raise AuthError(f"client id {client_id} is already enrolled with another key")
         if join_token != self.join_token:
             raise AuthError("join token rejected; ask the operator for a fresh one")
-        key = secrets.token_bytes(32)
-        self.keys[client_id] = key
+        self.public_keys[client_id] = public_key
         self.enrolled.append(client_id)
-        return key
+
+    async def upgrade(self, client_id: str, public_key: bytes) -> None:
+        del self.keys[client_id]
+        self.public_keys[client_id] = public_key
 
 
 class MemoryCredentials:
@@ -68,12 +83,23 @@ class MemoryCredentials:
     def __init__(self, key: bytes | None = None, token: str | None = None) -> None:
         self.key = key
         self.token = token
+        self.identity: Ed25519PrivateKey | None = None
+
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        return self.identity
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        self.identity = Ed25519PrivateKey.generate()
+        return self.identity
 
     def load_key(self) -> bytes | None:
         return self.key
 
     def save_key(self, key: bytes) -> None:
         self.key = key
+
+    def drop_key(self) -> None:
+        self.key = None
 
     def join_token(self) -> str | None:
         return self.token
@@ -259,7 +285,7 @@ def received(connector: AgentConnector) -> list[Envelope]:
 
 
 @pytest.mark.asyncio
-async def test_join_token_enrolls_and_the_saved_key_authenticates_next_time(
+async def test_join_token_enrolls_the_agents_own_key_which_authenticates_next_time(
     tmp_path: Path,
     start_server: StartServer,
     start_connector: StartConnector,
@@ -273,9 +299,14 @@ async def test_join_token_enrolls_and_the_saved_key_authenticates_next_time(
 
     first = start_connector(server, FileCredentials(state, token_file))
     assert await first.wait_connected(5)
-    key_file = state / "agent.key"
-    assert bytes.fromhex(key_file.read_text()) == authority.keys["web-1"]
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    identity_file = state / "agent-identity.pem"
+    identity = serialization.load_pem_private_key(identity_file.read_bytes(), password=None)
+    assert isinstance(identity, Ed25519PrivateKey)
+    assert authority.public_keys["web-1"] == identity.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    assert stat.S_IMODE(identity_file.stat().st_mode) == 0o600
+    assert not (state / "agent.key").exists()
     await eventually(lambda: len(recorder.sessions("connect")) == 1)
     session = recorder.sessions("connect")[0]
     assert session.client_id == "web-1"
