@@ -79,7 +79,7 @@ async def test_a_reporter_without_room_blocks_the_child(tmp_path: Path) -> None:
     lines: list[str] = []
     run = asyncio.create_task(
         run_process(
-            ["sh", "-c", f"yes 'line of output' | head -c 5000000; touch {done}"],
+            ["sh", "-c", f"yes 'line of output' | head -c 20000000; touch {done}"],
             timeout=60,
             on_line=lambda _s, line: lines.append(line),
             output_budget=OutputBudget(None),
@@ -89,11 +89,12 @@ async def test_a_reporter_without_room_blocks_the_child(tmp_path: Path) -> None:
     await asyncio.sleep(1.0)
     assert not done.exists()  # the pipe is full and nobody reads it: the child waits
     read_while_blocked = len(lines)
-    assert read_while_blocked * 15 < 1_000_000  # a chunk or two, not the 5 MB
+    # A chunk or two (the pipe and the reader hold 1 MiB each), not the 20 MB.
+    assert read_while_blocked * 15 < 3_000_000
     room.set()
     result = await asyncio.wait_for(run, 60)
     assert result.exit_code == 0 and done.exists()
-    assert len(lines) == 5000000 // 15 + 1
+    assert len(lines) == 20_000_000 // 15 + 1
 
 
 async def test_the_outbox_reporter_waits_for_acknowledgements(tmp_path: Path) -> None:
