@@ -252,7 +252,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         before = worker_totals(fleet)
         killed = time.monotonic()
         fleet.kill_server()
-        api_up = fleet.start_server(60.0)
+        fleet.start_server(60.0)
+        api_up = time.monotonic() - killed
         back = fleet.wait_connected(set(ids), args.connect_timeout, killed)
         time.sleep(2.0)  # refusals logged around the last connections
         after = worker_totals(fleet)
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 "restart_back_s",
                 f"kill -9 + restart: all {len(ids)} back",
                 back,
-                f"{back:.1f} s after the kill (API up in {api_up:.1f} s)",
+                f"{back:.1f} s after the kill (the API answered after {api_up:.1f} s)",
                 "all within 60 s",
             )
         report.add(
@@ -283,6 +284,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         report.data["refused_agents"] = refused_agents
         report.data["worker_log_categories"] = after["categories"]
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
         report.add("load_end", "load average at the end (1/5/15 min)", _load(), _load())
         dead = fleet.dead_workers()
         if dead:
@@ -343,7 +346,8 @@ def main() -> int:
     if args.connect_timeout is None:
         args.connect_timeout = 60.0 + 0.15 * args.agents
     args.artifact_agents = min(args.artifact_agents, args.agents)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)  # also when started with SIGINT ignored (`cmd &`)
     report = Report()
     print(
         f"fleet: {args.agents} agents in {args.procs}+1 processes, "
