@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 # Pages written to the WAL before it is copied into the database (SQLite's default is 1000)
 # and the size the WAL file is cut back to after that (it would keep its largest size): the
 # journal on disk stays near what the outbox holds, whatever a deployment prints.
-WAL_AUTOCHECKPOINT_PAGES = 256
-WAL_SIZE_LIMIT = 1024 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 128
+WAL_SIZE_LIMIT = 512 * 1024
 
 
 @dataclass(frozen=True)

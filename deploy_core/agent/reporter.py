@@ -33,7 +33,8 @@ MAX_BATCH_BLOCKS = 200
 MAX_BATCH_BYTES = 64 * 1024
 # Bytes each line adds to a report beyond its text (timestamp, stream, stage, JSON).
 LINE_OVERHEAD = 64
-# The outbox may hold this much before a running script's output is no longer read.
+# The outbox may hold this much before a running script's output is no longer read (and at
+# most a quarter of the deployment's log budget, so the journal stays well under twice it).
 MAX_UNACKED_BYTES = 1024 * 1024
 # How often wait_for_room looks again while the outbox is full.
 ROOM_POLL = 0.02
@@ -50,13 +51,22 @@ class OutboxReporter:
         command_type: str,
         wake: Callable[[], None],
         flush_interval: float = 0.2,
-        max_unacked_bytes: int = MAX_UNACKED_BYTES,
+        max_unacked_bytes: int | None = None,
     ) -> None:
+        """:param max_unacked_bytes: how much the outbox may hold before
+        :meth:`wait_for_room` waits; by default :data:`MAX_UNACKED_BYTES`, at most a quarter
+        of the log budget the server sent with the command (at least one batch)."""
         self.journal = journal
         self.deploy_id = deploy_id
         self.command_type = command_type
         self.wake = wake
         self.flush_interval = flush_interval
+        if max_unacked_bytes is None:
+            max_unacked_bytes = MAX_UNACKED_BYTES
+            entry = journal.get(deploy_id)
+            budget = entry.command.log_budget_bytes if entry is not None else None
+            if budget is not None:
+                max_unacked_bytes = max(MAX_BATCH_BYTES, min(max_unacked_bytes, budget // 4))
         self.max_unacked_bytes = max_unacked_bytes
         # The batch: single lines and blocks (their JSON form), in the order they came.
         self._lines: list[LogLine | dict[str, Any]] = []
