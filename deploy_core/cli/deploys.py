@@ -195,6 +195,9 @@ def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> N
             f"  (created {record['created_at']}, finished {record['finished_at'] or '-'})"
         )
     )
+    plan = (record.get("request") or {}).get("rollback_plan")
+    if plan:  # what the server decided, when it accepted it, to do on failure
+        click.echo(terminal_safe(f"  on failure: {plan['note']}"))
     if record["finished"]:
         print_outcome(record)
     for row in rows:

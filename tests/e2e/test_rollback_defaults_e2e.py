@@ -73,6 +73,13 @@ def deploy(center: DeployCenter, kind: str, **body: Any) -> dict[str, Any]:
     return record
 
 
+def cli_env(center: DeployCenter) -> dict[str, str]:
+    """The environment that points ``deployctl`` at ``center``."""
+    env = {**os.environ, "DEPLOY_CENTER_URL": f"http://127.0.0.1:{center.api_port}"}
+    env["DEPLOY_CENTER_TOKEN"] = (center.server_dir / "admin.token").read_text().strip()
+    return env
+
+
 def current(target: Path) -> str:
     return os.readlink(target / "current").rsplit("/", 1)[-1]
 
@@ -94,6 +101,14 @@ def test_tar_failure_without_rollback_field_goes_back_to_the_previous_release(
         "source": "deploy type default",
         "note": "release, the default of deploy.tar",
     }
+    shown = subprocess.run(
+        [sys.executable, "-m", "deploy_core.cli", "status", v1["deploy_id"]],
+        env=cli_env(center),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "  on failure: release, the default of deploy.tar\n" in shown.stdout, shown.stderr
 
     # v2 installs and goes live, then fails its check (healthy means version 1): back to
     # v1, on disk, and the check passes again.
@@ -300,8 +315,7 @@ def test_cli_no_rollback_opts_out(center: DeployCenter, tmp_path: Path) -> None:
     (workdir / "config.txt").write_text("old\n")
     cli = [sys.executable, "-m", "deploy_core.cli", "deploy", "shell", "--client", AGENT]
     wait_flags = ["--no-rollback", "--wait", "--wait-timeout", "60"]
-    env = {**os.environ, "DEPLOY_CENTER_URL": f"http://127.0.0.1:{center.api_port}"}
-    env["DEPLOY_CENTER_TOKEN"] = (center.server_dir / "admin.token").read_text().strip()
+    env = cli_env(center)
 
     done = subprocess.run(
         [*cli, "--workdir", str(workdir), "--script", "echo new > config.txt; exit 1", *wait_flags],
