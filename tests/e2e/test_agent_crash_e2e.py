@@ -41,41 +41,64 @@ def wait_for(path: Path, seconds: float = 60.0) -> str:
     raise AssertionError(f"{path} never appeared")
 
 
+def scripts(stage: str, work: Path, unmarked: bool) -> tuple[str, list[dict[str, object]]]:
+    """The deployment's script and health checks for an agent killed during ``stage``: the
+    step running then records its pid, starts an escapee (new session, parent gone) and
+    sleeps; the rollback's run notes which of the two still run, then says it is done."""
+    drop = "unset DEPLOY_ID DEPLOY_CENTER_RUN; " if unmarked else ""
+    payload = f"""
+echo $$ > {work}/main.pid
+( {drop}setsid sh -c 'echo $$ > {work}/escaped.pid; sleep {LATE_AFTER}; echo X > {work}/late.txt' \\
+    </dev/null >/dev/null 2>&1 & )
+sleep {LATE_AFTER}
+echo X > {work}/late-main.txt
+"""
+    check = f"""
+for f in main escaped; do  # running, not a zombie waiting for init to collect it
+  state=$(sed 's/.*) //' "/proc/$(cat {work}/$f.pid)/stat" 2>/dev/null | cut -c1)
+  case "$state" in ""|Z|X) ;; *) echo "$f" >> {work}/alive-at-rollback ;; esac
+done
+echo done > {work}/rolled-back
+"""
+    once = f"[ -e {work}/first ] || {{ touch {work}/first; {payload}\n}}"
+    if stage == "script":
+        return f'if [ "$DEPLOY_ACTION" = rollback ]; then {check}\nexit 0; fi\n{payload}', []
+    if stage == "rollback":  # the deployment fails; its first rollback run is interrupted
+        script = f'if [ "$DEPLOY_ACTION" = rollback ]; then\n{once}\n{check}\nexit 0; fi\nexit 1\n'
+        return script, []
+    health = {
+        "type": "script",
+        "script": once,
+        "retries": 0,
+        "timeout": 300,
+        "attempt_timeout": 120,
+    }
+    return f'if [ "$DEPLOY_ACTION" = rollback ]; then {check}\nexit 0; fi\nexit 0\n', [health]
+
+
 @pytest.mark.parametrize(
-    ("tracking", "unmarked"),
+    ("stage", "tracking", "unmarked"),
     [
         # cgroups: the escapee also drops every variable that names the deployment
-        ("auto", True),
+        ("script", "auto", True),
         # the cgroup v1 freezer hierarchy, explicitly
-        ("freezer", True),
+        ("script", "freezer", True),
         # no cgroups: found by session, then by the marker it kept
-        ("off", False),
+        ("script", "off", False),
+        # killed while the health check or the rollback's own run was going
+        ("health", "auto", True),
+        ("rollback", "auto", True),
     ],
 )
 def test_a_restarted_agent_kills_the_interrupted_deployment_before_rolling_back(
-    tmp_path: Path, tracking: str, unmarked: bool
+    tmp_path: Path, stage: str, tracking: str, unmarked: bool
 ) -> None:
     if tracking != "off" and find_tracking_hierarchy(tracking)[0] is None:
         missing_part(f"no writable cgroup hierarchy: {find_tracking_hierarchy(tracking)[1]}")
     work = tmp_path / "work"
     work.mkdir()
     mark = uuid.uuid4().hex  # the test's own: the agent knows nothing of it
-    drop = "unset DEPLOY_ID DEPLOY_CENTER_RUN; " if unmarked else ""
-    script = f"""
-if [ "$DEPLOY_ACTION" = rollback ]; then
-  for f in main escaped; do  # running, not a zombie waiting for init to collect it
-    state=$(sed 's/.*) //' "/proc/$(cat {work}/$f.pid)/stat" 2>/dev/null | cut -c1)
-    case "$state" in ""|Z|X) ;; *) echo "$f" >> {work}/alive-at-rollback ;; esac
-  done
-  echo done > {work}/rolled-back
-  exit 0
-fi
-echo $$ > {work}/main.pid
-( {drop}setsid sh -c 'echo $$ > {work}/escaped.pid; sleep {LATE_AFTER}; echo X > {work}/late.txt' \
-    </dev/null >/dev/null 2>&1 & )
-sleep {LATE_AFTER}
-echo X > {work}/late-main.txt
-"""
+    script, health_checks = scripts(stage, work, unmarked)
     center = DeployCenter(tmp_path / "center", env={"DEPLOY_CENTER_PROCESS_TRACKING": tracking})
     try:
         center.start_server()
@@ -87,6 +110,7 @@ echo X > {work}/late-main.txt
             workdir=str(work),
             timeout=120,
             rollback={"strategy": "inline"},
+            health_checks=health_checks,
         )
         main = int(wait_for(work / "main.pid"))
         escaped = int(wait_for(work / "escaped.pid"))
