@@ -313,3 +313,57 @@ def _stack(frame: FrameType | None) -> Iterator[FrameType]:
     while frame is not None:
         yield frame
         frame = frame.f_back
+
+
+def missing_part(reason: str) -> None:
+    """Skip, or fail under ``DEPLOY_CENTER_STRICT=1``, because a real part is missing."""
+    if os.environ.get("DEPLOY_CENTER_STRICT") == "1":
+        pytest.fail(f"required part missing (DEPLOY_CENTER_STRICT=1): {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A separate file system (tmpfs) mounted under ``tmp_path``."""
+    import subprocess
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        missing_part(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_on_another_file_system_the_package_is_staged_at_its_root_privately(
+    tar_context: ContextFactory, package: Package, tmpfs: Path
+) -> None:
+    sha = package({"index.html": "v1\n"})
+    target = tmpfs / "srv" / "app"
+    fields = {"artifact": sha, "target_dir": str(target)}
+    ctx, _ = tar_context(fields, deploy_id="d1")
+
+    await deploy_release(ctx, TarParams.model_validate(fields))
+
+    assert (target / "current" / "index.html").read_text() == "v1\n"
+    staging = tmpfs / ".deploy-tar-staging"
+    assert staging.stat().st_mode & 0o777 == 0o700 and list(staging.iterdir()) == []
+
+
+async def test_a_staging_area_a_script_could_reach_is_refused(
+    tar_context: ContextFactory, package: Package, tmpfs: Path
+) -> None:
+    sha = package({"index.html": "v1\n"})
+    tmpfs.parent.chmod(0o777)  # anyone could rename the mount point's entry: not private
+    try:
+        fields = {"artifact": sha, "target_dir": str(tmpfs / "app")}
+        ctx, _ = tar_context(fields)
+        with pytest.raises(DeployFailed) as caught:
+            await deploy_release(ctx, TarParams.model_validate(fields))
+    finally:
+        tmpfs.parent.chmod(0o700)
+    assert "cannot extract the package where no script can reach it" in str(caught.value)
+    assert f"{tmpfs.parent} is not a directory only the agent can change" in str(caught.value)
