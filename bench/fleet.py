@@ -40,6 +40,7 @@ from fleet_harness import Fleet, cpu_seconds, rss_kib
 from fleet_runs import (
     dispatch_latency,
     fan_out,
+    ingest,
     make_package,
     percentiles,
     worker_totals,
@@ -48,6 +49,7 @@ from fleet_runs import (
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SOLO = "fleet-00000"
 IDLE_WINDOW = 10.0
+INGEST_SLEEP = 45
 
 
 class Report:
@@ -248,6 +250,31 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             if shipped["statuses"].get("success", 0) != len(targets):
                 report.problem(f"package deployments ended {shipped['statuses']}")
 
+        # ---- status-event ingest (its `sleep` deployments still run at the kill below)
+        in_flight: dict[str, str] = {}
+        if args.ingest_agents and args.ingest_events:
+            flood = ingest(
+                fleet,
+                ids[: args.ingest_agents],
+                args.ingest_events,
+                INGEST_SLEEP,
+                args.ingest_timeout,
+            )
+            in_flight = flood.pop("deploys")
+            report.data["ingest_detail"] = flood
+            report.add(
+                "ingest_rate",
+                f"status-event ingest into {'PostgreSQL' if args.pg else 'SQLite'}",
+                flood["rate"],
+                f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents; "
+                f"enqueued in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s)",
+                ">= 5,000/s into SQLite",
+            )
+            if flood["unacknowledged"]:
+                report.problem(f"{flood['unacknowledged']} flood events never acknowledged")
+            if any(size < args.ingest_events for size in flood["history_sizes"]):
+                report.problem(f"histories hold fewer reports than sent: {flood['history_sizes']}")
+
         # ---- kill -9 and restart
         before = worker_totals(fleet)
         killed = time.monotonic()
@@ -280,6 +307,22 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             f"{refusals} ({enrolled_again} 'already enrolled'; {len(refused_agents)} agents)",
             "0 refused",
         )
+        if in_flight:
+            finals: Counter[str] = Counter()
+            for deploy_id in in_flight.values():
+                try:
+                    finals[fleet.api.wait(deploy_id, timeout=INGEST_SLEEP + 120)["status"]] += 1
+                except TimeoutError:
+                    finals["unfinished"] += 1
+            report.add(
+                "over_the_kill",
+                f"`sleep {INGEST_SLEEP}` deployments running across the kill",
+                dict(finals),
+                ", ".join(f"{n} {status}" for status, n in finals.most_common()),
+                "0 lost",
+            )
+            if finals.get("success", 0) != len(in_flight):
+                report.problem(f"deployments running across the kill ended {dict(finals)}")
         report.data["initial_refusals"] = before["refusals"]
         report.data["refused_agents"] = refused_agents
         report.data["worker_log_categories"] = after["categories"]
@@ -326,6 +369,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifact-mb", type=int, default=50, help="the package's size")
     parser.add_argument("--artifact-timeout", type=float, default=900.0)
     parser.add_argument(
+        "--ingest-agents", type=int, default=50, help="agents flooding status events (0: off)"
+    )
+    parser.add_argument("--ingest-events", type=int, default=100, help="reports per agent")
+    parser.add_argument("--ingest-timeout", type=float, default=300.0)
+    parser.add_argument(
         "--keep-monitor",
         action="store_true",
         help="keep the docker monitor agent service on (off: N samplers on one docker daemon)",
@@ -346,6 +394,7 @@ def main() -> int:
     if args.connect_timeout is None:
         args.connect_timeout = 60.0 + 0.15 * args.agents
     args.artifact_agents = min(args.artifact_agents, args.agents)
+    args.ingest_agents = min(args.ingest_agents, args.agents)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)  # also when started with SIGINT ignored (`cmd &`)
     report = Report()

@@ -5,10 +5,12 @@ Each agent has its own state directory, journal and QUIC connection, exactly as 
 Every second the worker writes a JSON snapshot to ``--stats`` (atomically): how many of its
 agents are connected, and what its agents logged — refusals by the server (``already
 enrolled`` among them), enrolments, failed attempts — counted by a logging handler, with the
-ids of the agents that were refused.  SIGTERM or SIGINT stops the agents and ends the worker.
+ids of the agents that were refused.  When the ``--control`` file appears, the agents it names
+flood the server with ``deploy.status`` reports (see :func:`flood`); the snapshot then gets
+the flood's times.  SIGTERM or SIGINT stops the agents and ends the worker.
 
     python bench/fleet_agents.py --server 127.0.0.1:PORT --ca CA --join-token-file F \\
-        --root DIR --stats FILE.json ID [ID ...]
+        --root DIR --stats FILE.json --log FILE.log --control FILE.json ID [ID ...]
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from deploy_core.plugins import get_plugins
 FLEET_REAP_INTERVAL = 60.0
 STATS_EVERY = 1.0
 STOP_TIMEOUT = 30.0
+# Flood reports carry sequence numbers above any the executor gives, so the server applies
+# (and stores) each of them as a new report.
+FLOOD_SEQ = 1_000_000
+FLOOD_DRAIN_TIMEOUT = 300.0
 
 _CLIENT_ID = re.compile(r"\bfleet-\d+\b")
 _VOLATILE = [
@@ -92,7 +98,11 @@ def raise_fd_limit() -> None:
 
 
 def write_stats(
-    path: Path, agents: list[Agent], counter: OutcomeCounter, crashed: list[str]
+    path: Path,
+    agents: list[Agent],
+    counter: OutcomeCounter,
+    crashed: list[str],
+    extra: dict[str, Any],
 ) -> None:
     """The worker's snapshot, replaced atomically so the parent never reads half of it."""
     snapshot: dict[str, Any] = {
@@ -106,10 +116,52 @@ def write_stats(
         "refused_ids": sorted(counter.refused_ids),
         "categories": dict(counter.categories.most_common(40)),
         "crashed": crashed,
+        **extra,
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(snapshot))
     os.replace(tmp, path)
+
+
+async def flood(agents: list[Agent], plan: dict[str, Any]) -> dict[str, Any]:
+    """Send ``plan["events"]`` ``deploy.status`` reports from each agent named in
+    ``plan["deploys"]`` (client id → a deployment running on it), through each agent's
+    outbox as any report goes, and wait until the server has acknowledged them all."""
+    events = int(plan["events"])
+    by_id = {agent.config.client_id: agent for agent in agents}
+    flooders = [
+        (by_id[cid], deploy_id) for cid, deploy_id in plan["deploys"].items() if cid in by_id
+    ]
+
+    async def one(agent: Agent, deploy_id: str) -> None:
+        for n in range(events):
+            report = {
+                "deploy_id": deploy_id,
+                "command_type": "deploy.shell",
+                "status": "script_running",
+                "progress": 50,
+                "stage": "script_running",
+                "message": f"flood report {n}",
+                "seq": FLOOD_SEQ + n,
+                "timestamp": time.time(),
+            }
+            await agent.send_event("deploy.status", report)
+
+    started = time.time()
+    await asyncio.gather(*(one(agent, deploy_id) for agent, deploy_id in flooders))
+    enqueued = time.time()
+    while time.time() - enqueued < FLOOD_DRAIN_TIMEOUT:
+        if not any(agent.journal.outbox_size() for agent, _ in flooders):
+            break
+        await asyncio.sleep(0.05)
+    return {
+        "agents": len(flooders),
+        "events": events * len(flooders),
+        "started": started,
+        "enqueued": enqueued,
+        "drained": time.time(),
+        "unacknowledged": sum(agent.journal.outbox_size() for agent, _ in flooders),
+    }
 
 
 async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
@@ -146,16 +198,48 @@ async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(run_one(agent)) for agent in agents]
+    flooding: asyncio.Task[dict[str, Any]] | None = None
+    extra: dict[str, Any] = {}
     while not stop.is_set():
-        write_stats(args.stats, agents, counter, crashed)
+        if flooding is None and args.control.exists():
+            flooding = asyncio.create_task(flood(agents, json.loads(args.control.read_text())))
+        if flooding is not None and flooding.done() and "flood" not in extra:
+            try:
+                extra["flood"] = flooding.result()
+            except Exception as exc:
+                extra["flood"] = {"error": f"{type(exc).__name__}: {exc}"}
+        write_stats(args.stats, agents, counter, crashed, extra)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), STATS_EVERY)
+    log = logging.getLogger("fleet")
+    log.info("stopping %d agents", len(agents))
     await asyncio.gather(*(agent.stop() for agent in agents))
     _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    write_stats(args.stats, agents, counter, crashed)
+    if pending:
+        log_unfinished(log)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=5.0)
+    log.info(
+        "agents stopped (%d did not within %g s and were cancelled)", len(pending), STOP_TIMEOUT
+    )
+    write_stats(args.stats, agents, counter, crashed, extra)
+
+
+def log_unfinished(log: logging.Logger, limit: int = 40) -> None:
+    """Name the tasks still running (and where they wait) when agents do not stop in time."""
+    current = asyncio.current_task()
+    for task in [t for t in asyncio.all_tasks() if t is not current][:limit]:
+        chain: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(chain) < 12:  # the awaits, outermost first
+            frame = getattr(coro, "cr_frame", None)
+            if frame is None:
+                chain.append(type(coro).__name__)
+                break
+            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None)
+        log.warning("still running at stop: %s: %s", task.get_name(), " -> ".join(chain))
 
 
 def main() -> int:
@@ -166,6 +250,12 @@ def main() -> int:
     parser.add_argument("--root", type=Path, required=True, help="agents' state dirs go here")
     parser.add_argument("--stats", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True, help="what the agents log")
+    parser.add_argument(
+        "--control",
+        type=Path,
+        required=True,
+        help='when this file appears: flood {"events": E, "deploys": {client id: deploy id}}',
+    )
     parser.add_argument("ids", nargs="+")
     args = parser.parse_args()
     raise_fd_limit()
@@ -179,6 +269,7 @@ def main() -> int:
     root.addHandler(counter)
     root.addHandler(file_handler)
     asyncio.run(run_agents(args, counter))
+    logging.getLogger("fleet").info("worker done")
     return 0
 
 

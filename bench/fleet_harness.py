@@ -133,6 +133,14 @@ class Worker:
     proc: subprocess.Popen[bytes]
     stats_file: Path
     log: Path
+    control: Path
+
+    def command_flood(self, plan: dict[str, Any]) -> None:
+        """Have the worker's agents in ``plan["deploys"]`` flood the server (atomically
+        written: the worker acts on the file as soon as it exists)."""
+        tmp = self.control.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan))
+        os.replace(tmp, self.control)
 
     def stats(self) -> dict[str, Any]:
         """Its last snapshot (empty before the first)."""
@@ -236,11 +244,13 @@ class Fleet:
             # what a fleet's server sees.
             env["DEPLOY_CORE_DISABLE_PLUGINS"] = "monitor_docker"
         stats, log = self.root / f"{name}.json", self.root / f"{name}.log"
+        control = self.root / f"{name}.flood.json"
         args = [sys.executable, str(WORKER_SCRIPT), "--server", f"127.0.0.1:{self.quic_port}"]
         args += ["--ca", str(self.server_dir / "ca.pem"), "--join-token-file", str(join_token_file)]
         args += ["--root", str(self.root / "agents"), "--stats", str(stats), "--log", str(log)]
+        args += ["--control", str(control)]
         proc = _start([*args, *ids], self.root / f"{name}.out", env)
-        worker = Worker(name, ids, proc, stats, log)
+        worker = Worker(name, ids, proc, stats, log, control)
         self.workers.append(worker)
         return worker
 

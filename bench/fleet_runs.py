@@ -173,3 +173,60 @@ def worker_totals(fleet: Fleet) -> dict[str, Any]:
         totals["crashed"] += stats.get("crashed", [])
         totals["categories"].update(stats.get("categories", {}))
     return totals
+
+
+def ingest(
+    fleet: Fleet, ids: list[str], events: int, script_seconds: int, timeout: float
+) -> dict[str, Any]:
+    """Status-event ingest: start ``sleep`` on each agent of ``ids``, and once each runs have
+    every one of them send ``events`` ``deploy.status`` reports for it through its outbox
+    (``fleet_agents.flood``).  The rate is all events over the time from the first enqueued
+    to the last acknowledged by the server (it acknowledges an event once it is stored).
+    ``deploys`` (client id → deployment) are still running when this returns, usually."""
+    api = fleet.api
+    deploys = {
+        cid: api.deploy("shell", {"client_id": cid, "script": f"sleep {script_seconds}"})[
+            "deploy_id"
+        ]
+        for cid in ids
+    }
+    waiting, end = set(deploys.values()), time.monotonic() + 60.0
+    while waiting and time.monotonic() < end:
+        for deploy_id in list(waiting):
+            record = api.get(deploy_id)
+            if record["status"] == "script_running" or record["finished"]:
+                waiting.discard(deploy_id)
+        time.sleep(0.2)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in 60 s")
+    commanded = []
+    for worker in fleet.workers:
+        mine = {cid: deploys[cid] for cid in worker.ids if cid in deploys}
+        if mine:
+            worker.command_flood({"events": events, "deploys": mine})
+            commanded.append(worker)
+    results: list[dict[str, Any]] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        results = [w.stats().get("flood", {}) for w in commanded]
+        if all(results):
+            break
+        time.sleep(0.5)
+    errors = [r["error"] for r in results if "error" in r]
+    if not all(results) or errors:
+        raise RuntimeError(f"the flood did not finish in {timeout:g} s: {errors or results}")
+    total = sum(r["events"] for r in results)
+    started = min(r["started"] for r in results)
+    enqueued = max(r["enqueued"] for r in results) - started
+    drained = max(r["drained"] for r in results) - started
+    stored = [len(api.history(deploy_id)) for deploy_id in list(deploys.values())[:5]]
+    return {
+        "events": total,
+        "agents": len(deploys),
+        "rate": total / max(drained, 1e-9),
+        "enqueue_s": enqueued,
+        "drain_s": drained,
+        "unacknowledged": sum(r["unacknowledged"] for r in results),
+        "history_sizes": stored,
+        "deploys": deploys,
+    }
