@@ -70,6 +70,21 @@ def processes() -> list[ProcInfo]:
     return out
 
 
+def own_children() -> list[ProcInfo]:
+    """The children of this process (of all its threads), zombies included: read from
+    ``/proc/self/task/*/children`` where the kernel provides it, else from every process."""
+    me = os.getpid()
+    task_dir = PROC / "self" / "task"
+    if not (task_dir / str(me) / "children").exists():
+        return [i for i in processes() if i.ppid == me]
+    pids: set[int] = set()
+    for tid in os.listdir(task_dir):
+        with contextlib.suppress(OSError):
+            pids.update(int(p) for p in (task_dir / tid / "children").read_text().split())
+    infos = [read(pid) for pid in pids]
+    return [i for i in infos if i is not None and i.ppid == me]
+
+
 def is_same(pid: int, start_ticks: int) -> bool:
     """Whether ``pid`` still names the process that started at ``start_ticks`` (and has not
     exited: a zombie is already dead)."""

@@ -228,18 +228,11 @@ class ProcessTracker:
     def reap_orphans(self) -> int:
         """Collect the exit status of orphans the agent adopted as subreaper (never of a
         child someone waits for); how many were reaped."""
-        me, my_sid, reaped = os.getpid(), os.getsid(0), 0
-        table = proctable.processes()
-        now = {(i.pid, i.start_ticks) for i in table if not i.zombie}
+        my_sid, reaped = os.getsid(0), 0
         # What finished runs left and has ended since (in place: runs add to it meanwhile).
-        self._left -= {entry for entry in self._left if entry not in now}
-        for info in table:
-            if (
-                info.ppid == me
-                and info.zombie
-                and info.pid not in self._active
-                and info.sid != my_sid
-            ):
+        self._left -= {entry for entry in self._left if not proctable.is_same(*entry)}
+        for info in proctable.own_children():
+            if info.zombie and info.pid not in self._active and info.sid != my_sid:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(info.pid, os.WNOHANG)
                     reaped += 1
