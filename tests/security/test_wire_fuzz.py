@@ -344,17 +344,21 @@ def test_a_hello_with_another_protocol_is_refused_at_once(wire: Wire, protocol: 
     assert "unsupported protocol" in wire.attack(send(encode(hello)))
 
 
+# Proofs of wrong lengths (and the odd right one), non-hex, and not strings at all.
+hex_garbage = st.one_of(
+    st.binary(max_size=100).map(bytes.hex),
+    st.text(alphabet="0123456789abcdefg xyz", max_size=80),
+    st.integers(),
+    st.none(),
+    st.lists(st.integers(0, 255), max_size=32),
+)
 auth_garbage = st.fixed_dictionaries(
     {},
     optional={
-        "method": st.sampled_from(["key", "join", "KEY", "", None, 1, ["key"]]),
-        "mac": st.one_of(
-            st.binary(max_size=100).map(bytes.hex),  # wrong lengths (and the odd right one)
-            st.text(alphabet="0123456789abcdefg xyz", max_size=80),  # non-hex
-            st.integers(),
-            st.none(),
-            st.lists(st.integers(0, 255), max_size=32),
-        ),
+        "method": st.sampled_from(["key", "join", "signature", "KEY", "", None, 1, ["key"]]),
+        "mac": hex_garbage,
+        "signature": hex_garbage,
+        "public_key": hex_garbage,
         "join_token": st.one_of(st.text(max_size=40), st.integers(), st.none()),
         "capabilities": st.one_of(
             json_value,
