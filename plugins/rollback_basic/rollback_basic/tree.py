@@ -181,6 +181,7 @@ class _Copier:
         finally:
             for level in stack[1:]:
                 level.close()
+            top.close()
         return self.stats
 
     def _list(self, handle: safefs.Dir) -> list[os.DirEntry[str]]:
