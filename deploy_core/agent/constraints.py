@@ -244,7 +244,7 @@ class ConstraintPolicy:
         if cwd is None or not self.roots:
             return
         real = os.path.realpath(cwd)
-        if any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.roots):
+        if any(_under(real, root) for root in self.roots):
             return
         shown = str(cwd) if real == os.path.normpath(cwd) else f"{cwd} (resolves to {real})"
         raise ConstraintRefusal(
