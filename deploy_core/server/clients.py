@@ -30,6 +30,14 @@ def _row(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
 
 
+def _enrolled_key(conn: Connection, client_id: str) -> str | None:
+    """The public key ``client_id`` is enrolled with, as ``conn`` sees it now."""
+    key: str | None = conn.execute(
+        sa.select(clients.c.public_key).where(clients.c.client_id == client_id)
+    ).scalar_one_or_none()
+    return key
+
+
 class ClientRecords:
     """Client rows of the server's database (mixed into ``RecordStore``)."""
 
@@ -103,7 +111,17 @@ class ClientRecords:
                             return False
                         raise AlreadyEnrolled(client_id)
                     if spend is not None:
-                        spend(conn)
+                        try:
+                            spend(conn)
+                        except Exception:
+                            # A concurrent try with this same key may have spent the last
+                            # use and committed meanwhile (PostgreSQL's statements see what
+                            # committed since the transaction began): that try enrolled it.
+                            if public_key is not None and _enrolled_key(conn, client_id) == (
+                                public_key
+                            ):
+                                return False
+                            raise
                     conn.execute(
                         clients.insert().values(
                             client_id=client_id,

@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.testing_chaos import UdpRelay
-from deploy_core.transport import AgentConnector, Envelope, FileCredentials
+from deploy_core.transport import AgentConnector, AuthError, Envelope, FileCredentials
 from deploy_core.transport.identity import public_bytes
 
 CLIENT = "web-1"
@@ -198,6 +199,27 @@ async def test_upgrade_whose_welcome_is_lost_still_gets_in(
     assert row(server)["agent_key"] is None
     assert row(server)["public_key"] == identity_public_hex(state)
     await eventually(lambda: not (state / "agent.key").exists())
+
+
+@pytest.mark.asyncio
+async def test_concurrent_tries_with_one_key_enroll_once_and_spend_one_use(
+    tmp_path: Path, server: DeployServer
+) -> None:
+    # An agent that gave up on a slow server and tried again while the first try was still
+    # being served: both tries reach the database.
+    token_id, token_file = join_token(server, tmp_path / "join.token", uses=1)
+    token = token_file.read_text().strip()
+    registry = AgentRegistry(server.records, server.tokens, server.db)
+    key = public_bytes(Ed25519PrivateKey.generate())
+
+    results = await asyncio.gather(
+        *(registry.enroll(CLIENT, token, key) for _ in range(6)), return_exceptions=True
+    )
+    assert results == [None] * 6
+    assert uses_left(server, token_id) == 0
+    assert row(server)["public_key"] == key.hex()
+    with pytest.raises(AuthError, match="already enrolled with another key"):
+        await registry.enroll(CLIENT, token, public_bytes(Ed25519PrivateKey.generate()))
 
 
 # --------------------------------------------------------------------------- other keys
