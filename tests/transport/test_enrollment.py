@@ -203,23 +203,30 @@ async def test_upgrade_whose_welcome_is_lost_still_gets_in(
 
 @pytest.mark.asyncio
 async def test_concurrent_tries_with_one_key_enroll_once_and_spend_one_use(
-    tmp_path: Path, server: DeployServer
+    tmp_path: Path, db_url: str
 ) -> None:
     # An agent that gave up on a slow server and tried again while the first try was still
-    # being served: both tries reach the database.
-    token_id, token_file = join_token(server, tmp_path / "join.token", uses=1)
-    token = token_file.read_text().strip()
-    registry = AgentRegistry(server.records, server.tokens, server.db)
-    key = public_bytes(Ed25519PrivateKey.generate())
+    # being served: both tries reach the database (SQLite and PostgreSQL).
+    config = ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0, db_url=db_url)
+    server = DeployServer(config)
+    await server.start()
+    try:
+        token_id, token_file = join_token(server, tmp_path / "join.token", uses=1)
+        token = token_file.read_text().strip()
+        registry = AgentRegistry(server.records, server.tokens, server.db)
+        key = public_bytes(Ed25519PrivateKey.generate())
 
-    results = await asyncio.gather(
-        *(registry.enroll(CLIENT, token, key) for _ in range(6)), return_exceptions=True
-    )
-    assert results == [None] * 6
-    assert uses_left(server, token_id) == 0
-    assert row(server)["public_key"] == key.hex()
-    with pytest.raises(AuthError, match="already enrolled with another key"):
-        await registry.enroll(CLIENT, token, public_bytes(Ed25519PrivateKey.generate()))
+        results = await asyncio.gather(
+            *(registry.enroll(CLIENT, token, key) for _ in range(6)), return_exceptions=True
+        )
+        assert results == [None] * 6
+        assert uses_left(server, token_id) == 0
+        held = server.records.client_credentials(CLIENT)
+        assert held is not None and held["public_key"] == key.hex()
+        with pytest.raises(AuthError, match="already enrolled with another key"):
+            await registry.enroll(CLIENT, token, public_bytes(Ed25519PrivateKey.generate()))
+    finally:
+        await server.stop()
 
 
 # --------------------------------------------------------------------------- other keys
