@@ -614,6 +614,25 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 conn.execute(deployments.delete().where(deployments.c.deploy_id.in_(ids)))
                 deleted += len(ids)
 
+    def note(self, deploy_id: str, message: str) -> None:
+        """Add a server's line to a deployment's history without moving its status (e.g.
+        why a cascade of rollbacks stopped there)."""
+        with self.engine.begin() as conn:
+            record = self._get(conn, deploy_id)
+            if record is None:
+                return
+            self._history(
+                conn,
+                deploy_id,
+                None,
+                record["status"],
+                record["stage"],
+                record["progress"],
+                message,
+                "server",
+                time.time(),
+            )
+
     def mark_dispatched(self, deploy_id: str) -> None:
         """The command was handed to the transport."""
         self._set(deploy_id, dispatched_at=time.time())

@@ -158,16 +158,11 @@ async def continue_cascade(server: DeployServer, rollback: dict[str, Any]) -> No
     if not rest or rollback["command_type"] != COMMAND_ROLLBACK:
         return
     if rollback["status"] != DeployStatus.ROLLED_BACK.value:
-        log.warning(
-            "cascade stopped: rollback %s ended %s; not rolled back: %s",
-            rollback["deploy_id"],
-            rollback["status"],
-            ", ".join(rest),
-        )
+        await _stop_cascade(server, rollback, rest, f"this rollback ended {rollback['status']}")
         return
     record = await server.db(server.records.get, rest[0])
     if record is None:
-        log.warning("cascade stopped: deployment %s no longer exists", rest[0])
+        await _stop_cascade(server, rollback, rest, f"deployment {rest[0]} no longer exists")
         return
     try:
         # Something deployed on the target while the chain ran is not undone either.
@@ -177,9 +172,19 @@ async def continue_cascade(server: DeployServer, rollback: dict[str, Any]) -> No
         await _check_restorable(server, record)
         nxt = await _submit_rollback(server, record, rest[1:])
     except (RollbackRefused, ClientBusy) as exc:
-        log.warning("cascade stopped before %s: %s", rest[0], exc)
+        await _stop_cascade(server, rollback, rest, str(exc))
         return
     log.info("cascade: rollback %s of %s asked for", nxt["deploy_id"], rest[0])
+
+
+async def _stop_cascade(
+    server: DeployServer, rollback: dict[str, Any], rest: list[str], why: str
+) -> None:
+    """Say in the rollback's history (and the log) that the chain stops there, and what it
+    leaves in place."""
+    message = f"cascade stopped: {why}; not rolled back: {', '.join(rest)}"
+    log.warning("rollback %s: %s", rollback["deploy_id"], message)
+    await server.db(server.records.note, rollback["deploy_id"], message)
 
 
 async def _submit_rollback(

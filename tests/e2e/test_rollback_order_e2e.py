@@ -138,6 +138,46 @@ async def test_rolling_back_a_superseded_deployment_is_409_or_cascades_newest_fi
     assert again.status_code == 409 and "already rolled back" in again.json()["error"]
 
 
+async def test_a_cascade_stops_where_a_rollback_fails_and_says_so(
+    center: InProcessCenter, tmp_path: Path
+) -> None:
+    http = center.http
+    app = tmp_path / "app"
+    app.mkdir()
+    ids = []
+    for version, undo in (("v1", "exit 0"), ("v2", "exit 7")):  # v2's rollback fails
+        script = (
+            f'if [ "$DEPLOY_ACTION" = rollback ]; then echo undo {version} >> log; {undo}; fi; '
+            f"echo {version} > version"
+        )
+        answer = await http.post(
+            "/api/deploy/shell",
+            json={
+                "client_id": CLIENT,
+                "script": script,
+                "workdir": str(app),
+                "rollback": {"strategy": "inline"},
+            },
+        )
+        assert answer.status_code == 202, answer.text
+        record = await wait_finished(http, answer.json()["deploy_id"])
+        assert record["status"] == "success", record["error"]
+        ids.append(record["deploy_id"])
+    v1, v2 = ids
+
+    accepted = await http.post(f"/api/deploy/{v1}/rollback", json={"cascade": True})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["cascade"] == [v2, v1]
+    undo2 = await wait_finished(http, accepted.json()["deploy_id"])
+    assert undo2["status"] == "rollback_failed"
+    await asyncio.sleep(0.5)  # a next rollback, if wrongly asked for, would be recorded by now
+    assert (await http.get(f"/api/deploy/{v1}")).json()["rolled_back_by"] is None
+    assert (app / "log").read_text() == "undo v2\n"  # v1 was not touched
+    history = (await http.get(f"/api/deploy/{undo2['deploy_id']}/status")).json()["history"]
+    notes = [row["message"] for row in history if "cascade stopped" in row["message"]]
+    assert notes == [f"cascade stopped: this rollback ended rollback_failed; not rolled back: {v1}"]
+
+
 async def test_other_targets_do_not_block_a_rollback(
     center: InProcessCenter, tmp_path: Path
 ) -> None:
