@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 RESEND_AFTER = 30.0
 # Seconds between collections of exited orphans (the agent is their subreaper).
 REAP_INTERVAL = 1.0
+# Every this many of those, the runs' left services that have exited are forgotten.
+SETTLE_EVERY = 10
 # Bytes of events sent and not yet acknowledged: past this the pump waits for acks, so the
 # control stream never queues more than this ahead of a heartbeat or an ack, and the
 # server's inbox holds no more than this of one agent's events.
@@ -169,7 +171,9 @@ class Agent:
             log.exception("agent service %s stopped with an error", name)
 
     async def _reap(self) -> None:
-        """Collect orphans the agent adopted as child subreaper, so none stays a zombie."""
+        """Collect orphans the agent adopted as child subreaper, so none stays a zombie; now
+        and then, forget the services runs left that have exited since."""
+        rounds = 0
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             await asyncio.to_thread(self.processes.reap_orphans)
@@ -177,6 +181,9 @@ class Agent:
     async def _recover(self) -> None:
         # Interrupted deployments: their processes are killed first (Executor.recover).
         for entry in self.journal.in_state(STARTED):
+            rounds += 1
+            if rounds % SETTLE_EVERY == 0:
+                await asyncio.to_thread(self.processes.settle_left)
             log.warning("deployment %s was interrupted by a restart", entry.deploy_id)
             await self.executor.recover(
                 entry.command, entry.stage, entry.rollback_state, entry.progress
@@ -187,7 +194,7 @@ class Agent:
 
     def _forget_ended_runs(self) -> None:
         """Drop the records (and empty cgroups) of services finished deployments left that
-        have exited since; ones still running stay noted."""
+        have exited since; ones still running stay noted, and watched (:meth:`_reap`)."""
         for deploy_id in self.journal.with_runs():
             entry = self.journal.get(deploy_id)
             if entry is None or entry.state == STARTED:
@@ -201,6 +208,8 @@ class Agent:
     def _enqueue(self, command: DeployCommand) -> None:
         if command.deploy_id not in self._queued:
             self._queued.add(command.deploy_id)
+                else:
+                    self.processes.note_left(deploy_id, record)
             self._queue.put_nowait(command)
 
     async def _worker(self) -> None:

@@ -132,6 +132,8 @@ class ProcessTracker:
         self._active: dict[int, TrackedRun] = {}
         # (pid, start_ticks) of what finished runs left running: never another run's orphan.
         self._left: set[tuple[int, int]] = set()
+        # The runs that left something running, until it has exited.
+        self._left_runs: dict[tuple[str | None, str], RunRecord] = {}
 
     @classmethod
     def detect(cls, ledger: RunLedger | None, setting: str = "auto") -> ProcessTracker:
@@ -224,6 +226,26 @@ class ProcessTracker:
     def ended(self, record: RunRecord) -> bool:
         """Whether nothing of a finished run is left (its service, if any, has exited)."""
         return not _find(record)
+
+    def note_left(self, deploy_id: str, record: RunRecord) -> None:
+        """Watch a journaled run's left-running processes (found again after a restart)."""
+        self._left_runs[(deploy_id, record.run)] = record
+        self._left.update(record.left)
+
+    def settle_left(self) -> int:
+        """Forget the runs whose left-running processes have all exited since: their empty
+        cgroups are removed and their journal records dropped.  Returns how many."""
+        settled = 0
+        for key, record in list(self._left_runs.items()):
+            if not self.ended(record):
+                continue
+            del self._left_runs[key]
+            self.forget([record])
+            deploy_id = key[0]
+            if self.ledger is not None and deploy_id is not None:
+                self.ledger.record_run(deploy_id, {**record.to_json(), "state": ENDED})
+            settled += 1
+        return settled
 
     def reap_orphans(self) -> int:
         """Collect the exit status of orphans the agent adopted as subreaper (never of a
@@ -348,7 +370,9 @@ class TrackedRun:
         )
         self.tracker._left.update(self.record.left)
         self.save()
-        if not left:
+        if left:
+            self.tracker._left_runs[(self.deploy_id, self.record.run)] = self.record
+        else:
             self.tracker.forget([self.record])
         return left
 

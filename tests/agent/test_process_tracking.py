@@ -44,7 +44,10 @@ def tracker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessT
         missing_part(f"cgroup hierarchy {request.param} not usable here: {reason}")
     journal = Journal(tmp_path / "journal.db")
     journal.accept(command("d1"))
-    yield ProcessTracker(hierarchy, journal, reason=reason)
+    tracker = ProcessTracker(hierarchy, journal, reason=reason)
+    yield tracker
+    # Whatever a test left (a service, a cgroup) goes, as on an agent's recovery.
+    tracker.kill_recorded([RunRecord.from_json(r) for r in journal.runs("d1")], grace=0)
     journal.close()
 
 
@@ -320,6 +323,10 @@ async def test_a_left_service_is_noted_until_it_exits(
     while alive(service) and time.monotonic() < end:
         time.sleep(0.02)
     assert tracker.ended(run.record)
+    assert tracker.settle_left() == 1
+    assert journal.with_runs() == []
+    if run.record.cgroup:
+        assert not Path(run.record.cgroup).exists()
 
 
 def test_the_subreaper_collects_the_orphans_it_adopted(tmp_path: Path) -> None:
