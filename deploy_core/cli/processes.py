@@ -28,6 +28,7 @@ from deploy_core.server.http_limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_UNAUTHENTICATED,
+    HttpLimits,
 )
 
 
@@ -93,11 +94,11 @@ def _read_server_config(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    unknown = set(data) - {"plugins", "defaults"}
+    unknown = set(data) - {"plugins", "defaults", "http"}
     if unknown:
         raise click.BadParameter(
-            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME] "
-            "and [defaults.rollback]",
+            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME], "
+            "[defaults.rollback] and [http]",
             param_hint="--config",
         )
     plugins = data.get("plugins", {})
@@ -117,6 +118,37 @@ def _read_server_config(path: Path) -> dict[str, Any]:
             param_hint="--config",
         )
     return data
+
+
+HTTP_SETTINGS = {
+    "header_timeout": "http_header_timeout",
+    "body_timeout": "http_body_timeout",
+    "max_unauthenticated": "http_max_unauthenticated",
+}
+
+
+def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
+    """The HTTP limits: a ``--http-*`` flag given on the command line, else the ``[http]``
+    table of the server configuration, else the flag's default."""
+    table: dict[str, Any] = _read_server_config(path).get("http", {}) if path else {}
+    if not isinstance(table, dict) or set(table) - set(HTTP_SETTINGS):
+        raise click.BadParameter(
+            f"{path}: [http] takes only {', '.join(HTTP_SETTINGS)}", param_hint="--config"
+        )
+    ctx = click.get_current_context()
+    values = {}
+    for key, flag in HTTP_SETTINGS.items():
+        given = ctx.get_parameter_source(flag) is click.core.ParameterSource.COMMANDLINE
+        values[key] = flags[flag] if given or key not in table else table[key]
+        if isinstance(values[key], bool) or not isinstance(values[key], int | float):
+            raise click.BadParameter(
+                f"{path}: [http] {key} must be a number, got {values[key]!r}",
+                param_hint="--config",
+            )
+    try:
+        return HttpLimits(**values)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: [http]: {exc}", param_hint="--config") from None
 
 
 def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
@@ -167,7 +199,8 @@ def _host_port(value: str) -> tuple[str, int]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
     help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
-    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none',
+    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none, '
+    "[http] header_timeout, body_timeout and max_unauthenticated (the --http-* flags win)",
 )
 @click.option(
     "--cert-name",
@@ -234,7 +267,6 @@ def server(
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
-    from deploy_core.server.http_limits import HttpLimits
 
     config = ServerConfig(
         state_dir=state_dir,
@@ -249,10 +281,13 @@ def server(
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
         plugin_settings=load_server_settings(config_file) if config_file else {},
         rollback_defaults=load_rollback_defaults(config_file) if config_file else {},
-        http_limits=HttpLimits(
-            header_timeout=http_header_timeout,
-            body_timeout=http_body_timeout,
-            max_unauthenticated=http_max_unauthenticated,
+        http_limits=http_limits(
+            config_file,
+            {
+                "http_header_timeout": http_header_timeout,
+                "http_body_timeout": http_body_timeout,
+                "http_max_unauthenticated": http_max_unauthenticated,
+            },
         ),
     )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from security_harness import LoopThread
 
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.http_limits import HttpLimits
+from deploy_core.testing import DeployCenter
 
 # How long a test waits for the server at most before calling it a failure (not a speed
 # target: the limits under test are seconds shorter).
@@ -193,6 +196,49 @@ def test_strangers_past_the_cap_get_503_with_retry_after(tmp_path: Path) -> None
                 break
             time.sleep(0.2)
         assert status == 200
+
+
+def _slowloris_answer(port: int) -> bytes:
+    """Start a request, never finish its headers; what the server says before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP) as sock:
+        sock.settimeout(GIVE_UP)
+        sock.sendall(b"GET /api/clients HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
+        return read_until_closed(sock)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], "within 1 s"), (["--http-header-timeout", "2"], "within 2 s")],
+)
+def test_the_server_config_sets_the_limits_and_a_flag_wins(
+    tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("[http]\nheader_timeout = 1\nmax_unauthenticated = 50\n")
+    center = DeployCenter(tmp_path / "c")
+    center.server_args = ["--config", str(config), *flags]
+    try:
+        center.start_server()
+        answer = _slowloris_answer(center.api_port)
+    finally:
+        center.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert f"headers did not arrive {expected}".encode() in answer
+
+
+def test_a_bad_http_table_stops_the_server_before_it_starts(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("[http]\nheader_timeout = 0\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy_core.cli", "server", "--state-dir", str(tmp_path / "s"),
+         "--config", str(config), "--api-port", "0", "--quic-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=GIVE_UP,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "[http]: HTTP header_timeout must be a positive number" in done.stderr
+    assert not (tmp_path / "s" / "server.json").exists()
 
 
 @pytest.mark.parametrize(
