@@ -204,12 +204,12 @@ class Agent:
                 if self.processes.ended(record):
                     self.processes.forget([record])
                     self.journal.record_run(deploy_id, {**data, "state": ENDED})
+                else:
+                    self.processes.note_left(deploy_id, record)
 
     def _enqueue(self, command: DeployCommand) -> None:
         if command.deploy_id not in self._queued:
             self._queued.add(command.deploy_id)
-                else:
-                    self.processes.note_left(deploy_id, record)
             self._queue.put_nowait(command)
 
     async def _worker(self) -> None:
