@@ -177,13 +177,13 @@ class Agent:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             await asyncio.to_thread(self.processes.reap_orphans)
+            rounds += 1
+            if rounds % SETTLE_EVERY == 0:
+                await asyncio.to_thread(self.processes.settle_left)
 
     async def _recover(self) -> None:
         # Interrupted deployments: their processes are killed first (Executor.recover).
         for entry in self.journal.in_state(STARTED):
-            rounds += 1
-            if rounds % SETTLE_EVERY == 0:
-                await asyncio.to_thread(self.processes.settle_left)
             log.warning("deployment %s was interrupted by a restart", entry.deploy_id)
             await self.executor.recover(
                 entry.command, entry.stage, entry.rollback_state, entry.progress
