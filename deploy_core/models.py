@@ -23,6 +23,10 @@ COMMAND_ROLLBACK = "deploy.rollback"
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
+# An agent's capability: it takes DeployCommand.log_budget_bytes and sends LogBlocks.  The
+# server sends the budget only to agents that announce it.
+CAPABILITY_LOG_BUDGET = "log_budget"
+
 
 class DeployStatus(str, enum.Enum):
     """Every status a deployment can be in (SPEC deploy-02).

@@ -25,7 +25,7 @@ from deploy_core.agent.context import AgentServiceContext
 from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
-from deploy_core.models import DeployCommand, DeployStatus
+from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.private import private_dir
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
@@ -119,7 +119,11 @@ class Agent:
 
     def capabilities(self) -> dict[str, Any]:
         """What this agent tells the server it can do."""
-        return {"agent_version": __version__, **self.plugins.capabilities()}
+        return {
+            "agent_version": __version__,
+            CAPABILITY_LOG_BUDGET: True,
+            **self.plugins.capabilities(),
+        }
 
     async def run(self) -> None:
         """Recover what a previous run left, then serve until :meth:`stop`."""

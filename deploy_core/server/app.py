@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -22,7 +22,7 @@ import uvicorn
 from sqlalchemy.engine import Engine
 
 from deploy_core.durations import human_duration
-from deploy_core.models import DeployCommand, DeployStatus, RollbackTarget
+from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus, RollbackTarget
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
@@ -303,9 +303,15 @@ class DeployServer:
         await self.dispatch(record)
         return record
 
-    async def command_for(self, record: dict[str, Any]) -> Envelope:
-        """The command envelope that carries ``record`` to its agent."""
+    async def command_for(
+        self, record: dict[str, Any], capabilities: Mapping[str, Any] | None = None
+    ) -> Envelope:
+        """The command envelope that carries ``record`` to its agent.
+
+        :param capabilities: what the agent announced; the log budget goes only to an agent
+            that knows the field (an older one refuses a command with an unknown field)."""
         req = record["request"]
+        knows_budget = bool((capabilities or {}).get(CAPABILITY_LOG_BUDGET))
         target = req.get("rollback_of")
         command = DeployCommand(
             deploy_id=record["deploy_id"],
@@ -322,7 +328,7 @@ class DeployServer:
             issued_at=record["created_at"],
             expires_at=record["deadline"],
             rollback_of=RollbackTarget.model_validate(target) if target else None,
-            log_budget_bytes=self.config.max_log_bytes,
+            log_budget_bytes=self.config.max_log_bytes if knows_budget else None,
         )
         return Envelope(
             id=f"cmd-{record['deploy_id']}",
@@ -331,7 +337,9 @@ class DeployServer:
             wait_ack=True,
             need_callback=True,
             callback_id=record["deploy_id"],
-            payload=command.model_dump(mode="json"),
+            payload=command.model_dump(
+                mode="json", exclude=None if knows_budget else {"log_budget_bytes"}
+            ),
         )
 
     async def dispatch(self, record: dict[str, Any]) -> bool:
@@ -339,7 +347,7 @@ class DeployServer:
         session = self.transport.session(record["client_id"])
         if session is None or session.closed:
             return False
-        envelope = await self.command_for(record)
+        envelope = await self.command_for(record, session.capabilities)
         # Recorded before it leaves: a server that dies right after sending must not later
         # claim the agent never got it.
         await self.db(self.records.mark_dispatched, record["deploy_id"])
@@ -358,7 +366,7 @@ class DeployServer:
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
         for record in await self.db(self.records.undelivered, session.client_id):
             if record["deadline"] > time.time():
-                envelope = await self.command_for(record)
+                envelope = await self.command_for(record, session.capabilities)
                 await self.db(self.records.mark_dispatched, record["deploy_id"])
                 session.send(envelope)
 
