@@ -177,7 +177,9 @@ class ArtifactFetcher:
     def _open_cache(self) -> None:
         """Create the cache directory if missing, private (0700: packages may hold secrets),
         reached without following a symlink."""
-        with safefs.open_dir(self.cache_dir, create=True, mode=0o700) as cache:
+        # The agent's own directory, resolved once (it may be reached through a link).
+        cache_dir = os.path.realpath(self.cache_dir)
+        with safefs.open_dir(cache_dir, create=True, mode=0o700) as cache:
             os.fchmod(cache.fd, 0o700)
 
     async def fetch(

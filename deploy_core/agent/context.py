@@ -468,7 +468,9 @@ class DeployContext:
         """
         run_as = self.constraints.switch_to
         if run_as is None:
-            folder = safefs.open_dir(self.data_dir / "scripts", create=True, mode=0o700)
+            # The agent's own directory, resolved once (it may be reached through a link).
+            scripts = os.path.realpath(self.data_dir / "scripts")
+            folder = safefs.open_dir(scripts, create=True, mode=0o700)
             owner = None
         else:
             created = tempfile.mkdtemp(prefix="deploy-script-")  # 0700, exclusively made

@@ -134,3 +134,13 @@ async def test_a_run_as_script_cannot_change_the_directory_its_file_is_in(
     lines = result.stdout_tail.split("\n")
     assert lines[:2] == ["root 711", "nobody 700"]
     assert "planted" not in lines and "listed" not in lines and "done" in lines
+
+
+async def test_scripts_run_when_the_agents_data_dir_is_reached_through_a_link(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "disk2" / "data").mkdir(parents=True)
+    (tmp_path / "state").symlink_to(tmp_path / "disk2")  # a state directory moved elsewhere
+    ctx = context(tmp_path / "state" / "data")
+    result = await ctx.run_script("echo ran", timeout=30)
+    assert result.exit_code == 0 and result.stdout_tail == "ran\n", result.stderr_tail

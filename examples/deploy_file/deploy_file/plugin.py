@@ -170,7 +170,8 @@ class RestoreParams(RollbackParams):
 
 
 def _backup_dir(ctx: DeployContext, path: str) -> Path:
-    return ctx.data_dir / "file-backups" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    data_dir = Path(os.path.realpath(ctx.data_dir))  # the agent's own; resolved once
+    return data_dir / "file-backups" / hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
 async def keep_copy(ctx: DeployContext, params: RestoreParams) -> RollbackState:

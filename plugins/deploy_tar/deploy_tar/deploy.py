@@ -122,7 +122,8 @@ def staging_area(ctx: DeployContext, releases: Releases) -> safefs.Dir:
     """
     with safefs.open_dir(releases.root) as where:
         device = where.stat.st_dev
-    data_area = ctx.data_dir / "deploy_tar" / "staging"
+    # The agent's own directory, resolved once (it may be reached through a link).
+    data_area = Path(os.path.realpath(ctx.data_dir)) / "deploy_tar" / "staging"
     area = safefs.open_dir(data_area, create=True, mode=0o700)
     if area.stat.st_dev == device:
         return area

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -20,8 +21,9 @@ import pytest
 from conftest import ContextFactory, LocalArtifacts
 
 from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
-from deploy_core.agent.context import DeployFailed
-from deploy_core.models import DeployStatus
+from deploy_core.agent.context import DeployContext, DeployFailed
+from deploy_core.models import DeployCommand, DeployStatus
+from deploy_core.testing import RecordingReporter
 from deploy_tar.deploy import deploy_release
 from deploy_tar.extract import scan_archive
 from deploy_tar.params import TarParams
@@ -367,3 +369,25 @@ async def test_a_staging_area_a_script_could_reach_is_refused(
         tmpfs.parent.chmod(0o700)
     assert "cannot extract the package where no script can reach it" in str(caught.value)
     assert f"{tmpfs.parent} is not a directory only the agent can change" in str(caught.value)
+
+
+async def test_a_deployment_works_when_the_agents_data_dir_is_reached_through_a_link(
+    artifacts: LocalArtifacts, package: Package, tmp_path: Path
+) -> None:
+    (tmp_path / "disk2" / "data").mkdir(parents=True)
+    (tmp_path / "state").symlink_to(tmp_path / "disk2")  # a state directory moved elsewhere
+    sha = package({"index.html": "v1\n"})
+    fields = {"artifact": sha, "target_dir": str(tmp_path / "app")}
+    command = DeployCommand(
+        deploy_id="d1", command_type="deploy.tar", params=fields, expires_at=time.time() + 120
+    )
+    ctx = DeployContext(
+        command=command,
+        reporter=RecordingReporter(),
+        data_dir=tmp_path / "state" / "data",
+        artifacts=artifacts,
+    )
+
+    await deploy_release(ctx, TarParams.model_validate(fields))
+
+    assert (tmp_path / "app" / "current" / "index.html").read_text() == "v1\n"

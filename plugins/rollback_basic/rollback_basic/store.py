@@ -65,7 +65,9 @@ class SnapshotStore:
     """The snapshots under ``<data_dir>/snapshots``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "snapshots"
+        # Resolved once: the agent's own directory may be reached through a link (a state
+        # directory moved to another disk); below it, file work follows none.
+        self.root = Path(os.path.realpath(data_dir)) / "snapshots"
 
     def path_dir(self, path: str) -> Path:
         """The directory holding every snapshot of ``path``."""

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from deploy_core.agent.bounded import WorkBudget
 from deploy_core.agent.safefs import UnsafePath
+from deploy_core.models import RollbackTarget
+from deploy_core.testing import make_context
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
@@ -276,3 +278,27 @@ async def test_rollback_refuses_when_a_parent_became_a_link_after_the_snapshot(
         f"symbolic link (to {decoy})"
     )
     assert fingerprint(decoy) == before
+
+
+async def test_snapshots_work_when_the_agents_data_dir_is_reached_through_a_link(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "disk2" / "data").mkdir(parents=True)
+    (tmp_path / "state").symlink_to(tmp_path / "disk2")  # a state directory moved elsewhere
+    ctx, _ = make_context(tmp_path / "state" / "data", command_type="deploy.shell")
+    app = tmp_path / "srv" / "app"
+    make_tree(app)
+    params = SnapshotParams.model_validate({"strategy": "snapshot", "path": str(app)})
+    state = await SNAPSHOT.prepare(ctx, params)
+    (app / "top.txt").write_text("v2\n")
+    ctx.failure_reason = "script exited with code 1"
+    ctx.rollback_target = RollbackTarget(
+        deploy_id=ctx.deploy_id,
+        command_type=ctx.command_type,
+        params={},
+        rollback=params.model_dump(),
+        rollback_state=state,
+    )
+    await SNAPSHOT.rollback(ctx, params, state)
+    assert (app / "top.txt").read_text() == "top\n"
+    await SNAPSHOT.discard(ctx, params, state)
