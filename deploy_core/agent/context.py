@@ -474,7 +474,7 @@ class DeployContext:
             owner = None
         else:
             created = tempfile.mkdtemp(prefix="deploy-script-")  # 0700, exclusively made
-            folder = safefs.open_dir(created)
+            folder = safefs.open_dir(os.path.realpath(created))  # TMPDIR may be a link
             os.fchmod(folder.fd, 0o711)  # the run-as user may enter, not list or write
             owner = (run_as.uid, run_as.gid)
         try:
