@@ -27,7 +27,9 @@ def keep(data_dir: Path, deploy_id: str, values: Mapping[str, str]) -> None:
     if values:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / f"{deploy_id}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Under the agent's private data directory; still never through a planted link.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(dict(values), out)
     if folder.is_dir():
