@@ -91,13 +91,14 @@ class OutboxReporter:
 
         Only for a server that knows :class:`~deploy_core.models.LogBlock` (one that sent a
         log budget with the command)."""
-        # Where each line ends in the joined text (newline included): C-level loops only.
+        # ends[i]: the length of lines[0..i] joined by newlines, so lines[a..b] take
+        # ends[b] - ends[a - 1] - 1 characters: blocks are cut by bisection, not line by line.
         ends = list(itertools.accumulate(map(len, lines), lambda total, n: total + n + 1))
         start = 0
-        done = -1  # ends[] position of the text already batched (minus the newline)
         while start < len(lines):
             room = MAX_BATCH_BYTES - self._bytes - LINE_OVERHEAD
-            stop = bisect.bisect_right(ends, (ends[start - 1] if start else done) + room, start)
+            before = ends[start - 1] if start else -1
+            stop = bisect.bisect_right(ends, before + room, start)
             if stop == start:
                 if self._lines:
                     self.flush()

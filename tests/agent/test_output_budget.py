@@ -8,13 +8,14 @@ reading of the child's pipes, so the child blocks instead of the agent buffering
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 from deploy_core.agent.context import DeployContext
 from deploy_core.agent.journal import Journal
 from deploy_core.agent.process import OutputBudget, run_process
-from deploy_core.agent.reporter import OutboxReporter
+from deploy_core.agent.reporter import MAX_BATCH_BYTES, OutboxReporter
 from deploy_core.models import DeployCommand, DeployStatus
 from deploy_core.testing import RecordingReporter
 
@@ -120,4 +121,34 @@ async def test_the_outbox_reporter_waits_for_acknowledgements(tmp_path: Path) ->
         journal.ack(msg.msg_id)
     await asyncio.wait_for(waiting, 5)
     assert journal.outbox_bytes() == 0
+    journal.close()
+
+
+def test_many_lines_become_bounded_blocks_in_order(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    command = DeployCommand(
+        deploy_id="blocks-1",
+        command_type="deploy.test",
+        expires_at=time.time() + 60,
+        log_budget_bytes=10_000_000,
+    )
+    journal.accept(command)
+    reporter = OutboxReporter(
+        journal, deploy_id="blocks-1", command_type="deploy.test", wake=lambda: None
+    )
+    lines = [f"line {n} " + "x" * (n % 50) for n in range(20_000)]
+    reporter.log_lines("stdout", "script_running", lines[:7])
+    reporter.log_lines("stderr", "script_running", ["an error"])
+    reporter.log_lines("stdout", "script_running", lines[7:])
+    reporter.flush()
+    payloads = [msg.payload for msg in journal.pending(limit=10_000)]
+    assert all(len(json.dumps(p)) < MAX_BATCH_BYTES + 8192 for p in payloads)
+    blocks = [block for p in payloads for block in p["log_blocks"]]
+    assert all(not p["logs"] for p in payloads)
+    got = [(block["stream"], line) for block in blocks for line in block["text"].split("\n")]
+    assert got == [
+        *(("stdout", line) for line in lines[:7]),
+        ("stderr", "an error"),
+        *(("stdout", line) for line in lines[7:]),
+    ]
     journal.close()
