@@ -101,7 +101,9 @@ class LimitedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            # Closed, or handed to the WebSocket protocol (``/api/live``): no HTTP request
+            # is being read here any more.
             self._cancel_timers()
             return
         if self.conn.their_state is not h11.IDLE and self._header_timer is not None:

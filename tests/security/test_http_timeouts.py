@@ -9,6 +9,7 @@ body stops, and more unauthenticated connections than the server keeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from security_harness import LoopThread
+from websockets.sync.client import connect as ws_connect
 
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.http_limits import HttpLimits
@@ -196,6 +198,17 @@ def test_strangers_past_the_cap_get_503_with_retry_after(tmp_path: Path) -> None
                 break
             time.sleep(0.2)
         assert status == 200
+
+
+def test_the_live_socket_outlives_both_timeouts(tmp_path: Path) -> None:
+    limits = HttpLimits(header_timeout=1.0, body_timeout=1.0)
+    with serving(tmp_path / "server", limits) as server:
+        url = f"ws://127.0.0.1:{server.api_port}/api/live"
+        with ws_connect(url, open_timeout=GIVE_UP) as ws:
+            ws.send(json.dumps({"type": "auth", "token": server.state.admin_token}))
+            assert json.loads(ws.recv(timeout=GIVE_UP))["type"] == "hello"
+            time.sleep(3)  # past the header and the body timeout
+            ws.ping().wait(GIVE_UP)  # answered: the socket is still open
 
 
 def _slowloris_answer(port: int) -> bytes:
