@@ -15,7 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy_core.testing_chaos import ChaosConfig, ChaosRun
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from chaos_harness import ChaosConfig, ChaosRun
 
 
 def main() -> int:

@@ -213,7 +213,7 @@ class DeployCenter:
         """Start (or restart) an agent process; wait until the server lists it connected.
 
         ``server_port`` points the agent at another UDP port on 127.0.0.1 than the server's,
-        e.g. a relay that stands between them (:mod:`deploy_core.testing_chaos`).
+        e.g. a relay that stands between them (``tests/udp_relay.py`` in the repository).
         ``config`` is the agent's TOML config text (``[constraints]``, ``[services.NAME]``),
         written to ``agent-<id>.toml`` and passed as ``--config``.
         """

@@ -21,18 +21,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from deploy_core.testing import DeployCenter
-from deploy_core.testing_chaos import (
+from chaos_harness import (
     FAULTS,
     ChaosConfig,
     ChaosRun,
     Deployment,
     Evidence,
     JournalRow,
-    UdpRelay,
     find_violations,
 )
+from udp_relay import UdpRelay
+
+from deploy_core.testing import DeployCenter
 
 # ----------------------------------------------------------------------- the relay
 

@@ -19,10 +19,10 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from udp_relay import UdpRelay
 
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.enrollment import AgentRegistry
-from deploy_core.testing_chaos import UdpRelay
 from deploy_core.transport import AgentConnector, AuthError, Envelope, FileCredentials
 from deploy_core.transport.identity import public_bytes
 
