@@ -202,6 +202,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             )
 
         # ---- `true` everywhere
+        cpu = fleet.cpu_sample()
         everywhere = fan_out(
             fleet,
             ids,
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             "true_all",
             f"`true` on all {len(ids)} ({args.threads} threads)",
             everywhere,
-            everywhere["summary"],
+            f"{everywhere['summary']}; {fleet.cpu_since(cpu)}",
             "1,000 success within 10 s",
         )
         if everywhere["statuses"].get("success", 0) != len(ids):
@@ -226,6 +227,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             upload_started = time.monotonic()
             sha = fleet.api.upload_artifact(package)["sha256"]
             upload = time.monotonic() - upload_started
+            cpu = fleet.cpu_sample()
             targets = ids[: args.artifact_agents]
             shipped = fan_out(
                 fleet,
@@ -245,7 +247,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 "artifact",
                 f"{args.artifact_mb} MB package to {len(targets)} (store)",
                 shipped,
-                f"{shipped['summary']}; {rate:.0f} MB/s in all; upload {upload:.1f} s",
+                f"{shipped['summary']}; {rate:.0f} MB/s in all; upload {upload:.1f} s; "
+                f"{fleet.cpu_since(cpu)}",
             )
             if shipped["statuses"].get("success", 0) != len(targets):
                 report.problem(f"package deployments ended {shipped['statuses']}")
@@ -253,6 +256,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         # ---- status-event ingest (its `sleep` deployments still run at the kill below)
         in_flight: dict[str, str] = {}
         if args.ingest_agents and args.ingest_events:
+            cpu = fleet.cpu_sample()
             flood = ingest(
                 fleet,
                 ids[: args.ingest_agents],
@@ -267,7 +271,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 f"status-event ingest into {'PostgreSQL' if args.pg else 'SQLite'}",
                 flood["rate"],
                 f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents; "
-                f"enqueued in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s)",
+                f"enqueued in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s; "
+                f"{fleet.cpu_since(cpu)})",
                 ">= 5,000/s into SQLite",
             )
             if flood["unacknowledged"]:

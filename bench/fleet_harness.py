@@ -258,6 +258,20 @@ class Fleet:
         """Every worker process that is still running."""
         return [w.proc.pid for w in self.workers if w.proc.poll() is None]
 
+    def cpu_sample(self) -> tuple[float, float, float]:
+        """(now, the server's CPU seconds, the workers' CPU seconds), for :meth:`cpu_since`."""
+        return time.monotonic(), cpu_seconds(self.server_pids()), cpu_seconds(self.worker_pids())
+
+    def cpu_since(self, sample: tuple[float, float, float]) -> str:
+        """How busy the server and the agent workers were since ``sample``, in % of a core
+        (the same server process: not across a restart)."""
+        now, server, workers = self.cpu_sample()
+        took = max(now - sample[0], 1e-9)
+        return (
+            f"CPU: server {(server - sample[1]) / took * 100:.0f} %, "
+            f"agent workers {(workers - sample[2]) / took * 100:.0f} % of a core"
+        )
+
     def dead_workers(self) -> list[str]:
         """Workers that exited, with their exit codes."""
         return [
