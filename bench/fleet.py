@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fleet_harness import Fleet, cpu_seconds, rss_kib
+from fleet_harness import Fleet, rss_kib
 from fleet_runs import (
     dispatch_latency,
     fan_out,
@@ -166,9 +166,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 "2,000 within 60 s",
             )
         time.sleep(2.0)  # let the last handshakes' bookkeeping settle
-        server_pids, worker_pids = fleet.server_pids(), fleet.worker_pids()
-        rss_all = rss_kib(server_pids)
-        per_agent = (rss_all - rss_one) / max(1, len(ids) - 1)
+        rss_all = rss_kib(fleet.server_pids())
+        per_agent = (rss_all - rss_one) / max(1, len(fleet.connected() & set(ids)) - 1)
         report.add(
             "rss_per_agent_kib",
             "server RSS per agent",
@@ -176,10 +175,9 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             f"{per_agent:.0f} KiB ({rss_one / 1024:.0f} -> {rss_all / 1024:.0f} MiB)",
             "<= 150 KiB",
         )
-        cpu_server, cpu_workers = cpu_seconds(server_pids), cpu_seconds(worker_pids)
+        cpu = fleet.cpu_sample()
         time.sleep(IDLE_WINDOW)
-        idle = (cpu_seconds(server_pids) - cpu_server) / IDLE_WINDOW * 100
-        idle_workers = (cpu_seconds(worker_pids) - cpu_workers) / IDLE_WINDOW * 100
+        idle, idle_workers = fleet.cpu_since(cpu)
         report.add(
             "idle_cpu_pct",
             "idle server CPU (10 s)",
@@ -215,7 +213,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             "true_all",
             f"`true` on all {len(ids)} ({args.threads} threads)",
             everywhere,
-            f"{everywhere['summary']}; {fleet.cpu_since(cpu)}",
+            f"{everywhere['summary']}; {fleet.cpu_text(cpu)}",
             "1,000 success within 10 s",
         )
         if everywhere["statuses"].get("success", 0) != len(ids):
@@ -248,7 +246,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 f"{args.artifact_mb} MB package to {len(targets)} (store)",
                 shipped,
                 f"{shipped['summary']}; {rate:.0f} MB/s in all; upload {upload:.1f} s; "
-                f"{fleet.cpu_since(cpu)}",
+                f"{fleet.cpu_text(cpu)}",
             )
             if shipped["statuses"].get("success", 0) != len(targets):
                 report.problem(f"package deployments ended {shipped['statuses']}")
@@ -272,7 +270,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 flood["rate"],
                 f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents; "
                 f"enqueued in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s; "
-                f"{fleet.cpu_since(cpu)})",
+                f"{fleet.cpu_text(cpu)})",
                 ">= 5,000/s into SQLite",
             )
             if flood["unacknowledged"]:

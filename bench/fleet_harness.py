@@ -262,15 +262,17 @@ class Fleet:
         """(now, the server's CPU seconds, the workers' CPU seconds), for :meth:`cpu_since`."""
         return time.monotonic(), cpu_seconds(self.server_pids()), cpu_seconds(self.worker_pids())
 
-    def cpu_since(self, sample: tuple[float, float, float]) -> str:
-        """How busy the server and the agent workers were since ``sample``, in % of a core
-        (the same server process: not across a restart)."""
+    def cpu_since(self, sample: tuple[float, float, float]) -> tuple[float, float]:
+        """How busy the server and the agent workers were since ``sample``, each in % of
+        one core (the same server process: not across a restart)."""
         now, server, workers = self.cpu_sample()
         took = max(now - sample[0], 1e-9)
-        return (
-            f"CPU: server {(server - sample[1]) / took * 100:.0f} %, "
-            f"agent workers {(workers - sample[2]) / took * 100:.0f} % of a core"
-        )
+        return (server - sample[1]) / took * 100, (workers - sample[2]) / took * 100
+
+    def cpu_text(self, sample: tuple[float, float, float]) -> str:
+        """:meth:`cpu_since` in words."""
+        server, workers = self.cpu_since(sample)
+        return f"CPU: server {server:.0f} %, agent workers {workers:.0f} % of a core"
 
     def dead_workers(self) -> list[str]:
         """Workers that exited, with their exit codes."""
