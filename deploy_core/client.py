@@ -13,9 +13,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+# httpx is imported where a request is made: `deployctl agent` imports the CLI, which imports
+# this module's errors, and an agent has no use for an HTTP client (issue 12).
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_STATE_DIR = Path(os.environ.get("DEPLOY_CENTER_STATE", "~/.deploy-center")).expanduser()
 
@@ -41,6 +44,8 @@ class ServerUnreachable(ApiError):
     the network failed; ``str()`` says which, and what to check."""
 
     def __init__(self, url: str, cause: httpx.TransportError) -> None:
+        import httpx
+
         if isinstance(cause, httpx.TimeoutException):
             why = f"no answer in time ({type(cause).__name__})"
         else:
@@ -87,6 +92,8 @@ class DeployClient:
     """Calls the API; every method returns the decoded JSON or raises :class:`ApiError`."""
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+        import httpx
+
         self.url = url
         self.http = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
@@ -111,6 +118,8 @@ class DeployClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One API call."""
+        import httpx
+
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -162,6 +171,8 @@ class DeployClient:
     def follow_logs(self, deploy_id: str, *, after: int = 0) -> Iterator[dict[str, Any]]:
         """Yield log lines as they arrive until the deployment ends (the last item is the
         ``{"end": …}`` marker)."""
+        import httpx
+
         params = {"after": after, "follow": 1}
         try:
             with self.http.stream(

@@ -28,11 +28,23 @@ class _PluginAwareGroup(click.Group):
 
     _loaded = False
     plugin_group: str | None = None
+    # Core commands whose module is imported only when the command is run or listed, as
+    # ``"module:attribute"``: ``deployctl agent`` must not import the server (issue 12).
+    lazy_commands: dict[str, str] = {}
+
+    def _load_lazy_commands(self) -> None:
+        import importlib
+
+        for name, target in self.lazy_commands.items():
+            if name not in self.commands:
+                module, _, attribute = target.partition(":")
+                self.add_command(getattr(importlib.import_module(module), attribute), name)
 
     def _load_plugin_commands(self) -> None:
         if self._loaded:
             return
         self._loaded = True
+        self._load_lazy_commands()
         from deploy_core.plugins import PluginError, get_plugins
 
         try:
@@ -54,6 +66,8 @@ class _PluginAwareGroup(click.Group):
             self.add_command(command, name)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands:
+            self._load_lazy_commands()
         if cmd_name not in self.commands:
             self._load_plugin_commands()
         return super().get_command(ctx, cmd_name)
@@ -63,7 +77,11 @@ class _PluginAwareGroup(click.Group):
         return super().list_commands(ctx)
 
 
-@click.group(cls=_PluginAwareGroup)
+class _MainGroup(_PluginAwareGroup):
+    lazy_commands = {"server": "deploy_core.cli.server_command:server"}
+
+
+@click.group(cls=_MainGroup)
 @click.version_option(__version__, prog_name="deployctl")
 @click.option(
     "--log-level",

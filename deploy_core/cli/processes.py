@@ -16,8 +16,6 @@ import click
 
 from deploy_core import __version__
 from deploy_core.cli.common import (
-    database_url,
-    parse_duration,
     parse_size,
     state_dir_option,
 )

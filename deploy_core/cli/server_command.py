@@ -1,0 +1,183 @@
+"""``deployctl server``: run the HTTP API and the QUIC endpoint for agents.
+
+Loaded only when the command is run or listed (``_MainGroup.lazy_commands`` in
+:mod:`deploy_core.cli.groups`): its options' defaults come from the server's modules, which
+``deployctl agent`` never imports (issue 12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deploy_core.cli.common import database_url, parse_duration, parse_size, state_dir_option
+from deploy_core.cli.processes import (
+    _print_server_banner,
+    _read_server_config,
+    _run_until_signal,
+    load_rollback_defaults,
+    load_server_settings,
+)
+from deploy_core.server.http_limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    HttpLimits,
+)
+
+HTTP_SETTINGS = {
+    "header_timeout": "http_header_timeout",
+    "body_timeout": "http_body_timeout",
+    "max_unauthenticated": "http_max_unauthenticated",
+}
+
+
+def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
+    """The HTTP limits: a ``--http-*`` flag given on the command line, else the ``[http]``
+    table of the server configuration, else the flag's default."""
+    table: dict[str, Any] = _read_server_config(path).get("http", {}) if path else {}
+    if not isinstance(table, dict) or set(table) - set(HTTP_SETTINGS):
+        raise click.BadParameter(
+            f"{path}: [http] takes only {', '.join(HTTP_SETTINGS)}", param_hint="--config"
+        )
+    ctx = click.get_current_context()
+    values = {}
+    for key, flag in HTTP_SETTINGS.items():
+        given = ctx.get_parameter_source(flag) is click.core.ParameterSource.COMMANDLINE
+        values[key] = flags[flag] if given or key not in table else table[key]
+        if isinstance(values[key], bool) or not isinstance(values[key], int | float):
+            raise click.BadParameter(
+                f"{path}: [http] {key} must be a number, got {values[key]!r}",
+                param_hint="--config",
+            )
+    try:
+        return HttpLimits(**values)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: [http]: {exc}", param_hint="--config") from None
+
+
+@click.command()
+@state_dir_option
+@click.option("--api-host", default="127.0.0.1", show_default=True)
+@click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--quic-host", default="127.0.0.1", show_default=True)
+@click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    help="database URL (default: SQLite in the state directory), "
+    "e.g. postgresql://user@host/dbname",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
+    default=None,
+    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
+    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none, '
+    "[http] header_timeout, body_timeout and max_unauthenticated (the --http-* flags win)",
+)
+@click.option(
+    "--cert-name",
+    "cert_names",
+    multiple=True,
+    help="a host name or address agents use to reach this server (repeatable); the server "
+    "certificate covers it besides localhost, 127.0.0.1 and ::1",
+)
+@click.option(
+    "--retention",
+    default=None,
+    help="delete finished deployments older than this (e.g. 30d), checked daily",
+)
+@click.option(
+    "--max-log-bytes",
+    type=click.IntRange(1024),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="output kept per deployment: past it the log holds the head, one "
+    "[output truncated: …] line, then the tail",
+)
+@click.option(
+    "--max-artifact-size",
+    envvar="DEPLOY_CENTER_MAX_ARTIFACT_SIZE",
+    default="2G",
+    show_default=True,
+    help="largest package the artifact store accepts (bytes, or with K, M, G)",
+)
+@click.option(
+    "--http-header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="seconds a client has to send a request's headers; then 408 and the connection closes",
+)
+@click.option(
+    "--http-body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_BODY_TIMEOUT,
+    show_default=True,
+    help="seconds a request body may stall (no bytes) before the connection is closed",
+)
+@click.option(
+    "--http-max-unauthenticated",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_UNAUTHENTICATED,
+    show_default=True,
+    help="HTTP connections without an authenticated request kept at once; more get 503",
+)
+def server(
+    state_dir: Path,
+    api_host: str,
+    api_port: int,
+    quic_host: str,
+    quic_port: int,
+    db_url: str | None,
+    retention: str | None,
+    max_log_bytes: int,
+    cert_names: tuple[str, ...],
+    max_artifact_size: str,
+    config_file: Path | None,
+    http_header_timeout: float,
+    http_body_timeout: float,
+    http_max_unauthenticated: int,
+) -> None:
+    """Run the server: the HTTP API and the QUIC endpoint for agents."""
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    config = ServerConfig(
+        state_dir=state_dir,
+        api_host=api_host,
+        api_port=api_port,
+        quic_host=quic_host,
+        quic_port=quic_port,
+        db_url=database_url(db_url, state_dir) if db_url else None,
+        retention_days=parse_duration(retention) / 86400 if retention else None,
+        max_log_bytes=max_log_bytes,
+        cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
+        max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
+        plugin_settings=load_server_settings(config_file) if config_file else {},
+        rollback_defaults=load_rollback_defaults(config_file) if config_file else {},
+        http_limits=http_limits(
+            config_file,
+            {
+                "http_header_timeout": http_header_timeout,
+                "http_body_timeout": http_body_timeout,
+                "http_max_unauthenticated": http_max_unauthenticated,
+            },
+        ),
+    )
+
+    async def run(stop: asyncio.Event) -> None:
+        srv = DeployServer(config)
+        await srv.start()
+        _print_server_banner(srv)
+        try:
+            await stop.wait()
+        finally:
+            await srv.stop()
+
+    _run_until_signal(run)
