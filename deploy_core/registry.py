@@ -18,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-    from deploy_core.agent.context import AgentServiceContext, DeployContext
-    from deploy_core.server.events import EventContext
+    from deploy_core.plugin.contexts import (
+        AgentServiceContext,
+        DeployContext,
+        EventContext,
+        ServerServices,
+    )
 
 COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
 SIMPLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -72,7 +76,7 @@ class DeployType:
         ``POST /api/deploy/<kind>``.
     :param params: pydantic model (a :class:`DeployParams`) the API validates requests with.
     :param executor: agent side, ``async (ctx, params) -> result model``.  Raise
-        :class:`deploy_core.agent.context.DeployFailed` to fail with a result attached.
+        :class:`deploy_core.plugin.DeployFailed` to fail with a result attached.
     :param stages: the type's own stages in order, with their progress ranges.
     :param default_rollback: the rollback strategy a failed deployment of this type gets
         when neither the request nor the server's ``[defaults.rollback]`` names one (issue 10
@@ -80,7 +84,8 @@ class DeployType:
         type cannot undo on its own (``deploy.shell``).
     :param default_rollback_params: options of that strategy (``strategy`` left out); they
         are validated against the strategy's model when the plugins are collected.
-    :param server_check: server side, ``async (server, params) -> None``, run when a request
+    :param server_check: server side, ``async (services, params) -> None`` (``services``: a
+        :class:`~deploy_core.plugin.ServerServices`), run when a request
         is accepted: raise :class:`LookupError` for something that does not exist (404) or
         :class:`ValueError` for something wrong (422), with a message that says what.  E.g. a
         package that was never uploaded, refused at once instead of failing on the agent.
@@ -102,7 +107,7 @@ class DeployType:
         default_factory=dict, hash=False, compare=False
     )
     description: str = ""
-    server_check: Callable[[Any, Any], Awaitable[None]] | None = None
+    server_check: Callable[[ServerServices, Any], Awaitable[None]] | None = None
     target: Callable[[Any], str | None] | None = None
     artifacts: Callable[[Any], Sequence[str]] | None = None
 

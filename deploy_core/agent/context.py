@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
-
 from deploy_core.agent import safefs
 from deploy_core.agent.artifacts import (
     ArtifactError,
@@ -45,6 +43,7 @@ from deploy_core.agent.process import (
 )
 from deploy_core.agent.tracking import ProcessTracker
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
+from deploy_core.plugin.errors import DeployFailed as DeployFailed  # defined by the contract
 
 # Variables a script inherits from the agent's own environment; nothing else leaks through
 # (the agent's environment may hold credentials).
@@ -57,24 +56,6 @@ MIN_MASKED = 3
 # line that says so): at most this much, and at most a quarter of the budget.
 LOG_TAIL_BYTES = 64 * 1024
 LOG_MARKER_BYTES = 256
-
-
-class DeployFailed(Exception):
-    """Raised by an executor to fail the deployment, optionally with its result attached.
-
-    :param status: ``failed`` or ``timeout``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        result: BaseModel | None = None,
-        status: DeployStatus = DeployStatus.FAILED,
-    ) -> None:
-        super().__init__(message)
-        self.result = result
-        self.status = status
 
 
 class Reporter(Protocol):

@@ -10,17 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deploy_core.plugin.errors import EventRejected as EventRejected  # defined by the contract
+from deploy_core.server.services import PluginServices
 from deploy_core.transport import Envelope
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
-
-
-class EventRejected(Exception):
-    """A handler refuses an event for good (malformed, unknown deployment …).
-
-    The agent is told why and drops the event instead of sending it again.
-    """
 
 
 @dataclass(frozen=True)
@@ -40,3 +35,8 @@ class EventContext:
     def payload(self) -> dict[str, Any]:
         """The event's payload, not yet validated: handlers validate it."""
         return self.envelope.payload
+
+    @property
+    def services(self) -> PluginServices:
+        """What a plugin's handler may use of the server (the core's own use ``server``)."""
+        return PluginServices(self.server)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 
@@ -13,8 +13,23 @@ from deploy_core.models import (
     DeployCallbackPayload,
     DeployStatusReport,
 )
-from deploy_core.registry import EventHandler
+from deploy_core.plugin import EventContext as PluginEventContext
+from deploy_core.registry import EventHandler, EventHandlerFn
 from deploy_core.server.events import EventContext, EventRejected
+
+
+def with_server(handle: Callable[[EventContext], Awaitable[None]]) -> EventHandlerFn:
+    """A core handler as an :class:`EventHandler` takes it.  The core's handlers work on the
+    server itself, which the router's own :class:`EventContext` carries; a plugin's handler
+    is typed against the contract's protocol and sees only the server's services."""
+
+    async def handler(ctx: PluginEventContext) -> None:
+        if not isinstance(ctx, EventContext):
+            raise TypeError(f"{handle.__name__} needs the server's own EventContext")
+        await handle(ctx)
+
+    handler.__name__ = handler.__qualname__ = handle.__name__
+    return handler
 
 
 async def handle_status_report(ctx: EventContext) -> None:
@@ -48,5 +63,5 @@ async def handle_callback(ctx: EventContext) -> None:
 @hookimpl
 def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> None:
     """Register the core's ``deploy.status`` and ``command.callback`` handlers."""
-    register(EventHandler(EVENT_STATUS, handle_status_report))
-    register(EventHandler(EVENT_CALLBACK, handle_callback))
+    register(EventHandler(EVENT_STATUS, with_server(handle_status_report)))
+    register(EventHandler(EVENT_CALLBACK, with_server(handle_callback)))

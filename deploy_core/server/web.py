@@ -9,22 +9,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from deploy_core.plugin.errors import ApiError as ApiError  # defined by the contract
+
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
 
 MAX_BODY_BYTES = 1 << 20
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, message and optional detail."""
-
-    def __init__(self, status: int, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
 
 
 def validation_detail(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
