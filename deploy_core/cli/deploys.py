@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from deploy_core.cli.common import (
 )
 from deploy_core.cli.groups import deploy, main
 from deploy_core.cli.terminal import terminal_safe
-from deploy_core.client import DeployClient
+from deploy_core.client import ApiError, DeployClient
 
 
 def _read_script(text: str | None, file: Path | None, what: str) -> str | None:
@@ -158,18 +159,99 @@ def deploy_submit(
 
 @main.command()
 @click.argument("deploy_id")
-@click.option("--wait", is_flag=True, help="follow the rollback until it ends")
+@click.option(
+    "--cascade",
+    is_flag=True,
+    help="when newer deployments of the same target are still in place, roll them back "
+    "first, newest first, then this one (each its own rollback)",
+)
+@click.option(
+    "--wait", is_flag=True, help="follow the rollback (every one of a cascade) to the end"
+)
 @click.option("--wait-timeout", type=float, default=3600, show_default=True)
 @with_api
-def rollback(api: DeployClient, deploy_id: str, wait: bool, wait_timeout: float) -> None:
-    """Roll back a finished deployment with its own strategy and health checks."""
-    accepted = api.rollback(deploy_id)
+def rollback(
+    api: DeployClient, deploy_id: str, cascade: bool, wait: bool, wait_timeout: float
+) -> None:
+    """Roll back a finished deployment with its own strategy and health checks.  A
+    deployment that newer ones on its target superseded is refused unless --cascade."""
+    try:
+        accepted = api.request(
+            "POST", f"/api/deploy/{deploy_id}/rollback", json={"cascade": True} if cascade else None
+        )
+    except ApiError as exc:
+        detail = exc.body.get("detail") if isinstance(exc.body, dict) else None
+        if exc.status == 409 and isinstance(detail, dict) and detail.get("newer"):
+            raise click.ClickException(
+                terminal_safe(superseded_message(api, deploy_id, detail))
+            ) from None
+        raise
     if not wait:
         echo_json(accepted)
         return
-    click.echo(f"rollback {accepted['deploy_id']} of {deploy_id} accepted", err=True)
-    final = follow(api, accepted["deploy_id"], wait_timeout)
+    order: list[str] = accepted.get("cascade") or [deploy_id]
+    if len(order) > 1:
+        click.echo(f"cascade: rolling back {', then '.join(order)}", err=True)
+    end = time.monotonic() + wait_timeout
+    rollback_id: str | None = accepted["deploy_id"]
+    final: dict[str, Any] = {}
+    for undone in order:
+        if rollback_id is None:
+            rollback_id = _next_in_cascade(api, undone, final, end)
+        click.echo(f"rollback {rollback_id} of {undone} accepted", err=True)
+        final = follow(api, rollback_id, max(1.0, end - time.monotonic()))
+        if final["status"] != "rolled_back":
+            break
+        rollback_id = None
     sys.exit(0 if final["status"] == "rolled_back" else 1)
+
+
+def superseded_message(api: DeployClient, deploy_id: str, detail: dict[str, Any]) -> str:
+    """What a ``409`` with ``detail.newer`` means, for a person: which deployments
+    superseded ``deploy_id``, when they were made, and the two ways on."""
+    newer: list[str] = [str(n) for n in detail["newer"]]
+    described = []
+    for newer_id in newer[:5]:  # the newest few are enough to recognise them
+        try:
+            record = api.get(newer_id)
+            described.append(f"{newer_id} (deployed {record['created_at']}, {record['status']})")
+        except ApiError:
+            described.append(newer_id)
+    if len(newer) > 5:
+        described.append(f"{len(newer) - 5} more")
+    target = detail.get("target") or "its target"
+    return (
+        f"deployment {deploy_id} was superseded on target {target} by {', '.join(described)}; "
+        f"roll back {newer[0]} first, or use --cascade to roll "
+        f"{'it' if len(newer) == 1 else 'them'} back (newest first) and then {deploy_id}"
+    )
+
+
+def _next_in_cascade(
+    api: DeployClient, deploy_id: str, previous: dict[str, Any], end: float
+) -> str:
+    """The rollback the server asked for ``deploy_id`` once ``previous`` (the rollback
+    before it in the cascade) ended; an error when the cascade stopped (its reason is in
+    ``previous``'s history) or nothing came before ``end``."""
+    while True:
+        rolled_back_by: str | None = api.get(deploy_id)["rolled_back_by"]
+        if rolled_back_by:
+            return rolled_back_by
+        stopped = [
+            row["message"]
+            for row in api.history(previous["deploy_id"])
+            if row["message"].startswith("cascade stopped")
+        ]
+        if stopped:
+            raise click.ClickException(
+                terminal_safe(f"rollback {previous['deploy_id']}: {stopped[-1]}")
+            )
+        if time.monotonic() > end:
+            raise click.ClickException(
+                f"no rollback of {deploy_id} was started after {previous['deploy_id']} ended; "
+                f"look at deployctl status {previous['deploy_id']} --history"
+            )
+        time.sleep(0.2)
 
 
 @main.command()

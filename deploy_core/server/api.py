@@ -307,8 +307,8 @@ class RollbackOptions(BaseModel):
 async def rollback_deployment(request: Request) -> Response:
     """``POST /api/deploy/{deploy_id}/rollback`` → ``202`` with the rollback's own deployment
     id (SPEC deploy-25).  ``409`` when there is nothing to restore, when the client is busy,
-    or when newer deployments of the same target are still in place (``detail.newer``) and
-    the body does not ask for ``{"cascade": true}``."""
+    or when newer deployments of the same target are still in place (``detail.newer``,
+    ``detail.target``) and the body does not ask for ``{"cascade": true}``."""
     server = services(request)
     has_body = (
         request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
@@ -320,7 +320,7 @@ async def rollback_deployment(request: Request) -> Response:
     try:
         rollback = await request_rollback(server, record, cascade=options.cascade)
     except RollbackSuperseded as exc:
-        raise ApiError(409, str(exc), {"newer": exc.newer}) from None
+        raise ApiError(409, str(exc), {"newer": exc.newer, "target": exc.target}) from None
     except RollbackRefused as exc:
         raise ApiError(409, str(exc)) from None
     except ClientBusy as exc:

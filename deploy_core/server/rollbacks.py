@@ -38,10 +38,11 @@ class RollbackRefused(Exception):
 
 class RollbackSuperseded(RollbackRefused):
     """Newer deployments of the same target are still in place; ``newer`` lists their ids,
-    newest first."""
+    newest first, ``target`` names the target."""
 
     def __init__(self, record: dict[str, Any], newer: list[dict[str, Any]]) -> None:
         self.newer = [n["deploy_id"] for n in newer]
+        self.target: str = record["target"]
         listed = ", ".join(f"{n['deploy_id']} ({n['status']})" for n in newer)
         super().__init__(
             f"deployment {record['deploy_id']} was followed on target {record['target']} by "

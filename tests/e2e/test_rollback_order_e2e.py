@@ -98,7 +98,7 @@ async def test_rolling_back_a_superseded_deployment_is_409_or_cascades_newest_fi
     assert refused.status_code == 409, refused.text
     body = refused.json()
     assert v5 in body["error"] and "cascade" in body["error"]
-    assert body["detail"] == {"newer": [v5]}
+    assert body["detail"] == {"newer": [v5], "target": f"deploy.shell:{app}"}
     assert (app / "version").read_text() == "v5\n"
     for deploy_id in (v4, v5):
         record = (await http.get(f"/api/deploy/{deploy_id}")).json()
