@@ -4,6 +4,11 @@ Plugins are found through the ``deploy_core`` entry-point group, once per proces
 ``DEPLOY_CORE_PLUGINS=a,b`` loads only the named entry points; ``DEPLOY_CORE_DISABLE_PLUGINS=a,b``
 blocks some.  A plugin that fails to import is skipped with a warning naming it; a plugin that
 registers a name already taken stops start-up with :class:`PluginError`.
+
+An agent loads the plugins *agent side* (:func:`get_agent_plugins`): only the hooks it runs
+(deploy types, health checks, rollback strategies, agent services) are called, so a plugin's
+server-side modules (routes, tables, event handlers, ``deployctl`` commands), imported inside
+those hooks, never load in an agent process (issue 12: an agent is not a server).
 """
 
 from __future__ import annotations
@@ -15,12 +20,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import click
 import pluggy
 from pydantic import ValidationError
-from sqlalchemy import MetaData
 
 from deploy_core import hookspecs
 from deploy_core.registry import (
@@ -33,6 +37,9 @@ from deploy_core.registry import (
     RouteSet,
 )
 
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "deploy_core"
@@ -42,7 +49,8 @@ ENV_DISABLE = "DEPLOY_CORE_DISABLE_PLUGINS"
 # Core ``deployctl`` groups a plugin may add commands to (None: the top level).
 CLI_GROUPS = (None, "deploy")
 
-# The core's own behaviour, registered through the same hooks as third-party plugins.
+# The core's own behaviour, registered through the same hooks as third-party plugins
+# (server side: an agent-side load leaves them out).
 DEFAULT_PLUGINS = ("deploy_core.server.handlers",)
 
 
@@ -98,9 +106,12 @@ class DeployPlugins:
     """The loaded plugins and everything they registered.
 
     Build one with :func:`load_plugins` (or :func:`get_plugins` for the process-wide one).
+    With ``agent_only``, :meth:`collect` calls only the hooks an agent runs; the server-side
+    registries (event handlers, routes, ``deployctl`` commands) stay empty.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, agent_only: bool = False) -> None:
+        self.agent_only = agent_only
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.deploy_types: Registry[DeployType] = Registry("deploy type")
@@ -153,10 +164,12 @@ class DeployPlugins:
         self._collect(
             "deploy_register_rollback_strategies", self.rollback_strategies, lambda e: e.name
         )
-        self._collect("deploy_register_event_handlers", self.event_handlers, lambda e: e.name)
-        self._collect("deploy_register_routes", self.route_sets, lambda e: e.name)
+        if not self.agent_only:
+            self._collect("deploy_register_event_handlers", self.event_handlers, lambda e: e.name)
+            self._collect("deploy_register_routes", self.route_sets, lambda e: e.name)
         self._collect("deploy_agent_services", self.agent_services, lambda e: e.name)
-        self._collect_cli_commands()
+        if not self.agent_only:
+            self._collect_cli_commands()
         kinds: dict[str, str] = {}
         for name in self.deploy_types.entries:
             kind = self.deploy_types.entries[name].kind
@@ -237,6 +250,8 @@ class DeployPlugins:
 
     def create_tables(self, metadata_: MetaData) -> None:
         """Let plugins define their tables on ``metadata_``; a failure names the plugin."""
+        if self.agent_only:
+            raise PluginError("plugins loaded agent side define no tables; load them in full")
         for impl in self.pm.hook.deploy_register_tables.get_hookimpls():
             try:
                 impl.function(metadata=metadata_)
@@ -346,12 +361,17 @@ def load_plugins(
     extra: Iterable[tuple[str, object]] = (),
     entry_points: bool = True,
     env: Mapping[str, str] | None = None,
+    agent_only: bool = False,
 ) -> DeployPlugins:
-    """Build a fresh :class:`DeployPlugins`: built-ins, entry points, then ``extra`` plugins."""
-    plugins = DeployPlugins()
+    """Build a fresh :class:`DeployPlugins`: built-ins, entry points, then ``extra`` plugins.
+
+    ``agent_only``: as an agent needs them, without the built-in server handlers and without
+    calling the server-side hooks (see :class:`DeployPlugins`).
+    """
+    plugins = DeployPlugins(agent_only=agent_only)
     from deploy_core import __version__
 
-    for module_name in DEFAULT_PLUGINS:
+    for module_name in () if agent_only else DEFAULT_PLUGINS:
         __import__(module_name)
         plugins.register_module(sys.modules[module_name], module_name, __version__)
     if entry_points:
@@ -363,6 +383,7 @@ def load_plugins(
 
 
 _loaded: DeployPlugins | None = None
+_agent_side: DeployPlugins | None = None
 
 
 def get_plugins() -> DeployPlugins:
@@ -371,3 +392,15 @@ def get_plugins() -> DeployPlugins:
     if _loaded is None:
         _loaded = load_plugins()
     return _loaded
+
+
+def get_agent_plugins() -> DeployPlugins:
+    """The process-wide plugins as an agent needs them: those of :func:`get_plugins` when this
+    process has loaded them (a server with its agent, ``deployctl up``), else loaded agent
+    side (``agent_only``) on first use."""
+    global _agent_side
+    if _loaded is not None:
+        return _loaded
+    if _agent_side is None:
+        _agent_side = load_plugins(agent_only=True)
+    return _agent_side

@@ -26,7 +26,7 @@ from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus
-from deploy_core.plugins import DeployPlugins, get_plugins
+from deploy_core.plugins import DeployPlugins, get_agent_plugins
 from deploy_core.private import private_dir
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
 from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
@@ -75,7 +75,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig, plugins: DeployPlugins | None = None) -> None:
         self.config = config
-        self.plugins = plugins or get_plugins()
+        self.plugins = plugins or get_agent_plugins()
         private_dir(config.state_dir)
         self.journal = Journal(config.state_dir / "journal.db")
         #: Every script run's processes, journaled before they start (cgroup, session).

@@ -213,11 +213,11 @@ def agent(
         raise click.BadParameter(
             "letters, digits, '.', '_' and '-', at most 64", param_hint="--client-id"
         )
-    from deploy_core.plugins import get_plugins
+    from deploy_core.plugins import get_agent_plugins
 
     host, port = _host_port(server_addr)
     settings, constraints = agent_settings_and_constraints(config_file)
-    warn_unknown_services(config_file, settings.get("services", {}), get_plugins())
+    warn_unknown_services(config_file, settings.get("services", {}), get_agent_plugins())
     config = AgentConfig(
         server_host=host,
         server_port=port,

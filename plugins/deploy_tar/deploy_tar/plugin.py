@@ -8,7 +8,6 @@ from typing import Any
 
 from deploy_core import hookimpl
 from deploy_core.registry import DeployType, RollbackStrategy
-from deploy_tar.cli import deploy_tar
 from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
@@ -63,5 +62,7 @@ def deploy_register_rollback_strategies(register: Callable[[RollbackStrategy], N
 
 @hookimpl
 def deploy_register_cli_commands(register: Callable[..., Any]) -> None:
-    """Register ``deployctl deploy tar``."""
+    """Register ``deployctl deploy tar`` (imported here: an agent never calls this hook)."""
+    from deploy_tar.cli import deploy_tar
+
     register(deploy_tar, group="deploy")

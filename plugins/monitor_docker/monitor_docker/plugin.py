@@ -1,17 +1,22 @@
-"""The plugin object Deploy Center loads through the ``deploy_core`` entry-point group."""
+"""The plugin object Deploy Center loads through the ``deploy_core`` entry-point group.
+
+An agent calls only :func:`deploy_agent_services`; the server-side modules (store, events,
+routes, cli) are imported inside their hooks, so an agent never loads SQLAlchemy or Starlette.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import click
-import sqlalchemy as sa
+from typing import TYPE_CHECKING
 
 from deploy_core import hookimpl
 from deploy_core.registry import AgentService, EventHandler, RouteSet
 from monitor_docker.models import EVENT
 from monitor_docker.sampler import run_monitor
-from monitor_docker.store import define_tables
+
+if TYPE_CHECKING:
+    import click
+    import sqlalchemy as sa
 
 SERVICE = "docker_monitor"
 
@@ -33,6 +38,8 @@ def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> 
 @hookimpl
 def deploy_register_tables(metadata: sa.MetaData) -> None:
     """Server side: samples, current state, last report per client."""
+    from monitor_docker.store import define_tables
+
     define_tables(metadata)
 
 
