@@ -52,7 +52,9 @@ def clients_list(api: DeployClient, as_json: bool) -> None:
         if c.get("revoked_at"):
             state = "REVOKED " + c["revoked_at"]
         types = ", ".join(c["capabilities"].get("deploy_types", []))
-        click.echo(terminal_safe(f"{c['client_id']:<20} {state:<45} {types}"))
+        # A shared_key agent has not upgraded to its own key pair (an older server: "?").
+        credential = c.get("credential") or "?"
+        click.echo(terminal_safe(f"{c['client_id']:<20} {state:<45} {credential:<10} {types}"))
 
 
 @clients.command("revoke")

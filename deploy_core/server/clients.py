@@ -201,9 +201,14 @@ class ClientRecords:
         return rows[0] if rows else None
 
     def list_clients(self, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Known clients, without their keys, by id."""
+        """Known clients, without their keys, by id; ``credential`` says what the agent
+        signs in with: ``public_key`` (its own key pair) or ``shared_key`` (a secret the
+        server issued before key pairs, until the agent next connects and upgrades)."""
         cols = [c for c in clients.c if c.name != "agent_key"]
-        query = sa.select(*cols).order_by(clients.c.client_id)
+        credential = sa.case(
+            (clients.c.public_key.is_not(None), "public_key"), else_="shared_key"
+        ).label("credential")
+        query = sa.select(*cols, credential).order_by(clients.c.client_id)
         if ids is not None:
             query = query.where(clients.c.client_id.in_(list(ids)))
         with self.engine.connect() as conn:

@@ -27,6 +27,7 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
         "remote": row["remote"],
         "enrolled_at": iso_time(row["enrolled_at"]),
         "revoked_at": iso_time(row.get("revoked_at")),
+        "credential": row["credential"],
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
     }

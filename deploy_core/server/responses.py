@@ -141,6 +141,12 @@ class ClientView(_Answer):
     remote: str | None
     enrolled_at: str | None
     revoked_at: str | None
+    credential: Literal["public_key", "shared_key"] = Field(
+        description="what the agent signs in with: 'public_key', its own Ed25519 key pair; "
+        "'shared_key', a secret the server issued before key pairs: the agent is not updated "
+        "yet (an updated one upgrades when it connects), and whoever holds that secret can "
+        "sign in as it"
+    )
     plugins: dict[str, Any]
     capabilities: dict[str, Any]
 
