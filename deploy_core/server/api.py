@@ -49,6 +49,7 @@ from deploy_core.server.rollbacks import (
     cascade_order,
     request_rollback,
 )
+from deploy_core.server.services import PluginServices
 from deploy_core.server.web import (
     ApiError,
     flag_param,
@@ -253,7 +254,7 @@ async def create_deployment(request: Request) -> Response:
     )
     if deploy_type.server_check is not None:
         try:
-            await deploy_type.server_check(server, params)
+            await deploy_type.server_check(PluginServices(server), params)
         except LookupError as exc:
             raise ApiError(404, str(exc).strip("'\"")) from None
         except ValueError as exc:
@@ -527,4 +528,5 @@ def create_app(server: DeployServer) -> ASGIApp:
         exception_handlers={ApiError: _api_error, 404: _not_found, 405: _method_not_allowed},
     )
     app.state.services = server
+    app.state.plugin_services = PluginServices(server)  # what plugins get (server_services)
     return TokenAuth(app, server)

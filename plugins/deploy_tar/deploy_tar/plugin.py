@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 from deploy_core import hookimpl
+from deploy_core.plugin import ServerServices
 from deploy_core.registry import DeployType, RollbackStrategy
 from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
 
 
-async def package_is_stored(server: Any, params: TarParams) -> None:
+async def package_is_stored(services: ServerServices, params: TarParams) -> None:
     """Refuse at once (404) a deployment of a package the server's store does not hold."""
-    store = getattr(server, "artifacts", None)
-    if store is None:
-        return
-    if await asyncio.to_thread(store.get, params.artifact) is None:
+    if not await services.artifact_exists(params.artifact):
         raise LookupError(
             f"no artifact {params.artifact} on this server; upload the package first "
             "(deployctl artifact push FILE, or deployctl deploy tar --package FILE)"
