@@ -113,6 +113,17 @@ def _read_server_config(path: Path) -> dict[str, Any]:
     return data
 
 
+server_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
+    default=None,
+    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
+    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none, '
+    "[http] header_timeout, body_timeout and max_unauthenticated (server's --http-* flags win)",
+)
+
+
 def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
     """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
     plugins: dict[str, dict[str, Any]] = _read_server_config(path).get("plugins", {})
@@ -251,17 +262,29 @@ def agent(
     default=None,
     help="the local agent's configuration (TOML: [constraints], [services.NAME])",
 )
-def up(state_dir: Path, api_port: int, quic_port: int, agent_config: Path | None) -> None:
+@server_config_option
+def up(
+    state_dir: Path,
+    api_port: int,
+    quic_port: int,
+    agent_config: Path | None,
+    config_file: Path | None,
+) -> None:
     """Run a server and one local agent (client id "local") in one process."""
     from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.cli.server_command import server_config_file
     from deploy_core.server.app import DeployServer, ServerConfig
 
     settings, constraints = agent_settings_and_constraints(agent_config)
+    server_config = ServerConfig(
+        state_dir=state_dir,
+        api_port=api_port,
+        quic_port=quic_port,
+        **server_config_file(config_file),
+    )
 
     async def run(stop: asyncio.Event) -> None:
-        srv = DeployServer(
-            ServerConfig(state_dir=state_dir, api_port=api_port, quic_port=quic_port)
-        )
+        srv = DeployServer(server_config)
         await srv.start()
         warn_unknown_services(agent_config, settings.get("services", {}), srv.plugins)
         agt = Agent(

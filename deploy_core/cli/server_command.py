@@ -20,6 +20,7 @@ from deploy_core.cli.processes import (
     _run_until_signal,
     load_rollback_defaults,
     load_server_settings,
+    server_config_option,
 )
 from deploy_core.server.http_limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -59,6 +60,32 @@ def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
         raise click.BadParameter(f"{path}: [http]: {exc}", param_hint="--config") from None
 
 
+def server_config_file(
+    path: Path | None, http_flags: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a server configuration file (``--config`` of ``server`` and ``up``) sets, as
+    :class:`~deploy_core.server.app.ServerConfig` keyword arguments: plugins' settings
+    (``[plugins.NAME]``), rollback defaults (``[defaults.rollback]``) and HTTP limits
+    (``[http]``), each checked; a bad file stops the command before anything starts.
+
+    :param http_flags: the ``--http-*`` flags' values (one given on the command line wins
+        over ``[http]``); ``None`` for a command without them: their defaults.
+    """
+    return {
+        "plugin_settings": load_server_settings(path) if path else {},
+        "rollback_defaults": load_rollback_defaults(path) if path else {},
+        "http_limits": http_limits(
+            path,
+            http_flags
+            or {
+                "http_header_timeout": DEFAULT_HEADER_TIMEOUT,
+                "http_body_timeout": DEFAULT_BODY_TIMEOUT,
+                "http_max_unauthenticated": DEFAULT_MAX_UNAUTHENTICATED,
+            },
+        ),
+    }
+
+
 @click.command()
 @state_dir_option
 @click.option("--api-host", default="127.0.0.1", show_default=True)
@@ -72,15 +99,7 @@ def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
     help="database URL (default: SQLite in the state directory), "
     "e.g. postgresql://user@host/dbname",
 )
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
-    default=None,
-    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
-    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none, '
-    "[http] header_timeout, body_timeout and max_unauthenticated (the --http-* flags win)",
-)
+@server_config_option
 @click.option(
     "--cert-name",
     "cert_names",
@@ -159,9 +178,7 @@ def server(
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
-        plugin_settings=load_server_settings(config_file) if config_file else {},
-        rollback_defaults=load_rollback_defaults(config_file) if config_file else {},
-        http_limits=http_limits(
+        **server_config_file(
             config_file,
             {
                 "http_header_timeout": http_header_timeout,
