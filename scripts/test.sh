@@ -24,7 +24,11 @@ and a local PostgreSQL cluster if this script had to start it.
 EOF
 
 # The main venv: deploy-core with its test and dev extras, and every plugin.
-EXTRAS=test,dev BOOTSTRAP_FUNCTIONS_ONLY=1 source "$ROOT/scripts/bootstrap.sh"
+# (Plain assignments, not "VAR=x source …": bash undoes those when the builtin returns, and
+# install_checkout below would then install without the test and dev extras.)
+EXTRAS=test,dev
+BOOTSTRAP_FUNCTIONS_ONLY=1
+source "$ROOT/scripts/bootstrap.sh"
 set +e  # from here on a failing step is recorded, and the next one runs
 PY="$VENV/bin/python"
 RESULTS=$(mktemp -d)
