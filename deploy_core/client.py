@@ -137,9 +137,14 @@ class DeployClient:
         result: dict[str, Any] = self.request("POST", f"/api/deploy/{kind}", json=body)
         return result
 
-    def rollback(self, deploy_id: str) -> dict[str, Any]:
-        """``POST /api/deploy/{deploy_id}/rollback``: a new ``deploy.rollback`` deployment."""
-        result: dict[str, Any] = self.request("POST", f"/api/deploy/{deploy_id}/rollback")
+    def rollback(self, deploy_id: str, *, cascade: bool = False) -> dict[str, Any]:
+        """``POST /api/deploy/{deploy_id}/rollback``: a new ``deploy.rollback`` deployment;
+        with ``cascade``, newer deployments of the same target are rolled back first."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/api/deploy/{deploy_id}/rollback",
+            json={"cascade": True} if cascade else None,
+        )
         return result
 
     def get(self, deploy_id: str, *, wait: float = 0, since: float | None = None) -> dict[str, Any]:

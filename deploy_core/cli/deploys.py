@@ -176,9 +176,7 @@ def rollback(
     """Roll back a finished deployment with its own strategy and health checks.  A
     deployment that newer ones on its target superseded is refused unless --cascade."""
     try:
-        accepted = api.request(
-            "POST", f"/api/deploy/{deploy_id}/rollback", json={"cascade": True} if cascade else None
-        )
+        accepted = api.rollback(deploy_id, cascade=cascade)
     except ApiError as exc:
         detail = exc.body.get("detail") if isinstance(exc.body, dict) else None
         if exc.status == 409 and isinstance(detail, dict) and detail.get("newer"):
