@@ -9,10 +9,16 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from deploy_core import hookimpl
-from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.models import DeployShellResult, DeployStatus
-from deploy_core.registry import DeployParams, DeployType, Stage
+from deploy_core.plugin import (
+    DeployContext,
+    DeployFailed,
+    DeployParams,
+    DeployShellResult,
+    DeployStatus,
+    DeployType,
+    Stage,
+    hookimpl,
+)
 
 MAX_SCRIPT_BYTES = 100 * 1024
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
