@@ -193,12 +193,18 @@ def rollback(
     end = time.monotonic() + wait_timeout
     rollback_id: str | None = accepted["deploy_id"]
     final: dict[str, Any] = {}
-    for undone in order:
+    for step, undone in enumerate(order):
         if rollback_id is None:
             rollback_id = _next_in_cascade(api, undone, final, end)
         click.echo(f"rollback {rollback_id} of {undone} accepted", err=True)
         final = follow(api, rollback_id, max(1.0, end - time.monotonic()))
         if final["status"] != "rolled_back":
+            if order[step + 1 :]:  # the server goes no further either
+                click.echo(
+                    f"cascade stopped: rollback {rollback_id} ended {final['status']}; "
+                    f"not rolled back: {', '.join(order[step + 1 :])}",
+                    err=True,
+                )
             break
         rollback_id = None
     sys.exit(0 if final["status"] == "rolled_back" else 1)

@@ -131,3 +131,35 @@ def test_cli_rollback_of_the_live_deployment_needs_no_cascade(
     again = deployctl(center, "rollback", v2)
     assert again.returncode == 1
     assert "already rolled back" in again.stderr
+
+
+def test_cli_cascade_stops_where_a_rollback_fails_and_says_what_is_left(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    ids = []
+    for version, undo in (("v1", "exit 0"), ("v2", "exit 7")):  # v2's rollback fails
+        deploy_id = center.deploy_shell(
+            CLIENT,
+            f'if [ "$DEPLOY_ACTION" = rollback ]; then echo undo {version} >> log; {undo}; fi; '
+            f"echo {version} > version",
+            workdir=str(app),
+            rollback={"strategy": "inline"},
+        )
+        assert center.wait(deploy_id)["status"] == "success"
+        ids.append(deploy_id)
+    v1, v2 = ids
+
+    done = deployctl(center, "rollback", v1, "--cascade", "--wait", "--wait-timeout", "240")
+    assert done.returncode == 1, done.stdout + done.stderr
+    undo2 = center.api.get(v2)["rolled_back_by"]
+    assert undo2 and center.api.get(undo2)["status"] == "rollback_failed"
+    assert f"deployment {undo2}: rollback_failed" in done.stdout
+    assert (
+        f"cascade stopped: rollback {undo2} ended rollback_failed; not rolled back: {v1}"
+        in done.stderr
+    )
+    # v1 was not touched.
+    assert center.api.get(v1)["rolled_back_by"] is None
+    assert (app / "log").read_text() == "undo v2\n"
