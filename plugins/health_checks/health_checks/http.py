@@ -12,8 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.registry import HealthCheckParams
+from deploy_core.plugin import DeployContext, HealthCheckParams
 from health_checks import __version__
 from health_checks.connect import ProbeFailed, close, open_connection
 from health_checks.fields import Host, Port, StatusCode, format_address

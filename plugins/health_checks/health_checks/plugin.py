@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from deploy_core import hookimpl
-from deploy_core.registry import HealthCheckType
+from deploy_core.plugin import HealthCheckType, hookimpl
 from health_checks.http import HttpCheckParams, probe_http
 from health_checks.script import ScriptCheckParams, probe_script
 from health_checks.tcp import TcpCheckParams, probe_tcp

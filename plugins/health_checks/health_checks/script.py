@@ -8,9 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.agent.process import ProcessResult
-from deploy_core.registry import HealthCheckParams
+from deploy_core.plugin import DeployContext, DeployFailed, HealthCheckParams, ProcessResult
 
 MAX_SCRIPT_BYTES = 100 * 1024  # SPEC deploy-30
 MAX_TAIL_CHARS = 200

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.registry import HealthCheckParams
+from deploy_core.plugin import DeployContext, HealthCheckParams
 from health_checks.connect import ProbeFailed, close, open_connection
 from health_checks.fields import Host, Port
 
