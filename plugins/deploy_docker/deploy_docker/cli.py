@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from deploy_core.cli import (
+from deploy_core.plugin.cli import (
+    DeployClient,
     no_rollback_option,
     parse_env,
     parse_health,
@@ -14,7 +15,6 @@ from deploy_core.cli import (
     submit_and_follow,
     with_api,
 )
-from deploy_core.client import DeployClient
 
 
 @click.command("docker")

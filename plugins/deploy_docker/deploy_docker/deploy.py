@@ -12,9 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.models import DeployDockerResult, DeployStatus
-from deploy_core.registry import Stage
+from deploy_core.plugin import DeployContext, DeployDockerResult, DeployFailed, DeployStatus, Stage
 from deploy_docker.engine import Engine, EngineError, EngineTimeout
 from deploy_docker.params import DockerParams
 from deploy_docker.progress import PullProgress

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deploy_core.registry import DeployParams, RollbackParams
+from deploy_core.plugin import DeployParams, RollbackParams
 
 # Docker's own rule for container names; the suffix ".prev-<8 hex>" must still fit.
 CONTAINER_NAME = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from deploy_core import hookimpl
-from deploy_core.registry import DeployType, RollbackStrategy
+from deploy_core.plugin import DeployType, RollbackStrategy, hookimpl
 from deploy_docker.deploy import STAGES, STRATEGY, deploy_container
 from deploy_docker.params import DockerParams, PreviousContainerParams
 from deploy_docker.rollback import discard_previous, prepare_previous, rollback_previous

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.registry import RollbackReport, RollbackState
+from deploy_core.plugin import DeployContext, RollbackReport, RollbackState
 from deploy_docker import secret_store
 from deploy_docker.deploy import connect
 from deploy_docker.engine import Engine
