@@ -10,8 +10,7 @@ import json
 
 import click
 
-from deploy_core.cli import terminal_safe, with_api
-from deploy_core.client import DeployClient
+from deploy_core.plugin.cli import DeployClient, terminal_safe, with_api
 
 
 def _size(value: int | None) -> str:

@@ -6,7 +6,7 @@ import time
 
 from pydantic import ValidationError
 
-from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.plugin import EventContext, EventRejected
 from monitor_docker.models import MonitorBatch
 from monitor_docker.store import store_for
 
@@ -18,5 +18,5 @@ async def handle_monitor(ctx: EventContext) -> None:
         batch = MonitorBatch.model_validate(ctx.payload)
     except ValidationError as exc:
         raise EventRejected(f"malformed docker.monitor batch: {exc}") from None
-    store = store_for(ctx.server)
-    await ctx.server.db(store.store, ctx.client_id, batch, now=time.time())
+    store = store_for(ctx.services)
+    await ctx.services.db(store.store, ctx.client_id, batch, now=time.time())

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from deploy_core import hookimpl
-from deploy_core.registry import AgentService, EventHandler, RouteSet
+from deploy_core.plugin import AgentService, EventHandler, RouteSet, hookimpl
 from monitor_docker.models import EVENT
 from monitor_docker.sampler import run_monitor
 

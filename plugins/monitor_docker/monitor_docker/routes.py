@@ -14,8 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deploy_core.server.app import DeployServer
-from deploy_core.server.web import ApiError, services
+from deploy_core.plugin import ApiError, server_services
 from monitor_docker.store import DEFAULT_LIMIT, MAX_LIMIT, store_for
 
 
@@ -44,7 +43,7 @@ def parse_time(name: str, raw: str) -> float:
 
 async def get_monitor(request: Request) -> Response:
     """The client's Docker monitor data."""
-    server: DeployServer = services(request)
+    services = server_services(request)
     client_id = request.path_params["client_id"]
     query = request.query_params
     since = parse_time("since", query["since"]) if "since" in query else None
@@ -54,10 +53,10 @@ async def get_monitor(request: Request) -> Response:
     raw_limit = query.get("limit", str(DEFAULT_LIMIT))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise ApiError(422, f"query parameter limit must be an integer from 1 to {MAX_LIMIT}")
-    if await server.db(server.records.get_client, client_id) is None:
+    if not await services.client_exists(client_id):
         raise ApiError(404, f"unknown client {client_id!r}: no agent enrolled with that id")
-    store = store_for(server)
-    view = await server.db(
+    store = store_for(services)
+    view = await services.db(
         store.view,
         client_id,
         since=since,

@@ -25,7 +25,7 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
-from deploy_core.agent.context import AgentServiceContext
+from deploy_core.plugin import AgentServiceContext
 from monitor_docker.models import EVENT, MANAGED_LABEL, NAME_LABEL, ContainerSample, MonitorBatch
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from monitor_docker.models import MonitorBatch
 
 if TYPE_CHECKING:
-    from deploy_core.server.app import DeployServer
+    from deploy_core.plugin import ServerServices
 
 SAMPLES = "docker_monitor_samples"
 CURRENT = "docker_monitor_current"
@@ -335,11 +335,9 @@ def _render_sample(row: sa.RowMapping) -> dict[str, Any]:
     }
 
 
-def store_for(server: DeployServer) -> MonitorStore:
+def store_for(services: ServerServices) -> MonitorStore:
     """The store of a running server: its database, the tables the core created from
-    :func:`define_tables` on its plugin metadata, the configured retention."""
-    from deploy_core.server.db import plugin_metadata
-
+    :func:`define_tables` on the plugins' metadata, the configured retention."""
     return MonitorStore(
-        server.engine, MonitorTables.of(plugin_metadata), retention=retention_from(os.environ)
+        services.engine, MonitorTables.of(services.metadata), retention=retention_from(os.environ)
     )
