@@ -1,8 +1,9 @@
 """Server side: monitor samples, a current-state row per (client, container), and the last
 report of each client, in the plugin's own tables (SPEC deploy-27).
 
-Samples older than the retention (``DEPLOY_MONITOR_DOCKER_RETENTION``: seconds, or ``7d``,
-``12h``, ``30m``; default 7 days) are deleted whenever a batch is stored.  A batch is a
+Samples older than the retention (``retention`` of the server configuration's
+``[plugins.monitor_docker]`` table, else ``DEPLOY_MONITOR_DOCKER_RETENTION``: seconds, or
+``7d``, ``12h``, ``30m``; default 7 days) are deleted whenever a batch is stored.  A batch is a
 complete picture of one agent's containers, so the current rows of a client are replaced by
 each newer batch; a batch that only reports an engine error keeps the last known rows.
 """
@@ -29,6 +30,7 @@ SAMPLES = "docker_monitor_samples"
 CURRENT = "docker_monitor_current"
 CLIENTS = "docker_monitor_clients"
 
+PLUGIN = "monitor_docker"  # the entry point's name: its [plugins.monitor_docker] settings
 ENV_RETENTION = "DEPLOY_MONITOR_DOCKER_RETENTION"
 DEFAULT_RETENTION = 7 * 86400.0
 DEFAULT_LIMIT = 1000
@@ -48,8 +50,12 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def retention_from(env: Mapping[str, str]) -> float:
-    """The retention in seconds (``DEPLOY_MONITOR_DOCKER_RETENTION``, default 7 days)."""
+def retention_from(env: Mapping[str, str], settings: Mapping[str, Any] | None = None) -> float:
+    """The retention in seconds: ``settings["retention"]`` (the plugin's server settings),
+    else ``DEPLOY_MONITOR_DOCKER_RETENTION`` of ``env``, else 7 days."""
+    configured = (settings or {}).get("retention")
+    if configured is not None:
+        return parse_duration(str(configured))
     raw = env.get(ENV_RETENTION)
     return parse_duration(raw) if raw else DEFAULT_RETENTION
 
@@ -338,6 +344,5 @@ def _render_sample(row: sa.RowMapping) -> dict[str, Any]:
 def store_for(services: ServerServices) -> MonitorStore:
     """The store of a running server: its database, the tables the core created from
     :func:`define_tables` on the plugins' metadata, the configured retention."""
-    return MonitorStore(
-        services.engine, MonitorTables.of(services.metadata), retention=retention_from(os.environ)
-    )
+    retention = retention_from(os.environ, services.plugin_config(PLUGIN))
+    return MonitorStore(services.engine, MonitorTables.of(services.metadata), retention=retention)

@@ -104,6 +104,15 @@ def test_retention_takes_plain_seconds_or_a_unit(text: str, seconds: float) -> N
     assert retention_from({"DEPLOY_MONITOR_DOCKER_RETENTION": text}) == seconds
 
 
+def test_retention_from_the_server_settings_wins_over_the_environment() -> None:
+    env = {"DEPLOY_MONITOR_DOCKER_RETENTION": "1d"}
+    assert retention_from(env, {"retention": "12h"}) == 43200
+    assert retention_from(env, {"retention": 600}) == 600
+    assert retention_from(env, {}) == 86400
+    with pytest.raises(ValueError, match="not a duration"):
+        retention_from(env, {"retention": "soon"})
+
+
 def test_retention_defaults_to_a_week_and_refuses_nonsense() -> None:
     assert retention_from({}) == DEFAULT_RETENTION == 7 * 86400
     for bad in ("", "0", "-1d", "1w", "soon"):
