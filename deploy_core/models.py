@@ -2,13 +2,15 @@
 
 Every model here travels on the wire or through the API, so each carries a schema version
 (``v``) and refuses unknown fields where the sender is untrusted.  JSON Schema for all of
-them comes from :func:`wire_schemas` (served at ``/api/schemas``).
+them comes from :func:`wire_schemas` (served at ``/api/schemas``), beside the result model
+each deploy type registers (``DeployType.result``; they live in their plugins).
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -116,43 +118,6 @@ class RollbackResult(WireModel):
         description="what the strategy reports beside its message, e.g. the processes a "
         "snapshot restore stopped and the services it started again",
     )
-
-
-class DeployShellResult(WireModel):
-    """What an operator needs to know about a shell deployment (SPEC deploy-05)."""
-
-    exit_code: int | None
-    stdout_tail: str = ""
-    stderr_tail: str = ""
-    duration: float = 0.0
-    timed_out: bool = False
-    output_truncated: bool = False
-
-
-class DeployTarResult(WireModel):
-    """What an operator needs to know about a tar.gz deployment (SPEC deploy-05)."""
-
-    release_dir: str | None = None
-    previous_release: str | None = None
-    sha256: str | None = None
-    bytes_sent: int = 0
-    bytes_resumed: int = 0
-    install_exit_code: int | None = None
-    install_output_tail: str = ""
-    duration: float = 0.0
-
-
-class DeployDockerResult(WireModel):
-    """What an operator needs to know about a Docker deployment (SPEC deploy-05)."""
-
-    container_id: str | None = None
-    container_name: str | None = None
-    image: str | None = None
-    image_id: str | None = None
-    image_digest: str | None = None
-    previous_container_id: str | None = None
-    previous_image: str | None = None
-    duration: float = 0.0
 
 
 # --------------------------------------------------------------------------- wire events
@@ -278,14 +243,13 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     DeployStatusReport,
     DeployCallbackPayload,
     DeployCommand,
-    DeployShellResult,
-    DeployTarResult,
-    DeployDockerResult,
     HealthCheckResult,
     RollbackResult,
 )
 
 
-def wire_schemas() -> dict[str, Any]:
-    """JSON Schema of every wire model, keyed by model name."""
-    return {model.__name__: model.model_json_schema() for model in WIRE_MODELS}
+def wire_schemas(results: Iterable[type[BaseModel]] = ()) -> dict[str, Any]:
+    """JSON Schema of every wire model of the core and of the deploy types' ``results``
+    (their registered result models, e.g. ``DeployShellResult``), keyed by model name."""
+    models = (*WIRE_MODELS, *sorted(set(results), key=lambda m: m.__name__))
+    return {model.__name__: model.model_json_schema() for model in models}

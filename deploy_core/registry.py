@@ -95,6 +95,10 @@ class DeployType:
         target per deploy type and client.
     :param artifacts: ``(params) -> SHA-256s``: the stored artifacts a deployment fetches; an
         agent may fetch only the artifacts of deployments sent to it.
+    :param result: the model the executor returns (a :class:`~deploy_core.plugin.WireModel`),
+        e.g. ``DeployShellResult``: ``/api/schemas`` and ``/openapi.json`` publish its JSON
+        Schema, so clients know the ``result`` of this type's records.  ``None``: the type
+        does not describe its result.
     """
 
     name: str
@@ -110,6 +114,7 @@ class DeployType:
     server_check: Callable[[ServerServices, Any], Awaitable[None]] | None = None
     target: Callable[[Any], str | None] | None = None
     artifacts: Callable[[Any], Sequence[str]] | None = None
+    result: type[BaseModel] | None = None
 
     def __post_init__(self) -> None:
         if not COMMAND_NAME.fullmatch(self.name):
@@ -120,6 +125,13 @@ class DeployType:
             raise RegistrationError(f"deploy type {self.name}: params must subclass DeployParams")
         if not callable(self.executor):
             raise RegistrationError(f"deploy type {self.name}: executor is not callable")
+        if self.result is not None and not (
+            isinstance(self.result, type) and issubclass(self.result, BaseModel)
+        ):
+            raise RegistrationError(
+                f"deploy type {self.name}: result must be a pydantic model class (a WireModel "
+                f"subclass), not {self.result!r}"
+            )
         if self.default_rollback is not None and not SIMPLE_NAME.fullmatch(self.default_rollback):
             raise RegistrationError(
                 f"deploy type {self.name}: default_rollback {self.default_rollback!r} is not a "

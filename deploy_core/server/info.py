@@ -72,17 +72,15 @@ async def list_plugins(request: Request) -> Response:
 
 
 async def get_schemas(request: Request) -> Response:
-    """``GET /api/schemas`` — JSON Schema of the wire models and of each deploy request."""
+    """``GET /api/schemas`` — JSON Schema of the wire models (with each deploy type's
+    registered result model) and of each deploy request."""
     from deploy_core.server.api import request_model  # api mounts this route
 
-    server = services(request)
+    types = services(request).plugins.deploy_types.entries.values()
     return JSONResponse(
         {
-            "wire": wire_schemas(),
-            "deploy_requests": {
-                t.name: request_model(t).model_json_schema()
-                for t in server.plugins.deploy_types.entries.values()
-            },
+            "wire": wire_schemas(t.result for t in types if t.result is not None),
+            "deploy_requests": {t.name: request_model(t).model_json_schema() for t in types},
         }
     )
 

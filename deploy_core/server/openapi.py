@@ -358,6 +358,8 @@ def build_openapi(plugins: DeployPlugins, routes: Sequence[BaseRoute]) -> dict[s
     inputs |= {c.params for c in plugins.health_checks.entries.values()}
     inputs |= {s.params for s in plugins.rollback_strategies.entries.values()}
     answers: set[type[BaseModel]] = {DeployAccepted, ErrorBody}
+    # A record's result is the type's registered model: published so clients can read it.
+    answers |= {t.result for t in types if t.result is not None}
     for core in CORE_OPERATIONS.values():
         answers.add(core.answer)
         if core.body is not None and issubclass(core.body, BaseModel):

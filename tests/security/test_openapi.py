@@ -264,3 +264,21 @@ def test_the_document_is_public_and_the_api_is_not(api: Api, tmp_path: Path) -> 
     public = httpx.get(f"{api.server.api_url}/openapi.json")
     assert public.status_code == 200 and public.json() == api.doc
     assert httpx.get(f"{api.server.api_url}/api/plugins").status_code == 401
+
+
+def test_result_models_are_published_from_the_registry(api: Api) -> None:
+    """Each loaded deploy type's registered result model, and no other, is in /api/schemas
+    and /openapi.json: the core names no plugin's result."""
+    types = api.server.plugins.deploy_types.entries.values()
+    results = {t.result.__name__: t.result for t in types if t.result is not None}
+    assert "DeployShellResult" in results  # deploy_shell is loaded here
+    wire = api.http.get("/api/schemas").json()["wire"]
+    assert {"DeployStatusReport", "HealthCheckResult", "RollbackResult"} <= set(wire)
+    result_names = {name for name in wire if name.startswith("Deploy") and "Result" in name}
+    assert result_names == set(results)
+    for name, model in results.items():
+        assert wire[name] == model.model_json_schema()
+        assert name in api.doc["components"]["schemas"]
+    shell = jsonschema_rs.Draft202012Validator(wire["DeployShellResult"])
+    assert shell.is_valid({"exit_code": 0, "stdout_tail": "hi\n"})
+    assert not shell.is_valid({"exit_code": 0, "unknown": 1})

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from deploy_core.plugin import DeployContext, DeployDockerResult, DeployFailed, DeployStatus, Stage
+from deploy_core.plugin import DeployContext, DeployFailed, DeployStatus, Stage
 from deploy_docker.engine import Engine, EngineError, EngineTimeout
 from deploy_docker.params import DockerParams
 from deploy_docker.progress import PullProgress
+from deploy_docker.result import DeployDockerResult
 from deploy_docker.spec import ContainerSpec, previous_name
 from deploy_docker.startup import StartFailed, describe_state, wait_started
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from deploy_core.plugin import DeployType, RollbackStrategy, hookimpl
 from deploy_docker.deploy import STAGES, STRATEGY, deploy_container
 from deploy_docker.params import DockerParams, PreviousContainerParams
+from deploy_docker.result import DeployDockerResult
 from deploy_docker.rollback import discard_previous, prepare_previous, rollback_previous
 
 DEPLOY_TYPE = DeployType(
@@ -17,6 +18,7 @@ DEPLOY_TYPE = DeployType(
     default_rollback=STRATEGY,
     description="pull an image and replace a container with one running it",
     target=lambda params: params.container_name,
+    result=DeployDockerResult,
 )
 
 PREVIOUS_CONTAINER = RollbackStrategy(

@@ -7,10 +7,10 @@ import docker
 from docker_bed import IMAGE, Factory, aim_rollback, http_get, managed, web
 
 from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.models import DeployDockerResult
 from deploy_core.testing import free_port
 from deploy_docker.deploy import deploy_container
 from deploy_docker.params import DockerParams, PreviousContainerParams
+from deploy_docker.result import DeployDockerResult
 from deploy_docker.rollback import discard_previous, prepare_previous, rollback_previous
 
 STRATEGY = PreviousContainerParams()

@@ -13,10 +13,10 @@ from deploy_core.plugin import (
     DeployContext,
     DeployFailed,
     DeployParams,
-    DeployShellResult,
     DeployStatus,
     DeployType,
     Stage,
+    WireModel,
     hookimpl,
 )
 
@@ -62,6 +62,18 @@ class ShellParams(DeployParams):
             if "\x00" in val or len(val) > 32768:
                 raise ValueError(f"environment variable {key} has a NUL byte or is over 32 KiB")
         return value
+
+
+class DeployShellResult(WireModel):
+    """What an operator needs to know about a shell deployment (SPEC deploy-05); registered
+    as the deploy type's ``result``."""
+
+    exit_code: int | None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    duration: float = 0.0
+    timed_out: bool = False
+    output_truncated: bool = False
 
 
 STAGES = (
@@ -115,5 +127,6 @@ def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None
             stages=STAGES,
             description="run a shell script on the target host",
             target=lambda params: params.workdir,
+            result=DeployShellResult,
         )
     )

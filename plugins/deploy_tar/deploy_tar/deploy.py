@@ -20,11 +20,12 @@ from deploy_core.agent import safefs
 from deploy_core.agent.artifacts import FetchedArtifact
 from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
 from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.models import DeployStatus, DeployTarResult
+from deploy_core.models import DeployStatus
 from deploy_core.registry import Stage
 from deploy_tar.extract import ExtractStats, extract_archive
 from deploy_tar.params import TarParams
 from deploy_tar.releases import ReleaseError, Releases
+from deploy_tar.result import DeployTarResult
 from deploy_tar.rules import UnsafeArchive
 from deploy_tar.scripts import failure, find_script, output_tail, run_release_script
 

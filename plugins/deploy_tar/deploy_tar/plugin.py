@@ -10,6 +10,7 @@ from deploy_core.plugin import ServerServices
 from deploy_core.registry import DeployType, RollbackStrategy
 from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
 from deploy_tar.params import ReleaseParams, TarParams
+from deploy_tar.result import DeployTarResult
 from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
 
 
@@ -32,6 +33,7 @@ DEPLOY_TYPE = DeployType(
     server_check=package_is_stored,
     target=lambda params: params.target_dir,
     artifacts=lambda params: [params.artifact],
+    result=DeployTarResult,
 )
 
 RELEASE = RollbackStrategy(

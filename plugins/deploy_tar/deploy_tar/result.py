@@ -1,0 +1,18 @@
+"""What a ``deploy.tar`` deployment returns, registered as the deploy type's ``result``."""
+
+from __future__ import annotations
+
+from deploy_core.plugin import WireModel
+
+
+class DeployTarResult(WireModel):
+    """What an operator needs to know about a tar.gz deployment (SPEC deploy-05)."""
+
+    release_dir: str | None = None
+    previous_release: str | None = None
+    sha256: str | None = None
+    bytes_sent: int = 0
+    bytes_resumed: int = 0
+    install_exit_code: int | None = None
+    install_output_tail: str = ""
+    duration: float = 0.0
