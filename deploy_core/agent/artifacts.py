@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from deploy_core.agent import safefs
 from deploy_core.hashed_file import HashedFile, hash_file
+from deploy_core.plugin import safefs
 from deploy_core.transport.files import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,

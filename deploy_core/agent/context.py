@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from deploy_core.agent import safefs
 from deploy_core.agent.artifacts import (
     ArtifactError,
     ArtifactProvider,
@@ -43,6 +42,7 @@ from deploy_core.agent.process import (
 )
 from deploy_core.agent.tracking import ProcessTracker
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
+from deploy_core.plugin import safefs
 from deploy_core.plugin.errors import DeployFailed as DeployFailed  # defined by the contract
 
 # Variables a script inherits from the agent's own environment; nothing else leaks through
@@ -223,7 +223,7 @@ class DeployContext:
         directory, lies outside the constraints' ``workdir_roots``, or (with ``run_as``) is
         one the run-as user could not itself ``access`` (``read``, ``write`` or ``replace``;
         see :meth:`ConstraintPolicy.check_path`).  Then work on the returned path with
-        :mod:`deploy_core.agent.safefs`, which refuses a symlink swapped in afterwards.
+        :mod:`deploy_core.plugin.safefs`, which refuses a symlink swapped in afterwards.
 
         :param purpose: what the path is, for messages: ``"tar target_dir"``.
         """

@@ -32,6 +32,9 @@ from deploy_core.models import (
     RollbackTarget,
     WireModel,
 )
+from deploy_core.plugin import safefs
+from deploy_core.plugin.bounded import WorkBudget, WorkStopped, run_bounded
+from deploy_core.plugin.bounded import step as work_step
 from deploy_core.plugin.contexts import (
     AgentServiceContext,
     DeployContext,
@@ -93,6 +96,11 @@ __all__ = [
     "ServerServices",
     "Stage",
     "WireModel",
+    "WorkBudget",
+    "WorkStopped",
     "hookimpl",
+    "run_bounded",
+    "safefs",
     "server_services",
+    "work_step",
 ]

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import missing_part
 
-from deploy_core.agent import safefs
-from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
+from deploy_core.plugin import WorkBudget, WorkStopped, run_bounded, safefs
 
 
 def fingerprint(root: Path) -> dict[str, str]:
