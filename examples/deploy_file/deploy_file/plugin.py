@@ -21,17 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from deploy_core import hookimpl
-from deploy_core.agent import safefs
-from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.models import DeployStatus
-from deploy_core.registry import (
+from deploy_core.plugin import (
+    DeployContext,
+    DeployFailed,
     DeployParams,
+    DeployStatus,
     DeployType,
     RollbackParams,
     RollbackState,
     RollbackStrategy,
     Stage,
+    hookimpl,
+    safefs,
 )
 from pydantic import BaseModel, Field, field_validator
 
@@ -107,7 +108,7 @@ def _read(path: Path) -> tuple[bytes, int] | None:
 def write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode``: a reader sees the old file or the new one,
     never half of it.  A fresh file is written in the directory opened without following a
-    link, then renamed over ``path`` (:func:`deploy_core.agent.safefs.write_file_at`)."""
+    link, then renamed over ``path`` (:func:`deploy_core.plugin.safefs.write_file_at`)."""
     with safefs.open_dir(path.parent) as parent:
         safefs.write_file_at(parent, path.name, data, mode)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from deploy_core.agent.constraints import ConstraintPolicy, Constraints
-from deploy_core.agent.context import DeployContext, DeployFailed
+from deploy_core.plugin import DeployContext, DeployFailed
 from deploy_core.plugins import load_plugins
 from deploy_core.testing import DeployCenter, RecordingReporter
 from pydantic import ValidationError
