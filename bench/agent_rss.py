@@ -99,7 +99,7 @@ def main() -> int:
                 proc = center.start_agent(client_id, timeout=60)
                 time.sleep(2)
                 idle = memory_kib(proc.pid)
-                record = center.wait(center.deploy_shell(client_id, "true"), timeout=60)
+                record = center.wait(center.deploy("shell", client_id, script="true"), timeout=60)
                 if record["status"] != "success":
                     print(f"{label}: deploy.shell ended {record['status']}", file=sys.stderr)
                 time.sleep(1)

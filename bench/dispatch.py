@@ -37,7 +37,7 @@ def main() -> int:
             center.start_agent("bench")
             api = center.api
             for _ in range(5):  # warm-up
-                center.wait(center.deploy_shell("bench", "true"))
+                center.wait(center.deploy("shell", "bench", script="true"))
             deploy_times = []
             for _ in range(args.n):
                 start = time.perf_counter()

@@ -98,7 +98,7 @@ def main() -> int:
         try:
             center.start_server()
             agent = center.start_agent("flood")
-            center.wait(center.deploy_shell("flood", "echo warm-up"))
+            center.wait(center.deploy("shell", "flood", script="echo warm-up"))
             time.sleep(1.0)
             server_pid, agent_pid = center.server_proc.pid, agent.pid
             server_before = proc_status(server_pid, "VmRSS")
@@ -107,7 +107,7 @@ def main() -> int:
             sampler = Sampler(Path(tmp) / "agent-flood" / "journal.db")
             sampler.start()
             start = time.perf_counter()
-            deploy_id = center.deploy_shell("flood", script(n), timeout=3600)
+            deploy_id = center.deploy("shell", "flood", script=script(n), timeout=3600)
             record = center.wait(deploy_id, timeout=3600)
             took = time.perf_counter() - start
             time.sleep(0.5)

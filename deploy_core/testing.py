@@ -266,11 +266,26 @@ class DeployCenter:
 
     # ------------------------------------------------------------------ helpers
 
-    def deploy_shell(self, client_id: str, script: str, **fields: Any) -> str:
-        """Start a shell deployment; its id."""
-        body = {"client_id": client_id, "script": script, **fields}
-        deploy_id: str = self.api.deploy("shell", body)["deploy_id"]
+    def deploy(self, kind: str, client_id: str, **fields: Any) -> str:
+        """Start a deployment of type ``deploy.<kind>`` (any loaded type) on ``client_id``
+        with the request's other ``fields``; its id.  E.g.
+        ``center.deploy("shell", "web-1", script="echo hi")``."""
+        body = {"client_id": client_id, **fields}
+        deploy_id: str = self.api.deploy(kind, body)["deploy_id"]
         return deploy_id
+
+    def deploy_shell(self, client_id: str, script: str, **fields: Any) -> str:
+        """Deprecated until the next minor version: use
+        ``deploy("shell", client_id, script=script, ...)``."""
+        import warnings
+
+        warnings.warn(
+            'DeployCenter.deploy_shell is deprecated: use deploy("shell", client_id, '
+            "script=...), which serves every deploy type",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.deploy("shell", client_id, script=script, **fields)
 
     def wait(self, deploy_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """The final record of a deployment (raises TimeoutError)."""

@@ -107,7 +107,7 @@ def _finish_one_deployment(tmp_path: Path) -> Path:
     try:
         center.start_server(timeout=90)  # generous: busy machines start slowly
         center.start_agent("old-1", timeout=90)
-        assert center.wait(center.deploy_shell("old-1", "true"))["status"] == "success"
+        assert center.wait(center.deploy("shell", "old-1", script="true"))["status"] == "success"
     finally:
         center.close()
     return state

@@ -163,7 +163,7 @@ def test_an_agent_started_with_relative_paths_runs_scripts_elsewhere(tmp_path: P
         )
         log.close()
         center.wait_connected("rel-1", timeout=90)
-        deploy_id = center.deploy_shell("rel-1", "pwd; echo ran", workdir=str(workdir))
+        deploy_id = center.deploy("shell", "rel-1", script="pwd; echo ran", workdir=str(workdir))
         record = center.wait(deploy_id)
         assert record["status"] == "success", (record["error"], center.log("agent-rel-1"))
         assert record["result"]["stdout_tail"].split() == [str(workdir), "ran"]

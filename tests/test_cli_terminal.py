@@ -46,7 +46,7 @@ def _run(center: DeployCenter, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def hostile_deploy(center: DeployCenter) -> str:
-    deploy_id = center.deploy_shell("tty-1", HOSTILE + "; exit 3")
+    deploy_id = center.deploy("shell", "tty-1", script=HOSTILE + "; exit 3")
     assert center.wait(deploy_id)["status"] == "failed"
     return deploy_id
 

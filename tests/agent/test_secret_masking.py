@@ -48,7 +48,7 @@ def test_overlapping_secrets_are_masked_whole_through_the_server(
     deploy_center: DeployCenter,
 ) -> None:
     deploy_center.start_agent("mask-1")
-    deploy_id = deploy_center.deploy_shell("mask-1", SCRIPT, secret_env=SECRETS)
+    deploy_id = deploy_center.deploy("shell", "mask-1", script=SCRIPT, secret_env=SECRETS)
     record = deploy_center.wait(deploy_id)
     assert record["status"] == "success", record["error"]
     lines = [line["line"] for line in deploy_center.api.logs(deploy_id)["lines"]]

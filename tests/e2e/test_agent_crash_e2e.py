@@ -103,9 +103,10 @@ def test_a_restarted_agent_kills_the_interrupted_deployment_before_rolling_back(
     try:
         center.start_server()
         center.start_agent("web-1")
-        deploy_id = center.deploy_shell(
+        deploy_id = center.deploy(
+            "shell",
             "web-1",
-            script,
+            script=script,
             env={"E2E_MARK": mark},
             workdir=str(work),
             timeout=120,

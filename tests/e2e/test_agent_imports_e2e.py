@@ -69,7 +69,7 @@ def test_a_real_agent_with_shell_and_tar_imports_nothing_of_the_server(tmp_path:
         }
         center.env.pop("DEPLOY_CORE_DISABLE_PLUGINS", None)
         proc = center.start_agent(AGENT)
-        shell = center.wait(center.deploy_shell(AGENT, "echo lean"))
+        shell = center.wait(center.deploy("shell", AGENT, script="echo lean"))
         assert shell["status"] == "success", shell
         sha = center.api.upload_artifact(package(tmp_path / "lean.tar.gz"))["sha256"]
         target = tmp_path / "app"

@@ -238,7 +238,7 @@ def test_watchdog_does_not_say_never_started_of_a_deployment_that_ran(tmp_path: 
         # while: the ACK, the reports and the callback are held up (QUIC resends them later),
         # as when the server dies just after sending the command.
         relay.blackhole(6, direction="to_server")
-        deploy_id = c.deploy_shell("a1", f'echo "$DEPLOY_ID" >> {ran}', deadline=3)
+        deploy_id = c.deploy("shell", "a1", script=f'echo "$DEPLOY_ID" >> {ran}', deadline=3)
         _wait_for(ran.exists, 10)
         assert c.wait(deploy_id, timeout=30)["status"] == "timeout"
         _wait_for(lambda: c.api.get(deploy_id)["agent_status"] is not None, 60)
@@ -271,7 +271,7 @@ def test_recovered_deployment_does_not_move_progress_back(tmp_path: Path) -> Non
     try:
         c.start_server()
         c.start_agent("a1")
-        deploy_id = c.deploy_shell("a1", "sleep 5", timeout=30)
+        deploy_id = c.deploy("shell", "a1", script="sleep 5", timeout=30)
         _wait_for(lambda: c.api.get(deploy_id)["status"] == "script_running", 20)
         c.stop_agent("a1", signal.SIGKILL)
         c.start_agent("a1")

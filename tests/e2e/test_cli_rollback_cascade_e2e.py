@@ -60,9 +60,10 @@ def deployctl(center: DeployCenter, *args: str) -> subprocess.CompletedProcess[s
 
 
 def deploy_version(center: DeployCenter, app: Path, version: str) -> str:
-    deploy_id = center.deploy_shell(
+    deploy_id = center.deploy(
+        "shell",
         CLIENT,
-        f"echo {version} > version; echo {version} > {version}.txt",
+        script=f"echo {version} > version; echo {version} > {version}.txt",
         workdir=str(app),
         rollback={"strategy": "snapshot", "path": str(app), "keep": 3},
     )
@@ -140,10 +141,11 @@ def test_cli_cascade_stops_where_a_rollback_fails_and_says_what_is_left(
     app.mkdir()
     ids = []
     for version, undo in (("v1", "exit 0"), ("v2", "exit 7")):  # v2's rollback fails
-        deploy_id = center.deploy_shell(
+        deploy_id = center.deploy(
+            "shell",
             CLIENT,
-            f'if [ "$DEPLOY_ACTION" = rollback ]; then echo undo {version} >> log; {undo}; fi; '
-            f"echo {version} > version",
+            script=f'if [ "$DEPLOY_ACTION" = rollback ]; then echo undo {version} >> log; '
+            f"{undo}; fi; echo {version} > version",
             workdir=str(app),
             rollback={"strategy": "inline"},
         )

@@ -41,7 +41,7 @@ def test_dangerous_script_fails_with_the_rule_and_never_runs(
     center: DeployCenter, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
-    deploy_id = center.deploy_shell("guarded", f"touch {marker}\nrm -rf /\n", timeout=30)
+    deploy_id = center.deploy("shell", "guarded", script=f"touch {marker}\nrm -rf /\n", timeout=30)
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "failed"
     assert record["error"].startswith('refused by constraint deny:rm-root: "rm -rf /" (line 2)')
@@ -54,23 +54,27 @@ def test_dangerous_script_fails_with_the_rule_and_never_runs(
 def test_benign_near_miss_runs(center: DeployCenter, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     script = f"mkdir -p build && touch build/app.o\nrm -rf ./build\ntouch {marker}\n"
-    deploy_id = center.deploy_shell("guarded", script, workdir=str(tmp_path), timeout=30)
+    deploy_id = center.deploy("shell", "guarded", script=script, workdir=str(tmp_path), timeout=30)
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "success", record["error"]
     assert marker.exists() and not (tmp_path / "build").exists()
 
 
 def test_rules_and_limits_come_from_the_agents_config(center: DeployCenter, tmp_path: Path) -> None:
-    refused = center.wait(center.deploy_shell("guarded", "telnet db.internal 5432"), timeout=30)
+    refused = center.wait(
+        center.deploy("shell", "guarded", script="telnet db.internal 5432"), timeout=30
+    )
     assert refused["status"] == "failed"
     assert refused["error"].startswith("refused by constraint deny:no-telnet")
 
-    outside = center.wait(center.deploy_shell("guarded", "pwd", workdir="/etc"), timeout=30)
+    outside = center.wait(
+        center.deploy("shell", "guarded", script="pwd", workdir="/etc"), timeout=30
+    )
     assert outside["status"] == "failed"
     assert "refused by constraint workdir_roots: working directory /etc" in outside["error"]
 
     script = "seq -f 'line %g of a long and chatty deploy script' 1 1000"
-    chatty = center.deploy_shell("guarded", script, workdir=str(tmp_path))
+    chatty = center.deploy("shell", "guarded", script=script, workdir=str(tmp_path))
     record = center.wait(chatty, timeout=30)
     assert record["status"] == "success"
     lines = log_lines(center, chatty)
@@ -82,8 +86,11 @@ def test_rules_and_limits_come_from_the_agents_config(center: DeployCenter, tmp_
 
 
 def test_a_refused_rollback_script_fails_the_rollback(center: DeployCenter) -> None:
-    deploy_id = center.deploy_shell(
-        "guarded", "exit 3", rollback={"strategy": "script", "script": "echo undo\nreboot\n"}
+    deploy_id = center.deploy(
+        "shell",
+        "guarded",
+        script="exit 3",
+        rollback={"strategy": "script", "script": "echo undo\nreboot\n"},
     )
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "rollback_failed"

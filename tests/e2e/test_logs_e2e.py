@@ -29,7 +29,7 @@ def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
 
 def test_follow_streams_lines_while_the_script_runs(center: DeployCenter) -> None:
     script = "for i in 1 2 3 4 5; do echo line-$i; sleep 0.4; done; echo err-line >&2"
-    deploy_id = center.deploy_shell("l1", script)
+    deploy_id = center.deploy("shell", "l1", script=script)
     seen: list[tuple[float, dict[str, Any]]] = []
     for item in center.api.follow_logs(deploy_id):
         seen.append((time.monotonic(), item))
@@ -45,7 +45,7 @@ def test_follow_streams_lines_while_the_script_runs(center: DeployCenter) -> Non
 
 
 def test_follow_from_another_thread_sees_the_same_as_a_later_read(center: DeployCenter) -> None:
-    deploy_id = center.deploy_shell("l1", "seq 1 300")
+    deploy_id = center.deploy("shell", "l1", script="seq 1 300")
     followed: list[str] = []
     thread = threading.Thread(
         target=lambda: followed.extend(
@@ -60,7 +60,7 @@ def test_follow_from_another_thread_sees_the_same_as_a_later_read(center: Deploy
 
 
 def test_output_past_the_limit_keeps_head_and_tail_with_a_marker(center: DeployCenter) -> None:
-    deploy_id = center.deploy_shell("l1", "seq 1 20000")  # ~109 KB of output, limit 20 KB
+    deploy_id = center.deploy("shell", "l1", script="seq 1 20000")  # ~109 KB of output, limit 20 KB
     record = center.wait(deploy_id)
     assert record["status"] == "success"
     everything = []
@@ -93,7 +93,7 @@ def test_secret_values_are_masked_in_logs_results_and_records(
     script = (
         f'echo "token is $API_TOKEN"; echo "$API_TOKEN" > {used}; echo "$API_TOKEN" >&2; exit 1'
     )
-    deploy_id = center.deploy_shell("l1", script, secret_env={"API_TOKEN": SECRET})
+    deploy_id = center.deploy("shell", "l1", script=script, secret_env={"API_TOKEN": SECRET})
     record = center.wait(deploy_id)
     assert used.read_text().strip() == SECRET  # the script got the real value
     assert record["status"] == "failed"

@@ -43,7 +43,7 @@ def test_fifty_megabytes_of_output_end_in_success_within_the_log_budget(tmp_path
         center.start_agent("flood")
         sampler.start()
         script = f'yes "{LINE}" | head -c {OUTPUT}; echo; echo "exit status of the flood: $?"'
-        deploy_id = center.deploy_shell("flood", script, timeout=600)
+        deploy_id = center.deploy("shell", "flood", script=script, timeout=600)
         record = center.wait(deploy_id, timeout=600)
         stop.set()
         sampler.join(5)

@@ -46,8 +46,8 @@ def test_nonzero_exit_rolls_back_inline_and_rechecks(center: DeployCenter, tmp_p
         f" exit 0; fi; echo do >> {marks}; exit 3"
     )
     check = {"type": "script", "script": f"grep -q undo {marks}", **FAST}
-    deploy_id = center.deploy_shell(
-        "r1", script, health_checks=[check], rollback={"strategy": "inline"}
+    deploy_id = center.deploy(
+        "shell", "r1", script=script, health_checks=[check], rollback={"strategy": "inline"}
     )
     record = center.wait(deploy_id)
     assert record["status"] == "rolled_back"
@@ -61,7 +61,9 @@ def test_nonzero_exit_rolls_back_inline_and_rechecks(center: DeployCenter, tmp_p
 
 def test_timeout_rolls_back(center: DeployCenter, tmp_path: Path) -> None:
     flag = tmp_path / "flag"
-    deploy_id = center.deploy_shell("r1", "sleep 30", timeout=1, rollback=rollback_script(flag))
+    deploy_id = center.deploy(
+        "shell", "r1", script="sleep 30", timeout=1, rollback=rollback_script(flag)
+    )
     record = center.wait(deploy_id)
     assert record["status"] == "rolled_back"
     assert "timed out" in record["error"]
@@ -93,8 +95,12 @@ def test_failed_http_check_rolls_back_and_the_service_answers(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         check = {"type": "http", "port": server.server_address[1], "path": "/health", **FAST}
-        deploy_id = center.deploy_shell(
-            "r1", "echo deployed", health_checks=[check], rollback=rollback_script(flag)
+        deploy_id = center.deploy(
+            "shell",
+            "r1",
+            script="echo deployed",
+            health_checks=[check],
+            rollback=rollback_script(flag),
         )
         record = center.wait(deploy_id)
     finally:
@@ -128,8 +134,8 @@ def test_failed_tcp_check_rolls_back_and_rechecks(center: DeployCenter, tmp_path
     # Nothing listens until the rollback script has run: the deploy-time attempts all fail,
     # the re-check after the rollback finds the port open.
     check = {"type": "tcp", "port": port, **FAST, "retries": 3, "interval": 0.2}
-    deploy_id = center.deploy_shell(
-        "r1", "true", health_checks=[check], rollback=rollback_script(flag)
+    deploy_id = center.deploy(
+        "shell", "r1", script="true", health_checks=[check], rollback=rollback_script(flag)
     )
     record = center.wait(deploy_id)
     thread.join(15)
@@ -145,8 +151,8 @@ def test_failed_tcp_check_rolls_back_and_rechecks(center: DeployCenter, tmp_path
 def test_failed_script_check_rolls_back(center: DeployCenter, tmp_path: Path) -> None:
     flag = tmp_path / "flag"
     check = {"type": "script", "script": f"test -f {flag}", **FAST}
-    deploy_id = center.deploy_shell(
-        "r1", "true", health_checks=[check], rollback=rollback_script(flag)
+    deploy_id = center.deploy(
+        "shell", "r1", script="true", health_checks=[check], rollback=rollback_script(flag)
     )
     record = center.wait(deploy_id)
     assert record["status"] == "rolled_back"
@@ -156,7 +162,9 @@ def test_failed_script_check_rolls_back(center: DeployCenter, tmp_path: Path) ->
 
 def test_a_failing_rollback_ends_rollback_failed(center: DeployCenter, tmp_path: Path) -> None:
     flag = tmp_path / "flag"
-    deploy_id = center.deploy_shell("r1", "exit 1", rollback=rollback_script(flag, code=4))
+    deploy_id = center.deploy(
+        "shell", "r1", script="exit 1", rollback=rollback_script(flag, code=4)
+    )
     record = center.wait(deploy_id)
     assert record["status"] == "rollback_failed"
     assert record["rollback"]["success"] is False
@@ -202,9 +210,10 @@ CHANGE_EVERYTHING = (
 def test_snapshot_restores_the_directory_exactly(center: DeployCenter, tmp_path: Path) -> None:
     app = make_app_dir(tmp_path)
     before = tree_digest(app)
-    deploy_id = center.deploy_shell(
+    deploy_id = center.deploy(
+        "shell",
         "r1",
-        CHANGE_EVERYTHING + "; exit 1",
+        script=CHANGE_EVERYTHING + "; exit 1",
         workdir=str(app),
         rollback={"strategy": "snapshot", "path": str(app)},
     )
@@ -218,9 +227,10 @@ def test_manual_rollback_of_a_success_restores_the_earlier_state(
 ) -> None:
     app = make_app_dir(tmp_path)
     before = tree_digest(app)
-    deployed = center.deploy_shell(
+    deployed = center.deploy(
+        "shell",
         "r1",
-        CHANGE_EVERYTHING,
+        script=CHANGE_EVERYTHING,
         workdir=str(app),
         rollback={"strategy": "snapshot", "path": str(app)},
     )
@@ -243,12 +253,12 @@ def test_manual_rollback_of_a_success_restores_the_earlier_state(
 
 
 def test_manual_rollback_without_restorable_state_is_409(center: DeployCenter) -> None:
-    plain = center.deploy_shell("r1", "true")
+    plain = center.deploy("shell", "r1", script="true")
     center.wait(plain)
     with pytest.raises(ApiError) as err:
         center.api.rollback(plain)
     assert err.value.status == 409 and "no restorable state" in str(err.value)
-    running = center.deploy_shell("r1", "sleep 1", rollback={"strategy": "inline"})
+    running = center.deploy("shell", "r1", script="sleep 1", rollback={"strategy": "inline"})
     with pytest.raises(ApiError) as err:
         center.api.rollback(running)
     assert err.value.status == 409 and "wait for it to finish" in str(err.value)
@@ -268,9 +278,10 @@ def test_server_rolls_back_what_its_agent_did_not(tmp_path: Path) -> None:
         c.start_agent("r2")
         flag = tmp_path / "flag"
         started = tmp_path / "started"
-        deploy_id = c.deploy_shell(
+        deploy_id = c.deploy(
+            "shell",
             "r2",
-            f"touch {started}; sleep 30",
+            script=f"touch {started}; sleep 30",
             deadline=3,
             timeout=30,
             rollback=rollback_script(flag),

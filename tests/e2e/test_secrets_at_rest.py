@@ -55,7 +55,7 @@ def test_a_pem_key_is_masked_line_by_line_and_whole(deploy_center: DeployCenter)
         'printf "%s" "$DEPLOY_KEY" | sed -n 3p >&2; '
         'echo "token=$API_TOKEN"; printf "%s" "$DEPLOY_KEY" >&2; exit 3'
     )
-    deploy_id = deploy_center.deploy_shell("sec-1", script, secret_env=SECRETS)
+    deploy_id = deploy_center.deploy("shell", "sec-1", script=script, secret_env=SECRETS)
     record = deploy_center.wait(deploy_id)
     assert record["status"] == "failed"
     lines = [entry["line"] for entry in deploy_center.api.logs(deploy_id)["lines"]]
@@ -76,7 +76,7 @@ def test_secrets_are_sealed_in_the_server_database_and_gone_from_the_journal(
     journal = deploy_center.root / "agent-sec-2" / "journal.db"
     flag = deploy_center.root / "sec-2-running"
     script = f'touch {flag}; sleep 3; test -n "$DEPLOY_KEY" && echo done'
-    deploy_id = deploy_center.deploy_shell("sec-2", script, secret_env=SECRETS)
+    deploy_id = deploy_center.deploy("shell", "sec-2", script=script, secret_env=SECRETS)
     end = time.monotonic() + 30
     while not flag.exists() and time.monotonic() < end:
         time.sleep(0.05)
@@ -107,7 +107,9 @@ def test_state_directories_and_databases_are_tightened_at_start(tmp_path: Path) 
     try:
         center.start_server()
         center.start_agent("sec-3")
-        center.wait(center.deploy_shell("sec-3", "echo hi", secret_env={"A_SECRET": TOKEN}))
+        center.wait(
+            center.deploy("shell", "sec-3", script="echo hi", secret_env={"A_SECRET": TOKEN})
+        )
         assert mode(center.server_dir) == 0o700
         assert mode(agent_dir) == 0o700
         files = [

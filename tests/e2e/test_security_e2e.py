@@ -129,7 +129,7 @@ def test_revoked_agent_is_cut_off_and_gets_no_command(center: DeployCenter) -> N
     center.api.request("POST", "/api/clients/doomed/revoke")
     center.wait_connected("doomed", connected=False, timeout=10)
     _wait_for(lambda: "revoked" in center.log("agent-doomed"), 20)
-    deploy_id = center.deploy_shell("doomed", "true", deadline=2)
+    deploy_id = center.deploy("shell", "doomed", script="true", deadline=2)
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "timeout" and "never started" in record["error"]
     # Re-enrolling the same id needs the operator to forget it first.

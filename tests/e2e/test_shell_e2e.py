@@ -34,9 +34,10 @@ def statuses(center: DeployCenter, deploy_id: str) -> list[str]:
 
 
 def test_success_reports_every_stage_and_the_output(center: DeployCenter, tmp_path: Path) -> None:
-    deploy_id = center.deploy_shell(
+    deploy_id = center.deploy(
+        "shell",
         "web-1",
-        "echo hello from $RELEASE; pwd; echo oops >&2",
+        script="echo hello from $RELEASE; pwd; echo oops >&2",
         env={"RELEASE": "r42"},
         workdir=str(tmp_path),
         timeout=30,
@@ -59,7 +60,9 @@ def test_success_reports_every_stage_and_the_output(center: DeployCenter, tmp_pa
 
 
 def test_nonzero_exit_fails_with_exit_code_and_stderr(center: DeployCenter) -> None:
-    deploy_id = center.deploy_shell("web-1", "echo about to fail; echo broken config >&2; exit 3")
+    deploy_id = center.deploy(
+        "shell", "web-1", script="echo about to fail; echo broken config >&2; exit 3"
+    )
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "failed"
     assert record["result"]["exit_code"] == 3
@@ -76,7 +79,7 @@ def test_nonzero_exit_fails_with_exit_code_and_stderr(center: DeployCenter) -> N
 def test_timeout_kills_the_script_and_its_children(center: DeployCenter, tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     script = f"sleep 300 & echo $! > {pidfile}; sleep 300"
-    deploy_id = center.deploy_shell("web-1", script, timeout=1.5)
+    deploy_id = center.deploy("shell", "web-1", script=script, timeout=1.5)
     record = center.wait(deploy_id, timeout=30)
     assert record["status"] == "timeout"
     assert record["result"]["timed_out"] is True
@@ -98,21 +101,24 @@ def _alive(pid: int) -> bool:
 
 
 def test_busy_client_is_refused_with_the_holder(center: DeployCenter) -> None:
-    first = center.deploy_shell("web-2", "sleep 2", timeout=30)
+    first = center.deploy("shell", "web-2", script="sleep 2", timeout=30)
     with pytest.raises(ApiError) as err:
-        center.deploy_shell("web-2", "true")
+        center.deploy("shell", "web-2", script="true")
     assert err.value.status == 409
     assert first in str(err.value) and "busy" in str(err.value)
     assert center.wait(first, timeout=30)["status"] == "success"
     # Released on the terminal state: the next one is accepted.
-    assert center.wait(center.deploy_shell("web-2", "true"), timeout=30)["status"] == "success"
+    assert (
+        center.wait(center.deploy("shell", "web-2", script="true"), timeout=30)["status"]
+        == "success"
+    )
 
 
 def test_two_clients_deploy_in_parallel(center: DeployCenter, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     script = f"echo start-$DEPLOY_ID >> {marks}; sleep 1.5; echo end-$DEPLOY_ID >> {marks}"
-    a = center.deploy_shell("web-1", script)
-    b = center.deploy_shell("web-2", script)
+    a = center.deploy("shell", "web-1", script=script)
+    b = center.deploy("shell", "web-2", script=script)
     assert center.wait(a)["status"] == "success"
     assert center.wait(b)["status"] == "success"
     lines = marks.read_text().split()
@@ -164,7 +170,7 @@ def test_unknown_names_get_404(center: DeployCenter) -> None:
 
 
 def test_every_route_needs_the_token(center: DeployCenter) -> None:
-    some_id = center.deploy_shell("web-1", "true")
+    some_id = center.deploy("shell", "web-1", script="true")
     center.wait(some_id)
     routes = [
         ("POST", "/api/deploy/shell"),
@@ -192,7 +198,7 @@ def test_every_route_needs_the_token(center: DeployCenter) -> None:
 def test_list_is_newest_first_and_paginated(center: DeployCenter) -> None:
     ids = []
     for _ in range(3):
-        ids.append(center.deploy_shell("web-2", "true"))
+        ids.append(center.deploy("shell", "web-2", script="true"))
         center.wait(ids[-1])
     page = center.api.list("web-2", limit=2, offset=0)
     assert [r["deploy_id"] for r in page["items"]] == [ids[2], ids[1]]
@@ -201,7 +207,7 @@ def test_list_is_newest_first_and_paginated(center: DeployCenter) -> None:
 
 
 def test_all_deployments_are_listed_with_filters(center: DeployCenter) -> None:
-    failed = center.deploy_shell("web-1", "exit 9")
+    failed = center.deploy("shell", "web-1", script="exit 9")
     center.wait(failed)
     everything = center.api.request("GET", "/api/deployments", params={"limit": 500})
     ids = [r["deploy_id"] for r in everything["items"]]
@@ -239,7 +245,7 @@ def test_agent_killed_mid_deployment_reaches_terminal_and_never_reruns(tmp_path:
         c.start_server()
         c.start_agent("a1")
         ran = tmp_path / "ran"
-        deploy_id = c.deploy_shell("a1", f"echo run >> {ran}; sleep 3", timeout=60)
+        deploy_id = c.deploy("shell", "a1", script=f"echo run >> {ran}; sleep 3", timeout=60)
         _wait_for(lambda: ran.exists(), 20)
         c.stop_agent("a1", signal.SIGKILL)
         c.start_agent("a1")
@@ -249,7 +255,7 @@ def test_agent_killed_mid_deployment_reaches_terminal_and_never_reruns(tmp_path:
         time.sleep(4)  # the orphaned script finishes; nothing runs it again
         assert ran.read_text().count("run") == 1
         # The client is free again.
-        assert c.wait(c.deploy_shell("a1", "true"))["status"] == "success"
+        assert c.wait(c.deploy("shell", "a1", script="true"))["status"] == "success"
     finally:
         c.close()
 
@@ -260,7 +266,9 @@ def test_server_restarted_mid_deployment_still_gets_the_callback(tmp_path: Path)
         c.start_server()
         c.start_agent("a1")
         started = tmp_path / "started"
-        deploy_id = c.deploy_shell("a1", f"touch {started}; sleep 3; echo finished", timeout=60)
+        deploy_id = c.deploy(
+            "shell", "a1", script=f"touch {started}; sleep 3; echo finished", timeout=60
+        )
         _wait_for(started.exists, 20)
         c.stop_server(signal.SIGKILL)
         time.sleep(1)
@@ -281,13 +289,13 @@ def test_offline_client_runs_on_reconnect_or_times_out_unrun(tmp_path: Path) -> 
         c.stop_agent("a1")
         c.wait_connected("a1", connected=False)
         ran = tmp_path / "ran"
-        later = c.deploy_shell("a1", f"echo later >> {ran}")
+        later = c.deploy("shell", "a1", script=f"echo later >> {ran}")
         assert c.api.get(later)["status"] == "pending"
         c.start_agent("a1")
         assert c.wait(later, timeout=30)["status"] == "success"
         c.stop_agent("a1")
         c.wait_connected("a1", connected=False)
-        never = c.deploy_shell("a1", f"echo never >> {ran}", deadline=1.5)
+        never = c.deploy("shell", "a1", script=f"echo never >> {ran}", deadline=1.5)
         record = c.wait(never, timeout=30)
         assert record["status"] == "timeout"
         assert "never started" in record["error"]
@@ -308,7 +316,7 @@ def test_wrong_join_token_is_refused_and_gets_no_command(tmp_path: Path) -> None
         _wait_for(lambda: "join token refused" in c.log("agent-intruder"), 20)
         assert all(cl["client_id"] != "intruder" for cl in c.api.clients())
         with pytest.raises(ApiError) as err:
-            c.deploy_shell("intruder", "true")
+            c.deploy("shell", "intruder", script="true")
         assert err.value.status == 404
     finally:
         c.close()
@@ -321,7 +329,7 @@ def test_agent_without_the_plugin_is_refused_with_409(tmp_path: Path) -> None:
         c.env["DEPLOY_CORE_DISABLE_PLUGINS"] = "deploy_shell"
         c.start_agent("bare")
         with pytest.raises(ApiError) as err:
-            c.deploy_shell("bare", "true")
+            c.deploy("shell", "bare", script="true")
         assert err.value.status == 409 and "deploy.shell" in str(err.value)
     finally:
         c.close()
@@ -334,7 +342,7 @@ def test_concurrent_requests_for_one_client_admit_exactly_one(center: DeployCent
     def attempt() -> None:
         barrier.wait(10)
         try:
-            results.append(center.deploy_shell("web-1", "sleep 0.5"))
+            results.append(center.deploy("shell", "web-1", script="sleep 0.5"))
         except ApiError as exc:
             results.append(exc.status)
 

@@ -141,9 +141,10 @@ def test_a_snapshot_path_outside_the_roots_is_refused_before_the_script_runs(
     center: DeployCenter, site: Path
 ) -> None:
     marker = site / "apps" / "ran"
-    deploy_id = center.deploy_shell(
+    deploy_id = center.deploy(
+        "shell",
         AGENT,
-        f"touch {marker}",
+        script=f"touch {marker}",
         workdir=str(site / "apps"),
         rollback={"strategy": "snapshot", "path": str(site / "decoy")},
     )
@@ -177,8 +178,11 @@ def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_
 
     # The user's script replaces releases/ (in its own target directory) with a link to the
     # root-only directory; the next deployment would prune there (keep_releases=1).
-    swap = center.deploy_shell(
-        AGENT, f"mv releases releases.mine && ln -s {decoy}/releases releases", workdir=str(target)
+    swap = center.deploy(
+        "shell",
+        AGENT,
+        script=f"mv releases releases.mine && ln -s {decoy}/releases releases",
+        workdir=str(target),
     )
     assert center.wait(swap, timeout=60)["status"] == "success"
     record = deploy_tar(center, package, target, keep_releases=1)
@@ -188,8 +192,11 @@ def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_
     assert fingerprint(decoy) == before
 
     # It then replaces the whole target directory with a link to the root-only directory.
-    swap = center.deploy_shell(
-        AGENT, f"mv {target} {target}.mine && ln -s {decoy} {target}", workdir=str(site / "apps")
+    swap = center.deploy(
+        "shell",
+        AGENT,
+        script=f"mv {target} {target}.mine && ln -s {decoy} {target}",
+        workdir=str(site / "apps"),
     )
     assert center.wait(swap, timeout=60)["status"] == "success"
     record = deploy_tar(center, package, target, keep_releases=1)
@@ -214,8 +221,12 @@ def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
     rollback = {"strategy": "snapshot", "path": str(app)}
 
     # An ordinary failure as the user: restored exactly.
-    failed = center.deploy_shell(
-        AGENT, "echo v2 > index.html; touch new; exit 1", workdir=str(app), rollback=rollback
+    failed = center.deploy(
+        "shell",
+        AGENT,
+        script="echo v2 > index.html; touch new; exit 1",
+        workdir=str(app),
+        rollback=rollback,
     )
     record = center.wait(failed, timeout=60)
     assert record["status"] == "rolled_back", record
@@ -229,7 +240,7 @@ def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
     before = fingerprint(decoy)
     swap = f"cd {site}/apps && mv p p.mine && ln -s {decoy} p; exit 1"
     record = center.wait(
-        center.deploy_shell(AGENT, swap, workdir=str(app), rollback=rollback), timeout=60
+        center.deploy("shell", AGENT, script=swap, workdir=str(app), rollback=rollback), timeout=60
     )
     assert record["status"] == "rollback_failed", record
     assert (

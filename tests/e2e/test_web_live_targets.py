@@ -28,9 +28,9 @@ def test_live_section_shows_the_live_deployment_per_target(
     app = tmp_path / "site"
     app.mkdir()
     fields = {"workdir": str(app), "rollback": {"strategy": "snapshot", "path": str(app)}}
-    first = center.deploy_shell("web-1", "echo one > version", **fields)
+    first = center.deploy("shell", "web-1", script="echo one > version", **fields)
     assert center.wait(first)["status"] == "success"
-    second = center.deploy_shell("web-1", "echo two > version", **fields)
+    second = center.deploy("shell", "web-1", script="echo two > version", **fields)
     assert center.wait(second)["status"] == "success"
 
     sign_in(browser, center, admin_token(center))

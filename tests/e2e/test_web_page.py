@@ -334,9 +334,10 @@ def test_rollback_button_rolls_back_a_finished_deployment(
     center: DeployCenter, browser: Browser
 ) -> None:
     sign_in(browser, center, admin_token(center))
-    deploy_id = center.deploy_shell(
+    deploy_id = center.deploy(
+        "shell",
         "web-1",
-        'if [ "$DEPLOY_ACTION" = rollback ]; then echo undoing; else echo doing; fi',
+        script='if [ "$DEPLOY_ACTION" = rollback ]; then echo undoing; else echo doing; fi',
         rollback={"strategy": "inline"},
     )
     assert center.wait(deploy_id, timeout=30)["status"] == "success"
@@ -461,7 +462,7 @@ def test_live_socket_with_a_read_token_pushes_changes(
         clients = json.loads(ws.recv(timeout=10))
         assert clients["type"] == "clients"
         assert [c["client_id"] for c in clients["clients"] if c["connected"]] == ["web-1"]
-        deploy_id = center.deploy_shell("web-1", "echo pushed")
+        deploy_id = center.deploy("shell", "web-1", script="echo pushed")
         statuses: list[str] = []
         end = time.monotonic() + 30
         while time.monotonic() < end and (not statuses or statuses[-1] != "success"):
@@ -506,7 +507,7 @@ def test_agent_and_server_restarts_show_up_without_reload(
     browser.wait_for(
         f"{row}.dataset.connected === 'true'", timeout=30, what="web-1 connected after the restart"
     )
-    deploy_id = center.deploy_shell("web-1", "echo after the restart")
+    deploy_id = center.deploy("shell", "web-1", script="echo after the restart")
     browser.wait_for(
         f"(r => r && r.innerText.includes('success'))"
         f"(document.querySelector('tr[data-deploy-row=\"{deploy_id}\"]'))",

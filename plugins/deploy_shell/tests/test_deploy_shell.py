@@ -93,7 +93,7 @@ def test_registered_through_the_entry_point() -> None:
 
 def test_deploys_through_a_real_server_and_agent(deploy_center: DeployCenter) -> None:
     deploy_center.start_agent("solo")
-    deploy_id = deploy_center.deploy_shell("solo", "echo it works")
+    deploy_id = deploy_center.deploy("shell", "solo", script="echo it works")
     record = deploy_center.wait(deploy_id, timeout=30)
     assert record["status"] == "success"
     assert record["result"]["stdout_tail"].strip() == "it works"
