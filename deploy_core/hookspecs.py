@@ -54,7 +54,7 @@ __all__ = [
 def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None:
     """Register deploy types (``deploy.shell``, ``deploy.tar`` …).
 
-    :param register: call it once per :class:`~deploy_core.registry.DeployType`.  A name
+    :param register: call it once per :class:`~deploy_core.plugin.DeployType`.  A name
         another plugin already registered stops start-up with an error naming both plugins.
 
     The return value is ignored.
@@ -67,7 +67,7 @@ def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None
 def deploy_register_health_checks(register: Callable[[HealthCheckType], None]) -> None:
     """Register health check kinds (``http``, ``tcp``, ``script`` …).
 
-    :param register: call it once per :class:`~deploy_core.registry.HealthCheckType`.
+    :param register: call it once per :class:`~deploy_core.plugin.HealthCheckType`.
 
     The return value is ignored.
 
@@ -79,7 +79,7 @@ def deploy_register_health_checks(register: Callable[[HealthCheckType], None]) -
 def deploy_register_rollback_strategies(register: Callable[[RollbackStrategy], None]) -> None:
     """Register rollback strategies (``inline``, ``script``, ``snapshot`` …).
 
-    :param register: call it once per :class:`~deploy_core.registry.RollbackStrategy`.
+    :param register: call it once per :class:`~deploy_core.plugin.RollbackStrategy`.
 
     The return value is ignored.
 
@@ -95,7 +95,7 @@ def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> 
     this hook too.  An event whose name has no handler is refused with an error message to
     the agent.
 
-    :param register: call it once per :class:`~deploy_core.registry.EventHandler`.
+    :param register: call it once per :class:`~deploy_core.plugin.EventHandler`.
 
     The return value is ignored.
 
@@ -107,8 +107,8 @@ def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> 
 def deploy_register_routes(register: Callable[[RouteSet], None]) -> None:
     """Server side: add Starlette routes under ``/api`` (token required, like every route).
 
-    :param register: call it with a :class:`~deploy_core.registry.RouteSet`.  The handlers
-        find the server's services at ``request.app.state.services``.
+    :param register: call it with a :class:`~deploy_core.plugin.RouteSet`.  The handlers
+        reach the server through :func:`deploy_core.plugin.server_services`.
 
     The return value is ignored.
 
@@ -135,7 +135,7 @@ def deploy_register_tables(metadata: MetaData) -> None:
 def deploy_agent_services(register: Callable[[AgentService], None]) -> None:
     """Agent side: register long-running tasks started with the agent (e.g. a sampler).
 
-    :param register: call it once per :class:`~deploy_core.registry.AgentService`.
+    :param register: call it once per :class:`~deploy_core.plugin.AgentService`.
 
     The return value is ignored.
 
