@@ -1,7 +1,8 @@
 """Deploy Center core: routing, records, locks, callbacks and transport.
 
-Deploy types, health checks and rollback strategies come from plugins; see
-:mod:`deploy_core.hookspecs` for the hooks and ``docs/plugins.md`` for the author's guide.
+Deploy types, health checks and rollback strategies come from plugins.  A plugin imports
+only :mod:`deploy_core.plugin`, the stable contract; the hooks are in
+:mod:`deploy_core.hookspecs` and ``docs/plugins.md`` is the author's guide.
 """
 
 from deploy_core.hookspecs import hookimpl
