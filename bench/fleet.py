@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fleet_harness import Fleet, rss_kib
+from fleet_harness import Fleet, PeakRss, rss_kib
 from fleet_runs import (
     dispatch_latency,
     fan_out,
@@ -201,19 +201,21 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
 
         # ---- `true` everywhere
         cpu = fleet.cpu_sample()
-        everywhere = fan_out(
-            fleet,
-            ids,
-            "shell",
-            lambda cid: {"client_id": cid, "script": "true"},
-            threads=args.threads,
-            timeout=args.deploy_timeout * 4,
-        )
+        with PeakRss(fleet.server_pids) as peak:
+            everywhere = fan_out(
+                fleet,
+                ids,
+                "shell",
+                lambda cid: {"client_id": cid, "script": "true"},
+                threads=args.threads,
+                timeout=args.deploy_timeout * 4,
+            )
         report.add(
             "true_all",
             f"`true` on all {len(ids)} ({args.threads} threads)",
             everywhere,
-            f"{everywhere['summary']}; {fleet.cpu_text(cpu)}",
+            f"{everywhere['summary']}; {fleet.cpu_text(cpu)}; "
+            f"server RSS peak {peak.kib / 1024:.0f} MiB",
             "1,000 success within 10 s",
         )
         if everywhere["statuses"].get("success", 0) != len(ids):
@@ -227,18 +229,20 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             upload = time.monotonic() - upload_started
             cpu = fleet.cpu_sample()
             targets = ids[: args.artifact_agents]
-            shipped = fan_out(
-                fleet,
-                targets,
-                "tar",
-                lambda cid: {
-                    "client_id": cid,
-                    "artifact": sha,
-                    "target_dir": str(root / "targets" / cid),
-                },
-                threads=args.threads,
-                timeout=args.artifact_timeout,
-            )
+            with PeakRss(fleet.server_pids) as peak:
+                shipped = fan_out(
+                    fleet,
+                    targets,
+                    "tar",
+                    lambda cid: {
+                        "client_id": cid,
+                        "artifact": sha,
+                        "target_dir": str(root / "targets" / cid),
+                        "timeout": args.artifact_timeout,
+                    },
+                    threads=args.threads,
+                    timeout=args.artifact_timeout + 60,
+                )
             total_mb = args.artifact_mb * shipped["statuses"].get("success", 0)
             rate = total_mb / shipped["last_finished_s"] if shipped["last_finished_s"] else 0.0
             report.add(
@@ -246,7 +250,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 f"{args.artifact_mb} MB package to {len(targets)} (store)",
                 shipped,
                 f"{shipped['summary']}; {rate:.0f} MB/s in all; upload {upload:.1f} s; "
-                f"{fleet.cpu_text(cpu)}",
+                f"{fleet.cpu_text(cpu)}; server RSS peak {peak.kib / 1024:.0f} MiB",
             )
             if shipped["statuses"].get("success", 0) != len(targets):
                 report.problem(f"package deployments ended {shipped['statuses']}")

@@ -15,8 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -83,6 +84,32 @@ def cpu_seconds(pids: Iterable[int]) -> float:
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / CLOCK_TICKS
+
+
+class PeakRss:
+    """The largest resident memory of a process tree while the ``with`` block runs
+    (sampled every half second in a thread)."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._pids = pids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="peak-rss")
+        #: KiB, the largest sample so far.
+        self.kib = 0
+
+    def _sample(self) -> None:
+        while True:
+            self.kib = max(self.kib, rss_kib(self._pids()))
+            if self._stop.wait(0.5):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
 
 
 # --------------------------------------------------------------------------- processes

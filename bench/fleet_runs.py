@@ -132,6 +132,8 @@ def fan_out(
     summary = (
         f"{shown}; last finished {last:.1f} s after the first POST" if last is not None else shown
     ) + f" (POSTs took {posting:.1f} s, {len(ids) / max(posting, 1e-9):.0f}/s)"
+    if errors:
+        summary += f"; e.g. {errors[0][:120]!r}"
     return {
         "statuses": dict(statuses),
         "post_s": posting,
