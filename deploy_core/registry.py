@@ -187,6 +187,7 @@ class HealthCheckParams(BaseModel):
 
 
 Probe = Callable[[Any, "DeployContext"], Awaitable[str | None]]
+Shorthand = Callable[[str], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,21 @@ class HealthCheckType:
 
     :param probe: ``async (params, ctx) -> None`` when healthy, or a short error string.
         One attempt only: the core owns retries, intervals and the overall timeout.
+    :param shorthand: ``(text) -> options``: parses what follows ``NAME:`` in a ``deployctl
+        deploy … --health NAME:TEXT`` option (``8080/healthz`` of ``http:8080/healthz``) into
+        the check's options, ``type`` left out; raise :class:`ValueError` with what was
+        expected.  ``None``: the check has no command-line shorthand (a request body still
+        names it).
+    :param shorthand_usage: how ``TEXT`` looks, for help and errors, e.g. ``PORT[/PATH]``;
+        required with ``shorthand``.
     """
 
     name: str
     params: type[HealthCheckParams]
     probe: Probe
     description: str = ""
+    shorthand: Shorthand | None = None
+    shorthand_usage: str = ""
 
     def __post_init__(self) -> None:
         if not SIMPLE_NAME.fullmatch(self.name):
@@ -209,6 +219,27 @@ class HealthCheckType:
             raise RegistrationError(
                 f"health check {self.name}: params must subclass HealthCheckParams"
             )
+        if self.shorthand is not None and not (callable(self.shorthand) and self.shorthand_usage):
+            raise RegistrationError(
+                f"health check {self.name}: a shorthand must be callable and come with a "
+                "shorthand_usage such as 'PORT[/PATH]'"
+            )
+
+    def parse_shorthand(self, text: str) -> dict[str, Any]:
+        """The options of ``--health NAME:TEXT``: ``{"type": NAME, ...}``.
+
+        :raises ValueError: the check has no shorthand, or ``text`` does not fit it; the
+            message says what was expected.
+        """
+        if self.shorthand is None:
+            raise ValueError(f"the {self.name} check has no --health shorthand")
+        try:
+            options = dict(self.shorthand(text))
+        except ValueError as exc:
+            raise ValueError(
+                f"expected {self.name}:{self.shorthand_usage}, got {self.name}:{text} ({exc})"
+            ) from None
+        return {"type": self.name, **options}
 
 
 # --------------------------------------------------------------------------- rollback

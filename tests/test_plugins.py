@@ -450,8 +450,9 @@ def test_describe_shows_installed_versions() -> None:
     plugins = load_plugins(env={"DEPLOY_CORE_PLUGINS": "deploy_shell"})
     (entry,) = [p for p in plugins.describe() if p["name"] == "deploy_shell"]
     assert entry["version"] == metadata.version("deploy-shell")
-    assert entry["hooks"] == ["deploy_register_deploy_types"]
+    assert entry["hooks"] == ["deploy_register_cli_commands", "deploy_register_deploy_types"]
     assert entry["deploy_types"] == ["deploy.shell"]
+    assert entry["cli_commands"] == ["deploy shell"]
 
 
 def test_capabilities_list_what_plugins_provide_without_builtins() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,23 +114,77 @@ def parse_env(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def parse_health(spec: str) -> dict[str, Any]:
-    """``http:8080/healthz``, ``http://host:8080/path``, ``tcp:5432``, ``tcp:host:5432``."""
+    """A ``--health TYPE:TEXT`` option as a health check's options, parsed by the shorthand
+    the check type registered (``HealthCheckType.shorthand``; with the ``health_checks``
+    plugin: ``http:8080/healthz``, ``http://host:8080/path``, ``tcp:5432``,
+    ``tcp:host:5432``)."""
+    from deploy_core.plugins import PluginError, get_plugins
+
+    try:
+        checks = get_plugins().health_checks.entries
+    except PluginError as exc:
+        raise click.ClickException(f"--health {spec}: plugins could not be loaded: {exc}") from None
+    shorthands = {name: c for name, c in sorted(checks.items()) if c.shorthand is not None}
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("http", "tcp"):
+    if not sep or kind not in shorthands:
+        known = ", ".join(f"{n}:{c.shorthand_usage}" for n, c in shorthands.items())
         raise click.BadParameter(
-            f"expected http:PORT[/PATH] or tcp:[HOST:]PORT, got {spec!r}", param_hint="--health"
+            f"expected TYPE:SPEC, one of {known or 'nothing: no loaded check has a shorthand'};"
+            f" got {spec!r}",
+            param_hint="--health",
         )
-    rest = rest.removeprefix("//")
-    hostport, slash, path = rest.partition("/")
-    host, _, port = hostport.rpartition(":")
-    if not port.isdigit():
-        raise click.BadParameter(f"no port in {spec!r}", param_hint="--health")
-    check: dict[str, Any] = {"type": kind, "port": int(port)}
-    if host:
-        check["host"] = host
-    if kind == "http":
-        check["path"] = "/" + path if slash else "/"
-    return check
+    try:
+        return shorthands[kind].parse_shorthand(rest)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--health") from None
+
+
+def health_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--health`` (repeatable), ``--health-retries`` and ``--health-interval`` options
+    of every ``deployctl deploy`` command (plugins' too); pair them with
+    :func:`health_checks_field`."""
+    options = [
+        click.option(
+            "--health",
+            multiple=True,
+            help="a health check as TYPE:SPEC, e.g. http:PORT[/PATH] or tcp:[HOST:]PORT (a "
+            "check type's registered shorthand), repeatable",
+        ),
+        click.option(
+            "--health-retries",
+            type=click.IntRange(0, 100),
+            default=None,
+            help="attempts after a check's first failure (default: the check's)",
+        ),
+        click.option(
+            "--health-interval",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="seconds between a check's attempts (default: the check's)",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def health_checks_field(
+    health: tuple[str, ...],
+    health_retries: int | None,
+    health_interval: float | None,
+    extra: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The ``health_checks`` part of a deploy request body from :func:`health_options`:
+    each ``--health`` parsed (:func:`parse_health`), then the command's own ``extra``
+    checks (e.g. a script from a file), each given the retries and interval when set;
+    nothing when there is no check."""
+    checks = [parse_health(h) for h in health] + [dict(check) for check in extra]
+    for check in checks:
+        if health_retries is not None:
+            check["retries"] = health_retries
+        if health_interval is not None:
+            check["interval"] = health_interval
+    return {"health_checks": checks} if checks else {}
 
 
 def no_rollback_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,6 +8,8 @@ which the rest of :mod:`deploy_core.plugin` (loaded by agents too) never does.
 from __future__ import annotations
 
 from deploy_core.cli.common import (
+    health_checks_field,
+    health_options,
     no_rollback_option,
     parse_env,
     parse_health,
@@ -21,6 +23,8 @@ from deploy_core.client import DeployClient
 
 __all__ = [
     "DeployClient",
+    "health_checks_field",
+    "health_options",
     "no_rollback_option",
     "parse_env",
     "parse_health",

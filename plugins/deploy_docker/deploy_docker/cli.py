@@ -8,9 +8,10 @@ import click
 
 from deploy_core.plugin.cli import (
     DeployClient,
+    health_checks_field,
+    health_options,
     no_rollback_option,
     parse_env,
-    parse_health,
     rollback_field,
     submit_and_follow,
     with_api,
@@ -23,7 +24,7 @@ from deploy_core.plugin.cli import (
 @click.option("--name", "container_name", required=True, help="container name")
 @click.option("--port", "ports", multiple=True, help="HOST_IP:HOST_PORT:CONTAINER_PORT, repeatable")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE, repeatable")
-@click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
+@health_options
 @click.option("--start-first", is_flag=True, help="start the new container before stopping the old")
 @no_rollback_option
 @click.option(
@@ -40,6 +41,8 @@ def deploy_docker_command(
     ports: tuple[str, ...],
     env: tuple[str, ...],
     health: tuple[str, ...],
+    health_retries: int | None,
+    health_interval: float | None,
     start_first: bool,
     no_rollback: bool,
     timeout: float,
@@ -57,8 +60,6 @@ def deploy_docker_command(
         "start_first": start_first,
         "timeout": timeout,
     }
-    checks = [parse_health(h) for h in health]
-    if checks:
-        body["health_checks"] = checks
+    body.update(health_checks_field(health, health_retries, health_interval))
     body.update(rollback_field(no_rollback))
     submit_and_follow(api, "docker", body, wait, wait_timeout)

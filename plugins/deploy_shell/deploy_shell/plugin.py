@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -130,3 +131,11 @@ def deploy_register_deploy_types(register: Callable[[DeployType], None]) -> None
             result=DeployShellResult,
         )
     )
+
+
+@hookimpl
+def deploy_register_cli_commands(register: Callable[..., Any]) -> None:
+    """Register ``deployctl deploy shell`` (imported here: an agent never calls this hook)."""
+    from deploy_shell.cli import deploy_shell
+
+    register(deploy_shell, group="deploy")

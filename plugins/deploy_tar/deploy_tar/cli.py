@@ -10,16 +10,17 @@ from typing import Any
 
 import click
 
-from deploy_core.cli import (
+from deploy_core.plugin.cli import (
+    DeployClient,
+    health_checks_field,
+    health_options,
     no_rollback_option,
     parse_env,
-    parse_health,
     rollback_field,
     submit_and_follow,
     upload_with_progress,
     with_api,
 )
-from deploy_core.client import DeployClient
 from deploy_tar.deploy import size_text
 
 __all__ = ["deploy_tar"]
@@ -46,9 +47,7 @@ __all__ = ["deploy_tar"]
     help="seconds for fetch, extraction and install",
 )
 @click.option("--keep-releases", type=click.IntRange(1, 100), default=5, show_default=True)
-@click.option("--health", multiple=True, help="http:PORT[/PATH] or tcp:[HOST:]PORT, repeatable")
-@click.option("--health-retries", type=click.IntRange(0, 100), default=None)
-@click.option("--health-interval", type=click.FloatRange(min=0), default=None)
+@health_options
 @click.option(
     "--start-script",
     default=None,
@@ -102,14 +101,7 @@ def deploy_tar(
     }
     if install_script:
         body["install_script"] = install_script
-    checks = [parse_health(h) for h in health]
-    for check in checks:
-        if health_retries is not None:
-            check["retries"] = health_retries
-        if health_interval is not None:
-            check["interval"] = health_interval
-    if checks:
-        body["health_checks"] = checks
+    body.update(health_checks_field(health, health_retries, health_interval))
     body.update(
         rollback_field(
             no_rollback, {"strategy": "release", "start": start_script} if start_script else None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from deploy_core.plugin import HealthCheckType, hookimpl
 from health_checks.http import HttpCheckParams, probe_http
 from health_checks.script import ScriptCheckParams, probe_script
+from health_checks.shorthands import HTTP_USAGE, TCP_USAGE, http_shorthand, tcp_shorthand
 from health_checks.tcp import TcpCheckParams, probe_tcp
 
 HEALTH_CHECKS = (
@@ -15,12 +16,16 @@ HEALTH_CHECKS = (
         params=HttpCheckParams,
         probe=probe_http,
         description="HTTP GET; healthy on an expected status (default any 2xx) and body",
+        shorthand=http_shorthand,
+        shorthand_usage=HTTP_USAGE,
     ),
     HealthCheckType(
         name="tcp",
         params=TcpCheckParams,
         probe=probe_tcp,
         description="TCP connect; healthy when the port accepts a connection",
+        shorthand=tcp_shorthand,
+        shorthand_usage=TCP_USAGE,
     ),
     HealthCheckType(
         name="script",
