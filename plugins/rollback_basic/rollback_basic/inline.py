@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.registry import RollbackParams, RollbackState, RollbackStrategy
+from deploy_core.plugin import DeployContext, RollbackParams, RollbackState, RollbackStrategy
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.runner import rollback_target, run_rollback_script

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from deploy_core import hookimpl
-from deploy_core.registry import RollbackStrategy
+from deploy_core.plugin import RollbackStrategy, hookimpl
 
 from rollback_basic.inline import INLINE
 from rollback_basic.script import SCRIPT

@@ -11,9 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.agent.process import ProcessResult
-from deploy_core.models import RollbackTarget
+from deploy_core.plugin import DeployContext, ProcessResult, RollbackTarget
 from pydantic import AfterValidator
 
 from rollback_basic.errors import RollbackError

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.registry import RollbackParams, RollbackState, RollbackStrategy
+from deploy_core.plugin import DeployContext, RollbackParams, RollbackState, RollbackStrategy
 from pydantic import Field
 
 from rollback_basic.runner import AbsoluteDir, ScriptEnv, ScriptText, run_rollback_script

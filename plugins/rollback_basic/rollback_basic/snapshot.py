@@ -17,10 +17,18 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
-from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.agent.safefs import UnsafePath, identity, open_dir
-from deploy_core.registry import RollbackParams, RollbackReport, RollbackState, RollbackStrategy
+from deploy_core.plugin import (
+    DeployContext,
+    DeployFailed,
+    RollbackParams,
+    RollbackReport,
+    RollbackState,
+    RollbackStrategy,
+    WorkBudget,
+    WorkStopped,
+    run_bounded,
+)
+from deploy_core.plugin.safefs import UnsafePath, identity, open_dir
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from rollback_basic import running

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deploy_core.agent.bounded import WorkBudget
+from deploy_core.plugin import WorkBudget
 
 from rollback_basic.tree import CopyStats, copy_tree, remove_tree
 

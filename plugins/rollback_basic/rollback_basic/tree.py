@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy_core.agent import safefs
-from deploy_core.agent.bounded import WorkBudget
+from deploy_core.plugin import WorkBudget, safefs
 
 CHUNK = 1024 * 1024
 Inode = tuple[int, int]

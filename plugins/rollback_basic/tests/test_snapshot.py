@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_core.agent import safefs
-from deploy_core.agent.bounded import run_bounded
-from deploy_core.models import RollbackTarget
+from deploy_core.plugin import RollbackTarget, run_bounded, safefs
 from pydantic import ValidationError
 
 from rollback_basic.errors import RollbackError

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from deploy_core.agent.bounded import WorkBudget
-from deploy_core.agent.safefs import UnsafePath
-from deploy_core.models import RollbackTarget
+from deploy_core.plugin import RollbackTarget, WorkBudget
+from deploy_core.plugin.safefs import UnsafePath
 from deploy_core.testing import make_context
 
 from rollback_basic.errors import RollbackError
