@@ -16,12 +16,17 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from deploy_core.agent import safefs
-from deploy_core.agent.artifacts import FetchedArtifact
-from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
-from deploy_core.agent.context import DeployContext, DeployFailed
-from deploy_core.models import DeployStatus
-from deploy_core.registry import Stage
+from deploy_core.plugin import (
+    DeployContext,
+    DeployFailed,
+    DeployStatus,
+    FetchedArtifact,
+    Stage,
+    WorkBudget,
+    WorkStopped,
+    run_bounded,
+    safefs,
+)
 from deploy_tar.extract import ExtractStats, extract_archive
 from deploy_tar.params import TarParams
 from deploy_tar.releases import ReleaseError, Releases

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from deploy_core.registry import DeployParams, RollbackParams
+from deploy_core.plugin import DeployParams, RollbackParams
 from deploy_tar.rules import DEFAULT_LIMITS, ExtractLimits
 
 __all__ = ["LimitOverrides", "PackagePath", "ReleaseParams", "TarParams"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from deploy_core import hookimpl
-from deploy_core.plugin import ServerServices
-from deploy_core.registry import DeployType, RollbackStrategy
+from deploy_core.plugin import DeployType, RollbackStrategy, ServerServices, hookimpl
 from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.result import DeployTarResult

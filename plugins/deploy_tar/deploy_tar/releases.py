@@ -35,9 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy_core.agent import safefs
-from deploy_core.agent.bounded import WorkBudget
-from deploy_core.models import ID_PATTERN
+from deploy_core.plugin import ID_PATTERN, WorkBudget, safefs
 
 __all__ = ["BAD_MARKER", "LEDGER", "ReleaseError", "Releases"]
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.registry import RollbackReport, RollbackState
+from deploy_core.plugin import DeployContext, RollbackReport, RollbackState
 from deploy_tar.deploy import prune_bounded
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.releases import ReleaseError, Releases

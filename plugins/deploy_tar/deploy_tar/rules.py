@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from deploy_core.agent.bounded import step as work_step
+from deploy_core.plugin import work_step
 
 __all__ = ["DEFAULT_LIMITS", "ExtractLimits", "ExtractStats", "MemberRules", "UnsafeArchive"]
 

@@ -22,9 +22,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from deploy_core.agent import safefs
-from deploy_core.agent.context import DeployContext
-from deploy_core.agent.process import ProcessResult
+from deploy_core.plugin import DeployContext, ProcessResult, safefs
 from deploy_tar.releases import ReleaseError
 
 __all__ = ["DEFAULT_INSTALL_SCRIPT", "failure", "find_script", "output_tail", "run_release_script"]

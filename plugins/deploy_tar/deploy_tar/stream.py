@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from deploy_core.agent.bounded import step as work_step
+from deploy_core.plugin import work_step
 from deploy_tar.rules import ExtractLimits, UnsafeArchive
 
 __all__ = ["ArchiveStream", "MiB", "open_archive"]

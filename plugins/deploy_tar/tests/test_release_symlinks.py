@@ -20,9 +20,9 @@ from types import FrameType
 import pytest
 from conftest import ContextFactory, LocalArtifacts
 
-from deploy_core.agent.bounded import WorkBudget, WorkStopped, run_bounded
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.models import DeployCommand, DeployStatus
+from deploy_core.plugin import WorkBudget, WorkStopped, run_bounded
 from deploy_core.testing import RecordingReporter
 from deploy_tar.deploy import deploy_release
 from deploy_tar.extract import scan_archive
