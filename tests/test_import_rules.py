@@ -15,6 +15,8 @@ inside functions do not.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,6 +206,20 @@ def test_the_contract_loads_nothing_of_server_agent_cli_or_transport() -> None:
     assert not bad, "deploy_core.plugin must not load these (import under TYPE_CHECKING):\n" + (
         "\n".join(sorted(set(bad)))
     )
+
+
+def test_a_real_interpreter_importing_the_contract_loads_none_of_them() -> None:
+    """The same rule, seen from ``sys.modules`` of a fresh interpreter: nor does the contract
+    load the server's or the command line's libraries (an agent imports it)."""
+    code = "import sys, deploy_core.plugin; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.split()
+    heavy = ("sqlalchemy", "starlette", "uvicorn", "httpx", "click", "alembic", "docker")
+    bad = [m for m in loaded if _within(m, (*FORBIDDEN_FOR_CONTRACT, CONTRACT_CLI, *heavy))]
+    assert not bad, f"importing deploy_core.plugin loaded {bad}"
 
 
 def test_the_contract_cli_module_imports_only_the_command_line() -> None:
