@@ -75,6 +75,13 @@ TERMINAL_STATUSES: frozenset[DeployStatus] = frozenset(
 )
 
 
+# A deployment that ended in one of these was undone, or its undoing failed: it is not live
+# anymore and is not rolled back again.  Values, as records and the journal store them.
+UNDONE_STATUSES: frozenset[str] = frozenset(
+    {DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value}
+)
+
+
 def now() -> float:
     """Wall-clock time as sent on the wire: seconds since the epoch."""
     return time.time()

@@ -9,7 +9,7 @@ names the bad value, so a broken plugin is caught when it loads, not when it fir
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,19 @@ class Stage:
         """Overall progress for ``fraction`` (0.0-1.0) of the way through this stage."""
         fraction = min(max(fraction, 0.0), 1.0)
         return int(self.start + (self.end - self.start) * fraction)
+
+
+# The core's own stage after every deploy type's: the health checks, at 90-100 %.
+HEALTH_STAGE = Stage("health_check", 90, 100, "health checks")
+
+
+def find_stage(stages: Iterable[Stage], status: str) -> Stage:
+    """The stage of ``stages`` registered for ``status``; the core's :data:`HEALTH_STAGE` for
+    ``health_check``; else a stage over the full range (0-100)."""
+    for stage in stages:
+        if stage.status == status:
+            return stage
+    return HEALTH_STAGE if status == HEALTH_STAGE.status else Stage(status, 0, 100)
 
 
 class DeployParams(BaseModel):
@@ -163,11 +176,8 @@ class DeployType:
         return sorted(set(self.artifacts(params))) if self.artifacts is not None else []
 
     def stage(self, status: str) -> Stage:
-        """The stage registered for ``status``; a full-range stage when there is none."""
-        for stage in self.stages:
-            if stage.status == status:
-                return stage
-        return Stage(status, 0, 100)
+        """The stage registered for ``status`` (:func:`find_stage`)."""
+        return find_stage(self.stages, status)
 
 
 # --------------------------------------------------------------------------- health checks

@@ -23,7 +23,7 @@ import pytest
 
 from deploy_core.agent.context import DeployContext
 from deploy_core.models import DeployCommand, DeployStatus, LogLine
-from deploy_core.registry import Stage
+from deploy_core.registry import Stage, find_stage
 
 
 @dataclass
@@ -72,12 +72,11 @@ def make_context(
         params=params or {},
         expires_at=time.time() + timeout,
     )
-    ranges = {stage.status: (stage.start, stage.end) for stage in stages}
     return DeployContext(
         command=command,
         reporter=reporter,
         data_dir=data_dir,
-        stage_of=lambda status: ranges.get(status, (0, 100)),
+        stage_of=lambda status: find_stage(stages, status),
     ), reporter
 
 

@@ -44,6 +44,7 @@ from deploy_core.agent.tracking import ProcessTracker
 from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
 from deploy_core.plugin import safefs
 from deploy_core.plugin.errors import DeployFailed as DeployFailed  # defined by the contract
+from deploy_core.registry import Stage, find_stage
 
 # Variables a script inherits from the agent's own environment; nothing else leaks through
 # (the agent's environment may hold credentials).
@@ -77,12 +78,15 @@ class DeployContext:
         command: DeployCommand,
         reporter: Reporter,
         data_dir: Path,
-        stage_of: Callable[[str], tuple[int, int]] | None = None,
+        stage_of: Callable[[str], Stage] | None = None,
         constraints: ConstraintPolicy | None = None,
         artifacts: ArtifactProvider | None = None,
         processes: ProcessTracker | None = None,
     ) -> None:
-        """:param constraints: what scripts must satisfy and run under; the defaults when
+        """:param stage_of: the stage a status belongs to, whose range ``report(status,
+        fraction=…)`` maps into (the deploy type's :meth:`~deploy_core.registry.DeployType.stage`);
+        ``None``: :func:`~deploy_core.registry.find_stage` over no stages.
+        :param constraints: what scripts must satisfy and run under; the defaults when
         ``None``.
         :param artifacts: where :meth:`fetch_artifact` gets packages (the agent's fetcher);
         with ``None`` it fails the deployment.
@@ -104,7 +108,7 @@ class DeployContext:
         # What is left of the server's log budget for this deployment's runs (docs/api.md,
         # "Logs"); None: no budget (an older server).
         self._log_room = command.log_budget_bytes
-        self._stage_of = stage_of or (lambda status: (0, 100))
+        self._stage_of = stage_of or (lambda status: find_stage((), status))
         self._artifacts = artifacts
         self._processes = processes if processes is not None else ProcessTracker()
         self._status = DeployStatus.EXECUTING
@@ -139,8 +143,7 @@ class DeployContext:
         """
         status = DeployStatus(status)
         if progress is None:
-            start, end = self._stage_of(status.value)
-            progress = int(start + (end - start) * min(max(fraction or 0.0, 0.0), 1.0))
+            progress = self._stage_of(status.value).at(fraction or 0.0)
         self._progress = max(self._progress, min(max(progress, 0), 100))
         self._status = status
         self._stage = stage if stage is not None else status.value

@@ -28,6 +28,7 @@ from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.models import (
     COMMAND_ROLLBACK,
     EVENT_CALLBACK,
+    UNDONE_STATUSES,
     DeployCallbackPayload,
     DeployCommand,
     DeployStatus,
@@ -36,7 +37,7 @@ from deploy_core.models import (
     RollbackTarget,
 )
 from deploy_core.plugins import DeployPlugins
-from deploy_core.registry import DeployType, RollbackReport, RollbackStrategy
+from deploy_core.registry import HEALTH_STAGE, DeployType, RollbackReport, RollbackStrategy
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ log = logging.getLogger(__name__)
 # cancelling it: plugins enforce their timeouts themselves and report what they saw, which
 # says more than the core's cancellation would.
 EXECUTOR_GRACE = 10.0
-HEALTH_PROGRESS = 90
-UNDONE = {DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value}
+HEALTH_PROGRESS = HEALTH_STAGE.start
 
 
 @dataclass
@@ -96,19 +96,11 @@ class Executor:
             wake=self.wake,
         )
 
-        def stage_of(status: str) -> tuple[int, int]:
-            if status == DeployStatus.HEALTH_CHECK.value:
-                return HEALTH_PROGRESS, 100
-            if deploy_type is None:
-                return 0, 100
-            stage = deploy_type.stage(status)
-            return stage.start, stage.end
-
         return DeployContext(
             command=command,
             reporter=reporter,
             data_dir=self.data_dir,
-            stage_of=stage_of,
+            stage_of=deploy_type.stage if deploy_type is not None else None,
             constraints=self.constraints,
             artifacts=self.artifacts,
             processes=self.processes,
@@ -313,7 +305,7 @@ class Executor:
                     message=f"this agent never ran {target.deploy_id}: nothing to undo",
                 ),
             )
-        if entry is not None and entry.final_status in UNDONE:
+        if entry is not None and entry.final_status in UNDONE_STATUSES:
             # The agent rolled it back itself while the server had given up on it.
             return Outcome(
                 DeployStatus.ROLLED_BACK,

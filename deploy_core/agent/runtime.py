@@ -90,14 +90,6 @@ class Agent:
         self._stopping = asyncio.Event()
         # The worker starts nothing new until interrupted deployments are dealt with.
         self._recovered = asyncio.Event()
-        self.executor = Executor(
-            plugins=self.plugins,
-            journal=self.journal,
-            data_dir=config.state_dir / "data",
-            wake=self._wake.set,
-            constraints=ConstraintPolicy(config.constraints),
-            processes=self.processes,
-        )
         self.connector = AgentConnector(
             host=config.server_host,
             port=config.server_port,
@@ -115,7 +107,15 @@ class Agent:
         self.artifacts = ArtifactFetcher(
             self.connector, config.state_dir / "cache", chunk_size=config.chunk_size
         )
-        self.executor.artifacts = self.artifacts
+        self.executor = Executor(
+            plugins=self.plugins,
+            journal=self.journal,
+            data_dir=config.state_dir / "data",
+            wake=self._wake.set,
+            constraints=ConstraintPolicy(config.constraints),
+            artifacts=self.artifacts,
+            processes=self.processes,
+        )
 
     def capabilities(self) -> dict[str, Any]:
         """What this agent tells the server it can do."""

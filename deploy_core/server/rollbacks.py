@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from deploy_core.models import COMMAND_ROLLBACK, DeployStatus
+from deploy_core.models import COMMAND_ROLLBACK, UNDONE_STATUSES, DeployStatus
 from deploy_core.server.records import ClientBusy
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # What a rollback deployment may take beyond its strategy's own timeout and the checks.
 ROLLBACK_MARGIN = 60.0
-UNDONE = {DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value}
 
 
 class RollbackRefused(Exception):
@@ -68,7 +67,7 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
         raise RollbackRefused(
             f"deployment {deploy_id} was already rolled back by {record['rolled_back_by']}"
         )
-    if record["status"] in UNDONE:
+    if record["status"] in UNDONE_STATUSES:
         raise RollbackRefused(f"deployment {deploy_id} already ended {record['status']}")
     request = record["request"]
     rollback = request.get("rollback")

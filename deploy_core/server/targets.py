@@ -20,13 +20,11 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
-from deploy_core.models import COMMAND_ROLLBACK, DeployStatus
+from deploy_core.models import COMMAND_ROLLBACK, UNDONE_STATUSES, DeployStatus
 from deploy_core.server.db import deployments
 
 if TYPE_CHECKING:
     from deploy_core.plugins import DeployPlugins
-
-UNDONE_STATUSES = (DeployStatus.ROLLED_BACK.value, DeployStatus.ROLLBACK_FAILED.value)
 
 
 def deployment_scope(
@@ -65,7 +63,7 @@ def _undone() -> sa.ColumnElement[bool]:
         )
         .exists()
     )
-    return sa.or_(deployments.c.status.in_(UNDONE_STATUSES), rolled_back)
+    return sa.or_(deployments.c.status.in_(sorted(UNDONE_STATUSES)), rolled_back)
 
 
 def _in_place() -> sa.ColumnElement[bool]:

@@ -21,7 +21,7 @@ from docker_bed import Factory, missing_part, testbed_problem
 from deploy_core.agent.context import DeployContext
 from deploy_core.models import DeployCommand
 from deploy_core.testing import RecordingReporter
-from deploy_docker.deploy import STAGES
+from deploy_docker.plugin import DEPLOY_TYPE
 from deploy_docker.spec import NAME_LABEL
 
 _problem: list[str | None] = []
@@ -78,13 +78,11 @@ def docker_context(tmp_path: Path) -> Factory:
             rollback={"strategy": "previous_container", "timeout": 120.0} if rollback else None,
             expires_at=time.time() + 600,
         )
-        ranges = {s.status: (s.start, s.end) for s in STAGES}
-        ranges["health_check"] = (90, 100)
         ctx = DeployContext(
             command=command,
             reporter=reporter,
             data_dir=tmp_path / "agent-data",
-            stage_of=lambda status: ranges.get(status, (0, 100)),
+            stage_of=DEPLOY_TYPE.stage,
         )
         return ctx, reporter
 

@@ -28,7 +28,7 @@ from deploy_core.agent.journal import Journal
 from deploy_core.models import EVENT_CALLBACK, DeployCommand, RollbackTarget
 from deploy_core.plugins import load_plugins
 from deploy_core.testing import RecordingReporter
-from deploy_tar.deploy import STAGES
+from deploy_tar.plugin import DEPLOY_TYPE
 
 Files = dict[str, str | bytes]
 
@@ -124,12 +124,11 @@ def tar_context(tmp_path: Path, artifacts: LocalArtifacts) -> ContextFactory:
             expires_at=time.time() + timeout,
             rollback_of=rollback_of,
         )
-        ranges = {s.status: (s.start, s.end) for s in STAGES}
         ctx = DeployContext(
             command=command,
             reporter=reporter,
             data_dir=tmp_path / "agent" / "data",
-            stage_of=lambda status: ranges.get(status, (0, 100)),
+            stage_of=DEPLOY_TYPE.stage,
             artifacts=artifacts,
         )
         return ctx, reporter
