@@ -132,12 +132,27 @@ async def test_the_limits_cgroup_also_tracks_the_run_and_its_escapee_dies(
     assert members(run_cgroup) == set()
 
 
+def _bound_to_v1(controllers: tuple[str, ...]) -> list[str]:
+    """Which of ``controllers`` a cgroup v1 hierarchy holds (/proc/cgroups' hierarchy id)."""
+    bound = []
+    for line in Path("/proc/cgroups").read_text().splitlines()[1:]:
+        name, hierarchy, *_ = line.split()
+        if name in controllers and hierarchy != "0":
+            bound.append(name)
+    return bound
+
+
 async def test_a_delegated_parent_with_controllers_puts_the_limits_on_the_run(
     cgroup2: tuple[Path, Path], tmp_path: Path
 ) -> None:
     mount, parent_dir = cgroup2
     parent, reason = cgroups.find_cgroup_parent(str(parent_dir))
     if parent is None:
+        bound = _bound_to_v1(("memory", "pids"))
+        if bound:
+            # Not a part CI can install: a controller lives in one hierarchy at a time, and
+            # this kernel (a hybrid set-up, with dockerd using v1) holds these in v1.
+            pytest.skip(f"cgroup v2 limits cannot apply here: {', '.join(bound)} bound to v1")
         missing_part(f"this host's cgroup2 cannot limit a run: {reason}")
     policy = ConstraintPolicy(
         Constraints.model_validate(
