@@ -117,7 +117,7 @@ def measure_dispatch(fleet: Fleet, report: Report, args: argparse.Namespace, whi
         report.problem(f"dispatch ({which} connected): {failure}")
     if times:
         p50, p99 = percentiles(times)
-        report.data[f"dispatch_{which}"] = {"p50": p50, "p99": p99, "samples": len(times)}
+        report.data[f"dispatch_{which}"] = {"p50": p50, "p99": p99, "times": times}
         report.add(
             f"dispatch_{which}_p50_p99",
             f"dispatch `true`, {which} connected (p50 / p99, {len(times)} samples)",

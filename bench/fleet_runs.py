@@ -19,7 +19,7 @@ from fleet_harness import Fleet
 
 from deploy_core.client import DeployClient
 
-WARM_UP = 3
+WARM_UP = 10
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
