@@ -93,21 +93,23 @@ status_history = sa.Table(
     sa.Column("ts", sa.Float, nullable=False),
 )
 
-deploy_logs = sa.Table(
-    "deploy_logs",
+# Output in chunks: consecutive lines of one stream and stage (a block as the agent sent it),
+# the deployment's lines first_line .. first_line + line_count - 1 (server/log_chunks.py).
+deploy_log_chunks = sa.Table(
+    "deploy_log_chunks",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column(
         "deploy_id",
         ID,
         sa.ForeignKey("deployments.deploy_id", ondelete="CASCADE"),
-        nullable=False,
-        index=True,
+        primary_key=True,
     ),
+    sa.Column("first_line", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("line_count", sa.Integer, nullable=False),
     sa.Column("ts", sa.Float, nullable=False),
     sa.Column("stream", sa.String(32), nullable=False),
     sa.Column("stage", NAME, nullable=False, default=""),
-    sa.Column("line", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
 )
 
 clients = sa.Table(

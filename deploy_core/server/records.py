@@ -21,12 +21,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
+from deploy_core.server import log_chunks
 from deploy_core.server.clients import ClientRecords
 from deploy_core.server.db import (
-    bulk_insert,
     client_locks,
     deploy_artifacts,
-    deploy_logs,
+    deploy_log_chunks,
     deploy_secrets,
     deployments,
     status_history,
@@ -39,7 +39,6 @@ from deploy_core.server.targets import TargetRecords
 # the watchdog of the replica that holds it is gone.
 LOCK_GRACE = 60.0
 DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
-LOG_COLUMNS = ("deploy_id", "ts", "stream", "stage", "line")
 # LogLine.line's limit, which lines of a LogBlock are held to as well.
 MAX_LINE_CHARS = 8192
 TRUNCATION_MARKER = (
@@ -261,13 +260,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
     def logs(self, deploy_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Log lines of a deployment in order, after line id ``after``."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(deploy_logs)
-                .where(deploy_logs.c.deploy_id == deploy_id, deploy_logs.c.id > after)
-                .order_by(deploy_logs.c.id)
-                .limit(limit)
-            )
-            return [_row(r) for r in rows]
+            return log_chunks.read(conn, deploy_id, after=after, limit=limit)
 
     def list_for_client(
         self, client_id: str, *, limit: int = 50, offset: int = 0
@@ -373,30 +366,31 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         if record["log_truncated"]:
             return
         budget = self.max_log_bytes - record["log_bytes"]
-        rows: list[tuple[str, float, str, str, str]] = []
+        kept: list[log_chunks.Entry] = []
         used = 0
         truncated = False
-        deploy_id = report.deploy_id
         entries = [(line.ts, line.stream, line.stage, [line.line]) for line in report.logs]
         entries += [(b.ts, b.stream, b.stage, _block_lines(b.text)) for b in report.log_blocks]
         for ts, stream, stage, lines in entries:
-            size = sum(map(len, map(str.encode, lines)))
+            size = len("\n".join(lines).encode()) - len(lines) + 1  # the lines, not newlines
             if used + size <= budget:
                 used += size
-                rows += [(deploy_id, ts, stream, stage, line) for line in lines]
+                kept.append((ts, stream, stage, lines))
                 continue
-            for line in lines:  # the limit falls inside: up to the line that does not fit
+            fit = 0  # the limit falls inside: up to the line that does not fit
+            for line in lines:
                 size = len(line.encode())
                 if used + size > budget:
                     break
                 used += size
-                rows.append((deploy_id, ts, stream, stage, line))
+                fit += 1
+            kept.append((ts, stream, stage, lines[:fit]))
             truncated = True
             break
         if truncated:
             marker = TRUNCATION_MARKER.format(limit=self.max_log_bytes)
-            rows.append((deploy_id, time.time(), "server", report.stage, marker))
-        bulk_insert(conn, deploy_logs, LOG_COLUMNS, rows)
+            kept.append((time.time(), "server", report.stage, [marker]))
+        log_chunks.append(conn, report.deploy_id, kept)
         conn.execute(
             deployments.update()
             .where(deployments.c.deploy_id == report.deploy_id)
@@ -599,7 +593,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 )
                 if not ids:
                     return deleted
-                for table in (status_history, deploy_logs, deploy_secrets, deploy_artifacts):
+                for table in (status_history, deploy_log_chunks, deploy_secrets, deploy_artifacts):
                     conn.execute(table.delete().where(table.c.deploy_id.in_(ids)))
                 conn.execute(
                     deployments.update()
