@@ -258,7 +258,6 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         # ---- status-event ingest (its `sleep` deployments still run at the kill below)
         in_flight: dict[str, str] = {}
         if args.ingest_agents and args.ingest_events:
-            cpu = fleet.cpu_sample()
             flood = ingest(
                 fleet,
                 ids[: args.ingest_agents],
@@ -274,7 +273,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 flood["rate"],
                 f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents; "
                 f"enqueued in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s; "
-                f"{fleet.cpu_text(cpu)})",
+                f"{flood['cpu']})",
                 ">= 5,000/s into SQLite",
             )
             if flood["unacknowledged"]:

@@ -4,7 +4,7 @@ Each agent has its own state directory, journal and QUIC connection, exactly as 
 ``deployctl agent`` would; they only share the process, the plugins and the event loop.
 Every second the worker writes a JSON snapshot to ``--stats`` (atomically): how many of its
 agents are connected, and what its agents logged — refusals by the server (``already
-enrolled`` among them), enrolments, failed attempts — counted by a logging handler, with the
+enrolled`` among them), failed attempts — counted by a logging handler, with the
 ids of the agents that were refused.  When the ``--control`` file appears, the agents it names
 flood the server with ``deploy.status`` reports (see :func:`flood`); the snapshot then gets
 the flood's times.  SIGTERM or SIGINT stops the agents and ends the worker.
@@ -61,14 +61,13 @@ def normalise(message: str) -> str:
 
 
 class OutcomeCounter(logging.Handler):
-    """Counts what the agents log: refusals (and which agents), enrolments, and every
-    transport message and warning by its normalised text."""
+    """Counts what the agents log: refusals (and which agents), ``already enrolled``, and
+    every transport message and warning by its normalised text."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)
         self.refusals = 0
         self.already_enrolled = 0
-        self.enrolled = 0
         self.refused_ids: set[str] = set()
         self.categories: Counter[str] = Counter()
 
@@ -84,8 +83,6 @@ class OutcomeCounter(logging.Handler):
             self.refused_ids.update(_CLIENT_ID.findall(message))
         if "already enrolled" in lowered:
             self.already_enrolled += 1
-        if from_transport and lowered.startswith("enrolled"):
-            self.enrolled += 1
         if from_transport or record.levelno >= logging.WARNING:
             self.categories[f"{record.levelname} {record.name}: {normalise(message)}"] += 1
 
@@ -112,7 +109,6 @@ def write_stats(
         "connected": sum(1 for a in agents if a.connector.connected),
         "refusals": counter.refusals,
         "already_enrolled": counter.already_enrolled,
-        "enrolled": counter.enrolled,
         "refused_ids": sorted(counter.refused_ids),
         "categories": dict(counter.categories.most_common(40)),
         "crashed": crashed,

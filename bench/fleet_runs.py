@@ -161,7 +161,6 @@ def worker_totals(fleet: Fleet) -> dict[str, Any]:
     totals: dict[str, Any] = {
         "refusals": 0,
         "already_enrolled": 0,
-        "enrolled": 0,
         "connected": 0,
         "refused_ids": [],
         "crashed": [],
@@ -169,7 +168,7 @@ def worker_totals(fleet: Fleet) -> dict[str, Any]:
     }
     for worker in fleet.workers:
         stats = worker.stats()
-        for key in ("refusals", "already_enrolled", "enrolled", "connected"):
+        for key in ("refusals", "already_enrolled", "connected"):
             totals[key] += int(stats.get(key, 0))
         totals["refused_ids"] += stats.get("refused_ids", [])
         totals["crashed"] += stats.get("crashed", [])
@@ -202,6 +201,7 @@ def ingest(
     if waiting:
         raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in 60 s")
     commanded = []
+    cpu = fleet.cpu_sample()
     for worker in fleet.workers:
         mine = {cid: deploys[cid] for cid in worker.ids if cid in deploys}
         if mine:
@@ -217,6 +217,7 @@ def ingest(
     errors = [r["error"] for r in results if "error" in r]
     if not all(results) or errors:
         raise RuntimeError(f"the flood did not finish in {timeout:g} s: {errors or results}")
+    busy = fleet.cpu_text(cpu)
     total = sum(r["events"] for r in results)
     started = min(r["started"] for r in results)
     enqueued = max(r["enqueued"] for r in results) - started
@@ -230,5 +231,6 @@ def ingest(
         "drain_s": drained,
         "unacknowledged": sum(r["unacknowledged"] for r in results),
         "history_sizes": stored,
+        "cpu": busy,
         "deploys": deploys,
     }
