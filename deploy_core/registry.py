@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -284,20 +284,51 @@ class RollbackReport:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-PrepareFn = Callable[["DeployContext", Any], Awaitable[RollbackState | None]]
+ParamsT = TypeVar("ParamsT", bound=DeployParams)
+OptionsT = TypeVar("OptionsT", bound=RollbackParams)
+
+
+@dataclass(frozen=True)
+class RollbackRequest(Generic[ParamsT, OptionsT]):
+    """What a rollback strategy's ``prepare``, ``rollback`` and ``discard`` are handed: the
+    deployment they serve, validated once by the core.
+
+    Annotate it with your types, e.g. ``RollbackRequest[TarParams, ReleaseParams]``.
+
+    :param deploy_id: the deployment prepared for, undone, or cleaned up after.
+    :param command_type: its deploy type, e.g. ``deploy.tar``.
+    :param params: its parameters, an instance of its deploy type's model (``TarParams`` …).
+    :param options: the strategy's options, an instance of the strategy's own model.
+    :param state: what ``prepare`` returned for the deployment; ``None`` in ``prepare``
+        itself and when it saved nothing.
+    :param reason: in ``rollback``, why it is undone (the failure, or ``"manual rollback"``);
+        ``None`` in ``prepare`` and ``discard``.
+    """
+
+    deploy_id: str
+    command_type: str
+    params: ParamsT
+    options: OptionsT
+    state: RollbackState | None = None
+    reason: str | None = None
+
+
+PrepareFn = Callable[["DeployContext", RollbackRequest[Any, Any]], Awaitable[RollbackState | None]]
 RollbackFn = Callable[
-    ["DeployContext", Any, RollbackState | None], Awaitable[RollbackReport | None]
+    ["DeployContext", RollbackRequest[Any, Any]], Awaitable[RollbackReport | None]
 ]
-DiscardFn = Callable[["DeployContext", Any, RollbackState | None], Awaitable[None]]
+DiscardFn = Callable[["DeployContext", RollbackRequest[Any, Any]], Awaitable[None]]
 
 
-async def _nothing_to_discard(ctx: DeployContext, params: Any, state: RollbackState | None) -> None:
+async def _nothing_to_discard(ctx: DeployContext, request: RollbackRequest[Any, Any]) -> None:
     return None
 
 
 @dataclass(frozen=True)
 class RollbackStrategy:
-    """A way to undo a deployment.
+    """A way to undo a deployment.  Each function is ``async (ctx, request)``, ``request`` a
+    :class:`RollbackRequest` (the deployment's validated parameters, the strategy's options,
+    the saved state, the reason).
 
     :param prepare: before the deployment; returns JSON-able state (e.g. a snapshot path)
         kept with the deployment, or ``None``.

@@ -22,8 +22,21 @@ from typing import Any
 import pytest
 
 from deploy_core.agent.context import DeployContext
-from deploy_core.models import DeployCommand, DeployStatus, LogLine
-from deploy_core.registry import Stage, find_stage
+from deploy_core.models import (
+    COMMAND_ROLLBACK,
+    DeployCommand,
+    DeployStatus,
+    LogLine,
+    RollbackTarget,
+)
+from deploy_core.registry import (
+    OptionsT,
+    ParamsT,
+    RollbackRequest,
+    RollbackState,
+    Stage,
+    find_stage,
+)
 
 
 @dataclass
@@ -59,18 +72,22 @@ def make_context(
     deploy_id: str | None = None,
     timeout: float = 600.0,
     stages: Sequence[Stage] = (),
+    rollback_of: RollbackTarget | None = None,
 ) -> tuple[DeployContext, RecordingReporter]:
     """A context for one made-up deployment, with a :class:`RecordingReporter`.
 
     ``stages`` are the deploy type's stages, so ``ctx.report(status, fraction=…)`` maps into
-    their progress ranges as it does on a real agent.
+    their progress ranges as it does on a real agent.  ``rollback_of``: the context of a
+    ``deploy.rollback`` command undoing that deployment (``command_type`` is then
+    ``deploy.rollback``).
     """
     reporter = RecordingReporter()
     command = DeployCommand(
         deploy_id=deploy_id or f"test-{time.monotonic_ns()}",
-        command_type=command_type,
+        command_type=COMMAND_ROLLBACK if rollback_of is not None else command_type,
         params=params or {},
         expires_at=time.time() + timeout,
+        rollback_of=rollback_of,
     )
     return DeployContext(
         command=command,
@@ -78,6 +95,33 @@ def make_context(
         data_dir=data_dir,
         stage_of=lambda status: find_stage(stages, status),
     ), reporter
+
+
+def rollback_request(
+    ctx: DeployContext,
+    params_model: type[ParamsT],
+    options: OptionsT,
+    state: RollbackState | None = None,
+    *,
+    reason: str | None = None,
+) -> RollbackRequest[ParamsT, OptionsT]:
+    """The :class:`~deploy_core.plugin.RollbackRequest` the agent hands a rollback strategy
+    for the deployment of ``ctx`` (for a ``deploy.rollback`` command's context: the
+    deployment it undoes), its parameters validated with ``params_model`` (the deploy type's
+    model), for testing a strategy's ``prepare``, ``rollback`` and ``discard`` on their own.
+
+    :param reason: why it is undone, for ``rollback`` (the agent gives the failure, or
+        ``"manual rollback"``).
+    """
+    target = ctx.command.rollback_of
+    deploy_id, command_type, params = (
+        (target.deploy_id, target.command_type, target.params)
+        if target is not None
+        else (ctx.deploy_id, ctx.command_type, ctx.command.params)
+    )
+    return RollbackRequest(
+        deploy_id, command_type, params_model.model_validate(params), options, state, reason
+    )
 
 
 @pytest.fixture

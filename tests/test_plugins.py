@@ -37,6 +37,7 @@ from deploy_core.registry import (
     HealthCheckType,
     RegistrationError,
     RollbackParams,
+    RollbackRequest,
     RollbackStrategy,
     RouteSet,
     Stage,
@@ -75,7 +76,7 @@ async def probe_always(params: HealthCheckParams, ctx: DeployContext) -> str | N
     return None
 
 
-async def undo_nothing(ctx: DeployContext, params: RollbackParams, state: Any) -> None:
+async def undo_nothing(ctx: DeployContext, request: RollbackRequest[Any, Any]) -> None:
     return None
 
 

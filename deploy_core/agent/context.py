@@ -41,7 +41,7 @@ from deploy_core.agent.process import (
     run_process,
 )
 from deploy_core.agent.tracking import ProcessTracker
-from deploy_core.models import DeployCommand, DeployStatus, LogLine, RollbackTarget
+from deploy_core.models import DeployCommand, DeployStatus, LogLine
 from deploy_core.plugin import safefs
 from deploy_core.plugin.errors import DeployFailed as DeployFailed  # defined by the contract
 from deploy_core.registry import Stage, find_stage
@@ -97,10 +97,6 @@ class DeployContext:
         self.command_type = command.command_type
         self.deadline = command.expires_at
         self.data_dir = data_dir
-        # Set while a rollback runs: why the deployment failed, and the deployment undone
-        # (its parameters, checks, rollback options and what ``prepare`` saved).
-        self.failure_reason: str | None = None
-        self.rollback_target: RollbackTarget | None = command.rollback_of
         self.constraints = constraints if constraints is not None else default_policy()
         self._reporter = reporter
         self.secret_env = dict(command.secret_env)

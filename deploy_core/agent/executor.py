@@ -8,6 +8,7 @@ reported; every error ends in the callback, never in a crash of the agent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -37,7 +38,14 @@ from deploy_core.models import (
     RollbackTarget,
 )
 from deploy_core.plugins import DeployPlugins
-from deploy_core.registry import HEALTH_STAGE, DeployType, RollbackReport, RollbackStrategy
+from deploy_core.registry import (
+    HEALTH_STAGE,
+    DeployParams,
+    DeployType,
+    RollbackReport,
+    RollbackRequest,
+    RollbackStrategy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +189,7 @@ class Executor:
             return Outcome(DeployStatus.FAILED, f"invalid parameters: {exc}")
         ctx.report(DeployStatus.EXECUTING, progress=0, message="deployment started")
         outcome = Outcome(DeployStatus.SUCCESS)
-        strategy = await self._prepare_rollback(ctx, command, outcome)
+        prepared = await self._prepare_rollback(ctx, command, params, outcome)
         if outcome.status is not DeployStatus.SUCCESS:
             return outcome
         try:
@@ -213,58 +221,50 @@ class Executor:
                     f"{h.check_type}: {h.error}" for h in failed
                 )
         if outcome.status is DeployStatus.SUCCESS:
-            if strategy is not None and command.rollback is not None:
-                await self._discard(ctx, strategy, command, outcome)
+            if prepared is not None:
+                await self._discard(ctx, *prepared)
             return outcome
-        await self._roll_back_after_failure(ctx, command, outcome, strategy)
+        await self._roll_back_after_failure(ctx, command, outcome)
         return outcome
 
     async def _prepare_rollback(
-        self, ctx: DeployContext, command: DeployCommand, outcome: Outcome
-    ) -> RollbackStrategy | None:
+        self, ctx: DeployContext, command: DeployCommand, params: DeployParams, outcome: Outcome
+    ) -> tuple[RollbackStrategy, RollbackRequest[Any, Any]] | None:
+        """Run the strategy's ``prepare``; the strategy and the request its ``discard`` gets
+        (with the prepared state), or ``None`` (no rollback, or ``outcome`` failed)."""
         if command.rollback is None:
             return None
         try:
-            strategy, params = self.plugins.parse_rollback(command.rollback)
+            strategy, options = self.plugins.parse_rollback(command.rollback)
         except (LookupError, ValidationError) as exc:
             outcome.status, outcome.error = DeployStatus.FAILED, f"rollback not possible: {exc}"
             return None
+        request = RollbackRequest(command.deploy_id, command.command_type, params, options)
         if strategy.prepare is None:
-            return strategy
+            return strategy, request
         try:
             outcome.rollback_state = await asyncio.wait_for(
-                strategy.prepare(ctx, params), params.timeout + EXECUTOR_GRACE
+                strategy.prepare(ctx, request), options.timeout + EXECUTOR_GRACE
             )
         except Exception as exc:
             outcome.status = DeployStatus.FAILED
             outcome.error = f"rollback strategy {strategy.name} could not prepare: {exc}"
             return None
         self.journal.set_rollback_state(ctx.deploy_id, outcome.rollback_state)
-        return strategy
+        return strategy, dataclasses.replace(request, state=outcome.rollback_state)
 
     async def _discard(
-        self,
-        ctx: DeployContext,
-        strategy: RollbackStrategy,
-        command: DeployCommand,
-        outcome: Outcome,
+        self, ctx: DeployContext, strategy: RollbackStrategy, request: RollbackRequest[Any, Any]
     ) -> None:
-        assert command.rollback is not None
-        _strategy, params = self.plugins.parse_rollback(command.rollback)
         try:
             await asyncio.wait_for(
-                strategy.discard(ctx, params, outcome.rollback_state),
-                params.timeout + EXECUTOR_GRACE,
+                strategy.discard(ctx, request), request.options.timeout + EXECUTOR_GRACE
             )
         except Exception as exc:  # retention is housekeeping: never fails a deployment
             ctx.log(f"rollback strategy {strategy.name} could not discard: {exc}", stream="agent")
 
     async def _roll_back_after_failure(
-        self,
-        ctx: DeployContext,
-        command: DeployCommand,
-        outcome: Outcome,
-        strategy: RollbackStrategy | None = None,
+        self, ctx: DeployContext, command: DeployCommand, outcome: Outcome
     ) -> None:
         ctx.report(outcome.status, progress=ctx.progress, message=outcome.error or "")
         if command.rollback is None:
@@ -326,10 +326,16 @@ class Executor:
     ) -> RollbackResult:
         """Run the target's strategy, then its health checks again."""
         started = time.monotonic()
-        ctx.failure_reason = reason
-        ctx.rollback_target = target
         try:
-            strategy, params = self.plugins.parse_rollback(target.rollback)
+            strategy, options = self.plugins.parse_rollback(target.rollback)
+            request = RollbackRequest(
+                target.deploy_id,
+                target.command_type,
+                self._params_of(target),
+                options,
+                target.rollback_state,
+                reason,
+            )
         except (LookupError, ValidationError) as exc:
             return RollbackResult(
                 success=False,
@@ -350,15 +356,14 @@ class Executor:
             )
         try:
             report = await asyncio.wait_for(
-                strategy.rollback(ctx, params, target.rollback_state),
-                params.timeout + EXECUTOR_GRACE,
+                strategy.rollback(ctx, request), options.timeout + EXECUTOR_GRACE
             )
         except TimeoutError:
             return RollbackResult(
                 success=False,
                 strategy=strategy.name,
                 duration=time.monotonic() - started,
-                error=f"rollback did not finish within {params.timeout:g}s",
+                error=f"rollback did not finish within {options.timeout:g}s",
             )
         except Exception as exc:
             return RollbackResult(
@@ -400,6 +405,20 @@ class Executor:
             health=health,
             details=details,
         )
+
+    def _params_of(self, target: RollbackTarget) -> DeployParams:
+        """The undone deployment's parameters, validated by its deploy type's model.
+
+        :raises LookupError: this agent has no plugin for the deployment's type.
+        :raises pydantic.ValidationError: they do not fit the model (anymore).
+        """
+        deploy_type = self.plugins.deploy_types.get(target.command_type)
+        if deploy_type is None:
+            raise LookupError(
+                f"this agent has no plugin for {target.command_type}, the type of deployment "
+                f"{target.deploy_id}; load it to roll the deployment back"
+            )
+        return deploy_type.params.model_validate(target.params)
 
     def _callback(self, ctx: DeployContext, outcome: Outcome, duration: float) -> None:
         result = outcome.result.model_dump(mode="json") if outcome.result is not None else None

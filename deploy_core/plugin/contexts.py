@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
-from deploy_core.models import DeployCommand, DeployStatus, RollbackTarget
+from deploy_core.models import DeployCommand, DeployStatus
 
 if TYPE_CHECKING:
     from sqlalchemy import MetaData
@@ -164,15 +164,6 @@ class DeployContext(Protocol):
     @property
     def data_dir(self) -> Path:
         """The agent's data directory; a plugin keeps its own state in a subdirectory."""
-
-    @property
-    def failure_reason(self) -> str | None:
-        """During a rollback: why the deployment failed; else ``None``."""
-
-    @property
-    def rollback_target(self) -> RollbackTarget | None:
-        """During a rollback: the deployment undone (its params, checks, rollback options and
-        what ``prepare`` saved); else ``None``."""
 
     @property
     def secret_env(self) -> dict[str, str]:

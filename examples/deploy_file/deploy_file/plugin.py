@@ -28,6 +28,7 @@ from deploy_core.plugin import (
     DeployStatus,
     DeployType,
     RollbackParams,
+    RollbackRequest,
     RollbackState,
     RollbackStrategy,
     Stage,
@@ -175,11 +176,15 @@ def _backup_dir(ctx: DeployContext, path: str) -> Path:
     return data_dir / "file-backups" / hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
-async def keep_copy(ctx: DeployContext, params: RestoreParams) -> RollbackState:
+# What the agent hands the strategy: the deployment's FileParams, these options, the state.
+Request = RollbackRequest[FileParams, RestoreParams]
+
+
+async def keep_copy(ctx: DeployContext, request: Request) -> RollbackState:
     """``prepare``: before the write, copy the file (or note that there is none)."""
-    if ctx.command_type != "deploy.file":
-        raise RuntimeError(f"file_restore only undoes deploy.file, not {ctx.command_type}")
-    path = FileParams.model_validate(ctx.command.params).path
+    if not isinstance(request.params, FileParams):
+        raise RuntimeError(f"file_restore only undoes deploy.file, not {request.command_type}")
+    path = request.params.path
     try:
         kept = await asyncio.to_thread(_read, _checked(ctx, path))
     except safefs.UnsafePath:
@@ -188,17 +193,16 @@ async def keep_copy(ctx: DeployContext, params: RestoreParams) -> RollbackState:
         return {"path": path, "existed": False}
     data, mode = kept
     # Named by time first: sorting by name sorts by age (file times can be too coarse).
-    backup = _backup_dir(ctx, path) / f"{time.time_ns():020d}-{ctx.deploy_id}"
+    backup = _backup_dir(ctx, path) / f"{time.time_ns():020d}-{request.deploy_id}"
     backup.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     await asyncio.to_thread(write_atomically, backup, data, 0o600)
     ctx.log(f"kept a copy of {path} in {backup}")
     return {"path": path, "existed": True, "backup": str(backup), "mode": f"{mode:04o}"}
 
 
-async def restore_copy(
-    ctx: DeployContext, params: RestoreParams, state: RollbackState | None
-) -> None:
+async def restore_copy(ctx: DeployContext, request: Request) -> None:
     """``rollback``: put the kept copy back, or remove a file the deployment created."""
+    state = request.state
     if state is None:  # the core refuses before this, since needs_state is set
         raise RuntimeError("no copy was kept for this deployment")
     target = _checked(ctx, state["path"])
@@ -215,14 +219,13 @@ async def restore_copy(
     ctx.log(f"restored {state['path']} from {backup}")
 
 
-async def prune_copies(
-    ctx: DeployContext, params: RestoreParams, state: RollbackState | None
-) -> None:
+async def prune_copies(ctx: DeployContext, request: Request) -> None:
     """``discard``: after a success, keep only the newest ``keep`` copies of the file."""
+    state = request.state
     if not state or not state.get("existed"):
         return
     copies = sorted(Path(state["backup"]).parent.iterdir(), reverse=True)
-    for old in copies[params.keep :]:
+    for old in copies[request.options.keep :]:
         old.unlink(missing_ok=True)
 
 

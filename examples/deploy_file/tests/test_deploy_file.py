@@ -14,9 +14,15 @@ from pathlib import Path
 
 import pytest
 from deploy_core.agent.constraints import ConstraintPolicy, Constraints
-from deploy_core.plugin import DeployContext, DeployFailed
+from deploy_core.plugin import (
+    DeployContext,
+    DeployFailed,
+    DeployParams,
+    RollbackRequest,
+    RollbackState,
+)
 from deploy_core.plugins import load_plugins
-from deploy_core.testing import DeployCenter, RecordingReporter
+from deploy_core.testing import DeployCenter, RecordingReporter, rollback_request
 from pydantic import ValidationError
 
 from deploy_file.plugin import (
@@ -30,6 +36,13 @@ from deploy_file.plugin import (
 )
 
 Factory = Callable[..., tuple[DeployContext, RecordingReporter]]
+
+
+def request(
+    ctx: DeployContext, options: RestoreParams | None = None, state: RollbackState | None = None
+) -> RollbackRequest[FileParams, RestoreParams]:
+    """What the agent hands ``file_restore`` for the deployment of ``ctx``."""
+    return rollback_request(ctx, FileParams, options or RestoreParams(), state)
 
 
 def mode_of(path: Path) -> int:
@@ -107,11 +120,11 @@ async def test_restore_puts_back_the_previous_content_and_mode(
     target.chmod(0o600)
     params = {"path": str(target), "content": "version 2\n", "mode": "0644"}
     ctx, _ = deploy_context(command_type="deploy.file", params=params)
-    state = await keep_copy(ctx, RestoreParams())
+    state = await keep_copy(ctx, request(ctx))
     assert state["existed"] is True and state["mode"] == "0600"
     await write_file(ctx, FileParams.model_validate(params))
     assert target.read_text() == "version 2\n"
-    await restore_copy(ctx, RestoreParams(), state)
+    await restore_copy(ctx, request(ctx, state=state))
     assert target.read_text() == "version 1\n"
     assert mode_of(target) == 0o600
 
@@ -122,10 +135,10 @@ async def test_restore_removes_a_file_the_deployment_created(
     target = tmp_path / "new.conf"
     params = {"path": str(target), "content": "fresh\n"}
     ctx, _ = deploy_context(command_type="deploy.file", params=params)
-    state = await keep_copy(ctx, RestoreParams())
+    state = await keep_copy(ctx, request(ctx))
     assert state == {"path": str(target), "existed": False}
     await write_file(ctx, FileParams.model_validate(params))
-    await restore_copy(ctx, RestoreParams(), state)
+    await restore_copy(ctx, request(ctx, state=state))
     assert not target.exists()
 
 
@@ -141,19 +154,25 @@ async def test_discard_keeps_only_the_newest_copies(
             deploy_id=f"d{n}",
             params={"path": str(target), "content": f"v{n}"},
         )
-        states.append(await keep_copy(ctx, RestoreParams()))
+        states.append(await keep_copy(ctx, request(ctx)))
         target.write_text(f"v{n}")
-        await prune_copies(ctx, RestoreParams(keep=2), states[-1])
+        await prune_copies(ctx, request(ctx, RestoreParams(keep=2), states[-1]))
     kept = sorted(p.name for p in Path(states[-1]["backup"]).parent.iterdir())
     assert [name.split("-", 1)[1] for name in kept] == ["d3", "d4"]
     with pytest.raises(RuntimeError, match="gone"):
-        await restore_copy(ctx, RestoreParams(), states[0])
+        await restore_copy(ctx, request(ctx, state=states[0]))
+
+
+class ScriptParams(DeployParams):
+    """Another deploy type's parameters."""
+
+    script: str
 
 
 async def test_file_restore_refuses_other_deploy_types(deploy_context: Factory) -> None:
     ctx, _ = deploy_context(command_type="deploy.shell", params={"script": "true"})
-    with pytest.raises(RuntimeError, match=r"only undoes deploy\.file"):
-        await keep_copy(ctx, RestoreParams())
+    with pytest.raises(RuntimeError, match=r"only undoes deploy\.file, not deploy\.shell"):
+        await keep_copy(ctx, rollback_request(ctx, ScriptParams, RestoreParams()))
 
 
 # ----------------------------------------------------------------------------- the plugin
@@ -233,14 +252,14 @@ async def test_a_directory_swapped_for_a_link_before_the_restore_is_refused(
     params = FileParams(path=str(app / "app.conf"), content="v2\n")
     ctx, _ = deploy_context(command_type="deploy.file", params=params.model_dump())
     ctx.constraints = ConstraintPolicy(Constraints(run_as="nobody"))
-    state = await keep_copy(ctx, RestoreParams())
+    state = await keep_copy(ctx, request(ctx))
     await write_file(ctx, params)
     assert (app / "app.conf").read_text() == "v2\n"
     app.rename(open_base / "app.moved")  # the script, as nobody, swaps its directory
     app.symlink_to(decoy)
 
     with pytest.raises(DeployFailed) as caught:
-        await restore_copy(ctx, RestoreParams(), state)
+        await restore_copy(ctx, request(ctx, state=state))
 
     assert str(caught.value).startswith(
         f"refused by constraint run_as: deploy.file path {app}/app.conf (resolves to "

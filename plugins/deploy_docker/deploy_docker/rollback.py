@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy_core.plugin import DeployContext, RollbackReport, RollbackState
+from deploy_core.plugin import DeployContext, RollbackReport, RollbackRequest, RollbackState
 from deploy_docker import secret_store
 from deploy_docker.deploy import connect
 from deploy_docker.engine import Engine
@@ -21,15 +21,13 @@ from deploy_docker.params import DockerParams, PreviousContainerParams
 from deploy_docker.spec import NAME_LABEL, ContainerSpec, previous_name
 from deploy_docker.startup import wait_started
 
-
-def _deploy_params(data: dict[str, Any]) -> DockerParams:
-    return DockerParams.model_validate(data)
+Request = RollbackRequest[DockerParams, PreviousContainerParams]
 
 
-async def prepare_previous(ctx: DeployContext, params: PreviousContainerParams) -> RollbackState:
+async def prepare_previous(ctx: DeployContext, request: Request) -> RollbackState:
     """Record the container the deployment is about to replace (``previous`` is ``None``
     when there is none)."""
-    deploy = _deploy_params(ctx.command.params)
+    deploy = request.params
     engine = await connect(deploy)
     try:
         old = await engine.container(deploy.container_name)
@@ -38,10 +36,10 @@ async def prepare_previous(ctx: DeployContext, params: PreviousContainerParams) 
     state: RollbackState = {"container_name": deploy.container_name, "previous": None}
     if old is not None:
         # The spec goes to the server with the state; secret values stay on this host.
-        secret_store.keep(ctx.data_dir, ctx.deploy_id, ContainerSpec.secret_values(old))
+        secret_store.keep(ctx.data_dir, request.deploy_id, ContainerSpec.secret_values(old))
         state["previous"] = {
             "id": old["Id"],
-            "kept_as": previous_name(deploy.container_name, ctx.deploy_id),
+            "kept_as": previous_name(deploy.container_name, request.deploy_id),
             "image": (old.get("Config") or {}).get("Image"),
             "image_id": old.get("Image"),
             "running": bool((old.get("State") or {}).get("Running")),
@@ -53,18 +51,13 @@ async def prepare_previous(ctx: DeployContext, params: PreviousContainerParams) 
     return state
 
 
-async def rollback_previous(
-    ctx: DeployContext, params: PreviousContainerParams, state: RollbackState | None
-) -> RollbackReport:
+async def rollback_previous(ctx: DeployContext, request: Request) -> RollbackReport:
     """Remove the new container and bring the previous one back under its name.  With no
     container under the name before the deployment, there is nothing to roll back to: the
     new one is removed and the report says so."""
-    target = ctx.rollback_target
-    if target is None:
-        raise RuntimeError("no deployment to roll back")
-    deploy = _deploy_params(target.params)
+    deploy = request.params
     name = deploy.container_name
-    previous = (state or {}).get("previous")
+    previous = (request.state or {}).get("previous")
     engine = await connect(deploy)
     try:
         current = await engine.container(name)
@@ -82,7 +75,7 @@ async def rollback_previous(
                 message=f"nothing to roll back to: no previous container {name}{removed}",
                 nothing_to_undo=True,
             )
-        old_id = await _bring_back(ctx, engine, name, previous, target.deploy_id)
+        old_id = await _bring_back(ctx, engine, name, previous, request.deploy_id)
         if previous.get("running"):
             attrs = await engine.container(old_id)
             if not (attrs and (attrs.get("State") or {}).get("Running")):
@@ -128,13 +121,11 @@ async def _bring_back(
     return await engine.create(spec.with_secrets(secrets), name)
 
 
-async def discard_previous(
-    ctx: DeployContext, params: PreviousContainerParams, state: RollbackState | None
-) -> None:
+async def discard_previous(ctx: DeployContext, request: Request) -> None:
     """After success: stop and remove the previous container and stale leftovers."""
-    deploy = _deploy_params(ctx.command.params)
+    deploy = request.params
     name = deploy.container_name
-    previous = (state or {}).get("previous")
+    previous = (request.state or {}).get("previous")
     engine = await connect(deploy)
     try:
         current = await engine.container(name)

@@ -12,9 +12,10 @@ import docker
 import pytest
 
 from deploy_core.agent.context import DeployContext
-from deploy_core.models import RollbackTarget
-from deploy_core.testing import RecordingReporter
+from deploy_core.plugin import RollbackRequest
+from deploy_core.testing import RecordingReporter, rollback_request
 from deploy_core.testing_docker import no_registry_reason, registry_address
+from deploy_docker.params import DockerParams, PreviousContainerParams
 from deploy_docker.spec import NAME_LABEL
 
 # The test bed's own registry (scripts/docker-testbed.sh records where it is).
@@ -86,15 +87,9 @@ def http_get(port: int, path: str = "/", timeout: float = 10.0) -> str:
             time.sleep(0.1)
 
 
-def aim_rollback(ctx: DeployContext, state: dict[str, Any] | None) -> DeployContext:
-    """Set ``ctx`` up to undo its own deployment, as the agent does before a rollback."""
-    assert ctx.command.rollback is not None
-    ctx.failure_reason = "test"
-    ctx.rollback_target = RollbackTarget(
-        deploy_id=ctx.deploy_id,
-        command_type=ctx.command_type,
-        params=ctx.command.params,
-        rollback=ctx.command.rollback,
-        rollback_state=state,
-    )
-    return ctx
+def aim_rollback(
+    ctx: DeployContext, state: dict[str, Any] | None = None, reason: str | None = None
+) -> RollbackRequest[DockerParams, PreviousContainerParams]:
+    """The request the agent hands ``previous_container`` for the deployment of ``ctx``:
+    ``prepare`` (no state), ``discard`` (the state), ``rollback`` (the state and a reason)."""
+    return rollback_request(ctx, DockerParams, PreviousContainerParams(), state, reason=reason)

@@ -9,11 +9,9 @@ from docker_bed import IMAGE, Factory, aim_rollback, http_get, managed, web
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.testing import free_port
 from deploy_docker.deploy import deploy_container
-from deploy_docker.params import DockerParams, PreviousContainerParams
+from deploy_docker.params import DockerParams
 from deploy_docker.result import DeployDockerResult
 from deploy_docker.rollback import discard_previous, prepare_previous, rollback_previous
-
-STRATEGY = PreviousContainerParams()
 
 
 async def deploy(
@@ -21,9 +19,9 @@ async def deploy(
 ) -> tuple[DeployDockerResult, DeployContext]:
     """prepare + executor + discard of one successful deployment; (result, ctx)."""
     ctx, _ = docker_context(DockerParams.model_validate(params).model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     result = await deploy_container(ctx, DockerParams.model_validate(params))
-    await discard_previous(ctx, STRATEGY, state)
+    await discard_previous(ctx, aim_rollback(ctx, state))
     return result, ctx
 
 
@@ -35,7 +33,7 @@ async def test_rollback_puts_the_previous_container_back(
 
     params = DockerParams.model_validate(web(container_name, "v2", port))
     ctx, reporter = docker_context(params.model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     assert state["previous"]["id"] == v1.container_id
     v2 = await deploy_container(ctx, params)
     assert "web v2" in http_get(port)
@@ -46,7 +44,7 @@ async def test_rollback_puts_the_previous_container_back(
         f"{container_name}.prev-{ctx.deploy_id[:8]}": "exited",
     }
 
-    await rollback_previous(aim_rollback(ctx, state), STRATEGY, state)
+    await rollback_previous(ctx, aim_rollback(ctx, state, "test"))
 
     [left] = managed(docker_client, container_name)
     assert left.id == v1.container_id
@@ -70,10 +68,10 @@ async def test_rollback_with_nothing_before_removes_the_new_container(
 ) -> None:
     params = DockerParams.model_validate(web(container_name, "v2", free_port()))
     ctx, reporter = docker_context(params.model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     assert state == {"container_name": container_name, "previous": None}
     await deploy_container(ctx, params)
-    await rollback_previous(aim_rollback(ctx, state), STRATEGY, state)
+    await rollback_previous(ctx, aim_rollback(ctx, state, "test"))
     assert managed(docker_client, container_name) == []
     assert any("nothing to restore" in line for line in reporter.lines("agent"))
 
@@ -85,14 +83,14 @@ async def test_failed_pull_leaves_the_running_container_alone(
     v1, _ = await deploy(docker_context, web(container_name, "v1", port))
     params = DockerParams.model_validate(web(container_name, "missing", port))
     ctx, _ = docker_context(params.model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     try:
         await deploy_container(ctx, params)
     except DeployFailed as exc:
         assert "manifest unknown" in str(exc)
     else:
         raise AssertionError("a missing image deployed")
-    await rollback_previous(aim_rollback(ctx, state), STRATEGY, state)
+    await rollback_previous(ctx, aim_rollback(ctx, state, "test"))
     [left] = managed(docker_client, container_name)
     assert left.id == v1.container_id and left.status == "running"
     assert "web v1" in http_get(port)
@@ -105,15 +103,14 @@ async def test_manual_rollback_after_discard_creates_the_previous_container_agai
     v1, _ = await deploy(docker_context, web(container_name, "v1", port, env={"FLAVOUR": "one"}))
     params = web(container_name, "v2", port)
     ctx, _ = docker_context(DockerParams.model_validate(params).model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     await deploy_container(ctx, DockerParams.model_validate(params))
-    await discard_previous(ctx, STRATEGY, state)
+    await discard_previous(ctx, aim_rollback(ctx, state))
     assert v1.container_id not in [c.id for c in docker_client.containers.list(all=True)]
 
     # Later, an operator asks to undo the v2 deployment.
     later, reporter = docker_context(DockerParams.model_validate(params).model_dump(mode="json"))
-    later.rollback_target = aim_rollback(ctx, state).rollback_target
-    await rollback_previous(later, STRATEGY, state)
+    await rollback_previous(later, aim_rollback(ctx, state, "test"))
 
     [again] = managed(docker_client, container_name)
     assert again.image.id == v1.image_id
@@ -131,7 +128,7 @@ async def test_start_first_keeps_the_old_container_running_until_discard(
         web(container_name, "healthcheck", new_port, start_first=True)
     )
     ctx, reporter = docker_context(params.model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     await deploy_container(ctx, params)
 
     # Both answer: the old one is still serving while the new one is checked.
@@ -140,7 +137,7 @@ async def test_start_first_keeps_the_old_container_running_until_discard(
     assert old.status == "running" and old.name.startswith(f"{container_name}.prev-")
     assert not any("stopping the old container" in r[3] for r in reporter.reports)
 
-    await discard_previous(ctx, STRATEGY, state)
+    await discard_previous(ctx, aim_rollback(ctx, state))
     assert [c.name for c in managed(docker_client, container_name)] == [container_name]
 
 

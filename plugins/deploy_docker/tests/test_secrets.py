@@ -13,11 +13,10 @@ from pydantic import ValidationError
 from deploy_core.agent.context import DeployFailed
 from deploy_core.testing import free_port
 from deploy_docker.deploy import deploy_container
-from deploy_docker.params import DockerParams, PreviousContainerParams, RegistryAuth
+from deploy_docker.params import DockerParams, RegistryAuth
 from deploy_docker.rollback import discard_previous, prepare_previous, rollback_previous
 from deploy_docker.spec import SECRETS_LABEL
 
-STRATEGY = PreviousContainerParams()
 SECRETS = {"API_KEY": "k-very-secret-1", "REGISTRY_PASSWORD": "p-very-secret-2"}
 AUTH = {"username": "ci", "password_secret": "REGISTRY_PASSWORD"}
 
@@ -40,7 +39,7 @@ async def test_secrets_reach_the_container_but_not_the_rollback_state(
 
     second = DockerParams.model_validate(web(container_name, "v2", port))
     ctx, _ = docker_context(second.model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     sent = json.dumps(state)
     assert "k-very-secret-1" not in sent
     assert state["previous"]["spec"]["secret_names"] == ["API_KEY"]
@@ -56,11 +55,11 @@ async def test_a_recreated_previous_container_gets_its_secrets_back(
 
     second = DockerParams.model_validate(web(container_name, "v2", port))
     ctx, _ = docker_context(second.model_dump(mode="json"))
-    state = await prepare_previous(ctx, STRATEGY)
+    state = await prepare_previous(ctx, aim_rollback(ctx))
     await deploy_container(ctx, second)
-    await discard_previous(ctx, STRATEGY, state)  # the v1 container is gone now
+    await discard_previous(ctx, aim_rollback(ctx, state))  # the v1 container is gone now
 
-    await rollback_previous(aim_rollback(ctx, state), STRATEGY, state)
+    await rollback_previous(ctx, aim_rollback(ctx, state, "test"))
     [again] = managed(docker_client, container_name)
     assert env_of(again)["API_KEY"] == "k-1-secret"
 

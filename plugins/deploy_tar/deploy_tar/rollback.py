@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from deploy_core.plugin import DeployContext, RollbackReport, RollbackState
+from deploy_core.plugin import DeployContext, RollbackReport, RollbackRequest, RollbackState
 from deploy_tar.deploy import prune_bounded
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.releases import ReleaseError, Releases
@@ -24,44 +24,39 @@ from deploy_tar.scripts import failure, find_script, run_release_script
 __all__ = ["discard_releases", "prepare_release", "rollback_release"]
 
 
-def _releases(
-    ctx: DeployContext, params: dict[str, object], state: RollbackState | None = None
-) -> tuple[TarParams, Releases]:
+Request = RollbackRequest[TarParams, ReleaseParams]
+
+
+def _releases(ctx: DeployContext, request: Request) -> Releases:
     """The deployment's releases: ``target_dir`` held to the agent's constraints, and to
     the directory ``prepare`` found there (a different one put in its place is refused)."""
-    deploy = TarParams.model_validate(params)
-    target = ctx.check_path(deploy.target_dir, "tar target_dir", access="write")
-    recorded = (state or {}).get("target_identity")
-    return deploy, Releases(target, identity=recorded if isinstance(recorded, list) else None)
+    target = ctx.check_path(request.params.target_dir, "tar target_dir", access="write")
+    recorded = (request.state or {}).get("target_identity")
+    return Releases(target, identity=recorded if isinstance(recorded, list) else None)
 
 
-async def prepare_release(ctx: DeployContext, params: ReleaseParams) -> RollbackState:
+async def prepare_release(ctx: DeployContext, request: Request) -> RollbackState:
     """Record the live release (``previous`` is ``None`` before the first deployment)."""
-    _deploy, releases = _releases(ctx, ctx.command.params)
+    releases = _releases(ctx, request)
     previous = await asyncio.to_thread(releases.current)
     if previous is not None:
         ctx.log(f"previous release: {previous}", stream="agent")
     return {
         "target_dir": str(releases.target_dir),
-        "release": ctx.deploy_id,
+        "release": request.deploy_id,
         "previous": previous,
         "target_identity": await asyncio.to_thread(releases.identify),
     }
 
 
-async def rollback_release(
-    ctx: DeployContext, params: ReleaseParams, state: RollbackState | None
-) -> RollbackReport:
+async def rollback_release(ctx: DeployContext, request: Request) -> RollbackReport:
     """Mark the deployment's release bad, make the release before it current, start it.
 
     With no release before it (a first deployment) there is nothing to roll back to: the
     release is marked bad, ``current`` removed, and the report says so."""
-    target = ctx.rollback_target
-    if target is None:
-        raise ReleaseError("no deployment to roll back")
-    deploy, releases = _releases(ctx, target.params, state)
-    state = state or {}
-    failed = str(state.get("release") or target.deploy_id)
+    releases = _releases(ctx, request)
+    state = request.state or {}
+    failed = str(state.get("release") or request.deploy_id)
     recorded = state.get("previous") if isinstance(state.get("previous"), str) else None
     if not releases.exists(failed):
         ctx.log(f"release {failed} was never extracted: nothing to undo", stream="agent")
@@ -78,7 +73,7 @@ async def rollback_release(
             f"{releases.current_link} points at release {current}, made after {failed}; "
             f"roll back the deployment of {current} first"
         )
-    reason = ctx.failure_reason or "manual rollback"
+    reason = request.reason or "manual rollback"
     releases.mark_bad(failed, f"rolled back by {ctx.deploy_id}: {reason}")
     ctx.log(f"release {failed} marked bad", stream="agent")
     if back_to is None:
@@ -102,19 +97,16 @@ async def rollback_release(
         )
     await asyncio.to_thread(releases.switch, back_to)
     ctx.log(f"current -> releases/{back_to}", stream="agent")
-    await _start(ctx, params, deploy, releases, back_to, failed)
+    await _start(ctx, request, releases, back_to, failed)
     return RollbackReport(message=f"back to release {back_to} (release {failed} marked bad)")
 
 
 async def _start(
-    ctx: DeployContext,
-    params: ReleaseParams,
-    deploy: TarParams,
-    releases: Releases,
-    name: str,
-    failed: str,
+    ctx: DeployContext, request: Request, releases: Releases, name: str, failed: str
 ) -> None:
-    """Start release ``name`` again: ``params.start``, else the script it was installed with."""
+    """Start release ``name`` again: the ``start`` option, else the script it was installed
+    with."""
+    params = request.options
     release_dir = releases.path(name)
     if params.start is not None:
         script = find_script(release_dir, params.start)
@@ -126,7 +118,6 @@ async def _start(
     if script is None:
         ctx.log(f"release {name} has no install script: nothing to start", stream="agent")
         return
-    target = ctx.rollback_target
     timeout = min(params.timeout, max(ctx.remaining(), 1.0))
     result = await run_release_script(
         ctx,
@@ -136,9 +127,9 @@ async def _start(
         target_dir=releases.target_dir,
         other_release=releases.path(failed),
         env={
-            **deploy.env,
-            "DEPLOY_ROLLBACK_OF": target.deploy_id if target is not None else failed,
-            "DEPLOY_FAILURE_REASON": ctx.failure_reason or "manual",
+            **request.params.env,
+            "DEPLOY_ROLLBACK_OF": request.deploy_id,
+            "DEPLOY_FAILURE_REASON": request.reason or "manual",
         },
         timeout=timeout,
     )
@@ -147,16 +138,14 @@ async def _start(
         raise ReleaseError(f"switched back to release {name}, but starting it failed: {why}")
 
 
-async def discard_releases(
-    ctx: DeployContext, params: ReleaseParams, state: RollbackState | None
-) -> None:
+async def discard_releases(ctx: DeployContext, request: Request) -> None:
     """After a success: remove releases beyond ``keep_releases`` (never the current one, the
     previous one or this deployment's)."""
-    deploy, releases = _releases(ctx, ctx.command.params, state)
-    protect = {ctx.deploy_id}
-    for name in (releases.current(), (state or {}).get("previous")):
+    releases = _releases(ctx, request)
+    protect = {request.deploy_id}
+    for name in (releases.current(), (request.state or {}).get("previous")):
         if isinstance(name, str):
             protect.add(name)
-    removed = await prune_bounded(releases, deploy, protect)
+    removed = await prune_bounded(releases, request.params, protect)
     if removed:
         ctx.log(f"removed old releases: {', '.join(removed)}", stream="agent")

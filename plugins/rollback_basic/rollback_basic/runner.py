@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
-from deploy_core.plugin import DeployContext, ProcessResult, RollbackTarget
+from deploy_core.plugin import DeployContext, ProcessResult, RollbackRequest
 from pydantic import AfterValidator
 
 from rollback_basic.errors import RollbackError
@@ -52,25 +52,13 @@ AbsoluteDir = Annotated[str | None, AfterValidator(_check_abs_dir)]
 """An optional absolute directory path."""
 
 
-def rollback_target(ctx: DeployContext) -> RollbackTarget:
-    """The deployment being undone; the core sets it before calling ``rollback``."""
-    if ctx.rollback_target is None:
-        raise RollbackError(
-            f"rollback of {ctx.deploy_id} was started without a rollback target; the agent "
-            "must set ctx.rollback_target to the deployment being undone"
-        )
-    return ctx.rollback_target
-
-
-def rollback_env(ctx: DeployContext) -> dict[str, str]:
-    """``DEPLOY_ACTION``, ``DEPLOY_ROLLBACK_OF`` and ``DEPLOY_FAILURE_REASON`` for a script.
-
-    The failure reason is ``manual`` for a rollback an operator asked for.
-    """
+def rollback_env(request: RollbackRequest[Any, Any]) -> dict[str, str]:
+    """``DEPLOY_ACTION``, ``DEPLOY_ROLLBACK_OF`` and ``DEPLOY_FAILURE_REASON`` for a script:
+    the deployment undone and why (``manual rollback`` for one an operator asked for)."""
     return {
         "DEPLOY_ACTION": "rollback",
-        "DEPLOY_ROLLBACK_OF": rollback_target(ctx).deploy_id,
-        "DEPLOY_FAILURE_REASON": ctx.failure_reason or "manual",
+        "DEPLOY_ROLLBACK_OF": request.deploy_id,
+        "DEPLOY_FAILURE_REASON": request.reason or "manual",
     }
 
 
@@ -98,6 +86,7 @@ def failure_of(result: ProcessResult, what: str, timeout: float) -> str | None:
 
 async def run_rollback_script(
     ctx: DeployContext,
+    request: RollbackRequest[Any, Any],
     script: str,
     *,
     timeout: float,
@@ -105,8 +94,8 @@ async def run_rollback_script(
     env: Mapping[str, str] | None = None,
     name: str = "rollback",
 ) -> ProcessResult:
-    """Run ``script`` with ``env`` plus the rollback variables; raise :class:`RollbackError`
-    unless it exits 0.
+    """Run ``script`` with ``env`` plus the rollback variables of ``request``
+    (:func:`rollback_env`); raise :class:`RollbackError` unless it exits 0.
 
     :param name: what the script is called in log lines and errors (``rollback``, ``restart``).
     """
@@ -114,7 +103,7 @@ async def run_rollback_script(
         raise RollbackError(
             f"cannot run the {name} script: its working directory {cwd} does not exist"
         )
-    full_env = {**(env or {}), **rollback_env(ctx)}
+    full_env = {**(env or {}), **rollback_env(request)}
     ctx.log(f"running the {name} script (timeout {timeout:g} s, cwd {cwd or '(agent default)'})")
     result = await ctx.run_script(
         script, timeout=timeout, cwd=cwd, env=full_env, name=name, stream_prefix=f"{name}:"

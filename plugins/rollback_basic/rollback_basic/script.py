@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from deploy_core.plugin import DeployContext, RollbackParams, RollbackState, RollbackStrategy
+from deploy_core.plugin import DeployContext, RollbackParams, RollbackRequest, RollbackStrategy
 from pydantic import Field
 
 from rollback_basic.runner import AbsoluteDir, ScriptEnv, ScriptText, run_rollback_script
@@ -22,12 +22,13 @@ class ScriptParams(RollbackParams):
     env: ScriptEnv = Field(default_factory=dict, description="extra environment variables")
 
 
-async def rollback_script(
-    ctx: DeployContext, params: ScriptParams, state: RollbackState | None
-) -> None:
-    """Run ``params.script`` with ``params.env`` plus the ``DEPLOY_*`` rollback variables."""
+async def rollback_script(ctx: DeployContext, request: RollbackRequest[Any, ScriptParams]) -> None:
+    """Run the ``script`` option with the ``env`` option plus the ``DEPLOY_*`` rollback
+    variables."""
+    params = request.options
     await run_rollback_script(
         ctx,
+        request,
         params.script,
         timeout=params.timeout,
         cwd=params.workdir,

@@ -22,6 +22,7 @@ from deploy_core.plugin import (
     DeployFailed,
     RollbackParams,
     RollbackReport,
+    RollbackRequest,
     RollbackState,
     RollbackStrategy,
     WorkBudget,
@@ -33,7 +34,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from rollback_basic import running
 from rollback_basic.errors import RollbackError
-from rollback_basic.runner import ScriptText, rollback_target, run_rollback_script
+from rollback_basic.runner import ScriptText, run_rollback_script
 from rollback_basic.store import SnapshotStore
 from rollback_basic.tree import human_size, restore_tree
 
@@ -141,8 +142,12 @@ def _identities(path: Path) -> tuple[list[int] | None, list[int] | None]:
         return None, None
 
 
-async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> RollbackState:
-    """Snapshot ``params.path`` before the deployment (a missing path is recorded as absent)."""
+async def prepare_snapshot(
+    ctx: DeployContext, request: RollbackRequest[Any, SnapshotParams]
+) -> RollbackState:
+    """Snapshot the ``path`` option before the deployment (a missing path is recorded as
+    absent)."""
+    params = request.options
     if os.path.islink(params.path):
         raise RollbackError(
             f"cannot snapshot {params.path}: it is not a directory (a symlink); "
@@ -159,7 +164,11 @@ async def prepare_snapshot(ctx: DeployContext, params: SnapshotParams) -> Rollba
         parent_identity, own_identity = _identities(resolved)
         directory, info, stats, linked_from = await run_bounded(
             lambda: store.take(
-                params.path, ctx.deploy_id, ctx.command_type, source=resolved, budget=budget
+                params.path,
+                request.deploy_id,
+                request.command_type,
+                source=resolved,
+                budget=budget,
             ),
             budget,
         )
@@ -220,8 +229,8 @@ def _log_what_runs(
         ctx.log(f"snapshot: unit {unit} is {state}")
 
 
-def _state_of(ctx: DeployContext, state: RollbackState | None) -> SnapshotState:
-    undone = rollback_target(ctx).deploy_id
+def _state_of(request: RollbackRequest[Any, SnapshotParams]) -> SnapshotState:
+    undone, state = request.deploy_id, request.state
     if state is None:
         raise RollbackError(
             f"no snapshot was taken before deployment {undone}, so there is nothing to restore"
@@ -235,13 +244,14 @@ def _state_of(ctx: DeployContext, state: RollbackState | None) -> SnapshotState:
 
 
 async def rollback_snapshot(
-    ctx: DeployContext, params: SnapshotParams, state: RollbackState | None
+    ctx: DeployContext, request: RollbackRequest[Any, SnapshotParams]
 ) -> RollbackReport:
     """Stop what the failed release started in the directory, restore the directory exactly
     (or remove it if it was absent), then bring back what ran before: restart the units that
     were active and run ``params.restart`` if given.  The report lists what was stopped and
     what was brought back."""
-    saved = _state_of(ctx, state)
+    params = request.options
+    saved = _state_of(request)
     resolved = Path(saved.resolved) if saved.resolved else _refuse_unsafe(ctx, saved.path)
     _refuse_unsafe(ctx, str(resolved))  # the constraints may have changed since
     store = SnapshotStore(ctx.data_dir)
@@ -304,7 +314,9 @@ async def rollback_snapshot(
         # The agent bounds the whole rollback by ``timeout``; the restart gets what is left.
         left = max(params.timeout - (time.monotonic() - started), MIN_RESTART_TIMEOUT)
         try:
-            await run_rollback_script(ctx, params.restart, timeout=left, cwd=cwd, name="restart")
+            await run_rollback_script(
+                ctx, request, params.restart, timeout=left, cwd=cwd, name="restart"
+            )
         except RollbackError as exc:
             raise RollbackError(f"{saved.path} was restored, but {exc}") from exc
         restored.append("restart script ran")
@@ -379,9 +391,10 @@ def _report(
 
 
 async def discard_snapshot(
-    ctx: DeployContext, params: SnapshotParams, state: RollbackState | None
+    ctx: DeployContext, request: RollbackRequest[Any, SnapshotParams]
 ) -> None:
-    """After a successful deployment: keep only the newest ``params.keep`` snapshots."""
+    """After a successful deployment: keep only the newest ``keep`` snapshots."""
+    params, state = request.options, request.state
     path = params.path
     if state is not None:
         with contextlib.suppress(ValidationError):  # else prune by the configured path

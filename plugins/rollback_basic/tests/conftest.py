@@ -12,6 +12,7 @@ import pytest
 from deploy_core.agent.context import DeployContext
 from deploy_core.models import RollbackTarget
 from deploy_core.testing import RecordingReporter, make_context
+from rollback_bed import REASONS
 
 Tree = dict[str, tuple[Any, ...]]
 
@@ -74,16 +75,10 @@ def _failed(
     rollback: dict[str, Any],
     state: dict[str, Any] | None = None,
 ) -> DeployContext:
-    """Mark ``ctx`` failed and aimed at undoing its own deployment, as the agent does before
-    an automatic rollback."""
-    ctx.failure_reason = reason
-    ctx.rollback_target = RollbackTarget(
-        deploy_id=ctx.deploy_id,
-        command_type=ctx.command_type,
-        params=ctx.command.params,
-        rollback=rollback,
-        rollback_state=state,
-    )
+    """Mark ``ctx``'s deployment failed with ``reason``: :func:`rollback_bed.undo` hands it
+    to the strategy, as the agent does in an automatic rollback (``rollback`` and ``state``
+    travel in the request ``undo`` builds)."""
+    REASONS[ctx] = reason
     return ctx
 
 
@@ -94,9 +89,7 @@ def manual_rollback(data_dir: Path) -> Callable[..., tuple[DeployContext, Record
     def factory(
         target: RollbackTarget, deploy_id: str = "r-1"
     ) -> tuple[DeployContext, RecordingReporter]:
-        ctx, reporter = make_context(data_dir, deploy_id=deploy_id, command_type="deploy.rollback")
-        ctx.rollback_target = target
-        return ctx, reporter
+        return make_context(data_dir, deploy_id=deploy_id, rollback_of=target)
 
     return factory
 

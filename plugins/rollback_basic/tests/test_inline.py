@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from deploy_core.models import RollbackTarget
+from rollback_bed import undo
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.inline import INLINE, InlineParams
@@ -28,7 +29,7 @@ async def test_inline_reruns_the_deploy_script_with_rollback_env(
     ctx, reporter = deployment("d-7", params=params)
     failed(ctx, "script exited with code 3", {"strategy": "inline"})
 
-    await INLINE.rollback(ctx, InlineParams(strategy="inline", timeout=10), None)
+    await INLINE.rollback(ctx, undo(ctx, InlineParams(strategy="inline", timeout=10), None))
 
     env = read_env(workdir / "rollback-env.txt")  # written in the deployment's workdir
     assert env["DEPLOY_ACTION"] == "rollback"
@@ -49,7 +50,7 @@ async def test_inline_manual_rollback_reports_reason_manual(tmp_path, manual_rol
     )
     ctx, _ = manual_rollback(target)
 
-    await INLINE.rollback(ctx, InlineParams(strategy="inline"), None)
+    await INLINE.rollback(ctx, undo(ctx, InlineParams(strategy="inline"), None))
 
     env = read_env(workdir / "rollback-env.txt")
     assert env["DEPLOY_ROLLBACK_OF"] == "d-1"
@@ -62,7 +63,7 @@ async def test_inline_without_a_deploy_script_fails_clearly(deployment, failed):
     failed(ctx, "health check failed", {"strategy": "inline"})
 
     with pytest.raises(RollbackError, match=r"d-2 \(deploy.docker\) has no 'script' parameter"):
-        await INLINE.rollback(ctx, InlineParams(strategy="inline"), None)
+        await INLINE.rollback(ctx, undo(ctx, InlineParams(strategy="inline"), None))
 
 
 async def test_inline_failing_rollback_raises_exit_code_and_last_stderr_line(
@@ -79,7 +80,7 @@ fi
     failed(ctx, "script timed out", {"strategy": "inline"})
 
     with pytest.raises(RollbackError, match=r"^rollback script exited with code 4: no backup$"):
-        await INLINE.rollback(ctx, InlineParams(strategy="inline", timeout=10), None)
+        await INLINE.rollback(ctx, undo(ctx, InlineParams(strategy="inline", timeout=10), None))
 
 
 async def test_inline_missing_workdir_fails_clearly(tmp_path, deployment, failed):
@@ -87,4 +88,4 @@ async def test_inline_missing_workdir_fails_clearly(tmp_path, deployment, failed
     failed(ctx, "script exited with code 1", {"strategy": "inline"})
 
     with pytest.raises(RollbackError, match=r"working directory .*gone does not exist"):
-        await INLINE.rollback(ctx, InlineParams(strategy="inline"), None)
+        await INLINE.rollback(ctx, undo(ctx, InlineParams(strategy="inline"), None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from rollback_bed import undo
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.script import SCRIPT, ScriptParams
@@ -23,7 +24,7 @@ async def test_script_runs_in_workdir_with_env_and_rollback_variables(
         }
     )
 
-    await SCRIPT.rollback(ctx, params, None)
+    await SCRIPT.rollback(ctx, undo(ctx, params, None))
 
     env = read_env(tmp_path / "out.txt")
     assert env["RELEASE"] == "41"
@@ -38,7 +39,7 @@ async def test_failing_script_raises_with_its_exit_code(deployment, failed):
     params = ScriptParams(strategy="script", script="echo restarting\necho 'port busy' >&2\nexit 7")
 
     with pytest.raises(RollbackError, match=r"exited with code 7: port busy"):
-        await SCRIPT.rollback(ctx, params, None)
+        await SCRIPT.rollback(ctx, undo(ctx, params, None))
     assert "restarting" in reporter.lines("rollback:stdout")
 
 
@@ -48,7 +49,7 @@ async def test_script_that_hangs_is_killed_at_its_timeout(deployment, failed):
     params = ScriptParams(strategy="script", script="sleep 30", timeout=0.3)
 
     with pytest.raises(RollbackError, match=r"timed out after 0.3 s"):
-        await SCRIPT.rollback(ctx, params, None)
+        await SCRIPT.rollback(ctx, undo(ctx, params, None))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from deploy_core.plugin import RollbackTarget, run_bounded, safefs
 from pydantic import ValidationError
+from rollback_bed import undo
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
@@ -90,11 +91,11 @@ async def test_rollback_restores_the_directory_byte_for_byte(
     params = snapshot_params(app)
     ctx, reporter = deployment("d-1")
 
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     deploy_v2(app)
     assert tree_of(app) != before
     failed(ctx, "script exited with code 1", params.model_dump(), state)
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert tree_of(app) == before
     assert os.lstat(app / "data.bin").st_ino == os.lstat(app / "data-hardlink.bin").st_ino
@@ -122,14 +123,14 @@ async def test_rollback_restores_the_directory_byte_for_byte(
 async def test_snapshot_hard_links_unchanged_files_to_the_previous_snapshot_only(app, deployment):
     params = snapshot_params(app)
     ctx1, _ = deployment("d-1")
-    first = Path((await SNAPSHOT.prepare(ctx1, params))["snapshot"]) / "tree"
-    await SNAPSHOT.discard(ctx1, params, None)
+    first = Path((await SNAPSHOT.prepare(ctx1, undo(ctx1, params)))["snapshot"]) / "tree"
+    await SNAPSHOT.discard(ctx1, undo(ctx1, params, None))
     (app / "index.html").write_text("<h1>v2</h1>\n")
     (app / "bin" / "run.sh").chmod(0o700)  # same content, new mode: not shared
     os.utime(app / "conf" / "app.conf", ns=(T0, T0 + 99))  # same content, new mtime: not shared
 
     ctx2, reporter = deployment("d-2")
-    second = Path((await SNAPSHOT.prepare(ctx2, params))["snapshot"]) / "tree"
+    second = Path((await SNAPSHOT.prepare(ctx2, undo(ctx2, params)))["snapshot"]) / "tree"
 
     for name in ["conf/secret.key", "static/css/site.css", "data.bin", "readonly/fixed.txt"]:
         assert inode(second / name) == inode(first / name), name
@@ -150,9 +151,9 @@ async def test_restored_files_are_not_linked_to_the_snapshot(app, deployment, fa
     before = tree_of(app)
     params = snapshot_params(app)
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     failed(ctx, "script exited with code 1", params.model_dump(), state)
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     snapshot_inodes = {inode(p) for p in Path(state["snapshot"]).rglob("*")}
     live_inodes = {inode(p) for p in app.rglob("*")}
@@ -160,27 +161,26 @@ async def test_restored_files_are_not_linked_to_the_snapshot(app, deployment, fa
     # An in-place write after the restore must not reach the snapshot: restore again.
     with open(app / "static" / "css" / "site.css", "r+b") as f:
         f.write(b"CORRUPT")
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert tree_of(app) == before
 
 
-async def test_discard_keeps_only_the_newest_snapshots(app, data_dir, deployment):
+async def test_discard_keeps_only_the_newest_snapshots(app, data_dir, deployment, manual_rollback):
     params = snapshot_params(app, keep=2)
     states = {}
     for n in range(1, 5):
         ctx, _ = deployment(f"d-{n}")
-        states[n] = await SNAPSHOT.prepare(ctx, params)
+        states[n] = await SNAPSHOT.prepare(ctx, undo(ctx, params))
         (app / f"release-{n}.txt").write_text(str(n))
-        await SNAPSHOT.discard(ctx, params, states[n])
+        await SNAPSHOT.discard(ctx, undo(ctx, params, states[n]))
 
     assert snapshot_dirs(data_dir) == ["d-3", "d-4"]
-    ctx, _ = deployment("r-1", command_type="deploy.rollback")
-    ctx.rollback_target = RollbackTarget(
-        deploy_id="d-1", command_type="deploy.shell", rollback=params.model_dump()
+    ctx, _ = manual_rollback(
+        RollbackTarget(deploy_id="d-1", command_type="deploy.shell", rollback=params.model_dump())
     )
     with pytest.raises(RollbackError, match="no longer exists"):
-        await SNAPSHOT.rollback(ctx, params, states[1])
+        await SNAPSHOT.rollback(ctx, undo(ctx, params, states[1]))
 
 
 async def test_absent_directory_is_removed_on_rollback(tmp_path, deployment, failed):
@@ -188,13 +188,13 @@ async def test_absent_directory_is_removed_on_rollback(tmp_path, deployment, fai
     params = snapshot_params(app)
     ctx, _ = deployment("d-1")
 
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     assert state["absent"] is True
     assert (state["files"], state["bytes"]) == (0, 0)
     (app / "sub").mkdir(parents=True)
     (app / "sub" / "file.txt").write_text("new")
     failed(ctx, "health check failed", params.model_dump(), state)
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert not app.exists()
     assert list((tmp_path / "srv").iterdir()) == []
@@ -206,11 +206,11 @@ async def test_restart_runs_after_the_restore(app, deployment, failed, read_env,
         app, restart=f"cat index.html > {out}.seen\nenv > {out}.env", timeout=10
     )
     ctx, reporter = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     deploy_v2(app)
     failed(ctx, "script exited with code 2", params.model_dump(), state)
 
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert Path(f"{out}.seen").read_text() == "<h1>v1</h1>\n"  # ran in the restored dir
     env = read_env(Path(f"{out}.env"))
@@ -223,7 +223,7 @@ async def test_failing_restart_fails_the_rollback_after_restoring(app, deploymen
     before = tree_of(app)
     params = snapshot_params(app, restart="echo 'unit not found' >&2; exit 5")
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     deploy_v2(app)
     failed(ctx, "script exited with code 2", params.model_dump(), state)
 
@@ -232,7 +232,7 @@ async def test_failing_restart_fails_the_rollback_after_restoring(app, deploymen
         match=r"was restored, but restart script exited with "
         r"code 5: unit not found",
     ):
-        await SNAPSHOT.rollback(ctx, params, state)
+        await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
     assert tree_of(app) == before
 
 
@@ -243,9 +243,9 @@ async def test_manual_rollback_of_a_successful_deployment_restores_the_earlier_s
     params = snapshot_params(app)
     rollback = {"strategy": "snapshot", "path": str(app)}
     ctx, _ = deployment("d-1", params={"script": "./install.sh"})
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     deploy_v2(app)  # the deployment succeeds
-    await SNAPSHOT.discard(ctx, params, state)
+    await SNAPSHOT.discard(ctx, undo(ctx, params, state))
     saved = json.loads(json.dumps(state))  # as kept by the server
     (app / "later.log").write_text("written while v2 ran\n")
 
@@ -257,9 +257,8 @@ async def test_manual_rollback_of_a_successful_deployment_restores_the_earlier_s
         rollback_state=saved,
     )
     rctx, _ = manual_rollback(target)
-    await SNAPSHOT.rollback(
-        rctx, SnapshotParams.model_validate(target.rollback), target.rollback_state
-    )
+    options = SnapshotParams.model_validate(target.rollback)
+    await SNAPSHOT.rollback(rctx, undo(rctx, options, target.rollback_state))
 
     assert tree_of(app) == before
 
@@ -271,11 +270,11 @@ async def test_restore_without_atomic_exchange_falls_back_to_two_renames(
     before = tree_of(app)
     params = snapshot_params(app)
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     deploy_v2(app)
     failed(ctx, "script exited with code 1", params.model_dump(), state)
 
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert tree_of(app) == before
 
@@ -283,13 +282,13 @@ async def test_restore_without_atomic_exchange_falls_back_to_two_renames(
 async def test_leftovers_of_an_interrupted_restore_are_cleared(app, deployment, failed):
     params = snapshot_params(app)
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     leftover = app.parent / ".app.rollback-new-0badf00d"
     (leftover / "half").mkdir(parents=True)
     leftover.chmod(0o700)  # a staging directory is private until it is swapped in
     failed(ctx, "script exited with code 1", params.model_dump(), state)
 
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert sorted(p.name for p in app.parent.iterdir()) == ["app"]
 
@@ -306,7 +305,7 @@ async def test_paths_inside_or_holding_the_data_dir_are_refused(where, data_dir,
     ctx, _ = deployment("d-1")
 
     with pytest.raises(RollbackError, match="agent's data directory"):
-        await SNAPSHOT.prepare(ctx, snapshot_params(path))
+        await SNAPSHOT.prepare(ctx, undo(ctx, snapshot_params(path)))
 
 
 async def test_a_symlink_or_file_as_the_path_is_refused(app, tmp_path, deployment):
@@ -315,9 +314,9 @@ async def test_a_symlink_or_file_as_the_path_is_refused(app, tmp_path, deploymen
     ctx, _ = deployment("d-1")
 
     with pytest.raises(RollbackError, match="not a directory"):
-        await SNAPSHOT.prepare(ctx, snapshot_params(link))
+        await SNAPSHOT.prepare(ctx, undo(ctx, snapshot_params(link)))
     with pytest.raises(RollbackError, match="not a directory"):
-        await SNAPSHOT.prepare(ctx, snapshot_params(app / "index.html"))
+        await SNAPSHOT.prepare(ctx, undo(ctx, snapshot_params(app / "index.html")))
 
 
 async def test_rollback_without_a_snapshot_fails_clearly(app, deployment, failed):
@@ -326,7 +325,7 @@ async def test_rollback_without_a_snapshot_fails_clearly(app, deployment, failed
     failed(ctx, "script exited with code 1", params.model_dump(), None)
 
     with pytest.raises(RollbackError, match="no snapshot was taken before deployment d-9"):
-        await SNAPSHOT.rollback(ctx, params, None)
+        await SNAPSHOT.rollback(ctx, undo(ctx, params, None))
 
 
 async def test_a_state_pointing_outside_the_snapshot_store_is_refused(
@@ -334,12 +333,12 @@ async def test_a_state_pointing_outside_the_snapshot_store_is_refused(
 ):
     params = snapshot_params(app)
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     forged = {**state, "snapshot": str(tmp_path / "outside")}
     failed(ctx, "script exited with code 1", params.model_dump(), forged)
 
     with pytest.raises(RollbackError, match="no longer exists"):
-        await SNAPSHOT.rollback(ctx, params, forged)
+        await SNAPSHOT.rollback(ctx, undo(ctx, params, forged))
 
 
 async def test_timed_out_file_work_finishes_before_the_timeout_is_reported():

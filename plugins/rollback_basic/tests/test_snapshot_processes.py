@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rollback_bed import undo
 
 from rollback_basic.running import processes_under, unit_states
 from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
@@ -72,7 +73,7 @@ async def test_restore_stops_what_the_failed_release_started_and_keeps_what_ran_
     params = SnapshotParams.model_validate({"strategy": "snapshot", "path": str(app)})
     ctx, reporter = deployment("d-1")
 
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
 
     recorded = {p["pid"]: p for p in state["processes"]}
     assert set(recorded) == {server.pid, old_sleep.pid}
@@ -89,7 +90,7 @@ async def test_restore_stops_what_the_failed_release_started_and_keeps_what_ran_
     wait_until("the new sleep in /proc", lambda: new_sleep.pid in _pids_under(app))
     failed(ctx, "health check failed", params.model_dump(), state)
 
-    report = await SNAPSHOT.rollback(ctx, params, state)
+    report = await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert new_sleep.wait(15) is not None  # stopped (SIGTERM ends sleep)
     assert old_sleep.poll() is None and server.poll() is None  # what ran before still runs
@@ -111,13 +112,13 @@ async def test_a_process_that_ignores_sigterm_is_killed(
     app.mkdir()
     params = SnapshotParams.model_validate({"strategy": "snapshot", "path": str(app)})
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     assert state["processes"] == []
     stubborn = start(spawned, app, "sh", "-c", "trap '' TERM; echo ready; sleep 300 & wait")
     wait_until("the stubborn shell in /proc", lambda: stubborn.pid in _pids_under(app))
     failed(ctx, "failed", params.model_dump(), state)
 
-    report = await SNAPSHOT.rollback(ctx, params, state)
+    report = await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert stubborn.wait(15) is not None
     assert report is not None
@@ -137,9 +138,9 @@ async def test_units_are_recorded_with_their_state_and_reported(
     )
     ctx, reporter = deployment("d-1")
 
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     failed(ctx, "failed", params.model_dump(), state)
-    report = await SNAPSHOT.rollback(ctx, params, state)
+    report = await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     # Whatever systemd says here (inactive, or unknown without systemd): recorded as said,
     # and a unit that was not active is not started by the restore.

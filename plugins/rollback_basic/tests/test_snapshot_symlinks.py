@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from deploy_core.plugin import RollbackTarget, WorkBudget
+from deploy_core.plugin import WorkBudget
 from deploy_core.plugin.safefs import UnsafePath
 from deploy_core.testing import make_context
+from rollback_bed import undo
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
@@ -262,7 +263,7 @@ async def test_rollback_refuses_when_a_parent_became_a_link_after_the_snapshot(
     make_tree(app)
     params = SnapshotParams.model_validate({"strategy": "snapshot", "path": str(app)})
     ctx, _ = deployment("d-1")
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     # The script (as run_as, owning /srv's parent here) swaps /srv for a link to the decoy.
     os.rename(tmp_path / "srv", tmp_path / "srv.moved")
     (tmp_path / "srv").symlink_to(decoy)
@@ -270,7 +271,7 @@ async def test_rollback_refuses_when_a_parent_became_a_link_after_the_snapshot(
     failed(ctx, "script exited with code 1", params.model_dump(), state)
 
     with pytest.raises(RollbackError) as caught:
-        await SNAPSHOT.rollback(ctx, params, state)
+        await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
 
     assert str(caught.value).startswith(
         f"restoring {app} refused: refusing to work as root on {tmp_path / 'srv'}: it is a "
@@ -288,16 +289,8 @@ async def test_snapshots_work_when_the_agents_data_dir_is_reached_through_a_link
     app = tmp_path / "srv" / "app"
     make_tree(app)
     params = SnapshotParams.model_validate({"strategy": "snapshot", "path": str(app)})
-    state = await SNAPSHOT.prepare(ctx, params)
+    state = await SNAPSHOT.prepare(ctx, undo(ctx, params))
     (app / "top.txt").write_text("v2\n")
-    ctx.failure_reason = "script exited with code 1"
-    ctx.rollback_target = RollbackTarget(
-        deploy_id=ctx.deploy_id,
-        command_type=ctx.command_type,
-        params={},
-        rollback=params.model_dump(),
-        rollback_state=state,
-    )
-    await SNAPSHOT.rollback(ctx, params, state)
+    await SNAPSHOT.rollback(ctx, undo(ctx, params, state))
     assert (app / "top.txt").read_text() == "top\n"
-    await SNAPSHOT.discard(ctx, params, state)
+    await SNAPSHOT.discard(ctx, undo(ctx, params, state))
