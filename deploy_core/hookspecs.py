@@ -149,8 +149,9 @@ def deploy_register_cli_commands(register: Callable[..., None]) -> None:
 
     :param register: call it with a :class:`click.Command` or :class:`click.Group`, and
         ``group="deploy"`` to place it under ``deployctl deploy``; its name must not clash
-        with a core command or another plugin's.  Commands that call the API can use
-        :func:`deploy_core.cli.with_api` and :func:`deploy_core.cli.follow`.
+        with a core command or another plugin's.  Commands that call the API use the helpers
+        of :mod:`deploy_core.plugin.cli` (``with_api``, ``submit_and_follow``, and the options
+        every ``deployctl deploy`` command shares: ``health_options``, ``no_rollback_option``).
 
     The return value is ignored.
 
