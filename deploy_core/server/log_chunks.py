@@ -81,8 +81,10 @@ def read(conn: Connection, deploy_id: str, *, after: int, limit: int) -> list[di
     for chunk in _chunks_from(conn, deploy_id, after, limit):
         first = chunk.first_line
         skip = max(0, after + 1 - first)
-        texts = chunk.text.split("\n", chunk.line_count - 1)
-        for offset in range(skip, min(len(texts), skip + limit - len(lines))):
+        end = min(chunk.line_count, skip + limit - len(lines))
+        # Split no further than the page needs: a page of a big chunk costs its own lines.
+        texts = chunk.text.split("\n", end if end < chunk.line_count else end - 1)
+        for offset in range(skip, end):
             lines.append(
                 {
                     "id": first + offset,
