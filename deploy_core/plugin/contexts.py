@@ -313,6 +313,11 @@ class EventContext(Protocol):
         """The event's name, e.g. ``docker.monitor``."""
 
     @property
+    def event_id(self) -> str:
+        """The event's id, the same each time the agent sends it again (delivery is at least
+        once: a handler that must not count an event twice keys on it)."""
+
+    @property
     def payload(self) -> dict[str, Any]:
         """The event's payload, not yet validated: the handler validates it."""
 

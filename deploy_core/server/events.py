@@ -32,6 +32,11 @@ class EventContext:
         return self.envelope.name
 
     @property
+    def event_id(self) -> str:
+        """The envelope's id, the same on every resend."""
+        return self.envelope.id
+
+    @property
     def payload(self) -> dict[str, Any]:
         """The event's payload, not yet validated: handlers validate it."""
         return self.envelope.payload

@@ -76,6 +76,7 @@ class ProbePlugin:
     def __init__(self) -> None:
         self.handler_got: list[object] = []
         self.check_got: list[object] = []
+        self.event_ids: list[str] = []
 
     @hookimpl
     def deploy_register_tables(self, metadata: sa.MetaData) -> None:
@@ -85,6 +86,7 @@ class ProbePlugin:
     def deploy_register_event_handlers(self, register: Callable[[EventHandler], None]) -> None:
         async def on_seen(ctx: EventContext) -> None:
             self.handler_got.append(ctx.services)
+            self.event_ids.append(ctx.event_id)
             table = seen_table(ctx.services.metadata)
             n = int(ctx.payload["n"])
             await ctx.services.db(store_seen, ctx.services.engine, table, ctx.client_id, n)
@@ -145,6 +147,8 @@ async def test_a_plugin_reaches_the_server_only_through_its_services(tmp_path: P
         assert await _wait_for_seen(server, "web-1") == 7
         assert all(isinstance(got, PluginServices) for got in probe.handler_got)
         assert not any(isinstance(got, DeployServer) for got in probe.handler_got)
+        # One event (resent or not): one id, the agent's.
+        assert probe.event_ids and probe.event_ids[0] and len(set(probe.event_ids)) == 1
 
         answer = await center.http.get("/api/probe/web-1")
         assert answer.status_code == 200, answer.text
