@@ -79,9 +79,11 @@ async def _follow_logs(
                 continue
             record = await record_or_404(server, deploy_id)
             if record["finished_at"] is not None:
-                # Lines of the last reports may land just after the callback: one last read.
-                for row in await server.db(server.records.logs, deploy_id, after=after):
-                    yield (json.dumps(render_log(row)) + "\n").encode()
+                # Lines of the last reports may land just after the callback: read on to the end.
+                while rows := await server.db(server.records.logs, deploy_id, after=after):
+                    for row in rows:
+                        yield (json.dumps(render_log(row)) + "\n").encode()
+                    after = rows[-1]["id"]
                 yield (json.dumps({"end": True, "status": record["status"]}) + "\n").encode()
                 return
             left = end - time.monotonic()
