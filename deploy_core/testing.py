@@ -29,6 +29,7 @@ from deploy_core.models import (
     LogLine,
     RollbackTarget,
 )
+from deploy_core.plugin.contexts import DeployContext as PluginContext
 from deploy_core.registry import (
     OptionsT,
     ParamsT,
@@ -98,7 +99,7 @@ def make_context(
 
 
 def rollback_request(
-    ctx: DeployContext,
+    ctx: PluginContext,
     params_model: type[ParamsT],
     options: OptionsT,
     state: RollbackState | None = None,

@@ -6,8 +6,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from deploy_core.agent.context import DeployContext
-from deploy_core.plugin import DeployParams, RollbackParams, RollbackRequest
+from deploy_core.plugin import DeployContext, DeployParams, RollbackParams, RollbackRequest
 from deploy_core.testing import rollback_request
 from pydantic import ConfigDict
 
