@@ -217,10 +217,15 @@ def test_an_exception_inside_a_registration_hook_names_the_plugin() -> None:
         (lambda: noop_type("noop"), "deploy.kind"),
         (lambda: DeployType("deploy.x", BaseModel, run_noop), "subclass DeployParams"),  # type: ignore[arg-type]
         (lambda: DeployType("deploy.x", NoopParams, "run"), "not callable"),  # type: ignore[arg-type]
+        (lambda: DeployType("deploy.x", NoopParams, run_noop, result=dict), "pydantic model"),  # type: ignore[arg-type]
         (lambda: Stage("executing", 50, 10), "not within 0-100"),
         (lambda: Stage("executing", 0, 101), "not within 0-100"),
         (lambda: HealthCheckType("HTTP", HealthCheckParams, probe_always), "lower-case word"),
         (lambda: HealthCheckType("http", NoopParams, probe_always), "HealthCheckParams"),  # type: ignore[arg-type]
+        (
+            lambda: HealthCheckType("x", HealthCheckParams, probe_always, shorthand=lambda t: {}),
+            "shorthand_usage",
+        ),
         (lambda: RollbackStrategy("re-run", RollbackParams, undo_nothing), "lower-case word"),
         (lambda: RollbackStrategy("x", NoopParams, undo_nothing), "RollbackParams"),  # type: ignore[arg-type]
         (lambda: RollbackStrategy("none", RollbackParams, undo_nothing), "reserved"),
