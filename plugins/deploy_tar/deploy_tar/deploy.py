@@ -266,7 +266,12 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
     if ctx.command.rollback is None:
         # No rollback strategy to prune after the health checks: keep the disk bounded here.
         protect = {name} | ({previous} if previous is not None else set())
-        removed = await prune_bounded(releases, params, protect)
+        try:
+            removed = await prune_bounded(releases, params, protect)
+        except (OSError, ReleaseError) as exc:
+            # Housekeeping after a good switch: the release is live, so say why and go on.
+            ctx.log(f"old releases were not pruned: {exc}", stream="agent")
+            removed = []
         if removed:
             ctx.log(f"removed old releases: {', '.join(removed)}", stream="agent")
     result.duration = round(time.monotonic() - started, 6)
