@@ -217,19 +217,24 @@ async def test_a_deployment_racing_a_releases_swapper_never_writes_outside(
                 pass
 
     outcomes = []
-    for i in range(6):
-        fields = {"artifact": sha, "target_dir": str(target), "keep_releases": 1}
-        if i == 1:
-            thread = threading.Thread(target=swapper)
-            thread.start()
-        ctx, _ = tar_context(fields, deploy_id=f"d{i}")
-        try:
-            await deploy_release(ctx, TarParams.model_validate(fields))
-            outcomes.append("success")
-        except DeployFailed as exc:
-            outcomes.append(str(exc))
-    stop.set()
-    thread.join()
+    # The swapper is a daemon stopped in ``finally``: a failure here must not leave it
+    # spinning and keep the test process from exiting.
+    thread = threading.Thread(target=swapper, daemon=True)
+    try:
+        for i in range(6):
+            fields = {"artifact": sha, "target_dir": str(target), "keep_releases": 1}
+            if i == 1:
+                thread.start()
+            ctx, _ = tar_context(fields, deploy_id=f"d{i}")
+            try:
+                await deploy_release(ctx, TarParams.model_validate(fields))
+                outcomes.append("success")
+            except DeployFailed as exc:
+                outcomes.append(str(exc))
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=10)
     assert swaps > 0
     assert fingerprint(decoy) == before, outcomes
     for outcome in outcomes:  # a failure names the target (the race, not a crash)
