@@ -365,6 +365,26 @@ class RollbackStrategy:
             raise RegistrationError(
                 f"rollback strategy {self.name}: params must subclass RollbackParams"
             )
+        for role, fn in (("rollback", self.rollback), ("discard", self.discard)):
+            if _positional_count(fn) == 3:
+                raise RegistrationError(
+                    f"rollback strategy {self.name}: {role} takes (ctx, params, state), the "
+                    f"signature before 0.2; it is now {role}(ctx, request) with a "
+                    "RollbackRequest: request.options (your params), request.state, "
+                    "request.params (the deployment's), request.reason"
+                )
+
+
+def _positional_count(fn: Callable[..., Any]) -> int | None:
+    """How many positional parameters ``fn`` takes; ``None`` when it cannot be told."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in kinds)
 
 
 # --------------------------------------------------------------------------- server / agent

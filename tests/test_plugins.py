@@ -80,6 +80,10 @@ async def undo_nothing(ctx: DeployContext, request: RollbackRequest[Any, Any]) -
     return None
 
 
+async def old_style_undo(ctx: DeployContext, params: RollbackParams, state: Any) -> None:
+    return None
+
+
 def noop_type(name: str = "deploy.noop") -> DeployType:
     return DeployType(
         name=name,
@@ -229,6 +233,10 @@ def test_an_exception_inside_a_registration_hook_names_the_plugin() -> None:
         (lambda: RollbackStrategy("re-run", RollbackParams, undo_nothing), "lower-case word"),
         (lambda: RollbackStrategy("x", NoopParams, undo_nothing), "RollbackParams"),  # type: ignore[arg-type]
         (lambda: RollbackStrategy("none", RollbackParams, undo_nothing), "reserved"),
+        (
+            lambda: RollbackStrategy("old", RollbackParams, old_style_undo),  # type: ignore[arg-type]
+            r"rollback takes \(ctx, params, state\), the signature before 0.2",
+        ),
         (
             lambda: DeployType("deploy.x", NoopParams, run_noop, default_rollback="Re-Run"),
             "not a rollback strategy name",
