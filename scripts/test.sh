@@ -30,6 +30,7 @@ EXTRAS=test,dev
 BOOTSTRAP_FUNCTIONS_ONLY=1
 source "$ROOT/scripts/bootstrap.sh"
 set +e  # from here on a failing step is recorded, and the next one runs
+SUITE_TIMEOUT="${DEPLOY_CENTER_SUITE_TIMEOUT:-2400}"  # seconds one pytest suite may take
 PY="$VENV/bin/python"
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
@@ -68,8 +69,14 @@ pytest_suite() {
   shift 3
   local xml="$RESULTS/$(echo "$name" | tr -c 'A-Za-z0-9_\n-' '_').xml"
   echo "== $name"
-  (cd "$dir" && "$python" -m pytest tests -q -p no:cacheprovider --junitxml="$xml" "$@")
+  # A wall-clock bound per suite: a hung test (a thread that never stops) fails its suite
+  # with a clear line instead of running into CI's own limit.
+  (cd "$dir" && timeout --kill-after=30 "$SUITE_TIMEOUT" \
+    "$python" -m pytest tests -q -p no:cacheprovider --junitxml="$xml" "$@")
   rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "deploy-center: $name did not finish within $SUITE_TIMEOUT s and was stopped" >&2
+  fi
   counts=$("$PY" - "$xml" <<'EOF' 2>/dev/null
 import sys
 import xml.etree.ElementTree as ET
@@ -91,6 +98,7 @@ EOF
     0) ;;
     1) [ "$failed" -gt 0 ] || failed=1 ;;
     5) failed=1; text="no tests collected (pytest exit 5)" ;;
+    124|137) failed=$((failed + 1)); text="$text; stopped after $SUITE_TIMEOUT s (hung)" ;;
     *) [ "$failed" -gt 0 ] || failed=1; text="$text; pytest exited with $rc" ;;
   esac
   total_passed=$((total_passed + passed))
