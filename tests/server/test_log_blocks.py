@@ -1,5 +1,5 @@
-"""Log blocks (many lines in one string) are stored as lines, in order with single lines,
-within the deployment's log budget."""
+"""Log blocks (many lines in one string) read back as lines, in order with single lines,
+within the deployment's log budget (how they are stored: test_log_chunks.py)."""
 
 from __future__ import annotations
 
