@@ -31,6 +31,8 @@ CHUNK_COLUMNS = ("deploy_id", "first_line", "line_count", "ts", "stream", "stage
 # a page of one-line chunks (stored before 0006) takes a few queries and a page of big ones
 # reads little more than it shows.
 FIRST_READ = 8
+# Entries join a chunk only while it stays within a LogBlock's size.
+MAX_CHUNK_CHARS = 256 * 1024
 
 # (ts, stream, stage, lines): lines that arrived together, in order.
 Entry = tuple[float, str, str, Sequence[str]]
@@ -52,8 +54,8 @@ def next_line_id(conn: Connection, deploy_id: str) -> int:
 def append(conn: Connection, deploy_id: str, entries: Sequence[Entry]) -> None:
     """Store ``entries`` after the deployment's stored lines, one chunk per entry (entries
     with the same timestamp, stream and stage in a row, such as single lines sent together,
-    share one).  Only an entry's last line may hold a newline.  The caller holds the
-    deployment's row lock, so ids are not raced for."""
+    share one up to :data:`MAX_CHUNK_CHARS`).  Only an entry's last line may hold a newline.
+    The caller holds the deployment's row lock, so ids are not raced for."""
     if not entries:
         return
     first = next_line_id(conn, deploy_id)
@@ -62,11 +64,16 @@ def append(conn: Connection, deploy_id: str, entries: Sequence[Entry]) -> None:
     for ts, stream, stage, lines in entries:
         if not lines:
             continue
-        if open_chunk is not None and open_chunk[3:6] == [ts, stream, stage]:
+        text = "\n".join(lines)
+        if (
+            open_chunk is not None
+            and open_chunk[3:6] == [ts, stream, stage]
+            and len(open_chunk[6]) + 1 + len(text) <= MAX_CHUNK_CHARS
+        ):
             open_chunk[2] += len(lines)
-            open_chunk[6] += "\n" + "\n".join(lines)
+            open_chunk[6] += "\n" + text
         else:
-            open_chunk = [deploy_id, first, len(lines), ts, stream, stage, "\n".join(lines)]
+            open_chunk = [deploy_id, first, len(lines), ts, stream, stage, text]
             rows.append(open_chunk)
         first += len(lines)
         if "\n" in lines[-1]:

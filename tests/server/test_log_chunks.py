@@ -153,6 +153,21 @@ def test_single_lines_sent_together_share_a_chunk_and_a_line_with_a_newline_stay
     assert store.logs("d1", after=2, limit=1)[0]["line"] == "three\nstill three"
 
 
+def test_single_lines_fill_a_chunk_no_bigger_than_a_block(engine: sa.Engine) -> None:
+    upgrade(engine)
+    store = RecordStore(engine, max_log_bytes=10 << 20)
+    _deployment(store, "d1")
+    sent = [f"{i:04d}" + "x" * 7996 for i in range(40)]  # 320,000 characters, one timestamp
+    store.apply_report("c-d1", _report("d1", 0, logs=[LogLine(ts=5.0, line=t) for t in sent]))
+
+    chunks = _chunks(engine, "d1")
+    assert len(chunks) == 2 and sum(count for _, count, _ in chunks) == 40
+    with engine.connect() as conn:
+        longest = conn.execute(sa.select(sa.func.max(sa.func.length(deploy_log_chunks.c.text))))
+        assert longest.scalar_one() <= 256 * 1024
+    assert [line["line"] for line in store.logs("d1")] == sent
+
+
 def test_the_truncation_marker_is_a_server_line_after_the_cut(engine: sa.Engine) -> None:
     upgrade(engine)
     store = RecordStore(engine, max_log_bytes=15)
