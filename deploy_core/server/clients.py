@@ -19,15 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from deploy_core.server.db import clients
+from deploy_core.server.db import clients, row_dict
 
 
 class AlreadyEnrolled(Exception):
     """A client id is taken by an enrolled agent."""
-
-
-def _row(row: Any) -> dict[str, Any]:
-    return dict(row._mapping)
 
 
 def _enrolled_key(conn: Connection, client_id: str) -> str | None:
@@ -60,7 +56,7 @@ class ClientRecords:
                     clients.c.client_id == client_id
                 )
             ).first()
-        return _row(row) if row else None
+        return row_dict(row) if row else None
 
     def revoke_client(self, client_id: str) -> bool:
         """Mark a client revoked: its agent is refused from now on."""
@@ -212,4 +208,4 @@ class ClientRecords:
         if ids is not None:
             query = query.where(clients.c.client_id.in_(list(ids)))
         with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query)]
+            return [row_dict(r) for r in conn.execute(query)]

@@ -223,6 +223,11 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def row_dict(row: Any) -> dict[str, Any]:
+    """A result row as a plain ``{column: value}`` dict."""
+    return dict(row._mapping)
+
+
 def bulk_insert(
     conn: Connection, table: sa.Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> None:

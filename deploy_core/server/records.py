@@ -18,26 +18,25 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
 
 from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
-from deploy_core.server import log_chunks
+from deploy_core.server import locks, log_chunks
 from deploy_core.server.clients import ClientRecords
 from deploy_core.server.db import (
-    client_locks,
     deploy_artifacts,
     deploy_log_chunks,
     deploy_secrets,
     deployments,
+    row_dict,
     status_history,
 )
+from deploy_core.server.locks import ClientBusy
 from deploy_core.server.ownership import OwnershipRecords
 from deploy_core.server.secret_box import SecretBox, is_sealed
 from deploy_core.server.targets import TargetRecords
 
-# How long a lock outlives its deployment's deadline before anyone may take it over, in case
-# the watchdog of the replica that holds it is gone.
-LOCK_GRACE = 60.0
+# How often create_deployment tries when the client's lock changes hands under it.
+LOCK_ATTEMPTS = 3
 DEFAULT_MAX_LOG_BYTES = 10 * 1024 * 1024
 # LogLine.line's limit, which lines of a LogBlock are held to as well.
 MAX_LINE_CHARS = 8192
@@ -55,20 +54,6 @@ def _block_lines(text: str) -> list[str]:
     return lines
 
 
-class ClientBusy(Exception):
-    """The client already runs a deployment (SPEC deploy-22)."""
-
-    def __init__(self, client_id: str, deploy_id: str, since: float) -> None:
-        self.client_id = client_id
-        self.deploy_id = deploy_id
-        self.since = since
-        ago = max(0.0, time.time() - since)
-        super().__init__(
-            f"client {client_id} is busy with deployment {deploy_id} (started {ago:.0f} s ago); "
-            "wait for it to finish or roll it back"
-        )
-
-
 @dataclass(frozen=True)
 class Applied:
     """What applying an agent message did: whether it changed the record, the record after,
@@ -77,10 +62,6 @@ class Applied:
     applied: bool
     record: dict[str, Any] | None
     previous: str | None
-
-
-def _row(row: Any) -> dict[str, Any]:
-    return dict(row._mapping)
 
 
 class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
@@ -118,7 +99,6 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         secret_env: dict[str, str] | None = None,
         target: str | None = None,
         artifacts: Sequence[str] = (),
-        _retried: bool = False,
     ) -> dict[str, Any]:
         """Insert a ``pending`` record and take the client's lock, atomically.
 
@@ -130,111 +110,122 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         :raises ClientBusy: another deployment holds the client's lock.
         :raises sqlalchemy.exc.IntegrityError: the record itself was refused, e.g. its
             ``deploy_id`` is taken.
+        :raises RuntimeError: the lock changed hands on every one of :data:`LOCK_ATTEMPTS`
+            tries (a storm of deployments on one client).
         """
-        now = time.time()
-        try:
-            with self.engine.begin() as conn:
-                # A lock whose deployment finished (or whose expiry passed) is stale.
-                stale = sa.select(deployments.c.deploy_id).where(
-                    deployments.c.deploy_id == client_locks.c.deploy_id,
-                    deployments.c.finished_at.is_not(None),
-                )
-                conn.execute(
-                    client_locks.delete().where(
-                        client_locks.c.client_id == client_id,
-                        sa.or_(client_locks.c.expires_at < now, stale.exists()),
-                    )
-                )
-                conn.execute(
-                    client_locks.insert().values(
+        for _ in range(LOCK_ATTEMPTS):
+            now = time.time()
+            try:
+                with self.engine.begin() as conn:
+                    locks.acquire(
+                        conn,
                         client_id=client_id,
                         deploy_id=deploy_id,
                         owner=self.server_id,
-                        acquired_at=now,
-                        expires_at=deadline + LOCK_GRACE,
+                        now=now,
+                        deadline=deadline,
                     )
-                )
-                conn.execute(
-                    deployments.insert().values(
+                    self._insert_deployment(
+                        conn,
+                        now=now,
                         deploy_id=deploy_id,
                         client_id=client_id,
                         command_type=command_type,
-                        status=DeployStatus.PENDING.value,
-                        stage="pending",
-                        progress=0,
-                        last_seq=-1,
                         request=request,
-                        rollback_of=rollback_of,
-                        rollback_wanted=False,
                         deadline=deadline,
-                        created_at=now,
-                        updated_at=now,
+                        rollback_of=rollback_of,
+                        secret_env=secret_env,
                         target=target,
+                        artifacts=artifacts,
                     )
+                break
+            except locks.LockRaced:
+                continue  # the next attempt sees who holds it, or takes it if freed
+        else:
+            with self.engine.connect() as conn:
+                current = locks.holder(conn, client_id)
+            if current is None:
+                raise RuntimeError(
+                    f"could not take the lock of client {client_id} in {LOCK_ATTEMPTS} "
+                    "attempts (other deployments kept taking and freeing it); submit again"
                 )
-                if artifacts:
-                    conn.execute(
-                        deploy_artifacts.insert(),
-                        [{"deploy_id": deploy_id, "sha256": sha} for sha in sorted(set(artifacts))],
-                    )
-                if secret_env:
-                    conn.execute(
-                        deploy_secrets.insert().values(
-                            deploy_id=deploy_id, secret_env=self.secret_box.seal(secret_env)
-                        )
-                    )
-                if rollback_of is not None:
-                    conn.execute(
-                        deployments.update()
-                        .where(deployments.c.deploy_id == rollback_of)
-                        .values(rolled_back_by=deploy_id, rollback_wanted=False)
-                    )
-                self._history(
-                    conn,
-                    deploy_id,
-                    None,
-                    DeployStatus.PENDING.value,
-                    "pending",
-                    0,
-                    "accepted by the server",
-                    "server",
-                    now,
-                )
-        except IntegrityError:
-            holder = self.lock_holder(client_id)
-            if holder is None:
-                if _retried:  # not the lock that refused us: retrying cannot help
-                    raise
-                # The lock was released between our insert and this read: try once more.
-                return self.create_deployment(
-                    deploy_id=deploy_id,
-                    client_id=client_id,
-                    command_type=command_type,
-                    request=request,
-                    deadline=deadline,
-                    rollback_of=rollback_of,
-                    secret_env=secret_env,
-                    target=target,
-                    artifacts=artifacts,
-                    _retried=True,
-                )
-            raise ClientBusy(client_id, holder["deploy_id"], holder["acquired_at"]) from None
+            raise ClientBusy(client_id, current["deploy_id"], current["acquired_at"])
         record = self.get(deploy_id)
         assert record is not None
         return record
 
+    def _insert_deployment(
+        self,
+        conn: Connection,
+        *,
+        now: float,
+        deploy_id: str,
+        client_id: str,
+        command_type: str,
+        request: dict[str, Any],
+        deadline: float,
+        rollback_of: str | None,
+        secret_env: dict[str, str] | None,
+        target: str | None,
+        artifacts: Sequence[str],
+    ) -> None:
+        """The ``pending`` record, its artifacts, sealed secrets and first history line; a
+        rollback's original learns who undoes it."""
+        conn.execute(
+            deployments.insert().values(
+                deploy_id=deploy_id,
+                client_id=client_id,
+                command_type=command_type,
+                status=DeployStatus.PENDING.value,
+                stage="pending",
+                progress=0,
+                last_seq=-1,
+                request=request,
+                rollback_of=rollback_of,
+                rollback_wanted=False,
+                deadline=deadline,
+                created_at=now,
+                updated_at=now,
+                target=target,
+            )
+        )
+        if artifacts:
+            conn.execute(
+                deploy_artifacts.insert(),
+                [{"deploy_id": deploy_id, "sha256": sha} for sha in sorted(set(artifacts))],
+            )
+        if secret_env:
+            conn.execute(
+                deploy_secrets.insert().values(
+                    deploy_id=deploy_id, secret_env=self.secret_box.seal(secret_env)
+                )
+            )
+        if rollback_of is not None:
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == rollback_of)
+                .values(rolled_back_by=deploy_id, rollback_wanted=False)
+            )
+        _history(
+            conn,
+            deploy_id=deploy_id,
+            status=DeployStatus.PENDING.value,
+            stage="pending",
+            progress=0,
+            message="accepted by the server",
+            source="server",
+            ts=now,
+        )
+
     def lock_holder(self, client_id: str) -> dict[str, Any] | None:
         """The lock row of ``client_id``, if one is held."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(client_locks).where(client_locks.c.client_id == client_id)
-            ).first()
-        return _row(row) if row else None
+            return locks.holder(conn, client_id)
 
     def locks(self) -> list[dict[str, Any]]:
         """Every lock currently held."""
         with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(sa.select(client_locks))]
+            return locks.held(conn)
 
     def get(self, deploy_id: str) -> dict[str, Any] | None:
         """One deployment record."""
@@ -245,7 +236,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         row = conn.execute(
             sa.select(deployments).where(deployments.c.deploy_id == deploy_id)
         ).first()
-        return _row(row) if row else None
+        return row_dict(row) if row else None
 
     def history(self, deploy_id: str) -> list[dict[str, Any]]:
         """The status history of a deployment, oldest first."""
@@ -255,7 +246,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .where(status_history.c.deploy_id == deploy_id)
                 .order_by(status_history.c.id)
             )
-            return [_row(r) for r in rows]
+            return [row_dict(r) for r in rows]
 
     def logs(self, deploy_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Log lines of a deployment in order, after line id ``after``."""
@@ -279,7 +270,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .limit(limit)
                 .offset(offset)
             )
-            return [_row(r) for r in rows], int(total)
+            return [row_dict(r) for r in rows], int(total)
 
     def list_all(
         self,
@@ -309,7 +300,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .limit(limit)
                 .offset(offset)
             )
-            return [_row(r) for r in rows], int(total)
+            return [row_dict(r) for r in rows], int(total)
 
     def apply_report(self, client_id: str, report: DeployStatusReport) -> Applied:
         """Apply a ``deploy.status`` report from ``client_id`` (SPEC deploy-21).
@@ -328,7 +319,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             ).first()
             if rec is None:
                 return Applied(False, None, None)
-            record = _row(rec)
+            record = row_dict(rec)
             previous = record["status"]
             if report.seq <= record["last_seq"]:
                 return Applied(False, record, previous)
@@ -343,16 +334,16 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .where(deployments.c.deploy_id == report.deploy_id)
                 .values(**values)
             )
-            self._history(
+            _history(
                 conn,
-                report.deploy_id,
-                report.seq,
-                report.status.value,
-                report.stage,
-                report.progress,
-                report.message if moved else f"(after finish) {report.message}",
-                "agent",
-                report.timestamp,
+                deploy_id=report.deploy_id,
+                seq=report.seq,
+                status=report.status.value,
+                stage=report.stage,
+                progress=report.progress,
+                message=report.message if moved else f"(after finish) {report.message}",
+                source="agent",
+                ts=report.timestamp,
             )
             if report.logs or report.log_blocks:
                 self._store_logs(conn, record, report)
@@ -440,7 +431,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             ).first()
             if rec is None:
                 return Applied(False, None, None)
-            record = _row(rec)
+            record = row_dict(rec)
             previous = record["status"]
             if record["finished_at"] is not None:
                 # Keep the first late callback, even one that agrees with the watchdog: a
@@ -459,17 +450,16 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                         .where(deployments.c.deploy_id == callback.callback_id)
                         .values(**late, updated_at=now)
                     )
-                    self._history(
+                    _history(
                         conn,
-                        callback.callback_id,
-                        None,
-                        callback.status.value,
-                        "callback",
-                        100,
-                        f"late callback from the agent: {callback.status.value}"
+                        deploy_id=callback.callback_id,
+                        status=callback.status.value,
+                        stage="callback",
+                        progress=100,
+                        message=f"late callback from the agent: {callback.status.value}"
                         f"{': ' + callback.error if callback.error else ''}",
-                        "agent",
-                        now,
+                        source="agent",
+                        ts=now,
                     )
                 return Applied(False, self._get(conn, callback.callback_id), previous)
             conn.execute(
@@ -491,16 +481,15 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     finished_at=now,
                 )
             )
-            self._history(
+            _history(
                 conn,
-                callback.callback_id,
-                None,
-                callback.status.value,
-                callback.status.value,
-                100,
-                callback.error or ("succeeded" if callback.success else "finished"),
-                "agent",
-                now,
+                deploy_id=callback.callback_id,
+                status=callback.status.value,
+                stage=callback.status.value,
+                progress=100,
+                message=callback.error or ("succeeded" if callback.success else "finished"),
+                source="agent",
+                ts=now,
             )
             self._release(conn, record["client_id"], callback.callback_id)
             return Applied(True, self._get(conn, callback.callback_id), previous)
@@ -514,7 +503,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 sa.select(deployments).where(deployments.c.deploy_id == deploy_id).with_for_update()
             ).first()
             if rec is None or rec.finished_at is not None:
-                return Applied(False, _row(rec) if rec else None, rec.status if rec else None)
+                return Applied(False, row_dict(rec) if rec else None, rec.status if rec else None)
             previous = rec.status
             # Sent counts: the agent may have run it even if its acknowledgement was lost; a
             # rollback of one it never ran is answered "nothing to undo" by the agent.
@@ -533,16 +522,15 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     finished_at=now,
                 )
             )
-            self._history(
+            _history(
                 conn,
-                deploy_id,
-                None,
-                DeployStatus.TIMEOUT.value,
-                "timeout",
-                rec.progress,
-                reason,
-                "server",
-                now,
+                deploy_id=deploy_id,
+                status=DeployStatus.TIMEOUT.value,
+                stage="timeout",
+                progress=rec.progress,
+                message=reason,
+                source="server",
+                ts=now,
             )
             self._release(conn, rec.client_id, deploy_id)
             return Applied(True, self._get(conn, deploy_id), previous)
@@ -556,7 +544,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     deployments.c.finished_at.is_(None), deployments.c.deadline < now
                 )
             )
-            return [_row(r) for r in rows]
+            return [row_dict(r) for r in rows]
 
     def undelivered(self, client_id: str) -> list[dict[str, Any]]:
         """Unfinished deployments of ``client_id`` the agent has not acknowledged, oldest
@@ -571,7 +559,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 )
                 .order_by(deployments.c.created_at)
             )
-            return [_row(r) for r in rows]
+            return [row_dict(r) for r in rows]
 
     def prune(self, older_than: float, *, batch: int = 500) -> int:
         """Delete finished deployments that finished before ``older_than`` (epoch seconds),
@@ -615,16 +603,15 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             record = self._get(conn, deploy_id)
             if record is None:
                 return
-            self._history(
+            _history(
                 conn,
-                deploy_id,
-                None,
-                record["status"],
-                record["stage"],
-                record["progress"],
-                message,
-                "server",
-                time.time(),
+                deploy_id=deploy_id,
+                status=record["status"],
+                stage=record["stage"],
+                progress=record["progress"],
+                message=message,
+                source="server",
+                ts=time.time(),
             )
 
     def mark_dispatched(self, deploy_id: str) -> None:
@@ -660,33 +647,31 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
     def _release(conn: Connection, client_id: str, deploy_id: str) -> None:
         """Free the client and forget the finished deployment's secrets."""
         conn.execute(deploy_secrets.delete().where(deploy_secrets.c.deploy_id == deploy_id))
-        conn.execute(
-            client_locks.delete().where(
-                client_locks.c.client_id == client_id, client_locks.c.deploy_id == deploy_id
-            )
-        )
+        locks.release(conn, client_id, deploy_id)
 
-    @staticmethod
-    def _history(
-        conn: Connection,
-        deploy_id: str,
-        seq: int | None,
-        status: str,
-        stage: str,
-        progress: int,
-        message: str,
-        source: str,
-        ts: float,
-    ) -> None:
-        conn.execute(
-            status_history.insert().values(
-                deploy_id=deploy_id,
-                seq=seq,
-                status=status,
-                stage=stage,
-                progress=progress,
-                message=message,
-                source=source,
-                ts=ts,
-            )
+
+def _history(
+    conn: Connection,
+    *,
+    deploy_id: str,
+    status: str,
+    stage: str,
+    progress: int,
+    message: str,
+    source: str,
+    ts: float,
+    seq: int | None = None,
+) -> None:
+    """Add a line to a deployment's status history (``seq``: the agent report's, if any)."""
+    conn.execute(
+        status_history.insert().values(
+            deploy_id=deploy_id,
+            seq=seq,
+            status=status,
+            stage=stage,
+            progress=progress,
+            message=message,
+            source=source,
+            ts=ts,
         )
+    )

@@ -1,0 +1,104 @@
+"""Client locks: at most one unfinished deployment per client (SPEC deploy-22).
+
+A lock is a ``client_locks`` row naming the deployment that holds the client.  Every function
+here works on the caller's connection, inside the caller's transaction, so taking the lock
+and inserting the deployment that holds it commit (or fail) together.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from deploy_core.server.db import client_locks, deployments, row_dict
+
+# How long a lock outlives its deployment's deadline before another deployment may take it.
+LOCK_GRACE = 60.0
+
+
+class ClientBusy(Exception):
+    """The client already runs a deployment (SPEC deploy-22)."""
+
+    def __init__(self, client_id: str, deploy_id: str, since: float) -> None:
+        self.client_id = client_id
+        self.deploy_id = deploy_id
+        self.since = since
+        ago = max(0.0, time.time() - since)
+        super().__init__(
+            f"client {client_id} is busy with deployment {deploy_id} (started {ago:.0f} s ago); "
+            "wait for it to finish or roll it back"
+        )
+
+
+class LockRaced(Exception):
+    """Another transaction took the lock between this one's look and its insert; the
+    caller's transaction is spoilt, and a new one may try again."""
+
+
+def holder(conn: Connection, client_id: str) -> dict[str, Any] | None:
+    """The lock row of ``client_id``, if one is held."""
+    row = conn.execute(sa.select(client_locks).where(client_locks.c.client_id == client_id)).first()
+    return row_dict(row) if row else None
+
+
+def held(conn: Connection) -> list[dict[str, Any]]:
+    """Every lock currently held."""
+    return [row_dict(r) for r in conn.execute(sa.select(client_locks))]
+
+
+def acquire(
+    conn: Connection,
+    *,
+    client_id: str,
+    deploy_id: str,
+    owner: str,
+    now: float,
+    deadline: float,
+) -> None:
+    """Take ``client_id``'s lock for ``deploy_id`` until ``deadline`` (plus
+    :data:`LOCK_GRACE`).  A lock whose deployment finished, or whose expiry passed, is
+    stale and cleared first.
+
+    :raises ClientBusy: an unfinished deployment holds the client.
+    :raises LockRaced: another transaction took the lock meanwhile: leave this transaction
+        and try again in a new one.
+    """
+    finished = sa.select(deployments.c.deploy_id).where(
+        deployments.c.deploy_id == client_locks.c.deploy_id,
+        deployments.c.finished_at.is_not(None),
+    )
+    conn.execute(
+        client_locks.delete().where(
+            client_locks.c.client_id == client_id,
+            sa.or_(client_locks.c.expires_at < now, finished.exists()),
+        )
+    )
+    current = holder(conn, client_id)
+    if current is not None:
+        raise ClientBusy(client_id, current["deploy_id"], current["acquired_at"])
+    try:
+        conn.execute(
+            client_locks.insert().values(
+                client_id=client_id,
+                deploy_id=deploy_id,
+                owner=owner,
+                acquired_at=now,
+                expires_at=deadline + LOCK_GRACE,
+            )
+        )
+    except IntegrityError as exc:
+        raise LockRaced(f"the lock of client {client_id} was taken meanwhile") from exc
+
+
+def release(conn: Connection, client_id: str, deploy_id: str) -> None:
+    """Free ``client_id`` if ``deploy_id`` holds it (a lock another deployment took since
+    stays)."""
+    conn.execute(
+        client_locks.delete().where(
+            client_locks.c.client_id == client_id, client_locks.c.deploy_id == deploy_id
+        )
+    )
