@@ -5,12 +5,15 @@ own CA. It authenticates by signing the server's challenge with its own Ed25519 
 it makes (and stores) before it first enrolls with a join token; an agent still holding a
 shared key from before key pairs proves that key and offers its new key pair, which the
 server takes instead. It sends heartbeats, and reconnects with full-jitter exponential
-back-off whenever the connection is lost or refused.
+back-off whenever the connection is lost or refused. A server at its handshake limit
+refuses a new connection with a retry-after hint (:mod:`.admission`); the agent then waits
+at least that long, plus a jittered share of its back-off, so a restart storm spreads out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -33,10 +36,12 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .admission import parse_busy_reason
 from .certs import write_private_file
 from .envelope import (
     ALPN_PROTOCOL,
@@ -60,7 +65,13 @@ from .server import (
     enlarge_socket_buffers,
 )
 
-__all__ = ["AgentConnector", "CredentialStore", "FileCredentials", "HandshakeRefused"]
+__all__ = [
+    "AgentConnector",
+    "CredentialStore",
+    "FileCredentials",
+    "HandshakeRefused",
+    "ServerBusy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +205,15 @@ class HandshakeRefused(Exception):
     """The server answered the handshake with ERROR; ``str(e)`` is its reason."""
 
 
+class ServerBusy(Exception):
+    """The server refused the connection at its handshake limit; ``retry_after`` is the
+    seconds it asked the agent to wait, ``str(e)`` its reason."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
 class _MissingCredentials(Exception):
     """Neither a key nor a join token: no point in connecting."""
 
@@ -217,6 +237,8 @@ class _ServerConnection(QuicConnectionProtocol):
         self.last_frame_at = asyncio.get_running_loop().time()
         #: Why the connection is gone; ``None`` while it is usable.
         self.lost_reason: str | None = None
+        #: Seconds a busy server asked to wait before trying again (its refusal's hint).
+        self.retry_after: float | None = None
         self._handshake_over = asyncio.Event()
         #: Artifact requests on their own streams (deploy-11); used once authenticated.
         self.files = FileStreamClient(quic, self.transmit)
@@ -226,6 +248,8 @@ class _ServerConnection(QuicConnectionProtocol):
         # Not the base class's wait_connected(): its future is left with an unretrieved
         # exception when the wait is cancelled by a timeout.
         await self._handshake_over.wait()
+        if self.lost_reason is not None and self.retry_after is not None:
+            raise ServerBusy(self.lost_reason, self.retry_after)
         if self.lost_reason is not None:
             raise ConnectionError(self.lost_reason)
 
@@ -281,6 +305,8 @@ class _ServerConnection(QuicConnectionProtocol):
             self._handshake_over.set()
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"QUIC error code {event.error_code:#x}"
+            if event.error_code == QuicErrorCode.CONNECTION_REFUSED:
+                self.retry_after = parse_busy_reason(event.reason_phrase)
             self._mark_lost(f"connection closed: {reason}")
             self._handshake_over.set()
 
@@ -394,6 +420,10 @@ class AgentConnector:
         self._server_name = server_name
         #: Why the last attempt or connection ended (the server's reason when refused).
         self.last_error: str | None = None
+        #: Busy refusals' hints, in seconds, one per refusal (the last 100).
+        self.busy_hints: collections.deque[float] = collections.deque(maxlen=100)
+        #: Seconds waited before each of the last 100 reconnection attempts.
+        self.backoff_waits: collections.deque[float] = collections.deque(maxlen=100)
         self._connection: _ServerConnection | None = None
         self._authenticated = False
         self._connected = asyncio.Event()
@@ -463,6 +493,7 @@ class AgentConnector:
         try:
             while not self._stopping:
                 started = loop.time()
+                busy_for = 0.0
                 self._authenticated = False
                 self._attempt = asyncio.create_task(self._connect_once())
                 try:
@@ -471,6 +502,18 @@ class AgentConnector:
                     current = asyncio.current_task()
                     if not self._stopping or (current is not None and current.cancelling()):
                         raise
+                except ServerBusy as exc:
+                    self.last_error = str(exc)
+                    busy_for = exc.retry_after
+                    self.busy_hints.append(busy_for)
+                    logger.info(
+                        "server %s:%d is busy; %s waits at least the %.1f s asked: %s",
+                        self._host,
+                        self._port,
+                        self._client_id,
+                        busy_for,
+                        self.last_error,
+                    )
                 except HandshakeRefused as exc:
                     self.last_error = str(exc)
                     logger.warning(
@@ -491,8 +534,11 @@ class AgentConnector:
                     failures = 0
                 ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failures, 32))
                 failures += 1
+                # A busy server's hint is a floor; the jitter on top spreads the refused.
+                delay = busy_for + random.uniform(0, ceiling)
+                self.backoff_waits.append(delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), random.uniform(0, ceiling))
+                    await asyncio.wait_for(self._stop_requested.wait(), delay)
         finally:
             if self._attempt is not None and not self._attempt.done():
                 self._attempt.cancel()
@@ -551,6 +597,7 @@ class AgentConnector:
                 "no agent key stored and no join token configured; give the agent a join token"
             )
         where = f"{self._host}:{self._port}"
+        logger.debug("connecting to %s as %s", where, self._client_id)
         async with contextlib.AsyncExitStack() as stack:
             try:
                 async with asyncio.timeout(self._connect_timeout):

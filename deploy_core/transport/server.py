@@ -50,10 +50,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer as _QuicEndpoint
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.events import (
     ConnectionTerminated,
     PingAcknowledged,
@@ -62,8 +63,16 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 
+from .admission import (
+    DEFAULT_BUSY_RETRY_AFTER,
+    DEFAULT_MAX_HANDSHAKES,
+    HandshakeGate,
+    busy_close_packet,
+    busy_reason,
+)
 from .certs import ServerCerts
 from .envelope import (
     ALPN_PROTOCOL,
@@ -96,6 +105,7 @@ __all__ = [
     "MAX_DATA",
     "MAX_DATAGRAM_SIZE",
     "MAX_STREAM_DATA",
+    "SERVER_RECEIVE_BUFFER_BYTES",
     "SOCKET_BUFFER_BYTES",
     "AgentAuthority",
     "AgentCredential",
@@ -105,6 +115,7 @@ __all__ = [
     "auth_refusal",
     "datagram_size_for",
     "enlarge_socket_buffers",
+    "size_receive_buffer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,6 +132,9 @@ CONGESTION_CONTROL = "reno"
 #: UDP socket buffers; the kernel's default (~208 KiB) drops bursts of a fast sender.
 #: Linux caps the request at net.core.rmem_max / wmem_max.
 SOCKET_BUFFER_BYTES = 4 << 20
+#: The server's receive buffer: every agent's datagrams land in it, and a restart storm of
+#: thousands of agents overflows 4 MiB while the loop is busy with handshakes.
+SERVER_RECEIVE_BUFFER_BYTES = 32 << 20
 
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 # How long to wait for the peer to acknowledge an ERROR before closing anyway.
@@ -156,6 +170,28 @@ def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, size)
+
+
+def size_receive_buffer(transport: asyncio.BaseTransport, size: int) -> int:
+    """Ask for a ``size``-byte receive buffer on a UDP transport's socket and return what the
+    kernel granted (Linux reports twice the usable size; 0 when there is no socket).
+
+    ``SO_RCVBUFFORCE`` goes past ``net.core.rmem_max`` for a process with CAP_NET_ADMIN;
+    otherwise ``SO_RCVBUF`` is capped there (raise it with ``sysctl -w
+    net.core.rmem_max=...`` for a larger buffer).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError("no SO_RCVBUFFORCE here")
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 
 class AuthError(Exception):
@@ -300,6 +336,8 @@ class _AgentConnection(QuicConnectionProtocol):
         self._disconnected = asyncio.Event()
         self._flushed = asyncio.Event()
         self.shut = False
+        # The endpoint took a handshake slot for this connection; given back once.
+        self._in_handshake = True
         self.task = asyncio.create_task(self._serve())
         self.task.add_done_callback(self._served)
         server._connections.add(self)
@@ -408,10 +446,17 @@ class _AgentConnection(QuicConnectionProtocol):
         self._mark_shut()
         self.close(reason_phrase=reason[:_MAX_REASON_CHARS])
 
+    def _end_handshake(self) -> None:
+        """Give the handshake slot back (authenticated, refused or gone; idempotent)."""
+        if self._in_handshake:
+            self._in_handshake = False
+            self._server._gate.leave()
+
     def _mark_shut(self) -> None:
         if self.shut:
             return
         self.shut = True
+        self._end_handshake()
         if self._files is not None:
             self._files.close()
         self._inbox.put_nowait(None)  # wakes the serving task
@@ -431,6 +476,7 @@ class _AgentConnection(QuicConnectionProtocol):
     async def _serve(self) -> None:
         try:
             session = await self._authenticate()
+            self._end_handshake()
             if session is None:
                 return
             old = self._server._register(session)
@@ -453,6 +499,7 @@ class _AgentConnection(QuicConnectionProtocol):
             self._disconnected.set()
 
     def _served(self, task: asyncio.Task[None]) -> None:
+        self._end_handshake()
         self._server._connections.discard(self)
         if not task.cancelled() and task.exception() is not None:
             logger.error("connection task for %s failed", self._peer(), exc_info=task.exception())
@@ -693,6 +740,60 @@ def _key_offer(payload: dict[str, Any]) -> tuple[bytes, bytes] | None:
     return public_key, signature
 
 
+class _AdmittingEndpoint(_QuicEndpoint):
+    """aioquic's server endpoint, refusing new connections while the handshake gate is full.
+
+    The check runs on the Initial packet that would create a connection, before aioquic
+    makes any connection state or does any TLS work; the refusal is one stateless packet
+    (see :mod:`.admission`).
+    """
+
+    def __init__(self, *, gate: HandshakeGate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate = gate
+        self._last_busy_log = -1.0
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        if isinstance(data, bytes) and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
+            try:
+                header = pull_quic_header(
+                    Buffer(data=data), host_cid_length=self._configuration.connection_id_length
+                )
+            except ValueError:
+                return
+            # The same test aioquic makes before it creates a connection.
+            if (
+                header.packet_type == QuicPacketType.INITIAL
+                and header.version in self._configuration.supported_versions
+                and header.destination_cid not in self._protocols
+                and not self._gate.try_enter()
+            ):
+                self._refuse_busy(header.version, header.destination_cid, header.source_cid, addr)
+                return
+        super().datagram_received(data, addr)
+
+    def _refuse_busy(
+        self, version: int | None, dcid: bytes, scid: bytes, addr: NetworkAddress
+    ) -> None:
+        gate = self._gate
+        retry_after = gate.retry_after()
+        if self._transport is not None and version is not None:
+            self._transport.sendto(
+                busy_close_packet(version, dcid, scid, busy_reason(gate.in_progress, retry_after)),
+                addr,
+            )
+        now = time.monotonic()
+        if now - self._last_busy_log >= 10.0:
+            self._last_busy_log = now
+            logger.warning(
+                "%d handshakes in progress (the limit); refusing new connections with a "
+                "retry-after hint (now %.1f s; %d refused since the start)",
+                gate.in_progress,
+                retry_after,
+                gate.refused,
+            )
+
+
 class QuicServer:
     """Accepts agent connections, authenticates them, and hands envelopes to callbacks.
 
@@ -719,8 +820,14 @@ class QuicServer:
         handshake_timeout: float = 10.0,
         files: ArtifactSource | None = None,
         may_fetch: FetchCheck | None = None,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        busy_retry_after: float = DEFAULT_BUSY_RETRY_AFTER,
     ) -> None:
-        """:param files: the artifacts authenticated agents may fetch on file streams; with
+        """:param max_handshakes: connections in their handshake (QUIC/TLS up to WELCOME or
+        refusal) at once; a new connection beyond them is refused before any TLS work with
+        a retry-after hint (:mod:`.admission`).
+        :param busy_retry_after: the base of that hint, in seconds.
+        :param files: the artifacts authenticated agents may fetch on file streams; with
         ``None`` every file request is refused.
         :param may_fetch: ``async (client_id, sha256) -> bool``, asked before each transfer:
         whether that agent may fetch that artifact; ``None`` lets every agent fetch every
@@ -755,6 +862,9 @@ class QuicServer:
         self._certificate_digest = b""
         # Checked against for unknown ids, so that they cost the same work as known ones.
         self._decoy_key = public_bytes(new_private_key())
+        #: Handshakes in progress (``in_progress``), their ``peak`` and the ``refused``.
+        self.handshakes = HandshakeGate(max_handshakes, busy_retry_after)
+        self._gate = self.handshakes
 
     def _configuration(self) -> QuicConfiguration:
         configuration = QuicConfiguration(
@@ -779,16 +889,26 @@ class QuicServer:
         )
         # No session ticket handler: no resumption, so no 0-RTT data is ever accepted.
         transport, endpoint = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _QuicEndpoint(
+            lambda: _AdmittingEndpoint(
                 configuration=configuration,
                 create_protocol=functools.partial(_AgentConnection, server=self),
+                gate=self._gate,
             ),
             local_addr=(self._host, self._requested_port),
         )
         enlarge_socket_buffers(transport, SOCKET_BUFFER_BYTES)
+        granted = size_receive_buffer(transport, SERVER_RECEIVE_BUFFER_BYTES)
         self._transport = transport
         self._endpoint = endpoint
-        logger.info("QUIC server listening on %s:%d", self._host, self.port)
+        logger.info(
+            "QUIC server listening on %s:%d (receive buffer %d KiB of %d asked; at most %d "
+            "handshakes at once)",
+            self._host,
+            self.port,
+            granted // 1024,
+            SERVER_RECEIVE_BUFFER_BYTES // 1024,
+            self._gate.limit,
+        )
 
     @property
     def port(self) -> int:

@@ -1,0 +1,149 @@
+"""Admission of new QUIC connections under storms (issue 13 §2).
+
+A server restart with thousands of agents connected sends them all back at once. Each
+handshake costs TLS, a signature check and a database lookup, so the server lets at most
+``limit`` connections be in their handshake (QUIC/TLS up to the agent's WELCOME or its
+refusal) at one time. The Initial packet of any further new connection is answered at once
+with a stateless QUIC ``CONNECTION_CLOSE`` (error ``CONNECTION_REFUSED``) whose reason says
+how long to wait::
+
+    server busy: 64 handshakes in progress; retry after 2.0 s
+
+No connection state, no TLS work: one small packet per refused Initial. The hint grows with
+the refusals of the last second (each ``limit`` of them adds ``retry_after`` once), so a large
+storm is spread over several seconds instead of retrying into the same second. Agents
+(:mod:`.client`) read the hint with :func:`parse_busy_reason` and wait at least that long,
+plus jittered exponential back-off.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+from aioquic.buffer import UINT_VAR_MAX_SIZE
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+
+__all__ = [
+    "DEFAULT_BUSY_RETRY_AFTER",
+    "DEFAULT_MAX_HANDSHAKES",
+    "MAX_RETRY_AFTER",
+    "HandshakeGate",
+    "busy_close_packet",
+    "busy_reason",
+    "parse_busy_reason",
+]
+
+#: Connections in their handshake at once; sized for a 2-core server (a handshake costs a
+#: few ms of CPU, so 64 keep it busy without queueing seconds of work).
+DEFAULT_MAX_HANDSHAKES = 64
+#: The hint when the server is just full; each further ``limit`` refusals within one
+#: second add this much again.
+DEFAULT_BUSY_RETRY_AFTER = 1.0
+#: The longest hint the server gives (and the longest an agent honours).
+MAX_RETRY_AFTER = 30.0
+
+_BUSY = re.compile(r"server busy: .*retry after (\d+(?:\.\d+)?) s")
+
+
+def busy_reason(in_progress: int, retry_after: float) -> str:
+    """The reason phrase of a busy refusal (what :func:`parse_busy_reason` reads)."""
+    return f"server busy: {in_progress} handshakes in progress; retry after {retry_after:.1f} s"
+
+
+def parse_busy_reason(reason: str) -> float | None:
+    """The seconds a busy refusal asks to wait, capped at :data:`MAX_RETRY_AFTER`; ``None``
+    when ``reason`` is not a busy refusal."""
+    match = _BUSY.search(reason)
+    if match is None:
+        return None
+    return min(float(match.group(1)), MAX_RETRY_AFTER)
+
+
+def busy_close_packet(version: int, client_dcid: bytes, client_scid: bytes, reason: str) -> bytes:
+    """A server Initial packet closing a connection attempt with ``CONNECTION_REFUSED``.
+
+    Stateless: the Initial keys derive from the destination connection id the client chose
+    (``client_dcid``), as in aioquic's own INVALID_TOKEN close after a bad Retry token.
+    """
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=client_dcid, is_client=False, version=version)
+    builder = QuicPacketBuilder(
+        host_cid=client_dcid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=client_scid,
+        version=version,
+    )
+    phrase = reason.encode("utf-8")[:300]
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(
+        QuicFrameType.TRANSPORT_CLOSE, capacity=1 + 3 * UINT_VAR_MAX_SIZE + len(phrase)
+    )
+    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
+    buf.push_uint_var(QuicFrameType.PADDING)
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
+    datagrams, _ = builder.flush()
+    return datagrams[0]
+
+
+class HandshakeGate:
+    """Counts the connections in their handshake and decides who may start one.
+
+    :param limit: at most this many at once (at least 1).
+    :param retry_after: the base of the hint given to the refused, in seconds (> 0).
+    :param clock: monotonic seconds (a parameter for tests only).
+    """
+
+    def __init__(
+        self,
+        limit: int = DEFAULT_MAX_HANDSHAKES,
+        retry_after: float = DEFAULT_BUSY_RETRY_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if limit < 1:
+            raise ValueError(f"the handshake limit must be at least 1, got {limit}")
+        if not 0 < retry_after <= MAX_RETRY_AFTER:
+            raise ValueError(
+                f"the busy retry-after must be in (0, {MAX_RETRY_AFTER:g}] s, got {retry_after}"
+            )
+        self.limit = limit
+        self.base_retry_after = retry_after
+        self._clock = clock
+        #: Connections in their handshake now (a gauge).
+        self.in_progress = 0
+        #: The most that were ever in their handshake at once.
+        self.peak = 0
+        #: New connections refused because the gate was full, since the start.
+        self.refused = 0
+        self._window_start = clock()
+        self._window_refused = 0
+
+    def try_enter(self) -> bool:
+        """Take a handshake slot; ``False`` (and a refusal counted) when all are taken."""
+        if self.in_progress >= self.limit:
+            now = self._clock()
+            if now - self._window_start >= 1.0:
+                self._window_start = now
+                self._window_refused = 0
+            self._window_refused += 1
+            self.refused += 1
+            return False
+        self.in_progress += 1
+        self.peak = max(self.peak, self.in_progress)
+        return True
+
+    def leave(self) -> None:
+        """Give a slot back (the handshake ended, either way)."""
+        self.in_progress = max(0, self.in_progress - 1)
+
+    def retry_after(self) -> float:
+        """The hint for the refusal just counted: the base, once more for each ``limit``
+        refusals before it within the current second, at most :data:`MAX_RETRY_AFTER`."""
+        rounds = 1 + max(0, self._window_refused - 1) // self.limit
+        return min(self.base_retry_after * rounds, MAX_RETRY_AFTER)
