@@ -35,8 +35,8 @@ from deploy_core.server.info import (
     list_clients,
     list_plugins,
 )
+from deploy_core.server.locks import ClientBusy
 from deploy_core.server.logs import get_logs
-from deploy_core.server.records import ClientBusy
 from deploy_core.server.rollback_plan import (
     SOURCE_REQUEST,
     RollbackPlan,

@@ -1,7 +1,7 @@
 """The server process: the QUIC endpoint for agents and the HTTP API, in one event loop.
 
 :class:`DeployServer` wires the parts together: records, listeners, the event router, command
-dispatch and the watchdog.
+dispatch (server/dispatch.py) and the watchdog (server/watchdog.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -22,16 +22,18 @@ import uvicorn
 from sqlalchemy.engine import Engine
 
 from deploy_core.durations import human_duration
-from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus, RollbackTarget
+from deploy_core.models import DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventContext, EventRejected
 from deploy_core.server.http_limits import HttpLimits
+from deploy_core.server.locks import ClientBusy
 from deploy_core.server.ownership import named_deployments
-from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, ClientBusy, RecordStore
+from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, Applied, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollbacks import (
     RollbackRefused,
@@ -43,6 +45,7 @@ from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.targets import deployment_scope
 from deploy_core.server.tokens import TokenStore
+from deploy_core.server.watchdog import Watchdog
 from deploy_core.transport import (
     AgentSession,
     Envelope,
@@ -120,6 +123,8 @@ class DeployServer:
         self.records: RecordStore
         self.transport: QuicServer
         self.artifacts: ArtifactStore
+        self.dispatcher: Dispatcher
+        self.watchdog: Watchdog
         self._http: _UvicornServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_port = config.api_port
@@ -171,6 +176,10 @@ class DeployServer:
             files=self.artifacts,
             may_fetch=self._may_fetch,
         )
+        self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
+        self.watchdog = Watchdog(
+            self.records, expired=self._expired, interval=cfg.watchdog_interval
+        )
         await self.transport.start()
         self.app = create_app(self)
         self._http = _UvicornServer(
@@ -194,7 +203,7 @@ class DeployServer:
                 )
             await asyncio.sleep(0.01)
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
-        self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
         if cfg.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._retention(), name="retention"))
@@ -273,6 +282,12 @@ class DeployServer:
                     rollback["deploy_id"],
                 )
 
+    async def _expired(self, applied: Applied) -> None:
+        """The watchdog finished a deployment."""
+        assert applied.record is not None
+        self.record_changed(applied.record, applied.previous)
+        await self.deployment_finished(applied.record)
+
     async def submit(
         self,
         *,
@@ -300,59 +315,8 @@ class DeployServer:
             artifacts=artifacts,
         )
         self.record_changed(record, None)
-        await self.dispatch(record)
+        await self.dispatcher.dispatch(record)
         return record
-
-    async def command_for(
-        self, record: dict[str, Any], capabilities: Mapping[str, Any] | None = None
-    ) -> Envelope:
-        """The command envelope that carries ``record`` to its agent.
-
-        :param capabilities: what the agent announced; the log budget goes only to an agent
-            that knows the field (an older one refuses a command with an unknown field)."""
-        req = record["request"]
-        knows_budget = bool((capabilities or {}).get(CAPABILITY_LOG_BUDGET))
-        target = req.get("rollback_of")
-        command = DeployCommand(
-            deploy_id=record["deploy_id"],
-            command_type=record["command_type"],
-            params=req.get("params", {}),
-            health_checks=req.get("health_checks", []),
-            rollback=req.get("rollback"),
-            no_rollback_reason=(req.get("rollback_plan") or {}).get("note", "")[:1024] or None
-            if not req.get("rollback")
-            else None,
-            secret_env=await self.db(self.records.secret_env, record["deploy_id"])
-            if req.get("secret_env_names")
-            else {},
-            issued_at=record["created_at"],
-            expires_at=record["deadline"],
-            rollback_of=RollbackTarget.model_validate(target) if target else None,
-            log_budget_bytes=self.config.max_log_bytes if knows_budget else None,
-        )
-        return Envelope(
-            id=f"cmd-{record['deploy_id']}",
-            kind=Kind.COMMAND,
-            name=record["command_type"],
-            wait_ack=True,
-            need_callback=True,
-            callback_id=record["deploy_id"],
-            payload=command.model_dump(
-                mode="json", exclude=None if knows_budget else {"log_budget_bytes"}
-            ),
-        )
-
-    async def dispatch(self, record: dict[str, Any]) -> bool:
-        """Send a recorded deployment to its agent, if that agent is connected here."""
-        session = self.transport.session(record["client_id"])
-        if session is None or session.closed:
-            return False
-        envelope = await self.command_for(record, session.capabilities)
-        # Recorded before it leaves: a server that dies right after sending must not later
-        # claim the agent never got it.
-        await self.db(self.records.mark_dispatched, record["deploy_id"])
-        session.send(envelope)
-        return True
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -364,11 +328,7 @@ class DeployServer:
             capabilities=session.capabilities,
         )
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
-        for record in await self.db(self.records.undelivered, session.client_id):
-            if record["deadline"] > time.time():
-                envelope = await self.command_for(record, session.capabilities)
-                await self.db(self.records.mark_dispatched, record["deploy_id"])
-                session.send(envelope)
+        await self.dispatcher.redeliver(session)
 
     async def _on_disconnect(self, session: AgentSession) -> None:
         await self.db(self.records.set_disconnected, session.client_id, last_seen=session.last_seen)
@@ -435,56 +395,6 @@ class DeployServer:
         return await self.db(self.records.may_fetch, client_id, sha256)
 
     # ------------------------------------------------------------------ background loops
-
-    async def _watchdog(self) -> None:
-        """Finish deployments past their deadline (SPEC deploy-31)."""
-        while True:
-            try:
-                await self.expire_overdue()
-            except Exception:
-                log.exception("watchdog pass failed")
-            await asyncio.sleep(self.config.watchdog_interval)
-
-    async def expire_overdue(self) -> int:
-        """One watchdog pass; returns how many deployments it expired."""
-        expired = 0
-        for record in await self.db(self.records.overdue):
-            reason = await self._timeout_reason(record)
-            applied = await self.db(self.records.expire, record["deploy_id"], reason)
-            if applied.applied and applied.record is not None:
-                expired += 1
-                log.warning("deployment %s timed out: %s", record["deploy_id"], reason)
-                self.record_changed(applied.record, applied.previous)
-                await self.deployment_finished(applied.record)
-        return expired
-
-    async def _timeout_reason(self, record: dict[str, Any]) -> str:
-        client = await self.db(self.records.get_client, record["client_id"])
-        away = client is not None and not client["connected"]
-        if record["dispatched_at"] is None:
-            where = (
-                f"while agent {record['client_id']} was disconnected"
-                if away
-                else ("before it could be sent to the agent")
-            )
-            return f"deadline passed {where}; the deployment never started"
-        if record["acked_at"] is None and record["last_seq"] < 0:
-            # Sent, but neither acknowledged nor reported: it may have run all the same (an
-            # acknowledgement can be lost), so say no more than we know.
-            return (
-                "deadline passed without the agent acknowledging or reporting the deployment"
-                + (f" (agent {record['client_id']} is disconnected)" if away else "")
-                + "; it may not have started"
-            )
-        if away:
-            return (
-                f"deadline passed while agent {record['client_id']} was disconnected "
-                f"(last report: {record['status']} at progress {record['progress']})"
-            )
-        return (
-            f"deadline passed with no final report from the agent "
-            f"(last report: {record['status']} at progress {record['progress']})"
-        )
 
     async def _retention(self) -> None:
         """Delete finished deployments past the retention period, at start and then daily."""

@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from deploy_core.models import COMMAND_ROLLBACK, UNDONE_STATUSES, DeployStatus
-from deploy_core.server.records import ClientBusy
+from deploy_core.server.locks import ClientBusy
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer

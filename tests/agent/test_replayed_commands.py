@@ -66,7 +66,7 @@ async def test_a_command_sent_again_runs_once(pair: Pair, tmp_path: Path) -> Non
     assert session is not None
     stored = await pair.server.db(pair.server.records.get, deploy_id)
     assert stored is not None
-    original = await pair.server.command_for(stored)
+    original = await pair.server.dispatcher.command_for(stored)
     # The same envelope again, and the same command under a new message id.
     session.send(original)
     session.send(Envelope(**{**original.model_dump(), "id": "replay-1"}))
@@ -88,7 +88,7 @@ async def test_a_command_past_its_expiry_is_refused_unrun(pair: Pair, tmp_path: 
     await eventually(finished)
     ran.unlink()
     # A captured command for a new id, replayed after its expiry.
-    stale = await pair.server.command_for(stored)
+    stale = await pair.server.dispatcher.command_for(stored)
     payload = {**stale.payload, "deploy_id": "stale-1", "expires_at": time.time() - 1}
     session = pair.server.transport.session("web-1")
     assert session is not None

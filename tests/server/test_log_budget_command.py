@@ -42,11 +42,11 @@ async def test_the_budget_goes_only_to_agents_that_announce_it(tmp_path: Path) -
         assert record["status"] == "success"
         session = center.server.transport.session("web-1")
         assert session is not None
-        new = await center.server.command_for(record, session.capabilities)
+        new = await center.server.dispatcher.command_for(record, session.capabilities)
         assert new.payload["log_budget_bytes"] == center.server.config.max_log_bytes
         with pytest.raises(ValidationError, match="log_budget_bytes"):
             OldDeployCommand.model_validate(new.payload)  # why the field must stay away
-        old = await center.server.command_for(record, {"agent_version": "0.1.0"})
+        old = await center.server.dispatcher.command_for(record, {"agent_version": "0.1.0"})
         assert "log_budget_bytes" not in old.payload
         OldDeployCommand.model_validate(old.payload)  # an older agent takes it
         assert DeployCommand.model_validate(old.payload).log_budget_bytes is None

@@ -24,12 +24,8 @@ from deploy_core.models import (
 )
 from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.db import client_locks, make_engine, upgrade
-from deploy_core.server.locks import LOCK_GRACE
-from deploy_core.server.records import (
-    Applied,
-    ClientBusy,
-    RecordStore,
-)
+from deploy_core.server.locks import LOCK_GRACE, ClientBusy
+from deploy_core.server.records import Applied, RecordStore
 
 SHELL = "deploy.shell"
 

@@ -1,0 +1,92 @@
+"""Sending recorded deployments to their agents: when they are submitted, and again
+(redelivery) when an agent connects with deployments it has not acknowledged.
+
+A command is marked dispatched before it leaves, so a server that dies right after sending
+never later claims the agent did not get it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, RollbackTarget
+from deploy_core.server.records import RecordStore
+from deploy_core.transport import AgentSession, Envelope, Kind, QuicServer
+
+
+class Dispatcher:
+    """Builds the command envelope of a deployment record and hands it to the agent's
+    session on this replica."""
+
+    def __init__(self, records: RecordStore, transport: QuicServer, *, max_log_bytes: int) -> None:
+        """:param max_log_bytes: the log budget told to agents that know the field."""
+        self.records = records
+        self.transport = transport
+        self.max_log_bytes = max_log_bytes
+
+    async def command_for(
+        self, record: dict[str, Any], capabilities: Mapping[str, Any] | None = None
+    ) -> Envelope:
+        """The command envelope that carries ``record`` to its agent.
+
+        :param capabilities: what the agent announced; the log budget goes only to an agent
+            that knows the field (an older one refuses a command with an unknown field)."""
+        req = record["request"]
+        knows_budget = bool((capabilities or {}).get(CAPABILITY_LOG_BUDGET))
+        target = req.get("rollback_of")
+        command = DeployCommand(
+            deploy_id=record["deploy_id"],
+            command_type=record["command_type"],
+            params=req.get("params", {}),
+            health_checks=req.get("health_checks", []),
+            rollback=req.get("rollback"),
+            no_rollback_reason=(req.get("rollback_plan") or {}).get("note", "")[:1024] or None
+            if not req.get("rollback")
+            else None,
+            secret_env=await asyncio.to_thread(self.records.secret_env, record["deploy_id"])
+            if req.get("secret_env_names")
+            else {},
+            issued_at=record["created_at"],
+            expires_at=record["deadline"],
+            rollback_of=RollbackTarget.model_validate(target) if target else None,
+            log_budget_bytes=self.max_log_bytes if knows_budget else None,
+        )
+        return Envelope(
+            id=f"cmd-{record['deploy_id']}",
+            kind=Kind.COMMAND,
+            name=record["command_type"],
+            wait_ack=True,
+            need_callback=True,
+            callback_id=record["deploy_id"],
+            payload=command.model_dump(
+                mode="json", exclude=None if knows_budget else {"log_budget_bytes"}
+            ),
+        )
+
+    async def send(self, session: AgentSession, record: dict[str, Any]) -> None:
+        """Mark ``record`` dispatched, then send its command on ``session``."""
+        envelope = await self.command_for(record, session.capabilities)
+        await asyncio.to_thread(self.records.mark_dispatched, record["deploy_id"])
+        session.send(envelope)
+
+    async def dispatch(self, record: dict[str, Any]) -> bool:
+        """Send a recorded deployment to its agent, if that agent is connected here;
+        ``False`` when it is not (it is sent when the agent connects)."""
+        session = self.transport.session(record["client_id"])
+        if session is None or session.closed:
+            return False
+        await self.send(session, record)
+        return True
+
+    async def redeliver(self, session: AgentSession) -> int:
+        """Send the agent that just connected on ``session`` its unacknowledged
+        deployments whose deadline has not passed, oldest first; returns how many."""
+        sent = 0
+        for record in await asyncio.to_thread(self.records.undelivered, session.client_id):
+            if record["deadline"] > time.time():
+                await self.send(session, record)
+                sent += 1
+        return sent
