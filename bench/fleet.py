@@ -154,6 +154,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             if share:
                 fleet.start_worker(f"worker-{k}", share, join_token)
         took = fleet.wait_connected(set(ids), args.connect_timeout, started)
+        busy_at_start = worker_totals(fleet)["busy"]
         if took is None:
             count = len(fleet.connected() & set(ids))
             report.problem(f"only {count}/{len(ids)} connected after {args.connect_timeout:g} s")
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
                 "connect_s",
                 f"all {len(ids)} connected",
                 took,
-                f"{took:.1f} s",
+                f"{took:.1f} s ({busy_at_start} busy refusals on the way)",
                 "2,000 within 60 s",
             )
         time.sleep(2.0)  # let the last handshakes' bookkeeping settle
@@ -312,6 +313,14 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             refusals,
             f"{refusals} ({enrolled_again} 'already enrolled'; {len(refused_agents)} agents)",
             "0 refused",
+        )
+        busy = after["busy"] - before["busy"]
+        report.add(
+            "restart_busy",
+            "busy refusals during the restart (retry-after hints)",
+            busy,
+            f"{busy} (handshake limit reached; the agents waited and came back)",
+            "",
         )
         if in_flight:
             finals: Counter[str] = Counter()

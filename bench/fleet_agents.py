@@ -69,6 +69,8 @@ class OutcomeCounter(logging.Handler):
         self.refusals = 0
         self.already_enrolled = 0
         self.refused_ids: set[str] = set()
+        #: Busy refusals (the server at its handshake limit; not counted as refusals).
+        self.busy = 0
         self.categories: Counter[str] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -78,7 +80,9 @@ class OutcomeCounter(logging.Handler):
             message = str(record.msg)
         lowered = message.lower()
         from_transport = record.name.startswith("deploy_core.transport")
-        if from_transport and "refused" in lowered:
+        if from_transport and " is busy; " in lowered:
+            self.busy += 1
+        elif from_transport and "refused" in lowered:
             self.refusals += 1
             self.refused_ids.update(_CLIENT_ID.findall(message))
         if "already enrolled" in lowered:
@@ -110,6 +114,7 @@ def write_stats(
         "refusals": counter.refusals,
         "already_enrolled": counter.already_enrolled,
         "refused_ids": sorted(counter.refused_ids),
+        "busy": counter.busy,
         "categories": dict(counter.categories.most_common(40)),
         "crashed": crashed,
         **extra,

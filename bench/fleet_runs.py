@@ -160,6 +160,7 @@ def worker_totals(fleet: Fleet) -> dict[str, Any]:
     """What every worker's agents logged so far, summed."""
     totals: dict[str, Any] = {
         "refusals": 0,
+        "busy": 0,
         "already_enrolled": 0,
         "connected": 0,
         "refused_ids": [],
@@ -168,7 +169,7 @@ def worker_totals(fleet: Fleet) -> dict[str, Any]:
     }
     for worker in fleet.workers:
         stats = worker.stats()
-        for key in ("refusals", "already_enrolled", "connected"):
+        for key in ("refusals", "busy", "already_enrolled", "connected"):
             totals[key] += int(stats.get(key, 0))
         totals["refused_ids"] += stats.get("refused_ids", [])
         totals["crashed"] += stats.get("crashed", [])

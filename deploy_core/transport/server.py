@@ -740,20 +740,51 @@ def _key_offer(payload: dict[str, Any]) -> tuple[bytes, bytes] | None:
     return public_key, signature
 
 
+#: Datagrams handled per event-loop turn: the one asyncio read, then more read here.
+_READ_BATCH = 64
+# Larger than any QUIC datagram (they fit one path MTU).
+_MAX_UDP_READ = 65535
+
+
 class _AdmittingEndpoint(_QuicEndpoint):
     """aioquic's server endpoint, refusing new connections while the handshake gate is full.
 
     The check runs on the Initial packet that would create a connection, before aioquic
     makes any connection state or does any TLS work; the refusal is one stateless packet
     (see :mod:`.admission`).
+
+    asyncio's datagram transport reads one datagram each time the socket is readable, so a
+    full receive buffer costs a select() and a loop turn per datagram while thousands of
+    agents send Initials at once; with ``sock`` (the endpoint's own non-blocking socket)
+    each datagram asyncio hands over is followed by up to ``_READ_BATCH - 1`` more read here.
     """
 
-    def __init__(self, *, gate: HandshakeGate, **kwargs: Any) -> None:
+    def __init__(
+        self, *, gate: HandshakeGate, sock: socket.socket | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self._gate = gate
+        self._sock = sock
         self._last_busy_log = -1.0
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        self._datagram(data, addr)
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_READ_BATCH - 1):
+            if self._transport is None or self._transport.is_closing():
+                return
+            try:
+                data, addr = sock.recvfrom(_MAX_UDP_READ)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.error_received(exc)
+                return
+            self._datagram(data, addr)
+
+    def _datagram(self, data: bytes | str, addr: NetworkAddress) -> None:
         if isinstance(data, bytes) and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
             try:
                 header = pull_quic_header(
@@ -887,14 +918,25 @@ class QuicServer:
         self._certificate_digest = certificate_digest(
             x509.load_pem_x509_certificates(self._certs.cert.read_bytes())[0]
         )
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._requested_port, type=socket.SOCK_DGRAM)
+        family, _, proto, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
         # No session ticket handler: no resumption, so no 0-RTT data is ever accepted.
-        transport, endpoint = await asyncio.get_running_loop().create_datagram_endpoint(
+        transport, endpoint = await loop.create_datagram_endpoint(
             lambda: _AdmittingEndpoint(
                 configuration=configuration,
                 create_protocol=functools.partial(_AgentConnection, server=self),
                 gate=self._gate,
+                sock=sock,
             ),
-            local_addr=(self._host, self._requested_port),
+            sock=sock,
         )
         enlarge_socket_buffers(transport, SOCKET_BUFFER_BYTES)
         granted = size_receive_buffer(transport, SERVER_RECEIVE_BUFFER_BYTES)
