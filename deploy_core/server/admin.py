@@ -10,7 +10,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from deploy_core.server.tokens import SCOPES, TokenError
-from deploy_core.server.web import ApiError, iso_time, json_body, parse_model, services
+from deploy_core.server.views import iso_time
+from deploy_core.server.web import ApiError, json_body, parse_model, services
 
 
 class NewApiToken(BaseModel):

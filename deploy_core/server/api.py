@@ -50,12 +50,12 @@ from deploy_core.server.rollbacks import (
     request_rollback,
 )
 from deploy_core.server.services import PluginServices
+from deploy_core.server.views import render_history, render_record
 from deploy_core.server.web import (
     ApiError,
     flag_param,
     float_param,
     int_param,
-    iso_time,
     json_body,
     parse_model,
     record_or_404,
@@ -118,45 +118,6 @@ def request_model(deploy_type: DeployType) -> type[BaseModel]:
         model = create_model(name, __base__=(DeployRequestCommon, deploy_type.params))
         _request_models[deploy_type] = model
     return model
-
-
-def render_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A deployment record as the API shows it."""
-    return {
-        "deploy_id": record["deploy_id"],
-        "client_id": record["client_id"],
-        "command_type": record["command_type"],
-        "status": record["status"],
-        "stage": record["stage"],
-        "progress": record["progress"],
-        "finished": record["finished_at"] is not None,
-        "result": record["result"],
-        "error": record["error"],
-        "health": record["health"],
-        "rollback": record["rollback"],
-        "rollback_of": record["rollback_of"],
-        "rolled_back_by": record["rolled_back_by"],
-        "agent_status": record["agent_status"],
-        "request": record["request"],
-        "created_at": iso_time(record["created_at"]),
-        "updated_at": iso_time(record["updated_at"]),
-        "finished_at": iso_time(record["finished_at"]),
-        "deadline": iso_time(record["deadline"]),
-        "updated_ts": record["updated_at"],
-    }
-
-
-def render_history(row: dict[str, Any]) -> dict[str, Any]:
-    """One status-history row as the API shows it."""
-    return {
-        "status": row["status"],
-        "stage": row["stage"],
-        "progress": row["progress"],
-        "message": row["message"],
-        "source": row["source"],
-        "seq": row["seq"],
-        "timestamp": iso_time(row["ts"]),
-    }
 
 
 # --------------------------------------------------------------------------- deploy

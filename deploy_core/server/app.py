@@ -45,6 +45,7 @@ from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.targets import deployment_scope
 from deploy_core.server.tokens import TokenStore
+from deploy_core.server.views import render_record
 from deploy_core.server.watchdog import Watchdog
 from deploy_core.transport import (
     AgentSession,
@@ -257,8 +258,6 @@ class DeployServer:
 
     def record_changed(self, record: dict[str, Any], previous: str | None) -> None:
         """Tell listeners and plugins a record changed."""
-        from deploy_core.server.api import render_record
-
         view = render_record(record)
         self.listeners.publish(view)
         if previous != record["status"]:
@@ -266,8 +265,6 @@ class DeployServer:
 
     async def deployment_finished(self, record: dict[str, Any]) -> None:
         """A deployment reached its terminal status (its lock is already released)."""
-        from deploy_core.server.api import render_record
-
         self.plugins.notify("deploy_finished", record=render_record(record))
         await continue_cascade(self, record)
         if agent_left_it_unrolled(record):

@@ -11,7 +11,8 @@ from deploy_core import __version__
 from deploy_core.models import wire_schemas
 from deploy_core.server.app import DeployServer
 from deploy_core.server.rollback_plan import describe_defaults
-from deploy_core.server.web import ApiError, iso_time, services
+from deploy_core.server.views import iso_time
+from deploy_core.server.web import ApiError, services
 
 
 def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:

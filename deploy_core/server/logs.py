@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deploy_core.server.app import DeployServer
+from deploy_core.server.views import iso_time
 from deploy_core.server.web import (
     flag_param,
     float_param,
     int_param,
-    iso_time,
     record_or_404,
     services,
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -112,13 +111,6 @@ def parse_model(model: type[M], body: dict[str, Any]) -> M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise ApiError(422, "invalid request", validation_detail(exc)) from None
-
-
-def iso_time(ts: float | None) -> str | None:
-    """Epoch seconds as the API shows times: ISO 8601 in UTC with a ``Z``."""
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 async def record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]:
