@@ -9,15 +9,19 @@ how long to wait::
 
     server busy: 64 handshakes in progress; retry after 2.0 s
 
-No connection state, no TLS work: one small packet per refused Initial. The hint grows with
-the refusals of the last second (each ``limit`` of them adds ``retry_after`` once), so a large
-storm is spread over several seconds instead of retrying into the same second. Agents
+No connection state, no TLS work: one small packet per refused Initial. The hint is a
+reservation in a virtual queue: each refusal books the next free moment at the rate the
+server has been giving slots back (handshakes ending, measured over the last 2 s), so the
+refused of a large storm are told to come back one after another at about the pace they can
+be admitted, instead of all retrying into the same second; never less than
+``retry_after``, never more than :data:`MAX_RETRY_AFTER`. Agents
 (:mod:`.client`) read the hint with :func:`parse_busy_reason` and wait at least that long,
 plus jittered exponential back-off.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import time
 from collections.abc import Callable
@@ -41,9 +45,9 @@ __all__ = [
 #: Connections in their handshake at once; sized for a 2-core server (a handshake costs a
 #: few ms of CPU, so 64 keep it busy without queueing seconds of work).
 DEFAULT_MAX_HANDSHAKES = 64
-#: The hint when the server is just full; each further ``limit`` refusals within one
-#: second add this much again.
-DEFAULT_BUSY_RETRY_AFTER = 1.0
+#: The shortest hint; with no handshake measured yet, also what one handshake is assumed
+#: to take (``limit`` slots turn over in this long).
+DEFAULT_BUSY_RETRY_AFTER = 0.5
 #: The longest hint the server gives (and the longest an agent honours).
 MAX_RETRY_AFTER = 30.0
 
@@ -121,17 +125,18 @@ class HandshakeGate:
         self.peak = 0
         #: New connections refused because the gate was full, since the start.
         self.refused = 0
-        self._window_start = clock()
-        self._window_refused = 0
+        # When handshakes ended (slots given back), for the turnover rate.
+        self._ended: collections.deque[float] = collections.deque(maxlen=4096)
+        # The virtual queue's end: the moment the last refused agent was told to come back.
+        self._reserved = clock()
+        self._last_hint = retry_after
 
     def try_enter(self) -> bool:
         """Take a handshake slot; ``False`` (and a refusal counted) when all are taken."""
         if self.in_progress >= self.limit:
             now = self._clock()
-            if now - self._window_start >= 1.0:
-                self._window_start = now
-                self._window_refused = 0
-            self._window_refused += 1
+            self._reserved = max(self._reserved, now) + 1.0 / self._turnover_rate(now)
+            self._last_hint = min(max(self._reserved - now, self.base_retry_after), MAX_RETRY_AFTER)
             self.refused += 1
             return False
         self.in_progress += 1
@@ -141,9 +146,18 @@ class HandshakeGate:
     def leave(self) -> None:
         """Give a slot back (the handshake ended, either way)."""
         self.in_progress = max(0, self.in_progress - 1)
+        self._ended.append(self._clock())
 
     def retry_after(self) -> float:
-        """The hint for the refusal just counted: the base, once more for each ``limit``
-        refusals before it within the current second, at most :data:`MAX_RETRY_AFTER`."""
-        rounds = 1 + max(0, self._window_refused - 1) // self.limit
-        return min(self.base_retry_after * rounds, MAX_RETRY_AFTER)
+        """The hint for the refusal just counted, in seconds: how long until the slot it
+        booked in the virtual queue, at least the base, at most :data:`MAX_RETRY_AFTER`."""
+        return self._last_hint
+
+    def _turnover_rate(self, now: float) -> float:
+        """Slots given back per second over the last 2 s; before two were, ``limit`` per
+        base retry-after."""
+        while self._ended and now - self._ended[0] > 2.0:
+            self._ended.popleft()
+        if len(self._ended) < 2:
+            return self.limit / self.base_retry_after
+        return len(self._ended) / max(now - self._ended[0], 0.25)

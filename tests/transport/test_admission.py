@@ -278,21 +278,32 @@ async def test_a_handshake_that_times_out_gives_its_slot_back(
         await asyncio.wait_for(server.close(), 10)
 
 
-def test_the_hint_grows_with_the_refusals_of_the_last_second() -> None:
+def test_the_hint_books_the_refused_one_after_another_at_the_measured_pace() -> None:
     now = [0.0]
-    gate = HandshakeGate(limit=2, retry_after=1.0, clock=lambda: now[0])
+    gate = HandshakeGate(limit=2, retry_after=0.5, clock=lambda: now[0])
     assert gate.try_enter() and gate.try_enter()
+    # Nothing measured yet: 2 slots per 0.5 s, so each refusal books 0.25 s more.
     hints = []
-    for _ in range(5):
+    for _ in range(4):
         assert not gate.try_enter()
         hints.append(gate.retry_after())
-    assert hints == [1.0, 1.0, 2.0, 2.0, 3.0]
-    now[0] = 1.5  # a new second: back to the base
+    assert hints == [0.5, 0.5, 0.75, 1.0]
+    # Handshakes end 10 a second: each refusal now books about 0.1 s more.
+    for _ in range(10):
+        now[0] += 0.1
+        gate.leave()
+        assert gate.try_enter()
     assert not gate.try_enter()
-    assert gate.retry_after() == 1.0
-    gate.leave()
-    assert gate.try_enter()
-    assert (gate.in_progress, gate.peak, gate.refused) == (2, 2, 6)
+    assert gate.retry_after() == pytest.approx(0.5)  # the queue drained meanwhile
+    for _ in range(20):
+        assert not gate.try_enter()
+    # 21 booked since, at the 10 ends measured over 0.9 s.
+    assert gate.retry_after() == pytest.approx(21 * 0.9 / 10)
+    for _ in range(1000):
+        gate.try_enter()
+    assert gate.retry_after() == MAX_RETRY_AFTER
+    assert (gate.in_progress, gate.peak) == (2, 2)
+    assert gate.refused == 4 + 1 + 20 + 1000
 
 
 def test_busy_reasons_round_trip_and_are_capped() -> None:
