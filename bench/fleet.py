@@ -319,7 +319,9 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             "restart_busy",
             "busy refusals during the restart (retry-after hints)",
             busy,
-            f"{busy} (handshake limit reached; the agents waited and came back)",
+            f"{busy} (the server at its handshake limit; each agent waited its hint)"
+            if busy
+            else "0",
             "",
         )
         if in_flight:
