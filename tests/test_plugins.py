@@ -45,7 +45,7 @@ from deploy_core.registry import (
 from deploy_core.server import db as server_db
 from deploy_core.server.app import DeployServer
 from deploy_core.server.events import EventContext
-from deploy_core.server.web import ApiError
+from deploy_core.server.http.web import ApiError
 from deploy_core.testing import in_process_center
 
 BUILTIN = "deploy_core.server.handlers"

@@ -22,7 +22,7 @@ from deploy_core.cli.processes import (
     load_server_settings,
     server_config_option,
 )
-from deploy_core.server.http_limits import (
+from deploy_core.server.http.http_limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_UNAUTHENTICATED,

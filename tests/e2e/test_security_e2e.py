@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from deploy_core.client import ApiError, DeployClient
-from deploy_core.server.admin import admin_routes
-from deploy_core.server.api import api_routes
+from deploy_core.server.http.admin import admin_routes
+from deploy_core.server.http.api import api_routes
 from deploy_core.testing import DeployCenter
 
 

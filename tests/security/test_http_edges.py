@@ -11,7 +11,7 @@ import pytest
 from security_harness import running_server
 
 from deploy_core.server.app import DeployServer
-from deploy_core.server.web import MAX_BODY_BYTES
+from deploy_core.server.http.web import MAX_BODY_BYTES
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from security_harness import LoopThread
 from websockets.sync.client import connect as ws_connect
 
 from deploy_core.server.app import DeployServer, ServerConfig
-from deploy_core.server.http_limits import HttpLimits
+from deploy_core.server.http.http_limits import HttpLimits
 from deploy_core.testing import DeployCenter
 
 # How long a test waits for the server at most before calling it a failure (not a speed

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from deploy_core.models import ID_PATTERN, DeployCallbackPayload, DeployStatus, DeployStatusReport
 from deploy_core.models import LogLine as WireLogLine
 from deploy_core.server.app import DeployServer
-from deploy_core.server.auth import needed_scope
+from deploy_core.server.http.auth import needed_scope
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from deploy_core.server.app import DeployServer, ServerConfig
-from deploy_core.server.responses import ClientDetail, ClientList
+from deploy_core.server.http.responses import ClientDetail, ClientList
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials
 
 pytestmark = pytest.mark.asyncio

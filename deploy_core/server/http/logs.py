@@ -12,14 +12,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deploy_core.server.app import DeployServer
-from deploy_core.server.views import iso_time
-from deploy_core.server.web import (
+from deploy_core.server.http.web import (
     flag_param,
     float_param,
     int_param,
     record_or_404,
     services,
 )
+from deploy_core.server.views import iso_time
 
 
 def render_log(row: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from deploy_core.server.http.web import ApiError, json_body, parse_model, services
 from deploy_core.server.tokens import SCOPES, TokenError
 from deploy_core.server.views import iso_time
-from deploy_core.server.web import ApiError, json_body, parse_model, services
 
 
 class NewApiToken(BaseModel):
@@ -125,7 +125,7 @@ async def forget_client(request: Request) -> Response:
 
 
 def admin_routes() -> list[BaseRoute]:
-    """Routes that need the ``admin`` scope (see :mod:`deploy_core.server.auth`)."""
+    """Routes that need the ``admin`` scope (see :mod:`deploy_core.server.http.auth`)."""
     return [
         Route("/tokens", create_api_token, methods=["POST"]),
         Route("/tokens", list_api_tokens, methods=["GET"]),

@@ -2,7 +2,7 @@
 
 The handlers build their answers as plain dicts (``render_record`` and friends in
 :mod:`deploy_core.server.views`); these models describe them for the OpenAPI document
-(:mod:`deploy_core.server.openapi`).  They refuse unknown fields, so a field added to an
+(:mod:`deploy_core.server.http.openapi`).  They refuse unknown fields, so a field added to an
 answer without being added here fails the response-conformance tests instead of going
 undocumented.
 """

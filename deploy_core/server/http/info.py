@@ -10,9 +10,9 @@ from starlette.responses import JSONResponse, Response
 from deploy_core import __version__
 from deploy_core.models import wire_schemas
 from deploy_core.server.app import DeployServer
+from deploy_core.server.http.web import ApiError, services
 from deploy_core.server.rollback_plan import describe_defaults
 from deploy_core.server.views import iso_time
-from deploy_core.server.web import ApiError, services
 
 
 def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +75,7 @@ async def list_plugins(request: Request) -> Response:
 async def get_schemas(request: Request) -> Response:
     """``GET /api/schemas`` — JSON Schema of the wire models (with each deploy type's
     registered result model) and of each deploy request."""
-    from deploy_core.server.api import request_model  # api mounts this route
+    from deploy_core.server.http.api import request_model  # api mounts this route
 
     types = services(request).plugins.deploy_types.entries.values()
     return JSONResponse(

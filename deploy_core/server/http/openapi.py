@@ -1,9 +1,9 @@
 """The OpenAPI 3.1 document of the HTTP API, served at ``GET /openapi.json``.
 
 Request bodies are the pydantic models the handlers validate with (each deploy type's
-:func:`~deploy_core.server.api.request_model`, the admin bodies), with the health check and
+:func:`~deploy_core.server.http.api.request_model`, the admin bodies), with the health check and
 rollback options spelled out from the plugins that provide them.  Answers are described by
-:mod:`deploy_core.server.responses`; the tests check real answers against the document, so it
+:mod:`deploy_core.server.http.responses`; the tests check real answers against the document, so it
 cannot drift from the code unnoticed.  Plugin routes are listed with what can be known about
 them: path, method, scope and their handler's docstring.
 """
@@ -21,10 +21,10 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, DeployStatus
-from deploy_core.server.admin import NewApiToken, NewJoinToken
-from deploy_core.server.api import RollbackOptions
-from deploy_core.server.auth import needed_scope
-from deploy_core.server.responses import (
+from deploy_core.server.http.admin import NewApiToken, NewJoinToken
+from deploy_core.server.http.api import RollbackOptions
+from deploy_core.server.http.auth import needed_scope
+from deploy_core.server.http.responses import (
     ApiTokenCreated,
     ApiTokenList,
     ArtifactStored,
@@ -47,8 +47,8 @@ from deploy_core.server.responses import (
     ServerInfo,
     StatusHistory,
 )
+from deploy_core.server.http.web import FLAG_VALUES
 from deploy_core.server.tokens import TOKEN_NAME
-from deploy_core.server.web import FLAG_VALUES
 from deploy_core.transport.files import SHA256_PATTERN
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def _number(low: float, high: float, default: float) -> dict[str, Any]:
 SHA256 = {"type": "string", "pattern": SHA256_PATTERN}
 DEPLOY_ID = _path("deploy_id", ID_PATTERN, "a deployment's id")
 CLIENT_ID = _path("client_id", ID_PATTERN, "an agent's client id")
-#: The values a yes/no query parameter takes (:func:`deploy_core.server.web.flag_param`).
+#: The values a yes/no query parameter takes (:func:`deploy_core.server.http.web.flag_param`).
 FLAG = {"type": "string", "enum": list(FLAG_VALUES), "default": "0"}
 LIMIT = _query("limit", _integer(1, 500, 50), "page size")
 OFFSET = _query("offset", _integer(0, 10**9, 0), "deployments to skip")
@@ -351,7 +351,7 @@ def build_openapi(plugins: DeployPlugins, routes: Sequence[BaseRoute]) -> dict[s
     :param plugins: the server's plugins (deploy types, health checks, rollback strategies).
     :param routes: the app's routes as mounted.
     """
-    from deploy_core.server.api import request_model  # api serves this document
+    from deploy_core.server.http.api import request_model  # api serves this document
 
     types = sorted(plugins.deploy_types.entries.values(), key=lambda t: t.kind)
     inputs: set[type[BaseModel]] = {request_model(t) for t in types}

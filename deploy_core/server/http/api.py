@@ -24,19 +24,30 @@ from starlette.types import ASGIApp, Scope
 
 from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.registry import DeployType
-from deploy_core.server.admin import admin_routes
 from deploy_core.server.app import DeployServer
-from deploy_core.server.artifacts import artifact_routes
-from deploy_core.server.auth import TokenAuth
-from deploy_core.server.info import (
+from deploy_core.server.http.admin import admin_routes
+from deploy_core.server.http.artifacts import artifact_routes
+from deploy_core.server.http.auth import TokenAuth
+from deploy_core.server.http.info import (
     get_client,
     get_info,
     get_schemas,
     list_clients,
     list_plugins,
 )
+from deploy_core.server.http.logs import get_logs
+from deploy_core.server.http.web import (
+    ApiError,
+    flag_param,
+    float_param,
+    int_param,
+    json_body,
+    parse_model,
+    record_or_404,
+    services,
+    validation_detail,
+)
 from deploy_core.server.locks import ClientBusy
-from deploy_core.server.logs import get_logs
 from deploy_core.server.rollback_plan import (
     SOURCE_REQUEST,
     RollbackPlan,
@@ -51,17 +62,6 @@ from deploy_core.server.rollbacks import (
 )
 from deploy_core.server.services import PluginServices
 from deploy_core.server.views import render_history, render_record
-from deploy_core.server.web import (
-    ApiError,
-    flag_param,
-    float_param,
-    int_param,
-    json_body,
-    parse_model,
-    record_or_404,
-    services,
-    validation_detail,
-)
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
 async def get_openapi(request: Request) -> Response:
     """``GET /openapi.json`` — the OpenAPI 3.1 document of this server's API (public: it
     describes the routes and holds no data)."""
-    from deploy_core.server.openapi import build_openapi  # it reads this module's models
+    from deploy_core.server.http.openapi import build_openapi  # it reads this module's models
 
     state = request.app.state
     if getattr(state, "openapi", None) is None:
@@ -475,7 +475,7 @@ def api_routes() -> list[BaseRoute]:
 def create_app(server: DeployServer) -> ASGIApp:
     """The ASGI app: the web page (public), core routes, the live socket, plugin routes,
     token check."""
-    from deploy_core.server.live import live_routes, page_routes
+    from deploy_core.server.http.live import live_routes, page_routes
 
     routes = live_routes() + api_routes() + admin_routes() + artifact_routes()
     for route_set in server.plugins.route_sets.entries.values():

@@ -2,7 +2,7 @@
 
 The page and its files hold no data and are public.  The socket carries data, so it needs an
 API token like every ``/api`` route — but a browser cannot set ``Authorization`` on a
-WebSocket, so this socket checks its token itself (:class:`~deploy_core.server.auth.TokenAuth`
+WebSocket, so this socket checks its token itself (:class:`~deploy_core.server.http.auth.TokenAuth`
 lets it through): either the ``Authorization: Bearer`` header, as programs send it, or, from
 the page, a first message ``{"type": "auth", "token": "…"}``.  The token travels inside the
 connection, never in the URL, so it stays out of access logs and browser history.  The socket
@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from deploy_core import __version__
-from deploy_core.server.auth import SELF_AUTHENTICATED_SOCKET
+from deploy_core.server.http.auth import SELF_AUTHENTICATED_SOCKET
 from deploy_core.server.tokens import Caller, allows
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIVE_PATH = SELF_AUTHENTICATED_SOCKET
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parent.parent / "static"
 PROTOCOL = 1
 # Seconds a socket may stay open before it has shown a token.
 AUTH_TIMEOUT = 10.0
@@ -267,7 +267,7 @@ class LiveFeed:
     async def send_clients_if_changed(self) -> None:
         """Send the client list when it differs from the last one sent (heartbeat times
         aside, which change every few seconds and are not news)."""
-        from deploy_core.server.info import render_client
+        from deploy_core.server.http.info import render_client
 
         rows = await self.server.db(self.server.records.list_clients)
         clients = [render_client(self.server, row) for row in rows]
