@@ -30,12 +30,12 @@ from deploy_core.models import EVENT_STATUS, DeployStatus, DeployStatusReport, L
 # A report carries at most 1000 lines (DeployStatusReport.logs) and 256 blocks.
 MAX_BATCH_LINES = 1000
 MAX_BATCH_BLOCKS = 200
-MAX_BATCH_BYTES = 64 * 1024
+MAX_BATCH_BYTES = 256 * 1024
 # Bytes each line adds to a report beyond its text (timestamp, stream, stage, JSON).
 LINE_OVERHEAD = 64
 # The outbox may hold this much before a running script's output is no longer read (and at
 # most a quarter of the deployment's log budget, so the journal stays well under twice it).
-MAX_UNACKED_BYTES = 1024 * 1024
+MAX_UNACKED_BYTES = 4 * 1024 * 1024
 # How often wait_for_room looks again while the outbox is full.
 ROOM_POLL = 0.02
 
