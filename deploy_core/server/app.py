@@ -30,6 +30,7 @@ from deploy_core.server.callbacks import Listeners
 from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
 from deploy_core.server.locks import ClientBusy
 from deploy_core.server.ownership import named_deployments
@@ -134,8 +135,6 @@ class DeployServer:
 
     async def start(self) -> None:
         """Open the database, start the QUIC endpoint, the HTTP API and the background loops."""
-        from deploy_core.server.http.api import create_app
-
         cfg = self.config
         self.state = await asyncio.to_thread(init_state, cfg.state_dir, hostnames=cfg.cert_names)
         url = cfg.db_url or db.sqlite_url(self.state.database_file)

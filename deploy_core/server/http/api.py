@@ -12,9 +12,9 @@ import asyncio
 import logging
 import re
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Scope
 
 from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.registry import DeployType
-from deploy_core.server.app import DeployServer
 from deploy_core.server.http.admin import admin_routes
 from deploy_core.server.http.artifacts import artifact_routes
 from deploy_core.server.http.auth import TokenAuth
@@ -35,7 +34,15 @@ from deploy_core.server.http.info import (
     list_clients,
     list_plugins,
 )
+from deploy_core.server.http.live import live_routes, page_routes
 from deploy_core.server.http.logs import get_logs
+from deploy_core.server.http.openapi import build_openapi
+from deploy_core.server.http.requests import (
+    COMMON_FIELDS,
+    DeployRequestCommon,
+    RollbackOptions,
+    request_model,
+)
 from deploy_core.server.http.web import (
     ApiError,
     flag_param,
@@ -63,61 +70,12 @@ from deploy_core.server.rollbacks import (
 from deploy_core.server.services import PluginServices
 from deploy_core.server.views import render_history, render_record
 
+if TYPE_CHECKING:
+    from deploy_core.server.app import DeployServer
+
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 60.0
-
-
-# As pydantic patterns, so that the OpenAPI document states them too; "$" there ends the
-# text (with re.match it also matched before a trailing newline: "A\n" was a valid name).
-SecretName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
-SecretValue = Annotated[str, Field(max_length=32768, pattern=r"^[^\x00]*$")]
-
-
-class DeployRequestCommon(BaseModel):
-    """Fields every deploy request has, beside its deploy type's own parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    client_id: str = Field(pattern=ID_PATTERN, description="the target agent")
-    health_checks: list[dict[str, Any]] = Field(
-        default_factory=list, max_length=16, description="checks run after the deployment"
-    )
-    rollback: dict[str, Any] | StrictBool | None = Field(
-        None,
-        description='how a failure is undone: {"strategy": NAME, …options}; false or '
-        '{"strategy": "none"} opts out; true, or options without a strategy, ask for the '
-        "default.  Absent: the server config's [defaults.rollback] for the deploy type, else "
-        "the type's own default (tar: release, Docker: previous_container), else none",
-    )
-    deadline: float | None = Field(
-        None,
-        gt=0,
-        le=7 * 86400,
-        description="seconds from now after which the server gives the deployment up",
-    )
-    secret_env: dict[SecretName, SecretValue] = Field(
-        default_factory=dict,
-        max_length=64,
-        json_schema_extra={"additionalProperties": False},  # names outside the pattern
-        description="environment variables whose values are masked in logs, results and "
-        "records (only their names are stored with the deployment); at most 64, each value "
-        "at most 32 KiB without NUL bytes",
-    )
-
-
-_COMMON_FIELDS = set(DeployRequestCommon.model_fields)
-_request_models: dict[DeployType, type[BaseModel]] = {}
-
-
-def request_model(deploy_type: DeployType) -> type[BaseModel]:
-    """The API request model of a deploy type: common fields + the type's parameters."""
-    model = _request_models.get(deploy_type)
-    if model is None:
-        name = "".join(p.capitalize() for p in deploy_type.kind.split("_")) + "DeployRequest"
-        model = create_model(name, __base__=(DeployRequestCommon, deploy_type.params))
-        _request_models[deploy_type] = model
-    return model
 
 
 # --------------------------------------------------------------------------- deploy
@@ -208,10 +166,10 @@ async def create_deployment(request: Request) -> Response:
     except ValidationError as exc:
         raise ApiError(422, "invalid deploy request", validation_detail(exc)) from None
     common = DeployRequestCommon.model_validate(
-        {k: v for k, v in validated.model_dump().items() if k in _COMMON_FIELDS}
+        {k: v for k, v in validated.model_dump().items() if k in COMMON_FIELDS}
     )
     params = deploy_type.params.model_validate(
-        {k: v for k, v in validated.model_dump().items() if k not in _COMMON_FIELDS}
+        {k: v for k, v in validated.model_dump().items() if k not in COMMON_FIELDS}
     )
     if deploy_type.server_check is not None:
         try:
@@ -251,18 +209,6 @@ async def create_deployment(request: Request) -> Response:
             "url": f"/api/deploy/{record['deploy_id']}",
         },
         status_code=202,
-    )
-
-
-class RollbackOptions(BaseModel):
-    """The optional body of ``POST /api/deploy/{deploy_id}/rollback``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cascade: StrictBool = Field(
-        False,
-        description="when newer deployments of the same target are still in place, roll them "
-        "back first, newest first, then this one (each its own linked rollback)",
     )
 
 
@@ -446,7 +392,6 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
 async def get_openapi(request: Request) -> Response:
     """``GET /openapi.json`` — the OpenAPI 3.1 document of this server's API (public: it
     describes the routes and holds no data)."""
-    from deploy_core.server.http.openapi import build_openapi  # it reads this module's models
 
     state = request.app.state
     if getattr(state, "openapi", None) is None:
@@ -475,7 +420,6 @@ def api_routes() -> list[BaseRoute]:
 def create_app(server: DeployServer) -> ASGIApp:
     """The ASGI app: the web page (public), core routes, the live socket, plugin routes,
     token check."""
-    from deploy_core.server.http.live import live_routes, page_routes
 
     routes = live_routes() + api_routes() + admin_routes() + artifact_routes()
     for route_set in server.plugins.route_sets.entries.values():

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from deploy_core import __version__
 from deploy_core.models import wire_schemas
-from deploy_core.server.app import DeployServer
+from deploy_core.server.http.requests import request_model
 from deploy_core.server.http.web import ApiError, services
 from deploy_core.server.rollback_plan import describe_defaults
 from deploy_core.server.views import iso_time
+
+if TYPE_CHECKING:
+    from deploy_core.server.app import DeployServer
 
 
 def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +78,6 @@ async def list_plugins(request: Request) -> Response:
 async def get_schemas(request: Request) -> Response:
     """``GET /api/schemas`` — JSON Schema of the wire models (with each deploy type's
     registered result model) and of each deploy request."""
-    from deploy_core.server.http.api import request_model  # api mounts this route
 
     types = services(request).plugins.deploy_types.entries.values()
     return JSONResponse(

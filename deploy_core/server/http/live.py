@@ -41,6 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from deploy_core import __version__
 from deploy_core.server.http.auth import SELF_AUTHENTICATED_SOCKET
+from deploy_core.server.http.info import render_client
 from deploy_core.server.tokens import Caller, allows
 
 if TYPE_CHECKING:
@@ -267,8 +268,6 @@ class LiveFeed:
     async def send_clients_if_changed(self) -> None:
         """Send the client list when it differs from the last one sent (heartbeat times
         aside, which change every few seconds and are not news)."""
-        from deploy_core.server.http.info import render_client
-
         rows = await self.server.db(self.server.records.list_clients)
         clients = [render_client(self.server, row) for row in rows]
         compare = [{k: v for k, v in c.items() if k != "last_seen"} for c in clients]

@@ -6,12 +6,11 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from deploy_core.server.app import DeployServer
 from deploy_core.server.http.web import (
     flag_param,
     float_param,
@@ -20,6 +19,9 @@ from deploy_core.server.http.web import (
     services,
 )
 from deploy_core.server.views import iso_time
+
+if TYPE_CHECKING:
+    from deploy_core.server.app import DeployServer
 
 
 def render_log(row: dict[str, Any]) -> dict[str, Any]:

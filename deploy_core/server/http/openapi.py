@@ -1,11 +1,11 @@
 """The OpenAPI 3.1 document of the HTTP API, served at ``GET /openapi.json``.
 
 Request bodies are the pydantic models the handlers validate with (each deploy type's
-:func:`~deploy_core.server.http.api.request_model`, the admin bodies), with the health check and
-rollback options spelled out from the plugins that provide them.  Answers are described by
-:mod:`deploy_core.server.http.responses`; the tests check real answers against the document, so it
-cannot drift from the code unnoticed.  Plugin routes are listed with what can be known about
-them: path, method, scope and their handler's docstring.
+:func:`~deploy_core.server.http.requests.request_model`, the admin bodies), with the health
+check and rollback options spelled out from the plugins that provide them.  Answers are
+described by :mod:`deploy_core.server.http.responses`; the tests check real answers against the
+document, so it cannot drift from the code unnoticed.  Plugin routes are listed with what can
+be known about them: path, method, scope and their handler's docstring.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.http.admin import NewApiToken, NewJoinToken
-from deploy_core.server.http.api import RollbackOptions
 from deploy_core.server.http.auth import needed_scope
+from deploy_core.server.http.requests import RollbackOptions, request_model
 from deploy_core.server.http.responses import (
     ApiTokenCreated,
     ApiTokenList,
@@ -351,7 +351,6 @@ def build_openapi(plugins: DeployPlugins, routes: Sequence[BaseRoute]) -> dict[s
     :param plugins: the server's plugins (deploy types, health checks, rollback strategies).
     :param routes: the app's routes as mounted.
     """
-    from deploy_core.server.http.api import request_model  # api serves this document
 
     types = sorted(plugins.deploy_types.entries.values(), key=lambda t: t.kind)
     inputs: set[type[BaseModel]] = {request_model(t) for t in types}
