@@ -1,7 +1,8 @@
 """The server process: the QUIC endpoint for agents and the HTTP API, in one event loop.
 
 :class:`DeployServer` wires the parts together: records, listeners, the event router, command
-dispatch (server/dispatch.py) and the watchdog (server/watchdog.py).
+dispatch (server/dispatch.py), the event router (server/events.py) and the watchdog
+(server/watchdog.py).
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactSto
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
-from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
 from deploy_core.server.locks import ClientBusy
-from deploy_core.server.ownership import named_deployments
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, Applied, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollbacks import (
@@ -48,14 +48,7 @@ from deploy_core.server.targets import deployment_scope
 from deploy_core.server.tokens import TokenStore
 from deploy_core.server.views import render_record
 from deploy_core.server.watchdog import Watchdog
-from deploy_core.transport import (
-    AgentSession,
-    Envelope,
-    Kind,
-    QuicServer,
-    ack_for,
-    error_for,
-)
+from deploy_core.transport import AgentSession, QuicServer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +112,7 @@ class DeployServer:
         # Checked against the plugins now: a wrong default stops the server from starting.
         self.rollback_defaults = RollbackDefaults(config.rollback_defaults, self.plugins)
         self.listeners = Listeners()
+        self.events = EventRouter(self)
         self.started_at = time.time()
         self.state: ServerState
         self.engine: Engine
@@ -171,7 +165,7 @@ class DeployServer:
             certs=self.state.certs,
             authority=AgentRegistry(self.records, self.tokens, self.db),
             on_connect=self._on_connect,
-            on_message=self._on_message,
+            on_message=self.events.route,
             on_disconnect=self._on_disconnect,
             files=self.artifacts,
             may_fetch=self._may_fetch,
@@ -329,63 +323,6 @@ class DeployServer:
     async def _on_disconnect(self, session: AgentSession) -> None:
         await self.db(self.records.set_disconnected, session.client_id, last_seen=session.last_seen)
         log.info("agent %s disconnected", session.client_id)
-
-    async def _on_message(self, session: AgentSession, env: Envelope) -> None:
-        """One message of an authenticated agent.  Whatever names a deployment is checked
-        against the deployments of that agent first: a foreign one gets an ERROR and changes
-        nothing, whichever handler it was meant for."""
-        if env.kind is Kind.ACK:
-            deploy_id = env.payload.get("deploy_id")
-            if deploy_id is None:
-                return
-            owned = isinstance(deploy_id, str) and await self.db(
-                self.records.mark_acked, session.client_id, deploy_id
-            )
-            if not owned:
-                session.send(error_for(env, self._not_yours(session.client_id, [deploy_id])))
-            return
-        if env.kind is Kind.ERROR:
-            log.warning("agent %s reports an error: %s", session.client_id, env.payload)
-            return
-        if env.kind is not Kind.EVENT:
-            session.send(error_for(env, f"unexpected message kind {env.kind.value!r}"))
-            return
-        handler = self.plugins.event_handlers.get(env.name)
-        if handler is None:
-            session.send(error_for(env, f"no handler for event {env.name!r} on this server"))
-            return
-        named = named_deployments(env.payload)
-        foreign = named and await self.db(self.records.not_owned, session.client_id, named)
-        if foreign:
-            log.warning(
-                "event %s from %s names deployments not sent to it: %s",
-                env.name,
-                session.client_id,
-                ", ".join(map(str, foreign)),
-            )
-            session.send(error_for(env, self._not_yours(session.client_id, foreign)))
-            return
-        try:
-            await handler.handler(EventContext(self, session.client_id, env))
-        except EventRejected as exc:
-            log.warning("event %s from %s refused: %s", env.name, session.client_id, exc)
-            session.send(error_for(env, str(exc)))
-            return
-        except Exception:
-            # Not acknowledged: the agent keeps the event and sends it again later.
-            log.exception("handler for %s failed on an event from %s", env.name, session.client_id)
-            return
-        session.send(ack_for(env))
-
-    @staticmethod
-    def _not_yours(client_id: str, deploy_ids: list[Any]) -> str:
-        # The same words for a deployment of another client and for one that does not
-        # exist: an agent learns nothing about other clients' deployments.
-        names = ", ".join(f"{d:.80}" if isinstance(d, str) else f"{d!r:.80}" for d in deploy_ids)
-        return (
-            f"no deployment {names} for client {client_id}; an agent may name only the "
-            "deployments sent to it"
-        )
 
     async def _may_fetch(self, client_id: str, sha256: str) -> bool:
         return await self.db(self.records.may_fetch, client_id, sha256)

@@ -1,4 +1,5 @@
-"""Routing agent events to their handlers (SPEC deploy-20, deploy-21).
+"""Routing agent messages: acknowledgements, errors, and events to their handlers (SPEC
+deploy-20, deploy-21).
 
 Handlers are registered through ``deploy_register_event_handlers``; the core's own
 ``deploy.status`` and ``command.callback`` handlers come in the same way
@@ -7,15 +8,20 @@ Handlers are registered through ``deploy_register_event_handlers``; the core's o
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deploy_core.plugin.errors import EventRejected as EventRejected  # defined by the contract
+from deploy_core.server.ownership import named_deployments
 from deploy_core.server.services import PluginServices
-from deploy_core.transport import Envelope
+from deploy_core.transport import AgentSession, Envelope, Kind, ack_for, error_for
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,3 +51,71 @@ class EventContext:
     def services(self) -> PluginServices:
         """What a plugin's handler may use of the server (the core's own use ``server``)."""
         return PluginServices(self.server)
+
+
+class EventRouter:
+    """Handles each message an authenticated agent sends: acknowledgements mark commands
+    received, events go to the handler registered for their name, and anything naming a
+    deployment is checked against that agent's deployments first."""
+
+    def __init__(self, server: DeployServer) -> None:
+        self.server = server
+
+    async def route(self, session: AgentSession, env: Envelope) -> None:
+        """One message of an authenticated agent.  Whatever names a deployment is checked
+        against the deployments of that agent first: a foreign one gets an ERROR and changes
+        nothing, whichever handler it was meant for."""
+        if env.kind is Kind.ACK:
+            deploy_id = env.payload.get("deploy_id")
+            if deploy_id is None:
+                return
+            owned = isinstance(deploy_id, str) and await asyncio.to_thread(
+                self.server.records.mark_acked, session.client_id, deploy_id
+            )
+            if not owned:
+                session.send(error_for(env, _not_yours(session.client_id, [deploy_id])))
+            return
+        if env.kind is Kind.ERROR:
+            log.warning("agent %s reports an error: %s", session.client_id, env.payload)
+            return
+        if env.kind is not Kind.EVENT:
+            session.send(error_for(env, f"unexpected message kind {env.kind.value!r}"))
+            return
+        handler = self.server.plugins.event_handlers.get(env.name)
+        if handler is None:
+            session.send(error_for(env, f"no handler for event {env.name!r} on this server"))
+            return
+        named = named_deployments(env.payload)
+        foreign = named and await asyncio.to_thread(
+            self.server.records.not_owned, session.client_id, named
+        )
+        if foreign:
+            log.warning(
+                "event %s from %s names deployments not sent to it: %s",
+                env.name,
+                session.client_id,
+                ", ".join(map(str, foreign)),
+            )
+            session.send(error_for(env, _not_yours(session.client_id, foreign)))
+            return
+        try:
+            await handler.handler(EventContext(self.server, session.client_id, env))
+        except EventRejected as exc:
+            log.warning("event %s from %s refused: %s", env.name, session.client_id, exc)
+            session.send(error_for(env, str(exc)))
+            return
+        except Exception:
+            # Not acknowledged: the agent keeps the event and sends it again later.
+            log.exception("handler for %s failed on an event from %s", env.name, session.client_id)
+            return
+        session.send(ack_for(env))
+
+
+def _not_yours(client_id: str, deploy_ids: list[Any]) -> str:
+    # The same words for a deployment of another client and for one that does not
+    # exist: an agent learns nothing about other clients' deployments.
+    names = ", ".join(f"{d:.80}" if isinstance(d, str) else f"{d!r:.80}" for d in deploy_ids)
+    return (
+        f"no deployment {names} for client {client_id}; an agent may name only the "
+        "deployments sent to it"
+    )
