@@ -1,8 +1,8 @@
 """The server process: the QUIC endpoint for agents and the HTTP API, in one event loop.
 
-:class:`DeployServer` wires the parts together: records, listeners, the event router, command
-dispatch (server/dispatch.py), the event router (server/events.py) and the watchdog
-(server/watchdog.py).
+:class:`DeployServer` wires the parts together: records, listeners, deployments
+(server/deployments.py), command dispatch (server/dispatch.py), the event router
+(server/events.py) and the watchdog (server/watchdog.py).
 """
 
 from __future__ import annotations
@@ -28,25 +28,17 @@ from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.deployments import Deployments
 from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
-from deploy_core.server.locks import ClientBusy
-from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, Applied, RecordStore
+from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
-from deploy_core.server.rollbacks import (
-    RollbackRefused,
-    agent_left_it_unrolled,
-    continue_cascade,
-    request_rollback,
-)
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
-from deploy_core.server.targets import deployment_scope
 from deploy_core.server.tokens import TokenStore
-from deploy_core.server.views import render_record
 from deploy_core.server.watchdog import Watchdog
 from deploy_core.transport import AgentSession, QuicServer
 
@@ -120,6 +112,7 @@ class DeployServer:
         self.transport: QuicServer
         self.artifacts: ArtifactStore
         self.dispatcher: Dispatcher
+        self.deployments: Deployments
         self.watchdog: Watchdog
         self._http: _UvicornServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -171,8 +164,9 @@ class DeployServer:
             may_fetch=self._may_fetch,
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
+        self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
         self.watchdog = Watchdog(
-            self.records, expired=self._expired, interval=cfg.watchdog_interval
+            self.records, expired=self.deployments.expired, interval=cfg.watchdog_interval
         )
         await self.transport.start()
         self.app = create_app(self)
@@ -246,67 +240,6 @@ class DeployServer:
     async def db(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a blocking records call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
-
-    # ------------------------------------------------------------------ records changing
-
-    def record_changed(self, record: dict[str, Any], previous: str | None) -> None:
-        """Tell listeners and plugins a record changed."""
-        view = render_record(record)
-        self.listeners.publish(view)
-        if previous != record["status"]:
-            self.plugins.notify("deploy_status_changed", record=dict(view), previous=previous)
-
-    async def deployment_finished(self, record: dict[str, Any]) -> None:
-        """A deployment reached its terminal status (its lock is already released)."""
-        self.plugins.notify("deploy_finished", record=render_record(record))
-        await continue_cascade(self, record)
-        if agent_left_it_unrolled(record):
-            try:
-                rollback = await request_rollback(self, record)
-            except (RollbackRefused, ClientBusy) as exc:
-                log.warning("cannot roll back %s: %s", record["deploy_id"], exc)
-            else:
-                log.info(
-                    "deployment %s failed without a rollback by its agent; rollback %s asked for",
-                    record["deploy_id"],
-                    rollback["deploy_id"],
-                )
-
-    async def _expired(self, applied: Applied) -> None:
-        """The watchdog finished a deployment."""
-        assert applied.record is not None
-        self.record_changed(applied.record, applied.previous)
-        await self.deployment_finished(applied.record)
-
-    async def submit(
-        self,
-        *,
-        client_id: str,
-        command_type: str,
-        request: dict[str, Any],
-        deadline: float,
-        rollback_of: str | None = None,
-        secret_env: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Record a new deployment (taking the client's lock) and send it if the agent is
-        connected.  :raises ClientBusy: the client is busy."""
-        deploy_id = uuid.uuid4().hex
-        target, artifacts = deployment_scope(self.plugins, command_type, request)
-        record = await self.db(
-            self.records.create_deployment,
-            deploy_id=deploy_id,
-            client_id=client_id,
-            command_type=command_type,
-            request=request,
-            deadline=deadline,
-            rollback_of=rollback_of,
-            secret_env=secret_env,
-            target=target,
-            artifacts=artifacts,
-        )
-        self.record_changed(record, None)
-        await self.dispatcher.dispatch(record)
-        return record
 
     # ------------------------------------------------------------------ transport callbacks
 

@@ -42,7 +42,7 @@ async def handle_status_report(ctx: EventContext) -> None:
     if applied.record is None:
         raise EventRejected(f"no deployment {report.deploy_id} for client {ctx.client_id}")
     if applied.applied:
-        ctx.server.record_changed(applied.record, applied.previous)
+        ctx.server.deployments.record_changed(applied.record, applied.previous)
 
 
 async def handle_callback(ctx: EventContext) -> None:
@@ -55,9 +55,9 @@ async def handle_callback(ctx: EventContext) -> None:
     applied = await ctx.server.db(ctx.server.records.finish, ctx.client_id, callback)
     if applied.record is None:
         raise EventRejected(f"no deployment {callback.callback_id} for client {ctx.client_id}")
-    ctx.server.record_changed(applied.record, applied.previous)
+    ctx.server.deployments.record_changed(applied.record, applied.previous)
     if applied.applied:
-        await ctx.server.deployment_finished(applied.record)
+        await ctx.server.deployments.finished(applied.record)
 
 
 @hookimpl

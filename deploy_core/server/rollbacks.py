@@ -23,7 +23,7 @@ from deploy_core.models import COMMAND_ROLLBACK, UNDONE_STATUSES, DeployStatus
 from deploy_core.server.locks import ClientBusy
 
 if TYPE_CHECKING:
-    from deploy_core.server.app import DeployServer
+    from deploy_core.server.deployments import Deployments
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class RollbackSuperseded(RollbackRefused):
         )
 
 
-def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict[str, Any], float]:
+def rollback_request(
+    deployments: Deployments, record: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
     """The request of a ``deploy.rollback`` undoing ``record`` and its deadline in seconds.
 
     :raises RollbackRefused: nothing to roll back to, or it was rolled back already.
@@ -76,7 +78,7 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
             f"deployment {deploy_id} has no restorable state: it was made without a rollback "
             "strategy"
         )
-    strategy = server.plugins.rollback_strategies.get(rollback["strategy"])
+    strategy = deployments.plugins.rollback_strategies.get(rollback["strategy"])
     if strategy is None:
         raise RollbackRefused(f"this server has no {rollback['strategy']!r} rollback strategy")
     # Without a callback (watchdog timeout) the agent's journal may still hold the state.
@@ -110,7 +112,7 @@ def rollback_request(server: DeployServer, record: dict[str, Any]) -> tuple[dict
 
 
 async def request_rollback(
-    server: DeployServer, record: dict[str, Any], *, cascade: bool = False
+    deployments: Deployments, record: dict[str, Any], *, cascade: bool = False
 ) -> dict[str, Any]:
     """Record and send a ``deploy.rollback`` for ``record`` — or, with ``cascade``, for the
     newest of the deployments in place after it on its target, the rest to follow.
@@ -121,26 +123,26 @@ async def request_rollback(
     :raises RollbackRefused: see :func:`rollback_request` (for any deployment of the chain).
     :raises ClientBusy: the client runs another deployment.
     """
-    newer = await server.db(server.records.newer_in_place, record)
+    newer = await deployments.db(deployments.records.newer_in_place, record)
     if newer and not cascade:
         raise RollbackSuperseded(record, newer)
     chain = [*newer, record]
     # Every link is checked before the first is sent: a chain that cannot finish is refused
     # whole instead of stopping half-way.
     for link in chain:
-        rollback_request(server, link)
-        await _check_restorable(server, link)
-    return await _submit_rollback(server, chain[0], [link["deploy_id"] for link in chain[1:]])
+        rollback_request(deployments, link)
+        await _check_restorable(deployments, link)
+    return await _submit_rollback(deployments, chain[0], [link["deploy_id"] for link in chain[1:]])
 
 
-async def _check_restorable(server: DeployServer, record: dict[str, Any]) -> None:
+async def _check_restorable(deployments: Deployments, record: dict[str, Any]) -> None:
     """Ask the strategy whether what it saved for ``record`` is still there (a snapshot a
     later success pruned is not): refuse now rather than fail on the agent."""
     rollback = record["request"].get("rollback") or {}
-    strategy = server.plugins.rollback_strategies.get(str(rollback.get("strategy")))
+    strategy = deployments.plugins.rollback_strategies.get(str(rollback.get("strategy")))
     if strategy is None or strategy.restorable is None:
         return
-    later = await server.db(server.records.finished_after, record)
+    later = await deployments.db(deployments.records.finished_after, record)
     reason = strategy.restorable(record, later)
     if reason:
         raise RollbackRefused(f"deployment {record['deploy_id']} cannot be rolled back: {reason}")
@@ -151,49 +153,50 @@ def cascade_order(rollback: dict[str, Any]) -> list[str]:
     return [rollback["rollback_of"], *(rollback["request"].get("cascade") or [])]
 
 
-async def continue_cascade(server: DeployServer, rollback: dict[str, Any]) -> None:
+async def continue_cascade(deployments: Deployments, rollback: dict[str, Any]) -> None:
     """A rollback deployment finished: if it was part of a cascade and undid its deployment,
     ask for the next rollback of the chain (errors are logged, the chain stops)."""
     rest: list[str] = list(rollback["request"].get("cascade") or [])
     if not rest or rollback["command_type"] != COMMAND_ROLLBACK:
         return
     if rollback["status"] != DeployStatus.ROLLED_BACK.value:
-        await _stop_cascade(server, rollback, rest, f"this rollback ended {rollback['status']}")
+        why = f"this rollback ended {rollback['status']}"
+        await _stop_cascade(deployments, rollback, rest, why)
         return
-    record = await server.db(server.records.get, rest[0])
+    record = await deployments.db(deployments.records.get, rest[0])
     if record is None:
-        await _stop_cascade(server, rollback, rest, f"deployment {rest[0]} no longer exists")
+        await _stop_cascade(deployments, rollback, rest, f"deployment {rest[0]} no longer exists")
         return
     try:
         # Something deployed on the target while the chain ran is not undone either.
-        newer = await server.db(server.records.newer_in_place, record)
+        newer = await deployments.db(deployments.records.newer_in_place, record)
         if newer:
             raise RollbackSuperseded(record, newer)
-        await _check_restorable(server, record)
-        nxt = await _submit_rollback(server, record, rest[1:])
+        await _check_restorable(deployments, record)
+        nxt = await _submit_rollback(deployments, record, rest[1:])
     except (RollbackRefused, ClientBusy) as exc:
-        await _stop_cascade(server, rollback, rest, str(exc))
+        await _stop_cascade(deployments, rollback, rest, str(exc))
         return
     log.info("cascade: rollback %s of %s asked for", nxt["deploy_id"], rest[0])
 
 
 async def _stop_cascade(
-    server: DeployServer, rollback: dict[str, Any], rest: list[str], why: str
+    deployments: Deployments, rollback: dict[str, Any], rest: list[str], why: str
 ) -> None:
     """Say in the rollback's history (and the log) that the chain stops there, and what it
     leaves in place."""
     message = f"cascade stopped: {why}; not rolled back: {', '.join(rest)}"
     log.warning("rollback %s: %s", rollback["deploy_id"], message)
-    await server.db(server.records.note, rollback["deploy_id"], message)
+    await deployments.db(deployments.records.note, rollback["deploy_id"], message)
 
 
 async def _submit_rollback(
-    server: DeployServer, record: dict[str, Any], then: list[str]
+    deployments: Deployments, record: dict[str, Any], then: list[str]
 ) -> dict[str, Any]:
-    request, seconds = rollback_request(server, record)
+    request, seconds = rollback_request(deployments, record)
     if then:
         request["cascade"] = then
-    return await server.submit(
+    return await deployments.submit(
         client_id=record["client_id"],
         command_type=COMMAND_ROLLBACK,
         request=request,

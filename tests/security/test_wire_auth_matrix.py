@@ -79,7 +79,7 @@ async def center(tmp_path: Path) -> AsyncIterator[Center]:
         keys = {cid: secrets.token_bytes(32) for cid in ("alpha", "beta")}
         for cid, key in keys.items():
             await server.db(server.records.enroll, cid, key.hex())
-        record = await server.submit(
+        record = await server.deployments.submit(
             client_id="alpha",
             command_type="deploy.shell",
             request={"params": {"script": "true"}, "health_checks": [], "rollback": None},

@@ -180,7 +180,7 @@ async def center(tmp_path: Path) -> AsyncIterator[Center]:
             await server.db(server.records.enroll, cid, key.hex())
         package = os.urandom(300_000)
         sha = await _store(server, package)
-        record = await server.submit(
+        record = await server.deployments.submit(
             client_id="alpha",
             command_type="deploy.tar",
             request={

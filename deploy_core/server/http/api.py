@@ -185,7 +185,7 @@ async def create_deployment(request: Request) -> Response:
     check_capabilities(client, deploy_type.name, checks, plan)
     seconds = common.deadline or (params.timeout + extra + server.config.deadline_margin)
     try:
-        record = await server.submit(
+        record = await server.deployments.submit(
             client_id=common.client_id,
             command_type=deploy_type.name,
             request={
@@ -226,7 +226,7 @@ async def rollback_deployment(request: Request) -> Response:
     )
     record = await record_or_404(server, request.path_params["deploy_id"])
     try:
-        rollback = await request_rollback(server, record, cascade=options.cascade)
+        rollback = await request_rollback(server.deployments, record, cascade=options.cascade)
     except RollbackSuperseded as exc:
         raise ApiError(409, str(exc), {"newer": exc.newer, "target": exc.target}) from None
     except RollbackRefused as exc:
