@@ -306,3 +306,26 @@ def test_imports_under_type_checking_and_in_functions_do_not_count(tmp_path: Pat
     known = {"pkg", "pkg.loaded", "pkg.relative", "pkg.typing_only", "pkg.lazy"}
     found = imported_names(pkg / "m.py", "pkg.m", known)
     assert found == {"typing", "pkg.loaded", "pkg.relative"}
+
+
+# --------------------------------------------------------------------------- the server's layers
+
+SERVER = "deploy_core.server"
+SERVER_HTTP = "deploy_core.server.http"
+# app.py wires the HTTP layer in; server/web.py is http.web's old path, kept for plugins.
+MAY_LOAD_HTTP = {"deploy_core.server.app", "deploy_core.server.web"}
+
+
+def test_no_server_service_loads_the_http_layer() -> None:
+    """The handlers under ``server/http`` depend on the server's services, never the
+    reverse (issue 12 §3)."""
+    graph = core_graph()
+    assert SERVER_HTTP in graph
+    wrong = {
+        module: sorted(target for target in targets if _within(target, (SERVER_HTTP,)))
+        for module, targets in graph.items()
+        if _within(module, (SERVER,))
+        and not _within(module, (SERVER_HTTP,))
+        and module not in MAY_LOAD_HTTP
+    }
+    assert {module: found for module, found in wrong.items() if found} == {}
