@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -201,7 +202,7 @@ class DeployServer:
             "ca": str(self.state.certs.ca_cert),
             "admin_token_file": str(self.state.admin_token_file),
             "join_token_file": str(self.state.join_token_file),
-            "pid": __import__("os").getpid(),
+            "pid": os.getpid(),
         }
         (cfg.state_dir / SERVER_INFO).write_text(json.dumps(info, indent=2) + "\n")
         log.info("server %s: API %s, QUIC %s", cfg.server_id, self.api_url, info["quic"])
