@@ -34,6 +34,7 @@ connections are not affected.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -744,6 +745,9 @@ def _key_offer(payload: dict[str, Any]) -> tuple[bytes, bytes] | None:
 _READ_BATCH = 64
 # Larger than any QUIC datagram (they fit one path MTU).
 _MAX_UDP_READ = 65535
+# How long, and how many, connection ids refused as busy are remembered.
+_REFUSED_CID_MEMORY = 5.0
+_REFUSED_CID_LIMIT = 65536
 
 
 class _AdmittingEndpoint(_QuicEndpoint):
@@ -766,6 +770,11 @@ class _AdmittingEndpoint(_QuicEndpoint):
         self._gate = gate
         self._sock = sock
         self._last_busy_log = -1.0
+        # Connection ids refused as busy lately (monotonic time of the refusal): a late or
+        # retransmitted Initial of a refused attempt is refused again instead of opening a
+        # connection the agent, already draining, never answers (it would hold a slot until
+        # the handshake timeout).
+        self._refused_cids: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         self._datagram(data, addr)
@@ -797,23 +806,34 @@ class _AdmittingEndpoint(_QuicEndpoint):
                 header.packet_type == QuicPacketType.INITIAL
                 and header.version in self._configuration.supported_versions
                 and header.destination_cid not in self._protocols
-                and not self._gate.try_enter()
+                and (self._refused_lately(header.destination_cid) or not self._gate.try_enter())
             ):
                 self._refuse_busy(header.version, header.destination_cid, header.source_cid, addr)
                 return
         super().datagram_received(data, addr)
+
+    def _refused_lately(self, dcid: bytes) -> bool:
+        now = time.monotonic()
+        refused = self._refused_cids
+        while refused and now - next(iter(refused.values())) > _REFUSED_CID_MEMORY:
+            refused.popitem(last=False)
+        return dcid in refused
 
     def _refuse_busy(
         self, version: int | None, dcid: bytes, scid: bytes, addr: NetworkAddress
     ) -> None:
         gate = self._gate
         retry_after = gate.retry_after()
+        now = time.monotonic()
+        if dcid not in self._refused_cids:
+            self._refused_cids[dcid] = now
+            if len(self._refused_cids) > _REFUSED_CID_LIMIT:
+                self._refused_cids.popitem(last=False)
         if self._transport is not None and version is not None:
             self._transport.sendto(
                 busy_close_packet(version, dcid, scid, busy_reason(gate.in_progress, retry_after)),
                 addr,
             )
-        now = time.monotonic()
         if now - self._last_busy_log >= 10.0:
             self._last_busy_log = now
             logger.warning(

@@ -314,3 +314,63 @@ def test_busy_reasons_round_trip_and_are_capped() -> None:
     assert parse_busy_reason("server shutting down") is None
     with pytest.raises(ValueError, match="at least 1"):
         HandshakeGate(limit=0)
+
+
+@pytest.mark.asyncio
+async def test_a_late_copy_of_a_refused_initial_is_refused_too(certs: ServerCerts) -> None:
+    """The same Initial sent again once a slot is free (a retransmission of an attempt the
+    agent already gave up) gets the busy close again, not a connection nobody answers."""
+    import socket
+    import time
+
+    from aioquic._buffer import Buffer
+    from aioquic.asyncio.client import connect
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+    from deploy_core.transport import ALPN_PROTOCOL
+
+    server = QuicServer(
+        host="127.0.0.1",
+        port=0,
+        certs=certs,
+        authority=SlowAuthority(delay=0),
+        on_connect=_nothing,
+        on_message=_nothing,
+        on_disconnect=_nothing,
+        max_handshakes=1,
+    )
+    await server.start()
+    configuration = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN_PROTOCOL], cafile=str(certs.ca_cert)
+    )
+    address = ("127.0.0.1", server.port)
+    attempt = QuicConnection(configuration=configuration)
+    attempt.connect(address, now=time.monotonic())
+    initial = attempt.datagrams_to_send(now=time.monotonic())[0][0]
+    sent = pull_quic_header(Buffer(data=initial), host_cid_length=8)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(30):
+            async with connect("127.0.0.1", server.port, configuration=configuration):
+                assert server.handshakes.in_progress == 1
+                sock.sendto(initial, address)
+                first = await loop.sock_recv(sock, 2048)
+            await _until(lambda: server.handshakes.in_progress == 0, timeout=10)
+            sock.sendto(initial, address)
+            second = await loop.sock_recv(sock, 2048)
+        assert server.handshakes.in_progress == 0
+        assert server.handshakes.peak == 1
+        assert server.handshakes.refused == 1
+        # Both answers are the stateless close: an Initial from the id the attempt chose.
+        for answer in (first, second):
+            header = pull_quic_header(Buffer(data=answer), host_cid_length=8)
+            assert header.packet_type == QuicPacketType.INITIAL
+            assert header.source_cid == sent.destination_cid
+        assert len(server._connections) == 0
+    finally:
+        sock.close()
+        await asyncio.wait_for(server.close(), 10)
