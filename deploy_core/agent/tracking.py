@@ -334,6 +334,12 @@ class TrackedRun:
             await asyncio.sleep(POLL)
             if not await asyncio.to_thread(self.processes):
                 return seen
+        if self.record.pid is not None:
+            # The leader's process group first, in one kernel call: killed one by one (a v1
+            # pids cgroup has no freezer), a shell could see its child die and exit 0 first.
+            # Safe from pid reuse: the caller has not reaped the leader yet.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.record.pid, signal.SIGKILL)
         for _round in range(KILL_ROUNDS):
             if self.record.cgroup:
                 seen |= await asyncio.to_thread(kill_all, Path(self.record.cgroup))
