@@ -7,7 +7,13 @@ in-connection agent authentication (:mod:`.server`) and the agent's reconnecting
 """
 
 from .certs import ServerCerts, ensure_server_certs
-from .client import AgentConnector, CredentialStore, FileCredentials, HandshakeRefused
+from .client import (
+    AgentConnector,
+    CredentialStore,
+    FileCredentials,
+    HandshakeRefused,
+    ServerBusy,
+)
 from .envelope import (
     ALPN_PROTOCOL,
     CLIENT_ID_PATTERN,
@@ -49,6 +55,7 @@ __all__ = [
     "Kind",
     "ProtocolError",
     "QuicServer",
+    "ServerBusy",
     "ServerCerts",
     "ack_for",
     "encode",
