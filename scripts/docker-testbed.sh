@@ -206,7 +206,9 @@ fi
 
 # A loopback port that is free now: PREFERRED when it is, else one the kernel picks.
 free_port() {
-  python3 - "$1" <<'EOF'
+  local py=python3
+  [ -x /usr/bin/python3 ] && py=/usr/bin/python3  # the distribution's own, as bootstrap.sh
+  "$py" - "$1" <<'EOF'
 import socket, sys
 for port in (int(sys.argv[1] or 0), 0):
     with socket.socket() as s:

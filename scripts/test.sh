@@ -36,6 +36,11 @@ RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
 
 summary=()          # one line per suite
+# Which interpreter the suites run under: the distribution's own unless DEPLOY_CENTER_PYTHON
+# says otherwise (a newer python3 earlier on PATH would hide what a fresh machine lacks).
+interpreter="$("$PY" -c 'import sys; print(sys.version.split()[0])') ($("$PY" -c 'import sys; print(sys._base_executable)'))"
+echo "== interpreter: Python $interpreter, from DEPLOY_CENTER_PYTHON=$DEPLOY_CENTER_PYTHON"
+summary+=("interpreter: Python $interpreter")
 failed_steps=()     # names of suites, ruff or mypy runs that failed
 total_passed=0 total_failed=0 total_skipped=0
 if ! install_checkout; then
