@@ -12,6 +12,8 @@ suite once ``deploy-core`` is installed:
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -38,6 +40,27 @@ from deploy_core.registry import (
     Stage,
     find_stage,
 )
+
+
+def tree_fingerprint(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (links not followed) with its kind, mode, owner and, for a
+    file, the SHA-256 of its content: equal before and after means nothing there changed.
+
+    For tests of root file operations: fingerprint a decoy directory, swap a link to it in
+    mid-step, and assert the fingerprint is unchanged afterwards."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if path.is_symlink():
+                out[str(path)] = f"link {os.readlink(path)}"
+            elif path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[str(path)] = f"file {st.st_mode:o} {st.st_uid} {digest}"
+            else:
+                out[str(path)] = f"dir {st.st_mode:o} {st.st_uid}"
+    return out
 
 
 @dataclass

@@ -5,7 +5,6 @@ with a message naming the path and what changed."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import subprocess
 import threading
@@ -16,25 +15,7 @@ import pytest
 from conftest import missing_part
 
 from deploy_core.plugin import WorkBudget, WorkStopped, run_bounded, safefs
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    """Every entry under ``root`` (not following links) with its kind, mode and content
-    hash: equal before and after means nothing there changed."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            if path.is_symlink():
-                out[str(path)] = f"link {os.readlink(path)}"
-            elif path.is_file():
-                out[str(path)] = (
-                    f"file {st.st_mode:o} {hashlib.sha256(path.read_bytes()).hexdigest()}"
-                )
-            else:
-                out[str(path)] = f"dir {st.st_mode:o}"
-    return out
+from deploy_core.testing import tree_fingerprint
 
 
 @pytest.fixture
@@ -67,7 +48,7 @@ def test_open_dir_creates_missing_components_and_refuses_a_replaced_one(tmp_path
 
 
 def test_remove_at_unlinks_links_and_never_follows_them(tmp_path: Path, decoy: Path) -> None:
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     doomed = tmp_path / "doomed"
     (doomed / "a" / "b").mkdir(parents=True)
     (doomed / "a" / "file").write_text("x")
@@ -78,16 +59,16 @@ def test_remove_at_unlinks_links_and_never_follows_them(tmp_path: Path, decoy: P
         assert safefs.remove_at(parent, "doomed")
         assert not safefs.remove_at(parent, "doomed")  # already gone
     assert not doomed.exists()
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 def test_remove_at_a_symlink_removes_the_link_only(tmp_path: Path, decoy: Path) -> None:
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     (tmp_path / "releases").symlink_to(decoy)
     with safefs.open_dir(tmp_path) as parent:
         safefs.remove_at(parent, "releases")
     assert not os.path.lexists(tmp_path / "releases")
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 def test_remove_at_refuses_what_replaced_the_recorded_directory(
@@ -97,11 +78,11 @@ def test_remove_at_refuses_what_replaced_the_recorded_directory(
     recorded = safefs.identity((tmp_path / "snap").lstat())
     (tmp_path / "snap").rename(tmp_path / "moved-away")  # kept, so its inode is not reused
     (tmp_path / "snap").symlink_to(decoy)
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     with safefs.open_dir(tmp_path) as parent, pytest.raises(safefs.UnsafePath) as caught:
         safefs.remove_at(parent, "snap", expect=recorded)
     assert f"{tmp_path}/snap: it was replaced since it was recorded" in str(caught.value)
-    assert fingerprint(decoy) == before and (tmp_path / "snap").is_symlink()
+    assert tree_fingerprint(decoy) == before and (tmp_path / "snap").is_symlink()
 
 
 def test_remove_at_a_deep_tree_needs_no_recursion(tmp_path: Path) -> None:
@@ -139,11 +120,11 @@ def test_replace_symlink_swaps_atomically_and_replaces_a_planted_link(
     tmp_path: Path, decoy: Path
 ) -> None:
     (tmp_path / "current").symlink_to(decoy)
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     with safefs.open_dir(tmp_path) as parent:
         safefs.replace_symlink(parent, "current", "releases/r2")
     assert os.readlink(tmp_path / "current") == "releases/r2"
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "decoy"]
 
 
@@ -151,13 +132,13 @@ def test_write_file_at_replaces_a_planted_link_without_writing_through_it(
     tmp_path: Path, decoy: Path
 ) -> None:
     (tmp_path / "ledger.json").symlink_to(decoy / "secret")
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     with safefs.open_dir(tmp_path) as parent:
         safefs.write_file_at(parent, "ledger.json", b"{}\n", 0o640)
     assert not (tmp_path / "ledger.json").is_symlink()
     assert (tmp_path / "ledger.json").read_text() == "{}\n"
     assert (tmp_path / "ledger.json").stat().st_mode & 0o777 == 0o640
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 def test_open_file_at_refuses_a_symlink(tmp_path: Path, decoy: Path) -> None:
@@ -236,14 +217,14 @@ def test_a_partial_download_never_appends_through_a_planted_link(
 ) -> None:
     from deploy_core.hashed_file import HashedFile, hash_file
 
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     partial = tmp_path / ("ab" * 32 + ".partial")
     partial.symlink_to(decoy / "secret")
     with pytest.raises(OSError, match="Too many levels of symbolic links"):
         HashedFile(partial, resume=True)
     with pytest.raises(OSError):
         hash_file(partial)
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
     partial.unlink()
     fresh = HashedFile(partial, resume=True)
     fresh.write(b"abc")

@@ -10,7 +10,6 @@ the deploy-tar and rollback-basic plugins.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pwd
@@ -25,25 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import missing_part
 
-from deploy_core.testing import DeployCenter
+from deploy_core.testing import DeployCenter, tree_fingerprint
 
 AGENT = "bounded"
 USER = "nobody"
 INSTALL = '#!/bin/sh\nid -un > "$TARGET_DIR/installed-by"\n'
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            if path.is_symlink():
-                out[str(path)] = f"link {os.readlink(path)}"
-            elif path.is_file():
-                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                out[str(path)] = f"dir {path.lstat().st_mode:o}"
-    return out
 
 
 def build(path: Path, files: dict[str, str]) -> Path:
@@ -174,7 +159,7 @@ def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_
     if not (target / "current").exists():
         test_inside_the_roots_a_tar_deployment_runs_as_the_user(center, package, site)
     decoy = site / "decoy"
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
 
     # The user's script replaces releases/ (in its own target directory) with a link to the
     # root-only directory; the next deployment would prune there (keep_releases=1).
@@ -189,7 +174,7 @@ def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_
     # Refused, and so is the default rollback that would switch ``current`` back in there.
     assert record["status"] in ("failed", "rollback_failed"), record
     assert f"{target}/releases exists and is not a directory (a symlink" in record["error"]
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
     # It then replaces the whole target directory with a link to the root-only directory.
     swap = center.deploy(
@@ -205,7 +190,7 @@ def test_a_script_swapping_links_to_a_root_only_dir_cannot_make_the_agent_touch_
         f"refused by constraint workdir_roots: tar target_dir {target} (resolves to {decoy})"
         in record["error"]
     )
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
@@ -237,7 +222,7 @@ def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
     # directory that has a "site" too: the restore must not replace it.
     decoy = site / "decoy"
     (decoy / "site").mkdir(exist_ok=True)
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     swap = f"cd {site}/apps && mv p p.mine && ln -s {decoy} p; exit 1"
     record = center.wait(
         center.deploy("shell", AGENT, script=swap, workdir=str(app), rollback=rollback), timeout=60
@@ -247,7 +232,7 @@ def test_a_snapshot_restore_runs_as_root_only_inside_what_the_user_owns(
         f"refused by constraint workdir_roots: snapshot path {app} (resolves to {decoy}/site)"
         in record["rollback"]["error"]
     )
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 def link_maze(path: Path, links: int, parts: int = 1500) -> Path:

@@ -7,7 +7,6 @@ must be unchanged afterwards, and a refusal must name the path."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from conftest import ContextFactory, LocalArtifacts
 from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.models import DeployCommand, DeployStatus
 from deploy_core.plugin import WorkBudget, WorkStopped, run_bounded
-from deploy_core.testing import RecordingReporter
+from deploy_core.testing import RecordingReporter, tree_fingerprint
 from deploy_tar.deploy import deploy_release
 from deploy_tar.extract import scan_archive
 from deploy_tar.params import TarParams
@@ -31,22 +30,6 @@ from deploy_tar.releases import LEDGER, ReleaseError, Releases
 from deploy_tar.scripts import _read
 
 Package = Callable[..., str]
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            st = path.lstat()
-            if path.is_symlink():
-                out[str(path)] = f"link {os.readlink(path)}"
-            elif path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                out[str(path)] = f"file {st.st_mode:o} {digest}"
-            else:
-                out[str(path)] = f"dir {st.st_mode:o}"
-    return out
 
 
 @pytest.fixture
@@ -79,19 +62,19 @@ def swap_for_link(path: Path, target: Path) -> None:
 
 def test_prune_refuses_releases_swapped_for_a_link(tmp_path: Path, decoy: Path) -> None:
     releases = made(tmp_path / "app", "r1", "r2", "r3", "r4")
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     swap_for_link(releases.root, decoy / "releases")
 
     with pytest.raises(ReleaseError, match=r"releases exists and is not a directory \(a symlink"):
         releases.prune(1, {"r4"})
 
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
     assert sorted(os.listdir(tmp_path / "app" / "releases.moved")) == ["r1", "r2", "r3", "r4"]
 
 
 def test_prune_never_follows_a_link_swapped_in_while_removing(tmp_path: Path, decoy: Path) -> None:
     target = tmp_path / "app"
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     for at in range(1, 7):  # removing r1 and r2 takes six steps: app.txt, etc, etc/conf
         shutil.rmtree(target, ignore_errors=True)
         releases = made(target, "r1", "r2", "r3")
@@ -109,7 +92,7 @@ def test_prune_never_follows_a_link_swapped_in_while_removing(tmp_path: Path, de
         budget = SwapAt(at, swap)
         releases.prune(1, set(), budget=budget)
         assert budget.swapped
-        assert fingerprint(decoy) == before, f"decoy changed when swapped at step {at}"
+        assert tree_fingerprint(decoy) == before, f"decoy changed when swapped at step {at}"
         assert releases.names() == ["r3"]
 
 
@@ -133,7 +116,7 @@ def test_a_target_dir_replaced_after_create_is_refused_at_every_later_step(
 ) -> None:
     releases = made(tmp_path / "app", "r1", "r2")
     releases.switch("r1")
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     swap_for_link(tmp_path / "app", decoy)  # current's parent is now the decoy
 
     for step in (
@@ -148,7 +131,7 @@ def test_a_target_dir_replaced_after_create_is_refused_at_every_later_step(
         assert f"refusing to work as root on {tmp_path / 'app'}: it is a symbolic link" in str(
             caught.value
         )
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
     # A real directory put in its place is refused too: it is not the one recorded.
     (tmp_path / "app").unlink()
@@ -161,7 +144,7 @@ def test_links_planted_at_current_the_ledger_and_the_bad_marker_are_replaced_not
     tmp_path: Path, decoy: Path
 ) -> None:
     releases = made(tmp_path / "app", "r1")
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     releases.ledger_path.unlink()
     releases.ledger_path.symlink_to(decoy / LEDGER)
     (releases.path("r1") / ".deploy-tar-bad").symlink_to(
@@ -171,7 +154,7 @@ def test_links_planted_at_current_the_ledger_and_the_bad_marker_are_replaced_not
     releases.record("r1", sha256="0" * 64, install_script=None)
     releases.mark_bad("r1", "failed")
 
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
     assert not releases.ledger_path.is_symlink() and "r1" in releases.ledger_path.read_text()
     assert (releases.path("r1") / ".deploy-tar-bad").read_text().endswith(" failed\n")
 
@@ -197,7 +180,7 @@ async def test_a_deployment_racing_a_releases_swapper_never_writes_outside(
     files = {f"f{i}.txt": f"{i}\n" * 2000 for i in range(30)}
     files["etc/shadow"] = "planted\n"
     sha = package(files)
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     stop = threading.Event()
     swaps = 0
 
@@ -236,7 +219,7 @@ async def test_a_deployment_racing_a_releases_swapper_never_writes_outside(
         if thread.is_alive():
             thread.join(timeout=10)
     assert swaps > 0
-    assert fingerprint(decoy) == before, outcomes
+    assert tree_fingerprint(decoy) == before, outcomes
     for outcome in outcomes:  # a failure names the target (the race, not a crash)
         assert outcome == "success" or str(target) in outcome, outcome
 

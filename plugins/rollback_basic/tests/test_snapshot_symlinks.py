@@ -9,7 +9,6 @@ Each test keeps a decoy directory standing for a root-only one and checks it is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -18,28 +17,12 @@ from pathlib import Path
 import pytest
 from deploy_core.plugin import WorkBudget
 from deploy_core.plugin.safefs import UnsafePath
-from deploy_core.testing import make_context
+from deploy_core.testing import make_context, tree_fingerprint
 from rollback_bed import undo
 
 from rollback_basic.errors import RollbackError
 from rollback_basic.snapshot import SNAPSHOT, SnapshotParams
 from rollback_basic.tree import copy_tree, remove_tree, restore_tree
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            st = path.lstat()
-            if path.is_symlink():
-                out[str(path)] = f"link {os.readlink(path)}"
-            elif path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                out[str(path)] = f"file {st.st_mode:o} {st.st_uid} {digest}"
-            else:
-                out[str(path)] = f"dir {st.st_mode:o} {st.st_uid}"
-    return out
 
 
 @pytest.fixture
@@ -107,7 +90,7 @@ def test_a_subdirectory_swapped_for_a_link_while_copied_is_never_followed(
     src = tmp_path / "src"
     make_tree(src)
     total = steps_of(lambda b: copy_tree(src, tmp_path / "count", budget=b))
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     for at in range(1, total + 1):
         shutil.rmtree(src)
         make_tree(src)
@@ -118,7 +101,7 @@ def test_a_subdirectory_swapped_for_a_link_while_copied_is_never_followed(
         except UnsafePath as exc:
             assert "refusing to work as root on" in str(exc)
         assert budget.swapped
-        assert fingerprint(decoy) == before
+        assert tree_fingerprint(decoy) == before
         copied = "".join(
             p.read_text() for p in dst.rglob("*") if p.is_file() and not p.is_symlink()
         )
@@ -150,7 +133,7 @@ def test_restore_refuses_a_parent_swapped_for_a_link_at_any_step(
 
     fresh()
     total = steps_of(lambda b: restore_tree(snapshot, app, budget=b))
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     for at in range(1, total + 1):
         parent_id, own_id = fresh()
         # /srv itself becomes a link to the decoy (whose app/ looks like ours), directly or
@@ -167,7 +150,7 @@ def test_restore_refuses_a_parent_swapped_for_a_link_at_any_step(
         except UnsafePath as exc:
             assert str(exc).startswith("refusing to work as root on ")
         assert budget.swapped
-        assert fingerprint(decoy) == before, f"decoy changed when swapped at step {at}"
+        assert tree_fingerprint(decoy) == before, f"decoy changed when swapped at step {at}"
 
 
 def test_restore_refuses_a_parent_replaced_between_snapshot_and_restore(tmp_path: Path) -> None:
@@ -192,7 +175,7 @@ def test_restore_removes_the_old_tree_without_following_links_swapped_into_it(
     app = tmp_path / "srv" / "app"
     make_tree(app, files=3)
     copy_steps = steps_of(lambda b: copy_tree(snapshot, tmp_path / "count", budget=b))
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     # The steps after the copy remove the old tree, renamed aside: swap a link into it.
     for at in range(copy_steps + 1, copy_steps + 12):
         shutil.rmtree(app.parent)
@@ -207,7 +190,7 @@ def test_restore_removes_the_old_tree_without_following_links_swapped_into_it(
         budget = SwapAt(at, swap)
         with contextlib.suppress(UnsafePath):
             restore_tree(snapshot, app, budget=budget)
-        assert fingerprint(decoy) == before, f"decoy changed when swapped at step {at}"
+        assert tree_fingerprint(decoy) == before, f"decoy changed when swapped at step {at}"
         assert (app / "top.txt").read_text() == "top\n"
 
 
@@ -221,9 +204,9 @@ def test_restore_leaves_a_leftover_that_is_not_its_own_staging(tmp_path: Path, d
     moved = app.parent / ".app.rollback-new-1badf00d"
     moved.mkdir(mode=0o755)  # not private: not a staging directory of the agent's
     (moved / "keep").write_text("kept")
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     restore_tree(snapshot, app)
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
     assert planted.is_symlink() and (moved / "keep").read_text() == "kept"
 
 
@@ -247,10 +230,10 @@ def test_restore_refuses_a_directory_of_another_user_moved_onto_the_path(tmp_pat
 
 def test_remove_tree_refuses_a_symlinked_parent(tmp_path: Path, decoy: Path) -> None:
     (tmp_path / "releases").symlink_to(decoy)
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     with pytest.raises(UnsafePath, match="symbolic link"):
         remove_tree(tmp_path / "releases" / "sub")
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -267,7 +250,7 @@ async def test_rollback_refuses_when_a_parent_became_a_link_after_the_snapshot(
     # The script (as run_as, owning /srv's parent here) swaps /srv for a link to the decoy.
     os.rename(tmp_path / "srv", tmp_path / "srv.moved")
     (tmp_path / "srv").symlink_to(decoy)
-    before = fingerprint(decoy)
+    before = tree_fingerprint(decoy)
     failed(ctx, "script exited with code 1", params.model_dump(), state)
 
     with pytest.raises(RollbackError) as caught:
@@ -277,7 +260,7 @@ async def test_rollback_refuses_when_a_parent_became_a_link_after_the_snapshot(
         f"restoring {app} refused: refusing to work as root on {tmp_path / 'srv'}: it is a "
         f"symbolic link (to {decoy})"
     )
-    assert fingerprint(decoy) == before
+    assert tree_fingerprint(decoy) == before
 
 
 async def test_snapshots_work_when_the_agents_data_dir_is_reached_through_a_link(
