@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -189,7 +190,8 @@ class Browser:
         return found
 
     def close(self) -> None:
-        """Stop the browser."""
+        """Stop the browser and every process it started (its own session): a helper left
+        behind would go on writing into the profile while it is being removed."""
         with contextlib.suppress(Exception):
             self._stack.close()
         if self.proc.poll() is None:
@@ -199,6 +201,13 @@ class Browser:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                break  # the session's group is empty
+            time.sleep(0.05)
 
 
 def chromium_binary() -> str | None:
@@ -233,8 +242,10 @@ def read_token(center: DeployCenter) -> str:
     return token
 
 
-@pytest.fixture(scope="module")
-def browser(center: DeployCenter) -> Iterator[Browser]:
+@contextlib.contextmanager
+def open_browser() -> Iterator[Browser]:
+    """Headless Chromium on a fresh profile, closed (with all it started) afterwards; a
+    missing Chromium is a missing part."""
     binary = chromium_binary()
     if binary is None:
         missing_part("chromium is not installed (apt-get install chromium), or set $CHROMIUM")
@@ -244,6 +255,12 @@ def browser(center: DeployCenter) -> Iterator[Browser]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture(scope="module")
+def browser(center: DeployCenter) -> Iterator[Browser]:
+    with open_browser() as b:
+        yield b
 
 
 def admin_token(center: DeployCenter) -> str:

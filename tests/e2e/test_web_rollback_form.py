@@ -4,15 +4,13 @@ against a real server (with ``[defaults.rollback]``) and agent."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import missing_part
 
 # The browser driver and sign-in of the page's own tests.
-from test_web_page import Browser, admin_token, chromium_binary, sign_in
+from test_web_page import Browser, admin_token, open_browser, sign_in
 
 from deploy_core.testing import DeployCenter
 
@@ -35,15 +33,8 @@ def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
 
 @pytest.fixture(scope="module")
 def browser(center: DeployCenter) -> Iterator[Browser]:
-    binary = chromium_binary()
-    if binary is None:
-        missing_part("chromium is not installed (apt-get install chromium), or set $CHROMIUM")
-    with tempfile.TemporaryDirectory(prefix="dc-chromium-") as profile:
-        b = Browser(binary, Path(profile))  # type: ignore[arg-type]
-        try:
-            yield b
-        finally:
-            b.close()
+    with open_browser() as b:
+        yield b
 
 
 def submit_and_wait(browser: Browser, status: str) -> str:
