@@ -70,6 +70,8 @@ class AgentConfig:
     process_tracking: str = field(
         default_factory=lambda: os.environ.get("DEPLOY_CENTER_PROCESS_TRACKING", "auto")
     )
+    # The config file's [agent] labels (deploy_core.labels), sent with the capabilities.
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Agent:
@@ -125,6 +127,7 @@ class Agent:
             "agent_version": __version__,
             CAPABILITY_LOG_BUDGET: True,
             **self.plugins.capabilities(),
+            "labels": dict(self.config.labels),
         }
 
     async def run(self) -> None:

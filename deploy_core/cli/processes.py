@@ -55,6 +55,7 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
     services = data.get("services", {})
     if not isinstance(services, dict) or not all(isinstance(v, dict) for v in services.values()):
         raise click.BadParameter(f"{path}: [services.NAME] must be tables", param_hint="--config")
+    data["labels"] = _agent_labels(path, data.get("agent", {}))
     try:
         data["constraints"] = Constraints.model_validate(data.get("constraints", {}))
     except ValidationError as exc:
@@ -63,6 +64,20 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
         )
         raise click.BadParameter(f"{path}: {problems}", param_hint="--config") from None
     return data
+
+
+def _agent_labels(path: Path, table: Any) -> dict[str, str]:
+    """The ``[agent]`` table's ``labels``, checked (deploy_core.labels)."""
+    from deploy_core.labels import LabelError, check_labels
+
+    if not isinstance(table, dict) or set(table) - {"labels"}:
+        raise click.BadParameter(
+            f'{path}: [agent] holds only labels = {{key = "value", …}}', param_hint="--config"
+        )
+    try:
+        return check_labels(table.get("labels", {}), what="[agent] labels")
+    except LabelError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
 
 
 def agent_settings_and_constraints(path: Path | None) -> tuple[dict[str, Any], Any]:
@@ -195,7 +210,7 @@ def _print_server_banner(srv: Any) -> None:
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
-    help="TOML file: [constraints] on scripts, [services.NAME] for agent services",
+    help="TOML file: [agent] labels, [constraints] on scripts, [services.NAME] for agent services",
 )
 @click.option(
     "--chunk-size",
@@ -240,6 +255,7 @@ def agent(
         services=settings.get("services", {}),
         constraints=constraints,
         chunk_size=_chunk_size(chunk_size),
+        labels=settings.get("labels", {}),
     )
 
     async def run(stop: asyncio.Event) -> None:
@@ -297,6 +313,7 @@ def up(
                 join_token_file=srv.state.join_token_file,
                 services=settings.get("services", {}),
                 constraints=constraints,
+                labels=settings.get("labels", {}),
             ),
             plugins=srv.plugins,
         )

@@ -24,6 +24,7 @@ import uvicorn
 from sqlalchemy.engine import Engine
 
 from deploy_core.durations import human_duration
+from deploy_core.labels import LabelError, check_labels
 from deploy_core.models import DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
@@ -245,11 +246,18 @@ class DeployServer:
     # ------------------------------------------------------------------ transport callbacks
 
     async def _on_connect(self, session: AgentSession) -> None:
+        capabilities = dict(session.capabilities)
+        try:
+            labels = check_labels(capabilities.pop("labels", {}), what="labels")
+        except LabelError as exc:
+            log.warning("agent %s connects without its labels: %s", session.client_id, exc)
+            labels = {}
         await self.db(
             self.records.set_connected,
             session.client_id,
             remote=f"{session.remote[0]}:{session.remote[1]}",
-            capabilities=session.capabilities,
+            capabilities=capabilities,
+            labels=labels,
         )
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
         await self.dispatcher.redeliver(session)

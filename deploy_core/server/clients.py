@@ -146,8 +146,16 @@ class ClientRecords:
                 ).rowcount
             )
 
-    def set_connected(self, client_id: str, *, remote: str, capabilities: dict[str, Any]) -> None:
-        """The agent connected to this server."""
+    def set_connected(
+        self,
+        client_id: str,
+        *,
+        remote: str,
+        capabilities: dict[str, Any],
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """The agent connected to this server, with these capabilities and labels (checked
+        by the caller: deploy_core/labels.py)."""
         now = time.time()
         with self.engine.begin() as conn:
             conn.execute(
@@ -160,6 +168,7 @@ class ClientRecords:
                     last_seen=now,
                     remote=remote,
                     capabilities=capabilities,
+                    labels=labels or {},
                 )
             )
 

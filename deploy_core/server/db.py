@@ -129,6 +129,8 @@ clients = sa.Table(
     sa.Column("remote", sa.String(128)),
     sa.Column("capabilities", sa.JSON),
     sa.Column("revoked_at", sa.Float),
+    # The agent's [agent] labels as it last connected with them (deploy_core/labels.py).
+    sa.Column("labels", sa.JSON),
 )
 
 client_locks = sa.Table(
@@ -175,6 +177,79 @@ join_tokens = sa.Table(
     sa.Column("expires_at", sa.Float),
     sa.Column("uses_left", sa.Integer),
     sa.Column("note", sa.String(200), nullable=False),
+)
+
+# Rollouts (server/rollouts.py): one deployment sent to many clients in batches; each target
+# gets its deployment id before the deployment exists, so a driver that restarts never
+# starts a host twice.  rollout_lease holds which server drives them (one at a time).
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("rollout_id", ID, primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("kind", NAME, nullable=False),
+    sa.Column("command_type", NAME, nullable=False),
+    sa.Column("request", sa.JSON, nullable=False),
+    sa.Column("deadline_seconds", sa.Float, nullable=False),
+    sa.Column("secret_env", sa.JSON),
+    sa.Column("selector", sa.JSON),
+    sa.Column("strategy", sa.JSON, nullable=False),
+    sa.Column("strategy_asked", sa.JSON, nullable=False),
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("batch_count", sa.Integer, nullable=False),
+    sa.Column("current_batch", sa.Integer, nullable=False, default=0),
+    sa.Column("batch_started_at", sa.Float),
+    sa.Column("paused_for", sa.String(16)),
+    sa.Column("reason", sa.Text),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+)
+
+rollout_targets = sa.Table(
+    "rollout_targets",
+    metadata,
+    sa.Column(
+        "rollout_id",
+        ID,
+        sa.ForeignKey("rollouts.rollout_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("client_id", ID, nullable=False),
+    sa.Column("batch", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("deploy_id", ID, unique=True),
+    sa.Column("error", sa.Text),
+    sa.Column("waiting_since", sa.Float),
+    sa.Column("started_at", sa.Float),
+    sa.Column("rollback_id", ID),
+    sa.Column("rollback_error", sa.Text),
+)
+
+rollout_history = sa.Table(
+    "rollout_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "rollout_id",
+        ID,
+        sa.ForeignKey("rollouts.rollout_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+)
+
+rollout_lease = sa.Table(
+    "rollout_lease",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 

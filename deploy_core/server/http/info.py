@@ -34,6 +34,7 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
         "credential": row["credential"],
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
+        "labels": row.get("labels") or {},
     }
 
 
