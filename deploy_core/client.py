@@ -273,6 +273,65 @@ class DeployClient:
                 yield newer
             record = newer
 
+    def create_rollout(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/rollouts``: one deploy body to many clients (``type``, ``body``,
+        ``targets``, ``strategy``; see docs/rollouts.md); ``{"rollout_id": …}``."""
+        result: dict[str, Any] = self.request("POST", "/api/rollouts", json=request)
+        return result
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``GET /api/rollouts/{id}``: status, counts, batches and per-target deployments."""
+        result: dict[str, Any] = self.request("GET", f"/api/rollouts/{rollout_id}")
+        return result
+
+    def rollouts(
+        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> dict[str, Any]:
+        """``GET /api/rollouts``: a page of rollouts, newest first (``items``, ``total``)."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        result: dict[str, Any] = self.request("GET", "/api/rollouts", params=params)
+        return result
+
+    def _rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/api/rollouts/{rollout_id}/{action}")
+        return result
+
+    def pause_rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``POST /api/rollouts/{id}/pause``: start no new target until resumed."""
+        return self._rollout_action(rollout_id, "pause")
+
+    def resume_rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``POST /api/rollouts/{id}/resume``: go on after a pause."""
+        return self._rollout_action(rollout_id, "resume")
+
+    def promote_rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``POST /api/rollouts/{id}/promote``: go on past a canary that paused."""
+        return self._rollout_action(rollout_id, "promote")
+
+    def abort_rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``POST /api/rollouts/{id}/abort``: start no new target; the rollout ends aborted."""
+        return self._rollout_action(rollout_id, "abort")
+
+    def watch_rollout(
+        self, rollout_id: str, *, timeout: float, interval: float = 1.0
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the rollout each time it changes, until it finishes or ``timeout`` passes
+        (then :class:`TimeoutError`)."""
+        end = time.monotonic() + timeout
+        record = self.rollout(rollout_id)
+        yield record
+        while not record.get("finished"):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"rollout {rollout_id} did not finish within {timeout:g}s")
+            time.sleep(min(interval, left))
+            newer = self.rollout(rollout_id)
+            if newer != record:
+                yield newer
+            record = newer
+
     def wait(self, deploy_id: str, *, timeout: float = 600) -> dict[str, Any]:
         """Block until the deployment finishes; the final record."""
         final: dict[str, Any] = {}

@@ -5,7 +5,7 @@ on :data:`main`.  Plugins' commands use the helpers re-exported here (see
 ``docs/plugins.md``).
 """
 
-from deploy_core.cli import admin, artifacts, deploys, processes
+from deploy_core.cli import admin, artifacts, deploys, processes, rollouts
 from deploy_core.cli.common import (
     echo_json,
     follow,
@@ -44,6 +44,7 @@ __all__ = [
     "print_outcome",
     "processes",
     "rollback_field",
+    "rollouts",
     "submit_and_follow",
     "terminal_safe",
     "upload_with_progress",

@@ -213,11 +213,25 @@ def rollback_field(no_rollback: bool, spec: dict[str, Any] | None = None) -> dic
     return {"rollback": spec} if spec else {}
 
 
+# ``ctx.meta`` key of a function that takes over :func:`submit_and_follow`'s arguments: set
+# by ``deployctl rollout KIND`` (cli/rollouts.py), which runs ``deployctl deploy KIND``'s own
+# code to build the body, then sends that body to many hosts instead of one.
+SUBMITTER = "deploy_core.cli.submitter"
+
+
 def submit_and_follow(
     api: DeployClient, kind: str, body: dict[str, Any], wait: bool, wait_timeout: float
 ) -> None:
     """``POST /api/deploy/{kind}``; print the answer, or with ``wait`` follow it live and
-    exit 0 only on success (for plugins' ``deploy`` commands too)."""
+    exit 0 only on success (for plugins' ``deploy`` commands too).
+
+    When the command runs as ``deployctl rollout KIND`` (derived from ``deploy KIND``), the
+    body goes to ``POST /api/rollouts`` instead, with the rollout's targets and strategy."""
+    ctx = click.get_current_context(silent=True)
+    submitter = ctx.meta.get(SUBMITTER) if ctx is not None else None
+    if submitter is not None:
+        submitter(api, kind, body, wait, wait_timeout)
+        return
     accepted = api.deploy(kind, body)
     deploy_id = accepted["deploy_id"]
     if not wait:
@@ -325,8 +339,8 @@ def parse_duration(value: str) -> float:
         raise click.BadParameter(
             f"expected a duration like 90s, 15m, 1h, 7d; got {value!r}"
         ) from None
-    if seconds <= 0:
-        raise click.BadParameter("a duration must be positive")
+    if not 0 < seconds < float("inf"):  # also refuses nan and inf
+        raise click.BadParameter(f"a duration must be positive and finite, got {value!r}")
     return seconds
 
 
