@@ -40,6 +40,17 @@ def test_agent_settings_refuse_services_that_are_not_tables(tmp_path: Path) -> N
         load_agent_settings(path)
 
 
+def test_agent_settings_hold_plugin_tables(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[plugins.deploy_tar]\nallow_http_hosts = ["mirror.lan"]\n')
+    assert load_agent_settings(path)["plugins"] == {
+        "deploy_tar": {"allow_http_hosts": ["mirror.lan"]}
+    }
+    path.write_text("[plugins]\ndeploy_tar = 5\n")
+    with pytest.raises(click.BadParameter, match=r"\[plugins.NAME\] must be tables"):
+        load_agent_settings(path)
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)]
 )

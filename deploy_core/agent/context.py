@@ -82,6 +82,7 @@ class DeployContext:
         constraints: ConstraintPolicy | None = None,
         artifacts: ArtifactProvider | None = None,
         processes: ProcessTracker | None = None,
+        plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """:param stage_of: the stage a status belongs to, whose range ``report(status,
         fraction=…)`` maps into (the deploy type's :meth:`~deploy_core.registry.DeployType.stage`);
@@ -91,7 +92,9 @@ class DeployContext:
         :param artifacts: where :meth:`fetch_artifact` gets packages (the agent's fetcher);
         with ``None`` it fails the deployment.
         :param processes: the agent's process tracker, which journals every run's processes
-        (cgroup, session) before it starts; with ``None`` runs are tracked but not journaled."""
+        (cgroup, session) before it starts; with ``None`` runs are tracked but not journaled.
+        :param plugin_settings: the agent config's ``[plugins.NAME]`` tables
+        (:meth:`plugin_config`)."""
         self.command = command
         self.deploy_id = command.deploy_id
         self.command_type = command.command_type
@@ -107,6 +110,7 @@ class DeployContext:
         self._stage_of = stage_of or (lambda status: find_stage((), status))
         self._artifacts = artifacts
         self._processes = processes if processes is not None else ProcessTracker()
+        self._plugin_settings = dict(plugin_settings or {})
         self._status = DeployStatus.EXECUTING
         self._stage = ""
         self._progress = 0
@@ -252,6 +256,11 @@ class DeployContext:
     def remaining(self) -> float:
         """Seconds left before the deployment's deadline (never negative)."""
         return max(0.0, self.deadline - time.time())
+
+    def plugin_config(self, name: str) -> dict[str, Any]:
+        """The settings the agent's operator gave plugin ``name``: the ``[plugins.NAME]``
+        table of ``deployctl agent --config`` (a copy; empty when none)."""
+        return dict(self._plugin_settings.get(name, {}))
 
     def script_env(
         self, extra: Mapping[str, str] | None = None, *, run_as: bool = True

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,15 @@ class Executor:
         constraints: ConstraintPolicy | None = None,
         artifacts: ArtifactProvider | None = None,
         processes: ProcessTracker | None = None,
+        plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """:param constraints: what every script must satisfy and runs under (SPEC
         deploy-30); the defaults when ``None``.
         :param artifacts: the agent's artifact fetcher, handed to every context (deploy-11).
         :param processes: the agent's process tracker; ``None``: one that tracks by session
-        and /proc, journaled in ``journal``."""
+        and /proc, journaled in ``journal``.
+        :param plugin_settings: the agent config's ``[plugins.NAME]`` tables, for
+        :meth:`DeployContext.plugin_config`."""
         self.plugins = plugins
         self.journal = journal
         self.data_dir = data_dir
@@ -94,6 +98,7 @@ class Executor:
         self.constraints = constraints if constraints is not None else default_policy()
         self.artifacts = artifacts
         self.processes = processes if processes is not None else ProcessTracker(None, journal)
+        self.plugin_settings = dict(plugin_settings or {})
         log.info("constraints: %s", self.constraints.describe())
 
     def _context(self, command: DeployCommand, deploy_type: DeployType | None) -> DeployContext:
@@ -112,6 +117,7 @@ class Executor:
             constraints=self.constraints,
             artifacts=self.artifacts,
             processes=self.processes,
+            plugin_settings=self.plugin_settings,
         )
 
     async def run(self, command: DeployCommand) -> DeployStatus:

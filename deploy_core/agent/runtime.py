@@ -61,6 +61,9 @@ class AgentConfig:
     heartbeat_interval: float = 5.0
     idle_timeout: float = 30.0
     services: dict[str, Any] = field(default_factory=dict)
+    # Plugins' own agent-side settings by plugin name (the config file's [plugins.NAME]),
+    # read by deploy code with DeployContext.plugin_config.
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What scripts must satisfy and run under (the config file's [constraints]).
     constraints: Constraints = field(default_factory=Constraints)
     # Bytes per artifact chunk (64 KiB-1 MiB); a killed agent receives at most this again.
@@ -119,6 +122,7 @@ class Agent:
             constraints=ConstraintPolicy(config.constraints),
             artifacts=self.artifacts,
             processes=self.processes,
+            plugin_settings=config.plugin_settings,
         )
 
     def capabilities(self) -> dict[str, Any]:

@@ -55,6 +55,9 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
     services = data.get("services", {})
     if not isinstance(services, dict) or not all(isinstance(v, dict) for v in services.values()):
         raise click.BadParameter(f"{path}: [services.NAME] must be tables", param_hint="--config")
+    plugins = data.get("plugins", {})
+    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
+        raise click.BadParameter(f"{path}: [plugins.NAME] must be tables", param_hint="--config")
     data["labels"] = _agent_labels(path, data.get("agent", {}))
     try:
         data["constraints"] = Constraints.model_validate(data.get("constraints", {}))
@@ -253,6 +256,7 @@ def agent(
         join_token_file=join_token_file,
         server_name=server_name,
         services=settings.get("services", {}),
+        plugin_settings=settings.get("plugins", {}),
         constraints=constraints,
         chunk_size=_chunk_size(chunk_size),
         labels=settings.get("labels", {}),
@@ -312,6 +316,7 @@ def up(
                 ca_file=srv.state.certs.ca_cert,
                 join_token_file=srv.state.join_token_file,
                 services=settings.get("services", {}),
+                plugin_settings=settings.get("plugins", {}),
                 constraints=constraints,
                 labels=settings.get("labels", {}),
             ),

@@ -217,6 +217,11 @@ class DeployContext(Protocol):
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
 
+    def plugin_config(self, name: str) -> dict[str, Any]:
+        """The settings the agent's operator gave plugin ``name`` (``[plugins.NAME]`` of
+        ``deployctl agent --config``; empty when none): the agent-side counterpart of
+        :meth:`ServerServices.plugin_config`. Validate it: it is operator input."""
+
     def script_env(
         self, extra: Mapping[str, str] | None = None, *, run_as: bool = True
     ) -> dict[str, str]:
