@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     import httpx
 
 DEFAULT_STATE_DIR = Path(os.environ.get("DEPLOY_CENTER_STATE", "~/.deploy-center")).expanduser()
+
+
+# A rollout in one of these statuses changes no more (docs/rollouts.md, "Statuses").
+ROLLOUT_FINAL = frozenset({"succeeded", "failed", "aborted", "rolled_back"})
 
 
 class ApiError(Exception):
@@ -200,10 +204,39 @@ class DeployClient:
         )
         return result
 
-    def clients(self) -> builtins.list[dict[str, Any]]:
-        """Every enrolled client."""
-        result: builtins.list[dict[str, Any]] = self.request("GET", "/api/clients")["clients"]
+    def clients_page(
+        self,
+        *,
+        state: str | None = None,
+        search: str | None = None,
+        labels: Sequence[str] = (),
+        limit: int | None = None,
+        cursor: str | None = None,
+        summary: bool = False,
+    ) -> dict[str, Any]:
+        """One page of ``GET /api/clients``: ``clients``, ``total``, ``next_cursor`` (and
+        ``summary`` when asked), filtered by state, a search text and ``key=value`` labels."""
+        params: dict[str, Any] = {"label": list(labels)}
+        for name, value in (("state", state), ("q", search), ("limit", limit), ("cursor", cursor)):
+            if value is not None:
+                params[name] = value
+        if summary:
+            params["summary"] = "1"
+        result: dict[str, Any] = self.request("GET", "/api/clients", params=params)
         return result
+
+    def clients(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        """Every enrolled client (matching ``filters``, as :meth:`clients_page` takes them),
+        read a page at a time."""
+        found: builtins.list[dict[str, Any]] = []
+        cursor = None
+        for _ in range(100_000):  # a server that kept answering with a cursor
+            page = self.clients_page(**filters, limit=1000, cursor=cursor)
+            found += page["clients"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return found
 
     def plugins(self) -> builtins.list[dict[str, Any]]:
         """The server's plugins."""
@@ -274,7 +307,7 @@ class DeployClient:
             record = newer
 
     def create_rollout(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``POST /api/rollouts``: one deploy body to many clients (``type``, ``body``,
+        """``POST /api/rollouts``: one deploy request to many clients (``type``, ``request``,
         ``targets``, ``strategy``; see docs/rollouts.md); ``{"rollout_id": …}``."""
         result: dict[str, Any] = self.request("POST", "/api/rollouts", json=request)
         return result
@@ -285,12 +318,20 @@ class DeployClient:
         return result
 
     def rollouts(
-        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        status: str | None = None,
+        active: bool = False,
+        limit: int = 50,
+        offset: int = 0,
     ) -> dict[str, Any]:
-        """``GET /api/rollouts``: a page of rollouts, newest first (``items``, ``total``)."""
+        """``GET /api/rollouts``: a page of rollouts, newest first (``items``, ``total``);
+        ``active`` for the unfinished ones only."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
+        if active:
+            params["active"] = 1
         result: dict[str, Any] = self.request("GET", "/api/rollouts", params=params)
         return result
 
@@ -322,7 +363,7 @@ class DeployClient:
         end = time.monotonic() + timeout
         record = self.rollout(rollout_id)
         yield record
-        while not record.get("finished"):
+        while record["status"] not in ROLLOUT_FINAL:
             left = end - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"rollout {rollout_id} did not finish within {timeout:g}s")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -13,71 +12,89 @@ import click
 from deploy_core.cli.terminal import terminal_safe
 from deploy_core.client import ApiError, DeployClient
 
-# Per-deployment statuses that count against the failure budget (docs/rollouts.md).
+# Deployment statuses that count against the failure budget (docs/rollouts.md).
 FAILED = ("failed", "timeout", "rolled_back", "rollback_failed")
-# The order counts are shown in: finished well, going, waiting, then the bad ones.
-_ORDER = ("success", "running", "pending", "skipped", *FAILED)
+# The order counts are shown in: finished well, waiting, then the bad ones; deployment
+# statuses still going (script_running, pulling …) come between, by name.
+_FIRST = ("success",)
+_LAST = ("waiting", "skipped", "not_started", *FAILED)
 # Failing hosts listed in full; the rest are counted.
 SHOWN_FAILURES = 20
 
 
 def counts_text(counts: dict[str, int]) -> str:
-    """``success 3, running 1, failed 1`` in a fixed order (unknown statuses last)."""
-    known = [status for status in _ORDER if counts.get(status)]
-    other = sorted(status for status in counts if status not in _ORDER and counts[status])
-    return ", ".join(f"{status} {counts[status]}" for status in known + other) or "no hosts"
+    """``success 3, script_running 1, waiting 7, failed 1``: successes first, then what is
+    going, then what waits, then what failed."""
+    going = sorted(s for s in counts if s not in _FIRST and s not in _LAST)
+    order = [*_FIRST, *going, *_LAST]
+    return ", ".join(f"{s} {counts[s]}" for s in order if counts.get(s)) or "no hosts"
 
 
-def _counts(targets: Iterable[dict[str, Any]]) -> dict[str, int]:
-    return dict(Counter(str(t.get("status") or "pending") for t in targets))
+def target_status(target: dict[str, Any]) -> str:
+    """A target's deployment status once started, else its state (``waiting``,
+    ``skipped``, or ``not_started`` for one that failed before starting)."""
+    if target.get("status"):
+        return str(target["status"])
+    state = str(target.get("state") or "waiting")
+    return "not_started" if state == "failed" else state
+
+
+def is_failure(target: dict[str, Any]) -> bool:
+    """Whether the target counts against the failure budget."""
+    return target.get("state") == "failed" or target.get("status") in FAILED
 
 
 def batch_lines(record: dict[str, Any]) -> list[str]:
-    """One line per batch: its number, a canary mark, its state and its hosts by status."""
+    """One line per batch: its number, a canary mark, its state and its hosts by status,
+    ``>`` marking the current one."""
     batches: list[dict[str, Any]] = record.get("batches") or []
+    current = record.get("current_batch")
     lines = []
     for batch in batches:
-        counts = batch.get("counts") or _counts(batch.get("targets") or [])
-        mark = " canary" if batch.get("canary") else ""
-        size = sum(counts.values())
+        targets = batch.get("targets") or []
+        counts = Counter(target_status(t) for t in targets)
+        mark = ">" if batch.get("index") == current and batch.get("state") != "done" else " "
+        kind = "canary" if batch.get("canary") else ""
+        hosts = f"{len(targets):>4} host" + ("s" if len(targets) != 1 else " ")
         lines.append(
-            f"  batch {int(batch['index']) + 1}/{len(batches)}{mark}  "
-            f"{batch.get('status', '-'):<9} {size} host{'s' if size != 1 else ''}: "
-            f"{counts_text(counts)}"
+            f" {mark}batch {int(batch['index']) + 1}/{len(batches)} {kind:<6} "
+            f"{batch.get('state', '-'):<7} {hosts}  {counts_text(counts)}"
         )
     return [terminal_safe(line) for line in lines]
 
 
 def summary_line(record: dict[str, Any]) -> str:
-    """``rollout R running: 12 hosts: success 4, running 3, pending 5``."""
-    counts: dict[str, int] = record.get("counts") or _counts(record.get("targets") or [])
-    total = sum(counts.values())
-    line = f"rollout {record['rollout_id']} {record['status']}: {total} hosts: "
-    line += counts_text(counts)
+    """``rollout R paused (canary): 12 hosts, failures 0 of 0 allowed: success 1, …``."""
+    status = str(record["status"])
+    if status == "paused" and record.get("paused_for"):
+        status += f" ({record['paused_for']})"
+    line = f"rollout {record['rollout_id']} {status}: {record.get('total', '?')} hosts"
+    if record.get("max_failures") is not None:
+        line += f", failures {record.get('failures', 0)} of {record['max_failures']} allowed"
+    line += ": " + counts_text(record.get("counts") or {})
     if record.get("reason"):
-        line += f" ({record['reason']})"
+        line += f" - {record['reason']}"
     return terminal_safe(line)
 
 
 def failing_hosts(record: dict[str, Any], api: DeployClient | None = None) -> list[str]:
-    """A line per target whose deployment failed: host, status, deployment and its error.
-    A target the record gives no error for is looked up (``api``), at most
-    :data:`SHOWN_FAILURES` of them."""
-    failed = [t for t in record.get("targets") or [] if t.get("status") in FAILED]
+    """A line per failed target: host, status, deployment and its error (looked up with
+    ``api`` when the rollout does not carry it), and the rollback the rollout asked for;
+    at most :data:`SHOWN_FAILURES`, the rest counted."""
+    targets = [t for b in record.get("batches") or [] for t in b.get("targets") or []]
+    failed = [t for t in targets if is_failure(t)]
     lines = []
     for target in failed[:SHOWN_FAILURES]:
-        error = target.get("error")
-        deploy_id = target.get("deploy_id")
+        error, deploy_id = target.get("error"), target.get("deploy_id")
         if not error and deploy_id and api is not None:
             try:
                 error = api.get(deploy_id).get("error")
             except ApiError:
                 error = None
-        line = f"  {target['client_id']}  {target['status']}"
+        line = f"  {target['client_id']}  {target_status(target)}"
         if deploy_id:
-            line += f"  deployment {deploy_id}"
-        if error:
-            line += f": {error}"
+            line += f" (deployment {deploy_id})"
+        line += f": {error or 'no error recorded'}"
         lines.append(terminal_safe(line))
     if len(failed) > SHOWN_FAILURES:
         lines.append(
@@ -86,14 +103,28 @@ def failing_hosts(record: dict[str, Any], api: DeployClient | None = None) -> li
     return lines
 
 
+def rollback_lines(record: dict[str, Any]) -> list[str]:
+    """A line per target the rollout rolled back (``on_failure: rollback``) and how it went."""
+    targets = [t for b in record.get("batches") or [] for t in b.get("targets") or []]
+    return [
+        terminal_safe(
+            f"  {t['client_id']}  rollback {t['rollback_id']}: {t.get('rollback_status') or '-'}"
+        )
+        for t in targets
+        if t.get("rollback_id")
+    ]
+
+
 def render(record: dict[str, Any]) -> list[str]:
     """What ``deployctl rollout status`` prints and ``--wait`` keeps up to date."""
     lines = [summary_line(record), *batch_lines(record)]
+    rollout_id = record["rollout_id"]
     if record.get("status") == "paused":
+        how = "promote" if record.get("paused_for") == "canary" else "resume"
         lines.append(
             terminal_safe(
-                f"  paused: deployctl rollout promote {record['rollout_id']} (past a canary) "
-                f"or resume {record['rollout_id']} to go on, abort to stop"
+                f"  paused: deployctl rollout {how} {rollout_id} to go on, "
+                f"deployctl rollout abort {rollout_id} to stop"
             )
         )
     return lines
@@ -130,8 +161,11 @@ def print_rollout_outcome(api: DeployClient, record: dict[str, Any]) -> None:
     """The end of a rollout: its summary, its batches, and the failing hosts with errors."""
     for line in render(record):
         click.echo(line)
-    failures = failing_hosts(record, api)
-    if failures:
-        click.echo("failing hosts:")
-        for line in failures:
-            click.echo(line)
+    for title, lines in (
+        ("failing hosts:", failing_hosts(record, api)),
+        ("rolled back:", rollback_lines(record)),
+    ):
+        if lines:
+            click.echo(title)
+            for line in lines:
+                click.echo(line)

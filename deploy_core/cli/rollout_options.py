@@ -8,15 +8,13 @@ KIND`` at run time, beside that command's own options.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import click
 
 from deploy_core.cli.common import parse_duration
-
-# What a label key and value may be (the server checks again; see docs/rollouts.md).
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+from deploy_core.labels import LabelError
+from deploy_core.labels import parse_selector as parse_selector_pairs
 
 
 class CountOrPercent(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.4
@@ -45,39 +43,36 @@ class CountOrPercent(click.ParamType):  # type: ignore[type-arg]  # generic from
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
-    """``90``, ``90s``, ``10m``, ``1h`` → seconds (:func:`parse_duration`)."""
+    """``90``, ``90s``, ``10m``, ``1h`` → seconds (:func:`parse_duration`); ``0`` too when
+    ``zero`` (e.g. "do not wait")."""
 
     name = "DURATION"
+
+    def __init__(self, *, zero: bool = False) -> None:
+        self.zero = zero
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, float):
             return value
+        text = str(value).strip()
+        if self.zero and text.rstrip("smhd") in ("0", "0.0"):
+            return 0.0
         try:
-            return parse_duration(str(value).strip())
+            return parse_duration(text)
         except click.BadParameter as exc:
             self.fail(exc.message)
 
 
 def parse_selector(values: tuple[str, ...]) -> dict[str, str]:
-    """``--selector role=web,zone=eu-1`` (repeatable; every pair must match) as one dict."""
-    selector: dict[str, str] = {}
-    for value in values:
-        for item in value.split(","):
-            key, sep, label = (part.strip() for part in item.partition("="))
-            if not sep or not _LABEL.fullmatch(key) or not _LABEL.fullmatch(label):
-                raise click.BadParameter(
-                    f"expected KEY=VALUE[,KEY=VALUE…] (letters, digits and ._/- in each), "
-                    f"got {item.strip()!r} in {value!r}",
-                    param_hint="--selector",
-                )
-            if selector.get(key, label) != label:
-                raise click.BadParameter(
-                    f"{key} is given twice ({selector[key]!r} and {label!r}): a host has one "
-                    f"value per label",
-                    param_hint="--selector",
-                )
-            selector[key] = label
-    return selector
+    """``--selector role=web,zone=eu-1`` (repeatable; a host must match every pair) as one
+    selector, by the rules the server applies (:mod:`deploy_core.labels`)."""
+    pairs = [item.strip() for value in values for item in value.split(",")]
+    try:
+        return parse_selector_pairs(pairs) if pairs else {}
+    except LabelError as exc:
+        raise click.BadParameter(
+            f"{exc} (write --selector KEY=VALUE[,KEY=VALUE…])", param_hint="--selector"
+        ) from None
 
 
 def _option(*decls: str, **attrs: Any) -> click.Option:
@@ -105,71 +100,80 @@ STRATEGY_OPTIONS = [
         "batch_size",
         type=CountOrPercent(1),
         default=None,
-        help="hosts per batch, as a count (3) or a percentage of the targets (10%)",
+        help="hosts per batch: a count (3) or a percentage of the targets (10%, rounded up); "
+        "a batch starts when the one before has ended  [default: all in one batch]",
     ),
     _option(
         "--max-parallel",
-        type=click.IntRange(min=1),
+        type=CountOrPercent(1),
         default=None,
-        help="instead of batches: at most N hosts deploying at once, the next starting as "
-        "soon as one ends",
+        help="at most N (or P% of the targets) deploying at once within a batch; alone, a "
+        "sliding window over all targets  [default: the batch size; 1 without --batch]",
     ),
     _option(
         "--canary",
-        type=click.IntRange(min=0),
-        default=0,
-        show_default=True,
-        help="deploy to the first N targets alone first",
+        type=CountOrPercent(0),
+        default=None,
+        help="deploy to the first N targets (or P%) alone first, as batch 0",
     ),
     _option(
         "--canary-action",
         type=click.Choice(["pause", "continue"]),
         default=None,
-        help="after the canaries succeed: pause until 'deployctl rollout promote' (the "
-        "default), or continue",
+        help="after a canary batch within the failure budget: pause until 'deployctl rollout "
+        "promote', or continue  [default: pause]",
     ),
     _option(
         "--max-failures",
         type=CountOrPercent(0),
         default=None,
-        help="failed hosts (count or percentage) tolerated; one more stops the rollout "
-        "(default: the server's, see docs/rollouts.md)",
+        help="failed hosts tolerated: a count or a percentage (rounded down); one more stops "
+        "the rollout  [default: 0]",
     ),
     _option(
         "--on-failure",
         type=click.Choice(["stop", "rollback"]),
         default=None,
-        help="when the rollout fails: stop starting hosts, or also roll back every host that "
-        "succeeded (newest first)",
+        help="past the failure budget: stop starting hosts, or also roll back every host that "
+        "succeeded, newest first  [default: stop]",
     ),
     _option(
         "--progress-deadline",
         type=Duration(),
         default=None,
-        help="longest a batch may take (90s, 10m, 1h); its unfinished hosts then count as failed",
+        help="longest a batch may take (90s, 10m, 1h); past it the rollout fails",
     ),
     _option(
         "--busy",
         type=click.Choice(["wait", "skip"]),
         default=None,
-        help="a host busy with another deployment: wait for it (bounded), or skip it",
+        help="a host busy with another deployment: wait for it (up to --busy-timeout, then it "
+        "counts as failed), or skip it  [default: wait]",
+    ),
+    _option(
+        "--busy-timeout",
+        type=Duration(zero=True),
+        default=None,
+        help="how long to wait for a busy host  [default: 10m]",
     ),
     _option(
         "--offline-timeout",
-        type=Duration(),
+        type=Duration(zero=True),
         default=None,
-        help="how long to wait for an offline host to connect before it counts as failed",
+        help="how long to wait for an offline host to connect; then it counts as failed  "
+        "[default: 5m]",
     ),
 ]
 
 ROLLOUT_OPTION_NAMES = frozenset(str(o.name) for o in TARGET_OPTIONS + STRATEGY_OPTIONS)
+_STRATEGY_NAMES = tuple(str(o.name) for o in STRATEGY_OPTIONS)
 
 
 def targets_field(clients: tuple[str, ...], selector: tuple[str, ...]) -> dict[str, Any]:
-    """The ``targets`` of a rollout request: ``client_ids`` and/or ``selector``."""
+    """The ``targets`` of a rollout request: ``clients`` and/or ``selector``."""
     targets: dict[str, Any] = {}
     if clients:
-        targets["client_ids"] = list(dict.fromkeys(clients))  # once each, in order
+        targets["clients"] = list(dict.fromkeys(clients))  # once each, in order
     labels = parse_selector(selector)
     if labels:
         targets["selector"] = labels
@@ -178,36 +182,12 @@ def targets_field(clients: tuple[str, ...], selector: tuple[str, ...]) -> dict[s
     return targets
 
 
-def strategy_field(
-    batch_size: int | str | None,
-    max_parallel: int | None,
-    canary: int,
-    canary_action: str | None,
-    max_failures: int | str | None,
-    on_failure: str | None,
-    progress_deadline: float | None,
-    busy: str | None,
-    offline_timeout: float | None,
-) -> dict[str, Any]:
-    """The ``strategy`` of a rollout request; what is not given is left to the server."""
-    if batch_size is not None and max_parallel is not None:
-        raise click.UsageError(
-            "--batch and --max-parallel are two ways to pace a rollout: give one"
-        )
-    if canary_action is not None and not canary:
+def strategy_field(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``strategy`` of a rollout request from the :data:`STRATEGY_OPTIONS` values; what
+    is not given is left to the server's defaults."""
+    if values.get("canary_action") is not None and not values.get("canary"):
         raise click.UsageError("--canary-action needs --canary N (N > 0)")
-    strategy: dict[str, Any] = {
-        "batch_size": batch_size,
-        "max_parallel": max_parallel,
-        "canary": canary or None,
-        "canary_action": canary_action,
-        "max_failures": max_failures,
-        "on_failure": on_failure,
-        "progress_deadline": progress_deadline,
-        "busy": busy,
-        "offline_timeout": offline_timeout,
-    }
-    return {key: value for key, value in strategy.items() if value is not None}
+    return {name: values[name] for name in _STRATEGY_NAMES if values.get(name) is not None}
 
 
 def rollout_fields(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -216,4 +196,4 @@ def rollout_fields(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     arguments)."""
     values = {name: options.pop(name) for name in ROLLOUT_OPTION_NAMES}
     targets = targets_field(values.pop("rollout_clients"), values.pop("selector"))
-    return targets, strategy_field(**values)
+    return targets, strategy_field(values)

@@ -22,11 +22,7 @@ import click
 
 from deploy_core.cli.common import SUBMITTER, echo_json, with_api
 from deploy_core.cli.groups import deploy, main
-from deploy_core.cli.rollout_display import (
-    follow_rollout,
-    print_rollout_outcome,
-    render,
-)
+from deploy_core.cli.rollout_display import follow_rollout, print_rollout_outcome, summary_line
 from deploy_core.cli.rollout_options import (
     STRATEGY_OPTIONS,
     TARGET_OPTIONS,
@@ -39,6 +35,16 @@ log = logging.getLogger(__name__)
 
 # with_api's options, listed last as in every command.
 API_OPTION_NAMES = ("url", "token", "state_dir")
+ROLLOUT_STATUSES = (
+    "pending",
+    "running",
+    "paused",
+    "succeeded",
+    "failed",
+    "aborted",
+    "rolling_back",
+    "rolled_back",
+)
 
 WAIT_OPTIONS = [
     click.Option(["--wait"], is_flag=True, help="follow the rollout live until it ends"),
@@ -70,12 +76,18 @@ def submit_rollout(
         )
     body = {key: value for key, value in body.items() if key != "client_id"}
     accepted = api.create_rollout(
-        {"type": kind, "body": body, "targets": targets, "strategy": strategy}
+        {"type": kind, "request": body, "targets": targets, "strategy": strategy}
     )
     if not wait:
         echo_json(accepted)
         return
-    click.echo(terminal_safe(f"rollout {accepted['rollout_id']} accepted"), err=True)
+    click.echo(
+        terminal_safe(
+            f"rollout {accepted['rollout_id']} accepted: {accepted.get('targets')} hosts in "
+            f"{accepted.get('batches')} batches"
+        ),
+        err=True,
+    )
     final = follow_rollout(api, accepted["rollout_id"], wait_timeout)
     sys.exit(0 if final["status"] == "succeeded" else 1)
 
@@ -192,39 +204,48 @@ def rollout_status(
 
 
 @rollout.command("list")
-@click.option("--status", default=None, help="only rollouts in this state (e.g. running)")
+@click.option(
+    "--status",
+    type=click.Choice(ROLLOUT_STATUSES),
+    default=None,
+    help="only rollouts in this status",
+)
+@click.option("--active", is_flag=True, help="only unfinished rollouts")
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0)
 @click.option("--json", "as_json", is_flag=True)
 @with_api
 def rollout_list(
-    api: DeployClient, status: str | None, limit: int, offset: int, as_json: bool
+    api: DeployClient, status: str | None, active: bool, limit: int, offset: int, as_json: bool
 ) -> None:
-    """List rollouts, newest first."""
-    page = api.rollouts(status=status, limit=limit, offset=offset)
+    """List rollouts, newest first: one line each, as in 'deployctl rollout status'."""
+    page = api.rollouts(status=status, active=active, limit=limit, offset=offset)
     if as_json:
         echo_json(page)
         return
     for item in page["items"]:
-        click.echo(render(item)[0])
+        click.echo(summary_line(item))
     click.echo(f"({len(page['items'])} of {page['total']})", err=True)
 
 
-def _control(action: str, done: str, doc: str) -> None:
+def _control(action: str, doc: str) -> None:
     @rollout.command(action, help=doc)
     @click.argument("rollout_id")
     @with_api
     def command(api: DeployClient, rollout_id: str) -> None:
         record = getattr(api, f"{action}_rollout")(rollout_id)
-        status = record.get("status", "?") if isinstance(record, dict) else "?"
-        click.echo(terminal_safe(f"rollout {rollout_id} {done} (now {status})"))
+        click.echo(summary_line(record))
 
 
-_control("pause", "paused", "Start no new host until 'deployctl rollout resume'.")
-_control("resume", "resumed", "Go on after a pause.")
-_control("promote", "promoted", "Go on past a canary batch that paused for approval.")
+_control(
+    "pause",
+    "Start no new host until 'deployctl rollout resume' (running deployments go on, and "
+    "their failures still count).",
+)
+_control("resume", "Go on after 'deployctl rollout pause'.")
+_control("promote", "Go on past a canary batch that paused for approval.")
 _control(
     "abort",
-    "aborted",
-    "Stop: start no new host (deployments already running finish); the rollout ends aborted.",
+    "Stop for good: hosts not started are skipped; deployments already running finish on "
+    "their own (roll them back one by one if needed).",
 )
