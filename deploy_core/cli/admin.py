@@ -84,7 +84,7 @@ def token() -> None:
 @click.argument("name", required=False)
 @click.option(
     "--scope",
-    type=click.Choice(["read", "deploy", "admin"]),
+    type=click.Choice(["metrics", "read", "deploy", "admin"]),
     default=None,
     help="what an API token may do",
 )

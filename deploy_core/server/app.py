@@ -36,6 +36,7 @@ from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
+from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.secret_box import SecretBox
@@ -109,6 +110,7 @@ class DeployServer:
         self.events = EventRouter(self)
         self.started_at = time.time()
         self.state: ServerState
+        self.metrics = ServerMetrics(self)
         self.engine: Engine
         self.records: RecordStore
         self.transport: QuicServer
@@ -168,7 +170,9 @@ class DeployServer:
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
         self.watchdog = Watchdog(
-            self.records, expired=self.deployments.expired, interval=cfg.watchdog_interval
+            self.records,
+            expired=self.metrics.watch_expiries(self.deployments.expired),
+            interval=cfg.watchdog_interval,
         )
         await self.transport.start()
         self.app = create_app(self)

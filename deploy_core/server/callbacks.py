@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,10 +19,18 @@ class Listeners:
     def __init__(self, *, queue_size: int = 1000) -> None:
         self._queues: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
         self._queue_size = queue_size
+        self._observers: list[Callable[[dict[str, Any]], None]] = []
+
+    def observe(self, observer: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``observer`` with every changed record, synchronously and losing none (the
+        server's metrics); it must be quick and must not raise."""
+        self._observers.append(observer)
 
     def publish(self, record: dict[str, Any]) -> None:
         """Hand a changed record to everyone listening for it; a full queue drops its oldest
         entry, since listeners care about the newest state."""
+        for observer in self._observers:
+            observer(record)
         for key in (record["deploy_id"], "*"):
             for queue in list(self._queues.get(key, ())):
                 if queue.full():

@@ -1,6 +1,7 @@
 """API tokens with scopes and agents' join tokens, stored hashed (SHA-256).
 
-Scopes are ordered: ``admin`` can do what ``deploy`` can, which can do what ``read`` can.
+Scopes are ordered: ``admin`` can do what ``deploy`` can, which can do what ``read`` can,
+which can do what ``metrics`` can (scrape ``/metrics`` and nothing else).
 The state directory's ``admin.token`` is an admin token that always works (the operator's
 key to create the others); its ``join.token``, while the file exists, is a join token without
 expiry or use limit, for the embedded default — delete it to accept only join tokens made
@@ -23,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from deploy_core.server.db import api_tokens, join_tokens
 
-SCOPES = ("read", "deploy", "admin")
+SCOPES = ("metrics", "read", "deploy", "admin")
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -147,6 +147,8 @@ class FrameDecoder:
         self._max_bytes = max_bytes
         self._buffer = bytearray()
         self._failure: ProtocolError | None = None
+        #: The framed size of each envelope the last :meth:`feed` returned, in order.
+        self.sizes: list[int] = []
 
     def feed(self, data: bytes) -> list[Envelope]:
         """Add received bytes and return the envelopes they complete, in order.
@@ -158,6 +160,7 @@ class FrameDecoder:
             raise self._failure
         self._buffer += data
         envelopes: list[Envelope] = []
+        self.sizes = []
         offset = 0
         try:
             while len(self._buffer) - offset >= _HEADER.size:
@@ -171,6 +174,7 @@ class FrameDecoder:
                 if len(self._buffer) < end:
                     break
                 envelopes.append(_decode_body(bytes(self._buffer[offset + _HEADER.size : end])))
+                self.sizes.append(end - offset)
                 offset = end
         except ProtocolError as exc:
             self._failure = exc

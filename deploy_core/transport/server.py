@@ -97,6 +97,7 @@ from .identity import (
     public_bytes,
     verify_signature,
 )
+from .stats import TransportStats
 
 __all__ = [
     "AUTH_FAILED",
@@ -337,6 +338,8 @@ class _AgentConnection(QuicConnectionProtocol):
         self._disconnected = asyncio.Event()
         self._flushed = asyncio.Event()
         self.shut = False
+        #: Who ended the connection, once known (stats.DISCONNECT_REASONS).
+        self.close_cause: str | None = None
         # The endpoint took a handshake slot for this connection; given back once.
         self._in_handshake = True
         self.task = asyncio.create_task(self._serve())
@@ -351,12 +354,15 @@ class _AgentConnection(QuicConnectionProtocol):
         if isinstance(event, StreamDataReceived):
             self._stream_data(event)
         elif isinstance(event, StreamReset) and event.stream_id == self._control_stream:
+            self.close_cause = self.close_cause or "agent"
             self.shutdown("agent reset the control stream")
         elif isinstance(event, StreamReset | StopSendingReceived) and self._files is not None:
             self._files.stream_reset(event.stream_id)
         elif isinstance(event, PingAcknowledged) and event.uid == _FLUSH_PING:
             self._flushed.set()
         elif isinstance(event, ConnectionTerminated):
+            idle = event.reason_phrase == "Idle timeout"  # aioquic's words for its own timer
+            self.close_cause = self.close_cause or ("idle_timeout" if idle else "agent")
             self._flushed.set()
             self._mark_shut()
 
@@ -383,7 +389,8 @@ class _AgentConnection(QuicConnectionProtocol):
             return
         if self._session is not None:
             self._session.last_seen = time.time()
-        for env in envelopes:
+        for env, size in zip(envelopes, self._decoder.sizes, strict=True):
+            self._server.stats.received(env.kind.value, size)
             if self._session is None:
                 self._pre_auth_frames += 1
                 if self._pre_auth_frames > 2:
@@ -393,10 +400,13 @@ class _AgentConnection(QuicConnectionProtocol):
                 self.send(Envelope(kind=Kind.PONG, ref=env.id))
                 continue
             elif self._inbox.qsize() >= _MAX_PENDING:
-                self.refuse(env, f"more than {_MAX_PENDING} messages waiting; slow down")
+                self.refuse(
+                    env, f"more than {_MAX_PENDING} messages waiting; slow down", why="flood"
+                )
                 return
             self._inbox.put_nowait(env)
         if event.end_stream:
+            self.close_cause = self.close_cause or "agent"
             self.shutdown("agent closed the control stream")
 
     # -- sending
@@ -405,9 +415,9 @@ class _AgentConnection(QuicConnectionProtocol):
         """Queue ``env`` on the control stream; transmitted at the next loop turn."""
         if self.shut or self._control_stream is None:
             return
-        self._quic.send_stream_data(
-            self._control_stream, encode(env, max_bytes=self._server._max_message_bytes)
-        )
+        frame = encode(env, max_bytes=self._server._max_message_bytes)
+        self._quic.send_stream_data(self._control_stream, frame)
+        self._server.stats.sent(env.kind.value, len(frame))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -418,10 +428,16 @@ class _AgentConnection(QuicConnectionProtocol):
 
     # -- closing
 
-    def refuse(self, env: Envelope | None, reason: str, code: str | None = None) -> None:
-        """Send ERROR(reason[, code]), stop reading, and close once the peer has had it."""
+    def refuse(
+        self, env: Envelope | None, reason: str, code: str | None = None, *, why: str = "protocol"
+    ) -> None:
+        """Send ERROR(reason[, code]), stop reading, and close once the peer has had it.
+
+        :param why: the refusal's kind in the server's counts (stats.REFUSAL_REASONS)."""
         if self.shut:
             return
+        self._server.stats.refusals[why] += 1
+        self.close_cause = self.close_cause or "server"
         who = self._session.client_id if self._session else self._peer()
         logger.warning("closing connection from %s: %s", who, reason)
         error = error_for(env, reason)
@@ -442,6 +458,7 @@ class _AgentConnection(QuicConnectionProtocol):
 
     def shutdown(self, reason: str) -> None:
         """Close the connection now (idempotent)."""
+        self.close_cause = self.close_cause or "server"
         if self._linger is not None:
             self._linger.cancel()
         self._mark_shut()
@@ -460,6 +477,7 @@ class _AgentConnection(QuicConnectionProtocol):
         self._end_handshake()
         if self._files is not None:
             self._files.close()
+            self._server.stats.artifact_bytes_closed += self._files.bytes_sent
         self._inbox.put_nowait(None)  # wakes the serving task
         if self._session is not None:
             self._server._forget(self._session)
@@ -483,9 +501,11 @@ class _AgentConnection(QuicConnectionProtocol):
             old = self._server._register(session)
             if old is not None:
                 logger.info("client %s reconnected; closing its previous connection", old.client_id)
+                old._connection.close_cause = old._connection.close_cause or "replaced"
                 old.close("replaced by a newer connection from the same client")
                 if not await old._connection.wait_disconnected(_REPLACE_WAIT):
                     logger.warning("on_disconnect for %s still running; connecting anyway", old)
+            self._server.stats.connects += 1
             await _guarded("on_connect", session.client_id, self._server._on_connect(session))
             try:
                 while (env := await self._inbox.get()) is not None and not self.shut:
@@ -493,6 +513,7 @@ class _AgentConnection(QuicConnectionProtocol):
                         "on_message", session.client_id, self._server._on_message(session, env)
                     )
             finally:
+                self._server.stats.disconnects[self.close_cause or "agent"] += 1
                 await _guarded(
                     "on_disconnect", session.client_id, self._server._on_disconnect(session)
                 )
@@ -511,17 +532,21 @@ class _AgentConnection(QuicConnectionProtocol):
             async with deadline:
                 return await self._handshake()
         except AuthError as exc:
-            self.refuse(self._last_handshake_env, str(exc), exc.code)
+            self.refuse(self._last_handshake_env, str(exc), exc.code, why="auth")
         except TimeoutError:
             if not deadline.expired():
                 raise
             self.refuse(
-                None, f"handshake did not complete within {self._server._handshake_timeout:g} s"
+                None,
+                f"handshake did not complete within {self._server._handshake_timeout:g} s",
+                why="handshake_timeout",
             )
         except Exception:
             logger.exception("authenticating %s failed", self._peer())
             self.refuse(
-                self._last_handshake_env, "internal error while authenticating; see the server log"
+                self._last_handshake_env,
+                "internal error while authenticating; see the server log",
+                why="internal",
             )
         return None
 
@@ -916,6 +941,8 @@ class QuicServer:
         #: Handshakes in progress (``in_progress``), their ``peak`` and the ``refused``.
         self.handshakes = HandshakeGate(max_handshakes, busy_retry_after)
         self._gate = self.handshakes
+        #: Connections, refusals, messages and bytes since the start, for metrics.
+        self.stats = TransportStats()
 
     def _configuration(self) -> QuicConfiguration:
         configuration = QuicConfiguration(
@@ -978,6 +1005,11 @@ class QuicServer:
         if self._transport is None:
             raise RuntimeError("QuicServer is not started")
         return int(self._transport.get_extra_info("sockname")[1])
+
+    def artifact_bytes_sent(self) -> int:
+        """Artifact bytes sent on file streams since the start, live connections included."""
+        live = sum(c._files.bytes_sent for c in self._connections if c._files and not c.shut)
+        return self.stats.artifact_bytes_closed + live
 
     def session(self, client_id: str) -> AgentSession | None:
         """The connected session of ``client_id``, or ``None``."""

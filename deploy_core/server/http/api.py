@@ -35,6 +35,7 @@ from deploy_core.server.http.info import (
     list_plugins,
 )
 from deploy_core.server.http.live import live_routes, page_routes
+from deploy_core.server.http.metrics import instrument
 from deploy_core.server.http.logs import get_logs
 from deploy_core.server.http.openapi import build_openapi
 from deploy_core.server.http.requests import (
@@ -434,4 +435,4 @@ def create_app(server: DeployServer) -> ASGIApp:
     )
     app.state.services = server
     app.state.plugin_services = PluginServices(server)  # what plugins get (server_services)
-    return TokenAuth(app, server)
+    return instrument(app, server, TokenAuth)

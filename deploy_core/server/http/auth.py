@@ -1,7 +1,8 @@
 """Who may call the API: a bearer token on every ``/api`` request, and the scope it needs.
 
 ``GET`` needs ``read``; changing things (deploy, roll back, upload) needs ``deploy``; tokens
-and client revocation need ``admin``.  Refusals are logged with the reason, never the token.
+and client revocation need ``admin``.  ``/metrics`` (outside ``/api``) needs ``metrics``, which
+every other scope includes.  Refusals are logged with the reason, never the token.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SELF_AUTHENTICATED_SOCKET = "/api/live"
-_ADMIN = re.compile(r"^/api/(tokens|join-tokens)(/|$)|^/api/clients/[^/]+(/revoke)?$")
+METRICS_PATH = "/metrics"
+_ADMIN = re.compile(r"^/api/(tokens|join-tokens|webhooks)(/|$)|^/api/clients/[^/]+(/revoke)?$")
 
 
 def needed_scope(method: str, path: str) -> str:
     """The scope a request needs."""
+    if path == METRICS_PATH:
+        return "metrics"
     if _ADMIN.match(path) and not (method in ("GET", "HEAD") and path.startswith("/api/clients")):
         return "admin"
     if method in ("GET", "HEAD"):
@@ -41,7 +45,10 @@ class TokenAuth:
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith("/api"):
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or not (
+            path.startswith("/api") or path == METRICS_PATH
+        ):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket" and scope["path"] == SELF_AUTHENTICATED_SOCKET:

@@ -231,7 +231,7 @@ class ApiTokenCreated(_Answer):
     """A new API token; its value is shown this once."""
 
     name: str
-    scope: Literal["read", "deploy", "admin"]
+    scope: Literal["metrics", "read", "deploy", "admin"]
     token: str
 
 
@@ -239,7 +239,7 @@ class ApiTokenView(_Answer):
     """A named API token, never its value."""
 
     name: str
-    scope: Literal["read", "deploy", "admin"]
+    scope: Literal["metrics", "read", "deploy", "admin"]
     created_at: str | None
     last_used: str | None
 
