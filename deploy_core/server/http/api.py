@@ -35,8 +35,8 @@ from deploy_core.server.http.info import (
     list_plugins,
 )
 from deploy_core.server.http.live import live_routes, page_routes
-from deploy_core.server.http.metrics import instrument
 from deploy_core.server.http.logs import get_logs
+from deploy_core.server.http.metrics import instrument
 from deploy_core.server.http.openapi import build_openapi
 from deploy_core.server.http.requests import (
     COMMON_FIELDS,
