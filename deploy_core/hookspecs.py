@@ -152,6 +152,8 @@ def deploy_register_cli_commands(register: Callable[..., None]) -> None:
         with a core command or another plugin's.  Commands that call the API use the helpers
         of :mod:`deploy_core.plugin.cli` (``with_api``, ``submit_and_follow``, and the options
         every ``deployctl deploy`` command shares: ``health_options``, ``no_rollback_option``).
+        A command under ``deploy`` that takes ``--client`` as ``client_id`` and ends with
+        ``submit_and_follow`` also becomes ``deployctl rollout NAME`` (docs/plugins.md).
 
     The return value is ignored.
 
