@@ -30,7 +30,7 @@ def check_labels(labels: Any, *, what: str = "labels") -> dict[str, str]:
     :raises LabelError: not a table of strings, too many, or a key or value breaking the rules.
     """
     if not isinstance(labels, dict):
-        raise LabelError(f"{what} must be a table of key = \"value\" pairs")
+        raise LabelError(f'{what} must be a table of key = "value" pairs')
     if len(labels) > MAX_LABELS:
         raise LabelError(f"{what}: {len(labels)} labels, at most {MAX_LABELS}")
     checked: dict[str, str] = {}

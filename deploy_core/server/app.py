@@ -39,6 +39,7 @@ from deploy_core.server.http.http_limits import HttpLimits
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
+from deploy_core.server.rollouts import Rollouts, RolloutStore
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.tokens import TokenStore
@@ -118,6 +119,7 @@ class DeployServer:
         self.dispatcher: Dispatcher
         self.deployments: Deployments
         self.watchdog: Watchdog
+        self.rollouts: Rollouts
         self._http: _UvicornServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_port = config.api_port
@@ -169,6 +171,12 @@ class DeployServer:
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
+        self.rollouts = Rollouts(
+            RolloutStore(self.engine, self.records.secret_box),
+            self.deployments,
+            self.listeners,
+            owner=cfg.server_id,
+        )
         self.watchdog = Watchdog(
             self.records,
             expired=self.metrics.watch_expiries(self.deployments.expired),
@@ -198,6 +206,7 @@ class DeployServer:
             await asyncio.sleep(0.01)
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
         if cfg.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._retention(), name="retention"))

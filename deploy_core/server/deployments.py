@@ -58,10 +58,13 @@ class Deployments:
         deadline: float,
         rollback_of: str | None = None,
         secret_env: dict[str, str] | None = None,
+        deploy_id: str | None = None,
     ) -> dict[str, Any]:
         """Record a new deployment (taking the client's lock) and send it if the agent is
-        connected.  :raises ClientBusy: the client is busy."""
-        deploy_id = uuid.uuid4().hex
+        connected.  ``deploy_id`` is one the caller chose and recorded beforehand (a rollout's
+        target), so that trying again never makes a second deployment: the id is unique.
+        :raises ClientBusy: the client is busy."""
+        deploy_id = deploy_id or uuid.uuid4().hex
         target, artifacts = deployment_scope(self.plugins, command_type, request)
         record = await self.db(
             self.records.create_deployment,

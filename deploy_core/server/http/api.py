@@ -14,7 +14,6 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,10 +22,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Scope
 
 from deploy_core.models import ID_PATTERN, DeployStatus
-from deploy_core.registry import DeployType
 from deploy_core.server.http.admin import admin_routes
 from deploy_core.server.http.artifacts import artifact_routes
 from deploy_core.server.http.auth import TokenAuth
+from deploy_core.server.http.deploying import prepare_deploy
 from deploy_core.server.http.info import (
     get_client,
     get_info,
@@ -38,12 +37,8 @@ from deploy_core.server.http.live import live_routes, page_routes
 from deploy_core.server.http.logs import get_logs
 from deploy_core.server.http.metrics import instrument
 from deploy_core.server.http.openapi import build_openapi
-from deploy_core.server.http.requests import (
-    COMMON_FIELDS,
-    DeployRequestCommon,
-    RollbackOptions,
-    request_model,
-)
+from deploy_core.server.http.requests import RollbackOptions
+from deploy_core.server.http.rollouts import rollout_routes
 from deploy_core.server.http.web import (
     ApiError,
     flag_param,
@@ -53,15 +48,8 @@ from deploy_core.server.http.web import (
     parse_model,
     record_or_404,
     services,
-    validation_detail,
 )
 from deploy_core.server.locks import ClientBusy
-from deploy_core.server.rollback_plan import (
-    SOURCE_REQUEST,
-    RollbackPlan,
-    RollbackPlanError,
-    plan_rollback,
-)
 from deploy_core.server.rollbacks import (
     RollbackRefused,
     RollbackSuperseded,
@@ -82,121 +70,21 @@ MAX_WAIT = 60.0
 # --------------------------------------------------------------------------- deploy
 
 
-def validate_options(
-    server: DeployServer,
-    deploy_type: DeployType,
-    common: DeployRequestCommon,
-    deploy_params: BaseModel,
-) -> tuple[list[dict[str, Any]], RollbackPlan, float]:
-    """Validate health checks against the server's plugins and resolve the rollback
-    (:func:`plan_rollback`); return the checks as sent to the agent, the rollback plan, and
-    the seconds they add to the deadline."""
-    checks: list[dict[str, Any]] = []
-    extra = 0.0
-    for i, spec in enumerate(common.health_checks):
-        try:
-            _check, params = server.plugins.parse_health_check(spec)
-        except LookupError as exc:
-            raise ApiError(422, str(exc), [{"loc": ["health_checks", i, "type"]}]) from None
-        except ValidationError as exc:
-            raise ApiError(
-                422, "invalid health check", validation_detail(exc, ("health_checks", i))
-            ) from None
-        checks.append(params.model_dump(mode="json"))
-        extra += params.initial_delay + params.timeout
-    try:
-        plan = plan_rollback(
-            server.plugins, server.rollback_defaults, deploy_type, common.rollback, deploy_params
-        )
-    except RollbackPlanError as exc:
-        raise ApiError(422, str(exc), exc.detail) from None
-    if plan.spec is not None:
-        # After a rollback the checks run again: their time counts twice.
-        extra = 2 * extra + float(plan.spec.get("timeout", 0))
-    return checks, plan, extra
-
-
-def check_capabilities(
-    client: dict[str, Any],
-    command_type: str,
-    checks: list[dict[str, Any]],
-    plan: RollbackPlan,
-) -> None:
-    """Refuse (409) what the target agent said it cannot do."""
-    caps = client.get("capabilities")
-    if not caps:
-        return  # never connected yet: it will refuse by callback if it cannot
-    cid = client["client_id"]
-    if command_type not in caps.get("deploy_types", []):
-        raise ApiError(
-            409,
-            f"client {cid} cannot run {command_type}: its agent has no plugin for it "
-            f"(it has: {', '.join(caps.get('deploy_types', [])) or 'none'})",
-        )
-    for check in checks:
-        if check["type"] not in caps.get("health_checks", []):
-            raise ApiError(409, f"client {cid} has no {check['type']!r} health check plugin")
-    rollback = plan.spec
-    if rollback and rollback["strategy"] not in caps.get("rollback_strategies", []):
-        hint = (
-            ""
-            if plan.source == SOURCE_REQUEST
-            else (
-                f" (the rollback is {plan.note}; name another strategy, or opt out with "
-                '"rollback": false)'
-            )
-        )
-        raise ApiError(
-            409, f"client {cid} has no {rollback['strategy']!r} rollback strategy plugin{hint}"
-        )
-
-
 async def create_deployment(request: Request) -> Response:
     """``POST /api/deploy/{kind}`` → ``202 {"deploy_id": …}`` (SPEC deploy-23)."""
     server = services(request)
-    kind = request.path_params["kind"]
-    deploy_type = next(
-        (t for t in server.plugins.deploy_types.entries.values() if t.kind == kind), None
-    )
-    if deploy_type is None:
-        known = ", ".join(t.kind for t in server.plugins.deploy_types.entries.values())
-        raise ApiError(404, f"unknown deploy type {kind!r} (this server has: {known or 'none'})")
-    body = await json_body(request)
-    try:
-        validated = request_model(deploy_type).model_validate(body)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid deploy request", validation_detail(exc)) from None
-    common = DeployRequestCommon.model_validate(
-        {k: v for k, v in validated.model_dump().items() if k in COMMON_FIELDS}
-    )
-    params = deploy_type.params.model_validate(
-        {k: v for k, v in validated.model_dump().items() if k not in COMMON_FIELDS}
-    )
-    if deploy_type.server_check is not None:
-        try:
-            await deploy_type.server_check(PluginServices(server), params)
-        except LookupError as exc:
-            raise ApiError(404, str(exc).strip("'\"")) from None
-        except ValueError as exc:
-            raise ApiError(422, str(exc)) from None
-    checks, plan, extra = validate_options(server, deploy_type, common, params)
+    prepared = await prepare_deploy(server, request.path_params["kind"], await json_body(request))
+    common = prepared.common
     client = await server.db(server.records.get_client, common.client_id)
     if client is None:
         raise ApiError(404, f"unknown client {common.client_id!r}: no agent enrolled with that id")
-    check_capabilities(client, deploy_type.name, checks, plan)
-    seconds = common.deadline or (params.timeout + extra + server.config.deadline_margin)
+    prepared.check_capabilities(client)
+    seconds = prepared.seconds
     try:
         record = await server.deployments.submit(
             client_id=common.client_id,
-            command_type=deploy_type.name,
-            request={
-                "params": params.model_dump(mode="json"),
-                "health_checks": checks,
-                "rollback": plan.spec,
-                "rollback_plan": plan.record(),
-                "deadline_seconds": seconds,
-                "secret_env_names": sorted(common.secret_env),
-            },
+            command_type=prepared.deploy_type.name,
+            request=prepared.request,
             deadline=time.time() + seconds,
             secret_env=common.secret_env,
         )
@@ -415,6 +303,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/schemas", get_schemas, methods=["GET"]),
         Route("/info", get_info, methods=["GET"]),
+        *rollout_routes(),
     ]
 
 

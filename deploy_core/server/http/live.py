@@ -17,6 +17,8 @@ Once in, the server sends (every message a JSON object with a ``type``):
   whenever a client connects, disconnects, is revoked or changes its capabilities;
 - ``deployment`` — ``{"record": {...}}`` as ``GET /api/deploy/{id}`` shows it, each time any
   deployment changes (status report, callback, timeout, new deployment, rollback);
+- ``rollout`` — ``{"rollout": {...}}`` as ``GET /api/rollouts`` lists it, each time a rollout
+  changes (status, batch, counts) on the server that drives it (docs/rollouts.md);
 - ``pong`` — the answer to ``{"type": "ping"}``; ``error`` — ``{"error": "…"}`` for a message
   it did not understand.
 
@@ -216,7 +218,10 @@ class LiveFeed:
 
     async def run(self) -> None:
         """Send ``hello`` and the clients, then changes until either side closes."""
-        async with self.server.listeners.subscribe("*") as changes:
+        async with (
+            self.server.listeners.subscribe("*") as changes,
+            self.server.rollouts.feed.subscribe() as rollouts,
+        ):
             await self.send(
                 {
                     "type": "hello",
@@ -231,6 +236,7 @@ class LiveFeed:
             tasks = [
                 asyncio.create_task(self._forward(changes)),
                 asyncio.create_task(self._read()),
+                asyncio.create_task(self._forward_rollouts(rollouts)),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -259,6 +265,10 @@ class LiveFeed:
             except TimeoutError:
                 continue
             await self.send({"type": "deployment", "record": record})
+
+    async def _forward_rollouts(self, rollouts: asyncio.Queue[dict[str, Any]]) -> None:
+        while True:
+            await self.send({"type": "rollout", "rollout": await rollouts.get()})
 
     async def _reverify(self) -> None:
         # The token was given once; a revoked one must not keep its feed.

@@ -47,7 +47,14 @@ from deploy_core.server.http.responses import (
     ServerInfo,
     StatusHistory,
 )
+from deploy_core.server.http.rollouts import (
+    NewRollout,
+    RolloutAccepted,
+    RolloutPage,
+    RolloutView,
+)
 from deploy_core.server.http.web import FLAG_VALUES
+from deploy_core.server.rollouts import STATUSES as ROLLOUT_STATUSES
 from deploy_core.server.tokens import TOKEN_NAME
 from deploy_core.transport.files import SHA256_PATTERN
 
@@ -105,6 +112,7 @@ CLIENT_ID = _path("client_id", ID_PATTERN, "an agent's client id")
 FLAG = {"type": "string", "enum": list(FLAG_VALUES), "default": "0"}
 LIMIT = _query("limit", _integer(1, 500, 50), "page size")
 OFFSET = _query("offset", _integer(0, 10**9, 0), "deployments to skip")
+ROLLOUT_ID = _path("rollout_id", ID_PATTERN, "a rollout's id")
 
 
 class Spec(NamedTuple):
@@ -176,6 +184,22 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
     )),
     ("POST", "/api/clients/{client_id}/revoke"): Spec(200, Revoked, (404,), (CLIENT_ID,)),
     ("DELETE", "/api/clients/{client_id}"): Spec(200, Forgotten, (404, 409), (CLIENT_ID,)),
+    ("POST", "/api/rollouts"): Spec(202, RolloutAccepted, (400, 404, 409, 413, 422), (),
+                                    NewRollout),
+    ("GET", "/api/rollouts"): Spec(200, RolloutPage, (422,), (
+        _query("status", {"type": "string", "enum": list(ROLLOUT_STATUSES)},
+               "only rollouts in this status"),
+        _query("active", FLAG, "only rollouts not ended"),
+        LIMIT,
+        _query("offset", _integer(0, 10**9, 0), "rollouts to skip"),
+    )),
+    ("GET", "/api/rollouts/{rollout_id}"): Spec(200, RolloutView, (404,), (ROLLOUT_ID,)),
+    **{
+        ("POST", f"/api/rollouts/{{rollout_id}}/{action}"): Spec(
+            200, RolloutView, (404, 409, 422), (ROLLOUT_ID,)
+        )
+        for action in ("pause", "resume", "promote", "abort")
+    },
 }  # fmt: skip
 #: The one route that is a template over the registered deploy types: one path per kind.
 DEPLOY_ROUTE = ("POST", "/api/deploy/{kind}")
