@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from deploy_core.plugin.errors import EventRejected as EventRejected  # defined by the contract
+from deploy_core.server.ingest import IngestClosed
 from deploy_core.server.ownership import named_deployments
 from deploy_core.server.services import PluginServices
 from deploy_core.transport import AgentSession, Envelope, Kind, ack_for, error_for
@@ -22,6 +25,20 @@ if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Handlers that check the deployments an event names in the transaction that stores it
+# (the core's deploy.status and command.callback, server/handlers.py): the router does not
+# look them up first.
+_CHECKS_OWNERSHIP: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def checks_ownership(handler: F) -> F:
+    """Mark a handler that refuses, with :func:`not_yours`'s words, an event naming a
+    deployment of another client, in the same transaction that stores the event."""
+    _CHECKS_OWNERSHIP.add(handler)
+    return handler
 
 
 @dataclass(frozen=True)
@@ -63,17 +80,31 @@ class EventRouter:
 
     async def route(self, session: AgentSession, env: Envelope) -> None:
         """One message of an authenticated agent.  Whatever names a deployment is checked
-        against the deployments of that agent first: a foreign one gets an ERROR and changes
-        nothing, whichever handler it was meant for."""
+        against the deployments of that agent: a foreign one gets an ERROR and changes
+        nothing, whichever handler it was meant for (first, here; or, for the core's
+        handlers marked :func:`checks_ownership`, in the transaction that would store it).
+
+        Acknowledgements, status reports and callbacks are stored through the server's
+        :class:`~deploy_core.server.ingest.Ingest` (many agents' messages in one
+        transaction); an event is acknowledged only once its transaction has committed.
+        One connection's messages are handled one after another, in arrival order."""
+        try:
+            await self._route(session, env)
+        except IngestClosed:
+            # Not stored, not acknowledged: the agent sends it again to the next server.
+            log.info("shutting down: %s from %s not stored", env.kind.value, session.client_id)
+
+    async def _route(self, session: AgentSession, env: Envelope) -> None:
         if env.kind is Kind.ACK:
             deploy_id = env.payload.get("deploy_id")
             if deploy_id is None:
                 return
-            owned = isinstance(deploy_id, str) and await asyncio.to_thread(
-                self.server.records.mark_acked, session.client_id, deploy_id
+            records, client_id = self.server.records, session.client_id
+            owned = isinstance(deploy_id, str) and await self.server.ingest.submit(
+                lambda conn: records.mark_acked_in(conn, client_id, deploy_id)
             )
             if not owned:
-                session.send(error_for(env, _not_yours(session.client_id, [deploy_id])))
+                session.send(error_for(env, not_yours(session.client_id, [deploy_id])))
             return
         if env.kind is Kind.ERROR:
             log.warning("agent %s reports an error: %s", session.client_id, env.payload)
@@ -85,7 +116,7 @@ class EventRouter:
         if handler is None:
             session.send(error_for(env, f"no handler for event {env.name!r} on this server"))
             return
-        named = named_deployments(env.payload)
+        named = [] if handler.handler in _CHECKS_OWNERSHIP else named_deployments(env.payload)
         foreign = named and await asyncio.to_thread(
             self.server.records.not_owned, session.client_id, named
         )
@@ -96,10 +127,12 @@ class EventRouter:
                 session.client_id,
                 ", ".join(map(str, foreign)),
             )
-            session.send(error_for(env, _not_yours(session.client_id, foreign)))
+            session.send(error_for(env, not_yours(session.client_id, foreign)))
             return
         try:
             await handler.handler(EventContext(self.server, session.client_id, env))
+        except IngestClosed:
+            raise
         except EventRejected as exc:
             log.warning("event %s from %s refused: %s", env.name, session.client_id, exc)
             session.send(error_for(env, str(exc)))
@@ -111,7 +144,8 @@ class EventRouter:
         session.send(ack_for(env))
 
 
-def _not_yours(client_id: str, deploy_ids: list[Any]) -> str:
+def not_yours(client_id: str, deploy_ids: list[Any]) -> str:
+    """The refusal of a message naming ``deploy_ids``, not deployments of ``client_id``."""
     # The same words for a deployment of another client and for one that does not
     # exist: an agent learns nothing about other clients' deployments.
     names = ", ".join(f"{d:.80}" if isinstance(d, str) else f"{d!r:.80}" for d in deploy_ids)

@@ -15,7 +15,7 @@ from deploy_core.models import (
 )
 from deploy_core.plugin import EventContext as PluginEventContext
 from deploy_core.registry import EventHandler, EventHandlerFn
-from deploy_core.server.events import EventContext, EventRejected
+from deploy_core.server.events import EventContext, EventRejected, checks_ownership, not_yours
 
 
 def with_server(handle: Callable[[EventContext], Awaitable[None]]) -> EventHandlerFn:
@@ -38,9 +38,12 @@ async def handle_status_report(ctx: EventContext) -> None:
         report = DeployStatusReport.model_validate(ctx.payload)
     except ValidationError as exc:
         raise EventRejected(f"malformed deploy.status: {exc}") from None
-    applied = await ctx.server.db(ctx.server.records.apply_report, ctx.client_id, report)
+    records, client_id = ctx.server.records, ctx.client_id
+    applied = await ctx.server.ingest.submit(
+        lambda conn: records.apply_report_in(conn, client_id, report)
+    )
     if applied.record is None:
-        raise EventRejected(f"no deployment {report.deploy_id} for client {ctx.client_id}")
+        raise EventRejected(not_yours(client_id, [report.deploy_id]))
     if applied.applied:
         ctx.server.deployments.record_changed(applied.record, applied.previous)
 
@@ -52,9 +55,12 @@ async def handle_callback(ctx: EventContext) -> None:
         callback = DeployCallbackPayload.model_validate(ctx.payload)
     except ValidationError as exc:
         raise EventRejected(f"malformed command.callback: {exc}") from None
-    applied = await ctx.server.db(ctx.server.records.finish, ctx.client_id, callback)
+    records, client_id = ctx.server.records, ctx.client_id
+    applied = await ctx.server.ingest.submit(
+        lambda conn: records.finish_in(conn, client_id, callback)
+    )
     if applied.record is None:
-        raise EventRejected(f"no deployment {callback.callback_id} for client {ctx.client_id}")
+        raise EventRejected(not_yours(client_id, [callback.callback_id]))
     ctx.server.deployments.record_changed(applied.record, applied.previous)
     if applied.applied:
         await ctx.server.deployments.finished(applied.record)
@@ -63,5 +69,5 @@ async def handle_callback(ctx: EventContext) -> None:
 @hookimpl
 def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> None:
     """Register the core's ``deploy.status`` and ``command.callback`` handlers."""
-    register(EventHandler(EVENT_STATUS, with_server(handle_status_report)))
-    register(EventHandler(EVENT_CALLBACK, with_server(handle_callback)))
+    register(EventHandler(EVENT_STATUS, checks_ownership(with_server(handle_status_report))))
+    register(EventHandler(EVENT_CALLBACK, checks_ownership(with_server(handle_callback))))

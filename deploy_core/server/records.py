@@ -99,8 +99,15 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         secret_env: dict[str, str] | None = None,
         target: str | None = None,
         artifacts: Sequence[str] = (),
+        dispatched: bool = False,
     ) -> dict[str, Any]:
-        """Insert a ``pending`` record and take the client's lock, atomically.
+        """Insert a ``pending`` record and take the client's lock, atomically, in one
+        transaction that also reads the record back.
+
+        ``dispatched``: the agent is connected and the command is sent as soon as this
+        returns, so the record is marked dispatched in the same transaction (a server that
+        dies in between claims it sent a command it did not: the agent gets it again when it
+        connects, as any unacknowledged one).
 
         ``secret_env`` is kept apart from the record, sealed, and deleted when it finishes.
         ``target`` names what the deployment changes on its host
@@ -137,7 +144,9 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                         secret_env=secret_env,
                         target=target,
                         artifacts=artifacts,
+                        dispatched=dispatched,
                     )
+                    record = self._get(conn, deploy_id)
                 break
             except locks.LockRaced:
                 continue  # the next attempt sees who holds it, or takes it if freed
@@ -150,7 +159,6 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     "attempts (other deployments kept taking and freeing it); submit again"
                 )
             raise ClientBusy(client_id, current["deploy_id"], current["acquired_at"])
-        record = self.get(deploy_id)
         assert record is not None
         return record
 
@@ -168,6 +176,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         secret_env: dict[str, str] | None,
         target: str | None,
         artifacts: Sequence[str],
+        dispatched: bool = False,
     ) -> None:
         """The ``pending`` record, its artifacts, sealed secrets and first history line; a
         rollback's original learns who undoes it."""
@@ -187,6 +196,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 created_at=now,
                 updated_at=now,
                 target=target,
+                dispatched_at=now if dispatched else None,
             )
         )
         if artifacts:
@@ -309,45 +319,48 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         while it is not finished.
         """
         with self.engine.begin() as conn:
-            rec = conn.execute(
-                sa.select(deployments)
-                .where(
-                    deployments.c.deploy_id == report.deploy_id,
-                    deployments.c.client_id == client_id,
-                )
-                .with_for_update()
-            ).first()
-            if rec is None:
-                return Applied(False, None, None)
-            record = row_dict(rec)
-            previous = record["status"]
-            if report.seq <= record["last_seq"]:
-                return Applied(False, record, previous)
-            values: dict[str, Any] = {"last_seq": report.seq, "updated_at": time.time()}
-            moved = record["finished_at"] is None
-            if moved:
-                values.update(
-                    status=report.status.value, stage=report.stage, progress=report.progress
-                )
-            conn.execute(
-                deployments.update()
-                .where(deployments.c.deploy_id == report.deploy_id)
-                .values(**values)
+            return self.apply_report_in(conn, client_id, report)
+
+    def apply_report_in(
+        self, conn: Connection, client_id: str, report: DeployStatusReport
+    ) -> Applied:
+        """:meth:`apply_report` in the caller's transaction (the ingest commits many in one,
+        server/ingest.py); the record's row is locked until that transaction ends."""
+        rec = conn.execute(
+            sa.select(deployments)
+            .where(
+                deployments.c.deploy_id == report.deploy_id,
+                deployments.c.client_id == client_id,
             )
-            _history(
-                conn,
-                deploy_id=report.deploy_id,
-                seq=report.seq,
-                status=report.status.value,
-                stage=report.stage,
-                progress=report.progress,
-                message=report.message if moved else f"(after finish) {report.message}",
-                source="agent",
-                ts=report.timestamp,
-            )
-            if report.logs or report.log_blocks:
-                self._store_logs(conn, record, report)
-            return Applied(moved, self._get(conn, report.deploy_id), previous)
+            .with_for_update()
+        ).first()
+        if rec is None:
+            return Applied(False, None, None)
+        record = row_dict(rec)
+        previous = record["status"]
+        if report.seq <= record["last_seq"]:
+            return Applied(False, record, previous)
+        values: dict[str, Any] = {"last_seq": report.seq, "updated_at": time.time()}
+        moved = record["finished_at"] is None
+        if moved:
+            values.update(status=report.status.value, stage=report.stage, progress=report.progress)
+        conn.execute(
+            deployments.update().where(deployments.c.deploy_id == report.deploy_id).values(**values)
+        )
+        _history(
+            conn,
+            deploy_id=report.deploy_id,
+            seq=report.seq,
+            status=report.status.value,
+            stage=report.stage,
+            progress=report.progress,
+            message=report.message if moved else f"(after finish) {report.message}",
+            source="agent",
+            ts=report.timestamp,
+        )
+        if report.logs or report.log_blocks:
+            self._store_logs(conn, record, report)
+        return Applied(moved, self._get(conn, report.deploy_id), previous)
 
     def _store_logs(
         self, conn: Connection, record: dict[str, Any], report: DeployStatusReport
@@ -419,80 +432,84 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         """Apply the agent's ``command.callback`` (SPEC deploy-20): the first finish wins and
         releases the lock.  A callback for a record the watchdog already finished is kept as
         the agent's truth (``agent_status``) beside the server's verdict."""
-        now = time.time()
         with self.engine.begin() as conn:
-            rec = conn.execute(
-                sa.select(deployments)
-                .where(
-                    deployments.c.deploy_id == callback.callback_id,
-                    deployments.c.client_id == client_id,
-                )
-                .with_for_update()
-            ).first()
-            if rec is None:
-                return Applied(False, None, None)
-            record = row_dict(rec)
-            previous = record["status"]
-            if record["finished_at"] is not None:
-                # Keep the first late callback, even one that agrees with the watchdog: a
-                # record the agent finished already has agent_status, so repeats change nothing.
-                if record["agent_status"] is None:
-                    late: dict[str, Any] = {"agent_status": callback.status.value}
-                    if callback.rollback_state is not None:
-                        # What the agent prepared is what a manual rollback restores.
-                        late["rollback_state"] = callback.rollback_state
-                    if callback.rollback is not None and record["rollback"] is None:
-                        # The agent rolled back after the server's deadline: the record says
-                        # so where a reader looks, not only in agent_status.
-                        late["rollback"] = callback.rollback.model_dump(mode="json")
-                    conn.execute(
-                        deployments.update()
-                        .where(deployments.c.deploy_id == callback.callback_id)
-                        .values(**late, updated_at=now)
-                    )
-                    _history(
-                        conn,
-                        deploy_id=callback.callback_id,
-                        status=callback.status.value,
-                        stage="callback",
-                        progress=100,
-                        message=f"late callback from the agent: {callback.status.value}"
-                        f"{': ' + callback.error if callback.error else ''}",
-                        source="agent",
-                        ts=now,
-                    )
-                return Applied(False, self._get(conn, callback.callback_id), previous)
-            conn.execute(
-                deployments.update()
-                .where(deployments.c.deploy_id == callback.callback_id)
-                .values(
-                    status=callback.status.value,
-                    stage=callback.status.value,
-                    progress=100,
-                    result=callback.result,
-                    error=callback.error,
-                    health=[h.model_dump(mode="json") for h in callback.health],
-                    rollback=callback.rollback.model_dump(mode="json")
-                    if callback.rollback
-                    else None,
-                    rollback_state=callback.rollback_state,
-                    agent_status=callback.status.value,
-                    updated_at=now,
-                    finished_at=now,
-                )
+            return self.finish_in(conn, client_id, callback)
+
+    def finish_in(
+        self, conn: Connection, client_id: str, callback: DeployCallbackPayload
+    ) -> Applied:
+        """:meth:`finish` in the caller's transaction (server/ingest.py)."""
+        now = time.time()
+        rec = conn.execute(
+            sa.select(deployments)
+            .where(
+                deployments.c.deploy_id == callback.callback_id,
+                deployments.c.client_id == client_id,
             )
-            _history(
-                conn,
-                deploy_id=callback.callback_id,
+            .with_for_update()
+        ).first()
+        if rec is None:
+            return Applied(False, None, None)
+        record = row_dict(rec)
+        previous = record["status"]
+        if record["finished_at"] is not None:
+            # Keep the first late callback, even one that agrees with the watchdog: a
+            # record the agent finished already has agent_status, so repeats change nothing.
+            if record["agent_status"] is None:
+                late: dict[str, Any] = {"agent_status": callback.status.value}
+                if callback.rollback_state is not None:
+                    # What the agent prepared is what a manual rollback restores.
+                    late["rollback_state"] = callback.rollback_state
+                if callback.rollback is not None and record["rollback"] is None:
+                    # The agent rolled back after the server's deadline: the record says
+                    # so where a reader looks, not only in agent_status.
+                    late["rollback"] = callback.rollback.model_dump(mode="json")
+                conn.execute(
+                    deployments.update()
+                    .where(deployments.c.deploy_id == callback.callback_id)
+                    .values(**late, updated_at=now)
+                )
+                _history(
+                    conn,
+                    deploy_id=callback.callback_id,
+                    status=callback.status.value,
+                    stage="callback",
+                    progress=100,
+                    message=f"late callback from the agent: {callback.status.value}"
+                    f"{': ' + callback.error if callback.error else ''}",
+                    source="agent",
+                    ts=now,
+                )
+            return Applied(False, self._get(conn, callback.callback_id), previous)
+        conn.execute(
+            deployments.update()
+            .where(deployments.c.deploy_id == callback.callback_id)
+            .values(
                 status=callback.status.value,
                 stage=callback.status.value,
                 progress=100,
-                message=callback.error or ("succeeded" if callback.success else "finished"),
-                source="agent",
-                ts=now,
+                result=callback.result,
+                error=callback.error,
+                health=[h.model_dump(mode="json") for h in callback.health],
+                rollback=callback.rollback.model_dump(mode="json") if callback.rollback else None,
+                rollback_state=callback.rollback_state,
+                agent_status=callback.status.value,
+                updated_at=now,
+                finished_at=now,
             )
-            self._release(conn, record["client_id"], callback.callback_id)
-            return Applied(True, self._get(conn, callback.callback_id), previous)
+        )
+        _history(
+            conn,
+            deploy_id=callback.callback_id,
+            status=callback.status.value,
+            stage=callback.status.value,
+            progress=100,
+            message=callback.error or ("succeeded" if callback.success else "finished"),
+            source="agent",
+            ts=now,
+        )
+        self._release(conn, record["client_id"], callback.callback_id)
+        return Applied(True, self._get(conn, callback.callback_id), previous)
 
     def expire(self, deploy_id: str, reason: str, *, rollback_wanted: bool = True) -> Applied:
         """The watchdog's verdict: mark an unfinished deployment ``timeout`` and free its
@@ -622,20 +639,25 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         """Agent ``client_id`` acknowledged (journaled) the command; ``False`` (and nothing
         changed) when ``deploy_id`` is not a deployment of that client."""
         with self.engine.begin() as conn:
-            owned = conn.execute(
-                sa.select(deployments.c.acked_at).where(
-                    deployments.c.deploy_id == deploy_id, deployments.c.client_id == client_id
-                )
-            ).first()
-            if owned is None:
-                return False
-            if owned.acked_at is None:
-                conn.execute(
-                    deployments.update()
-                    .where(deployments.c.deploy_id == deploy_id)
-                    .values(acked_at=time.time())
-                )
-            return True
+            return self.mark_acked_in(conn, client_id, deploy_id)
+
+    @staticmethod
+    def mark_acked_in(conn: Connection, client_id: str, deploy_id: str) -> bool:
+        """:meth:`mark_acked` in the caller's transaction (server/ingest.py)."""
+        owned = conn.execute(
+            sa.select(deployments.c.acked_at).where(
+                deployments.c.deploy_id == deploy_id, deployments.c.client_id == client_id
+            )
+        ).first()
+        if owned is None:
+            return False
+        if owned.acked_at is None:
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == deploy_id)
+                .values(acked_at=time.time())
+            )
+        return True
 
     def _set(self, deploy_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:

@@ -1,0 +1,239 @@
+"""Group commit of what agents send (issue 13 §3): status reports, callbacks and command
+acknowledgements from many agents share transactions.
+
+Each agent's connection hands its messages to the server one at a time and waits for each
+to be stored before it acknowledges it (server/events.py), so an event is acknowledged only
+once it is durable.  Here the work of many connections meets: :meth:`Ingest.submit` queues one
+piece of work (a function of a database connection, e.g.
+:meth:`~deploy_core.server.records.RecordStore.apply_report_in`) and waits; one writer takes
+whatever is queued, up to :attr:`Ingest.max_batch` pieces, runs them in one transaction on its
+own thread, and hands each its result once that transaction has committed.
+
+- **Latency.**  An idle writer commits what it finds at once: a lone agent's event waits for
+  no timer.  While one transaction runs, the next batch gathers in the queue; only when the
+  last batch held more than one piece (several agents are busy) does the writer linger
+  :attr:`Ingest.linger` seconds for more before it begins.
+- **Failures.**  When a batch's transaction fails (one piece raised, or the commit did), it is
+  rolled back whole and every piece runs again in a transaction of its own: a bad piece
+  fails alone, and no piece is told it was stored unless its own transaction committed.
+  Pieces must therefore be plain database work that can run again after a rollback.
+- **Order.**  Pieces run in the order they were queued; one connection's messages, queued
+  one after another, are applied in that order.
+- **Bounds.**  At most :attr:`Ingest.max_queued` pieces wait; past that :meth:`submit` waits
+  for room (the agents' messages wait in their connections, which have limits of their own).
+- **Shutdown.**  :meth:`close` refuses new work, commits what is queued, and stops.
+
+:class:`IngestStats` counts transactions, pieces, fallbacks and recent commit latencies
+(queued → committed), which the server logs every :data:`STATS_EVERY` seconds while busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Pieces in one transaction at most.
+MAX_BATCH = 512
+#: Pieces waiting at most before :meth:`Ingest.submit` waits for room.
+MAX_QUEUED = 20_000
+#: How long a busy writer waits for more pieces before it begins a transaction.
+LINGER = 0.002
+#: How often a busy ingest logs its figures (seconds).
+STATS_EVERY = 10.0
+#: Commit latencies kept for the percentiles.
+LATENCY_SAMPLES = 20_000
+
+
+class IngestClosed(RuntimeError):
+    """The ingest is shutting down and takes no more work."""
+
+
+@dataclass
+class IngestStats:
+    """What the writer did since it started."""
+
+    #: Transactions that committed a whole batch (of one piece or more).
+    batches: int = 0
+    #: Pieces committed (in a batch or on their own after a fallback).
+    committed: int = 0
+    #: Pieces whose own transaction failed too (not stored; their callers got the error).
+    failed: int = 0
+    #: Batches rolled back and run again piece by piece.
+    fallbacks: int = 0
+    #: The most pieces one transaction committed.
+    largest_batch: int = 0
+    #: Seconds from queued to committed, the most recent :data:`LATENCY_SAMPLES`.
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+    def percentile(self, pct: float) -> float | None:
+        """The ``pct`` percentile of the recent commit latencies (seconds), if any."""
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+@dataclass
+class _Piece(Generic[T]):
+    work: Callable[[Connection], T]
+    future: asyncio.Future[T]
+    queued: float
+
+
+class Ingest:
+    """One writer committing queued database work in batches (see the module's text)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_queued: int = MAX_QUEUED,
+        linger: float = LINGER,
+        stats_every: float | None = STATS_EVERY,
+    ) -> None:
+        if max_batch < 1 or max_queued < 1 or linger < 0:
+            raise ValueError("max_batch and max_queued must be positive, linger not negative")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.linger = linger
+        self.stats = IngestStats()
+        self._stats_every = stats_every
+        self._queue: asyncio.Queue[_Piece[Any] | None] = asyncio.Queue(max_queued)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_batch = 0
+
+    def start(self) -> None:
+        """Start the writer (in the running event loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ingest")
+
+    @property
+    def queued(self) -> int:
+        """Pieces waiting for the writer."""
+        return self._queue.qsize()
+
+    async def submit(self, work: Callable[[Connection], T]) -> T:
+        """Queue ``work`` and return its result once its transaction has committed.
+
+        :raises IngestClosed: the ingest is shutting down; nothing was stored.
+        :raises Exception: whatever ``work`` (or the commit of its own transaction) raised;
+            nothing of it was stored.
+        """
+        if self._closed or self._task is None:
+            raise IngestClosed("the server is shutting down")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Piece(work, future, time.monotonic()))
+        return await future
+
+    async def close(self) -> None:
+        """Take no more work, commit what is queued, stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            await self._queue.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ the writer
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        reported = time.monotonic()
+        logged = (0, 0)
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch: list[_Piece[Any]] = [first]
+            stopping = self._take(batch)
+            if not stopping and self.linger and self._last_batch > 1:
+                await asyncio.sleep(self.linger)  # busy: let the next batch fill up
+                stopping = self._take(batch)
+            self._last_batch = len(batch)
+            outcomes = await loop.run_in_executor(self._executor, self._commit, batch)
+            now = time.monotonic()
+            for piece, (ok, value) in zip(batch, outcomes, strict=True):
+                if ok:
+                    self.stats.latencies.append(now - piece.queued)
+                if piece.future.done():  # its caller went away (cancelled)
+                    continue
+                if ok:
+                    piece.future.set_result(value)
+                else:
+                    piece.future.set_exception(value)
+            if self._stats_every is not None and now - reported >= self._stats_every:
+                logged = self._log_figures(now - reported, logged)
+                reported = now
+
+    def _take(self, batch: list[_Piece[Any]]) -> bool:
+        """Add what is queued to ``batch`` (up to the limit); whether close() was asked."""
+        while len(batch) < self.max_batch:
+            try:
+                piece = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return False
+            if piece is None:
+                return True
+            batch.append(piece)
+        return False
+
+    def _commit(self, batch: list[_Piece[Any]]) -> list[tuple[bool, Any]]:
+        """Run ``batch`` in one transaction; on failure, each piece in its own."""
+        try:
+            with self.engine.begin() as conn:
+                results = [piece.work(conn) for piece in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                self.stats.failed += 1
+                log.warning("ingest: a stored message failed: %s", exc, exc_info=exc)
+                return [(False, exc)]
+            self.stats.fallbacks += 1
+            log.warning(
+                "ingest: a batch of %d failed (%s: %s); storing each on its own",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
+            return [self._commit([piece])[0] for piece in batch]
+        self.stats.batches += 1
+        self.stats.committed += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        return [(True, result) for result in results]
+
+    def _log_figures(self, seconds: float, before: tuple[int, int]) -> tuple[int, int]:
+        stats = self.stats
+        pieces, batches = stats.committed - before[0], stats.batches - before[1]
+        if pieces:
+            p50, p99 = stats.percentile(50), stats.percentile(99)
+            log.info(
+                "ingest: %d messages in %d transactions over %.0f s (%.0f/s); "
+                "queued to committed p50 %.1f ms, p99 %.1f ms; %d fallbacks, %d failed",
+                pieces,
+                batches,
+                seconds,
+                pieces / seconds,
+                (p50 or 0) * 1000,
+                (p99 or 0) * 1000,
+                stats.fallbacks,
+                stats.failed,
+            )
+        return stats.committed, stats.batches
