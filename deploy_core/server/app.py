@@ -36,6 +36,7 @@ from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
+from deploy_core.server.ingest import Ingest
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
@@ -117,6 +118,7 @@ class DeployServer:
         self.transport: QuicServer
         self.artifacts: ArtifactStore
         self.dispatcher: Dispatcher
+        self.ingest: Ingest
         self.deployments: Deployments
         self.watchdog: Watchdog
         self.rollouts: Rollouts
@@ -150,6 +152,8 @@ class DeployServer:
         if sealed := await self.db(self.records.seal_plaintext_secrets):
             log.info("sealed the plaintext secret_env of %d unfinished deployments", sealed)
         self.tokens = TokenStore(
+        self.ingest = Ingest(self.engine)  # agents' reports, callbacks, acks: group commit
+        self.ingest.start()
             self.engine,
             admin_token=self.state.admin_token,
             join_token_file=self.state.join_token_file,
@@ -257,6 +261,8 @@ class DeployServer:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ transport callbacks
+        with contextlib.suppress(AttributeError):
+            await self.ingest.close()  # commits what the connections queued
 
     async def _on_connect(self, session: AgentSession) -> None:
         capabilities = dict(session.capabilities)
