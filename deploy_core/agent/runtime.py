@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -25,11 +25,15 @@ from deploy_core.agent.context import AgentServiceContext
 from deploy_core.agent.executor import Executor
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
+from deploy_core.logs import bind
 from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_agent_plugins
 from deploy_core.private import private_dir
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
 from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from deploy_core.agent.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,9 @@ class AgentConfig:
     )
     # The config file's [agent] labels (deploy_core.labels), sent with the capabilities.
     labels: dict[str, str] = field(default_factory=dict)
+    # Where to serve the agent's Prometheus metrics (the config file's [metrics] listen);
+    # None serves none (deploy_core.agent.metrics).
+    metrics_listen: tuple[str, int] | None = None
 
 
 class Agent:
@@ -124,6 +131,13 @@ class Agent:
             processes=self.processes,
             plugin_settings=config.plugin_settings,
         )
+        #: The agent's Prometheus metrics, only when [metrics] asks for them (the library is
+        #: imported only then).
+        self.metrics: AgentMetrics | None = None
+        if config.metrics_listen is not None:
+            from deploy_core.agent.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(connected=lambda: self.connector.connected)
 
     def capabilities(self) -> dict[str, Any]:
         """What this agent tells the server it can do."""
@@ -136,6 +150,9 @@ class Agent:
 
     async def run(self) -> None:
         """Recover what a previous run left, then serve until :meth:`stop`."""
+        bind(client_id=self.config.client_id)  # on every log line (deploy_core.logs)
+        if self.metrics is not None and self.config.metrics_listen is not None:
+            self.metrics.serve(*self.config.metrics_listen)
         self.processes.enable_subreaper()
         log.info("%s", self.processes.describe())
         tasks = [
@@ -165,6 +182,8 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.processes.disable_subreaper()
             self.journal.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     async def stop(self) -> None:
         """Ask :meth:`run` to return."""
@@ -197,6 +216,7 @@ class Agent:
     async def _recover(self) -> None:
         # Interrupted deployments: their processes are killed first (Executor.recover).
         for entry in self.journal.in_state(STARTED):
+            bind(deploy_id=entry.deploy_id)
             log.warning("deployment %s was interrupted by a restart", entry.deploy_id)
             await self.executor.recover(
                 entry.command, entry.stage, entry.rollback_state, entry.progress
@@ -229,23 +249,31 @@ class Agent:
         await self._recovered.wait()
         while True:
             command = await self._queue.get()
+            bind(deploy_id=command.deploy_id)
+            started = time.monotonic()
             try:
                 if time.time() > command.expires_at:
+                    status = DeployStatus.TIMEOUT
                     self.executor.refuse(
                         command,
-                        DeployStatus.TIMEOUT,
+                        status,
                         "the deadline passed before the agent could start the deployment",
                     )
                 else:
-                    await self.executor.run(command)
+                    status = await self.executor.run(command)
+                if self.metrics is not None:
+                    self.metrics.finished(command.command_type, status, time.monotonic() - started)
             except Exception:
                 log.exception("deployment %s could not be run", command.deploy_id)
             finally:
                 self._queued.discard(command.deploy_id)
+                bind(deploy_id=None)
 
     # ------------------------------------------------------------------ messages
 
     async def _on_connected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.connects.inc()
         self._sent_upto = 0
         self._in_flight.clear()
         self._wake.set()

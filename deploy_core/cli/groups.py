@@ -3,21 +3,44 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from deploy_core import __version__
+from deploy_core.logs import FORMATS, setup
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    setup(level, fmt)
     if level != "debug":
         # Their INFO lines are per request / per connection noise for an operator.
         for name in ("httpx", "alembic", "quic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _log_format_given(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        _setup_logging(ctx.find_root().params.get("log_level") or "info", value)
+
+
+def log_format_option(fn: F) -> F:
+    """``--log-format text|json`` on a long-running command (``server``, ``agent``, ``up``):
+    the same as ``deployctl --log-format``, given after the command's name."""
+    option = click.option(
+        "--log-format",
+        type=click.Choice(FORMATS),
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_log_format_given,
+        help="log lines as text, or as one JSON object per line (for log shippers; see "
+        "docs/operating.md)  [default: deployctl --log-format, text]",
+    )
+    return option(fn)  # type: ignore[no-any-return]
 
 
 class _PluginAwareGroup(click.Group):
@@ -89,9 +112,17 @@ class _MainGroup(_PluginAwareGroup):
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
-def main(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    envvar="DEPLOY_CENTER_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    type=click.Choice(FORMATS),
+    help="text, or one JSON object per line (time, level, logger, message, deploy_id, client_id)",
+)
+def main(log_level: str, log_format: str) -> None:
     """Deploy Center: deploy scripts, packages and images to hosts over QUIC."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
 
 
 class _PluginAwareDeployGroup(_PluginAwareGroup):

@@ -67,6 +67,8 @@ from aioquic.quic.events import (
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 
+from deploy_core.logs import bind
+
 from .admission import (
     DEFAULT_BUSY_RETRY_AFTER,
     DEFAULT_MAX_HANDSHAKES,
@@ -506,14 +508,17 @@ class _AgentConnection(QuicConnectionProtocol):
                 if not await old._connection.wait_disconnected(_REPLACE_WAIT):
                     logger.warning("on_disconnect for %s still running; connecting anyway", old)
             self._server.stats.connects += 1
+            bind(client_id=session.client_id)  # on the log lines of this connection's task
             await _guarded("on_connect", session.client_id, self._server._on_connect(session))
             try:
                 while (env := await self._inbox.get()) is not None and not self.shut:
+                    bind(deploy_id=env.callback_id)
                     await _guarded(
                         "on_message", session.client_id, self._server._on_message(session, env)
                     )
             finally:
                 self._server.stats.disconnects[self.close_cause or "agent"] += 1
+                bind(deploy_id=None)
                 await _guarded(
                     "on_disconnect", session.client_id, self._server._on_disconnect(session)
                 )
