@@ -19,7 +19,7 @@ from deploy_core.cli.common import (
     parse_size,
     state_dir_option,
 )
-from deploy_core.cli.groups import main
+from deploy_core.cli.groups import log_format_option, main
 
 if TYPE_CHECKING:
     from deploy_core.plugins import DeployPlugins
@@ -181,6 +181,7 @@ def _print_server_banner(srv: Any) -> None:
 
 
 @main.command()
+@log_format_option
 @click.option("--server", "server_addr", required=True, help="the server's QUIC HOST:PORT")
 @click.option("--client-id", required=True, help="this agent's id, e.g. web-1")
 @click.option(
@@ -260,6 +261,7 @@ def agent(
         constraints=constraints,
         chunk_size=_chunk_size(chunk_size),
         labels=settings.get("labels", {}),
+        metrics_listen=_metrics_listen(config_file, settings.get("metrics")),
     )
 
     async def run(stop: asyncio.Event) -> None:
@@ -273,6 +275,7 @@ def agent(
 
 
 @main.command()
+@log_format_option
 @state_dir_option
 @click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
@@ -368,6 +371,18 @@ def _try_command(srv: Any, state_dir: Path) -> str:
     if os.environ.get("DEPLOY_CENTER_TOKEN"):
         words += f' --token "$(cat {shlex.quote(str(srv.state.admin_token_file))})"'
     return words
+
+
+def _metrics_listen(config_file: Path | None, table: Any) -> tuple[str, int] | None:
+    """The ``[metrics]`` table's ``listen`` address, checked (deploy_core.agent.metrics)."""
+    if table is None:
+        return None
+    from deploy_core.agent.metrics import MetricsConfigError, listen_address
+
+    try:
+        return listen_address(table)
+    except MetricsConfigError as exc:
+        raise click.BadParameter(f"{config_file}: {exc}", param_hint="--config") from None
 
 
 def _chunk_size(value: str) -> int:

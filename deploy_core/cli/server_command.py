@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from deploy_core.cli.common import database_url, parse_duration, parse_size, state_dir_option
+from deploy_core.cli.groups import log_format_option
 from deploy_core.cli.processes import (
     _print_server_banner,
     _read_server_config,
@@ -87,6 +88,7 @@ def server_config_file(
 
 
 @click.command()
+@log_format_option
 @state_dir_option
 @click.option("--api-host", default="127.0.0.1", show_default=True)
 @click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))

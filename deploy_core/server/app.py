@@ -36,11 +36,9 @@ from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
-from deploy_core.server.ingest import Ingest
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
-from deploy_core.server.rollouts import Rollouts, RolloutStore
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.tokens import TokenStore
@@ -118,10 +116,8 @@ class DeployServer:
         self.transport: QuicServer
         self.artifacts: ArtifactStore
         self.dispatcher: Dispatcher
-        self.ingest: Ingest
         self.deployments: Deployments
         self.watchdog: Watchdog
-        self.rollouts: Rollouts
         self._http: _UvicornServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_port = config.api_port
@@ -152,8 +148,6 @@ class DeployServer:
         if sealed := await self.db(self.records.seal_plaintext_secrets):
             log.info("sealed the plaintext secret_env of %d unfinished deployments", sealed)
         self.tokens = TokenStore(
-        self.ingest = Ingest(self.engine)  # agents' reports, callbacks, acks: group commit
-        self.ingest.start()
             self.engine,
             admin_token=self.state.admin_token,
             join_token_file=self.state.join_token_file,
@@ -175,12 +169,6 @@ class DeployServer:
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
-        self.rollouts = Rollouts(
-            RolloutStore(self.engine, self.records.secret_box),
-            self.deployments,
-            self.listeners,
-            owner=cfg.server_id,
-        )
         self.watchdog = Watchdog(
             self.records,
             expired=self.metrics.watch_expiries(self.deployments.expired),
@@ -196,6 +184,7 @@ class DeployServer:
                 log_level="warning",
                 lifespan="off",
                 access_log=False,
+                log_config=None,  # through the root logger, in the --log-format chosen
                 http=cfg.http_limits.protocol(),
             )
         )
@@ -210,7 +199,6 @@ class DeployServer:
             await asyncio.sleep(0.01)
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
-        self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
         if cfg.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._retention(), name="retention"))
@@ -261,8 +249,6 @@ class DeployServer:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ transport callbacks
-        with contextlib.suppress(AttributeError):
-            await self.ingest.close()  # commits what the connections queued
 
     async def _on_connect(self, session: AgentSession) -> None:
         capabilities = dict(session.capabilities)
