@@ -36,6 +36,7 @@ from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
+from deploy_core.server.ingest import Ingest
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
@@ -117,6 +118,7 @@ class DeployServer:
         self.artifacts: ArtifactStore
         self.dispatcher: Dispatcher
         self.deployments: Deployments
+        self.ingest: Ingest
         self.watchdog: Watchdog
         self._http: _UvicornServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -150,6 +152,8 @@ class DeployServer:
         self.tokens = TokenStore(
             self.engine,
             admin_token=self.state.admin_token,
+        self.ingest = Ingest(self.engine)  # agents' reports, callbacks, acks: group commit
+        self.ingest.start()
             join_token_file=self.state.join_token_file,
         )
         await self.db(self.records.mark_all_disconnected)
@@ -257,6 +261,8 @@ class DeployServer:
         except LabelError as exc:
             log.warning("agent %s connects without its labels: %s", session.client_id, exc)
             labels = {}
+        with contextlib.suppress(AttributeError):
+            await self.ingest.close()  # commits what the connections queued
         await self.db(
             self.records.set_connected,
             session.client_id,
