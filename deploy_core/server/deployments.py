@@ -60,12 +60,15 @@ class Deployments:
         secret_env: dict[str, str] | None = None,
         deploy_id: str | None = None,
     ) -> dict[str, Any]:
-        """Record a new deployment (taking the client's lock) and send it if the agent is
-        connected.  ``deploy_id`` is one the caller chose and recorded beforehand (a rollout's
-        target), so that trying again never makes a second deployment: the id is unique.
+        """Record a new deployment (taking the client's lock, in one transaction) and send it
+        if the agent is connected.  ``deploy_id`` is one the caller chose and recorded
+        beforehand (a rollout's target), so that trying again never makes a second
+        deployment: the id is unique.
         :raises ClientBusy: the client is busy."""
         deploy_id = deploy_id or uuid.uuid4().hex
         target, artifacts = deployment_scope(self.plugins, command_type, request)
+        # Sent at once when its agent is here: marked dispatched in the same transaction.
+        connected = self.dispatcher.session_for(client_id) is not None
         record = await self.db(
             self.records.create_deployment,
             deploy_id=deploy_id,
@@ -77,9 +80,10 @@ class Deployments:
             secret_env=secret_env,
             target=target,
             artifacts=artifacts,
+            dispatched=connected,
         )
         self.record_changed(record, None)
-        await self.dispatcher.dispatch(record)
+        await self.dispatcher.dispatch(record, marked=connected)
         return record
 
     def record_changed(self, record: dict[str, Any], previous: str | None) -> None:

@@ -66,19 +66,29 @@ class Dispatcher:
             ),
         )
 
-    async def send(self, session: AgentSession, record: dict[str, Any]) -> None:
-        """Mark ``record`` dispatched, then send its command on ``session``."""
+    async def send(
+        self, session: AgentSession, record: dict[str, Any], *, marked: bool = False
+    ) -> None:
+        """Mark ``record`` dispatched (unless ``marked`` already), then send its command on
+        ``session``."""
         envelope = await self.command_for(record, session.capabilities)
-        await asyncio.to_thread(self.records.mark_dispatched, record["deploy_id"])
+        if not marked:
+            await asyncio.to_thread(self.records.mark_dispatched, record["deploy_id"])
         session.send(envelope)
 
-    async def dispatch(self, record: dict[str, Any]) -> bool:
+    def session_for(self, client_id: str) -> AgentSession | None:
+        """The open session of ``client_id`` on this replica, if any."""
+        session = self.transport.session(client_id)
+        return None if session is None or session.closed else session
+
+    async def dispatch(self, record: dict[str, Any], *, marked: bool = False) -> bool:
         """Send a recorded deployment to its agent, if that agent is connected here;
-        ``False`` when it is not (it is sent when the agent connects)."""
-        session = self.transport.session(record["client_id"])
-        if session is None or session.closed:
+        ``False`` when it is not (it is sent when the agent connects).  ``marked``: the
+        record was marked dispatched when it was stored."""
+        session = self.session_for(record["client_id"])
+        if session is None:
             return False
-        await self.send(session, record)
+        await self.send(session, record, marked=marked)
         return True
 
     async def redeliver(self, session: AgentSession) -> int:
