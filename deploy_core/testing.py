@@ -359,6 +359,30 @@ class DeployCenter:
         record: dict[str, Any] = self.api.wait(deploy_id, timeout=timeout)
         return record
 
+    def cli_env(self) -> dict[str, str]:
+        """The environment of a ``deployctl`` process pointed at this server: this one's,
+        without ``DEPLOY_CENTER_*`` but for the URL and admin token."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_CENTER_")}
+        env["DEPLOY_CENTER_URL"] = f"http://127.0.0.1:{self.api_port}"
+        env["DEPLOY_CENTER_TOKEN"] = (self.server_dir / "admin.token").read_text().strip()
+        return env
+
+    def deployctl(self, *args: str, timeout: float = 300.0) -> Any:
+        """Run ``deployctl ARGS`` against this server as a separate process, as an operator
+        types it; the :class:`subprocess.CompletedProcess` (text ``stdout``/``stderr``,
+        ``returncode``)."""
+        import subprocess
+        import sys
+
+        return subprocess.run(
+            [sys.executable, "-m", "deploy_core.cli", *args],
+            capture_output=True,
+            text=True,
+            env=self.cli_env(),
+            timeout=timeout,
+            check=False,
+        )
+
     def log(self, name: str) -> str:
         """What a process wrote (``server`` or ``agent-<id>``)."""
         path = self.root / f"{name}.log"

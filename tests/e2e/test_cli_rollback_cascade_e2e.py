@@ -10,9 +10,7 @@ Real server and agent processes on loopback, ``deployctl`` run as a process, rea
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,17 +44,8 @@ def center(tmp_path: Path) -> Iterator[DeployCenter]:
 
 def deployctl(center: DeployCenter, *args: str) -> subprocess.CompletedProcess[str]:
     """``deployctl ARGS`` pointed at the test's server, as a separate process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_CENTER_")}
-    env["DEPLOY_CENTER_URL"] = f"http://127.0.0.1:{center.api_port}"
-    env["DEPLOY_CENTER_TOKEN"] = (center.server_dir / "admin.token").read_text().strip()
-    return subprocess.run(
-        [sys.executable, "-m", "deploy_core.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    done: subprocess.CompletedProcess[str] = center.deployctl(*args)
+    return done
 
 
 def deploy_version(center: DeployCenter, app: Path, version: str) -> str:
