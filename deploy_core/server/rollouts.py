@@ -2,7 +2,7 @@
 and a rollback of everything when it fails (issue 14, docs/rollouts.md).
 
 A rollout is a state machine in the database (``rollouts``, ``rollout_targets``,
-``rollout_history``).  :class:`RolloutDriver` is one asyncio task per server that moves every
+``rollout_history``).  :meth:`Rollouts.run` is one asyncio task per server that moves every
 unfinished rollout along: it starts the targets' deployments through
 :class:`~deploy_core.server.deployments.Deployments` (each its own record, lock, callbacks,
 checks and rollback), wakes when a deployment finishes (it listens to record changes like
@@ -309,7 +309,7 @@ class RolloutStore:
             )
             return [row_dict(r) for r in rows]
 
-    def list(
+    def page(
         self, *, status: str | None, active: bool, limit: int, offset: int
     ) -> tuple[list[dict[str, Any]], int]:
         """Rollouts, newest first, and how many match."""

@@ -341,7 +341,7 @@ async def list_rollouts(request: Request) -> Response:
     limit = int_param(request, "limit", 50, 1, 500)
     offset = int_param(request, "offset", 0, 0, 10**9)
     rows, total = await server.db(
-        server.rollouts.store.list,
+        server.rollouts.store.page,
         status=status,
         active=flag_param(request, "active"),
         limit=limit,
