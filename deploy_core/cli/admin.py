@@ -20,41 +20,94 @@ from deploy_core.client import ApiError, ConfigError, DeployClient
 from deploy_core.durations import human_duration
 
 
+def _client_filters(fn: Any) -> Any:
+    """The options of ``deployctl clients [list]``: what to show, and how much."""
+    for option in reversed(
+        [
+            click.option("--json", "as_json", is_flag=True, help="print the answer as JSON"),
+            click.option(
+                "--label",
+                "labels",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="only clients with this label (repeat: every one of them)",
+            ),
+            click.option(
+                "--state",
+                type=click.Choice(["connected", "disconnected", "revoked"]),
+                help="only clients in this state",
+            ),
+            click.option("--search", help="only clients whose id or address contains this"),
+            click.option(
+                "--limit",
+                type=click.IntRange(1, 1000),
+                help="show at most this many (default: every matching client)",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 @main.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True)
+@_client_filters
 @click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL")
 @click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token")
 @state_dir_option
 @click.pass_context
 def clients(
-    ctx: click.Context, as_json: bool, url: str | None, token: str | None, state_dir: Path
+    ctx: click.Context, /, url: str | None, token: str | None, state_dir: Path, **filters: Any
 ) -> None:
     """List enrolled clients and whether they are connected (or revoke / forget one)."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(clients_list, as_json=as_json, url=url, token=token, state_dir=state_dir)
+        ctx.invoke(clients_list, url=url, token=token, state_dir=state_dir, **filters)
 
 
 @clients.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@_client_filters
 @with_api
-def clients_list(api: DeployClient, as_json: bool) -> None:
-    """List enrolled clients and whether they are connected."""
-    rows = api.clients()
+def clients_list(
+    api: DeployClient,
+    as_json: bool,
+    labels: tuple[str, ...],
+    state: str | None,
+    search: str | None,
+    limit: int | None,
+) -> None:
+    """List enrolled clients: state, labels, credential, deploy types.  With --json, the
+    clients as GET /api/clients shows them (all matching, or --limit of them)."""
+    filters: dict[str, Any] = {"labels": labels, "state": state, "search": search}
+    if limit is None:
+        rows = api.clients(**filters)
+        total = len(rows)
+    else:
+        page = api.clients_page(**filters, limit=limit)
+        rows, total = page["clients"], page["total"]
     if as_json:
         echo_json(rows)
         return
     for c in rows:
-        state = (
+        state_text = (
             ("connected since " + (c["connected_since"] or "?"))
             if c["connected"]
             else ("disconnected since " + (c["disconnected_since"] or "?"))
         )
         if c.get("revoked_at"):
-            state = "REVOKED " + c["revoked_at"]
+            state_text = "REVOKED " + c["revoked_at"]
         types = ", ".join(c["capabilities"].get("deploy_types", []))
         # A shared_key agent has not upgraded to its own key pair (an older server: "?").
         credential = c.get("credential") or "?"
-        click.echo(terminal_safe(f"{c['client_id']:<20} {state:<45} {credential:<10} {types}"))
+        labels_text = ",".join(f"{k}={v}" for k, v in sorted((c.get("labels") or {}).items()))
+        click.echo(
+            terminal_safe(
+                f"{c['client_id']:<20} {state_text:<45} {credential:<10} {types}"
+                + (f"  [{labels_text}]" if labels_text else "")
+            )
+        )
+    if len(rows) < total:
+        click.echo(f"({len(rows)} of {total} shown: raise --limit or narrow the filters)")
+    elif not rows:
+        click.echo("no client matches" if (labels or state or search) else "no client enrolled")
 
 
 @clients.command("revoke")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -209,12 +210,147 @@ class ClientRecords:
         """Known clients, without their keys, by id; ``credential`` says what the agent
         signs in with: ``public_key`` (its own key pair) or ``shared_key`` (a secret the
         server issued before key pairs, until the agent next connects and upgrades)."""
-        cols = [c for c in clients.c if c.name != "agent_key"]
-        credential = sa.case(
-            (clients.c.public_key.is_not(None), "public_key"), else_="shared_key"
-        ).label("credential")
-        query = sa.select(*cols, credential).order_by(clients.c.client_id)
+        query = _client_select()
         if ids is not None:
             query = query.where(clients.c.client_id.in_(list(ids)))
         with self.engine.connect() as conn:
             return [row_dict(r) for r in conn.execute(query)]
+
+    def page_clients(self, where: ClientFilter, *, after: str | None, limit: int) -> ClientPage:
+        """One page of the clients ``where`` matches, by id (keyset paging: the ids after
+        ``after``), with how many match in all."""
+        conditions = where.conditions()
+        query = _client_select()
+        if after is not None:
+            query = query.where(clients.c.client_id > after)
+        query = query.where(*conditions).limit(limit + 1)
+        count = sa.select(sa.func.count()).select_from(clients).where(*conditions)
+        with self.engine.connect() as conn:
+            rows = [row_dict(r) for r in conn.execute(query)]
+            total = int(conn.execute(count).scalar_one())
+        more = len(rows) > limit
+        return ClientPage(rows[:limit], total, rows[limit - 1]["client_id"] if more else None)
+
+    def summarize_clients(self, where: ClientFilter) -> dict[str, Any]:
+        """Counts, in SQL: ``total`` matching ``where``; ``states``, how many of those are
+        in each state counting every state (``where.state`` aside, so each state's count
+        says what choosing it would list)."""
+        others = ClientFilter(q=where.q, labels=where.labels).conditions()
+        state = _state_expr()
+        by_state = sa.select(state, sa.func.count()).where(*others).group_by(state)
+        pairs = _label_pairs(self.engine.dialect.name)
+        count = sa.func.count().label("n")
+        by_label = (
+            sa.select(pairs.c.key, pairs.c.value, count)
+            .select_from(clients.join(pairs, sa.true()))
+            .where(*where.conditions())
+            .group_by(pairs.c.key, pairs.c.value)
+            .order_by(count.desc(), pairs.c.key, pairs.c.value)
+            .limit(MAX_LABEL_COUNTS + 1)
+        )
+        with self.engine.connect() as conn:
+            states = {name: 0 for name in CLIENT_STATES}
+            for name, n in conn.execute(by_state):
+                states[name] = int(n)
+            label_rows = conn.execute(by_label).all()
+        labels: dict[str, dict[str, int]] = {}
+        for key, value, n in sorted(label_rows[:MAX_LABEL_COUNTS], key=lambda r: (r[0], -r[2])):
+            labels.setdefault(key, {})[value] = int(n)
+        total = states[where.state] if where.state else sum(states.values())
+        return {
+            "total": total,
+            "states": states,
+            "labels": labels,
+            "labels_truncated": len(label_rows) > MAX_LABEL_COUNTS,
+        }
+
+    def clients_fingerprint(self) -> tuple[Any, ...]:
+        """A value that changes whenever a client enrolls, connects, disconnects, is revoked
+        or forgotten (one aggregate row, not every client's): what a live feed compares to
+        know the client list changed without reading it."""
+        stamps = (
+            clients.c.enrolled_at
+            + sa.func.coalesce(clients.c.connected_since, 0.0)
+            + sa.func.coalesce(clients.c.disconnected_since, 0.0)
+            + sa.func.coalesce(clients.c.revoked_at, 0.0)
+        )
+        query = sa.select(
+            sa.func.count(),
+            sa.func.sum(sa.case((clients.c.connected.is_(True), 1), else_=0)),
+            sa.func.sum(stamps),
+            sa.func.max(clients.c.connected_since),
+            sa.func.max(clients.c.disconnected_since),
+        )
+        with self.engine.connect() as conn:
+            return tuple(conn.execute(query).one())
+
+
+#: A client's state as the API names it: revoked (whatever its last connection did), else
+#: connected or disconnected.
+CLIENT_STATES = ("connected", "disconnected", "revoked")
+#: A summary counts at most this many label key/value pairs (the most common first).
+MAX_LABEL_COUNTS = 500
+
+
+def _label_pairs(dialect: str) -> sa.TableValuedAlias:
+    """Each client's labels as rows ``(key, value)``, joined to its row: SQLite's
+    ``json_each``, PostgreSQL's ``json_each_text`` (no labels: no rows)."""
+    if dialect == "postgresql":
+        pg = sa.func.json_each_text(clients.c.labels).table_valued("key", "value")
+        return pg.render_derived("label_pairs")
+    return sa.func.json_each(clients.c.labels).table_valued("key", "value").alias("label_pairs")
+
+
+def _state_expr() -> sa.ColumnElement[str]:
+    return sa.case(
+        (clients.c.revoked_at.is_not(None), "revoked"),
+        (clients.c.connected.is_(True), "connected"),
+        else_="disconnected",
+    )
+
+
+def _client_select() -> sa.Select[Any]:
+    """Clients without their keys, ordered by id, with ``credential``: what the agent signs
+    in with."""
+    cols = [c for c in clients.c if c.name != "agent_key"]
+    credential = sa.case(
+        (clients.c.public_key.is_not(None), "public_key"), else_="shared_key"
+    ).label("credential")
+    return sa.select(*cols, credential).order_by(clients.c.client_id)
+
+
+@dataclass(frozen=True)
+class ClientFilter:
+    """Which clients a listing shows: a state, a case-insensitive substring of the id or
+    the address the agent connected from, and labels it must all have (key, value)."""
+
+    state: str | None = None
+    q: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def conditions(self) -> list[sa.ColumnElement[bool]]:
+        found: list[sa.ColumnElement[bool]] = []
+        if self.state is not None:
+            found.append(_state_expr() == self.state)
+        if self.q:
+            needle = self.q.lower()
+            found.append(
+                sa.or_(
+                    sa.func.lower(clients.c.client_id).contains(needle, autoescape=True),
+                    sa.func.lower(sa.func.coalesce(clients.c.remote, "")).contains(
+                        needle, autoescape=True
+                    ),
+                )
+            )
+        for key, value in self.labels:
+            found.append(clients.c.labels[key].as_string() == value)
+        return found
+
+
+class ClientPage(NamedTuple):
+    """A page of clients: its rows, how many match in all, and the id the next page starts
+    after (``None`` on the last page)."""
+
+    rows: list[dict[str, Any]]
+    total: int
+    last_id: str | None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from deploy_core import __version__
-from deploy_core.models import wire_schemas
+from deploy_core.labels import LabelError, parse_selector
+from deploy_core.models import ID_PATTERN, wire_schemas
+from deploy_core.server.clients import CLIENT_STATES, ClientFilter
 from deploy_core.server.http.requests import request_model
-from deploy_core.server.http.web import ApiError, services
+from deploy_core.server.http.web import ApiError, flag_param, int_param, services
 from deploy_core.server.rollback_plan import describe_defaults
 from deploy_core.server.views import iso_time
 
@@ -38,11 +42,88 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: ``GET /api/clients``: page sizes, the longest search, the most label filters.
+CLIENTS_LIMIT = 100
+CLIENTS_MAX_LIMIT = 1000
+MAX_SEARCH = 128
+MAX_LABEL_FILTERS = 16
+CLIENT_QUERY = ("state", "q", "label", "limit", "cursor", "summary")
+_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+
+
+def encode_cursor(client_id: str) -> str:
+    """The opaque ``next_cursor`` of a page that ends with ``client_id``."""
+    return base64.urlsafe_b64encode(client_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> str:
+    """The client id a ``cursor`` names; ``422`` for anything this server did not make."""
+    try:
+        if not _CURSOR.fullmatch(raw):
+            raise ValueError
+        client_id = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        if not re.fullmatch(ID_PATTERN, client_id):
+            raise ValueError
+    except ValueError:
+        raise ApiError(
+            422, f"invalid cursor {raw[:80]!r}: pass a next_cursor this API returned"
+        ) from None
+    return client_id
+
+
+def _one(request: Request, name: str) -> str | None:
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise ApiError(422, f"query parameter {name} given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def client_filter(request: Request) -> ClientFilter:
+    """The filters of a ``GET /api/clients`` request, validated."""
+    unknown = sorted(set(request.query_params) - set(CLIENT_QUERY))
+    if unknown:
+        raise ApiError(
+            422,
+            f"unknown query parameter {unknown[0][:40]!r} (this route takes: "
+            f"{', '.join(CLIENT_QUERY)})",
+        )
+    state = _one(request, "state")
+    if state is not None and state not in CLIENT_STATES:
+        raise ApiError(422, f"unknown state {state[:40]!r} (one of: {', '.join(CLIENT_STATES)})")
+    q = _one(request, "q")
+    if q is not None and len(q) > MAX_SEARCH:
+        raise ApiError(422, f"query parameter q is over {MAX_SEARCH} characters")
+    raw_labels = request.query_params.getlist("label")
+    if len(raw_labels) > MAX_LABEL_FILTERS:
+        raise ApiError(422, f"at most {MAX_LABEL_FILTERS} label filters")
+    try:
+        labels = parse_selector(raw_labels)
+    except LabelError as exc:
+        raise ApiError(422, f"invalid label filter: {exc} (write label=key=value)") from None
+    return ClientFilter(state=state, q=q or None, labels=tuple(sorted(labels.items())))
+
+
 async def list_clients(request: Request) -> Response:
-    """``GET /api/clients`` — every enrolled client with its state and capabilities."""
+    """``GET /api/clients`` — enrolled clients with their state and capabilities, a page at
+    a time by id: ``?state=&q=&label=k=v&limit=&cursor=&summary=1`` (docs/api.md)."""
     server = services(request)
-    rows = await server.db(server.records.list_clients)
-    return JSONResponse({"clients": [render_client(server, r) for r in rows]})
+    where = client_filter(request)
+    _one(request, "limit")
+    limit = int_param(request, "limit", CLIENTS_LIMIT, 1, CLIENTS_MAX_LIMIT)
+    cursor = _one(request, "cursor")
+    after = decode_cursor(cursor) if cursor is not None else None
+    _one(request, "summary")
+    summary = flag_param(request, "summary")
+    page = await server.db(server.records.page_clients, where, after=after, limit=limit)
+    answer: dict[str, Any] = {
+        "clients": [render_client(server, r) for r in page.rows],
+        "total": page.total,
+        "limit": limit,
+        "next_cursor": encode_cursor(page.last_id) if page.last_id is not None else None,
+    }
+    if summary:
+        answer["summary"] = await server.db(server.records.summarize_clients, where)
+    return JSONResponse(answer)
 
 
 async def get_client(request: Request) -> Response:

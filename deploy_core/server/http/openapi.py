@@ -21,8 +21,15 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, DeployStatus
+from deploy_core.server.clients import CLIENT_STATES
 from deploy_core.server.http.admin import NewApiToken, NewJoinToken
 from deploy_core.server.http.auth import needed_scope
+from deploy_core.server.http.info import (
+    CLIENTS_LIMIT,
+    CLIENTS_MAX_LIMIT,
+    MAX_LABEL_FILTERS,
+    MAX_SEARCH,
+)
 from deploy_core.server.http.requests import RollbackOptions, request_model
 from deploy_core.server.http.responses import (
     ApiTokenCreated,
@@ -167,7 +174,18 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
     ("GET", "/api/artifacts/{sha256}"): Spec(200, ArtifactView, (404, 422), (
         _path("sha256", SHA256_PATTERN, "the artifact's SHA-256"),
     )),
-    ("GET", "/api/clients"): Spec(200, ClientList),
+    ("GET", "/api/clients"): Spec(200, ClientList, (422,), (
+        _query("state", {"type": "string", "enum": list(CLIENT_STATES)}, "only clients in "
+               "this state"),
+        _query("q", {"type": "string", "maxLength": MAX_SEARCH}, "only clients whose id or "
+               "address contains this (any case)"),
+        _query("label", {"type": "array", "maxItems": MAX_LABEL_FILTERS,
+                         "items": {"type": "string", "pattern": "^[^=]+=.+$"}},
+               "key=value, repeated: only clients with every one of these labels"),
+        _query("limit", _integer(1, CLIENTS_MAX_LIMIT, CLIENTS_LIMIT), "page size"),
+        _query("cursor", {"type": "string"}, "the `next_cursor` of the page before"),
+        _query("summary", FLAG, "add `summary`: counts by state and by label"),
+    )),
     ("GET", "/api/clients/{client_id}"): Spec(200, ClientDetail, (404,), (CLIENT_ID,)),
     ("GET", "/api/plugins"): Spec(200, PluginList),
     ("GET", "/api/schemas"): Spec(200, SchemaSet),

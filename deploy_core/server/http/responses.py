@@ -149,6 +149,7 @@ class ClientView(_Answer):
     )
     plugins: dict[str, Any]
     capabilities: dict[str, Any]
+    labels: dict[str, str] = Field(description="the agent's [agent] labels ({} for none)")
 
 
 class LiveDeployment(_Answer):
@@ -168,10 +169,33 @@ class ClientDetail(ClientView):
     live: list[LiveDeployment]
 
 
+class ClientSummary(_Answer):
+    """Counts of the clients a ``GET /api/clients`` matches, made by the database."""
+
+    total: int = Field(description="clients matching every filter")
+    states: dict[str, int] = Field(
+        description="per state (connected, disconnected, revoked), the clients matching the "
+        "other filters (all but state)"
+    )
+    labels: dict[str, dict[str, int]] = Field(
+        description="per label key, per value, the clients matching every filter that have it"
+    )
+    labels_truncated: bool = Field(
+        description="true when there were more than 500 key/value pairs: the least common "
+        "are left out"
+    )
+
+
 class ClientList(_Answer):
-    """``GET /api/clients``."""
+    """``GET /api/clients``: a page of clients, by id."""
 
     clients: list[ClientView]
+    total: int = Field(description="clients matching the filters, on every page")
+    limit: int
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null on the last"
+    )
+    summary: ClientSummary | None = Field(None, description="with `summary=1`")
 
 
 class PluginView(_Answer):

@@ -1,0 +1,189 @@
+"""``GET /api/clients`` for a fleet: pages by id with a cursor, filters by state, search and
+labels, counts made by the database (``summary=1``), and every bad query parameter refused
+with ``422`` — on SQLite and PostgreSQL, against a real server with seeded client rows.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from client_seed import client_id, expected, seed_clients
+
+from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.server.http.responses import ClientList
+
+pytestmark = pytest.mark.asyncio
+COUNT = 230
+
+
+@pytest_asyncio.fixture
+async def http(tmp_path: Path, db_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    server = DeployServer(
+        ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0, db_url=db_url)
+    )
+    await server.start()
+    try:
+        seed_clients(db_url, COUNT)
+        async with httpx.AsyncClient(
+            base_url=server.api_url,
+            headers={"Authorization": f"Bearer {server.state.admin_token}"},
+            timeout=30,
+        ) as client:
+            yield client
+    finally:
+        await server.stop()
+
+
+async def get(http: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
+    answer = await http.get("/api/clients", params=params)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    ClientList.model_validate(body)  # as the OpenAPI document says
+    return body
+
+
+async def every_page(http: httpx.AsyncClient, **params: Any) -> tuple[list[str], int]:
+    """Follow ``next_cursor`` to the end: the ids in order and how many pages."""
+    ids: list[str] = []
+    pages = 0
+    cursor = None
+    while pages < 100:
+        body = await get(http, **params, **({"cursor": cursor} if cursor else {}))
+        ids += [c["client_id"] for c in body["clients"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return ids, pages
+    raise AssertionError("paging never ended")
+
+
+async def test_default_page_then_every_page_in_id_order(http: httpx.AsyncClient) -> None:
+    first = await get(http)
+    assert first["total"] == COUNT and first["limit"] == 100
+    assert [c["client_id"] for c in first["clients"]] == [client_id(n) for n in range(100)]
+    assert first["next_cursor"] and "summary" not in first
+    ids, pages = await every_page(http, limit=7)
+    assert ids == [client_id(n) for n in range(COUNT)]
+    assert pages == -(-COUNT // 7)
+    # A page exactly as long as what is left ends the listing: no empty page after it.
+    last = await get(http, limit=COUNT)
+    assert len(last["clients"]) == COUNT and last["next_cursor"] is None
+
+
+async def test_filters_by_state_search_and_labels(http: httpx.AsyncClient) -> None:
+    for state in ("connected", "disconnected", "revoked"):
+        ids, _ = await every_page(http, state=state, limit=50)
+        assert ids == expected(COUNT, state=state), state
+        rows = (await get(http, state=state, limit=5))["clients"]
+        assert all(bool(r["revoked_at"]) == (state == "revoked") for r in rows)
+        assert all(r["connected"] == (state == "connected") for r in rows)
+    # Search: a substring of the id or of the address, any case.
+    assert [c["client_id"] for c in (await get(http, q="HOST-012"))["clients"]] == [
+        client_id(n) for n in range(120, 130)
+    ]
+    assert [c["client_id"] for c in (await get(http, q="10.0.0.17:"))["clients"]] == [client_id(17)]
+    # LIKE's wildcards are plain characters here.
+    assert (await get(http, q="host_0"))["total"] == 0
+    assert (await get(http, q="%"))["total"] == 0
+    both = await get(http, q="host-01", state="revoked")
+    assert [c["client_id"] for c in both["clients"]] == [client_id(n) for n in range(100, 200, 10)]
+
+
+async def test_label_filters_and_their_counts(http: httpx.AsyncClient) -> None:
+    ids, _ = await every_page(http, label="role=web", limit=40)
+    assert ids == expected(COUNT, role="web")
+    both = await get(http, label=["role=db", "zone=eu-1"], state="connected", limit=1000)
+    assert [c["client_id"] for c in both["clients"]] == expected(
+        COUNT, role="db", zone="eu-1", state="connected"
+    )
+    assert both["clients"][0]["labels"] == {"role": "db", "zone": "eu-1"}
+    assert (await get(http, label="role=Web"))["total"] == 0  # values compare exactly
+    assert (await get(http, label="team=web"))["total"] == 0
+    # The same pair twice is one filter.
+    assert (await get(http, label=["zone=us-1", "zone=us-1"]))["total"] == len(
+        expected(COUNT, zone="us-1")
+    )
+    summary = (await get(http, summary=1, label="zone=us-1", limit=1))["summary"]
+    assert summary["labels"] == {
+        "role": {r: len(expected(COUNT, zone="us-1", role=r)) for r in ("web", "db", "cache")},
+        "zone": {"us-1": len(expected(COUNT, zone="us-1"))},
+    }
+    assert summary["labels_truncated"] is False
+
+
+async def test_summary_counts_by_state_in_the_database(http: httpx.AsyncClient) -> None:
+    body = await get(http, summary=1, limit=1)
+    states = {s: len(expected(COUNT, state=s)) for s in ("connected", "disconnected", "revoked")}
+    assert body["summary"]["total"] == COUNT
+    assert body["summary"]["states"] == states
+    # Per state, what choosing it would list; total, what the filters match.
+    chosen = await get(http, summary="yes", state="revoked", q="host-00")
+    ids = [c["client_id"] for c in chosen["clients"]]
+    assert ids == [n for n in expected(COUNT, state="revoked") if n.startswith("host-00")]
+    assert chosen["summary"]["total"] == chosen["total"] == len(ids)
+    assert chosen["summary"]["states"]["connected"] == len(
+        [n for n in expected(COUNT, state="connected") if n.startswith("host-00")]
+    )
+
+
+def cursor_of(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("state=gone", "unknown state 'gone' (one of: connected, disconnected, revoked)"),
+        ("state=connected&state=revoked", "query parameter state given 2 times"),
+        ("limit=0", "query parameter limit must be between 1 and 1000"),
+        ("limit=1001", "query parameter limit must be between 1 and 1000"),
+        ("limit=ten", "query parameter limit must be an integer, got 'ten'"),
+        ("limit=5&limit=6", "query parameter limit given 2 times"),
+        ("cursor=", "invalid cursor ''"),
+        ("cursor=%21%21", "invalid cursor '!!'"),
+        ("cursor=" + cursor_of("a b"), "invalid cursor"),
+        ("cursor=" + cursor_of("x" * 65), "invalid cursor"),
+        ("cursor=" + "A" * 101, "invalid cursor"),
+        ("cursor=%FF%FE", "invalid cursor"),
+        ("label=role", "invalid label filter: label selector 'role': expected key=value"),
+        ("label==web", "invalid label filter: label selector: invalid key ''"),
+        ("label=role=a%20b", "invalid value 'a b' of 'role'"),
+        ("label=role=web&label=role=db", "names 'role' twice with different values"),
+        ("label=" + "&label=".join(["a=b"] * 17), "at most 16 label filters"),
+        ("q=" + "x" * 129, "query parameter q is over 128 characters"),
+        ("summary=maybe", "query parameter summary must be one of"),
+        ("limt=5", "unknown query parameter 'limt'"),
+    ],
+)
+async def test_bad_query_parameters_are_refused(
+    http: httpx.AsyncClient, query: str, words: str
+) -> None:
+    answer = await http.get("/api/clients?" + query)
+    assert answer.status_code == 422, answer.text
+    assert words in answer.json()["error"]
+
+
+async def test_a_cursor_past_the_end_and_one_for_a_forgotten_client(
+    http: httpx.AsyncClient,
+) -> None:
+    # A cursor names the id to continue after, whether or not that client is still there.
+    after = await get(http, cursor=cursor_of(client_id(COUNT - 3)))
+    assert [c["client_id"] for c in after["clients"]] == [
+        client_id(COUNT - 2),
+        client_id(COUNT - 1),
+    ]
+    assert after["total"] == COUNT and after["next_cursor"] is None
+    assert (await get(http, cursor=cursor_of("zzz")))["clients"] == []
+    page = await get(http, limit=3)
+    gone = page["clients"][-1]["client_id"]
+    assert (await http.post(f"/api/clients/{gone}/revoke")).status_code == 200
+    assert (await http.delete(f"/api/clients/{gone}")).status_code == 200
+    after_gone = await get(http, cursor=page["next_cursor"], limit=2)
+    assert [c["client_id"] for c in after_gone["clients"]] == [client_id(3), client_id(4)]
+    assert after_gone["total"] == COUNT - 1
