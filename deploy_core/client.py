@@ -92,6 +92,13 @@ def resolve(
     return url.rstrip("/"), token
 
 
+def _segment(value: str) -> str:
+    """``value`` as one URL path segment (no ``/`` or ``..`` gets through)."""
+    from urllib.parse import quote
+
+    return quote(value, safe="") if value not in (".", "..") else "%2E" * len(value)
+
+
 class DeployClient:
     """Calls the API; every method returns the decoded JSON or raises :class:`ApiError`."""
 
@@ -241,6 +248,35 @@ class DeployClient:
     def plugins(self) -> builtins.list[dict[str, Any]]:
         """The server's plugins."""
         result: builtins.list[dict[str, Any]] = self.request("GET", "/api/plugins")["plugins"]
+        return result
+
+    def add_webhook(
+        self, url: str, events: Sequence[str], secret: str, *, description: str = ""
+    ) -> dict[str, Any]:
+        """``POST /api/webhooks``: the new webhook (its secret is never shown again)."""
+        body = {"url": url, "events": list(events), "secret": secret, "description": description}
+        result: dict[str, Any] = self.request("POST", "/api/webhooks", json=body)
+        return result
+
+    def webhooks(self) -> builtins.list[dict[str, Any]]:
+        """Every webhook, oldest first."""
+        result: builtins.list[dict[str, Any]] = self.request("GET", "/api/webhooks")["webhooks"]
+        return result
+
+    def remove_webhook(self, webhook_id: str) -> dict[str, Any]:
+        """``DELETE /api/webhooks/{id}``: the webhook and its delivery log."""
+        result: dict[str, Any] = self.request("DELETE", f"/api/webhooks/{_segment(webhook_id)}")
+        return result
+
+    def webhook_deliveries(
+        self, webhook_id: str, *, status: str | None = None, limit: int = 50
+    ) -> builtins.list[dict[str, Any]]:
+        """A webhook's deliveries, newest first."""
+        params: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
+        path = f"/api/webhooks/{_segment(webhook_id)}/deliveries"
+        result: builtins.list[dict[str, Any]] = self.request("GET", path, params=params)[
+            "deliveries"
+        ]
         return result
 
     def upload_artifact(

@@ -5,7 +5,7 @@ on :data:`main`.  Plugins' commands use the helpers re-exported here (see
 ``docs/plugins.md``).
 """
 
-from deploy_core.cli import admin, artifacts, deploys, processes, rollouts
+from deploy_core.cli import admin, artifacts, deploys, processes, rollouts, webhooks
 from deploy_core.cli.common import (
     echo_json,
     follow,
@@ -48,5 +48,6 @@ __all__ = [
     "submit_and_follow",
     "terminal_safe",
     "upload_with_progress",
+    "webhooks",
     "with_api",
 ]

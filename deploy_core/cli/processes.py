@@ -105,11 +105,11 @@ def _read_server_config(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    unknown = set(data) - {"plugins", "defaults", "http"}
+    unknown = set(data) - {"plugins", "defaults", "http", "webhooks"}
     if unknown:
         raise click.BadParameter(
             f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME], "
-            "[defaults.rollback] and [http]",
+            "[defaults.rollback], [http] and [webhooks]",
             param_hint="--config",
         )
     plugins = data.get("plugins", {})

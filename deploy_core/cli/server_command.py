@@ -29,6 +29,7 @@ from deploy_core.server.http.http_limits import (
     DEFAULT_MAX_UNAUTHENTICATED,
     HttpLimits,
 )
+from deploy_core.server.webhooks import WebhookSettings
 
 HTTP_SETTINGS = {
     "header_timeout": "http_header_timeout",
@@ -61,13 +62,23 @@ def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
         raise click.BadParameter(f"{path}: [http]: {exc}", param_hint="--config") from None
 
 
+def webhook_settings(path: Path | None) -> WebhookSettings:
+    """The ``[webhooks]`` table of the server configuration, checked."""
+    table = _read_server_config(path).get("webhooks", {}) if path else {}
+    try:
+        return WebhookSettings.from_table(table)
+    except ValueError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+
+
 def server_config_file(
     path: Path | None, http_flags: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """What a server configuration file (``--config`` of ``server`` and ``up``) sets, as
     :class:`~deploy_core.server.app.ServerConfig` keyword arguments: plugins' settings
-    (``[plugins.NAME]``), rollback defaults (``[defaults.rollback]``) and HTTP limits
-    (``[http]``), each checked; a bad file stops the command before anything starts.
+    (``[plugins.NAME]``), rollback defaults (``[defaults.rollback]``), HTTP limits
+    (``[http]``) and webhooks (``[webhooks]``), each checked; a bad file stops the command
+    before anything starts.
 
     :param http_flags: the ``--http-*`` flags' values (one given on the command line wins
         over ``[http]``); ``None`` for a command without them: their defaults.
@@ -75,6 +86,7 @@ def server_config_file(
     return {
         "plugin_settings": load_server_settings(path) if path else {},
         "rollback_defaults": load_rollback_defaults(path) if path else {},
+        "webhooks": webhook_settings(path),
         "http_limits": http_limits(
             path,
             http_flags

@@ -179,6 +179,52 @@ join_tokens = sa.Table(
     sa.Column("note", sa.String(200), nullable=False),
 )
 
+# Outbound webhooks (server/webhooks.py): the subscriptions, their secrets sealed like
+# secret_env, and the outbox of deliveries, one row per (webhook, event) retried until
+# delivered or given up.
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("webhook_id", sa.String(16), primary_key=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("events", sa.JSON, nullable=False),
+    sa.Column("secret", sa.JSON, nullable=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("delivery_id", sa.String(32), primary_key=True),
+    sa.Column(
+        "webhook_id",
+        sa.String(16),
+        sa.ForeignKey("webhooks.webhook_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("event", NAME, nullable=False),
+    # What the delivery reports, e.g. "deployment.finished:<deploy_id>": one per webhook.
+    sa.Column("event_key", sa.String(200), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("last_attempt_at", sa.Float),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.UniqueConstraint("webhook_id", "event_key", name="uq_webhook_deliveries_event"),
+)
+sa.Index(
+    "ix_webhook_deliveries_due", webhook_deliveries.c.status, webhook_deliveries.c.next_attempt_at
+)
+sa.Index(
+    "ix_webhook_deliveries_log", webhook_deliveries.c.webhook_id, webhook_deliveries.c.created_at
+)
+
+
 # Rollouts (server/rollouts.py): one deployment sent to many clients in batches; each target
 # gets its deployment id before the deployment exists, so a driver that restarts never
 # starts a host twice.  rollout_lease holds which server drives them (one at a time).

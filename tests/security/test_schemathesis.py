@@ -53,6 +53,15 @@ CONFIG: dict[str, Any] = {
             "include-method": "GET",
             "checks": {"allow_header_conformance": {"enabled": False}},
         },
+        {
+            # A webhook's URL must be https:// (or http:// to an allowed host) and its secret
+            # printable, which the document states but JSON Schema does not check: 422.
+            "include-path-regex": "^/api/webhooks$",
+            "include-method": "POST",
+            "checks": {
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "409", "422"]}
+            },
+        },
     ],
 }
 

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from deploy_core.server.http.web import ApiError, json_body, parse_model, services
+from deploy_core.server.http.webhooks import webhook_routes
 from deploy_core.server.tokens import SCOPES, TokenError
 from deploy_core.server.views import iso_time
 
@@ -135,4 +136,5 @@ def admin_routes() -> list[BaseRoute]:
         Route("/join-tokens/{token_id:str}", revoke_join_token, methods=["DELETE"]),
         Route("/clients/{client_id:str}/revoke", revoke_client, methods=["POST"]),
         Route("/clients/{client_id:str}", forget_client, methods=["DELETE"]),
+        *webhook_routes(),
     ]

@@ -61,6 +61,14 @@ from deploy_core.server.http.rollouts import (
     RolloutView,
 )
 from deploy_core.server.http.web import FLAG_VALUES
+from deploy_core.server.http.webhooks import (
+    WEBHOOK_ID_PATTERN,
+    DeliveryLog,
+    NewWebhook,
+    WebhookList,
+    WebhookRemoved,
+    WebhookView,
+)
 from deploy_core.server.rollouts import STATUSES as ROLLOUT_STATUSES
 from deploy_core.server.tokens import TOKEN_NAME
 from deploy_core.transport.files import SHA256_PATTERN
@@ -119,6 +127,7 @@ CLIENT_ID = _path("client_id", ID_PATTERN, "an agent's client id")
 FLAG = {"type": "string", "enum": list(FLAG_VALUES), "default": "0"}
 LIMIT = _query("limit", _integer(1, 500, 50), "page size")
 OFFSET = _query("offset", _integer(0, 10**9, 0), "deployments to skip")
+WEBHOOK_ID = _path("webhook_id", WEBHOOK_ID_PATTERN, "a webhook's id")
 ROLLOUT_ID = _path("rollout_id", ID_PATTERN, "a rollout's id")
 
 
@@ -202,6 +211,16 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
     )),
     ("POST", "/api/clients/{client_id}/revoke"): Spec(200, Revoked, (404,), (CLIENT_ID,)),
     ("DELETE", "/api/clients/{client_id}"): Spec(200, Forgotten, (404, 409), (CLIENT_ID,)),
+    ("POST", "/api/webhooks"): Spec(201, WebhookView, (400, 409, 413, 422), (), NewWebhook),
+    ("GET", "/api/webhooks"): Spec(200, WebhookList),
+    ("GET", "/api/webhooks/{webhook_id}"): Spec(200, WebhookView, (404,), (WEBHOOK_ID,)),
+    ("DELETE", "/api/webhooks/{webhook_id}"): Spec(200, WebhookRemoved, (404,), (WEBHOOK_ID,)),
+    ("GET", "/api/webhooks/{webhook_id}/deliveries"): Spec(200, DeliveryLog, (404, 422), (
+        WEBHOOK_ID,
+        _query("status", {"type": "string", "enum": ["pending", "delivered", "failed"]},
+               "only deliveries in this status"),
+        _query("limit", _integer(1, 500, 50), "at most this many, newest first"),
+    )),
     ("POST", "/api/rollouts"): Spec(202, RolloutAccepted, (400, 404, 409, 413, 422), (),
                                     NewRollout),
     ("GET", "/api/rollouts"): Spec(200, RolloutPage, (422,), (
