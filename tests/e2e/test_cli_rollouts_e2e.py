@@ -1,0 +1,303 @@
+"""``deployctl rollout`` as an operator types it, against a real server and four real agents
+with labels (three ``role=web``, one ``role=db``), ``deployctl`` run as a process.
+
+A rollout by selector with ``--wait`` shows a line per batch and exits 0, and the script ran
+once on each web host and not on the db host; a failing one exits 1 and lists the failing
+host with its error, and with ``--on-failure rollback`` undoes the host that succeeded; a
+``--wait`` left running through a canary pause ends 0 after ``rollout promote`` (``resume``
+is refused with the server's reason); ``pause`` holds a running rollout and ``resume`` lets
+it finish; ``abort`` ends one and a second ``abort`` says it already ended.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy_core.plugins import get_plugins
+from deploy_core.testing import DeployCenter
+
+WEB = ["web-1", "web-2", "web-3"]
+LABELS = {"web-1": "web", "web-2": "web", "web-3": "web", "db-1": "db"}
+
+
+@pytest.fixture(scope="module")
+def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
+    plugins = get_plugins()
+    if plugins.deploy_types.get("deploy.shell") is None:
+        from conftest import missing_part
+
+        missing_part("the deploy.shell plugin is not installed")
+    c = DeployCenter(tmp_path_factory.mktemp("rollouts"))
+    try:
+        c.start_server()
+        for client_id, role in LABELS.items():
+            c.start_agent(
+                client_id, config=f'[agent]\nlabels = {{role = "{role}", zone = "eu-1"}}\n'
+            )
+        yield c
+    finally:
+        c.close()
+
+
+def _targets(record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for batch in record["batches"] for t in batch["targets"]]
+
+
+def _wait_for(center: DeployCenter, rollout_id: str, what: str, test: Any) -> dict[str, Any]:
+    """The rollout once ``test(record)`` holds (at most 120 s)."""
+    end = time.monotonic() + 120
+    while True:
+        record: dict[str, Any] = center.api.rollout(rollout_id)
+        if test(record):
+            return record
+        assert time.monotonic() < end, f"rollout never {what}: {record}"
+        time.sleep(0.2)
+
+
+def _start(center: DeployCenter, *args: str) -> str:
+    """``deployctl rollout shell ARGS`` without --wait; the rollout id it printed."""
+    done = center.deployctl("rollout", "shell", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rollout_id: str = json.loads(done.stdout)["rollout_id"]
+    return rollout_id
+
+
+def test_rollout_by_selector_waits_shows_batches_and_exits_0(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    done = center.deployctl(
+        "rollout",
+        "shell",
+        "--selector",
+        "role=web,zone=eu-1",
+        "--script",
+        'touch "$DIR/$DEPLOY_ID"',
+        "--env",
+        f"DIR={tmp_path}",
+        "--batch",
+        "1",
+        "--wait",
+        "--wait-timeout",
+        "240",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "succeeded: 3 hosts" in out and "success 3" in out
+    for n in (1, 2, 3):
+        assert f"batch {n}/3        done       1 host   success 1" in out, out
+    assert "failing hosts" not in out
+    assert "Traceback" not in done.stderr
+    rollout_id = out.split()[1]
+    record = center.api.rollout(rollout_id)
+    targets = _targets(record)
+    # The script ran once on each web host, and nowhere else.
+    assert sorted(t["client_id"] for t in targets) == WEB
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t["deploy_id"] for t in targets)
+    for target in targets:
+        assert center.api.get(target["deploy_id"])["client_id"] == target["client_id"]
+
+
+FAIL_AFTER_FIRST = """
+if [ "$DEPLOY_ACTION" = rollback ]; then echo "$DEPLOY_ID" >> "$DIR/undone"; exit 0; fi
+if mkdir "$DIR/first" 2>/dev/null; then exit 0; fi
+echo boom >&2; exit 3
+"""
+
+
+def test_a_failing_rollout_exits_1_lists_the_failing_host_and_rolls_back(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    if get_plugins().rollback_strategies.get("inline") is None:
+        from conftest import missing_part
+
+        missing_part("the rollback_basic plugin (inline strategy) is not installed")
+    done = center.deployctl(
+        "rollout",
+        "shell",
+        "--client",
+        "web-1",
+        "--client",
+        "web-2",
+        "--client",
+        "web-3",
+        "--script",
+        FAIL_AFTER_FIRST,
+        "--env",
+        f"DIR={tmp_path}",
+        "--rollback",
+        "inline",
+        "--batch",
+        "1",
+        "--max-failures",
+        "0",
+        "--on-failure",
+        "rollback",
+        "--wait",
+        "--wait-timeout",
+        "240",
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = done.stdout
+    rollout_id = out.split()[1]
+    record = center.api.rollout(rollout_id)
+    assert record["status"] == "rolled_back", record
+    by_client = {t["client_id"]: t for t in _targets(record)}
+    failed = by_client["web-2"]
+    error = center.api.get(failed["deploy_id"])["error"]
+    assert error and "3" in error
+    assert "failing hosts:" in out
+    assert f"  web-2  {failed['status']} (deployment {failed['deploy_id']}): {error}" in out
+    # web-1 succeeded and was rolled back by the rollout; web-3 never started.
+    first = by_client["web-1"]
+    assert first["status"] == "success" and first["rollback_id"]
+    assert f"  web-1  rollback {first['rollback_id']}: rolled_back" in out
+    assert by_client["web-3"]["deploy_id"] is None or by_client["web-3"]["state"] == "skipped"
+    undone = (tmp_path / "undone").read_text().split()
+    assert first["rollback_id"] in undone  # the rollback ran on the host
+
+
+def test_a_waiting_cli_follows_a_canary_pause_through_promote(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deploy_core.cli",
+            "rollout",
+            "shell",
+            "--selector",
+            "role=web",
+            "--script",
+            "true",
+            "--canary",
+            "1",
+            "--batch",
+            "2",
+            "--wait",
+            "--wait-timeout",
+            "240",
+        ],
+        env=center.cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    shown: list[str] = []  # its stderr, line by line, as it comes
+    reader = threading.Thread(target=lambda: shown.extend(iter(waiting.stderr.readline, "")))
+    reader.start()
+    try:
+        rollout_id = _newest_active(center)
+        hint = f"paused: deployctl rollout promote {rollout_id}"
+        end = time.monotonic() + 120
+        while not any(hint in line for line in shown):  # the waiting CLI saw the pause
+            assert waiting.poll() is None and time.monotonic() < end, shown
+            time.sleep(0.1)
+        refused = center.deployctl("rollout", "resume", rollout_id)
+        assert refused.returncode == 1
+        assert "HTTP 409" in refused.stderr and "promote it to go on" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        promoted = center.deployctl("rollout", "promote", rollout_id)
+        assert promoted.returncode == 0, promoted.stderr
+        assert promoted.stdout.startswith(f"rollout {rollout_id} ")
+        waiting.wait(timeout=240)
+        reader.join(timeout=30)
+        out = waiting.stdout.read()
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        waiting.communicate()
+    assert waiting.returncode == 0, out + "".join(shown)
+    assert "batch 1/2 canary done       1 host   success 1" in out
+    assert "batch 2/2        done       2 hosts  success 2" in out
+
+
+def _newest_active(center: DeployCenter) -> str:
+    end = time.monotonic() + 120
+    while True:
+        items = center.api.rollouts(active=True)["items"]
+        if items:
+            rollout_id: str = items[0]["rollout_id"]
+            return rollout_id
+        assert time.monotonic() < end, "no rollout was created"
+        time.sleep(0.2)
+
+
+HOLD_UNTIL_GO = (
+    'i=0; while [ ! -e "$DIR/go" ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 9; sleep 0.1; done'
+)
+
+
+def test_pause_holds_a_running_rollout_and_resume_lets_it_finish(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    rollout_id = _start(
+        center,
+        "--selector",
+        "role=web",
+        "--script",
+        HOLD_UNTIL_GO,
+        "--env",
+        f"DIR={tmp_path}",
+        "--batch",
+        "1",
+    )
+    _wait_for(center, rollout_id, "running", lambda r: r["status"] == "running")
+    paused = center.deployctl("rollout", "pause", rollout_id)
+    assert paused.returncode == 0, paused.stderr
+    assert f"rollout {rollout_id} paused (operator)" in paused.stdout
+    (tmp_path / "go").touch()
+    record = _wait_for(
+        center,
+        rollout_id,
+        "done with its first batch",
+        lambda r: r["batches"][0]["state"] == "done",
+    )
+    # Paused: the second host has not started, however long we look.
+    assert record["status"] == "paused"
+    assert [t["state"] for t in record["batches"][1]["targets"]] == ["waiting"]
+    resumed = center.deployctl("rollout", "resume", rollout_id)
+    assert resumed.returncode == 0, resumed.stderr
+    followed = center.deployctl("rollout", "status", rollout_id, "--wait", "--wait-timeout", "240")
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert f"rollout {rollout_id} succeeded: 3 hosts" in followed.stdout
+
+
+def test_abort_ends_a_rollout_and_a_second_abort_says_it_already_ended(
+    center: DeployCenter,
+) -> None:
+    rollout_id = _start(center, "--selector", "role=web", "--script", "true", "--canary", "1")
+    _wait_for(center, rollout_id, "paused", lambda r: r["status"] == "paused")
+    aborted = center.deployctl("rollout", "abort", rollout_id)
+    assert aborted.returncode == 0, aborted.stderr
+    assert f"rollout {rollout_id} aborted" in aborted.stdout
+    again = center.deployctl("rollout", "abort", rollout_id)
+    assert again.returncode == 1
+    assert "HTTP 409" in again.stderr and "already ended aborted" in again.stderr
+    status = center.deployctl("rollout", "status", rollout_id, "--wait")
+    assert status.returncode == 1  # followed to its end: not a success
+    assert f"rollout {rollout_id} aborted" in status.stdout
+    record = center.api.rollout(rollout_id)
+    assert [t["state"] for t in _targets(record)][1:] == ["skipped", "skipped"]
+    as_json = center.deployctl("rollout", "status", rollout_id, "--json")
+    assert json.loads(as_json.stdout)["status"] == "aborted"
+    listed = center.deployctl("rollout", "list", "--status", "aborted")
+    assert f"rollout {rollout_id} aborted" in listed.stdout
+
+
+def test_a_selector_matching_nothing_is_refused_with_the_servers_reason(
+    center: DeployCenter,
+) -> None:
+    done = center.deployctl("rollout", "shell", "--selector", "role=nosuch", "--script", "true")
+    assert done.returncode == 1
+    assert "HTTP 422" in done.stderr and "the rollout has no targets" in done.stderr
+    assert "Traceback" not in done.stderr
