@@ -147,13 +147,13 @@ class DeployServer:
             max_log_bytes=cfg.max_log_bytes,
             secret_box=await asyncio.to_thread(SecretBox.from_state_dir, cfg.state_dir),
         )
+        self.ingest = Ingest(self.engine)  # agents' reports, callbacks, acks: group commit
+        self.ingest.start()
         if sealed := await self.db(self.records.seal_plaintext_secrets):
             log.info("sealed the plaintext secret_env of %d unfinished deployments", sealed)
         self.tokens = TokenStore(
             self.engine,
             admin_token=self.state.admin_token,
-        self.ingest = Ingest(self.engine)  # agents' reports, callbacks, acks: group commit
-        self.ingest.start()
             join_token_file=self.state.join_token_file,
         )
         await self.db(self.records.mark_all_disconnected)
@@ -246,6 +246,8 @@ class DeployServer:
         with contextlib.suppress(AttributeError):
             await self.transport.close()
         with contextlib.suppress(AttributeError):
+            await self.ingest.close()  # commits what the connections queued
+        with contextlib.suppress(AttributeError):
             self.engine.dispose()
 
     async def db(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -261,8 +263,6 @@ class DeployServer:
         except LabelError as exc:
             log.warning("agent %s connects without its labels: %s", session.client_id, exc)
             labels = {}
-        with contextlib.suppress(AttributeError):
-            await self.ingest.close()  # commits what the connections queued
         await self.db(
             self.records.set_connected,
             session.client_id,
