@@ -33,6 +33,8 @@ from deploy_tar.releases import ReleaseError, Releases
 from deploy_tar.result import DeployTarResult
 from deploy_tar.rules import UnsafeArchive
 from deploy_tar.scripts import failure, find_script, output_tail, run_release_script
+from deploy_tar.url_fetch import fetch_url_source
+from deploy_tar.url_source import Downloaded, redact
 
 __all__ = ["STAGES", "STRATEGY", "deploy_release", "prune_bounded", "size_text", "staging_area"]
 
@@ -171,7 +173,8 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
     result = DeployTarResult(
         release_dir=str(release_dir),
         previous_release=str(previous_dir) if previous_dir is not None else None,
-        sha256=params.artifact,
+        sha256=params.sha256,
+        url=redact(params.source.url) if params.source is not None else None,
     )
 
     def fail(message: str, status: DeployStatus = DeployStatus.FAILED) -> DeployFailed:
@@ -187,12 +190,26 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
                 DeployStatus.TIMEOUT,
             ) from None
 
-    # -- fetch (0-30 %)
-    ctx.report(DeployStatus.UPLOADING, fraction=0.0, message=f"fetching {params.artifact[:12]}")
-    fetched: FetchedArtifact = await bounded(
-        ctx.fetch_artifact(params.artifact, progress=_Progress(ctx, DeployStatus.UPLOADING)),
-        "fetching the package",
-    )
+    # -- fetch (0-30 %): from the server's store, or from the URL of a source
+    fetched: FetchedArtifact | Downloaded
+    progress = _Progress(ctx, DeployStatus.UPLOADING)
+    if params.source is None:
+        ctx.report(DeployStatus.UPLOADING, fraction=0.0, message=f"fetching {params.sha256[:12]}")
+        fetched = await bounded(
+            ctx.fetch_artifact(params.sha256, progress=progress), "fetching the package"
+        )
+    else:
+        where = redact(params.source.url)
+        ctx.report(DeployStatus.UPLOADING, fraction=0.0, message=f"downloading {where}")
+        try:
+            fetched = await bounded(
+                fetch_url_source(ctx, params.source, params.timeout, progress),
+                "downloading the package",
+            )
+        except DeployFailed as exc:
+            raise fail(str(exc)) from None
+        except WorkStopped as exc:
+            raise fail(f"downloading the package: {exc}", DeployStatus.TIMEOUT) from None
     result.bytes_sent, result.bytes_resumed = fetched.bytes_transferred, fetched.bytes_resumed
     how = (
         "from the agent's cache, nothing transferred"
@@ -201,19 +218,23 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
         f"{size_text(fetched.bytes_resumed)} resumed"
     )
     ctx.report(DeployStatus.UPLOADING, fraction=1.0, message=f"package ready: {how}")
-    if releases.target_dir.is_relative_to(fetched.path.parent.resolve()):
-        raise fail(f"target_dir {releases.target_dir} is inside the agent's artifact cache")
-
-    # -- extract (30-60 %)
-    ctx.report(DeployStatus.EXTRACTING, fraction=0.0, message=f"extracting into {release_dir}")
     try:
-        stats = await bounded(_extract(ctx, params, fetched.path, releases), "extraction")
-    except UnsafeArchive as exc:
-        raise fail(f"package refused: {exc}") from None
-    except WorkStopped as exc:
-        raise fail(f"package refused: {exc}") from None
-    except (OSError, ReleaseError) as exc:
-        raise fail(f"extraction into {release_dir} failed: {exc}") from None
+        if releases.target_dir.is_relative_to(fetched.path.parent.resolve()):
+            raise fail(f"target_dir {releases.target_dir} is inside the agent's artifact cache")
+
+        # -- extract (30-60 %)
+        ctx.report(DeployStatus.EXTRACTING, fraction=0.0, message=f"extracting into {release_dir}")
+        try:
+            stats = await bounded(_extract(ctx, params, fetched.path, releases), "extraction")
+        except UnsafeArchive as exc:
+            raise fail(f"package refused: {exc}") from None
+        except WorkStopped as exc:
+            raise fail(f"package refused: {exc}") from None
+        except (OSError, ReleaseError) as exc:
+            raise fail(f"extraction into {release_dir} failed: {exc}") from None
+    finally:
+        if isinstance(fetched, Downloaded):  # not kept: the release holds what it had
+            await asyncio.to_thread(fetched.path.unlink, missing_ok=True)
     ctx.report(
         DeployStatus.EXTRACTING,
         fraction=1.0,
@@ -224,9 +245,7 @@ async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResu
     # -- install (60-90 %)
     try:
         script = find_script(release_dir, params.install_script)
-        await asyncio.to_thread(
-            releases.record, name, sha256=params.artifact, install_script=script
-        )
+        await asyncio.to_thread(releases.record, name, sha256=params.sha256, install_script=script)
     except ReleaseError as exc:
         releases.mark_bad(name, str(exc))
         raise fail(str(exc)) from None
@@ -302,7 +321,7 @@ async def _extract(
     report = _Progress(ctx, DeployStatus.EXTRACTING)
     name = ctx.deploy_id
     budget = WorkBudget(
-        f"extraction of {params.artifact[:12]}", steps=EXTRACT_STEPS, seconds=params.timeout
+        f"extraction of {params.sha256[:12]}", steps=EXTRACT_STEPS, seconds=params.timeout
     )
 
     def progress(done: int, total: int) -> None:

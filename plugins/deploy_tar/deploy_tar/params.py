@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from deploy_core.plugin import DeployParams, RollbackParams
 from deploy_tar.rules import DEFAULT_LIMITS, ExtractLimits
+from deploy_tar.url_source import check_url, redact
 
-__all__ = ["LimitOverrides", "PackagePath", "ReleaseParams", "TarParams"]
+__all__ = ["LimitOverrides", "PackagePath", "ReleaseParams", "TarParams", "UrlSource"]
 
 GiB = 1024**3
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -96,13 +104,61 @@ class LimitOverrides(BaseModel):
         return ExtractLimits(**values)
 
 
-class TarParams(DeployParams):
-    """Parameters of a ``deploy.tar`` deployment."""
+def _url(value: str) -> str:
+    parts = check_url(value)  # the shape; the server's allow-list is checked by server_check
+    if parts.query:
+        raise ValueError(
+            f"{redact(value)} has a query string, which would be stored with the deployment: "
+            "put it (without the '?') in secret_env and name that variable in "
+            "source.query_secret (deployctl deploy tar --url does this for you)"
+        )
+    if parts.fragment or value.endswith("#"):
+        raise ValueError(f"{redact(value)}: a URL fragment ('#…') is not allowed")
+    return value
 
-    artifact: Annotated[str, BeforeValidator(_lower)] = Field(
+
+class UrlSource(BaseModel):
+    """A package the agent fetches itself from an HTTP(S) URL (docs/tar.md, "URL sources")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, AfterValidator(_url)] = Field(
+        max_length=8192,
+        description="https:// URL of the package (http:// only to loopback or a host in "
+        "allow_http_hosts); no user info, no query string (see query_secret)",
+    )
+    sha256: Annotated[str, BeforeValidator(_lower)] = Field(
+        pattern=r"^[0-9a-f]{64}$", description="SHA-256 the package must have"
+    )
+    size: int | None = Field(
+        None,
+        ge=1,
+        le=64 * GiB,
+        description="the package's size in bytes: the most the agent reads, and what the "
+        "server must announce; default: the agent's max_bytes limit",
+    )
+    query_secret: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="name of the secret_env variable holding the URL's query string (a "
+        "presigned URL's credentials), kept out of records and logs",
+    )
+
+
+class TarParams(DeployParams):
+    """Parameters of a ``deploy.tar`` deployment: the package is ``artifact`` (in the
+    server's store) or ``source`` (a URL the agent fetches), exactly one."""
+
+    artifact: Annotated[str | None, BeforeValidator(_lower)] = Field(
+        None,
         pattern=r"^[0-9a-f]{64}$",
         description="SHA-256 of the package in the server's artifact store "
-        "(upload it first: POST /api/artifacts)",
+        "(upload it first: POST /api/artifacts); or give source",
+    )
+    source: UrlSource | None = Field(
+        None,
+        description='{"url": "https://…", "sha256": "…", "size": N}: a package the agent '
+        "fetches from a URL instead of the server's store",
     )
     target_dir: Annotated[str, AfterValidator(_target_dir)] = Field(
         max_length=4096,
@@ -126,6 +182,28 @@ class TarParams(DeployParams):
     timeout: float = Field(
         600.0, gt=0, le=86400, description="seconds for fetch, extraction and install together"
     )
+
+    @model_validator(mode="after")
+    def _one_package(self) -> TarParams:
+        if (self.artifact is None) == (self.source is None):
+            raise ValueError(
+                "give exactly one of artifact (a SHA-256 in the server's store) and source "
+                '({"url": "https://…", "sha256": "…"})'
+            )
+        # Validated as part of a deploy request, the request's secret_env is here too.
+        secrets: Any = getattr(self, "secret_env", None)
+        query = self.source.query_secret if self.source is not None else None
+        if query is not None and isinstance(secrets, dict) and query not in secrets:
+            raise ValueError(f"source.query_secret names {query}, which is not in secret_env")
+        return self
+
+    @property
+    def sha256(self) -> str:
+        """The package's SHA-256, whichever way it comes."""
+        if self.source is not None:
+            return self.source.sha256
+        assert self.artifact is not None  # _one_package
+        return self.artifact
 
 
 class ReleaseParams(RollbackParams):

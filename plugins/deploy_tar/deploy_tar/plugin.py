@@ -10,11 +10,25 @@ from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.result import DeployTarResult
 from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
+from deploy_tar.url_source import check_url, policy_from_config
+
+PLUGIN = "deploy_tar"  # the [plugins.NAME] table of its settings, on the server and agents
 
 
 async def package_is_stored(services: ServerServices, params: TarParams) -> None:
-    """Refuse at once (404) a deployment of a package the server's store does not hold."""
-    if not await services.artifact_exists(params.artifact):
+    """Refuse at once (404) a deployment of a package the server's store does not hold;
+    (422) a URL source the server's ``[plugins.deploy_tar]`` does not allow. The server
+    never fetches the URL itself: the agent does."""
+    if params.source is not None:
+        try:
+            policy = policy_from_config(
+                services.plugin_config(PLUGIN), "[plugins.deploy_tar] of the server's config"
+            )
+        except ValueError as exc:
+            raise ValueError(f"the server is misconfigured: {exc}") from None
+        check_url(params.source.url, policy)  # UrlRefused is a ValueError: 422
+        return
+    if not await services.artifact_exists(params.sha256):
         raise LookupError(
             f"no artifact {params.artifact} on this server; upload the package first "
             "(deployctl artifact push FILE, or deployctl deploy tar --package FILE)"
@@ -30,7 +44,7 @@ DEPLOY_TYPE = DeployType(
     description="install a tar.gz package as a new release and switch current to it",
     server_check=package_is_stored,
     target=lambda params: params.target_dir,
-    artifacts=lambda params: [params.artifact],
+    artifacts=lambda params: [params.artifact] if params.artifact is not None else [],
     result=DeployTarResult,
 )
 

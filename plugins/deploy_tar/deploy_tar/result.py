@@ -11,6 +11,7 @@ class DeployTarResult(WireModel):
     release_dir: str | None = None
     previous_release: str | None = None
     sha256: str | None = None
+    url: str | None = None  # a URL source's, without its query string
     bytes_sent: int = 0
     bytes_resumed: int = 0
     install_exit_code: int | None = None

@@ -141,9 +141,14 @@ class AgentBench:
     :class:`LocalArtifacts`; each call runs one command to its callback payload."""
 
     def __init__(
-        self, root: Path, artifacts: LocalArtifacts, extra: Sequence[tuple[str, object]] = ()
+        self,
+        root: Path,
+        artifacts: LocalArtifacts,
+        extra: Sequence[tuple[str, object]] = (),
+        plugin_settings: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """:param extra: more plugins (name, module or object), e.g. a health check."""
+        """:param extra: more plugins (name, module or object), e.g. a health check.
+        :param plugin_settings: the agent config's ``[plugins.NAME]`` tables."""
         self.journal = Journal(root / "journal.db")
         self.executor = Executor(
             plugins=load_plugins(extra=extra, env={"DEPLOY_CORE_PLUGINS": "deploy_tar"}),
@@ -151,6 +156,7 @@ class AgentBench:
             data_dir=root / "data",
             wake=lambda: None,
             artifacts=artifacts,
+            plugin_settings=plugin_settings,
         )
 
     async def run(self, command: DeployCommand) -> dict[str, Any]:
@@ -168,6 +174,7 @@ class AgentBench:
         deploy_id: str | None = None,
         rollback: dict[str, Any] | None = None,
         health_checks: list[dict[str, Any]] | None = None,
+        secret_env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """A deploy.tar deployment with the ``release`` rollback (or ``rollback``)."""
         return await self.run(
@@ -178,6 +185,7 @@ class AgentBench:
                 rollback=rollback or {"strategy": "release", "timeout": 60.0},
                 health_checks=health_checks or [],
                 expires_at=time.time() + 120,
+                secret_env=secret_env or {},
             )
         )
 

@@ -1,0 +1,124 @@
+"""The agent's side of a URL source: the download (:func:`deploy_tar.url_source.download`)
+run in a thread under the deployment's timeout, its progress and log lines sent from the
+event loop, its package kept in ``<data_dir>/deploy_tar/downloads`` (0700) only until the
+release is extracted."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from deploy_core.plugin import DeployContext, DeployFailed, WorkBudget, run_bounded, safefs
+from deploy_tar.params import UrlSource
+from deploy_tar.url_source import (
+    Downloaded,
+    UrlFetchError,
+    UrlPolicy,
+    UrlRefused,
+    download,
+    policy_from_config,
+    redact,
+)
+
+__all__ = ["PLUGIN", "agent_policy", "downloads_dir", "fetch_url_source"]
+
+PLUGIN = "deploy_tar"
+# Reads of up to 256 KiB each: one step per read, far more than any allowed package needs.
+DOWNLOAD_STEPS = 1 << 40
+
+
+def agent_policy(ctx: DeployContext) -> UrlPolicy:
+    """The agent's URL policy: its ``[plugins.deploy_tar]`` settings, checked."""
+    try:
+        return policy_from_config(
+            ctx.plugin_config(PLUGIN), "[plugins.deploy_tar] of the agent's config"
+        )
+    except ValueError as exc:
+        raise DeployFailed(f"cannot fetch the package: {exc}") from None
+
+
+def downloads_dir(ctx: DeployContext) -> Path:
+    """``<data_dir>/deploy_tar/downloads``, created private (0700), reached without
+    following a link."""
+    path = Path(os.path.realpath(ctx.data_dir)) / PLUGIN / "downloads"
+    with safefs.open_dir(path, create=True, mode=0o700) as area:
+        os.fchmod(area.fd, 0o700)
+    return path
+
+
+def _cached(path: Path, sha256: str) -> Downloaded | None:
+    """A verified package a crashed deployment left in place, else ``None``."""
+    try:
+        with path.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+            size = file.tell()
+    except FileNotFoundError:
+        return None
+    if digest != sha256:
+        path.unlink(missing_ok=True)
+        return None
+    return Downloaded(path, sha256, size, 0, 0, from_cache=True)
+
+
+async def fetch_url_source(
+    ctx: DeployContext,
+    source: UrlSource,
+    timeout: float,
+    progress: Callable[[int, int], None],
+) -> Downloaded:
+    """Download and verify ``source``; :class:`DeployFailed` (with the URL redacted) when
+    it cannot be had. Stops when the awaiting task is cancelled (the deployment's timeout)."""
+    policy = agent_policy(ctx)
+    url = source.url
+    if source.query_secret is not None:
+        query = ctx.secret_env.get(source.query_secret)
+        if query is None:
+            raise DeployFailed(
+                f"source.query_secret names {source.query_secret}, which is not in the "
+                "deployment's secret_env"
+            )
+        url = f"{url}?{query.removeprefix('?')}"
+    directory = await asyncio.to_thread(downloads_dir, ctx)
+    loop = asyncio.get_running_loop()
+    budget = WorkBudget(f"download of {redact(url)}", steps=DOWNLOAD_STEPS, seconds=timeout)
+
+    def log(line: str) -> None:
+        loop.call_soon_threadsafe(functools.partial(ctx.log, line, stream="agent"))
+
+    def report(done: int, total: int) -> None:
+        budget.step()
+        loop.call_soon_threadsafe(progress, done, total)
+
+    def work() -> Downloaded:
+        cached = _cached(directory / source.sha256, source.sha256)
+        if cached is not None:
+            return cached
+        return download(
+            url,
+            source.sha256,
+            directory,
+            policy,
+            size=source.size,
+            progress=report,
+            cancelled=lambda: budget.cancelled,
+            log=log,
+        )
+
+    try:
+        return await run_bounded(work, budget)
+    except (UrlRefused, UrlFetchError) as exc:
+        raise DeployFailed(f"package download failed: {_scrub(str(exc), url)}") from None
+    except OSError as exc:
+        why = _scrub(f"{type(exc).__name__}: {exc}", url)
+        raise DeployFailed(f"package download failed: {why}") from None
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` without the URL's query string, however it got there (the messages are
+    built from the redacted URL already; this is the second lock)."""
+    query = url.partition("?")[2]
+    return text.replace(url, redact(url)).replace(query, "…") if query else text
