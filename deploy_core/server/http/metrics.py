@@ -104,9 +104,10 @@ class _Timed:
         try:
             await self.app(scope, receive, send_timed)
         finally:
+            path = original.get("path")
             self.server.metrics.http_request(
                 str(original.get("method", "GET")),
-                route_template(self.routes, original),
+                METRICS_PATH if path == METRICS_PATH else route_template(self.routes, original),
                 status,
                 time.perf_counter() - started,
             )

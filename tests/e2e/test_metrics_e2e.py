@@ -1,0 +1,256 @@
+"""Prometheus metrics end to end: a real server process and a real agent process, scraped
+over HTTP and parsed with prometheus_client's own parser (issue 16 §1)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy_core.testing import DeployCenter, free_port
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+@pytest.fixture(scope="module")
+def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
+    c = DeployCenter(tmp_path_factory.mktemp("center"))
+    c.agent_metrics_port = free_port()  # type: ignore[attr-defined]
+    try:
+        c.start_server()
+        c.start_agent(
+            "web-1",
+            config=f'[metrics]\nlisten = "127.0.0.1:{c.agent_metrics_port}"\n',  # type: ignore[attr-defined]
+        )
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def metrics_token(center: DeployCenter) -> str:
+    token: str = center.api.request(
+        "POST", "/api/tokens", json={"name": "prometheus", "scope": "metrics"}
+    )["token"]
+    return token
+
+
+def scrape(url: str, token: str | None) -> tuple[dict[str, Any], Samples]:
+    """The metric families (name -> type) and every sample (name -> [(labels, value)])."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answer = httpx.get(url, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    types: dict[str, Any] = {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return types, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+    return sum(
+        v for have, v in samples.get(name, []) if all(have.get(k) == w for k, w in labels.items())
+    )
+
+
+def server_metrics(center: DeployCenter, token: str) -> tuple[dict[str, Any], Samples]:
+    return scrape(f"http://127.0.0.1:{center.api_port}/metrics", token)
+
+
+def wait_for(
+    center: DeployCenter, token: str, name: str, at_least: float, **labels: str
+) -> Samples:
+    """Scrape until ``name`` reaches ``at_least`` (a status change is counted when the server
+    publishes it, which may follow the API's answer by a moment)."""
+    end = time.monotonic() + 30
+    while True:
+        _types, samples = server_metrics(center, token)
+        if value(samples, name, **labels) >= at_least or time.monotonic() > end:
+            return samples
+        time.sleep(0.2)
+
+
+def test_values_move_after_a_success_and_a_failure(
+    center: DeployCenter, metrics_token: str
+) -> None:
+    types, before = server_metrics(center, metrics_token)
+    expected = {
+        "deploy_center_deployments_started": "counter",
+        "deploy_center_deployments_finished": "counter",
+        "deploy_center_deployment_duration_seconds": "histogram",
+        "deploy_center_deployment_status_duration_seconds": "histogram",
+        "deploy_center_deployments_active": "gauge",
+        "deploy_center_agents_connected": "gauge",
+        "deploy_center_agents_known": "gauge",
+        "deploy_center_agent_connects": "counter",
+        "deploy_center_agent_disconnects": "counter",
+        "deploy_center_agent_refusals": "counter",
+        "deploy_center_quic_messages": "counter",
+        "deploy_center_quic_message_bytes": "counter",
+        "deploy_center_artifact_bytes_served": "counter",
+        "deploy_center_watchdog_timeouts": "counter",
+        "deploy_center_rollbacks": "counter",
+        "deploy_center_ingest_batch_size": "histogram",
+        "deploy_center_ingest_commit_seconds": "histogram",
+        "deploy_center_http_request_duration_seconds": "histogram",
+        "deploy_center_build_info": "gauge",
+    }
+    for name, kind in expected.items():
+        assert types.get(name) == kind, (name, types.get(name))
+    assert value(before, "deploy_center_agents_connected") == 1
+    assert value(before, "deploy_center_agents_known", state="enrolled") == 1
+    assert value(before, "deploy_center_agent_connects_total") >= 1
+    assert (
+        value(before, "deploy_center_quic_messages_total", direction="received", kind="auth") >= 1
+    )
+
+    ok = center.deploy("shell", "web-1", script="echo fine")
+    assert center.wait(ok)["status"] == "success"
+    bad = center.deploy("shell", "web-1", script="echo no >&2; exit 3")
+    assert center.wait(bad)["status"] == "failed"
+    after = wait_for(center, metrics_token, "deploy_center_deployments_finished_total", 2)
+
+    shell = {"type": "deploy.shell"}
+    started = value(after, "deploy_center_deployments_started_total", **shell)
+    assert started - value(before, "deploy_center_deployments_started_total", **shell) == 2
+    for status in ("success", "failed"):
+        moved = value(
+            after, "deploy_center_deployments_finished_total", status=status, **shell
+        ) - value(before, "deploy_center_deployments_finished_total", status=status, **shell)
+        assert moved == 1, status
+    count = "deploy_center_deployment_duration_seconds_count"
+    assert value(after, count, **shell) - value(before, count, **shell) == 2
+    # The +Inf bucket holds every observation; the sum is a real duration.
+    assert value(after, "deploy_center_deployment_duration_seconds_bucket", le="+Inf", **shell) == (
+        value(after, count, **shell)
+    )
+    assert value(after, "deploy_center_deployment_duration_seconds_sum", **shell) > 0
+    # Each stage the shell type passes through is timed.
+    for status in ("pending", "script_running"):
+        assert (
+            value(
+                after,
+                "deploy_center_deployment_status_duration_seconds_count",
+                status=status,
+                **shell,
+            )
+            >= 2
+        ), status
+    assert value(after, "deploy_center_deployments_active") == 0
+    # Events and acknowledgements moved, with their bytes.
+    received = value(after, "deploy_center_quic_messages_total", direction="received", kind="event")
+    assert received > value(
+        before, "deploy_center_quic_messages_total", direction="received", kind="event"
+    )
+    assert (
+        value(after, "deploy_center_quic_message_bytes_total", direction="sent", kind="command") > 0
+    )
+    # Routes by template: the deploy ids the test fetched are in no label.
+    routes = {
+        labels["route"] for labels, _ in after["deploy_center_http_request_duration_seconds_count"]
+    }
+    assert "/api/deploy/{kind}" in routes
+    assert "/api/deploy/{deploy_id}" in routes
+    every_label = {v for series in after.values() for labels, _ in series for v in labels.values()}
+    assert not any(ok in v or bad in v for v in every_label)
+    assert (
+        value(
+            after,
+            "deploy_center_http_request_duration_seconds_count",
+            method="POST",
+            route="/api/deploy/{kind}",
+            status="202",
+        )
+        >= 2
+    )
+
+
+def test_the_agent_serves_its_own_metrics(center: DeployCenter, metrics_token: str) -> None:
+    port = center.agent_metrics_port  # type: ignore[attr-defined]
+    _types, before = scrape(f"http://127.0.0.1:{port}/metrics", None)
+    deploy_id = center.deploy("shell", "web-1", script="exit 1")
+    assert center.wait(deploy_id)["status"] == "failed"
+    types, after = scrape(f"http://127.0.0.1:{port}/metrics", None)
+    assert types["deploy_center_agent_deployments"] == "counter"
+    assert types["deploy_center_agent_deployment_duration_seconds"] == "histogram"
+    assert value(after, "deploy_center_agent_connected") == 1
+    assert value(after, "deploy_center_agent_connects_total") >= 1
+    failed = {"type": "deploy.shell", "status": "failed"}
+    moved = value(after, "deploy_center_agent_deployments_total", **failed) - value(
+        before, "deploy_center_agent_deployments_total", **failed
+    )
+    assert moved == 1
+    assert value(after, "deploy_center_agent_deployment_duration_seconds_count") >= 1
+
+
+def test_a_scrape_needs_the_metrics_scope_and_that_scope_reads_nothing_else(
+    center: DeployCenter, metrics_token: str
+) -> None:
+    url = f"http://127.0.0.1:{center.api_port}"
+    assert httpx.get(f"{url}/metrics", timeout=30).status_code == 401
+    wrong = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    as_metrics = {"Authorization": f"Bearer {metrics_token}"}
+    for path in ("/api/deployments", "/api/clients", "/api/info"):
+        refused = httpx.get(f"{url}{path}", headers=as_metrics, timeout=30)
+        assert refused.status_code == 403, (path, refused.text)
+        assert "needs 'read'" in refused.json()["error"]
+    posted = httpx.post(f"{url}/metrics", headers=as_metrics, timeout=30)
+    assert posted.status_code in (403, 405)
+    # Scopes are ordered: a read token may scrape too.
+    read = center.api.request("POST", "/api/tokens", json={"name": "reader", "scope": "read"})
+    ok = httpx.get(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {read['token']}"}, timeout=30
+    )
+    assert ok.status_code == 200
+    # The refusals are themselves timed, under the route's name and their status.
+    _types, samples = server_metrics(center, metrics_token)
+    assert (
+        value(
+            samples,
+            "deploy_center_http_request_duration_seconds_count",
+            route="/metrics",
+            status="401",
+        )
+        >= 2
+    )
+    # A path no route serves is counted as "unmatched", never under its own name.
+    for n in range(3):
+        httpx.get(f"{url}/api/no/such/route/{n}{'x' * 40}", headers=as_metrics, timeout=30)
+    _types, samples = server_metrics(center, metrics_token)
+    series = samples["deploy_center_http_request_duration_seconds_count"]
+    assert not any("xxxx" in labels["route"] for labels, _ in series)
+    assert (
+        value(samples, "deploy_center_http_request_duration_seconds_count", route="unmatched") >= 3
+    )
+
+
+def test_a_deadline_passed_while_the_agent_was_away_counts_as_a_watchdog_timeout(
+    center: DeployCenter, metrics_token: str
+) -> None:
+    _types, before = server_metrics(center, metrics_token)
+    center.stop_agent("web-1")
+    center.wait_connected("web-1", connected=False)
+    try:
+        deploy_id = center.deploy("shell", "web-1", script="echo never", deadline=1)
+        assert center.wait(deploy_id)["status"] == "timeout"
+        after = wait_for(center, metrics_token, "deploy_center_watchdog_timeouts_total", 1)
+        timeouts = "deploy_center_watchdog_timeouts_total"
+        assert value(after, timeouts, type="deploy.shell") - value(before, timeouts) == 1
+        assert value(after, "deploy_center_agents_connected") == 0
+        disconnects = "deploy_center_agent_disconnects_total"
+        assert value(after, disconnects) - value(before, disconnects) == 1
+        assert value(after, "deploy_center_deployments_finished_total", status="timeout") >= 1
+    finally:
+        center.start_agent(
+            "web-1",
+            config=f'[metrics]\nlisten = "127.0.0.1:{center.agent_metrics_port}"\n',  # type: ignore[attr-defined]
+        )

@@ -1,0 +1,98 @@
+"""The server's metrics in one process: series stay bounded however many deployments run,
+label values are folded past their bound, and a record published again after its finish is
+not counted twice (issue 16 §1)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy_core.plugins import get_plugins
+from deploy_core.server.metrics import MAX_LABEL_VALUES, OTHER, LabelGuard
+from deploy_core.testing import in_process_center
+
+pytestmark = pytest.mark.skipif(
+    "deploy.shell" not in get_plugins().deploy_types, reason="needs the deploy_shell plugin"
+)
+
+
+async def _series(http: Any) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    answer = await http.get("/metrics")
+    assert answer.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+async def _deploy(http: Any, script: str) -> str:
+    answer = await http.post("/api/deploy/shell", json={"client_id": "web-1", "script": script})
+    assert answer.status_code == 202, answer.text
+    deploy_id: str = answer.json()["deploy_id"]
+    for _ in range(600):
+        record = (await http.get(f"/api/deploy/{deploy_id}")).json()
+        if record["finished"]:
+            return deploy_id
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"deployment {deploy_id} did not finish")
+
+
+async def test_fifty_deployments_add_no_series(tmp_path: Path) -> None:
+    async with in_process_center(tmp_path, get_plugins()) as center:
+        for script in ("true", "exit 1"):
+            await _deploy(center.http, script)
+        await _series(center.http)  # a scrape is timed too: its series exist from now on
+        before = await _series(center.http)
+        ids = [await _deploy(center.http, "true" if n % 2 else "exit 2") for n in range(50)]
+        after = await _series(center.http)
+        # Message kinds may show up late (a heartbeat's ping): a handful at most.
+        new = {s for s in after - before if not s[0].startswith("deploy_center_quic_")}
+        assert new == set(), sorted(new)
+        assert len(after) - len(before) < 10
+        values = {value for _name, labels in after for _label, value in labels}
+        assert not any(deploy_id in value for deploy_id in ids for value in values)
+        assert "web-1" not in values
+        finished = {dict(labels)["status"]: 0 for name, labels in after if "finished_total" in name}
+        assert set(finished) == {"success", "failed"}
+
+
+async def test_a_finished_record_published_again_counts_once(tmp_path: Path) -> None:
+    async with in_process_center(tmp_path, get_plugins()) as center:
+        deploy_id = await _deploy(center.http, "true")
+        server = center.server
+        record = (await center.http.get(f"/api/deploy/{deploy_id}")).json()
+
+        def finished() -> float:
+            value = server.metrics.registry.get_sample_value(
+                "deploy_center_deployments_finished_total",
+                {"type": "deploy.shell", "status": "success"},
+            )
+            return value or 0.0
+
+        assert finished() == 1
+        for _ in range(3):
+            server.listeners.publish(record)
+        assert finished() == 1
+
+
+def test_label_values_are_bounded() -> None:
+    guard = LabelGuard()
+    seen = {guard(f"deploy.type-{n}") for n in range(1000)}
+    assert len(seen) == MAX_LABEL_VALUES + 1
+    assert OTHER in seen
+    # A value seen before keeps its own name; long values are cut.
+    assert guard("deploy.type-3") == "deploy.type-3"
+    assert len(LabelGuard()("x" * 10_000)) == 64
+
+
+async def test_an_observer_that_fails_does_not_break_publishing(tmp_path: Path) -> None:
+    async with in_process_center(tmp_path, get_plugins()) as center:
+        # A record missing the fields metrics read: logged, never raised into publish().
+        center.server.listeners.publish({"deploy_id": "x" * 32})
+        deploy_id = await _deploy(center.http, "true")
+        assert deploy_id
