@@ -263,6 +263,9 @@ def agent(
         labels=settings.get("labels", {}),
         metrics_listen=_metrics_listen(config_file, settings.get("metrics")),
     )
+    from deploy_core.logs import bind
+
+    bind(client_id=client_id)  # every line of this process is about this agent
 
     async def run(stop: asyncio.Event) -> None:
         agt = Agent(config)
