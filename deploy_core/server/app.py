@@ -44,6 +44,7 @@ from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.tokens import TokenStore
 from deploy_core.server.watchdog import Watchdog
+from deploy_core.server.webhooks import Webhooks, WebhookSettings
 from deploy_core.transport import AgentSession, QuicServer
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class ServerConfig:
     # Header and body read timeouts and the cap on unauthenticated connections of the HTTP
     # API (server/http_limits.py).
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    # ``[webhooks]`` of the server config: allowed http:// hosts, retry window, timeouts.
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
 
 class _UvicornServer(uvicorn.Server):
@@ -157,6 +160,9 @@ class DeployServer:
             join_token_file=self.state.join_token_file,
         )
         await self.db(self.records.mark_all_disconnected)
+        self.webhooks = Webhooks(
+            self.engine, self.records.secret_box, cfg.webhooks, listeners=self.listeners
+        )
         self.artifacts = await asyncio.to_thread(
             ArtifactStore, cfg.state_dir / "artifacts", max_bytes=cfg.max_artifact_bytes
         )
@@ -203,6 +209,7 @@ class DeployServer:
             await asyncio.sleep(0.01)
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
         if cfg.retention_days is not None:
             self._tasks.append(asyncio.create_task(self._retention(), name="retention"))
@@ -271,11 +278,13 @@ class DeployServer:
             labels=labels,
         )
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
+        self.webhooks.agent_connected(session.client_id, session.remote[0])
         await self.dispatcher.redeliver(session)
 
     async def _on_disconnect(self, session: AgentSession) -> None:
         await self.db(self.records.set_disconnected, session.client_id, last_seen=session.last_seen)
         log.info("agent %s disconnected", session.client_id)
+        self.webhooks.agent_disconnected(session.client_id)
 
     async def _may_fetch(self, client_id: str, sha256: str) -> bool:
         return await self.db(self.records.may_fetch, client_id, sha256)
