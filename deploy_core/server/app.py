@@ -150,7 +150,7 @@ class DeployServer:
             max_log_bytes=cfg.max_log_bytes,
             secret_box=await asyncio.to_thread(SecretBox.from_state_dir, cfg.state_dir),
         )
-        self.ingest = Ingest(self.engine)  # agents' reports, callbacks, acks: group commit
+        self.ingest = Ingest(self.engine, on_batch=self.metrics.ingest_batch)  # group commit
         self.ingest.start()
         if sealed := await self.db(self.records.seal_plaintext_secrets):
             log.info("sealed the plaintext secret_env of %d unfinished deployments", sealed)

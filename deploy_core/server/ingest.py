@@ -104,7 +104,10 @@ class Ingest:
         max_queued: int = MAX_QUEUED,
         linger: float = LINGER,
         stats_every: float | None = STATS_EVERY,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
+        """:param on_batch: told each batch's size and the seconds its commit took (the
+        server's metrics, ServerMetrics.ingest_batch)."""
         if max_batch < 1 or max_queued < 1 or linger < 0:
             raise ValueError("max_batch and max_queued must be positive, linger not negative")
         self.engine = engine
@@ -112,6 +115,7 @@ class Ingest:
         self.linger = linger
         self.stats = IngestStats()
         self._stats_every = stats_every
+        self._on_batch = on_batch
         self._queue: asyncio.Queue[_Piece[Any] | None] = asyncio.Queue(max_queued)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         self._task: asyncio.Task[None] | None = None
@@ -169,8 +173,11 @@ class Ingest:
                 await asyncio.sleep(self.linger)  # busy: let the next batch fill up
                 stopping = self._take(batch)
             self._last_batch = len(batch)
+            began = time.monotonic()
             outcomes = await loop.run_in_executor(self._executor, self._commit, batch)
             now = time.monotonic()
+            if self._on_batch is not None:
+                self._on_batch(len(batch), now - began)
             for piece, (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
                     self.stats.latencies.append(now - piece.queued)
