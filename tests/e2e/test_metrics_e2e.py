@@ -145,6 +145,12 @@ def test_values_move_after_a_success_and_a_failure(
             >= 2
         ), status
     assert value(after, "deploy_center_deployments_active") == 0
+    # The agents' reports were committed by the ingest, batch by batch.
+    for name in ("deploy_center_ingest_batch_size", "deploy_center_ingest_commit_seconds"):
+        assert value(after, f"{name}_count") > value(before, f"{name}_count"), name
+    assert value(after, "deploy_center_ingest_batch_size_sum") >= value(
+        after, "deploy_center_ingest_batch_size_count"
+    )
     # Events and acknowledgements moved, with their bytes.
     received = value(after, "deploy_center_quic_messages_total", direction="received", kind="event")
     assert received > value(
