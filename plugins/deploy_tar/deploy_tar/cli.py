@@ -34,6 +34,18 @@ __all__ = ["deploy_tar"]
     help="a .tar.gz (or .tar, .tar.bz2, .tar.xz) to upload and deploy",
 )
 @click.option("--artifact", help="SHA-256 of a package already uploaded (deployctl artifact push)")
+@click.option(
+    "--package-url",
+    help="https:// URL the agent fetches the package from instead of the server's store "
+    "(needs --sha256); a query string (presigned URL) is sent as a secret, never stored",
+)
+@click.option("--sha256", "url_sha256", help="SHA-256 the package at --package-url must have")
+@click.option(
+    "--size",
+    "url_size",
+    type=click.IntRange(min=1),
+    help="the package's size in bytes (--package-url)",
+)
 @click.option("--target-dir", required=True, help="absolute directory on the host")
 @click.option(
     "--install-script", help="script inside the package to run (default: install.sh if present)"
@@ -63,6 +75,9 @@ def deploy_tar(
     client_id: str,
     package: Path | None,
     artifact: str | None,
+    package_url: str | None,
+    url_sha256: str | None,
+    url_size: int | None,
     target_dir: str,
     install_script: str | None,
     env: tuple[str, ...],
@@ -79,11 +94,16 @@ def deploy_tar(
     """Deploy a tar.gz package as a new release under --target-dir.
 
     The package is uploaded first (--package) unless it is in the store already
-    (--artifact). On failure the release rollback switches back to the previous release
-    (the default of deploy.tar, unless the server config sets another), unless --no-rollback.
+    (--artifact), or the agent fetches it from a URL (--package-url with --sha256). On failure the
+    release rollback switches back to the previous release (the default of deploy.tar,
+    unless the server config sets another), unless --no-rollback.
     """
-    if (package is None) == (artifact is None):
-        raise click.UsageError("give exactly one of --package FILE and --artifact SHA256")
+    if sum(x is not None for x in (package, artifact, package_url)) != 1:
+        raise click.UsageError(
+            "give exactly one of --package FILE, --artifact SHA256 and --package-url URL"
+        )
+    if (package_url is None) != (url_sha256 is None) or (url_size and package_url is None):
+        raise click.UsageError("--package-url needs --sha256 (and takes --size); they go together")
     if no_rollback and start_script is not None:
         raise click.UsageError("--start-script is for the rollback; drop --no-rollback")
     if package is not None:
@@ -93,12 +113,15 @@ def deploy_tar(
         click.echo(f"package {artifact} {how} ({size_text(stored['size'])})", err=True)
     body: dict[str, Any] = {
         "client_id": client_id,
-        "artifact": artifact,
         "target_dir": target_dir,
         "env": parse_env(env),
         "timeout": timeout,
         "keep_releases": keep_releases,
     }
+    if package_url is not None:
+        body.update(url_source(package_url, url_sha256 or "", url_size))
+    else:
+        body["artifact"] = artifact
     if install_script:
         body["install_script"] = install_script
     body.update(health_checks_field(health, health_retries, health_interval))
@@ -108,3 +131,21 @@ def deploy_tar(
         )
     )
     submit_and_follow(api, "tar", body, wait, wait_timeout)
+
+
+QUERY_SECRET = "DEPLOY_TAR_URL_QUERY"
+
+
+def url_source(url: str, sha256: str, size: int | None) -> dict[str, Any]:
+    """The request fields of a URL source: a query string (a presigned URL's credentials)
+    goes into ``secret_env``, sealed on the server and never shown, named by
+    ``source.query_secret``; the URL stored with the deployment has none."""
+    base, _, query = url.partition("?")
+    source: dict[str, Any] = {"url": base, "sha256": sha256}
+    if size is not None:
+        source["size"] = size
+    fields: dict[str, Any] = {"source": source}
+    if query:
+        source["query_secret"] = QUERY_SECRET
+        fields["secret_env"] = {QUERY_SECRET: query.partition("#")[0]}
+    return fields

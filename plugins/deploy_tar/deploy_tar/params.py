@@ -110,7 +110,7 @@ def _url(value: str) -> str:
         raise ValueError(
             f"{redact(value)} has a query string, which would be stored with the deployment: "
             "put it (without the '?') in secret_env and name that variable in "
-            "source.query_secret (deployctl deploy tar --url does this for you)"
+            "source.query_secret (deployctl deploy tar --package-url does this for you)"
         )
     if parts.fragment or value.endswith("#"):
         raise ValueError(f"{redact(value)}: a URL fragment ('#…') is not allowed")

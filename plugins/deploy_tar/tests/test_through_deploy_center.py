@@ -3,14 +3,18 @@ fetched over QUIC, installed; the rollback; ``deployctl deploy tar``; the regist
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import build_package
+from package_server import Route, serve
 
 from deploy_core.client import ApiError
 from deploy_core.plugins import load_plugins
@@ -149,4 +153,103 @@ def test_deployctl_uploads_with_progress_and_deploys(center: DeployCenter, tmp_p
         timeout=60,
     )
     assert both.returncode == 2
-    assert "give exactly one of --package FILE and --artifact SHA256" in both.stderr
+    assert (
+        "give exactly one of --package FILE, --artifact SHA256 and --package-url URL" in both.stderr
+    )
+
+
+SECRET_QUERY = "X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "why"),
+    [
+        ({"url": "file:///etc/passwd"}, {}, "scheme file: is not allowed"),
+        ({"url": "ftp://127.0.0.1/app.tar.gz"}, {}, "scheme ftp: is not allowed"),
+        ({"url": "https://user:pw@cdn.example.com/a.tgz"}, {}, "user name or password"),
+        ({"url": f"https://cdn.example.com/a.tgz?{SECRET_QUERY}"}, {}, "query string"),
+        ({"url": "http://cdn.example.com/a.tgz"}, {}, "plain http:// is only allowed"),
+        ({"url": "http://10.1.2.3/a.tgz"}, {}, "plain http:// is only allowed"),
+        (
+            {"url": "https://cdn.example.com/a.tgz", "query_secret": "Q"},
+            {},
+            "query_secret names Q, which is not in secret_env",
+        ),
+        (
+            {"url": "https://cdn.example.com/a.tgz"},
+            {"artifact": "ab" * 32},
+            "exactly one of artifact",
+        ),
+    ],
+)
+def test_url_sources_the_rules_refuse_get_422(
+    center: DeployCenter, tmp_path: Path, source: dict[str, Any], extra: dict[str, Any], why: str
+) -> None:
+    body = {
+        "client_id": AGENT,
+        "target_dir": str(tmp_path / "app"),
+        "source": {"sha256": "ab" * 32, **source},
+        **extra,
+    }
+    with pytest.raises(ApiError) as err:
+        center.api.deploy("tar", body)
+    assert err.value.status == 422, err.value.body
+    assert why in str(err.value)
+    assert "AKIAEXAMPLE" not in json.dumps(err.value.body)
+
+
+def test_deployctl_deploys_from_a_presigned_url_that_is_never_stored(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    """The agent fetches from the URL (cut once mid-body, resumed) with its query string,
+    which reaches it sealed in secret_env: the record, the logs and the server's and
+    agent's own logs never hold it."""
+    package = build_package(
+        tmp_path / "app.tar.gz",
+        {
+            "version": "9",
+            "install.sh": "echo installed $(cat version)\n",
+            "blob": os.urandom(1 << 20),
+        },
+    )
+    data = package.read_bytes()
+    env = {
+        **center.env,
+        "DEPLOY_CENTER_URL": f"http://127.0.0.1:{center.api_port}",
+        "DEPLOY_CENTER_TOKEN": (center.server_dir / "admin.token").read_text().strip(),
+    }
+    target = tmp_path / "app"
+    with serve() as cdn:
+        cdn.routes["/bucket/app.tar.gz"] = Route(body=data, drop_after=len(data) // 3)
+        url = cdn.url(f"/bucket/app.tar.gz?{SECRET_QUERY}")
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "deploy_core.cli", "deploy", "tar", "--client", AGENT),
+                *("--package-url", url, "--sha256", hashlib.sha256(data).hexdigest()),
+                *("--size", str(len(data)), "--target-dir", str(target), "--wait"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert ": success\n" in done.stdout and "installed 9" in done.stdout
+        assert [s.path for s in cdn.seen] == [f"/bucket/app.tar.gz?{SECRET_QUERY}"] * 2
+        assert cdn.ranges()[1] == f"bytes={len(data) // 3}-"
+    assert (target / "current" / "version").read_text() == "9"
+    deploy_id = center.api.list(AGENT, limit=1)["items"][0]["deploy_id"]
+    record = center.api.get(deploy_id)
+    assert record["result"]["url"] == cdn.url("/bucket/app.tar.gz")
+    logs = center.api.logs(deploy_id)
+    history = center.api.history(deploy_id)
+    stored = json.dumps([record, logs, history])
+    assert "package ready" in stored  # the fetch stage reported, with its progress
+    for text in (
+        stored,
+        done.stdout,
+        done.stderr,
+        center.log("server"),
+        center.log(f"agent-{AGENT}"),
+    ):
+        assert "AKIAEXAMPLE" not in text and "0123456789abcdef" not in text
