@@ -367,3 +367,25 @@ def test_many_failures_are_counted_past_the_first_twenty() -> None:
     assert len(lines) == 21
     assert lines[-1] == "  … and 25 more (deployctl rollout status --json)"
     assert counts_text({}) == "no hosts"
+
+
+def test_a_fleet_in_many_batches_folds_alike_batches_into_one_line() -> None:
+    def batch(index: int, state: str, status: str | None) -> dict[str, Any]:
+        target = _target(f"h{index:03d}", "done" if status else state, status)
+        return {"index": index, "canary": index == 0, "state": state, "targets": [target]}
+
+    batches = [batch(0, "done", "success")]
+    batches += [batch(i, "done", "failed" if i == 20 else "success") for i in range(1, 40)]
+    batches += [batch(40, "running", "script_running")]
+    batches += [batch(i, "waiting", None) for i in range(41, 100)]
+    record = {**RECORD, "current_batch": 40, "batches": batches}
+    assert batch_lines(record) == [
+        "  batch 1/100 canary done       1 host   success 1",
+        "  batches 2-20/100 done      19 hosts  success 19",
+        "  batch 21/100        done       1 host   failed 1",  # a failure keeps its own line
+        "  batches 22-40/100 done      19 hosts  success 19",
+        " >batch 41/100        running    1 host   script_running 1",
+        "  batches 42-100/100 waiting   59 hosts  waiting 59",
+    ]
+    # Up to SHOWN_BATCHES, every batch has its line.
+    assert len(batch_lines({**record, "batches": batches[:12]})) == 12

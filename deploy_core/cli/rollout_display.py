@@ -3,8 +3,10 @@ and the live version of it that ``deployctl rollout … --wait`` shows (docs/rol
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections import Counter
+from itertools import groupby
 from typing import Any
 
 import click
@@ -20,6 +22,8 @@ _FIRST = ("success",)
 _LAST = ("waiting", "skipped", "not_started", *FAILED)
 # Failing hosts listed in full; the rest are counted.
 SHOWN_FAILURES = 20
+# Batches shown one per line; past this, runs of alike batches share a line.
+SHOWN_BATCHES = 12
 
 
 def counts_text(counts: dict[str, int]) -> str:
@@ -44,22 +48,40 @@ def is_failure(target: dict[str, Any]) -> bool:
     return target.get("state") == "failed" or target.get("status") in FAILED
 
 
-def batch_lines(record: dict[str, Any]) -> list[str]:
+def batch_lines(record: dict[str, Any], most: int = SHOWN_BATCHES) -> list[str]:
     """One line per batch: its number, a canary mark, its state and its hosts by status,
-    ``>`` marking the current one."""
+    ``>`` marking the current one.  With more than ``most`` batches, runs of neighbouring
+    batches in the same state (not the canary, not the current one, none with a failure)
+    share one line, so a rollout to a fleet in batches of 1 % still fits a screen."""
     batches: list[dict[str, Any]] = record.get("batches") or []
     current = record.get("current_batch")
-    lines = []
-    for batch in batches:
+
+    def is_current(batch: dict[str, Any]) -> bool:
+        return batch.get("index") == current and batch.get("state") != "done"
+
+    def fold_key(batch: dict[str, Any]) -> Any:
         targets = batch.get("targets") or []
+        if len(batches) <= most or batch.get("canary") or is_current(batch):
+            return ("alone", batch.get("index"))
+        if any(is_failure(t) for t in targets):
+            return ("alone", batch.get("index"))
+        return ("run", batch.get("state"))
+
+    lines = []
+    for _, run in groupby(batches, key=fold_key):
+        group = list(run)
+        first, last = int(group[0]["index"]) + 1, int(group[-1]["index"]) + 1
+        targets = [t for batch in group for t in batch.get("targets") or []]
         counts = Counter(target_status(t) for t in targets)
-        mark = ">" if batch.get("index") == current and batch.get("state") != "done" else " "
-        kind = "canary" if batch.get("canary") else ""
         hosts = f"{len(targets):>4} host" + ("s" if len(targets) != 1 else " ")
-        lines.append(
-            f" {mark}batch {int(batch['index']) + 1}/{len(batches)} {kind:<6} "
-            f"{batch.get('state', '-'):<7} {hosts}  {counts_text(counts)}"
-        )
+        state = group[0].get("state", "-")
+        if len(group) == 1:
+            mark = ">" if is_current(group[0]) else " "
+            kind = "canary" if group[0].get("canary") else ""
+            name = f"{mark}batch {first}/{len(batches)} {kind:<6}"
+        else:
+            name = f" batches {first}-{last}/{len(batches)}"
+        lines.append(f" {name} {state:<7} {hosts}  {counts_text(counts)}")
     return [terminal_safe(line) for line in lines]
 
 
@@ -141,7 +163,9 @@ def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[s
     try:
         for record in api.watch_rollout(rollout_id, timeout=timeout):
             lines = render(record)
-            if tty:
+            if tty:  # one screen row per line, so that moving up len(shown) rows is right
+                width = shutil.get_terminal_size().columns - 1
+                lines = [line if len(line) <= width else line[: width - 1] + "…" for line in lines]
                 up = f"\033[{len(shown)}A" if shown else ""
                 click.echo(up + "\r\033[J" + "\n".join(lines), err=True)
             else:

@@ -71,12 +71,19 @@ def _start(center: DeployCenter, *args: str) -> str:
     return rollout_id
 
 
+def _rollout_and_wait(center: DeployCenter, *args: str) -> subprocess.CompletedProcess[str]:
+    """``deployctl rollout shell ARGS --wait`` to its end."""
+    done: subprocess.CompletedProcess[str] = center.deployctl(
+        "rollout", "shell", *args, "--wait", "--wait-timeout", "240"
+    )
+    return done
+
+
 def test_rollout_by_selector_waits_shows_batches_and_exits_0(
     center: DeployCenter, tmp_path: Path
 ) -> None:
-    done = center.deployctl(
-        "rollout",
-        "shell",
+    done = _rollout_and_wait(
+        center,
         "--selector",
         "role=web,zone=eu-1",
         "--script",
@@ -85,9 +92,6 @@ def test_rollout_by_selector_waits_shows_batches_and_exits_0(
         f"DIR={tmp_path}",
         "--batch",
         "1",
-        "--wait",
-        "--wait-timeout",
-        "240",
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
@@ -120,9 +124,8 @@ def test_a_failing_rollout_exits_1_lists_the_failing_host_and_rolls_back(
         from conftest import missing_part
 
         missing_part("the rollback_basic plugin (inline strategy) is not installed")
-    done = center.deployctl(
-        "rollout",
-        "shell",
+    done = _rollout_and_wait(
+        center,
         "--client",
         "web-1",
         "--client",
@@ -141,9 +144,6 @@ def test_a_failing_rollout_exits_1_lists_the_failing_host_and_rolls_back(
         "0",
         "--on-failure",
         "rollback",
-        "--wait",
-        "--wait-timeout",
-        "240",
     )
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
