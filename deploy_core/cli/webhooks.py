@@ -55,7 +55,7 @@ def webhook() -> None:
 
 
 @webhook.command("add")
-@click.argument("url")
+@click.argument("target", metavar="URL")
 @click.option(
     "--events",
     "events",
@@ -74,7 +74,7 @@ def webhook() -> None:
 @with_api
 def webhook_add(
     api: DeployClient,
-    url: str,
+    target: str,
     events: str,
     secret_file: Path | None,
     description: str,
@@ -85,7 +85,7 @@ def webhook_add(
     names = _events(events)
     made_secret = secret_file is None
     secret = secrets.token_urlsafe(32) if secret_file is None else _read_secret(secret_file)
-    hook = api.add_webhook(url, names, secret, description=description)
+    hook = api.add_webhook(target, names, secret, description=description)
     if as_json:
         echo_json(hook)
     else:

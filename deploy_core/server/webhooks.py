@@ -25,8 +25,10 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import random
 import secrets
+import socket
 import ssl
 import time
 import unicodedata
@@ -600,6 +602,23 @@ def backoff(attempts: int, settings: WebhookSettings) -> float:
     return delay * (0.5 + random.random() / 2)  # jitter, not a secret
 
 
+def _transport_error(exc: Exception) -> str:
+    """What went wrong below HTTP, as precisely as the exception's chain says (httpx wraps
+    "connection refused" as "All connection attempts failed")."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None:
+            break
+        if isinstance(cause, socket.gaierror):
+            return f"{type(exc).__name__}: cannot resolve the host ({cause.strerror})"
+        if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
+            return f"{type(exc).__name__}: {os.strerror(cause.errno).lower()}"
+        if isinstance(cause, ssl.SSLError):
+            return f"{type(exc).__name__}: TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -873,7 +892,7 @@ class Webhooks:
         except TimeoutError:
             return False, None, f"no answer within {self.settings.timeout:g} s"
         except httpx.HTTPError as exc:
-            return False, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return False, None, _transport_error(exc)
         code = resp.status_code
         if 200 <= code < 300:
             return True, code, None

@@ -1,0 +1,146 @@
+"""A webhook receiver for tests: a stdlib HTTP server on 127.0.0.1 in a thread that checks
+each delivery's signature with the snippet docs/webhooks.md gives users (run from the
+document itself, so the document cannot drift from what the server sends), and answers as
+the test says: 200, an error status, a redirect, a huge body, or not until released."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from deploy_core.testing import free_port
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "webhooks.md"
+
+
+def documented_verifier() -> Callable[..., bool]:
+    """``verify_signature`` as docs/webhooks.md defines it."""
+    text = DOCS.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    code = next(b for b in blocks if "def verify_signature" in b)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(DOCS), "exec"), namespace)
+    verify: Callable[..., bool] = namespace["verify_signature"]
+    return verify
+
+
+@dataclass
+class Delivery:
+    """One request the receiver got."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    verified: bool
+    answered: int
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.body)
+        return data
+
+
+class Receiver:
+    """Start with :meth:`start`; ``mode`` is ``ok``, ``error`` (500), ``redirect`` (302),
+    ``huge`` (200 with a 50 MB body it never finishes) or ``hold`` (answers when
+    :attr:`release` is set, at most 60 s later)."""
+
+    def __init__(self, secret: str, port: int | None = None) -> None:
+        self.secret = secret.encode()
+        self.port = port or free_port()
+        self.mode = "ok"
+        self.got: list[Delivery] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self._cond = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+        self._verify = documented_verifier()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(min(length, 1 << 20))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                verified = receiver._verify(
+                    receiver.secret,
+                    headers.get("x-deploy-center-timestamp", ""),
+                    body,
+                    headers.get("x-deploy-center-signature", ""),
+                )
+                mode = receiver.mode
+                status = {"ok": 200, "error": 500, "redirect": 302, "huge": 200}.get(mode, 200)
+                if not verified:
+                    status = 401
+                with receiver._cond:
+                    receiver.got.append(Delivery(self.path, headers, body, verified, status))
+                    receiver._cond.notify_all()
+                if mode == "hold":
+                    receiver.holding.set()
+                    receiver.release.wait(60)
+                self.send_response(status)
+                if mode == "redirect":
+                    self.send_header("Location", f"http://127.0.0.1:{receiver.port}/elsewhere")
+                if mode == "huge":
+                    self.send_header("Content-Length", str(50_000_000))
+                    self.end_headers()
+                    try:
+                        for _ in range(200):  # bounded: 200 x 64 KiB, then the socket closes
+                            self.wfile.write(b"x" * 65536)
+                    except OSError:
+                        pass
+                    return
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"no" if status >= 300 else b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening: connections are refused from now on."""
+        self.release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def wait_for(
+        self, predicate: Callable[[list[Delivery]], bool], timeout: float = 60.0
+    ) -> list[Delivery]:
+        """Wait until ``predicate(deliveries so far)``; the deliveries (AssertionError if
+        it does not come true in time)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.got):
+                left = end - time.monotonic()
+                if left <= 0:
+                    seen = [(d.headers.get("x-deploy-center-event"), d.answered) for d in self.got]
+                    raise AssertionError(f"receiver: condition not met in {timeout} s; got {seen}")
+                self._cond.wait(min(left, 0.5))
+            return list(self.got)
+
+    def events(self, name: str) -> list[Delivery]:
+        """The verified deliveries of event ``name`` so far."""
+        with self._cond:
+            return [
+                d for d in self.got if d.verified and d.headers["x-deploy-center-event"] == name
+            ]
