@@ -13,6 +13,7 @@ with one join token made through the API.  Printed at the end, as a table:
   CPU over 10 idle seconds (/proc/PID/stat utime+stime), the workers' beside it;
 - dispatch p50/p99 of ``true`` (POST to terminal status through the waiting API), 1 vs N;
 - ``true`` on all N agents from 8 POSTing threads: seconds until the last finished, by status;
+- ``true`` on all N again as one rollout with ``max_parallel`` N (``--no-rollout`` skips it);
 - optionally a package (default 50 MB) through the artifact store to M agents;
 - ``kill -9`` of the server and a restart on the same state dir and ports: seconds until all
   N are back, and what the agents logged meanwhile (refusals, "already enrolled").
@@ -48,6 +49,7 @@ from fleet_runs import (
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SOLO = "fleet-00000"
+ROLLOUT_FINAL = ("succeeded", "failed", "aborted", "rolled_back")
 IDLE_WINDOW = 10.0
 INGEST_SLEEP = 45
 
@@ -125,6 +127,52 @@ def measure_dispatch(fleet: Fleet, report: Report, args: argparse.Namespace, whi
             f"{_ms(p50)} / {_ms(p99)}",
             "1-agent p50 <= 10 ms" if which == "1" else "p99 <= 2x the 1-agent p99",
         )
+
+
+def rollout_everywhere(fleet: Fleet, ids: list[str], timeout: float) -> tuple[Any, ...]:
+    """``true`` on every agent through one ``POST /api/rollouts`` with ``max_parallel`` =
+    N: seconds from the POST until the rollout ended, and until the last target finished."""
+    from datetime import datetime
+
+    posted = time.time()
+    answer = fleet.api.request(
+        "POST",
+        "/api/rollouts",
+        json={
+            "type": "shell",
+            "request": {"script": "true"},
+            "targets": {"clients": ids},
+            "strategy": {"max_parallel": len(ids)},
+        },
+    )
+    url = f"/api/rollouts/{answer['rollout_id']}"
+    end = time.monotonic() + timeout
+    rollout: dict[str, Any] = {"status": "?", "counts": {}}
+    while time.monotonic() < end and rollout["status"] not in ROLLOUT_FINAL:
+        time.sleep(0.5)
+        rollout = fleet.api.request("GET", url)
+    ended = time.time() - posted
+    finishes = [
+        datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00")).timestamp()
+        for b in rollout.get("batches", [])
+        for t in b["targets"]
+        if t["finished_at"]
+    ]
+    last = max(finishes) - posted if finishes else float("nan")
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(rollout["counts"].items()))
+    return (
+        "rollout_true_all",
+        f"`true` on all {len(ids)} as one rollout (max_parallel {len(ids)})",
+        {
+            "status": rollout["status"],
+            "counts": rollout["counts"],
+            "ended_s": ended,
+            "last_finished_s": last,
+        },
+        f"{rollout['status']} ({counts}); last target finished {last:.1f} s after the POST, "
+        f"rollout ended (seen by polling) {ended:.1f} s",
+        "",
+    )
 
 
 def run(args: argparse.Namespace, root: Path, report: Report) -> None:
@@ -221,6 +269,10 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         )
         if everywhere["statuses"].get("success", 0) != len(ids):
             report.problem(f"`true` everywhere ended {everywhere['statuses']}")
+
+        # ---- `true` everywhere again, as one rollout (issue 14)
+        if args.rollout:
+            report.add(*rollout_everywhere(fleet, ids, args.deploy_timeout * 4))
 
         # ---- a package to M agents
         if args.artifact_agents:
@@ -394,6 +446,12 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-monitor",
         action="store_true",
         help="keep the docker monitor agent service on (off: N samplers on one docker daemon)",
+    )
+    parser.add_argument(
+        "--no-rollout",
+        dest="rollout",
+        action="store_false",
+        help="skip `true` on all N as one rollout (issue 14)",
     )
     parser.add_argument("--keep", type=Path, default=None, help="run in DIR and keep it")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
