@@ -392,10 +392,20 @@ class DeployClient:
         return self._rollout_action(rollout_id, "abort")
 
     def watch_rollout(
-        self, rollout_id: str, *, timeout: float, interval: float = 1.0
+        self,
+        rollout_id: str,
+        *,
+        timeout: float,
+        interval: float = 1.0,
+        on_unreachable: Callable[[ApiError], None] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield the rollout each time it changes, until it finishes or ``timeout`` passes
-        (then :class:`TimeoutError`)."""
+        (then :class:`TimeoutError`).
+
+        :param on_unreachable: when given, a server that stops answering after the first
+            read (restarting, say: the rollout goes on when it is back) is told to it and
+            asked again every ``interval`` until ``timeout``, instead of raising.
+        """
         end = time.monotonic() + timeout
         record = self.rollout(rollout_id)
         yield record
@@ -404,7 +414,13 @@ class DeployClient:
             if left <= 0:
                 raise TimeoutError(f"rollout {rollout_id} did not finish within {timeout:g}s")
             time.sleep(min(interval, left))
-            newer = self.rollout(rollout_id)
+            try:
+                newer = self.rollout(rollout_id)
+            except ApiError as exc:
+                if on_unreachable is None or exc.status not in (0, 502, 503, 504):
+                    raise
+                on_unreachable(exc)
+                continue
             if newer != record:
                 yield newer
             record = newer

@@ -160,8 +160,18 @@ def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[s
     tty = sys.stderr.isatty()
     record: dict[str, Any] = {}
     shown: list[str] = []
+    outage: list[str] = []  # what the server's silence was when last said
+
+    def unreachable(exc: ApiError) -> None:
+        nonlocal shown
+        if not outage:  # once per outage: the rollout itself lives in the database
+            click.echo(terminal_safe(f"{exc}\n(still watching until the wait timeout)"), err=True)
+            shown = []  # the next display starts below the message
+        outage[:] = [str(exc)]
+
     try:
-        for record in api.watch_rollout(rollout_id, timeout=timeout):
+        for record in api.watch_rollout(rollout_id, timeout=timeout, on_unreachable=unreachable):
+            outage.clear()
             lines = render(record)
             if tty:  # one screen row per line, so that moving up len(shown) rows is right
                 width = shutil.get_terminal_size().columns - 1
@@ -176,6 +186,12 @@ def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[s
     except TimeoutError as exc:
         raise click.ClickException(
             f"{exc}; it goes on on the server: deployctl rollout status {rollout_id} --wait"
+        ) from None
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"stopped watching; rollout {rollout_id} goes on on the server: "
+            f"deployctl rollout status {rollout_id} --wait to watch it again, "
+            f"deployctl rollout abort {rollout_id} to stop it"
         ) from None
     print_rollout_outcome(api, record)
     return record

@@ -27,6 +27,7 @@ from deploy_core.testing import DeployCenter
 
 WEB = ["web-1", "web-2", "web-3"]
 LABELS = {"web-1": "web", "web-2": "web", "web-3": "web", "db-1": "db"}
+WAIT = ("--wait", "--wait-timeout", "300")
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +74,7 @@ def _start(center: DeployCenter, *args: str) -> str:
 
 def _rollout_and_wait(center: DeployCenter, *args: str) -> subprocess.CompletedProcess[str]:
     """``deployctl rollout shell ARGS --wait`` to its end."""
-    done: subprocess.CompletedProcess[str] = center.deployctl(
-        "rollout", "shell", *args, "--wait", "--wait-timeout", "240"
-    )
+    done: subprocess.CompletedProcess[str] = center.deployctl("rollout", "shell", *args, *WAIT)
     return done
 
 
@@ -165,43 +164,51 @@ def test_a_failing_rollout_exits_1_lists_the_failing_host_and_rolls_back(
     assert first["rollback_id"] in undone  # the rollback ran on the host
 
 
-def test_a_waiting_cli_follows_a_canary_pause_through_promote(
-    center: DeployCenter, tmp_path: Path
-) -> None:
-    waiting = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deploy_core.cli",
-            "rollout",
-            "shell",
-            "--selector",
-            "role=web",
-            "--script",
-            "true",
-            "--canary",
-            "1",
-            "--batch",
-            "2",
-            "--wait",
-            "--wait-timeout",
-            "240",
-        ],
-        env=center.cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    shown: list[str] = []  # its stderr, line by line, as it comes
-    reader = threading.Thread(target=lambda: shown.extend(iter(waiting.stderr.readline, "")))
-    reader.start()
-    try:
-        rollout_id = _newest_active(center)
-        hint = f"paused: deployctl rollout promote {rollout_id}"
-        end = time.monotonic() + 120
-        while not any(hint in line for line in shown):  # the waiting CLI saw the pause
-            assert waiting.poll() is None and time.monotonic() < end, shown
+class WaitingCli:
+    """``deployctl rollout shell ARGS --wait`` left running in the background, its stderr
+    read line by line as it comes (a context manager: killed if still running at the end)."""
+
+    def __init__(self, center: DeployCenter, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy_core.cli", "rollout", "shell", *args, *WAIT],
+            env=center.cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.shown: list[str] = []
+        stderr = self.proc.stderr
+        assert stderr is not None
+        self.reader = threading.Thread(target=lambda: self.shown.extend(iter(stderr.readline, "")))
+        self.reader.start()
+
+    def saw(self, text: str, timeout: float = 120) -> None:
+        """Wait until it printed a line with ``text`` (fail if it ends or does not)."""
+        end = time.monotonic() + timeout
+        while not any(text in line for line in self.shown):
+            assert self.proc.poll() is None and time.monotonic() < end, self.shown
             time.sleep(0.1)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        """Its exit code, stdout and stderr once it ends."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.reader.join(timeout=30)
+        return self.proc.returncode, out, "".join(self.shown)
+
+    def __enter__(self) -> WaitingCli:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def test_a_waiting_cli_follows_a_canary_pause_through_promote(center: DeployCenter) -> None:
+    args = ("--selector", "role=web", "--script", "true", "--canary", "1", "--batch", "2")
+    with WaitingCli(center, *args) as waiting:
+        rollout_id = _newest_active(center)
+        waiting.saw(f"paused: deployctl rollout promote {rollout_id}")
         refused = center.deployctl("rollout", "resume", rollout_id)
         assert refused.returncode == 1
         assert "HTTP 409" in refused.stderr and "promote it to go on" in refused.stderr
@@ -209,14 +216,8 @@ def test_a_waiting_cli_follows_a_canary_pause_through_promote(
         promoted = center.deployctl("rollout", "promote", rollout_id)
         assert promoted.returncode == 0, promoted.stderr
         assert promoted.stdout.startswith(f"rollout {rollout_id} ")
-        waiting.wait(timeout=240)
-        reader.join(timeout=30)
-        out = waiting.stdout.read()
-    finally:
-        if waiting.poll() is None:
-            waiting.kill()
-        waiting.communicate()
-    assert waiting.returncode == 0, out + "".join(shown)
+        returncode, out, err = waiting.finish()
+    assert returncode == 0, out + err
     assert "batch 1/2 canary done       1 host   success 1" in out
     assert "batch 2/2        done       2 hosts  success 2" in out
 
@@ -301,3 +302,25 @@ def test_a_selector_matching_nothing_is_refused_with_the_servers_reason(
     assert done.returncode == 1
     assert "HTTP 422" in done.stderr and "the rollout has no targets" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_waiting_cli_rides_out_a_server_restart(center: DeployCenter, tmp_path: Path) -> None:
+    """Kept last: it restarts the module's server."""
+    script = HOLD_UNTIL_GO + '; echo ran >> "$DIR/ran-$DEPLOY_ID"'
+    args = ("--selector", "role=web", "--script", script, "--env", f"DIR={tmp_path}")
+    with WaitingCli(center, *args, "--batch", "1") as waiting:
+        rollout_id = _newest_active(center)
+        _wait_for(center, rollout_id, "running", lambda r: r["status"] == "running")
+        center.stop_server()
+        waiting.saw("cannot reach the server")
+        center.start_server()
+        (tmp_path / "go").touch()
+        returncode, out, err = waiting.finish()
+    assert returncode == 0, out + err
+    assert "(still watching until the wait timeout)" in err
+    assert f"rollout {rollout_id} succeeded: 3 hosts" in out
+    targets = _targets(center.api.rollout(rollout_id))
+    # Each web host ran the script once, restart or not.
+    for target in targets:
+        assert (tmp_path / f"ran-{target['deploy_id']}").read_text() == "ran\n"
+    assert len(list(tmp_path.glob("ran-*"))) == 3
