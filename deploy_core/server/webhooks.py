@@ -431,11 +431,11 @@ class WebhookStore:
             insert = sqlite.insert(db.webhook_deliveries)
         else:  # pragma: no cover - the server runs on SQLite or PostgreSQL
             raise RuntimeError(f"webhooks need SQLite or PostgreSQL, not {dialect}")
-        insert = insert.on_conflict_do_nothing(index_elements=["webhook_id", "event_key"])
-        added = 0
-        for row in rows:
-            added += conn.execute(insert.values(**row)).rowcount or 0
-        return added
+        insert = insert.on_conflict_do_nothing(
+            index_elements=["webhook_id", "event_key"]
+        ).returning(db.webhook_deliveries.c.delivery_id)
+        # Counted by what comes back: psycopg's rowcount says -1 for a skipped conflict.
+        return sum(len(conn.execute(insert.values(**row)).all()) for row in rows)
 
     def enqueue(self, events: Sequence[Event], webhook_ids: dict[str, list[str]]) -> int:
         """Add a delivery of each event to each webhook in ``webhook_ids[event.name]`` (one

@@ -1,0 +1,349 @@
+"""Webhooks below the HTTP API: which URLs and settings are accepted, the signature against
+the documented check, back-off, the outbox on SQLite and PostgreSQL (one row per webhook and
+event, the sweep for missed finishes, claims that exclude each other, pruning), and the
+worker against a real receiver (gives up after max_age, follows no redirect, reads a huge
+answer only in part, stops sending to a host no longer allowed, logs no secret)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from webhook_receiver import Receiver, documented_verifier
+
+from deploy_core.server import db
+from deploy_core.server.secret_box import SecretBox
+from deploy_core.server.webhooks import (
+    AGENT_CONNECTED,
+    DEPLOYMENT_FINISHED,
+    Event,
+    WebhookError,
+    Webhooks,
+    WebhookSettings,
+    WebhookStore,
+    backoff,
+    check_events,
+    check_url,
+    signature,
+)
+
+SECRET = "whsec-unit-0f1e2d3c4b5a69788796a5b4"
+ALLOW = ("127.0.0.1",)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ci.example.com/hook",
+        "https://ci.example.com:8443/a/b?token=x",
+        "https://[2001:db8::1]/hook",
+        "http://127.0.0.1:9000/hook",
+        "HTTPS://CI.EXAMPLE.COM/",
+    ],
+)
+def test_acceptable_urls(url: str) -> None:
+    assert check_url(url, ALLOW) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("", "empty"),
+        ("ftp://example.com/x", "only https://"),
+        ("file:///etc/passwd", "only https://"),
+        ("example.com/hook", "without a scheme"),
+        ("http://example.com/x", "http:// to example.com is not allowed"),
+        ("http://localhost/x", "http:// to localhost is not allowed"),
+        ("https://user:pw@example.com/", "user name or password"),
+        ("https://token@example.com/", "user name or password"),
+        ("https:///path", "no host"),
+        ("https://example.com/#frag", "fragment"),
+        ("https://example.com/a b", "spaces"),
+        ("https://example.com/\x00", "control"),
+        ("https://exämple.com/", "ASCII"),
+        ("https://example.com:0/", "port"),
+        ("https://example.com:99999/", "not valid"),
+        ("https://example.com/" + "a" * 2048, "longer than 2048"),
+    ],
+)
+def test_refused_urls_say_why(url: str, why: str) -> None:
+    with pytest.raises(WebhookError, match=why):
+        check_url(url, ALLOW)
+
+
+def test_events_are_checked_and_ordered() -> None:
+    assert check_events([DEPLOYMENT_FINISHED, AGENT_CONNECTED, DEPLOYMENT_FINISHED]) == [
+        DEPLOYMENT_FINISHED,
+        AGENT_CONNECTED,
+    ]
+    with pytest.raises(WebhookError, match=r"unknown event 'deploy\.finished'"):
+        check_events(["deploy.finished"])
+    with pytest.raises(WebhookError, match="at least one"):
+        check_events([])
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        ({"allow_http_hosts": "127.0.0.1"}, "list of host names"),
+        ({"allow_http_hosts": [""]}, "list of host names"),
+        ({"max_age": "1d"}, "number of seconds"),
+        ({"max_age": -1}, "0 or more"),
+        ({"timeout": 0}, "more than 0"),
+        ({"concurrency": 0}, "1 to 64"),
+        ({"concurrency": 2.5}, "integer"),
+        ({"max_response_bytes": 10}, "1024"),
+        ({"retry_initial": True}, "number of seconds"),
+        ({"retries": 3}, "no setting retries"),
+    ],
+)
+def test_bad_settings_are_refused(table: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        WebhookSettings.from_table(table)
+
+
+def test_settings_from_a_table() -> None:
+    settings = WebhookSettings.from_table(
+        {"allow_http_hosts": ["127.0.0.1", "[::1]", "Hooks.Internal"], "max_age": 60}
+    )
+    assert settings.allow_http_hosts == ("127.0.0.1", "::1", "hooks.internal")
+    assert settings.max_age == 60.0 and settings.timeout == 10.0
+    assert check_url("http://[::1]:8000/x", settings.allow_http_hosts)
+    assert check_url("http://HOOKS.internal/x", settings.allow_http_hosts)
+
+
+def test_the_signature_is_what_the_documented_check_accepts() -> None:
+    verify = documented_verifier()
+    body = b'{"event":"deployment.finished"}'
+    now = str(int(time.time()))
+    sig = signature(SECRET, now, body)
+    assert sig.startswith("sha256=") and len(sig) == 7 + 64
+    assert verify(SECRET.encode(), now, body, sig)
+    assert not verify(SECRET.encode(), now, body + b" ", sig)  # body changed
+    assert not verify(b"another-secret-xxxxxxxx", now, body, sig)
+    stale = str(int(time.time()) - 3600)
+    assert not verify(SECRET.encode(), stale, body, signature(SECRET, stale, body))  # replay
+    assert not verify(SECRET.encode(), "soon", body, sig)
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    settings = WebhookSettings(retry_initial=10, retry_max_interval=300)
+    for attempts in range(1, 60):
+        full = min(300.0, 10 * 2.0 ** (attempts - 1))
+        for _ in range(20):
+            assert full / 2 <= backoff(attempts, settings) <= full
+
+
+# --------------------------------------------------------------------------- the outbox
+
+
+@pytest.fixture
+def store(db_url: str) -> WebhookStore:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    return WebhookStore(engine, SecretBox(), lease=60)
+
+
+def _finished_deployment(engine: sa.Engine, deploy_id: str, finished_at: float) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            db.deployments.insert().values(
+                deploy_id=deploy_id,
+                client_id="web-1",
+                command_type="deploy.shell",
+                status="success",
+                stage="",
+                progress=100,
+                last_seq=3,
+                request={"params": {"script": "echo do-not-send"}},
+                deadline=finished_at + 60,
+                created_at=finished_at - 5,
+                updated_at=finished_at,
+                finished_at=finished_at,
+                rollback_wanted=False,
+            )
+        )
+
+
+def test_the_outbox_holds_one_delivery_per_webhook_and_event(store: WebhookStore) -> None:
+    hook = store.create("https://example.com/a", [DEPLOYMENT_FINISHED], SECRET, "")
+    other = store.create("https://example.com/b", [AGENT_CONNECTED], SECRET, "")
+    event = Event(DEPLOYMENT_FINISHED, "d1", {"deploy_id": "d1"})
+    targets = {DEPLOYMENT_FINISHED: [hook["id"]], AGENT_CONNECTED: [other["id"]]}
+    assert store.enqueue([event], targets) == 1
+    assert store.enqueue([event, event], targets) == 0  # the same fact again: nothing new
+    rows = store.deliveries(hook["id"])
+    assert [r["event"] for r in rows] == [DEPLOYMENT_FINISHED] and rows[0]["status"] == "pending"
+    assert store.deliveries(other["id"]) == []
+    assert store.enqueue([event], {DEPLOYMENT_FINISHED: ["0000000000000000"]}) == 0  # gone
+
+    # The secret is sealed in the database and shown by no view.
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(db.webhooks.c.secret)).scalars().all()
+    assert all(SECRET not in json.dumps(s) for s in stored)
+    assert SECRET not in json.dumps(store.all())
+
+
+def test_the_sweep_enqueues_finishes_the_listeners_missed_once(store: WebhookStore) -> None:
+    _finished_deployment(store.engine, "before", time.time() - 30)
+    hook = store.create("https://example.com/a", [DEPLOYMENT_FINISHED], SECRET, "")
+    store.create("https://example.com/b", [AGENT_CONNECTED], SECRET, "")
+    _finished_deployment(store.engine, "after-1", time.time())
+    _finished_deployment(store.engine, "after-2", time.time())
+
+    assert store.sweep_finished(window=3600) == 2  # not the one before the webhook
+    assert store.sweep_finished(window=3600) == 0
+    rows = store.deliveries(hook["id"])
+    assert len(rows) == 2
+    with store.engine.connect() as conn:
+        payloads = conn.execute(sa.select(db.webhook_deliveries.c.payload)).scalars().all()
+    data = [json.loads(p)["data"] for p in payloads]
+    assert {d["deploy_id"] for d in data} == {"after-1", "after-2"}
+    assert all(d["status"] == "success" and d["type"] == "deploy.shell" for d in data)
+    assert all("do-not-send" not in p for p in payloads)  # never the request
+
+
+def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_ends(
+    store: WebhookStore,
+) -> None:
+    hook = store.create("https://example.com/a", [AGENT_CONNECTED], SECRET, "")
+    store.enqueue([Event(AGENT_CONNECTED, "x", {})], {AGENT_CONNECTED: [hook["id"]]})
+    first = store.due(10)
+    assert len(first) == 1 and store.open_secret(first[0]) == SECRET
+    assert store.due(10) == []  # another worker (or replica) leaves it alone
+    assert len(store.due(10, now=time.time() + 61)) == 1  # a dead worker's claim expires
+
+    claimed = store.due(10, now=time.time() + 200)
+    store.record_attempt(claimed[0], ok=False, status_code=503, error="HTTP 503", next_attempt_at=1)
+    row = store.deliveries(hook["id"])[0]
+    assert (row["status"], row["attempts"], row["last_status_code"]) == ("pending", 1, 503)
+    again = store.due(10)
+    store.record_attempt(again[0], ok=True, status_code=200, error=None, next_attempt_at=None)
+    row = store.deliveries(hook["id"])[0]
+    assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("delivered", 2, None)
+    assert store.all()[0]["deliveries"] == {"pending": 0, "delivered": 1, "failed": 0}
+
+    assert store.prune(before=time.time() - 60) == 0
+    assert store.prune(before=time.time() + 1) == 1
+    assert store.remove(hook["id"]) and not store.remove(hook["id"])
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+@asynccontextmanager
+async def running(settings: WebhookSettings, tmp_path: Any) -> AsyncIterator[Webhooks]:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hooks.db'}")
+    await asyncio.to_thread(db.upgrade, engine)
+    hooks = Webhooks(engine, SecretBox(), settings)
+    task = asyncio.create_task(hooks.run())
+    try:
+        yield hooks
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        engine.dispose()
+
+
+async def wait_row(
+    hooks: Webhooks, webhook_id: str, predicate: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        rows = await asyncio.to_thread(hooks.store.deliveries, webhook_id)
+        if rows and predicate(rows[0]):
+            return rows[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no such delivery: {rows}")
+
+
+async def _emit_to(hooks: Webhooks, url: str) -> str:
+    made = await asyncio.to_thread(hooks.store.create, url, [AGENT_CONNECTED], SECRET, "")
+    hooks.invalidate()
+    hooks.agent_connected("web-1", "127.0.0.1")
+    webhook_id: str = made["id"]
+    return webhook_id
+
+
+async def test_a_delivery_is_failed_after_max_age(tmp_path: Any) -> None:
+    receiver = Receiver(SECRET)
+    receiver.mode = "error"
+    receiver.start()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05, max_age=0.5)
+    try:
+        async with running(settings, tmp_path) as hooks:
+            webhook_id = await _emit_to(hooks, receiver.url)
+            row = await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
+        assert row["attempts"] >= 1 and row["last_status_code"] == 500
+        assert row["last_error"] == "HTTP 500: no" and row["next_attempt_at"] is None
+        assert len(receiver.got) == row["attempts"]
+    finally:
+        receiver.stop()
+
+
+async def test_redirects_are_not_followed(tmp_path: Any) -> None:
+    receiver = Receiver(SECRET)
+    receiver.mode = "redirect"
+    receiver.start()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05, max_age=0.3)
+    try:
+        async with running(settings, tmp_path) as hooks:
+            webhook_id = await _emit_to(hooks, receiver.url)
+            row = await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
+        assert row["last_status_code"] == 302 and "redirects are not followed" in row["last_error"]
+        assert {d.path for d in receiver.got} == {"/hook"}  # never /elsewhere
+    finally:
+        receiver.stop()
+
+
+async def test_a_huge_answer_is_read_only_in_part(tmp_path: Any) -> None:
+    receiver = Receiver(SECRET)
+    receiver.mode = "huge"  # 200 announcing 50 MB, sending ~13 MB
+    receiver.start()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, max_response_bytes=4096)
+    try:
+        async with running(settings, tmp_path) as hooks:
+            webhook_id = await _emit_to(hooks, receiver.url)
+            row = await wait_row(hooks, webhook_id, lambda r: r["status"] != "pending")
+        assert (row["status"], row["last_status_code"], row["attempts"]) == ("delivered", 200, 1)
+    finally:
+        receiver.stop()
+
+
+async def test_a_host_no_longer_allowed_gets_nothing(tmp_path: Any) -> None:
+    receiver = Receiver(SECRET).start()
+    try:
+        async with running(WebhookSettings(allow_http_hosts=()), tmp_path) as hooks:
+            # Made while 127.0.0.1 was allowed (an older config), sent under today's.
+            webhook_id = await _emit_to(hooks, receiver.url)
+            row = await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
+        assert "not allowed" in row["last_error"] and row["last_status_code"] is None
+        assert receiver.got == []
+    finally:
+        receiver.stop()
+
+
+async def test_logs_name_the_host_never_the_path_or_the_secret(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Receiver(SECRET)
+    receiver.mode = "error"
+    receiver.start()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05, max_age=0.3)
+    url = receiver.url + "?token=receiver-token-123"
+    try:
+        with caplog.at_level(logging.DEBUG, logger="deploy_core.server.webhooks"):
+            async with running(settings, tmp_path) as hooks:
+                webhook_id = await _emit_to(hooks, url)
+                await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
+        assert "gave up" in caplog.text and "127.0.0.1" in caplog.text
+        assert SECRET not in caplog.text and "receiver-token-123" not in caplog.text
+    finally:
+        receiver.stop()
