@@ -152,7 +152,11 @@ class Agent:
         """Recover what a previous run left, then serve until :meth:`stop`."""
         bind(client_id=self.config.client_id)  # on every log line (deploy_core.logs)
         if self.metrics is not None and self.config.metrics_listen is not None:
-            self.metrics.serve(*self.config.metrics_listen)
+            try:
+                self.metrics.serve(*self.config.metrics_listen)
+            except OSError as exc:  # the agent still deploys; the scrape shows it down
+                host, port = self.config.metrics_listen
+                log.error("agent metrics not served: cannot listen on %s:%d: %s", host, port, exc)
         self.processes.enable_subreaper()
         log.info("%s", self.processes.describe())
         tasks = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -260,3 +261,57 @@ def test_a_deadline_passed_while_the_agent_was_away_counts_as_a_watchdog_timeout
             "web-1",
             config=f'[metrics]\nlisten = "127.0.0.1:{center.agent_metrics_port}"\n',  # type: ignore[attr-defined]
         )
+
+
+def test_a_metrics_port_in_use_leaves_the_agent_deploying(center: DeployCenter) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        center.start_agent("web-2", config=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        try:
+            deploy_id = center.deploy("shell", "web-2", script="echo still here")
+            assert center.wait(deploy_id)["status"] == "success"
+            assert "agent metrics not served: cannot listen on 127.0.0.1" in center.log(
+                "agent-web-2"
+            )
+        finally:
+            center.stop_agent("web-2")
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ('[metrics]\nlisten = "127.0.0.1"\n', "HOST:PORT"),
+        ('[metrics]\nlisten = "127.0.0.1:0"\n', "HOST:PORT"),
+        ('[metrics]\nlisten = "127.0.0.1:99999"\n', "HOST:PORT"),
+        ("[metrics]\nlisten = 9471\n", "HOST:PORT"),
+        ('[metrics]\nlisten = "[nope]:9471"\n', "HOST:PORT"),
+        ('[metrics]\nlisten = "[1::2::3]:9471"\n', "not an IPv6 address"),
+        ('[metrics]\nlisten = "127.0.0.1:9471"\nport = 1\n', "holds only listen"),
+        ('metrics = "127.0.0.1:9471"\n', "holds only listen"),
+    ],
+)
+def test_a_wrong_metrics_table_stops_the_agent_with_the_reason(
+    tmp_path: Path, table: str, says: str
+) -> None:
+    from click.testing import CliRunner
+
+    from deploy_core.cli import main
+
+    config = tmp_path / "agent.toml"
+    config.write_text(table)
+    (tmp_path / "ca.pem").write_text("")
+    result = CliRunner().invoke(
+        main,
+        [
+            *("agent", "--server", "127.0.0.1:1", "--client-id", "web-9"),
+            *("--state-dir", str(tmp_path / "state"), "--ca", str(tmp_path / "ca.pem")),
+            *("--config", str(config)),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert str(config) in result.output
