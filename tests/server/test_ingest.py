@@ -1,0 +1,273 @@
+"""The ingest's group commit (server/ingest.py) on a real database, SQLite and PostgreSQL:
+many pieces in one transaction, a failing piece alone, nothing answered before its commit,
+and what close() does with what is queued.
+
+The writer is held at its transaction by :class:`Gate` (no test waits for a time): work
+queued while it is held goes into the next transaction together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
+from deploy_core.server.db import make_engine, status_history, upgrade
+from deploy_core.server.ingest import Ingest, IngestClosed
+from deploy_core.server.records import RecordStore
+
+SHELL = "deploy.shell"
+WAIT = 30.0  # a bound on every wait; none is expected to come near it
+
+
+class Gate:
+    """Holds the ingest's writer before each transaction until :meth:`open` (and counts the
+    pieces of each batch it let through)."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.arrived = threading.Event()
+        self._open = threading.Event()
+        self.batches: list[int] = []
+        commit = ingest._commit
+
+        def held(batch: list[Any]) -> list[tuple[bool, Any]]:
+            self.arrived.set()
+            if not self._open.wait(WAIT):
+                raise AssertionError(f"the test did not open the gate within {WAIT} s")
+            self.batches.append(len(batch))
+            return commit(batch)
+
+        ingest._commit = held  # type: ignore[method-assign]
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait_arrived(self) -> None:
+        assert await asyncio.to_thread(self.arrived.wait, WAIT), "the writer never began"
+
+
+async def queued(ingest: Ingest, count: int) -> None:
+    """Wait (bounded) until ``count`` pieces wait in the queue."""
+    for _ in range(int(WAIT / 0.01)):
+        if ingest.queued >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{ingest.queued} pieces queued, expected {count}")
+
+
+@pytest_asyncio.fixture
+async def store(db_url: str) -> AsyncIterator[RecordStore]:
+    engine = make_engine(db_url)
+    await asyncio.to_thread(upgrade, engine)
+    yield RecordStore(engine, server_id="s1")
+    engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def ingest(store: RecordStore) -> AsyncIterator[Ingest]:
+    writer = Ingest(store.engine, stats_every=None)
+    writer.start()
+    yield writer
+    await writer.close()
+
+
+def create(store: RecordStore, deploy_id: str, client_id: str) -> None:
+    store.create_deployment(
+        deploy_id=deploy_id,
+        client_id=client_id,
+        command_type=SHELL,
+        request={"params": {"script": "true"}},
+        deadline=time.time() + 600,
+    )
+
+
+def report(deploy_id: str, seq: int, message: str = "") -> DeployStatusReport:
+    return DeployStatusReport(
+        deploy_id=deploy_id,
+        command_type=SHELL,
+        status=DeployStatus.SCRIPT_RUNNING,
+        progress=min(seq, 100),
+        stage="script_running",
+        message=message or f"report {seq}",
+        seq=seq,
+    )
+
+
+def applying(store: RecordStore, client_id: str, rep: DeployStatusReport) -> Callable[..., Any]:
+    return lambda conn: store.apply_report_in(conn, client_id, rep)
+
+
+def agent_lines(store: RecordStore, deploy_id: str) -> list[tuple[int | None, str]]:
+    """The agent's reports in the history (callbacks have no ``seq``)."""
+    history = store.history(deploy_id)
+    return [(h["seq"], h["message"]) for h in history if h["seq"] is not None]
+
+
+async def test_many_clients_reports_land_in_order_once_in_shared_transactions(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    clients, reports = 40, 12
+    for n in range(clients):
+        await asyncio.to_thread(create, store, f"d{n}", f"c{n}")
+    await asyncio.to_thread(create, store, "plug", "plug")
+    gate = Gate(ingest)
+    plug = asyncio.ensure_future(ingest.submit(applying(store, "plug", report("plug", 0))))
+    await gate.wait_arrived()
+
+    async def agent(n: int) -> list[bool]:
+        applied = []
+        for seq in range(reports):
+            result = await ingest.submit(applying(store, f"c{n}", report(f"d{n}", seq)))
+            applied.append(result.applied)
+        # A resend of an old report and a callback, then the callback again.
+        old = await ingest.submit(applying(store, f"c{n}", report(f"d{n}", 3, "resent")))
+        callback = DeployCallbackPayload(
+            callback_id=f"d{n}",
+            command_type=SHELL,
+            deploy_type="shell",
+            status=DeployStatus.SUCCESS,
+            success=True,
+        )
+        first = await ingest.submit(lambda conn: store.finish_in(conn, f"c{n}", callback))
+        again = await ingest.submit(lambda conn: store.finish_in(conn, f"c{n}", callback))
+        return [*applied, old.applied, first.applied, again.applied]
+
+    agents = asyncio.gather(*(agent(n) for n in range(clients)))
+    await queued(ingest, clients)  # every agent's first report waits behind the plug
+    gate.open()
+    results = await asyncio.wait_for(agents, WAIT)
+    await plug
+
+    for n, applied in enumerate(results):
+        assert applied == [True] * reports + [False, True, False], n
+        assert agent_lines(store, f"d{n}") == [(seq, f"report {seq}") for seq in range(reports)]
+        finishes = [h for h in store.history(f"d{n}") if h["status"] == "success"]
+        assert len(finishes) == 1, n  # the repeated callback changed nothing
+        record = store.get(f"d{n}")
+        assert record is not None and record["status"] == "success"
+        assert record["last_seq"] == reports - 1
+    # Every finish released its client in its transaction (the plug never finished).
+    assert [lock["client_id"] for lock in store.locks()] == ["plug"]
+    total = clients * (reports + 3) + 1
+    assert ingest.stats.committed == sum(gate.batches) == total and ingest.stats.failed == 0
+    # The agents' first reports, queued behind the plug, went in one transaction.
+    assert gate.batches[:2] == [1, clients]
+    assert ingest.stats.batches == len(gate.batches) < total
+
+
+async def test_a_piece_failing_mid_batch_fails_alone(store: RecordStore, ingest: Ingest) -> None:
+    for n in range(4):
+        await asyncio.to_thread(create, store, f"d{n}", f"c{n}")
+    gate = Gate(ingest)
+    plug = asyncio.ensure_future(ingest.submit(applying(store, "c0", report("d0", 0))))
+    await gate.wait_arrived()
+
+    def broken(conn: Connection) -> None:
+        store.apply_report_in(conn, "c2", report("d2", 0))  # its writes are rolled back
+        raise RuntimeError("disk on fire")
+
+    pieces = [
+        applying(store, "c1", report("d1", 0)),
+        broken,
+        applying(store, "c3", report("d3", 0)),
+        applying(store, "c1", report("d1", 1)),
+    ]
+    futures = [asyncio.ensure_future(ingest.submit(piece)) for piece in pieces]
+    await queued(ingest, len(pieces))
+    gate.open()
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT)
+    await plug
+
+    assert isinstance(outcomes[1], RuntimeError) and "disk on fire" in str(outcomes[1])
+    assert [o.applied for i, o in enumerate(outcomes) if i != 1] == [True, True, True]
+    assert gate.batches == [1, 4, 1, 1, 1, 1]  # the batch of 4, then each piece alone
+    assert ingest.stats.fallbacks == 1 and ingest.stats.failed == 1
+    assert agent_lines(store, "d1") == [(0, "report 0"), (1, "report 1")]
+    assert agent_lines(store, "d3") == [(0, "report 0")]
+    assert agent_lines(store, "d2") == []  # nothing of the failed piece stayed
+    record = store.get("d2")
+    assert record is not None and record["last_seq"] == -1
+
+
+async def test_nothing_is_answered_before_its_transaction_commits(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    await asyncio.to_thread(create, store, "d0", "c0")
+    gate = Gate(ingest)
+    answer = asyncio.ensure_future(ingest.submit(applying(store, "c0", report("d0", 0))))
+    await gate.wait_arrived()  # the writer holds it, its transaction not begun
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not answer.done()
+    assert agent_lines(store, "d0") == []
+    gate.open()
+    assert (await asyncio.wait_for(answer, WAIT)).applied
+    assert agent_lines(store, "d0") == [(0, "report 0")]
+
+
+async def test_a_failed_commit_answers_with_the_error_and_stores_nothing(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    await asyncio.to_thread(create, store, "d0", "c0")
+
+    def violates(conn: Connection) -> None:
+        store.apply_report_in(conn, "c0", report("d0", 0))
+        row = {"deploy_id": "no-such-deployment", "status": "x", "source": "agent", "ts": 0.0}
+        conn.execute(status_history.insert().values(**row))  # a foreign key it breaks
+
+    with pytest.raises(sa.exc.IntegrityError):
+        await asyncio.wait_for(ingest.submit(violates), WAIT)
+    assert agent_lines(store, "d0") == []
+    # The writer goes on.
+    assert (await ingest.submit(applying(store, "c0", report("d0", 0)))).applied
+
+
+async def test_close_commits_what_is_queued_and_refuses_more(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    for n in range(3):
+        await asyncio.to_thread(create, store, f"d{n}", f"c{n}")
+    gate = Gate(ingest)
+    futures = [asyncio.ensure_future(ingest.submit(applying(store, "c0", report("d0", 0))))]
+    await gate.wait_arrived()  # held with the first; the others queue behind it
+    futures += [
+        asyncio.ensure_future(ingest.submit(applying(store, f"c{n}", report(f"d{n}", 0))))
+        for n in (1, 2)
+    ]
+    await queued(ingest, 2)
+    closing = asyncio.ensure_future(ingest.close())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    with pytest.raises(IngestClosed):
+        await ingest.submit(applying(store, "c0", report("d0", 1)))
+    gate.open()
+    await asyncio.wait_for(closing, WAIT)
+    assert all(f.result().applied for f in futures)
+    for n in range(3):
+        assert agent_lines(store, f"d{n}") == [(0, "report 0")]
+
+
+async def test_foreign_and_unknown_deployments_change_nothing(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    await asyncio.to_thread(create, store, "d0", "c0")
+    assert (await ingest.submit(applying(store, "intruder", report("d0", 0)))).record is None
+    assert (await ingest.submit(applying(store, "c0", report("nope", 0)))).record is None
+    assert not await ingest.submit(lambda conn: store.mark_acked_in(conn, "intruder", "d0"))
+    assert await ingest.submit(lambda conn: store.mark_acked_in(conn, "c0", "d0"))
+    record = store.get("d0")
+    assert record is not None and record["last_seq"] == -1 and record["acked_at"] is not None
+
+
+def test_bad_limits_are_refused(store: RecordStore) -> None:
+    for kwargs in ({"max_batch": 0}, {"max_queued": 0}, {"linger": -1.0}):
+        with pytest.raises(ValueError):
+            Ingest(store.engine, **kwargs)  # type: ignore[arg-type]
