@@ -222,10 +222,12 @@ def test_a_deploy_command_that_does_not_submit_through_the_helper_is_not_faked()
         (["shell", "--client", "a", "--script", "x", "--progress-deadline", "0"], "positive"),
         (["nosuchtype", "--client", "a"], "No such command 'nosuchtype'"),
         (["submit", "shell", "-", "--client", "a", "--canary-action", "pause"], "needs --canary"),
+        (["submit", "shell", "-", "--client", "a"], "the body names client_id 'web-9'"),
     ],
 )
 def test_bad_input_is_a_usage_error_not_a_traceback(args: list[str], message: str) -> None:
-    result = CliRunner().invoke(main, ["rollout", *args, *NOWHERE], input="{}")
+    body = '{"client_id": "web-9", "script": "true"}'
+    result = CliRunner().invoke(main, ["rollout", *args, *NOWHERE], input=body)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert isinstance(result.exception, SystemExit)  # click's exit, not a crash

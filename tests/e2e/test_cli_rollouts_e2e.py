@@ -11,9 +11,12 @@ it finish; ``abort`` ends one and a second ``abort`` says it already ended.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -302,6 +305,35 @@ def test_a_selector_matching_nothing_is_refused_with_the_servers_reason(
     assert done.returncode == 1
     assert "HTTP 422" in done.stderr and "the rollout has no targets" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_rollout_tar_uploads_once_and_takes_the_deploy_commands_options(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    if get_plugins().deploy_types.get("deploy.tar") is None:
+        from conftest import missing_part
+
+        missing_part("the deploy_tar plugin is not installed")
+    package = tmp_path / "app.tar.gz"
+    with tarfile.open(package, "w:gz") as tar:
+        data = b"v1\n"
+        info = tarfile.TarInfo("app.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    target_dir = tmp_path / "srv"
+    done = center.deployctl(
+        "rollout", "tar", "--client", "web-1", "--client", "web-2", "--package", str(package),
+        "--target-dir", str(target_dir), "--keep-releases", "3", "--batch", "1", *WAIT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.count(" uploaded (") == 1  # the plugin's own code ran, once
+    rollout_id = done.stdout.split()[1]
+    targets = _targets(center.api.rollout(rollout_id))
+    assert [t["client_id"] for t in targets] == ["web-1", "web-2"]
+    for target in targets:
+        release = target_dir / "releases" / target["deploy_id"]
+        assert (release / "app.txt").read_text() == "v1\n"
+    assert os.readlink(target_dir / "current") == f"releases/{targets[-1]['deploy_id']}"
 
 
 def test_a_waiting_cli_rides_out_a_server_restart(center: DeployCenter, tmp_path: Path) -> None:
