@@ -37,12 +37,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fleet_artifacts import add_arguments as add_artifact_arguments
+from fleet_artifacts import ship_packages
 from fleet_harness import Fleet, PeakRss, rss_kib
 from fleet_runs import (
     dispatch_latency,
     fan_out,
     ingest,
-    make_package,
     percentiles,
     worker_totals,
 )
@@ -274,39 +275,9 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         if args.rollout:
             report.add(*rollout_everywhere(fleet, ids, args.deploy_timeout * 4))
 
-        # ---- a package to M agents
+        # ---- a package to M agents: the server's store, then a URL source (issue 13 §4)
         if args.artifact_agents:
-            package = make_package(root / "package.tar.gz", args.artifact_mb)
-            upload_started = time.monotonic()
-            sha = fleet.api.upload_artifact(package)["sha256"]
-            upload = time.monotonic() - upload_started
-            cpu = fleet.cpu_sample()
-            targets = ids[: args.artifact_agents]
-            with PeakRss(fleet.server_pids) as peak:
-                shipped = fan_out(
-                    fleet,
-                    targets,
-                    "tar",
-                    lambda cid: {
-                        "client_id": cid,
-                        "artifact": sha,
-                        "target_dir": str(root / "targets" / cid),
-                        "timeout": args.artifact_timeout,
-                    },
-                    threads=args.threads,
-                    timeout=args.artifact_timeout + 60,
-                )
-            total_mb = args.artifact_mb * shipped["statuses"].get("success", 0)
-            rate = total_mb / shipped["last_finished_s"] if shipped["last_finished_s"] else 0.0
-            report.add(
-                "artifact",
-                f"{args.artifact_mb} MB package to {len(targets)} (store)",
-                shipped,
-                f"{shipped['summary']}; {rate:.0f} MB/s in all; upload {upload:.1f} s; "
-                f"{fleet.cpu_text(cpu)}; server RSS peak {peak.kib / 1024:.0f} MiB",
-            )
-            if shipped["statuses"].get("success", 0) != len(targets):
-                report.problem(f"package deployments ended {shipped['statuses']}")
+            ship_packages(fleet, report, args, ids)
 
         # ---- status-event ingest (its `sleep` deployments still run at the kill below)
         in_flight: dict[str, str] = {}
@@ -437,6 +408,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--artifact-mb", type=int, default=50, help="the package's size")
     parser.add_argument("--artifact-timeout", type=float, default=900.0)
+    add_artifact_arguments(parser)
     parser.add_argument(
         "--ingest-agents", type=int, default=50, help="agents flooding status events (0: off)"
     )

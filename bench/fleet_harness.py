@@ -190,6 +190,8 @@ class Fleet:
     quic_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
     server: subprocess.Popen[bytes] | None = None
     workers: list[Worker] = field(default_factory=list)
+    # Interpreter options before the server's "-m deploy_core.cli" (e.g. "-m cProfile -o F").
+    server_wrapper: list[str] = field(default_factory=list)
     _api: DeployClient | None = None
 
     @property
@@ -222,7 +224,8 @@ class Fleet:
     def start_server(self, timeout: float) -> float:
         """Start (or restart) ``deployctl server``; seconds until its API answered."""
         self.root.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "deploy_core.cli", "--log-level", "info", "server"]
+        args = [sys.executable, *self.server_wrapper, "-m", "deploy_core.cli"]
+        args += ["--log-level", "info", "server"]
         args += ["--state-dir", str(self.server_dir), "--api-port", str(self.api_port)]
         args += ["--quic-port", str(self.quic_port)]
         if self.db_url:
