@@ -52,10 +52,10 @@ class Receiver:
     ``huge`` (200 with a 50 MB body it never finishes) or ``hold`` (answers when
     :attr:`release` is set, at most 60 s later)."""
 
-    def __init__(self, secret: str, port: int | None = None) -> None:
+    def __init__(self, secret: str, port: int | None = None, mode: str = "ok") -> None:
         self.secret = secret.encode()
         self.port = port or free_port()
-        self.mode = "ok"
+        self.mode = mode
         self.got: list[Delivery] = []
         self.holding = threading.Event()
         self.release = threading.Event()

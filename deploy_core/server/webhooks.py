@@ -528,18 +528,7 @@ class WebhookStore:
                     .values(next_attempt_at=now + self.lease)
                 )
                 if taken.rowcount:
-                    claimed.append(
-                        Due(
-                            delivery_id=row.delivery_id,
-                            webhook_id=row.webhook_id,
-                            event=row.event,
-                            url=row.url,
-                            secret=row.secret,
-                            payload=row.payload,
-                            attempts=row.attempts,
-                            created_at=row.created_at,
-                        )
-                    )
+                    claimed.append(Due(**{f.name: getattr(row, f.name) for f in fields(Due)}))
         return claimed
 
     def open_secret(self, due: Due) -> str:

@@ -264,86 +264,64 @@ async def wait_row(
     raise AssertionError(f"no such delivery: {rows}")
 
 
-async def _emit_to(hooks: Webhooks, url: str) -> str:
-    made = await asyncio.to_thread(hooks.store.create, url, [AGENT_CONNECTED], SECRET, "")
-    hooks.invalidate()
-    hooks.agent_connected("web-1", "127.0.0.1")
-    webhook_id: str = made["id"]
-    return webhook_id
+async def settle(
+    tmp_path: Any, mode: str, settings: WebhookSettings, query: str = ""
+) -> tuple[dict[str, Any], Receiver]:
+    """Send one event to a receiver answering as ``mode`` until its delivery is delivered or
+    failed; that delivery's log entry, and the receiver (stopped)."""
+    receiver = Receiver(SECRET, mode=mode).start()
+    try:
+        async with running(settings, tmp_path) as hooks:
+            made = await asyncio.to_thread(
+                hooks.store.create, receiver.url + query, [AGENT_CONNECTED], SECRET, ""
+            )
+            hooks.invalidate()
+            hooks.agent_connected("web-1", "127.0.0.1")
+            row = await wait_row(hooks, made["id"], lambda r: r["status"] != "pending")
+        return row, receiver
+    finally:
+        receiver.stop()
+
+
+QUICK = {"allow_http_hosts": ALLOW, "retry_initial": 0.05, "max_age": 0.5}
 
 
 async def test_a_delivery_is_failed_after_max_age(tmp_path: Any) -> None:
-    receiver = Receiver(SECRET)
-    receiver.mode = "error"
-    receiver.start()
-    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05, max_age=0.5)
-    try:
-        async with running(settings, tmp_path) as hooks:
-            webhook_id = await _emit_to(hooks, receiver.url)
-            row = await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
-        assert row["attempts"] >= 1 and row["last_status_code"] == 500
-        assert row["last_error"] == "HTTP 500: no" and row["next_attempt_at"] is None
-        assert len(receiver.got) == row["attempts"]
-    finally:
-        receiver.stop()
+    row, receiver = await settle(tmp_path, "error", WebhookSettings(**QUICK))
+    assert row["status"] == "failed" and row["next_attempt_at"] is None
+    assert row["attempts"] >= 1 and row["last_status_code"] == 500
+    assert row["last_error"] == "HTTP 500: no"
+    assert len(receiver.got) == row["attempts"]
 
 
 async def test_redirects_are_not_followed(tmp_path: Any) -> None:
-    receiver = Receiver(SECRET)
-    receiver.mode = "redirect"
-    receiver.start()
-    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05, max_age=0.3)
-    try:
-        async with running(settings, tmp_path) as hooks:
-            webhook_id = await _emit_to(hooks, receiver.url)
-            row = await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
-        assert row["last_status_code"] == 302 and "redirects are not followed" in row["last_error"]
-        assert {d.path for d in receiver.got} == {"/hook"}  # never /elsewhere
-    finally:
-        receiver.stop()
+    row, receiver = await settle(tmp_path, "redirect", WebhookSettings(**QUICK))
+    assert row["status"] == "failed" and row["last_status_code"] == 302
+    assert "redirects are not followed" in row["last_error"]
+    assert {d.path for d in receiver.got} == {"/hook"}  # never /elsewhere
 
 
 async def test_a_huge_answer_is_read_only_in_part(tmp_path: Any) -> None:
-    receiver = Receiver(SECRET)
-    receiver.mode = "huge"  # 200 announcing 50 MB, sending ~13 MB
-    receiver.start()
+    # 200 announcing 50 MB and sending ~13 MB: delivered after 4 KiB of it.
     settings = WebhookSettings(allow_http_hosts=ALLOW, max_response_bytes=4096)
-    try:
-        async with running(settings, tmp_path) as hooks:
-            webhook_id = await _emit_to(hooks, receiver.url)
-            row = await wait_row(hooks, webhook_id, lambda r: r["status"] != "pending")
-        assert (row["status"], row["last_status_code"], row["attempts"]) == ("delivered", 200, 1)
-    finally:
-        receiver.stop()
+    row, _receiver = await settle(tmp_path, "huge", settings)
+    assert (row["status"], row["last_status_code"], row["attempts"]) == ("delivered", 200, 1)
 
 
 async def test_a_host_no_longer_allowed_gets_nothing(tmp_path: Any) -> None:
-    receiver = Receiver(SECRET).start()
-    try:
-        async with running(WebhookSettings(allow_http_hosts=()), tmp_path) as hooks:
-            # Made while 127.0.0.1 was allowed (an older config), sent under today's.
-            webhook_id = await _emit_to(hooks, receiver.url)
-            row = await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
-        assert "not allowed" in row["last_error"] and row["last_status_code"] is None
-        assert receiver.got == []
-    finally:
-        receiver.stop()
+    # Made while 127.0.0.1 was allowed (an older config), sent under today's.
+    row, receiver = await settle(tmp_path, "ok", WebhookSettings(allow_http_hosts=()))
+    assert row["status"] == "failed" and "not allowed" in row["last_error"]
+    assert row["last_status_code"] is None and receiver.got == []
 
 
 async def test_logs_name_the_host_never_the_path_or_the_secret(
     tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    receiver = Receiver(SECRET)
-    receiver.mode = "error"
-    receiver.start()
-    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05, max_age=0.3)
-    url = receiver.url + "?token=receiver-token-123"
-    try:
-        with caplog.at_level(logging.DEBUG, logger="deploy_core.server.webhooks"):
-            async with running(settings, tmp_path) as hooks:
-                webhook_id = await _emit_to(hooks, url)
-                await wait_row(hooks, webhook_id, lambda r: r["status"] == "failed")
-        assert "gave up" in caplog.text and "127.0.0.1" in caplog.text
-        assert SECRET not in caplog.text and "receiver-token-123" not in caplog.text
-    finally:
-        receiver.stop()
+    with caplog.at_level(logging.DEBUG, logger="deploy_core.server.webhooks"):
+        row, _receiver = await settle(
+            tmp_path, "error", WebhookSettings(**QUICK), "?token=receiver-token-123"
+        )
+    assert row["status"] == "failed"
+    assert "gave up" in caplog.text and "127.0.0.1" in caplog.text
+    assert SECRET not in caplog.text and "receiver-token-123" not in caplog.text
