@@ -30,16 +30,21 @@ async def _series(http: Any) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
     }
 
 
+async def _finished(http: Any, deploy_id: str) -> dict[str, Any]:
+    for _ in range(600):
+        record: dict[str, Any] = (await http.get(f"/api/deploy/{deploy_id}")).json()
+        if record["finished"]:
+            return record
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"deployment {deploy_id} did not finish")
+
+
 async def _deploy(http: Any, script: str) -> str:
     answer = await http.post("/api/deploy/shell", json={"client_id": "web-1", "script": script})
     assert answer.status_code == 202, answer.text
     deploy_id: str = answer.json()["deploy_id"]
-    for _ in range(600):
-        record = (await http.get(f"/api/deploy/{deploy_id}")).json()
-        if record["finished"]:
-            return deploy_id
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"deployment {deploy_id} did not finish")
+    await _finished(http, deploy_id)
+    return deploy_id
 
 
 async def test_fifty_deployments_add_no_series(tmp_path: Path) -> None:
@@ -96,3 +101,33 @@ async def test_an_observer_that_fails_does_not_break_publishing(tmp_path: Path) 
         center.server.listeners.publish({"deploy_id": "x" * 32})
         deploy_id = await _deploy(center.http, "true")
         assert deploy_id
+
+
+@pytest.mark.skipif(
+    "script" not in get_plugins().rollback_strategies, reason="needs the rollback_basic plugin"
+)
+async def test_rollbacks_are_counted_by_trigger_and_strategy(tmp_path: Path) -> None:
+    rollback = {"strategy": "script", "script": "true"}
+    async with in_process_center(tmp_path, get_plugins()) as center:
+        http, registry = center.http, center.server.metrics.registry
+
+        def rollbacks(trigger: str) -> float:
+            labels = {"trigger": trigger, "strategy": "script"}
+            return registry.get_sample_value("deploy_center_rollbacks_total", labels) or 0.0
+
+        body = {"client_id": "web-1", "script": "exit 1", "rollback": rollback}
+        failed = (await http.post("/api/deploy/shell", json=body)).json()["deploy_id"]
+        assert (await _finished(http, failed))["status"] == "rolled_back"
+        assert (rollbacks("agent"), rollbacks("server")) == (1, 0)
+
+        body = {"client_id": "web-1", "script": "true", "rollback": rollback}
+        done = (await http.post("/api/deploy/shell", json=body)).json()["deploy_id"]
+        assert (await _finished(http, done))["status"] == "success"
+        asked = await http.post(f"/api/deploy/{done}/rollback", json={})
+        assert asked.status_code == 202, asked.text
+        await _finished(http, asked.json()["deploy_id"])
+        assert (rollbacks("agent"), rollbacks("server")) == (1, 1)
+        started = registry.get_sample_value(
+            "deploy_center_deployments_started_total", {"type": "deploy.rollback"}
+        )
+        assert started == 1
