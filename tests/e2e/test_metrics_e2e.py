@@ -315,3 +315,30 @@ def test_a_wrong_metrics_table_stops_the_agent_with_the_reason(
     assert result.exit_code == 2, result.output
     assert says in result.output
     assert str(config) in result.output
+
+
+def test_artifact_bytes_served_count_a_package_sent_to_the_agent(
+    center: DeployCenter, metrics_token: str, tmp_path: Path
+) -> None:
+    import io
+    import os
+    import tarfile
+
+    from deploy_core.plugins import get_plugins
+
+    if "deploy.tar" not in get_plugins().deploy_types:
+        pytest.skip("needs the deploy_tar plugin")
+    payload = os.urandom(300_000)  # does not compress: the package is about this big
+    package = tmp_path / "app.tar.gz"
+    with tarfile.open(package, "w:gz") as tar:
+        info = tarfile.TarInfo("blob.bin")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    sha = center.api.upload_artifact(package)["sha256"]
+    _types, before = server_metrics(center, metrics_token)
+    deploy_id = center.deploy("tar", "web-1", artifact=sha, target_dir=str(tmp_path / "app"))
+    assert center.wait(deploy_id)["status"] == "success"
+    _types, after = server_metrics(center, metrics_token)
+    served = "deploy_center_artifact_bytes_served_total"
+    assert value(after, served) - value(before, served) >= package.stat().st_size
+    assert value(after, "deploy_center_deployments_finished_total", type="deploy.tar") == 1
