@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from deploy_core import __version__
+from deploy_core.logs import bind
 from deploy_core.models import COMMAND_ROLLBACK, DeployStatus
 from deploy_core.server.db import clients, deployments
 
@@ -196,9 +197,16 @@ class ServerMetrics:
 
         async def counted(applied: Any) -> None:
             record = getattr(applied, "record", None)
-            if record is not None:
-                self.watchdog_timeouts.labels(self._type(record["command_type"])).inc()
-            await expired(applied)
+            if record is None:
+                await expired(applied)
+                return
+            self.watchdog_timeouts.labels(self._type(record["command_type"])).inc()
+            # What follows the expiry (a rollback asked for) logs with the deployment's ids.
+            bind(deploy_id=record["deploy_id"], client_id=record["client_id"])
+            try:
+                await expired(applied)
+            finally:
+                bind(deploy_id=None, client_id=None)
 
         return counted
 

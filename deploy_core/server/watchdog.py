@@ -47,7 +47,12 @@ class Watchdog:
             applied = await asyncio.to_thread(self.records.expire, record["deploy_id"], reason)
             if applied.applied and applied.record is not None:
                 expired += 1
-                log.warning("deployment %s timed out: %s", record["deploy_id"], reason)
+                log.warning(
+                    "deployment %s timed out: %s",
+                    record["deploy_id"],
+                    reason,
+                    extra={"deploy_id": record["deploy_id"], "client_id": record["client_id"]},
+                )
                 await self.expired(applied)
         return expired
 

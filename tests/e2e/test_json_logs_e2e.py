@@ -100,6 +100,9 @@ def test_a_deployment_s_lines_carry_its_id(center: DeployCenter) -> None:
     assert center.wait(deploy_id)["status"] == "success"
     center.stop_agent("web-1")
     center.wait_connected("web-1", connected=False)
+    # The watchdog's lines name the deployment it expired.
+    expired = center.deploy("shell", "web-1", script="echo never", deadline=1)
+    assert center.wait(expired)["status"] == "timeout"
     agent = parse_lines(center.log("agent-web-1"))
     # The harness writes the server's stdout (its banner) to the same file: only stderr is
     # JSON, and test_server_writes_only_json_lines reads it on its own.
@@ -111,6 +114,9 @@ def test_a_deployment_s_lines_carry_its_id(center: DeployCenter) -> None:
     # The server knows which agent a connection's lines are about.
     connected = [e for e in server if "agent web-1 connected" in e["message"]]
     assert connected and connected[0]["client_id"] == "web-1", server
+    timed_out = [e for e in server if "timed out" in e["message"]]
+    assert timed_out and timed_out[0]["deploy_id"] == expired, server
+    assert timed_out[0]["level"] == "warning" and timed_out[0]["client_id"] == "web-1"
 
 
 def test_the_formatter_keeps_one_line_and_carries_exceptions() -> None:
