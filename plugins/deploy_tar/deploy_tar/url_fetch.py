@@ -53,10 +53,13 @@ def downloads_dir(ctx: DeployContext) -> Path:
 def _cached(path: Path, sha256: str) -> Downloaded | None:
     """A verified package a crashed deployment left in place, else ``None``."""
     try:
-        with path.open("rb") as file:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as file:
             digest = hashlib.file_digest(file, "sha256").hexdigest()
             size = file.tell()
     except FileNotFoundError:
+        return None
+    except OSError:  # a link or something else planted there: not a package of ours
+        path.unlink(missing_ok=True)
         return None
     if digest != sha256:
         path.unlink(missing_ok=True)

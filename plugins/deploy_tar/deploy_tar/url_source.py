@@ -24,10 +24,12 @@ agent (for every redirect too):
 from __future__ import annotations
 
 import hashlib
+import io
 import ipaddress
 import json
 import os
 import random
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -168,6 +170,11 @@ def check_url(url: str, policy: UrlPolicy | None = None) -> SplitResult:
     characters); with one, ``http://`` must also go to a host it allows."""
     if any(ord(c) < 0x21 or c == "\x7f" for c in url):
         raise UrlRefused("the URL holds spaces or control characters; percent-encode them")
+    if not url.isascii():
+        raise UrlRefused(
+            "the URL holds non-ASCII characters; percent-encode them (and write an "
+            "international host name in punycode, xn--…)"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -226,33 +233,54 @@ class _Partial:
             validator = json.loads(partial.meta.read_text()).get("validator")
         except (OSError, ValueError, AttributeError):
             validator = None
-        if isinstance(validator, str) and partial.path.is_file():
+        try:  # never through a link: whatever is not our regular file is replaced
+            fd = os.open(partial.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = -1
+        if fd >= 0 and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            fd = -1
+        if isinstance(validator, str) and fd >= 0:
             # What an interrupted fetch left: resumable with If-Range against its validator.
-            with partial.path.open("rb") as file:
+            with os.fdopen(fd, "rb") as file:
                 while block := file.read(1 << 20):
                     partial.hasher.update(block)
                     partial.size += len(block)
             partial.validator = validator
         else:
+            if fd >= 0:
+                os.close(fd)
             partial.restart()
         return partial
 
     def restart(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
+        self.path.unlink(missing_ok=True)  # a link planted there goes, not followed
+        os.close(_open_private(self.path, os.O_WRONLY | os.O_TRUNC))
         self.meta.unlink(missing_ok=True)
         self.size, self.validator, self.hasher = 0, None, hashlib.sha256()
+
+    def append(self) -> io.BufferedWriter:
+        """The partial file, open for appending (never through a link)."""
+        return os.fdopen(_open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab")
 
     def remember(self, validator: str | None) -> None:
         self.validator = validator
         if validator is None:
             self.meta.unlink(missing_ok=True)
-        else:
-            self.meta.write_text(json.dumps({"validator": validator}))
+            return
+        self.meta.unlink(missing_ok=True)
+        fd = _open_private(self.meta, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps({"validator": validator}))
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
         self.meta.unlink(missing_ok=True)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """``path`` opened with ``flags``, created 0600 if missing, never through a symlink."""
+    return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _validator(response: http.client.HTTPResponse) -> str | None:
@@ -442,7 +470,7 @@ class _Fetch:
             reason = f"HTTP {status} {response.reason}".strip()
             raise UrlFetchError(f"{where} answered {reason}", retry=status in _RETRY_STATUS)
         self.progress(self.partial.size, self.total or 0)
-        with open(self.partial.path, "ab") as out:
+        with self.partial.append() as out:
             while True:
                 self._check_cancelled()
                 want = min(CHUNK, self.limit - self.partial.size + 1)

@@ -284,6 +284,8 @@ def test_a_ca_file_that_cannot_be_read_is_an_error(tmp_path: Path) -> None:
         ("http://cdn.example.com/pkg", "plain http:// is only allowed"),
         ("http://10.0.0.5/pkg", "plain http:// is only allowed"),
         ("https://cdn.example.com:99999/pkg", "not a valid URL"),
+        ("https://bücher.example/pkg", "non-ASCII"),
+        ("https://cdn.example.com/paket-ü.tgz", "non-ASCII"),
     ],
 )
 def test_refused_urls(url: str, why: str) -> None:
@@ -547,3 +549,20 @@ async def test_a_missing_query_secret_fails_clearly(
     assert payload["status"] == "rolled_back"
     assert "query_secret names NOT_GIVEN" in payload["error"]
     assert server.seen == []
+
+
+def test_links_planted_in_the_download_directory_are_replaced_not_followed(
+    server: PackageServer, tmp_path: Path
+) -> None:
+    body = blob(100_000)
+    server.routes["/pkg.tar.gz"] = Route(body=body)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for name in (f"{sha(body)}.partial", f"{sha(body)}.partial.json"):
+        (downloads / name).symlink_to(victim)
+    got = fetch(server, downloads, body)
+    assert got.path.read_bytes() == body
+    assert victim.read_bytes() == b"precious"
+    assert not got.path.is_symlink()
