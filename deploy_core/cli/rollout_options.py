@@ -1,7 +1,7 @@
 """The options of ``deployctl rollout KIND``: which hosts (targets) and how (strategy), parsed
 into the ``targets`` and ``strategy`` of ``POST /api/rollouts`` (docs/rollouts.md).
 
-They are :class:`click.Option` objects rather than decorators because
+They are tuples of :class:`click.Option` objects rather than decorators because
 :mod:`deploy_core.cli.rollouts` adds them to commands it derives from ``deployctl deploy
 KIND`` at run time, beside that command's own options.
 """
@@ -79,7 +79,7 @@ def _option(*decls: str, **attrs: Any) -> click.Option:
     return click.Option(list(decls), **attrs)
 
 
-TARGET_OPTIONS = [
+TARGET_OPTIONS = (
     _option(
         "--client",
         "rollout_clients",
@@ -92,9 +92,9 @@ TARGET_OPTIONS = [
         multiple=True,
         help="labels the targets carry, as role=web,zone=eu-1; repeated, all must match",
     ),
-]
+)
 
-STRATEGY_OPTIONS = [
+STRATEGY_OPTIONS = (
     _option(
         "--batch",
         "batch_size",
@@ -163,7 +163,18 @@ STRATEGY_OPTIONS = [
         help="how long to wait for an offline host to connect; then it counts as failed  "
         "[default: 5m]",
     ),
-]
+)
+
+WAIT_OPTIONS = (
+    _option("--wait", is_flag=True, help="follow the rollout live until it ends"),
+    _option(
+        "--wait-timeout",
+        type=Duration(),
+        default="1h",
+        show_default=True,
+        help="how long to follow it (90s, 10m, 1h); the rollout goes on past it",
+    ),
+)
 
 ROLLOUT_OPTION_NAMES = frozenset(str(o.name) for o in TARGET_OPTIONS + STRATEGY_OPTIONS)
 _STRATEGY_NAMES = tuple(str(o.name) for o in STRATEGY_OPTIONS)

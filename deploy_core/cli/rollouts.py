@@ -26,6 +26,7 @@ from deploy_core.cli.rollout_display import follow_rollout, print_rollout_outcom
 from deploy_core.cli.rollout_options import (
     STRATEGY_OPTIONS,
     TARGET_OPTIONS,
+    WAIT_OPTIONS,
     rollout_fields,
 )
 from deploy_core.cli.terminal import terminal_safe
@@ -45,17 +46,6 @@ ROLLOUT_STATUSES = (
     "rolling_back",
     "rolled_back",
 )
-
-WAIT_OPTIONS = [
-    click.Option(["--wait"], is_flag=True, help="follow the rollout live until it ends"),
-    click.Option(
-        ["--wait-timeout"],
-        type=click.FloatRange(min=0, min_open=True),
-        default=3600,
-        show_default=True,
-        help="seconds to follow it; the rollout goes on past them",
-    ),
-]
 
 
 def submit_rollout(
@@ -178,13 +168,9 @@ def rollout() -> None:
     control rollouts (docs/rollouts.md)."""
 
 
-@rollout.command("status")
+@rollout.command("status", params=list(WAIT_OPTIONS))  # click extends the list
 @click.argument("rollout_id")
 @click.option("--json", "as_json", is_flag=True, help="print the raw record")
-@click.option("--wait", is_flag=True, help="follow it live until it ends")
-@click.option(
-    "--wait-timeout", type=click.FloatRange(min=0, min_open=True), default=3600, show_default=True
-)
 @with_api
 def rollout_status(
     api: DeployClient, rollout_id: str, as_json: bool, wait: bool, wait_timeout: float
