@@ -1,0 +1,235 @@
+"""Group commit through a real server (issue 13 §3): many agents' reports, callbacks and
+acknowledgements over QUIC land in order and once, in shared transactions, each
+acknowledged only after its transaction committed; on SQLite and PostgreSQL.
+
+Agents are raw QUIC peers with keys enrolled by hand (tests/security/security_harness.py);
+the ingest's writer is held by :class:`~ingest_gate.Gate` where a test needs work queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from ingest_gate import WAIT, Gate, queued
+from security.security_harness import RawPeer, raw_peer
+
+from deploy_core.models import (
+    EVENT_CALLBACK,
+    EVENT_STATUS,
+    DeployCallbackPayload,
+    DeployStatus,
+    DeployStatusReport,
+)
+from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.transport import Envelope, Kind
+
+pytestmark = pytest.mark.asyncio
+
+AGENTS = 24
+REPORTS = 15
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path, db_url: str) -> AsyncIterator[DeployServer]:
+    config = ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0, db_url=db_url)
+    server = DeployServer(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def enrolled(server: DeployServer, count: int) -> dict[str, tuple[bytes, str]]:
+    """``count`` clients enrolled with a key each, and a deployment of each not yet sent:
+    client id → (key, deploy id)."""
+    made = {}
+    for n in range(count):
+        client_id, key = f"agent-{n:03d}", secrets.token_bytes(32)
+        await server.db(server.records.enroll, client_id, key.hex())
+        record = await server.deployments.submit(
+            client_id=client_id,
+            command_type="deploy.shell",
+            request={"params": {"script": "true"}, "health_checks": [], "rollback": None},
+            deadline=time.time() + 600,
+        )
+        made[client_id] = (key, record["deploy_id"])
+    return made
+
+
+def status(deploy_id: str, seq: int) -> Envelope:
+    report = DeployStatusReport(
+        deploy_id=deploy_id,
+        command_type="deploy.shell",
+        status=DeployStatus.SCRIPT_RUNNING,
+        progress=seq,
+        stage="script_running",
+        message=f"report {seq}",
+        seq=seq,
+    )
+    return Envelope(kind=Kind.EVENT, name=EVENT_STATUS, payload=report.model_dump(mode="json"))
+
+
+def callback(deploy_id: str) -> Envelope:
+    payload = DeployCallbackPayload(
+        callback_id=deploy_id,
+        command_type="deploy.shell",
+        deploy_type="shell",
+        status=DeployStatus.SUCCESS,
+        success=True,
+        result={"exit_code": 0},
+    )
+    return Envelope(kind=Kind.EVENT, name=EVENT_CALLBACK, payload=payload.model_dump(mode="json"))
+
+
+async def answers(peer: RawPeer, wanted: int) -> list[Envelope]:
+    """The next ``wanted`` ACKs and ERRORs the server sends (commands are skipped)."""
+    got: list[Envelope] = []
+    while len(got) < wanted:
+        env = await peer.recv(WAIT)
+        if env.kind in (Kind.ACK, Kind.ERROR):
+            got.append(env)
+    return got
+
+
+async def connected(
+    server: DeployServer, stack: contextlib.AsyncExitStack, client_id: str, key: bytes
+) -> tuple[RawPeer, Envelope]:
+    """A signed-in peer and the command the server sent it on connecting."""
+    peer = await stack.enter_async_context(
+        raw_peer(server.transport.port, server.state.certs.ca_cert, timeout=WAIT, idle_timeout=60)
+    )
+    assert (await peer.authenticate(client_id, key)).kind is Kind.WELCOME
+    command = await peer.recv(WAIT)
+    assert command.kind is Kind.COMMAND, command
+    return peer, command
+
+
+def agent_lines(history: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    return [(h["seq"], h["message"]) for h in history if h["seq"] is not None]
+
+
+async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions(
+    server: DeployServer,
+) -> None:
+    agents = await enrolled(server, AGENTS)
+    gate = Gate(server.ingest)
+    plug = asyncio.ensure_future(server.ingest.submit(lambda conn: None))
+    await gate.wait_arrived()  # the writer holds a transaction of its own first
+    async with contextlib.AsyncExitStack() as stack:
+        peers = await asyncio.gather(
+            *(connected(server, stack, cid, key) for cid, (key, _d) in agents.items())
+        )
+
+        async def run(peer: RawPeer, command: Envelope, deploy_id: str) -> list[Envelope]:
+            # The command's ACK, the reports, the callback, then two resends: all in one go,
+            # as an agent's outbox sends them.
+            peer.send_env(Envelope(kind=Kind.ACK, ref=command.id, payload={"deploy_id": deploy_id}))
+            events = [status(deploy_id, seq) for seq in range(REPORTS)] + [callback(deploy_id)]
+            for env in [*events, events[3], events[-1]]:
+                peer.send_env(env)
+            got = await answers(peer, len(events) + 2)
+            assert [a.kind for a in got] == [Kind.ACK] * len(got), [a.payload for a in got]
+            assert [a.ref for a in got] == [e.id for e in [*events, events[3], events[-1]]]
+            return got
+
+        running = [
+            asyncio.ensure_future(run(peer, command, agents[cid][1]))
+            for (peer, command), cid in zip(peers, agents, strict=True)
+        ]
+        await queued(server.ingest, AGENTS)  # every command ACK waits behind the plug
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(*running), WAIT * 2)
+        await plug
+
+    records = server.records
+    for _cid, (_key, deploy_id) in agents.items():
+        record = await server.db(records.get, deploy_id)
+        assert record is not None
+        assert record["status"] == "success" and record["finished_at"] is not None
+        assert record["acked_at"] is not None and record["last_seq"] == REPORTS - 1
+        history = await server.db(records.history, deploy_id)
+        assert agent_lines(history) == [(seq, f"report {seq}") for seq in range(REPORTS)]
+        assert [h["status"] for h in history].count("success") == 1
+    assert await server.db(records.locks) == []
+    stats = server.ingest.stats
+    messages = AGENTS * (1 + REPORTS + 1 + 2) + 1
+    assert stats.committed == sum(gate.batches) == messages and stats.failed == 0
+    # The command ACKs queued behind the plug went in one transaction.
+    assert gate.batches[:2] == [1, AGENTS]
+    assert stats.batches == len(gate.batches) < messages
+
+
+async def test_no_acknowledgement_before_the_commit(server: DeployServer) -> None:
+    ((client_id, (key, deploy_id)),) = (await enrolled(server, 1)).items()
+    gate = Gate(server.ingest)
+    async with contextlib.AsyncExitStack() as stack:
+        peer, _command = await connected(server, stack, client_id, key)
+        report = status(deploy_id, 0)
+        peer.send_env(report)
+        await gate.wait_arrived()  # stored by a transaction the test holds
+        await peer.round_trip(WAIT)  # the server answers meanwhile, but not the report
+        assert [e.kind for e in peer.received._queue if e.ref == report.id] == []  # type: ignore[attr-defined]
+        assert agent_lines(await server.db(server.records.history, deploy_id)) == []
+        gate.open()
+        (answer,) = await answers(peer, 1)
+        assert answer.kind is Kind.ACK and answer.ref == report.id
+    assert agent_lines(await server.db(server.records.history, deploy_id)) == [(0, "report 0")]
+
+
+async def test_a_report_failing_in_a_batch_is_not_acknowledged_and_the_others_are(
+    server: DeployServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agents = await enrolled(server, 4)
+    (_k0, plug_deploy), (_k1, bad_deploy) = agents["agent-000"], agents["agent-001"]
+    records = server.records
+    apply_report_in = records.apply_report_in
+    broken = True
+
+    def failing(conn: Any, client_id: str, report: DeployStatusReport) -> Any:
+        applied = apply_report_in(conn, client_id, report)
+        if broken and report.deploy_id == bad_deploy:
+            raise RuntimeError("the disk is gone")  # after its writes: they must not stay
+        return applied
+
+    monkeypatch.setattr(records, "apply_report_in", failing)
+    gate = Gate(server.ingest)
+    async with contextlib.AsyncExitStack() as stack:
+        peers = {
+            cid: (await connected(server, stack, cid, key))[0] for cid, (key, _d) in agents.items()
+        }
+        sent = {cid: status(deploy_id, 0) for cid, (_key, deploy_id) in agents.items()}
+        peers["agent-000"].send_env(sent["agent-000"])
+        await gate.wait_arrived()  # the plug is held; the other three queue behind it
+        for cid in ("agent-001", "agent-002", "agent-003"):
+            peers[cid].send_env(sent[cid])
+        await queued(server.ingest, 3)
+        gate.open()
+        for cid in ("agent-000", "agent-002", "agent-003"):
+            (answer,) = await answers(peers[cid], 1)
+            assert answer.kind is Kind.ACK and answer.ref == sent[cid].id, cid
+        for _ in range(int(WAIT / 0.01)):
+            if server.ingest.stats.failed:
+                break
+            await asyncio.sleep(0.01)
+        assert server.ingest.stats.failed == 1 and server.ingest.stats.fallbacks == 1
+        assert gate.batches[:2] == [1, 3]
+        bad = peers["agent-001"]
+        await bad.round_trip(WAIT)
+        assert [e.ref for e in bad.received._queue] == []  # type: ignore[attr-defined]
+        assert agent_lines(await server.db(records.history, bad_deploy)) == []
+
+        broken = False  # the agent sends it again, as its outbox does, and it is taken
+        bad.send_env(sent["agent-001"])
+        (answer,) = await answers(bad, 1)
+        assert answer.kind is Kind.ACK and answer.ref == sent["agent-001"].id
+    assert agent_lines(await server.db(records.history, bad_deploy)) == [(0, "report 0")]
+    assert agent_lines(await server.db(records.history, plug_deploy)) == [(0, "report 0")]
