@@ -5,6 +5,7 @@ DEPLOYMENT_STARTED = "deployment.started"
 DEPLOYMENT_FINISHED = "deployment.finished"
 AGENT_CONNECTED = "agent.connected"
 AGENT_DISCONNECTED = "agent.disconnected"
+ROLLOUT_FINISHED = "rollout.finished"
 
 #: Every event a webhook may subscribe to.
 EVENTS: tuple[str, ...] = (
@@ -12,4 +13,5 @@ EVENTS: tuple[str, ...] = (
     DEPLOYMENT_FINISHED,
     AGENT_CONNECTED,
     AGENT_DISCONNECTED,
+    ROLLOUT_FINISHED,
 )

@@ -47,6 +47,7 @@ from deploy_core import __version__
 from deploy_core.durations import human_duration
 from deploy_core.server import db
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.rollouts import FINAL, Rollouts, RolloutStore, render_summary
 from deploy_core.server.secret_box import SecretBox, SecretKeyMismatch
 from deploy_core.server.views import iso_time, render_record
 from deploy_core.webhook_events import (
@@ -55,6 +56,7 @@ from deploy_core.webhook_events import (
     DEPLOYMENT_FINISHED,
     DEPLOYMENT_STARTED,
     EVENTS,
+    ROLLOUT_FINISHED,
 )
 
 if TYPE_CHECKING:
@@ -280,6 +282,16 @@ def deployment_data(view: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def rollout_data(summary: dict[str, Any]) -> dict[str, Any]:
+    """What ``rollout.finished`` says of a rollout (as its live feed shows it): ids, type,
+    outcome, counts and times; never its request or secret_env."""
+    keys = (
+        "rollout_id", "status", "reason", "type", "command_type", "created_by", "selector",
+        "total", "failures", "max_failures", "counts", "created_at", "finished_at",
+    )  # fmt: skip
+    return {**{k: summary.get(k) for k in keys}, "url": f"/api/rollouts/{summary['rollout_id']}"}
+
+
 def _body(delivery_id: str, event: str, created: float, data: dict[str, Any]) -> str:
     return json.dumps(
         {"id": delivery_id, "event": event, "created_at": iso_time(created), "data": data},
@@ -502,6 +514,42 @@ class WebhookStore:
             added += self.enqueue(events_, {DEPLOYMENT_FINISHED: [webhook_id]})
         return added
 
+    def sweep_rollouts(self, rollouts: RolloutStore, window: float, limit: int = 100) -> int:
+        """``rollout.finished`` for rollouts that ended within ``window`` seconds (after the
+        webhook was made) with no delivery yet, as :meth:`sweep_finished` for deployments."""
+        r, d = db.rollouts, db.webhook_deliveries
+        added = 0
+        for webhook_id, (events, created_at) in self.subscriptions().items():
+            if ROLLOUT_FINISHED not in events:
+                continue
+            missing = (
+                sa.select(r.c.rollout_id)
+                .where(r.c.finished_at.is_not(None))
+                .where(r.c.finished_at >= max(time.time() - window, created_at))
+                .where(r.c.status.in_(FINAL))
+                .where(
+                    ~sa.exists().where(
+                        d.c.webhook_id == webhook_id,
+                        d.c.event_key == sa.literal(ROLLOUT_FINISHED + ":") + r.c.rollout_id,
+                    )
+                )
+                .order_by(r.c.finished_at)
+                .limit(limit)
+            )
+            with self.engine.connect() as conn:
+                ids = list(conn.execute(missing).scalars())
+            if not ids:
+                continue
+            targets = rollouts.targets(ids)
+            events_ = []
+            for rollout_id in ids:
+                row = rollouts.get(rollout_id)
+                if row is not None:
+                    summary = render_summary(row, targets.get(rollout_id, []))
+                    events_.append(Event(ROLLOUT_FINISHED, rollout_id, rollout_data(summary)))
+            added += self.enqueue(events_, {ROLLOUT_FINISHED: [webhook_id]})
+        return added
+
     def due(self, limit: int, now: float | None = None) -> list[Due]:
         """Claim up to ``limit`` deliveries whose attempt is due: each claimed row's next
         attempt moves ``lease`` seconds ahead, so another worker (or replica) leaves it
@@ -628,6 +676,7 @@ class Webhooks:
         self.settings = settings or WebhookSettings()
         self.store = WebhookStore(engine, secret_box, lease=self.settings.timeout + 60)
         self.listeners = listeners
+        self.rollouts: Rollouts | None = None
         self._queue: asyncio.Queue[Event] = asyncio.Queue(self.QUEUE_SIZE)
         self._wake = asyncio.Event()
         self._subs: dict[str, tuple[frozenset[str], float]] = {}
@@ -663,6 +712,15 @@ class Webhooks:
                 self.emit(event.name, event.key, event.data)
         elif view["status"] != "pending" and self._first(f"s:{deploy_id}"):
             self.emit(DEPLOYMENT_STARTED, deploy_id, deployment_data(view))
+
+    def follow_rollouts(self, rollouts: Rollouts) -> None:
+        """Report ``rollout.finished`` of these rollouts (call before :meth:`run`)."""
+        self.rollouts = rollouts
+
+    def rollout_changed(self, summary: dict[str, Any]) -> None:
+        """A rollout's summary changed (as its live feed shows it)."""
+        if summary.get("finished_at") and self._first(f"r:{summary['rollout_id']}"):
+            self.emit(ROLLOUT_FINISHED, summary["rollout_id"], rollout_data(summary))
 
     def agent_connected(self, client_id: str, remote: str) -> None:
         """An agent connected to this server."""
@@ -715,6 +773,8 @@ class Webhooks:
             loops = [self._enqueue_loop(), self._deliver_loop(client), self._sweep_loop()]
             if self.listeners is not None:
                 loops.append(self._watch_deployments(self.listeners))
+            if self.rollouts is not None:
+                loops.append(self._watch_rollouts(self.rollouts))
             tasks = [asyncio.create_task(c, name=f"webhooks-{i}") for i, c in enumerate(loops)]
             try:
                 await asyncio.gather(*tasks)
@@ -731,6 +791,15 @@ class Webhooks:
                     self.deployment_changed(view)
                 except Exception:
                     log.exception("webhooks: could not take a deployment change")
+
+    async def _watch_rollouts(self, rollouts: Rollouts) -> None:
+        async with rollouts.feed.subscribe() as queue:
+            while True:
+                summary = await queue.get()
+                try:
+                    self.rollout_changed(summary)
+                except Exception:
+                    log.exception("webhooks: could not take a rollout change")
 
     async def _enqueue_loop(self) -> None:
         while True:
@@ -761,6 +830,12 @@ class Webhooks:
             try:
                 if await asyncio.to_thread(self.store.sweep_finished, window):
                     self._wake.set()
+                if self.rollouts is not None:
+                    swept = await asyncio.to_thread(
+                        self.store.sweep_rollouts, self.rollouts.store, window
+                    )
+                    if swept:
+                        self._wake.set()
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     if pruned := await asyncio.to_thread(

@@ -262,6 +262,37 @@ def test_agents_coming_and_going_are_told(center: DeployCenter) -> None:
         receiver.stop()
 
 
+def test_a_finished_rollout_is_told(center: DeployCenter) -> None:
+    receiver = Receiver(SECRET).start()
+    try:
+        webhook_id = add_webhook(center, receiver.url, ["rollout.finished"])
+        made = center.api.create_rollout(
+            {
+                "type": "shell",
+                "request": {"script": "echo rolled", "secret_env": {"K": "rollout-secret-31"}},
+                "targets": {"clients": ["web-1"]},
+            }
+        )
+        rollout_id = made["rollout_id"]
+        receiver.wait_for(lambda got: any(
+            d.headers["x-deploy-center-event"] == "rollout.finished" for d in got
+        ))  # fmt: skip
+        time.sleep(2)  # two sweeps: none may enqueue it again
+        (told,) = receiver.events("rollout.finished")
+        data = told.payload["data"]
+        assert data["rollout_id"] == rollout_id and data["status"] == "succeeded"
+        assert data["total"] == 1 and data["failures"] == 0 and data["finished_at"]
+        assert data["url"] == f"/api/rollouts/{rollout_id}"
+        assert (
+            "rollout-secret-31" not in told.body.decode()
+            and "echo rolled" not in told.body.decode()
+        )
+        rows = center.api.webhook_deliveries(webhook_id)
+        assert [(r["event"], r["status"]) for r in rows] == [("rollout.finished", "delivered")]
+    finally:
+        receiver.stop()
+
+
 def test_bad_webhooks_are_refused_with_a_clear_error(center: DeployCenter, tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)

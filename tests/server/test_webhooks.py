@@ -19,10 +19,12 @@ import sqlalchemy as sa
 from webhook_receiver import Receiver, documented_verifier
 
 from deploy_core.server import db
+from deploy_core.server.rollouts import RolloutStore, resolve_strategy
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.webhooks import (
     AGENT_CONNECTED,
     DEPLOYMENT_FINISHED,
+    ROLLOUT_FINISHED,
     Event,
     WebhookError,
     Webhooks,
@@ -208,6 +210,40 @@ def test_the_sweep_enqueues_finishes_the_listeners_missed_once(store: WebhookSto
     assert {d["deploy_id"] for d in data} == {"after-1", "after-2"}
     assert all(d["status"] == "success" and d["type"] == "deploy.shell" for d in data)
     assert all("do-not-send" not in p for p in payloads)  # never the request
+
+
+def test_the_sweep_enqueues_finished_rollouts_once(store: WebhookStore) -> None:
+    rollouts = RolloutStore(store.engine, store.box)
+    hook = store.create("https://example.com/a", [ROLLOUT_FINISHED], SECRET, "")
+
+    def rollout() -> str:
+        row = rollouts.create(
+            kind="shell",
+            command_type="deploy.shell",
+            request={"script": "echo not-in-the-payload"},
+            deadline_seconds=60,
+            secret_env={"K": "rollout-secret"},
+            selector=None,
+            strategy=resolve_strategy({}, 2),
+            strategy_asked={},
+            client_ids=["web-1", "web-2"],
+            created_by="admin",
+        )
+        rollout_id: str = row["rollout_id"]
+        return rollout_id
+
+    done, running = rollout(), rollout()
+    assert rollouts.transition(done, ("pending",), "aborted", "stopped by a test")
+    assert store.sweep_rollouts(rollouts, window=3600) == 1  # not the one still pending
+    assert store.sweep_rollouts(rollouts, window=3600) == 0
+    with store.engine.connect() as conn:
+        (payload,) = conn.execute(sa.select(db.webhook_deliveries.c.payload)).scalars()
+    body = json.loads(payload)
+    assert body["event"] == ROLLOUT_FINISHED and body["data"]["rollout_id"] == done
+    assert body["data"]["status"] == "aborted" and body["data"]["total"] == 2
+    assert running not in payload and "not-in-the-payload" not in payload
+    assert "rollout-secret" not in payload
+    assert len(store.deliveries(hook["id"])) == 1
 
 
 def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_ends(
