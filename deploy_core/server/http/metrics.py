@@ -28,6 +28,24 @@ if TYPE_CHECKING:
 UNMATCHED = "unmatched"
 
 
+def _plain(template: str) -> str:
+    return re.sub(r"\{([^}:]+)(:[^}]+)?\}", r"{\1}", template)
+
+
+def templates(routes: Sequence[BaseRoute], prefix: str = "") -> dict[int, str]:
+    """The template of every route by ``id(route)``, through mounts: what Starlette leaves
+    in ``scope["route"]`` after routing is looked up here instead of matched again."""
+    table: dict[int, str] = {}
+    for route in routes:
+        if isinstance(route, Mount) and route.routes:
+            table.update(templates(route.routes, prefix + route.path))
+        elif isinstance(route, Mount):
+            table[id(route)] = _plain(prefix + route.path + "/{path}")
+        elif isinstance(route, Route | WebSocketRoute):
+            table[id(route)] = _plain(prefix + route.path)
+    return table
+
+
 def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
     """The template of the route ``scope`` goes to (``/api/deploy/{deploy_id}``), through
     mounts; :data:`UNMATCHED` when none does.  A route matching the path but not the method
@@ -47,7 +65,7 @@ def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
             template = route.path
         else:
             template = UNMATCHED
-        template = re.sub(r"\{([^}:]+)(:[^}]+)?\}", r"{\1}", template)
+        template = _plain(template)
         if match is Match.FULL:
             return template
         partial = partial or template
@@ -85,6 +103,7 @@ class _Timed:
         self.app = app
         self.server = server
         self.routes = routes
+        self.templates = templates(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,13 +123,20 @@ class _Timed:
         try:
             await self.app(scope, receive, send_timed)
         finally:
-            path = original.get("path")
             self.server.metrics.http_request(
                 str(original.get("method", "GET")),
-                METRICS_PATH if path == METRICS_PATH else route_template(self.routes, original),
+                self._template(scope, original),
                 status,
                 time.perf_counter() - started,
             )
+
+    def _template(self, routed: Scope, original: Scope) -> str:
+        """The route the request went to: the one routing chose, or (refused before routing)
+        the one it would have."""
+        if original.get("path") == METRICS_PATH:
+            return METRICS_PATH
+        chosen = self.templates.get(id(routed.get("route")))
+        return chosen or route_template(self.routes, original)
 
 
 def instrument(
