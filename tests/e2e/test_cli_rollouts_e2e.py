@@ -307,6 +307,18 @@ def test_a_selector_matching_nothing_is_refused_with_the_servers_reason(
     assert "Traceback" not in done.stderr
 
 
+def test_a_rollout_id_is_one_path_segment_whatever_is_typed(center: DeployCenter) -> None:
+    rollout_id = _start(center, "--selector", "role=web", "--script", "true", "--canary", "1")
+    _wait_for(center, rollout_id, "paused", lambda r: r["status"] == "paused")
+    # "x/../ID" must not reach ID's route: it names no rollout.
+    for command in ("abort", "status"):
+        done = center.deployctl("rollout", command, f"x/../{rollout_id}")
+        assert done.returncode == 1
+        assert "HTTP 404" in done.stderr and "Traceback" not in done.stderr
+    assert center.api.rollout(rollout_id)["status"] == "paused"
+    assert center.deployctl("rollout", "abort", rollout_id).returncode == 0
+
+
 def test_rollout_tar_uploads_once_and_takes_the_deploy_commands_options(
     center: DeployCenter, tmp_path: Path
 ) -> None:
