@@ -342,3 +342,38 @@ def test_artifact_bytes_served_count_a_package_sent_to_the_agent(
     served = "deploy_center_artifact_bytes_served_total"
     assert value(after, served) - value(before, served) >= package.stat().st_size
     assert value(after, "deploy_center_deployments_finished_total", type="deploy.tar") == 1
+
+
+def test_a_metrics_token_is_refused_on_every_api_route_and_the_live_socket(
+    center: DeployCenter, metrics_token: str
+) -> None:
+    import asyncio
+    import json
+    import re
+
+    import websockets
+
+    from deploy_core.server.http.admin import admin_routes
+    from deploy_core.server.http.api import api_routes
+    from deploy_core.server.http.artifacts import artifact_routes
+
+    headers = {"Authorization": f"Bearer {metrics_token}"}
+    tried = 0
+    for route in api_routes() + admin_routes() + artifact_routes():
+        path = "/api" + re.sub(r"\{[^}]+\}", "x1", route.path)  # type: ignore[attr-defined]
+        for method in route.methods or ():  # type: ignore[attr-defined]
+            answer = httpx.request(method, f"{center.api.url}{path}", headers=headers, timeout=30)
+            assert answer.status_code == 403, (method, path, answer.text)
+            tried += 1
+    assert tried >= 20
+
+    async def live() -> int:
+        url = f"ws://127.0.0.1:{center.api_port}/api/live"
+        async with websockets.connect(url) as socket:
+            await socket.send(json.dumps({"type": "auth", "token": metrics_token}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), 30)
+            assert closed.value.rcvd is not None
+            return closed.value.rcvd.code
+
+    assert asyncio.run(live()) == 4403

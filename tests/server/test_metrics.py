@@ -131,3 +131,23 @@ async def test_rollbacks_are_counted_by_trigger_and_strategy(tmp_path: Path) -> 
             "deploy_center_deployments_started_total", {"type": "deploy.rollback"}
         )
         assert started == 1
+
+
+async def test_odd_methods_and_many_paths_add_a_bounded_number_of_series(tmp_path: Path) -> None:
+    async with in_process_center(tmp_path, get_plugins()) as center:
+        http = center.http
+        await http.get("/api/no-such-thing")
+        await _series(http)
+        before = await _series(http)
+        for n in range(200):
+            await http.get(f"/api/no/such/{n:04d}-route")
+            await http.get(f"/api/deploy/{n:032x}")  # unknown deployments: one template
+            await http.request(f"X{n:04d}", "/api/info")  # a method per request
+        after = await _series(http)
+        added = after - before
+        routes = {dict(labels).get("route") for _name, labels in added}
+        methods = {dict(labels).get("method") for _name, labels in added}
+        assert routes <= {"/api/deploy/{deploy_id}", "/api/info", "unmatched", None}, routes
+        assert methods <= {"GET", "other", None}, methods
+        # Each new (method, route, status) is one histogram: buckets, count, sum, created.
+        assert len(added) < 4 * 20, len(added)
