@@ -353,6 +353,7 @@ async def test_wrong_key_is_refused(
     assert "wrong agent key for client web-1" in (connector.last_error or "")
     assert not connector.connected
     assert recorder.log == []
+    assert server.stats.refusals["auth"] >= 1 and server.stats.connects == 0
 
 
 @pytest.mark.asyncio
@@ -445,6 +446,7 @@ async def test_bad_hello_is_refused(
         assert reason in error.payload["reason"]
         await eventually(lambda: raw.terminated is not None)
     assert recorder.log == []
+    assert sum(server.stats.refusals.values()) == 1 and server.stats.disconnects == {}
 
 
 @pytest.mark.asyncio
@@ -456,6 +458,9 @@ async def test_slow_handshake_is_cut_off(start_server: StartServer, certs: Serve
         error = await raw.recv()  # and then never answer
         assert error.payload["reason"] == "handshake did not complete within 0.3 s"
         await eventually(lambda: raw.terminated is not None)
+    assert dict(server.stats.refusals) == {"handshake_timeout": 1}
+    assert server.stats.messages_received["hello"] == 1
+    assert server.stats.messages_sent["challenge"] == 1 == server.stats.messages_sent["error"]
 
 
 # --------------------------------------------------------------------------- messages
@@ -549,6 +554,8 @@ async def test_bad_frame_after_auth_closes_only_that_connection(
 
     await eventually(lambda: [s.client_id for s in recorder.sessions("disconnect")] == ["raw-1"])
     assert server.session("raw-1") is None
+    assert server.stats.disconnects == {"server": 1}
+    assert sum(server.stats.refusals.values()) == 1
     assert agent.send(Envelope(kind=Kind.EVENT, name="unaffected"))
     await eventually(lambda: [env.name for env in recorder.messages()] == ["unaffected"])
 
@@ -669,6 +676,7 @@ async def test_second_connection_for_a_client_replaces_the_first(
         ]
         assert old.terminated is not None
         assert "replaced by a newer connection" in old.terminated.reason_phrase
+        assert server.stats.disconnects == {"replaced": 1} and server.stats.connects == 2
     await eventually(lambda: recorder.sessions("disconnect") == [first, second])
 
 
@@ -682,6 +690,7 @@ async def test_idle_agent_is_disconnected_exactly_once(
         assert (await raw.authenticate("quiet", key)).kind is Kind.WELCOME
         await eventually(lambda: len(recorder.sessions("disconnect")) == 1, timeout=4)
         assert server.session("quiet") is None
+        assert server.stats.disconnects == {"idle_timeout": 1}
         await asyncio.sleep(0.3)
     assert len(recorder.sessions("disconnect")) == 1
     assert len(recorder.sessions("connect")) == 1
@@ -700,6 +709,7 @@ async def test_server_close_disconnects_every_session_once(
         await eventually(lambda: len(recorder.sessions("connect")) == 2)
         await asyncio.wait_for(server.close(), 5)
         assert sorted(s.client_id for s in recorder.sessions("disconnect")) == ["a", "b"]
+        assert server.stats.disconnects == {"server": 2}
         await eventually(lambda: a.terminated is not None and b.terminated is not None)
         await asyncio.wait_for(server.close(), 5)  # a second close is harmless
     assert len(recorder.sessions("disconnect")) == 2
