@@ -24,8 +24,13 @@ DEPLOY_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("deploy_i
 #: The agent (client) being served, or this agent's own id.
 CLIENT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("client_id", default=None)
 
-# What every LogRecord has; anything else on a record came from ``extra=`` and is emitted.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# What every LogRecord has; anything else on a record came from ``extra=`` and is emitted
+# (but not uvicorn's ``color_message``, the message again with terminal colours).
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def bind(**ids: str | None) -> None:
