@@ -14,7 +14,9 @@ Once in, the server sends (every message a JSON object with a ``type``):
 
 - ``hello`` — ``{"protocol": 1, "caller": …, "scope": …, "server_id": …, "version": …}``
 - ``clients`` — ``{"clients": [...]}`` as ``GET /api/clients`` shows them: at once, then
-  whenever a client connects, disconnects, is revoked or changes its capabilities;
+  whenever a client connects, disconnects, is revoked or changes its capabilities; or, for a
+  socket that asked for ``"clients": "summary"`` (in its auth message, or ``?clients=summary``),
+  ``clients_summary`` — ``{"summary": {...}}`` as ``GET /api/clients?summary=1`` counts them;
 - ``deployment`` — ``{"record": {...}}`` as ``GET /api/deploy/{id}`` shows it, each time any
   deployment changes (status report, callback, timeout, new deployment, rollback);
 - ``rollout`` — ``{"rollout": {...}}`` as ``GET /api/rollouts`` lists it, each time a rollout
@@ -42,6 +44,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from deploy_core import __version__
+from deploy_core.server.clients import ClientFilter
 from deploy_core.server.http.auth import SELF_AUTHENTICATED_SOCKET
 from deploy_core.server.http.info import render_client
 from deploy_core.server.tokens import Caller, allows
@@ -62,6 +65,11 @@ AUTH_TIMEOUT = 10.0
 CLIENTS_INTERVAL = 1.0
 REVERIFY_INTERVAL = 30.0
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_BAD_REQUEST = 4400
+#: How a socket gets the clients: ``list``, every client (``clients`` messages, as before
+#: fleets); ``summary``, their counts (``clients_summary``), for pages that read the clients
+#: a page at a time with ``GET /api/clients``.
+CLIENTS_MODES = ("list", "summary")
 CLOSE_FORBIDDEN = 4403
 # The page's policy: nothing but this server's own files and API.
 PAGE_HEADERS = {
@@ -108,12 +116,14 @@ class Refused(Exception):
         self.reason = reason
 
 
-async def authenticate(server: DeployServer, websocket: WebSocket) -> tuple[Caller, str]:
-    """The caller of an accepted socket and its token, from the ``Authorization`` header or
-    the first message.
+async def authenticate(server: DeployServer, websocket: WebSocket) -> tuple[Caller, str, str]:
+    """The caller of an accepted socket, its token, from the ``Authorization`` header or
+    the first message, and how it wants the clients (:data:`CLIENTS_MODES`: the message's
+    ``clients`` field, or the URL's ``?clients=``).
 
-    :raises Refused: no token, a wrong one, or a scope below ``read``.
+    :raises Refused: no token, a wrong one, a scope below ``read``, or an unknown mode.
     """
+    mode = websocket.query_params.get("clients", "list")
     header = websocket.headers.get("authorization")
     if header is not None:
         kind, _, token = header.partition(" ")
@@ -127,14 +137,16 @@ async def authenticate(server: DeployServer, websocket: WebSocket) -> tuple[Call
                 CLOSE_UNAUTHORIZED,
                 f'no token: send {{"type":"auth","token":"…"}} within {AUTH_TIMEOUT:g}s',
             ) from None
-        token = _auth_message_token(first)
+        token, mode = _auth_message_token(first), _auth_message_mode(first, mode)
+    if mode not in CLIENTS_MODES:
+        raise Refused(CLOSE_BAD_REQUEST, f"clients must be one of {', '.join(CLIENTS_MODES)}")
     token = token.strip()
     caller = await server.db(server.tokens.verify, token) if token else None
     if caller is None:
         raise Refused(CLOSE_UNAUTHORIZED, "unknown API token")
     if not allows(caller.scope, "read"):
         raise Refused(CLOSE_FORBIDDEN, f"token {caller.name!r} has scope {caller.scope!r}")
-    return caller, token
+    return caller, token, mode
 
 
 async def receive_text(websocket: WebSocket) -> str:
@@ -165,20 +177,25 @@ def _auth_message_token(text: str) -> str:
     return token
 
 
+def _auth_message_mode(text: str, default: str) -> str:
+    mode = json.loads(text).get("clients", default)  # a valid auth message (checked first)
+    return mode if isinstance(mode, str) else repr(mode)
+
+
 async def live(websocket: WebSocket) -> None:
     """``WS /api/live`` — deployment and client changes as they happen (SPEC deploy-21)."""
     server: DeployServer = websocket.app.state.services
     await websocket.accept()
     peer = websocket.client.host if websocket.client else "?"
     try:
-        caller, token = await authenticate(server, websocket)
+        caller, token, mode = await authenticate(server, websocket)
     except Refused as exc:
         log.warning("refused live socket from %s: %s", peer, exc.reason)
         await _close(websocket, exc)
         return
     except WebSocketDisconnect:
         return
-    feed = LiveFeed(server, websocket, caller, token)
+    feed = LiveFeed(server, websocket, caller, token, clients_summary=mode == "summary")
     try:
         await feed.run()
     except WebSocketDisconnect:
@@ -202,7 +219,13 @@ class LiveFeed:
     """One authenticated socket: forwards record changes and client-list changes."""
 
     def __init__(
-        self, server: DeployServer, websocket: WebSocket, caller: Caller, token: str
+        self,
+        server: DeployServer,
+        websocket: WebSocket,
+        caller: Caller,
+        token: str,
+        *,
+        clients_summary: bool = False,
     ) -> None:
         self.server = server
         self.websocket = websocket
@@ -210,6 +233,8 @@ class LiveFeed:
         self._token = token
         self._send_lock = asyncio.Lock()
         self._clients: list[dict[str, Any]] | None = None
+        self._clients_summary = clients_summary
+        self._fingerprint: tuple[Any, ...] | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one message; sends from the feed and the reader never interleave."""
@@ -277,7 +302,18 @@ class LiveFeed:
 
     async def send_clients_if_changed(self) -> None:
         """Send the client list when it differs from the last one sent (heartbeat times
-        aside, which change every few seconds and are not news)."""
+        aside, which change every few seconds and are not news); in summary mode, the counts
+        (``clients_summary``) whenever some client enrolled, connected, disconnected, was
+        revoked or forgotten: one aggregate query a second, not every client's row."""
+        if self._clients_summary:
+            fingerprint = await self.server.db(self.server.records.clients_fingerprint)
+            if fingerprint != self._fingerprint:
+                self._fingerprint = fingerprint
+                summary = await self.server.db(
+                    self.server.records.summarize_clients, ClientFilter()
+                )
+                await self.send({"type": "clients_summary", "summary": summary})
+            return
         rows = await self.server.db(self.server.records.list_clients)
         clients = [render_client(self.server, row) for row in rows]
         compare = [{k: v for k, v in c.items() if k != "last_seen"} for c in clients]

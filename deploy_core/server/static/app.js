@@ -2,8 +2,11 @@
 //
 // Data comes from two places, both with the operator's API token:
 // - the REST API (fetch with "Authorization: Bearer"), for the current state when the page
-//   connects and for one deployment's history and log stream (?follow=1, NDJSON);
-// - the live socket /api/live, which pushes every changed deployment and the client list.
+//   connects, the clients a page at a time (GET /api/clients with filters and a cursor), the
+//   rollouts, and one deployment's history and log stream (?follow=1, NDJSON);
+// - the live socket /api/live, which pushes every changed deployment and rollout, and the
+//   clients' counts (asked for with "clients": "summary": a fleet's whole list is not sent);
+//   a change of those counts makes the page read its page of clients again.
 // The token is given to the socket as its first message (browsers cannot set headers on a
 // WebSocket) and kept in sessionStorage, so it lives only as long as this tab.
 "use strict";
@@ -12,6 +15,10 @@
   const TOKEN_KEY = "deploy-center.token";
   const MAX_LISTED = 100;
   const TERMINAL = new Set(["success", "failed", "timeout", "rolled_back", "rollback_failed"]);
+  const CLIENT_PAGE = 25;
+  const CLIENT_STATES = ["connected", "disconnected", "revoked"];
+  const ROLLOUTS_LISTED = 20;
+  const ROLLOUT_FINAL = new Set(["succeeded", "failed", "aborted", "rolled_back"]);
   const UNDONE = new Set(["rolled_back", "rollback_failed"]);
 
   const state = {
@@ -21,8 +28,22 @@
     retryTimer: null,
     pingTimer: null,
     loaded: false, // the deployment list was read since the socket (re)opened
-    clients: [],
+    clients: [], // the page of clients shown
+    clientQuery: { state: null, q: "", labels: [] }, // labels: ["key=value", …]
+    clientCursors: [null], // the cursor of each page up to the one shown
+    clientNext: null,
+    clientTotal: 0,
+    clientSummary: null,
+    clientsBusy: false,
+    clientsAgain: false,
+    clientsTimer: null,
+    enrolled: null, // the live socket's summary: every enrolled client
     deployments: new Map(),
+    rollouts: new Map(),
+    rolloutSelected: null,
+    rollout: null, // GET /api/rollouts/{id} of the selected one
+    rolloutBusy: false,
+    rolloutAgain: false,
     selected: null,
     logAbort: null,
     logsDone: null, // the deployment whose log stream ended
@@ -203,7 +224,7 @@
     state.loaded = false;
     setConn("wait", "Connecting…");
     socket.onopen = () => {
-      socket.send(JSON.stringify({ type: "auth", token: state.token }));
+      socket.send(JSON.stringify({ type: "auth", token: state.token, clients: "summary" }));
     };
     socket.onmessage = (event) => {
       let message;
@@ -230,9 +251,12 @@
 
   function onMessage(message) {
     switch (message.type) {
-      case "hello":
+      case "hello": {
         state.retryDelay = 1000;
-        setConn("live", `Live · signed in as ${message.caller} (${message.scope})`);
+        // "Live" once the first page of clients is read too, so the form has its client.
+        const socket = state.socket;
+        const live = `Live · signed in as ${message.caller} (${message.scope})`;
+        loadClients().finally(() => { if (state.socket === socket) setConn("live", live); });
         $("login").hidden = true;
         $("app").hidden = false;
         $("signout").hidden = false;
@@ -241,19 +265,27 @@
           if (state.socket) state.socket.send(JSON.stringify({ type: "ping" }));
         }, 25000);
         if (state.selected) refreshSelected();
-        else route();
+        else route(false);
+        if (state.rolloutSelected) refreshRollout();
         loadRollbackDefault();
-        break;
-      case "clients":
-        state.clients = message.clients;
-        renderClients();
         if (!state.loaded) {
           state.loaded = true;
           loadDeployments();
+          loadRollouts();
         }
+        break;
+      }
+      case "clients_summary":
+        state.enrolled = message.summary;
+        renderEnrolled();
+        scheduleClients();
         break;
       case "deployment":
         upsert(message.record);
+        rolloutTargetChanged(message.record);
+        break;
+      case "rollout":
+        upsertRollout(message.rollout);
         break;
       case "error":
         showError($("api-error"), new Error("live feed: " + message.error));
@@ -264,49 +296,248 @@
   }
 
   // ------------------------------------------------------------------ clients
+  //
+  // A fleet has thousands of clients: the page shows their counts (by state and by label,
+  // counted by the server) and one page of them at a time, filtered by state, a search text
+  // and labels — never the whole list (docs/web.md).
+
+  function number(n) {
+    return Number(n).toLocaleString("en-US");
+  }
+
+  function clientPath(extra) {
+    const query = state.clientQuery;
+    const params = new URLSearchParams();
+    params.set("limit", String(CLIENT_PAGE));
+    params.set("summary", "1");
+    if (query.state) params.set("state", query.state);
+    if (query.q) params.set("q", query.q);
+    for (const label of query.labels) params.append("label", label);
+    const cursor = state.clientCursors[state.clientCursors.length - 1];
+    if (cursor) params.set("cursor", cursor);
+    for (const [key, value] of Object.entries(extra || {})) params.set(key, value);
+    return "/api/clients?" + params.toString();
+  }
+
+  // Read the page shown again soon (the live counts changed): at most one read at a time,
+  // and one more after it if something changed meanwhile.
+  function scheduleClients() {
+    if (state.clientsTimer) return;
+    state.clientsTimer = setTimeout(() => {
+      state.clientsTimer = null;
+      loadClients();
+    }, 250);
+  }
+
+  async function loadClients() {
+    if (state.clientsBusy) {
+      state.clientsAgain = true;
+      return;
+    }
+    state.clientsBusy = true;
+    try {
+      do {
+        state.clientsAgain = false;
+        const path = clientPath();
+        let page;
+        try {
+          page = await api("GET", path);
+        } catch (err) {
+          if (path === clientPath()) {
+            showError($("clients-error"), err);
+            break;
+          }
+          state.clientsAgain = true; // the filters or page changed meanwhile
+          continue;
+        }
+        if (path !== clientPath()) {
+          state.clientsAgain = true; // an answer for filters or a page no longer shown
+          continue;
+        }
+        if (page.clients.length === 0 && state.clientCursors.length > 1) {
+          // The clients of this page went away: back to the first page.
+          state.clientCursors = [null];
+          state.clientsAgain = true;
+          continue;
+        }
+        clearError($("clients-error"));
+        state.clients = page.clients;
+        state.clientNext = page.next_cursor;
+        state.clientTotal = page.total;
+        state.clientSummary = page.summary || null;
+        renderClients();
+      } while (state.clientsAgain);
+    } finally {
+      state.clientsBusy = false;
+    }
+  }
+
+  function setClientQuery(change) {
+    Object.assign(state.clientQuery, change);
+    state.clientCursors = [null];
+    renderFilters();
+    loadClients();
+  }
+
+  function toggleLabel(pair) {
+    const labels = state.clientQuery.labels.filter((l) => l !== pair);
+    if (labels.length === state.clientQuery.labels.length) labels.push(pair);
+    setClientQuery({ labels });
+  }
+
+  function renderEnrolled() {
+    const summary = state.enrolled;
+    $("clients-enrolled").textContent = summary
+      ? `· ${number(summary.total)} enrolled, ${number(summary.states.connected)} connected` : "";
+  }
+
+  function renderFilters() {
+    const query = state.clientQuery;
+    const summary = state.clientSummary;
+    const states = summary ? summary.states : null;
+    const all = states ? CLIENT_STATES.reduce((n, s) => n + states[s], 0) : null;
+    const stateButton = (value, text, count) => el("button", {
+      type: "button",
+      class: "facet",
+      "data-state": value || "all",
+      "aria-pressed": String((query.state || null) === value),
+      onclick: () => setClientQuery({ state: value }),
+    }, el("span", { class: "facet-name", text }), " ",
+    el("span", { class: "count", text: count === null ? "…" : number(count) }));
+    $("clients-states").replaceChildren(
+      stateButton(null, "all", all),
+      ...CLIENT_STATES.map((s) => stateButton(s, s, states ? states[s] : null)));
+
+    const groups = [];
+    const labels = summary ? summary.labels : {};
+    for (const key of Object.keys(labels).sort()) {
+      const values = Object.entries(labels[key]).sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
+      groups.push(el("div", { class: "facet-group" },
+        el("span", { class: "facet-key", text: key }),
+        ...values.map(([value, count]) => {
+          const pair = `${key}=${value}`;
+          return el("button", {
+            type: "button",
+            class: "facet",
+            "data-label": pair,
+            "aria-pressed": String(query.labels.includes(pair)),
+            onclick: () => toggleLabel(pair),
+          }, el("span", { class: "facet-name", text: value || "(empty)" }), " ",
+          el("span", { class: "count", text: number(count) }));
+        })));
+    }
+    if (summary && summary.labels_truncated) {
+      groups.push(el("p", { class: "hint", text: "Only the 500 most common labels are counted; type a label filter to find the others." }));
+    }
+    $("clients-labels").replaceChildren(...groups);
+
+    const active = query.labels.map((pair) => el("button", {
+      type: "button", class: "chip-filter", "data-filter": pair,
+      "aria-label": `remove label filter ${pair}`,
+      onclick: () => toggleLabel(pair),
+    }, pair, " ×"));
+    $("clients-active").replaceChildren(...active);
+  }
+
+  function stateCell(client) {
+    if (client.revoked_at) {
+      return el("td", {}, el("span", { class: "dot off", "aria-hidden": "true" }), "revoked ",
+        timeNode(client.revoked_at));
+    }
+    if (client.connected) {
+      return el("td", {}, el("span", { class: "dot on", "aria-hidden": "true" }),
+        el("strong", { text: "connected" }), " since ", timeNode(client.connected_since),
+        client.remote ? el("div", { class: "muted", text: client.remote }) : null);
+    }
+    const cell = el("td", {}, el("span", { class: "dot off", "aria-hidden": "true" }),
+      el("strong", { text: "disconnected" }));
+    if (client.disconnected_since) cell.append(" since ", timeNode(client.disconnected_since));
+    return cell;
+  }
 
   function renderClients() {
-    const body = $("clients-body");
     const rows = state.clients.map((client) => {
       const caps = client.capabilities || {};
-      let stateCell;
-      if (client.revoked_at) {
-        stateCell = el("td", {}, el("span", { class: "dot off", "aria-hidden": "true" }), "revoked ",
-          timeNode(client.revoked_at));
-      } else if (client.connected) {
-        stateCell = el("td", {}, el("span", { class: "dot on", "aria-hidden": "true" }),
-          el("strong", { text: "connected" }), " since ", timeNode(client.connected_since),
-          client.remote ? el("div", { class: "muted", text: client.remote }) : null);
-      } else {
-        stateCell = el("td", {}, el("span", { class: "dot off", "aria-hidden": "true" }),
-          el("strong", { text: "disconnected" }));
-        if (client.disconnected_since) stateCell.append(" since ", timeNode(client.disconnected_since));
-      }
       const list = (items) => (items && items.length ? items.join(", ") : "—");
+      const labels = Object.entries(client.labels || {}).sort();
+      const pick = client.revoked_at ? null : el("button", {
+        type: "button", class: "quiet pick", "data-pick": client.client_id,
+        "aria-label": `deploy to ${client.client_id}`,
+        onclick: () => { $("f-client").value = client.client_id; $("f-script").focus(); },
+        text: "Deploy here",
+      });
       return el("tr", { "data-client": client.client_id, "data-connected": String(client.connected) },
-        el("th", { scope: "row", text: client.client_id }),
-        stateCell,
-        el("td", { text: list(caps.deploy_types) }),
-        el("td", { text: list(caps.health_checks) }),
-        el("td", { text: list(caps.rollback_strategies) }));
+        el("th", { scope: "row" }, client.client_id, pick),
+        stateCell(client),
+        el("td", {}, ...labels.flatMap(([k, v]) => [el("span", { class: "label", text: `${k}=${v}` }), " "])),
+        el("td", {
+          text: list(caps.deploy_types),
+          title: `health checks: ${list(caps.health_checks)}; rollback strategies: ${list(caps.rollback_strategies)}`,
+        }));
     });
-    body.replaceChildren(...rows);
-    $("clients-empty").hidden = state.clients.length > 0;
+    $("clients-body").replaceChildren(...rows);
+    const filtered = state.clientQuery.state || state.clientQuery.q || state.clientQuery.labels.length;
+    const empty = $("clients-empty");
+    empty.hidden = rows.length > 0;
+    if (!rows.length) {
+      empty.replaceChildren(filtered ? "No client matches these filters."
+        : el("span", {}, "No agent has enrolled yet. Start one with ", el("code", { text: "deployctl agent" }), "."));
+    }
+    const first = (state.clientCursors.length - 1) * CLIENT_PAGE;
+    $("clients-range").textContent = rows.length
+      ? `${number(first + 1)}–${number(first + rows.length)} of ${number(state.clientTotal)}`
+      : `0 of ${number(state.clientTotal)}`;
+    $("clients-prev").disabled = state.clientCursors.length <= 1;
+    $("clients-next").disabled = !state.clientNext;
+    renderFilters();
     renderClientChoice();
+    document.dispatchEvent(new CustomEvent("clients-shown"));
   }
 
+  // The deploy form's client: any id may be typed; the connected clients shown are offered.
   function renderClientChoice() {
-    const select = $("f-client");
-    const current = select.value;
-    const options = state.clients
-      .filter((client) => !client.revoked_at)
-      .map((client) => el("option", { value: client.client_id,
-        text: client.client_id + (client.connected ? "" : " (disconnected)") }));
-    select.replaceChildren(...options);
-    const connected = state.clients.find((c) => c.connected && !c.revoked_at);
-    if (current && state.clients.some((c) => c.client_id === current)) select.value = current;
-    else if (connected) select.value = connected.client_id;
+    const usable = state.clients.filter((client) => !client.revoked_at);
+    $("f-client-list").replaceChildren(...usable.map((client) => el("option", {
+      value: client.client_id, label: client.connected ? "connected" : "disconnected" })));
+    const field = $("f-client");
+    const connected = usable.find((c) => c.connected);
+    if (!field.value && connected && document.activeElement !== field) field.value = connected.client_id;
   }
+
+  // One page move at a time: the buttons come back when the page has been read.
+  function movePage(change) {
+    change();
+    state.clientNext = null;
+    $("clients-prev").disabled = true;
+    $("clients-next").disabled = true;
+    loadClients();
+  }
+  $("clients-prev").addEventListener("click", () => {
+    if (state.clientCursors.length > 1) movePage(() => state.clientCursors.pop());
+  });
+  $("clients-next").addEventListener("click", () => {
+    const next = state.clientNext;
+    if (next) movePage(() => state.clientCursors.push(next));
+  });
+
+  let searchTimer = null;
+  $("clients-q").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => setClientQuery({ q: $("clients-q").value.trim() }), 250);
+  });
+
+  $("clients-filter").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(searchTimer);
+    const pair = $("clients-label").value.trim();
+    if (pair && !state.clientQuery.labels.includes(pair)) {
+      // Checked by the server: a wrong one comes back as its 422, shown above the list.
+      $("clients-label").value = "";
+      setClientQuery({ q: $("clients-q").value.trim(), labels: [...state.clientQuery.labels, pair] });
+    } else {
+      setClientQuery({ q: $("clients-q").value.trim() });
+    }
+  });
 
   // ------------------------------------------------------------------ deployments list
 
@@ -380,16 +611,19 @@
 
   // ------------------------------------------------------------------ one deployment
 
-  function route() {
+  // "#deploy/<id>" shows a deployment, "#rollout/<id>" a rollout (the deployment shown stays).
+  function route(moveFocus) {
+    const rollout = /^#rollout\/([0-9a-f]{32})$/.exec(location.hash);
+    if (rollout) {
+      selectRollout(rollout[1], !!moveFocus);
+      return;
+    }
     const match = /^#deploy\/([0-9a-f]{32})$/.exec(location.hash);
-    select(match ? match[1] : null, false);
+    select(match ? match[1] : null, !!moveFocus);
   }
 
   window.addEventListener("hashchange", () => {
-    if (state.token && !$("app").hidden) {
-      const match = /^#deploy\/([0-9a-f]{32})$/.exec(location.hash);
-      select(match ? match[1] : null, true);
-    }
+    if (state.token && !$("app").hidden) route(true);
   });
 
   function select(deployId, moveFocus) {
@@ -603,6 +837,209 @@
         status.textContent = "(following…)";
       }
     }
+  }
+
+  // ------------------------------------------------------------------ rollouts
+  //
+  // The list (GET /api/rollouts, then "rollout" events on the live socket) and one rollout
+  // (GET /api/rollouts/{id}): its batches as rows of host chips coloured by the status of
+  // each host's deployment, its counts, and pause / resume / promote / abort.
+
+  async function loadRollouts() {
+    try {
+      const page = await api("GET", "/api/rollouts?limit=" + ROLLOUTS_LISTED);
+      for (const item of page.items) upsertRolloutQuietly(item);
+    } catch (err) {
+      if (!(err instanceof ApiFailure && err.status === 404)) showError($("api-error"), err);
+    }
+    renderRollouts();
+  }
+
+  function upsertRolloutQuietly(summary) {
+    const known = state.rollouts.get(summary.rollout_id);
+    if (!known || summary.updated_at >= known.updated_at) state.rollouts.set(summary.rollout_id, summary);
+  }
+
+  function upsertRollout(summary) {
+    upsertRolloutQuietly(summary);
+    renderRollouts();
+    if (summary.rollout_id === state.rolloutSelected) refreshRollout();
+  }
+
+  function doneCount(summary) {
+    const counts = summary.counts || {};
+    let done = 0;
+    for (const [status, n] of Object.entries(counts)) {
+      if (TERMINAL.has(status) || status === "skipped" || status === "not_started") done += n;
+    }
+    return done;
+  }
+
+  function renderRollouts() {
+    const items = [...state.rollouts.values()]
+      .sort((a, b) => (a.created_at < b.created_at ? 1 : a.created_at > b.created_at ? -1 : 0))
+      .slice(0, ROLLOUTS_LISTED);
+    const rows = items.map((r) => {
+      const selected = r.rollout_id === state.rolloutSelected;
+      return el("tr", { class: selected ? "selected" : null, "data-rollout-row": r.rollout_id },
+        el("th", { scope: "row" },
+          el("a", { href: "#rollout/" + r.rollout_id, class: "mono", "data-rollout": r.rollout_id,
+            "aria-current": selected ? "true" : null,
+            "aria-label": `rollout ${r.rollout_id}, ${r.type} to ${r.total} hosts, ${r.status}`,
+            text: shortId(r.rollout_id) }),
+          el("div", { class: "muted", text: r.command_type })),
+        el("td", {}, statusBadge(r.status),
+          r.paused_for ? el("div", { class: "muted", text: "paused for " + r.paused_for }) : null),
+        el("td", { class: "num", text: `${doneCount(r)}/${r.total} done` + (r.failures ? `, ${r.failures} failed` : "") }),
+        el("td", {}, timeNode(r.created_at)));
+    });
+    $("rollouts-body").replaceChildren(...rows);
+    $("rollouts-empty").hidden = rows.length > 0;
+  }
+
+  function selectRollout(rolloutId, moveFocus) {
+    if (rolloutId === state.rolloutSelected) return;
+    state.rolloutSelected = rolloutId;
+    state.rollout = null;
+    clearError($("rollout-error"));
+    clearError($("r-action-error"));
+    $("r-result").textContent = "";
+    renderRollouts();
+    $("rollout-none").hidden = !!rolloutId;
+    $("rollout-body").hidden = !rolloutId;
+    $("rollout-h").textContent = rolloutId ? "Rollout " + rolloutId : "Rollout";
+    $("r-batches").replaceChildren();
+    if (!rolloutId) return;
+    if (moveFocus) $("rollout-h").focus();
+    refreshRollout();
+  }
+
+  // Read the selected rollout again: one read at a time, and once more if it changed meanwhile.
+  async function refreshRollout() {
+    if (state.rolloutBusy) {
+      state.rolloutAgain = true;
+      return;
+    }
+    state.rolloutBusy = true;
+    try {
+      do {
+        state.rolloutAgain = false;
+        const rolloutId = state.rolloutSelected;
+        if (!rolloutId) break;
+        try {
+          const view = await api("GET", "/api/rollouts/" + rolloutId);
+          if (state.rolloutSelected !== rolloutId) continue;
+          state.rollout = view;
+          upsertRolloutQuietly(view);
+          renderRollouts();
+          renderRollout();
+        } catch (err) {
+          if (state.rolloutSelected === rolloutId) showError($("rollout-error"), err);
+        }
+      } while (state.rolloutAgain);
+    } finally {
+      state.rolloutBusy = false;
+    }
+  }
+
+  // A target's deployment changed: recolour its chip now, and read the rollout again for its
+  // counts and batch states.
+  function rolloutTargetChanged(record) {
+    const view = state.rollout;
+    if (!view) return;
+    const chip = document.querySelector(`#r-batches a[data-deploy="${record.deploy_id}"]`);
+    if (!chip) return;
+    chip.dataset.status = record.status;
+    chip.title = `${chip.dataset.client}: ${record.status}` + (record.error ? ` — ${record.error}` : "");
+    refreshRollout();
+  }
+
+  function chipStatus(target) {
+    if (target.status) return target.status;
+    return target.state === "failed" ? "not_started" : target.state; // waiting, skipped
+  }
+
+  function renderRollout() {
+    const view = state.rollout;
+    if (!view) return;
+    const status = $("r-status");
+    status.textContent = view.status;
+    status.dataset.status = view.status;
+    $("r-paused").textContent = view.paused_for ? `(${view.paused_for === "canary" ? "after the canary: promote to go on" : "paused by an operator"})` : "";
+    $("r-type").textContent = `${view.type} (${view.command_type})` + (view.created_by ? ` by ${view.created_by}` : "");
+    const selector = view.selector && Object.keys(view.selector).length
+      ? " selected by " + Object.entries(view.selector).map(([k, v]) => `${k}=${v}`).join(", ") : "";
+    $("r-targets").textContent = `${view.total} hosts in ${view.batch_count} batches${selector}; batch ${view.current_batch + 1} of ${view.batch_count}`;
+    $("r-failures").textContent = `${view.failures} (at most ${view.max_failures} allowed)`;
+    const strategy = view.strategy || {};
+    $("r-strategy").textContent = Object.entries(strategy)
+      .filter(([, v]) => v !== null && v !== undefined).map(([k, v]) => `${k} ${v}`).join(" · ");
+    $("r-created").replaceChildren(timeNode(view.created_at));
+    setText("r-reason-t", "r-reason", view.reason || "");
+
+    const counts = Object.entries(view.counts || {}).sort((a, b) => b[1] - a[1]);
+    $("r-counts").replaceChildren(...counts.map(([name, n]) =>
+      el("span", { class: "count-chip", "data-status": name, "data-count": name, text: `${name} ${n}` })));
+
+    const final = ROLLOUT_FINAL.has(view.status);
+    $("r-pause").hidden = !(view.status === "pending" || view.status === "running");
+    $("r-resume").hidden = !(view.status === "paused" && view.paused_for !== "canary");
+    $("r-promote").hidden = !(view.status === "paused" && view.paused_for === "canary");
+    $("r-abort").hidden = final;
+
+    const batches = view.batches.map((batch) => {
+      const chips = batch.targets.map((target) => {
+        const shown = chipStatus(target);
+        const attrs = {
+          class: "chip", "data-status": shown, "data-client": target.client_id,
+          title: `${target.client_id}: ${shown}` + (target.error ? ` — ${target.error}` : "") +
+            (target.rollback_status ? ` (rollback ${target.rollback_status})` : ""),
+          text: target.client_id,
+        };
+        if (target.deploy_id) {
+          attrs.href = "#deploy/" + target.deploy_id;
+          attrs["data-deploy"] = target.deploy_id;
+          return el("a", attrs);
+        }
+        return el("span", attrs);
+      });
+      const name = batch.canary ? `Batch ${batch.index + 1} (canary)` : `Batch ${batch.index + 1}`;
+      return el("li", { class: "batch", "data-batch": String(batch.index), "data-state": batch.state },
+        el("div", { class: "batch-head" }, el("strong", { text: name }), " ",
+          el("span", { class: "muted", text: `${batch.state} · ${batch.targets.length} hosts` })),
+        el("div", { class: "chips" }, ...chips));
+    });
+    $("r-batches").replaceChildren(...batches);
+    $("r-history").replaceChildren(...(view.history || []).map((h) => el("li", {},
+      timeNode(h.ts), " ", statusBadge(h.status), h.message ? " " + h.message : "")));
+  }
+
+  async function controlRollout(action) {
+    const rolloutId = state.rolloutSelected;
+    if (!rolloutId) return;
+    if (action === "abort" && !window.confirm(`Abort rollout ${rolloutId}? Nothing more starts; running deployments finish.`)) return;
+    clearError($("r-action-error"));
+    $("r-result").textContent = "";
+    const buttons = ["r-pause", "r-resume", "r-promote", "r-abort"].map($);
+    buttons.forEach((b) => { b.disabled = true; });
+    try {
+      const view = await api("POST", `/api/rollouts/${rolloutId}/${action}`, {});
+      if (state.rolloutSelected === rolloutId) {
+        state.rollout = view;
+        upsertRolloutQuietly(view);
+        renderRollouts();
+        renderRollout();
+        $("r-result").textContent = `${action}: the rollout is ${view.status}.`;
+      }
+    } catch (err) {
+      showError($("r-action-error"), err);
+    } finally {
+      buttons.forEach((b) => { b.disabled = false; });
+    }
+  }
+
+  for (const action of ["pause", "resume", "promote", "abort"]) {
+    $("r-" + action).addEventListener("click", () => controlRollout(action));
   }
 
   // ------------------------------------------------------------------ actions

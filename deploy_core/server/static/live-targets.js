@@ -1,6 +1,7 @@
-// "Live on each target": per client, the deployment live on each of its targets (its newest
-// success not rolled back), from GET /api/clients/{id} (docs/web.md). Kept apart from app.js;
-// it reads the token app.js keeps in sessionStorage and shows nothing without one.
+// "Live on each target": per client of the page of clients shown (at most one page: a fleet's
+// thousands are not read every few seconds), the deployment live on each of its targets (its
+// newest success not rolled back), from GET /api/clients/{id} (docs/web.md). Kept apart from
+// app.js; it reads the token app.js keeps in sessionStorage and shows nothing without one.
 (function () {
   "use strict";
 
@@ -50,12 +51,12 @@
     if (running || !token || !app || app.hidden) return;
     running = true;
     try {
-      const list = await getJSON("/api/clients", token);
+      const shown = [...document.querySelectorAll("#clients-body tr[data-client]")]
+        .map((tr) => tr.dataset.client);
       const rows = [];
-      for (const client of list.clients) {
-        const id = encodeURIComponent(client.client_id);
-        const detail = await getJSON("/api/clients/" + id, token);
-        for (const live of detail.live || []) rows.push([client.client_id, live]);
+      for (const clientId of shown) {
+        const detail = await getJSON("/api/clients/" + encodeURIComponent(clientId), token);
+        for (const live of detail.live || []) rows.push([clientId, live]);
       }
       render(rows);
     } catch (err) {
@@ -68,5 +69,16 @@
   document.addEventListener("DOMContentLoaded", () => {
     refresh();
     setInterval(refresh, REFRESH_MS);
+  });
+  // app.js shows another page of clients: read at once (the same page read again waits for
+  // the timer).
+  let lastShown = "";
+  document.addEventListener("clients-shown", () => {
+    const ids = [...document.querySelectorAll("#clients-body tr[data-client]")]
+      .map((tr) => tr.dataset.client).join(" ");
+    if (ids !== lastShown) {
+      lastShown = ids;
+      refresh();
+    }
   });
 })();
