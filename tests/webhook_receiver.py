@@ -49,8 +49,9 @@ class Delivery:
 
 class Receiver:
     """Start with :meth:`start`; ``mode`` is ``ok``, ``error`` (500), ``redirect`` (302),
-    ``huge`` (200 with a 50 MB body it never finishes) or ``hold`` (answers when
-    :attr:`release` is set, at most 60 s later)."""
+    ``slow`` (200 after 0.2 s), ``huge`` (200 with a 50 MB body it never finishes),
+    ``drip`` (200, then its body a byte every 0.2 s, for at most 60 s) or ``hold`` (answers
+    when :attr:`release` is set, at most 60 s later)."""
 
     def __init__(self, secret: str, port: int | None = None, mode: str = "ok") -> None:
         self.secret = secret.encode()
@@ -82,18 +83,32 @@ class Receiver:
                     headers.get("x-deploy-center-signature", ""),
                 )
                 mode = receiver.mode
-                status = {"ok": 200, "error": 500, "redirect": 302, "huge": 200}.get(mode, 200)
+                status = {"error": 500, "redirect": 302}.get(mode, 200)
                 if not verified:
                     status = 401
                 with receiver._cond:
                     receiver.got.append(Delivery(self.path, headers, body, verified, status))
                     receiver._cond.notify_all()
+                if mode == "slow":
+                    time.sleep(0.2)
                 if mode == "hold":
                     receiver.holding.set()
                     receiver.release.wait(60)
                 self.send_response(status)
                 if mode == "redirect":
                     self.send_header("Location", f"http://127.0.0.1:{receiver.port}/elsewhere")
+                if mode == "drip":
+                    self.send_header("Content-Length", "300")
+                    self.end_headers()
+                    try:
+                        for _ in range(300):
+                            if receiver.release.wait(0.2):
+                                break
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                    except OSError:
+                        pass
+                    return
                 if mode == "huge":
                     self.send_header("Content-Length", str(50_000_000))
                     self.end_headers()

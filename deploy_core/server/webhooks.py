@@ -579,6 +579,16 @@ class WebhookStore:
                     claimed.append(Due(**{f.name: getattr(row, f.name) for f in fields(Due)}))
         return claimed
 
+    def release(self, due: Due) -> None:
+        """Give a claimed delivery back, due now, without counting an attempt."""
+        d = db.webhook_deliveries
+        with self.engine.begin() as conn:
+            conn.execute(
+                d.update()
+                .where(d.c.delivery_id == due.delivery_id, d.c.status == PENDING)
+                .values(next_attempt_at=time.time())
+            )
+
     def open_secret(self, due: Due) -> str:
         """The webhook's secret.  :raises SecretKeyMismatch: sealed under another key."""
         return self.box.open(due.secret)["secret"]
@@ -884,7 +894,14 @@ class Webhooks:
         except (WebhookError, SecretKeyMismatch) as exc:
             error, final = str(exc), True
         else:
-            ok, code, error = await self._post(client, due, secret)
+            try:
+                ok, code, error = await self._post(client, due, secret)
+            except asyncio.CancelledError:
+                # The server is stopping: hand the delivery back now rather than leave it
+                # claimed for the lease (a blocking call, at shutdown only, and short).
+                with contextlib.suppress(Exception):
+                    self.store.release(due)
+                raise
         attempts = due.attempts + 1
         next_at = None
         if not ok and not final:
@@ -954,7 +971,7 @@ class Webhooks:
                         if len(head) >= limit:
                             break
         except TimeoutError:
-            return False, None, f"no answer within {self.settings.timeout:g} s"
+            return False, None, f"no complete answer within {self.settings.timeout:g} s"
         except httpx.HTTPError as exc:
             return False, None, _transport_error(exc)
         code = resp.status_code

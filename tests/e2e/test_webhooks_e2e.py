@@ -227,9 +227,10 @@ def test_a_receiver_that_holds_its_requests_never_delays_a_deployment(
             assert center.wait(deploy_id)["status"] == "success"
         assert not receiver.release.is_set()
         wait_log(
-            center, webhook_id, lambda rows: any("no answer within" in (r["last_error"] or "")
-                                                 for r in rows)
-        )  # fmt: skip
+            center,
+            webhook_id,
+            lambda rows: any("no complete answer" in (r["last_error"] or "") for r in rows),
+        )
         receiver.mode = "ok"
         receiver.release.set()
         wait_log(

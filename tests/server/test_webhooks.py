@@ -361,3 +361,88 @@ async def test_logs_name_the_host_never_the_path_or_the_secret(
     assert row["status"] == "failed"
     assert "gave up" in caplog.text and "127.0.0.1" in caplog.text
     assert SECRET not in caplog.text and "receiver-token-123" not in caplog.text
+
+
+async def test_an_answer_dripping_in_is_cut_at_the_timeout(tmp_path: Any) -> None:
+    settings = WebhookSettings(**QUICK | {"timeout": 1.0})
+    row, _receiver = await settle(tmp_path, "drip", settings)
+    assert row["status"] == "failed" and row["last_status_code"] is None
+    assert row["last_error"] == "no complete answer within 1 s"
+
+
+async def test_two_workers_on_one_database_send_each_delivery_once(db_url: str) -> None:
+    receiver = Receiver(SECRET, mode="slow").start()  # so that neither can take them all
+    engines = [db.make_engine(db_url) for _ in range(2)]
+    await asyncio.to_thread(db.upgrade, engines[0])
+    box = SecretBox()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, concurrency=3)
+    workers = [Webhooks(engine, box, settings) for engine in engines]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        made = await asyncio.to_thread(
+            workers[0].store.create, receiver.url, [AGENT_CONNECTED], SECRET, ""
+        )
+        for worker in workers:
+            worker.invalidate()
+        for i in range(30):
+            workers[0].agent_connected(f"web-{i}", "127.0.0.1")
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            rows = await asyncio.to_thread(workers[1].store.deliveries, made["id"])
+            if len(rows) == 30 and {r["status"] for r in rows} == {"delivered"}:
+                break
+            await asyncio.sleep(0.1)
+        assert len(rows) == 30 and all(r["attempts"] == 1 for r in rows), rows
+        ids = [d.headers["x-deploy-center-delivery"] for d in receiver.got]
+        assert sorted(ids) == sorted(r["id"] for r in rows)  # each once, none twice
+        assert all(w.delivered > 0 for w in workers)  # both took a share
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for engine in engines:
+            engine.dispose()
+        receiver.stop()
+
+
+async def test_a_stopping_server_hands_its_claimed_deliveries_back(tmp_path: Any) -> None:
+    receiver = Receiver(SECRET, mode="hold").start()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, timeout=30)
+    try:
+        async with running(settings, tmp_path) as hooks:
+            made = await asyncio.to_thread(
+                hooks.store.create, receiver.url, [AGENT_CONNECTED], SECRET, ""
+            )
+            hooks.invalidate()
+            hooks.agent_connected("web-1", "127.0.0.1")
+            assert await asyncio.to_thread(receiver.holding.wait, 30)
+        # Stopped mid-attempt: due again now, not after the claim's lease, and no attempt
+        # counted (the receiver never answered).
+        (row,) = await asyncio.to_thread(hooks.store.deliveries, made["id"])
+        assert row["status"] == "pending" and row["attempts"] == 0
+        assert len(await asyncio.to_thread(hooks.store.due, 10)) == 1
+    finally:
+        receiver.stop()
+
+
+async def test_a_removed_webhook_gets_nothing_more(tmp_path: Any) -> None:
+    receiver = Receiver(SECRET, mode="error").start()
+    settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05)
+    try:
+        async with running(settings, tmp_path) as hooks:
+            made = await asyncio.to_thread(
+                hooks.store.create, receiver.url, [AGENT_CONNECTED], SECRET, ""
+            )
+            hooks.invalidate()
+            hooks.agent_connected("web-1", "127.0.0.1")
+            await asyncio.to_thread(receiver.wait_for, lambda got: len(got) >= 2)
+            assert await asyncio.to_thread(hooks.store.remove, made["id"])
+            hooks.invalidate()
+            await asyncio.sleep(0.5)  # let an attempt in flight end
+            calls = len(receiver.got)
+            hooks.agent_connected("web-1", "127.0.0.1")
+            await asyncio.sleep(1.5)  # many retry intervals
+            assert len(receiver.got) == calls
+            assert await asyncio.to_thread(hooks.store.deliveries, made["id"]) == []
+    finally:
+        receiver.stop()
