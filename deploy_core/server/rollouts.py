@@ -100,6 +100,8 @@ RESCAN_INTERVAL = 1.0
 LEASE_NAME = "driver"
 LEASE_SECONDS = 15.0
 RENEW_EVERY = 3.0
+# Targets started together: their ids committed in one transaction, then submitted at once.
+START_CHUNK = 32
 
 
 class RolloutConflict(Exception):
@@ -443,6 +445,38 @@ class RolloutStore:
                     rollout_targets.c.position == position,
                 )
                 .values(**values)
+            )
+
+    def choose_deploy_ids(self, rollout_id: str, chosen: dict[int, str], now: float) -> None:
+        """Targets about to start (by position): their deployment ids, in one transaction
+        committed before any of those deployments is created."""
+        with self.engine.begin() as conn:
+            for position, deploy_id in chosen.items():
+                conn.execute(
+                    rollout_targets.update()
+                    .where(
+                        rollout_targets.c.rollout_id == rollout_id,
+                        rollout_targets.c.position == position,
+                    )
+                    .values(
+                        state=T_STARTING,
+                        deploy_id=deploy_id,
+                        waiting_since=sa.func.coalesce(rollout_targets.c.waiting_since, now),
+                    )
+                )
+
+    def mark_running(self, rollout_id: str, positions: Sequence[int], now: float) -> None:
+        """Targets whose deployments were created."""
+        if not positions:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                rollout_targets.update()
+                .where(
+                    rollout_targets.c.rollout_id == rollout_id,
+                    rollout_targets.c.position.in_(list(positions)),
+                )
+                .values(state=T_RUNNING, started_at=now)
             )
 
     def skip_waiting(self, rollout_id: str, why: str) -> None:
@@ -790,10 +824,15 @@ class Rollouts:
             raise LeaseLost
 
     async def drive_once(self) -> None:
-        """One pass over every unfinished rollout (when this server holds the lease)."""
-        if not await self._renew():
+        """One pass over every unfinished rollout (when this server holds the lease; with
+        none unfinished the lease is left alone: no write every second for nothing)."""
+        rows = await self.db(self.store.active)
+        if not rows:
             return
-        for row in await self.db(self.store.active):
+        fresh = self.holding and time.monotonic() - self._renewed < RENEW_EVERY
+        if not fresh and not await self._renew():
+            return
+        for row in rows:
             try:
                 await self._step(row)
             except LeaseLost:
@@ -903,6 +942,10 @@ class Rollouts:
             await self.db(self.store.transition, rid, (RUNNING, PAUSED), row["status"], why)
 
     async def _start_batch(self, row: dict[str, Any], batch: list[Target]) -> None:
+        """Start waiting targets of the current batch while it has free slots, a chunk at a
+        time: each chunk's deployment ids are committed in one transaction before any of its
+        deployments is created, and the chunk's deployments are submitted together."""
+        rid = row["rollout_id"]
         strategy = row["strategy"]
         running = sum(t.state == T_RUNNING for t in batch)
         slots = strategy["max_parallel"] - running
@@ -911,53 +954,72 @@ class Rollouts:
             return
         states = await self.db(self.store.client_states, [t.client_id for t in waiting])
         secret_env = self.store.secret_env(row) if row["secret_env"] else None
-        for target in waiting:
+        for first in range(0, len(waiting), START_CHUNK):
             if slots <= 0:
-                break
+                return
             await self._keep_lease()
             # An operator may have paused or aborted it meanwhile.
-            current = await self.db(self.store.get, row["rollout_id"])
+            current = await self.db(self.store.get, rid)
             if current is None or current["status"] != RUNNING or current["reason"]:
                 return
-            if await self._start(row, target, states.get(target.client_id), secret_env):
-                slots -= 1
+            ready: list[Target] = []
+            for target in waiting[first : first + START_CHUNK]:
+                if len(ready) >= slots:
+                    break
+                if await self._reachable(row, target, states.get(target.client_id)):
+                    ready.append(target)
+            if not ready:
+                continue
+            now = time.time()
+            chosen = {t.row["position"]: t.row["deploy_id"] or uuid.uuid4().hex for t in ready}
+            # Chosen and kept before the deployments exist: a restart reuses them.
+            await self.db(self.store.choose_deploy_ids, rid, chosen, now)
+            started = await asyncio.gather(
+                *(self._submit(row, t, chosen[t.row["position"]], now, secret_env) for t in ready)
+            )
+            positions = [t.row["position"] for t, ok in zip(ready, started, strict=True) if ok]
+            await self.db(self.store.mark_running, rid, positions, now)
+            slots -= len(positions)
 
-    async def _start(
-        self,
-        row: dict[str, Any],
-        target: Target,
-        client: dict[str, Any] | None,
-        secret_env: dict[str, str] | None,
+    async def _reachable(
+        self, row: dict[str, Any], target: Target, client: dict[str, Any] | None
     ) -> bool:
-        """Start one target's deployment, or note why it waits or ends; whether it uses a
-        slot now."""
+        """Whether a target's client can be sent its deployment now; a revoked or forgotten
+        one is skipped, an offline one waits up to ``offline_timeout`` and then fails."""
         rid = row["rollout_id"]
         position = target.row["position"]
-        strategy = row["strategy"]
-        now = time.time()
-        since = target.row["waiting_since"] or now
-        waited = now - since
         if client is None or client["revoked_at"] is not None:
             why = "revoked" if client else "no longer enrolled"
             await self.db(self.store.set_target, rid, position, state=T_SKIPPED, error=why)
             return False
-        if not client["connected"]:
-            if waited > strategy["offline_timeout"]:
-                await self.db(
-                    self.store.set_target, rid, position, state=T_FAILED,
-                    error=f"offline for {human_duration(waited)} (offline_timeout "
-                    f"{human_duration(strategy['offline_timeout'])})",
-                )  # fmt: skip
-            elif target.row["waiting_since"] is None:
-                await self.db(self.store.set_target, rid, position, waiting_since=now)
-            return False
-        deploy_id = target.row["deploy_id"] or uuid.uuid4().hex
-        if target.row["deploy_id"] is None or target.row["state"] != T_STARTING:
-            # Chosen and kept before the deployment exists: a restart reuses it.
+        if client["connected"]:
+            return True
+        now = time.time()
+        waited = now - (target.row["waiting_since"] or now)
+        limit = row["strategy"]["offline_timeout"]
+        if waited > limit:
             await self.db(
-                self.store.set_target, rid, position, state=T_STARTING, deploy_id=deploy_id,
-                waiting_since=since,
+                self.store.set_target, rid, position, state=T_FAILED,
+                error=f"offline for {human_duration(waited)} (offline_timeout "
+                f"{human_duration(limit)})",
             )  # fmt: skip
+        elif target.row["waiting_since"] is None:
+            await self.db(self.store.set_target, rid, position, waiting_since=now)
+        return False
+
+    async def _submit(
+        self,
+        row: dict[str, Any],
+        target: Target,
+        deploy_id: str,
+        now: float,
+        secret_env: dict[str, str] | None,
+    ) -> bool:
+        """Create one target's deployment with the id chosen for it; whether it started
+        (a busy client: skipped, or tried again next pass until ``busy_timeout``)."""
+        rid = row["rollout_id"]
+        position = target.row["position"]
+        strategy = row["strategy"]
         try:
             await self.deployments.submit(
                 client_id=target.client_id,
@@ -968,6 +1030,7 @@ class Rollouts:
                 deploy_id=deploy_id,
             )
         except ClientBusy as exc:
+            waited = now - (target.row["waiting_since"] or now)
             if strategy["busy"] == "skip":
                 await self.db(
                     self.store.set_target, rid, position, state=T_SKIPPED,
@@ -990,7 +1053,6 @@ class Rollouts:
                 error=f"could not start: {exc}",
             )  # fmt: skip
             return False
-        await self.db(self.store.set_target, rid, position, state=T_RUNNING, started_at=now)
         return True
 
     async def _roll_back(self, row: dict[str, Any], targets: list[Target]) -> None:

@@ -114,11 +114,12 @@ class LiveRollouts:
         from websockets.sync.client import connect
 
         token = (center.server_dir / "admin.token").read_text().strip()
-        self.socket = connect(
+        self._connection = connect(
             f"ws://127.0.0.1:{center.api_port}/api/live",
             additional_headers={"Authorization": f"Bearer {token}"},
             open_timeout=30,
         )
+        self.socket = self._connection.__enter__()
         self.events: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -137,7 +138,7 @@ class LiveRollouts:
         return [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s]
 
     def close(self) -> None:
-        self.socket.close()
+        self._connection.__exit__(None, None, None)
         self.thread.join(10)
 
 
@@ -387,6 +388,96 @@ def test_an_offline_host_counts_as_failed_after_its_limit(
     assert runs(log) == Counter(dict.fromkeys(["web-05", "web-08", "web-11"], 1))
 
 
+def test_busy_targets_are_skipped_or_waited_for(center: DeployCenter, tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    holder = center.deploy(
+        "shell",
+        "web-03",
+        script=f"i=0; while [ ! -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+    )
+    try:
+        pair = {"clients": ["web-03", "web-04"]}
+        skipped = start(
+            center,
+            WHO + f'echo "$host" >> {log}',
+            targets=pair,
+            strategy={"max_parallel": 2, "busy": "skip"},
+        )
+        done = wait_for(center, skipped, FINAL, timeout=60)
+        assert done["status"] == "succeeded" and done["counts"] == {"skipped": 1, "success": 1}
+        web03 = targets(done)[0]
+        assert web03["state"] == "skipped" and web03["error"] == f"busy with {holder}"
+        waited = start(
+            center,
+            WHO + f'echo "$host" >> {log}',
+            targets=pair,
+            strategy={"max_parallel": 2, "busy_timeout": 1, "max_failures": 1},
+        )
+        done = wait_for(center, waited, FINAL, timeout=60)
+        assert done["status"] == "succeeded" and done["failures"] == 1
+        web03 = targets(done)[0]
+        assert web03["state"] == "failed" and web03["error"].startswith(f"busy with {holder}")
+        assert runs(log) == Counter({"web-04": 2})
+    finally:
+        gate.touch()
+        center.wait(holder)
+
+
+def test_a_batch_past_its_progress_deadline_fails_the_rollout(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    script = f"i=0; while [ ! -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
+    rollout_id = start(
+        center,
+        script,
+        targets={"clients": ["web-08", "web-09", "web-10"]},
+        strategy={"batch_size": 2, "progress_deadline": "1s"},
+    )
+    try:
+        wait_until(lambda: view(center, rollout_id)["reason"] is not None, 60, "past its deadline")
+        assert view(center, rollout_id)["status"] == "running"  # its deployments still run
+    finally:
+        gate.touch()
+    done = wait_for(center, rollout_id, FINAL, timeout=60)
+    assert done["status"] == "failed"
+    assert "batch 0 did not finish within its progress deadline of 1 s" in done["reason"]
+    assert done["counts"] == {"skipped": 1, "success": 2}
+
+
+def test_rolling_back_what_cannot_be_rolled_back_fails(center: DeployCenter) -> None:
+    rollout_id = start(
+        center,
+        WHO + 'case "$host" in web-11) exit 1;; esac',
+        request={"rollback": False},
+        targets={"clients": ["web-10", "web-11"]},
+        strategy={"on_failure": "rollback"},
+    )
+    done = wait_for(center, rollout_id, FINAL, timeout=60)
+    assert done["status"] == "failed", done
+    web10 = targets(done)[0]
+    assert web10["status"] == "success" and web10["rollback_id"] is None
+    assert "no restorable state" in web10["rollback_error"]
+    assert "not rolled back: web-10" in done["history"][-1]["message"]
+
+
+def test_scopes(center: DeployCenter) -> None:
+    from deploy_core.client import DeployClient
+
+    token = center.api.request("POST", "/api/tokens", json={"name": "viewer", "scope": "read"})
+    reader = DeployClient(f"http://127.0.0.1:{center.api_port}", token["token"], timeout=30)
+    try:
+        assert reader.request("GET", "/api/rollouts")["total"] >= 1
+        body = {"type": "shell", "request": {"script": "true"}, "targets": {"clients": ["web-01"]}}
+        assert refusal(lambda: reader.request("POST", "/api/rollouts", json=body)).status == 403
+        some = reader.request("GET", "/api/rollouts")["items"][0]["rollout_id"]
+        assert refusal(lambda: reader.request("POST", f"/api/rollouts/{some}/abort")).status == 403
+    finally:
+        reader.close()
+
+
+# Last: it restarts the module's server.
 def test_server_killed_mid_rollout_continues_without_running_a_host_twice(
     center: DeployCenter, tmp_path: Path
 ) -> None:
