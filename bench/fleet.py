@@ -273,7 +273,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
 
         # ---- `true` everywhere again, as one rollout (issue 14)
         if args.rollout:
-            report.add(*rollout_everywhere(fleet, ids, args.deploy_timeout * 4))
+            connected = sorted(fleet.connected() & set(ids))  # enrolled and here
+            report.add(*rollout_everywhere(fleet, connected, args.deploy_timeout * 4))
 
         # ---- a package to M agents: the server's store, then a URL source (issue 13 §4)
         if args.artifact_agents:
