@@ -1,5 +1,5 @@
 """A webhook receiver for tests: a stdlib HTTP server on 127.0.0.1 in a thread that checks
-each delivery's signature with the snippet docs/webhooks.md gives users (run from the
+each delivery's signature with the snippet docs/operating.md gives users (run from the
 document itself, so the document cannot drift from what the server sends), and answers as
 the test says: 200, an error status, a redirect, a huge body, or not until released."""
 
@@ -10,18 +10,18 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from deploy_core.testing import free_port
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "webhooks.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "operating.md"
 
 
 def documented_verifier() -> Callable[..., bool]:
-    """``verify_signature`` as docs/webhooks.md defines it."""
+    """``verify_signature`` as docs/operating.md defines it."""
     text = DOCS.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     code = next(b for b in blocks if "def verify_signature" in b)
@@ -40,6 +40,7 @@ class Delivery:
     body: bytes
     verified: bool
     answered: int
+    received_at: float = field(default_factory=time.time)
 
     @property
     def payload(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Webhooks end to end (issue 16 §2): a real server and agent as processes, a real HTTP
-receiver on loopback that verifies each signature with the snippet of docs/webhooks.md.
+receiver on loopback that verifies each signature with the snippet of docs/operating.md.
 
 A deployment's finish is delivered once with its payload; a receiver that refuses
 connections, then answers 500, then comes back gets the delivery retried and delivered,

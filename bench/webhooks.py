@@ -1,0 +1,121 @@
+"""Webhooks: what they cost a deployment, and how soon a receiver hears of a finish.
+
+Runs a real server and agent on loopback (SQLite) and sends N deployments of `true` one
+after another three times: with no webhook, with a webhook (deployment.started and
+.finished) to a receiver that answers at once, and with one to a receiver that never
+answers (every attempt runs into the timeout and is retried). Prints each phase's p50/p99
+POST-to-recorded-success time and its ratio to the first phase, and the p50/p99 time from a
+deployment's recorded finish to the receiver getting the signed delivery.
+
+    python bench/webhooks.py [-n 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from webhook_receiver import Receiver
+
+from deploy_core.testing import DeployCenter
+
+SECRET = "bench-secret-0123456789abcdef"
+CONFIG = """
+[webhooks]
+allow_http_hosts = ["127.0.0.1"]
+timeout = 5
+retry_initial = 1
+"""
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def run(center: DeployCenter, n: int) -> tuple[list[float], dict[str, float]]:
+    """N deployments one after another: their POST-to-success times, and each one's
+    recorded finish (epoch seconds) by id."""
+    times, finished = [], {}
+    for _ in range(n):
+        start = time.perf_counter()
+        deploy_id = center.api.deploy("shell", {"client_id": "bench", "script": "true"})[
+            "deploy_id"
+        ]
+        record = center.api.wait(deploy_id, timeout=60)
+        times.append(time.perf_counter() - start)
+        if record["status"] != "success":
+            raise SystemExit(f"deployment {deploy_id} ended {record['status']}")
+        finished[deploy_id] = dt.datetime.fromisoformat(record["finished_at"]).timestamp()
+    return times, finished
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=100, help="deployments per phase (default 100)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "server.toml"
+        config.write_text(CONFIG)
+        center = DeployCenter(Path(tmp) / "center")
+        center.server_args = ["--config", str(config)]
+        fast, dead = Receiver(SECRET), Receiver(SECRET, mode="hold")
+        arrivals: dict[str, float] = {}
+        try:
+            center.start_server()
+            center.start_agent("bench")
+            run(center, 5)  # warm-up
+            bare, _ = run(center, args.n)
+
+            fast.start()
+            hook = center.api.add_webhook(
+                fast.url, ["deployment.started", "deployment.finished"], SECRET
+            )
+            with_hook, finished = run(center, args.n)
+            fast.wait_for(
+                lambda got: sum(d.payload["event"] == "deployment.finished" for d in got) >= args.n,
+                timeout=120,
+            )
+            center.api.remove_webhook(hook["id"])
+
+            # When each finish arrived: the receiver's own clock is this machine's.
+            for d in fast.got:
+                if d.verified and d.payload["event"] == "deployment.finished":
+                    arrivals.setdefault(d.payload["data"]["deploy_id"], d.received_at)
+
+            dead.start()
+            center.api.add_webhook(dead.url, ["deployment.started", "deployment.finished"], SECRET)
+            with_dead, _ = run(center, args.n)
+        finally:
+            dead.stop()
+            fast.stop()
+            center.close()
+    lag = [arrivals[i] - finished[i] for i in finished if i in arrivals]
+    print(f"deployments per phase: {args.n}")
+    b50 = percentile(bare, 50)
+    for name, times in [
+        ("no webhook", bare),
+        ("webhook, receiver answers", with_hook),
+        ("webhook, receiver never answers", with_dead),
+    ]:
+        p50, p99 = percentile(times, 50), percentile(times, 99)
+        print(
+            f"{name:<33} p50 {p50 * 1000:7.1f} ms  p99 {p99 * 1000:7.1f} ms"
+            f"  p50 ratio to no webhook {p50 / b50:.2f}x"
+        )
+    print(
+        f"recorded finish -> receiver got it: p50 {percentile(lag, 50) * 1000:.1f} ms"
+        f"  p99 {percentile(lag, 99) * 1000:.1f} ms  ({len(lag)} of {len(finished)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
