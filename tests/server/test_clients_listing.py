@@ -5,7 +5,11 @@ with ``422`` — on SQLite and PostgreSQL, against a real server with seeded cli
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,28 +18,25 @@ import httpx
 import pytest
 import pytest_asyncio
 from client_seed import client_id, expected, seed_clients
+from test_client_credential_kind import deployctl_clients, http
 
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.http.responses import ClientList
 
 pytestmark = pytest.mark.asyncio
+__all__ = ["http"]  # the admin's HTTP client of test_client_credential_kind, on this server
 COUNT = 230
 
 
 @pytest_asyncio.fixture
-async def http(tmp_path: Path, db_url: str) -> AsyncIterator[httpx.AsyncClient]:
+async def server(tmp_path: Path, db_url: str) -> AsyncIterator[DeployServer]:
     server = DeployServer(
         ServerConfig(state_dir=tmp_path / "server", api_port=0, quic_port=0, db_url=db_url)
     )
     await server.start()
     try:
         seed_clients(db_url, COUNT)
-        async with httpx.AsyncClient(
-            base_url=server.api_url,
-            headers={"Authorization": f"Bearer {server.state.admin_token}"},
-            timeout=30,
-        ) as client:
-            yield client
+        yield server
     finally:
         await server.stop()
 
@@ -187,3 +188,49 @@ async def test_a_cursor_past_the_end_and_one_for_a_forgotten_client(
     after_gone = await get(http, cursor=page["next_cursor"], limit=2)
     assert [c["client_id"] for c in after_gone["clients"]] == [client_id(3), client_id(4)]
     assert after_gone["total"] == COUNT - 1
+
+
+async def test_deployctl_clients_filters_pages_and_shows_labels(
+    server: DeployServer, http: httpx.AsyncClient
+) -> None:
+    # Every client, read a page (of 1,000) at a time: all 230, in order.
+    listed = json.loads(await deployctl_clients(server, "--json"))
+    assert [c["client_id"] for c in listed] == [client_id(n) for n in range(COUNT)]
+    web_eu = expected(COUNT, role="web", zone="eu-1", state="connected")
+    out = await deployctl_clients(
+        server, "list", "--label", "role=web", "--label", "zone=eu-1", "--state", "connected"
+    )
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == web_eu
+    assert all(line.endswith("[role=web,zone=eu-1]") for line in lines), lines[:3]
+    some = await deployctl_clients(server, "--search", "host-01", "--limit", "4")
+    assert [line.split()[0] for line in some.splitlines()[:4]] == [
+        client_id(n) for n in range(100, 104)
+    ]
+    assert some.splitlines()[4] == "(4 of 100 shown: raise --limit or narrow the filters)"
+    limited = json.loads(await deployctl_clients(server, "--json", "--limit", "2"))
+    assert [c["client_id"] for c in limited] == [client_id(0), client_id(1)]
+    assert (await deployctl_clients(server, "--label", "role=none")) == "no client matches\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--label", "role"), "invalid label filter: label selector 'role': expected key=value"),
+        (("--state", "gone"), "'gone' is not one of 'connected', 'disconnected', 'revoked'"),
+        (("--limit", "0"), "0 is not in the range 1<=x<=1000"),
+    ],
+)
+async def test_deployctl_clients_refuses_bad_filters(
+    server: DeployServer, args: tuple[str, ...], words: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_CENTER_")}
+    env["DEPLOY_CENTER_URL"] = server.api_url
+    env["DEPLOY_CENTER_TOKEN"] = server.state.admin_token
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deploy_core.cli", "clients", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode != 0 and not out
+    assert words in err.decode(), err.decode()
