@@ -119,9 +119,12 @@ class Receiver:
                     except OSError:
                         pass
                     return
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"no" if status >= 300 else b"ok")
+                try:
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"no" if status >= 300 else b"ok")
+                except OSError:
+                    pass  # the server gave up waiting (hold) and closed the connection
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -695,6 +695,7 @@ class Webhooks:
         self._in_flight: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.failed_attempts = 0
+        self.dropped = 0
 
     # -- events in
 
@@ -711,7 +712,14 @@ class Webhooks:
         try:
             self._queue.put_nowait(Event(name, key, data))
         except asyncio.QueueFull:
-            log.warning("webhooks: event queue full, %s %s not enqueued", name, key)
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning(
+                    "webhooks: event queue full (the database is too slow to take them): "
+                    "%d events not enqueued so far, the latest %s",
+                    self.dropped,
+                    name,
+                )
 
     def deployment_changed(self, view: dict[str, Any]) -> None:
         """A deployment's record changed (as listeners see it)."""

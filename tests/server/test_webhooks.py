@@ -446,3 +446,19 @@ async def test_a_removed_webhook_gets_nothing_more(tmp_path: Any) -> None:
             assert await asyncio.to_thread(hooks.store.deliveries, made["id"]) == []
     finally:
         receiver.stop()
+
+
+async def test_a_flood_of_events_is_bounded_and_never_blocks(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'hooks.db'}")
+    await asyncio.to_thread(db.upgrade, engine)
+    hooks = Webhooks(engine, SecretBox(), WebhookSettings())  # not running: nothing drains
+    try:
+        with caplog.at_level(logging.WARNING, logger="deploy_core.server.webhooks"):
+            for i in range(Webhooks.QUEUE_SIZE + 2500):
+                hooks.agent_connected(f"web-{i}", "127.0.0.1")  # returns at once, always
+        assert hooks.dropped == 2500
+        assert len(caplog.records) == 3  # the first drop, then one line per 1000
+    finally:
+        engine.dispose()
