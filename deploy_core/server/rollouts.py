@@ -779,7 +779,7 @@ class Rollouts:
                 f"rollout {rollout_id} changed meanwhile (now {now and now['status']}); look again"
             )
         self.wake()
-        await self._publish(rollout_id)
+        await self.publish(rollout_id)
         view = await self.view(rollout_id)
         assert view is not None
         return view
@@ -840,9 +840,10 @@ class Rollouts:
                 return
             except Exception:
                 log.exception("rollout %s: driver step failed", row["rollout_id"])
-            await self._publish(row["rollout_id"])
+            await self.publish(row["rollout_id"])
 
-    async def _publish(self, rollout_id: str) -> None:
+    async def publish(self, rollout_id: str) -> None:
+        """Send the rollout's summary to live subscribers if it changed since last sent."""
         row = await self.db(self.store.get, rollout_id)
         if row is None:
             return

@@ -4,10 +4,12 @@ what ran where on disk, not only what the records say."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +122,8 @@ class LiveRollouts:
             open_timeout=30,
         )
         self.socket = self._connection.__enter__()
+        # The server subscribes the socket before it says hello: nothing after is missed.
+        assert json.loads(self.socket.recv(timeout=30))["type"] == "hello"
         self.events: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -475,6 +479,29 @@ def test_scopes(center: DeployCenter) -> None:
         assert refusal(lambda: reader.request("POST", f"/api/rollouts/{some}/abort")).status == 403
     finally:
         reader.close()
+
+
+def test_secrets_reach_every_target_and_stay_out_of_the_rollout(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    secret = "s3cret-" + uuid.uuid4().hex
+    digest = hashlib.sha256(f"{secret}\n".encode()).hexdigest()
+    rollout_id = start(
+        center,
+        WHO + f'echo "$host-$(echo "$TOKEN" | sha256sum | cut -d" " -f1)" >> {log}',
+        request={"secret_env": {"TOKEN": secret}},
+        targets={"clients": ["web-01", "web-02"]},
+        strategy={"max_parallel": 2},
+    )
+    done = wait_for(center, rollout_id, FINAL, timeout=60)
+    assert done["status"] == "succeeded"
+    assert runs(log) == Counter({f"web-01-{digest}": 1, f"web-02-{digest}": 1})
+    assert done["request"]["secret_env_names"] == ["TOKEN"]
+    assert secret not in json.dumps(done)
+    assert secret not in json.dumps(center.api.request("GET", "/api/rollouts"))
+    stored = b"".join(p.read_bytes() for p in center.server_dir.glob("deploy-center.db*"))
+    assert secret.encode() not in stored  # sealed while it ran, deleted once it ended
 
 
 # Last: it restarts the module's server.

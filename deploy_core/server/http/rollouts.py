@@ -310,6 +310,7 @@ async def create_rollout(request: Request) -> Response:
         created_by=caller.name if caller else "?",
     )
     server.rollouts.wake()
+    await server.rollouts.publish(row["rollout_id"])
     return JSONResponse(
         {
             "rollout_id": row["rollout_id"],
