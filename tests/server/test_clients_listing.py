@@ -21,6 +21,7 @@ from client_seed import client_id, expected, seed_clients
 from test_client_credential_kind import deployctl_clients, http
 
 from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.server.clients import ClientFilter
 from deploy_core.server.http.responses import ClientList
 
 pytestmark = pytest.mark.asyncio
@@ -234,3 +235,34 @@ async def test_deployctl_clients_refuses_bad_filters(
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode != 0 and not out
     assert words in err.decode(), err.decode()
+
+
+async def test_the_fingerprint_changes_with_the_list_not_with_heartbeats(
+    server: DeployServer,
+) -> None:
+    """What the live feed compares each second instead of reading every client."""
+    records = server.records
+    seen = [records.clients_fingerprint()]
+
+    def changed() -> bool:
+        seen.append(records.clients_fingerprint())
+        return seen[-1] != seen[-2]
+
+    records.touch_clients({client_id(1): 1e9, client_id(2): 1e9})  # heartbeats: not news
+    assert not changed()
+    records.set_disconnected(client_id(1), last_seen=1e9)  # another server's client: no-op
+    assert not changed()
+    await asyncio.sleep(0.01)  # times move on, as between two real events
+    records.set_connected(client_id(8), remote="10.9.9.9:1", capabilities={}, labels={})
+    assert changed()
+    records.set_disconnected(client_id(8), last_seen=1e9)
+    assert changed()
+    assert records.revoke_client(client_id(3))
+    assert changed()
+    assert records.forget_client(client_id(3))
+    assert changed()
+    assert records.enroll("newcomer", public_key="ab" * 32)
+    assert changed()
+    summary = records.summarize_clients(ClientFilter())
+    assert summary["total"] == COUNT
+    assert summary["states"]["disconnected"] == len(expected(COUNT, state="disconnected")) + 2
