@@ -377,3 +377,20 @@ def test_a_metrics_token_is_refused_on_every_api_route_and_the_live_socket(
             return closed.value.rcvd.code
 
     assert asyncio.run(live()) == 4403
+
+
+def test_deployctl_makes_a_metrics_token_that_scrapes(center: DeployCenter) -> None:
+    from click.testing import CliRunner
+
+    from deploy_core.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        ["token", "create", "scraper", "--scope", "metrics", "--state-dir", str(center.server_dir)],
+    )
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    types, _samples = server_metrics(center, token)
+    assert types["deploy_center_deployments_finished"] == "counter"
+    listed = {t["name"]: t["scope"] for t in center.api.request("GET", "/api/tokens")["tokens"]}
+    assert listed["scraper"] == "metrics"
