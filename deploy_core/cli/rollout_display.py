@@ -3,6 +3,7 @@ and the live version of it that ``deployctl rollout … --wait`` shows (docs/rol
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections import Counter
@@ -152,6 +153,14 @@ def render(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _terminal_width() -> int:
+    """Columns of the terminal stderr is (the display's), else what shutil finds."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return shutil.get_terminal_size().columns
+
+
 def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[str, Any]:
     """Show the rollout live on stderr until it ends (redrawn in place on a terminal, the
     lines that changed otherwise), then its summary and failing hosts on stdout; the final
@@ -174,7 +183,7 @@ def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[s
             outage.clear()
             lines = render(record)
             if tty:  # one screen row per line, so that moving up len(shown) rows is right
-                width = shutil.get_terminal_size().columns - 1
+                width = _terminal_width() - 1
                 lines = [line if len(line) <= width else line[: width - 1] + "…" for line in lines]
                 up = f"\033[{len(shown)}A" if shown else ""
                 click.echo(up + "\r\033[J" + "\n".join(lines), err=True)

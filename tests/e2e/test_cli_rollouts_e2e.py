@@ -11,12 +11,17 @@ it finish; ``abort`` ends one and a second ``abort`` says it already ended.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import re
+import select
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -167,13 +172,18 @@ def test_a_failing_rollout_exits_1_lists_the_failing_host_and_rolls_back(
     assert first["rollback_id"] in undone  # the rollback ran on the host
 
 
+def rollout_argv(*args: str) -> list[str]:
+    """``deployctl rollout shell --wait --wait-timeout 300 ARGS`` as a process's argv."""
+    return [sys.executable, "-m", "deploy_core.cli", "rollout", "shell", *WAIT, *args]
+
+
 class WaitingCli:
     """``deployctl rollout shell ARGS --wait`` left running in the background, its stderr
     read line by line as it comes (a context manager: killed if still running at the end)."""
 
     def __init__(self, center: DeployCenter, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy_core.cli", "rollout", "shell", *args, *WAIT],
+            rollout_argv(*args),
             env=center.cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -317,6 +327,64 @@ def test_a_rollout_id_is_one_path_segment_whatever_is_typed(center: DeployCenter
         assert "HTTP 404" in done.stderr and "Traceback" not in done.stderr
     assert center.api.rollout(rollout_id)["status"] == "paused"
     assert center.deployctl("rollout", "abort", rollout_id).returncode == 0
+
+
+def test_on_a_terminal_the_display_is_redrawn_in_place_within_its_width(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    """stderr on a pseudo-terminal 60 columns wide: each frame moves up exactly the rows
+    the one before took, and no line is wider than the terminal (a wrapped line would
+    take two rows and the redraw would climb into what was printed above)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    # Batches of one, each host waiting for its own file.
+    script, env = HOLD_UNTIL_GO.replace("go", "go-$DEPLOY_ID"), ("--env", f"DIR={tmp_path}")
+    proc = subprocess.Popen(
+        rollout_argv("--selector", "role=web", "--batch", "1", "--script", script, *env),
+        env=center.cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    seen = bytearray()
+    try:
+        rollout_id = _newest_active(center)
+        for batch in range(3):  # let each host go only after the CLI has had time to show it
+            target = _wait_for(
+                center,
+                rollout_id,
+                f"running batch {batch + 1}",
+                lambda r, b=batch: r["batches"][b]["targets"][0]["deploy_id"] is not None,
+            )["batches"][batch]["targets"][0]
+            end = time.monotonic() + 60
+            while f">batch {batch + 1}/3".encode() not in seen:
+                assert time.monotonic() < end, seen.decode(errors="replace")
+                if select.select([master], [], [], 0.2)[0]:
+                    seen += os.read(master, 65536)
+            (tmp_path / f"go-{target['deploy_id']}").touch()
+        end = time.monotonic() + 120
+        while proc.poll() is None or select.select([master], [], [], 0.2)[0]:
+            assert time.monotonic() < end, seen.decode(errors="replace")
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:  # EIO: the other end is closed
+                    break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        os.close(master)
+    assert proc.returncode == 0
+    parts = re.split(r"(?:\x1b\[(\d+)A)?\r\x1b\[J", seen.decode().replace("\r\n", "\n"))
+    frames = [part.rstrip("\n").split("\n") for part in parts[2::2]]
+    ups = parts[3::2]
+    assert len(frames) >= 3, parts
+    for before, up in zip(frames, ups, strict=False):
+        assert up is not None and int(up) == len(before)
+    for frame in frames:
+        assert all(len(line) <= 59 for line in frame), frame
+    assert any(line.endswith("…") for frame in frames for line in frame)  # cut, not wrapped
 
 
 def test_rollout_tar_uploads_once_and_takes_the_deploy_commands_options(
