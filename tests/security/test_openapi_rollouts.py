@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from test_openapi import Api, api, server_caps
@@ -58,3 +59,42 @@ def test_rollout_answers_have_the_documented_shapes(api: Api) -> None:
 
     client = http.get("/api/clients/roll-2").json()
     assert client["labels"] == {"role": "db"}
+
+
+def test_hostile_rollout_bodies_are_refused_with_reasons(api: Api) -> None:
+    http = api.http
+    ok = {"type": "shell", "request": {"script": "true"}, "targets": {"clients": ["x-1"]}}
+    cases = [
+        [],
+        "rollout",
+        {**ok, "type": "../shell"},
+        {**ok, "type": None},
+        {**ok, "request": ["script"]},
+        {**ok, "targets": ["x-1"]},
+        {**ok, "targets": {"clients": [f"c-{i}" for i in range(10_001)]}},
+        {**ok, "targets": {"clients": ["x-1\n"]}},
+        {**ok, "targets": {"selector": {f"k{i}": "v" for i in range(33)}}},
+        {**ok, "targets": {"selector": {"role": ["web"]}}},
+        {**ok, "targets": {"selector": {"role": "web\u0000"}}},
+        {**ok, "strategy": []},
+        {**ok, "strategy": {"batch_size": "1e9%"}},
+        {**ok, "strategy": {"batch_size": 10**12}},
+        {**ok, "strategy": {"max_failures": "NaN%"}},
+        {**ok, "strategy": {"progress_deadline": float("inf")}},
+        {**ok, "strategy": {"progress_deadline": "1e9h"}},
+        {**ok, "extra": 1},
+    ]
+    for body in cases:
+        content = json.dumps(body, allow_nan=True).encode()
+        answer = http.post(
+            "/api/rollouts", content=content, headers={"content-type": "application/json"}
+        )
+        assert answer.status_code in (400, 413, 422), (body if len(content) < 200 else "", answer)
+        api.check(answer, "/api/rollouts", "post")
+    assert http.post("/api/rollouts", content=b"{").status_code == 400
+    long_id = "a" * 5000
+    assert http.get(f"/api/rollouts/{long_id}").status_code == 404
+    assert http.post(f"/api/rollouts/{long_id}/abort").status_code == 404
+    assert http.post("/api/rollouts/x/explode").status_code in (404, 405)
+    assert http.get("/api/rollouts?limit=0").status_code == 422
+    assert http.get("/api/rollouts?active=maybe").status_code == 422
