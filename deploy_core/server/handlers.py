@@ -39,9 +39,7 @@ async def handle_status_report(ctx: EventContext) -> None:
     except ValidationError as exc:
         raise EventRejected(f"malformed deploy.status: {exc}") from None
     records, client_id = ctx.server.records, ctx.client_id
-    applied = await ctx.server.ingest.submit(
-        lambda conn: records.apply_report_in(conn, client_id, report)
-    )
+    applied = await ctx.server.ingest.submit_grouped(records.apply_reports_in, (client_id, report))
     if applied.record is None:
         raise EventRejected(not_yours(client_id, [report.deploy_id]))
     if applied.applied:

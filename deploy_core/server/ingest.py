@@ -8,6 +8,9 @@ piece of work (a function of a database connection, e.g.
 :meth:`~deploy_core.server.records.RecordStore.apply_report_in`) and waits; one writer takes
 whatever is queued, up to :attr:`Ingest.max_batch` pieces, runs them in one transaction on its
 own thread, and hands each its result once that transaction has committed.
+:meth:`Ingest.submit_grouped` queues work that is cheaper done for many at once (status
+reports: one read, one ``UPDATE`` and one ``INSERT`` for a run of them,
+:meth:`~deploy_core.server.records.RecordStore.apply_reports_in`).
 
 - **Latency.**  An idle writer commits what it finds at once: a lone agent's event waits for
   no timer.  While one transaction runs, the next batch gathers in the queue; only when the
@@ -44,6 +47,7 @@ from sqlalchemy.engine import Connection, Engine
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 #: Pieces in one transaction at most.
 MAX_BATCH = 512
@@ -88,9 +92,12 @@ class IngestStats:
 
 @dataclass
 class _Piece(Generic[T]):
-    work: Callable[[Connection], T]
+    work: Callable[[Connection], T] | None
     future: asyncio.Future[T]
     queued: float
+    #: For :meth:`Ingest.submit_grouped`: the function applying many, and this one's part.
+    many: Callable[[Connection, list[Any]], list[T]] | None = None
+    arg: Any = None
 
 
 class Ingest:
@@ -139,11 +146,25 @@ class Ingest:
         :raises Exception: whatever ``work`` (or the commit of its own transaction) raised;
             nothing of it was stored.
         """
+        return await self._submit(_Piece(work, self._future(), time.monotonic()))
+
+    async def submit_grouped(self, many: Callable[[Connection, list[A]], list[T]], arg: A) -> T:
+        """Like :meth:`submit`, for work that is cheaper done for many at once: pieces
+        queued one after another with the same ``many`` run as one call
+        ``many(conn, [arg, ...])``, which returns their results in order (e.g.
+        :meth:`~deploy_core.server.records.RecordStore.apply_reports_in`).  ``many`` must give
+        what calling it for each ``arg`` alone, in order, would."""
+        piece: _Piece[T] = _Piece(None, self._future(), time.monotonic(), many, arg)
+        return await self._submit(piece)
+
+    def _future(self) -> asyncio.Future[Any]:
         if self._closed or self._task is None:
             raise IngestClosed("the server is shutting down")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Piece(work, future, time.monotonic()))
-        return await future
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, piece: _Piece[T]) -> T:
+        await self._queue.put(piece)
+        return await piece.future
 
     async def close(self) -> None:
         """Take no more work, commit what is queued, stop the writer."""
@@ -207,7 +228,7 @@ class Ingest:
         """Run ``batch`` in one transaction; on failure, each piece in its own."""
         try:
             with self.engine.begin() as conn:
-                results = [piece.work(conn) for piece in batch]
+                results = _apply(conn, batch)
         except Exception as exc:
             if len(batch) == 1:
                 self.stats.failed += 1
@@ -244,3 +265,26 @@ class Ingest:
                 stats.failed,
             )
         return stats.committed, stats.batches
+
+
+def _apply(conn: Connection, batch: list[_Piece[Any]]) -> list[Any]:
+    """The results of ``batch``'s pieces, in order; a run of grouped pieces with the same
+    function in one call."""
+    results: list[Any] = []
+    start = 0
+    while start < len(batch):
+        piece = batch[start]
+        if piece.many is None:
+            assert piece.work is not None
+            results.append(piece.work(conn))
+            start += 1
+            continue
+        stop = start + 1
+        while stop < len(batch) and batch[stop].many == piece.many:
+            stop += 1
+        out = piece.many(conn, [p.arg for p in batch[start:stop]])
+        if len(out) != stop - start:
+            raise RuntimeError(f"{piece.many!r} gave {len(out)} results for {stop - start}")
+        results += out
+        start = stop
+    return results

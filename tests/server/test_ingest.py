@@ -9,6 +9,7 @@ queued while it is held goes into the next transaction together.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from ingest_gate import WAIT, Gate, queued
 from sqlalchemy.engine import Connection
 
-from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
+from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport, LogLine
 from deploy_core.server.db import make_engine, status_history, upgrade
 from deploy_core.server.ingest import Ingest, IngestClosed
 from deploy_core.server.records import RecordStore
@@ -235,3 +236,66 @@ def test_bad_limits_are_refused(store: RecordStore) -> None:
     for kwargs in ({"max_batch": 0}, {"max_queued": 0}, {"linger": -1.0}):
         with pytest.raises(ValueError):
             Ingest(store.engine, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_reports_applied_together_give_what_one_by_one_gives(db_url: str, seed: int) -> None:
+    """apply_reports_in (one read, one UPDATE, one INSERT for many) against apply_report_in
+    for each, on twin deployments: duplicates, old and out-of-order seqs, other clients',
+    unknown and finished deployments, logs past the byte limit."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    store = RecordStore(engine, server_id="s1", max_log_bytes=300)
+    rng = random.Random(seed)
+    try:
+        for n in range(5):
+            for world in "ab":
+                create(store, f"{world}{n}", f"{world}-c{n}")
+        for world in "ab":  # one finished before the reports come
+            done = DeployCallbackPayload(
+                callback_id=f"{world}4", command_type=SHELL, deploy_type="shell",
+                status=DeployStatus.FAILED, success=False,
+            )  # fmt: skip
+            store.finish(f"{world}-c4", done)
+        items = []
+        for _ in range(80):
+            n = rng.randrange(6)  # 5: a deployment nobody has
+            owner = rng.random() < 0.85
+            seq = rng.randrange(12)
+            lines = [LogLine(line="x" * rng.randrange(1, 60)) for _ in range(rng.randrange(3))]
+            items.append((n, owner, seq, lines))
+
+        def item(world: str, n: int, owner: bool, seq: int, lines: list[LogLine]) -> Any:
+            client = f"{world}-c{n if owner else (n + 1) % 5}"
+            rep = report(f"{world}{n}", seq).model_copy(update={"logs": lines})
+            return client, rep
+
+        one_by_one = [store.apply_report(*item("a", *i)) for i in items]
+        with engine.begin() as conn:
+            together = store.apply_reports_in(conn, [item("b", *i) for i in items])
+
+        def same(applied: Any) -> tuple[Any, ...]:
+            rec = applied.record
+            view = None
+            if rec is not None:
+                view = tuple(rec[k] for k in ("status", "stage", "progress", "last_seq",
+                                              "log_bytes", "log_truncated"))  # fmt: skip
+            return applied.applied, applied.previous, view
+
+        assert [same(x) for x in one_by_one] == [same(x) for x in together]
+        for n in range(5):
+            a, b = store.get(f"a{n}"), store.get(f"b{n}")
+            assert a is not None and b is not None
+            keys = ("status", "stage", "progress", "last_seq", "log_bytes", "log_truncated")
+            assert [a[k] for k in keys] == [b[k] for k in keys], n
+            history = [
+                [(h["seq"], h["status"], h["stage"], h["progress"], h["message"], h["source"])
+                 for h in store.history(f"{world}{n}")]
+                for world in "ab"
+            ]  # fmt: skip
+            assert history[0] == history[1], n
+            logs = [[line["line"] for line in store.logs(f"{w}{n}")] for w in "ab"]
+            assert logs[0] == logs[1], n
+        assert any(x.applied for x in together) and any(x.record is None for x in together)
+    finally:
+        engine.dispose()

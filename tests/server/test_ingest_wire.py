@@ -147,7 +147,7 @@ async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions
         ]
         await queued(server.ingest, AGENTS)  # every command ACK waits behind the plug
         gate.open()
-        await asyncio.wait_for(asyncio.gather(*running), WAIT * 2)
+        await asyncio.wait_for(asyncio.gather(*running), WAIT * 4)
         await plug
 
     records = server.records
@@ -191,16 +191,16 @@ async def test_a_report_failing_in_a_batch_is_not_acknowledged_and_the_others_ar
     agents = await enrolled(server, 4)
     (_k0, plug_deploy), (_k1, bad_deploy) = agents["agent-000"], agents["agent-001"]
     records = server.records
-    apply_report_in = records.apply_report_in
+    apply_reports_in = records.apply_reports_in
     broken = True
 
-    def failing(conn: Any, client_id: str, report: DeployStatusReport) -> Any:
-        applied = apply_report_in(conn, client_id, report)
-        if broken and report.deploy_id == bad_deploy:
+    def failing(conn: Any, reports: list[tuple[str, DeployStatusReport]]) -> Any:
+        applied = apply_reports_in(conn, reports)
+        if broken and any(report.deploy_id == bad_deploy for _c, report in reports):
             raise RuntimeError("the disk is gone")  # after its writes: they must not stay
         return applied
 
-    monkeypatch.setattr(records, "apply_report_in", failing)
+    monkeypatch.setattr(records, "apply_reports_in", failing)
     gate = Gate(server.ingest)
     async with contextlib.AsyncExitStack() as stack:
         peers = {
