@@ -98,6 +98,13 @@ def database_url(db_url: str | None, state_dir: Path) -> str:
     return db_url
 
 
+def page_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--limit`` (1-500, default 20) and ``--offset`` of a listing command, as the API's
+    paginated lists take them."""
+    fn = click.option("--offset", type=click.IntRange(0), default=0)(fn)
+    return click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)(fn)
+
+
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 

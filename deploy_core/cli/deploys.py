@@ -17,6 +17,7 @@ import click
 from deploy_core.cli.common import (
     echo_json,
     follow,
+    page_options,
     print_outcome,
     progress_bar,
     submit_and_follow,
@@ -182,8 +183,7 @@ def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> N
 @click.option("--client", "client_id", default=None, help="only this client's deployments")
 @click.option("--status", default=None, help="only deployments in this status")
 @click.option("--running", is_flag=True, help="only unfinished deployments")
-@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
-@click.option("--offset", type=click.IntRange(0), default=0)
+@page_options
 @click.option("--json", "as_json", is_flag=True)
 @with_api
 def list_cmd(

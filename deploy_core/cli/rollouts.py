@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from deploy_core.cli.common import SUBMITTER, echo_json, with_api
+from deploy_core.cli.common import SUBMITTER, echo_json, page_options, with_api
 from deploy_core.cli.groups import deploy, main
 from deploy_core.cli.rollout_display import follow_rollout, print_rollout_outcome, summary_line
 from deploy_core.cli.rollout_options import (
@@ -197,8 +197,7 @@ def rollout_status(
     help="only rollouts in this status",
 )
 @click.option("--active", is_flag=True, help="only unfinished rollouts")
-@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
-@click.option("--offset", type=click.IntRange(0), default=0)
+@page_options
 @click.option("--json", "as_json", is_flag=True)
 @with_api
 def rollout_list(
