@@ -125,6 +125,13 @@ class WebhookSettings:
             raise ValueError("concurrency must be 1 to 64")
         if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:
             raise ValueError("max_response_bytes must be 1024 to 16777216")
+        if self.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"ca_file {self.ca_file}: no CA certificates read ({exc})"
+                ) from None
 
     @classmethod
     def from_table(cls, table: Any) -> WebhookSettings:

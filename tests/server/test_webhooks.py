@@ -69,6 +69,7 @@ def test_acceptable_urls(url: str) -> None:
         ("https://example.com/#frag", "fragment"),
         ("https://example.com/a b", "spaces"),
         ("https://example.com/\x00", "control"),
+        ("https://example.com/\r\nX-Injected: 1", "control"),
         ("https://exämple.com/", "ASCII"),
         ("https://example.com:0/", "port"),
         ("https://example.com:99999/", "not valid"),
@@ -104,6 +105,8 @@ def test_events_are_checked_and_ordered() -> None:
         ({"max_response_bytes": 10}, "1024"),
         ({"retry_initial": True}, "number of seconds"),
         ({"retries": 3}, "no setting retries"),
+        ({"ca_file": "/nonexistent/ca.pem"}, "no CA certificates read"),
+        ({"ca_file": "/etc/hostname"}, "no CA certificates read"),
     ],
 )
 def test_bad_settings_are_refused(table: dict[str, Any], why: str) -> None:
