@@ -200,6 +200,14 @@ def test_a_deploy_command_with_an_option_named_like_a_rollout_option_gets_no_rol
     assert "deployctl deploy odd has options named like rollout options (batch)" in caplog.text
 
 
+def test_a_group_under_deploy_gets_no_rollout_command() -> None:
+    @click.group("things")
+    def things() -> None:
+        """Several commands."""
+
+    assert rollout_command(things) is None
+
+
 def test_a_deploy_command_that_does_not_submit_through_the_helper_is_not_faked() -> None:
     derived = rollout_command(_hostile_command())
     assert derived is not None

@@ -83,13 +83,16 @@ def submit_rollout(
 
 
 def rollout_command(deploy_command: click.Command) -> click.Command | None:
-    """``deployctl rollout NAME`` made from ``deployctl deploy NAME``; ``None`` (with a
-    warning) when that command has an option of the same name as a rollout option."""
+    """``deployctl rollout NAME`` made from ``deployctl deploy NAME``; ``None`` for a group
+    or a command without code, and (with a warning) for one with an option named like a
+    rollout option."""
+    if isinstance(deploy_command, click.Group) or deploy_command.callback is None:
+        return None
     own = [p for p in deploy_command.params if p.name not in ("client_id", "wait", "wait_timeout")]
     added = TARGET_OPTIONS + STRATEGY_OPTIONS + WAIT_OPTIONS
     taken = {opt for p in added for opt in p.opts} | {p.name for p in added}
     clashes = [p.name for p in own if p.name in taken or set(p.opts) & taken]
-    if clashes or deploy_command.callback is None:
+    if clashes:
         log.warning(
             "deployctl deploy %s has options named like rollout options (%s): "
             "no deployctl rollout %s",
