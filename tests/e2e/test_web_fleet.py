@@ -302,3 +302,55 @@ def test_a_rollout_seen_and_promoted_from_the_page(
     browser.screenshot(shot)
     print(f"screenshot: {shot}")
     assert browser.problems() == []
+
+
+def test_a_rollout_paused_resumed_and_aborted_from_the_page(
+    center: DeployCenter, browser: Browser
+) -> None:
+    sign_in(browser, center, admin_token(center))
+    rollout_id = center.api.request(
+        "POST",
+        "/api/rollouts",
+        json={
+            "type": "shell",
+            "request": {"script": "sleep 3; echo slow", "timeout": 60},
+            "targets": {"clients": AGENTS},
+            "strategy": {"max_parallel": 1},
+        },
+    )["rollout_id"]
+    browser.js(f"location.hash = '#rollout/{rollout_id}'")
+    status = "document.getElementById('r-status').textContent"
+    browser.wait_for(f"{status} === 'running'", timeout=30, what="the rollout running")
+    browser.click("#r-pause")
+    browser.wait_for(f"{status} === 'paused'", what="paused by the operator")
+    assert "paused by an operator" in browser.js("document.getElementById('r-paused').textContent")
+    assert browser.js("document.getElementById('r-promote').hidden") is True
+    browser.click("#r-resume")
+    browser.wait_for(f"{status} === 'running'", what="running again")
+    # A button the view still showed after the rollout moved on: the API's 409, as written.
+    browser.js("document.getElementById('r-promote').hidden = false")
+    browser.click("#r-promote")
+    browser.wait_for("!document.getElementById('r-action-error').hidden", what="the refusal")
+    shown = browser.js("document.querySelector('#r-action-error .message').textContent")
+    refused = httpx.post(
+        f"{center.api.url}/api/rollouts/{rollout_id}/promote",
+        headers={"Authorization": f"Bearer {admin_token(center)}"},
+    )
+    assert refused.status_code == 409 and shown == refused.json()["error"]
+    assert browser.js("document.querySelector('#r-action-error .where').textContent") == (
+        f"POST /api/rollouts/{rollout_id}/promote \u2192 409"
+    )
+    browser.js("window.confirm = () => true")  # the operator says yes
+    browser.click("#r-abort")
+    browser.wait_for(f"{status} === 'aborted'", what="the rollout aborted")
+    chips = "[...document.querySelectorAll('#r-batches .chip')].map(c => c.dataset.status)"
+    browser.wait_for(f"{chips}.includes('skipped')", what="targets never started: skipped")
+    final = center.api.request("GET", f"/api/rollouts/{rollout_id}")
+    assert final["status"] == "aborted"
+    for name in ("r-pause", "r-resume", "r-promote", "r-abort"):
+        assert browser.js(f"document.getElementById('{name}').hidden") is True, name
+    # The 409 above is in the browser's log; nothing else went wrong.
+    assert browser.problems() == [
+        "Failed to load resource: the server responded with a status of 409 (Conflict)"
+    ]
+    browser.events.clear()
