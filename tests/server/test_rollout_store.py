@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 
 from deploy_core.server import db
+from deploy_core.server.callbacks import Listeners
 from deploy_core.server.rollouts import (
     ABORTED,
     PAUSED,
     PENDING,
     RUNNING,
+    Rollouts,
     RolloutStore,
     resolve_strategy,
 )
@@ -68,3 +70,32 @@ def test_status_changes_compare_and_set(db_url: str) -> None:
     assert [h["status"] for h in store.history(rid)] == [PENDING, RUNNING, PAUSED, ABORTED]
     items, total = store.page(status=None, active=True, limit=10, offset=0)
     assert total == 0 and items == []
+
+
+async def test_only_the_lease_holder_drives(db_url: str) -> None:
+    store = make_store(db_url)
+    row = store.create(
+        kind="shell",
+        command_type="deploy.shell",
+        request={"params": {"script": "true"}},
+        deadline_seconds=60,
+        secret_env={},
+        selector=None,
+        strategy=resolve_strategy({}, 2),
+        strategy_asked={},
+        client_ids=["forgotten-1", "forgotten-2"],  # not enrolled (any more)
+        created_by="test",
+    )
+    rid = row["rollout_id"]
+    # Nothing here submits a deployment: the clients are gone, so no Deployments is needed.
+    a = Rollouts(store, None, Listeners(), owner="a")  # type: ignore[arg-type]
+    b = Rollouts(store, None, Listeners(), owner="b")  # type: ignore[arg-type]
+    assert store.take_lease("a")
+    await b.drive_once()
+    assert store.get(rid)["status"] == PENDING and not b.holding  # type: ignore[index]
+    await a.drive_once()
+    await a.drive_once()
+    done = store.get(rid)
+    assert done is not None and done["status"] == "succeeded"
+    targets = store.targets([rid])[rid]
+    assert [(t.state, t.row["error"]) for t in targets] == [("skipped", "no longer enrolled")] * 2
