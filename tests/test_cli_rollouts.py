@@ -8,6 +8,9 @@ The commands against a real server and agents are in tests/e2e/test_cli_rollouts
 from __future__ import annotations
 
 import copy
+import re
+import shlex
+from pathlib import Path
 from typing import Any
 
 import click
@@ -402,3 +405,32 @@ def test_a_fleet_in_many_batches_folds_alike_batches_into_one_line() -> None:
     ]
     # Up to SHOWN_BATCHES, every batch has its line.
     assert len(batch_lines({**record, "batches": batches[:12]})) == 12
+
+
+def _guide_commands() -> list[list[str]]:
+    """The ``deployctl rollout …`` commands of docs/rollouts.md's shell blocks (optional
+    parts' brackets dropped, comments dropped, ``;`` separating commands)."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "rollouts.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", guide, re.S):
+        text = block.replace("\\\n", " ").replace("[", " ").replace("]", " ")
+        for line in text.splitlines():
+            for part in line.split("#")[0].split(";"):
+                words = shlex.split(part)
+                if words[:2] == ["deployctl", "rollout"]:
+                    commands.append(words[1:])
+    return commands
+
+
+GUIDE = _guide_commands()
+
+
+def test_the_guide_shows_rollout_commands() -> None:
+    assert len(GUIDE) >= 6, GUIDE
+
+
+@pytest.mark.parametrize("args", GUIDE, ids=[" ".join(a[:2]) for a in GUIDE])
+def test_a_rollout_command_in_the_guide_exists_with_its_options(args: list[str]) -> None:
+    # Everything before --help is parsed (an unknown option is an error); nothing is sent.
+    result = CliRunner().invoke(main, [*args, "--help"])
+    assert result.exit_code == 0, result.output
