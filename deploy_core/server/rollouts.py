@@ -202,7 +202,7 @@ class Target:
         if self.row["state"] in (T_SKIPPED, T_FAILED):
             return str(self.row["state"])
         if self.row["state"] == T_RUNNING:
-            return T_FAILED  # its deployment was deleted: nothing to wait for
+            return T_DONE  # its deployment was deleted since (retention): nothing to wait for
         return T_WAITING
 
     @property
