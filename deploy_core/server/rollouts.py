@@ -312,14 +312,29 @@ class RolloutStore:
             return [row_dict(r) for r in rows]
 
     def page(
-        self, *, status: str | None, active: bool, limit: int, offset: int
+        self,
+        *,
+        status: str | None,
+        active: bool,
+        limit: int,
+        offset: int,
+        client_id: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
-        """Rollouts, newest first, and how many match."""
+        """Rollouts (those with ``client_id`` among their targets), newest first, and how
+        many match."""
         conditions = []
         if status is not None:
             conditions.append(rollouts.c.status == status)
         if active:
             conditions.append(rollouts.c.status.in_(ACTIVE))
+        if client_id is not None:
+            conditions.append(
+                rollouts.c.rollout_id.in_(
+                    sa.select(rollout_targets.c.rollout_id).where(
+                        rollout_targets.c.client_id == client_id
+                    )
+                )
+            )
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(rollouts)

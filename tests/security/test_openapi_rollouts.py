@@ -39,6 +39,10 @@ def test_rollout_answers_have_the_documented_shapes(api: Api) -> None:
     assert view["strategy"]["offline_timeout"] == 600
     listing = api.check(http.get("/api/rollouts?active=1&limit=5"), "/api/rollouts")
     assert rollout_id in [item["rollout_id"] for item in listing["items"]]
+    mine = api.check(http.get("/api/rollouts?client_id=roll-1"), "/api/rollouts")
+    assert [item["rollout_id"] for item in mine["items"]] == [rollout_id]
+    assert api.check(http.get("/api/rollouts?client_id=roll-2"), "/api/rollouts")["total"] == 0
+    assert http.get("/api/rollouts?client_id=../x").status_code == 422
     api.check(http.post(f"/api/rollouts/{rollout_id}/pause"), path + "/pause", "post")
     promote = http.post(f"/api/rollouts/{rollout_id}/promote")
     assert promote.status_code == 409

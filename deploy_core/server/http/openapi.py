@@ -227,6 +227,8 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
         _query("status", {"type": "string", "enum": list(ROLLOUT_STATUSES)},
                "only rollouts in this status"),
         _query("active", FLAG, "only rollouts not ended"),
+        _query("client_id", {"type": "string", "pattern": ID_PATTERN},
+               "only rollouts with this client among their targets"),
         LIMIT,
         _query("offset", _integer(0, 10**9, 0), "rollouts to skip"),
     )),

@@ -334,15 +334,20 @@ async def get_rollout(request: Request) -> Response:
 
 
 async def list_rollouts(request: Request) -> Response:
-    """``GET /api/rollouts?status=&active=1&limit=&offset=`` — rollouts, newest first."""
+    """``GET /api/rollouts?status=&active=1&client_id=&limit=&offset=`` — rollouts, newest
+    first."""
     server = services(request)
     status = request.query_params.get("status")
     if status is not None and status not in STATUSES:
         raise ApiError(422, f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
+    client_id = request.query_params.get("client_id")
+    if client_id is not None and not re.fullmatch(ID_PATTERN, client_id):
+        raise ApiError(422, f"invalid client_id {client_id[:80]!r}")
     limit = int_param(request, "limit", 50, 1, 500)
     offset = int_param(request, "offset", 0, 0, 10**9)
     rows, total = await server.db(
         server.rollouts.store.page,
+        client_id=client_id,
         status=status,
         active=flag_param(request, "active"),
         limit=limit,
