@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -54,10 +55,18 @@ class Receiver:
     ``drip`` (200, then its body a byte every 0.2 s, for at most 60 s) or ``hold`` (answers
     when :attr:`release` is set, at most 60 s later)."""
 
-    def __init__(self, secret: str, port: int | None = None, mode: str = "ok") -> None:
+    def __init__(
+        self,
+        secret: str,
+        port: int | None = None,
+        mode: str = "ok",
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """:param tls: a certificate and key file: serve https:// with them."""
         self.secret = secret.encode()
         self.port = port or free_port()
         self.mode = mode
+        self.tls = tls
         self.got: list[Delivery] = []
         self.holding = threading.Event()
         self.release = threading.Event()
@@ -67,7 +76,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/hook"
 
     def start(self) -> Receiver:
         receiver = self
@@ -130,6 +139,10 @@ class Receiver:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self

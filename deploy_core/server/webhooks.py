@@ -663,12 +663,14 @@ def _transport_error(exc: Exception) -> str:
     for _ in range(8):
         if cause is None:
             break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"{type(exc).__name__}: TLS: {cause.verify_message} ({cause.reason})"
+        if isinstance(cause, ssl.SSLError):  # an OSError too, with a misleading errno
+            return f"{type(exc).__name__}: TLS: {cause.reason or cause}"
         if isinstance(cause, socket.gaierror):
             return f"{type(exc).__name__}: cannot resolve the host ({cause.strerror})"
         if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
             return f"{type(exc).__name__}: {os.strerror(cause.errno).lower()}"
-        if isinstance(cause, ssl.SSLError):
-            return f"{type(exc).__name__}: TLS: {cause.reason or cause}"
         cause = cause.__cause__ or cause.__context__
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

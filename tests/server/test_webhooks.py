@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from deploy_core.server.webhooks import (
     check_url,
     signature,
 )
+from deploy_core.transport.certs import ensure_server_certs
 
 SECRET = "whsec-unit-0f1e2d3c4b5a69788796a5b4"
 ALLOW = ("127.0.0.1",)
@@ -279,6 +281,7 @@ def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_ends(
 
 @asynccontextmanager
 async def running(settings: WebhookSettings, tmp_path: Any) -> AsyncIterator[Webhooks]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     engine = db.make_engine(f"sqlite:///{tmp_path / 'hooks.db'}")
     await asyncio.to_thread(db.upgrade, engine)
     hooks = Webhooks(engine, SecretBox(), settings)
@@ -304,11 +307,15 @@ async def wait_row(
 
 
 async def settle(
-    tmp_path: Any, mode: str, settings: WebhookSettings, query: str = ""
+    tmp_path: Any,
+    mode: str,
+    settings: WebhookSettings,
+    query: str = "",
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[dict[str, Any], Receiver]:
     """Send one event to a receiver answering as ``mode`` until its delivery is delivered or
     failed; that delivery's log entry, and the receiver (stopped)."""
-    receiver = Receiver(SECRET, mode=mode).start()
+    receiver = Receiver(SECRET, mode=mode, tls=tls).start()
     try:
         async with running(settings, tmp_path) as hooks:
             made = await asyncio.to_thread(
@@ -465,3 +472,17 @@ async def test_a_flood_of_events_is_bounded_and_never_blocks(
         assert len(caplog.records) == 3  # the first drop, then one line per 1000
     finally:
         engine.dispose()
+
+
+async def test_https_targets_are_verified_against_the_configured_cas(tmp_path: Path) -> None:
+    certs = ensure_server_certs(tmp_path / "receiver-ca", hostnames=("127.0.0.1",))
+    tls = (certs.cert, certs.key)
+    trusted = WebhookSettings(ca_file=str(certs.ca_cert))
+    row, receiver = await settle(tmp_path / "a", "ok", trusted, tls=tls)
+    assert row["status"] == "delivered" and receiver.got[0].verified
+
+    # The system's CAs do not know the receiver's: no request is ever made.
+    untrusted = WebhookSettings(retry_initial=0.05, max_age=0.3)
+    row, receiver = await settle(tmp_path / "b", "ok", untrusted, tls=tls)
+    assert row["status"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in row["last_error"]
+    assert receiver.got == []
