@@ -151,3 +151,45 @@ async def test_odd_methods_and_many_paths_add_a_bounded_number_of_series(tmp_pat
         assert methods <= {"GET", "other", None}, methods
         # Each new (method, route, status) is one histogram: buckets, count, sum, created.
         assert len(added) < 4 * 20, len(added)
+
+
+async def test_the_database_counts_on_sqlite_and_postgresql(db_url: str) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from deploy_core.server.callbacks import Listeners
+    from deploy_core.server.db import make_engine, upgrade
+    from deploy_core.server.metrics import ServerMetrics
+    from deploy_core.server.records import RecordStore
+
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        store = RecordStore(engine, server_id="s1")
+        for client_id in ("web-1", "web-2", "web-3", "web-4"):
+            store.enroll(client_id, "aa" * 32)
+        store.revoke_client("web-4")
+        for n in range(3):  # one at a time per client: each on its own
+            store.create_deployment(
+                deploy_id=f"{n:032x}",
+                client_id=f"web-{n + 1}",
+                command_type="deploy.shell",
+                request={"params": {"script": "true"}},
+                deadline=time.time() + 600,
+            )
+        server = SimpleNamespace(engine=engine, listeners=Listeners())
+        metrics = ServerMetrics(server)  # type: ignore[arg-type]
+        text = (await metrics.exposition()).decode()
+    finally:
+        engine.dispose()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    active = ("deploy_center_deployments_active", (("status", "pending"), ("type", "deploy.shell")))
+    assert samples[active] == 3
+    assert samples[("deploy_center_agents_known", (("state", "enrolled"),))] == 3
+    assert samples[("deploy_center_agents_known", (("state", "revoked"),))] == 1
+    # No transport in this server: its metrics are left out, not made up.
+    assert not any(name.startswith("deploy_center_agents_connected") for name, _ in samples)
