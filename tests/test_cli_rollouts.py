@@ -434,3 +434,18 @@ def test_a_rollout_command_in_the_guide_exists_with_its_options(args: list[str])
     # Everything before --help is parsed (an unknown option is an error); nothing is sent.
     result = CliRunner().invoke(main, [*args, "--help"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+@pytest.mark.parametrize(
+    "args",
+    [["deploy", "shell", "--client", "a", "--script", "x"], ["rollback", "d1"]],
+    ids=["deploy shell", "rollback"],
+)
+def test_deploy_commands_refuse_a_wait_timeout_that_never_ends(args: list[str], value: str) -> None:
+    """The same rule as rollout's --wait-timeout for the deploy commands (plugins' too:
+    they pass it to submit_and_follow), before anything is sent."""
+    result = CliRunner().invoke(main, [*args, "--wait", "--wait-timeout", value, *NOWHERE])
+    assert result.exit_code == 2, result.output
+    assert "--wait-timeout" in result.output and "positive, finite" in result.output
+    assert "cannot reach the server" not in result.output

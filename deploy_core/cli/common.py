@@ -226,6 +226,16 @@ def rollback_field(no_rollback: bool, spec: dict[str, Any] | None = None) -> dic
 SUBMITTER = "deploy_core.cli.submitter"
 
 
+def check_wait_timeout(seconds: float) -> None:
+    """Refuse a ``--wait-timeout`` that would not end a wait: ``nan`` and ``inf`` pass a
+    ``float`` option (and ``nan`` every range check), and would follow for ever."""
+    if not 0 < seconds < float("inf"):
+        raise click.BadParameter(
+            f"must be a positive, finite number of seconds, got {seconds}",
+            param_hint="--wait-timeout",
+        )
+
+
 def submit_and_follow(
     api: DeployClient, kind: str, body: dict[str, Any], wait: bool, wait_timeout: float
 ) -> None:
@@ -239,6 +249,8 @@ def submit_and_follow(
     if submitter is not None:
         submitter(api, kind, body, wait, wait_timeout)
         return
+    if wait:
+        check_wait_timeout(wait_timeout)
     accepted = api.deploy(kind, body)
     deploy_id = accepted["deploy_id"]
     if not wait:

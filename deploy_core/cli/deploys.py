@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from deploy_core.cli.common import (
+    check_wait_timeout,
     echo_json,
     follow,
     page_options,
@@ -63,6 +64,8 @@ def rollback(
 ) -> None:
     """Roll back a finished deployment with its own strategy and health checks.  A
     deployment that newer ones on its target superseded is refused unless --cascade."""
+    if wait:
+        check_wait_timeout(wait_timeout)
     try:
         accepted = api.rollback(deploy_id, cascade=cascade)
     except ApiError as exc:
