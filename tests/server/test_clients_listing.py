@@ -159,6 +159,8 @@ def cursor_of(text: str) -> str:
         ("label=role=web&label=role=db", "names 'role' twice with different values"),
         ("label=" + "&label=".join(["a=b"] * 17), "at most 16 label filters"),
         ("q=" + "x" * 129, "query parameter q is over 128 characters"),
+        ("q=host%00", "query parameter q must not contain control characters"),
+        ("q=a%0Ab", "query parameter q must not contain control characters"),
         ("summary=maybe", "query parameter summary must be one of"),
         ("limt=5", "unknown query parameter 'limt'"),
     ],

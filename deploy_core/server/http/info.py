@@ -93,6 +93,9 @@ def client_filter(request: Request) -> ClientFilter:
     q = _one(request, "q")
     if q is not None and len(q) > MAX_SEARCH:
         raise ApiError(422, f"query parameter q is over {MAX_SEARCH} characters")
+    if q is not None and not q.isprintable():
+        # PostgreSQL refuses a NUL in text; no id or address holds a control character.
+        raise ApiError(422, "query parameter q must not contain control characters")
     raw_labels = request.query_params.getlist("label")
     if len(raw_labels) > MAX_LABEL_FILTERS:
         raise ApiError(422, f"at most {MAX_LABEL_FILTERS} label filters")
