@@ -394,3 +394,23 @@ def test_deployctl_makes_a_metrics_token_that_scrapes(center: DeployCenter) -> N
     assert types["deploy_center_deployments_finished"] == "counter"
     listed = {t["name"]: t["scope"] for t in center.api.request("GET", "/api/tokens")["tokens"]}
     assert listed["scraper"] == "metrics"
+
+
+def test_an_agent_loads_the_metrics_library_only_when_asked(tmp_path: Path) -> None:
+    from test_agent_imports_e2e import imported_modules
+
+    c = DeployCenter(tmp_path / "center", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        c.start_server()
+        c.start_agent("plain-1")
+        c.start_agent("watched-1", config=f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n')
+        for client_id in ("plain-1", "watched-1"):
+            deploy_id = c.deploy("shell", client_id, script="true")
+            assert c.wait(deploy_id)["status"] == "success"
+    finally:
+        c.close()
+    plain = imported_modules(c.log("agent-plain-1"))
+    watched = imported_modules(c.log("agent-watched-1"))
+    assert "deploy_core.agent.runtime" in plain  # the report is there to be read
+    assert not any(m.split(".")[0] == "prometheus_client" for m in plain)
+    assert "prometheus_client" in watched
