@@ -228,6 +228,40 @@ def test_the_live_socket_sends_counts_not_rows_when_asked(fleet: DeployCenter) -
         print(f"GET /api/clients?limit={PAGE}&summary=1: {len(page.content):,} bytes")
 
 
+def test_a_label_on_every_client_keeps_the_first_screen(
+    fleet: DeployCenter, browser: Browser
+) -> None:
+    """2,000 distinct values of one label (a label per host): the server counts the 500
+    most common pairs and says so; the counts scroll in a box of their own."""
+    engine = sa.create_engine(db_url(fleet))
+    try:
+        with engine.begin() as conn:
+            rows = conn.execute(sa.select(clients.c.client_id, clients.c.labels)).all()
+            conn.execute(
+                clients.update()
+                .where(clients.c.client_id == sa.bindparam("cid"))
+                .values(labels=sa.bindparam("new")),
+                [{"cid": cid, "new": {**(labels or {}), "host": cid}} for cid, labels in rows],
+            )
+    finally:
+        engine.dispose()
+    sign_in(browser, fleet, admin_token(fleet))
+    showing(browser, 1, PAGE, FLEET, "the first page")
+    hint = "document.getElementById('clients-labels').innerText"
+    browser.wait_for(f"{hint}.includes('Only the 500 most common labels are counted')")
+    assert browser.js("document.querySelectorAll('#clients-labels [data-label]').length") == 500
+    assert label_count(browser, "role=web") == len(expected(FLEET, role="web"))
+    viewport = browser.js("window.innerHeight")
+    top = browser.js("document.getElementById('deployments').getBoundingClientRect().top")
+    assert top < viewport, f"the deployments panel starts at {top}px, below the first screen"
+    # A value beyond the counts is still a filter away.
+    browser.type_into("#clients-label", "host=host-1999")
+    browser.click("#clients-label-add")
+    showing(browser, 1, 1, 1, "the one host")
+    assert browser.js(ROWS) == [client_id(1999)]
+    assert browser.problems() == []
+
+
 # --------------------------------------------------------------------------- a rollout
 
 AGENTS = ["web-a", "web-b", "web-c", "web-d"]
