@@ -4,6 +4,7 @@ each of many agents from several POSTing threads; and the workers' refusal count
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import tarfile
 import threading
@@ -186,6 +187,7 @@ def ingest(
     to the last acknowledged by the server (it acknowledges an event once it is stored).
     ``deploys`` (client id → deployment) are still running when this returns, usually."""
     api = fleet.api
+    server_log = fleet.root / "server.log"
     deploys = {
         cid: api.deploy("shell", {"client_id": cid, "script": f"sleep {script_seconds}"})[
             "deploy_id"
@@ -202,6 +204,7 @@ def ingest(
     if waiting:
         raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in 60 s")
     commanded = []
+    log_from = server_log.stat().st_size if server_log.exists() else 0
     cpu = fleet.cpu_sample()
     for worker in fleet.workers:
         mine = {cid: deploys[cid] for cid in worker.ids if cid in deploys}
@@ -224,6 +227,14 @@ def ingest(
     enqueued = max(r["enqueued"] for r in results) - started
     drained = max(r["drained"] for r in results) - started
     stored = [len(api.history(deploy_id)) for deploy_id in list(deploys.values())[:5]]
+    # The server logs its ingest figures every 10 s that committed something: wait for the
+    # window holding the flood's end.
+    end, commits = time.monotonic() + INGEST_FIGURES_WAIT, []
+    while time.monotonic() < end:
+        commits = ingest_figures(server_log, log_from)
+        if sum(c["messages"] for c in commits) >= total:
+            break
+        time.sleep(1.0)
     return {
         "events": total,
         "agents": len(deploys),
@@ -234,4 +245,36 @@ def ingest(
         "history_sizes": stored,
         "cpu": busy,
         "deploys": deploys,
+        # The server's own count: messages (the flood's reports, and the other agents'
+        # messages meanwhile) per transaction, and the worst p99 queued -> committed of the
+        # 10 s windows.
+        "server_messages": sum(c["messages"] for c in commits),
+        "server_transactions": sum(c["transactions"] for c in commits),
+        "commit_p99_ms": max((c["p99_ms"] for c in commits), default=None),
+        "commit_p50_ms": max((c["p50_ms"] for c in commits), default=None),
     }
+
+
+INGEST_FIGURES_WAIT = 25.0
+_FIGURES = re.compile(
+    r"ingest: (?P<messages>\d+) messages in (?P<transactions>\d+) transactions .*?"
+    r"p50 (?P<p50>[\d.]+) ms, p99 (?P<p99>[\d.]+) ms"
+)
+
+
+def ingest_figures(server_log: Path, offset: int) -> list[dict[str, Any]]:
+    """The ingest figures the server logged (server/ingest.py) past ``offset`` of its log."""
+    if not server_log.exists():
+        return []
+    with server_log.open("rb") as file:
+        file.seek(offset)
+        text = file.read().decode(errors="replace")
+    return [
+        {
+            "messages": int(m["messages"]),
+            "transactions": int(m["transactions"]),
+            "p50_ms": float(m["p50"]),
+            "p99_ms": float(m["p99"]),
+        }
+        for m in _FIGURES.finditer(text)
+    ]

@@ -27,7 +27,8 @@ reports: one read, one ``UPDATE`` and one ``INSERT`` for a run of them,
 - **Shutdown.**  :meth:`close` refuses new work, commits what is queued, and stops.
 
 :class:`IngestStats` counts transactions, pieces, fallbacks and recent commit latencies
-(queued → committed), which the server logs every :data:`STATS_EVERY` seconds while busy.
+(queued → committed), which the server logs every :data:`STATS_EVERY` seconds in which it
+committed something (``ingest: N messages in M transactions …``; bench/fleet.py reads them).
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ class Ingest:
         self._queue: asyncio.Queue[_Piece[Any] | None] = asyncio.Queue(max_queued)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         self._task: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._window: list[float] = []  # latencies since the figures were last logged
         self._closed = False
         self._last_batch = 0
 
@@ -133,6 +136,8 @@ class Ingest:
         """Start the writer (in the running event loop)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="ingest")
+            if self._stats_every is not None:
+                self._reporter = asyncio.create_task(self._report(), name="ingest-figures")
 
     @property
     def queued(self) -> int:
@@ -171,6 +176,8 @@ class Ingest:
         if self._closed:
             return
         self._closed = True
+        if self._reporter is not None:
+            self._reporter.cancel()
         if self._task is not None:
             await self._queue.put(None)
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,8 +188,6 @@ class Ingest:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        reported = time.monotonic()
-        logged = (0, 0)
         stopping = False
         while not stopping:
             first = await self._queue.get()
@@ -202,15 +207,13 @@ class Ingest:
             for piece, (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
                     self.stats.latencies.append(now - piece.queued)
+                    self._window.append(now - piece.queued)
                 if piece.future.done():  # its caller went away (cancelled)
                     continue
                 if ok:
                     piece.future.set_result(value)
                 else:
                     piece.future.set_exception(value)
-            if self._stats_every is not None and now - reported >= self._stats_every:
-                logged = self._log_figures(now - reported, logged)
-                reported = now
 
     def _take(self, batch: list[_Piece[Any]]) -> bool:
         """Add what is queued to ``batch`` (up to the limit); whether close() was asked."""
@@ -247,11 +250,20 @@ class Ingest:
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return [(True, result) for result in results]
 
+    async def _report(self) -> None:
+        """Log the figures every ``stats_every`` seconds in which something was committed."""
+        assert self._stats_every is not None
+        before = (0, 0)
+        while True:
+            await asyncio.sleep(self._stats_every)
+            before = self._log_figures(self._stats_every, before)
+
     def _log_figures(self, seconds: float, before: tuple[int, int]) -> tuple[int, int]:
         stats = self.stats
         pieces, batches = stats.committed - before[0], stats.batches - before[1]
-        if pieces:
-            p50, p99 = stats.percentile(50), stats.percentile(99)
+        window, self._window = sorted(self._window), []
+        if pieces and window:
+            p50, p99 = (window[min(len(window) - 1, round(p * len(window)))] for p in (0.5, 0.99))
             log.info(
                 "ingest: %d messages in %d transactions over %.0f s (%.0f/s); "
                 "queued to committed p50 %.1f ms, p99 %.1f ms; %d fallbacks, %d failed",
@@ -259,8 +271,8 @@ class Ingest:
                 batches,
                 seconds,
                 pieces / seconds,
-                (p50 or 0) * 1000,
-                (p99 or 0) * 1000,
+                p50 * 1000,
+                p99 * 1000,
                 stats.fallbacks,
                 stats.failed,
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -299,3 +300,29 @@ def test_reports_applied_together_give_what_one_by_one_gives(db_url: str, seed: 
         assert any(x.applied for x in together) and any(x.record is None for x in together)
     finally:
         engine.dispose()
+
+
+async def test_the_figures_are_logged_for_windows_that_committed_something(
+    store: RecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await asyncio.to_thread(create, store, "d0", "c0")
+    writer = Ingest(store.engine, stats_every=0.05)
+    writer.start()
+    caplog.set_level("INFO", logger="deploy_core.server.ingest")
+
+    def logged() -> list[int]:
+        found = (re.match(r"ingest: (\d+) messages in", r.getMessage()) for r in caplog.records)
+        return [int(m[1]) for m in found if m]
+
+    try:
+        for seq in range(3):
+            await writer.submit_grouped(store.apply_reports_in, ("c0", report("d0", seq)))
+        for _ in range(int(WAIT / 0.01)):
+            if sum(logged()) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # quiet windows after it: they must log nothing
+    finally:
+        await writer.close()
+    assert sum(logged()) == 3 and 0 not in logged(), logged()
+    assert all("p99" in r.getMessage() for r in caplog.records if "ingest:" in r.getMessage())
