@@ -346,6 +346,17 @@ def test_failing_hosts_are_listed_with_their_errors() -> None:
     assert rollback_lines(RECORD) == []
 
 
+def test_a_failing_hosts_list_keeps_one_line_per_host() -> None:
+    record = copy.deepcopy(RECORD)
+    record["batches"][1]["targets"][1]["error"] = "script exited with code 3:\nline one\n\tline two"
+    record["reason"] = "over\nbudget"
+    assert failing_hosts(record, most=1) == [
+        "  w03  failed (deployment d-w03): script exited with code 3: line one line two",
+        "  … and 1 more (deployctl rollout status --json)",
+    ]
+    assert summary_line(record).endswith(" - over budget")
+
+
 def test_a_paused_rollout_says_how_to_go_on() -> None:
     paused = {**RECORD, "status": "paused", "paused_for": "canary"}
     assert summary_line(paused).startswith("rollout 3f2a paused (canary): 12 hosts")

@@ -23,6 +23,8 @@ _FIRST = ("success",)
 _LAST = ("waiting", "skipped", "not_started", *FAILED)
 # Failing hosts listed in full; the rest are counted.
 SHOWN_FAILURES = 20
+# Failing hosts the live display lists (it must fit a screen).
+LIVE_FAILURES = 5
 # Batches shown one per line; past this, runs of alike batches share a line.
 SHOWN_BATCHES = 12
 
@@ -96,18 +98,24 @@ def summary_line(record: dict[str, Any]) -> str:
         line += f", failures {record.get('failures', 0)} of {record['max_failures']} allowed"
     line += ": " + counts_text(record.get("counts") or {})
     if record.get("reason"):
-        line += f" - {record['reason']}"
+        line += f" - {_one_line(record['reason'])}"
     return terminal_safe(line)
 
 
-def failing_hosts(record: dict[str, Any], api: DeployClient | None = None) -> list[str]:
+def _one_line(text: object) -> str:
+    """``text`` on one line (newlines and tabs as spaces): a display line must take one row."""
+    return " ".join(str(text).split())
+
+
+def failing_hosts(
+    record: dict[str, Any], api: DeployClient | None = None, most: int = SHOWN_FAILURES
+) -> list[str]:
     """A line per failed target: host, status, deployment and its error (looked up with
-    ``api`` when the rollout does not carry it), and the rollback the rollout asked for;
-    at most :data:`SHOWN_FAILURES`, the rest counted."""
+    ``api`` when the rollout does not carry it); at most ``most``, the rest counted."""
     targets = [t for b in record.get("batches") or [] for t in b.get("targets") or []]
     failed = [t for t in targets if is_failure(t)]
     lines = []
-    for target in failed[:SHOWN_FAILURES]:
+    for target in failed[:most]:
         error, deploy_id = target.get("error"), target.get("deploy_id")
         if not error and deploy_id and api is not None:
             try:
@@ -117,12 +125,10 @@ def failing_hosts(record: dict[str, Any], api: DeployClient | None = None) -> li
         line = f"  {target['client_id']}  {target_status(target)}"
         if deploy_id:
             line += f" (deployment {deploy_id})"
-        line += f": {error or 'no error recorded'}"
+        line += f": {_one_line(error or 'no error recorded')}"
         lines.append(terminal_safe(line))
-    if len(failed) > SHOWN_FAILURES:
-        lines.append(
-            f"  … and {len(failed) - SHOWN_FAILURES} more (deployctl rollout status --json)"
-        )
+    if len(failed) > most:
+        lines.append(f"  … and {len(failed) - most} more (deployctl rollout status --json)")
     return lines
 
 
@@ -182,6 +188,9 @@ def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[s
         for record in api.watch_rollout(rollout_id, timeout=timeout, on_unreachable=unreachable):
             outage.clear()
             lines = render(record)
+            failures = failing_hosts(record, most=LIVE_FAILURES)
+            if failures:
+                lines += ["failing hosts:", *failures]
             if tty:  # one screen row per line, so that moving up len(shown) rows is right
                 width = _terminal_width() - 1
                 lines = [line if len(line) <= width else line[: width - 1] + "…" for line in lines]
