@@ -232,6 +232,9 @@ def test_a_deploy_command_that_does_not_submit_through_the_helper_is_not_faked()
         (["shell", "--client", "a", "--script", "x", "--busy", "maybe"], "'maybe' is not one of"),
         (["shell", "--client", "a", "--script", "x", "--progress-deadline", "0"], "positive"),
         (["nosuchtype", "--client", "a"], "No such command 'nosuchtype'"),
+        (["shell", "--client", "a"], "give --script or --script-file"),  # the plugin's check
+        (["tar", "--client", "a", "--target-dir", "/srv"], "give exactly one of --package"),
+        (["tar", "--client", "a"], "Missing option '--target-dir'"),  # still required
         (["shell", "--client", "a", "--script", "x", "--wait-timeout", "nan"], "finite"),
         (["status", "r1", "--wait", "--wait-timeout", "inf"], "finite"),
         (["list", "--status", "done"], "'done' is not one of"),
