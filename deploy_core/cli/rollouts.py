@@ -206,13 +206,17 @@ def rollout_status(
 def rollout_list(
     api: DeployClient, status: str | None, active: bool, limit: int, offset: int, as_json: bool
 ) -> None:
-    """List rollouts, newest first: one line each, as in 'deployctl rollout status'."""
+    """List rollouts, newest first: when, the deploy type, and the summary line of
+    'deployctl rollout status'."""
     page = api.rollouts(status=status, active=active, limit=limit, offset=offset)
     if as_json:
         echo_json(page)
         return
     for item in page["items"]:
-        click.echo(summary_line(item))
+        click.echo(
+            terminal_safe(f"{item.get('created_at', '-')}  {item.get('type', '-'):<8} ")
+            + summary_line(item)
+        )
     click.echo(f"({len(page['items'])} of {page['total']})", err=True)
 
 

@@ -306,7 +306,7 @@ def test_abort_ends_a_rollout_and_a_second_abort_says_it_already_ended(
     as_json = center.deployctl("rollout", "status", rollout_id, "--json")
     assert json.loads(as_json.stdout)["status"] == "aborted"
     listed = center.deployctl("rollout", "list", "--status", "aborted")
-    assert f"rollout {rollout_id} aborted" in listed.stdout
+    assert f"{record['created_at']}  shell    rollout {rollout_id} aborted" in listed.stdout
 
 
 def test_a_selector_matching_nothing_is_refused_with_the_servers_reason(
