@@ -492,69 +492,70 @@ class WebhookStore:
                 conn, [r for r in rows if r["webhook_id"] in alive]
             )
 
+    def _unreported(
+        self,
+        event: str,
+        key: sa.ColumnElement[str],
+        finished_at: sa.ColumnElement[float],
+        window: float,
+        limit: int,
+    ) -> dict[str, list[str]]:
+        """``{webhook_id: [key, ...]}``: what ended (``finished_at``) within ``window``
+        seconds, after the webhook was made, and has no ``event`` delivery for it yet."""
+        d = db.webhook_deliveries
+        found: dict[str, list[str]] = {}
+        for webhook_id, (events, created_at) in self.subscriptions().items():
+            if event not in events:
+                continue
+            query = (
+                sa.select(key)
+                .where(finished_at.is_not(None))
+                .where(finished_at >= max(time.time() - window, created_at))
+                .where(
+                    ~sa.exists().where(
+                        d.c.webhook_id == webhook_id,
+                        d.c.event_key == sa.literal(event + ":") + key,
+                    )
+                )
+                .order_by(finished_at)
+                .limit(limit)
+            )
+            with self.engine.connect() as conn:
+                if keys := list(conn.execute(query).scalars()):
+                    found[webhook_id] = keys
+        return found
+
     def sweep_finished(self, window: float, limit: int = 500) -> int:
         """Enqueue ``deployment.finished`` for deployments that finished within the last
         ``window`` seconds (and after the webhook was made) and have no delivery yet for a
         webhook subscribed to it; how many were added."""
-        dep, d = db.deployments, db.webhook_deliveries
+        dep = db.deployments
         added = 0
-        subs = self.subscriptions()
-        for webhook_id, (events, created_at) in subs.items():
-            if DEPLOYMENT_FINISHED not in events:
-                continue
-            since = max(time.time() - window, created_at)
-            missing = (
-                sa.select(dep)
-                .where(dep.c.finished_at.is_not(None), dep.c.finished_at >= since)
-                .where(
-                    ~sa.exists().where(
-                        d.c.webhook_id == webhook_id,
-                        d.c.event_key == sa.literal(DEPLOYMENT_FINISHED + ":") + dep.c.deploy_id,
-                    )
-                )
-                .order_by(dep.c.finished_at)
-                .limit(limit)
-            )
+        missing = self._unreported(
+            DEPLOYMENT_FINISHED, dep.c.deploy_id, dep.c.finished_at, window, limit
+        )
+        for webhook_id, ids in missing.items():
             with self.engine.connect() as conn:
-                rows = [db.row_dict(r) for r in conn.execute(missing)]
-            events_ = [finished_event(render_record(r)) for r in rows]
-            added += self.enqueue(events_, {DEPLOYMENT_FINISHED: [webhook_id]})
+                rows = conn.execute(sa.select(dep).where(dep.c.deploy_id.in_(ids))).all()
+            events = [finished_event(render_record(db.row_dict(r))) for r in rows]
+            added += self.enqueue(events, {DEPLOYMENT_FINISHED: [webhook_id]})
         return added
 
     def sweep_rollouts(self, rollouts: RolloutStore, window: float, limit: int = 100) -> int:
         """``rollout.finished`` for rollouts that ended within ``window`` seconds (after the
         webhook was made) with no delivery yet, as :meth:`sweep_finished` for deployments."""
-        r, d = db.rollouts, db.webhook_deliveries
+        r = db.rollouts
         added = 0
-        for webhook_id, (events, created_at) in self.subscriptions().items():
-            if ROLLOUT_FINISHED not in events:
-                continue
-            missing = (
-                sa.select(r.c.rollout_id)
-                .where(r.c.finished_at.is_not(None))
-                .where(r.c.finished_at >= max(time.time() - window, created_at))
-                .where(r.c.status.in_(FINAL))
-                .where(
-                    ~sa.exists().where(
-                        d.c.webhook_id == webhook_id,
-                        d.c.event_key == sa.literal(ROLLOUT_FINISHED + ":") + r.c.rollout_id,
-                    )
-                )
-                .order_by(r.c.finished_at)
-                .limit(limit)
-            )
-            with self.engine.connect() as conn:
-                ids = list(conn.execute(missing).scalars())
-            if not ids:
-                continue
+        missing = self._unreported(ROLLOUT_FINISHED, r.c.rollout_id, r.c.finished_at, window, limit)
+        for webhook_id, ids in missing.items():
             targets = rollouts.targets(ids)
-            events_ = []
+            events = []
             for rollout_id in ids:
                 row = rollouts.get(rollout_id)
-                if row is not None:
+                if row is not None and row["status"] in FINAL:
                     summary = render_summary(row, targets.get(rollout_id, []))
-                    events_.append(Event(ROLLOUT_FINISHED, rollout_id, rollout_data(summary)))
-            added += self.enqueue(events_, {ROLLOUT_FINISHED: [webhook_id]})
+                    events.append(Event(ROLLOUT_FINISHED, rollout_id, rollout_data(summary)))
+            added += self.enqueue(events, {ROLLOUT_FINISHED: [webhook_id]})
         return added
 
     def due(self, limit: int, now: float | None = None) -> list[Due]:

@@ -306,6 +306,15 @@ async def wait_row(
     raise AssertionError(f"no such delivery: {rows}")
 
 
+async def subscribe_and_emit(hooks: Webhooks, url: str) -> str:
+    """A webhook to ``url`` for agent.connected, and one such event; the webhook's id."""
+    made = await asyncio.to_thread(hooks.store.create, url, [AGENT_CONNECTED], SECRET, "")
+    hooks.invalidate()
+    hooks.agent_connected("web-1", "127.0.0.1")
+    webhook_id: str = made["id"]
+    return webhook_id
+
+
 async def settle(
     tmp_path: Any,
     mode: str,
@@ -318,12 +327,8 @@ async def settle(
     receiver = Receiver(SECRET, mode=mode, tls=tls).start()
     try:
         async with running(settings, tmp_path) as hooks:
-            made = await asyncio.to_thread(
-                hooks.store.create, receiver.url + query, [AGENT_CONNECTED], SECRET, ""
-            )
-            hooks.invalidate()
-            hooks.agent_connected("web-1", "127.0.0.1")
-            row = await wait_row(hooks, made["id"], lambda r: r["status"] != "pending")
+            webhook_id = await subscribe_and_emit(hooks, receiver.url + query)
+            row = await wait_row(hooks, webhook_id, lambda r: r["status"] != "pending")
         return row, receiver
     finally:
         receiver.stop()
@@ -420,15 +425,11 @@ async def test_a_stopping_server_hands_its_claimed_deliveries_back(tmp_path: Any
     settings = WebhookSettings(allow_http_hosts=ALLOW, timeout=30)
     try:
         async with running(settings, tmp_path) as hooks:
-            made = await asyncio.to_thread(
-                hooks.store.create, receiver.url, [AGENT_CONNECTED], SECRET, ""
-            )
-            hooks.invalidate()
-            hooks.agent_connected("web-1", "127.0.0.1")
+            webhook_id = await subscribe_and_emit(hooks, receiver.url)
             assert await asyncio.to_thread(receiver.holding.wait, 30)
         # Stopped mid-attempt: due again now, not after the claim's lease, and no attempt
         # counted (the receiver never answered).
-        (row,) = await asyncio.to_thread(hooks.store.deliveries, made["id"])
+        (row,) = await asyncio.to_thread(hooks.store.deliveries, webhook_id)
         assert row["status"] == "pending" and row["attempts"] == 0
         assert len(await asyncio.to_thread(hooks.store.due, 10)) == 1
     finally:
@@ -440,20 +441,16 @@ async def test_a_removed_webhook_gets_nothing_more(tmp_path: Any) -> None:
     settings = WebhookSettings(allow_http_hosts=ALLOW, retry_initial=0.05)
     try:
         async with running(settings, tmp_path) as hooks:
-            made = await asyncio.to_thread(
-                hooks.store.create, receiver.url, [AGENT_CONNECTED], SECRET, ""
-            )
-            hooks.invalidate()
-            hooks.agent_connected("web-1", "127.0.0.1")
+            webhook_id = await subscribe_and_emit(hooks, receiver.url)
             await asyncio.to_thread(receiver.wait_for, lambda got: len(got) >= 2)
-            assert await asyncio.to_thread(hooks.store.remove, made["id"])
+            assert await asyncio.to_thread(hooks.store.remove, webhook_id)
             hooks.invalidate()
             await asyncio.sleep(0.5)  # let an attempt in flight end
             calls = len(receiver.got)
             hooks.agent_connected("web-1", "127.0.0.1")
             await asyncio.sleep(1.5)  # many retry intervals
             assert len(receiver.got) == calls
-            assert await asyncio.to_thread(hooks.store.deliveries, made["id"]) == []
+            assert await asyncio.to_thread(hooks.store.deliveries, webhook_id) == []
     finally:
         receiver.stop()
 
