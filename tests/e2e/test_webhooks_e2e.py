@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,13 @@ sweep_interval = 1
 """
 
 
-@pytest.fixture
-def center(tmp_path: Path) -> Iterator[DeployCenter]:
+@contextmanager
+def started(root: Path, db_url: str | None = None) -> Iterator[DeployCenter]:
     """A server with webhooks to 127.0.0.1 allowed and quick retries, and agent web-1."""
-    config = tmp_path / "server.toml"
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "server.toml"
     config.write_text(CONFIG)
-    c = DeployCenter(tmp_path / "center")
+    c = DeployCenter(root / "center", db_url=db_url)
     c.server_args = ["--config", str(config)]
     try:
         c.start_server()
@@ -48,6 +50,12 @@ def center(tmp_path: Path) -> Iterator[DeployCenter]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def center(tmp_path: Path) -> Iterator[DeployCenter]:
+    with started(tmp_path) as c:
+        yield c
 
 
 def add_webhook(center: DeployCenter, url: str, events: list[str]) -> str:
@@ -181,9 +189,14 @@ def test_a_receiver_that_refuses_then_fails_then_comes_back_gets_it(
 
 
 def test_pending_deliveries_are_sent_after_the_server_is_killed_and_restarted(
-    center: DeployCenter,
+    tmp_path: Path, db_url: str
 ) -> None:
     receiver = Receiver(SECRET)
+    with started(tmp_path, db_url) as center:
+        killed_and_restarted(center, receiver)
+
+
+def killed_and_restarted(center: DeployCenter, receiver: Receiver) -> None:
     try:
         webhook_id = add_webhook(center, receiver.url, ["deployment.finished"])
         for i in range(2):  # one at a time: the client is busy meanwhile
