@@ -404,10 +404,13 @@ class DeployClient:
         *,
         timeout: float,
         interval: float = 1.0,
+        max_interval: float = 5.0,
         on_unreachable: Callable[[ApiError], None] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield the rollout each time it changes, until it finishes or ``timeout`` passes
-        (then :class:`TimeoutError`).
+        (then :class:`TimeoutError`).  It is read every ``interval`` seconds while it
+        changes, less often (doubling, up to ``max_interval``) while it does not: a rollout
+        paused for approval is a large record that may stay the same for hours.
 
         :param on_unreachable: when given, a server that stops answering after the first
             read (restarting, say: the rollout goes on when it is back) is told to it and
@@ -416,11 +419,12 @@ class DeployClient:
         end = time.monotonic() + timeout
         record = self.rollout(rollout_id)
         yield record
+        pause = interval
         while record["status"] not in ROLLOUT_FINAL:
             left = end - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"rollout {rollout_id} did not finish within {timeout:g}s")
-            time.sleep(min(interval, left))
+            time.sleep(min(pause, left))
             try:
                 newer = self.rollout(rollout_id)
             except ApiError as exc:
@@ -429,7 +433,10 @@ class DeployClient:
                 on_unreachable(exc)
                 continue
             if newer != record:
+                pause = interval
                 yield newer
+            else:
+                pause = min(pause * 2, max(interval, max_interval))
             record = newer
 
     def wait(self, deploy_id: str, *, timeout: float = 600) -> dict[str, Any]:

@@ -418,7 +418,7 @@ def test_rollout_tar_uploads_once_and_takes_the_deploy_commands_options(
 
 
 def test_a_waiting_cli_rides_out_a_server_restart(center: DeployCenter, tmp_path: Path) -> None:
-    """Kept last: it restarts the module's server."""
+    """It stops and starts the module's server (the later tests find it back)."""
     script = HOLD_UNTIL_GO + '; echo ran >> "$DIR/ran-$DEPLOY_ID"'
     args = ("--selector", "role=web", "--script", script, "--env", f"DIR={tmp_path}")
     with WaitingCli(center, *args, "--batch", "1") as waiting:
@@ -437,3 +437,31 @@ def test_a_waiting_cli_rides_out_a_server_restart(center: DeployCenter, tmp_path
     for target in targets:
         assert (tmp_path / f"ran-{target['deploy_id']}").read_text() == "ran\n"
     assert len(list(tmp_path.glob("ran-*"))) == 3
+
+
+def test_following_a_rollout_that_does_not_change_asks_less_and_less_often(
+    center: DeployCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A canary waiting for approval, watched: the reads space out (1, 2, 4, then every 5
+    seconds), on a clock the test moves, against the real server."""
+    rollout_id = _start(center, "--selector", "role=web", "--script", "true", "--canary", "1")
+    _wait_for(center, rollout_id, "paused", lambda r: r["status"] == "paused")
+    now = [0.0]
+    slept: list[float] = []
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds
+
+    monkeypatch.setattr("deploy_core.client.time", Clock)
+    with pytest.raises(TimeoutError, match="did not finish within 30s"):
+        for record in center.api.watch_rollout(rollout_id, timeout=30):
+            assert record["status"] == "paused"
+    assert slept == [1, 2, 4, 5, 5, 5, 5, 3]  # 30 s of a rollout that stayed the same
+    assert center.deployctl("rollout", "abort", rollout_id).returncode == 0
