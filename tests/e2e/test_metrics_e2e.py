@@ -185,16 +185,23 @@ def test_the_agent_serves_its_own_metrics(center: DeployCenter, metrics_token: s
     _types, before = scrape(f"http://127.0.0.1:{port}/metrics", None)
     deploy_id = center.deploy("shell", "web-1", script="exit 1")
     assert center.wait(deploy_id)["status"] == "failed"
-    types, after = scrape(f"http://127.0.0.1:{port}/metrics", None)
+    failed = {"type": "deploy.shell", "status": "failed"}
+    # The agent counts a deployment when its run returns, which may follow the callback the
+    # server already has by a moment.
+    end = time.monotonic() + 30
+    while True:
+        types, after = scrape(f"http://127.0.0.1:{port}/metrics", None)
+        moved = value(after, "deploy_center_agent_deployments_total", **failed) - value(
+            before, "deploy_center_agent_deployments_total", **failed
+        )
+        if moved or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert moved == 1
     assert types["deploy_center_agent_deployments"] == "counter"
     assert types["deploy_center_agent_deployment_duration_seconds"] == "histogram"
     assert value(after, "deploy_center_agent_connected") == 1
     assert value(after, "deploy_center_agent_connects_total") >= 1
-    failed = {"type": "deploy.shell", "status": "failed"}
-    moved = value(after, "deploy_center_agent_deployments_total", **failed) - value(
-        before, "deploy_center_agent_deployments_total", **failed
-    )
-    assert moved == 1
     assert value(after, "deploy_center_agent_deployment_duration_seconds_count") >= 1
 
 

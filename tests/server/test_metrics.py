@@ -30,6 +30,21 @@ async def _series(http: Any) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
     }
 
 
+async def _until(predicate: Any) -> None:
+    """Wait (at most 30 s) until ``predicate()``: a change is counted when the server
+    publishes it, which may follow the commit an API read already sees by a moment."""
+    for _ in range(600):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the metric did not move")
+
+
+def _sample(center: Any, name: str, **labels: str) -> float:
+    value = center.server.metrics.registry.get_sample_value(name, labels)
+    return float(value or 0.0)
+
+
 async def _finished(http: Any, deploy_id: str) -> dict[str, Any]:
     for _ in range(600):
         record: dict[str, Any] = (await http.get(f"/api/deploy/{deploy_id}")).json()
@@ -51,6 +66,14 @@ async def test_fifty_deployments_add_no_series(tmp_path: Path) -> None:
     async with in_process_center(tmp_path, get_plugins()) as center:
         for script in ("true", "exit 1"):
             await _deploy(center.http, script)
+        total = "deploy_center_deployments_finished_total"
+        await _until(
+            lambda: (
+                _sample(center, total, type="deploy.shell", status="success")
+                + _sample(center, total, type="deploy.shell", status="failed")
+                == 2
+            )
+        )
         await _series(center.http)  # a scrape is timed too: its series exist from now on
         before = await _series(center.http)
         ids = [await _deploy(center.http, "true" if n % 2 else "exit 2") for n in range(50)]
@@ -79,7 +102,7 @@ async def test_a_finished_record_published_again_counts_once(tmp_path: Path) -> 
             )
             return value or 0.0
 
-        assert finished() == 1
+        await _until(lambda: finished() == 1)
         for _ in range(3):
             server.listeners.publish(record)
         assert finished() == 1
@@ -118,7 +141,8 @@ async def test_rollbacks_are_counted_by_trigger_and_strategy(tmp_path: Path) -> 
         body = {"client_id": "web-1", "script": "exit 1", "rollback": rollback}
         failed = (await http.post("/api/deploy/shell", json=body)).json()["deploy_id"]
         assert (await _finished(http, failed))["status"] == "rolled_back"
-        assert (rollbacks("agent"), rollbacks("server")) == (1, 0)
+        await _until(lambda: rollbacks("agent") == 1)
+        assert rollbacks("server") == 0
 
         body = {"client_id": "web-1", "script": "true", "rollback": rollback}
         done = (await http.post("/api/deploy/shell", json=body)).json()["deploy_id"]
