@@ -423,13 +423,13 @@ def test_a_fleet_in_many_batches_folds_alike_batches_into_one_line() -> None:
 
 def _guide_commands() -> list[list[str]]:
     """The ``deployctl rollout …`` commands of docs/rollouts.md's shell blocks (optional
-    parts' brackets dropped, comments dropped, ``;`` separating commands)."""
+    parts' brackets dropped, comments dropped, ``;``, ``&&``, ``|`` separating commands)."""
     guide = (Path(__file__).resolve().parents[1] / "docs" / "rollouts.md").read_text()
     commands = []
     for block in re.findall(r"```sh\n(.*?)```", guide, re.S):
         text = block.replace("\\\n", " ").replace("[", " ").replace("]", " ")
         for line in text.splitlines():
-            for part in line.split("#")[0].split(";"):
+            for part in re.split(r";|&&|\|\|?", line.split("#")[0]):
                 words = shlex.split(part)
                 if words[:2] == ["deployctl", "rollout"]:
                     commands.append(words[1:])
@@ -463,3 +463,18 @@ def test_deploy_commands_refuse_a_wait_timeout_that_never_ends(args: list[str], 
     assert result.exit_code == 2, result.output
     assert "--wait-timeout" in result.output and "positive, finite" in result.output
     assert "cannot reach the server" not in result.output
+
+
+@pytest.mark.parametrize("args", GUIDE, ids=[" ".join(a[:2]) for a in GUIDE])
+def test_a_rollout_command_in_the_guide_gets_as_far_as_the_server(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its values too are right: it runs (with the files it names) until it asks the
+    server, which is not there."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("app.tar.gz", "upgrade.sh"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "body.json").write_text('{"script": "true"}')
+    result = CliRunner().invoke(main, [*args, *NOWHERE])
+    assert result.exit_code == 1, result.output
+    assert "cannot reach the server at http://127.0.0.1:9" in result.output
