@@ -54,6 +54,18 @@ CONFIG: dict[str, Any] = {
             "checks": {"allow_header_conformance": {"enabled": False}},
         },
         {
+            # A cursor must be one this API made (a client id, encoded) and a label key may
+            # not be given twice with different values: JSON Schema says neither, so a
+            # request valid by the document may still be refused with 422 and the reason.
+            "include-path-regex": "^/api/clients$",
+            "include-method": "GET",
+            "checks": {
+                "positive_data_acceptance": {
+                    "expected-statuses": ["2xx", "401", "403", "404", "409", "422"]
+                }
+            },
+        },
+        {
             # A webhook's URL must be https:// (or http:// to an allowed host) and its secret
             # printable, which the document states but JSON Schema does not check: 422.
             "include-path-regex": "^/api/webhooks$",

@@ -10,7 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from deploy_core import __version__
-from deploy_core.labels import LabelError, parse_selector
+from deploy_core.labels import (
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    LabelError,
+    parse_selector,
+)
 from deploy_core.models import ID_PATTERN, wire_schemas
 from deploy_core.server.clients import CLIENT_STATES, ClientFilter
 from deploy_core.server.http.requests import request_model
@@ -48,7 +53,13 @@ CLIENTS_MAX_LIMIT = 1000
 MAX_SEARCH = 128
 MAX_LABEL_FILTERS = 16
 CLIENT_QUERY = ("state", "q", "label", "limit", "cursor", "summary")
-_CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+#: ``q``: no control character (PostgreSQL refuses a NUL in text; no id or address has one).
+SEARCH_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_SEARCH = re.compile(SEARCH_PATTERN)
+#: One ``label`` filter: a label key and value by the label rules (deploy_core/labels.py).
+LABEL_FILTER_PATTERN = LABEL_KEY_PATTERN.removesuffix("$") + "=" + LABEL_VALUE_PATTERN[1:]
 
 
 def encode_cursor(client_id: str) -> str:
@@ -93,8 +104,7 @@ def client_filter(request: Request) -> ClientFilter:
     q = _one(request, "q")
     if q is not None and len(q) > MAX_SEARCH:
         raise ApiError(422, f"query parameter q is over {MAX_SEARCH} characters")
-    if q is not None and not q.isprintable():
-        # PostgreSQL refuses a NUL in text; no id or address holds a control character.
+    if q is not None and not _SEARCH.fullmatch(q):
         raise ApiError(422, "query parameter q must not contain control characters")
     raw_labels = request.query_params.getlist("label")
     if len(raw_labels) > MAX_LABEL_FILTERS:

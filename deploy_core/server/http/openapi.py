@@ -27,8 +27,11 @@ from deploy_core.server.http.auth import needed_scope
 from deploy_core.server.http.info import (
     CLIENTS_LIMIT,
     CLIENTS_MAX_LIMIT,
+    CURSOR_PATTERN,
+    LABEL_FILTER_PATTERN,
     MAX_LABEL_FILTERS,
     MAX_SEARCH,
+    SEARCH_PATTERN,
 )
 from deploy_core.server.http.requests import RollbackOptions, request_model
 from deploy_core.server.http.responses import (
@@ -186,13 +189,15 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
     ("GET", "/api/clients"): Spec(200, ClientList, (422,), (
         _query("state", {"type": "string", "enum": list(CLIENT_STATES)}, "only clients in "
                "this state"),
-        _query("q", {"type": "string", "maxLength": MAX_SEARCH}, "only clients whose id or "
-               "address contains this (any case)"),
+        _query("q", {"type": "string", "maxLength": MAX_SEARCH, "pattern": SEARCH_PATTERN},
+               "only clients whose id or address contains this (any case)"),
         _query("label", {"type": "array", "maxItems": MAX_LABEL_FILTERS,
-                         "items": {"type": "string", "pattern": "^[^=]+=.+$"}},
-               "key=value, repeated: only clients with every one of these labels"),
+                         "items": {"type": "string", "pattern": LABEL_FILTER_PATTERN}},
+               "key=value, repeated: only clients with every one of these labels (a key "
+               "given twice with different values is refused)"),
         _query("limit", _integer(1, CLIENTS_MAX_LIMIT, CLIENTS_LIMIT), "page size"),
-        _query("cursor", {"type": "string"}, "the `next_cursor` of the page before"),
+        _query("cursor", {"type": "string", "pattern": CURSOR_PATTERN},
+               "the `next_cursor` of the page before (another value is refused)"),
         _query("summary", FLAG, "add `summary`: counts by state and by label"),
     )),
     ("GET", "/api/clients/{client_id}"): Spec(200, ClientDetail, (404,), (CLIENT_ID,)),
