@@ -275,6 +275,12 @@ class DeployClient:
         result: dict[str, Any] = self.request("DELETE", f"/api/webhooks/{_segment(webhook_id)}")
         return result
 
+    def ping_webhook(self, webhook_id: str) -> dict[str, Any]:
+        """``POST /api/webhooks/{id}/ping``: ``{"delivery_id": …}`` of the ping queued."""
+        path = f"/api/webhooks/{_segment(webhook_id)}/ping"
+        result: dict[str, Any] = self.request("POST", path)
+        return result
+
     def webhook_deliveries(
         self, webhook_id: str, *, status: str | None = None, limit: int = 50
     ) -> builtins.list[dict[str, Any]]:
@@ -365,16 +371,19 @@ class DeployClient:
         *,
         status: str | None = None,
         active: bool = False,
+        client_id: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> dict[str, Any]:
         """``GET /api/rollouts``: a page of rollouts, newest first (``items``, ``total``);
-        ``active`` for the unfinished ones only."""
+        ``active`` for the unfinished ones only, ``client_id`` for those to that client."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
         if active:
             params["active"] = 1
+        if client_id:
+            params["client_id"] = client_id
         result: dict[str, Any] = self.request("GET", "/api/rollouts", params=params)
         return result
 

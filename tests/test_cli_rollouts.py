@@ -376,6 +376,15 @@ def test_rolled_back_targets_and_the_reason_are_shown() -> None:
     record["batches"][0]["targets"][0].update(rollback_id="r-w01", rollback_status="rolled_back")
     assert summary_line(record).endswith(" - 3 failures, more than the 1 allowed")
     assert rollback_lines(record) == ["  w01  rollback r-w01: rolled_back"]
+    record["batches"][1]["targets"][0]["rollback_error"] = "no rollback strategy\nfor deploy.shell"
+    record["batches"][1]["targets"][2].update(
+        rollback_id="r-w04", rollback_status="rollback_failed", rollback_error="exit 1"
+    )
+    assert rollback_lines(record) == [
+        "  w01  rollback r-w01: rolled_back",
+        "  w02  not rolled back: no rollback strategy for deploy.shell",
+        "  w04  rollback r-w04: rollback_failed - exit 1",
+    ]
 
 
 def test_text_from_hosts_cannot_drive_the_terminal() -> None:

@@ -133,15 +133,22 @@ def failing_hosts(
 
 
 def rollback_lines(record: dict[str, Any]) -> list[str]:
-    """A line per target the rollout rolled back (``on_failure: rollback``) and how it went."""
+    """A line per target the rollout rolled back (``on_failure: rollback``) and how it went,
+    or why it could not (``rollback_error``, e.g. no rollback strategy)."""
     targets = [t for b in record.get("batches") or [] for t in b.get("targets") or []]
-    return [
-        terminal_safe(
-            f"  {t['client_id']}  rollback {t['rollback_id']}: {t.get('rollback_status') or '-'}"
-        )
-        for t in targets
-        if t.get("rollback_id")
-    ]
+    lines = []
+    for target in targets:
+        error = target.get("rollback_error")
+        if target.get("rollback_id"):
+            line = f"  {target['client_id']}  rollback {target['rollback_id']}: "
+            line += str(target.get("rollback_status") or "-")
+            line += f" - {_one_line(error)}" if error else ""
+        elif error:
+            line = f"  {target['client_id']}  not rolled back: {_one_line(error)}"
+        else:
+            continue
+        lines.append(terminal_safe(line))
+    return lines
 
 
 def render(record: dict[str, Any]) -> list[str]:

@@ -200,15 +200,24 @@ def rollout_status(
     help="only rollouts in this status",
 )
 @click.option("--active", is_flag=True, help="only unfinished rollouts")
+@click.option("--client", "client_id", default=None, help="only rollouts to this client")
 @page_options
 @click.option("--json", "as_json", is_flag=True)
 @with_api
 def rollout_list(
-    api: DeployClient, status: str | None, active: bool, limit: int, offset: int, as_json: bool
+    api: DeployClient,
+    status: str | None,
+    active: bool,
+    client_id: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
 ) -> None:
     """List rollouts, newest first: when, the deploy type, and the summary line of
     'deployctl rollout status'."""
-    page = api.rollouts(status=status, active=active, limit=limit, offset=offset)
+    page = api.rollouts(
+        status=status, active=active, client_id=client_id, limit=limit, offset=offset
+    )
     if as_json:
         echo_json(page)
         return

@@ -307,6 +307,10 @@ def test_abort_ends_a_rollout_and_a_second_abort_says_it_already_ended(
     assert json.loads(as_json.stdout)["status"] == "aborted"
     listed = center.deployctl("rollout", "list", "--status", "aborted")
     assert f"{record['created_at']}  shell    rollout {rollout_id} aborted" in listed.stdout
+    for client_id, listed_there in (("web-1", True), ("db-1", False)):
+        mine = center.deployctl("rollout", "list", "--client", client_id, "--json")
+        ids = [item["rollout_id"] for item in json.loads(mine.stdout)["items"]]
+        assert (rollout_id in ids) is listed_there
 
 
 def test_a_selector_matching_nothing_is_refused_with_the_servers_reason(
