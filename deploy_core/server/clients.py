@@ -157,30 +157,49 @@ class ClientRecords:
     ) -> None:
         """The agent connected to this server, with these capabilities and labels (checked
         by the caller: deploy_core/labels.py)."""
-        now = time.time()
         with self.engine.begin() as conn:
-            conn.execute(
-                clients.update()
-                .where(clients.c.client_id == client_id)
-                .values(
-                    connected=True,
-                    server_id=self.server_id,
-                    connected_since=now,
-                    last_seen=now,
-                    remote=remote,
-                    capabilities=capabilities,
-                    labels=labels or {},
-                )
+            self.set_connected_in(
+                conn, client_id, remote=remote, capabilities=capabilities, labels=labels
             )
+
+    def set_connected_in(
+        self,
+        conn: Connection,
+        client_id: str,
+        *,
+        remote: str,
+        capabilities: dict[str, Any],
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """:meth:`set_connected` in the caller's transaction (the server's ingest commits
+        many agents' in one, server/ingest.py)."""
+        now = time.time()
+        conn.execute(
+            clients.update()
+            .where(clients.c.client_id == client_id)
+            .values(
+                connected=True,
+                server_id=self.server_id,
+                connected_since=now,
+                last_seen=now,
+                remote=remote,
+                capabilities=capabilities,
+                labels=labels or {},
+            )
+        )
 
     def set_disconnected(self, client_id: str, *, last_seen: float) -> None:
         """The agent's connection to this server ended."""
         with self.engine.begin() as conn:
-            conn.execute(
-                clients.update()
-                .where(clients.c.client_id == client_id, clients.c.server_id == self.server_id)
-                .values(connected=False, disconnected_since=time.time(), last_seen=last_seen)
-            )
+            self.set_disconnected_in(conn, client_id, last_seen=last_seen)
+
+    def set_disconnected_in(self, conn: Connection, client_id: str, *, last_seen: float) -> None:
+        """:meth:`set_disconnected` in the caller's transaction (server/ingest.py)."""
+        conn.execute(
+            clients.update()
+            .where(clients.c.client_id == client_id, clients.c.server_id == self.server_id)
+            .values(connected=False, disconnected_since=time.time(), last_seen=last_seen)
+        )
 
     def touch_clients(self, seen: dict[str, float]) -> None:
         """Record last-seen times of connected agents (heartbeats), in one transaction."""

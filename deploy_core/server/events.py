@@ -70,24 +70,84 @@ class EventContext:
         return PluginServices(self.server)
 
 
+#: Messages of one connection being stored at once, at most (then its next message waits).
+MAX_IN_FLIGHT = 256
+
+
+class _Flight:
+    """One connection's messages being stored through the ingest."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.room = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+
 class EventRouter:
     """Handles each message an authenticated agent sends: acknowledgements mark commands
     received, events go to the handler registered for their name, and anything naming a
-    deployment is checked against that agent's deployments first."""
+    deployment is checked against that agent's deployments first.
+
+    One connection's acknowledgements, status reports and callbacks are pipelined: each is
+    queued for the ingest in arrival order and the connection's next message is taken at
+    once, so one agent's many reports share transactions too; each is answered (ACK or
+    ERROR) after its own transaction, in order.  Any other message waits until those before
+    it are stored, so a plugin's handler sees what the agent said before."""
 
     def __init__(self, server: DeployServer) -> None:
         self.server = server
+        self._flights: weakref.WeakKeyDictionary[AgentSession, _Flight] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def route(self, session: AgentSession, env: Envelope) -> None:
-        """One message of an authenticated agent.  Whatever names a deployment is checked
-        against the deployments of that agent: a foreign one gets an ERROR and changes
-        nothing, whichever handler it was meant for (first, here; or, for the core's
-        handlers marked :func:`checks_ownership`, in the transaction that would store it).
+        """One message of an authenticated agent (see the class's text for the order)."""
+        flight = self._flights.get(session)
+        if flight is None:
+            flight = self._flights[session] = _Flight()
+        if self._pipelined(env):
+            await flight.room.acquire()
+            task = asyncio.create_task(self._stored(session, env))
+            flight.tasks.add(task)
+
+            def finished(task: asyncio.Task[None], flight: _Flight = flight) -> None:
+                flight.tasks.discard(task)
+                flight.room.release()
+
+            task.add_done_callback(finished)
+            return
+        if flight.tasks:  # what came before is stored first
+            await asyncio.wait(list(flight.tasks))
+        await self._handle(session, env)
+
+    async def drain(self) -> None:
+        """Wait for the messages being stored (before the ingest closes)."""
+        tasks = [t for flight in list(self._flights.values()) for t in flight.tasks]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _pipelined(self, env: Envelope) -> bool:
+        if env.kind is Kind.ACK:
+            return True
+        if env.kind is not Kind.EVENT:
+            return False
+        handler = self.server.plugins.event_handlers.get(env.name)
+        return handler is not None and handler.handler in _CHECKS_OWNERSHIP
+
+    async def _stored(self, session: AgentSession, env: Envelope) -> None:
+        try:
+            await self._handle(session, env)
+        except Exception:
+            log.exception("%s from %s failed", env.kind.value, session.client_id)
+
+    async def _handle(self, session: AgentSession, env: Envelope) -> None:
+        """One message.  Whatever names a deployment is checked against the deployments of
+        that agent: a foreign one gets an ERROR and changes nothing, whichever handler it was
+        meant for (first, here; or, for the core's handlers marked :func:`checks_ownership`,
+        in the transaction that would store it).
 
         Acknowledgements, status reports and callbacks are stored through the server's
         :class:`~deploy_core.server.ingest.Ingest` (many agents' messages in one
-        transaction); an event is acknowledged only once its transaction has committed.
-        One connection's messages are handled one after another, in arrival order."""
+        transaction); an event is acknowledged only once its transaction has committed."""
         try:
             await self._route(session, env)
         except IngestClosed:

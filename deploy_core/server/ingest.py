@@ -162,6 +162,19 @@ class Ingest:
         piece: _Piece[T] = _Piece(None, self._future(), time.monotonic(), many, arg)
         return await self._submit(piece)
 
+    async def submit_or_run(self, work: Callable[[Connection], T]) -> T:
+        """:meth:`submit`, or, once the ingest is closed, ``work`` in a transaction of its
+        own (an agent's connect and disconnect bookkeeping, which also happens while the
+        server shuts down)."""
+        try:
+            return await self.submit(work)
+        except IngestClosed:
+            return await asyncio.to_thread(self._alone, work)
+
+    def _alone(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return work(conn)
+
     def _future(self) -> asyncio.Future[Any]:
         if self._closed or self._task is None:
             raise IngestClosed("the server is shutting down")

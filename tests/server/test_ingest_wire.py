@@ -121,13 +121,13 @@ async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions
     server: DeployServer,
 ) -> None:
     agents = await enrolled(server, AGENTS)
-    gate = Gate(server.ingest)
-    plug = asyncio.ensure_future(server.ingest.submit(lambda conn: None))
-    await gate.wait_arrived()  # the writer holds a transaction of its own first
     async with contextlib.AsyncExitStack() as stack:
         peers = await asyncio.gather(
             *(connected(server, stack, cid, key) for cid, (key, _d) in agents.items())
         )
+        gate = Gate(server.ingest)
+        plug = asyncio.ensure_future(server.ingest.submit(lambda conn: None))
+        await gate.wait_arrived()  # the writer holds a transaction of its own first
 
         async def run(peer: RawPeer, command: Envelope, deploy_id: str) -> list[Envelope]:
             # The command's ACK, the reports, the callback, then two resends: all in one go,
@@ -149,6 +149,7 @@ async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions
         gate.open()
         await asyncio.wait_for(asyncio.gather(*running), WAIT * 4)
         await plug
+        batches = list(gate.batches)  # before the peers leave (disconnects are stored too)
 
     records = server.records
     for _cid, (_key, deploy_id) in agents.items():
@@ -162,17 +163,18 @@ async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions
     assert await server.db(records.locks) == []
     stats = server.ingest.stats
     messages = AGENTS * (1 + REPORTS + 1 + 2) + 1
-    assert stats.committed == sum(gate.batches) == messages and stats.failed == 0
-    # The command ACKs queued behind the plug went in one transaction.
-    assert gate.batches[:2] == [1, AGENTS]
-    assert stats.batches == len(gate.batches) < messages
+    assert sum(batches) == messages and stats.failed == 0
+    # Everything queued behind the plug (at least every agent's command ACK; with one
+    # connection's messages pipelined, often more) went in one transaction.
+    assert batches[0] == 1 and batches[1] >= AGENTS
+    assert len(batches) < messages
 
 
 async def test_no_acknowledgement_before_the_commit(server: DeployServer) -> None:
     ((client_id, (key, deploy_id)),) = (await enrolled(server, 1)).items()
-    gate = Gate(server.ingest)
     async with contextlib.AsyncExitStack() as stack:
         peer, _command = await connected(server, stack, client_id, key)
+        gate = Gate(server.ingest)
         report = status(deploy_id, 0)
         peer.send_env(report)
         await gate.wait_arrived()  # stored by a transaction the test holds
@@ -201,11 +203,11 @@ async def test_a_report_failing_in_a_batch_is_not_acknowledged_and_the_others_ar
         return applied
 
     monkeypatch.setattr(records, "apply_reports_in", failing)
-    gate = Gate(server.ingest)
     async with contextlib.AsyncExitStack() as stack:
         peers = {
             cid: (await connected(server, stack, cid, key))[0] for cid, (key, _d) in agents.items()
         }
+        gate = Gate(server.ingest)
         sent = {cid: status(deploy_id, 0) for cid, (_key, deploy_id) in agents.items()}
         peers["agent-000"].send_env(sent["agent-000"])
         await gate.wait_arrived()  # the plug is held; the other three queue behind it
