@@ -252,6 +252,7 @@ class DeployServer:
         self._tasks.clear()
         with contextlib.suppress(AttributeError):
             await self.transport.close()
+        await self.events.drain()  # the agents' messages being stored
         with contextlib.suppress(AttributeError):
             await self.ingest.close()  # commits what the connections queued
         with contextlib.suppress(AttributeError):
@@ -270,19 +271,22 @@ class DeployServer:
         except LabelError as exc:
             log.warning("agent %s connects without its labels: %s", session.client_id, exc)
             labels = {}
-        await self.db(
-            self.records.set_connected,
-            session.client_id,
-            remote=f"{session.remote[0]}:{session.remote[1]}",
-            capabilities=capabilities,
-            labels=labels,
+        remote = f"{session.remote[0]}:{session.remote[1]}"
+        await self.ingest.submit_or_run(
+            lambda conn: self.records.set_connected_in(
+                conn, session.client_id, remote=remote, capabilities=capabilities, labels=labels
+            )
         )
         log.info("agent %s connected from %s", session.client_id, session.remote[0])
         self.webhooks.agent_connected(session.client_id, session.remote[0])
         await self.dispatcher.redeliver(session)
 
     async def _on_disconnect(self, session: AgentSession) -> None:
-        await self.db(self.records.set_disconnected, session.client_id, last_seen=session.last_seen)
+        await self.ingest.submit_or_run(
+            lambda conn: self.records.set_disconnected_in(
+                conn, session.client_id, last_seen=session.last_seen
+            )
+        )
         log.info("agent %s disconnected", session.client_id)
         self.webhooks.agent_disconnected(session.client_id)
 
