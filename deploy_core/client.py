@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 # httpx is imported where a request is made: `deployctl agent` imports the CLI, which imports
 # this module's errors, and an agent has no use for an HTTP client (issue 12).
@@ -63,12 +62,6 @@ class ServerUnreachable(ApiError):
                 f"address (--url, DEPLOY_CENTER_URL, or server.json in the --state-dir used)"
             },
         )
-
-
-def _rollout_path(rollout_id: str) -> str:
-    """``/api/rollouts/{id}`` with the id as one path segment, whatever was typed (``a/..``
-    must not become another route)."""
-    return f"/api/rollouts/{quote(rollout_id, safe='')}"
 
 
 class ConfigError(Exception):
@@ -363,7 +356,7 @@ class DeployClient:
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         """``GET /api/rollouts/{id}``: status, counts, batches and per-target deployments."""
-        result: dict[str, Any] = self.request("GET", _rollout_path(rollout_id))
+        result: dict[str, Any] = self.request("GET", f"/api/rollouts/{_segment(rollout_id)}")
         return result
 
     def rollouts(
@@ -388,7 +381,9 @@ class DeployClient:
         return result
 
     def _rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", f"{_rollout_path(rollout_id)}/{action}")
+        result: dict[str, Any] = self.request(
+            "POST", f"/api/rollouts/{_segment(rollout_id)}/{action}"
+        )
         return result
 
     def pause_rollout(self, rollout_id: str) -> dict[str, Any]:

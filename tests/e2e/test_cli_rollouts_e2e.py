@@ -326,10 +326,13 @@ def test_a_rollout_id_is_one_path_segment_whatever_is_typed(center: DeployCenter
     rollout_id = _start(center, "--selector", "role=web", "--script", "true", "--canary", "1")
     _wait_for(center, rollout_id, "paused", lambda r: r["status"] == "paused")
     # "x/../ID" must not reach ID's route: it names no rollout.
-    for command in ("abort", "status"):
-        done = center.deployctl("rollout", command, f"x/../{rollout_id}")
+    for command, typed in (("abort", f"x/../{rollout_id}"), ("status", f"x/../{rollout_id}")):
+        done = center.deployctl("rollout", command, typed)
         assert done.returncode == 1
         assert "HTTP 404" in done.stderr and "Traceback" not in done.stderr
+    for typed in ("..", "."):  # not the list route, nor /api/abort
+        done = center.deployctl("rollout", "abort", typed)
+        assert done.returncode == 1 and f"no rollout '{typed}'" in done.stderr, done.stderr
     assert center.api.rollout(rollout_id)["status"] == "paused"
     assert center.deployctl("rollout", "abort", rollout_id).returncode == 0
 
