@@ -131,6 +131,16 @@ def webhook_remove(api: DeployClient, webhook_id: str) -> None:
     click.echo(terminal_safe(f"webhook {webhook_id} removed"))
 
 
+@webhook.command("ping")
+@click.argument("webhook_id")
+@with_api
+def webhook_ping(api: DeployClient, webhook_id: str) -> None:
+    """Send a webhook a signed ping now, to check the receiver and its secret (see
+    `deployctl webhook deliveries ID` for how it went)."""
+    queued = api.ping_webhook(webhook_id)
+    click.echo(terminal_safe(f"ping {queued['delivery_id']} queued for webhook {webhook_id}"))
+
+
 @webhook.command("deliveries")
 @click.argument("webhook_id")
 @click.option("--status", type=click.Choice(["pending", "delivered", "failed"]), default=None)

@@ -69,6 +69,9 @@ TIMESTAMP_HEADER = "X-Deploy-Center-Timestamp"
 DELIVERY_HEADER = "X-Deploy-Center-Delivery"
 EVENT_HEADER = "X-Deploy-Center-Event"
 
+#: Sent on request to one webhook (``POST /api/webhooks/{id}/ping``); not subscribable.
+PING = "ping"
+
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 DELIVERY_STATUSES = (PENDING, DELIVERED, FAILED)
 
@@ -299,6 +302,23 @@ def rollout_data(summary: dict[str, Any]) -> dict[str, Any]:
     return {**{k: summary.get(k) for k in keys}, "url": f"/api/rollouts/{summary['rollout_id']}"}
 
 
+def _row(event: Event, webhook_id: str, now: float | None = None) -> dict[str, Any]:
+    """The outbox row of ``event`` for one webhook: due now."""
+    now = time.time() if now is None else now
+    delivery_id = uuid.uuid4().hex
+    return {
+        "delivery_id": delivery_id,
+        "webhook_id": webhook_id,
+        "event": event.name,
+        "event_key": f"{event.name}:{event.key}"[:200],
+        "payload": _body(delivery_id, event.name, event.at, event.data),
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
 def _body(delivery_id: str, event: str, created: float, data: dict[str, Any]) -> str:
     return json.dumps(
         {"id": delivery_id, "event": event, "created_at": iso_time(created), "data": data},
@@ -459,24 +479,18 @@ class WebhookStore:
     def enqueue(self, events: Sequence[Event], webhook_ids: dict[str, list[str]]) -> int:
         """Add a delivery of each event to each webhook in ``webhook_ids[event.name]`` (one
         per webhook and event key); how many were new."""
-        rows = []
         now = time.time()
-        for event in events:
-            for webhook_id in webhook_ids.get(event.name, ()):
-                delivery_id = uuid.uuid4().hex
-                rows.append(
-                    {
-                        "delivery_id": delivery_id,
-                        "webhook_id": webhook_id,
-                        "event": event.name,
-                        "event_key": f"{event.name}:{event.key}"[:200],
-                        "payload": _body(delivery_id, event.name, event.at, event.data),
-                        "status": PENDING,
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                        "created_at": now,
-                    }
-                )
+        return self._insert(
+            [_row(e, webhook_id, now) for e in events for webhook_id in webhook_ids.get(e.name, ())]
+        )
+
+    def ping(self, webhook_id: str) -> str | None:
+        """Enqueue a ``ping`` to one webhook, to check that it is set up; its delivery's id,
+        or ``None`` when there is no such webhook."""
+        row = _row(Event(PING, uuid.uuid4().hex, {"webhook_id": webhook_id}), webhook_id)
+        return str(row["delivery_id"]) if self._insert([row]) else None
+
+    def _insert(self, rows: list[dict[str, Any]]) -> int:
         if not rows:
             return 0
         with self.engine.begin() as conn:
@@ -708,6 +722,10 @@ class Webhooks:
         self.dropped = 0
 
     # -- events in
+
+    def wake(self) -> None:
+        """Something was enqueued outside the event path (a ping): look at the outbox now."""
+        self._wake.set()
 
     def invalidate(self) -> None:
         """Webhooks changed: read the subscriptions again before the next event."""

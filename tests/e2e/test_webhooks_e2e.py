@@ -150,6 +150,17 @@ def test_a_finished_deployment_is_delivered_once_signed_with_its_payload(
         listed = center.deployctl("webhook", "list")
         assert listed.returncode == 0 and webhook_id in listed.stdout
         assert "2 delivered" in listed.stdout and SECRET not in listed.stdout
+
+        pinged = center.deployctl("webhook", "ping", webhook_id)
+        assert pinged.returncode == 0, pinged.stderr
+        receiver.wait_for(lambda got: any(d.payload["event"] == "ping" for d in got))
+        (ping,) = [d for d in receiver.got if d.payload["event"] == "ping"]
+        assert ping.verified and ping.payload["data"] == {"webhook_id": webhook_id}
+        assert ping.payload["id"] in pinged.stdout
+        wait_log(center, webhook_id, lambda rows: rows[0]["event"] == "ping"
+                 and rows[0]["status"] == "delivered")  # fmt: skip
+        missing = center.deployctl("webhook", "ping", "0123456789abcdef")
+        assert missing.returncode == 1 and "no webhook" in missing.stderr
     finally:
         receiver.stop()
 

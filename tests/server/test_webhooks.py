@@ -190,6 +190,9 @@ def test_the_outbox_holds_one_delivery_per_webhook_and_event(store: WebhookStore
     assert [r["event"] for r in rows] == [DEPLOYMENT_FINISHED] and rows[0]["status"] == "pending"
     assert store.deliveries(other["id"]) == []
     assert store.enqueue([event], {DEPLOYMENT_FINISHED: ["0000000000000000"]}) == 0  # gone
+    ping = store.ping(other["id"])
+    assert ping is not None and [r["id"] for r in store.deliveries(other["id"])] == [ping]
+    assert store.ping("0000000000000000") is None
 
     # The secret is sealed in the database and shown by no view.
     with store.engine.connect() as conn:

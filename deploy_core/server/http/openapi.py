@@ -68,6 +68,7 @@ from deploy_core.server.http.webhooks import (
     WEBHOOK_ID_PATTERN,
     DeliveryLog,
     NewWebhook,
+    PingAccepted,
     WebhookList,
     WebhookRemoved,
     WebhookView,
@@ -226,6 +227,7 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
                "only deliveries in this status"),
         _query("limit", _integer(1, 500, 50), "at most this many, newest first"),
     )),
+    ("POST", "/api/webhooks/{webhook_id}/ping"): Spec(202, PingAccepted, (404,), (WEBHOOK_ID,)),
     ("POST", "/api/rollouts"): Spec(202, RolloutAccepted, (400, 404, 409, 413, 422), (),
                                     NewRollout),
     ("GET", "/api/rollouts"): Spec(200, RolloutPage, (422,), (

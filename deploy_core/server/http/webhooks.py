@@ -91,6 +91,14 @@ class WebhookRemoved(BaseModel):
     removed: str
 
 
+class PingAccepted(BaseModel):
+    """``POST /api/webhooks/{webhook_id}/ping``: a ``ping`` delivery was queued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    delivery_id: str = Field(description="find it in the delivery log")
+
+
 class DeliveryView(BaseModel):
     """One delivery: an event for a webhook, and how sending it went."""
 
@@ -180,6 +188,18 @@ async def remove_webhook(request: Request) -> Response:
     return JSONResponse({"removed": webhook_id})
 
 
+async def ping_webhook(request: Request) -> Response:
+    """``POST /api/webhooks/{webhook_id}/ping`` → ``202``: send the webhook a signed ``ping``
+    (no body needed), to check the receiver and its secret; it shows in the delivery log."""
+    server = services(request)
+    webhook = await _webhook_or_404(request)
+    delivery_id = await server.db(server.webhooks.store.ping, webhook["id"])
+    if delivery_id is None:  # removed meanwhile
+        raise ApiError(404, f"no webhook {webhook['id']!r}")
+    server.webhooks.wake()
+    return JSONResponse({"delivery_id": delivery_id}, 202)
+
+
 async def list_deliveries(request: Request) -> Response:
     """``GET /api/webhooks/{webhook_id}/deliveries?status=&limit=`` — the delivery log, newest
     first: status, attempts, the last HTTP status and error, and times."""
@@ -205,4 +225,5 @@ def webhook_routes() -> list[BaseRoute]:
         Route("/webhooks/{webhook_id:str}", get_webhook, methods=["GET"]),
         Route("/webhooks/{webhook_id:str}", remove_webhook, methods=["DELETE"]),
         Route("/webhooks/{webhook_id:str}/deliveries", list_deliveries, methods=["GET"]),
+        Route("/webhooks/{webhook_id:str}/ping", ping_webhook, methods=["POST"]),
     ]
