@@ -274,12 +274,6 @@ class DeployClient:
         result: dict[str, Any] = self.request("POST", path)
         return result
 
-    def ping_webhook(self, webhook_id: str) -> dict[str, Any]:
-        """``POST /api/webhooks/{id}/ping``: ``{"delivery_id": …}`` of the ping queued."""
-        path = f"/api/webhooks/{_segment(webhook_id)}/ping"
-        result: dict[str, Any] = self.request("POST", path)
-        return result
-
     def webhook_deliveries(
         self, webhook_id: str, *, status: str | None = None, limit: int = 50
     ) -> builtins.list[dict[str, Any]]:
