@@ -24,6 +24,9 @@ from sqlalchemy.exc import IntegrityError
 
 from deploy_core.server.db import api_tokens, join_tokens
 
+#: How stale a token's ``last_used`` may get: it is written at most this often (seconds).
+LAST_USED_EVERY = 60.0
+
 SCOPES = ("metrics", "read", "deploy", "admin")
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -82,19 +85,21 @@ class TokenStore:
         """The caller a token belongs to, or ``None``."""
         if hmac.compare_digest(token.encode(), self._admin.encode()):
             return Caller("admin-file", "admin")
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(api_tokens.c.name, api_tokens.c.scope).where(
+                sa.select(api_tokens.c.name, api_tokens.c.scope, api_tokens.c.last_used).where(
                     api_tokens.c.token_hash == digest(token)
                 )
             ).first()
-            if row is None:
-                return None
-            conn.execute(
-                api_tokens.update()
-                .where(api_tokens.c.name == row.name)
-                .values(last_used=time.time())
-            )
+        if row is None:
+            return None
+        now = time.time()
+        if row.last_used is None or now - row.last_used >= LAST_USED_EVERY:
+            # A write at most once a minute per token, not one per API request.
+            with self.engine.begin() as conn:
+                conn.execute(
+                    api_tokens.update().where(api_tokens.c.name == row.name).values(last_used=now)
+                )
         return Caller(row.name, row.scope)
 
     def list_api_tokens(self) -> list[dict[str, Any]]:
