@@ -302,6 +302,7 @@ def up(
     from deploy_core.server.app import DeployServer, ServerConfig
 
     settings, constraints = agent_settings_and_constraints(agent_config)
+    metrics_listen = _metrics_listen(agent_config, settings.get("metrics"), "--agent-config")
     server_config = ServerConfig(
         state_dir=state_dir,
         api_port=api_port,
@@ -325,6 +326,7 @@ def up(
                 plugin_settings=settings.get("plugins", {}),
                 constraints=constraints,
                 labels=settings.get("labels", {}),
+                metrics_listen=metrics_listen,
             ),
             plugins=srv.plugins,
         )
@@ -376,7 +378,9 @@ def _try_command(srv: Any, state_dir: Path) -> str:
     return words
 
 
-def _metrics_listen(config_file: Path | None, table: Any) -> tuple[str, int] | None:
+def _metrics_listen(
+    config_file: Path | None, table: Any, hint: str = "--config"
+) -> tuple[str, int] | None:
     """The ``[metrics]`` table's ``listen`` address, checked (deploy_core.agent.metrics)."""
     if table is None:
         return None
@@ -385,7 +389,7 @@ def _metrics_listen(config_file: Path | None, table: Any) -> tuple[str, int] | N
     try:
         return listen_address(table)
     except MetricsConfigError as exc:
-        raise click.BadParameter(f"{config_file}: {exc}", param_hint="--config") from None
+        raise click.BadParameter(f"{config_file}: {exc}", param_hint=hint) from None
 
 
 def _chunk_size(value: str) -> int:
