@@ -77,11 +77,17 @@ def clients_list(
     """List enrolled clients: state, labels, credential, deploy types.  With --json, the
     clients as GET /api/clients shows them (all matching, or --limit of them)."""
     filters: dict[str, Any] = {"labels": labels, "state": state, "search": search}
+    page = api.clients_page(**filters, limit=limit or 1)
+    if "total" not in page and (labels or state or search or limit):
+        # A server from before pages and filters answers every client, unfiltered.
+        raise click.ClickException(
+            "this server lists clients without filters or pages (it is older than this "
+            "deployctl): drop --label, --state, --search and --limit"
+        )
     if limit is None:
-        rows = api.clients(**filters)
+        rows = api.clients(**filters) if page.get("next_cursor") else page["clients"]
         total = len(rows)
     else:
-        page = api.clients_page(**filters, limit=limit)
         rows, total = page["clients"], page["total"]
     if as_json:
         echo_json(rows)

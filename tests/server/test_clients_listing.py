@@ -24,7 +24,6 @@ from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.clients import ClientFilter
 from deploy_core.server.http.responses import ClientList
 
-pytestmark = pytest.mark.asyncio
 __all__ = ["http"]  # the admin's HTTP client of test_client_credential_kind, on this server
 COUNT = 230
 
@@ -268,3 +267,65 @@ async def test_the_fingerprint_changes_with_the_list_not_with_heartbeats(
     summary = records.summarize_clients(ClientFilter())
     assert summary["total"] == COUNT
     assert summary["states"]["disconnected"] == len(expected(COUNT, state="disconnected")) + 2
+
+
+OLD_ANSWER = {
+    "clients": [
+        {
+            "client_id": name,
+            "connected": True,
+            "connected_since": "2026-12-01T00:00:00Z",
+            "disconnected_since": None,
+            "revoked_at": None,
+            "credential": "public_key",
+            "capabilities": {"deploy_types": ["deploy.shell"]},
+        }
+        for name in ("old-1", "old-2")
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "listed"),
+    [((), ["old-1", "old-2"]), (("--label", "role=web"), None), (("--limit", "1"), None)],
+)
+def test_deployctl_clients_and_a_server_from_before_pages(
+    args: tuple[str, ...], listed: list[str] | None
+) -> None:
+    """A server that answers every client whatever it is asked: listed as before without
+    filters; with a filter or a limit, refused rather than shown unfiltered."""
+    import http.server
+    import subprocess
+    import threading
+
+    class Old(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(OLD_ANSWER).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    old = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Old)
+    threading.Thread(target=old.serve_forever, daemon=True).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_CENTER_")}
+        env["DEPLOY_CENTER_URL"] = f"http://127.0.0.1:{old.server_address[1]}"
+        env["DEPLOY_CENTER_TOKEN"] = "any"
+        done = subprocess.run(
+            [sys.executable, "-m", "deploy_core.cli", "clients", *args],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        old.shutdown()
+        old.server_close()
+    if listed is None:
+        assert done.returncode != 0 and not done.stdout
+        assert "this server lists clients without filters or pages" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert [line.split()[0] for line in done.stdout.splitlines()] == listed
