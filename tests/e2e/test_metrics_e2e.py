@@ -421,3 +421,19 @@ def test_an_agent_loads_the_metrics_library_only_when_asked(tmp_path: Path) -> N
     assert "deploy_core.agent.runtime" in plain  # the report is there to be read
     assert not any(m.split(".")[0] == "prometheus_client" for m in plain)
     assert "prometheus_client" in watched
+
+
+def test_up_checks_the_local_agent_s_metrics_table_before_starting(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deploy_core.cli import main
+
+    config = tmp_path / "agent.toml"
+    config.write_text('[metrics]\nlisten = "everywhere"\n')
+    state = tmp_path / "state"
+    result = CliRunner().invoke(
+        main, ["up", "--state-dir", str(state), "--agent-config", str(config)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--agent-config" in result.output and "HOST:PORT" in result.output
+    assert not state.exists()  # nothing started
