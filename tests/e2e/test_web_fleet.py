@@ -295,7 +295,9 @@ def test_a_rollout_seen_and_promoted_from_the_page(
     )
     rollout_id = answer["rollout_id"]
     link = f'#rollouts-body a[data-rollout="{rollout_id}"]'
-    browser.wait_for(f"!!document.querySelector('{link}')", what="the rollout in the list")
+    browser.wait_for(
+        f"!!document.querySelector('{link}')", timeout=60, what="the rollout in the list"
+    )
     browser.click(link)
     browser.wait_for(
         "document.getElementById('r-status').textContent === 'paused'",
@@ -354,7 +356,7 @@ def test_a_rollout_paused_resumed_and_aborted_from_the_page(
     )["rollout_id"]
     browser.js(f"location.hash = '#rollout/{rollout_id}'")
     status = "document.getElementById('r-status').textContent"
-    browser.wait_for(f"{status} === 'running'", timeout=30, what="the rollout running")
+    browser.wait_for(f"{status} === 'running'", timeout=60, what="the rollout running")
     browser.click("#r-pause")
     browser.wait_for(f"{status} === 'paused'", what="paused by the operator")
     assert "paused by an operator" in browser.js("document.getElementById('r-paused').textContent")

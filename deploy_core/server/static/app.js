@@ -914,15 +914,20 @@
     refreshRollout();
   }
 
-  // Read the selected rollout again: one read at a time, and once more if it changed meanwhile.
+  // Read the selected rollout again: one read at a time, and once more if it changed meanwhile
+  // — at most two reads a second, however many of its hosts report (the chips change colour
+  // from the deployment events at once).
   async function refreshRollout() {
     if (state.rolloutBusy) {
       state.rolloutAgain = true;
       return;
     }
     state.rolloutBusy = true;
+    let first = true;
     try {
       do {
+        if (!first) await sleep(500);
+        first = false;
         state.rolloutAgain = false;
         const rolloutId = state.rolloutSelected;
         if (!rolloutId) break;
