@@ -313,11 +313,14 @@ MAX_LABEL_COUNTS = 500
 
 def _label_pairs(dialect: str) -> sa.TableValuedAlias:
     """Each client's labels as rows ``(key, value)``, joined to its row: SQLite's
-    ``json_each``, PostgreSQL's ``json_each_text`` (no labels: no rows)."""
+    ``json_each``, PostgreSQL's ``json_each_text`` (no labels, or anything but an object
+    there: no rows — PostgreSQL's would fail the whole query on a JSON null)."""
     if dialect == "postgresql":
-        pg = sa.func.json_each_text(clients.c.labels).table_valued("key", "value")
+        only = sa.case((sa.func.json_typeof(clients.c.labels) == "object", clients.c.labels))
+        pg = sa.func.json_each_text(only).table_valued("key", "value")
         return pg.render_derived("label_pairs")
-    return sa.func.json_each(clients.c.labels).table_valued("key", "value").alias("label_pairs")
+    only = sa.case((sa.func.json_type(clients.c.labels) == "object", clients.c.labels))
+    return sa.func.json_each(only).table_valued("key", "value").alias("label_pairs")
 
 
 def _state_expr() -> sa.ColumnElement[str]:

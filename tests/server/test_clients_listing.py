@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from client_seed import client_id, expected, seed_clients
 from test_client_credential_kind import deployctl_clients, http
 
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.clients import ClientFilter
+from deploy_core.server.db import clients
 from deploy_core.server.http.responses import ClientList
 
 __all__ = ["http"]  # the admin's HTTP client of test_client_credential_kind, on this server
@@ -329,3 +331,23 @@ def test_deployctl_clients_and_a_server_from_before_pages(
     else:
         assert done.returncode == 0, done.stderr
         assert [line.split()[0] for line in done.stdout.splitlines()] == listed
+
+
+async def test_rows_whose_labels_are_not_an_object_are_counted_without_labels(
+    server: DeployServer, http: httpx.AsyncClient
+) -> None:
+    """A JSON null, a string or a list where labels belong (rows written by hand or by an
+    older server) must not fail the counts, which unpack every row's labels in SQL."""
+    with server.records.engine.begin() as conn:
+        for n, odd in ((1, sa.JSON.NULL), (2, "web"), (3, ["role", "web"]), (4, None)):
+            conn.execute(
+                clients.update().where(clients.c.client_id == client_id(n)).values(labels=odd)
+            )
+    body = await get(http, summary=1, limit=5)
+    assert body["summary"]["total"] == COUNT
+    web = [n for n in expected(COUNT, role="web") if n != client_id(3)]  # 3 lost its labels
+    assert body["summary"]["labels"]["role"]["web"] == len(web)
+    listed = (await get(http, label="role=web", limit=3))["clients"]
+    assert [c["client_id"] for c in listed] == web[:3]
+    odd = (await get(http, q="host-000", limit=5))["clients"]
+    assert [c["labels"] for c in odd[1:5]] == [{}, {}, {}, {}]

@@ -43,7 +43,7 @@ def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
         "credential": row["credential"],
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
-        "labels": row.get("labels") or {},
+        "labels": labels if isinstance(labels := row.get("labels"), dict) else {},
     }
 
 
