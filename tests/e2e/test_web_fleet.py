@@ -17,6 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from client_seed import client_id, expected, seed_clients
+from test_rollouts_e2e import WHO
 from test_web_page import Browser, admin_token, live_url, open_browser, sign_in
 from websockets.sync.client import connect
 
@@ -390,3 +391,42 @@ def test_a_rollout_paused_resumed_and_aborted_from_the_page(
         "Failed to load resource: the server responded with a status of 409 (Conflict)"
     ]
     browser.events.clear()
+
+
+def test_a_failing_host_stops_the_rollout_and_is_named_with_its_error(
+    center: DeployCenter, browser: Browser
+) -> None:
+    sign_in(browser, center, admin_token(center))
+    script = WHO + 'echo "on $host"; if [ "$host" = web-b ]; then echo broken >&2; exit 3; fi\n'
+    rollout_id = center.api.request(
+        "POST",
+        "/api/rollouts",
+        json={
+            "type": "shell",
+            "request": {"script": script, "timeout": 60},
+            "targets": {"clients": AGENTS},
+            "strategy": {"max_parallel": 1, "max_failures": 0},
+        },
+    )["rollout_id"]
+    browser.js(f"location.hash = '#rollout/{rollout_id}'")
+    browser.wait_for(
+        "document.getElementById('r-status').textContent === 'failed'",
+        timeout=90,
+        what="the rollout failed",
+    )
+    chips = "[...document.querySelectorAll('#r-batches .chip')].map(c => c.dataset.status)"
+    browser.wait_for(
+        f"{chips}.join() === 'success,failed,skipped,skipped'", what="web-b red, c and d skipped"
+    )
+    assert browser.js("document.getElementById('r-failing-box').hidden") is False
+    failing = browser.js(
+        "[...document.querySelectorAll('#r-failing li')].map(li => li.dataset.client)"
+    )
+    assert failing == ["web-b"]
+    line = browser.js("document.querySelector('#r-failing li').innerText")
+    record = center.api.get(browser.js("document.querySelector('#r-failing li a').hash.slice(8)"))
+    assert record["client_id"] == "web-b" and record["status"] == "failed"
+    assert "failed" in line and record["error"] in line
+    reason = center.api.request("GET", f"/api/rollouts/{rollout_id}")["reason"]
+    assert browser.js("document.getElementById('r-reason').textContent") == reason
+    assert browser.problems() == []

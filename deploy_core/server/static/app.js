@@ -19,6 +19,8 @@
   const CLIENT_STATES = ["connected", "disconnected", "revoked"];
   const ROLLOUTS_LISTED = 20;
   const ROLLOUT_FINAL = new Set(["succeeded", "failed", "aborted", "rolled_back"]);
+  // A rollout's target counts as failed with these (docs/rollouts.md, max_failures).
+  const FAILED = new Set(["failed", "timeout", "rolled_back", "rollback_failed", "not_started"]);
   const UNDONE = new Set(["rolled_back", "rollback_failed"]);
 
   const state = {
@@ -1015,6 +1017,16 @@
         el("div", { class: "chips" }, ...chips));
     });
     $("r-batches").replaceChildren(...batches);
+    // The hosts that failed (or could not start), with what went wrong: the first 50.
+    const failing = view.batches.flatMap((batch) => batch.targets)
+      .filter((t) => FAILED.has(chipStatus(t)) || (t.rollback_status && t.rollback_status !== "rolled_back"));
+    $("r-failing").replaceChildren(...failing.slice(0, 50).map((t) => el("li", { "data-client": t.client_id },
+      el("strong", { text: t.client_id }), " ", statusBadge(chipStatus(t)),
+      t.error ? " " + t.error : "",
+      t.rollback_status ? ` · rollback ${t.rollback_status}` + (t.rollback_error ? `: ${t.rollback_error}` : "") : "",
+      t.deploy_id ? el("a", { href: "#deploy/" + t.deploy_id, class: "mono", text: " " + shortId(t.deploy_id) }) : null)));
+    if (failing.length > 50) $("r-failing").append(el("li", { class: "muted", text: `… and ${failing.length - 50} more` }));
+    $("r-failing-box").hidden = failing.length === 0;
     $("r-history").replaceChildren(...(view.history || []).map((h) => el("li", {},
       timeNode(h.ts), " ", statusBadge(h.status), h.message ? " " + h.message : "")));
   }
