@@ -500,7 +500,7 @@ def _deployctl(*args: str, env: dict[str, str] | None = None) -> Any:
 
 def test_deployctl_plugins_prints_json_with_deploy_shell() -> None:
     listed = _deployctl(
-        "plugins", env={"DEPLOY_CORE_PLUGINS": "", "DEPLOY_CORE_DISABLE_PLUGINS": ""}
+        "plugins", "--json", env={"DEPLOY_CORE_PLUGINS": "", "DEPLOY_CORE_DISABLE_PLUGINS": ""}
     )
     by_name = {p["name"]: p for p in listed}
     assert by_name["deploy_shell"]["deploy_types"] == ["deploy.shell"]
@@ -510,7 +510,7 @@ def test_deployctl_plugins_prints_json_with_deploy_shell() -> None:
 
 
 def test_deployctl_plugins_honours_the_disable_list() -> None:
-    listed = _deployctl("plugins", env={"DEPLOY_CORE_DISABLE_PLUGINS": "deploy_shell"})
+    listed = _deployctl("plugins", "--json", env={"DEPLOY_CORE_DISABLE_PLUGINS": "deploy_shell"})
     assert "deploy_shell" not in {p["name"] for p in listed}
 
 
@@ -564,7 +564,7 @@ def test_deployctl_runs_a_command_a_plugin_registered(tmp_path: Path) -> None:
     assert ran.stdout == "hello ops from a plugin\n"
     helped = _run_cli("--help", pythonpath=path)
     assert "probe-hello" in helped.stdout and "Say hello from a plugin." in helped.stdout
-    listed = json.loads(_run_cli("plugins", pythonpath=path).stdout)
+    listed = json.loads(_run_cli("plugins", "--json", pythonpath=path).stdout)
     (probe,) = [p for p in listed if p["name"] == "probe"]
     assert probe["version"] == "0.3.0"
     assert probe["cli_commands"] == ["probe-hello"]
@@ -572,7 +572,7 @@ def test_deployctl_runs_a_command_a_plugin_registered(tmp_path: Path) -> None:
 
 def test_deployctl_plugins_lists_a_plugin_that_fails_to_import(tmp_path: Path) -> None:
     path = _distribution(tmp_path, {"probe": "probe_nowhere.plugin"}, {})
-    ran = _run_cli("plugins", pythonpath=path)
+    ran = _run_cli("plugins", "--json", pythonpath=path)
     assert ran.returncode == 0, ran.stderr
     assert {"name": "probe", "error": "ModuleNotFoundError: No module named 'probe_nowhere'"} in (
         json.loads(ran.stdout)

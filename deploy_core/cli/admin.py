@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import click
 from deploy_core.cli.common import (
     database_url,
     echo_json,
+    json_option,
     parse_duration,
     state_dir_option,
     with_api,
@@ -24,7 +26,7 @@ def _client_filters(fn: Any) -> Any:
     """The options of ``deployctl clients [list]``: what to show, and how much."""
     for option in reversed(
         [
-            click.option("--json", "as_json", is_flag=True, help="print the answer as JSON"),
+            json_option,
             click.option(
                 "--label",
                 "labels",
@@ -185,14 +187,46 @@ def token_create(
 
 
 @token.command("list")
+@json_option
 @with_api
-def token_list(api: DeployClient) -> None:
-    """List API tokens and join tokens (never their values)."""
-    echo_json(
-        {
-            "tokens": api.request("GET", "/api/tokens")["tokens"],
-            "join_tokens": api.request("GET", "/api/join-tokens")["join_tokens"],
-        }
+def token_list(api: DeployClient, as_json: bool) -> None:
+    """List API tokens and join tokens (never their values).  With --json,
+    {"tokens": [...], "join_tokens": [...]}: the lists of GET /api/tokens and GET
+    /api/join-tokens."""
+    tokens = api.request("GET", "/api/tokens")["tokens"]
+    join_tokens = api.request("GET", "/api/join-tokens")["join_tokens"]
+    if as_json:
+        echo_json({"tokens": tokens, "join_tokens": join_tokens})
+        return
+    rows = [("NAME", "SCOPE", "CREATED", "LAST USED")] + [
+        (t["name"], t["scope"], t["created_at"] or "-", t["last_used"] or "never") for t in tokens
+    ]
+    click.echo(
+        terminal_safe(_table(rows)) if tokens else "no API tokens (admin.token is not listed)"
+    )
+    join_rows = [("JOIN TOKEN", "CREATED", "EXPIRES", "USES LEFT", "NOTE")] + [
+        (
+            t["token_id"],
+            t["created_at"] or "-",
+            t["expires_at"] or "never",
+            "unlimited" if t["uses_left"] is None else str(t["uses_left"]),
+            t.get("note") or "",
+        )
+        for t in join_tokens
+    ]
+    click.echo(
+        terminal_safe(_table(join_rows))
+        if join_tokens
+        else "no join tokens (join.token is not listed)"
+    )
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as left-aligned columns two spaces apart (the first row is the heading)."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
     )
 
 
@@ -208,24 +242,52 @@ def token_revoke(api: DeployClient, name: str, join: bool) -> None:
 
 @main.command()
 @click.option("--server", "from_server", is_flag=True, help="ask the server instead of this host")
+@json_option
 @click.option("--url", envvar="DEPLOY_CENTER_URL", default=None)
 @click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None)
 @state_dir_option
-def plugins(from_server: bool, url: str | None, token: str | None, state_dir: Path) -> None:
-    """Show installed plugins as JSON: name, version, hooks, what each registered."""
+def plugins(
+    from_server: bool, as_json: bool, url: str | None, token: str | None, state_dir: Path
+) -> None:
+    """Show installed plugins: name, version, what each registered.  With --json, also the
+    hooks each implements: the list GET /api/plugins answers."""
     if from_server:
         try:
             with DeployClient.from_env(url, token, state_dir) as api:
-                echo_json(api.plugins())
+                described = api.plugins()
         except (ConfigError, ApiError) as exc:
             raise click.ClickException(terminal_safe(exc)) from None
-        return
-    from deploy_core.plugins import PluginError, get_plugins
+    else:
+        from deploy_core.plugins import PluginError, get_plugins
 
-    try:
-        echo_json(get_plugins().describe())
-    except PluginError as exc:
-        raise click.ClickException(str(exc)) from None
+        try:
+            described = get_plugins().describe()
+        except PluginError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        echo_json(described)
+        return
+    rows = [("PLUGIN", "VERSION", "REGISTERED")]
+    for plugin in described:
+        if "error" in plugin:
+            rows.append((plugin["name"], "-", f"FAILED TO LOAD: {plugin['error']}"))
+            continue
+        what = [
+            f"{key.replace('_', ' ')}: {', '.join(map(str, names))}"
+            for key, names in plugin.items()
+            if key not in ("name", "version", "builtin", "hooks")
+            and isinstance(names, list)
+            and names
+        ]
+        version = plugin.get("version") or "-"
+        rows.append(
+            (
+                plugin["name"],
+                version + (" (built in)" if plugin.get("builtin") else ""),
+                "; ".join(what) or "-",
+            )
+        )
+    click.echo(terminal_safe(_table(rows)))
 
 
 @main.group()

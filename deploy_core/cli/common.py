@@ -32,17 +32,42 @@ api_options = [
     click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL"),
     click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token"),
     state_dir_option,
+    click.option(
+        "--ca",
+        envvar="DEPLOY_CENTER_CA",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
+        default=None,
+        help="CA certificate an https:// API is verified with (default: the state "
+        "directory's for the server it names, else the system's trust store)",
+    ),
+    click.option(
+        "--insecure-http",
+        envvar="DEPLOY_CENTER_INSECURE_HTTP",
+        is_flag=True,
+        help="send the token over plain http:// to a host that is not loopback (refused "
+        "without it)",
+    ),
 ]
 
 
 def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --url/--token/--state-dir and pass a ready :class:`DeployClient` as ``api``."""
+    """Add --url/--token/--state-dir/--ca/--insecure-http and pass a ready
+    :class:`DeployClient` as ``api``."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(url: str | None, token: str | None, state_dir: Path, **kwargs: Any) -> Any:
+    def wrapper(
+        url: str | None,
+        token: str | None,
+        state_dir: Path,
+        ca: Path | None,
+        insecure_http: bool,
+        **kwargs: Any,
+    ) -> Any:
         try:
-            api = DeployClient.from_env(url, token, state_dir)
+            api = DeployClient.from_env(
+                url, token, state_dir, ca=ca, insecure_http=insecure_http
+            )
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
         try:
@@ -105,8 +130,29 @@ def page_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)(fn)
 
 
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--json`` flag of every command that reads something (passed as ``as_json``):
+    print the answer with :func:`echo_json` (or :func:`echo_json_line`, a line per item)
+    instead of text for people.  The contract is docs/user-guide.md, "Scripting with
+    --json"; ``tests/test_cli_json.py`` fails for a read command without it."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="print the answer as JSON (docs/user-guide.md, 'Scripting with --json')",
+    )(fn)
+
+
 def echo_json(data: Any) -> None:
+    """``data`` as one JSON document on stdout (indented; non-ASCII and control characters
+    escaped, so it is safe on a terminal too)."""
     click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def echo_json_line(data: Any) -> None:
+    """``data`` as one line of JSON Lines on stdout, flushed at once (for a stream such as
+    ``deployctl logs --json --follow``)."""
+    click.echo(json.dumps(data, separators=(",", ":")))
 
 
 def parse_env(values: tuple[str, ...]) -> dict[str, str]:

@@ -17,7 +17,9 @@ import click
 from deploy_core.cli.common import (
     check_wait_timeout,
     echo_json,
+    echo_json_line,
     follow,
+    json_option,
     page_options,
     print_outcome,
     progress_bar,
@@ -152,7 +154,7 @@ def _next_in_cascade(
 @main.command()
 @click.argument("deploy_id")
 @click.option("--history", is_flag=True, help="also show the status history")
-@click.option("--json", "as_json", is_flag=True, help="print the raw record")
+@json_option
 @with_api
 def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> None:
     """Show a deployment's status and result."""
@@ -187,7 +189,7 @@ def status(api: DeployClient, deploy_id: str, history: bool, as_json: bool) -> N
 @click.option("--status", default=None, help="only deployments in this status")
 @click.option("--running", is_flag=True, help="only unfinished deployments")
 @page_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @with_api
 def list_cmd(
     api: DeployClient,
@@ -226,22 +228,43 @@ def list_cmd(
 @main.command()
 @click.argument("deploy_id")
 @click.option("-f", "--follow", "follow_", is_flag=True, help="keep printing until it ends")
+@json_option
 @with_api
-def logs(api: DeployClient, deploy_id: str, follow_: bool) -> None:
-    """Print a deployment's output lines (with -f, as they come until it ends)."""
+def logs(api: DeployClient, deploy_id: str, follow_: bool, as_json: bool) -> None:
+    """Print a deployment's output lines (with -f, as they come until it ends).  With
+    --json, JSON Lines: each line as GET /api/deploy/{id}/logs gives it."""
+
+    def show(line: dict[str, Any]) -> None:
+        if as_json:
+            echo_json_line(line)
+        else:
+            click.echo(terminal_safe(f"{line['timestamp']} [{line['stream']}] {line['line']}"))
+
+    after = 0
     if follow_:
-        for item in api.follow_logs(deploy_id):
-            if "end" in item:
+        while True:
+            for item in api.follow_logs(deploy_id, after=after):
+                if "end" not in item:
+                    show(item)
+                    after = item.get("id", after)
+                    continue
                 if item["end"]:
                     click.echo(terminal_safe(f"-- deployment ended: {item['status']}"), err=True)
+                    return
+                # The server streams for an hour at most: read on from where it stopped.
+                after = int(item.get("next_after", after))
                 break
-            click.echo(terminal_safe(f"{item['timestamp']} [{item['stream']}] {item['line']}"))
-        return
-    after = 0
+            else:
+                raise click.ClickException(
+                    terminal_safe(
+                        f"the server closed the log stream of {deploy_id} before the "
+                        f"deployment ended (after line {after})"
+                    )
+                )
     while True:
         page = api.logs(deploy_id, after=after)
         for line in page["lines"]:
-            click.echo(terminal_safe(f"{line['timestamp']} [{line['stream']}] {line['line']}"))
+            show(line)
         if not page["lines"]:
             break
         after = page["next_after"]

@@ -8,8 +8,11 @@ which the rest of :mod:`deploy_core.plugin` (loaded by agents too) never does.
 from __future__ import annotations
 
 from deploy_core.cli.common import (
+    echo_json,
+    echo_json_line,
     health_checks_field,
     health_options,
+    json_option,
     no_rollback_option,
     parse_env,
     parse_health,
@@ -23,8 +26,11 @@ from deploy_core.client import DeployClient
 
 __all__ = [
     "DeployClient",
+    "echo_json",
+    "echo_json_line",
     "health_checks_field",
     "health_options",
+    "json_option",
     "no_rollback_option",
     "parse_env",
     "parse_health",

@@ -6,11 +6,9 @@ monitor_docker.cli ps --client ID`` runs the same command without ``deployctl``.
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from deploy_core.plugin.cli import DeployClient, terminal_safe, with_api
+from deploy_core.plugin.cli import DeployClient, echo_json, json_option, terminal_safe, with_api
 
 
 def _size(value: int | None) -> str:
@@ -55,13 +53,14 @@ def docker() -> None:
 
 @docker.command("ps")
 @click.option("--client", "client_id", required=True, help="client id")
-@click.option("--json", "as_json", is_flag=True, help="print the raw API answer")
+@json_option
 @with_api
 def ps(api: DeployClient, client_id: str, as_json: bool) -> None:
-    """Show the containers a client's agent last reported."""
+    """Show the containers a client's agent last reported.  With --json, the answer of
+    GET /api/docker/monitor/{client_id}."""
     view = api.request("GET", f"/api/docker/monitor/{client_id}")
     if as_json:
-        click.echo(json.dumps(view, indent=2))
+        echo_json(view)
         return
     for line in render_ps(view):
         click.echo(terminal_safe(line))  # names, images and errors come from the agent
