@@ -50,10 +50,16 @@ class ServerUnreachable(ApiError):
     def __init__(self, url: str, cause: httpx.TransportError) -> None:
         import httpx
 
+        tls = _tls_trouble(url, cause)
+        if tls is not None:  # something answered, but no safe connection could be made
+            super().__init__(0, {"error": f"no secure connection to {url}: {tls}"})
+            return
         if isinstance(cause, httpx.TimeoutException):
             why = f"no answer in time ({type(cause).__name__})"
         else:
             why = str(cause) or type(cause).__name__
+            if url.startswith("http://") and isinstance(cause, httpx.RemoteProtocolError):
+                why += " (a server that serves HTTPS answers only https:// URLs)"
         super().__init__(
             0,
             {
@@ -66,6 +72,98 @@ class ServerUnreachable(ApiError):
 
 class ConfigError(Exception):
     """The client could not tell where the server is or what token to use."""
+
+
+def _tls_trouble(url: str, cause: BaseException) -> str | None:
+    """What a TLS failure (or plain HTTP meeting TLS) behind ``cause`` means, in words."""
+    import ssl
+
+    seen: BaseException | None = cause
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"its TLS certificate is not trusted ({seen.verify_message or seen}). A server "
+                "with its own certificate is verified with its CA: pass --ca FILE (or set "
+                "DEPLOY_CENTER_CA) with the ca.pem of its state directory; deployctl picks it "
+                "up by itself when --state-dir is the server's and the URL is the one in its "
+                "server.json"
+            )
+        if isinstance(seen, ssl.SSLError):
+            return (
+                f"the TLS handshake failed ({seen.reason or seen}); if the server serves plain "
+                "HTTP, its URL starts with http://"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_ca(url: str, ca: Path | None = None, state_dir: Path | None = None) -> Path | None:
+    """The CA certificate an ``https://`` API is verified with: ``ca`` (``--ca``), else
+    ``DEPLOY_CENTER_CA``, else, when ``url`` is the API the state directory's
+    ``server.json`` names, the CA that server wrote there (its own ``ca.pem``, none for a
+    certificate the operator supplied).  ``None``: the default trust store."""
+    if ca is None and os.environ.get("DEPLOY_CENTER_CA"):
+        ca = Path(os.environ["DEPLOY_CENTER_CA"])
+    if ca is not None:
+        return ca
+    info = (state_dir or DEFAULT_STATE_DIR) / "server.json"
+    try:
+        server = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(server, dict) or str(server.get("api_url", "")).rstrip("/") != url:
+        return None
+    named = server.get("api_ca")
+    return Path(named) if isinstance(named, str) and named else None
+
+
+def connection_verify(url: str, ca: Path | None, *, insecure_http: bool = False) -> Any:
+    """What ``httpx`` verifies the API's TLS with, after checking where the token may go.
+
+    :raises ConfigError: not an http(s) URL; ``http://`` to a host that is not loopback
+        without ``insecure_http`` (the token would cross the network in clear); a CA file
+        that cannot be used.  Nothing is sent before these checks.
+    """
+    import ssl
+    from urllib.parse import urlsplit
+
+    from deploy_core.loopback import is_loopback_host
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a bad port raises ValueError here
+    except ValueError as exc:
+        raise ConfigError(f"{url!r} is not a URL of the API: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(
+            f"{url!r} is not an http:// or https:// URL of the API, e.g. https://deploy.example"
+            ".com:8470"
+        )
+    if scheme == "http":
+        if not insecure_http and not is_loopback_host(host):
+            raise ConfigError(
+                f"refusing to send the API token over plain http:// to {host}, which is not "
+                "a loopback address: anyone on the way could read it. Use the https:// URL "
+                "(the server serves HTTPS off loopback by default), or, if this network is "
+                "trusted, say so with --insecure-http (DEPLOY_CENTER_INSECURE_HTTP=1)"
+            )
+        return True
+    if ca is None:
+        return True  # httpx's default trust store, e.g. for an ACME certificate
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"--ca {ca}: cannot verify the server with it: "
+            f"{getattr(exc, 'strerror', None) or exc} (expected a PEM CA certificate, such as "
+            "the server's ca.pem)"
+        ) from None
 
 
 def resolve(
@@ -102,20 +200,50 @@ def _segment(value: str) -> str:
 class DeployClient:
     """Calls the API; every method returns the decoded JSON or raises :class:`ApiError`."""
 
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        ca: Path | None = None,
+        insecure_http: bool = False,
+    ) -> None:
+        """:param ca: the CA an ``https://`` API is verified with (pinned: the only one
+            trusted); ``None``: the default trust store.  Verification is never off.
+        :param insecure_http: allow the token over ``http://`` to a host that is not
+            loopback (refused otherwise, with :class:`ConfigError`, before any connection).
+        """
         import httpx
 
+        verify = connection_verify(url, ca, insecure_http=insecure_http)
         self.url = url
         self.http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            verify=verify,
         )
 
     @classmethod
     def from_env(
-        cls, url: str | None = None, token: str | None = None, state_dir: Path | None = None
+        cls,
+        url: str | None = None,
+        token: str | None = None,
+        state_dir: Path | None = None,
+        *,
+        ca: Path | None = None,
+        insecure_http: bool = False,
     ) -> DeployClient:
-        """A client for the server :func:`resolve` finds."""
-        return cls(*resolve(url, token, state_dir))
+        """A client for the server :func:`resolve` finds, verified with the CA
+        :func:`resolve_ca` finds; ``DEPLOY_CENTER_INSECURE_HTTP=1`` is ``insecure_http``."""
+        url, token = resolve(url, token, state_dir)
+        return cls(
+            url,
+            token,
+            ca=resolve_ca(url, ca, state_dir),
+            insecure_http=insecure_http or _truthy(os.environ.get("DEPLOY_CENTER_INSECURE_HTTP")),
+        )
 
     def close(self) -> None:
         """Close the connection pool."""

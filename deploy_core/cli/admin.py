@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from deploy_core.cli.common import (
+    api_option_set,
     database_url,
     echo_json,
     json_option,
@@ -53,16 +54,12 @@ def _client_filters(fn: Any) -> Any:
 
 @main.group(invoke_without_command=True)
 @_client_filters
-@click.option("--url", envvar="DEPLOY_CENTER_URL", default=None, help="API base URL")
-@click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None, help="API token")
-@state_dir_option
+@api_option_set
 @click.pass_context
-def clients(
-    ctx: click.Context, /, url: str | None, token: str | None, state_dir: Path, **filters: Any
-) -> None:
+def clients(ctx: click.Context, /, **options: Any) -> None:
     """List enrolled clients and whether they are connected (or revoke / forget one)."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(clients_list, url=url, token=token, state_dir=state_dir, **filters)
+        ctx.invoke(clients_list, **options)
 
 
 @clients.command("list")
@@ -243,17 +240,23 @@ def token_revoke(api: DeployClient, name: str, join: bool) -> None:
 @main.command()
 @click.option("--server", "from_server", is_flag=True, help="ask the server instead of this host")
 @json_option
-@click.option("--url", envvar="DEPLOY_CENTER_URL", default=None)
-@click.option("--token", envvar="DEPLOY_CENTER_TOKEN", default=None)
-@state_dir_option
+@api_option_set
 def plugins(
-    from_server: bool, as_json: bool, url: str | None, token: str | None, state_dir: Path
+    from_server: bool,
+    as_json: bool,
+    url: str | None,
+    token: str | None,
+    state_dir: Path,
+    ca: Path | None,
+    insecure_http: bool,
 ) -> None:
     """Show installed plugins: name, version, what each registered.  With --json, also the
     hooks each implements: the list GET /api/plugins answers."""
     if from_server:
         try:
-            with DeployClient.from_env(url, token, state_dir) as api:
+            with DeployClient.from_env(
+                url, token, state_dir, ca=ca, insecure_http=insecure_http
+            ) as api:
                 described = api.plugins()
         except (ConfigError, ApiError) as exc:
             raise click.ClickException(terminal_safe(exc)) from None

@@ -50,6 +50,14 @@ api_options = [
 ]
 
 
+def api_option_set(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options :func:`with_api` adds (``url``, ``token``, ``state_dir``, ``ca``,
+    ``insecure_http``), for a command that passes them on to a :func:`with_api` one."""
+    for option in reversed(api_options):
+        fn = option(fn)
+    return fn
+
+
 def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add --url/--token/--state-dir/--ca/--insecure-http and pass a ready
     :class:`DeployClient` as ``api``."""
@@ -65,9 +73,7 @@ def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         try:
-            api = DeployClient.from_env(
-                url, token, state_dir, ca=ca, insecure_http=insecure_http
-            )
+            api = DeployClient.from_env(url, token, state_dir, ca=ca, insecure_http=insecure_http)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
         try:
@@ -77,9 +83,7 @@ def with_api(fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             api.close()
 
-    for option in reversed(api_options):
-        wrapper = option(wrapper)
-    return wrapper
+    return api_option_set(wrapper)
 
 
 def database_url(db_url: str | None, state_dir: Path) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from deploy_core import __version__
+from deploy_core.cli.api_tls_options import api_tls_options
 from deploy_core.cli.common import (
     parse_size,
     state_dir_option,
@@ -178,6 +179,9 @@ def _print_server_banner(srv: Any) -> None:
     click.echo(f"  admin token:  {srv.state.admin_token_file}")
     click.echo(f"  join token:   {srv.state.join_token_file}")
     click.echo(f"  agents' CA:   {srv.state.certs.ca_cert}")
+    if srv.api_tls is not None:
+        trust = f"--ca {srv.api_tls.ca}" if srv.api_tls.ca else "their trust store"
+        click.echo(f"  API over TLS: {srv.api_tls.cert} (clients verify it with {trust})")
 
 
 @main.command()
@@ -289,15 +293,20 @@ def agent(
     help="the local agent's configuration (TOML: [constraints], [services.NAME])",
 )
 @server_config_option
+@api_tls_options(network=False)
 def up(
     state_dir: Path,
     api_port: int,
     quic_port: int,
     agent_config: Path | None,
     config_file: Path | None,
+    api_tls: bool | None,
+    api_cert: Path | None,
+    api_key: Path | None,
 ) -> None:
     """Run a server and one local agent (client id "local") in one process."""
     from deploy_core.agent.runtime import Agent, AgentConfig
+    from deploy_core.cli.api_tls_options import api_tls_settings
     from deploy_core.cli.server_command import server_config_file
     from deploy_core.server.app import DeployServer, ServerConfig
 
@@ -308,6 +317,7 @@ def up(
         api_port=api_port,
         quic_port=quic_port,
         **server_config_file(config_file),
+        **api_tls_settings("127.0.0.1", api_tls, api_cert, api_key),
     )
 
     async def run(stop: asyncio.Event) -> None:

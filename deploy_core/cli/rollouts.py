@@ -35,7 +35,7 @@ from deploy_core.client import DeployClient
 log = logging.getLogger(__name__)
 
 # with_api's options, listed last as in every command.
-API_OPTION_NAMES = ("url", "token", "state_dir")
+API_OPTION_NAMES = ("url", "token", "state_dir", "ca", "insecure_http")
 ROLLOUT_STATUSES = (
     "pending",
     "running",

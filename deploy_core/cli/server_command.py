@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from deploy_core.cli.api_tls_options import api_tls_options, api_tls_settings
 from deploy_core.cli.common import database_url, parse_duration, parse_size, state_dir_option
 from deploy_core.cli.groups import log_format_option
 from deploy_core.cli.processes import (
@@ -104,6 +105,7 @@ def server_config_file(
 @state_dir_option
 @click.option("--api-host", default="127.0.0.1", show_default=True)
 @click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@api_tls_options(network=True)
 @click.option("--quic-host", default="127.0.0.1", show_default=True)
 @click.option("--quic-port", default=8471, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -177,6 +179,10 @@ def server(
     http_header_timeout: float,
     http_body_timeout: float,
     http_max_unauthenticated: int,
+    api_tls: bool | None,
+    api_cert: Path | None,
+    api_key: Path | None,
+    api_insecure_http: bool,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
@@ -192,6 +198,7 @@ def server(
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
+        **api_tls_settings(api_host, api_tls, api_cert, api_key, api_insecure_http),
         **server_config_file(
             config_file,
             {

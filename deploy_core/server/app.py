@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from deploy_core.durations import human_duration
 from deploy_core.labels import LabelError, check_labels
+from deploy_core.loopback import is_wildcard_host
 from deploy_core.models import DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
@@ -36,6 +37,7 @@ from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
+from deploy_core.server.http.tls import ApiTls, ApiTlsChoice
 from deploy_core.server.ingest import Ingest
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
@@ -92,6 +94,23 @@ class ServerConfig:
     http_limits: HttpLimits = field(default_factory=HttpLimits)
     # ``[webhooks]`` of the server config: allowed http:// hosts, retry window, timeouts.
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    # The API over TLS (server/http/tls.py): None = on unless api_host is loopback; a
+    # supplied certificate (full chain) and key instead of the server's own; plain HTTP on a
+    # network address only with api_insecure_http.
+    api_tls: bool | None = None
+    api_cert: Path | None = None
+    api_key: Path | None = None
+    api_insecure_http: bool = False
+
+    def api_tls_choice(self) -> ApiTlsChoice:
+        """The API's TLS options, checked (:class:`~deploy_core.server.http.tls.ApiTlsError`)."""
+        return ApiTlsChoice.choose(
+            self.api_host,
+            tls=self.api_tls,
+            cert=self.api_cert,
+            key=self.api_key,
+            insecure_http=self.api_insecure_http,
+        )
 
 
 class _UvicornServer(uvicorn.Server):
@@ -124,6 +143,7 @@ class DeployServer:
         self.ingest: Ingest
         self.watchdog: Watchdog
         self._http: _UvicornServer | None = None
+        self.api_tls: ApiTls | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_port = config.api_port
 
@@ -132,7 +152,12 @@ class DeployServer:
     async def start(self) -> None:
         """Open the database, start the QUIC endpoint, the HTTP API and the background loops."""
         cfg = self.config
-        self.state = await asyncio.to_thread(init_state, cfg.state_dir, hostnames=cfg.cert_names)
+        tls = await asyncio.to_thread(cfg.api_tls_choice)
+        self.state = await asyncio.to_thread(
+            init_state, cfg.state_dir, hostnames=tls.hostnames(cfg.cert_names, cfg.api_host)
+        )
+        self.api_tls = tls.files(self.state.certs)
+        tls.log_start(cfg.api_host, cfg.cert_names, ServerConfig.cert_names)
         url = cfg.db_url or db.sqlite_url(self.state.database_file)
         self.engine = db.make_engine(url)
         if cfg.migrate:
@@ -196,6 +221,8 @@ class DeployServer:
                 access_log=False,
                 log_config=None,  # through the root logger, in the --log-format chosen
                 http=cfg.http_limits.protocol(),
+                ssl_certfile=self.api_tls.cert if self.api_tls else None,
+                ssl_keyfile=self.api_tls.key if self.api_tls else None,
             )
         )
         http_task = asyncio.create_task(self._http.serve(), name="http")
@@ -217,6 +244,8 @@ class DeployServer:
             "api_url": self.api_url,
             "quic": f"{cfg.quic_host}:{self.transport.port}",
             "ca": str(self.state.certs.ca_cert),
+            # What deployctl verifies the API with (None: a supplied certificate).
+            "api_ca": str(self.api_tls.ca) if self.api_tls and self.api_tls.ca else None,
             "admin_token_file": str(self.state.admin_token_file),
             "join_token_file": str(self.state.join_token_file),
             "pid": os.getpid(),
@@ -236,10 +265,13 @@ class DeployServer:
 
     @property
     def api_url(self) -> str:
-        """Base URL of the HTTP API."""
+        """Base URL of the HTTP API, as a client on this host reaches it (loopback when it
+        listens on every address)."""
         host = self.config.api_host
+        if is_wildcard_host(host):
+            host = "::1" if ":" in host else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.api_port}"
+        return f"{'https' if self.api_tls else 'http'}://{host}:{self.api_port}"
 
     async def stop(self) -> None:
         """Stop serving: HTTP, loops, then the QUIC endpoint and the database."""
