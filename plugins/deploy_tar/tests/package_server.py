@@ -34,6 +34,12 @@ class Route:
     length: int | str | None = None
     redirect: str | None = None
     status: int = 200
+    #: Answer a Range request with a range starting here instead (a broken cache).
+    wrong_start: int | None = None
+    #: Answer every Range request with 416.
+    refuse_ranges: bool = False
+    #: Send the body chunked (no Content-Length).
+    chunked: bool = False
 
 
 @dataclass
@@ -87,8 +93,13 @@ class _Handler(BaseHTTPRequestHandler):
         start, status = 0, 200
         wanted = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
+        if wanted and route.refuse_ranges:
+            self._plain(416, b"")
+            return
         if wanted and not route.ignore_range and (if_range is None or if_range == route.etag):
             start, status = int(wanted.removeprefix("bytes=").rstrip("-")), 206
+            if route.wrong_start is not None:
+                start = route.wrong_start
         part = route.body[start:]
         self.send_response(status)
         if route.etag:
@@ -96,6 +107,19 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             size = len(route.body)
             self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        if route.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for at in range(0, len(part), 64 * 1024):
+                    chunk = part[at : at + 64 * 1024]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    with state.lock:
+                        state.bytes_sent += len(chunk)
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            return
         if route.length == "missing":
             self.send_header("Connection", "close")
             self.close_connection = True

@@ -174,6 +174,34 @@ def test_a_client_error_is_not_retried(server: PackageServer, tmp_path: Path) ->
     assert len(server.seen) == 1
 
 
+def test_a_range_starting_elsewhere_means_starting_over(
+    server: PackageServer, tmp_path: Path
+) -> None:
+    body = blob(600_000)
+    server.routes["/pkg.tar.gz"] = Route(body=body, drop_after=200_000, wrong_start=100)
+    got = fetch(server, tmp_path, body)
+    assert got.path.read_bytes() == body
+    assert got.restarts == 1
+    assert server.ranges() == [None, "bytes=200000-", None]
+
+
+def test_a_416_means_starting_over(server: PackageServer, tmp_path: Path) -> None:
+    body = blob(600_000)
+    server.routes["/pkg.tar.gz"] = Route(body=body, drop_after=200_000, refuse_ranges=True)
+    got = fetch(server, tmp_path, body)
+    assert got.path.read_bytes() == body
+    assert got.restarts == 1
+    assert server.ranges() == [None, "bytes=200000-", None]
+
+
+def test_a_chunked_body_is_read_and_limited(server: PackageServer, tmp_path: Path) -> None:
+    body = blob(3 << 20)
+    server.routes["/pkg.tar.gz"] = Route(body=body, chunked=True)
+    assert fetch(server, tmp_path, body).path.read_bytes() == body
+    with pytest.raises(UrlFetchError, match="more than 1048576 bytes"):
+        fetch(server, tmp_path, body, UrlPolicy(max_bytes=1 << 20, backoff=0.01))
+
+
 # ---------------------------------------------------------------------- verification
 
 
