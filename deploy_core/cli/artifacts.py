@@ -9,6 +9,7 @@ import click
 from deploy_core.cli.common import (
     echo_json,
     human_size,
+    json_option,
     upload_with_progress,
     with_api,
 )
@@ -23,7 +24,7 @@ def artifact() -> None:
 
 @artifact.command("push")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
+@json_option
 @with_api
 def artifact_push(api: DeployClient, file: Path, as_json: bool) -> None:
     """Upload FILE (streamed, with a progress bar on stderr); prints its SHA-256."""
@@ -37,7 +38,7 @@ def artifact_push(api: DeployClient, file: Path, as_json: bool) -> None:
 
 @artifact.command("show")
 @click.argument("sha256")
-@click.option("--json", "as_json", is_flag=True, help="print the answer as JSON")
+@json_option
 @with_api
 def artifact_show(api: DeployClient, sha256: str, as_json: bool) -> None:
     """Show a stored artifact's size and upload time."""

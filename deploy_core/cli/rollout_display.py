@@ -174,10 +174,12 @@ def _terminal_width() -> int:
         return shutil.get_terminal_size().columns
 
 
-def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[str, Any]:
+def follow_rollout(
+    api: DeployClient, rollout_id: str, timeout: float, *, outcome: bool = True
+) -> dict[str, Any]:
     """Show the rollout live on stderr until it ends (redrawn in place on a terminal, the
-    lines that changed otherwise), then its summary and failing hosts on stdout; the final
-    record.  ``timeout`` bounds the wait: past it, a :class:`click.ClickException` says the
+    lines that changed otherwise), then (unless not ``outcome``: stdout is for --json) its
+    summary and failing hosts on stdout; the final record.  ``timeout`` bounds the wait: past it, a :class:`click.ClickException` says the
     rollout goes on on the server."""
     tty = sys.stderr.isatty()
     record: dict[str, Any] = {}
@@ -218,7 +220,8 @@ def follow_rollout(api: DeployClient, rollout_id: str, timeout: float) -> dict[s
             f"deployctl rollout status {rollout_id} --wait to watch it again, "
             f"deployctl rollout abort {rollout_id} to stop it"
         ) from None
-    print_rollout_outcome(api, record)
+    if outcome:
+        print_rollout_outcome(api, record)
     return record
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from deploy_core.cli.common import SUBMITTER, echo_json, page_options, with_api
+from deploy_core.cli.common import SUBMITTER, echo_json, json_option, page_options, with_api
 from deploy_core.cli.groups import deploy, main
 from deploy_core.cli.rollout_display import follow_rollout, print_rollout_outcome, summary_line
 from deploy_core.cli.rollout_options import (
@@ -173,7 +173,7 @@ def rollout() -> None:
 
 @rollout.command("status", params=list(WAIT_OPTIONS))  # click extends the list
 @click.argument("rollout_id")
-@click.option("--json", "as_json", is_flag=True, help="print the raw record")
+@json_option
 @with_api
 def rollout_status(
     api: DeployClient, rollout_id: str, as_json: bool, wait: bool, wait_timeout: float
@@ -181,7 +181,7 @@ def rollout_status(
     """Show a rollout: its state, a line per batch, counts, the failing hosts.  With --wait,
     follow it to the end and exit 0 only when it succeeded."""
     if wait:
-        final = follow_rollout(api, rollout_id, wait_timeout)
+        final = follow_rollout(api, rollout_id, wait_timeout, outcome=not as_json)
         if as_json:
             echo_json(final)
         sys.exit(0 if final["status"] == "succeeded" else 1)
@@ -202,7 +202,7 @@ def rollout_status(
 @click.option("--active", is_flag=True, help="only unfinished rollouts")
 @click.option("--client", "client_id", default=None, help="only rollouts to this client")
 @page_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @with_api
 def rollout_list(
     api: DeployClient,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from deploy_core.cli.common import echo_json, with_api
+from deploy_core.cli.common import echo_json, json_option, with_api
 from deploy_core.cli.groups import main
 from deploy_core.cli.terminal import terminal_safe
 from deploy_core.client import DeployClient
@@ -70,7 +70,7 @@ def webhook() -> None:
     "made and printed once",
 )
 @click.option("--description", default="", help="a note for people (up to 200 characters)")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @with_api
 def webhook_add(
     api: DeployClient,
@@ -99,7 +99,7 @@ def webhook_add(
 
 
 @webhook.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @with_api
 def webhook_list(api: DeployClient, as_json: bool) -> None:
     """List webhooks and how their deliveries went."""
@@ -145,7 +145,7 @@ def webhook_ping(api: DeployClient, webhook_id: str) -> None:
 @click.argument("webhook_id")
 @click.option("--status", type=click.Choice(["pending", "delivered", "failed"]), default=None)
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @with_api
 def webhook_deliveries(
     api: DeployClient, webhook_id: str, status: str | None, limit: int, as_json: bool
