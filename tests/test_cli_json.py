@@ -109,6 +109,21 @@ def test_the_allow_list_is_reviewed_and_current() -> None:
         assert _json_flag(commands[name]) is None, f"{name} has --json: drop it from the list"
 
 
+def test_the_user_guide_says_what_each_json_command_prints() -> None:
+    guide = (Path(__file__).parent.parent / "docs" / "user-guide.md").read_text()
+    section = guide.split("### Scripting with `--json`", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = set()
+    for row in rows:
+        usage = row.split("`")[1]  # e.g. "rollout status ROLLOUT_ID [--wait]"
+        words = [w for w in usage.split() if w.islower() and w.isalpha()]
+        documented.add(" ".join(words))
+    with_json = {name for name, command in _commands().items() if _json_flag(command)}
+    # "clients [list]" stands for both.
+    assert with_json - documented - {"clients list"} == set()
+    assert documented - with_json == set(), "the guide lists commands that have no --json"
+
+
 def test_a_new_read_command_without_the_flag_fails_the_walk(monkeypatch: Any) -> None:
     @click.command("probe-list")
     def probe() -> None:
