@@ -312,12 +312,17 @@ class DeployClient:
         )
         return result
 
-    def follow_logs(self, deploy_id: str, *, after: int = 0) -> Iterator[dict[str, Any]]:
+    def follow_logs(
+        self, deploy_id: str, *, after: int = 0, max_wait: float | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Yield log lines as they arrive until the deployment ends (the last item is the
-        ``{"end": …}`` marker)."""
+        ``{"end": …}`` marker; ``{"end": false, "next_after": …}`` when the server stopped
+        after ``max_wait`` seconds, its default an hour)."""
         import httpx
 
-        params = {"after": after, "follow": 1}
+        params: dict[str, Any] = {"after": after, "follow": 1}
+        if max_wait is not None:
+            params["max_wait"] = max_wait
         try:
             with self.http.stream(
                 "GET", f"/api/deploy/{deploy_id}/logs", params=params, timeout=None

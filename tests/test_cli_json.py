@@ -16,8 +16,10 @@ from typing import Any
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from deploy_core.cli import main
+from deploy_core.client import DeployClient
 from deploy_core.testing import DeployCenter
 
 # Commands with nothing to read: they act (and say what they did), or run until stopped.
@@ -268,6 +270,31 @@ def test_logs_json_follow_streams_each_line_as_it_comes(
             if stream is not None:
                 stream.close()
     assert center.wait(deploy_id)["status"] == "success"
+
+
+def test_logs_follow_reads_on_when_the_server_ends_its_stream(
+    center: DeployCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends a follow after max_wait (an hour by default; a second here) with
+    {"end": false, "next_after": N}: deployctl reads on from there, no line lost or twice."""
+    original = DeployClient.follow_logs
+    calls: list[int] = []
+
+    def following(self: DeployClient, deploy_id: str, *, after: int = 0) -> Any:
+        calls.append(after)
+        return original(self, deploy_id, after=after, max_wait=1)
+
+    monkeypatch.setattr(DeployClient, "follow_logs", following)
+    deploy_id = center.deploy("shell", CLIENT, script="echo a; sleep 2.5; echo b")
+    token = (center.server_dir / "admin.token").read_text().strip()
+    url = f"http://127.0.0.1:{center.api_port}"
+    result = CliRunner().invoke(
+        main, ["logs", deploy_id, "--json", "-f", "--url", url, "--token", token]
+    )
+    assert result.exit_code == 0, result.output
+    assert [json.loads(raw)["line"] for raw in result.stdout.splitlines()] == ["a", "b"]
+    assert len(calls) >= 2 and calls[0] == 0 and calls[-1] >= 1, calls
+    assert "deployment ended: success" in result.stderr
 
 
 def test_token_list_never_shows_a_value(center: DeployCenter) -> None:
