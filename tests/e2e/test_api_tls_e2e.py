@@ -385,3 +385,40 @@ def test_plain_http_on_a_network_address_is_refused_without_the_opt_in(tmp_path:
     done = start_refused(tmp_path, "--api-host", "0.0.0.0", "--no-api-tls")
     assert "refusing to serve the API over plain HTTP on 0.0.0.0" in done.stderr
     assert "--api-insecure-http" in done.stderr
+
+
+def test_up_serves_https_when_asked(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    state = tmp_path / "up"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOY_CENTER_")}
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy_core.cli", "up", "--state-dir", str(state),
+         "--api-port", str(free_port()), "--quic-port", str(free_port(socket.SOCK_DGRAM)),
+         "--api-tls"],
+        stdout=log, stderr=subprocess.STDOUT, env=clean, start_new_session=True,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 60
+        listed: list[dict[str, Any]] = []
+        while time.monotonic() < end and not any(c["connected"] for c in listed):
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            if (state / "server.json").exists():
+                done = deployctl("clients", "--json", "--state-dir", str(state))
+                if done.returncode == 0:
+                    listed = json.loads(done.stdout)
+            time.sleep(0.3)
+        assert [c["client_id"] for c in listed if c["connected"]] == ["local"], listed
+        info = json.loads((state / "server.json").read_text())
+        assert info["api_url"].startswith("https://127.0.0.1:")
+        assert "API over TLS:" in (tmp_path / "up.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
