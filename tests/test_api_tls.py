@@ -234,3 +234,18 @@ def test_the_state_directory_ca_is_used_only_for_its_own_server(
     assert resolve_ca("https://127.0.0.1:8470", None, tmp_path) == tmp_path / "env.pem"
     explicit = tmp_path / "given.pem"
     assert resolve_ca("https://127.0.0.1:8470", explicit, tmp_path) == explicit
+
+
+def test_the_user_guide_shows_the_refusal_deployctl_prints(
+    tmp_path: Path, no_network: list[str]
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["list", "--url", "http://deploy.example.com:8470", "--token", "t", "--state-dir",
+         str(tmp_path)],
+        env={"DEPLOY_CENTER_INSECURE_HTTP": None},
+    )  # fmt: skip
+    guide = (Path(__file__).parent.parent / "docs" / "user-guide.md").read_text()
+    printed = result.output.strip().splitlines()[-1]
+    assert printed.startswith("Error: refusing to send the API token")
+    assert f"\n{printed}\n" in guide, printed

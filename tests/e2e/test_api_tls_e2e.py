@@ -422,3 +422,25 @@ def test_up_serves_https_when_asked(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+def test_a_slowloris_client_over_tls_still_gets_408(tmp_path: Path) -> None:
+    import contextlib
+    import socket
+
+    c = TlsCenter(tmp_path / "slow", "--http-header-timeout", "1")
+    try:
+        c.start_server()
+        context = ssl.create_default_context(cafile=str(c.server_dir / "ca.pem"))
+        with (
+            socket.create_connection((API_HOST, c.api_port), timeout=60) as raw,
+            context.wrap_socket(raw, server_hostname=API_HOST) as tls,
+        ):
+            tls.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
+            answer = b""
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                while chunk := tls.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+    finally:
+        c.close()
