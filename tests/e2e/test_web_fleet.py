@@ -70,7 +70,7 @@ DASH = "\u2013"  # the page writes ranges "1<en dash>25 of 2,000"
 
 def showing(browser: Browser, first: int, last: int, total: int, what: str) -> None:
     shown = f"{first:,}{DASH}{last:,} of {total:,}"
-    browser.wait_for(f"{RANGE} === '{shown}'", what=f"{what}: {shown}")
+    browser.wait_for(f"{RANGE} === '{shown}'", timeout=60, what=f"{what}: {shown}")
 
 
 def test_first_screen_with_2000_clients(fleet: DeployCenter, browser: Browser) -> None:
@@ -280,6 +280,14 @@ def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployCenter]:
         c.close()
 
 
+def wait_rollout(center: DeployCenter, rollout_id: str, status: str) -> None:
+    """Until the API shows the rollout in ``status`` (at most 120 s)."""
+    end = time.monotonic() + 120
+    while (now := center.api.request("GET", f"/api/rollouts/{rollout_id}"))["status"] != status:
+        assert time.monotonic() < end, f"rollout still {now['status']}, not {status}: {now}"
+        time.sleep(0.2)
+
+
 def test_a_rollout_seen_and_promoted_from_the_page(
     center: DeployCenter, browser: Browser, tmp_path: Path
 ) -> None:
@@ -300,9 +308,9 @@ def test_a_rollout_seen_and_promoted_from_the_page(
         f"!!document.querySelector('{link}')", timeout=60, what="the rollout in the list"
     )
     browser.click(link)
+    wait_rollout(center, rollout_id, "paused")  # a loaded machine runs the canary slowly
     browser.wait_for(
         "document.getElementById('r-status').textContent === 'paused'",
-        timeout=60,
         what="the rollout paused after its canary",
     )
     chips = "[...document.querySelectorAll('#r-batches .chip')]"
@@ -322,9 +330,9 @@ def test_a_rollout_seen_and_promoted_from_the_page(
         == "success 1"
     )
     browser.click("#r-promote")
+    wait_rollout(center, rollout_id, "succeeded")
     browser.wait_for(
         "document.getElementById('r-status').textContent === 'succeeded'",
-        timeout=90,
         what="the rollout succeeded",
     )
     browser.wait_for(f"{chips}.every(c => c.dataset.status === 'success')", what="every chip green")
@@ -409,10 +417,9 @@ def test_a_failing_host_stops_the_rollout_and_is_named_with_its_error(
         },
     )["rollout_id"]
     browser.js(f"location.hash = '#rollout/{rollout_id}'")
+    wait_rollout(center, rollout_id, "failed")
     browser.wait_for(
-        "document.getElementById('r-status').textContent === 'failed'",
-        timeout=90,
-        what="the rollout failed",
+        "document.getElementById('r-status').textContent === 'failed'", what="the rollout failed"
     )
     chips = "[...document.querySelectorAll('#r-batches .chip')].map(c => c.dataset.status)"
     browser.wait_for(
