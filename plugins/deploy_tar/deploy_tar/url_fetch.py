@@ -12,9 +12,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from deploy_core.plugin import DeployContext, DeployFailed, WorkBudget, run_bounded, safefs
+from deploy_core.plugin import DeployContext, DeployFailed, WorkBudget, safefs
 from deploy_tar.params import UrlSource
 from deploy_tar.url_source import (
+    Abort,
     Downloaded,
     UrlFetchError,
     UrlPolicy,
@@ -96,6 +97,8 @@ async def fetch_url_source(
         budget.step()
         loop.call_soon_threadsafe(progress, done, total)
 
+    abort = Abort()
+
     def work() -> Downloaded:
         cached = _cached(directory / source.sha256, source.sha256)
         if cached is not None:
@@ -109,10 +112,21 @@ async def fetch_url_source(
             progress=report,
             cancelled=lambda: budget.cancelled,
             log=log,
+            abort=abort,
         )
 
+    # In a thread; when the deployment gives up (its timeout, the agent stopping), the
+    # connection is shut down so a blocked read ends now, and the thread is waited for.
+    thread = asyncio.ensure_future(asyncio.to_thread(work))
     try:
-        return await run_bounded(work, budget)
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        budget.cancel()
+        abort.abort()
+        await asyncio.wait([thread])
+        if not thread.cancelled():
+            thread.exception()  # retrieved: the cancellation is what the caller hears about
+        raise
     except (UrlRefused, UrlFetchError) as exc:
         raise DeployFailed(f"package download failed: {_scrub(str(exc), url)}") from None
     except OSError as exc:

@@ -23,13 +23,16 @@ agent (for every redirect too):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import ipaddress
 import json
 import os
 import random
+import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_REDIRECTS",
+    "Abort",
     "Downloaded",
     "UrlFetchError",
     "UrlPolicy",
@@ -306,6 +310,43 @@ def _ssl_context(policy: UrlPolicy) -> ssl.SSLContext:
 Progress = Callable[[int, int], None]
 
 
+class Abort:
+    """Stops a download from another thread at once: :meth:`abort` sets a flag the download
+    looks at between reads and shuts down the connection in use, so a read blocked on it
+    returns now rather than at its timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._sock: socket.socket | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            sock = self._sock
+        _shutdown(sock)
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """The connection the download reads from now (``None``: none)."""
+        with self._lock:
+            self._sock = sock
+            aborted = self._aborted
+        if aborted:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            # The plain socket's shutdown, also under TLS: it only wakes the reader up (an
+            # SSLSocket's own would drop its TLS state under the reading thread's feet).
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class _Fetch:
     """One download: attempts, redirects, resume, limits."""
 
@@ -319,8 +360,10 @@ class _Fetch:
         progress: Progress,
         cancelled: Callable[[], bool],
         log: Callable[[str], None],
+        abort: Abort,
     ) -> None:
         self.url = url
+        self.abort = abort
         self.partial = partial
         self.policy = policy
         self.limit = limit
@@ -383,7 +426,7 @@ class _Fetch:
             time.sleep(min(left, 0.1))
 
     def _check_cancelled(self) -> None:
-        if self.cancelled():
+        if self.abort.aborted or self.cancelled():
             raise UrlFetchError("the deployment gave up on the download", keep=True)
 
     def _attempt(self) -> bool:
@@ -399,6 +442,7 @@ class _Fetch:
         try:
             return self._body(response, offset)
         finally:
+            self.abort.attach(None)
             conn.close()
 
     def _open(
@@ -424,9 +468,12 @@ class _Fetch:
                 )
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:
+                conn.connect()
+                self.abort.attach(conn.sock)
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
             except BaseException:
+                self.abort.attach(None)
                 conn.close()
                 raise
             if response.status not in _REDIRECTS:
@@ -563,6 +610,7 @@ def download(
     progress: Progress = lambda done, total: None,
     cancelled: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = lambda line: None,
+    abort: Abort | None = None,
 ) -> Downloaded:
     """Fetch ``url`` into ``directory/<sha256>`` and verify it (blocking; run it in a
     thread). A ``<sha256>.partial`` an interrupted fetch left there is resumed.
@@ -570,6 +618,7 @@ def download(
     :param size: the package's size as the request gives it: the limit, and what the server
         must announce; ``None``: the policy's ``max_bytes`` is the limit.
     :param cancelled: looked at between reads and pauses; once true the fetch stops.
+    :param abort: stops the fetch from another thread at once, a blocked read too.
     :raises UrlRefused: the URL (or a redirect) breaks a rule.
     :raises UrlFetchError: it could not be fetched or failed verification twice.
     """
@@ -585,7 +634,7 @@ def download(
     resumed = partial.size
     if resumed:
         log(f"resuming the package download at byte {resumed}")
-    fetch = _Fetch(url, partial, policy, limit, size, progress, cancelled, log)
+    fetch = _Fetch(url, partial, policy, limit, size, progress, cancelled, log, abort or Abort())
     for attempt in (1, 2):
         try:
             fetch.run()

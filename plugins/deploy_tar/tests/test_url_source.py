@@ -4,6 +4,7 @@ shown; and deploy.tar deployments from one, through the agent's own executor."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -594,3 +595,37 @@ def test_links_planted_in_the_download_directory_are_replaced_not_followed(
     assert got.path.read_bytes() == body
     assert victim.read_bytes() == b"precious"
     assert not got.path.is_symlink()
+
+
+async def test_the_deployments_timeout_ends_a_stalled_download_at_once(
+    server: PackageServer, tmp_path: Path
+) -> None:
+    """The server stalls mid-body far longer than the agent's read timeout would wait: the
+    deployment's timeout (2 s) shuts the connection down instead of waiting the read out."""
+    body = blob(1 << 20)
+    server.routes["/pkg.tar.gz"] = Route(body=body, drop_after=100_000, stall=120.0, cuts=0)
+    bench = AgentBench(
+        tmp_path / "agent",
+        LocalArtifacts(tmp_path / "cache"),
+        plugin_settings={"deploy_tar": {"read_timeout": 600}},
+    )
+    try:
+        payload = await asyncio.wait_for(
+            bench.deploy(
+                {
+                    "source": {"url": server.url("/pkg.tar.gz"), "sha256": sha(body)},
+                    "target_dir": str(tmp_path / "srv"),
+                    "timeout": 2,
+                }
+            ),
+            60,  # far below the read timeout: only the abort ends the read in time
+        )
+    finally:
+        bench.journal.close()
+    assert payload["status"] == "rolled_back", payload  # a timeout, then the rollback
+    assert (
+        "downloading the package did not finish within the deployment's timeout of 2 s"
+        in (payload["error"])
+    )
+    partial = tmp_path / "agent" / "data" / "deploy_tar" / "downloads" / f"{sha(body)}.partial"
+    assert 0 < partial.stat().st_size <= 100_000  # kept for the next deployment to resume
