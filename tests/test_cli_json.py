@@ -379,6 +379,8 @@ def test_artifact_show(center: DeployCenter, tmp_path: Path) -> None:
         (["logs", "0" * 32, "--follow"], 1, "no deployment"),
         (["rollout", "status", "nope"], 1, "Error"),
         (["docker", "ps", "--client", "nobody"], 1, "unknown client"),
+        (["docker", "ps", "--client", "../../deploy/x"], 2, "not a client id"),
+        (["docker", "ps", "--client", "a/b"], 2, "not a client id"),
         (["list", "--limit", "0"], 2, "--limit"),
         (["clients", "--state", "sleeping"], 2, "--state"),
     ],

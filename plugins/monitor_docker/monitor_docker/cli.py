@@ -6,8 +6,11 @@ monitor_docker.cli ps --client ID`` runs the same command without ``deployctl``.
 
 from __future__ import annotations
 
+import re
+
 import click
 
+from deploy_core.plugin import ID_PATTERN
 from deploy_core.plugin.cli import DeployClient, echo_json, json_option, terminal_safe, with_api
 
 
@@ -58,6 +61,10 @@ def docker() -> None:
 def ps(api: DeployClient, client_id: str, as_json: bool) -> None:
     """Show the containers a client's agent last reported.  With --json, the answer of
     GET /api/docker/monitor/{client_id}."""
+    if not re.fullmatch(ID_PATTERN, client_id):  # it goes into the URL's path
+        raise click.BadParameter(
+            f"not a client id: {terminal_safe(repr(client_id))}", param_hint="--client"
+        )
     view = api.request("GET", f"/api/docker/monitor/{client_id}")
     if as_json:
         echo_json(view)
