@@ -12,8 +12,9 @@ with one join token made through the API.  Printed at the end, as a table:
 - server RSS per agent ((VmRSS with N connected - VmRSS with 1) / (N-1)) and the server's
   CPU over 10 idle seconds (/proc/PID/stat utime+stime), the workers' beside it;
 - dispatch p50/p99 of ``true`` (POST to terminal status through the waiting API), 1 vs N;
+- ``true`` on all N as one rollout with ``max_parallel`` N (``--no-rollout`` skips it), before
+  the POSTs below, so their leftovers (busy clients) cannot slow it down;
 - ``true`` on all N agents from 8 POSTing threads: seconds until the last finished, by status;
-- ``true`` on all N again as one rollout with ``max_parallel`` N (``--no-rollout`` skips it);
 - optionally a package (default 50 MB) through the artifact store to M agents;
 - ``kill -9`` of the server and a restart on the same state dir and ports: seconds until all
   N are back, and what the agents logged meanwhile (refusals, "already enrolled").
@@ -250,6 +251,9 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             )
 
         # ---- `true` everywhere
+        if args.rollout:
+            connected = sorted(fleet.connected() & set(ids))  # enrolled and here
+            report.add(*rollout_everywhere(fleet, connected, args.deploy_timeout * 4))
         cpu = fleet.cpu_sample()
         with PeakRss(fleet.server_pids) as peak:
             everywhere = fan_out(
@@ -270,11 +274,6 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         )
         if everywhere["statuses"].get("success", 0) != len(ids):
             report.problem(f"`true` everywhere ended {everywhere['statuses']}")
-
-        # ---- `true` everywhere again, as one rollout (issue 14)
-        if args.rollout:
-            connected = sorted(fleet.connected() & set(ids))  # enrolled and here
-            report.add(*rollout_everywhere(fleet, connected, args.deploy_timeout * 4))
 
         # ---- a package to M agents: the server's store, then a URL source (issue 13 §4)
         if args.artifact_agents:
