@@ -37,7 +37,7 @@ from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
-from deploy_core.server.http.tls import ApiTls, ApiTlsChoice
+from deploy_core.server.http.tls import ApiTls, ApiTlsChoice, CertificateReloader
 from deploy_core.server.ingest import Ingest
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
@@ -101,6 +101,9 @@ class ServerConfig:
     api_cert: Path | None = None
     api_key: Path | None = None
     api_insecure_http: bool = False
+    # How often a supplied certificate's files are checked for a renewal (served without a
+    # restart).
+    api_cert_check_interval: float = 60.0
 
     def api_tls_choice(self) -> ApiTlsChoice:
         """The API's TLS options, checked (:class:`~deploy_core.server.http.tls.ApiTlsError`)."""
@@ -235,6 +238,11 @@ class DeployServer:
                 )
             await asyncio.sleep(0.01)
         self.api_port = self._http.servers[0].sockets[0].getsockname()[1]
+        if self.api_tls is not None and self.api_tls.ca is None and self._http.config.ssl:
+            reloader = CertificateReloader(self.api_tls)
+            reloader.install(self._http.config.ssl)
+            interval = cfg.api_cert_check_interval
+            self._tasks.append(asyncio.create_task(reloader.run(interval), name="api-cert"))
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))

@@ -444,3 +444,74 @@ def test_a_slowloris_client_over_tls_still_gets_408(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 408"), answer
     finally:
         c.close()
+
+
+def test_a_renewed_supplied_certificate_is_served_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import shutil
+
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    acme_dir = tmp_path / "acme"
+    first = ensure_server_certs(acme_dir, hostnames=(API_HOST,))
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "fullchain.pem", live / "privkey.pem"
+
+    def install(source: Path, target: Path) -> None:  # as an ACME client does: a rename
+        shutil.copyfile(source, target.with_suffix(".new"))
+        os.chmod(target.with_suffix(".new"), 0o600)
+        os.replace(target.with_suffix(".new"), target)
+
+    install(first.cert, cert)
+    install(first.key, key)
+    original = first.cert.read_bytes()
+
+    def served() -> bytes:
+        pem = ssl.get_server_certificate((API_HOST, server.api_port), timeout=10)
+        return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.PEM)
+
+    async def until_served(wanted: bytes) -> None:
+        end = time.monotonic() + 30
+        while (now := await asyncio.to_thread(served)) != wanted:
+            assert time.monotonic() < end, "the renewed certificate was never served"
+            await asyncio.sleep(0.1)
+        assert now == wanted
+
+    server = DeployServer(
+        ServerConfig(
+            state_dir=tmp_path / "server", api_host=API_HOST, api_port=0, quic_port=0,
+            api_cert=cert, api_key=key, api_cert_check_interval=0.1,
+        )
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        await server.start()
+        try:
+            assert await asyncio.to_thread(served) == original
+            renewed = ensure_server_certs(acme_dir, hostnames=(API_HOST, "renewed.example"))
+            assert renewed.cert.read_bytes() != original
+            # Caught mid-renewal: the new certificate beside the old key. Refused, the old
+            # pair is still served.
+            with caplog.at_level("WARNING"):
+                install(renewed.cert, cert)
+                end = time.monotonic() + 30
+                while "keeps serving its previous certificate" not in caplog.text:
+                    assert time.monotonic() < end, "the half-renewed pair was not noticed"
+                    await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(served) == original
+            install(renewed.key, key)
+            await until_served(renewed.cert.read_bytes())
+            # A client that trusts the CA still gets through, by name checks and all.
+            with DeployClient(
+                f"https://{API_HOST}:{server.api_port}", server.state.admin_token,
+                ca=first.ca_cert,
+            ) as api:  # fmt: skip
+                info = await asyncio.to_thread(api.request, "GET", "/api/info")
+                assert info
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())

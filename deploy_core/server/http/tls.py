@@ -29,7 +29,13 @@ from deploy_core.transport import ServerCerts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApiTls", "ApiTlsChoice", "ApiTlsError", "check_certificate_pair"]
+__all__ = [
+    "ApiTls",
+    "ApiTlsChoice",
+    "ApiTlsError",
+    "CertificateReloader",
+    "check_certificate_pair",
+]
 
 
 class ApiTlsError(ValueError):
@@ -150,6 +156,79 @@ class ApiTlsChoice:
                 host or "every address",
                 ", ".join(names),
             )
+
+
+class CertificateReloader:
+    """Serves a supplied certificate (``--api-cert``/``--api-key``) anew once its files
+    change, e.g. after an ACME client renewed it, without a restart.
+
+    Each new handshake picks the current context (:meth:`install` sets the serving context's
+    SNI callback, which OpenSSL calls for every ClientHello, with or without a name). A
+    changed pair is checked as at start and built into a new context before it replaces the
+    old one; a pair caught mid-renewal, or broken, is logged and the old one kept."""
+
+    def __init__(self, tls: ApiTls) -> None:
+        self.tls = tls
+        self.current = self._context()
+        self._stamp = self._files_stamp()
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.tls.cert, self.tls.key)
+        return context
+
+    def _files_stamp(self) -> tuple[tuple[int, int, int], ...]:
+        stamps = []
+        for path in (self.tls.cert, self.tls.key):
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append((0, 0, 0))
+            else:
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamps)
+
+    def install(self, serving: ssl.SSLContext) -> None:
+        """Make ``serving`` (the listening socket's context) hand each handshake over to
+        the current certificate."""
+
+        def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            sslobj.context = self.current
+
+        serving.sni_callback = pick  # type: ignore[assignment]
+
+    def check(self) -> bool:
+        """Load the files again if they changed and are usable; whether it did."""
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            check_certificate_pair(self.tls.cert, self.tls.key)
+            context = self._context()
+        except (ApiTlsError, OSError, ssl.SSLError) as exc:
+            log.warning("the API keeps serving its previous certificate: %s", exc)
+            return False
+        finally:
+            self._stamp = stamp
+        self.current = context
+        leaf = x509.load_pem_x509_certificates(self.tls.cert.read_bytes())[0]
+        log.info(
+            "the API serves the renewed certificate %s (valid until %s UTC)",
+            self.tls.cert,
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}",
+        )
+        return True
+
+    async def run(self, interval: float) -> None:
+        """:meth:`check` every ``interval`` seconds, in a worker thread."""
+        import asyncio
+
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.check)
+            except Exception:
+                log.exception("could not check %s for a renewal", self.tls.cert)
 
 
 def check_certificate_pair(
