@@ -307,7 +307,7 @@
     return Number(n).toLocaleString("en-US");
   }
 
-  function clientPath(extra) {
+  function clientPath() {
     const query = state.clientQuery;
     const params = new URLSearchParams();
     params.set("limit", String(CLIENT_PAGE));
@@ -317,7 +317,6 @@
     for (const label of query.labels) params.append("label", label);
     const cursor = state.clientCursors[state.clientCursors.length - 1];
     if (cursor) params.set("cursor", cursor);
-    for (const [key, value] of Object.entries(extra || {})) params.set(key, value);
     return "/api/clients?" + params.toString();
   }
 
@@ -958,6 +957,7 @@
     if (!chip) return;
     chip.dataset.status = record.status;
     chip.title = `${chip.dataset.client}: ${record.status}` + (record.error ? ` — ${record.error}` : "");
+    chip.setAttribute("aria-label", chip.title);
     refreshRollout();
   }
 
@@ -997,11 +997,11 @@
     const batches = view.batches.map((batch) => {
       const chips = batch.targets.map((target) => {
         const shown = chipStatus(target);
+        const title = `${target.client_id}: ${shown}` + (target.error ? ` — ${target.error}` : "") +
+          (target.rollback_status ? ` (rollback ${target.rollback_status})` : "");
         const attrs = {
           class: "chip", "data-status": shown, "data-client": target.client_id,
-          title: `${target.client_id}: ${shown}` + (target.error ? ` — ${target.error}` : "") +
-            (target.rollback_status ? ` (rollback ${target.rollback_status})` : ""),
-          text: target.client_id,
+          title, "aria-label": title, text: target.client_id,
         };
         if (target.deploy_id) {
           attrs.href = "#deploy/" + target.deploy_id;
