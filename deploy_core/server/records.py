@@ -325,51 +325,19 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
     def apply_report_in(
         self, conn: Connection, client_id: str, report: DeployStatusReport
     ) -> Applied:
-        """:meth:`apply_report` in the caller's transaction (the ingest commits many in one,
-        server/ingest.py); the record's row is locked until that transaction ends."""
-        rec = conn.execute(
-            sa.select(deployments)
-            .where(
-                deployments.c.deploy_id == report.deploy_id,
-                deployments.c.client_id == client_id,
-            )
-            .with_for_update()
-        ).first()
-        if rec is None:
-            return Applied(False, None, None)
-        record = row_dict(rec)
-        previous = record["status"]
-        if report.seq <= record["last_seq"]:
-            return Applied(False, record, previous)
-        values: dict[str, Any] = {"last_seq": report.seq, "updated_at": time.time()}
-        moved = record["finished_at"] is None
-        if moved:
-            values.update(status=report.status.value, stage=report.stage, progress=report.progress)
-        conn.execute(
-            deployments.update().where(deployments.c.deploy_id == report.deploy_id).values(**values)
-        )
-        _history(
-            conn,
-            deploy_id=report.deploy_id,
-            seq=report.seq,
-            status=report.status.value,
-            stage=report.stage,
-            progress=report.progress,
-            message=report.message if moved else f"(after finish) {report.message}",
-            source="agent",
-            ts=report.timestamp,
-        )
-        if report.logs or report.log_blocks:
-            self._store_logs(conn, record, report)
-        return Applied(moved, self._get(conn, report.deploy_id), previous)
+        """:meth:`apply_report` in the caller's transaction; the record's row is locked until
+        that transaction ends."""
+        return self.apply_reports_in(conn, [(client_id, report)])[0]
 
     def apply_reports_in(
         self, conn: Connection, reports: Sequence[tuple[str, DeployStatusReport]]
     ) -> list[Applied]:
-        """Many ``(client_id, report)`` in the caller's transaction, with what
-        :meth:`apply_report_in` one after another would give, in fewer statements: one read
-        (locking) of the records they name, one ``UPDATE`` per record (``executemany``) and
-        one ``INSERT`` of their history lines, in order (server/ingest.py's batches)."""
+        """Many ``(client_id, report)`` in the caller's transaction, with what applying them
+        one after another would give, in few statements: one read (locking) of the records
+        they name, one ``UPDATE`` per record (``executemany``) and one ``INSERT`` of their
+        history lines, in order (server/ingest.py's batches).  A report's ``seq`` must be
+        newer than the last applied; nothing moves a finished record's status (its history
+        and logs are still kept)."""
         named = sorted({report.deploy_id for _client, report in reports})
         rows = conn.execute(
             sa.select(deployments)
