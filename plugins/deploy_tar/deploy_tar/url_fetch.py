@@ -6,9 +6,11 @@ release is extracted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,11 +27,14 @@ from deploy_tar.url_source import (
     redact,
 )
 
-__all__ = ["PLUGIN", "agent_policy", "downloads_dir", "fetch_url_source"]
+__all__ = ["PLUGIN", "agent_policy", "downloads_dir", "fetch_url_source", "prune_stale"]
 
 PLUGIN = "deploy_tar"
 # Reads of up to 256 KiB each: one step per read, far more than any allowed package needs.
 DOWNLOAD_STEPS = 1 << 40
+# What an interrupted download left is kept for the next deployment of the same package to
+# resume, for this long after it was last written; a later download removes it after that.
+STALE_AFTER = 24 * 3600.0
 
 
 def agent_policy(ctx: DeployContext) -> UrlPolicy:
@@ -49,6 +54,21 @@ def downloads_dir(ctx: DeployContext) -> Path:
     with safefs.open_dir(path, create=True, mode=0o700) as area:
         os.fchmod(area.fd, 0o700)
     return path
+
+
+def prune_stale(directory: Path, keep: str, now: float | None = None) -> list[str]:
+    """Remove what downloads other than ``keep`` (a SHA-256) left in ``directory`` and did
+    not touch for :data:`STALE_AFTER` seconds; returns the names removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith(keep) or not entry.is_file(follow_symlinks=False):
+            continue
+        if now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def _cached(path: Path, sha256: str) -> Downloaded | None:
@@ -100,6 +120,9 @@ async def fetch_url_source(
     abort = Abort()
 
     def work() -> Downloaded:
+        stale = prune_stale(directory, source.sha256)
+        if stale:
+            log(f"removed {len(stale)} stale download file(s): {', '.join(sorted(stale))}")
         cached = _cached(directory / source.sha256, source.sha256)
         if cached is not None:
             return cached

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from deploy_tar.params import TarParams
 from deploy_tar.releases import Releases
+from deploy_tar.url_fetch import STALE_AFTER, prune_stale
 from deploy_tar.url_source import (
     UrlFetchError,
     UrlPolicy,
@@ -629,3 +630,23 @@ async def test_the_deployments_timeout_ends_a_stalled_download_at_once(
     )
     partial = tmp_path / "agent" / "data" / "deploy_tar" / "downloads" / f"{sha(body)}.partial"
     assert 0 < partial.stat().st_size <= 100_000  # kept for the next deployment to resume
+
+
+def test_stale_partial_downloads_of_other_packages_are_pruned(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    for name, age in [
+        ("a" * 64 + ".partial", STALE_AFTER + 10),
+        ("a" * 64 + ".partial.json", STALE_AFTER + 10),
+        ("b" * 64 + ".partial", 60),  # recent: another deployment may resume it
+        ("c" * 64 + ".partial", STALE_AFTER + 10),  # the package being fetched now
+    ]:
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    (tmp_path / "link.partial").symlink_to(tmp_path / ("b" * 64 + ".partial"))
+    removed = prune_stale(tmp_path, "c" * 64, now)
+    assert sorted(removed) == ["a" * 64 + ".partial", "a" * 64 + ".partial.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "b" * 64 + ".partial",
+        "c" * 64 + ".partial",
+        "link.partial",
+    ]
