@@ -121,8 +121,13 @@ def resolve_ca(url: str, ca: Path | None = None, state_dir: Path | None = None) 
     return Path(named) if isinstance(named, str) and named else None
 
 
-def connection_verify(url: str, ca: Path | None, *, insecure_http: bool = False) -> Any:
-    """What ``httpx`` verifies the API's TLS with, after checking where the token may go.
+def connection_settings(
+    url: str, ca: Path | None, *, insecure_http: bool = False
+) -> dict[str, Any]:
+    """``httpx.Client`` arguments for the API at ``url``, after checking where the token may
+    go: ``verify`` (what TLS is verified with) and ``trust_env`` (off for plain HTTP on
+    loopback, so that an ``HTTP_PROXY`` of the environment does not carry the token in clear
+    over the network).
 
     :raises ConfigError: not an http(s) URL; ``http://`` to a host that is not loopback
         without ``insecure_http`` (the token would cross the network in clear); a CA file
@@ -153,11 +158,11 @@ def connection_verify(url: str, ca: Path | None, *, insecure_http: bool = False)
                 "(the server serves HTTPS off loopback by default), or, if this network is "
                 "trusted, say so with --insecure-http (DEPLOY_CENTER_INSECURE_HTTP=1)"
             )
-        return True
-    if ca is None:
-        return True  # httpx's default trust store, e.g. for an ACME certificate
+        return {"verify": True, "trust_env": insecure_http and not is_loopback_host(host)}
+    if ca is None:  # httpx's default trust store, e.g. for an ACME certificate
+        return {"verify": True, "trust_env": True}
     try:
-        return ssl.create_default_context(cafile=str(ca))
+        return {"verify": ssl.create_default_context(cafile=str(ca)), "trust_env": True}
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"--ca {ca}: cannot verify the server with it: "
@@ -216,13 +221,13 @@ class DeployClient:
         """
         import httpx
 
-        verify = connection_verify(url, ca, insecure_http=insecure_http)
+        settings = connection_settings(url, ca, insecure_http=insecure_http)
         self.url = url
         self.http = httpx.Client(
             base_url=url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
-            verify=verify,
+            **settings,
         )
 
     @classmethod

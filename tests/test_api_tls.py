@@ -249,3 +249,46 @@ def test_the_user_guide_shows_the_refusal_deployctl_prints(
     printed = result.output.strip().splitlines()[-1]
     assert printed.startswith("Error: refusing to send the API token")
     assert f"\n{printed}\n" in guide, printed
+
+
+def test_an_environment_proxy_never_carries_a_loopback_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY would make httpx send a plain http:// request, token and all, to the proxy
+    (wherever it is): not for the API on loopback.  Both ends are real sockets on 127.0.0.1;
+    the "proxy" only records who came."""
+    import http.server
+    import threading
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"auth": self.headers.get("Authorization")}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    api = http.server.HTTPServer(("127.0.0.1", 0), Api)
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+    proxy.settimeout(0.5)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    try:
+        proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy_url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        with DeployClient(f"http://127.0.0.1:{api.server_address[1]}", "s3cret", timeout=10) as c:
+            assert c.request("GET", "/api/info") == {"auth": "Bearer s3cret"}
+        with pytest.raises(TimeoutError):
+            proxy.accept()[0].close()  # nobody came
+    finally:
+        api.shutdown()
+        api.server_close()
+        proxy.close()
