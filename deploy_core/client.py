@@ -278,7 +278,7 @@ class DeployClient:
 
     def deploy(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /api/deploy/{kind}``."""
-        result: dict[str, Any] = self.request("POST", f"/api/deploy/{kind}", json=body)
+        result: dict[str, Any] = self.request("POST", f"/api/deploy/{_segment(kind)}", json=body)
         return result
 
     def rollback(self, deploy_id: str, *, cascade: bool = False) -> dict[str, Any]:
@@ -286,7 +286,7 @@ class DeployClient:
         with ``cascade``, newer deployments of the same target are rolled back first."""
         result: dict[str, Any] = self.request(
             "POST",
-            f"/api/deploy/{deploy_id}/rollback",
+            f"/api/deploy/{_segment(deploy_id)}/rollback",
             json={"cascade": True} if cascade else None,
         )
         return result
@@ -299,21 +299,21 @@ class DeployClient:
             if since is not None:
                 params["since"] = since
         result: dict[str, Any] = self.request(
-            "GET", f"/api/deploy/{deploy_id}", params=params, timeout=wait + 30
+            "GET", f"/api/deploy/{_segment(deploy_id)}", params=params, timeout=wait + 30
         )
         return result
 
     def history(self, deploy_id: str) -> builtins.list[dict[str, Any]]:
         """The status history, oldest first."""
         result: builtins.list[dict[str, Any]] = self.request(
-            "GET", f"/api/deploy/{deploy_id}/status"
+            "GET", f"/api/deploy/{_segment(deploy_id)}/status"
         )["history"]
         return result
 
     def logs(self, deploy_id: str, *, after: int = 0) -> dict[str, Any]:
         """Log lines after line id ``after``."""
         result: dict[str, Any] = self.request(
-            "GET", f"/api/deploy/{deploy_id}/logs", params={"after": after}
+            "GET", f"/api/deploy/{_segment(deploy_id)}/logs", params={"after": after}
         )
         return result
 
@@ -330,7 +330,7 @@ class DeployClient:
             params["max_wait"] = max_wait
         try:
             with self.http.stream(
-                "GET", f"/api/deploy/{deploy_id}/logs", params=params, timeout=None
+                "GET", f"/api/deploy/{_segment(deploy_id)}/logs", params=params, timeout=None
             ) as response:
                 if response.status_code >= 400:
                     response.read()
@@ -345,7 +345,9 @@ class DeployClient:
     def list(self, client_id: str, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A client's deployments, newest first."""
         result: dict[str, Any] = self.request(
-            "GET", f"/api/deploy/{client_id}/list", params={"limit": limit, "offset": offset}
+            "GET",
+            f"/api/deploy/{_segment(client_id)}/list",
+            params={"limit": limit, "offset": offset},
         )
         return result
 
@@ -469,7 +471,7 @@ class DeployClient:
 
     def artifact(self, sha256: str) -> dict[str, Any]:
         """``GET /api/artifacts/{sha256}``: a stored artifact's metadata."""
-        result: dict[str, Any] = self.request("GET", f"/api/artifacts/{sha256}")
+        result: dict[str, Any] = self.request("GET", f"/api/artifacts/{_segment(sha256)}")
         return result
 
     def watch(self, deploy_id: str, *, timeout: float) -> Iterator[dict[str, Any]]:

@@ -381,6 +381,12 @@ def test_artifact_show(center: DeployCenter, tmp_path: Path) -> None:
         (["docker", "ps", "--client", "nobody"], 1, "unknown client"),
         (["docker", "ps", "--client", "../../deploy/x"], 2, "not a client id"),
         (["docker", "ps", "--client", "a/b"], 2, "not a client id"),
+        # An id is one path segment: these read /api/clients, /api/ and /api/info before.
+        (["status", "../clients"], 1, "HTTP 404"),
+        (["status", ".."], 1, "HTTP 404"),
+        (["logs", "../../info"], 1, "HTTP 404"),
+        (["list", "--client", "../../info#"], 1, "HTTP 404"),
+        (["artifact", "show", "../info"], 1, "HTTP 404"),
         (["list", "--limit", "0"], 2, "--limit"),
         (["clients", "--state", "sleeping"], 2, "--state"),
     ],
@@ -392,6 +398,16 @@ def test_an_error_is_on_stderr_and_stdout_stays_empty(
     assert ran.returncode == code, (ran.stdout, ran.stderr)
     assert ran.stdout == ""
     assert said in ran.stderr
+
+
+def test_a_name_to_revoke_cannot_reach_another_endpoint(center: DeployCenter) -> None:
+    """``token revoke --join ../tokens/NAME`` once meant DELETE /api/tokens/NAME: an API
+    token revoked when a join token was named."""
+    center.api.request("POST", "/api/tokens", json={"name": "victim", "scope": "read"})
+    ran = center.deployctl("token", "revoke", "--join", "../tokens/victim")
+    assert ran.returncode == 1 and "404" in ran.stderr, (ran.stdout, ran.stderr)
+    names = [t["name"] for t in center.api.request("GET", "/api/tokens")["tokens"]]
+    assert "victim" in names
 
 
 def test_an_unreachable_server_is_an_error_too(center: DeployCenter) -> None:

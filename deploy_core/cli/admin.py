@@ -19,7 +19,7 @@ from deploy_core.cli.common import (
 )
 from deploy_core.cli.groups import main
 from deploy_core.cli.terminal import terminal_safe
-from deploy_core.client import ApiError, ConfigError, DeployClient
+from deploy_core.client import ApiError, ConfigError, DeployClient, _segment
 from deploy_core.durations import human_duration
 
 
@@ -120,7 +120,7 @@ def clients_list(
 @with_api
 def clients_revoke(api: DeployClient, client_id: str) -> None:
     """Cut a client off now and refuse its agent from then on."""
-    api.request("POST", f"/api/clients/{client_id}/revoke")
+    api.request("POST", f"/api/clients/{_segment(client_id)}/revoke")
     click.echo(f"client {client_id} revoked")
 
 
@@ -129,7 +129,7 @@ def clients_revoke(api: DeployClient, client_id: str) -> None:
 @with_api
 def clients_forget(api: DeployClient, client_id: str) -> None:
     """Drop a client's enrolment so its id can enroll again with a join token."""
-    api.request("DELETE", f"/api/clients/{client_id}")
+    api.request("DELETE", f"/api/clients/{_segment(client_id)}")
     click.echo(f"client {client_id} forgotten; it can enroll again with a join token")
 
 
@@ -233,7 +233,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 @with_api
 def token_revoke(api: DeployClient, name: str, join: bool) -> None:
     """Revoke an API token by name, or a join token by id (--join)."""
-    api.request("DELETE", f"/api/{'join-tokens' if join else 'tokens'}/{name}")
+    api.request("DELETE", f"/api/{'join-tokens' if join else 'tokens'}/{_segment(name)}")
     click.echo(f"revoked {name}")
 
 
