@@ -326,3 +326,31 @@ async def test_the_figures_are_logged_for_windows_that_committed_something(
         await writer.close()
     assert sum(logged()) == 3 and 0 not in logged(), logged()
     assert all("p99" in r.getMessage() for r in caplog.records if "ingest:" in r.getMessage())
+
+
+async def test_a_full_queue_makes_submitters_wait_not_fail(store: RecordStore) -> None:
+    await asyncio.to_thread(create, store, "d0", "c0")
+    writer = Ingest(store.engine, max_queued=2, max_batch=2, stats_every=None)
+    writer.start()
+    gate = Gate(writer)
+    try:
+        first = asyncio.ensure_future(writer.submit_grouped(store.apply_reports_in,
+                                                            ("c0", report("d0", 0))))  # fmt: skip
+        await gate.wait_arrived()
+        later = [
+            asyncio.ensure_future(
+                writer.submit_grouped(store.apply_reports_in, ("c0", report("d0", seq)))
+            )
+            for seq in range(1, 6)
+        ]
+        await queued(writer, 2)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert writer.queued == 2 and not any(f.done() for f in later)  # 3 wait for room
+        gate.open()
+        results = await asyncio.wait_for(asyncio.gather(first, *later), WAIT)
+    finally:
+        await writer.close()
+    assert all(r.applied for r in results)
+    assert agent_lines(store, "d0") == [(seq, f"report {seq}") for seq in range(6)]
+    assert max(gate.batches) == 2  # never more than max_batch in one transaction

@@ -235,3 +235,22 @@ async def test_a_report_failing_in_a_batch_is_not_acknowledged_and_the_others_ar
         assert answer.kind is Kind.ACK and answer.ref == sent["agent-001"].id
     assert agent_lines(await server.db(records.history, bad_deploy)) == [(0, "report 0")]
     assert agent_lines(await server.db(records.history, plug_deploy)) == [(0, "report 0")]
+
+
+async def test_other_messages_wait_until_what_came_before_is_stored(server: DeployServer) -> None:
+    ((client_id, (key, deploy_id)),) = (await enrolled(server, 1)).items()
+    async with contextlib.AsyncExitStack() as stack:
+        peer, _command = await connected(server, stack, client_id, key)
+        gate = Gate(server.ingest)
+        report = status(deploy_id, 0)
+        other = Envelope(kind=Kind.EVENT, name="no.such.event", payload={})
+        peer.send_env(report)
+        peer.send_env(other)
+        await gate.wait_arrived()
+        await peer.round_trip(WAIT)
+        # The event no handler takes would be refused at once; it waits for the report.
+        assert [e.ref for e in peer.received._queue] == []  # type: ignore[attr-defined]
+        gate.open()
+        first, second = await answers(peer, 2)
+    assert (first.kind, first.ref) == (Kind.ACK, report.id)
+    assert (second.kind, second.ref) == (Kind.ERROR, other.id)
