@@ -976,7 +976,9 @@
     $("r-type").textContent = `${view.type} (${view.command_type})` + (view.created_by ? ` by ${view.created_by}` : "");
     const selector = view.selector && Object.keys(view.selector).length
       ? " selected by " + Object.entries(view.selector).map(([k, v]) => `${k}=${v}`).join(", ") : "";
-    $("r-targets").textContent = `${view.total} hosts in ${view.batch_count} batches${selector}; batch ${view.current_batch + 1} of ${view.batch_count}`;
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : word.endsWith("h") ? "es" : "s"}`;
+    $("r-targets").textContent = `${plural(view.total, "host")} in ${plural(view.batch_count, "batch")}${selector}; ` +
+      `batch ${view.current_batch + 1} of ${view.batch_count}`;
     $("r-failures").textContent = `${view.failures} (at most ${view.max_failures} allowed)`;
     const strategy = view.strategy || {};
     $("r-strategy").textContent = Object.entries(strategy)
@@ -1024,7 +1026,8 @@
       el("strong", { text: t.client_id }), " ", statusBadge(chipStatus(t)),
       t.error ? " " + t.error : "",
       t.rollback_status ? ` · rollback ${t.rollback_status}` + (t.rollback_error ? `: ${t.rollback_error}` : "") : "",
-      t.deploy_id ? el("a", { href: "#deploy/" + t.deploy_id, class: "mono", text: " " + shortId(t.deploy_id) }) : null)));
+      t.deploy_id ? " " : null,
+      t.deploy_id ? el("a", { href: "#deploy/" + t.deploy_id, class: "mono", text: shortId(t.deploy_id) }) : null)));
     if (failing.length > 50) $("r-failing").append(el("li", { class: "muted", text: `… and ${failing.length - 50} more` }));
     $("r-failing-box").hidden = failing.length === 0;
     $("r-history").replaceChildren(...(view.history || []).map((h) => el("li", {},
