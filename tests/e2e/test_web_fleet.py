@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from client_seed import client_id, expected, seed_clients
 from test_rollouts_e2e import WHO
 from test_web_page import Browser, admin_token, live_url, open_browser, sign_in
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from deploy_core.server.db import clients
@@ -217,12 +218,26 @@ def test_the_live_socket_sends_counts_not_rows_when_asked(fleet: DeployCenter) -
         f"live socket's first clients message: {len(first):,} bytes as counts, "
         f"{len(full):,} bytes as the whole list"
     )
-    with connect(live_url(fleet) + "?clients=everything") as ws:
-        ws.send(json.dumps({"type": "auth", "token": token}))
-        with pytest.raises(Exception) as closed:
-            while True:
-                ws.recv(timeout=10)
-        assert "4400" in str(closed.value) and "clients must be one of" in str(closed.value)
+    # Programs that send the header ask on the URL.
+    with connect(
+        live_url(fleet) + "?clients=summary",
+        additional_headers={"Authorization": f"Bearer {token}"},
+    ) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        assert json.loads(ws.recv(timeout=10))["type"] == "clients_summary"
+    for url, auth in (
+        (live_url(fleet) + "?clients=everything", {"type": "auth", "token": token}),
+        (live_url(fleet), {"type": "auth", "token": token, "clients": 5}),
+        (live_url(fleet), {"type": "auth", "token": token, "clients": "LIST"}),
+    ):
+        with connect(url) as ws:
+            ws.send(json.dumps(auth))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=10)
+        rcvd = closed.value.rcvd
+        assert rcvd is not None and rcvd.code == 4400, (url, auth)
+        assert rcvd.reason == "clients must be one of list, summary"
     with httpx.Client(base_url=fleet.api.url, headers={"Authorization": f"Bearer {token}"}) as h:
         page = h.get("/api/clients", params={"limit": PAGE, "summary": 1})
         assert page.status_code == 200
