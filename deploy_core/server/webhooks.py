@@ -33,7 +33,7 @@ import ssl
 import time
 import unicodedata
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -116,6 +116,12 @@ class WebhookSettings:
     sweep_interval: float = 60.0
     #: A PEM file of CAs to verify ``https://`` targets with instead of the system's.
     ca_file: str | None = None
+
+    @property
+    def per_webhook(self) -> int:
+        """Deliveries in flight at once to one webhook: half of ``concurrency`` (at least
+        one), so that a receiver that never answers leaves the others room."""
+        return max(1, self.concurrency // 2)
 
     def __post_init__(self) -> None:
         for name in ("max_age", "retry_max_interval", "keep_deliveries"):
@@ -572,22 +578,41 @@ class WebhookStore:
             added += self.enqueue(events, {ROLLOUT_FINISHED: [webhook_id]})
         return added
 
-    def due(self, limit: int, now: float | None = None) -> list[Due]:
+    def due(
+        self,
+        limit: int,
+        now: float | None = None,
+        *,
+        busy: dict[str, int] | None = None,
+        per_webhook: int | None = None,
+    ) -> list[Due]:
         """Claim up to ``limit`` deliveries whose attempt is due: each claimed row's next
         attempt moves ``lease`` seconds ahead, so another worker (or replica) leaves it
-        alone while it is in flight, and picks it up again if this one died."""
+        alone while it is in flight, and picks it up again if this one died.
+
+        :param busy: deliveries in flight by webhook id.
+        :param per_webhook: at most this many in flight for one webhook (with ``busy``), so
+            that a slow receiver cannot take every slot from the others."""
         now = time.time() if now is None else now
+        busy = dict(busy or {})
+        cap = per_webhook or limit
         d, w = db.webhook_deliveries, db.webhooks
+        full = [webhook_id for webhook_id, n in busy.items() if n >= cap]
         query = (
             sa.select(d, w.c.url, w.c.secret)
             .join(w, w.c.webhook_id == d.c.webhook_id)
             .where(d.c.status == PENDING, d.c.next_attempt_at <= now)
+            .where(d.c.webhook_id.not_in(full))
             .order_by(d.c.next_attempt_at)
-            .limit(limit)
+            .limit(min(500, limit * 20))
         )
-        claimed = []
+        claimed: list[Due] = []
         with self.engine.begin() as conn:
             for row in conn.execute(query).all():
+                if len(claimed) >= limit:
+                    break
+                if busy.get(row.webhook_id, 0) >= cap:
+                    continue
                 taken = conn.execute(
                     d.update()
                     .where(
@@ -599,6 +624,7 @@ class WebhookStore:
                 )
                 if taken.rowcount:
                     claimed.append(Due(**{f.name: getattr(row, f.name) for f in fields(Due)}))
+                    busy[row.webhook_id] = busy.get(row.webhook_id, 0) + 1
         return claimed
 
     def release(self, due: Due) -> None:
@@ -716,7 +742,8 @@ class Webhooks:
         self._subs: dict[str, tuple[frozenset[str], float]] = {}
         self._subs_read = 0.0
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # Deliveries in flight, with the webhook each is for.
+        self._in_flight: dict[asyncio.Task[None], str] = {}
         self.delivered = 0
         self.failed_attempts = 0
         self.dropped = 0
@@ -903,21 +930,24 @@ class Webhooks:
             room = settings.concurrency - len(self._in_flight)
             # No webhook at all (as of a few seconds ago): nothing can be due.
             if room > 0 and (await self._subscriptions()):
+                busy = Counter(self._in_flight.values())
                 try:
-                    claimed = await asyncio.to_thread(self.store.due, room)
+                    claimed = await asyncio.to_thread(
+                        self.store.due, room, busy=busy, per_webhook=settings.per_webhook
+                    )
                 except Exception:
                     log.exception("webhooks: could not read the outbox")
                     claimed = []
                 for due in claimed:
                     task = asyncio.create_task(self._attempt(client, due))
-                    self._in_flight.add(task)
+                    self._in_flight[task] = due.webhook_id
                     task.add_done_callback(self._done)
             # Woken by a new event, an attempt that ended, or the next poll for retries.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(1.0, settings.retry_initial))
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
+        self._in_flight.pop(task, None)
         self._wake.set()
 
     async def _attempt(self, client: httpx.AsyncClient, due: Due) -> None:

@@ -486,3 +486,24 @@ async def test_https_targets_are_verified_against_the_configured_cas(tmp_path: P
     row, receiver = await settle(tmp_path / "b", "ok", untrusted, tls=tls)
     assert row["status"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in row["last_error"]
     assert receiver.got == []
+
+
+async def test_a_receiver_that_never_answers_leaves_the_others_room(tmp_path: Any) -> None:
+    stuck = Receiver(SECRET, mode="hold").start()
+    healthy = Receiver(SECRET).start()
+    # Two slots; without a cap per webhook the stuck one would hold both for 30 s.
+    settings = WebhookSettings(allow_http_hosts=ALLOW, concurrency=2, timeout=30)
+    try:
+        async with running(settings, tmp_path) as hooks:
+            for receiver in (stuck, healthy):
+                await asyncio.to_thread(
+                    hooks.store.create, receiver.url, [AGENT_CONNECTED], SECRET, ""
+                )
+            hooks.invalidate()
+            for i in range(6):
+                hooks.agent_connected(f"web-{i}", "127.0.0.1")
+            await asyncio.to_thread(healthy.wait_for, lambda got: len(got) == 6, 20)
+            assert stuck.holding.is_set() and len(stuck.got) == 1  # one slot, held
+    finally:
+        stuck.stop()
+        healthy.stop()
