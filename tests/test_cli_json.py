@@ -217,6 +217,16 @@ def test_logs_are_json_lines_as_the_api_gives_them(center: DeployCenter, finishe
     assert "deployment ended: success" in followed.stderr
 
 
+def test_logs_json_of_bytes_that_are_not_utf8_is_strict_json(center: DeployCenter) -> None:
+    deploy_id = center.deploy("shell", CLIENT, script=r"printf 'bad \377\376 bytes\n'")
+    assert center.wait(deploy_id)["status"] == "success"
+    ran = center.deployctl("logs", deploy_id, "--json")
+    assert ran.returncode == 0, ran.stderr
+    (line,) = [json.loads(raw) for raw in ran.stdout.splitlines()]
+    assert line["line"].startswith("bad ") and line["line"].endswith(" bytes")
+    line["line"].encode("utf-8")  # no lone surrogate, which strict parsers (jq) refuse
+
+
 def _lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
     """Each stdout line of ``proc`` as it comes (``None`` at the end)."""
     lines: queue.Queue[str | None] = queue.Queue()
