@@ -360,6 +360,25 @@ def test_rollout_status_and_list(center: DeployCenter) -> None:
     assert rollout_id in [item["rollout_id"] for item in page["items"]]
 
 
+def test_rollout_status_wait_json_of_a_failed_rollout_exits_1_with_the_record(
+    center: DeployCenter,
+) -> None:
+    made = center.api.create_rollout(
+        {
+            "type": "shell",
+            "request": {"script": "exit 3", "rollback": False},
+            "targets": {"clients": [CLIENT]},
+        }
+    )
+    ran = center.deployctl(
+        "rollout", "status", made["rollout_id"], "--wait", "--wait-timeout", "120", "--json"
+    )
+    assert ran.returncode == 1, ran.stderr
+    final = json.loads(ran.stdout)  # the record, and nothing else, on stdout
+    assert final["rollout_id"] == made["rollout_id"] and final["status"] != "succeeded"
+    assert final == center.api.rollout(made["rollout_id"])
+
+
 def test_webhook_list_and_deliveries(center: DeployCenter) -> None:
     # Nothing is ever sent: no rollout finishes after it is added (and it is loopback).
     hook = center.api.add_webhook("https://127.0.0.1:9/hook", ["rollout.finished"], "s" * 32)
