@@ -452,3 +452,34 @@ def test_a_failing_host_stops_the_rollout_and_is_named_with_its_error(
     reason = center.api.request("GET", f"/api/rollouts/{rollout_id}")["reason"]
     assert browser.js("document.getElementById('r-reason').textContent") == reason
     assert browser.problems() == []
+
+
+def test_older_rollouts_are_a_click_away(center: DeployCenter, browser: Browser) -> None:
+    for _ in range(22):
+        made = center.api.request(
+            "POST",
+            "/api/rollouts",
+            json={
+                "type": "shell",
+                "request": {"script": "true"},
+                "targets": {"clients": ["web-a"]},
+            },
+        )
+        center.api.request("POST", f"/api/rollouts/{made['rollout_id']}/abort")
+    total = center.api.request("GET", "/api/rollouts?limit=1")["total"]
+    assert total >= 22
+    sign_in(browser, center, admin_token(center))
+    rows = "document.querySelectorAll('#rollouts-body tr').length"
+    browser.wait_for(f"{rows} === 20", what="the 20 newest rollouts")
+    assert browser.js("document.getElementById('rollouts-count').textContent") == (
+        f"20 newest of {total}"
+    )
+    browser.click("#rollouts-older")
+    browser.wait_for(f"{rows} === {min(total, 40)}", what="the older ones too")
+    listed = browser.js(
+        "[...document.querySelectorAll('#rollouts-body a[data-rollout]')]"
+        ".map(a => a.dataset.rollout)"
+    )
+    newest = center.api.request("GET", f"/api/rollouts?limit={min(total, 40)}")["items"]
+    assert listed == [r["rollout_id"] for r in newest]
+    assert browser.problems() == []

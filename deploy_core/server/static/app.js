@@ -42,6 +42,8 @@
     enrolled: null, // the live socket's summary: every enrolled client
     deployments: new Map(),
     rollouts: new Map(),
+    rolloutsListed: 20, // how many of the newest the list shows ("Older" adds more)
+    rolloutsTotal: 0,
     rolloutSelected: null,
     rollout: null, // GET /api/rollouts/{id} of the selected one
     rolloutBusy: false,
@@ -850,11 +852,30 @@
     try {
       const page = await api("GET", "/api/rollouts?limit=" + ROLLOUTS_LISTED);
       for (const item of page.items) upsertRolloutQuietly(item);
+      state.rolloutsTotal = page.total;
     } catch (err) {
       if (!(err instanceof ApiFailure && err.status === 404)) showError($("api-error"), err);
     }
     renderRollouts();
   }
+
+  // The next older rollouts, by offset (a rollout made meanwhile shifts them by one: the
+  // list is keyed by id, so a repeat does no harm).
+  $("rollouts-older").addEventListener("click", async () => {
+    const button = $("rollouts-older");
+    button.disabled = true;
+    try {
+      const page = await api("GET", `/api/rollouts?limit=${ROLLOUTS_LISTED}&offset=${state.rolloutsListed}`);
+      for (const item of page.items) upsertRolloutQuietly(item);
+      state.rolloutsTotal = page.total;
+      state.rolloutsListed += ROLLOUTS_LISTED;
+      renderRollouts();
+    } catch (err) {
+      showError($("api-error"), err);
+    } finally {
+      button.disabled = false;
+    }
+  });
 
   function upsertRolloutQuietly(summary) {
     const known = state.rollouts.get(summary.rollout_id);
@@ -879,7 +900,7 @@
   function renderRollouts() {
     const items = [...state.rollouts.values()]
       .sort((a, b) => (a.created_at < b.created_at ? 1 : a.created_at > b.created_at ? -1 : 0))
-      .slice(0, ROLLOUTS_LISTED);
+      .slice(0, state.rolloutsListed);
     const rows = items.map((r) => {
       const selected = r.rollout_id === state.rolloutSelected;
       return el("tr", { class: selected ? "selected" : null, "data-rollout-row": r.rollout_id },
@@ -896,6 +917,9 @@
     });
     $("rollouts-body").replaceChildren(...rows);
     $("rollouts-empty").hidden = rows.length > 0;
+    const total = Math.max(state.rolloutsTotal, state.rollouts.size);
+    $("rollouts-more").hidden = total <= rows.length;
+    $("rollouts-count").textContent = `${number(rows.length)} newest of ${number(total)}`;
   }
 
   function selectRollout(rolloutId, moveFocus) {
