@@ -134,17 +134,18 @@ def connection_settings(
         that cannot be used.  Nothing is sent before these checks.
     """
     import ssl
-    from urllib.parse import urlsplit
+
+    import httpx
 
     from deploy_core.loopback import is_loopback_host
 
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - a bad port raises ValueError here
-    except ValueError as exc:
+    try:  # httpx's own parser: the host checked is the host it connects to
+        parsed = httpx.URL(url)
+        host, scheme = parsed.host, parsed.scheme
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise httpx.InvalidURL(f"port {parsed.port} is out of range")
+    except httpx.InvalidURL as exc:
         raise ConfigError(f"{url!r} is not a URL of the API: {exc}") from None
-    scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not host:
         raise ConfigError(
             f"{url!r} is not an http:// or https:// URL of the API, e.g. https://deploy.example"

@@ -157,6 +157,13 @@ def test_wildcard_names_cover_one_label(tmp_path: Path) -> None:
         "http://localhost.example.com:8470",
         "http://127.0.0.1.nip.io:8470",
         "HTTP://192.0.2.1",
+        "http://127.0.0.1@192.0.2.1:8470",  # user info, not the host
+        "http://127.0.0.1:8470\\@192.0.2.1",
+        "http://192.0.2.1#@127.0.0.1",
+        "http://192.0.2.1?@127.0.0.1",
+        "http://127.0.0.1%2f@192.0.2.1",
+        "http://[::ffff:c000:201]:8470",  # 192.0.2.1, IPv4-mapped
+        "http://2130706433:8470",  # 127.0.0.1 to getaddrinfo, but not said so: refused
     ],
 )
 def test_deployctl_refuses_a_token_over_http_off_loopback_before_connecting(
@@ -199,7 +206,16 @@ def test_http_on_loopback_needs_no_opt_in(url: str, no_network: list[str]) -> No
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://192.0.2.1/", "192.0.2.1:8470", "http://", "https://host:99999", "file:///x"]
+    "url",
+    [
+        "ftp://192.0.2.1/",
+        "192.0.2.1:8470",
+        "http://",
+        "https://host:99999",
+        "file:///x",
+        " http://192.0.2.1",
+        "http://127.0.0.1\t@192.0.2.1",
+    ],
 )
 def test_urls_that_are_not_http_are_refused(url: str, no_network: list[str]) -> None:
     with pytest.raises(ConfigError, match="URL"):
