@@ -308,3 +308,18 @@ def test_an_environment_proxy_never_carries_a_loopback_token(
         api.shutdown()
         api.server_close()
         proxy.close()
+
+
+def test_a_key_others_can_read_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    certs = ensure_server_certs(tmp_path, hostnames=("deploy.example",))
+    certs.key.chmod(0o644)
+    choice = ApiTlsChoice.choose("deploy.example", cert=certs.cert, key=certs.key)
+    assert choice.enabled
+    with caplog.at_level(logging.WARNING):
+        choice.log_start("deploy.example", DEFAULT_NAMES, DEFAULT_NAMES)
+        choice.log_start("other.example", DEFAULT_NAMES, DEFAULT_NAMES)
+    assert caplog.text.count("can be read by other users") == 2  # once per start
+    assert "does not name --api-host other.example" in caplog.text
+    assert "does not name --api-host deploy.example" not in caplog.text

@@ -126,6 +126,12 @@ class ApiTlsChoice:
         """Warn about what an operator should know at start: plain HTTP on a network
         address, a supplied certificate that does not name the API host, or the server's
         own certificate on every address with no name of its own."""
+        if self.key is not None and self.key.stat().st_mode & 0o077:
+            log.warning(
+                "--api-key %s can be read by other users of this host (mode %o): make it 0600",
+                self.key,
+                self.key.stat().st_mode & 0o777,
+            )
         if self.cert is not None and not (is_wildcard_host(host) or is_loopback_host(host)):
             leaf = x509.load_pem_x509_certificates(self.cert.read_bytes())[0]
             if not covers(leaf, host):
@@ -276,12 +282,6 @@ def check_certificate_pair(
         raise ApiTlsError(
             f"--api-cert {cert} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} "
             "UTC on: check this host's clock, or wait"
-        )
-    if key.stat().st_mode & 0o077:
-        log.warning(
-            "--api-key %s can be read by other users of this host (mode %o): make it 0600",
-            key,
-            key.stat().st_mode & 0o777,
         )
     try:  # what the TLS library itself says (a chain it cannot use, a key type it lacks)
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
