@@ -72,6 +72,8 @@ class EventContext:
 
 #: Messages of one connection being stored at once, at most (then its next message waits).
 MAX_IN_FLIGHT = 256
+#: How long a stopping server waits for the messages being stored.
+DRAIN_WAIT = 10.0
 
 
 class _Flight:
@@ -119,11 +121,19 @@ class EventRouter:
             await asyncio.wait(list(flight.tasks))
         await self._handle(session, env)
 
-    async def drain(self) -> None:
-        """Wait for the messages being stored (before the ingest closes)."""
+    async def drain(self, timeout: float = DRAIN_WAIT) -> None:
+        """Wait for the messages being stored (before the ingest closes), at most
+        ``timeout`` seconds; those still waiting then are cancelled, unanswered (their agents
+        send them again)."""
         tasks = [t for flight in list(self._flights.values()) for t in flight.tasks]
-        if tasks:
-            await asyncio.wait(tasks)
+        if not tasks:
+            return
+        _done, late = await asyncio.wait(tasks, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("shutting down: %d agent messages not stored in %g s", len(late), timeout)
+            await asyncio.wait(late)
 
     def _pipelined(self, env: Envelope) -> bool:
         if env.kind is Kind.ACK:

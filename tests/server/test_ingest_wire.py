@@ -254,3 +254,25 @@ async def test_other_messages_wait_until_what_came_before_is_stored(server: Depl
         first, second = await answers(peer, 2)
     assert (first.kind, first.ref) == (Kind.ACK, report.id)
     assert (second.kind, second.ref) == (Kind.ERROR, other.id)
+
+
+async def test_a_stopping_server_waits_a_bounded_time_for_messages_being_stored(
+    server: DeployServer,
+) -> None:
+    ((client_id, (key, deploy_id)),) = (await enrolled(server, 1)).items()
+    async with contextlib.AsyncExitStack() as stack:
+        peer, _command = await connected(server, stack, client_id, key)
+        gate = Gate(server.ingest)
+        report = status(deploy_id, 0)
+        peer.send_env(report)
+        await gate.wait_arrived()  # its transaction held: the database does not answer
+        await asyncio.wait_for(server.events.drain(timeout=0.2), WAIT)  # gives up, bounded
+        gate.open()
+        await peer.round_trip(WAIT)
+        # Given up on: not answered, though stored once the database answered (the agent
+        # sends it again; the repeat changes nothing).
+        assert [e.ref for e in peer.received._queue] == []  # type: ignore[attr-defined]
+        peer.send_env(report)
+        (answer,) = await answers(peer, 1)
+        assert (answer.kind, answer.ref) == (Kind.ACK, report.id)
+    assert agent_lines(await server.db(server.records.history, deploy_id)) == [(0, "report 0")]
