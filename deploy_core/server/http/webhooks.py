@@ -3,7 +3,8 @@ a webhook's delivery log.  A webhook's secret goes in once and is never shown ag
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -26,6 +27,8 @@ from deploy_core.server.webhooks import (
 from deploy_core.webhook_events import EVENTS
 
 WEBHOOK_ID_PATTERN = r"^[0-9a-f]{16}$"
+
+T = TypeVar("T")
 
 
 class NewWebhook(BaseModel):
@@ -125,33 +128,26 @@ class DeliveryLog(BaseModel):
     deliveries: list[DeliveryView]
 
 
-def _invalid(field: str, exc: WebhookError) -> ApiError:
-    return ApiError(422, str(exc), [{"loc": [field], "msg": str(exc), "type": "value_error"}])
+def _checked(field: str, check: Callable[..., T], *args: Any) -> T:
+    """``check(*args)``, or a 422 naming ``field`` with what was wrong."""
+    try:
+        return check(*args)
+    except WebhookError as exc:
+        raise ApiError(
+            422, str(exc), [{"loc": [field], "msg": str(exc), "type": "value_error"}]
+        ) from None
 
 
 async def create_webhook(request: Request) -> Response:
     """``POST /api/webhooks`` → ``201`` with the webhook (without its secret)."""
     server = services(request)
     new = parse_model(NewWebhook, await json_body(request))
-    checks: list[tuple[str, Any]] = [
-        ("url", lambda: check_url(new.url, server.webhooks.settings.allow_http_hosts)),
-        ("events", lambda: check_events(new.events)),
-        ("secret", lambda: check_secret(new.secret)),
-        ("description", lambda: check_description(new.description)),
-    ]
-    for name, check in checks:
-        try:
-            check()
-        except WebhookError as exc:
-            raise _invalid(name, exc) from None
+    url = _checked("url", check_url, new.url, server.webhooks.settings.allow_http_hosts)
+    events = _checked("events", check_events, new.events)
+    secret = _checked("secret", check_secret, new.secret)
+    description = _checked("description", check_description, new.description)
     try:
-        made = await server.db(
-            server.webhooks.store.create,
-            new.url,
-            check_events(new.events),
-            new.secret,
-            new.description,
-        )
+        made = await server.db(server.webhooks.store.create, url, events, secret, description)
     except WebhookError as exc:
         raise ApiError(409, str(exc)) from None
     server.webhooks.invalidate()
