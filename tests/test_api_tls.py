@@ -323,3 +323,15 @@ def test_a_key_others_can_read_is_warned_about_once(
     assert caplog.text.count("can be read by other users") == 2  # once per start
     assert "does not name --api-host other.example" in caplog.text
     assert "does not name --api-host deploy.example" not in caplog.text
+
+
+def test_a_plain_http_client_trusts_no_ca_at_all() -> None:
+    import ssl
+
+    from deploy_core.client import connection_settings
+
+    verify = connection_settings("http://127.0.0.1:8470", None)["verify"]
+    assert isinstance(verify, ssl.SSLContext)
+    assert verify.verify_mode == ssl.CERT_REQUIRED and verify.check_hostname
+    assert verify.get_ca_certs() == []
+    assert connection_settings("https://127.0.0.1:8470", None)["verify"] is True
