@@ -179,8 +179,8 @@ def follow_rollout(
 ) -> dict[str, Any]:
     """Show the rollout live on stderr until it ends (redrawn in place on a terminal, the
     lines that changed otherwise), then (unless not ``outcome``: stdout is for --json) its
-    summary and failing hosts on stdout; the final record.  ``timeout`` bounds the wait: past it, a :class:`click.ClickException` says the
-    rollout goes on on the server."""
+    summary and failing hosts on stdout; the final record.  ``timeout`` bounds the wait:
+    past it, a :class:`click.ClickException` says the rollout goes on on the server."""
     tty = sys.stderr.isatty()
     record: dict[str, Any] = {}
     shown: list[str] = []
