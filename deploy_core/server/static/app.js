@@ -1137,7 +1137,7 @@
     clearError($("deploy-error"));
     $("deploy-result").textContent = "";
     const body = {
-      client_id: $("f-client").value,
+      client_id: $("f-client").value.trim(),
       script: $("f-script").value,
       timeout: Number($("f-timeout").value),
     };
