@@ -130,6 +130,7 @@ class Ingest:
         self._reporter: asyncio.Task[None] | None = None
         self._window: list[float] = []  # latencies since the figures were last logged
         self._closed = False
+        self._stopped = False
         self._last_batch = 0
 
     def start(self) -> None:
@@ -181,8 +182,16 @@ class Ingest:
         return asyncio.get_running_loop().create_future()
 
     async def _submit(self, piece: _Piece[T]) -> T:
-        await self._queue.put(piece)
+        await self._queue.put(piece)  # waits while the queue is full
+        if self._stopped:  # queued after the writer left: nobody will take it
+            self._fail_queued()
         return await piece.future
+
+    def _fail_queued(self) -> None:
+        while not self._queue.empty():
+            piece = self._queue.get_nowait()
+            if piece is not None and not piece.future.done():
+                piece.future.set_exception(IngestClosed("the server is shutting down"))
 
     async def close(self) -> None:
         """Take no more work, commit what is queued, stop the writer."""
@@ -195,6 +204,8 @@ class Ingest:
             await self._queue.put(None)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._stopped = True
+        self._fail_queued()  # those that waited for room while the writer finished
         self._executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------ the writer

@@ -354,3 +354,35 @@ async def test_a_full_queue_makes_submitters_wait_not_fail(store: RecordStore) -
     assert all(r.applied for r in results)
     assert agent_lines(store, "d0") == [(seq, f"report {seq}") for seq in range(6)]
     assert max(gate.batches) == 2  # never more than max_batch in one transaction
+
+
+async def test_close_with_submitters_waiting_for_room_leaves_none_hanging(
+    store: RecordStore,
+) -> None:
+    await asyncio.to_thread(create, store, "d0", "c0")
+    writer = Ingest(store.engine, max_queued=1, stats_every=None)
+    writer.start()
+    gate = Gate(writer)
+    pieces = [
+        asyncio.ensure_future(
+            writer.submit_grouped(store.apply_reports_in, ("c0", report("d0", 0)))
+        )
+    ]
+    await gate.wait_arrived()
+    pieces += [
+        asyncio.ensure_future(
+            writer.submit_grouped(store.apply_reports_in, ("c0", report("d0", seq)))
+        )
+        for seq in (1, 2, 3)
+    ]
+    await queued(writer, 1)  # one queued, two waiting for room
+    closing = asyncio.ensure_future(writer.close())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gate.open()
+    await asyncio.wait_for(closing, WAIT)
+    outcomes = await asyncio.wait_for(asyncio.gather(*pieces, return_exceptions=True), WAIT)
+    stored = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert all(isinstance(o, IngestClosed) for o in outcomes if isinstance(o, BaseException))
+    assert len(stored) >= 2 and all(o.applied for o in stored)  # the held one and the queued
+    assert agent_lines(store, "d0") == [(seq, f"report {seq}") for seq in range(len(stored))]
