@@ -515,3 +515,49 @@ def test_a_renewed_supplied_certificate_is_served_without_a_restart(
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_https_on_ipv6_loopback_with_the_state_directory(tmp_path: Path) -> None:
+    import asyncio
+
+    from deploy_core.server.app import DeployServer, ServerConfig
+
+    server = DeployServer(
+        ServerConfig(
+            state_dir=tmp_path / "s", api_host="::1", api_port=0, quic_port=0, api_tls=True
+        )
+    )
+
+    async def scenario() -> None:
+        await server.start()
+        try:
+            assert server.api_url == f"https://[::1]:{server.api_port}"
+            done = await asyncio.to_thread(
+                deployctl, "clients", "--json", "--state-dir", str(tmp_path / "s")
+            )
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout) == []
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("host", "tls", "url"),
+    [
+        ("0.0.0.0", True, "https://127.0.0.1:8470"),
+        ("::", True, "https://[::1]:8470"),
+        ("0.0.0.0", False, "http://127.0.0.1:8470"),
+        ("10.1.2.3", True, "https://10.1.2.3:8470"),
+        ("2001:db8::5", True, "https://[2001:db8::5]:8470"),
+    ],
+)
+def test_the_api_url_is_one_a_client_here_can_use(host: str, tls: bool, url: str) -> None:
+    """No server is started (nothing listens): the URL server.json and the banner give."""
+    from deploy_core.server.app import DeployServer, ServerConfig
+    from deploy_core.server.http.tls import ApiTls
+
+    server = DeployServer(ServerConfig(state_dir=Path("/nonexistent"), api_host=host))
+    server.api_tls = ApiTls(Path("c"), Path("k"), None) if tls else None
+    assert server.api_url == url
