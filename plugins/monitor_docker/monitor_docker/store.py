@@ -35,6 +35,11 @@ ENV_RETENTION = "DEPLOY_MONITOR_DOCKER_RETENTION"
 DEFAULT_RETENTION = 7 * 86400.0
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
+#: ``GET …/series``: points per container's series, by default and at most; the most
+#: containers given a series in one answer.
+DEFAULT_POINTS = 120
+MAX_POINTS = 500
+MAX_SERIES = 200
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -303,6 +308,99 @@ class MonitorStore:
             view["samples"] = [_render_sample(row) for row in samples[:limit]]
             view["truncated"] = len(samples) > limit
         return view
+
+    def series(
+        self,
+        client_id: str,
+        *,
+        now: float,
+        points: int = DEFAULT_POINTS,
+        since: float | None = None,
+        include_all: bool = False,
+    ) -> dict[str, Any]:
+        """What ``GET /api/docker/monitor/{client_id}/series`` answers: each current
+        container (managed ones only unless ``include_all``; at most :data:`MAX_SERIES`, by
+        name) with its CPU % and memory over the retained window (or from ``since``), as at
+        most ``points`` points.
+
+        A container with more samples than ``points`` has them cut into ``points`` runs of
+        consecutive samples (by rank, so a gap while the agent was away stays a gap); a point
+        is a run's last time and its mean CPU % and memory.  With ``points`` or fewer
+        samples, the points are the samples.  Each container is its own series: a
+        redeployment makes a new container, whose series starts afresh.
+        """
+        t = self.t
+        start = now - self.retention if since is None else max(since, now - self.retention)
+        with self.engine.connect() as conn:
+            client = (
+                conn.execute(sa.select(t.clients).where(t.clients.c.client_id == client_id))
+                .mappings()
+                .first()
+            )
+            query = sa.select(t.current).where(t.current.c.client_id == client_id)
+            if not include_all:
+                query = query.where(t.current.c.managed.is_(True))
+            current = conn.execute(query.order_by(t.current.c.name)).mappings().all()
+            shown = current[:MAX_SERIES]
+            ids = [row["container_id"] for row in shown]
+            points_of: dict[str, dict[str, list[Any]]] = {
+                cid: {"ts": [], "cpu_percent": [], "memory_usage": []} for cid in ids
+            }
+            counts: dict[str, int] = dict.fromkeys(ids, 0)
+            if ids:
+                s = t.samples.c
+                ranked = (
+                    sa.select(
+                        s.container_id,
+                        s.ts,
+                        s.cpu_percent,
+                        s.memory_usage,
+                        (
+                            sa.func.row_number().over(partition_by=s.container_id, order_by=s.ts)
+                            - 1
+                        ).label("rank"),
+                        sa.func.count().over(partition_by=s.container_id).label("n"),
+                    )
+                    .where(s.client_id == client_id, s.ts >= start, s.container_id.in_(ids))
+                    .subquery()
+                )
+                # rank * points / n, in integers on both databases: the run of a sample.
+                run = ((ranked.c.rank * points) // ranked.c.n).label("run")
+                rows = conn.execute(
+                    sa.select(
+                        ranked.c.container_id,
+                        sa.func.max(ranked.c.ts).label("ts"),
+                        sa.func.avg(ranked.c.cpu_percent).label("cpu"),
+                        sa.func.avg(ranked.c.memory_usage).label("memory"),
+                        sa.func.max(ranked.c.n).label("n"),
+                    )
+                    .group_by(ranked.c.container_id, run)
+                    .order_by(ranked.c.container_id, run)
+                ).all()
+                for cid, ts, cpu, memory, n in rows:
+                    series = points_of[cid]
+                    series["ts"].append(float(ts))
+                    series["cpu_percent"].append(None if cpu is None else round(float(cpu), 3))
+                    series["memory_usage"].append(None if memory is None else int(memory))
+                    counts[cid] = int(n)
+        return {
+            "client_id": client_id,
+            "last_report": iso(client["last_report"]) if client else None,
+            "last_report_ts": client["last_report"] if client else None,
+            "interval": client["interval"] if client else None,
+            "scope": client["scope"] if client else None,
+            "error": client["error"] if client else None,
+            "retention_seconds": self.retention,
+            "since": start,
+            "until": now,
+            "points": points,
+            "truncated": len(current) > len(shown),
+            "containers": [
+                _render_current(row)
+                | {"samples": counts[row["container_id"]], "series": points_of[row["container_id"]]}
+                for row in shown
+            ],
+        }
 
 
 def _render_current(row: sa.RowMapping) -> dict[str, Any]:
