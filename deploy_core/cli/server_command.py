@@ -103,7 +103,13 @@ def server_config_file(
 @click.command()
 @log_format_option
 @state_dir_option
-@click.option("--api-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--api-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address the API and web page listen on; one that is not loopback is served over "
+    "HTTPS unless --api-insecure-http",
+)
 @click.option("--api-port", default=8470, show_default=True, type=click.IntRange(0, 65535))
 @api_tls_options(network=True)
 @click.option("--quic-host", default="127.0.0.1", show_default=True)
