@@ -442,6 +442,10 @@ def test_params_take_exactly_one_package() -> None:
         ({"url": "https://cdn.example.com/a", "sha256": "xyz"}, "pattern"),
         ({"url": "https://cdn.example.com/a", "sha256": "a" * 64, "size": 0}, "greater"),
         ({"url": "https://cdn.example.com/a", "sha256": "a" * 64, "extra": 1}, "Extra inputs"),
+        ({"url": "https://cdn.example.com/a", "sha256": "a" * 64, "size": 65 << 30}, "less"),
+        ({"url": "https://c.example/" + "a" * 8200, "sha256": "a" * 64}, "at most 8192"),
+        ({"url": "https://c.example/a", "sha256": "a" * 64, "query_secret": "1X"}, "pattern"),
+        ({"url": 5, "sha256": "a" * 64}, "string"),
     ],
 )
 def test_bad_sources_are_refused_with_the_field_named(source: dict[str, Any], why: str) -> None:
