@@ -42,6 +42,7 @@ from deploy_core.server.ingest import Ingest
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.rollback_plan import RollbackDefaults
+from deploy_core.server.rollouts import Rollouts, RolloutStore
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
 from deploy_core.server.tokens import TokenStore
@@ -133,18 +134,19 @@ class DeployServer:
         # Checked against the plugins now: a wrong default stops the server from starting.
         self.rollback_defaults = RollbackDefaults(config.rollback_defaults, self.plugins)
         self.listeners = Listeners()
+        self.metrics = ServerMetrics(self)
         self.events = EventRouter(self)
         self.started_at = time.time()
         self.state: ServerState
-        self.metrics = ServerMetrics(self)
         self.engine: Engine
         self.records: RecordStore
+        self.ingest: Ingest
         self.transport: QuicServer
         self.artifacts: ArtifactStore
         self.dispatcher: Dispatcher
         self.deployments: Deployments
-        self.ingest: Ingest
         self.watchdog: Watchdog
+        self.rollouts: Rollouts
         self._http: _UvicornServer | None = None
         self.api_tls: ApiTls | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -207,6 +209,13 @@ class DeployServer:
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
+        self.rollouts = Rollouts(
+            RolloutStore(self.engine, self.records.secret_box),
+            self.deployments,
+            self.listeners,
+            owner=cfg.server_id,
+        )
+        self.webhooks.follow_rollouts(self.rollouts)
         self.watchdog = Watchdog(
             self.records,
             expired=self.metrics.watch_expiries(self.deployments.expired),
@@ -244,6 +253,7 @@ class DeployServer:
             interval = cfg.api_cert_check_interval
             self._tasks.append(asyncio.create_task(reloader.run(interval), name="api-cert"))
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
         if cfg.retention_days is not None:
