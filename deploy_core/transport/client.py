@@ -54,7 +54,7 @@ from .envelope import (
     ProtocolError,
     encode,
 )
-from .files import FileStreamClient
+from .files import CAPABILITY_FILE_QUEUE, FileStreamClient
 from .identity import auth_transcript, certificate_digest, new_private_key, public_bytes
 from .server import (
     CONGESTION_CONTROL,
@@ -661,7 +661,8 @@ class AgentConnector:
             raise ProtocolError("server's challenge has no 64-hex-digit nonce")
 
         transcript = auth_transcript(self._client_id, nonce, _server_certificate(connection))
-        auth: dict[str, Any] = {"capabilities": self._capabilities()}
+        # This end's FileStreamClient understands QUEUED frames on file streams.
+        auth: dict[str, Any] = {"capabilities": {**self._capabilities(), CAPABILITY_FILE_QUEUE: 1}}
         credentials = self._credentials
         shared = credentials.load_key()
         token = credentials.join_token() if shared is None else None

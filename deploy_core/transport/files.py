@@ -4,6 +4,10 @@ Every request travels on a fresh bidirectional QUIC stream that the agent opens 
 (never on the control stream)::
 
     agent  -> REQUEST  4-byte big-endian length + JSON {"sha256", "offset", "chunk_size"}
+    server -> QUEUED   0 or more frames 4-byte big-endian length + JSON {"queued": N}, only
+                       to an agent whose AUTH capabilities hold ``"file_queue": 1``: the
+                       server is serving its bound of transfers and this one waits, about
+                       N-th in line; repeated every few seconds while it waits
     server -> HEADER   4-byte big-endian length + JSON {"size", "offset"}
                        or {"error", "code"} and FIN
     server -> the artifact's bytes from ``offset`` to ``size``, read from disk ``chunk_size``
@@ -12,7 +16,14 @@ Every request travels on a fresh bidirectional QUIC stream that the agent opens 
 
 The server keeps at most ``window`` bytes past the agent's last credit in flight, so neither
 side buffers a whole artifact, and a slow disk on the agent slows the server down instead of
-filling its memory. A transfer the server cannot finish (the file vanished, a read failed, no
+filling its memory. All the connections of one server share a :class:`TransferGate`: at most
+``limit`` transfers send at once, the others wait in line (first come, first served), so the
+server's buffered artifact bytes stay under ``limit * window`` and each running transfer gets
+a useful share of the bandwidth instead of a trickle. An agent that announced
+:data:`CAPABILITY_FILE_QUEUE` hears QUEUED frames while it waits, which keep its no-data
+watchdog quiet; an older agent waits silently (its watchdog may fire and it asks again).
+
+A transfer the server cannot finish (the file vanished, a read failed, no
 credit for ``stall_timeout``) is reset with :data:`RESET_SERVER_ERROR`; an agent that gives up
 sends STOP_SENDING and resets its side with :data:`RESET_CANCELLED`.
 """
@@ -20,11 +31,14 @@ sends STOP_SENDING and resets its side with :data:`RESET_CANCELLED`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, Protocol
@@ -33,7 +47,9 @@ from aioquic.quic.connection import QuicConnection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "CAPABILITY_FILE_QUEUE",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_TRANSFERS",
     "DEFAULT_WINDOW",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
@@ -49,6 +65,7 @@ __all__ = [
     "FileStreamClient",
     "FileStreamServer",
     "IncomingFile",
+    "TransferGate",
     "TransferInterrupted",
 ]
 
@@ -60,6 +77,12 @@ DEFAULT_CHUNK_SIZE = 256 << 10
 #: Bytes the server sends past the agent's last credit; stays below the QUIC stream window.
 DEFAULT_WINDOW = 4 << 20
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+#: File transfers one server sends at once, over all connections; the rest wait in line.
+DEFAULT_MAX_TRANSFERS = 8
+#: The agent capability (in AUTH) saying it understands QUEUED frames.
+CAPABILITY_FILE_QUEUE = "file_queue"
+#: Seconds between QUEUED frames to a waiting agent (well under its 30 s no-data watchdog).
+QUEUE_NOTICE_INTERVAL = 5.0
 
 #: Application error codes in RESET_STREAM / STOP_SENDING frames.
 RESET_CANCELLED = 1
@@ -98,6 +121,14 @@ class FileError(BaseModel):
 
     code: Literal["bad_request", "not_found", "bad_offset", "busy", "unavailable"]
     error: str
+
+
+class QueueNotice(BaseModel):
+    """The server's "wait": the request is about ``queued``-th in line for a transfer slot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queued: int = Field(ge=1)
 
 
 class FileRefused(Exception):
@@ -153,6 +184,89 @@ class ArtifactSource(Protocol):
 FetchCheck = Callable[[str, str], Awaitable[bool]]
 
 
+class TransferGate:
+    """At most ``limit`` file transfers at once over all of a server's connections; the
+    others wait first come, first served.
+
+    Counters for tests and metrics: ``active`` (sending now) and its ``peak``, ``waiting``
+    and its ``peak_waiting``, ``buffered`` (bytes sent past the agents' credits, which the
+    server may still hold) and its ``peak_buffered``, ``admitted`` and ``queued`` (transfers
+    that had to wait) since the start.
+    """
+
+    def __init__(self, limit: int = DEFAULT_MAX_TRANSFERS) -> None:
+        if limit < 1:
+            raise ValueError(f"the transfer limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+        self.peak = 0
+        self.peak_waiting = 0
+        self.buffered = 0
+        self.peak_buffered = 0
+        self.admitted = 0
+        self.queued = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._tickets = 0
+        # The ticket of the last waiter let in: positions count from it.
+        self._served_ticket = 0
+
+    @property
+    def waiting(self) -> int:
+        """Transfers waiting for a slot."""
+        return len(self._waiters)
+
+    async def acquire(
+        self,
+        notify: Callable[[int], None] | None = None,
+        interval: float = QUEUE_NOTICE_INTERVAL,
+    ) -> None:
+        """Wait for a slot; while waiting, ``notify(position)`` every ``interval`` seconds
+        (position 1 is next). Cancelling gives the place (or a slot just granted) up."""
+        if self.active < self.limit and not self._waiters:
+            self._take()
+            return
+        self._tickets += 1
+        ticket = self._tickets
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((ticket, granted))
+        self.queued += 1
+        self.peak_waiting = max(self.peak_waiting, len(self._waiters))
+        try:
+            while not granted.done():
+                if notify is not None:
+                    notify(max(ticket - self._served_ticket, 1))
+                await asyncio.wait({granted}, timeout=interval)
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release()  # the slot came with the cancellation: pass it on
+            else:
+                granted.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((ticket, granted))
+            raise
+
+    def _take(self) -> None:
+        self.active += 1
+        self.admitted += 1
+        self.peak = max(self.peak, self.active)
+
+    def release(self) -> None:
+        """A transfer ended: let the next waiter in."""
+        self.active -= 1
+        while self._waiters and self.active < self.limit:
+            ticket, granted = self._waiters.popleft()
+            if granted.done():
+                continue
+            self._served_ticket = ticket
+            self._take()
+            granted.set_result(None)
+
+    def hold(self, delta: int) -> None:
+        """Bytes the server holds past agents' credits went up (or down) by ``delta``."""
+        self.buffered += delta
+        self.peak_buffered = max(self.peak_buffered, self.buffered)
+
+
 class _Outgoing:
     """One request being served."""
 
@@ -161,6 +275,10 @@ class _Outgoing:
         self.buffer = bytearray()
         self.request: FileRequest | None = None
         self.credited = 0
+        # Bytes sent past the credit, as counted in the gate's ``buffered``.
+        self.held = 0
+        # The next byte the server will send.
+        self.position = 0
         self.credit = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -182,7 +300,13 @@ class FileStreamServer:
         may_fetch: FetchCheck | None = None,
         window: int = DEFAULT_WINDOW,
         stall_timeout: float = 60.0,
+        gate: TransferGate | None = None,
+        queue_notices: bool = False,
     ) -> None:
+        """:param gate: the server's bound on transfers at once, shared by its connections;
+        ``None``: this connection's own gate of :data:`DEFAULT_MAX_TRANSFERS`.
+        :param queue_notices: the agent understands QUEUED frames (it announced
+        :data:`CAPABILITY_FILE_QUEUE`); otherwise a waiting transfer is silent."""
         if window < MAX_CHUNK_SIZE:
             raise ValueError(f"window must be at least {MAX_CHUNK_SIZE} bytes, got {window}")
         self._quic = quic
@@ -192,6 +316,8 @@ class FileStreamServer:
         self._may_fetch = may_fetch
         self._window = window
         self._stall_timeout = stall_timeout
+        self._gate = gate if gate is not None else TransferGate()
+        self._queue_notices = queue_notices
         self._streams: dict[int, _Outgoing] = {}
         # Streams answered whose agent side is still open: late credits and the agent's FIN
         # arrive there, and must not read as new requests.
@@ -279,7 +405,21 @@ class FileStreamServer:
         for (value,) in _CREDIT.iter_unpack(bytes(out.buffer[: count * _CREDIT.size])):
             out.credited = max(out.credited, value)
         del out.buffer[: count * _CREDIT.size]
+        self._hold(out, out.position - out.credited)
         out.credit.set()
+
+    def _hold(self, out: _Outgoing, held: int) -> None:
+        held = max(held, 0)
+        self._gate.hold(held - out.held)
+        out.held = held
+
+    def _queued(self, out: _Outgoing, position: int) -> None:
+        """Tell a waiting agent its place in line (only one that understands it)."""
+        if not self._queue_notices or self._closed:
+            return
+        with contextlib.suppress(RuntimeError, ValueError):
+            self._quic.send_stream_data(out.stream_id, _frame(QueueNotice(queued=position)))
+        self._transmit()
 
     def _refuse(self, out: _Outgoing, code: str, reason: str) -> None:
         logger.warning("file request from %s refused: %s", self._client_id, reason)
@@ -312,16 +452,21 @@ class FileStreamServer:
                 )
                 self._refuse(out, "not_found" if self._source else "unavailable", reason)
                 return
+            await self._gate.acquire(functools.partial(self._queued, out))
             try:
-                # Not in a thread: a cancelled thread would leak the descriptor it opens.
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                self._refuse(out, "not_found", f"artifact {sha} is no longer in the store")
-                return
-            try:
-                await self._send_file(out, request, fd)
+                try:
+                    # Not in a thread: a cancelled thread would leak the descriptor it opens.
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    self._refuse(out, "not_found", f"artifact {sha} is no longer in the store")
+                    return
+                try:
+                    await self._send_file(out, request, fd)
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
+                self._hold(out, 0)
+                self._gate.release()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -360,24 +505,35 @@ class FileStreamServer:
             request.offset,
             size,
         )
-        position = request.offset
+        position = out.position = request.offset
         while position < size:
-            while position - out.credited >= self._window:
-                out.credit.clear()
-                try:
-                    await asyncio.wait_for(out.credit.wait(), self._stall_timeout)
-                except TimeoutError:
-                    raise TimeoutError(
-                        f"no credit from the agent for {self._stall_timeout:g} s"
-                    ) from None
+            await self._await_credit(out, position - self._window + 1)
             length = min(request.chunk_size, size - position)
             data = await asyncio.to_thread(os.pread, fd, length, position)
             if len(data) != length:
                 raise OSError(f"artifact file shrank to {position + len(data)} bytes")
-            position += length
+            position = out.position = position + length
             self._quic.send_stream_data(out.stream_id, data, end_stream=position == size)
+            self._hold(out, position - out.credited)
             self.bytes_sent += length
             self._transmit()
+        # Keep the slot until the agent has it all: the server holds these bytes until then,
+        # and the gate's bound on buffered bytes stays true.
+        with contextlib.suppress(TimeoutError):
+            await self._await_credit(out, size)
+
+    async def _await_credit(self, out: _Outgoing, offset: int) -> None:
+        """Wait until the agent credits ``offset``.
+
+        :raises TimeoutError: no credit for ``stall_timeout``."""
+        while out.credited < offset:
+            out.credit.clear()
+            try:
+                await asyncio.wait_for(out.credit.wait(), self._stall_timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no credit from the agent for {self._stall_timeout:g} s"
+                ) from None
 
 
 # --------------------------------------------------------------------------- agent end
@@ -403,30 +559,44 @@ class IncomingFile:
         self._failure: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        self._activity = time.monotonic()
+        #: While the server has this request waiting in line: about how many transfers are
+        #: ahead of it plus one (from its QUEUED frames); ``None`` otherwise.
+        self.queue_position: int | None = None
+        #: Called from :meth:`header` with the new position when it changes.
+        self.on_queued: Callable[[int | None], None] | None = None
 
     # -- fed by the connection (synchronous)
 
     def _data(self, data: bytes, end_stream: bool) -> None:
+        # Any bytes, a QUEUED frame included, show the server is alive and minding this
+        # transfer: the no-data watchdog counts from here.
+        self._activity = time.monotonic()
         if self._header is None and self._refusal is None:
             self._prefix += data
-            try:
-                body = _take_frame(self._prefix)
-            except ValueError as exc:
-                self._fail(f"server sent a bad header: {exc}")
-                return
-            if body is None:
-                if end_stream:
-                    self._fail("server ended the stream before its header")
-                return
-            try:
-                fields = json.loads(body)
-                if isinstance(fields, dict) and "error" in fields:
-                    self._refusal = FileError.model_validate(fields)
-                else:
-                    self._header = FileHeader.model_validate(fields)
-            except (ValueError, ValidationError) as exc:
-                self._fail(f"server sent a bad header: {exc}")
-                return
+            while self._header is None and self._refusal is None:
+                try:
+                    body = _take_frame(self._prefix)
+                except ValueError as exc:
+                    self._fail(f"server sent a bad header: {exc}")
+                    return
+                if body is None:
+                    if end_stream:
+                        self._fail("server ended the stream before its header")
+                    return
+                try:
+                    fields = json.loads(body)
+                    if isinstance(fields, dict) and "error" in fields:
+                        self._refusal = FileError.model_validate(fields)
+                    elif isinstance(fields, dict) and "queued" in fields:
+                        self.queue_position = QueueNotice.model_validate(fields).queued
+                        self._wake()
+                    else:
+                        self._header = FileHeader.model_validate(fields)
+                        self.queue_position = None
+                except (ValueError, ValidationError) as exc:
+                    self._fail(f"server sent a bad header: {exc}")
+                    return
             data = bytes(self._prefix)
             self._prefix.clear()
         if data:
@@ -447,12 +617,19 @@ class IncomingFile:
             self._waiter.set_result(None)
 
     async def _wait(self, timeout: float) -> None:
+        """Wait for news; :class:`TransferInterrupted` after ``timeout`` s without a byte."""
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._waiter, timeout)
-        except TimeoutError:
-            raise TransferInterrupted(f"no data from the server for {timeout:g} s") from None
+            while True:
+                left = self._activity + timeout - time.monotonic()
+                if left <= 0:
+                    raise TransferInterrupted(f"no data from the server for {timeout:g} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._waiter), left)
+                    return
         finally:
+            if not self._waiter.done():
+                self._waiter.cancel()
             self._waiter = None
 
     # -- used by the fetcher
@@ -468,7 +645,10 @@ class IncomingFile:
                 raise FileRefused(self._refusal.code, self._refusal.error)
             if self._failure is not None:
                 raise TransferInterrupted(self._failure)
+            position = self.queue_position
             await self._wait(timeout)
+            if self.queue_position != position and self.on_queued is not None:
+                self.on_queued(self.queue_position)
         return self._header
 
     async def read(self, *, timeout: float) -> bytes:

@@ -89,7 +89,14 @@ from .envelope import (
     encode,
     error_for,
 )
-from .files import ArtifactSource, FetchCheck, FileStreamServer
+from .files import (
+    CAPABILITY_FILE_QUEUE,
+    DEFAULT_MAX_TRANSFERS,
+    ArtifactSource,
+    FetchCheck,
+    FileStreamServer,
+    TransferGate,
+)
 from .identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -620,6 +627,8 @@ class _AgentConnection(QuicConnectionProtocol):
             source=self._server._files,
             client_id=client_id,
             may_fetch=self._server._may_fetch,
+            gate=self._server.transfers,
+            queue_notices=capabilities.get(CAPABILITY_FILE_QUEUE) == 1,
         )
         welcome: dict[str, Any] = {"client_id": client_id, "server_time": time.time()}
         if public_key is not None:
@@ -903,6 +912,7 @@ class QuicServer:
         may_fetch: FetchCheck | None = None,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         busy_retry_after: float = DEFAULT_BUSY_RETRY_AFTER,
+        max_file_transfers: int = DEFAULT_MAX_TRANSFERS,
     ) -> None:
         """:param max_handshakes: connections in their handshake (QUIC/TLS up to WELCOME or
         refusal) at once; a new connection beyond them is refused before any TLS work with
@@ -912,7 +922,9 @@ class QuicServer:
         ``None`` every file request is refused.
         :param may_fetch: ``async (client_id, sha256) -> bool``, asked before each transfer:
         whether that agent may fetch that artifact; ``None`` lets every agent fetch every
-        artifact in ``files``."""
+        artifact in ``files``.
+        :param max_file_transfers: file transfers sent at once over all connections; more
+        wait in line (:class:`~.files.TransferGate`)."""
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if idle_timeout <= 0 or handshake_timeout <= 0:
@@ -931,6 +943,8 @@ class QuicServer:
         self._handshake_timeout = handshake_timeout
         self._files = files
         self._may_fetch = may_fetch
+        #: File transfers sending (``active``), waiting, and the bytes they hold.
+        self.transfers = TransferGate(max_file_transfers)
         self._requested_port = port
         self._sessions: dict[str, AgentSession] = {}
         #: Authenticated sessions by client id (a live, read-only view).
