@@ -25,7 +25,7 @@ from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.http.admin import admin_routes
 from deploy_core.server.http.artifacts import artifact_routes
 from deploy_core.server.http.auth import TokenAuth
-from deploy_core.server.http.deploying import prepare_deploy
+from deploy_core.server.http.deploying import deploy_type_of, prepare_deploy
 from deploy_core.server.http.info import (
     get_client,
     get_info,
@@ -73,7 +73,11 @@ MAX_WAIT = 60.0
 async def create_deployment(request: Request) -> Response:
     """``POST /api/deploy/{kind}`` → ``202 {"deploy_id": …}`` (SPEC deploy-23)."""
     server = services(request)
-    prepared = await prepare_deploy(server, request.path_params["kind"], await json_body(request))
+    kind = request.path_params["kind"]
+    # An unknown type is a 404 before the body is read: /api/deploy/<id> is the same URL
+    # template, and a POST there must not be answered as a malformed deploy request.
+    deploy_type_of(server, kind)
+    prepared = await prepare_deploy(server, kind, await json_body(request))
     common = prepared.common
     client = await server.db(server.records.get_client, common.client_id)
     if client is None:
