@@ -48,12 +48,15 @@ __all__ = [
     "FetchedArtifact",
     "FileChannel",
     "Progress",
+    "Waiting",
 ]
 
 log = logging.getLogger(__name__)
 
 #: ``progress(bytes_on_disk, total_bytes)``.
 Progress = Callable[[int, int], None]
+#: ``waiting(position)``: the server is serving others first; about ``position``-th in line.
+Waiting = Callable[[int], None]
 
 # How long a fetch without a deadline waits for the connection to come back.
 DEFAULT_WAIT = 600.0
@@ -107,7 +110,12 @@ class ArtifactProvider(Protocol):
     """What a :class:`~deploy_core.agent.context.DeployContext` fetches artifacts with."""
 
     async def fetch(
-        self, sha256: str, *, deadline: float | None = None, progress: Progress | None = None
+        self,
+        sha256: str,
+        *,
+        deadline: float | None = None,
+        progress: Progress | None = None,
+        waiting: Waiting | None = None,
     ) -> FetchedArtifact:
         """Return the verified artifact, from the cache or from the server."""
         ...
@@ -183,7 +191,12 @@ class ArtifactFetcher:
             os.fchmod(cache.fd, 0o700)
 
     async def fetch(
-        self, sha256: str, *, deadline: float | None = None, progress: Progress | None = None
+        self,
+        sha256: str,
+        *,
+        deadline: float | None = None,
+        progress: Progress | None = None,
+        waiting: Waiting | None = None,
     ) -> FetchedArtifact:
         """Return the verified artifact ``sha256``, from the cache or from the server.
 
@@ -191,6 +204,9 @@ class ArtifactFetcher:
             included); ``None`` waits up to ten minutes for a connection.
         :param progress: called with ``(bytes on disk, total bytes)`` as bytes arrive, at
             most once per whole percent.
+        :param waiting: called with the fetch's place in line while the server has it
+            waiting for a transfer slot (it serves a bounded number at once); waiting in line
+            is not a stall: only the deadline ends it.
         :raises ArtifactTimeout: the deadline passed first.
         :raises ArtifactError: the server refused, or the bytes failed verification twice.
         """
@@ -205,7 +221,7 @@ class ArtifactFetcher:
             if cached is not None:
                 _Throttle(progress)(cached.size, cached.size)
                 return cached
-            return await self._download(sha256, deadline, _Throttle(progress))
+            return await self._download(sha256, deadline, _Throttle(progress), waiting)
 
     async def _from_cache(self, sha256: str) -> FetchedArtifact | None:
         path = self.cached(sha256)
@@ -221,7 +237,9 @@ class ArtifactFetcher:
             size = path.stat().st_size
         return FetchedArtifact(path, sha256, size, 0, 0, from_cache=True)
 
-    async def _download(self, sha256: str, deadline: float, progress: _Throttle) -> FetchedArtifact:
+    async def _download(
+        self, sha256: str, deadline: float, progress: _Throttle, waiting: Waiting | None
+    ) -> FetchedArtifact:
         final = self.cache_dir / sha256
         partial_path = self.cache_dir / f"{sha256}.partial"
         transferred = 0
@@ -236,7 +254,9 @@ class ArtifactFetcher:
                 if resumed:
                     log.info("artifact %s: resuming at byte %d", sha256[:12], resumed)
             try:
-                got, breaks, size = await self._receive(sha256, partial, deadline, progress)
+                got, breaks, size = await self._receive(
+                    sha256, partial, deadline, progress, waiting
+                )
                 transferred += got
                 interruptions += breaks
             except BaseException:
@@ -274,7 +294,12 @@ class ArtifactFetcher:
         raise AssertionError("unreachable")
 
     async def _receive(
-        self, sha256: str, partial: HashedFile, deadline: float, progress: _Throttle
+        self,
+        sha256: str,
+        partial: HashedFile,
+        deadline: float,
+        progress: _Throttle,
+        waiting: Waiting | None,
     ) -> tuple[int, int, int]:
         """Fill ``partial`` up to the artifact's size; returns (bytes received, interruptions,
         size)."""
@@ -289,6 +314,7 @@ class ArtifactFetcher:
             incoming = files.request(
                 FileRequest(sha256=sha256, offset=offset, chunk_size=self.chunk_size)
             )
+            incoming.on_queued = functools.partial(self._queued, sha256, waiting)
             before = received
             try:
                 header = await incoming.header(timeout=self._timeout(deadline))
@@ -337,6 +363,17 @@ class ArtifactFetcher:
                     await asyncio.sleep(min(0.2 * 2**fruitless, max(deadline - time.time(), 0)))
             finally:
                 incoming.close()
+
+    @staticmethod
+    def _queued(sha256: str, waiting: Waiting | None, position: int | None) -> None:
+        if position is None:
+            return
+        log.info("artifact %s: waiting for the server (position %d)", sha256[:12], position)
+        if waiting is not None:
+            try:
+                waiting(position)
+            except Exception:
+                log.exception("artifact waiting callback failed")
 
     def _timeout(self, deadline: float) -> float:
         return max(min(self.stall_timeout, deadline - time.time()), 0.01)

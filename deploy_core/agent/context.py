@@ -208,11 +208,22 @@ class DeployContext:
         if self._artifacts is None:
             raise DeployFailed("this agent cannot fetch artifacts (no fetcher configured)")
         try:
-            return await self._artifacts.fetch(sha256, deadline=self.deadline, progress=progress)
+            return await self._artifacts.fetch(
+                sha256, deadline=self.deadline, progress=progress, waiting=self._waiting
+            )
         except ArtifactTimeout as exc:
             raise DeployFailed(str(exc), status=DeployStatus.TIMEOUT) from exc
         except ArtifactError as exc:
             raise DeployFailed(str(exc)) from exc
+
+    def _waiting(self, position: int) -> None:
+        """The server has this deployment's artifact waiting in line: say so, same status."""
+        self.report(
+            self._status,
+            progress=self._progress,
+            stage=self._stage,
+            message=f"waiting for the server (position {position})",
+        )
 
     # ------------------------------------------------------------------ paths
 

@@ -66,7 +66,12 @@ class LocalArtifacts:
         return sha256
 
     async def fetch(
-        self, sha256: str, *, deadline: float | None = None, progress: Progress | None = None
+        self,
+        sha256: str,
+        *,
+        deadline: float | None = None,
+        progress: Progress | None = None,
+        waiting: Callable[[int], None] | None = None,
     ) -> FetchedArtifact:
         path = self.cache / sha256
         if not path.is_file():
