@@ -31,6 +31,7 @@ from deploy_core.server.http.http_limits import (
     HttpLimits,
 )
 from deploy_core.server.webhooks import WebhookSettings
+from deploy_core.transport.files import DEFAULT_MAX_TRANSFERS
 
 HTTP_SETTINGS = {
     "header_timeout": "http_header_timeout",
@@ -150,6 +151,15 @@ def server_config_file(
     help="largest package the artifact store accepts (bytes, or with K, M, G)",
 )
 @click.option(
+    "--max-file-transfers",
+    envvar="DEPLOY_CENTER_MAX_FILE_TRANSFERS",
+    type=click.IntRange(1, 10_000),
+    default=DEFAULT_MAX_TRANSFERS,
+    show_default=True,
+    help="artifact transfers to agents sent at once; more agents wait in line (they show "
+    "'waiting for the server (position N)')",
+)
+@click.option(
     "--http-header-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_HEADER_TIMEOUT,
@@ -181,6 +191,7 @@ def server(
     max_log_bytes: int,
     cert_names: tuple[str, ...],
     max_artifact_size: str,
+    max_file_transfers: int,
     config_file: Path | None,
     http_header_timeout: float,
     http_body_timeout: float,
@@ -204,6 +215,7 @@ def server(
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
+        max_file_transfers=max_file_transfers,
         **api_tls_settings(api_host, api_tls, api_cert, api_key, api_insecure_http),
         **server_config_file(
             config_file,

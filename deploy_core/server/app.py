@@ -49,6 +49,7 @@ from deploy_core.server.tokens import TokenStore
 from deploy_core.server.watchdog import Watchdog
 from deploy_core.server.webhooks import Webhooks, WebhookSettings
 from deploy_core.transport import AgentSession, QuicServer
+from deploy_core.transport.files import DEFAULT_MAX_TRANSFERS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class ServerConfig:
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     # Largest package POST /api/artifacts accepts; past it the upload is refused with 413.
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    # Artifact transfers over QUIC sent at once; more wait in line (transport/files.py).
+    max_file_transfers: int = DEFAULT_MAX_TRANSFERS
     # Header and body read timeouts and the cap on unauthenticated connections of the HTTP
     # API (server/http_limits.py).
     http_limits: HttpLimits = field(default_factory=HttpLimits)
@@ -206,6 +209,7 @@ class DeployServer:
             on_disconnect=self._on_disconnect,
             files=self.artifacts,
             may_fetch=self._may_fetch,
+            max_file_transfers=cfg.max_file_transfers,
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
