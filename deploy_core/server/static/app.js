@@ -469,7 +469,8 @@
         onclick: () => { $("f-client").value = client.client_id; $("f-script").focus(); },
         text: "Deploy here",
       });
-      return el("tr", { "data-client": client.client_id, "data-connected": String(client.connected) },
+      return el("tr", { "data-client": client.client_id, "data-connected": String(client.connected),
+        "data-plugins": Object.keys(client.plugins || {}).join(" ") }, // containers.js reads it
         el("th", { scope: "row" }, client.client_id, pick),
         stateCell(client),
         el("td", {}, ...labels.flatMap(([k, v]) => [el("span", { class: "label", text: `${k}=${v}` }), " "])),
