@@ -504,6 +504,42 @@ def test_secrets_reach_every_target_and_stay_out_of_the_rollout(
     assert secret.encode() not in stored  # sealed while it ran, deleted once it ended
 
 
+def test_server_killed_while_rolling_back_undoes_each_host_once(
+    center: DeployCenter, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = (
+        WHO + f'if [ "$DEPLOY_ACTION" = rollback ]; then echo "undo-$host" >> {log}; sleep 2; '
+        f'rm {marks}/"$host"; exit 0; fi\n'
+        + f'echo "$host" >> {log}; touch {marks}/"$host"\n'
+        + 'case "$host" in web-03) exit 3;; esac\n'
+    )
+    rollout_id = start(
+        center,
+        script,
+        request={"rollback": {"strategy": "inline"}},
+        targets={"clients": ["web-01", "web-02", "web-03", "web-04"]},
+        strategy={"batch_size": 2, "on_failure": "rollback"},
+    )
+    wait_until(lambda: any(h.startswith("undo-web-0") for h in runs(log)), 90, "rolling back")
+    center.stop_server(signal.SIGKILL)
+    center.start_server()
+    done = wait_for(center, rollout_id, FINAL, timeout=180)
+    assert done["status"] == "rolled_back", done
+    # Batches web-01/02, web-03/04: web-03 failed and rolled itself back (inline); the
+    # three that succeeded were undone by the rollout, each once, across the restart.
+    hosts = ["web-01", "web-02", "web-03", "web-04"]
+    assert runs(log) == Counter(dict.fromkeys(hosts + [f"undo-{h}" for h in hosts], 1))
+    assert sorted(p.name for p in marks.iterdir()) == []
+    states = {t["client_id"]: t for t in targets(done)}
+    for host in ("web-01", "web-02", "web-04"):
+        assert states[host]["status"] == "success"
+        assert states[host]["rollback_status"] == "rolled_back"
+    assert states["web-03"]["status"] == "rolled_back"
+
+
 # Last: it restarts the module's server.
 def test_server_killed_mid_rollout_continues_without_running_a_host_twice(
     center: DeployCenter, tmp_path: Path
