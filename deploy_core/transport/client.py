@@ -8,6 +8,11 @@ server takes instead. It sends heartbeats, and reconnects with full-jitter expon
 back-off whenever the connection is lost or refused. A server at its handshake limit
 refuses a new connection with a retry-after hint (:mod:`.admission`); the agent then waits
 at least that long, plus a jittered share of its back-off, so a restart storm spreads out.
+
+An agent may know several servers (replicas on one database), and a server's name may resolve
+to several addresses: each failed attempt moves on to the next address, then the next server,
+starting at a place the client id picks so that agents spread over the replicas; only a full
+round of failures grows the back-off, and a busy server is not tried again before its hint.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import random
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -387,6 +392,7 @@ class AgentConnector:
         connect_timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         server_name: str = "localhost",
+        servers: Sequence[tuple[str, int]] = (),
     ) -> None:
         if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
             raise ValueError(f"client_id must match {CLIENT_ID_PATTERN}, got {client_id!r}")
@@ -402,8 +408,19 @@ class AgentConnector:
             raise ValueError(
                 f"backoff_max ({backoff_max}) must not be below backoff_initial ({backoff_initial})"
             )
-        self._host = host
-        self._port = port
+        # Every server to try, host:port first, each once; the agent starts at an index
+        # its id picks (stable, so a restarted fleet spreads the same way over replicas).
+        listed = list(dict.fromkeys([(host, port), *servers]))
+        start = int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:4], "big")
+        start %= len(listed)
+        self._servers = listed[start:] + listed[:start]
+        self._host, self._port = self._servers[0]
+        # Which of the current server's addresses the next attempt uses, and how many its
+        # name resolved to on the last attempt.
+        self._address_turn = 0
+        self._address_count = 1
+        #: The address (IP, port) of the current connection; ``None`` while disconnected.
+        self.address: tuple[str, int] | None = None
         self._ca_file = ca_file
         self._client_id = client_id
         self._credentials = credentials
@@ -434,6 +451,25 @@ class AgentConnector:
         self._finished = asyncio.Event()
 
     # -- public API
+
+    @property
+    def servers(self) -> list[tuple[str, int]]:
+        """The servers this connector tries, in the order it tries them."""
+        return list(self._servers)
+
+    @property
+    def server(self) -> str | None:
+        """``HOST:PORT`` of the server connected to (with the address it resolved to when
+        the name has several); ``None`` while disconnected."""
+        if not self.connected or self.address is None:
+            return None
+        return self._describe()
+
+    def _describe(self) -> str:
+        where = f"{self._host}:{self._port}"
+        if self._address_count > 1 and self.address is not None:
+            where += f" ({self.address[0]})"
+        return where
 
     @property
     def connected(self) -> bool:
@@ -490,8 +526,13 @@ class AgentConnector:
         self._finished.clear()
         loop = asyncio.get_running_loop()
         failures = 0
+        # Where the next attempt goes: (index in self._servers, address turn).
+        position = cycle_start = (0, 0)
+        not_before: dict[int, float] = {}  # busy servers' hints, by index
         try:
             while not self._stopping:
+                self._host, self._port = self._servers[position[0]]
+                self._address_turn = position[1]
                 started = loop.time()
                 busy_for = 0.0
                 self._authenticated = False
@@ -505,6 +546,7 @@ class AgentConnector:
                 except ServerBusy as exc:
                     self.last_error = str(exc)
                     busy_for = exc.retry_after
+                    not_before[position[0]] = loop.time() + busy_for
                     self.busy_hints.append(busy_for)
                     logger.info(
                         "server %s:%d is busy; %s waits at least the %.1f s asked: %s",
@@ -530,12 +572,22 @@ class AgentConnector:
                     )
                 if self._stopping:
                     break
+                position = self._next_position(position)
                 if self._authenticated or loop.time() - started > _STABLE_AFTER:
                     failures = 0
-                ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failures, 32))
-                failures += 1
+                    cycle_start = position
+                if position == cycle_start:
+                    # A full round of the servers failed (with one server: every failure).
+                    ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failures, 32))
+                    failures += 1
+                else:  # the next server in the round: only a little jitter
+                    ceiling = self._backoff_initial
                 # A busy server's hint is a floor; the jitter on top spreads the refused.
-                delay = busy_for + random.uniform(0, ceiling)
+                if len(self._servers) == 1:
+                    floor = busy_for
+                else:
+                    floor = max(0.0, not_before.pop(position[0], 0.0) - loop.time())
+                delay = floor + random.uniform(0, ceiling)
                 self.backoff_waits.append(delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), delay)
@@ -546,6 +598,15 @@ class AgentConnector:
             self._attempt = None
             self._running = False
             self._finished.set()
+
+    def _next_position(self, position: tuple[int, int]) -> tuple[int, int]:
+        """Where the attempt after one at ``position`` goes: the current server's next
+        address, else the next server's first."""
+        index, turn = position
+        if turn + 1 < self._address_count:
+            return index, turn + 1
+        self._address_count = 1
+        return (index + 1) % len(self._servers), 0
 
     # -- one connection
 
@@ -567,8 +628,13 @@ class AgentConnector:
     async def _open(self, stack: contextlib.AsyncExitStack) -> _ServerConnection:
         """Open a UDP socket and complete the QUIC/TLS handshake; ``stack`` closes both."""
         loop = asyncio.get_running_loop()
+        self._address_count = 1
+        self.address = None
         infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_DGRAM)
-        family, _, _, _, address = infos[0]
+        # A name with several addresses: each attempt takes the next (in the resolver's order).
+        infos = list({info[4][:2]: info for info in infos}.values())
+        self._address_count = len(infos)
+        family, _, _, _, address = infos[self._address_turn % len(infos)]
         quic = QuicConnection(configuration=self._configuration())
         transport, connection = await loop.create_datagram_endpoint(
             lambda: _ServerConnection(quic, max_bytes=self._max_message_bytes),
@@ -579,6 +645,7 @@ class AgentConnector:
         enlarge_socket_buffers(transport, SOCKET_BUFFER_BYTES)
         connection.connect(address)
         await connection.wait_handshake()
+        self.address = (str(address[0]), int(address[1]))
         return connection
 
     async def _connect_once(self) -> None:
@@ -616,7 +683,7 @@ class AgentConnector:
         self._connection = connection
         self._connected.set()
         self.last_error = None
-        logger.info("connected to %s:%d as %s", self._host, self._port, self._client_id)
+        logger.info("connected to %s as %s", self._describe(), self._client_id)
         heartbeat = asyncio.create_task(self._heartbeat(connection))
         try:
             if self._on_connected is not None:
@@ -628,6 +695,7 @@ class AgentConnector:
         finally:
             heartbeat.cancel()
             self._connection = None
+            self.address = None
             self._connected.clear()
             if self._on_disconnected is not None:
                 await _guarded("on_disconnected", self._on_disconnected())
