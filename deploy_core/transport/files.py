@@ -194,10 +194,16 @@ class TransferGate:
     that had to wait) since the start.
     """
 
-    def __init__(self, limit: int = DEFAULT_MAX_TRANSFERS) -> None:
+    def __init__(
+        self, limit: int = DEFAULT_MAX_TRANSFERS, notice_interval: float = QUEUE_NOTICE_INTERVAL
+    ) -> None:
         if limit < 1:
             raise ValueError(f"the transfer limit must be at least 1, got {limit}")
+        if notice_interval <= 0:
+            raise ValueError(f"notice_interval must be positive, got {notice_interval}")
         self.limit = limit
+        #: Seconds between a waiting transfer's ``notify`` calls.
+        self.notice_interval = notice_interval
         self.active = 0
         self.peak = 0
         self.peak_waiting = 0
@@ -215,13 +221,10 @@ class TransferGate:
         """Transfers waiting for a slot."""
         return len(self._waiters)
 
-    async def acquire(
-        self,
-        notify: Callable[[int], None] | None = None,
-        interval: float = QUEUE_NOTICE_INTERVAL,
-    ) -> None:
-        """Wait for a slot; while waiting, ``notify(position)`` every ``interval`` seconds
-        (position 1 is next). Cancelling gives the place (or a slot just granted) up."""
+    async def acquire(self, notify: Callable[[int], None] | None = None) -> None:
+        """Wait for a slot; while waiting, ``notify(position)`` every ``notice_interval``
+        seconds (position 1 is next). Cancelling gives the place (or a slot just granted)
+        up."""
         if self.active < self.limit and not self._waiters:
             self._take()
             return
@@ -235,7 +238,7 @@ class TransferGate:
             while not granted.done():
                 if notify is not None:
                     notify(max(ticket - self._served_ticket, 1))
-                await asyncio.wait({granted}, timeout=interval)
+                await asyncio.wait({granted}, timeout=self.notice_interval)
         except BaseException:
             if granted.done() and not granted.cancelled():
                 self.release()  # the slot came with the cancellation: pass it on
@@ -507,8 +510,9 @@ class FileStreamServer:
         )
         position = out.position = request.offset
         while position < size:
-            await self._await_credit(out, position - self._window + 1)
             length = min(request.chunk_size, size - position)
+            # At most ``window`` bytes past the agent's credit, this chunk included.
+            await self._await_credit(out, position + length - self._window)
             data = await asyncio.to_thread(os.pread, fd, length, position)
             if len(data) != length:
                 raise OSError(f"artifact file shrank to {position + len(data)} bytes")
