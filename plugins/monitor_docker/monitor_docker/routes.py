@@ -21,12 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deploy_core.plugin import ApiError, server_services
+from deploy_core.plugin import ApiError, ServerServices, server_services
 from monitor_docker.store import (
     DEFAULT_LIMIT,
     DEFAULT_POINTS,
     MAX_LIMIT,
     MAX_POINTS,
+    MonitorStore,
     store_for,
 )
 
@@ -60,6 +61,13 @@ def parse_time(name: str, raw: str) -> float:
     return when.timestamp()
 
 
+async def _store_of(services: ServerServices, client_id: str) -> MonitorStore:
+    """The store, once ``client_id`` is known to be an enrolled client (else a 404)."""
+    if not await services.client_exists(client_id):
+        raise ApiError(404, f"unknown client {client_id!r}: no agent enrolled with that id")
+    return store_for(services)
+
+
 async def get_monitor(request: Request) -> Response:
     """The client's Docker monitor data."""
     services = server_services(request)
@@ -72,9 +80,7 @@ async def get_monitor(request: Request) -> Response:
     raw_limit = query.get("limit", str(DEFAULT_LIMIT))
     if not _DIGITS.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise ApiError(422, f"query parameter limit must be an integer from 1 to {MAX_LIMIT}")
-    if not await services.client_exists(client_id):
-        raise ApiError(404, f"unknown client {client_id!r}: no agent enrolled with that id")
-    store = store_for(services)
+    store = await _store_of(services, client_id)
     view = await services.db(
         store.view,
         client_id,
@@ -101,9 +107,7 @@ async def get_series(request: Request) -> Response:
     raw_all = query.get("all", "0")
     if raw_all not in ("0", "1"):
         raise ApiError(422, "query parameter all must be 0 or 1")
-    if not await services.client_exists(client_id):
-        raise ApiError(404, f"unknown client {client_id!r}: no agent enrolled with that id")
-    store = store_for(services)
+    store = await _store_of(services, client_id)
     view = await services.db(
         store.series,
         client_id,

@@ -249,6 +249,19 @@ class MonitorStore:
             pruned = conn.execute(t.samples.delete().where(t.samples.c.ts < now - self.retention))
         return int(pruned.rowcount or 0)
 
+    def _report(self, client_id: str, client: sa.RowMapping | None) -> dict[str, Any]:
+        """What both answers say first: the client's last report (``None`` before any)."""
+        return {
+            "client_id": client_id,
+            "last_report": iso(client["last_report"]) if client else None,
+            "last_report_ts": client["last_report"] if client else None,
+            "received_at": iso(client["received_at"]) if client else None,
+            "interval": client["interval"] if client else None,
+            "scope": client["scope"] if client else None,
+            "error": client["error"] if client else None,
+            "retention_seconds": self.retention,
+        }
+
     def view(
         self,
         client_id: str,
@@ -294,14 +307,7 @@ class MonitorStore:
                 query = query.order_by(t.samples.c.ts, t.samples.c.name).limit(limit + 1)
                 samples = conn.execute(query).mappings().all()
         view: dict[str, Any] = {
-            "client_id": client_id,
-            "last_report": iso(client["last_report"]) if client else None,
-            "last_report_ts": client["last_report"] if client else None,
-            "received_at": iso(client["received_at"]) if client else None,
-            "interval": client["interval"] if client else None,
-            "scope": client["scope"] if client else None,
-            "error": client["error"] if client else None,
-            "retention_seconds": self.retention,
+            **self._report(client_id, client),
             "containers": [_render_current(row) for row in current],
         }
         if samples is not None:
@@ -384,13 +390,7 @@ class MonitorStore:
                     series["memory_usage"].append(None if memory is None else int(memory))
                     counts[cid] = int(n)
         return {
-            "client_id": client_id,
-            "last_report": iso(client["last_report"]) if client else None,
-            "last_report_ts": client["last_report"] if client else None,
-            "interval": client["interval"] if client else None,
-            "scope": client["scope"] if client else None,
-            "error": client["error"] if client else None,
-            "retention_seconds": self.retention,
+            **self._report(client_id, client),
             "since": start,
             "until": now,
             "points": points,
