@@ -67,7 +67,9 @@ def listen_address(table: Any) -> tuple[str, int] | None:
 class AgentMetrics:
     """The agent's registry (its own, not the process-wide one) and what it counts."""
 
-    def __init__(self, connected: Callable[[], bool]) -> None:
+    def __init__(
+        self, connected: Callable[[], bool], server: Callable[[], str | None] = lambda: None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self._types: set[str] = set()
@@ -91,7 +93,7 @@ class AgentMetrics:
             f"{PREFIX}_build_info", "Always 1; the agent's version.", ["version"], registry=r
         )
         info.labels(version=__version__).set(1)
-        r.register(_Connected(connected))
+        r.register(_Connected(connected, server))
         self._server: Any = None
 
     def _type(self, command_type: str) -> str:
@@ -141,8 +143,9 @@ def _loopback(host: str) -> bool:
 
 
 class _Connected(Collector):
-    def __init__(self, connected: Callable[[], bool]) -> None:
+    def __init__(self, connected: Callable[[], bool], server: Callable[[], str | None]) -> None:
         self.connected = connected
+        self.server = server
 
     def describe(self) -> list[Metric]:
         return []
@@ -153,3 +156,12 @@ class _Connected(Collector):
         )
         gauge.add_metric([], 1 if self.connected() else 0)
         yield gauge
+        server = GaugeMetricFamily(
+            f"{PREFIX}_server",
+            "1 for the server (HOST:PORT) the agent is connected to; absent while disconnected.",
+            labels=["server"],
+        )
+        where = self.server()
+        if where is not None:
+            server.add_metric([where], 1)
+        yield server

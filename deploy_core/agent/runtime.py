@@ -62,6 +62,9 @@ class AgentConfig:
     ca_file: Path
     join_token_file: Path | None = None
     server_name: str = "localhost"
+    # Further servers (replicas on one database) the agent fails over to, besides
+    # server_host:server_port (deploy_core.transport.client).
+    more_servers: list[tuple[str, int]] = field(default_factory=list)
     heartbeat_interval: float = 5.0
     idle_timeout: float = 30.0
     services: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +119,7 @@ class Agent:
             heartbeat_interval=config.heartbeat_interval,
             idle_timeout=config.idle_timeout,
             server_name=config.server_name,
+            servers=config.more_servers,
         )
         #: Artifacts by SHA-256 into state_dir/cache, for DeployContext.fetch_artifact.
         self.artifacts = ArtifactFetcher(
@@ -137,7 +141,9 @@ class Agent:
         if config.metrics_listen is not None:
             from deploy_core.agent.metrics import AgentMetrics
 
-            self.metrics = AgentMetrics(connected=lambda: self.connector.connected)
+            self.metrics = AgentMetrics(
+                connected=lambda: self.connector.connected, server=lambda: self.connector.server
+            )
 
     def capabilities(self) -> dict[str, Any]:
         """What this agent tells the server it can do."""

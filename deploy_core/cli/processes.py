@@ -60,6 +60,13 @@ def load_agent_settings(path: Path) -> dict[str, Any]:
     if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
         raise click.BadParameter(f"{path}: [plugins.NAME] must be tables", param_hint="--config")
     data["labels"] = _agent_labels(path, data.get("agent", {}))
+    servers = data.get("agent", {}).get("servers", [])
+    if not isinstance(servers, list) or not all(isinstance(v, str) for v in servers):
+        raise click.BadParameter(
+            f'{path}: [agent] servers must be a list of "HOST:PORT" strings',
+            param_hint="--config",
+        )
+    data["servers"] = servers and agent_servers(servers, "--config", f"{path}: [agent] servers: ")
     try:
         data["constraints"] = Constraints.model_validate(data.get("constraints", {}))
     except ValidationError as exc:
@@ -74,9 +81,11 @@ def _agent_labels(path: Path, table: Any) -> dict[str, str]:
     """The ``[agent]`` table's ``labels``, checked (deploy_core.labels)."""
     from deploy_core.labels import LabelError, check_labels
 
-    if not isinstance(table, dict) or set(table) - {"labels"}:
+    if not isinstance(table, dict) or set(table) - {"labels", "servers"}:
         raise click.BadParameter(
-            f'{path}: [agent] holds only labels = {{key = "value", …}}', param_hint="--config"
+            f'{path}: [agent] holds only labels = {{key = "value", …}} and '
+            'servers = ["HOST:PORT", …]',
+            param_hint="--config",
         )
     try:
         return check_labels(table.get("labels", {}), what="[agent] labels")
@@ -172,6 +181,27 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def agent_servers(
+    values: list[str] | tuple[str, ...], hint: str, where: str = ""
+) -> list[tuple[str, int]]:
+    """The servers an agent may connect to (``--server`` repeated, or ``[agent] servers``),
+    each ``HOST:PORT``, none twice."""
+    servers: list[tuple[str, int]] = []
+    for value in values:
+        try:
+            server = _host_port(value)
+        except click.BadParameter as exc:
+            raise click.BadParameter(where + exc.message, param_hint=hint) from None
+        if any(c.isspace() or not c.isprintable() for c in server[0]):
+            raise click.BadParameter(
+                f"{where}{value!r}: a host name has no spaces", param_hint=hint
+            )
+        if server in servers:
+            raise click.BadParameter(f"{where}{value!r} is given twice", param_hint=hint)
+        servers.append(server)
+    return servers
+
+
 def _print_server_banner(srv: Any) -> None:
     click.echo(f"Deploy Center server {__version__}")
     click.echo(f"  API:          {srv.api_url}")
@@ -186,7 +216,13 @@ def _print_server_banner(srv: Any) -> None:
 
 @main.command()
 @log_format_option
-@click.option("--server", "server_addr", required=True, help="the server's QUIC HOST:PORT")
+@click.option(
+    "--server",
+    "server_addrs",
+    multiple=True,
+    help="the server's QUIC HOST:PORT; repeat it for replicas of one server, which the agent "
+    "fails over to (default: [agent] servers of --config)",
+)
 @click.option("--client-id", required=True, help="this agent's id, e.g. web-1")
 @click.option(
     "--state-dir",
@@ -228,7 +264,7 @@ def _print_server_banner(srv: Any) -> None:
     help="artifact transfer chunk, 64K to 1M: what a killed agent may receive twice",
 )
 def agent(
-    server_addr: str,
+    server_addrs: tuple[str, ...],
     client_id: str,
     state_dir: Path,
     ca_file: Path,
@@ -249,12 +285,19 @@ def agent(
         )
     from deploy_core.plugins import get_agent_plugins
 
-    host, port = _host_port(server_addr)
     settings, constraints = agent_settings_and_constraints(config_file)
+    servers = agent_servers(server_addrs, "--server") or settings.get("servers")
+    if not servers:
+        raise click.UsageError(
+            "Missing option '--server' (or servers = [\"HOST:PORT\", …] in the [agent] table "
+            "of --config)."
+        )
+    (host, port), *more_servers = servers
     warn_unknown_services(config_file, settings.get("services", {}), get_agent_plugins())
     config = AgentConfig(
         server_host=host,
         server_port=port,
+        more_servers=more_servers,
         client_id=client_id,
         state_dir=state_dir,
         ca_file=ca_file,
