@@ -21,7 +21,8 @@ filling its memory. All the connections of one server share a :class:`TransferGa
 server's buffered artifact bytes stay under ``limit * window`` and each running transfer gets
 a useful share of the bandwidth instead of a trickle. An agent that announced
 :data:`CAPABILITY_FILE_QUEUE` hears QUEUED frames while it waits, which keep its no-data
-watchdog quiet; an older agent waits silently (its watchdog may fire and it asks again).
+watchdog quiet; an older agent, which would take a silent wait for a stall, is let in at once
+(counted in ``active``, which it may push past ``limit``).
 
 A transfer the server cannot finish (the file vanished, a read failed, no
 credit for ``stall_timeout``) is reset with :data:`RESET_SERVER_ERROR`; an agent that gives up
@@ -248,6 +249,10 @@ class TransferGate:
                     self._waiters.remove((ticket, granted))
             raise
 
+    def admit(self) -> None:
+        """Take a slot now, even past ``limit`` (for agents that cannot wait in line)."""
+        self._take()
+
     def _take(self) -> None:
         self.active += 1
         self.admitted += 1
@@ -455,7 +460,12 @@ class FileStreamServer:
                 )
                 self._refuse(out, "not_found" if self._source else "unavailable", reason)
                 return
-            await self._gate.acquire(functools.partial(self._queued, out))
+            if self._queue_notices:
+                await self._gate.acquire(functools.partial(self._queued, out))
+            else:
+                # An older agent would take a silent wait for a stall and give up: it
+                # starts at once, as it did before there was a line (counted, not bounded).
+                self._gate.admit()
             try:
                 try:
                     # Not in a thread: a cancelled thread would leak the descriptor it opens.

@@ -235,3 +235,39 @@ async def test_the_gate_gives_up_places_and_slots_on_cancel() -> None:
     assert gate.active == 0
     with pytest.raises(ValueError, match="at least 1"):
         TransferGate(0)
+
+
+async def test_an_agent_without_file_queue_starts_at_once_and_hears_no_queued_frames(
+    server: QuicServer, certs: ServerCerts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.transfers.limit = 1
+    data = os.urandom(3 * DEFAULT_WINDOW)
+    sha = await put(store_of(server), data)
+    async with AsyncExitStack() as stack:
+        new = await connect(stack, server, certs, "new-agent")
+        with monkeypatch.context() as patch:
+            # An agent of the previous version: its AUTH lacks "file_queue".
+            patch.setattr("deploy_core.transport.client.CAPABILITY_FILE_QUEUE", "unknown")
+            old = [await connect(stack, server, certs, f"old-{i}") for i in range(2)]
+        assert server.session("old-0").capabilities.get("file_queue") is None  # type: ignore[union-attr]
+        assert server.session("new-agent").capabilities["file_queue"] == 1  # type: ignore[union-attr]
+        held = []
+        for connector in old:
+            files = connector.files
+            assert files is not None
+            held.append(files.request(FileRequest(sha256=sha, chunk_size=CHUNK)))
+        # Both old agents are sent their header at once, past the bound of 1 (the old way).
+        for incoming in held:
+            header = await incoming.header(timeout=20)
+            assert header.size == len(data) and incoming.queue_position is None
+        assert server.transfers.active == 2
+        # A new agent now waits in line and is told so.
+        new_files = new.files
+        assert new_files is not None
+        waiting = new_files.request(FileRequest(sha256=sha, chunk_size=CHUNK))
+        await eventually(lambda: waiting.queue_position == 1, 20)
+        assert server.transfers.waiting == 1
+        for incoming in [*held, waiting]:
+            incoming.close()
+        gate = server.transfers
+        await eventually(lambda: (gate.active, gate.waiting, gate.buffered) == (0, 0, 0), 20)
