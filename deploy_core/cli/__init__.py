@@ -5,7 +5,7 @@ on :data:`main`.  Plugins' commands use the helpers re-exported here (see
 ``docs/plugins.md``).
 """
 
-from deploy_core.cli import admin, artifacts, deploys, processes, rollouts, webhooks
+from deploy_core.cli import admin, artifacts, cluster, deploys, processes, rollouts, webhooks
 from deploy_core.cli.common import (
     echo_json,
     follow,
@@ -28,6 +28,7 @@ from deploy_core.cli.terminal import terminal_safe
 __all__ = [
     "admin",
     "artifacts",
+    "cluster",
     "deploy",
     "deploys",
     "echo_json",

@@ -39,8 +39,10 @@ from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
 from deploy_core.server.http.tls import ApiTls, ApiTlsChoice, CertificateReloader
 from deploy_core.server.ingest import Ingest
+from deploy_core.server.leases import LEASE_SECONDS, RETENTION, WATCHDOG, Leases
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
+from deploy_core.server.replicas import Replicas
 from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollouts import Rollouts, RolloutStore
 from deploy_core.server.secret_box import SecretBox
@@ -75,6 +77,8 @@ class ServerConfig:
     server_id: str | None = None
     watchdog_interval: float = 1.0
     heartbeat_flush_interval: float = 5.0
+    # Duties (watchdog, retention) run on one replica: the holder of their lease (leases.py).
+    lease_seconds: float = LEASE_SECONDS
     deadline_margin: float = 60.0
     migrate: bool = True
     # Names and addresses agents may use to reach the QUIC endpoint: the server certificate
@@ -219,11 +223,16 @@ class DeployServer:
             self.listeners,
             owner=cfg.server_id,
         )
+        self.leases = Leases(
+            self.engine, cfg.server_id, (WATCHDOG, RETENTION), seconds=cfg.lease_seconds
+        )
+        self.replicas = Replicas(self.engine, cfg.server_id)
         self.webhooks.follow_rollouts(self.rollouts)
         self.watchdog = Watchdog(
             self.records,
             expired=self.metrics.watch_expiries(self.deployments.expired),
             interval=cfg.watchdog_interval,
+            may_run=lambda: self.leases.holds(WATCHDOG),
         )
         await self.transport.start()
         self.app = create_app(self)
@@ -256,6 +265,9 @@ class DeployServer:
             reloader.install(self._http.config.ssl)
             interval = cfg.api_cert_check_interval
             self._tasks.append(asyncio.create_task(reloader.run(interval), name="api-cert"))
+        await self.db(self.leases.try_all)
+        await self._beat()
+        self._tasks.append(asyncio.create_task(self.leases.keep(), name="leases"))
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
@@ -304,6 +316,9 @@ class DeployServer:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        with contextlib.suppress(Exception):  # AttributeError: never started; or no database
+            await self.db(self.leases.release_all)  # the others take the duties at once
+            await self.db(self.replicas.remove)
         with contextlib.suppress(AttributeError):
             await self.transport.close()
         await self.events.drain()  # the agents' messages being stored
@@ -355,7 +370,9 @@ class DeployServer:
         while True:
             cutoff = time.time() - self.config.retention_days * 86400
             try:
-                deleted = await self.db(self.records.prune, cutoff)
+                deleted = (
+                    await self.db(self.records.prune, cutoff) if self.leases.holds(RETENTION) else 0
+                )
                 if deleted:
                     log.info(
                         "retention: deleted %d deployments finished more than %s ago",
@@ -372,8 +389,20 @@ class DeployServer:
             seen = {cid: s.last_seen for cid, s in self.transport.sessions.items()}
             try:
                 await self.db(self.records.touch_clients, seen)
+                await self._beat()
             except Exception:
                 log.exception("could not record heartbeats")
+
+    async def _beat(self) -> None:
+        """This replica's row in ``replicas`` (GET /api/cluster)."""
+        await self.db(
+            self.replicas.beat,
+            api_url=self.api_url,
+            quic_address=f"{self.config.quic_host}:{self.transport.port}",
+            started_at=self.started_at,
+            interval=self.config.heartbeat_flush_interval,
+            agents_connected=len(self.transport.sessions),
+        )
 
     async def revoke_client(self, client_id: str) -> bool:
         """Refuse the agent from now on and cut its connection."""

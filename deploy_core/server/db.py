@@ -298,6 +298,28 @@ rollout_lease = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
+# Background duties (watchdog, retention, ...) run on one replica at a time: the holder of the
+# duty's lease row (deploy_core/server/leases.py).  replicas: one heartbeat row per server.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("duty", sa.String(64), primary_key=True),
+    sa.Column("holder", ID, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("server_id", ID, primary_key=True),
+    sa.Column("api_url", sa.String(300), nullable=False),
+    sa.Column("quic_address", sa.String(300), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("heartbeat_interval", sa.Float, nullable=False),
+    sa.Column("agents_connected", sa.Integer, nullable=False),
+)
+
 
 def normalise_url(url: str) -> str:
     """Accept ``postgresql://`` and ``postgres://`` URLs and use the psycopg 3 driver."""

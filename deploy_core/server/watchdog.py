@@ -23,10 +23,14 @@ class Watchdog:
         *,
         expired: Callable[[Applied], Awaitable[None]],
         interval: float,
+        may_run: Callable[[], bool] = lambda: True,
     ) -> None:
         """:param expired: called with each deployment a pass finished (the record after,
-        the status before), to tell listeners and plugins and to roll back."""
+        the status before), to tell listeners and plugins and to roll back.
+        :param may_run: whether this replica holds the watchdog's lease (leases.py): a pass
+        runs only then, so replicas on one database expire a deployment once."""
         self.records = records
+        self.may_run = may_run
         self.expired = expired
         self.interval = interval
 
@@ -34,7 +38,8 @@ class Watchdog:
         """Pass after pass until cancelled; a failed pass is logged and the next one runs."""
         while True:
             try:
-                await self.expire_overdue()
+                if self.may_run():
+                    await self.expire_overdue()
             except Exception:
                 log.exception("watchdog pass failed")
             await asyncio.sleep(self.interval)

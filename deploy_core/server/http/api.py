@@ -25,6 +25,7 @@ from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.http.admin import admin_routes
 from deploy_core.server.http.artifacts import artifact_routes
 from deploy_core.server.http.auth import TokenAuth
+from deploy_core.server.http.cluster import cluster_routes
 from deploy_core.server.http.deploying import deploy_type_of, prepare_deploy
 from deploy_core.server.http.info import (
     get_client,
@@ -308,6 +309,7 @@ def api_routes() -> list[BaseRoute]:
         Route("/schemas", get_schemas, methods=["GET"]),
         Route("/info", get_info, methods=["GET"]),
         *rollout_routes(),
+        *cluster_routes(),
     ]
 
 

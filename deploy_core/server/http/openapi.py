@@ -24,6 +24,7 @@ from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.clients import CLIENT_STATES
 from deploy_core.server.http.admin import NewApiToken, NewJoinToken
 from deploy_core.server.http.auth import needed_scope
+from deploy_core.server.http.cluster import ClusterView
 from deploy_core.server.http.info import (
     CLIENTS_LIMIT,
     CLIENTS_MAX_LIMIT,
@@ -205,6 +206,7 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
     ("GET", "/api/plugins"): Spec(200, PluginList),
     ("GET", "/api/schemas"): Spec(200, SchemaSet),
     ("GET", "/api/info"): Spec(200, ServerInfo),
+    ("GET", "/api/cluster"): Spec(200, ClusterView),
     ("POST", "/api/tokens"): Spec(201, ApiTokenCreated, (400, 409, 413, 422), (), NewApiToken),
     ("GET", "/api/tokens"): Spec(200, ApiTokenList),
     ("DELETE", "/api/tokens/{name}"): Spec(200, Revoked, (404,), (
