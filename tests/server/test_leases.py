@@ -88,9 +88,7 @@ def test_a_failed_renewal_keeps_only_what_the_last_success_allows(engine: Engine
     a = Leases(engine, "a", ["watchdog"], seconds=15, clock=clock)
     assert a.try_all() == ["watchdog"]
     clock.now += 5
-    broken = Leases(
-        sa.create_engine("sqlite:///file:nowhere?mode=ro&uri=true"), "a", ["watchdog"]
-    )
+    broken = Leases(sa.create_engine("sqlite:///file:nowhere?mode=ro&uri=true"), "a", ["watchdog"])
     a.engine = broken.engine  # the database is unreachable for this try
     assert a.try_all() == ["watchdog"]  # still within the first lease
     clock.now = 1015.0
@@ -106,18 +104,20 @@ def test_a_lease_lasts_more_than_zero_seconds(engine: Engine) -> None:
 
 def test_racing_takers_one_wins_each_round(engine: Engine) -> None:
     """Eight threads try the same expired lease at once, many rounds: exactly one wins each."""
+
+    def take(name: str, now: float, barrier: threading.Barrier, wins: list[str]) -> None:
+        barrier.wait()
+        with engine.begin() as conn:
+            if leases.acquire(conn, "watchdog", name, 15, now):
+                wins.append(name)
+
     for round_ in range(20):
         now = 2000.0 + round_ * 100  # every round starts after the last lease expired
         wins: list[str] = []
         barrier = threading.Barrier(8, timeout=60)
-
-        def take(name: str, now: float = now) -> None:
-            barrier.wait()
-            with engine.begin() as conn:
-                if leases.acquire(conn, "watchdog", name, 15, now):
-                    wins.append(name)
-
-        threads = [threading.Thread(target=take, args=(f"s{n}",)) for n in range(8)]
+        threads = [
+            threading.Thread(target=take, args=(f"s{n}", now, barrier, wins)) for n in range(8)
+        ]
         for t in threads:
             t.start()
         for t in threads:
