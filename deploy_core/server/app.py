@@ -223,9 +223,8 @@ class DeployServer:
             self.listeners,
             owner=cfg.server_id,
         )
-        self.leases = Leases(
-            self.engine, cfg.server_id, (WATCHDOG, RETENTION), seconds=cfg.lease_seconds
-        )
+        duties = (WATCHDOG,) if cfg.retention_days is None else (WATCHDOG, RETENTION)
+        self.leases = Leases(self.engine, cfg.server_id, duties, seconds=cfg.lease_seconds)
         self.replicas = Replicas(self.engine, cfg.server_id)
         self.webhooks.follow_rollouts(self.rollouts)
         self.watchdog = Watchdog(

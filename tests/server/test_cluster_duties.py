@@ -51,7 +51,7 @@ class Cluster:
         self.servers: dict[str, DeployServer] = {}
         self.expired: list[tuple[str, str]] = []  # (server_id, deploy_id)
 
-    async def start(self, name: str) -> DeployServer:
+    async def start(self, name: str, retention_days: float | None = 3650) -> DeployServer:
         server = DeployServer(
             ServerConfig(
                 state_dir=self.root / name,
@@ -62,6 +62,7 @@ class Cluster:
                 watchdog_interval=0.05,
                 heartbeat_flush_interval=BEAT,
                 lease_seconds=LEASE,
+                retention_days=retention_days,
             )
         )
         await server.start()
@@ -283,3 +284,14 @@ async def test_cluster_needs_read_scope(cluster: Cluster, scope: str) -> None:
             "/api/cluster", headers={"Authorization": f"Bearer {made.json()['token']}"}
         )
         assert answer.status_code == 403
+
+
+async def test_a_replica_without_retention_never_holds_its_lease(cluster: Cluster) -> None:
+    """Retention off on the first replica, on on the second: the second prunes."""
+    a = await cluster.start("replica-a", retention_days=None)
+    b = await cluster.start("replica-b")
+    assert a.leases.held() == [WATCHDOG]
+    assert b.leases.held() == [RETENTION]
+    rows = by_id(await cluster_view(a))
+    assert rows["replica-a"]["duties"] == [WATCHDOG]
+    assert rows["replica-b"]["duties"] == [RETENTION]
