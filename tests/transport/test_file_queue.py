@@ -104,12 +104,14 @@ def store_of(server: QuicServer) -> ArtifactStore:
 async def test_thirty_agents_all_get_the_artifact_with_at_most_the_bound_sending(
     server: QuicServer, certs: ServerCerts, tmp_path: Path
 ) -> None:
-    data = os.urandom(3 * (1 << 20) + 777)
+    data = os.urandom(2 * (1 << 20) + 777)
     sha = await put(store_of(server), data)
     agents = 30
     positions: dict[int, list[int]] = {i: [] for i in range(agents)}
     async with AsyncExitStack() as stack:
-        connectors = [await connect(stack, server, certs, f"fleet-{i:02d}") for i in range(agents)]
+        connectors = await asyncio.gather(
+            *(connect(stack, server, certs, f"fleet-{i:02d}") for i in range(agents))
+        )
         fetchers = [
             # A 2 s no-data watchdog: far shorter than the wait of the last in line.
             ArtifactFetcher(c, tmp_path / f"cache-{i}", chunk_size=CHUNK, stall_timeout=2.0)
