@@ -310,7 +310,8 @@ async def test_join_token_enrolls_the_agents_own_key_which_authenticates_next_ti
     await eventually(lambda: len(recorder.sessions("connect")) == 1)
     session = recorder.sessions("connect")[0]
     assert session.client_id == "web-1"
-    assert session.capabilities == {"os": "linux", "plugins": ["shell"]}
+    # The transport adds what it understands itself (files.CAPABILITY_FILE_QUEUE).
+    assert session.capabilities == {"os": "linux", "plugins": ["shell"], "file_queue": 1}
     assert session.remote[0] == "127.0.0.1"
     assert server.session("web-1") is session
 
