@@ -7,8 +7,8 @@ unfinished rollout along: it starts the targets' deployments through
 :class:`~deploy_core.server.deployments.Deployments` (each its own record, lock, callbacks,
 checks and rollback), wakes when a deployment finishes (it listens to record changes like
 the live feed does) and looks again every :data:`RESCAN_INTERVAL` seconds whatever happens.
-Only the holder of the ``rollout_lease`` row drives, so replicas on one database never
-drive twice; a server restarted drives on from what the database says.
+Only the holder of the ``rollouts`` duty lease (server/leases.py) drives, so replicas on one
+database never drive twice; a server restarted drives on from what the database says.
 
 A target's deployment id is chosen and committed (state ``starting``) before its deployment
 is created with that id, and the truth about a target is whether that deployment exists:
@@ -40,12 +40,12 @@ from deploy_core.server.db import (
     clients,
     deployments,
     rollout_history,
-    rollout_lease,
     rollout_targets,
     rollouts,
     row_dict,
 )
 from deploy_core.server.deployments import Deployments
+from deploy_core.server.leases import acquire, release
 from deploy_core.server.locks import ClientBusy
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
 from deploy_core.server.secret_box import SecretBox
@@ -97,7 +97,7 @@ MAX_TARGETS = 10_000
 # The driver looks at every unfinished rollout at least this often (seconds), events or not.
 RESCAN_INTERVAL = 1.0
 # The lease: how long it lasts, and how often the holder renews it during a long pass.
-LEASE_NAME = "driver"
+LEASE_NAME = "rollouts"
 LEASE_SECONDS = 15.0
 RENEW_EVERY = 3.0
 # Targets started together: their ids committed in one transaction, then submitted at once.
@@ -510,40 +510,12 @@ class RolloutStore:
 
     def take_lease(self, owner: str, seconds: float = LEASE_SECONDS) -> bool:
         """Take or renew the driver's lease; ``False`` while another owner holds it."""
-        now = time.time()
         with self.engine.begin() as conn:
-            done = conn.execute(
-                rollout_lease.update()
-                .where(
-                    rollout_lease.c.name == LEASE_NAME,
-                    sa.or_(rollout_lease.c.owner == owner, rollout_lease.c.expires_at < now),
-                )
-                .values(owner=owner, expires_at=now + seconds)
-            ).rowcount
-            if done:
-                return True
-            if conn.execute(
-                sa.select(rollout_lease.c.name).where(rollout_lease.c.name == LEASE_NAME)
-            ).first():
-                return False
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    rollout_lease.insert().values(
-                        name=LEASE_NAME, owner=owner, expires_at=now + seconds
-                    )
-                )
-        except IntegrityError:
-            return False
-        return True
+            return acquire(conn, LEASE_NAME, owner, seconds, time.time())
 
     def release_lease(self, owner: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                rollout_lease.delete().where(
-                    rollout_lease.c.name == LEASE_NAME, rollout_lease.c.owner == owner
-                )
-            )
+            release(conn, owner, [LEASE_NAME])
 
 
 def _history(conn: Connection, rollout_id: str, status: str, message: str, ts: float) -> None:
