@@ -1,11 +1,13 @@
 """``deployctl``: run the server or an agent, deploy, and look at what happened.
 
-The commands live in the modules of this package by theme; importing it registers them all
-on :data:`main`.  Plugins' commands use the helpers re-exported here (see
+The commands live in the modules of this package by theme; importing it registers ``agent``
+on :data:`main`, and the others the first time a command not yet registered is asked for or
+the commands are listed (``groups.LAZY_COMMAND_MODULES``): ``deployctl agent`` loads none of
+them (issue 12 item 6).  Plugins' commands use the helpers re-exported here (see
 ``docs/plugins.md``).
 """
 
-from deploy_core.cli import admin, artifacts, cluster, deploys, processes, rollouts, webhooks
+from deploy_core.cli import processes
 from deploy_core.cli.common import (
     echo_json,
     follow,

@@ -43,6 +43,26 @@ def log_format_option(fn: F) -> F:
     return option(fn)  # type: ignore[no-any-return]
 
 
+# The modules of the core's commands other than ``agent`` (and ``server``, a lazy command),
+# imported when a command not yet known is asked for or the commands are listed, so that
+# ``deployctl agent`` holds neither them nor the HTTP client they use (issue 12 item 6).
+LAZY_COMMAND_MODULES = (
+    "deploy_core.cli.admin",
+    "deploy_core.cli.artifacts",
+    "deploy_core.cli.cluster",
+    "deploy_core.cli.deploys",
+    "deploy_core.cli.rollouts",
+    "deploy_core.cli.webhooks",
+)
+
+
+def _load_command_modules() -> None:
+    import importlib
+
+    for module in LAZY_COMMAND_MODULES:
+        importlib.import_module(module)
+
+
 class _PluginAwareGroup(click.Group):
     """Adds plugins' commands on first use, so ``deployctl --help`` lists them too.
 
@@ -67,6 +87,7 @@ class _PluginAwareGroup(click.Group):
         if self._loaded:
             return
         self._loaded = True
+        _load_command_modules()
         self._load_lazy_commands()
         from deploy_core.plugins import PluginError, get_plugins
 
@@ -91,6 +112,8 @@ class _PluginAwareGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy_commands:
             self._load_lazy_commands()
+        if cmd_name not in self.commands:
+            _load_command_modules()
         if cmd_name not in self.commands:
             self._load_plugin_commands()
         return super().get_command(ctx, cmd_name)

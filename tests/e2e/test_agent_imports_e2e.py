@@ -20,6 +20,7 @@ import pytest
 from conftest import missing_part
 
 from deploy_core import hookimpl
+from deploy_core.cli.groups import LAZY_COMMAND_MODULES
 from deploy_core.plugins import PluginError, load_plugins
 from deploy_core.registry import AgentService, EventHandler, RouteSet
 from deploy_core.testing import DeployCenter
@@ -97,6 +98,9 @@ def test_a_real_agent_with_shell_and_tar_imports_nothing_of_the_server(tmp_path:
         if m.split(".")[0] in ("deploy_shell", "deploy_tar") and "cli" in m.split(".")[1:]
     )
     assert cli_only == [], f"the agent imported a plugin's CLI: {cli_only}"
+    # Nor the core's other commands (loaded only when another command is asked for).
+    commands = sorted(modules & {*LAZY_COMMAND_MODULES, "deploy_core.cli.server_command"})
+    assert commands == [], f"the agent imported other deployctl commands: {commands}"
     held = sorted(
         f for f in files if any(f"{os.sep}{name}{os.sep}" in f for name in SERVER_PACKAGES)
     )
@@ -150,3 +154,22 @@ def test_agent_side_loading_calls_only_the_hooks_an_agent_runs() -> None:
         "deploy_register_event_handlers",
         "deploy_register_routes",
     ]
+
+
+def test_every_core_command_module_is_loaded_eagerly_or_lazily() -> None:
+    """A new module of ``deployctl`` commands must be listed in ``LAZY_COMMAND_MODULES`` (or
+    imported by ``deploy_core.cli``): otherwise its commands would silently be missing."""
+    import deploy_core.cli as cli
+
+    folder = Path(cli.__file__).parent
+    registering = {
+        f"deploy_core.cli.{path.stem}"
+        for path in folder.glob("*.py")
+        if any(
+            marker in path.read_text()
+            for marker in ("@main.", "@deploy.", "main.add_command", "deploy.add_command")
+        )
+    }
+    registering -= {"deploy_core.cli.groups", "deploy_core.cli.processes"}  # imported eagerly
+    assert registering, "the scan found no command module"
+    assert registering <= set(LAZY_COMMAND_MODULES), sorted(registering - set(LAZY_COMMAND_MODULES))
