@@ -45,7 +45,7 @@ def log_format_option(fn: F) -> F:
 
 # The modules of the core's commands other than ``agent`` (and ``server``, a lazy command),
 # imported when a command not yet known is asked for or the commands are listed, so that
-# ``deployctl agent`` holds neither them nor the HTTP client they use (issue 12 item 6).
+# ``deployctl agent`` does not hold them (issue 12 item 6).
 LAZY_COMMAND_MODULES = (
     "deploy_core.cli.admin",
     "deploy_core.cli.artifacts",
