@@ -4,8 +4,10 @@ item 6: an agent is not a server; target ≤ 45 MB VmRSS with ``deploy_shell`` +
 One ``deployctl server`` (every plugin) on loopback; then, one at a time, an agent process
 with ``DEPLOY_CORE_PLUGINS`` set to each set below.  Each is measured once connected (2 s
 after the server lists it) and again after one ``deploy.shell`` of ``true``: VmRSS from
-``/proc/PID/status``, PSS from ``/proc/PID/smaps_rollup``, and which of the server-side
-packages it imported (read from the process's own ``PYTHONPROFILEIMPORTTIME`` report).  The
+``/proc/PID/status``, PSS and the anonymous part of the RSS (the process's own heap and
+Python objects; the rest is pages of the interpreter and shared libraries) from
+``/proc/PID/smaps_rollup``, how many modules it imported and which of the server-side
+packages (both read from the process's own ``PYTHONPROFILEIMPORTTIME`` report).  The
 floor is a Python that imports only aioquic, pydantic and pluggy, and the same with one
 pydantic model defined (pydantic's schema machinery, which any agent using models holds).
 
@@ -36,35 +38,37 @@ ONE_MODEL = "class M(pydantic.BaseModel):\n    x: int = 0\nM(x=1)\n"
 READY = "print('ready', flush=True); sys.stdin.read()\n"
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, PSS) of process ``pid`` in KiB."""
-    rss = pss = 0
+def memory_kib(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, PSS, anonymous RSS) of process ``pid`` in KiB."""
+    rss = pss = anon = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
             pss = int(line.split()[1])
-    return rss, pss
+        elif line.startswith("Anonymous:"):
+            anon = int(line.split()[1])
+    return rss, pss, anon
 
 
-def imported(log: str) -> list[str]:
-    """The server-side packages named in a process's ``-X importtime`` report."""
-    seen = set()
-    for line in log.splitlines():
-        if line.startswith("import time:") and "|" in line:
-            top = line.rsplit("|", 1)[1].strip().split(".")[0]
-            if top in SERVER_PACKAGES:
-                seen.add(top)
-    return sorted(seen)
+def imported(log: str) -> tuple[int, list[str]]:
+    """How many modules a process's ``-X importtime`` report names, and which server-side
+    packages among them."""
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in log.splitlines()
+        if line.startswith("import time:") and "|" in line
+    } - {"package"}  # the report's header line
+    return len(modules), sorted({m.split(".")[0] for m in modules} & set(SERVER_PACKAGES))
 
 
 def mb(kib: int) -> str:
     return f"{kib / 1024:6.1f}"
 
 
-def floor(code: str) -> tuple[int, int]:
-    """VmRSS and PSS of a Python running ``code`` (then waiting)."""
+def floor(code: str) -> tuple[int, int, int]:
+    """VmRSS, PSS and anonymous RSS of a Python running ``code`` (then waiting)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", code + READY],
         stdin=subprocess.PIPE,
@@ -82,7 +86,7 @@ def floor(code: str) -> tuple[int, int]:
 
 
 def main() -> int:
-    rows: list[tuple[str, str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="agent-rss-") as tmp:
         center = DeployCenter(Path(tmp) / "center")
         base_env = dict(center.env)
@@ -104,14 +108,16 @@ def main() -> int:
                     print(f"{label}: deploy.shell ended {record['status']}", file=sys.stderr)
                 time.sleep(1)
                 after = memory_kib(proc.pid)
-                heavy = imported(center.log(f"agent-{client_id}"))
+                modules, heavy = imported(center.log(f"agent-{client_id}"))
                 rows.append(
                     (
                         label,
                         mb(idle[0]),
                         mb(idle[1]),
+                        mb(idle[2]),
                         mb(after[0]),
                         mb(after[1]),
+                        str(modules),
                         ", ".join(heavy) or "none",
                     )
                 )
@@ -119,11 +125,20 @@ def main() -> int:
         finally:
             center.close()
     fl = floor(FLOOR)
-    rows.append(("floor: python+aioquic+pydantic+pluggy", mb(fl[0]), mb(fl[1]), "", "", ""))
+    rows.append(("floor: python+aioquic+pydantic+pluggy", *map(mb, fl), "", "", "", ""))
     fl = floor(FLOOR + ONE_MODEL)
-    rows.append(("floor + one pydantic model", mb(fl[0]), mb(fl[1]), "", "", ""))
+    rows.append(("floor + one pydantic model", *map(mb, fl), "", "", "", ""))
     print(f"python {sys.version.split()[0]}, pid {os.getpid()}; MB = MiB")
-    header = ("agent plugins", "RSS", "PSS", "RSS after deploy", "PSS after", "server packages")
+    header = (
+        "agent plugins",
+        "RSS",
+        "PSS",
+        "anon",
+        "RSS after deploy",
+        "PSS after",
+        "modules",
+        "server packages",
+    )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
