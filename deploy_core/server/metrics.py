@@ -407,6 +407,22 @@ class _ScrapeCollector(Collector):
         )
         artifacts.add_metric([], transport.artifact_bytes_sent())
         yield artifacts
+        gate = transport.transfers
+        transfers = GaugeMetricFamily(
+            f"{PREFIX}_file_transfers",
+            "Artifact transfers on QUIC file streams now: active (sending) and waiting (in "
+            "line for one of --max-file-transfers).",
+            labels=["state"],
+        )
+        transfers.add_metric(["active"], gate.active)
+        transfers.add_metric(["waiting"], gate.waiting)
+        yield transfers
+        held = GaugeMetricFamily(
+            f"{PREFIX}_file_transfer_bytes_buffered",
+            "Artifact bytes sent past the agents' credits, which the server may still hold.",
+        )
+        held.add_metric([], gate.buffered)
+        yield held
 
 
 def _by(family: CounterMetricFamily, counts: dict[str, int]) -> CounterMetricFamily:

@@ -348,6 +348,14 @@ def test_artifact_bytes_served_count_a_package_sent_to_the_agent(
     _types, after = server_metrics(center, metrics_token)
     served = "deploy_center_artifact_bytes_served_total"
     assert value(after, served) - value(before, served) >= package.stat().st_size
+    # The transfer left the server's line of file transfers empty.
+    assert {"active", "waiting"} == {
+        have["state"] for have, _ in after.get("deploy_center_file_transfers", [])
+    }
+    assert "deploy_center_file_transfer_bytes_buffered" in after
+    assert value(after, "deploy_center_file_transfers", state="active") == 0
+    assert value(after, "deploy_center_file_transfers", state="waiting") == 0
+    assert value(after, "deploy_center_file_transfer_bytes_buffered") == 0
     assert value(after, "deploy_center_deployments_finished_total", type="deploy.tar") == 1
 
 
