@@ -10,6 +10,9 @@ Without the engine, its registry or Chromium the test skips with the reason
 from __future__ import annotations
 
 import json
+import math
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +69,34 @@ def series(center: DeployCenter, client_id: str = AGENT) -> dict[str, Any]:
         "GET", f"/api/docker/monitor/{client_id}/series?points=120"
     )
     return view
+
+
+def seed_samples(center: DeployCenter, container_id: str, name: str, count: int) -> None:
+    """``count`` older samples of one container, one a second up to a minute ago, straight
+    into the server's database: more than the page draws, so the server must thin them."""
+    end = time.time() - 60
+    rows = [
+        (
+            AGENT,
+            container_id,
+            name,
+            HOSTILE,
+            end - count + i + 0.5,
+            "running",
+            5 + 5 * math.sin(i / 20),
+            1_000_000 + 1000 * i,
+            2**30,
+            0,
+        )
+        for i in range(count)
+    ]
+    with sqlite3.connect(center.server_dir / "deploy-center.db", timeout=30) as db:
+        db.executemany(
+            "INSERT INTO docker_monitor_samples (client_id, container_id, name, logical_name,"
+            " ts, state, cpu_percent, memory_usage, memory_limit, restarts)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
 
 def by_id(view: dict[str, Any], container_id: str) -> dict[str, Any] | None:
@@ -147,6 +178,7 @@ def test_the_page_draws_each_managed_containers_state_and_usage_live(
 
     mine = eventually(ours, 60, "three CPU samples of the deployed container")
     cid = mine["id"]
+    seed_samples(center, hostile.id, hostile.name, 1000)
 
     with open_browser() as browser:
         sign_in(browser, center, admin_token(center))
@@ -182,13 +214,18 @@ def test_the_page_draws_each_managed_containers_state_and_usage_live(
         # Stop the samples, let the page catch up with the last one, and compare exactly.
         center.stop_agent(AGENT)
         final = series(center)
-        mine = by_id(final, cid)
-        assert mine is not None
-        last_ts = max(mine["series"]["ts"])
+        mine, thinned = by_id(final, cid), by_id(final, hostile.id)
+        assert mine is not None and thinned is not None
+        last_ts, thinned_ts = mine["series"]["ts"][-1], thinned["series"]["ts"][-1]
         memory_svg = json.dumps(article + " figure[data-chart=memory] svg")
+        hostile_svg = json.dumps(
+            f"article[data-container={json.dumps(hostile.id)}] figure[data-chart=memory] svg"
+        )
         browser.wait_for(
             f"(() => {{ const s = document.querySelector({memory_svg});"
-            f" return s && Math.abs(+s.dataset.t1 - {last_ts}) < 1e-6; }})()",
+            f" const h = document.querySelector({hostile_svg});"
+            f" return s && h && Math.abs(+s.dataset.t1 - {last_ts}) < 1e-6"
+            f" && Math.abs(+h.dataset.t1 - {thinned_ts}) < 1e-6; }})()",
             timeout=30,
             what="the page showing the last sample",
         )
@@ -210,6 +247,15 @@ def test_the_page_draws_each_managed_containers_state_and_usage_live(
             assert chart["points"][-1][1] == pytest.approx(want[-1][1], abs=0.01)
             assert "at " in chart["title"] and "min " in chart["title"]
             print(kind, "drawn", len(chart["points"]), "points, latest", chart["latest"])
+        # 1,000 and more samples of the other container: 120 points, each where the API's
+        # thinned series puts it.
+        assert thinned["samples"] > 1000 and len(thinned["series"]["ts"]) == 120
+        for kind, field in (("cpu", "cpu_percent"), ("memory", "memory_usage")):
+            chart = drawn(browser, hostile.id, kind)
+            want = expected_points(thinned["series"]["ts"], thinned["series"][field], chart)
+            assert len(chart["points"]) == len(want) == 120
+            for (gx, gy), (wx, wy) in zip(chart["points"], want, strict=True):
+                assert gx == pytest.approx(wx, abs=0.01) and gy == pytest.approx(wy, abs=0.01)
         cpu_chart, memory_chart = drawn(browser, cid, "cpu"), drawn(browser, cid, "memory")
         assert cpu_chart["latest"].endswith("%")
         assert memory_chart["latest"].split(" ")[1] in {"B", "KiB", "MiB", "GiB"}
@@ -248,4 +294,55 @@ def test_the_page_draws_each_managed_containers_state_and_usage_live(
 
         # Closing the section stops it; nothing is read for it any more.
         browser.click("#containers-close")
+        assert browser.js("document.getElementById('containers').hidden") is True
+
+
+def test_the_section_backs_off_while_the_server_is_away_and_comes_back(
+    center: DeployCenter, containers: list[Any]
+) -> None:
+    if AGENT not in center.agents or center.agents[AGENT].poll() is not None:  # stopped above
+        center.start_agent(AGENT, config="[services.docker_monitor]\ninterval = 1\n")
+    engine = docker.from_env(timeout=30)
+    container = engine.containers.run(
+        f"{IMAGE}:v1",
+        detach=True,
+        name=f"charts-away-{uuid.uuid4().hex[:6]}",
+        labels={"deploy-center.managed": "1", NAME_LABEL: "charts-away"},
+    )
+    containers.append(container)
+    engine.close()
+    eventually(lambda: by_id(series(center), container.id), 60, "the container monitored")
+    with open_browser() as browser:
+        sign_in(browser, center, admin_token(center))
+        browser.click(f"button[data-containers={AGENT}]")
+        browser.wait_for(
+            "document.getElementById('containers').dataset.loaded === 'true'",
+            what="the section read",
+        )
+        browser.js("window.__sameDocument = true")
+        center.stop_server()
+        error = browser.wait_for(
+            "(() => { const e = document.getElementById('containers-error');"
+            " return !e.hidden && e.textContent; })()",
+            timeout=30,
+            what="the read failing",
+        )
+        assert "trying again in" in error, error
+        center.start_server()
+        browser.wait_for(
+            "document.getElementById('containers-error').hidden"
+            " && document.querySelectorAll('#containers article').length > 0",
+            timeout=90,
+            what="the section back after the restart",
+        )
+        assert browser.js("window.__sameDocument") is True
+        # Closed, it reads nothing more: no request for the series after Close.
+        browser.click("#containers-close")
+        browser.js(
+            "window.__reads = 0; const f = window.fetch;"
+            " window.fetch = (u, o) => { if (String(u).includes('/series')) window.__reads++;"
+            " return f(u, o); }"
+        )
+        time.sleep(3)  # more than the monitor interval and the section's shortest wait
+        assert browser.js("window.__reads") == 0
         assert browser.js("document.getElementById('containers').hidden") is True
