@@ -227,7 +227,7 @@ sa.Index(
 
 # Rollouts (server/rollouts.py): one deployment sent to many clients in batches; each target
 # gets its deployment id before the deployment exists, so a driver that restarts never
-# starts a host twice.  rollout_lease holds which server drives them (one at a time).
+# starts a host twice.  The "rollouts" lease (below) says which server drives them.
 rollouts = sa.Table(
     "rollouts",
     metadata,
@@ -288,14 +288,6 @@ rollout_history = sa.Table(
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("ts", sa.Float, nullable=False),
-)
-
-rollout_lease = sa.Table(
-    "rollout_lease",
-    metadata,
-    sa.Column("name", sa.String(32), primary_key=True),
-    sa.Column("owner", sa.String(128), nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 # Background duties (watchdog, retention, ...) run on one replica at a time: the holder of the

@@ -1,4 +1,5 @@
-"""Cluster: a lease row per background duty and a heartbeat row per server replica.
+"""Cluster: a lease row per background duty and a heartbeat row per server replica; the
+rollout driver's lease is one of them, so its own table (0007) goes.
 
 Revision ID: 0009
 Revises: 0008
@@ -32,8 +33,15 @@ def upgrade() -> None:
         sa.Column("heartbeat_interval", sa.Float, nullable=False),
         sa.Column("agents_connected", sa.Integer, nullable=False),
     )
+    op.drop_table("rollout_lease")
 
 
 def downgrade() -> None:
+    op.create_table(
+        "rollout_lease",
+        sa.Column("name", sa.String(32), primary_key=True),
+        sa.Column("owner", sa.String(128), nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
     op.drop_table("replicas")
     op.drop_table("leases")
