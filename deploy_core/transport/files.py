@@ -187,7 +187,8 @@ FetchCheck = Callable[[str, str], Awaitable[bool]]
 
 class TransferGate:
     """At most ``limit`` file transfers at once over all of a server's connections; the
-    others wait first come, first served.
+    others wait first come, first served, except that one ``owner`` (an agent's connection)
+    holds at most :attr:`owner_limit` slots, so one agent cannot take them all.
 
     Counters for tests and metrics: ``active`` (sending now) and its ``peak``, ``waiting``
     and its ``peak_waiting``, ``buffered`` (bytes sent past the agents' credits, which the
@@ -212,29 +213,43 @@ class TransferGate:
         self.peak_buffered = 0
         self.admitted = 0
         self.queued = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._waiters: collections.deque[tuple[int, object, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self._owners: collections.Counter[object] = collections.Counter()
         self._tickets = 0
         # The ticket of the last waiter let in: positions count from it.
         self._served_ticket = 0
+
+    @property
+    def owner_limit(self) -> int:
+        """Slots one owner may hold at once: half the limit, at least one."""
+        return max(1, self.limit // 2)
 
     @property
     def waiting(self) -> int:
         """Transfers waiting for a slot."""
         return len(self._waiters)
 
-    async def acquire(self, notify: Callable[[int], None] | None = None) -> None:
+    async def acquire(
+        self, notify: Callable[[int], None] | None = None, owner: object = None
+    ) -> None:
         """Wait for a slot; while waiting, ``notify(position)`` every ``notice_interval``
         seconds (position 1 is next). Cancelling gives the place (or a slot just granted)
-        up."""
-        if self.active < self.limit and not self._waiters:
-            self._take()
+        up. ``release(owner)`` when done."""
+        if not self._waiters and self._free_for(owner):
+            self._take(owner)
             return
         self._tickets += 1
         ticket = self._tickets
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((ticket, granted))
-        self.queued += 1
-        self.peak_waiting = max(self.peak_waiting, len(self._waiters))
+        entry = (ticket, owner, granted)
+        self._waiters.append(entry)
+        # A free slot that the waiters ahead may not take (their owners hold enough).
+        self._dispatch()
+        if not granted.done():
+            self.queued += 1
+            self.peak_waiting = max(self.peak_waiting, len(self._waiters))
         try:
             while not granted.done():
                 if notify is not None:
@@ -242,32 +257,50 @@ class TransferGate:
                 await asyncio.wait({granted}, timeout=self.notice_interval)
         except BaseException:
             if granted.done() and not granted.cancelled():
-                self.release()  # the slot came with the cancellation: pass it on
+                self.release(owner)  # the slot came with the cancellation: pass it on
             else:
                 granted.cancel()
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove((ticket, granted))
+                    self._waiters.remove(entry)
             raise
 
-    def admit(self) -> None:
-        """Take a slot now, even past ``limit`` (for agents that cannot wait in line)."""
-        self._take()
+    def admit(self, owner: object = None) -> None:
+        """Take a slot now, even past the limits (for agents that cannot wait in line)."""
+        self._take(owner)
 
-    def _take(self) -> None:
+    def _free_for(self, owner: object) -> bool:
+        return self.active < self.limit and self._owners[owner] < self.owner_limit
+
+    def _take(self, owner: object) -> None:
         self.active += 1
+        self._owners[owner] += 1
         self.admitted += 1
         self.peak = max(self.peak, self.active)
 
-    def release(self) -> None:
-        """A transfer ended: let the next waiter in."""
+    def release(self, owner: object = None) -> None:
+        """A transfer of ``owner`` ended: let the next waiters in."""
         self.active -= 1
-        while self._waiters and self.active < self.limit:
-            ticket, granted = self._waiters.popleft()
-            if granted.done():
-                continue
-            self._served_ticket = ticket
-            self._take()
+        self._owners[owner] -= 1
+        if self._owners[owner] <= 0:
+            del self._owners[owner]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Let waiters in, in order, while slots are free, skipping owners at their share."""
+        while self.active < self.limit:
+            entry = next(
+                (w for w in self._waiters if not w[2].done() and self._free_for(w[1])), None
+            )
+            if entry is None:
+                break
+            self._waiters.remove(entry)
+            ticket, owner_in, granted = entry
+            self._served_ticket = max(self._served_ticket, ticket)
+            self._take(owner_in)
             granted.set_result(None)
+        # Drop the cancelled ones at the head.
+        while self._waiters and self._waiters[0][2].done():
+            self._waiters.popleft()
 
     def hold(self, delta: int) -> None:
         """Bytes the server holds past agents' credits went up (or down) by ``delta``."""
@@ -461,11 +494,11 @@ class FileStreamServer:
                 self._refuse(out, "not_found" if self._source else "unavailable", reason)
                 return
             if self._queue_notices:
-                await self._gate.acquire(functools.partial(self._queued, out))
+                await self._gate.acquire(functools.partial(self._queued, out), owner=self)
             else:
                 # An older agent would take a silent wait for a stall and give up: it
                 # starts at once, as it did before there was a line (counted, not bounded).
-                self._gate.admit()
+                self._gate.admit(owner=self)
             try:
                 try:
                     # Not in a thread: a cancelled thread would leak the descriptor it opens.
@@ -479,7 +512,7 @@ class FileStreamServer:
                     os.close(fd)
             finally:
                 self._hold(out, 0)
-                self._gate.release()
+                self._gate.release(owner=self)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -273,3 +273,33 @@ async def test_an_agent_without_file_queue_starts_at_once_and_hears_no_queued_fr
             incoming.close()
         gate = server.transfers
         await eventually(lambda: (gate.active, gate.waiting, gate.buffered) == (0, 0, 0), 20)
+
+
+async def test_one_agent_holds_at_most_half_the_slots_and_others_still_get_in(
+    server: QuicServer, certs: ServerCerts
+) -> None:
+    server.transfers.limit = 4
+    data = os.urandom(3 * DEFAULT_WINDOW)
+    sha = await put(store_of(server), data)
+    async with AsyncExitStack() as stack:
+        greedy = await connect(stack, server, certs, "greedy")
+        other = await connect(stack, server, certs, "other")
+        greedy_files, other_files = greedy.files, other.files
+        assert greedy_files is not None and other_files is not None
+        # Never credited: each started one holds its slot.
+        streams = [
+            greedy_files.request(FileRequest(sha256=sha, chunk_size=CHUNK)) for _ in range(8)
+        ]
+        gate = server.transfers
+        await eventually(lambda: (gate.active, gate.waiting) == (2, 6), 20)
+        await eventually(lambda: sum(s.queue_position is not None for s in streams) == 6, 20)
+        # Another agent's request starts at once, ahead of the greedy one's six in line.
+        mine = other_files.request(FileRequest(sha256=sha, chunk_size=CHUNK))
+        header = await mine.header(timeout=20)
+        assert header.size == len(data) and mine.queue_position is None
+        assert (gate.active, gate.waiting) == (3, 6)
+        assert gate.buffered <= 4 * DEFAULT_WINDOW
+        for incoming in [*streams, mine]:
+            incoming.close()
+        await eventually(lambda: (gate.active, gate.waiting, gate.buffered) == (0, 0, 0), 20)
+        assert gate.peak == 3
