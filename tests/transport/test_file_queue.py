@@ -20,7 +20,9 @@ from deploy_core.transport import AgentConnector, QuicServer, ServerCerts, ensur
 from deploy_core.transport.files import (
     DEFAULT_WINDOW,
     FileRequest,
+    IncomingFile,
     TransferGate,
+    TransferInterrupted,
 )
 from tests.transport.test_files import MemoryAuthority, MemoryCredentials, eventually
 
@@ -303,3 +305,43 @@ async def test_one_agent_holds_at_most_half_the_slots_and_others_still_get_in(
             incoming.close()
         await eventually(lambda: (gate.active, gate.waiting, gate.buffered) == (0, 0, 0), 20)
         assert gate.peak == 3
+
+
+def _framed(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+async def test_the_agent_reads_queued_frames_and_refuses_bad_ones() -> None:
+    client: Any = object()  # the stream never credits or closes here
+    incoming = IncomingFile(client, 0, CHUNK)
+    heard: list[int | None] = []
+    incoming.on_queued = heard.append
+    # Two notices and the header in one delivery, then the bytes.
+    incoming._data(
+        _framed(b'{"queued": 3}')
+        + _framed(b'{"queued": 2}')
+        + _framed(b'{"size": 5, "offset": 0}'),
+        False,
+    )
+    header = await incoming.header(timeout=1)
+    assert (header.size, incoming.queue_position) == (5, None)
+    incoming._data(b"hello", True)
+    assert await incoming.read(timeout=1) == b"hello"
+
+    for bad in (b'{"queued": 0}', b'{"queued": "x"}', b'{"queued": 1, "more": 2}'):
+        broken = IncomingFile(client, 4, CHUNK)
+        broken._data(_framed(bad), False)
+        with pytest.raises(TransferInterrupted, match="bad header"):
+            await broken.header(timeout=1)
+
+    # Notices keep a waiting request alive past its watchdog; silence then ends it.
+    waiting = IncomingFile(client, 8, CHUNK)
+    waiting.on_queued = heard.append
+    task = asyncio.create_task(waiting.header(timeout=0.5))
+    for position in (4, 3, 2, 1, 1, 1):
+        await asyncio.sleep(0.2)
+        waiting._data(_framed(b'{"queued": %d}' % position), False)
+    assert not task.done()
+    with pytest.raises(TransferInterrupted, match="no data from the server"):
+        await asyncio.wait_for(task, 10)
+    assert heard[-4:] == [4, 3, 2, 1]
