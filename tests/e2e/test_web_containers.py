@@ -247,13 +247,13 @@ def test_the_page_draws_each_managed_containers_state_and_usage_live(
             assert chart["points"][-1][1] == pytest.approx(want[-1][1], abs=0.01)
             assert "at " in chart["title"] and "min " in chart["title"]
             print(kind, "drawn", len(chart["points"]), "points, latest", chart["latest"])
-        # 1,000 and more samples of the other container: 120 points, each where the API's
-        # thinned series puts it.
-        assert thinned["samples"] > 1000 and len(thinned["series"]["ts"]) == 120
+        # 1,000 and more samples of the other container: at most 120 points (fewer where the
+        # seeded and the live samples leave a gap), each where the API's series puts it.
+        assert thinned["samples"] > 1000 and 100 < len(thinned["series"]["ts"]) <= 120
         for kind, field in (("cpu", "cpu_percent"), ("memory", "memory_usage")):
             chart = drawn(browser, hostile.id, kind)
             want = expected_points(thinned["series"]["ts"], thinned["series"][field], chart)
-            assert len(chart["points"]) == len(want) == 120
+            assert len(chart["points"]) == len(want) == len(thinned["series"]["ts"])
             for (gx, gy), (wx, wy) in zip(chart["points"], want, strict=True):
                 assert gx == pytest.approx(wx, abs=0.01) and gy == pytest.approx(wy, abs=0.01)
         cpu_chart, memory_chart = drawn(browser, cid, "cpu"), drawn(browser, cid, "memory")

@@ -329,11 +329,13 @@ class MonitorStore:
         name) with its CPU % and memory over the retained window (or from ``since``), as at
         most ``points`` points.
 
-        A container with more samples than ``points`` has them cut into ``points`` runs of
-        consecutive samples (by rank, so a gap while the agent was away stays a gap); a point
-        is a run's last time and its mean CPU % and memory.  With ``points`` or fewer
-        samples, the points are the samples.  Each container is its own series: a
-        redeployment makes a new container, whose series starts afresh.
+        A container's span (its first to its last sample in the window) is cut into
+        ``points`` equal buckets; a point is a bucket's last sample time and the mean CPU %
+        and memory of the container's samples in it.  A bucket without samples (the agent was
+        away) has no point, so a gap stays a gap; while the samples are further apart than a
+        bucket (fewer than ``points`` intervals so far), the points are the samples.  Each
+        container is its own series: a redeployment makes a new container, whose series
+        starts afresh.
         """
         t = self.t
         start = now - self.retention if since is None else max(since, now - self.retention)
@@ -355,40 +357,48 @@ class MonitorStore:
             counts: dict[str, int] = dict.fromkeys(ids, 0)
             if ids:
                 s = t.samples.c
-                ranked = (
+                in_window = sa.and_(
+                    s.client_id == client_id, s.ts >= start, s.container_id.in_(ids)
+                )
+                bounds = (
                     sa.select(
-                        s.container_id,
-                        s.ts,
-                        s.cpu_percent,
-                        s.memory_usage,
-                        (
-                            sa.func.row_number().over(partition_by=s.container_id, order_by=s.ts)
-                            - 1
-                        ).label("rank"),
-                        sa.func.count().over(partition_by=s.container_id).label("n"),
+                        s.container_id.label("cid"),
+                        sa.func.min(s.ts).label("first"),
+                        (sa.func.max(s.ts) - sa.func.min(s.ts)).label("span"),
                     )
-                    .where(s.client_id == client_id, s.ts >= start, s.container_id.in_(ids))
+                    .where(in_window)
+                    .group_by(s.container_id)
                     .subquery()
                 )
-                # rank * points / n, in integers on both databases: the run of a sample.
-                run = ((ranked.c.rank * points) // ranked.c.n).label("run")
+                # The bucket of a sample: its share of its container's span, in ``points``
+                # steps (the last sample's share is 1: put in the last bucket).
+                share = sa.func.coalesce(
+                    (s.ts - bounds.c.first) * points / sa.func.nullif(bounds.c.span, 0), 0.0
+                )
+                if conn.dialect.name == "postgresql":
+                    bucket = sa.func.least(sa.func.floor(share), points - 1)
+                else:  # a cast truncates, which floors a share that is never negative
+                    bucket = sa.func.min(sa.cast(share, sa.Integer), points - 1)
+                bucket = bucket.label("bucket")
                 rows = conn.execute(
                     sa.select(
-                        ranked.c.container_id,
-                        sa.func.max(ranked.c.ts).label("ts"),
-                        sa.func.avg(ranked.c.cpu_percent).label("cpu"),
-                        sa.func.avg(ranked.c.memory_usage).label("memory"),
-                        sa.func.max(ranked.c.n).label("n"),
+                        s.container_id,
+                        sa.func.max(s.ts).label("ts"),
+                        sa.func.avg(s.cpu_percent).label("cpu"),
+                        sa.func.avg(s.memory_usage).label("memory"),
+                        sa.func.count().label("n"),
                     )
-                    .group_by(ranked.c.container_id, run)
-                    .order_by(ranked.c.container_id, run)
+                    .join(bounds, bounds.c.cid == s.container_id)
+                    .where(in_window)
+                    .group_by(s.container_id, bucket)
+                    .order_by(s.container_id, bucket)
                 ).all()
                 for cid, ts, cpu, memory, n in rows:
                     series = points_of[cid]
                     series["ts"].append(float(ts))
                     series["cpu_percent"].append(None if cpu is None else round(float(cpu), 3))
                     series["memory_usage"].append(None if memory is None else int(memory))
-                    counts[cid] = int(n)
+                    counts[cid] += int(n)
         return {
             **self._report(client_id, client),
             "since": start,
