@@ -1,6 +1,6 @@
 """The series the web page draws (``GET /api/docker/monitor/{client_id}/series``): at most
-``points`` points per container, each the mean of a run of consecutive samples, on real
-databases; and the route's checks of its query."""
+``points`` points per container, each the mean of the samples in one of ``points`` equal
+buckets of the container's span, on real databases; and the route's checks of its query."""
 
 from __future__ import annotations
 
@@ -78,6 +78,18 @@ def test_the_window_is_the_retention_or_since(store: MonitorStore) -> None:
     since = store.series("web-1", now=T0 + 140, points=50, since=T0 + 100)
     assert since["containers"][0]["series"]["ts"] == [T0 + 105, T0 + 120, T0 + 135]
     assert since["since"] == T0 + 100
+
+
+def test_a_time_without_samples_stays_a_gap(store: MonitorStore) -> None:
+    for ts in (T0, T0 + 15, T0 + 1485, T0 + 1500):  # the agent away in between
+        store.store(
+            "web-1", batch(ts, sample("a", "api", managed=True, cpu_percent=ts - T0)), now=ts
+        )
+    series = store.series("web-1", now=T0 + 1500, points=10)["containers"][0]["series"]
+    # Buckets of 150 s: the first two samples share one, the last two the last; nothing
+    # is drawn between them.
+    assert series["ts"] == [T0 + 15, T0 + 1500]
+    assert series["cpu_percent"] == [7.5, 1492.5]
 
 
 def test_missing_cpu_is_a_gap_not_zero(store: MonitorStore) -> None:
