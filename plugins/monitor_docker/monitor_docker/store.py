@@ -376,10 +376,10 @@ class MonitorStore:
                     (s.ts - bounds.c.first) * points / sa.func.nullif(bounds.c.span, 0), 0.0
                 )
                 if conn.dialect.name == "postgresql":
-                    bucket = sa.func.least(sa.func.floor(share), points - 1)
+                    floored = sa.func.least(sa.func.floor(share), points - 1)
                 else:  # a cast truncates, which floors a share that is never negative
-                    bucket = sa.func.min(sa.cast(share, sa.Integer), points - 1)
-                bucket = bucket.label("bucket")
+                    floored = sa.func.min(sa.cast(share, sa.Integer), points - 1)
+                bucket = floored.label("bucket")
                 rows = conn.execute(
                     sa.select(
                         s.container_id,
