@@ -180,6 +180,7 @@ class ClientRow(Row):
     capabilities: dict[str, Any] | None
     revoked_at: float | None
     credential: str
+    labels: dict[str, str] | None
 
     def to_api(self, *, connected_here: bool) -> dict[str, Any]:
         """The client as the API shows it (``ClientView``); ``connected_here``: whether
@@ -198,6 +199,7 @@ class ClientRow(Row):
             "credential": self.credential,
             "plugins": caps.get("plugins", {}),
             "capabilities": caps,
+            "labels": self.labels or {},
         }
 
 
