@@ -16,7 +16,6 @@ import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Self
 
 
@@ -27,9 +26,14 @@ def iso_time(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-@cache
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 class Row:
@@ -180,7 +184,8 @@ class ClientRow(Row):
     capabilities: dict[str, Any] | None
     revoked_at: float | None
     credential: str
-    labels: dict[str, str] | None
+    # The agent's labels as stored; a row written otherwise may hold something else.
+    labels: Any
 
     def to_api(self, *, connected_here: bool) -> dict[str, Any]:
         """The client as the API shows it (``ClientView``); ``connected_here``: whether
@@ -199,7 +204,7 @@ class ClientRow(Row):
             "credential": self.credential,
             "plugins": caps.get("plugins", {}),
             "capabilities": caps,
-            "labels": self.labels or {},
+            "labels": self.labels if isinstance(self.labels, dict) else {},
         }
 
 
