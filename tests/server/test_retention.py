@@ -97,7 +97,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url: str) -> None:
     assert (db.current_revision(engine) or "") >= "0003"  # 0003 or a later head
     record = RecordStore(engine).get("d1")
     assert record is not None
-    assert record["log_bytes"] == 0 and record["log_truncated"] is False
+    assert record.log_bytes == 0 and record.log_truncated is False
     engine.dispose()
 
 
