@@ -15,6 +15,7 @@ linked to the deployment it undoes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -144,8 +145,11 @@ async def _check_restorable(deployments: Deployments, record: DeploymentRow) -> 
     if strategy is None or strategy.restorable is None:
         return
     later = await deployments.db(deployments.records.finished_after, record)
-    # The strategy's contract takes ``{column: value}`` dicts (RollbackStrategy.restorable).
-    reason = strategy.restorable(record.as_dict(), [row.as_dict() for row in later])
+    # The contract hands a strategy ``{column: value}`` dicts (RollbackStrategy.restorable),
+    # copies: what it does with them cannot reach the rows the server goes on with.
+    reason = strategy.restorable(
+        copy.deepcopy(record.as_dict()), [copy.deepcopy(row.as_dict()) for row in later]
+    )
     if reason:
         raise RollbackRefused(f"deployment {record.deploy_id} cannot be rolled back: {reason}")
 

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from deploy_core.models import (
 )
 from deploy_core.server import db
 from deploy_core.server.records import RecordStore
+from deploy_core.server.rollbacks import RollbackRefused, _check_restorable
 from deploy_core.server.rows import (
     ApiTokenRow,
     ClientCredentials,
@@ -365,3 +367,55 @@ def test_from_row_ignores_other_columns_and_refuses_missing_ones() -> None:
     assert lock == LockRow("c", "d", "o", 1.0, 2.0)
     with pytest.raises(KeyError, match="expires_at"):
         LockRow.from_row(columns)
+
+
+# --------------------------------------------------------------------------- plugins' view
+
+
+async def test_a_strategys_restorable_gets_column_dicts_it_cannot_change_rows_through(
+    store: RecordStore,
+) -> None:
+    """``RollbackStrategy.restorable`` is plugin code: it gets ``{column: value}`` dicts, as
+    before the rows, and copies of them."""
+    store.finish(
+        "web-1",
+        DeployCallbackPayload(
+            callback_id="d2",
+            command_type="deploy.shell",
+            deploy_type="shell",
+            status=DeployStatus.SUCCESS,
+            success=True,
+        ),
+    )
+    seen: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+
+    def restorable(record: dict[str, Any], later: list[dict[str, Any]]) -> str | None:
+        seen.append((copy_of(record), [copy_of(r) for r in later]))
+        record["request"]["rollback"]["strategy"] = "tampered"
+        record["status"] = "tampered"
+        return "pruned"
+
+    async def run(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    deployments = types.SimpleNamespace(
+        plugins=types.SimpleNamespace(
+            rollback_strategies={"snapshot": types.SimpleNamespace(restorable=restorable)}
+        ),
+        records=store,
+        db=run,
+    )
+    first = store.get("d1")
+    assert first is not None
+    with pytest.raises(RollbackRefused, match="cannot be rolled back: pruned"):
+        await _check_restorable(deployments, first)  # type: ignore[arg-type]
+    ((record, later),) = seen
+    assert type(record) is dict and record == first.as_dict()
+    assert [type(r) for r in later] == [dict] and later[0]["deploy_id"] == "d2"
+    assert later == [r.as_dict() for r in store.finished_after(first)]
+    assert first.request["rollback"]["strategy"] == "snapshot" and first.status == "rolled_back"
+    assert store.get("d1") == first
+
+
+def copy_of(value: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value))  # type: ignore[no-any-return]
