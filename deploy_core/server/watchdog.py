@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from deploy_core.server.records import Applied, RecordStore
 from deploy_core.server.rows import DeploymentRow
