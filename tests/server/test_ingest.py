@@ -74,7 +74,7 @@ def applying(store: RecordStore, client_id: str, rep: DeployStatusReport) -> Cal
 def agent_lines(store: RecordStore, deploy_id: str) -> list[tuple[int | None, str]]:
     """The agent's reports in the history (callbacks have no ``seq``)."""
     history = store.history(deploy_id)
-    return [(h["seq"], h["message"]) for h in history if h["seq"] is not None]
+    return [(h.seq, h.message) for h in history if h.seq is not None]
 
 
 async def test_many_clients_reports_land_in_order_once_in_shared_transactions(
@@ -115,13 +115,13 @@ async def test_many_clients_reports_land_in_order_once_in_shared_transactions(
     for n, applied in enumerate(results):
         assert applied == [True] * reports + [False, True, False], n
         assert agent_lines(store, f"d{n}") == [(seq, f"report {seq}") for seq in range(reports)]
-        finishes = [h for h in store.history(f"d{n}") if h["status"] == "success"]
+        finishes = [h for h in store.history(f"d{n}") if h.status == "success"]
         assert len(finishes) == 1, n  # the repeated callback changed nothing
         record = store.get(f"d{n}")
-        assert record is not None and record["status"] == "success"
-        assert record["last_seq"] == reports - 1
+        assert record is not None and record.status == "success"
+        assert record.last_seq == reports - 1
     # Every finish released its client in its transaction (the plug never finished).
-    assert [lock["client_id"] for lock in store.locks()] == ["plug"]
+    assert [lock.client_id for lock in store.locks()] == ["plug"]
     total = clients * (reports + 3) + 1
     assert ingest.stats.committed == sum(gate.batches) == total and ingest.stats.failed == 0
     # The agents' first reports, queued behind the plug, went in one transaction.
@@ -160,7 +160,7 @@ async def test_a_piece_failing_mid_batch_fails_alone(store: RecordStore, ingest:
     assert agent_lines(store, "d3") == [(0, "report 0")]
     assert agent_lines(store, "d2") == []  # nothing of the failed piece stayed
     record = store.get("d2")
-    assert record is not None and record["last_seq"] == -1
+    assert record is not None and record.last_seq == -1
 
 
 async def test_nothing_is_answered_before_its_transaction_commits(
@@ -230,7 +230,7 @@ async def test_foreign_and_unknown_deployments_change_nothing(
     assert not await ingest.submit(lambda conn: store.mark_acked_in(conn, "intruder", "d0"))
     assert await ingest.submit(lambda conn: store.mark_acked_in(conn, "c0", "d0"))
     record = store.get("d0")
-    assert record is not None and record["last_seq"] == -1 and record["acked_at"] is not None
+    assert record is not None and record.last_seq == -1 and record.acked_at is not None
 
 
 def test_bad_limits_are_refused(store: RecordStore) -> None:

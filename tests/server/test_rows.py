@@ -115,6 +115,7 @@ def old_render_client(row: dict[str, Any], connected_here: bool) -> dict[str, An
         "credential": row["credential"],
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
+        "labels": row.get("labels") or {},
     }
 
 
@@ -149,6 +150,7 @@ def store(engine: Engine) -> RecordStore:
         "web-1",
         remote="10.0.0.5:4433",
         capabilities={"plugins": {"deploy_shell": "1.0"}, "deploy_types": ["deploy.shell"]},
+        labels={"role": "web", "zone": "b"},
     )
     store.create_deployment(
         deploy_id="d1",
