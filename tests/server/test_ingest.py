@@ -279,8 +279,8 @@ def test_reports_applied_together_give_what_one_by_one_gives(db_url: str, seed: 
             rec = applied.record
             view = None
             if rec is not None:
-                view = tuple(rec[k] for k in ("status", "stage", "progress", "last_seq",
-                                              "log_bytes", "log_truncated"))  # fmt: skip
+                view = tuple(getattr(rec, k) for k in ("status", "stage", "progress", "last_seq",
+                                                       "log_bytes", "log_truncated"))  # fmt: skip
             return applied.applied, applied.previous, view
 
         assert [same(x) for x in one_by_one] == [same(x) for x in together]
@@ -288,14 +288,14 @@ def test_reports_applied_together_give_what_one_by_one_gives(db_url: str, seed: 
             a, b = store.get(f"a{n}"), store.get(f"b{n}")
             assert a is not None and b is not None
             keys = ("status", "stage", "progress", "last_seq", "log_bytes", "log_truncated")
-            assert [a[k] for k in keys] == [b[k] for k in keys], n
+            assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], n
             history = [
-                [(h["seq"], h["status"], h["stage"], h["progress"], h["message"], h["source"])
+                [(h.seq, h.status, h.stage, h.progress, h.message, h.source)
                  for h in store.history(f"{world}{n}")]
                 for world in "ab"
             ]  # fmt: skip
             assert history[0] == history[1], n
-            logs = [[line["line"] for line in store.logs(f"{w}{n}")] for w in "ab"]
+            logs = [[line.line for line in store.logs(f"{w}{n}")] for w in "ab"]
             assert logs[0] == logs[1], n
         assert any(x.applied for x in together) and any(x.record is None for x in together)
     finally:
