@@ -37,8 +37,14 @@ async def test_a_heartbeat_flush_writes_each_connected_agents_last_seen(
         "web-1": _Session(1000.5),  # type: ignore[dict-item]
         "web-2": _Session(2000.25),  # type: ignore[dict-item]
     }
-    flush = HeartbeatFlush(store, sessions=sessions, interval=5)
+    beats: list[int] = []
+
+    async def beat() -> None:  # the replica's own heartbeat, after the agents'
+        beats.append(len(store.list_clients()))
+
+    flush = HeartbeatFlush(store, sessions=sessions, interval=5, then=beat)
     assert await flush.flush() == 2
+    assert beats == [3]
     seen = {c.client_id: c.last_seen for c in store.list_clients()}
     assert seen == {"away": None, "web-1": 1000.5, "web-2": 2000.25}
     sessions.clear()  # the view is live: nobody connected, nothing written

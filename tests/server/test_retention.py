@@ -194,6 +194,33 @@ async def test_a_retention_pass_deletes_only_what_finished_before_the_period(
     assert "deleted" not in caplog.text  # nothing to say
 
 
+async def test_the_retention_loop_prunes_only_while_this_replica_holds_the_lease(
+    store: RecordStore,
+) -> None:
+    _finished(store, "old", "c1")
+    _age(store, "old", 31)
+    held = False
+    asked = asyncio.Event()
+
+    def holds() -> bool:
+        asked.set()
+        return held
+
+    task = asyncio.create_task(Retention(store, days=30, interval=0.01, may_run=holds).run())
+    try:
+        await asyncio.wait_for(asked.wait(), 30)
+        await asyncio.sleep(0.1)  # several passes without the lease
+        assert store.get("old") is not None
+        held = True
+        end = time.monotonic() + 30
+        while store.get("old") is not None and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert store.get("old") is None
+
+
 class _FlakyStore:
     """A store whose first ``prune`` fails, then counts passes."""
 

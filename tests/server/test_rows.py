@@ -115,7 +115,7 @@ def old_render_client(row: dict[str, Any], connected_here: bool) -> dict[str, An
         "credential": row["credential"],
         "plugins": caps.get("plugins", {}),
         "capabilities": caps,
-        "labels": row.get("labels") or {},
+        "labels": labels if isinstance(labels := row.get("labels"), dict) else {},
     }
 
 
