@@ -341,6 +341,8 @@ class RollbackStrategy:
         client made after it (``later``, oldest first, finished ones), e.g. its snapshot was
         pruned by a later success; ``None`` when it still can.  The API refuses such a
         rollback with ``409`` and the reason instead of sending it to fail on the agent.
+        ``record`` and each of ``later`` are ``{column: value}`` dicts of the stored
+        deployments (copies).
     """
 
     name: str

@@ -48,14 +48,14 @@ def test_bad_labels_stop_the_agent(tmp_path: Path, text: str, message: str) -> N
 async def _stored_labels(center: Any) -> dict[str, str]:
     """Cut the agent's connection so it connects again with its (changed) labels; the labels
     stored when it is back."""
-    before = (await center.server.db(center.server.records.get_client, "web-1"))["connected_since"]
+    before = (await center.server.db(center.server.records.get_client, "web-1")).connected_since
     session = center.server.transport.session("web-1")
     session.close("test: connect again")
     end = time.monotonic() + 60
     while time.monotonic() < end:
         row = await center.server.db(center.server.records.get_client, "web-1")
-        if row["connected"] and row["connected_since"] != before:
-            return dict(row["labels"])
+        if row.connected and row.connected_since != before:
+            return dict(row.labels)
         await asyncio.sleep(0.05)
     raise TimeoutError("the agent did not connect again")
 
@@ -64,11 +64,11 @@ async def test_the_server_checks_and_stores_labels(tmp_path: Path) -> None:
     plugins = load_plugins(env={"DEPLOY_CORE_PLUGINS": "deploy_shell"})
     async with in_process_center(tmp_path, plugins) as center:
         row = await center.server.db(center.server.records.get_client, "web-1")
-        assert row["labels"] == {}
+        assert row.labels == {}
         center.agent.config.labels = {"role": "web"}
         assert await _stored_labels(center) == {"role": "web"}
         row = await center.server.db(center.server.records.get_client, "web-1")
-        assert "labels" not in row["capabilities"]
+        assert "labels" not in (row.capabilities or {})
         # An agent that skipped its own check (or a hostile one): the server drops them all.
         center.agent.config.labels = {"role": "web", "bad key": "x" * 100}
         assert await _stored_labels(center) == {}

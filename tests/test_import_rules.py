@@ -6,10 +6,11 @@ imported):
   the one exception, and nothing else in the package imports it);
 * a plugin's own code (``plugins/*/``, ``examples/*/``, tests left out) imports nothing of
   ``deploy_core`` but :mod:`deploy_core.plugin`;
-* the core's modules import each other without cycles.
+* the core's modules import each other without cycles, counting the imports inside
+  functions too (a lazy import only hides a cycle; it does not break it).
 
-Only imports that run when a module loads count: imports under ``if TYPE_CHECKING:`` and
-inside functions do not.
+Imports under ``if TYPE_CHECKING:`` never count.  Imports inside functions count for the
+cycle rule only: the contract rules are about what loading a module loads.
 """
 
 from __future__ import annotations
@@ -68,13 +69,35 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def imported_names(path: Path, name: str, known: set[str]) -> set[str]:
-    """The modules ``path`` (module ``name``) imports when it loads.  ``from pkg import x``
-    counts as importing ``pkg.x`` when that is a module in ``known``, else ``pkg``."""
+def _function_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The import statements inside functions (lazy imports), except those under ``if
+    TYPE_CHECKING:``."""
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        pending: list[ast.stmt] = list(func.body)
+        while pending:
+            node = pending.pop()
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                yield node
+            elif isinstance(node, ast.If) and _is_type_checking(node.test):
+                pending.extend(node.orelse)
+            elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                # Nested functions are walked on their own.
+                pending.extend(n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt))
+
+
+def imported_names(path: Path, name: str, known: set[str], *, lazy: bool = False) -> set[str]:
+    """The modules ``path`` (module ``name``) imports when it loads (with ``lazy``: also
+    inside its functions).  ``from pkg import x`` counts as importing ``pkg.x`` when that is
+    a module in ``known``, else ``pkg``."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in _load_time_imports(tree):
+    nodes = list(_load_time_imports(tree))
+    if lazy:
+        nodes += _function_imports(tree)
+    for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
             continue
@@ -89,12 +112,13 @@ def imported_names(path: Path, name: str, known: set[str]) -> set[str]:
     return found
 
 
-def core_graph() -> dict[str, set[str]]:
-    """Each core module and the core modules it imports when it loads."""
+def core_graph(*, lazy: bool = False) -> dict[str, set[str]]:
+    """Each core module and the core modules it imports when it loads (with ``lazy``: also
+    inside its functions)."""
     paths = {module_name(p, ROOT): p for p in CORE.rglob("*.py") if "migrations" not in p.parts}
     known = set(paths)
     return {
-        name: {m for m in imported_names(path, name, known) if m in known and m != name}
+        name: {m for m in imported_names(path, name, known, lazy=lazy) if m in known and m != name}
         for name, path in paths.items()
     }
 
@@ -286,6 +310,16 @@ def test_core_modules_import_each_other_without_cycles() -> None:
     )
 
 
+def test_core_modules_import_each_other_without_cycles_even_lazily() -> None:
+    """An import inside a function runs later, but the two modules still need each other:
+    move the shared piece into a module both import."""
+    graph = core_graph(lazy=True)
+    found = cycles(graph)
+    assert not found, "import cycles among core modules through lazy imports:\n" + (
+        "\n".join(f"{len(g)} modules, e.g. {' -> '.join(a_cycle(graph, g))}" for g in found)
+    )
+
+
 def test_the_cycle_finder_finds_a_cycle_and_its_loop() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
     assert cycles(graph) == [frozenset({"a", "b", "c"})]
@@ -306,6 +340,24 @@ def test_imports_under_type_checking_and_in_functions_do_not_count(tmp_path: Pat
     known = {"pkg", "pkg.loaded", "pkg.relative", "pkg.typing_only", "pkg.lazy"}
     found = imported_names(pkg / "m.py", "pkg.m", known)
     assert found == {"typing", "pkg.loaded", "pkg.relative"}
+
+
+def test_lazy_imports_count_when_asked_and_type_checking_ones_never(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "m.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from pkg import loaded\n"
+        "def f():\n"
+        "    if TYPE_CHECKING:\n        from pkg import typing_only\n"
+        "    try:\n        import pkg.lazy\n    except ImportError:\n        pass\n"
+        "    def inner():\n        from pkg import nested\n"
+        "class C:\n    async def g(self):\n        from . import in_method\n"
+    )
+    known = {"pkg", "pkg.loaded", "pkg.typing_only", "pkg.lazy", "pkg.nested", "pkg.in_method"}
+    found = imported_names(pkg / "m.py", "pkg.m", known, lazy=True)
+    assert found == {"typing", "pkg.loaded", "pkg.lazy", "pkg.nested", "pkg.in_method"}
 
 
 # --------------------------------------------------------------------------- the server's layers

@@ -11,7 +11,7 @@ import click
 import pytest
 
 from deploy_core.cli import load_server_settings
-from deploy_core.cli.processes import load_rollback_defaults
+from deploy_core.cli.serving import load_rollback_defaults
 from deploy_core.plugins import get_plugins
 from tests.conftest import missing_part
 

@@ -24,7 +24,8 @@ from deploy_core.cli.common import (
     with_api,
 )
 from deploy_core.cli.groups import deploy, main
-from deploy_core.cli.processes import load_agent_settings, load_server_settings
+from deploy_core.cli.processes import load_agent_settings
+from deploy_core.cli.serving import load_server_settings
 from deploy_core.cli.terminal import terminal_safe
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""``deployctl agent`` and ``up``, the long-running processes, and what they share with
-``deployctl server`` (:mod:`deploy_core.cli.server_command`)."""
+"""``deployctl agent`` and ``up``, the long-running processes (``deployctl server`` is
+:mod:`deploy_core.cli.server_command`; what they share is :mod:`deploy_core.cli.serving`)."""
 
 from __future__ import annotations
 
@@ -7,36 +7,21 @@ import asyncio
 import logging
 import os
 import shlex
-import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from deploy_core import __version__
 from deploy_core.cli.api_tls_options import api_tls_options
 from deploy_core.cli.common import (
     parse_size,
     state_dir_option,
 )
 from deploy_core.cli.groups import log_format_option, main
+from deploy_core.cli.serving import print_server_banner, run_until_signal, server_config_option
 
 if TYPE_CHECKING:
     from deploy_core.plugins import DeployPlugins
-
-
-def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` until SIGINT/SIGTERM sets ``stop``."""
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
-    asyncio.run(runner())
 
 
 def load_agent_settings(path: Path) -> dict[str, Any]:
@@ -107,73 +92,6 @@ def agent_settings_and_constraints(path: Path | None) -> tuple[dict[str, Any], A
     return settings, constraints
 
 
-def _read_server_config(path: Path) -> dict[str, Any]:
-    """A server's TOML configuration, its sections checked for shape."""
-    import tomllib
-
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    unknown = set(data) - {"plugins", "defaults", "http", "webhooks"}
-    if unknown:
-        raise click.BadParameter(
-            f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME], "
-            "[defaults.rollback], [http] and [webhooks]",
-            param_hint="--config",
-        )
-    plugins = data.get("plugins", {})
-    if not isinstance(plugins, dict) or not all(isinstance(v, dict) for v in plugins.values()):
-        raise click.BadParameter(f"{path}: [plugins.NAME] must be tables", param_hint="--config")
-    defaults = data.get("defaults", {})
-    if not isinstance(defaults, dict) or set(defaults) - {"rollback"}:
-        raise click.BadParameter(
-            f'{path}: [defaults] holds only [defaults.rollback."<deploy type>"] tables',
-            param_hint="--config",
-        )
-    rollback = defaults.get("rollback", {})
-    if not isinstance(rollback, dict) or not all(isinstance(v, dict) for v in rollback.values()):
-        raise click.BadParameter(
-            f"{path}: [defaults.rollback] must hold one table per deploy type, e.g. "
-            '"deploy.shell" = {strategy = "snapshot", path = "{workdir}"}',
-            param_hint="--config",
-        )
-    return data
-
-
-server_config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path, resolve_path=True),
-    default=None,
-    help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
-    '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none, '
-    "[http] header_timeout, body_timeout and max_unauthenticated (server's --http-* flags win)",
-)
-
-
-def load_server_settings(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a server's TOML configuration; returns its ``[plugins.NAME]`` tables."""
-    plugins: dict[str, dict[str, Any]] = _read_server_config(path).get("plugins", {})
-    return plugins
-
-
-def load_rollback_defaults(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a server's TOML configuration; returns its ``[defaults.rollback]`` tables by
-    deploy type, checked against the installed plugins (docs/user-guide.md, "Rollback")."""
-    from deploy_core.plugins import get_plugins
-    from deploy_core.server.rollback_plan import RollbackDefaults, RollbackDefaultsError
-
-    tables: dict[str, dict[str, Any]] = (
-        _read_server_config(path).get("defaults", {}).get("rollback", {})
-    )
-    try:
-        RollbackDefaults(tables, get_plugins())
-    except RollbackDefaultsError as exc:
-        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    return tables
-
-
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -200,18 +118,6 @@ def agent_servers(
             raise click.BadParameter(f"{where}{value!r} is given twice", param_hint=hint)
         servers.append(server)
     return servers
-
-
-def _print_server_banner(srv: Any) -> None:
-    click.echo(f"Deploy Center server {__version__}")
-    click.echo(f"  API:          {srv.api_url}")
-    click.echo(f"  QUIC:         {srv.config.quic_host}:{srv.transport.port}")
-    click.echo(f"  admin token:  {srv.state.admin_token_file}")
-    click.echo(f"  join token:   {srv.state.join_token_file}")
-    click.echo(f"  agents' CA:   {srv.state.certs.ca_cert}")
-    if srv.api_tls is not None:
-        trust = f"--ca {srv.api_tls.ca}" if srv.api_tls.ca else "their trust store"
-        click.echo(f"  API over TLS: {srv.api_tls.cert} (clients verify it with {trust})")
 
 
 @main.command()
@@ -321,7 +227,7 @@ def agent(
         await agt.stop()
         await task
 
-    _run_until_signal(run)
+    run_until_signal(run)
 
 
 @main.command()
@@ -385,7 +291,7 @@ def up(
         )
         agent_task = asyncio.create_task(agt.run())
         connected = await agt.connector.wait_connected(15)
-        _print_server_banner(srv)
+        print_server_banner(srv)
         click.echo(
             f"  local agent:  {'connected' if connected else 'NOT connected'} as client 'local'"
         )
@@ -398,7 +304,7 @@ def up(
             await agent_task
             await srv.stop()
 
-    _run_until_signal(run)
+    run_until_signal(run)
 
 
 def warn_unknown_services(

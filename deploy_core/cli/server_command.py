@@ -16,12 +16,12 @@ import click
 from deploy_core.cli.api_tls_options import api_tls_options, api_tls_settings
 from deploy_core.cli.common import database_url, parse_duration, parse_size, state_dir_option
 from deploy_core.cli.groups import log_format_option
-from deploy_core.cli.processes import (
-    _print_server_banner,
-    _read_server_config,
-    _run_until_signal,
+from deploy_core.cli.serving import (
     load_rollback_defaults,
     load_server_settings,
+    print_server_banner,
+    read_server_config,
+    run_until_signal,
     server_config_option,
 )
 from deploy_core.server.http.http_limits import (
@@ -43,7 +43,7 @@ HTTP_SETTINGS = {
 def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
     """The HTTP limits: a ``--http-*`` flag given on the command line, else the ``[http]``
     table of the server configuration, else the flag's default."""
-    table: dict[str, Any] = _read_server_config(path).get("http", {}) if path else {}
+    table: dict[str, Any] = read_server_config(path).get("http", {}) if path else {}
     if not isinstance(table, dict) or set(table) - set(HTTP_SETTINGS):
         raise click.BadParameter(
             f"{path}: [http] takes only {', '.join(HTTP_SETTINGS)}", param_hint="--config"
@@ -66,7 +66,7 @@ def http_limits(path: Path | None, flags: dict[str, Any]) -> HttpLimits:
 
 def webhook_settings(path: Path | None) -> WebhookSettings:
     """The ``[webhooks]`` table of the server configuration, checked."""
-    table = _read_server_config(path).get("webhooks", {}) if path else {}
+    table = read_server_config(path).get("webhooks", {}) if path else {}
     try:
         return WebhookSettings.from_table(table)
     except ValueError as exc:
@@ -230,10 +230,10 @@ def server(
     async def run(stop: asyncio.Event) -> None:
         srv = DeployServer(config)
         await srv.start()
-        _print_server_banner(srv)
+        print_server_banner(srv)
         try:
             await stop.wait()
         finally:
             await srv.stop()
 
-    _run_until_signal(run)
+    run_until_signal(run)

@@ -2,7 +2,8 @@
 
 :class:`DeployServer` wires the parts together: records, listeners, deployments
 (server/deployments.py), command dispatch (server/dispatch.py), the event router
-(server/events.py) and the watchdog (server/watchdog.py).
+(server/events.py), and the background loops: the watchdog (server/watchdog.py), heartbeats
+(server/heartbeats.py) and retention (server/retention.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any, ParamSpec, TypeVar
 import uvicorn
 from sqlalchemy.engine import Engine
 
-from deploy_core.durations import human_duration
 from deploy_core.labels import LabelError, check_labels
 from deploy_core.loopback import is_wildcard_host
 from deploy_core.models import DeployStatus
@@ -35,6 +35,7 @@ from deploy_core.server.deployments import Deployments
 from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
 from deploy_core.server.events import EventRouter
+from deploy_core.server.heartbeats import HeartbeatFlush
 from deploy_core.server.http.api import create_app
 from deploy_core.server.http.http_limits import HttpLimits
 from deploy_core.server.http.tls import ApiTls, ApiTlsChoice, CertificateReloader
@@ -43,6 +44,7 @@ from deploy_core.server.leases import LEASE_SECONDS, RETENTION, WATCHDOG, Leases
 from deploy_core.server.metrics import ServerMetrics
 from deploy_core.server.records import DEFAULT_MAX_LOG_BYTES, RecordStore
 from deploy_core.server.replicas import Replicas
+from deploy_core.server.retention import Retention
 from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollouts import Rollouts, RolloutStore
 from deploy_core.server.secret_box import SecretBox
@@ -270,9 +272,20 @@ class DeployServer:
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
-        self._tasks.append(asyncio.create_task(self._flush_heartbeats(), name="heartbeats"))
+        heartbeats = HeartbeatFlush(
+            self.records,
+            sessions=self.transport.sessions,
+            interval=cfg.heartbeat_flush_interval,
+            then=self._beat,
+        )
+        self._tasks.append(asyncio.create_task(heartbeats.run(), name="heartbeats"))
         if cfg.retention_days is not None:
-            self._tasks.append(asyncio.create_task(self._retention(), name="retention"))
+            retention = Retention(
+                self.records,
+                days=cfg.retention_days,
+                may_run=lambda: self.leases.holds(RETENTION),
+            )
+            self._tasks.append(asyncio.create_task(retention.run(), name="retention"))
         info = {
             "api_url": self.api_url,
             "quic": f"{cfg.quic_host}:{self.transport.port}",
@@ -362,35 +375,6 @@ class DeployServer:
         return await self.db(self.records.may_fetch, client_id, sha256)
 
     # ------------------------------------------------------------------ background loops
-
-    async def _retention(self) -> None:
-        """Delete finished deployments past the retention period, at start and then daily."""
-        assert self.config.retention_days is not None
-        while True:
-            cutoff = time.time() - self.config.retention_days * 86400
-            try:
-                deleted = (
-                    await self.db(self.records.prune, cutoff) if self.leases.holds(RETENTION) else 0
-                )
-                if deleted:
-                    log.info(
-                        "retention: deleted %d deployments finished more than %s ago",
-                        deleted,
-                        human_duration(self.config.retention_days * 86400),
-                    )
-            except Exception:
-                log.exception("retention pass failed")
-            await asyncio.sleep(86400)
-
-    async def _flush_heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_flush_interval)
-            seen = {cid: s.last_seen for cid, s in self.transport.sessions.items()}
-            try:
-                await self.db(self.records.touch_clients, seen)
-                await self._beat()
-            except Exception:
-                log.exception("could not record heartbeats")
 
     async def _beat(self) -> None:
         """This replica's row in ``replicas`` (GET /api/cluster)."""

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from deploy_core.server.db import clients, row_dict
+from deploy_core.server.db import clients
+from deploy_core.server.rows import ClientCredentials, ClientRow
 
 
 class AlreadyEnrolled(Exception):
@@ -48,7 +49,7 @@ class ClientRecords:
                 sa.select(clients.c.agent_key).where(clients.c.client_id == client_id)
             ).scalar_one_or_none()
 
-    def client_credentials(self, client_id: str) -> dict[str, Any] | None:
+    def client_credentials(self, client_id: str) -> ClientCredentials | None:
         """The enrolled agent's ``public_key`` and/or shared ``agent_key`` (hex, each
         ``None`` when it has none) and ``revoked_at``, or ``None`` when not enrolled."""
         with self.engine.connect() as conn:
@@ -57,7 +58,7 @@ class ClientRecords:
                     clients.c.client_id == client_id
                 )
             ).first()
-        return row_dict(row) if row else None
+        return ClientCredentials.from_row(row) if row else None
 
     def revoke_client(self, client_id: str) -> bool:
         """Mark a client revoked: its agent is refused from now on."""
@@ -220,12 +221,12 @@ class ClientRecords:
                 .values(connected=False, disconnected_since=time.time())
             )
 
-    def get_client(self, client_id: str) -> dict[str, Any] | None:
+    def get_client(self, client_id: str) -> ClientRow | None:
         """One client, without its key."""
         rows = self.list_clients([client_id])
         return rows[0] if rows else None
 
-    def list_clients(self, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def list_clients(self, ids: Sequence[str] | None = None) -> list[ClientRow]:
         """Known clients, without their keys, by id; ``credential`` says what the agent
         signs in with: ``public_key`` (its own key pair) or ``shared_key`` (a secret the
         server issued before key pairs, until the agent next connects and upgrades)."""
@@ -233,7 +234,7 @@ class ClientRecords:
         if ids is not None:
             query = query.where(clients.c.client_id.in_(list(ids)))
         with self.engine.connect() as conn:
-            return [row_dict(r) for r in conn.execute(query)]
+            return [ClientRow.from_row(r) for r in conn.execute(query)]
 
     def page_clients(self, where: ClientFilter, *, after: str | None, limit: int) -> ClientPage:
         """One page of the clients ``where`` matches, by id (keyset paging: the ids after
@@ -245,10 +246,10 @@ class ClientRecords:
         query = query.where(*conditions).limit(limit + 1)
         count = sa.select(sa.func.count()).select_from(clients).where(*conditions)
         with self.engine.connect() as conn:
-            rows = [row_dict(r) for r in conn.execute(query)]
+            rows = [ClientRow.from_row(r) for r in conn.execute(query)]
             total = int(conn.execute(count).scalar_one())
         more = len(rows) > limit
-        return ClientPage(rows[:limit], total, rows[limit - 1]["client_id"] if more else None)
+        return ClientPage(rows[:limit], total, rows[limit - 1].client_id if more else None)
 
     def summarize_clients(self, where: ClientFilter) -> dict[str, Any]:
         """Counts, in SQL: ``total`` matching ``where``; ``states``, how many of those are
@@ -373,6 +374,6 @@ class ClientPage(NamedTuple):
     """A page of clients: its rows, how many match in all, and the id the next page starts
     after (``None`` on the last page)."""
 
-    rows: list[dict[str, Any]]
+    rows: list[ClientRow]
     total: int
     last_id: str | None

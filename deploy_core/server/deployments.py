@@ -21,8 +21,8 @@ from deploy_core.server.rollbacks import (
     continue_cascade,
     request_rollback,
 )
+from deploy_core.server.rows import DeploymentRow
 from deploy_core.server.targets import deployment_scope
-from deploy_core.server.views import render_record
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Deployments:
         rollback_of: str | None = None,
         secret_env: dict[str, str] | None = None,
         deploy_id: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> DeploymentRow:
         """Record a new deployment (taking the client's lock, in one transaction) and send it
         if the agent is connected.  ``deploy_id`` is one the caller chose and recorded
         beforehand (a rollout's target), so that trying again never makes a second
@@ -86,27 +86,27 @@ class Deployments:
         await self.dispatcher.dispatch(record, marked=connected)
         return record
 
-    def record_changed(self, record: dict[str, Any], previous: str | None) -> None:
+    def record_changed(self, record: DeploymentRow, previous: str | None) -> None:
         """Tell listeners and plugins a record changed."""
-        view = render_record(record)
+        view = record.to_api()
         self.listeners.publish(view)
-        if previous != record["status"]:
+        if previous != record.status:
             self.plugins.notify("deploy_status_changed", record=dict(view), previous=previous)
 
-    async def finished(self, record: dict[str, Any]) -> None:
+    async def finished(self, record: DeploymentRow) -> None:
         """A deployment reached its terminal status (its lock is already released)."""
-        self.plugins.notify("deploy_finished", record=render_record(record))
+        self.plugins.notify("deploy_finished", record=record.to_api())
         await continue_cascade(self, record)
         if agent_left_it_unrolled(record):
             try:
                 rollback = await request_rollback(self, record)
             except (RollbackRefused, ClientBusy) as exc:
-                log.warning("cannot roll back %s: %s", record["deploy_id"], exc)
+                log.warning("cannot roll back %s: %s", record.deploy_id, exc)
             else:
                 log.info(
                     "deployment %s failed without a rollback by its agent; rollback %s asked for",
-                    record["deploy_id"],
-                    rollback["deploy_id"],
+                    record.deploy_id,
+                    rollback.deploy_id,
                 )
 
     async def expired(self, applied: Applied) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, RollbackTarget
 from deploy_core.server.records import RecordStore
+from deploy_core.server.rows import DeploymentRow
 from deploy_core.transport import AgentSession, Envelope, Kind, QuicServer
 
 
@@ -28,52 +29,52 @@ class Dispatcher:
         self.max_log_bytes = max_log_bytes
 
     async def command_for(
-        self, record: dict[str, Any], capabilities: Mapping[str, Any] | None = None
+        self, record: DeploymentRow, capabilities: Mapping[str, Any] | None = None
     ) -> Envelope:
         """The command envelope that carries ``record`` to its agent.
 
         :param capabilities: what the agent announced; the log budget goes only to an agent
             that knows the field (an older one refuses a command with an unknown field)."""
-        req = record["request"]
+        req = record.request
         knows_budget = bool((capabilities or {}).get(CAPABILITY_LOG_BUDGET))
         target = req.get("rollback_of")
         command = DeployCommand(
-            deploy_id=record["deploy_id"],
-            command_type=record["command_type"],
+            deploy_id=record.deploy_id,
+            command_type=record.command_type,
             params=req.get("params", {}),
             health_checks=req.get("health_checks", []),
             rollback=req.get("rollback"),
             no_rollback_reason=(req.get("rollback_plan") or {}).get("note", "")[:1024] or None
             if not req.get("rollback")
             else None,
-            secret_env=await asyncio.to_thread(self.records.secret_env, record["deploy_id"])
+            secret_env=await asyncio.to_thread(self.records.secret_env, record.deploy_id)
             if req.get("secret_env_names")
             else {},
-            issued_at=record["created_at"],
-            expires_at=record["deadline"],
+            issued_at=record.created_at,
+            expires_at=record.deadline,
             rollback_of=RollbackTarget.model_validate(target) if target else None,
             log_budget_bytes=self.max_log_bytes if knows_budget else None,
         )
         return Envelope(
-            id=f"cmd-{record['deploy_id']}",
+            id=f"cmd-{record.deploy_id}",
             kind=Kind.COMMAND,
-            name=record["command_type"],
+            name=record.command_type,
             wait_ack=True,
             need_callback=True,
-            callback_id=record["deploy_id"],
+            callback_id=record.deploy_id,
             payload=command.model_dump(
                 mode="json", exclude=None if knows_budget else {"log_budget_bytes"}
             ),
         )
 
     async def send(
-        self, session: AgentSession, record: dict[str, Any], *, marked: bool = False
+        self, session: AgentSession, record: DeploymentRow, *, marked: bool = False
     ) -> None:
         """Mark ``record`` dispatched (unless ``marked`` already), then send its command on
         ``session``."""
         envelope = await self.command_for(record, session.capabilities)
         if not marked:
-            await asyncio.to_thread(self.records.mark_dispatched, record["deploy_id"])
+            await asyncio.to_thread(self.records.mark_dispatched, record.deploy_id)
         session.send(envelope)
 
     def session_for(self, client_id: str) -> AgentSession | None:
@@ -81,11 +82,11 @@ class Dispatcher:
         session = self.transport.session(client_id)
         return None if session is None or session.closed else session
 
-    async def dispatch(self, record: dict[str, Any], *, marked: bool = False) -> bool:
+    async def dispatch(self, record: DeploymentRow, *, marked: bool = False) -> bool:
         """Send a recorded deployment to its agent, if that agent is connected here;
         ``False`` when it is not (it is sent when the agent connects).  ``marked``: the
         record was marked dispatched when it was stored."""
-        session = self.session_for(record["client_id"])
+        session = self.session_for(record.client_id)
         if session is None:
             return False
         await self.send(session, record, marked=marked)
@@ -96,7 +97,7 @@ class Dispatcher:
         deployments whose deadline has not passed, oldest first; returns how many."""
         sent = 0
         for record in await asyncio.to_thread(self.records.undelivered, session.client_id):
-            if record["deadline"] > time.time():
+            if record.deadline > time.time():
                 await self.send(session, record)
                 sent += 1
         return sent

@@ -51,11 +51,11 @@ class AgentRegistry:
         row = await self._run(self._records.client_credentials, client_id)
         if row is None:
             return None
-        public_key, shared_key = row["public_key"], row["agent_key"]
+        public_key, shared_key = row.public_key, row.agent_key
         return AgentCredential(
             public_key=bytes.fromhex(public_key) if public_key else None,
             shared_key=bytes.fromhex(shared_key) if shared_key else None,
-            revoked=revoked_reason(client_id) if row["revoked_at"] is not None else None,
+            revoked=revoked_reason(client_id) if row.revoked_at is not None else None,
         )
 
     async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:

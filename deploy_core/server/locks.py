@@ -8,13 +8,13 @@ and inserting the deployment that holds it commit (or fail) together.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from deploy_core.server.db import client_locks, deployments, row_dict
+from deploy_core.server.db import client_locks, deployments
+from deploy_core.server.rows import LockRow
 
 # How long a lock outlives its deployment's deadline before another deployment may take it.
 LOCK_GRACE = 60.0
@@ -39,15 +39,15 @@ class LockRaced(Exception):
     caller's transaction is spoilt, and a new one may try again."""
 
 
-def holder(conn: Connection, client_id: str) -> dict[str, Any] | None:
+def holder(conn: Connection, client_id: str) -> LockRow | None:
     """The lock row of ``client_id``, if one is held."""
     row = conn.execute(sa.select(client_locks).where(client_locks.c.client_id == client_id)).first()
-    return row_dict(row) if row else None
+    return LockRow.from_row(row) if row else None
 
 
-def held(conn: Connection) -> list[dict[str, Any]]:
+def held(conn: Connection) -> list[LockRow]:
     """Every lock currently held."""
-    return [row_dict(r) for r in conn.execute(sa.select(client_locks))]
+    return [LockRow.from_row(r) for r in conn.execute(sa.select(client_locks))]
 
 
 def acquire(
@@ -79,7 +79,7 @@ def acquire(
     )
     current = holder(conn, client_id)
     if current is not None:
-        raise ClientBusy(client_id, current["deploy_id"], current["acquired_at"])
+        raise ClientBusy(client_id, current.deploy_id, current.acquired_at)
     try:
         conn.execute(
             client_locks.insert().values(

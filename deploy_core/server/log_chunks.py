@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from deploy_core.server.db import bulk_insert, deploy_log_chunks
+from deploy_core.server.rows import LogLineRow
 
 CHUNK_COLUMNS = ("deploy_id", "first_line", "line_count", "ts", "stream", "stage", "text")
 # Chunks read per query at first when reading lines; doubled each query of the same read, so
@@ -81,10 +82,9 @@ def append(conn: Connection, deploy_id: str, entries: Sequence[Entry]) -> None:
     bulk_insert(conn, deploy_log_chunks, CHUNK_COLUMNS, [tuple(row) for row in rows])
 
 
-def read(conn: Connection, deploy_id: str, *, after: int, limit: int) -> list[dict[str, Any]]:
-    """At most ``limit`` lines of a deployment with an id above ``after``, in order, each
-    ``{"id", "deploy_id", "ts", "stream", "stage", "line"}``."""
-    lines: list[dict[str, Any]] = []
+def read(conn: Connection, deploy_id: str, *, after: int, limit: int) -> list[LogLineRow]:
+    """At most ``limit`` lines of a deployment with an id above ``after``, in order."""
+    lines: list[LogLineRow] = []
     for chunk in _chunks_from(conn, deploy_id, after, limit):
         first = chunk.first_line
         skip = max(0, after + 1 - first)
@@ -93,14 +93,14 @@ def read(conn: Connection, deploy_id: str, *, after: int, limit: int) -> list[di
         texts = chunk.text.split("\n", end if end < chunk.line_count else end - 1)
         for offset in range(skip, end):
             lines.append(
-                {
-                    "id": first + offset,
-                    "deploy_id": deploy_id,
-                    "ts": chunk.ts,
-                    "stream": chunk.stream,
-                    "stage": chunk.stage,
-                    "line": texts[offset],
-                }
+                LogLineRow(
+                    id=first + offset,
+                    deploy_id=deploy_id,
+                    ts=chunk.ts,
+                    stream=chunk.stream,
+                    stage=chunk.stage,
+                    line=texts[offset],
+                )
             )
         if len(lines) >= limit:
             break

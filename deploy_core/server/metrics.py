@@ -200,9 +200,9 @@ class ServerMetrics:
             if record is None:
                 await expired(applied)
                 return
-            self.watchdog_timeouts.labels(self._type(record["command_type"])).inc()
+            self.watchdog_timeouts.labels(self._type(record.command_type)).inc()
             # What follows the expiry (a rollback asked for) logs with the deployment's ids.
-            bind(deploy_id=record["deploy_id"], client_id=record["client_id"])
+            bind(deploy_id=record.deploy_id, client_id=record.client_id)
             try:
                 await expired(applied)
             finally:
@@ -213,8 +213,9 @@ class ServerMetrics:
     # ------------------------------------------------------------------ record changes
 
     def record_changed(self, view: dict[str, Any]) -> None:
-        """Follow one published record change (a view, server/views.py): starts, status
-        changes, finishes and rollbacks.  Never raises into the publisher."""
+        """Follow one published record change (a view: ``DeploymentRow.to_api`` of
+        server/rows.py): starts, status changes, finishes and rollbacks.  Never raises into
+        the publisher."""
         try:
             self._follow(view)
         except Exception:

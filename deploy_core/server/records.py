@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,11 +28,11 @@ from deploy_core.server.db import (
     deploy_log_chunks,
     deploy_secrets,
     deployments,
-    row_dict,
     status_history,
 )
 from deploy_core.server.locks import ClientBusy
 from deploy_core.server.ownership import OwnershipRecords
+from deploy_core.server.rows import DeploymentRow, HistoryRow, LockRow, LogLineRow
 from deploy_core.server.secret_box import SecretBox, is_sealed
 from deploy_core.server.targets import TargetRecords
 
@@ -61,7 +61,7 @@ class Applied:
     and the status before."""
 
     applied: bool
-    record: dict[str, Any] | None
+    record: DeploymentRow | None
     previous: str | None
 
 
@@ -101,7 +101,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         target: str | None = None,
         artifacts: Sequence[str] = (),
         dispatched: bool = False,
-    ) -> dict[str, Any]:
+    ) -> DeploymentRow:
         """Insert a ``pending`` record and take the client's lock, atomically, in one
         transaction that also reads the record back.
 
@@ -159,7 +159,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     f"could not take the lock of client {client_id} in {LOCK_ATTEMPTS} "
                     "attempts (other deployments kept taking and freeing it); submit again"
                 )
-            raise ClientBusy(client_id, current["deploy_id"], current["acquired_at"])
+            raise ClientBusy(client_id, current.deploy_id, current.acquired_at)
         assert record is not None
         return record
 
@@ -228,28 +228,28 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             ts=now,
         )
 
-    def lock_holder(self, client_id: str) -> dict[str, Any] | None:
+    def lock_holder(self, client_id: str) -> LockRow | None:
         """The lock row of ``client_id``, if one is held."""
         with self.engine.connect() as conn:
             return locks.holder(conn, client_id)
 
-    def locks(self) -> list[dict[str, Any]]:
+    def locks(self) -> list[LockRow]:
         """Every lock currently held."""
         with self.engine.connect() as conn:
             return locks.held(conn)
 
-    def get(self, deploy_id: str) -> dict[str, Any] | None:
+    def get(self, deploy_id: str) -> DeploymentRow | None:
         """One deployment record."""
         with self.engine.connect() as conn:
             return self._get(conn, deploy_id)
 
-    def _get(self, conn: Connection, deploy_id: str) -> dict[str, Any] | None:
+    def _get(self, conn: Connection, deploy_id: str) -> DeploymentRow | None:
         row = conn.execute(
             sa.select(deployments).where(deployments.c.deploy_id == deploy_id)
         ).first()
-        return row_dict(row) if row else None
+        return DeploymentRow.from_row(row) if row else None
 
-    def history(self, deploy_id: str) -> list[dict[str, Any]]:
+    def history(self, deploy_id: str) -> list[HistoryRow]:
         """The status history of a deployment, oldest first."""
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -257,16 +257,16 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .where(status_history.c.deploy_id == deploy_id)
                 .order_by(status_history.c.id)
             )
-            return [row_dict(r) for r in rows]
+            return [HistoryRow.from_row(r) for r in rows]
 
-    def logs(self, deploy_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    def logs(self, deploy_id: str, *, after: int = 0, limit: int = 1000) -> list[LogLineRow]:
         """Log lines of a deployment in order, after line id ``after``."""
         with self.engine.connect() as conn:
             return log_chunks.read(conn, deploy_id, after=after, limit=limit)
 
     def list_for_client(
         self, client_id: str, *, limit: int = 50, offset: int = 0
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[DeploymentRow], int]:
         """A client's deployments, newest first, and how many there are in all."""
         with self.engine.connect() as conn:
             total = conn.execute(
@@ -281,7 +281,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .limit(limit)
                 .offset(offset)
             )
-            return [row_dict(r) for r in rows], int(total)
+            return [DeploymentRow.from_row(r) for r in rows], int(total)
 
     def list_all(
         self,
@@ -291,7 +291,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         unfinished: bool = False,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[DeploymentRow], int]:
         """Deployments of every client, newest first, optionally filtered; and the total."""
         where = []
         if status is not None:
@@ -311,7 +311,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 .limit(limit)
                 .offset(offset)
             )
-            return [row_dict(r) for r in rows], int(total)
+            return [DeploymentRow.from_row(r) for r in rows], int(total)
 
     def apply_report(self, client_id: str, report: DeployStatusReport) -> Applied:
         """Apply a ``deploy.status`` report from ``client_id`` (SPEC deploy-21).
@@ -345,32 +345,33 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             .order_by(deployments.c.deploy_id)
             .with_for_update()
         )
-        records = {row.deploy_id: row_dict(row) for row in rows}
-        changed: dict[str, dict[str, Any]] = {}
+        records = {row.deploy_id: DeploymentRow.from_row(row) for row in rows}
+        changed: dict[str, DeploymentRow] = {}
         lines: list[tuple[Any, ...]] = []
         results: list[Applied] = []
         for client_id, report in reports:
             record = records.get(report.deploy_id)
-            if record is None or record["client_id"] != client_id:
+            if record is None or record.client_id != client_id:
                 results.append(Applied(False, None, None))
                 continue
-            previous = record["status"]
-            if report.seq <= record["last_seq"]:
-                results.append(Applied(False, dict(record), previous))
+            previous = record.status
+            if report.seq <= record.last_seq:
+                results.append(Applied(False, record, previous))
                 continue
-            moved = record["finished_at"] is None
-            record.update(last_seq=report.seq, updated_at=time.time())
+            moved = record.finished_at is None
+            record = replace(record, last_seq=report.seq, updated_at=time.time())
             if moved:
-                record.update(
-                    status=report.status.value, stage=report.stage, progress=report.progress
+                record = replace(
+                    record, status=report.status.value, stage=report.stage, progress=report.progress
                 )
-            changed[report.deploy_id] = record
             message = report.message if moved else f"(after finish) {report.message}"
             lines.append((report.deploy_id, report.seq, report.status.value, report.stage,
                           report.progress, message, "agent", report.timestamp))  # fmt: skip
             if report.logs or report.log_blocks:
-                self._store_logs(conn, record, report)
-            results.append(Applied(moved, dict(record), previous))
+                record = self._store_logs(conn, record, report)
+            # The next report of this deployment in the batch starts from this one.
+            records[report.deploy_id] = changed[report.deploy_id] = record
+            results.append(Applied(moved, record, previous))
         if changed:
             conn.execute(
                 deployments.update()
@@ -382,19 +383,19 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     last_seq=sa.bindparam("last_seq"),
                     updated_at=sa.bindparam("updated_at"),
                 ),
-                [{"key": key, **{c: r[c] for c in _MOVED}} for key, r in changed.items()],
+                [{"key": key, **{c: getattr(r, c) for c in _MOVED}} for key, r in changed.items()],
             )
         bulk_insert(conn, status_history, _HISTORY_COLUMNS, lines)
         return results
 
     def _store_logs(
-        self, conn: Connection, record: dict[str, Any], report: DeployStatusReport
-    ) -> None:
+        self, conn: Connection, record: DeploymentRow, report: DeployStatusReport
+    ) -> DeploymentRow:
         """Keep a report's log lines within the deployment's byte limit; past it, one marker
-        line says the rest was dropped."""
-        if record["log_truncated"]:
-            return
-        budget = self.max_log_bytes - record["log_bytes"]
+        line says the rest was dropped.  Returns ``record`` with its new byte count."""
+        if record.log_truncated:
+            return record
+        budget = self.max_log_bytes - record.log_bytes
         kept: list[log_chunks.Entry] = []
         used = 0
         truncated = False
@@ -423,9 +424,9 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         conn.execute(
             deployments.update()
             .where(deployments.c.deploy_id == report.deploy_id)
-            .values(log_bytes=record["log_bytes"] + used, log_truncated=truncated)
+            .values(log_bytes=record.log_bytes + used, log_truncated=truncated)
         )
-        record.update(log_bytes=record["log_bytes"] + used, log_truncated=truncated)
+        return replace(record, log_bytes=record.log_bytes + used, log_truncated=truncated)
 
     def secret_env(self, deploy_id: str) -> dict[str, str]:
         """The secret environment of an unfinished deployment (empty when none)."""
@@ -476,17 +477,17 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         ).first()
         if rec is None:
             return Applied(False, None, None)
-        record = row_dict(rec)
-        previous = record["status"]
-        if record["finished_at"] is not None:
+        record = DeploymentRow.from_row(rec)
+        previous = record.status
+        if record.finished_at is not None:
             # Keep the first late callback, even one that agrees with the watchdog: a
             # record the agent finished already has agent_status, so repeats change nothing.
-            if record["agent_status"] is None:
+            if record.agent_status is None:
                 late: dict[str, Any] = {"agent_status": callback.status.value}
                 if callback.rollback_state is not None:
                     # What the agent prepared is what a manual rollback restores.
                     late["rollback_state"] = callback.rollback_state
-                if callback.rollback is not None and record["rollback"] is None:
+                if callback.rollback is not None and record.rollback is None:
                     # The agent rolled back after the server's deadline: the record says
                     # so where a reader looks, not only in agent_status.
                     late["rollback"] = callback.rollback.model_dump(mode="json")
@@ -534,7 +535,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             source="agent",
             ts=now,
         )
-        self._release(conn, record["client_id"], callback.callback_id)
+        self._release(conn, record.client_id, callback.callback_id)
         return Applied(True, self._get(conn, callback.callback_id), previous)
 
     def expire(self, deploy_id: str, reason: str, *, rollback_wanted: bool = True) -> Applied:
@@ -546,7 +547,9 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 sa.select(deployments).where(deployments.c.deploy_id == deploy_id).with_for_update()
             ).first()
             if rec is None or rec.finished_at is not None:
-                return Applied(False, row_dict(rec) if rec else None, rec.status if rec else None)
+                return Applied(
+                    False, DeploymentRow.from_row(rec) if rec else None, rec.status if rec else None
+                )
             previous = rec.status
             # Sent counts: the agent may have run it even if its acknowledgement was lost; a
             # rollback of one it never ran is answered "nothing to undo" by the agent.
@@ -578,7 +581,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             self._release(conn, rec.client_id, deploy_id)
             return Applied(True, self._get(conn, deploy_id), previous)
 
-    def overdue(self, now: float | None = None) -> list[dict[str, Any]]:
+    def overdue(self, now: float | None = None) -> list[DeploymentRow]:
         """Unfinished deployments past their deadline."""
         now = time.time() if now is None else now
         with self.engine.connect() as conn:
@@ -587,9 +590,9 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                     deployments.c.finished_at.is_(None), deployments.c.deadline < now
                 )
             )
-            return [row_dict(r) for r in rows]
+            return [DeploymentRow.from_row(r) for r in rows]
 
-    def undelivered(self, client_id: str) -> list[dict[str, Any]]:
+    def undelivered(self, client_id: str) -> list[DeploymentRow]:
         """Unfinished deployments of ``client_id`` the agent has not acknowledged, oldest
         first: they are (re)sent when the agent connects."""
         with self.engine.connect() as conn:
@@ -602,7 +605,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 )
                 .order_by(deployments.c.created_at)
             )
-            return [row_dict(r) for r in rows]
+            return [DeploymentRow.from_row(r) for r in rows]
 
     def prune(self, older_than: float, *, batch: int = 500) -> int:
         """Delete finished deployments that finished before ``older_than`` (epoch seconds),
@@ -649,9 +652,9 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             _history(
                 conn,
                 deploy_id=deploy_id,
-                status=record["status"],
-                stage=record["stage"],
-                progress=record["progress"],
+                status=record.status,
+                stage=record.stage,
+                progress=record.progress,
                 message=message,
                 source="server",
                 ts=time.time(),

@@ -48,8 +48,8 @@ from deploy_core.server.deployments import Deployments
 from deploy_core.server.leases import acquire, release
 from deploy_core.server.locks import ClientBusy
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
+from deploy_core.server.rows import iso_time
 from deploy_core.server.secret_box import SecretBox
-from deploy_core.server.views import iso_time
 
 log = logging.getLogger(__name__)
 
@@ -1078,7 +1078,7 @@ class Rollouts:
             except RollbackRefused as exc:
                 await self.db(self.store.set_target, rid, position, rollback_error=str(exc))
                 continue
-            await self.db(self.store.set_target, rid, position, rollback_id=rollback["deploy_id"])
+            await self.db(self.store.set_target, rid, position, rollback_id=rollback.deploy_id)
             slots -= 1
         # Everything asked for: end once every rollback ended.
         targets = (await self.db(self.store.targets, [rid]))[rid]

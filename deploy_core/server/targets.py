@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 
 from deploy_core.models import COMMAND_ROLLBACK, UNDONE_STATUSES, DeployStatus
 from deploy_core.server.db import deployments
+from deploy_core.server.rows import DeploymentRow
 
 if TYPE_CHECKING:
     from deploy_core.plugins import DeployPlugins
@@ -83,41 +84,41 @@ class TargetRecords:
 
     engine: Engine
 
-    def newer_in_place(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+    def newer_in_place(self, record: DeploymentRow) -> list[DeploymentRow]:
         """Deployments of ``record``'s client and target made after it whose changes may
         still be in place, newest first: a rollback of ``record`` would undo them too."""
-        if record.get("target") is None:
+        if record.target is None:
             return []
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(deployments)
                 .where(
-                    deployments.c.client_id == record["client_id"],
-                    deployments.c.target == record["target"],
-                    deployments.c.created_at > record["created_at"],
+                    deployments.c.client_id == record.client_id,
+                    deployments.c.target == record.target,
+                    deployments.c.created_at > record.created_at,
                     _in_place(),
                 )
                 .order_by(deployments.c.created_at.desc(), deployments.c.deploy_id)
             )
-            return [dict(r._mapping) for r in rows]
+            return [DeploymentRow.from_row(r) for r in rows]
 
-    def finished_after(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+    def finished_after(self, record: DeploymentRow) -> list[DeploymentRow]:
         """Finished deployments (not rollbacks) of ``record``'s client made after it, oldest
         first: what a rollback strategy's ``restorable`` judges by."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(deployments)
                 .where(
-                    deployments.c.client_id == record["client_id"],
-                    deployments.c.created_at > record["created_at"],
+                    deployments.c.client_id == record.client_id,
+                    deployments.c.created_at > record.created_at,
                     deployments.c.command_type != COMMAND_ROLLBACK,
                     deployments.c.finished_at.is_not(None),
                 )
                 .order_by(deployments.c.created_at, deployments.c.deploy_id)
             )
-            return [dict(r._mapping) for r in rows]
+            return [DeploymentRow.from_row(r) for r in rows]
 
-    def live_deployments(self, client_id: str) -> list[dict[str, Any]]:
+    def live_deployments(self, client_id: str) -> list[DeploymentRow]:
         """Per target of ``client_id``, the newest deployment that succeeded and was not
         undone: what runs there now, as far as the server knows.  Sorted by target."""
         newest = (
@@ -147,7 +148,7 @@ class TargetRecords:
                 .where(deployments.c.client_id == client_id)
                 .order_by(deployments.c.target, deployments.c.deploy_id)
             )
-            live: dict[str, dict[str, Any]] = {}
+            live: dict[str, DeploymentRow] = {}
             for row in rows:
-                live.setdefault(row.target, dict(row._mapping))
+                live.setdefault(row.target, DeploymentRow.from_row(row))
         return list(live.values())

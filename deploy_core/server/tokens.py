@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from deploy_core.server.db import api_tokens, join_tokens
+from deploy_core.server.rows import ApiTokenRow, JoinTokenRow
 
 #: How stale a token's ``last_used`` may get: it is written at most this often (seconds).
 LAST_USED_EVERY = 60.0
@@ -102,7 +103,7 @@ class TokenStore:
                 )
         return Caller(row.name, row.scope)
 
-    def list_api_tokens(self) -> list[dict[str, Any]]:
+    def list_api_tokens(self) -> list[ApiTokenRow]:
         """Named tokens, without their hashes."""
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -113,7 +114,7 @@ class TokenStore:
                     api_tokens.c.last_used,
                 ).order_by(api_tokens.c.name)
             )
-            return [dict(r._mapping) for r in rows]
+            return [ApiTokenRow.from_row(r) for r in rows]
 
     def revoke_api_token(self, name: str) -> bool:
         """Delete a named token; ``False`` when there was none."""
@@ -188,12 +189,12 @@ class TokenStore:
             if not done:
                 raise TokenError("join token used up")
 
-    def list_join_tokens(self) -> list[dict[str, Any]]:
+    def list_join_tokens(self) -> list[JoinTokenRow]:
         """Join tokens, without their hashes."""
         cols = [c for c in join_tokens.c if c.name != "token_hash"]
         with self.engine.connect() as conn:
             return [
-                dict(r._mapping)
+                JoinTokenRow.from_row(r)
                 for r in conn.execute(sa.select(*cols).order_by(join_tokens.c.created_at))
             ]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from deploy_core.server.records import Applied, RecordStore
+from deploy_core.server.rows import DeploymentRow
 
 log = logging.getLogger(__name__)
 
@@ -49,43 +49,43 @@ class Watchdog:
         expired = 0
         for record in await asyncio.to_thread(self.records.overdue):
             reason = await self.timeout_reason(record)
-            applied = await asyncio.to_thread(self.records.expire, record["deploy_id"], reason)
+            applied = await asyncio.to_thread(self.records.expire, record.deploy_id, reason)
             if applied.applied and applied.record is not None:
                 expired += 1
                 log.warning(
                     "deployment %s timed out: %s",
-                    record["deploy_id"],
+                    record.deploy_id,
                     reason,
-                    extra={"deploy_id": record["deploy_id"], "client_id": record["client_id"]},
+                    extra={"deploy_id": record.deploy_id, "client_id": record.client_id},
                 )
                 await self.expired(applied)
         return expired
 
-    async def timeout_reason(self, record: dict[str, Any]) -> str:
+    async def timeout_reason(self, record: DeploymentRow) -> str:
         """Why ``record`` timed out, from what the server saw of it and of its agent."""
-        client = await asyncio.to_thread(self.records.get_client, record["client_id"])
-        away = client is not None and not client["connected"]
-        if record["dispatched_at"] is None:
+        client = await asyncio.to_thread(self.records.get_client, record.client_id)
+        away = client is not None and not client.connected
+        if record.dispatched_at is None:
             where = (
-                f"while agent {record['client_id']} was disconnected"
+                f"while agent {record.client_id} was disconnected"
                 if away
                 else ("before it could be sent to the agent")
             )
             return f"deadline passed {where}; the deployment never started"
-        if record["acked_at"] is None and record["last_seq"] < 0:
+        if record.acked_at is None and record.last_seq < 0:
             # Sent, but neither acknowledged nor reported: it may have run all the same (an
             # acknowledgement can be lost), so say no more than we know.
             return (
                 "deadline passed without the agent acknowledging or reporting the deployment"
-                + (f" (agent {record['client_id']} is disconnected)" if away else "")
+                + (f" (agent {record.client_id} is disconnected)" if away else "")
                 + "; it may not have started"
             )
         if away:
             return (
-                f"deadline passed while agent {record['client_id']} was disconnected "
-                f"(last report: {record['status']} at progress {record['progress']})"
+                f"deadline passed while agent {record.client_id} was disconnected "
+                f"(last report: {record.status} at progress {record.progress})"
             )
         return (
             f"deadline passed with no final report from the agent "
-            f"(last report: {record['status']} at progress {record['progress']})"
+            f"(last report: {record.status} at progress {record.progress})"
         )

@@ -48,8 +48,8 @@ from deploy_core.durations import human_duration
 from deploy_core.server import db
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.rollouts import FINAL, Rollouts, RolloutStore, render_summary
+from deploy_core.server.rows import DeploymentRow, iso_time
 from deploy_core.server.secret_box import SecretBox, SecretKeyMismatch
-from deploy_core.server.views import iso_time, render_record
 from deploy_core.webhook_events import (
     AGENT_CONNECTED,
     AGENT_DISCONNECTED,
@@ -279,9 +279,10 @@ def host_of(url: str) -> str:
 
 
 def deployment_data(view: dict[str, Any]) -> dict[str, Any]:
-    """What a deployment event says of a deployment (as :func:`render_record` shows it): ids,
-    type, status, times and the start of its error; never its request (scripts,
-    parameters), result, output or secret_env."""
+    """What a deployment event says of a deployment (as
+    :meth:`~deploy_core.server.rows.DeploymentRow.to_api` shows it): ids, type, status,
+    times and the start of its error; never its request (scripts, parameters), result,
+    output or secret_env."""
     error = view.get("error")
     return {
         "deploy_id": view["deploy_id"],
@@ -557,7 +558,7 @@ class WebhookStore:
         for webhook_id, ids in missing.items():
             with self.engine.connect() as conn:
                 rows = conn.execute(sa.select(dep).where(dep.c.deploy_id.in_(ids))).all()
-            events = [finished_event(render_record(db.row_dict(r))) for r in rows]
+            events = [finished_event(DeploymentRow.from_row(r).to_api()) for r in rows]
             added += self.enqueue(events, {DEPLOYMENT_FINISHED: [webhook_id]})
         return added
 

@@ -61,7 +61,7 @@ class Center:
         history = await self.server.db(records.history, self.deploy_id)
         logs = await self.server.db(records.logs, self.deploy_id)
         assert record is not None
-        state = {key: record[key] for key in STATE}
+        state = {key: getattr(record, key) for key in STATE}
         return state, history, logs
 
     async def refused(self, moves: Callable[[RawPeer], Awaitable[None]]) -> str:
@@ -85,7 +85,7 @@ async def center(tmp_path: Path) -> AsyncIterator[Center]:
             request={"params": {"script": "true"}, "health_checks": [], "rollback": None},
             deadline=time.time() + 600,
         )
-        yield Center(server, keys, record["deploy_id"])
+        yield Center(server, keys, record.deploy_id)
     finally:
         await server.stop()
 
@@ -170,7 +170,7 @@ async def test_every_event_name_and_kind_is_refused_before_authentication(
     assert await center.snapshot() == before
     assert dict(center.server.transport.sessions) == {}
     client = await center.server.db(center.server.records.get_client, alpha)
-    assert client is not None and not client["connected"]
+    assert client is not None and not client.connected
 
 
 async def test_an_agent_cannot_report_on_another_clients_deployment(center: Center) -> None:

@@ -127,7 +127,7 @@ class Center:
         assert record is not None
         history = await self.server.db(records.history, self.deploy_id)
         logs = await self.server.db(records.logs, self.deploy_id)
-        return {k: record[k] for k in STATE}, history, logs
+        return {k: getattr(record, k) for k in STATE}, history, logs
 
 
 async def _store(server: DeployServer, data: bytes) -> str:
@@ -194,8 +194,8 @@ async def center(tmp_path: Path) -> AsyncIterator[Center]:
             agents[cid] = await _connect(server, cid, key)
         # alpha is sent its deployment when it connects.
         command = await asyncio.wait_for(agents["alpha"].inbox.get(), 10)
-        assert command.kind is Kind.COMMAND and command.callback_id == record["deploy_id"]
-        yield Center(server, agents, record["deploy_id"], sha, package, probed, tmp_path)
+        assert command.kind is Kind.COMMAND and command.callback_id == record.deploy_id
+        yield Center(server, agents, record.deploy_id, sha, package, probed, tmp_path)
     finally:
         for agent in agents.values():
             await asyncio.wait_for(agent.connector.stop(), 10)
@@ -271,7 +271,7 @@ async def test_a_second_agent_naming_anothers_deployment_is_refused_in_every_mes
     refused = [e for e in list(alpha.inbox._queue) if e.kind is Kind.ERROR]  # type: ignore[attr-defined]
     assert refused == []
     record = await center.server.db(center.server.records.get, center.deploy_id)
-    assert record is not None and record["acked_at"] is not None
+    assert record is not None and record.acked_at is not None
 
 
 async def test_an_artifact_is_served_only_to_the_agent_sent_a_deployment_using_it(

@@ -71,7 +71,7 @@ class Cluster:
 
         async def record(applied: Applied, name: str = name) -> None:
             assert applied.record is not None
-            self.expired.append((name, applied.record["deploy_id"]))
+            self.expired.append((name, applied.record.deploy_id))
             await told(applied)
 
         server.watchdog.expired = record
@@ -104,7 +104,7 @@ class Cluster:
     async def timed_out(self, via: DeployServer, deploy_id: str) -> None:
         async def check() -> bool:
             record = await via.db(via.records.get, deploy_id)
-            return record is not None and record["status"] == "timeout"
+            return record is not None and record.status == "timeout"
 
         await eventually(check, f"{deploy_id} to time out")
 

@@ -74,7 +74,7 @@ def applying(store: RecordStore, client_id: str, rep: DeployStatusReport) -> Cal
 def agent_lines(store: RecordStore, deploy_id: str) -> list[tuple[int | None, str]]:
     """The agent's reports in the history (callbacks have no ``seq``)."""
     history = store.history(deploy_id)
-    return [(h["seq"], h["message"]) for h in history if h["seq"] is not None]
+    return [(h.seq, h.message) for h in history if h.seq is not None]
 
 
 async def test_many_clients_reports_land_in_order_once_in_shared_transactions(
@@ -115,13 +115,13 @@ async def test_many_clients_reports_land_in_order_once_in_shared_transactions(
     for n, applied in enumerate(results):
         assert applied == [True] * reports + [False, True, False], n
         assert agent_lines(store, f"d{n}") == [(seq, f"report {seq}") for seq in range(reports)]
-        finishes = [h for h in store.history(f"d{n}") if h["status"] == "success"]
+        finishes = [h for h in store.history(f"d{n}") if h.status == "success"]
         assert len(finishes) == 1, n  # the repeated callback changed nothing
         record = store.get(f"d{n}")
-        assert record is not None and record["status"] == "success"
-        assert record["last_seq"] == reports - 1
+        assert record is not None and record.status == "success"
+        assert record.last_seq == reports - 1
     # Every finish released its client in its transaction (the plug never finished).
-    assert [lock["client_id"] for lock in store.locks()] == ["plug"]
+    assert [lock.client_id for lock in store.locks()] == ["plug"]
     total = clients * (reports + 3) + 1
     assert ingest.stats.committed == sum(gate.batches) == total and ingest.stats.failed == 0
     # The agents' first reports, queued behind the plug, went in one transaction.
@@ -160,7 +160,7 @@ async def test_a_piece_failing_mid_batch_fails_alone(store: RecordStore, ingest:
     assert agent_lines(store, "d3") == [(0, "report 0")]
     assert agent_lines(store, "d2") == []  # nothing of the failed piece stayed
     record = store.get("d2")
-    assert record is not None and record["last_seq"] == -1
+    assert record is not None and record.last_seq == -1
 
 
 async def test_nothing_is_answered_before_its_transaction_commits(
@@ -230,7 +230,7 @@ async def test_foreign_and_unknown_deployments_change_nothing(
     assert not await ingest.submit(lambda conn: store.mark_acked_in(conn, "intruder", "d0"))
     assert await ingest.submit(lambda conn: store.mark_acked_in(conn, "c0", "d0"))
     record = store.get("d0")
-    assert record is not None and record["last_seq"] == -1 and record["acked_at"] is not None
+    assert record is not None and record.last_seq == -1 and record.acked_at is not None
 
 
 def test_bad_limits_are_refused(store: RecordStore) -> None:
@@ -279,8 +279,8 @@ def test_reports_applied_together_give_what_one_by_one_gives(db_url: str, seed: 
             rec = applied.record
             view = None
             if rec is not None:
-                view = tuple(rec[k] for k in ("status", "stage", "progress", "last_seq",
-                                              "log_bytes", "log_truncated"))  # fmt: skip
+                view = tuple(getattr(rec, k) for k in ("status", "stage", "progress", "last_seq",
+                                                       "log_bytes", "log_truncated"))  # fmt: skip
             return applied.applied, applied.previous, view
 
         assert [same(x) for x in one_by_one] == [same(x) for x in together]
@@ -288,14 +288,14 @@ def test_reports_applied_together_give_what_one_by_one_gives(db_url: str, seed: 
             a, b = store.get(f"a{n}"), store.get(f"b{n}")
             assert a is not None and b is not None
             keys = ("status", "stage", "progress", "last_seq", "log_bytes", "log_truncated")
-            assert [a[k] for k in keys] == [b[k] for k in keys], n
+            assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], n
             history = [
-                [(h["seq"], h["status"], h["stage"], h["progress"], h["message"], h["source"])
+                [(h.seq, h.status, h.stage, h.progress, h.message, h.source)
                  for h in store.history(f"{world}{n}")]
                 for world in "ab"
             ]  # fmt: skip
             assert history[0] == history[1], n
-            logs = [[line["line"] for line in store.logs(f"{w}{n}")] for w in "ab"]
+            logs = [[line.line for line in store.logs(f"{w}{n}")] for w in "ab"]
             assert logs[0] == logs[1], n
         assert any(x.applied for x in together) and any(x.record is None for x in together)
     finally:

@@ -29,6 +29,7 @@ from deploy_core.models import (
     DeployStatusReport,
 )
 from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.server.rows import HistoryRow
 from deploy_core.transport import Envelope, Kind
 
 pytestmark = pytest.mark.asyncio
@@ -61,7 +62,7 @@ async def enrolled(server: DeployServer, count: int) -> dict[str, tuple[bytes, s
             request={"params": {"script": "true"}, "health_checks": [], "rollback": None},
             deadline=time.time() + 600,
         )
-        made[client_id] = (key, record["deploy_id"])
+        made[client_id] = (key, record.deploy_id)
     return made
 
 
@@ -113,8 +114,8 @@ async def connected(
     return peer, command
 
 
-def agent_lines(history: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    return [(h["seq"], h["message"]) for h in history if h["seq"] is not None]
+def agent_lines(history: list[HistoryRow]) -> list[tuple[int, str]]:
+    return [(h.seq, h.message) for h in history if h.seq is not None]
 
 
 async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions(
@@ -155,11 +156,11 @@ async def test_many_agents_reports_land_in_order_once_and_in_shared_transactions
     for _cid, (_key, deploy_id) in agents.items():
         record = await server.db(records.get, deploy_id)
         assert record is not None
-        assert record["status"] == "success" and record["finished_at"] is not None
-        assert record["acked_at"] is not None and record["last_seq"] == REPORTS - 1
+        assert record.status == "success" and record.finished_at is not None
+        assert record.acked_at is not None and record.last_seq == REPORTS - 1
         history = await server.db(records.history, deploy_id)
         assert agent_lines(history) == [(seq, f"report {seq}") for seq in range(REPORTS)]
-        assert [h["status"] for h in history].count("success") == 1
+        assert [h.status for h in history].count("success") == 1
     assert await server.db(records.locks) == []
     stats = server.ingest.stats
     messages = AGENTS * (1 + REPORTS + 1 + 2) + 1

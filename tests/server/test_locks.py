@@ -39,7 +39,7 @@ def test_acquire_on_a_held_client_raises_client_busy_and_keeps_the_holder(engine
         take(engine, "web-1", "second")
     with engine.connect() as conn:
         holder = locks.holder(conn, "web-1")
-    assert holder is not None and holder["deploy_id"] == "first"
+    assert holder is not None and holder.deploy_id == "first"
 
 
 def test_a_lock_rolled_back_with_its_transaction_is_not_held(engine: Engine) -> None:
@@ -59,7 +59,7 @@ def test_release_frees_only_the_lock_of_the_deployment_it_names(engine: Engine) 
     with engine.begin() as conn:
         locks.release(conn, "web-1", "other")
     with engine.connect() as conn:
-        assert [h["deploy_id"] for h in locks.held(conn)] == ["first"]
+        assert [h.deploy_id for h in locks.held(conn)] == ["first"]
     with engine.begin() as conn:
         locks.release(conn, "web-1", "first")
     with engine.connect() as conn:
@@ -71,4 +71,4 @@ def test_an_expired_lock_is_cleared_and_taken(engine: Engine) -> None:
     take(engine, "web-1", "new")
     with engine.connect() as conn:
         holder = locks.holder(conn, "web-1")
-    assert holder is not None and holder["deploy_id"] == "new"
+    assert holder is not None and holder.deploy_id == "new"

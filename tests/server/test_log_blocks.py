@@ -50,7 +50,7 @@ def test_blocks_become_lines_after_the_single_lines(tmp_path: Path) -> None:
     )
     store.apply_report("c1", report)
     rows = store.logs("d1")
-    assert [(r["stream"], r["line"]) for r in rows] == [
+    assert [(r.stream, r.line) for r in rows] == [
         ("stdout", "first"),
         ("stdout", "a"),
         ("stdout", "b"),
@@ -64,6 +64,7 @@ def test_a_block_past_the_budget_is_cut_at_a_line_with_the_marker(tmp_path: Path
     store = _store(tmp_path, 25)
     store.apply_report("c1", _report(0, log_blocks=[LogBlock(text="0123456789\n" * 5)]))
     store.apply_report("c1", _report(1, log_blocks=[LogBlock(text="more")]))
-    lines = [r["line"] for r in store.logs("d1")]
+    lines = [r.line for r in store.logs("d1")]
     assert lines == ["0123456789", "0123456789", TRUNCATION_MARKER.format(limit=25)]
-    assert store.get("d1")["log_bytes"] == 20
+    record = store.get("d1")
+    assert record is not None and record.log_bytes == 20

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -35,11 +34,11 @@ async def test_the_budget_goes_only_to_agents_that_announce_it(tmp_path: Path) -
         )
         deploy_id = answer.json()["deploy_id"]
         end = time.monotonic() + 30
-        record: dict[str, Any] = {}
-        while time.monotonic() < end and record.get("finished_at") is None:
+        record = None
+        while time.monotonic() < end and (record is None or record.finished_at is None):
             record = await center.server.db(center.server.records.get, deploy_id)
             await asyncio.sleep(0.05)
-        assert record["status"] == "success"
+        assert record is not None and record.status == "success"
         session = center.server.transport.session("web-1")
         assert session is not None
         new = await center.server.dispatcher.command_for(record, session.capabilities)

@@ -87,9 +87,9 @@ def test_each_block_is_one_row_and_its_lines_get_consecutive_ids(engine: sa.Engi
 
     assert _chunks(engine, "d1") == [(1, 3000, "stdout"), (3001, 1, "stderr"), (3002, 2, "stdout")]
     lines = store.logs("d1", limit=10000)
-    assert [line["id"] for line in lines] == list(range(1, 3004))
-    assert [line["line"] for line in lines] == [f"out {i}" for i in range(3000)] + ["e", "x", "y"]
-    assert [line["stream"] for line in lines[2999:]] == ["stdout", "stderr", "stdout", "stdout"]
+    assert [line.id for line in lines] == list(range(1, 3004))
+    assert [line.line for line in lines] == [f"out {i}" for i in range(3000)] + ["e", "x", "y"]
+    assert [line.stream for line in lines[2999:]] == ["stdout", "stderr", "stdout", "stdout"]
 
 
 def test_pages_by_after_and_limit_match_the_whole_log_at_every_cut(engine: sa.Engine) -> None:
@@ -104,7 +104,7 @@ def test_pages_by_after_and_limit_match_the_whole_log_at_every_cut(engine: sa.En
 
     for after in range(0, 18):
         for limit in (1, 2, 4, 9, 1000):
-            expected = [line for line in whole if line["id"] > after][:limit]
+            expected = [line for line in whole if line.id > after][:limit]
             assert store.logs("d1", after=after, limit=limit) == expected, (after, limit)
     # Reading on with each page's last id walks the whole log once.
     seen: list[str] = []
@@ -113,9 +113,9 @@ def test_pages_by_after_and_limit_match_the_whole_log_at_every_cut(engine: sa.En
         page = store.logs("d1", after=after, limit=3)
         if not page:
             break
-        seen += [line["line"] for line in page]
-        after = page[-1]["id"]
-    assert seen == [line["line"] for line in whole]
+        seen += [line.line for line in page]
+        after = page[-1].id
+    assert seen == [line.line for line in whole]
 
 
 def test_single_lines_sent_together_share_a_chunk_and_a_line_with_a_newline_stays_one(
@@ -142,15 +142,15 @@ def test_single_lines_sent_together_share_a_chunk_and_a_line_with_a_newline_stay
 
     assert _chunks(engine, "d1") == [(1, 3, "stdout"), (4, 1, "stdout"), (5, 1, "agent")]
     lines = store.logs("d1")
-    assert [(line["id"], line["line"]) for line in lines] == [
+    assert [(line.id, line.line) for line in lines] == [
         (1, "one"),
         (2, "two"),
         (3, "three\nstill three"),
         (4, "four"),
         (5, "later"),
     ]
-    assert [line["ts"] for line in lines] == [ts, ts, ts, ts, ts + 1]
-    assert store.logs("d1", after=2, limit=1)[0]["line"] == "three\nstill three"
+    assert [line.ts for line in lines] == [ts, ts, ts, ts, ts + 1]
+    assert store.logs("d1", after=2, limit=1)[0].line == "three\nstill three"
 
 
 def test_single_lines_fill_a_chunk_no_bigger_than_a_block(engine: sa.Engine) -> None:
@@ -165,7 +165,7 @@ def test_single_lines_fill_a_chunk_no_bigger_than_a_block(engine: sa.Engine) -> 
     with engine.connect() as conn:
         longest = conn.execute(sa.select(sa.func.max(sa.func.length(deploy_log_chunks.c.text))))
         assert longest.scalar_one() <= 256 * 1024
-    assert [line["line"] for line in store.logs("d1")] == sent
+    assert [line.line for line in store.logs("d1")] == sent
 
 
 def test_the_truncation_marker_is_a_server_line_after_the_cut(engine: sa.Engine) -> None:
@@ -175,7 +175,7 @@ def test_the_truncation_marker_is_a_server_line_after_the_cut(engine: sa.Engine)
     store.apply_report("c-d1", _report("d1", 0, log_blocks=[LogBlock(text="12345\n" * 4)]))
 
     assert _chunks(engine, "d1") == [(1, 3, "stdout"), (4, 1, "server")]
-    assert [line["line"] for line in store.logs("d1")] == [
+    assert [line.line for line in store.logs("d1")] == [
         "12345",
         "12345",
         "12345",
@@ -210,19 +210,19 @@ def test_lines_of_0005_keep_their_ids_after_upgrade_and_come_back_on_downgrade(
     upgrade(engine)
 
     a = store.logs("a")
-    assert [(line["id"], line["stream"], line["line"]) for line in a] == [
+    assert [(line.id, line.stream, line.line) for line in a] == [
         (ids[0], "stdout", "first of a"),
         (ids[2], "stdout", "second of a\nwith a newline"),
         (ids[3], "agent", "third of a"),
     ]
-    assert [line["line"] for line in store.logs("a", after=ids[0])] == [
+    assert [line.line for line in store.logs("a", after=ids[0])] == [
         "second of a\nwith a newline",
         "third of a",
     ]
-    assert [(line["id"], line["line"]) for line in store.logs("b")] == [(ids[1], "first of b")]
+    assert [(line.id, line.line) for line in store.logs("b")] == [(ids[1], "first of b")]
     # New output goes after the migrated lines.
     store.apply_report("c-a", _report("a", 0, log_blocks=[LogBlock(text="new 1\nnew 2")]))
-    after_upgrade = [(line["id"], line["line"]) for line in store.logs("a", after=ids[3])]
+    after_upgrade = [(line.id, line.line) for line in store.logs("a", after=ids[3])]
     assert after_upgrade == [(ids[3] + 1, "new 1"), (ids[3] + 2, "new 2")]
 
     command.downgrade(migrations_config(engine), "0005")

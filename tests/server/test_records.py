@@ -26,6 +26,7 @@ from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.db import client_locks, make_engine, upgrade
 from deploy_core.server.locks import LOCK_GRACE, ClientBusy
 from deploy_core.server.records import Applied, RecordStore
+from deploy_core.server.rows import ClientRow, DeploymentRow
 
 SHELL = "deploy.shell"
 
@@ -45,7 +46,7 @@ def create(
     *,
     deadline: float | None = None,
     rollback_of: str | None = None,
-) -> dict[str, Any]:
+) -> DeploymentRow:
     return store.create_deployment(
         deploy_id=deploy_id,
         client_id=client_id,
@@ -95,18 +96,18 @@ def callback(
     )
 
 
-def record_of(store: RecordStore, deploy_id: str) -> dict[str, Any]:
+def record_of(store: RecordStore, deploy_id: str) -> DeploymentRow:
     record = store.get(deploy_id)
     assert record is not None, f"no record {deploy_id}"
     return record
 
 
-def record_in(applied: Applied) -> dict[str, Any]:
+def record_in(applied: Applied) -> DeploymentRow:
     assert applied.record is not None, applied
     return applied.record
 
 
-def client_of(store: RecordStore, client_id: str) -> dict[str, Any]:
+def client_of(store: RecordStore, client_id: str) -> ClientRow:
     client = store.get_client(client_id)
     assert client is not None, f"no client {client_id}"
     return client
@@ -115,7 +116,7 @@ def client_of(store: RecordStore, client_id: str) -> dict[str, Any]:
 def locked_by(store: RecordStore, client_id: str) -> str | None:
     """The deploy_id holding ``client_id``'s lock, if any."""
     holder = store.lock_holder(client_id)
-    return None if holder is None else str(holder["deploy_id"])
+    return None if holder is None else str(holder.deploy_id)
 
 
 def run_together(n: int, work: Callable[[int], Any]) -> list[Any]:
@@ -149,25 +150,25 @@ def test_create_records_pending_with_one_server_history_row_and_takes_the_lock(
     before = time.time()
     record = create(store, "d1")
 
-    assert record["deploy_id"] == "d1"
-    assert record["client_id"] == "web-1"
-    assert record["status"] == DeployStatus.PENDING.value
-    assert record["progress"] == 0
-    assert record["last_seq"] == -1
-    assert record["request"] == {"params": {"script": "echo hi"}}
-    assert record["finished_at"] is None
-    assert record["rollback_wanted"] is False
-    assert before <= record["created_at"] <= time.time()
+    assert record.deploy_id == "d1"
+    assert record.client_id == "web-1"
+    assert record.status == DeployStatus.PENDING.value
+    assert record.progress == 0
+    assert record.last_seq == -1
+    assert record.request == {"params": {"script": "echo hi"}}
+    assert record.finished_at is None
+    assert record.rollback_wanted is False
+    assert before <= record.created_at <= time.time()
     assert store.get("d1") == record
 
     history = store.history("d1")
-    assert [(h["status"], h["source"], h["seq"]) for h in history] == [("pending", "server", None)]
+    assert [(h.status, h.source, h.seq) for h in history] == [("pending", "server", None)]
 
     holder = store.lock_holder("web-1")
     assert holder is not None
-    assert holder["deploy_id"] == "d1"
-    assert holder["owner"] == "s1"
-    assert holder["expires_at"] == pytest.approx(record["deadline"] + LOCK_GRACE)
+    assert holder.deploy_id == "d1"
+    assert holder.owner == "s1"
+    assert holder.expires_at == pytest.approx(record.deadline + LOCK_GRACE)
 
 
 def test_second_deployment_for_busy_client_raises_client_busy_naming_the_first(
@@ -195,8 +196,8 @@ def test_busy_client_does_not_block_another_client(store: RecordStore) -> None:
 
     record = create(store, "d2", "web-2")
 
-    assert record["status"] == "pending"
-    assert {lock["client_id"]: lock["deploy_id"] for lock in store.locks()} == {
+    assert record.status == "pending"
+    assert {lock.client_id: lock.deploy_id for lock in store.locks()} == {
         "web-1": "d1",
         "web-2": "d2",
     }
@@ -207,7 +208,7 @@ def test_stale_lock_past_deadline_and_grace_is_taken_over(store: RecordStore) ->
 
     record = create(store, "d2")
 
-    assert record["status"] == "pending"
+    assert record.status == "pending"
     assert locked_by(store, "web-1") == "d2"
     # The watchdog expiring the old deployment later must not free the new one's lock.
     assert store.expire("d1", "deadline passed").applied
@@ -238,29 +239,29 @@ def test_lock_left_behind_by_a_finished_deployment_is_stale(store: RecordStore) 
 
     record = create(store, "d2")
 
-    assert record["status"] == "pending"
+    assert record.status == "pending"
     assert locked_by(store, "web-1") == "d2"
 
 
 def test_concurrent_creates_for_one_client_let_exactly_one_through(store: RecordStore) -> None:
     results = run_together(8, lambda i: create(store, f"d{i}"))
 
-    made = [r for r in results if isinstance(r, dict)]
+    made = [r for r in results if isinstance(r, DeploymentRow)]
     busy = [r for r in results if isinstance(r, ClientBusy)]
     assert len(made) == 1, results
     assert len(busy) == 7, results
-    winner = made[0]["deploy_id"]
+    winner = made[0].deploy_id
     assert {b.deploy_id for b in busy} == {winner}
     assert locked_by(store, "web-1") == winner
     records, total = store.list_for_client("web-1")
     assert total == 1
-    assert [r["deploy_id"] for r in records] == [winner]
+    assert [r.deploy_id for r in records] == [winner]
 
 
 def test_concurrent_creates_for_different_clients_all_succeed(store: RecordStore) -> None:
     results = run_together(6, lambda i: create(store, f"d{i}", f"web-{i}"))
 
-    assert all(isinstance(r, dict) for r in results), results
+    assert all(isinstance(r, DeploymentRow) for r in results), results
     assert len(store.locks()) == 6
 
 
@@ -271,21 +272,21 @@ def test_duplicate_deploy_id_fails_instead_of_retrying_forever(store: RecordStor
         create(store, "d1", "web-2")
 
     assert store.lock_holder("web-2") is None
-    assert record_of(store, "d1")["client_id"] == "web-1"
+    assert record_of(store, "d1").client_id == "web-1"
 
 
 def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
     create(store, "d1")
     store.mark_acked("web-1", "d1")
     store.expire("d1", "deadline passed")
-    assert record_of(store, "d1")["rollback_wanted"] is True
+    assert record_of(store, "d1").rollback_wanted is True
 
     create(store, "r1", rollback_of="d1")
 
     original = record_of(store, "d1")
-    assert original["rolled_back_by"] == "r1"
-    assert original["rollback_wanted"] is False
-    assert record_of(store, "r1")["rollback_of"] == "d1"
+    assert original.rolled_back_by == "r1"
+    assert original.rollback_wanted is False
+    assert record_of(store, "r1").rollback_of == "d1"
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -301,16 +302,16 @@ def test_finish_sets_result_and_releases_lock_so_next_deployment_starts(
     assert applied.applied
     assert applied.previous == "pending"
     record = record_in(applied)
-    assert record["status"] == "success"
-    assert record["progress"] == 100
-    assert record["result"] == {"exit_code": 0}
-    assert record["agent_status"] == "success"
-    assert record["finished_at"] is not None
+    assert record.status == "success"
+    assert record.progress == 100
+    assert record.result == {"exit_code": 0}
+    assert record.agent_status == "success"
+    assert record.finished_at is not None
     assert store.get("d1") == record
-    assert store.history("d1")[-1]["status"] == "success"
+    assert store.history("d1")[-1].status == "success"
     assert store.lock_holder("web-1") is None
 
-    assert create(store, "d2")["status"] == "pending"
+    assert create(store, "d2").status == "pending"
 
 
 def test_second_callback_is_not_applied(store: RecordStore) -> None:
@@ -323,7 +324,7 @@ def test_second_callback_is_not_applied(store: RecordStore) -> None:
 
     assert not again.applied
     assert again.record == first
-    assert record_of(store, "d1")["status"] == "success"
+    assert record_of(store, "d1").status == "success"
     assert store.history("d1") == history
     # Nor does it touch the lock the next deployment now holds.
     assert locked_by(store, "web-1") == "d2"
@@ -337,11 +338,11 @@ def test_failed_callback_keeps_error_health_and_rollback(store: RecordStore) -> 
 
     record = record_in(store.finish("web-1", payload))
 
-    assert record["status"] == "rolled_back"
-    assert record["error"] == "health check failed"
-    assert record["health"][0]["error"] == "503"
-    assert record["rollback"]["strategy"] == "snapshot"
-    assert store.history("d1")[-1]["message"] == "health check failed"
+    assert record.status == "rolled_back"
+    assert record.error == "health check failed"
+    assert record.health is not None and record.health[0]["error"] == "503"
+    assert record.rollback is not None and record.rollback["strategy"] == "snapshot"
+    assert store.history("d1")[-1].message == "health check failed"
     assert store.lock_holder("web-1") is None
 
 
@@ -352,7 +353,7 @@ def test_callback_from_another_client_is_not_applied(store: RecordStore) -> None
 
     assert not applied.applied
     assert applied.record is None
-    assert record_of(store, "d1")["status"] == "pending"
+    assert record_of(store, "d1").status == "pending"
     assert locked_by(store, "web-1") == "d1"
 
 
@@ -373,21 +374,21 @@ def test_reports_apply_in_seq_order_with_history_and_logs(store: RecordStore) ->
         )
         assert applied.applied
         assert applied.previous == previous
-        assert record_in(applied)["status"] == status.value
-        assert record_in(applied)["progress"] == progress
-        assert record_in(applied)["last_seq"] == seq
+        assert record_in(applied).status == status.value
+        assert record_in(applied).progress == progress
+        assert record_in(applied).last_seq == seq
         previous = status.value
 
     history = store.history("d1")
-    assert [(h["seq"], h["status"], h["source"]) for h in history] == [
+    assert [(h.seq, h.status, h.source) for h in history] == [
         (None, "pending", "server"),
         (0, "executing", "agent"),
         (1, "script_running", "agent"),
         (2, "health_check", "agent"),
     ]
     lines = store.logs("d1")
-    assert [line["line"] for line in lines] == ["preparing", "line 1", "line 2", "GET /health 200"]
-    assert [line["line"] for line in store.logs("d1", after=lines[1]["id"])] == [
+    assert [line.line for line in lines] == ["preparing", "line 1", "line 2", "GET /health 200"]
+    assert [line.line for line in store.logs("d1", after=lines[1].id)] == [
         "line 2",
         "GET /health 200",
     ]
@@ -405,10 +406,10 @@ def test_duplicate_seq_is_not_applied(store: RecordStore) -> None:
     )
 
     assert not again.applied
-    assert record_in(again)["status"] == "script_running"
-    assert record_in(again)["progress"] == 40
+    assert record_in(again).status == "script_running"
+    assert record_in(again).progress == 40
     assert len(store.history("d1")) == 2
-    assert [line["line"] for line in store.logs("d1")] == ["once"]
+    assert [line.line for line in store.logs("d1")] == ["once"]
 
 
 def test_older_seq_does_not_move_status_or_progress_back(store: RecordStore) -> None:
@@ -419,10 +420,10 @@ def test_older_seq_does_not_move_status_or_progress_back(store: RecordStore) -> 
 
     assert not late.applied
     record = record_of(store, "d1")
-    assert record["status"] == "health_check"
-    assert record["progress"] == 90
-    assert record["last_seq"] == 5
-    assert [h["seq"] for h in store.history("d1")] == [None, 5]
+    assert record.status == "health_check"
+    assert record.progress == 90
+    assert record.last_seq == 5
+    assert [h.seq for h in store.history("d1")] == [None, 5]
 
 
 def test_report_after_finish_is_kept_in_history_but_status_stays_the_callbacks(
@@ -439,13 +440,13 @@ def test_report_after_finish_is_kept_in_history_but_status_stays_the_callbacks(
 
     assert not late.applied
     record = record_of(store, "d1")
-    assert record["status"] == "failed"
-    assert record["progress"] == 100
+    assert record.status == "failed"
+    assert record.progress == 100
     last = store.history("d1")[-1]
-    assert last["seq"] == 1
-    assert last["status"] == "health_check"
-    assert last["message"] == "(after finish) checking"
-    assert [line["line"] for line in store.logs("d1")] == ["tail"]
+    assert last.seq == 1
+    assert last.status == "health_check"
+    assert last.message == "(after finish) checking"
+    assert [line.line for line in store.logs("d1")] == ["tail"]
 
 
 def test_report_for_another_clients_deployment_is_not_applied(store: RecordStore) -> None:
@@ -455,7 +456,7 @@ def test_report_for_another_clients_deployment_is_not_applied(store: RecordStore
 
     assert not applied.applied
     assert applied.record is None
-    assert record_of(store, "d1")["status"] == "pending"
+    assert record_of(store, "d1").status == "pending"
     assert len(store.history("d1")) == 1
     assert store.logs("d1") == []
 
@@ -472,7 +473,7 @@ def test_concurrent_duplicate_reports_are_applied_once(store: RecordStore) -> No
     results = run_together(6, lambda i: store.apply_report("web-1", report("d1", 0)))
 
     assert [r.applied for r in results].count(True) == 1, results
-    assert [h["seq"] for h in store.history("d1")] == [None, 0]
+    assert [h.seq for h in store.history("d1")] == [None, 0]
 
 
 # --------------------------------------------------------------------------- watchdog
@@ -493,12 +494,12 @@ def test_expire_marks_timeout_releases_lock_and_wants_rollback_once_it_may_have_
     assert applied.applied
     assert applied.previous == "script_running"
     record = record_in(applied)
-    assert record["status"] == "timeout"
-    assert record["error"] == "no report for 300 s"
-    assert record["finished_at"] is not None
-    assert record["rollback_wanted"] is True
+    assert record.status == "timeout"
+    assert record.error == "no report for 300 s"
+    assert record.finished_at is not None
+    assert record.rollback_wanted is True
     last = store.history("d1")[-1]
-    assert (last["status"], last["source"], last["message"], last["progress"]) == (
+    assert (last.status, last.source, last.message, last.progress) == (
         "timeout",
         "server",
         "no report for 300 s",
@@ -515,16 +516,14 @@ def test_expire_wants_a_rollback_only_if_the_command_may_have_reached_the_agent(
     if sent:
         store.mark_dispatched("d1")
     record = record_in(store.expire("d1", "deadline passed"))
-    assert record["rollback_wanted"] is sent
+    assert record.rollback_wanted is sent
 
 
 def test_expire_without_rollback_wanted_never_asks_for_one(store: RecordStore) -> None:
     create(store, "d1")
     store.mark_acked("web-1", "d1")
 
-    assert (
-        record_in(store.expire("d1", "deadline", rollback_wanted=False))["rollback_wanted"] is False
-    )
+    assert record_in(store.expire("d1", "deadline", rollback_wanted=False)).rollback_wanted is False
 
 
 def test_expire_does_not_touch_a_finished_deployment(store: RecordStore) -> None:
@@ -534,8 +533,8 @@ def test_expire_does_not_touch_a_finished_deployment(store: RecordStore) -> None
     applied = store.expire("d1", "deadline")
 
     assert not applied.applied
-    assert record_in(applied)["status"] == "success"
-    assert record_in(applied)["error"] is None
+    assert record_in(applied).status == "success"
+    assert record_in(applied).error is None
     assert store.expire("nope", "deadline") == Applied(False, None, None)
 
 
@@ -549,18 +548,18 @@ def test_late_callback_after_expire_keeps_timeout_and_records_agent_status(
 
     assert not late.applied
     record = record_of(store, "d1")
-    assert record["status"] == "timeout"
-    assert record["agent_status"] == "success"
-    assert record["error"] == "deadline passed"
+    assert record.status == "timeout"
+    assert record.agent_status == "success"
+    assert record.error == "deadline passed"
     last = store.history("d1")[-1]
-    assert last["source"] == "agent"
-    assert last["status"] == "success"
-    assert "late callback" in last["message"]
+    assert last.source == "agent"
+    assert last.status == "success"
+    assert "late callback" in last.message
 
     # A second late callback changes nothing more.
     rows = len(store.history("d1"))
     store.finish("web-1", callback("d1", DeployStatus.FAILED, error="boom"))
-    assert record_of(store, "d1")["agent_status"] == "success"
+    assert record_of(store, "d1").agent_status == "success"
     assert len(store.history("d1")) == rows
 
 
@@ -575,13 +574,13 @@ def test_late_timeout_callback_after_expire_is_still_recorded(store: RecordStore
     store.finish("web-1", payload)
 
     record = record_of(store, "d1")
-    assert record["status"] == "timeout"
-    assert record["agent_status"] == "timeout"
+    assert record.status == "timeout"
+    assert record.agent_status == "timeout"
     # A manual rollback later needs what the agent prepared.
-    assert record["rollback_state"] == {"snapshot": "/var/lib/deploy/snap-1"}
+    assert record.rollback_state == {"snapshot": "/var/lib/deploy/snap-1"}
     last = store.history("d1")[-1]
-    assert "late callback" in last["message"]
-    assert "script killed after 300 s" in last["message"]
+    assert "late callback" in last.message
+    assert "script killed after 300 s" in last.message
 
 
 def test_concurrent_callback_and_expire_finish_once(store: RecordStore) -> None:
@@ -597,10 +596,10 @@ def test_concurrent_callback_and_expire_finish_once(store: RecordStore) -> None:
 
     assert [r.applied for r in results].count(True) == 1, results
     record = record_of(store, "d1")
-    assert record["status"] in {"success", "timeout"}
-    finishing = [h for h in store.history("d1") if h["status"] in {"success", "timeout"}]
+    assert record.status in {"success", "timeout"}
+    finishing = [h for h in store.history("d1") if h.status in {"success", "timeout"}]
     # The winner's row, plus a "late callback" row if the watchdog won.
-    assert finishing[0]["status"] == record["status"]
+    assert finishing[0].status == record.status
     assert store.lock_holder("web-1") is None
 
 
@@ -613,8 +612,8 @@ def test_overdue_lists_only_unfinished_deployments_past_their_deadline(
     create(store, "done", "web-3", deadline=now - 10)
     store.finish("web-3", callback("done"))
 
-    assert [r["deploy_id"] for r in store.overdue()] == ["late"]
-    assert sorted(r["deploy_id"] for r in store.overdue(now + 601)) == ["early", "late"]
+    assert [r.deploy_id for r in store.overdue()] == ["late"]
+    assert sorted(r.deploy_id for r in store.overdue(now + 601)) == ["early", "late"]
     assert store.overdue(now - 3600) == []
 
 
@@ -626,17 +625,17 @@ def test_undelivered_lists_unacked_unfinished_deployments_oldest_first(
     create(store, "b")
     create(store, "c", "web-2")  # another client's
 
-    assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
+    assert [r.deploy_id for r in store.undelivered("web-1")] == ["b"]
 
     store.mark_dispatched("b")
-    dispatched = record_of(store, "b")["dispatched_at"]
+    dispatched = record_of(store, "b").dispatched_at
     assert dispatched is not None
     # Dispatched is not delivered: only the agent's ack is.
-    assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["b"]
+    assert [r.deploy_id for r in store.undelivered("web-1")] == ["b"]
 
     store.mark_acked("web-1", "b")
     assert store.undelivered("web-1") == []
-    assert [r["deploy_id"] for r in store.undelivered("web-2")] == ["c"]
+    assert [r.deploy_id for r in store.undelivered("web-2")] == ["c"]
 
 
 def test_undelivered_orders_by_creation(store: RecordStore) -> None:
@@ -644,19 +643,19 @@ def test_undelivered_orders_by_creation(store: RecordStore) -> None:
     create(store, "first", deadline=time.time() - LOCK_GRACE - 5)
     create(store, "second")
 
-    assert [r["deploy_id"] for r in store.undelivered("web-1")] == ["first", "second"]
+    assert [r.deploy_id for r in store.undelivered("web-1")] == ["first", "second"]
 
 
 def test_mark_acked_keeps_the_first_ack_time(store: RecordStore) -> None:
     create(store, "d1")
     store.mark_acked("web-1", "d1")
-    first = record_of(store, "d1")["acked_at"]
+    first = record_of(store, "d1").acked_at
     assert first is not None
 
     time.sleep(0.01)
     store.mark_acked("web-1", "d1")
 
-    assert record_of(store, "d1")["acked_at"] == first
+    assert record_of(store, "d1").acked_at == first
 
 
 def test_list_for_client_is_newest_first_with_total_and_paging(store: RecordStore) -> None:
@@ -667,14 +666,14 @@ def test_list_for_client_is_newest_first_with_total_and_paging(store: RecordStor
 
     page, total = store.list_for_client("web-1")
     assert total == 5
-    assert [r["deploy_id"] for r in page] == ["d4", "d3", "d2", "d1", "d0"]
+    assert [r.deploy_id for r in page] == ["d4", "d3", "d2", "d1", "d0"]
 
     page, total = store.list_for_client("web-1", limit=2, offset=1)
     assert total == 5
-    assert [r["deploy_id"] for r in page] == ["d3", "d2"]
+    assert [r.deploy_id for r in page] == ["d3", "d2"]
 
     page, total = store.list_for_client("web-1", limit=2, offset=4)
-    assert [r["deploy_id"] for r in page] == ["d0"]
+    assert [r.deploy_id for r in page] == ["d0"]
     assert store.list_for_client("nobody") == ([], 0)
 
 
@@ -690,8 +689,8 @@ def test_enroll_stores_the_key_and_refuses_a_taken_id(store: RecordStore) -> Non
     assert store.agent_key("web-1") == "aa" * 32
     assert store.agent_key("web-2") is None
     client = client_of(store, "web-1")
-    assert client["connected"] is False
-    assert client["enrolled_at"] is not None
+    assert client.connected is False
+    assert client.enrolled_at is not None
     assert store.get_client("web-2") is None
 
 
@@ -700,21 +699,21 @@ def test_connect_disconnect_and_heartbeats_are_recorded(store: RecordStore) -> N
 
     store.set_connected("web-1", remote="10.0.0.5:4433", capabilities={"types": [SHELL]})
     client = client_of(store, "web-1")
-    assert client["connected"] is True
-    assert client["server_id"] == "s1"
-    assert client["remote"] == "10.0.0.5:4433"
-    assert client["capabilities"] == {"types": [SHELL]}
-    assert client["connected_since"] is not None
+    assert client.connected is True
+    assert client.server_id == "s1"
+    assert client.remote == "10.0.0.5:4433"
+    assert client.capabilities == {"types": [SHELL]}
+    assert client.connected_since is not None
 
     store.touch_clients({"web-1": 12345.0})
-    assert client_of(store, "web-1")["last_seen"] == 12345.0
+    assert client_of(store, "web-1").last_seen == 12345.0
     store.touch_clients({})  # nothing to record is fine
 
     store.set_disconnected("web-1", last_seen=23456.0)
     client = client_of(store, "web-1")
-    assert client["connected"] is False
-    assert client["last_seen"] == 23456.0
-    assert client["disconnected_since"] is not None
+    assert client.connected is False
+    assert client.last_seen == 23456.0
+    assert client.disconnected_since is not None
 
 
 def test_another_server_cannot_disconnect_an_agent_it_does_not_hold(
@@ -727,7 +726,7 @@ def test_another_server_cannot_disconnect_an_agent_it_does_not_hold(
     other.set_disconnected("web-1", last_seen=1.0)
     other.mark_all_disconnected()
 
-    assert client_of(store, "web-1")["connected"] is True
+    assert client_of(store, "web-1").connected is True
 
 
 def test_mark_all_disconnected_clears_only_this_servers_agents(store: RecordStore) -> None:
@@ -738,9 +737,9 @@ def test_mark_all_disconnected_clears_only_this_servers_agents(store: RecordStor
 
     store.mark_all_disconnected()
 
-    connected = {c["client_id"]: c["connected"] for c in store.list_clients()}
+    connected = {c.client_id: c.connected for c in store.list_clients()}
     assert connected == {"web-1": False, "web-2": False, "web-3": True}
-    assert client_of(store, "web-1")["disconnected_since"] is not None
+    assert client_of(store, "web-1").disconnected_since is not None
 
 
 def test_list_clients_never_returns_agent_keys(store: RecordStore) -> None:
@@ -750,8 +749,8 @@ def test_list_clients_never_returns_agent_keys(store: RecordStore) -> None:
     everyone = store.list_clients()
     some = store.list_clients(["web-1", "nope"])
 
-    assert [c["client_id"] for c in everyone] == ["db-1", "web-1", "web-2"]
-    assert [c["client_id"] for c in some] == ["web-1"]
+    assert [c.client_id for c in everyone] == ["db-1", "web-1", "web-2"]
+    assert [c.client_id for c in some] == ["web-1"]
     for client in [*everyone, *some, client_of(store, "db-1")]:
-        assert "agent_key" not in client
-        assert not any("secret" in str(value) for value in client.values())
+        assert "agent_key" not in client.as_dict()
+        assert not any("secret" in str(value) for value in client.as_dict().values())

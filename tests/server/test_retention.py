@@ -1,17 +1,23 @@
-"""Retention (``deployctl db prune``) and upgrading a database that already holds data."""
+"""Retention (``deployctl db prune`` and the server's daily pass, server/retention.py) and
+upgrading a database that already holds data."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport, LogLine
 from deploy_core.server import db
 from deploy_core.server.records import RecordStore
+from deploy_core.server.retention import DAY, Retention
 
 
 def _finished(store: RecordStore, deploy_id: str, client: str) -> None:
@@ -97,7 +103,7 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(db_url: str) -> None:
     assert (db.current_revision(engine) or "") >= "0003"  # 0003 or a later head
     record = RecordStore(engine).get("d1")
     assert record is not None
-    assert record["log_bytes"] == 0 and record["log_truncated"] is False
+    assert record.log_bytes == 0 and record.log_truncated is False
     engine.dispose()
 
 
@@ -140,3 +146,105 @@ def test_cli_prune_and_upgrade(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "duration" in bad.stderr
+
+
+# --------------------------------------------------------------------------- the server's loop
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[RecordStore]:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    yield RecordStore(engine, server_id="s1")
+    engine.dispose()
+
+
+def _age(store: RecordStore, deploy_id: str, days: float) -> None:
+    """Make ``deploy_id`` look finished ``days`` ago."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            db.deployments.update()
+            .where(db.deployments.c.deploy_id == deploy_id)
+            .values(finished_at=time.time() - days * DAY)
+        )
+
+
+async def test_a_retention_pass_deletes_only_what_finished_before_the_period(
+    store: RecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    _finished(store, "old", "c1")
+    _finished(store, "recent", "c2")
+    _age(store, "old", 31)
+    _age(store, "recent", 29)
+    store.create_deployment(
+        deploy_id="running",
+        client_id="c3",
+        command_type="deploy.shell",
+        request={},
+        deadline=time.time() - 40 * DAY,
+    )
+    retention = Retention(store, days=30)
+    with caplog.at_level(logging.INFO, "deploy_core.server.retention"):
+        assert await retention.prune() == 1
+    assert store.get("old") is None
+    assert store.get("recent") is not None and store.get("running") is not None
+    assert "deleted 1 deployments finished more than 30 days ago" in caplog.text
+    caplog.clear()
+    assert await retention.prune() == 0
+    assert "deleted" not in caplog.text  # nothing to say
+
+
+async def test_the_retention_loop_prunes_only_while_this_replica_holds_the_lease(
+    store: RecordStore,
+) -> None:
+    _finished(store, "old", "c1")
+    _age(store, "old", 31)
+    held = False
+    asked = asyncio.Event()
+
+    def holds() -> bool:
+        asked.set()
+        return held
+
+    task = asyncio.create_task(Retention(store, days=30, interval=0.01, may_run=holds).run())
+    try:
+        await asyncio.wait_for(asked.wait(), 30)
+        await asyncio.sleep(0.1)  # several passes without the lease
+        assert store.get("old") is not None
+        held = True
+        end = time.monotonic() + 30
+        while store.get("old") is not None and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert store.get("old") is None
+
+
+class _FlakyStore:
+    """A store whose first ``prune`` fails, then counts passes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.again = asyncio.Event()
+
+    def prune(self, older_than: float) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("database gone for a moment")
+        self.again.set()
+        return 0
+
+
+async def test_the_retention_loop_outlives_a_failed_pass(caplog: pytest.LogCaptureFixture) -> None:
+    flaky = _FlakyStore()
+    retention = Retention(flaky, days=1, interval=0.01)  # type: ignore[arg-type]
+    task = asyncio.create_task(retention.run())
+    try:
+        await asyncio.wait_for(flaky.again.wait(), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert flaky.calls >= 2
+    assert "retention pass failed" in caplog.text
+    assert "database gone for a moment" in caplog.text

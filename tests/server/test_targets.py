@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from deploy_core.models import DeployCallbackPayload, DeployStatus
 from deploy_core.server.db import make_engine, upgrade
 from deploy_core.server.records import RecordStore
+from deploy_core.server.rows import DeploymentRow
 
 SHELL = "deploy.shell"
 TARGET = "deploy.shell:/srv/app"
@@ -37,7 +37,7 @@ def finished(
     client_id: str = "web-1",
     rollback_of: str | None = None,
     artifacts: tuple[str, ...] = (),
-) -> dict[str, Any]:
+) -> DeploymentRow:
     """A deployment created, sent, acknowledged and finished with ``status``."""
     store.create_deployment(
         deploy_id=deploy_id,
@@ -64,8 +64,8 @@ def finished(
     return applied.record
 
 
-def ids(records: list[dict[str, Any]]) -> list[str]:
-    return [r["deploy_id"] for r in records]
+def ids(records: list[DeploymentRow]) -> list[str]:
+    return [r.deploy_id for r in records]
 
 
 def test_newer_deployments_in_place_are_named_newest_first(store: RecordStore) -> None:
@@ -78,7 +78,7 @@ def test_newer_deployments_in_place_are_named_newest_first(store: RecordStore) -
 
     assert ids(store.newer_in_place(v4)) == ["v5"]
     assert ids(store.newer_in_place(v3)) == ["v5", "v4"]
-    assert [r["target"] for r in store.live_deployments("web-1")] == [
+    assert [r.target for r in store.live_deployments("web-1")] == [
         TARGET,
         "deploy.shell:/srv/other",
     ]

@@ -109,8 +109,8 @@ def join_token(server: DeployServer, path: Path, uses: int = 1) -> tuple[str, Pa
 
 
 def uses_left(server: DeployServer, token_id: str) -> int | None:
-    (row,) = [t for t in server.tokens.list_join_tokens() if t["token_id"] == token_id]
-    return row["uses_left"]  # type: ignore[no-any-return]
+    (row,) = [t for t in server.tokens.list_join_tokens() if t.token_id == token_id]
+    return row.uses_left
 
 
 def identity_public_hex(state: Path) -> str:
@@ -222,7 +222,7 @@ async def test_concurrent_tries_with_one_key_enroll_once_and_spend_one_use(
         assert results == [None] * 6
         assert uses_left(server, token_id) == 0
         held = server.records.client_credentials(CLIENT)
-        assert held is not None and held["public_key"] == key.hex()
+        assert held is not None and held.public_key == key.hex()
         with pytest.raises(AuthError, match="already enrolled with another key"):
             await registry.enroll(CLIENT, token, public_bytes(Ed25519PrivateKey.generate()))
     finally:

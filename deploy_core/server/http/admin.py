@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -11,8 +9,8 @@ from starlette.routing import BaseRoute, Route
 
 from deploy_core.server.http.web import ApiError, json_body, parse_model, services
 from deploy_core.server.http.webhooks import webhook_routes
+from deploy_core.server.rows import iso_time
 from deploy_core.server.tokens import SCOPES, TokenError
-from deploy_core.server.views import iso_time
 
 
 class NewApiToken(BaseModel):
@@ -35,10 +33,6 @@ class NewJoinToken(BaseModel):
     note: str = Field("", max_length=200)
 
 
-def _with_iso(row: dict[str, Any], *fields: str) -> dict[str, Any]:
-    return {k: iso_time(v) if k in fields else v for k, v in row.items()}
-
-
 async def create_api_token(request: Request) -> Response:
     """``POST /api/tokens`` → ``201 {"name", "scope", "token"}`` (the token is shown once)."""
     server = services(request)
@@ -54,7 +48,7 @@ async def list_api_tokens(request: Request) -> Response:
     """``GET /api/tokens`` — names and scopes, never values."""
     server = services(request)
     tokens = await server.db(server.tokens.list_api_tokens)
-    return JSONResponse({"tokens": [_with_iso(t, "created_at", "last_used") for t in tokens]})
+    return JSONResponse({"tokens": [t.to_api() for t in tokens]})
 
 
 async def revoke_api_token(request: Request) -> Response:
@@ -88,9 +82,7 @@ async def list_join_tokens(request: Request) -> Response:
     """``GET /api/join-tokens``."""
     server = services(request)
     tokens = await server.db(server.tokens.list_join_tokens)
-    return JSONResponse(
-        {"join_tokens": [_with_iso(t, "created_at", "expires_at") for t in tokens]}
-    )
+    return JSONResponse({"join_tokens": [t.to_api() for t in tokens]})
 
 
 async def revoke_join_token(request: Request) -> Response:
@@ -119,7 +111,7 @@ async def forget_client(request: Request) -> Response:
     client = await server.db(server.records.get_client, client_id)
     if client is None:
         raise ApiError(404, f"unknown client {client_id!r}")
-    if client["connected"] and client["revoked_at"] is None:
+    if client.connected and client.revoked_at is None:
         raise ApiError(409, f"client {client_id} is connected; revoke it first")
     await server.db(server.records.forget_client, client_id)
     return JSONResponse({"forgotten": client_id})

@@ -57,8 +57,8 @@ from deploy_core.server.rollbacks import (
     cascade_order,
     request_rollback,
 )
+from deploy_core.server.rows import DeploymentRow
 from deploy_core.server.services import PluginServices
-from deploy_core.server.views import render_history, render_record
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
@@ -97,10 +97,10 @@ async def create_deployment(request: Request) -> Response:
         raise ApiError(409, str(exc), {"busy_with": exc.deploy_id}) from None
     return JSONResponse(
         {
-            "deploy_id": record["deploy_id"],
-            "status": record["status"],
+            "deploy_id": record.deploy_id,
+            "status": record.status,
             "client_connected": server.is_connected(common.client_id),
-            "url": f"/api/deploy/{record['deploy_id']}",
+            "url": f"/api/deploy/{record.deploy_id}",
         },
         status_code=202,
     )
@@ -129,12 +129,12 @@ async def rollback_deployment(request: Request) -> Response:
         raise ApiError(409, str(exc), {"busy_with": exc.deploy_id}) from None
     return JSONResponse(
         {
-            "deploy_id": rollback["deploy_id"],
-            "rollback_of": rollback["rollback_of"],
+            "deploy_id": rollback.deploy_id,
+            "rollback_of": rollback.rollback_of,
             "cascade": cascade_order(rollback),
-            "status": rollback["status"],
-            "client_connected": server.is_connected(record["client_id"]),
-            "url": f"/api/deploy/{rollback['deploy_id']}",
+            "status": rollback.status,
+            "client_connected": server.is_connected(record.client_id),
+            "url": f"/api/deploy/{rollback.deploy_id}",
         },
         status_code=202,
     )
@@ -153,10 +153,10 @@ async def get_deployment(request: Request) -> Response:
             record = await record_or_404(server, deploy_id)  # read after subscribing
             end = time.monotonic() + wait
 
-            def settled(rec: dict[str, Any]) -> bool:
+            def settled(rec: DeploymentRow) -> bool:
                 if since >= 0:
-                    return bool(rec["updated_at"] > since)
-                return rec["finished_at"] is not None
+                    return rec.updated_at > since
+                return rec.finished_at is not None
 
             while not settled(record) and (left := end - time.monotonic()) > 0:
                 try:
@@ -164,7 +164,7 @@ async def get_deployment(request: Request) -> Response:
                 except TimeoutError:
                     break
                 record = await record_or_404(server, deploy_id)
-    return JSONResponse(render_record(record))
+    return JSONResponse(record.to_api())
 
 
 async def get_status_history(request: Request) -> Response:
@@ -176,8 +176,8 @@ async def get_status_history(request: Request) -> Response:
     return JSONResponse(
         {
             "deploy_id": deploy_id,
-            "status": record["status"],
-            "history": [render_history(r) for r in rows],
+            "status": record.status,
+            "history": [r.to_api() for r in rows],
         }
     )
 
@@ -199,7 +199,7 @@ async def list_deployments(request: Request) -> Response:
             "total": total,
             "limit": limit,
             "offset": offset,
-            "items": [render_record(r) for r in items],
+            "items": [r.to_api() for r in items],
         }
     )
 
@@ -234,7 +234,7 @@ async def list_all_deployments(request: Request) -> Response:
             "total": total,
             "limit": limit,
             "offset": offset,
-            "items": [render_record(r) for r in items],
+            "items": [r.to_api() for r in items],
         }
     )
 

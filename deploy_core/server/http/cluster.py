@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from deploy_core.server.http.web import services
 from deploy_core.server.replicas import STALE_AFTER_INTERVALS
-from deploy_core.server.views import iso_time
+from deploy_core.server.rows import iso_time
 
 
 class _Answer(BaseModel):

@@ -23,6 +23,7 @@ from deploy_core.server.rollback_plan import (
     RollbackPlanError,
     plan_rollback,
 )
+from deploy_core.server.rows import ClientRow
 from deploy_core.server.services import PluginServices
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class PreparedDeploy:
     checks: list[dict[str, Any]]
     plan: RollbackPlan
 
-    def check_capabilities(self, client: dict[str, Any]) -> None:
+    def check_capabilities(self, client: ClientRow) -> None:
         """Refuse (409) when the client's agent said it cannot do this."""
         check_capabilities(client, self.deploy_type.name, self.checks, self.plan)
 
@@ -126,16 +127,16 @@ def validate_options(
 
 
 def check_capabilities(
-    client: dict[str, Any],
+    client: ClientRow,
     command_type: str,
     checks: list[dict[str, Any]],
     plan: RollbackPlan,
 ) -> None:
     """Refuse (409) what the target agent said it cannot do."""
-    caps = client.get("capabilities")
+    caps = client.capabilities
     if not caps:
         return  # never connected yet: it will refuse by callback if it cannot
-    cid = client["client_id"]
+    cid = client.client_id
     if command_type not in caps.get("deploy_types", []):
         raise ApiError(
             409,

@@ -21,30 +21,15 @@ from deploy_core.server.clients import CLIENT_STATES, ClientFilter
 from deploy_core.server.http.requests import request_model
 from deploy_core.server.http.web import ApiError, flag_param, int_param, services
 from deploy_core.server.rollback_plan import describe_defaults
-from deploy_core.server.views import iso_time
+from deploy_core.server.rows import ClientRow, iso_time
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
 
 
-def render_client(server: DeployServer, row: dict[str, Any]) -> dict[str, Any]:
-    """A client as the API shows it."""
-    caps = row.get("capabilities") or {}
-    return {
-        "client_id": row["client_id"],
-        "connected": bool(row["connected"]),
-        "connected_here": server.is_connected(row["client_id"]),
-        "connected_since": iso_time(row["connected_since"]) if row["connected"] else None,
-        "disconnected_since": None if row["connected"] else iso_time(row["disconnected_since"]),
-        "last_seen": iso_time(row["last_seen"]),
-        "remote": row["remote"],
-        "enrolled_at": iso_time(row["enrolled_at"]),
-        "revoked_at": iso_time(row.get("revoked_at")),
-        "credential": row["credential"],
-        "plugins": caps.get("plugins", {}),
-        "capabilities": caps,
-        "labels": labels if isinstance(labels := row.get("labels"), dict) else {},
-    }
+def render_client(server: DeployServer, row: ClientRow) -> dict[str, Any]:
+    """A client as this replica's API shows it."""
+    return row.to_api(connected_here=server.is_connected(row.client_id))
 
 
 #: ``GET /api/clients``: page sizes, the longest search, the most label filters.
@@ -146,18 +131,18 @@ async def get_client(request: Request) -> Response:
     row = await server.db(server.records.get_client, request.path_params["client_id"])
     if row is None:
         raise ApiError(404, f"unknown client {request.path_params['client_id']!r}")
-    lock = await server.db(server.records.lock_holder, row["client_id"])
-    live = await server.db(server.records.live_deployments, row["client_id"])
+    lock = await server.db(server.records.lock_holder, row.client_id)
+    live = await server.db(server.records.live_deployments, row.client_id)
     return JSONResponse(
         {
             **render_client(server, row),
-            "busy_with": lock and lock["deploy_id"],
+            "busy_with": lock and lock.deploy_id,
             "live": [
                 {
-                    "target": r["target"],
-                    "deploy_id": r["deploy_id"],
-                    "command_type": r["command_type"],
-                    "finished_at": iso_time(r["finished_at"]),
+                    "target": r.target,
+                    "deploy_id": r.deploy_id,
+                    "command_type": r.command_type,
+                    "finished_at": iso_time(r.finished_at),
                 }
                 for r in live
             ],

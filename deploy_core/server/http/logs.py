@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -18,21 +18,9 @@ from deploy_core.server.http.web import (
     record_or_404,
     services,
 )
-from deploy_core.server.views import iso_time
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
-
-
-def render_log(row: dict[str, Any]) -> dict[str, Any]:
-    """One log line as the API shows it."""
-    return {
-        "id": row["id"],
-        "timestamp": iso_time(row["ts"]),
-        "stream": row["stream"],
-        "stage": row["stage"],
-        "line": row["line"],
-    }
 
 
 async def get_logs(request: Request) -> Response:
@@ -58,8 +46,8 @@ async def get_logs(request: Request) -> Response:
     return JSONResponse(
         {
             "deploy_id": deploy_id,
-            "lines": [render_log(r) for r in rows],
-            "next_after": rows[-1]["id"] if rows else after,
+            "lines": [r.to_api() for r in rows],
+            "next_after": rows[-1].id if rows else after,
         }
     )
 
@@ -75,18 +63,18 @@ async def _follow_logs(
         while True:
             rows = await server.db(server.records.logs, deploy_id, after=after, limit=1000)
             for row in rows:
-                yield (json.dumps(render_log(row)) + "\n").encode()
-                after = row["id"]
+                yield (json.dumps(row.to_api()) + "\n").encode()
+                after = row.id
             if len(rows) == 1000:
                 continue
             record = await record_or_404(server, deploy_id)
-            if record["finished_at"] is not None:
+            if record.finished_at is not None:
                 # Lines of the last reports may land just after the callback: read on to the end.
                 while rows := await server.db(server.records.logs, deploy_id, after=after):
                     for row in rows:
-                        yield (json.dumps(render_log(row)) + "\n").encode()
-                    after = rows[-1]["id"]
-                yield (json.dumps({"end": True, "status": record["status"]}) + "\n").encode()
+                        yield (json.dumps(row.to_api()) + "\n").encode()
+                    after = rows[-1].id
+                yield (json.dumps({"end": True, "status": record.status}) + "\n").encode()
                 return
             left = end - time.monotonic()
             if left <= 0:

@@ -1,7 +1,7 @@
 """The shapes of the HTTP API's answers, as pydantic models.
 
-The handlers build their answers as plain dicts (``render_record`` and friends in
-:mod:`deploy_core.server.views`); these models describe them for the OpenAPI document
+The handlers build their answers as plain dicts (the ``to_api`` of the rows in
+:mod:`deploy_core.server.rows`); these models describe them for the OpenAPI document
 (:mod:`deploy_core.server.http.openapi`).  They refuse unknown fields, so a field added to an
 answer without being added here fails the response-conformance tests instead of going
 undocumented.

@@ -37,6 +37,7 @@ from deploy_core.server.rollouts import (
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
+    from deploy_core.server.rows import ClientRow
 
 # --------------------------------------------------------------------------- the body
 
@@ -232,11 +233,11 @@ class RolloutPage(BaseModel):
 
 async def _targets(
     server: DeployServer, targets: RolloutTargets
-) -> tuple[list[str], list[dict[str, Any]]]:
+) -> tuple[list[str], list[ClientRow]]:
     """The target client ids, in order, and their rows."""
     if not targets.clients and targets.selector is None:
         raise ApiError(422, "the rollout has no targets: give targets.clients or .selector")
-    rows = {r["client_id"]: r for r in await server.db(server.records.list_clients)}
+    rows = {r.client_id: r for r in await server.db(server.records.list_clients)}
     wanted = list(dict.fromkeys(targets.clients))
     unknown = [c for c in wanted if c not in rows]
     if unknown:
@@ -247,7 +248,7 @@ async def _targets(
             + ": no agent enrolled with that id",
             {"unknown": unknown},
         )
-    revoked = [c for c in wanted if rows[c]["revoked_at"] is not None]
+    revoked = [c for c in wanted if rows[c].revoked_at is not None]
     if revoked:
         raise ApiError(422, f"revoked client(s) {', '.join(revoked[:20])}", {"revoked": revoked})
     if targets.selector is not None:
@@ -255,8 +256,8 @@ async def _targets(
         for cid, row in rows.items():
             if (
                 cid not in chosen
-                and row["revoked_at"] is None
-                and matches(row.get("labels"), targets.selector)
+                and row.revoked_at is None
+                and matches(row.labels, targets.selector)
             ):
                 wanted.append(cid)
     if not wanted:
@@ -287,9 +288,9 @@ async def create_rollout(request: Request) -> Response:
     prepared = await prepare_deploy(
         server, new.type, {**new.request, "client_id": "rollout"}, loc=("request",)
     )
-    client_ids, rows = await _targets(server, new.targets)
-    for row in rows:
-        prepared.check_capabilities(row)
+    client_ids, clients = await _targets(server, new.targets)
+    for client in clients:
+        prepared.check_capabilities(client)
     asked = new.strategy.model_dump(exclude_unset=True)
     try:
         strategy = resolve_strategy(new.strategy.model_dump(), len(client_ids))

@@ -12,6 +12,7 @@ from deploy_core.plugin.errors import ApiError as ApiError  # defined by the con
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
+    from deploy_core.server.rows import DeploymentRow
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -113,7 +114,7 @@ def parse_model(model: type[M], body: dict[str, Any]) -> M:
         raise ApiError(422, "invalid request", validation_detail(exc)) from None
 
 
-async def record_or_404(server: DeployServer, deploy_id: str) -> dict[str, Any]:
+async def record_or_404(server: DeployServer, deploy_id: str) -> DeploymentRow:
     """The deployment record ``deploy_id``, or a 404 answer."""
     record = await server.db(server.records.get, deploy_id)
     if record is None:

@@ -1,0 +1,53 @@
+"""Heartbeats: agents' last-seen times, held by the transport as they arrive, are written to
+the clients' records every few seconds in one transaction (not one write per heartbeat), and
+then the replica's own heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from deploy_core.server.records import RecordStore
+from deploy_core.transport import AgentSession
+
+log = logging.getLogger(__name__)
+
+
+class HeartbeatFlush:
+    """Records the last-seen time of every agent connected here, once per pass or every
+    ``interval`` seconds in :meth:`run`."""
+
+    def __init__(
+        self,
+        records: RecordStore,
+        *,
+        sessions: Mapping[str, AgentSession],
+        interval: float,
+        then: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """:param sessions: the sessions connected to this replica, by client id (a live
+        view, such as ``QuicServer.sessions``).
+        :param then: run after each flush (the replica's own row in ``replicas``)."""
+        self.records = records
+        self.sessions = sessions
+        self.interval = interval
+        self.then = then
+
+    async def run(self) -> None:
+        """Flush after flush until cancelled, the first after one interval; a failed flush
+        is logged and the next one runs."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("could not record heartbeats")
+
+    async def flush(self) -> int:
+        """One pass; returns how many agents' times it wrote."""
+        seen = {cid: s.last_seen for cid, s in self.sessions.items()}
+        await asyncio.to_thread(self.records.touch_clients, seen)
+        if self.then is not None:
+            await self.then()
+        return len(seen)

@@ -1,0 +1,61 @@
+"""Retention: finished deployments older than the configured period are deleted with their
+history, logs and secrets (``deployctl server --retention``), when the server starts and then
+once a day, by the replica that holds the retention lease.  ``deployctl db prune`` does the
+same pass by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from deploy_core.durations import human_duration
+from deploy_core.server.records import RecordStore
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+
+
+class Retention:
+    """Deletes deployments that finished more than ``days`` ago, once per pass or every
+    ``interval`` seconds in :meth:`run`."""
+
+    def __init__(
+        self,
+        records: RecordStore,
+        *,
+        days: float,
+        interval: float = DAY,
+        may_run: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """:param may_run: whether this replica holds the retention lease (leases.py): a pass
+        runs only then."""
+        self.records = records
+        self.days = days
+        self.interval = interval
+        self.may_run = may_run
+
+    async def run(self) -> None:
+        """Pass after pass until cancelled, the first at once; a failed pass is logged and
+        the next one runs."""
+        while True:
+            try:
+                if self.may_run():
+                    await self.prune()
+            except Exception:
+                log.exception("retention pass failed")
+            await asyncio.sleep(self.interval)
+
+    async def prune(self) -> int:
+        """One pass; returns how many deployments it deleted."""
+        cutoff = time.time() - self.days * DAY
+        deleted = await asyncio.to_thread(self.records.prune, cutoff)
+        if deleted:
+            log.info(
+                "retention: deleted %d deployments finished more than %s ago",
+                deleted,
+                human_duration(self.days * DAY),
+            )
+        return deleted
