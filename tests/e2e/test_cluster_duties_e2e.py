@@ -63,7 +63,7 @@ def test_the_watchdog_lease_moves_when_its_holder_is_killed(
 
         def timed_out(deploy_id: str) -> bool:
             record = store.get(deploy_id)
-            return record is not None and record["status"] == "timeout"
+            return record is not None and record.status == "timeout"
 
         view = status(b)
         ids = {r["server_id"]: r for r in view["replicas"]}
