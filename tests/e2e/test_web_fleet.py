@@ -322,7 +322,17 @@ def test_a_rollout_seen_and_promoted_from_the_page(
     browser.wait_for(
         f"!!document.querySelector('{link}')", timeout=60, what="the rollout in the list"
     )
-    browser.click(link)
+    # The list is redrawn on every live rollout event; a redraw between the mouse's press and
+    # release loses the click (as it would a person's), so click again until the view opens.
+    for _ in range(5):
+        browser.click(link)
+        try:
+            browser.wait_for(
+                f"location.hash === '#rollout/{rollout_id}'", timeout=5, what="the rollout opened"
+            )
+            break
+        except AssertionError:
+            continue
     wait_rollout(center, rollout_id, "paused")  # a loaded machine runs the canary slowly
     browser.wait_for(
         "document.getElementById('r-status').textContent === 'paused'",
