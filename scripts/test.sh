@@ -30,7 +30,7 @@ EXTRAS=test,dev
 BOOTSTRAP_FUNCTIONS_ONLY=1
 source "$ROOT/scripts/bootstrap.sh"
 set +e  # from here on a failing step is recorded, and the next one runs
-SUITE_TIMEOUT="${DEPLOY_CENTER_SUITE_TIMEOUT:-4500}"  # seconds one pytest suite may take (the core suite took ~45 min by Dec 2026)
+SUITE_TIMEOUT="${DEPLOY_CENTER_SUITE_TIMEOUT:-4500}"  # seconds one pytest suite may take (the core suite takes ~30 min here by Dec 2026)
 PY="$VENV/bin/python"
 RESULTS=$(mktemp -d)
 trap 'rm -rf "$RESULTS"' EXIT
