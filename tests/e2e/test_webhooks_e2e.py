@@ -221,9 +221,19 @@ def killed_and_restarted(center: DeployCenter, receiver: Receiver) -> None:
         receiver.start()
         center.start_server()
 
-        receiver.wait_for(lambda got: len({d.payload["data"]["deploy_id"] for d in got}) == 2)
+        # A delivery the killed server had claimed for an attempt is left alone until its claim
+        # runs out (the attempt timeout, 3 s here, + 60 s), as on a replica that died: wait
+        # past that, not just past the quick retries.
+        claim = 3 + 60
+        receiver.wait_for(
+            lambda got: len({d.payload["data"]["deploy_id"] for d in got}) == 2,
+            timeout=claim + 60,
+        )
         rows = wait_log(
-            center, webhook_id, lambda rows: {r["status"] for r in rows} == {"delivered"}
+            center,
+            webhook_id,
+            lambda rows: {r["status"] for r in rows} == {"delivered"},
+            timeout=claim + 60,
         )
         assert {d.payload["id"] for d in receiver.got} == {r["id"] for r in rows}
         assert all(d.verified for d in receiver.got)
