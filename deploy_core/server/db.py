@@ -312,6 +312,27 @@ replicas = sa.Table(
     sa.Column("agents_connected", sa.Integer, nullable=False),
 )
 
+# Which replicas hold a copy of an artifact (a row is written once the copy is complete), so
+# that every replica knows a package uploaded through any of them (server/artifacts.py).
+artifact_copies = sa.Table(
+    "artifact_copies",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("server_id", ID, primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("stored_at", sa.Float, nullable=False),
+)
+
+# The identity the replicas of one cluster share (CA, server certificate, tokens, secrets
+# key), sealed with the cluster key each replica is given (``deployctl server --join-cluster``).
+cluster_secrets = sa.Table(
+    "cluster_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("sealed", sa.LargeBinary, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
 
 def normalise_url(url: str) -> str:
     """Accept ``postgresql://`` and ``postgres://`` URLs and use the psycopg 3 driver."""
