@@ -31,6 +31,7 @@ from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.cluster_identity import ClusterSettings
 from deploy_core.server.deployments import Deployments
 from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
@@ -114,6 +115,9 @@ class ServerConfig:
     # How often a supplied certificate's files are checked for a renewal (served without a
     # restart).
     api_cert_check_interval: float = 60.0
+    # Replicas' shared CA, tokens and secrets key, taken from (or first published to) the
+    # database under a cluster key (server/cluster_identity.py); None: the state directory's.
+    cluster: ClusterSettings | None = None
 
     def api_tls_choice(self) -> ApiTlsChoice:
         """The API's TLS options, checked (:class:`~deploy_core.server.http.tls.ApiTlsError`)."""
@@ -168,7 +172,12 @@ class DeployServer:
         cfg = self.config
         tls = await asyncio.to_thread(cfg.api_tls_choice)
         self.state = await asyncio.to_thread(
-            init_state, cfg.state_dir, hostnames=tls.hostnames(cfg.cert_names, cfg.api_host)
+            init_state,
+            cfg.state_dir,
+            hostnames=tls.hostnames(cfg.cert_names, cfg.api_host),
+            cluster=cfg.cluster,
+            db_url=cfg.db_url,
+            migrate=cfg.migrate,
         )
         self.api_tls = tls.files(self.state.certs)
         tls.log_start(cfg.api_host, cfg.cert_names, ServerConfig.cert_names)

@@ -1,6 +1,10 @@
 """The server's state directory: certificates, the admin token and the join token.
 
 Created on first start; every secret is written with mode 0600 and never overwritten.
+With a cluster key (``deployctl server --cluster-key-file``), the CA, the tokens and the
+secrets key are the cluster's, taken from (or first published to) the shared database by
+:mod:`deploy_core.server.cluster_identity`; the server certificate and ``server.id`` stay
+each replica's own.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy_core.private import private_dir
+from deploy_core.server.cluster_identity import ClusterSettings, take_identity
 from deploy_core.transport import ServerCerts, ensure_server_certs
 
 ADMIN_TOKEN = "admin.token"
@@ -65,11 +70,23 @@ class ServerState:
 
 
 def init_state(
-    root: Path, *, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    root: Path,
+    *,
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+    cluster: ClusterSettings | None = None,
+    db_url: str | None = None,
+    migrate: bool = True,
 ) -> ServerState:
     """Create (or open) a state directory: CA and server certificate, admin and join tokens.
-    The directory is made 0700 even when it already existed."""
+    The directory is made 0700 even when it already existed.
+
+    :param cluster: take the shared identity from the database ``db_url`` first (publishing
+        this one's when it has none, unless ``cluster.join``); ``migrate``: bring the
+        database's schema up to date for it.
+    :raises ClusterIdentityError: the identity cannot be taken; nothing was overwritten."""
     private_dir(root)
+    if cluster is not None:
+        take_identity(root, cluster, db_url=db_url, hostnames=hostnames, migrate=migrate)
     certs = ensure_server_certs(root, hostnames=hostnames)
     return ServerState(
         root=root,
