@@ -4,6 +4,10 @@ traffic and restarting the server, then check the outcome against a history kept
 
 - :class:`~udp_relay.UdpRelay` (``tests/udp_relay.py``) stands between one agent and the
   server on 127.0.0.1, to cut its traffic or make it come from a new port.
+- With ``replicas=2`` (issue 15) two ``deployctl server`` replicas share one PostgreSQL
+  database: every agent is given both (through a relay each), deployments are POSTed and
+  followed through either replica at random, and instead of restarting the one server the
+  chaos thread ``kill -9``s one replica and restarts it (at most ``replica_kills`` times).
 - :class:`ChaosRun` runs the whole thing; :func:`find_violations` is the verdict, a pure
   function of the :class:`Evidence` gathered after the run, so it can be tested on its own.
 
@@ -17,12 +21,14 @@ import contextlib
 import datetime as dt
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,11 @@ from deploy_core.testing import DeployCenter
 # --------------------------------------------------------------------------- the run
 
 FAULTS = ("agent_kill", "drop_short", "drop_long", "relay_reset", "server_restart")
+# With two replicas the server restart becomes a kill -9 of one replica, then its restart.
+REPLICA_FAULTS = (*FAULTS[:-1], "replica_kill")
 _WEIGHTS = (4, 3, 1, 1, 2)
+# What a replica keeps for itself: the copy of the first's state directory leaves them out.
+OWN_FILES = {"server.id", "server.json"}
 # What the agent logs when its heartbeats go unanswered (transport/client.py).
 HEARTBEAT_LOSS = "no frame from the server for"
 NEVER_STARTED = "never started"
@@ -60,10 +70,18 @@ class ChaosConfig:
     # notice and reconnect.
     long_drop: tuple[float, float] = (21.0, 25.0)
     time_limit: float | None = None  # for submitting; default 120 s + 0.6 s per deployment
+    # 1: one server (SQLite), restarted; 2: two replicas on PostgreSQL, one killed at a time.
+    replicas: int = 1
+    replica_kills: int = 4  # at most this many kill -9s of a replica in a run (replicas=2)
+    replica_down: tuple[float, float] = (0.0, 5.0)  # seconds a killed replica stays down
 
     def __post_init__(self) -> None:
         if self.deployments < 1 or self.agents < 1:
             raise ValueError("a chaos run needs at least one deployment and one agent")
+        if self.replicas not in (1, 2):
+            raise ValueError(f"replicas must be 1 or 2, got {self.replicas}")
+        if self.replica_kills < 1:
+            raise ValueError(f"replica_kills must be at least 1, got {self.replica_kills}")
         if not 0 <= self.failure_rate <= 1:
             raise ValueError(f"failure_rate must be within 0..1, got {self.failure_rate}")
         if not 0 <= self.max_sleep < self.script_timeout:
@@ -71,6 +89,11 @@ class ChaosConfig:
                 f"max_sleep must be within 0..script_timeout, got {self.max_sleep} "
                 f"(script_timeout {self.script_timeout})"
             )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The faults of this run."""
+        return FAULTS if self.replicas == 1 else REPLICA_FAULTS
 
     @property
     def run_limit(self) -> float:
@@ -261,7 +284,7 @@ class ChaosReport:
         statuses = Counter(r["status"] for r in records)
         late = sum(1 for r in records if r["agent_status"] not in (None, r["status"]))
         ran = sum(len(lines) for lines in ev.ran.values())
-        faults = ", ".join(f"{k} {self.faults[k]}" for k in FAULTS)
+        faults = ", ".join(f"{k} {self.faults[k]}" for k in self.config.kinds)
         lines = [
             f"seed {self.config.seed}: {len(ev.history)} deployments over "
             f"{self.config.agents} agents in {self.wall:.0f} s "
@@ -298,16 +321,96 @@ class ChaosReport:
         )
 
 
-class ChaosRun:
-    """Deploy through ``config.agents`` real agents, each behind a :class:`UdpRelay`, while a
-    chaos thread hurts them; then gather the :class:`Evidence` and judge it."""
+class FailoverApi:
+    """The API of several replicas as one :class:`DeployClient`: each call goes to a replica
+    picked at random and, while one does not answer (status 0: killed or restarting), to the
+    next; the last replica's error is raised when none answers."""
 
-    def __init__(self, root: Path, config: ChaosConfig) -> None:
+    def __init__(self, clients: list[DeployClient], rng: random.Random) -> None:
+        self.clients = clients
+        self.rng = rng
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        first = self.rng.randrange(len(self.clients))
+        error: ApiError | None = None
+        for k in range(len(self.clients)):
+            client = self.clients[(first + k) % len(self.clients)]
+            try:
+                return getattr(client, name)(*args, **kwargs)
+            except ApiError as exc:
+                if exc.status != 0:
+                    raise
+                error = exc
+        assert error is not None
+        raise error
+
+    def deploy(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("deploy", kind, body)
+        return result
+
+    def get(self, deploy_id: str, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("get", deploy_id, **kwargs)
+        return result
+
+    def history(self, deploy_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("history", deploy_id)
+        return result
+
+    def list(self, client_id: str, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("list", client_id, **kwargs)
+        return result
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._call("request", method, path, **kwargs)
+
+    def __enter__(self) -> FailoverApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@contextlib.contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema in the PostgreSQL database at ``url`` (dropped on exit): its URL."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
+    schema = f"chaos_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        sep = "&" if "?" in url else "?"
+        yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
+
+
+class ChaosRun:
+    """Deploy through ``config.agents`` real agents, each behind a :class:`UdpRelay` (one per
+    replica), while a chaos thread hurts them; then gather the :class:`Evidence` and judge it.
+
+    ``db_url``: the database (PostgreSQL) the replicas share; needed with ``replicas=2``.
+    The first replica's :class:`DeployCenter` also runs the agents (their state directories
+    and logs are under ``root``)."""
+
+    def __init__(self, root: Path, config: ChaosConfig, db_url: str | None = None) -> None:
+        if config.replicas == 2 and not (db_url or "").startswith("postgresql"):
+            raise ValueError("a chaos run with two replicas needs a PostgreSQL db_url")
         self.root = root
         self.config = config
-        self.center = DeployCenter(root)
+        self.center = DeployCenter(root, db_url=db_url)
+        self.centers = [self.center]
+        if config.replicas == 2:
+            self.centers.append(DeployCenter(root.with_name(root.name + "-b"), db_url=db_url))
+        self.db_url = db_url
         self.client_ids = [f"chaos-{i + 1}" for i in range(config.agents)]
-        self.relays: dict[str, UdpRelay] = {}
+        self.relays: dict[str, list[UdpRelay]] = {}
         self.history: dict[str, Deployment] = {}
         self.faults: Counter[str] = Counter()
         self.problems: list[str] = []  # what the run itself ran into (API errors, …)
@@ -322,9 +425,9 @@ class ChaosRun:
         """The whole run, start to verdict; every process is stopped on return."""
         self._started = time.monotonic()
         try:
-            self.center.start_server()
+            self._start_replicas()
             for client_id in self.client_ids:
-                self.relays[client_id] = UdpRelay(self.center.quic_port).start()
+                self.relays[client_id] = [UdpRelay(c.quic_port).start() for c in self.centers]
                 self._start_agent(client_id, wait=True)
             workers = [
                 threading.Thread(target=self._worker, args=(c,), name=f"deployer-{c}")
@@ -347,9 +450,11 @@ class ChaosRun:
             ) from exc
         finally:
             self._done.set()
-            self.center.close()
-            for relay in self.relays.values():
-                relay.close()
+            for center in self.centers:
+                center.close()
+            for relays in self.relays.values():
+                for relay in relays:
+                    relay.close()
         return ChaosReport(
             config=self.config,
             evidence=evidence,
@@ -359,8 +464,66 @@ class ChaosRun:
             violations=self.problems + find_violations(evidence),
         )
 
+    def _start_replicas(self) -> None:
+        """The server, or both replicas with one identity: the second's state directory is a
+        copy of the first's without what a replica keeps for itself."""
+        if len(self.centers) == 2:
+            self.center.start_server()
+            self.center.stop_server()
+            other = self.centers[1]
+            shutil.copytree(
+                self.center.server_dir,
+                other.server_dir,
+                ignore=lambda _dir, names: OWN_FILES & set(names),
+            )
+        for center in self.centers:
+            center.start_server()
+
     def _start_agent(self, client_id: str, *, wait: bool = False) -> None:
-        self.center.start_agent(client_id, server_port=self.relays[client_id].port, wait=wait)
+        relays = self.relays[client_id]
+        if len(relays) == 1:
+            self.center.start_agent(client_id, server_port=relays[0].port, wait=wait)
+            return
+        # Every other agent lists the second replica first: the agents start out split.
+        index = self.client_ids.index(client_id)
+        ordered = relays if index % 2 == 0 else relays[::-1]
+        args = ["agent", "--client-id", client_id]
+        for relay in ordered:
+            args += ["--server", f"127.0.0.1:{relay.port}"]
+        args += [
+            "--state-dir",
+            str(self.root / f"agent-{client_id}"),
+            "--ca",
+            str(self.center.server_dir / "ca.pem"),
+            "--join-token-file",
+            str(self.center.server_dir / "join.token"),
+        ]
+        self.center.agents[client_id] = self.center._spawn(args, f"agent-{client_id}.log")
+        if wait:
+            self._wait_connected(client_id, 60)
+
+    def _running(self) -> list[DeployCenter]:
+        return [c for c in self.centers if c.server_proc and c.server_proc.poll() is None]
+
+    def _wait_connected(self, client_id: str, timeout: float) -> None:
+        """Until a running replica shows the agent connected to it."""
+        if len(self.centers) == 1:
+            self.center.wait_connected(client_id, timeout=timeout)
+            return
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for center in self._running():
+                with contextlib.suppress(Exception):
+                    if any(
+                        c["client_id"] == client_id and c["connected_here"]
+                        for c in center.api.clients()
+                    ):
+                        return
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"{client_id} not connected to a replica after {timeout}s: "
+            f"{self.center.log('agent-' + client_id)[-3000:]}"
+        )
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._started
@@ -375,7 +538,7 @@ class ChaosRun:
             if (
                 self._tickets >= self.config.deployments
                 and enough_faults
-                and all(self.faults[k] for k in FAULTS)
+                and all(self.faults[k] for k in self.config.kinds)
             ):
                 return False
             self._tickets += 1
@@ -385,9 +548,15 @@ class ChaosRun:
         with self._lock:
             self.problems.append(text)
 
-    def _api(self) -> DeployClient:
+    def _api(self) -> Any:
+        """A :class:`DeployClient`, or with two replicas a :class:`FailoverApi` on both."""
         token = (self.center.server_dir / "admin.token").read_text().strip()
-        return DeployClient(f"http://127.0.0.1:{self.center.api_port}", token, timeout=10)
+        clients = [
+            DeployClient(f"http://127.0.0.1:{c.api_port}", token, timeout=10) for c in self.centers
+        ]
+        if len(clients) == 1:
+            return clients[0]
+        return FailoverApi(clients, random.Random(f"{self.config.seed}/api/{self._elapsed()}"))
 
     def _worker(self, client_id: str) -> None:
         rng = random.Random(f"{self.config.seed}/{client_id}")
@@ -404,9 +573,7 @@ class ChaosRun:
                 if dep is None or not self._follow(api, dep):
                     return
 
-    def _submit(
-        self, api: DeployClient, client_id: str, script: str, exit_code: int
-    ) -> Deployment | None:
+    def _submit(self, api: Any, client_id: str, script: str, exit_code: int) -> Deployment | None:
         body = {
             "client_id": client_id,
             "script": script,
@@ -441,7 +608,7 @@ class ChaosRun:
         self._problem(f"{client_id}: could not submit a deployment for {end:.0f} s")
         return None
 
-    def _adopt(self, api: DeployClient, client_id: str, deploy_id: str) -> Deployment | None:
+    def _adopt(self, api: Any, client_id: str, deploy_id: str) -> Deployment | None:
         with self._lock:
             known = self.history.get(deploy_id)
         if known is not None:
@@ -463,7 +630,7 @@ class ChaosRun:
             self.history.setdefault(deploy_id, dep)
         return dep
 
-    def _follow(self, api: DeployClient, dep: Deployment) -> bool:
+    def _follow(self, api: Any, dep: Deployment) -> bool:
         """Wait for the deployment's end (bounded); whether it ended."""
         end = dep.submitted_at + self.config.deadline + TERMINAL_GRACE + 15
         while (left := end - time.time()) > 0:
@@ -479,10 +646,13 @@ class ChaosRun:
 
     def _chaos(self) -> None:
         rng = random.Random(self.config.seed)
-        first = list(FAULTS)
+        kinds = self.config.kinds
+        first = list(kinds)
         rng.shuffle(first)  # every kind early on, then at random
         while not self._done.wait(rng.uniform(*self.config.fault_interval)):
-            kind = first.pop() if first else rng.choices(FAULTS, _WEIGHTS)[0]
+            kind = first.pop() if first else rng.choices(kinds, _WEIGHTS)[0]
+            if kind == "replica_kill" and self.faults[kind] >= self.config.replica_kills:
+                kind = "agent_kill"  # the replica kills are bounded; the rest is not
             client_id = rng.choice(self.client_ids)
             try:
                 self._fault(kind, client_id, rng)
@@ -493,21 +663,29 @@ class ChaosRun:
                 self.faults[kind] += 1
 
     def _fault(self, kind: str, client_id: str, rng: random.Random) -> None:
-        relay = self.relays[client_id]
+        relays = self.relays[client_id]  # a drop cuts the agent off from every replica
         if kind == "agent_kill":
             self.center.stop_agent(client_id, signal.SIGKILL)
             time.sleep(rng.uniform(0, 1.5))
             self._start_agent(client_id)
-        elif kind == "drop_short":
-            relay.blackhole(rng.uniform(*self.config.short_drop))
-        elif kind == "drop_long":
-            relay.blackhole(rng.uniform(*self.config.long_drop))
+        elif kind in ("drop_short", "drop_long"):
+            seconds = rng.uniform(
+                *(self.config.short_drop if kind == "drop_short" else self.config.long_drop)
+            )
+            for relay in relays:
+                relay.blackhole(seconds)
         elif kind == "relay_reset":
-            relay.reset()
+            for relay in relays:
+                relay.reset()
         elif kind == "server_restart":
             self.center.stop_server(signal.SIGKILL)
             time.sleep(rng.uniform(0, 2))
             self.center.start_server()
+        elif kind == "replica_kill":
+            victim = rng.choice(self.centers)
+            victim.stop_server(signal.SIGKILL)
+            time.sleep(rng.uniform(*self.config.replica_down))
+            victim.start_server()
         else:
             raise ValueError(f"unknown fault {kind!r}")
 
@@ -516,16 +694,18 @@ class ChaosRun:
     def _settle_and_gather(self) -> Evidence:
         """Heal everything, let the agents flush their outboxes, then read what the server
         and the journals say."""
-        if self.center.server_proc is None or self.center.server_proc.poll() is not None:
-            self.center.start_server()
+        for center in self.centers:
+            if center.server_proc is None or center.server_proc.poll() is not None:
+                center.start_server()
         for client_id in self.client_ids:
-            self.relays[client_id].blackhole(0)
+            for relay in self.relays[client_id]:
+                relay.blackhole(0)
             proc = self.center.agents.get(client_id)
             if proc is None or proc.poll() is not None:
                 self._start_agent(client_id)
         for client_id in self.client_ids:
             # A long drop may have pushed the agent's reconnect back-off up to 30 s.
-            self.center.wait_connected(client_id, timeout=90)
+            self._wait_connected(client_id, timeout=90)
         journals = {c: self.root / f"agent-{c}" / "journal.db" for c in self.client_ids}
         end = time.monotonic() + 120  # the agents resend unacknowledged events every 30 s
         while time.monotonic() < end and any(read_journal(j)[1] for j in journals.values()):
@@ -541,11 +721,7 @@ class ChaosRun:
             busy = {
                 c: api.request("GET", f"/api/clients/{c}")["busy_with"] for c in self.client_ids
             }
-        db_file = self.center.server_dir / "deploy-center.db"
-        with contextlib.closing(sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)) as db:
-            locks = [
-                (r[0], r[1]) for r in db.execute("SELECT client_id, deploy_id FROM client_locks")
-            ]
+        locks = self._locks_left()
         read = {c: read_journal(j) for c, j in journals.items()}
         return Evidence(
             history=dict(self.history),
@@ -558,7 +734,23 @@ class ChaosRun:
             locks=locks,
         )
 
-    def _adopt_the_unknown(self, api: DeployClient, client_id: str) -> None:
+    def _locks_left(self) -> list[tuple[str, str]]:
+        """The rows of ``client_locks``: none should be left once every deployment ended."""
+        query = "SELECT client_id, deploy_id FROM client_locks"
+        if self.db_url is None:
+            db_file = self.center.server_dir / "deploy-center.db"
+            with contextlib.closing(sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)) as db:
+                return [(r[0], r[1]) for r in db.execute(query)]
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                return [(r[0], r[1]) for r in conn.execute(sa.text(query))]
+        finally:
+            engine.dispose()
+
+    def _adopt_the_unknown(self, api: Any, client_id: str) -> None:
         """Deployments the server made from a request whose answer was lost and that
         finished before anyone asked again: they are part of the history too."""
         offset = 0
