@@ -29,6 +29,7 @@ from deploy_core.loopback import is_wildcard_host
 from deploy_core.models import DeployStatus
 from deploy_core.plugins import DeployPlugins, get_plugins
 from deploy_core.server import db
+from deploy_core.server.artifact_peers import ArtifactCopies, ClusterArtifacts
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.cluster_identity import ClusterSettings
@@ -98,6 +99,9 @@ class ServerConfig:
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     # Largest package POST /api/artifacts accepts; past it the upload is refused with 413.
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    # The artifact store's directory (default state_dir/artifacts); replicas may share one,
+    # e.g. on NFS (server/artifacts.py). A package missing here is fetched from a peer.
+    artifact_dir: Path | None = None
     # Artifact transfers over QUIC sent at once; more wait in line (transport/files.py).
     max_file_transfers: int = DEFAULT_MAX_TRANSFERS
     # Header and body read timeouts and the cap on unauthenticated connections of the HTTP
@@ -156,6 +160,7 @@ class DeployServer:
         self.ingest: Ingest
         self.transport: QuicServer
         self.artifacts: ArtifactStore
+        self.artifact_source: ClusterArtifacts
         self.dispatcher: Dispatcher
         self.deployments: Deployments
         self.watchdog: Watchdog
@@ -212,8 +217,18 @@ class DeployServer:
             self.engine, self.records.secret_box, cfg.webhooks, listeners=self.listeners
         )
         self.artifacts = await asyncio.to_thread(
-            ArtifactStore, cfg.state_dir / "artifacts", max_bytes=cfg.max_artifact_bytes
+            ArtifactStore,
+            cfg.artifact_dir or cfg.state_dir / "artifacts",
+            max_bytes=cfg.max_artifact_bytes,
+            replica=cfg.server_id,
         )
+        self.artifact_source = ClusterArtifacts(
+            self.artifacts,
+            ArtifactCopies(self.engine, cfg.server_id),
+            admin_token=self.state.admin_token,
+            ca_file=self.api_tls.ca if self.api_tls else None,
+        )
+        await self.artifact_source.reconcile()
         self.transport = QuicServer(
             host=cfg.quic_host,
             port=cfg.quic_port,
@@ -222,7 +237,7 @@ class DeployServer:
             on_connect=self._on_connect,
             on_message=self.events.route,
             on_disconnect=self._on_disconnect,
-            files=self.artifacts,
+            files=self.artifact_source,
             may_fetch=self._may_fetch,
             max_file_transfers=cfg.max_file_transfers,
         )
@@ -342,6 +357,8 @@ class DeployServer:
             await self.db(self.replicas.remove)
         with contextlib.suppress(AttributeError):
             await self.transport.close()
+        with contextlib.suppress(AttributeError):
+            await self.artifact_source.close()
         await self.events.drain()  # the agents' messages being stored
         with contextlib.suppress(AttributeError):
             await self.ingest.close()  # commits what the connections queued

@@ -1,11 +1,16 @@
 """The artifact store: packages kept by SHA-256 under the state directory (its routes are in
 :mod:`deploy_core.server.http.artifacts`).
 
-Layout, under ``state_dir/artifacts``::
+Layout, under ``state_dir/artifacts`` (or the shared ``--artifact-dir``)::
 
     sha256/ab/abcd…        the bytes (never changed once there)
     sha256/ab/abcd….json   {"sha256", "size", "created_at"}
-    tmp/                   uploads in progress (emptied at start-up)
+    tmp/<replica>/         this replica's uploads in progress (emptied at its start-up)
+
+Several replicas may share one directory (a local one, or NFS): each writes its uploads in
+progress under its own ``tmp/<replica>/``, and at start-up empties only that one; another's
+leftovers are removed only once untouched for :data:`STALE_TMP_SECONDS` (a replica that
+died mid-upload and never came back), so a live replica's upload is never cut short.
 
 An upload is streamed to a temporary file while it is hashed, so memory stays flat whatever
 its size; it is linked into place only once complete and checked, so a reader (the QUIC file
@@ -16,6 +21,7 @@ twice are stored once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -27,6 +33,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from deploy_core.hashed_file import HashedFile
@@ -46,6 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ARTIFACT_BYTES = 2 << 30
+#: Files in another replica's ``tmp/`` untouched this long are leftovers, removed at start-up.
+STALE_TMP_SECONDS = 24 * 3600.0
 _SHA256 = re.compile(SHA256_PATTERN)
 # Received bytes are written and hashed in a worker thread once this many have gathered.
 _WRITE_BATCH = 1 << 20
@@ -101,17 +110,72 @@ class ArtifactInfo:
 
 
 class ArtifactStore:
-    """Content-addressed package store on the local disk (one per server replica)."""
+    """Content-addressed package store on disk: one per replica, or one directory several
+    replicas share.
 
-    def __init__(self, root: Path, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+    :param replica: this replica's id: its uploads in progress go to ``tmp/<replica>/``
+        (``None``: ``tmp/local/``).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+        replica: str | None = None,
+        stale_tmp_seconds: float = STALE_TMP_SECONDS,
+    ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.root = root
         self.max_bytes = max_bytes
-        self._tmp = root / "tmp"
+        tmp_root = root / "tmp"
+        self._tmp = tmp_root / re.sub(r"[^A-Za-z0-9._-]", "_", replica or "local").lstrip(".")
         shutil.rmtree(self._tmp, ignore_errors=True)  # uploads a previous run left unfinished
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._remove_stale(tmp_root, time.time() - stale_tmp_seconds)
         (root / "sha256").mkdir(exist_ok=True, mode=0o700)
+
+    def _remove_stale(self, tmp_root: Path, before: float) -> None:
+        """Remove other replicas' (and older versions' ``tmp/upload-*``) files untouched
+        since ``before``, and their directories once empty and long untouched: a live
+        replica's upload is written to every few seconds, and its directory was created or
+        changed when its latest upload began."""
+        for entry in list(tmp_root.iterdir()):
+            if entry == self._tmp:
+                continue
+            try:
+                stat = entry.lstat()
+                if not S_ISDIR(stat.st_mode):
+                    self._remove_if_stale(entry, before)
+                    continue
+                for path in list(entry.iterdir()):
+                    self._remove_if_stale(path, before)
+                if stat.st_mtime < before:
+                    entry.rmdir()  # refused unless empty: an upload begun since stays
+            except OSError:
+                pass  # gone already (another replica tidied it), or not empty
+
+    @staticmethod
+    def _remove_if_stale(path: Path, before: float) -> None:
+        with contextlib.suppress(OSError):
+            stat = path.lstat()
+            if not S_ISDIR(stat.st_mode) and stat.st_mtime < before:
+                path.unlink()
+                log.info("removed a stale unfinished upload %s", path)
+
+    def stored(self) -> dict[str, int]:
+        """Every complete artifact in the store: SHA-256 → size (start-up reconciliation)."""
+        found: dict[str, int] = {}
+        for prefix in (self.root / "sha256").iterdir():
+            if not prefix.is_dir():
+                continue
+            for path in prefix.iterdir():
+                if self.valid_sha256(path.name) and path.name.startswith(prefix.name):
+                    with contextlib.suppress(OSError):
+                        if path.is_file():
+                            found[path.name] = path.stat().st_size
+        return found
 
     @staticmethod
     def valid_sha256(value: str) -> bool:
@@ -153,7 +217,7 @@ class ArtifactStore:
         :raises ArtifactMismatch: when the bytes do not hash to ``expected_sha256``.
         """
         path = self._tmp / f"upload-{secrets.token_hex(8)}"
-        upload = await asyncio.to_thread(HashedFile, path)
+        upload = await asyncio.to_thread(self._open_upload, path)
         try:
             batch: list[bytes] = []
             batched = 0
@@ -186,6 +250,18 @@ class ArtifactStore:
             return await asyncio.to_thread(self._keep, path, sha256, upload.size)
         finally:
             await asyncio.to_thread(upload.discard)
+
+    def _open_upload(self, path: Path) -> HashedFile:
+        # Again each time (and once more if it vanished in between): another replica
+        # sharing the store removes a tmp/ directory left empty and untouched for a day.
+        for attempt in (1, 2):
+            self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                return HashedFile(path)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _keep(self, tmp: Path, sha256: str, size: int) -> tuple[ArtifactInfo, bool]:
         final = self.path_for(sha256)

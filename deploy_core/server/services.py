@@ -55,5 +55,6 @@ class PluginServices:
         return await asyncio.to_thread(self._server.records.get_client, client_id) is not None
 
     async def artifact_exists(self, sha256: str) -> bool:
-        """Whether the artifact store holds ``sha256``."""
-        return await asyncio.to_thread(self._server.artifacts.get, sha256) is not None
+        """Whether a complete copy of ``sha256`` is in this replica's store or any other's
+        (an agent connected here gets it fetched from a replica holding it)."""
+        return await self._server.artifact_source.exists(sha256)

@@ -173,10 +173,12 @@ def _take_frame(buffer: bytearray) -> bytes | None:
 class ArtifactSource(Protocol):
     """Where the server finds the artifacts it may serve."""
 
-    def locate(self, sha256: str) -> Path | None:
-        """The stored file of a complete artifact, or ``None`` when the store lacks it.
+    def locate(self, sha256: str) -> Path | Awaitable[Path | None] | None:
+        """The stored file of a complete artifact, or ``None`` when the store lacks it (or
+        an awaitable of it: a server may fetch it first from a peer replica).
 
         :param sha256: 64 lowercase hex digits, already validated.
+        :raises FileRefused: refused with that code and reason for the agent.
         """
         ...
 
@@ -483,7 +485,12 @@ class FileStreamServer:
                     f"{self._client_id}; an agent may fetch only its own deployments' artifacts",
                 )
                 return
-            path = self._source.locate(sha) if self._source is not None else None
+            try:
+                located = self._source.locate(sha) if self._source is not None else None
+                path = located if located is None or isinstance(located, Path) else await located
+            except FileRefused as exc:
+                self._refuse(out, exc.code, str(exc))
+                return
             if path is None:
                 reason = (
                     f"artifact {sha} is not in the server's store; upload it first "

@@ -1,11 +1,12 @@
-"""The artifact store's routes: ``POST /api/artifacts`` and ``GET /api/artifacts/{sha256}``."""
+"""The artifact store's routes: ``POST /api/artifacts``, ``GET /api/artifacts/{sha256}`` and
+``GET /api/artifacts/{sha256}/content`` (the bytes, for peer replicas: admin scope)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from deploy_core.server.artifacts import (
@@ -53,14 +54,18 @@ async def upload_artifact(request: Request) -> Response:
         return _too_large(str(exc))
     except ArtifactRejected as exc:
         raise ApiError(exc.status, str(exc)) from None
+    # Complete and in place: now the other replicas know it (they fetch it from here).
+    await asyncio.to_thread(services(request).artifact_source.copies.record, info.sha256, info.size)
     return JSONResponse({**info.to_json(), "existing": not new}, status_code=201 if new else 200)
 
 
 async def get_artifact(request: Request) -> Response:
-    """``GET /api/artifacts/{sha256}`` — an artifact's size and upload time, or ``404``."""
-    store: ArtifactStore = services(request).artifacts
+    """``GET /api/artifacts/{sha256}`` — an artifact's size and upload time, or ``404``.
+
+    Answers for the whole cluster: an artifact uploaded through any replica (complete) is
+    found through every one."""
     sha256 = _sha_param(request.path_params["sha256"], "the artifact id")
-    info = await asyncio.to_thread(store.get, sha256)
+    info = await services(request).artifact_source.info(sha256)
     if info is None:
         raise ApiError(
             404,
@@ -70,9 +75,25 @@ async def get_artifact(request: Request) -> Response:
     return JSONResponse(info.to_json())
 
 
+async def get_artifact_content(request: Request) -> Response:
+    """``GET /api/artifacts/{sha256}/content`` — the bytes of an artifact in this replica's
+    store (``application/octet-stream``), or ``404``.
+
+    What a replica fetches a package from when an agent connected to it asks for one it lacks
+    (it checks the SHA-256 itself). Needs ``admin``: a package may hold secrets. Only this
+    replica's own copy is served: it never fetches from another for this request."""
+    store: ArtifactStore = services(request).artifacts
+    sha256 = _sha_param(request.path_params["sha256"], "the artifact id")
+    path = await asyncio.to_thread(store.locate, sha256)
+    if path is None:
+        raise ApiError(404, f"no artifact {sha256} in this replica's store")
+    return FileResponse(path, media_type="application/octet-stream")
+
+
 def artifact_routes() -> list[BaseRoute]:
     """The artifact store's routes (under ``/api``)."""
     return [
         Route("/artifacts", upload_artifact, methods=["POST"]),
         Route("/artifacts/{sha256:str}", get_artifact, methods=["GET"]),
+        Route("/artifacts/{sha256:str}/content", get_artifact_content, methods=["GET"]),
     ]

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 SELF_AUTHENTICATED_SOCKET = "/api/live"
 METRICS_PATH = "/metrics"
-_ADMIN = re.compile(r"^/api/(tokens|join-tokens|webhooks)(/|$)|^/api/clients/[^/]+(/revoke)?$")
+_ADMIN = re.compile(
+    r"^/api/(tokens|join-tokens|webhooks)(/|$)|^/api/clients/[^/]+(/revoke)?$"
+    r"|^/api/artifacts/[^/]+/content$"  # a package's bytes (may hold secrets): replicas' fetch
+)
 
 
 def needed_scope(method: str, path: str) -> str:

@@ -255,6 +255,14 @@ DEPLOY_REFUSALS = (400, 404, 409, 413, 422)
 #: Public routes that answer with something other than JSON.
 PUBLIC_MEDIA = {"/": "text/html"}
 
+#: Core routes that answer with raw bytes: their refusals and parameters.
+BINARY_OPERATIONS: dict[tuple[str, str], tuple[tuple[int, ...], tuple[dict[str, Any], ...]]] = {
+    ("GET", "/api/artifacts/{sha256}/content"): (
+        (404, 422),
+        (_path("sha256", SHA256_PATTERN, "the artifact's SHA-256"),),
+    ),
+}
+
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -471,6 +479,14 @@ def build_openapi(plugins: DeployPlugins, routes: Sequence[BaseRoute]) -> dict[s
                 route, (spec.status, answer), spec.refusals, spec.parameters, _body(spec, refs)
             )
             op["responses"].update({str(status): answer for status in spec.also})
+        elif (route.method, route.path) in BINARY_OPERATIONS:
+            refusals, params = BINARY_OPERATIONS[(route.method, route.path)]
+            raw = {"type": "string", "format": "binary"}
+            ok = {
+                "description": _doc(route.endpoint)[0],
+                "content": {"application/octet-stream": {"schema": raw}},
+            }
+            op = _operation(route, (200, ok), refusals, params)
         elif route.path in PUBLIC_MEDIA or route.path == "/openapi.json":
             media = PUBLIC_MEDIA.get(route.path, "application/json")
             ok = {"description": _doc(route.endpoint)[0], "content": {media: {"schema": {}}}}
