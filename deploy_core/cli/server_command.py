@@ -151,6 +151,14 @@ def server_config_file(
     help="largest package the artifact store accepts (bytes, or with K, M, G)",
 )
 @click.option(
+    "--artifact-dir",
+    envvar="DEPLOY_CENTER_ARTIFACT_DIR",
+    type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
+    default=None,
+    help="the artifact store's directory (default: artifacts/ in the state directory); "
+    "replicas may share one, on one machine or on NFS (docs/cluster.md)",
+)
+@click.option(
     "--max-file-transfers",
     envvar="DEPLOY_CENTER_MAX_FILE_TRANSFERS",
     type=click.IntRange(1, 10_000),
@@ -191,6 +199,7 @@ def server(
     max_log_bytes: int,
     cert_names: tuple[str, ...],
     max_artifact_size: str,
+    artifact_dir: Path | None,
     max_file_transfers: int,
     config_file: Path | None,
     http_header_timeout: float,
@@ -215,6 +224,7 @@ def server(
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
+        artifact_dir=artifact_dir,
         max_file_transfers=max_file_transfers,
         **api_tls_settings(api_host, api_tls, api_cert, api_key, api_insecure_http),
         **server_config_file(
