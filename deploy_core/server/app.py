@@ -33,6 +33,7 @@ from deploy_core.server.artifact_peers import ArtifactCopies, ClusterArtifacts
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
 from deploy_core.server.cluster_identity import ClusterSettings
+from deploy_core.server.db_health import DbHealth
 from deploy_core.server.deployments import Deployments
 from deploy_core.server.dispatch import Dispatcher
 from deploy_core.server.enrollment import AgentRegistry
@@ -169,6 +170,7 @@ class DeployServer:
         self.api_tls: ApiTls | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_port = config.api_port
+        self.db_health: DbHealth | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -197,6 +199,11 @@ class DeployServer:
         await asyncio.to_thread(db.create_plugin_tables, self.engine, self.plugin_metadata)
         if cfg.server_id is None:
             cfg.server_id = await asyncio.to_thread(self._stable_server_id)
+        # 503s and fencing when the database is unreachable (server/db_health.py).
+        self.db_health = DbHealth(
+            self.engine, server_id=cfg.server_id, fence_after=cfg.lease_seconds
+        )
+        self.db_health.watch()
         self.records = RecordStore(
             self.engine,
             server_id=cfg.server_id,
@@ -301,6 +308,7 @@ class DeployServer:
             sessions=self.transport.sessions,
             interval=cfg.heartbeat_flush_interval,
             then=self._beat,
+            health=self.db_health,
         )
         self._tasks.append(asyncio.create_task(heartbeats.run(), name="heartbeats"))
         if cfg.retention_days is not None:

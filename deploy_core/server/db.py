@@ -349,7 +349,8 @@ def sqlite_url(path: Path) -> str:
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys, secure delete,
-    and database files private to the server's user (0600)."""
+    and database files private to the server's user (0600); PostgreSQL gets a connect
+    timeout, TCP keepalives and a pool timeout (:data:`PG_CONNECT_ARGS`)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         database = sa.engine.make_url(url).database
@@ -376,7 +377,37 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A dead or cut-off PostgreSQL is noticed in seconds, not minutes (server/db_health.py):
+    # connecting gives up after CONNECT_TIMEOUT, and an established connection whose packets
+    # go unanswered is dropped by TCP keepalives and the user timeout.  Options the URL gives
+    # itself (``?connect_timeout=30``) win.
+    given = sa.engine.make_url(url).query
+    connect_args = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in given}
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=POOL_TIMEOUT,
+        connect_args=connect_args,
+    )
+
+
+#: Seconds to wait for a PostgreSQL connection (libpq ``connect_timeout``).
+CONNECT_TIMEOUT = 5
+#: Seconds a request waits for a free pooled connection before it is answered 503.
+POOL_TIMEOUT = 10
+#: libpq options of every PostgreSQL connection: the connect timeout, keepalives every few
+#: seconds on an idle connection, and (``tcp_user_timeout``, ms) a connection whose sent
+#: data goes unacknowledged for 10 s is closed.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
 
 
 def row_dict(row: Any) -> dict[str, Any]:

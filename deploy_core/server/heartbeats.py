@@ -1,6 +1,8 @@
 """Heartbeats: agents' last-seen times, held by the transport as they arrive, are written to
 the clients' records every few seconds in one transaction (not one write per heartbeat), and
-then the replica's own heartbeat."""
+then the replica's own heartbeat.  Each pass also tells the replica's
+:class:`~deploy_core.server.db_health.DbHealth` whether the database answered, and has it
+check whether the replica is fenced (the pass is its clock)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from deploy_core.server.db_health import DbHealth
 from deploy_core.server.records import RecordStore
 from deploy_core.transport import AgentSession
 
@@ -25,14 +28,17 @@ class HeartbeatFlush:
         sessions: Mapping[str, AgentSession],
         interval: float,
         then: Callable[[], Awaitable[None]] | None = None,
+        health: DbHealth | None = None,
     ) -> None:
         """:param sessions: the sessions connected to this replica, by client id (a live
         view, such as ``QuicServer.sessions``).
-        :param then: run after each flush (the replica's own row in ``replicas``)."""
+        :param then: run after each flush (the replica's own row in ``replicas``).
+        :param health: told after each pass whether it reached the database."""
         self.records = records
         self.sessions = sessions
         self.interval = interval
         self.then = then
+        self.health = health
 
     async def run(self) -> None:
         """Flush after flush until cancelled, the first after one interval; a failed flush
@@ -41,8 +47,15 @@ class HeartbeatFlush:
             await asyncio.sleep(self.interval)
             try:
                 await self.flush()
-            except Exception:
-                log.exception("could not record heartbeats")
+            except Exception as exc:
+                # An outage is logged by the health (once per few seconds, not per pass).
+                if self.health is None or not self.health.failed(exc):
+                    log.exception("could not record heartbeats")
+            else:
+                if self.health is not None:
+                    self.health.reached()
+            if self.health is not None:
+                self.health.check()
 
     async def flush(self) -> int:
         """One pass; returns how many agents' times it wrote."""

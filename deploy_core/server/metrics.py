@@ -38,6 +38,7 @@ from deploy_core import __version__
 from deploy_core.logs import bind
 from deploy_core.models import COMMAND_ROLLBACK, DeployStatus
 from deploy_core.server.db import clients, deployments
+from deploy_core.server.db_health import is_outage
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
@@ -265,8 +266,14 @@ class ServerMetrics:
     # ------------------------------------------------------------------ exposition
 
     async def exposition(self) -> bytes:
-        """The text format of every metric, with the database's counts read just now."""
-        self._scraped.database = await asyncio.to_thread(self._read_database)
+        """The text format of every metric, with the database's counts read just now (left
+        out while the database is unreachable: the rest, and the fencing gauges, still are)."""
+        try:
+            self._scraped.database = await asyncio.to_thread(self._read_database)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._scraped.database = None
         return generate_latest(self.registry)
 
     def _read_database(self) -> _DatabaseCounts:
@@ -322,6 +329,22 @@ class _ScrapeCollector(Collector):
         )
         subscribers.add_metric([], server.listeners.count())
         yield subscribers
+        health = getattr(server, "db_health", None)
+        if health is not None:
+            fenced = GaugeMetricFamily(
+                f"{PREFIX}_database_fenced",
+                "1 while this replica is fenced: its database has not answered for longer "
+                "than its lease, and it refuses new work (docs/cluster.md).",
+            )
+            fenced.add_metric([], 1 if health.check() else 0)
+            yield fenced
+            silent = GaugeMetricFamily(
+                f"{PREFIX}_database_unreachable_seconds",
+                "Seconds since the database last answered this replica, while it does not "
+                "(0 while it does).",
+            )
+            silent.add_metric([], health.unreachable_for())
+            yield silent
         database = self.database
         if database is None:
             return

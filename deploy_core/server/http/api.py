@@ -14,6 +14,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +23,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Scope
 
 from deploy_core.models import ID_PATTERN, DeployStatus
+from deploy_core.server.db_health import (
+    DatabaseUnavailable,
+    OutageGuard,
+    is_outage,
+    outage_response,
+    refuse_if_fenced,
+)
 from deploy_core.server.http.admin import admin_routes
 from deploy_core.server.http.artifacts import artifact_routes
 from deploy_core.server.http.auth import TokenAuth
@@ -74,6 +82,7 @@ MAX_WAIT = 60.0
 async def create_deployment(request: Request) -> Response:
     """``POST /api/deploy/{kind}`` → ``202 {"deploy_id": …}`` (SPEC deploy-23)."""
     server = services(request)
+    refuse_if_fenced(server.db_health)
     kind = request.path_params["kind"]
     # An unknown type is a 404 before the body is read: /api/deploy/<id> is the same URL
     # template, and a POST there must not be answered as a malformed deploy request.
@@ -112,6 +121,7 @@ async def rollback_deployment(request: Request) -> Response:
     or when newer deployments of the same target are still in place (``detail.newer``,
     ``detail.target``) and the body does not ask for ``{"cascade": true}``."""
     server = services(request)
+    refuse_if_fenced(server.db_health)
     has_body = (
         request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
     )
@@ -250,6 +260,14 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=exc.status)
 
 
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """``503`` with ``Retry-After`` for a database outage or a fenced replica
+    (server/db_health.py); any other database error is a bug (500)."""
+    if not (isinstance(exc, DatabaseUnavailable) or is_outage(exc)):
+        raise exc
+    return outage_response(services(request).db_health, exc)
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": f"no route {request.method} {request.url.path}"}, 404)
 
@@ -326,8 +344,20 @@ def create_app(server: DeployServer) -> ASGIApp:
             Route("/openapi.json", get_openapi, methods=["GET"]),
             Mount("/api", routes=routes),
         ],
-        exception_handlers={ApiError: _api_error, 404: _not_found, 405: _method_not_allowed},
+        exception_handlers={
+            ApiError: _api_error,
+            DatabaseUnavailable: _database_error,
+            sa.exc.DBAPIError: _database_error,
+            sa.exc.TimeoutError: _database_error,
+            404: _not_found,
+            405: _method_not_allowed,
+        },
     )
     app.state.services = server
     app.state.plugin_services = PluginServices(server)  # what plugins get (server_services)
-    return instrument(app, server, TokenAuth)
+
+    def guarded_auth(inner: ASGIApp, srv: DeployServer) -> ASGIApp:
+        # The token check reads the database too: an outage there is a 503 as well.
+        return OutageGuard(TokenAuth(inner, srv), lambda: srv.db_health)
+
+    return instrument(app, server, guarded_auth)

@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from deploy_core.labels import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS, matches
 from deploy_core.models import ID_PATTERN
+from deploy_core.server.db_health import refuse_if_fenced
 from deploy_core.server.http.deploying import prepare_deploy
 from deploy_core.server.http.web import (
     ApiError,
@@ -277,6 +278,7 @@ async def create_rollout(request: Request) -> Response:
 
     See docs/rollouts.md for the strategy's exact semantics."""
     server = services(request)
+    refuse_if_fenced(server.db_health)
     body = await json_body(request)
     new = parse_model(NewRollout, body)
     if "client_id" in new.request:
