@@ -3,6 +3,7 @@ and the agents each holds (``GET /api/cluster``, docs/cluster.md)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -50,3 +51,29 @@ def cluster_status(api: DeployClient, as_json: bool) -> None:
         echo_json(view)
     else:
         click.echo(render_status(view))
+
+
+@cluster.command("key")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
+    help="file to write the new key to (mode 0600); an existing file is never overwritten",
+)
+def cluster_key(out: Path) -> None:
+    """Make a cluster key: the file every replica on one PostgreSQL database is given with
+    `deployctl server --cluster-key-file` to share one CA, admin and join token and secrets
+    key (sealed with it in the database).  Keep a copy off the servers: without it no new
+    replica can join."""
+    from deploy_core.server.cluster_identity import ClusterIdentityError, create_key_file
+
+    try:
+        ident = create_key_file(out)
+    except ClusterIdentityError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote cluster key {ident} to {out} (mode 0600)")
+    click.echo(
+        "Start the first replica with --cluster-key-file "
+        f"{out}, the others with --join-cluster --cluster-key-file {out}."
+    )

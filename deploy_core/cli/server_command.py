@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -32,6 +32,9 @@ from deploy_core.server.http.http_limits import (
 )
 from deploy_core.server.webhooks import WebhookSettings
 from deploy_core.transport.files import DEFAULT_MAX_TRANSFERS
+
+if TYPE_CHECKING:
+    from deploy_core.server.cluster_identity import ClusterSettings
 
 HTTP_SETTINGS = {
     "header_timeout": "http_header_timeout",
@@ -73,19 +76,74 @@ def webhook_settings(path: Path | None) -> WebhookSettings:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
 
 
+CLUSTER_SETTINGS = ("key_file", "join")
+
+
+def cluster_settings(
+    path: Path | None, key_file: Path | None, join: bool | None
+) -> ClusterSettings | None:
+    """The cluster identity options: ``--cluster-key-file`` and ``--join-cluster`` given on
+    the command line, else the ``[cluster]`` table of the server configuration
+    (``key_file``, relative to the file's directory; ``join``).  ``None``: no cluster key,
+    the state directory's own identity."""
+    from deploy_core.server.cluster_identity import ClusterSettings
+
+    table: Any = read_server_config(path).get("cluster", {}) if path else {}
+    if not isinstance(table, dict) or set(table) - set(CLUSTER_SETTINGS):
+        raise click.BadParameter(
+            f"{path}: [cluster] takes only {', '.join(CLUSTER_SETTINGS)}", param_hint="--config"
+        )
+    if key_file is None and "key_file" in table:
+        if not isinstance(table["key_file"], str) or not table["key_file"]:
+            raise click.BadParameter(
+                f"{path}: [cluster] key_file must be a path", param_hint="--config"
+            )
+        assert path is not None
+        key_file = (path.parent / table["key_file"]).resolve()
+    if join is None:
+        join = table.get("join", False)
+        if not isinstance(join, bool):
+            raise click.BadParameter(
+                f"{path}: [cluster] join must be true or false, got {join!r}",
+                param_hint="--config",
+            )
+    if key_file is None:
+        if join:
+            raise click.BadParameter(
+                "--join-cluster needs the cluster key: --cluster-key-file PATH (or key_file "
+                "in [cluster] of --config); make one with `deployctl cluster key --out PATH`",
+                param_hint="--join-cluster",
+            )
+        return None
+    return ClusterSettings(key_file=key_file, join=join)
+
+
 def server_config_file(
-    path: Path | None, http_flags: dict[str, Any] | None = None
+    path: Path | None,
+    http_flags: dict[str, Any] | None = None,
+    cluster_flags: tuple[Path | None, bool | None] | None = None,
 ) -> dict[str, Any]:
     """What a server configuration file (``--config`` of ``server`` and ``up``) sets, as
     :class:`~deploy_core.server.app.ServerConfig` keyword arguments: plugins' settings
     (``[plugins.NAME]``), rollback defaults (``[defaults.rollback]``), HTTP limits
-    (``[http]``) and webhooks (``[webhooks]``), each checked; a bad file stops the command
-    before anything starts.
+    (``[http]``), webhooks (``[webhooks]``) and the cluster key (``[cluster]``), each
+    checked; a bad file stops the command before anything starts.
 
     :param http_flags: the ``--http-*`` flags' values (one given on the command line wins
         over ``[http]``); ``None`` for a command without them: their defaults.
+    :param cluster_flags: ``--cluster-key-file`` and ``--join-cluster`` (``None`` when not
+        given); ``None`` for a command without them (``up``), which refuses ``[cluster]``.
     """
+    if cluster_flags is None:
+        if path and "cluster" in read_server_config(path):
+            raise click.BadParameter(
+                f"{path}: [cluster] is for `deployctl server` replicas on PostgreSQL; this "
+                "command runs one server on SQLite",
+                param_hint="--config",
+            )
+        cluster_flags = (None, None)
     return {
+        "cluster": cluster_settings(path, *cluster_flags),
         "plugin_settings": load_server_settings(path) if path else {},
         "rollback_defaults": load_rollback_defaults(path) if path else {},
         "webhooks": webhook_settings(path),
@@ -129,6 +187,22 @@ def server_config_file(
     multiple=True,
     help="a host name or address agents use to reach this server (repeatable); the server "
     "certificate covers it besides localhost, 127.0.0.1 and ::1",
+)
+@click.option(
+    "--cluster-key-file",
+    type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
+    default=None,
+    help="the cluster key (`deployctl cluster key --out PATH`, mode 0600) every replica on "
+    "one PostgreSQL database is given: the first replica publishes its CA, admin and join "
+    "tokens and secrets key to the database sealed with it, the others take them "
+    "(docs/cluster.md); also key_file in [cluster] of --config",
+)
+@click.option(
+    "--join-cluster/--no-join-cluster",
+    default=None,
+    help="only take the identity the database holds (refuse to start when none is published "
+    "yet) instead of publishing this one's when there is none; needs --cluster-key-file; "
+    "also join = true in [cluster] of --config",
 )
 @click.option(
     "--retention",
@@ -209,9 +283,12 @@ def server(
     api_cert: Path | None,
     api_key: Path | None,
     api_insecure_http: bool,
+    cluster_key_file: Path | None,
+    join_cluster: bool | None,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
+    from deploy_core.server.cluster_identity import ClusterIdentityError
 
     config = ServerConfig(
         state_dir=state_dir,
@@ -234,12 +311,17 @@ def server(
                 "http_body_timeout": http_body_timeout,
                 "http_max_unauthenticated": http_max_unauthenticated,
             },
+            (cluster_key_file, join_cluster),
         ),
     )
 
     async def run(stop: asyncio.Event) -> None:
         srv = DeployServer(config)
-        await srv.start()
+        try:
+            await srv.start()
+        except ClusterIdentityError as exc:
+            await srv.stop()
+            raise click.ClickException(str(exc)) from None
         print_server_banner(srv)
         try:
             await stop.wait()

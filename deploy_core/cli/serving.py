@@ -41,11 +41,11 @@ def read_server_config(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    unknown = set(data) - {"plugins", "defaults", "http", "webhooks"}
+    unknown = set(data) - {"plugins", "defaults", "http", "webhooks", "cluster"}
     if unknown:
         raise click.BadParameter(
             f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME], "
-            "[defaults.rollback], [http] and [webhooks]",
+            "[defaults.rollback], [http], [webhooks] and [cluster]",
             param_hint="--config",
         )
     plugins = data.get("plugins", {})
@@ -74,7 +74,8 @@ server_config_option = click.option(
     default=None,
     help="server configuration (TOML): [plugins.NAME] tables hold plugins' settings, "
     '[defaults.rollback."<deploy type>"] the rollback a type gets when a request names none, '
-    "[http] header_timeout, body_timeout and max_unauthenticated (server's --http-* flags win)",
+    "[http] header_timeout, body_timeout and max_unauthenticated (server's --http-* flags win), "
+    "[cluster] key_file and join (server's --cluster-key-file and --join-cluster win)",
 )
 
 
