@@ -30,6 +30,7 @@ NO_READ_OUTPUT = {
     "up": "runs a server and an agent until stopped",
     "db prune": "deletes old deployments; one count line for people",
     "db upgrade": "migrates the schema; one line for people",
+    "cluster key": "writes a new cluster key file; says where, for people",
     "deploy submit": "starts a deployment; prints the API's JSON answer already",
     "deploy shell": "starts a deployment; prints the API's JSON answer already",
     "deploy tar": "starts a deployment; prints the API's JSON answer already",
