@@ -312,3 +312,34 @@ def test_unreadable_key_is_refused_before_the_database_is_touched(
     with pytest.raises(ClusterIdentityError, match="cannot read the cluster key file"):
         init_state(tmp_path / "a", cluster=ClusterSettings(tmp_path / "nope.key"), db_url=pg_url)
     assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_the_shared_directory_way_symlinked_files(
+    tmp_path: Path, pg_url: str, key_file: Path
+) -> None:
+    """Without a cluster key: each replica's own state directory links the five shared files
+    from one directory (e.g. on NFS); the certificate and server.id stay each replica's."""
+    share = tmp_path / "share"
+    first = init_state(share)
+    SecretBox.from_state_dir(share)
+    for name in ("server.pem", "server.key"):
+        (share / name).unlink()
+    replicas = [tmp_path / "a", tmp_path / "b"]
+    for root in replicas:
+        root.mkdir(mode=0o700)
+        for name in SHARED_FILES:
+            (root / name).symlink_to(share / name)
+    a = init_state(replicas[0], hostnames=("localhost", "a.example"))
+    b = init_state(replicas[1], hostnames=("localhost", "b.example"))
+    assert a.admin_token == b.admin_token == first.admin_token
+    assert "b.example" in sans(replicas[1] / "server.pem")
+    verify_against(share / "ca.pem", replicas[1] / "server.pem")
+    assert not (replicas[1] / "server.pem").is_symlink()
+    sealed = SecretBox.from_state_dir(replicas[0]).seal({"K": "v"})
+    assert SecretBox.from_state_dir(replicas[1]).open(sealed) == {"K": "v"}
+    # The two ways together: the linked files are published, then recognised as the same.
+    assert take_identity(replicas[0], ClusterSettings(key_file), db_url=pg_url) == "published"
+    assert take_identity(replicas[1], ClusterSettings(key_file, join=True), db_url=pg_url) == (
+        "unchanged"
+    )
+    assert all((r / n).is_symlink() for r in replicas for n in SHARED_FILES)
