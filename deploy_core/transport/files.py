@@ -94,6 +94,8 @@ _CREDIT = struct.Struct(">Q")
 _MAX_FRAME = 4096
 # Concurrent transfers one agent connection may run.
 _MAX_TRANSFERS = 8
+# Seconds between QUEUED frames while the server gets a file from a peer replica.
+_LOCATE_NOTICE_INTERVAL = 1.0
 
 
 class FileRequest(BaseModel):
@@ -487,7 +489,11 @@ class FileStreamServer:
                 return
             try:
                 located = self._source.locate(sha) if self._source is not None else None
-                path = located if located is None or isinstance(located, Path) else await located
+                path = (
+                    located
+                    if located is None or isinstance(located, Path)
+                    else await self._await_located(out, located)
+                )
             except FileRefused as exc:
                 self._refuse(out, exc.code, str(exc))
                 return
@@ -529,6 +535,20 @@ class FileStreamServer:
             self._transmit()
         finally:
             self._forget(out)
+
+    async def _await_located(self, out: _Outgoing, located: Awaitable[Path | None]) -> Path | None:
+        """Wait for a file the source is still getting (from a peer replica), telling an
+        agent that understands QUEUED frames it is first in line every few seconds, so its
+        no-data watchdog does not give up meanwhile."""
+        getting = asyncio.ensure_future(located)
+        try:
+            while True:
+                done, _ = await asyncio.wait({getting}, timeout=_LOCATE_NOTICE_INTERVAL)
+                if done:
+                    return getting.result()
+                self._queued(out, 1)
+        finally:
+            getting.cancel()  # this request gave up (the source shields what others share)
 
     def _forget(self, out: _Outgoing) -> None:
         if self._streams.get(out.stream_id) is out:

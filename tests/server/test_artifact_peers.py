@@ -9,12 +9,15 @@ progress."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,14 @@ import httpx
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.artifacts import STALE_TMP_SECONDS
-from deploy_core.server.db import artifact_copies
+from deploy_core.server.db import artifact_copies, replicas
 from deploy_core.server.services import PluginServices
+from deploy_core.transport import AgentConnector, AgentCredential, QuicServer
 from deploy_core.transport.files import FileRefused
 
 OWN_FILES = {"server.id", "server.json", "artifacts"}
@@ -280,3 +286,201 @@ async def test_two_replicas_share_one_directory_without_cutting_uploads_short(
     assert (other_sha, "b") in copy_rows(a)
     # A restarted: its reconcile recorded the shared files as its own copies.
     assert (sha, "a") in copy_rows(a)
+
+
+# --------------------------------------------------------------------------- over QUIC, odd peers
+
+
+class Peer:
+    """A real HTTP server registered as a live replica holding ``sha``: it answers the
+    content route after ``delay`` seconds with ``body`` (right or wrong), and records the
+    Authorization headers it was sent."""
+
+    def __init__(self, body: bytes, delay: float = 0.0) -> None:
+        self.body = body
+        self.delay = delay
+        self.auth: list[str | None] = []
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                peer.auth.append(self.headers.get("Authorization"))
+                time.sleep(peer.delay)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(peer.body)))
+                self.end_headers()
+                self.wfile.write(peer.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def register(self, server: DeployServer, name: str, sha: str, *, last_seen: float) -> None:
+        with server.engine.begin() as conn:
+            conn.execute(
+                replicas.insert().values(
+                    server_id=name,
+                    api_url=self.url,
+                    quic_address="127.0.0.1:1",
+                    started_at=time.time(),
+                    last_seen=last_seen,
+                    heartbeat_interval=3600.0,
+                    agents_connected=0,
+                )
+            )
+            conn.execute(
+                artifact_copies.insert().values(
+                    sha256=sha, server_id=name, size=len(self.body), stored_at=time.time()
+                )
+            )
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+class OneAgent:
+    """Accepts the one agent of these tests (no enrollment: the part under test is the file
+    streams and the peers behind them)."""
+
+    def __init__(self) -> None:
+        self.public_key: bytes | None = None
+
+    async def credential(self, client_id: str) -> AgentCredential | None:
+        return None if self.public_key is None else AgentCredential(public_key=self.public_key)
+
+    async def enroll(self, client_id: str, join_token: str, public_key: bytes) -> None:
+        self.public_key = public_key
+
+    async def upgrade(self, client_id: str, public_key: bytes) -> None:
+        self.public_key = public_key
+
+
+class Credentials:
+    identity: Ed25519PrivateKey | None = None
+    key: bytes | None = None
+
+    def load_identity(self) -> Ed25519PrivateKey | None:
+        return self.identity
+
+    def create_identity(self) -> Ed25519PrivateKey:
+        self.identity = Ed25519PrivateKey.generate()
+        return self.identity
+
+    def drop_key(self) -> None:
+        self.key = None
+
+    def load_key(self) -> bytes | None:
+        return self.key
+
+    def save_key(self, key: bytes) -> None:
+        self.key = key
+
+    def join_token(self) -> str | None:
+        return "join"
+
+
+@contextlib.asynccontextmanager
+async def agent_on(server: DeployServer, tmp_path: Path) -> AsyncIterator[ArtifactFetcher]:
+    """A real QUIC endpoint serving ``server``'s artifacts (store, then peers) and a real
+    agent connection to it; the agent's fetcher gives up on 2 s without news."""
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    quic = QuicServer(
+        host="127.0.0.1",
+        port=0,
+        certs=server.state.certs,
+        authority=OneAgent(),
+        on_connect=nothing,
+        on_message=nothing,
+        on_disconnect=nothing,
+        files=server.artifact_source,
+    )
+    await quic.start()
+    connector = AgentConnector(
+        host="127.0.0.1",
+        port=quic.port,
+        ca_file=server.state.certs.ca_cert,
+        client_id="agent-1",
+        credentials=Credentials(),
+        capabilities=dict,
+        on_message=nothing,
+        heartbeat_interval=1.0,
+        backoff_initial=0.05,
+        backoff_max=0.2,
+        connect_timeout=3.0,
+    )
+    task = asyncio.create_task(connector.run())
+    try:
+        assert await connector.wait_connected(10)
+        yield ArtifactFetcher(connector, tmp_path / "agent-cache", stall_timeout=2.0)
+    finally:
+        await asyncio.wait_for(connector.stop(), 10)
+        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(quic.close(), 10)
+
+
+async def test_an_agent_waits_through_a_slow_peer_without_giving_up(
+    pair: Pair, tmp_path: Path
+) -> None:
+    b = await pair.start("b")
+    data = os.urandom(1 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    slow = Peer(data, delay=5.0)  # longer than the agent's 2 s without news
+    try:
+        slow.register(b, "slow", sha, last_seen=time.time())
+        async with agent_on(b, tmp_path) as fetcher:
+            fetched = await fetcher.fetch(sha, deadline=time.time() + 60)
+        assert fetched.path.read_bytes() == data
+        # QUEUED frames kept it waiting on one request: no interruption, one fetch.
+        assert fetched.interruptions == 0
+        assert slow.auth == [f"Bearer {b.state.admin_token}"]
+        assert b.artifacts.locate(sha) is not None
+        assert (sha, "b") in copy_rows(b)
+    finally:
+        slow.close()
+
+
+async def test_a_lying_peer_is_skipped_for_one_with_the_right_bytes(
+    pair: Pair, tmp_path: Path
+) -> None:
+    b = await pair.start("b")
+    data = os.urandom(1 << 20)
+    sha = await pair.upload("a", data)
+    liar = Peer(os.urandom(len(data)))  # answers at once, with other bytes
+    try:
+        # Heard from most recently: asked first.
+        liar.register(b, "liar", sha, last_seen=time.time() + 3600)
+        async with agent_on(b, tmp_path) as fetcher:
+            fetched = await fetcher.fetch(sha, deadline=time.time() + 60)
+        assert fetched.path.read_bytes() == data
+        assert len(liar.auth) == 1
+        assert b.artifacts.locate(sha) is not None and tmp_files(b) == []
+
+        # Only liars left: the agent is refused with the reason, nothing is stored.
+        other = os.urandom(4096)
+        other_sha = hashlib.sha256(other).hexdigest()
+        liar.body = os.urandom(4096)
+        with b.engine.begin() as conn:
+            conn.execute(
+                artifact_copies.insert().values(
+                    sha256=other_sha, server_id="liar", size=4096, stored_at=time.time()
+                )
+            )
+        async with agent_on(b, tmp_path / "again") as fetcher:
+            with pytest.raises(ArtifactError) as refused:
+                await fetcher.fetch(other_sha, deadline=time.time() + 60)
+        assert f"replica liar: the bytes it sent do not hash to {other_sha}" in str(refused.value)
+        assert b.artifacts.locate(other_sha) is None and tmp_files(b) == []
+        assert (other_sha, "b") not in copy_rows(b)
+    finally:
+        liar.close()
