@@ -24,6 +24,7 @@ from deploy_core.server import locks, log_chunks
 from deploy_core.server.clients import ClientRecords
 from deploy_core.server.db import (
     bulk_insert,
+    clients,
     deploy_artifacts,
     deploy_log_chunks,
     deploy_secrets,
@@ -242,6 +243,15 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         """One deployment record."""
         with self.engine.connect() as conn:
             return self._get(conn, deploy_id)
+
+    def get_many(self, deploy_ids: Sequence[str]) -> list[DeploymentRow]:
+        """The records of ``deploy_ids`` that exist, in no particular order."""
+        wanted = list(dict.fromkeys(deploy_ids))
+        if not wanted:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(deployments).where(deployments.c.deploy_id.in_(wanted)))
+            return [DeploymentRow.from_row(r) for r in rows]
 
     def _get(self, conn: Connection, deploy_id: str) -> DeploymentRow | None:
         row = conn.execute(
@@ -659,6 +669,43 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 source="server",
                 ts=time.time(),
             )
+
+    def claim_dispatch(self, deploy_id: str) -> bool:
+        """Mark an unfinished, never-sent deployment dispatched; ``False`` when it was sent
+        already (by this replica or another), acknowledged or finished.  The one
+        compare-and-set that makes a command announced to several replicas leave once
+        (server/cluster_bus.py)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                deployments.update()
+                .where(
+                    deployments.c.deploy_id == deploy_id,
+                    deployments.c.dispatched_at.is_(None),
+                    deployments.c.acked_at.is_(None),
+                    deployments.c.finished_at.is_(None),
+                )
+                .values(dispatched_at=time.time())
+            )
+            return result.rowcount == 1
+
+    def unsent_for_server(self) -> list[DeploymentRow]:
+        """Unfinished deployments never sent whose agent this replica holds, oldest first:
+        what a replica looks for when a notification may have been missed."""
+        held = sa.select(clients.c.client_id).where(
+            clients.c.server_id == self.server_id, clients.c.connected.is_(True)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployments)
+                .where(
+                    deployments.c.client_id.in_(held),
+                    deployments.c.finished_at.is_(None),
+                    deployments.c.dispatched_at.is_(None),
+                    deployments.c.acked_at.is_(None),
+                )
+                .order_by(deployments.c.created_at)
+            )
+            return [DeploymentRow.from_row(r) for r in rows]
 
     def mark_dispatched(self, deploy_id: str) -> None:
         """The command was handed to the transport."""

@@ -640,26 +640,41 @@ def render_rollout(
 
 class RolloutFeed:
     """Fan-out of rollout summaries to live subscribers (the newest matters: a full queue
-    drops its oldest)."""
+    drops its oldest).  As with :class:`~deploy_core.server.callbacks.Listeners`, a
+    ``remote`` summary was changed on another replica and reaches only the subscribers that
+    want those."""
 
     def __init__(self, queue_size: int = 1000) -> None:
-        self._queues: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._queues: dict[asyncio.Queue[dict[str, Any]], bool] = {}
         self._queue_size = queue_size
+        #: Called with the rollout id of every summary published here first (the cluster
+        #: bus tells the other replicas).
+        self.on_local: Callable[[str], None] | None = None
 
-    def publish(self, summary: dict[str, Any]) -> None:
-        for queue in list(self._queues):
+    def publish(self, summary: dict[str, Any], *, remote: bool = False) -> None:
+        if not remote and self.on_local is not None:
+            self.on_local(summary["rollout_id"])
+        for queue, wants_remote in list(self._queues.items()):
+            if remote and not wants_remote:
+                continue
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(summary)
 
+    def wants_remote(self) -> bool:
+        """Whether anyone here listens for other replicas' rollout changes."""
+        return any(self._queues.values())
+
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    async def subscribe(
+        self, *, remote: bool = True
+    ) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self._queue_size)
-        self._queues.add(queue)
+        self._queues[queue] = remote
         try:
             yield queue
         finally:
-            self._queues.discard(queue)
+            self._queues.pop(queue, None)
 
 
 class Rollouts:
@@ -829,8 +844,9 @@ class Rollouts:
                 log.exception("rollout %s: driver step failed", row["rollout_id"])
             await self.publish(row["rollout_id"])
 
-    async def publish(self, rollout_id: str) -> None:
-        """Send the rollout's summary to live subscribers if it changed since last sent."""
+    async def publish(self, rollout_id: str, *, remote: bool = False) -> None:
+        """Send the rollout's summary to live subscribers if it changed since last sent;
+        ``remote``: another replica changed it (the cluster bus said so)."""
         row = await self.db(self.store.get, rollout_id)
         if row is None:
             return
@@ -839,7 +855,7 @@ class Rollouts:
         compare = {k: v for k, v in summary.items() if k != "updated_at"}
         if self._published.get(rollout_id) != compare:
             self._published[rollout_id] = compare
-            self.feed.publish(summary)
+            self.feed.publish(summary, remote=remote)
         if row["status"] in FINAL:
             self._published.pop(rollout_id, None)
 

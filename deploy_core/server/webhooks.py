@@ -858,7 +858,7 @@ class Webhooks:
                 await asyncio.gather(*tasks, *self._in_flight, return_exceptions=True)
 
     async def _watch_deployments(self, listeners: Listeners) -> None:
-        async with listeners.subscribe("*") as queue:
+        async with listeners.subscribe("*", remote=False) as queue:  # once per change
             while True:
                 view = await queue.get()
                 try:
@@ -867,7 +867,7 @@ class Webhooks:
                     log.exception("webhooks: could not take a deployment change")
 
     async def _watch_rollouts(self, rollouts: Rollouts) -> None:
-        async with rollouts.feed.subscribe() as queue:
+        async with rollouts.feed.subscribe(remote=False) as queue:
             while True:
                 summary = await queue.get()
                 try:

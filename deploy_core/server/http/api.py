@@ -108,7 +108,8 @@ async def create_deployment(request: Request) -> Response:
         {
             "deploy_id": record.deploy_id,
             "status": record.status,
-            "client_connected": server.is_connected(common.client_id),
+            # Connected here, or to another replica (which is sent the deployment).
+            "client_connected": server.is_connected(common.client_id) or client.connected,
             "url": f"/api/deploy/{record.deploy_id}",
         },
         status_code=202,
