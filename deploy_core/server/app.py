@@ -32,6 +32,7 @@ from deploy_core.server import db
 from deploy_core.server.artifact_peers import ArtifactCopies, ClusterArtifacts
 from deploy_core.server.artifacts import DEFAULT_MAX_ARTIFACT_BYTES, ArtifactStore
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.cluster_bus import BusHandlers, ClusterBus, make_bus
 from deploy_core.server.cluster_identity import ClusterSettings
 from deploy_core.server.db_health import DbHealth
 from deploy_core.server.deployments import Deployments
@@ -166,6 +167,7 @@ class DeployServer:
         self.deployments: Deployments
         self.watchdog: Watchdog
         self.rollouts: Rollouts
+        self.bus: ClusterBus | None = None
         self._http: _UvicornServer | None = None
         self.api_tls: ApiTls | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -266,7 +268,14 @@ class DeployServer:
             interval=cfg.watchdog_interval,
             may_run=lambda: self.leases.holds(WATCHDOG),
         )
+        self.bus = make_bus(self.engine, cfg.server_id, self._bus_handlers())
+        if self.bus is not None:  # several replicas may share this database
+            self.dispatcher.bus = self.bus
+            self.listeners.on_local = self.bus.record_changed
+            self.rollouts.feed.on_local = self.bus.rollout_changed
         await self.transport.start()
+        if self.bus is not None:
+            await self.bus.start()
         self.app = create_app(self)
         self._http = _UvicornServer(
             uvicorn.Config(
@@ -360,6 +369,9 @@ class DeployServer:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if getattr(self, "bus", None) is not None:
+            assert self.bus is not None
+            await self.bus.close()
         with contextlib.suppress(Exception):  # AttributeError: never started; or no database
             await self.db(self.leases.release_all)  # the others take the duties at once
             await self.db(self.replicas.remove)
@@ -422,12 +434,42 @@ class DeployServer:
         )
 
     async def revoke_client(self, client_id: str) -> bool:
-        """Refuse the agent from now on and cut its connection."""
+        """Refuse the agent from now on and cut its connection (on whichever replica)."""
         done = await self.db(self.records.revoke_client, client_id)
-        session = self.transport.session(client_id)
-        if session is not None:
-            session.close("revoked by an operator")
+        await self._cut([client_id])
+        if self.bus is not None:
+            self.bus.revoke(client_id)
         return done
+
+    async def _cut(self, client_ids: list[str]) -> None:
+        for client_id in client_ids:
+            session = self.transport.session(client_id)
+            if session is not None:
+                session.close("revoked by an operator")
+
+    # ------------------------------------------------------------------ the cluster bus
+
+    def _bus_handlers(self) -> BusHandlers:
+        async def dispatch(pairs: list[tuple[str, str]]) -> None:
+            await self.dispatcher.deliver_announced(pairs)
+
+        async def records(deploy_ids: list[str]) -> None:
+            wanted = [d for d in deploy_ids if self.listeners.wants_remote(d)]
+            for record in await self.db(self.records.get_many, wanted) if wanted else []:
+                self.listeners.publish(record.to_api(), remote=True)
+
+        async def rollouts(rollout_ids: list[str]) -> None:
+            if self.rollouts.feed.wants_remote():
+                for rollout_id in rollout_ids:
+                    await self.rollouts.publish(rollout_id, remote=True)
+
+        async def resync() -> None:
+            if sent := await self.dispatcher.resync():
+                log.info("cluster bus: sent %d deployments found unsent", sent)
+
+        return BusHandlers(
+            dispatch=dispatch, records=records, rollouts=rollouts, revoke=self._cut, resync=resync
+        )
 
     def is_connected(self, client_id: str) -> bool:
         """Whether the agent is connected to this replica right now."""
