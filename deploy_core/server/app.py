@@ -236,6 +236,7 @@ class DeployServer:
             ArtifactCopies(self.engine, cfg.server_id),
             admin_token=self.state.admin_token,
             ca_file=self.api_tls.ca if self.api_tls else None,
+            own_api_url=lambda: self.api_url,
         )
         await self.artifact_source.reconcile()
         self.transport = QuicServer(

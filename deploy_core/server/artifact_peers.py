@@ -167,6 +167,8 @@ class ClusterArtifacts:
     :param admin_token: the bearer token peers' APIs accept (the cluster's admin token).
     :param ca_file: the CA the peers' HTTPS APIs are verified with (the server's own);
         ``None``: the system's trust store.
+    :param own_api_url: this replica's API URL as it announces it: a peer announcing the
+        same one (both listen on every address and announce loopback) cannot be reached.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class ClusterArtifacts:
         admin_token: str,
         ca_file: Path | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
+        own_api_url: Callable[[], str] | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
@@ -185,6 +188,7 @@ class ClusterArtifacts:
         self.timeout = timeout
         self._admin_token = admin_token
         self._ca_file = ca_file
+        self._own_api_url = own_api_url
         self._ssl: ssl.SSLContext | None = None
         self._fetches: dict[str, asyncio.Task[Path]] = {}
 
@@ -284,6 +288,12 @@ class ClusterArtifacts:
         )
 
     async def _fetch_from(self, peer: Peer, sha256: str) -> ArtifactInfo:
+        if self._own_api_url is not None and peer.api_url == self._own_api_url():
+            raise PeerFetchError(
+                f"it announces the API address {peer.api_url}, which is this replica's own: "
+                "give each replica an --api-host the others reach (not a wildcard address, "
+                "which is announced as loopback)"
+            )
         if peer.size > self.store.max_bytes:
             raise ArtifactTooLarge(
                 f"its copy is {format_size(peer.size)}, over this server's artifact size "

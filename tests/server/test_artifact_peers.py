@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -46,9 +47,9 @@ class Pair:
         self.db_url = db_url
         self.servers: dict[str, DeployServer] = {}
 
-    async def start(self, name: str, **config: Any) -> DeployServer:
+    async def start(self, name: str, *, own_ca: bool = False, **config: Any) -> DeployServer:
         state = self.root / name
-        if name != "a" and not state.exists():
+        if name != "a" and not own_ca and not state.exists():
             shutil.copytree(self.root / "a", state, ignore=lambda _d, names: OWN_FILES & set(names))
         server = DeployServer(
             ServerConfig(
@@ -70,8 +71,10 @@ class Pair:
 
     def http(self, name: str, token: str | None = None) -> httpx.AsyncClient:
         server = self.servers[name]
+        ca = server.api_tls.ca if server.api_tls else None
         return httpx.AsyncClient(
             base_url=server.api_url,
+            verify=ssl.create_default_context(cafile=str(ca)) if ca else True,
             headers={"Authorization": f"Bearer {token or server.state.admin_token}"},
             timeout=60,
         )
@@ -484,3 +487,52 @@ async def test_a_lying_peer_is_skipped_for_one_with_the_right_bytes(
         assert (other_sha, "b") not in copy_rows(b)
     finally:
         liar.close()
+
+
+async def test_peers_over_https_are_verified_with_the_clusters_own_ca(
+    tmp_path: Path, pg_url: str
+) -> None:
+    tls = Pair(tmp_path / "tls", pg_url)
+    try:
+        a = await tls.start("a", api_tls=True)
+        b = await tls.start("b", api_tls=True)
+        assert a.api_url.startswith("https://") and b.api_url.startswith("https://")
+        data = os.urandom(1 << 20)
+        sha = await tls.upload("a", data)
+        path = await b.artifact_source.locate(sha)
+        assert path is not None and path.read_bytes() == data
+
+        # A replica of another identity (its own CA) on the database: its certificate does
+        # not verify, so B refuses it and stores nothing.
+        await tls.start("c", own_ca=True, api_tls=True)
+        other_sha = await tls.upload("c", os.urandom(4096))
+        with pytest.raises(FileRefused, match="CERTIFICATE_VERIFY_FAILED"):
+            await b.artifact_source.locate(other_sha)
+        assert b.artifacts.locate(other_sha) is None and tmp_files(b) == []
+    finally:
+        for name in list(tls.servers):
+            await tls.stop(name)
+
+
+async def test_a_peer_announcing_this_replicas_own_address_is_named(pair: Pair) -> None:
+    b = await pair.start("b")
+    sha = hashlib.sha256(b"announced wrong").hexdigest()
+    with b.engine.begin() as conn:
+        conn.execute(
+            replicas.insert().values(
+                server_id="elsewhere",
+                api_url=b.api_url,
+                quic_address="127.0.0.1:1",
+                started_at=time.time(),
+                last_seen=time.time(),
+                heartbeat_interval=3600.0,
+                agents_connected=0,
+            )
+        )
+        conn.execute(
+            artifact_copies.insert().values(
+                sha256=sha, server_id="elsewhere", size=15, stored_at=time.time()
+            )
+        )
+    with pytest.raises(FileRefused, match="which is this replica's own: give each replica"):
+        await b.artifact_source.locate(sha)
