@@ -343,3 +343,38 @@ def test_the_shared_directory_way_symlinked_files(
         "unchanged"
     )
     assert all((r / n).is_symlink() for r in replicas for n in SHARED_FILES)
+
+
+def test_changing_a_shared_file_and_the_key_as_documented(
+    tmp_path: Path, pg_url: str, key_file: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    init_state(a, cluster=ClusterSettings(key_file), db_url=pg_url)
+    init_state(b, cluster=ClusterSettings(key_file, join=True), db_url=pg_url)
+    engine = db.make_engine(pg_url)
+
+    def delete_row() -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                db.cluster_secrets.delete().where(db.cluster_secrets.c.name == IDENTITY_ROW)
+            )
+
+    # A new admin token on A: B keeps the old one, so A alone refuses until it republishes.
+    (a / "admin.token").write_text("new-admin-token\n")
+    with pytest.raises(ClusterIdentityError, match=r"another admin\.token"):
+        take_identity(a, ClusterSettings(key_file), db_url=pg_url)
+    delete_row()
+    assert take_identity(a, ClusterSettings(key_file), db_url=pg_url) == "published"
+    (b / "admin.token").unlink()
+    assert take_identity(b, ClusterSettings(key_file, join=True), db_url=pg_url) == "joined"
+    assert (b / "admin.token").read_text() == "new-admin-token\n"
+
+    # A new cluster key: republished by A, B's files match under it.
+    new_key = tmp_path / "new.key"
+    create_key_file(new_key)
+    delete_row()
+    assert take_identity(a, ClusterSettings(new_key), db_url=pg_url) == "published"
+    assert take_identity(b, ClusterSettings(new_key, join=True), db_url=pg_url) == "unchanged"
+    with pytest.raises(ClusterIdentityError, match="wrong cluster key"):
+        take_identity(b, ClusterSettings(key_file, join=True), db_url=pg_url)
+    engine.dispose()
