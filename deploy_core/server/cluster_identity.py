@@ -278,6 +278,8 @@ def candidate(root: Path, hostnames: Sequence[str]) -> dict[str, str]:
     if any((root / name).exists() for name in SHARED_FILES):
         _complete(root, hostnames)
         return _read_files(root)
+    for stale in root.glob(".cluster-new-*"):  # left by a start killed at this point
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = root / f".cluster-new-{secrets.token_hex(4)}"
     scratch.mkdir(mode=0o700)
     try:
