@@ -118,21 +118,39 @@ def cluster_settings(
     return ClusterSettings(key_file=key_file, join=join)
 
 
+def artifact_dir_setting(path: Path | None, flag: Path | None) -> Path | None:
+    """The artifact store's directory: ``--artifact-dir`` (or its variable) when given, else
+    ``dir`` of ``[artifacts]`` in the server configuration (relative to the file's
+    directory), else ``None`` (the state directory's ``artifacts/``)."""
+    table: Any = read_server_config(path).get("artifacts", {}) if path else {}
+    if not isinstance(table, dict) or set(table) - {"dir"}:
+        raise click.BadParameter(f"{path}: [artifacts] takes only dir", param_hint="--config")
+    if flag is not None or "dir" not in table:
+        return flag
+    if not isinstance(table["dir"], str) or not table["dir"]:
+        raise click.BadParameter(f"{path}: [artifacts] dir must be a path", param_hint="--config")
+    assert path is not None
+    return (path.parent / table["dir"]).resolve()
+
+
 def server_config_file(
     path: Path | None,
     http_flags: dict[str, Any] | None = None,
     cluster_flags: tuple[Path | None, bool | None] | None = None,
+    artifact_dir: Path | None = None,
 ) -> dict[str, Any]:
     """What a server configuration file (``--config`` of ``server`` and ``up``) sets, as
     :class:`~deploy_core.server.app.ServerConfig` keyword arguments: plugins' settings
     (``[plugins.NAME]``), rollback defaults (``[defaults.rollback]``), HTTP limits
-    (``[http]``), webhooks (``[webhooks]``) and the cluster key (``[cluster]``), each
-    checked; a bad file stops the command before anything starts.
+    (``[http]``), webhooks (``[webhooks]``), the cluster key (``[cluster]``) and the
+    artifact directory (``[artifacts]``), each checked; a bad file stops the command before
+    anything starts.
 
     :param http_flags: the ``--http-*`` flags' values (one given on the command line wins
         over ``[http]``); ``None`` for a command without them: their defaults.
     :param cluster_flags: ``--cluster-key-file`` and ``--join-cluster`` (``None`` when not
         given); ``None`` for a command without them (``up``), which refuses ``[cluster]``.
+    :param artifact_dir: ``--artifact-dir``, which wins over ``[artifacts]``.
     """
     if cluster_flags is None:
         if path and "cluster" in read_server_config(path):
@@ -144,6 +162,7 @@ def server_config_file(
         cluster_flags = (None, None)
     return {
         "cluster": cluster_settings(path, *cluster_flags),
+        "artifact_dir": artifact_dir_setting(path, artifact_dir),
         "plugin_settings": load_server_settings(path) if path else {},
         "rollback_defaults": load_rollback_defaults(path) if path else {},
         "webhooks": webhook_settings(path),
@@ -230,7 +249,8 @@ def server_config_file(
     type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
     default=None,
     help="the artifact store's directory (default: artifacts/ in the state directory); "
-    "replicas may share one, on one machine or on NFS (docs/cluster.md)",
+    "replicas may share one, on one machine or on NFS (docs/cluster.md); also dir in "
+    "[artifacts] of --config",
 )
 @click.option(
     "--max-file-transfers",
@@ -301,7 +321,6 @@ def server(
         max_log_bytes=max_log_bytes,
         cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
-        artifact_dir=artifact_dir,
         max_file_transfers=max_file_transfers,
         **api_tls_settings(api_host, api_tls, api_cert, api_key, api_insecure_http),
         **server_config_file(
@@ -312,6 +331,7 @@ def server(
                 "http_max_unauthenticated": http_max_unauthenticated,
             },
             (cluster_key_file, join_cluster),
+            artifact_dir,
         ),
     )
 

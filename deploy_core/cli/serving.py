@@ -41,11 +41,11 @@ def read_server_config(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
-    unknown = set(data) - {"plugins", "defaults", "http", "webhooks", "cluster"}
+    unknown = set(data) - {"plugins", "defaults", "http", "webhooks", "cluster", "artifacts"}
     if unknown:
         raise click.BadParameter(
             f"{path}: unknown section(s) {', '.join(sorted(unknown))}; only [plugins.NAME], "
-            "[defaults.rollback], [http], [webhooks] and [cluster]",
+            "[defaults.rollback], [http], [webhooks], [cluster] and [artifacts]",
             param_hint="--config",
         )
     plugins = data.get("plugins", {})

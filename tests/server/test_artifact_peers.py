@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import ssl
 import threading
@@ -22,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 import pytest_asyncio
@@ -536,3 +538,24 @@ async def test_a_peer_announcing_this_replicas_own_address_is_named(pair: Pair) 
         )
     with pytest.raises(FileRefused, match="which is this replica's own: give each replica"):
         await b.artifact_source.locate(sha)
+
+
+def test_the_artifact_directory_from_the_flag_or_the_server_config(tmp_path: Path) -> None:
+    from deploy_core.cli.server_command import artifact_dir_setting, server_config_file
+
+    config = tmp_path / "etc" / "server.toml"
+    config.parent.mkdir()
+    config.write_text('[artifacts]\ndir = "../shared/artifacts"\n')
+    assert artifact_dir_setting(config, None) == tmp_path / "shared" / "artifacts"
+    assert artifact_dir_setting(config, tmp_path / "flag") == tmp_path / "flag"  # flag wins
+    assert artifact_dir_setting(None, None) is None
+    with click.Context(click.Command("server")):
+        assert server_config_file(config)["artifact_dir"] == tmp_path / "shared" / "artifacts"
+    for bad, message in (
+        ('[artifacts]\ndirectory = "x"\n', "[artifacts] takes only dir"),
+        ("[artifacts]\ndir = 3\n", "[artifacts] dir must be a path"),
+        ('artifacts = "x"\n', "[artifacts] takes only dir"),
+    ):
+        config.write_text(bad)
+        with pytest.raises(click.BadParameter, match=re.escape(message)):
+            artifact_dir_setting(config, None)
