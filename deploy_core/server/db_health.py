@@ -150,6 +150,8 @@ class DbHealth:
 
         @sa.event.listens_for(engine, "handle_error")
         def _error(context: Any) -> None:
+            if context.is_pre_ping:
+                return  # a stale pooled connection: the pool connects again, and that counts
             self.failed(context.sqlalchemy_exception or context.original_exception)
 
         if engine.dialect.name == "postgresql":

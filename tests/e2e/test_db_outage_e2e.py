@@ -77,6 +77,10 @@ def test_a_deployment_outlives_a_database_outage_and_reports_once(
         lambda: "script_running" in [e["status"] for e in c.api.history(deploy_id)],
         "the server to store 'script_running'",
     )
+    wait_until(
+        lambda: "tick 3" in [line["line"] for line in c.api.logs(deploy_id)["lines"]],
+        "the server to store some of the script's output",
+    )
 
     def ticks() -> int:
         return len((work / "ticks").read_text().split())
