@@ -345,6 +345,9 @@ class _ScrapeCollector(Collector):
             )
             silent.add_metric([], health.unreachable_for())
             yield silent
+        bus = getattr(server, "bus", None)
+        if bus is not None:
+            yield from _bus_metrics(bus)
         database = self.database
         if database is None:
             return
@@ -453,3 +456,23 @@ def _by(family: CounterMetricFamily, counts: dict[str, int]) -> CounterMetricFam
     for label, value in sorted(counts.items()):
         family.add_metric([label], value)
     return family
+
+
+def _bus_metrics(bus: Any) -> Iterator[Metric]:
+    """The cluster bus of a replica on PostgreSQL (server/cluster_bus.py)."""
+    listening = GaugeMetricFamily(
+        f"{PREFIX}_cluster_bus_listening",
+        "1 while this replica listens for the other replicas' notifications (PostgreSQL "
+        "LISTEN); 0 while its listening connection is being re-established.",
+    )
+    listening.add_metric([], 1 if bus.listening.is_set() else 0)
+    yield listening
+    notes = CounterMetricFamily(
+        f"{PREFIX}_cluster_bus_notifications",
+        "Cluster bus notifications: sent (NOTIFY payloads), received (well-formed, from any "
+        "replica), malformed (ignored), dropped (not sent: the re-scans catch up).",
+        labels=["outcome"],
+    )
+    for outcome in ("sent", "received", "malformed", "dropped"):
+        notes.add_metric([outcome], getattr(bus, outcome))
+    yield notes

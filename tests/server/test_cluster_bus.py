@@ -286,3 +286,15 @@ async def test_malformed_notifications_are_ignored(pair: Pair) -> None:
     answer = await pair.deploy("b", f"touch {marker}")
     assert (await pair.wait("b", answer["deploy_id"]))["status"] == "success"
     assert marker.exists()
+
+
+async def test_cluster_view_and_metrics_show_the_bus(pair: Pair) -> None:
+    answer = await pair.deploy("b", "true")
+    assert (await pair.wait("b", answer["deploy_id"]))["status"] == "success"
+    view = (await pair.http["b"].get("/api/cluster")).json()
+    assert view["bus"]["listening"] is True
+    assert view["bus"]["sent"] >= 1 and view["bus"]["received"] >= 1
+    assert view["bus"]["malformed"] == 0
+    metrics = (await pair.http["a"].get("/metrics")).text
+    assert "deploy_center_cluster_bus_listening 1.0" in metrics
+    assert 'deploy_center_cluster_bus_notifications_total{outcome="received"}' in metrics

@@ -47,6 +47,16 @@ class DutyView(_Answer):
     expires_at: str | None
 
 
+class BusView(_Answer):
+    """The answering replica's end of the cluster bus (PostgreSQL LISTEN/NOTIFY)."""
+
+    listening: bool = Field(description="whether it listens for the other replicas now")
+    sent: int = Field(description="notifications it sent")
+    received: int = Field(description="well-formed notifications it received")
+    malformed: int = Field(description="malformed notifications it ignored")
+    dropped: int = Field(description="notifications it could not send (re-scans catch up)")
+
+
 class ClusterView(_Answer):
     """``GET /api/cluster``."""
 
@@ -54,6 +64,9 @@ class ClusterView(_Answer):
     live: int = Field(description="how many replicas are live")
     replicas: list[ReplicaView]
     duties: list[DutyView]
+    bus: BusView | None = Field(
+        None, description="the answering replica's cluster bus; null on SQLite (one server)"
+    )
 
 
 def render_cluster(listing: dict[str, Any], server_id: str) -> dict[str, Any]:
@@ -94,7 +107,20 @@ async def get_cluster(request: Request) -> Response:
     server = services(request)
     listing = await server.db(server.replicas.listing)
     assert server.config.server_id is not None
-    return JSONResponse(render_cluster(listing, server.config.server_id))
+    answer = render_cluster(listing, server.config.server_id)
+    bus = server.bus
+    answer["bus"] = (
+        None
+        if bus is None
+        else {
+            "listening": bus.listening.is_set(),
+            "sent": bus.sent,
+            "received": bus.received,
+            "malformed": bus.malformed,
+            "dropped": bus.dropped,
+        }
+    )
+    return JSONResponse(answer)
 
 
 def cluster_routes() -> list[BaseRoute]:
