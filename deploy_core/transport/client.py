@@ -61,7 +61,7 @@ from .envelope import (
 )
 from .files import CAPABILITY_FILE_QUEUE, FileStreamClient
 from .identity import auth_transcript, certificate_digest, new_private_key, public_bytes
-from .server import (
+from .quic_settings import (
     CONGESTION_CONTROL,
     MAX_DATA,
     MAX_STREAM_DATA,

@@ -39,7 +39,6 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -106,6 +105,16 @@ from .identity import (
     public_bytes,
     verify_signature,
 )
+from .quic_settings import (
+    CONGESTION_CONTROL,
+    LOOPBACK_DATAGRAM_SIZE,
+    MAX_DATA,
+    MAX_DATAGRAM_SIZE,
+    MAX_STREAM_DATA,
+    SOCKET_BUFFER_BYTES,
+    datagram_size_for,
+    enlarge_socket_buffers,
+)
 from .stats import TransportStats
 
 __all__ = [
@@ -131,18 +140,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Connection-wide and per-stream flow-control windows (both ends use the same).
-MAX_DATA = 16 << 20
-MAX_STREAM_DATA = 8 << 20
-#: Fits a 1500-byte Ethernet MTU with room for tunnels.
-MAX_DATAGRAM_SIZE = 1350
-#: On loopback there is no path to fit: the largest datagram of a 1500-byte MTU (IPv4).
-LOOPBACK_DATAGRAM_SIZE = 1472
-#: aioquic offers "reno" and "cubic" (measured by bench/transfer.py).
-CONGESTION_CONTROL = "reno"
-#: UDP socket buffers; the kernel's default (~208 KiB) drops bursts of a fast sender.
-#: Linux caps the request at net.core.rmem_max / wmem_max.
-SOCKET_BUFFER_BYTES = 4 << 20
 #: The server's receive buffer: every agent's datagrams land in it, and a restart storm of
 #: thousands of agents overflows 4 MiB while the loop is busy with handshakes.
 SERVER_RECEIVE_BUFFER_BYTES = 32 << 20
@@ -162,25 +159,6 @@ _MAX_REASON_CHARS = 300
 # What an agent announces is stored with the client and shown by the API; a real agent's
 # capabilities are well under 1 KiB.
 MAX_CAPABILITIES_BYTES = 16 * 1024
-
-
-def datagram_size_for(host: str) -> int:
-    """The datagram size to use towards or on ``host``: larger on loopback only."""
-    try:
-        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    return LOOPBACK_DATAGRAM_SIZE if loopback else MAX_DATAGRAM_SIZE
-
-
-def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int) -> None:
-    """Ask for ``size``-byte send and receive buffers on a UDP transport's socket."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 def size_receive_buffer(transport: asyncio.BaseTransport, size: int) -> int:

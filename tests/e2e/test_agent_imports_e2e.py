@@ -1,6 +1,8 @@
 """An agent is not a server (issue 12 item 6): a real ``deployctl agent`` with ``deploy_shell``
 and ``deploy_tar``, connected to a real server, runs a shell and a tar deployment without
-importing the server's packages or modules, nor the plugins' server or CLI code.
+importing the server's packages or modules (the QUIC server endpoint included), nor the
+plugins' server or CLI code; and it imports ``deploy_tar``'s extraction code (and
+:mod:`tarfile`) only when a tar deployment arrives.
 
 What the agent imported is read from the process itself: it runs with
 ``PYTHONPROFILEIMPORTTIME=1``, so Python reports every module it imports, for the process's
@@ -27,6 +29,8 @@ from deploy_core.testing import DeployCenter
 
 SERVER_PACKAGES = ("starlette", "uvicorn", "sqlalchemy", "alembic", "httpx", "docker")
 AGENT = "lean-1"
+# What deploy_tar's deployment and rollback code brings, imported at the first deploy.tar.
+TAR_CODE = {"deploy_tar.deploy", "deploy_tar.rollback", "deploy_tar.extract", "tarfile", "gzip"}
 
 
 def imported_modules(log: str) -> set[str]:
@@ -72,6 +76,8 @@ def test_a_real_agent_with_shell_and_tar_imports_nothing_of_the_server(tmp_path:
         proc = center.start_agent(AGENT)
         shell = center.wait(center.deploy("shell", AGENT, script="echo lean"))
         assert shell["status"] == "success", shell
+        # Connected, one shell deployment done, no tar deployment yet.
+        before_tar = imported_modules(center.log(f"agent-{AGENT}"))
         sha = center.api.upload_artifact(package(tmp_path / "lean.tar.gz"))["sha256"]
         target = tmp_path / "app"
         body = {"client_id": AGENT, "artifact": sha, "target_dir": str(target)}
@@ -90,8 +96,18 @@ def test_a_real_agent_with_shell_and_tar_imports_nothing_of_the_server(tmp_path:
 
     heavy = sorted(m for m in modules if m.split(".")[0] in SERVER_PACKAGES)
     assert heavy == [], f"the agent imported server packages: {heavy}"
-    server = sorted(m for m in modules if m.startswith("deploy_core.server"))
+    server = sorted(
+        m
+        for m in modules
+        if m.startswith("deploy_core.server") or m == "deploy_core.transport.server"
+    )
     assert server == [], f"the agent imported server modules: {server}"
+    # The tar code came with the tar deployment, not before (the plugin's registration
+    # imports only its parameter and result models).
+    assert {"deploy_tar.params", "deploy_core.agent.runtime"} <= before_tar
+    early = sorted(before_tar & TAR_CODE)
+    assert early == [], f"the agent imported deploy_tar's code before a tar deployment: {early}"
+    assert modules >= TAR_CODE, sorted(TAR_CODE - modules)
     cli_only = sorted(
         m
         for m in modules

@@ -21,7 +21,6 @@ from deploy_core.plugin import (
     DeployFailed,
     DeployStatus,
     FetchedArtifact,
-    Stage,
     WorkBudget,
     WorkStopped,
     run_bounded,
@@ -33,18 +32,12 @@ from deploy_tar.releases import ReleaseError, Releases
 from deploy_tar.result import DeployTarResult
 from deploy_tar.rules import UnsafeArchive
 from deploy_tar.scripts import failure, find_script, output_tail, run_release_script
+from deploy_tar.stages import STAGES, STRATEGY
 from deploy_tar.url_fetch import fetch_url_source
 from deploy_tar.url_source import Downloaded, redact
 
 __all__ = ["STAGES", "STRATEGY", "deploy_release", "prune_bounded", "size_text", "staging_area"]
 
-STRATEGY = "release"
-STAGES = (
-    Stage(DeployStatus.EXECUTING.value, 0, 0, "preparing"),
-    Stage(DeployStatus.UPLOADING.value, 0, 30, "fetching the package"),
-    Stage(DeployStatus.EXTRACTING.value, 30, 60, "extracting the package"),
-    Stage(DeployStatus.INSTALLING.value, 60, 90, "installing the release"),
-)
 _RANGES = {stage.status: stage for stage in STAGES}
 REPORT_EVERY = 0.2
 # Steps of extraction work (stream blocks read, symlink path parts resolved by the pre-scan,

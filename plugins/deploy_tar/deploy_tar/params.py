@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from deploy_core.plugin import DeployParams, RollbackParams
-from deploy_tar.rules import DEFAULT_LIMITS, ExtractLimits
+from deploy_tar.limits import DEFAULT_LIMITS, ExtractLimits
 from deploy_tar.url_source import check_url, redact
 
 __all__ = ["LimitOverrides", "PackagePath", "ReleaseParams", "TarParams", "UrlSource"]
@@ -83,7 +83,7 @@ def _lower(value: object) -> object:
 
 class LimitOverrides(BaseModel):
     """Extraction limits a request may change; unset fields keep the defaults
-    (:class:`~deploy_tar.rules.ExtractLimits`). The upper bounds keep one package from
+    (:class:`~deploy_tar.limits.ExtractLimits`). The upper bounds keep one package from
     filling the agent's disk or memory whatever the request says."""
 
     model_config = ConfigDict(extra="forbid")

@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from deploy_core.plugin import DeployType, RollbackStrategy, ServerServices, hookimpl
-from deploy_tar.deploy import STAGES, STRATEGY, deploy_release
+from deploy_core.plugin import (
+    DeployContext,
+    DeployType,
+    RollbackReport,
+    RollbackRequest,
+    RollbackState,
+    RollbackStrategy,
+    ServerServices,
+    hookimpl,
+)
 from deploy_tar.params import ReleaseParams, TarParams
 from deploy_tar.result import DeployTarResult
-from deploy_tar.rollback import discard_releases, prepare_release, rollback_release
+from deploy_tar.stages import STAGES, STRATEGY
 from deploy_tar.url_source import check_url, policy_from_config
 
 PLUGIN = "deploy_tar"  # the [plugins.NAME] table of its settings, on the server and agents
@@ -33,6 +41,41 @@ async def package_is_stored(services: ServerServices, params: TarParams) -> None
             f"no artifact {params.artifact} on this server; upload the package first "
             "(deployctl artifact push FILE, or deployctl deploy tar --package FILE)"
         )
+
+
+Request = RollbackRequest[TarParams, ReleaseParams]
+
+# The deployment and rollback code (deploy_tar.deploy, .rollback, and with them .extract,
+# .releases, tarfile, gzip, ...) is imported when an agent first runs one, not when it loads
+# the plugin: an idle agent does not hold it (issue 12 item 6).
+
+
+async def deploy_release(ctx: DeployContext, params: TarParams) -> DeployTarResult:
+    """:func:`deploy_tar.deploy.deploy_release`."""
+    from deploy_tar.deploy import deploy_release as run
+
+    return await run(ctx, params)
+
+
+async def prepare_release(ctx: DeployContext, request: Request) -> RollbackState:
+    """:func:`deploy_tar.rollback.prepare_release`."""
+    from deploy_tar.rollback import prepare_release as run
+
+    return await run(ctx, request)
+
+
+async def rollback_release(ctx: DeployContext, request: Request) -> RollbackReport:
+    """:func:`deploy_tar.rollback.rollback_release`."""
+    from deploy_tar.rollback import rollback_release as run
+
+    return await run(ctx, request)
+
+
+async def discard_releases(ctx: DeployContext, request: Request) -> None:
+    """:func:`deploy_tar.rollback.discard_releases`."""
+    from deploy_tar.rollback import discard_releases as run
+
+    await run(ctx, request)
 
 
 DEPLOY_TYPE = DeployType(

@@ -13,9 +13,10 @@ import math
 import stat
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from deploy_core.plugin import work_step
+from deploy_tar.limits import DEFAULT_LIMITS, ExtractLimits
 
 __all__ = ["DEFAULT_LIMITS", "ExtractLimits", "ExtractStats", "MemberRules", "UnsafeArchive"]
 
@@ -23,27 +24,6 @@ _MAX_LINK_HOPS = 40  # symlinks followed while resolving one target, as Linux do
 _MAX_MTIME = 2.0**40  # seconds; beyond this utime() overflows
 _PLAIN_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
 _MODE_BITS = ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"), (stat.S_ISVTX, "sticky"))
-
-
-@dataclass(frozen=True)
-class ExtractLimits:
-    """Caps on what one archive may contain; every field must be positive."""
-
-    max_members: int = 100_000
-    max_total_bytes: int = 2 * 1024**3
-    max_member_bytes: int = 1 * 1024**3
-    max_ratio: float = 200.0  # uncompressed tar stream / archive file size
-    max_path_length: int = 4096  # bytes of a member name or symlink target
-    max_depth: int = 64  # path components of a member name
-
-    def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if not value > 0:
-                raise ValueError(f"ExtractLimits.{field.name} must be positive, got {value!r}")
-
-
-DEFAULT_LIMITS = ExtractLimits()
 
 
 class UnsafeArchive(Exception):
