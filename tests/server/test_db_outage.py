@@ -267,3 +267,32 @@ def test_a_quiet_replica_is_not_fenced_and_one_answer_ends_the_fence(tmp_path: P
     with pytest.raises(ValueError, match="fence_after"):
         DbHealth(engine, server_id="r", fence_after=0)
     engine.dispose()
+
+
+def test_postgresql_connections_get_timeouts_and_the_url_wins(pg_url: str) -> None:
+    from deploy_core.server.db import make_engine
+
+    for url, connect_timeout in [(pg_url, "5"), (pg_url + "&connect_timeout=30", "30")]:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                dbapi = conn.connection.dbapi_connection
+                assert dbapi is not None
+                given = dbapi.info.get_parameters()  # what libpq was given (non-defaults)
+        finally:
+            engine.dispose()
+        assert given["connect_timeout"] == connect_timeout, given
+        assert given["keepalives_idle"] == "10" and given["tcp_user_timeout"] == "10000", given
+
+
+def test_only_unreachable_databases_are_outages() -> None:
+    from deploy_core.server.db_health import is_outage
+
+    cause = Exception("x")
+    assert is_outage(sa.exc.OperationalError("SELECT 1", {}, cause))
+    assert is_outage(sa.exc.InterfaceError("SELECT 1", {}, cause))
+    assert is_outage(sa.exc.TimeoutError("QueuePool limit reached"))
+    assert is_outage(sa.exc.DBAPIError("SELECT 1", {}, cause, connection_invalidated=True))
+    assert not is_outage(sa.exc.IntegrityError("INSERT", {}, cause))
+    assert not is_outage(sa.exc.ProgrammingError("SELEC", {}, cause))
+    assert not is_outage(ValueError("no"))
