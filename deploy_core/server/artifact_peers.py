@@ -249,8 +249,8 @@ class ClusterArtifacts:
         peers = await asyncio.to_thread(self.copies.peers, sha256)
         if not peers:
             raise PeerFetchError(
-                f"artifact {sha256} is not in this server's store and no live replica "
-                "holds a copy; upload it (POST /api/artifacts or 'deployctl artifact push')"
+                f"artifact {sha256} is not in the server's store and no live replica "
+                "holds a copy; upload it first (POST /api/artifacts or 'deployctl artifact push')"
             )
         failures: list[str] = []
         try:
@@ -283,7 +283,7 @@ class ClusterArtifacts:
         except TimeoutError:
             failures.append(f"gave up after {self.timeout:g} s")
         raise PeerFetchError(
-            f"artifact {sha256} is not in this server's store and fetching it from the "
+            f"artifact {sha256} is not in the server's store and fetching it from the "
             f"replicas holding it failed ({'; '.join(failures)}); nothing was stored"
         )
 
