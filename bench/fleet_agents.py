@@ -37,7 +37,11 @@ from deploy_core.plugins import get_plugins
 # One agent per host scans /proc for orphans once a second.  A worker holds hundreds of
 # agents, whose scans (~8 ms each on this machine) would cost the worker whole cores that
 # no real host spends; `true` leaves no orphans, so the workers scan once a minute instead.
-FLEET_REAP_INTERVAL = 60.0
+# Each agent's scan also collects the finished children of the *other* agents in the worker
+# (one process: their scripts are its children too), whose scripts then end with code 255
+# ("Unknown child process"): bench/replicas.py sets DEPLOY_CENTER_FLEET_REAP_INTERVAL past
+# its run so that no agent scans while it measures.
+FLEET_REAP_INTERVAL = float(os.environ.get("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "60"))
 STATS_EVERY = 1.0
 STOP_TIMEOUT = 30.0
 # Flood reports carry sequence numbers above any the executor gives, so the server applies

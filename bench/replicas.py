@@ -21,7 +21,9 @@ deployments/s (successes over the span from the first record's ``created_at`` to
 ``finished_at``), p50/p99 submit-to-success (``finished_at - created_at`` of each record, the
 replicas' own clocks on one machine), and the servers' CPU; then the ratios to ``one``.
 
-B shares A's identity by a copy of A's state directory (docs/cluster.md).  Exits 1 when a setup
+B shares A's identity by a copy of A's state directory (docs/cluster.md).  The agents of a
+worker share one process, so their orphan scans are turned off for the run: one agent's scan
+would collect another's finished script (bench/fleet_agents.py).  Exits 1 when a setup
 did not come up or not every deployment succeeded; every process it starts is in a process
 group of its own and ended on the way out.
 """
@@ -136,15 +138,26 @@ def run_setup(
                 client.close()
 
     pids = [f.server.pid for f in servers if f.server is not None]
+    workers = [w.proc.pid for f in servers for w in f.workers if w.proc.poll() is None]
     cpu_before, started = cpu_seconds(pids), time.monotonic()
+    workers_before = cpu_seconds(workers)
     with ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix=name) as pool:
         list(pool.map(slice_of, range(args.threads)))
     outcome.wall = time.monotonic() - started
     cpu = (cpu_seconds(pids) - cpu_before) / max(outcome.wall, 1e-9) * 100
-    outcome.cpu = f"servers' CPU {cpu:.0f} % of a core ({len(pids)} replica(s))"
+    agents_cpu = (cpu_seconds(workers) - workers_before) / max(outcome.wall, 1e-9) * 100
+    outcome.cpu = (
+        f"CPU % of a core: {len(pids)} server(s) {cpu:.0f}, "
+        f"{len(workers)} agent workers {agents_cpu:.0f}"
+    )
     created, finished = [], []
     for record in records:
         outcome.statuses[record["status"]] += 1
+        if record["status"] != "success":
+            outcome.errors.append(
+                f"{record['deploy_id']} on {record['client_id']}: {record['status']}: "
+                f"{record['error']}"
+            )
         start, end = _ts(record["created_at"]), _ts(record["finished_at"])
         if start is not None and end is not None:
             created.append(start)
@@ -245,6 +258,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = _parser().parse_args()
+    # Agents sharing a worker process would reap one another's finished `true` (exit 255):
+    # no orphan scan during the run (bench/fleet_agents.py).
+    os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
     if not args.pg.startswith("postgresql"):
         _parser().error(f"--pg must be a postgresql:// URL, got {args.pg!r}")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
