@@ -20,6 +20,7 @@ the store's size limit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -227,13 +228,19 @@ class ClusterArtifacts:
         if task is None:
             task = asyncio.create_task(self._fetch(sha256), name=f"artifact-fetch-{sha256[:12]}")
             self._fetches[sha256] = task
-            task.add_done_callback(lambda _t: self._fetches.pop(sha256, None))
+            task.add_done_callback(functools.partial(self._fetched, sha256))
         try:
             # Shielded: an agent giving up (or disconnecting) does not cut the fetch others
             # wait for, and a retry of its own finds it running.
             return await asyncio.shield(task)
         except PeerFetchError as exc:
             raise FileRefused("not_found", str(exc)) from None
+
+    def _fetched(self, sha256: str, task: asyncio.Task[Path]) -> None:
+        if self._fetches.get(sha256) is task:
+            del self._fetches[sha256]
+        if not task.cancelled():
+            task.exception()  # retrieved: every agent waiting for it may have given up
 
     async def close(self) -> None:
         """Cancel the fetches in progress (the server stops)."""
