@@ -35,7 +35,6 @@ from sqlalchemy.engine import Engine
 from deploy_core.server.artifacts import (
     ArtifactInfo,
     ArtifactMismatch,
-    ArtifactRejected,
     ArtifactStore,
     ArtifactTooLarge,
     format_size,
@@ -265,7 +264,7 @@ class ClusterArtifacts:
                 for peer in peers:
                     try:
                         info = await self._fetch_from(peer, sha256)
-                    except (ArtifactRejected, PeerFetchError, httpx.HTTPError, OSError) as exc:
+                    except Exception as exc:  # any one peer's failure: try the next
                         reason = str(exc) or type(exc).__name__
                         log.warning(
                             "artifact %s from replica %s (%s): %s",
@@ -318,8 +317,14 @@ class ClusterArtifacts:
             ) as response,
         ):
             if response.status_code != 200:
-                body = (await response.aread())[:300].decode(errors="replace")
-                raise PeerFetchError(f"{url} answered {response.status_code}: {body}")
+                body = b""
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) >= 300:
+                        break  # a peer's error is short; more is not read
+                body = body[:300]
+                text = body.decode(errors="replace")
+                raise PeerFetchError(f"{url} answered {response.status_code}: {text}")
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.store.max_bytes:
                 raise ArtifactTooLarge(

@@ -301,9 +301,10 @@ class Peer:
     content route after ``delay`` seconds with ``body`` (right or wrong), and records the
     Authorization headers it was sent."""
 
-    def __init__(self, body: bytes, delay: float = 0.0) -> None:
+    def __init__(self, body: bytes, delay: float = 0.0, status: int = 200) -> None:
         self.body = body
         self.delay = delay
+        self.status = status
         self.auth: list[str | None] = []
         peer = self
 
@@ -311,7 +312,7 @@ class Peer:
             def do_GET(self) -> None:
                 peer.auth.append(self.headers.get("Authorization"))
                 time.sleep(peer.delay)
-                self.send_response(200)
+                self.send_response(peer.status)
                 self.send_header("Content-Length", str(len(peer.body)))
                 self.end_headers()
                 self.wfile.write(peer.body)
@@ -559,3 +560,26 @@ def test_the_artifact_directory_from_the_flag_or_the_server_config(tmp_path: Pat
         config.write_text(bad)
         with pytest.raises(click.BadParameter, match=re.escape(message)):
             artifact_dir_setting(config, None)
+
+
+async def test_peers_that_fail_or_cannot_be_reached_are_each_named(
+    pair: Pair, tmp_path: Path
+) -> None:
+    b = await pair.start("b")
+    data = os.urandom(4096)
+    sha = hashlib.sha256(data).hexdigest()
+    erring = Peer(b"x" * (8 << 20), status=503)  # a long error body: only its start is read
+    gone = Peer(data)
+    try:
+        erring.register(b, "erring", sha, last_seen=time.time() + 10)
+        gone.register(b, "gone", sha, last_seen=time.time())
+        gone.close()  # listed as live, but nothing answers there any more
+        with pytest.raises(FileRefused) as refused:
+            await b.artifact_source.locate(sha)
+        reason = str(refused.value)
+        assert "replica erring: " in reason and "answered 503: xxx" in reason
+        assert len(reason) < 2000
+        assert "replica gone: " in reason
+        assert b.artifacts.locate(sha) is None and tmp_files(b) == []
+    finally:
+        erring.close()
