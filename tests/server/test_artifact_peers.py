@@ -396,7 +396,8 @@ class Credentials:
 @contextlib.asynccontextmanager
 async def agent_on(server: DeployServer, tmp_path: Path) -> AsyncIterator[ArtifactFetcher]:
     """A real QUIC endpoint serving ``server``'s artifacts (store, then peers) and a real
-    agent connection to it; the agent's fetcher gives up on 2 s without news."""
+    agent connection to it; the agent's fetcher gives up on 4 s without news (the server's
+    notices come every second)."""
 
     async def nothing(*args: Any) -> None:
         return None
@@ -428,7 +429,7 @@ async def agent_on(server: DeployServer, tmp_path: Path) -> AsyncIterator[Artifa
     task = asyncio.create_task(connector.run())
     try:
         assert await connector.wait_connected(10)
-        yield ArtifactFetcher(connector, tmp_path / "agent-cache", stall_timeout=2.0)
+        yield ArtifactFetcher(connector, tmp_path / "agent-cache", stall_timeout=4.0)
     finally:
         await asyncio.wait_for(connector.stop(), 10)
         await asyncio.wait_for(task, 10)
@@ -441,7 +442,7 @@ async def test_an_agent_waits_through_a_slow_peer_without_giving_up(
     b = await pair.start("b")
     data = os.urandom(1 << 20)
     sha = hashlib.sha256(data).hexdigest()
-    slow = Peer(data, delay=5.0)  # longer than the agent's 2 s without news
+    slow = Peer(data, delay=7.0)  # longer than the agent's 4 s without news
     try:
         slow.register(b, "slow", sha, last_seen=time.time())
         async with agent_on(b, tmp_path) as fetcher:
