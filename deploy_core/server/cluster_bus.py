@@ -40,6 +40,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from deploy_core.server.db_health import OutageLog, describe_error, is_outage
+
 log = logging.getLogger(__name__)
 
 #: The channel every replica listens on is this plus a digest of the database and schema:
@@ -160,6 +162,9 @@ class ClusterBus:
         self.received = 0
         self.dropped = 0
         self.malformed = 0
+        # A database outage is logged in a few lines, not one per notification or re-scan.
+        self._handler_outage = OutageLog(log, "cluster bus", outage=unreachable)
+        self._send_outage = OutageLog(log, "cluster bus notify", outage=unreachable)
 
     # ------------------------------------------------------------------ announcing
 
@@ -247,9 +252,12 @@ class ClusterBus:
                 raise
             except Exception as exc:
                 if self.listening.is_set():
-                    log.warning("cluster bus: listening connection lost (%s); reconnecting", exc)
+                    log.warning(
+                        "cluster bus: listening connection lost (%s); reconnecting",
+                        describe_error(exc),
+                    )
                 else:
-                    log.debug("cluster bus: cannot listen yet: %s", exc)
+                    log.debug("cluster bus: cannot listen yet: %s", describe_error(exc))
             self.listening.clear()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 10.0)
@@ -280,8 +288,11 @@ class ClusterBus:
             await call
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("cluster bus: handling %s failed", what)
+        except Exception as exc:
+            if not self._handler_outage.failed(exc):
+                log.exception("cluster bus: handling %s failed", what)
+        else:
+            self._handler_outage.ok()
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -307,11 +318,13 @@ class ClusterBus:
                     await asyncio.wait_for(self._send(conn, payloads), CONNECT_TIMEOUT * 2)
                     self.sent += len(payloads)
                     backoff = 0.5
+                    self._send_outage.ok()
                     break
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("cluster bus: could not notify (%s); trying again", exc)
+                    if not self._send_outage.failed(exc):
+                        log.warning("cluster bus: could not notify (%s); trying again", exc)
                     if conn is not None:
                         with contextlib.suppress(Exception):
                             await conn.close()
@@ -320,10 +333,12 @@ class ClusterBus:
                     backoff = min(backoff * 2, 10.0)
             else:
                 self.dropped += len(payloads)
-                log.warning(
-                    "cluster bus: %d notifications not sent; the other replicas' re-scans catch up",
-                    len(payloads),
-                )
+                if self._send_outage.since is None:  # during an outage: counted, not logged
+                    log.warning(
+                        "cluster bus: %d notifications not sent; the other replicas' re-scans "
+                        "catch up",
+                        len(payloads),
+                    )
 
     async def _send(self, conn: Any, payloads: list[str]) -> None:
         async with conn.cursor() as cur:
@@ -337,6 +352,16 @@ class ClusterBus:
         async with conn:
             await self._send(conn, payloads)
         self.sent += len(payloads)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is unreachable: SQLAlchemy's outage errors (the
+    handlers' queries) or the driver's own and timeouts (the bus's own connections)."""
+    import psycopg  # the bus runs on PostgreSQL only
+
+    return is_outage(exc) or isinstance(
+        exc, psycopg.OperationalError | psycopg.InterfaceError | TimeoutError | OSError
+    )
 
 
 def channel_name(database: str, schema: str) -> str:

@@ -66,11 +66,94 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.TimeoutError)  # no pooled connection came free in time
 
 
-def _cause(exc: BaseException) -> str:
-    """The driver's first line about ``exc`` (for the log: it may name the database host)."""
+def describe_error(exc: BaseException) -> str:
+    """The driver's first line about ``exc``, for one log line (it may name the database
+    host; the driver's own text often runs over several lines)."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
     return f"{type(orig).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class OutageLog:
+    """What one background loop logs while the database is unreachable: one line (no
+    traceback) at the first failed pass, at most one more every :data:`LOG_EVERY` seconds
+    while the outage lasts, and one line when a pass works again.  Anything that is not an
+    outage is left to the caller, which logs it with its traceback::
+
+        try:
+            await one_pass()
+        except Exception as exc:
+            if not outage.failed(exc):
+                log.exception("watchdog pass failed")
+        else:
+            outage.ok()
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        every: float = LOG_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+        outage: Callable[[BaseException], bool] = is_outage,
+    ) -> None:
+        """:param what: the loop's name, which begins its lines (``"watchdog"``).
+        :param outage: whether an error means the database is unreachable (the loops on
+        SQLAlchemy use :func:`is_outage`; the cluster bus also counts its driver's own)."""
+        if not every > 0:
+            raise ValueError(f"every must be more than 0 seconds, not {every!r}")
+        self.logger = logger
+        self.what = what
+        self.every = every
+        self.clock = clock
+        self.is_outage = outage
+        #: When the current outage began for this loop (``None``: not in one).
+        self.since: float | None = None
+        #: Passes failed by the current outage.
+        self.failures = 0
+        self._logged_at = -math.inf
+
+    def failed(self, exc: BaseException) -> bool:
+        """A pass failed with ``exc``: an outage is counted and logged (see the class's
+        text); returns whether it was one (``False``: the caller logs ``exc``)."""
+        if not self.is_outage(exc):
+            return False
+        now = self.clock()
+        if self.since is None:
+            self.since, self.failures = now, 0
+        self.failures += 1
+        if now - self._logged_at >= self.every:
+            self._logged_at = now
+            if self.failures == 1:
+                self.logger.warning(
+                    "%s: the database is unreachable (%s); trying again, logged at most "
+                    "every %g s until it answers",
+                    self.what,
+                    describe_error(exc),
+                    self.every,
+                )
+            else:
+                self.logger.warning(
+                    "%s: the database is still unreachable after %.0f s, %d passes failed (%s)",
+                    self.what,
+                    now - self.since,
+                    self.failures,
+                    describe_error(exc),
+                )
+        return True
+
+    def ok(self) -> None:
+        """A pass worked: logs the end of an outage, once."""
+        if self.since is None:
+            return
+        self.logger.info(
+            "%s: the database answers again (unreachable for %.0f s, %d passes failed)",
+            self.what,
+            self.clock() - self.since,
+            self.failures,
+        )
+        self.since, self.failures, self._logged_at = None, 0, -math.inf
 
 
 class DatabaseUnavailable(Exception):
@@ -112,6 +195,7 @@ class DbHealth:
         self.last_error: str | None = None
         self._fenced = False
         self._logged_at = -math.inf
+        self._down_since: float | None = None  # "database unreachable" logged since then
         self._lock = threading.Lock()
         self._connect_failed_at: float | None = None
         self._trial = False
@@ -121,8 +205,14 @@ class DbHealth:
     # ------------------------------------------------------------------ what happened
 
     def reached(self) -> None:
-        """The database answered a statement just now."""
+        """The database answered a statement just now (the heartbeat pass says so); the end
+        of a logged outage is logged once."""
         self.last_ok = self.clock()
+        if self._down_since is not None:
+            log.info(
+                "database answers again (unreachable for %.0f s)", self.last_ok - self._down_since
+            )
+            self._down_since = None
 
     def failed(self, exc: BaseException) -> bool:
         """A database call failed with ``exc``; an outage is remembered and logged (at most
@@ -133,7 +223,9 @@ class DbHealth:
         now = self.clock()
         self.last_failure = now
         if not str(getattr(exc, "orig", exc)).startswith(NOT_TRIED) or self.last_error is None:
-            self.last_error = _cause(exc)
+            self.last_error = describe_error(exc)
+        if self._down_since is None:
+            self._down_since = now
         if now - self._logged_at >= LOG_EVERY:
             self._logged_at = now
             log.warning("database unreachable: %s", self.last_error)

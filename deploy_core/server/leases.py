@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from deploy_core.server.db import leases
+from deploy_core.server.db_health import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Leases:
         self.clock = clock
         # duty -> until when this server may run it (its own clock).
         self._until: dict[str, float] = {}
+        self.outage = OutageLog(log, "leases")
 
     def holds(self, duty: str) -> bool:
         """Whether this server may run a pass of ``duty`` now."""
@@ -109,10 +111,12 @@ class Leases:
             try:
                 with self.engine.begin() as conn:
                     got = acquire(conn, duty, self.holder, self.seconds, before)
-            except Exception:
+            except Exception as exc:
                 # Unknown outcome: keep believing only what the last success allows.
-                log.exception("could not renew the %s lease", duty)
+                if not self.outage.failed(exc):
+                    log.exception("could not renew the %s lease", duty)
                 continue
+            self.outage.ok()
             if got:
                 if not self.holds(duty):
                     log.info("server %s now runs the %s duty", self.holder, duty)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from deploy_core.durations import human_duration
+from deploy_core.server.db_health import OutageLog
 from deploy_core.server.records import RecordStore
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,19 @@ class Retention:
         self.days = days
         self.interval = interval
         self.may_run = may_run
+        self.outage = OutageLog(log, "retention")
 
     async def run(self) -> None:
-        """Pass after pass until cancelled, the first at once; a failed pass is logged and
-        the next one runs."""
+        """Pass after pass until cancelled, the first at once; a failed pass is logged (a
+        database outage without its traceback) and the next one runs."""
         while True:
             try:
                 if self.may_run():
                     await self.prune()
-            except Exception:
-                log.exception("retention pass failed")
+                    self.outage.ok()
+            except Exception as exc:
+                if not self.outage.failed(exc):
+                    log.exception("retention pass failed")
             await asyncio.sleep(self.interval)
 
     async def prune(self) -> int:

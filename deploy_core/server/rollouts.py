@@ -44,6 +44,7 @@ from deploy_core.server.db import (
     rollouts,
     row_dict,
 )
+from deploy_core.server.db_health import OutageLog, is_outage
 from deploy_core.server.deployments import Deployments
 from deploy_core.server.leases import acquire, release
 from deploy_core.server.locks import ClientBusy
@@ -700,6 +701,7 @@ class Rollouts:
         self._published: dict[str, dict[str, Any]] = {}
         self._renewed = 0.0
         self.holding = False
+        self.outage = OutageLog(log, "rollout driver")
 
     async def db(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -797,8 +799,10 @@ class Rollouts:
                     self._wake.clear()
                     try:
                         await self.drive_once()
-                    except Exception:
-                        log.exception("rollout driver pass failed")
+                        self.outage.ok()
+                    except Exception as exc:
+                        if not self.outage.failed(exc):
+                            log.exception("rollout driver pass failed")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.rescan_interval)
             finally:
@@ -840,7 +844,9 @@ class Rollouts:
             except LeaseLost:
                 log.warning("rollout lease lost to another server; it drives from now on")
                 return
-            except Exception:
+            except Exception as exc:
+                if is_outage(exc):
+                    raise  # the rest of the pass would fail the same way: the loop logs it
                 log.exception("rollout %s: driver step failed", row["rollout_id"])
             await self.publish(row["rollout_id"])
 
@@ -1051,6 +1057,8 @@ class Rollouts:
             log.info("rollout %s: deployment %s of %s exists already", rid, deploy_id,
                      target.client_id)  # fmt: skip
         except Exception as exc:
+            if is_outage(exc):
+                raise  # not the target's fault: the next pass tries it again with the same id
             log.exception("rollout %s: could not start %s", rid, target.client_id)
             await self.db(
                 self.store.set_target, rid, position, state=T_FAILED,

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from deploy_core.server.db_health import OutageLog
 from deploy_core.server.records import Applied, RecordStore
 from deploy_core.server.rows import DeploymentRow
 
@@ -33,15 +34,19 @@ class Watchdog:
         self.may_run = may_run
         self.expired = expired
         self.interval = interval
+        self.outage = OutageLog(log, "watchdog")
 
     async def run(self) -> None:
-        """Pass after pass until cancelled; a failed pass is logged and the next one runs."""
+        """Pass after pass until cancelled; a failed pass is logged (a database outage in a
+        few lines, :class:`~deploy_core.server.db_health.OutageLog`) and the next one runs."""
         while True:
             try:
                 if self.may_run():
                     await self.expire_overdue()
-            except Exception:
-                log.exception("watchdog pass failed")
+                    self.outage.ok()
+            except Exception as exc:
+                if not self.outage.failed(exc):
+                    log.exception("watchdog pass failed")
             await asyncio.sleep(self.interval)
 
     async def expire_overdue(self) -> int:

@@ -47,6 +47,7 @@ from deploy_core import __version__
 from deploy_core.durations import human_duration
 from deploy_core.server import db
 from deploy_core.server.callbacks import Listeners
+from deploy_core.server.db_health import OutageLog
 from deploy_core.server.rollouts import FINAL, Rollouts, RolloutStore, render_summary
 from deploy_core.server.rows import DeploymentRow, iso_time
 from deploy_core.server.secret_box import SecretBox, SecretKeyMismatch
@@ -748,6 +749,10 @@ class Webhooks:
         self.delivered = 0
         self.failed_attempts = 0
         self.dropped = 0
+        # A database outage is logged in a few lines per loop, not one per pass.
+        self._enqueue_outage = OutageLog(log, "webhooks outbox")
+        self._sweep_outage = OutageLog(log, "webhooks sweep")
+        self._deliver_outage = OutageLog(log, "webhooks delivery")
 
     # -- events in
 
@@ -892,8 +897,10 @@ class Webhooks:
                     added = await asyncio.to_thread(self.store.enqueue, batch, targets)
                 if added:
                     self._wake.set()
-            except Exception:
-                log.exception("webhooks: could not enqueue %d events", len(batch))
+                self._enqueue_outage.ok()
+            except Exception as exc:
+                if not self._enqueue_outage.failed(exc):
+                    log.exception("webhooks: could not enqueue %d events", len(batch))
                 await asyncio.sleep(1)
 
     async def _sweep_loop(self) -> None:
@@ -920,8 +927,10 @@ class Webhooks:
                             pruned,
                             human_duration(settings.keep_deliveries),
                         )
-            except Exception:
-                log.exception("webhooks: sweep failed")
+                self._sweep_outage.ok()
+            except Exception as exc:
+                if not self._sweep_outage.failed(exc):
+                    log.exception("webhooks: sweep failed")
             await asyncio.sleep(settings.sweep_interval)
 
     async def _deliver_loop(self, client: httpx.AsyncClient) -> None:
@@ -929,20 +938,24 @@ class Webhooks:
         while True:
             self._wake.clear()
             room = settings.concurrency - len(self._in_flight)
-            # No webhook at all (as of a few seconds ago): nothing can be due.
-            if room > 0 and (await self._subscriptions()):
-                busy = Counter(self._in_flight.values())
-                try:
+            claimed: list[Due] = []
+            try:
+                # No webhook at all (as of a few seconds ago): nothing can be due.  (Inside
+                # the try: reading the webhooks fails too while the database is unreachable,
+                # and this loop must outlive that.)
+                if room > 0 and (await self._subscriptions()):
+                    busy = Counter(self._in_flight.values())
                     claimed = await asyncio.to_thread(
                         self.store.due, room, busy=busy, per_webhook=settings.per_webhook
                     )
-                except Exception:
+                self._deliver_outage.ok()
+            except Exception as exc:
+                if not self._deliver_outage.failed(exc):
                     log.exception("webhooks: could not read the outbox")
-                    claimed = []
-                for due in claimed:
-                    task = asyncio.create_task(self._attempt(client, due))
-                    self._in_flight[task] = due.webhook_id
-                    task.add_done_callback(self._done)
+            for due in claimed:
+                task = asyncio.create_task(self._attempt(client, due))
+                self._in_flight[task] = due.webhook_id
+                task.add_done_callback(self._done)
             # Woken by a new event, an attempt that ended, or the next poll for retries.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(1.0, settings.retry_initial))
@@ -1008,9 +1021,10 @@ class Webhooks:
                 error=error,
                 next_attempt_at=next_at,
             )
-        except Exception:
+        except Exception as exc:
             # The claim's lease runs out and the delivery is attempted again.
-            log.exception("webhooks: could not record an attempt of %s", due.delivery_id)
+            if not self._deliver_outage.failed(exc):
+                log.exception("webhooks: could not record an attempt of %s", due.delivery_id)
 
     async def _post(
         self, client: httpx.AsyncClient, due: Due, secret: str

@@ -1,0 +1,221 @@
+"""What a replica logs while PostgreSQL is unreachable, and what an agent is told (issue 15
+item 6): a real DeployServer on a real PostgreSQL schema behind a TCP proxy on loopback
+(tests/pg_proxy.py) that the test cuts and restores.
+
+- the background loops (watchdog, rollout driver, lease keeper, webhooks, heartbeats, the
+  cluster bus) log a few lines during a cut, none with a traceback for the outage, and one
+  line each when the database answers again; every loop is still running afterwards;
+- a new agent's handshake during a cut is refused with a clear reason and a retry-after hint
+  that the agent honours (as for a busy server), and it connects once the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from deploy_core.agent.runtime import Agent, AgentConfig
+from deploy_core.server.app import DeployServer, ServerConfig
+from deploy_core.server.db_health import RETRY_AFTER, is_outage
+from deploy_core.server.webhooks import WebhookSettings
+from tests.pg_proxy import PgProxy
+
+LEASE = 2.0
+BEAT = 0.2
+WAIT = 60.0  # the longest any condition is waited for (a slow shared machine)
+#: How long the database stays cut while the log is counted (seconds).
+CUT = 6.0
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
+    end = time.monotonic() + WAIT
+    while time.monotonic() < end:
+        if result := await check():
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def proxy() -> Iterator[PgProxy]:
+    p = PgProxy().start()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path, pg_url: str, proxy: PgProxy) -> AsyncIterator[DeployServer]:
+    s = DeployServer(
+        ServerConfig(
+            state_dir=tmp_path / "server",
+            api_port=0,
+            quic_port=0,
+            db_url=proxy.url(pg_url),
+            server_id="replica-a",
+            heartbeat_flush_interval=BEAT,
+            lease_seconds=LEASE,
+            watchdog_interval=0.2,
+            retention_days=30,
+            webhooks=WebhookSettings(sweep_interval=0.5),
+        )
+    )
+    await s.start()
+    try:
+        yield s
+    finally:
+        proxy.restore()
+        await asyncio.wait_for(s.stop(), 60)
+
+
+def outage_in(record: logging.LogRecord) -> BaseException | None:
+    """The outage error among a record's traceback's exceptions (causes included)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    while exc is not None:
+        if is_outage(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def ours(caplog: pytest.LogCaptureFixture, since: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records[since:] if r.name.startswith("deploy_core")]
+
+
+async def test_loops_log_a_few_lines_per_outage_and_one_when_it_ends(
+    server: DeployServer, proxy: PgProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="deploy_core")
+    assert server.bus is not None
+    await eventually(lambda: _true(server.leases.held()), "the duties' leases")
+    async with httpx.AsyncClient(
+        base_url=server.api_url,
+        headers={"Authorization": f"Bearer {server.state.admin_token}"},
+        timeout=30,
+    ) as http:
+        # A webhook, so that the webhooks' delivery loop reads its outbox too.
+        made = await http.post(
+            "/api/webhooks",
+            json={
+                "url": "https://127.0.0.1:9/hook",
+                "events": ["deployment.finished"],
+                "secret": "s" * 32,
+            },
+        )
+        assert made.status_code == 201, made.text
+
+        start = len(caplog.records)
+        proxy.cut()
+        await asyncio.sleep(CUT)  # the outage lasts; what is logged meanwhile is counted
+        during = ours(caplog, start)
+        by_message = collections.Counter(f"{r.name}: {r.msg}" for r in during)
+        print(f"{len(during)} log records during a {CUT:g} s cut:")
+        for message, count in by_message.most_common():
+            print(f"  {count:4d}  {message[:150]}")
+        restored_at = len(caplog.records)
+        proxy.restore()
+
+        async def served() -> bool:
+            return (await http.get("/api/deployments")).status_code == 200
+
+        await eventually(served, "the API to answer again")
+
+        def recovered() -> list[logging.LogRecord]:
+            return [r for r in ours(caplog, restored_at) if "answers again" in r.getMessage()]
+
+        # Each loop that said the database is unreachable says once that it answers again.
+        complained = {
+            r.getMessage().split(":")[0]
+            for r in during
+            if "database is unreachable" in r.getMessage() and r.levelno == logging.WARNING
+        }
+
+        async def all_recovered() -> bool:
+            said = {r.getMessage().split(":")[0] for r in recovered()}
+            return complained <= said
+
+        await eventually(all_recovered, f"every loop of {sorted(complained)} to recover")
+        await eventually(lambda: _true(server.bus.listening.is_set()), "the bus to listen")
+        # The work goes on: every background task still runs, and a new webhook is taken.
+        for task in server._tasks:
+            assert not task.done(), (task.get_name(), task)
+        again = await http.post(
+            "/api/webhooks",
+            json={
+                "url": "https://127.0.0.1:9/two",
+                "events": ["deployment.finished"],
+                "secret": "s" * 32,
+            },
+        )
+        assert again.status_code == 201, again.text
+        assert server.db_health is not None and not server.db_health.check()
+
+    tracebacks = [r for r in during if outage_in(r) is not None]
+    assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+    expected = {"watchdog", "rollout driver", "leases", "webhooks sweep", "webhooks delivery"}
+    assert complained >= expected, complained
+    # A few lines per loop (one at the start, one every 10 s, the fence), not one per pass.
+    assert all(count <= 3 for count in by_message.values()), by_message
+    assert len(during) <= 40, by_message
+    after = collections.Counter(r.getMessage().split(":")[0] for r in recovered())
+    assert all(count == 1 for count in after.values()), after
+
+
+async def _true(value: Any) -> Any:
+    return value
+
+
+async def test_an_agent_is_told_the_database_is_unreachable_and_waits_the_hint(
+    server: DeployServer, proxy: PgProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deploy_core")
+    proxy.cut()
+    agent = Agent(
+        AgentConfig(
+            server_host="127.0.0.1",
+            server_port=server.transport.port,
+            client_id="web-1",
+            state_dir=tmp_path / "agent",
+            ca_file=server.state.certs.ca_cert,
+            join_token_file=server.state.join_token_file,
+        )
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        connector = agent.connector
+
+        async def refused() -> bool:
+            return bool(connector.last_error) and len(connector.busy_hints) >= 1
+
+        await eventually(refused, "the handshake to be refused")
+        assert "cannot reach its database" in (connector.last_error or ""), connector.last_error
+        assert connector.busy_hints[0] == RETRY_AFTER
+        # The agent waited at least the hint before its next attempt (as for a busy server).
+        assert connector.backoff_waits and connector.backoff_waits[0] >= RETRY_AFTER
+        assert server.transport.stats.refusals["unavailable"] >= 1
+        assert server.transport.stats.refusals["internal"] == 0
+        handshake_lines = [
+            r
+            for r in caplog.records
+            if r.name.startswith("deploy_core.server") and "handshake" in r.getMessage()
+        ]
+        assert handshake_lines and all(r.exc_info is None for r in handshake_lines), [
+            r.getMessage() for r in handshake_lines
+        ]
+
+        proxy.restore()
+        assert await connector.wait_connected(WAIT), connector.last_error
+        assert server.is_connected("web-1")
+    finally:
+        await agent.stop()
+        await asyncio.wait_for(task, 30)
