@@ -23,6 +23,13 @@ from sqlalchemy.exc import IntegrityError
 from deploy_core.server.db import clients
 from deploy_core.server.rows import ClientCredentials, ClientRow
 
+#: The heartbeat flush's statement, run with many parameter sets (touch_clients).
+_TOUCH = (
+    clients.update()
+    .where(clients.c.client_id == sa.bindparam("cid"))
+    .values(last_seen=sa.bindparam("ts"))
+)
+
 
 class AlreadyEnrolled(Exception):
     """A client id is taken by an enrolled agent."""
@@ -203,14 +210,13 @@ class ClientRecords:
         )
 
     def touch_clients(self, seen: dict[str, float]) -> None:
-        """Record last-seen times of connected agents (heartbeats), in one transaction."""
+        """Record last-seen times of connected agents (heartbeats), in one transaction and
+        one statement run for all of them (executemany: one compiled ``UPDATE``, not one
+        built and compiled per agent)."""
         if not seen:
             return
         with self.engine.begin() as conn:
-            for client_id, ts in seen.items():
-                conn.execute(
-                    clients.update().where(clients.c.client_id == client_id).values(last_seen=ts)
-                )
+            conn.execute(_TOUCH, [{"cid": cid, "ts": ts} for cid, ts in seen.items()])
 
     def mark_all_disconnected(self) -> None:
         """At start-up: this server holds no connections yet."""

@@ -39,6 +39,8 @@ class HeartbeatFlush:
         self.interval = interval
         self.then = then
         self.health = health
+        # The last-seen time last written, by client id.
+        self._written: dict[str, float] = {}
 
     async def run(self) -> None:
         """Flush after flush until cancelled, the first after one interval; a failed flush
@@ -58,9 +60,16 @@ class HeartbeatFlush:
                 self.health.check()
 
     async def flush(self) -> int:
-        """One pass; returns how many agents' times it wrote."""
-        seen = {cid: s.last_seen for cid, s in self.sessions.items()}
-        await asyncio.to_thread(self.records.touch_clients, seen)
+        """One pass; returns how many agents' times it wrote: those heard from since the
+        last pass that wrote theirs (an agent that sent nothing is not written again)."""
+        written = self._written
+        seen = {
+            cid: s.last_seen for cid, s in self.sessions.items() if written.get(cid) != s.last_seen
+        }
+        if seen:
+            await asyncio.to_thread(self.records.touch_clients, seen)
+        # Those no longer connected here are forgotten: a new connection's time is written.
+        self._written = {cid: written[cid] for cid in self.sessions if cid in written} | seen
         if self.then is not None:
             await self.then()
         return len(seen)

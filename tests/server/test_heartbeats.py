@@ -52,6 +52,30 @@ async def test_a_heartbeat_flush_writes_each_connected_agents_last_seen(
     assert {c.client_id: c.last_seen for c in store.list_clients()} == seen
 
 
+async def test_a_flush_writes_only_the_agents_heard_from_since_the_last(
+    store: RecordStore,
+) -> None:
+    for cid in ("web-1", "web-2", "web-3"):
+        store.enroll(cid, public_key=cid.encode().hex())
+    quiet, busy = _Session(10.0), _Session(20.0)
+    sessions: dict[str, AgentSession] = {"web-1": quiet, "web-2": busy}  # type: ignore[dict-item]
+    flush = HeartbeatFlush(store, sessions=sessions, interval=5)
+    assert await flush.flush() == 2
+    busy.last_seen = 25.5  # a ping from web-2 only
+    sessions["web-3"] = _Session(30.0)  # type: ignore[assignment]
+    assert await flush.flush() == 2
+    seen = {c.client_id: c.last_seen for c in store.list_clients()}
+    assert seen == {"web-1": 10.0, "web-2": 25.5, "web-3": 30.0}
+    assert await flush.flush() == 0  # nobody heard from: nothing written
+    # web-1 leaves and comes back: its new session's time is written again.
+    del sessions["web-1"]
+    assert await flush.flush() == 0
+    sessions["web-1"] = _Session(10.0)  # type: ignore[assignment]
+    store.set_disconnected("web-1", last_seen=5.0)
+    assert await flush.flush() == 1
+    assert store.get_client("web-1").last_seen == 10.0  # type: ignore[union-attr]
+
+
 class _FlakyClients:
     def __init__(self) -> None:
         self.seen: list[dict[str, float]] = []
