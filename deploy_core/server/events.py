@@ -9,11 +9,13 @@ Handlers are registered through ``deploy_register_event_handlers``; the core's o
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from deploy_core.plugin.errors import EventRejected as EventRejected  # defined by the contract
 from deploy_core.server.ingest import IngestClosed
@@ -39,6 +41,39 @@ def checks_ownership(handler: F) -> F:
     deployment of another client, in the same transaction that stores the event."""
     _CHECKS_OWNERSHIP.add(handler)
     return handler
+
+
+@dataclass(frozen=True)
+class Stages:
+    """A core handler in two synchronous-ended halves, which the router runs without a task
+    of its own per event (the hot path of issue 13 §3: an agent's status reports):
+
+    - ``queue(ctx)`` validates the event and queues its storing; returns the future its
+      stored result is set on (``Ingest.queue_grouped``).  Raises :class:`EventRejected`
+      for a malformed event (answered with an ERROR, nothing stored).
+    - ``done(ctx, result)`` acts on the stored result; raises :class:`EventRejected` when
+      the event was refused (e.g. a deployment of another client).
+
+    The event is acknowledged after ``done`` returns, i.e. once its transaction committed;
+    an exception of the storing or of ``done`` leaves it unacknowledged, as an exception of
+    the handler does."""
+
+    queue: Callable[[EventContext], Awaitable[asyncio.Future[Any]]]
+    done: Callable[[EventContext, Any], None]
+
+
+_STAGES: weakref.WeakKeyDictionary[Callable[..., Any], Stages] = weakref.WeakKeyDictionary()
+
+
+def in_stages(stages: Stages) -> Callable[[F], F]:
+    """Mark a handler (also marked :func:`checks_ownership`) that the router may run as
+    ``stages`` instead; it must do what the handler does."""
+
+    def mark(handler: F) -> F:
+        _STAGES[handler] = stages
+        return handler
+
+    return mark
 
 
 @dataclass(frozen=True)
@@ -76,12 +111,72 @@ MAX_IN_FLIGHT = 256
 DRAIN_WAIT = 10.0
 
 
-class _Flight:
-    """One connection's messages being stored through the ingest."""
+class _Answers(Protocol):
+    """Where :meth:`EventRouter._route` sends its answer: the session, or a :class:`_Slot`."""
 
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.room = asyncio.Semaphore(MAX_IN_FLIGHT)
+    @property
+    def client_id(self) -> str: ...
+
+    def send(self, env: Envelope) -> None: ...
+
+
+class _Slot:
+    """The answers to one pipelined message, held until those of the messages before it
+    on its connection have gone (answers go in arrival order)."""
+
+    __slots__ = ("answers", "client_id", "ready")
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.answers: list[Envelope] = []
+        self.ready = False
+
+    def send(self, env: Envelope) -> None:
+        self.answers.append(env)
+
+
+class _Flight:
+    """One connection's messages being stored through the ingest: a task each, or for a
+    handler in :class:`Stages` the ingest's future; and their answers, in arrival order."""
+
+    def __init__(self, session: AgentSession) -> None:
+        self.session = session
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self._order: collections.deque[_Slot] = collections.deque()
+        # Set when there is room again (asyncio.Semaphore.locked() scans its waiters on
+        # every acquire: a connection at its limit paid for 256 waiters per message).
+        self._room: asyncio.Future[None] | None = None
+
+    async def wait_room(self) -> None:
+        """Return once fewer than :data:`MAX_IN_FLIGHT` are being stored."""
+        while len(self.tasks) >= MAX_IN_FLIGHT:
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def slot(self) -> _Slot:
+        """A place for the answers of the next message, in arrival order."""
+        slot = _Slot(self.session.client_id)
+        self._order.append(slot)
+        return slot
+
+    def answered(self, slot: _Slot) -> None:
+        """``slot`` holds all its answers: send those now first in line."""
+        slot.ready = True
+        order, session = self._order, self.session
+        while order and order[0].ready:
+            for env in order.popleft().answers:
+                session.send(env)
+
+    def add(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.discard(task)
+        room = self._room
+        if room is not None and not room.done() and len(self.tasks) < MAX_IN_FLIGHT:
+            room.set_result(None)
 
 
 class EventRouter:
@@ -105,17 +200,17 @@ class EventRouter:
         """One message of an authenticated agent (see the class's text for the order)."""
         flight = self._flights.get(session)
         if flight is None:
-            flight = self._flights[session] = _Flight()
-        if self._pipelined(env):
-            await flight.room.acquire()
-            task = asyncio.create_task(self._stored(session, env))
-            flight.tasks.add(task)
-
-            def finished(task: asyncio.Task[None], flight: _Flight = flight) -> None:
-                flight.tasks.discard(task)
-                flight.room.release()
-
-            task.add_done_callback(finished)
+            flight = self._flights[session] = _Flight(session)
+        pipelined = self._pipelined(env)
+        if pipelined is not None:
+            await flight.wait_room()
+            slot = flight.slot()
+            if isinstance(pipelined, Stages):
+                await self._queue_stages(slot, env, pipelined, flight)
+            else:
+                task = asyncio.create_task(self._stored(slot, env))
+                task.add_done_callback(lambda _t: flight.answered(slot))
+                flight.add(task)
             return
         if flight.tasks:  # what came before is stored first
             await asyncio.wait(list(flight.tasks))
@@ -135,21 +230,77 @@ class EventRouter:
             log.warning("shutting down: %d agent messages not stored in %g s", len(late), timeout)
             await asyncio.wait(late)
 
-    def _pipelined(self, env: Envelope) -> bool:
+    def _pipelined(self, env: Envelope) -> Stages | bool | None:
+        """How ``env`` is pipelined: in a handler's :class:`Stages`, in a task of its own
+        (True), or not (None: it waits for what came before)."""
         if env.kind is Kind.ACK:
             return True
         if env.kind is not Kind.EVENT:
-            return False
+            return None
         handler = self.server.plugins.event_handlers.get(env.name)
-        return handler is not None and handler.handler in _CHECKS_OWNERSHIP
+        if handler is None or handler.handler not in _CHECKS_OWNERSHIP:
+            return None
+        return _STAGES.get(handler.handler, True)
 
-    async def _stored(self, session: AgentSession, env: Envelope) -> None:
+    async def _queue_stages(
+        self, slot: _Slot, env: Envelope, stages: Stages, flight: _Flight
+    ) -> None:
+        ctx = EventContext(self.server, slot.client_id, env)
+        try:
+            future = await stages.queue(ctx)
+        except Exception as exc:
+            self._answer_stage(ctx, slot, exc)
+            flight.answered(slot)
+            return
+        except BaseException:  # cancelled: nothing to answer, the next ones are not held
+            flight.answered(slot)
+            raise
+        future.add_done_callback(functools.partial(self._stored_stage, ctx, slot, stages, flight))
+        flight.add(future)
+
+    @classmethod
+    def _stored_stage(
+        cls,
+        ctx: EventContext,
+        slot: _Slot,
+        stages: Stages,
+        flight: _Flight,
+        future: asyncio.Future[Any],
+    ) -> None:
+        """The end of an event run in stages: answer it as :meth:`_route` answers one."""
+        try:
+            if not future.cancelled():
+                stages.done(ctx, future.result())
+                slot.send(ack_for(ctx.envelope))
+        except Exception as exc:
+            cls._answer_stage(ctx, slot, exc)
+        flight.answered(slot)
+
+    @staticmethod
+    def _answer_stage(ctx: EventContext, slot: _Slot, exc: Exception) -> None:
+        env = ctx.envelope
+        if isinstance(exc, IngestClosed):
+            # Not stored, not acknowledged: the agent sends it again to the next server.
+            log.info("shutting down: %s from %s not stored", env.kind.value, ctx.client_id)
+        elif isinstance(exc, EventRejected):
+            log.warning("event %s from %s refused: %s", env.name, ctx.client_id, exc)
+            slot.send(error_for(env, str(exc)))
+        else:
+            # Not acknowledged: the agent keeps the event and sends it again later.
+            log.error(
+                "handler for %s failed on an event from %s",
+                env.name,
+                ctx.client_id,
+                exc_info=exc,
+            )
+
+    async def _stored(self, session: _Answers, env: Envelope) -> None:
         try:
             await self._handle(session, env)
         except Exception:
             log.exception("%s from %s failed", env.kind.value, session.client_id)
 
-    async def _handle(self, session: AgentSession, env: Envelope) -> None:
+    async def _handle(self, session: _Answers, env: Envelope) -> None:
         """One message.  Whatever names a deployment is checked against the deployments of
         that agent: a foreign one gets an ERROR and changes nothing, whichever handler it was
         meant for (first, here; or, for the core's handlers marked :func:`checks_ownership`,
@@ -164,7 +315,7 @@ class EventRouter:
             # Not stored, not acknowledged: the agent sends it again to the next server.
             log.info("shutting down: %s from %s not stored", env.kind.value, session.client_id)
 
-    async def _route(self, session: AgentSession, env: Envelope) -> None:
+    async def _route(self, session: _Answers, env: Envelope) -> None:
         if env.kind is Kind.ACK:
             deploy_id = env.payload.get("deploy_id")
             if deploy_id is None:

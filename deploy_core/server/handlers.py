@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
@@ -15,7 +16,15 @@ from deploy_core.models import (
 )
 from deploy_core.plugin import EventContext as PluginEventContext
 from deploy_core.registry import EventHandler, EventHandlerFn
-from deploy_core.server.events import EventContext, EventRejected, checks_ownership, not_yours
+from deploy_core.server.events import (
+    EventContext,
+    EventRejected,
+    Stages,
+    checks_ownership,
+    in_stages,
+    not_yours,
+)
+from deploy_core.server.records import Applied
 
 
 def with_server(handle: Callable[[EventContext], Awaitable[None]]) -> EventHandlerFn:
@@ -33,17 +42,33 @@ def with_server(handle: Callable[[EventContext], Awaitable[None]]) -> EventHandl
 
 
 async def handle_status_report(ctx: EventContext) -> None:
-    """``deploy.status``: update the record live and keep the history (SPEC deploy-21)."""
+    """``deploy.status``: update the record live and keep the history (SPEC deploy-21).
+
+    The router runs it as its two :data:`STATUS_STAGES` (no task per report); this is the
+    same, in one coroutine."""
+    status_stored(ctx, await (await queue_status_report(ctx)))
+
+
+async def queue_status_report(ctx: EventContext) -> asyncio.Future[Applied]:
+    """Validate a ``deploy.status`` and queue it for the ingest (its first stage)."""
     try:
         report = DeployStatusReport.model_validate(ctx.payload)
     except ValidationError as exc:
         raise EventRejected(f"malformed deploy.status: {exc}") from None
-    records, client_id = ctx.server.records, ctx.client_id
-    applied = await ctx.server.ingest.submit_grouped(records.apply_reports_in, (client_id, report))
+    records = ctx.server.records
+    return await ctx.server.ingest.queue_grouped(records.apply_reports_in, (ctx.client_id, report))
+
+
+def status_stored(ctx: EventContext, applied: Applied) -> None:
+    """A ``deploy.status`` stored (or refused in its transaction): its second stage."""
     if applied.record is None:
-        raise EventRejected(not_yours(client_id, [report.deploy_id]))
+        deploy_id = ctx.payload.get("deploy_id")
+        raise EventRejected(not_yours(ctx.client_id, [deploy_id]))
     if applied.applied:
         ctx.server.deployments.record_changed(applied.record, applied.previous)
+
+
+STATUS_STAGES = Stages(queue_status_report, status_stored)
 
 
 async def handle_callback(ctx: EventContext) -> None:
@@ -67,5 +92,6 @@ async def handle_callback(ctx: EventContext) -> None:
 @hookimpl
 def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> None:
     """Register the core's ``deploy.status`` and ``command.callback`` handlers."""
-    register(EventHandler(EVENT_STATUS, checks_ownership(with_server(handle_status_report))))
+    status = in_stages(STATUS_STAGES)(checks_ownership(with_server(handle_status_report)))
+    register(EventHandler(EVENT_STATUS, status))
     register(EventHandler(EVENT_CALLBACK, checks_ownership(with_server(handle_callback))))

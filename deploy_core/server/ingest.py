@@ -127,6 +127,7 @@ class Ingest:
         self._queue: asyncio.Queue[_Piece[Any] | None] = asyncio.Queue(max_queued)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._window: list[float] = []  # latencies since the figures were last logged
         self._closed = False
@@ -136,6 +137,7 @@ class Ingest:
     def start(self) -> None:
         """Start the writer (in the running event loop)."""
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._run(), name="ingest")
             if self._stats_every is not None:
                 self._reporter = asyncio.create_task(self._report(), name="ingest-figures")
@@ -160,8 +162,19 @@ class Ingest:
         ``many(conn, [arg, ...])``, which returns their results in order (e.g.
         :meth:`~deploy_core.server.records.RecordStore.apply_reports_in`).  ``many`` must give
         what calling it for each ``arg`` alone, in order, would."""
+        return await (await self.queue_grouped(many, arg))
+
+    async def queue_grouped(
+        self, many: Callable[[Connection, list[A]], list[T]], arg: A
+    ) -> asyncio.Future[T]:
+        """:meth:`submit_grouped` without waiting for the commit: queue the piece (waiting
+        only while the queue is full) and return the future its result or error will be set
+        on once its transaction has committed or failed.  For a caller that acts on the
+        outcome in a done-callback instead of a task of its own per piece (the router's
+        status reports, server/events.py)."""
         piece: _Piece[T] = _Piece(None, self._future(), time.monotonic(), many, arg)
-        return await self._submit(piece)
+        await self._enqueue(piece)
+        return piece.future
 
     async def submit_or_run(self, work: Callable[[Connection], T]) -> T:
         """:meth:`submit`, or, once the ingest is closed, ``work`` in a transaction of its
@@ -177,15 +190,21 @@ class Ingest:
             return work(conn)
 
     def _future(self) -> asyncio.Future[Any]:
-        if self._closed or self._task is None:
+        if self._closed or self._loop is None:  # closing, or not started
             raise IngestClosed("the server is shutting down")
-        return asyncio.get_running_loop().create_future()
+        return self._loop.create_future()
 
     async def _submit(self, piece: _Piece[T]) -> T:
-        await self._queue.put(piece)  # waits while the queue is full
+        await self._enqueue(piece)
+        return await piece.future
+
+    async def _enqueue(self, piece: _Piece[Any]) -> None:
+        try:
+            self._queue.put_nowait(piece)
+        except asyncio.QueueFull:
+            await self._queue.put(piece)  # waits while the queue is full
         if self._stopped:  # queued after the writer left: nobody will take it
             self._fail_queued()
-        return await piece.future
 
     def _fail_queued(self) -> None:
         while not self._queue.empty():

@@ -238,6 +238,43 @@ async def test_a_report_failing_in_a_batch_is_not_acknowledged_and_the_others_ar
     assert agent_lines(await server.db(records.history, plug_deploy)) == [(0, "report 0")]
 
 
+async def test_refused_reports_are_answered_in_their_place_among_the_stored_ones(
+    server: DeployServer,
+) -> None:
+    """A malformed report (refused at once) and one naming another agent's deployment
+    (refused in the storing transaction) between good ones: each is answered in arrival
+    order, only the good ones are stored."""
+    agents = await enrolled(server, 2)
+    (key, deploy_id), (_other_key, others) = agents["agent-000"], agents["agent-001"]
+    async with contextlib.AsyncExitStack() as stack:
+        peer, _command = await connected(server, stack, "agent-000", key)
+        gate = Gate(server.ingest)
+        malformed = status(deploy_id, 1)
+        malformed.payload["progress"] = 500
+        sent = [status(deploy_id, 0), malformed, status(deploy_id, 2), status(others, 3)]
+        sent.append(status(deploy_id, 4))
+        peer.send_env(sent[0])
+        await gate.wait_arrived()  # the first is held: the refusal at once must wait for it
+        for env in sent[1:]:
+            peer.send_env(env)
+        await queued(server.ingest, 3)
+        gate.open()
+        got = await answers(peer, len(sent))
+    assert [(a.kind, a.ref) for a in got] == [
+        (Kind.ACK, sent[0].id),
+        (Kind.ERROR, sent[1].id),
+        (Kind.ACK, sent[2].id),
+        (Kind.ERROR, sent[3].id),
+        (Kind.ACK, sent[4].id),
+    ]
+    assert got[1].payload["reason"].startswith("malformed deploy.status: ")
+    assert "progress" in got[1].payload["reason"]
+    assert f"no deployment {others} for client agent-000" in got[3].payload["reason"]
+    history = await server.db(server.records.history, deploy_id)
+    assert agent_lines(history) == [(0, "report 0"), (2, "report 2"), (4, "report 4")]
+    assert agent_lines(await server.db(server.records.history, others)) == []
+
+
 async def test_other_messages_wait_until_what_came_before_is_stored(server: DeployServer) -> None:
     ((client_id, (key, deploy_id)),) = (await enrolled(server, 1)).items()
     async with contextlib.AsyncExitStack() as stack:
