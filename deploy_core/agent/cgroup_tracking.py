@@ -88,6 +88,15 @@ def join(path: str) -> None:
         os.close(fd)
 
 
+def move(path: str, pid: int) -> None:
+    """Move process ``pid`` (all its threads) into the cgroup ``path``."""
+    fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+    try:
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
+
+
 def members(path: Path) -> set[int]:
     """Every process in ``path`` and the cgroups below it (none when it is gone)."""
     found: set[int] = set()

@@ -8,6 +8,8 @@ reported; every error ends in the callback, never in a crash of the agent.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import time
@@ -121,17 +123,21 @@ class Executor:
         )
 
     async def run(self, command: DeployCommand) -> DeployStatus:
-        """Run a journaled command to its callback; returns the final status."""
-        self.journal.mark_started(command.deploy_id)
+        """Run a journaled command to its callback; returns the final status once the
+        callback is on disk (and on its way)."""
+        # Not waited for here: it goes to the disk with the first report, before any of the
+        # plugin's code runs (_deploy waits for both).
+        marked = self.journal.submit_started(command.deploy_id)
         started = time.monotonic()
         if command.command_type == COMMAND_ROLLBACK:
+            await asyncio.wrap_future(marked)
             ctx = self._context(command, None)
             outcome = await self._manual_rollback(ctx, command)
         else:
             deploy_type = self.plugins.deploy_types.get(command.command_type)
             ctx = self._context(command, deploy_type)
             outcome = await self._deploy(ctx, command, deploy_type)
-        self._callback(ctx, outcome, time.monotonic() - started)
+        await asyncio.wrap_future(self._callback(ctx, outcome, time.monotonic() - started))
         return outcome.status
 
     async def recover(
@@ -159,7 +165,7 @@ class Executor:
         outcome = Outcome(DeployStatus.FAILED, reason, rollback_state=rollback_state)
         if command.command_type != COMMAND_ROLLBACK:
             await self._roll_back_after_failure(ctx, command, outcome)
-        self._callback(ctx, outcome, time.monotonic() - started)
+        await asyncio.wrap_future(self._callback(ctx, outcome, time.monotonic() - started))
         return outcome.status
 
     async def _kill_leftovers(self, deploy_id: str) -> list[str]:
@@ -176,7 +182,7 @@ class Executor:
         """Finish a command without running it (expired, unknown type …)."""
         ctx = self._context(command, None)
         self.journal.mark_started(command.deploy_id)
-        self._callback(ctx, Outcome(status, reason), 0.0)
+        self._callback(ctx, Outcome(status, reason), 0.0).result()
 
     # ------------------------------------------------------------------ the flow
 
@@ -194,6 +200,9 @@ class Executor:
         except ValidationError as exc:
             return Outcome(DeployStatus.FAILED, f"invalid parameters: {exc}")
         ctx.report(DeployStatus.EXECUTING, progress=0, message="deployment started")
+        # The started mark (a restart must not run it again) is on disk before any of the
+        # plugin's code runs: one commit with the report above.
+        await asyncio.wrap_future(self.journal.barrier())
         outcome = Outcome(DeployStatus.SUCCESS)
         prepared = await self._prepare_rollback(ctx, command, params, outcome)
         if outcome.status is not DeployStatus.SUCCESS:
@@ -426,7 +435,11 @@ class Executor:
             )
         return deploy_type.params.model_validate(target.params)
 
-    def _callback(self, ctx: DeployContext, outcome: Outcome, duration: float) -> None:
+    def _callback(
+        self, ctx: DeployContext, outcome: Outcome, duration: float
+    ) -> concurrent.futures.Future[None]:
+        """Journal the callback (the sender is woken once it is committed); the write's
+        future."""
         result = outcome.result.model_dump(mode="json") if outcome.result is not None else None
         reporter = ctx._reporter
         if isinstance(reporter, OutboxReporter):
@@ -454,17 +467,32 @@ class Executor:
             else None,
             rollback_state=ctx.mask_data(outcome.rollback_state),
         )
-        self.journal.finish(
+        written = self.journal.submit_finish(
             ctx.deploy_id,
             outcome.status.value,
             f"cb-{uuid.uuid4().hex}",
             EVENT_CALLBACK,
             payload.model_dump(mode="json"),
         )
-        self.wake()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+
+        def wake(done: concurrent.futures.Future[None]) -> None:
+            if done.exception() is not None:
+                return
+            if loop is None:
+                self.wake()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                    loop.call_soon_threadsafe(self.wake)
+
+        written.add_done_callback(wake)
         log.info(
             "deployment %s finished: %s%s",
             ctx.deploy_id,
             outcome.status.value,
             f" ({payload.error})" if payload.error else "",
         )
+        return written

@@ -9,20 +9,35 @@ them their sequence number, and stay there until the server acknowledges them.
 The journal holds secrets for as long as a deployment runs (its command's ``secret_env``):
 the files are private (0600), deleted content is overwritten (``secure_delete``), and a
 finished deployment's secret values are removed from its stored command.
+
+Every write goes through one writer thread that commits in groups: what is queued while a
+commit is in flight goes into the next transaction (one fsync), and each write is released
+(its future done) only after its transaction committed; a lone write is committed at once,
+with no timer.  The ``submit_*`` methods return that future without waiting, so the event
+loop does not stop for the disk; the plain methods wait for it ("committed on return").
+Writes commit in the order they were submitted, so waiting for one write means every write
+submitted before it is on disk too.  Reads use a second connection and never wait for a
+commit in flight.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
+from asyncio import _get_running_loop as asyncio_running_loop
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploy_core.models import DeployCommand
 from deploy_core.private import private_database
+
+log = logging.getLogger(__name__)
 
 ACCEPTED = "accepted"
 STARTED = "started"
@@ -60,6 +75,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 # journal on disk stays near what the outbox holds, whatever a deployment prints.
 WAL_AUTOCHECKPOINT_PAGES = 128
 WAL_SIZE_LIMIT = 512 * 1024
+# Writes committed in one transaction at most (the rest go in the next).
+MAX_GROUP = 256
+# Rounds of the event loop a write made on it waits, at most, for more to join its group
+# (only while other callbacks are ready: an idle loop hands it over at once).
+TICK_HOPS = 16
 
 
 @dataclass(frozen=True)
@@ -89,11 +109,13 @@ class JournalEntry:
 
 
 class Journal:
-    """SQLite-backed journal and outbox (synchronous, safe to share between threads)."""
+    """SQLite-backed journal and outbox (safe to share between threads; see the module's
+    docstring for the writer thread and the ``submit_*`` methods)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Guards the read connection and the outbox's byte count.
         self._lock = threading.Lock()
         private_database(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -120,59 +142,257 @@ class Journal:
             "SELECT coalesce(sum(length(payload)), 0) FROM outbox"
         ).fetchone()
         self._outbox_bytes = int(outbox_bytes)
+        self._read = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._queue: list[_Write] = []
+        # Writes made on the event loop's thread, queued when the loop's step is over.
+        self._tick: list[_Write] = []
+        self._tick_loop: Any = None
+        self._ready = threading.Condition(threading.Lock())
+        self._closing = False
+        #: Transactions committed by the writer, and the writes they held (for tests and
+        #: benchmarks: writes per transaction).
+        self.commits = 0
+        self.writes = 0
+        self._writer = threading.Thread(target=self._write_loop, name="journal", daemon=True)
+        self._writer.start()
 
     def close(self) -> None:
-        """Close the database."""
+        """Commit what was submitted, then close the database."""
+        with self._ready:
+            if self._closing:
+                return
+            self._closing = True
+            self._hand_over()
+            self._ready.notify()
+        self._writer.join()
         with self._lock:
-            self._db.close()
+            self._read.close()
+        self._db.close()
 
-    def _tx(self, *, durable: bool = True) -> Any:
-        return _Transaction(self, durable)
+    # ------------------------------------------------------------------ the writer
+
+    def _submit(
+        self,
+        apply: Callable[[sqlite3.Connection], Any] | None,
+        *,
+        durable: bool = True,
+        size: int = 0,
+        checkpoint: Callable[[], bool] | None = None,
+        committed: Callable[[Any], None] | None = None,
+        at_once: bool = False,
+    ) -> Future[Any]:
+        """Queue one write for the writer; its future is done once it is committed (with
+        ``apply``'s result) or failed.  ``size``: bytes it adds to the outbox (counted now,
+        so back-pressure sees what is queued too).  ``checkpoint``: asked after the commit
+        whether the WAL must be cut back now; ``committed``: called with the result once
+        committed, before the future is done.
+
+        Submitted on a thread running an event loop, a write is held until the loop has
+        nothing else ready (at most :data:`TICK_HOPS` rounds), so what one step of the agent
+        writes goes in one transaction; ``at_once`` hands it (and what is held) to the
+        writer now, for a write the caller is about to wait for while other work goes on
+        (the disk's time overlaps with it).  Asking the future for its result hands it over
+        too, so waiting for it on the loop's own thread cannot hang."""
+        write = _Write(self, apply, durable, size, checkpoint, committed)
+        loop = None if at_once else asyncio_running_loop()
+        with self._ready:
+            if self._closing:
+                raise RuntimeError(f"the journal {self.path} is closed")
+            if loop is not None and (not self._tick or self._tick_loop is loop):
+                self._tick.append(write)
+                self._tick_loop = loop
+                schedule = len(self._tick) == 1
+            else:
+                self._hand_over()
+                self._queue.append(write)
+                self._ready.notify()
+                schedule = False
+        if schedule:
+            assert loop is not None
+            loop.call_soon(self._end_of_tick, loop, 0)
+        if size:
+            self._grew(size)
+        return write.future
+
+    def _hand_over(self) -> None:
+        """Move the writes held for the end of the loop's step to the writer's queue (the
+        caller holds ``_ready``)."""
+        if self._tick:
+            self._queue.extend(self._tick)
+            self._tick.clear()
+            self._ready.notify()
+
+    def _end_of_tick(self, loop: Any, hops: int) -> None:
+        # Other callbacks ready to run may write too (a task woken by the one that wrote):
+        # let them, a bounded number of rounds.
+        if hops < TICK_HOPS and getattr(loop, "_ready", None):
+            loop.call_soon(self._end_of_tick, loop, hops + 1)
+            return
+        with self._ready:
+            self._hand_over()
+
+    def flush(self) -> None:
+        """Hand what is held for the end of the event loop's step to the writer now."""
+        with self._ready:
+            self._hand_over()
+
+    def barrier(self) -> Future[None]:
+        """A future done once every write submitted before it is committed."""
+        return self._submit(None, durable=False)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closing:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+            try:
+                self._commit(group)
+            except BaseException as exc:  # the writer goes on; nobody waits forever
+                log.exception("journal: the writer failed")
+                for write in group:
+                    self._release(write, None, exc)
+
+    def _commit(self, group: list[_Write]) -> None:
+        """Apply ``group`` in one transaction (each write in its own savepoint, so one that
+        fails fails alone), commit, then release each write."""
+        results: list[tuple[_Write, Any, BaseException | None]] = []
+        work = [w for w in group if w.apply is not None]
+        failed: BaseException | None = None
+        if work:
+            durable = any(w.durable for w in work)
+            db = self._db
+            try:
+                if not durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("BEGIN IMMEDIATE")
+                for write in work:
+                    assert write.apply is not None
+                    db.execute("SAVEPOINT w")
+                    try:
+                        result = write.apply(db)
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO w")
+                        db.execute("RELEASE w")
+                        results.append((write, None, exc))
+                    else:
+                        db.execute("RELEASE w")
+                        results.append((write, result, None))
+                db.execute("COMMIT")
+            except Exception as exc:  # nothing of the group is stored
+                failed = exc
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.exception("journal: rollback failed")
+            finally:
+                if not durable:
+                    try:
+                        db.execute("PRAGMA synchronous=FULL")
+                    except sqlite3.Error:
+                        log.exception("journal: cannot restore synchronous=FULL")
+            self.commits += 1
+            self.writes += len(work)
+            done = [w for w, _result, error in results if error is None]
+            if failed is None and any(w.checkpoint is not None and w.checkpoint() for w in done):
+                # The old versions of the command's page must not linger in the WAL file
+                # either (only then: the checkpoint costs several fsyncs).
+                try:
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    log.exception("journal: checkpoint failed")
+        if failed is not None:
+            for write in group:
+                self._release(write, None, failed)
+            return
+        for write, result, error in results:
+            self._release(write, result, error)
+        for write in group:
+            if write.apply is None:
+                self._release(write, None, None)
+
+    def _release(self, write: _Write, result: Any, error: BaseException | None) -> None:
+        if write.future.done():
+            return
+        if error is not None:
+            if write.size:
+                self._grew(-write.size)
+            write.future.set_exception(error)
+            return
+        if write.committed is not None:
+            try:
+                write.committed(result)
+            except Exception:
+                log.exception("journal: after a commit")
+        write.future.set_result(result)
 
     # ------------------------------------------------------------------ deployments
 
     def accept(self, command: DeployCommand) -> bool:
         """Journal a command; ``False`` when this ``deploy_id`` was seen before."""
-        with self._tx() as db:
+        return bool(self.submit_accept(command).result())
+
+    def submit_accept(self, command: DeployCommand, *, at_once: bool = False) -> Future[bool]:
+        """:meth:`accept`, not waited for (``at_once``: see :meth:`_submit`)."""
+        text = command.model_dump_json()
+
+        def apply(db: sqlite3.Connection) -> bool:
             cur = db.execute(
                 "INSERT OR IGNORE INTO deployments (deploy_id, command_type, command, state,"
                 " accepted_at) VALUES (?, ?, ?, ?, ?)",
-                (
-                    command.deploy_id,
-                    command.command_type,
-                    command.model_dump_json(),
-                    ACCEPTED,
-                    time.time(),
-                ),
+                (command.deploy_id, command.command_type, text, ACCEPTED, time.time()),
             )
             return bool(cur.rowcount)
 
-    def mark_started(self, deploy_id: str) -> None:
-        """The deployment is about to run: from now on a restart must not run it again."""
-        with self._tx() as db:
+        return self._submit(apply, at_once=at_once)
+
+    def submit_started(self, deploy_id: str) -> Future[None]:
+        """:meth:`mark_started`, not waited for."""
+        at = time.time()
+
+        def apply(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE deployments SET state = ?, started_at = ? WHERE deploy_id = ?",
-                (STARTED, time.time(), deploy_id),
+                (STARTED, at, deploy_id),
             )
+
+        return self._submit(apply)
+
+    def mark_started(self, deploy_id: str) -> None:
+        """The deployment is about to run: from now on a restart must not run it again."""
+        self.submit_started(deploy_id).result()
 
     def set_stage(self, deploy_id: str, stage: str) -> None:
         """Remember the stage a deployment reached."""
-        with self._tx() as db:
+
+        def apply(db: sqlite3.Connection) -> None:
             db.execute("UPDATE deployments SET stage = ? WHERE deploy_id = ?", (stage, deploy_id))
+
+        self._submit(apply).result()
 
     def set_rollback_state(self, deploy_id: str, state: dict[str, Any] | None) -> None:
         """Keep what the rollback strategy prepared."""
-        with self._tx() as db:
+        text = json.dumps(state) if state is not None else None
+
+        def apply(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE deployments SET rollback_state = ? WHERE deploy_id = ?",
-                (json.dumps(state) if state is not None else None, deploy_id),
+                (text, deploy_id),
             )
 
-    def record_run(self, deploy_id: str, record: dict[str, Any]) -> None:
-        """Add or replace (by its ``run`` name) what identifies the processes of one script
-        run of the deployment (:class:`~deploy_core.agent.tracking.RunRecord`); committed
-        when this returns, so it is there before the child runs."""
-        with self._tx() as db:
+        self._submit(apply).result()
+
+    def submit_run(
+        self, deploy_id: str, record: dict[str, Any], *, at_once: bool = False
+    ) -> Future[None]:
+        """:meth:`record_run`, not waited for: committed when the future is done
+        (``at_once``: see :meth:`_submit`)."""
+        record = dict(record)
+
+        def apply(db: sqlite3.Connection) -> None:
             row = db.execute(
                 "SELECT processes FROM deployments WHERE deploy_id = ?", (deploy_id,)
             ).fetchone()
@@ -186,10 +406,18 @@ class Journal:
                 (json.dumps(runs), deploy_id),
             )
 
+        return self._submit(apply, at_once=at_once)
+
+    def record_run(self, deploy_id: str, record: dict[str, Any]) -> None:
+        """Add or replace (by its ``run`` name) what identifies the processes of one script
+        run of the deployment (:class:`~deploy_core.agent.tracking.RunRecord`); committed
+        when this returns, so it is there before the child runs."""
+        self.submit_run(deploy_id, record).result()
+
     def runs(self, deploy_id: str) -> list[dict[str, Any]]:
         """The run records of a deployment, in the order they started."""
         with self._lock:
-            row = self._db.execute(
+            row = self._read.execute(
                 "SELECT processes FROM deployments WHERE deploy_id = ?", (deploy_id,)
             ).fetchone()
         return list(json.loads(row[0])) if row else []
@@ -197,7 +425,7 @@ class Journal:
     def with_runs(self) -> list[str]:
         """Deployments that still have run records (running, or a service left running)."""
         with self._lock:
-            rows = self._db.execute(
+            rows = self._read.execute(
                 "SELECT deploy_id FROM deployments WHERE processes != '[]' ORDER BY accepted_at"
             ).fetchall()
         return [r[0] for r in rows]
@@ -205,7 +433,7 @@ class Journal:
     def get(self, deploy_id: str) -> JournalEntry | None:
         """One journaled deployment."""
         with self._lock:
-            row = self._db.execute(
+            row = self._read.execute(
                 "SELECT deploy_id, command, state, stage, rollback_state, final_status, progress"
                 " FROM deployments WHERE deploy_id = ?",
                 (deploy_id,),
@@ -215,7 +443,7 @@ class Journal:
     def in_state(self, state: str) -> list[JournalEntry]:
         """Deployments in ``state`` (accepted, started or finished), oldest first."""
         with self._lock:
-            rows = self._db.execute(
+            rows = self._read.execute(
                 "SELECT deploy_id, command, state, stage, rollback_state, final_status, progress"
                 " FROM deployments WHERE state = ? ORDER BY accepted_at",
                 (state,),
@@ -228,9 +456,43 @@ class Journal:
         self, msg_id: str, name: str, payload: dict[str, Any], *, deploy_id: str | None = None
     ) -> None:
         """Add an event to the outbox."""
-        with self._tx() as db:
-            size = self._insert(db, msg_id, deploy_id, name, payload)
-        self._grew(size)
+        text = json.dumps(payload)
+        self._submit(
+            lambda db: self._insert(db, msg_id, deploy_id, name, text), size=len(text)
+        ).result()
+
+    def submit_report(
+        self,
+        deploy_id: str,
+        msg_id: str,
+        name: str,
+        payload: dict[str, Any],
+        stage: str,
+        *,
+        durable: bool = True,
+    ) -> Future[int]:
+        """:meth:`enqueue_report`, not waited for: the future gives the sequence number once
+        the report is committed (and so may be sent)."""
+        progress = int(payload.get("progress", 0))
+        # The sequence number is only known in the transaction: it is put in front of the
+        # payload's text there, so the payload is serialised once, here.
+        body = json.dumps({k: v for k, v in payload.items() if k != "seq"})
+        rest = body[1:] if body == "{}" else ", " + body[1:]
+        size = len('{"seq": 0') + len(rest)  # one digit; corrected once the number is known
+
+        def apply(db: sqlite3.Connection) -> int:
+            (seq,) = db.execute(
+                "UPDATE deployments SET report_seq = report_seq + 1, stage = ?,"
+                " progress = max(progress, ?) WHERE deploy_id = ? RETURNING report_seq",
+                (stage, progress, deploy_id),
+            ).fetchone()
+            self._insert(db, msg_id, deploy_id, name, f'{{"seq": {int(seq)}{rest}')
+            return int(seq)
+
+        def count_digits(seq: int) -> None:
+            self._grew(len(str(seq)) - 1)
+
+        return self._submit(apply, durable=durable, size=size, committed=count_digits)
 
     def enqueue_report(
         self,
@@ -248,30 +510,24 @@ class Journal:
         :param durable: wait for the disk (``synchronous=FULL``).  ``False`` for a batch of
             log lines that moves nothing: it survives a crash of the agent, and the next
             durable write takes it to the disk; a power cut may lose it."""
-        with self._tx(durable=durable) as db:
-            (seq,) = db.execute(
-                "UPDATE deployments SET report_seq = report_seq + 1, stage = ?,"
-                " progress = max(progress, ?) WHERE deploy_id = ? RETURNING report_seq",
-                (stage, int(payload.get("progress", 0)), deploy_id),
-            ).fetchone()
-            size = self._insert(db, msg_id, deploy_id, name, {**payload, "seq": seq})
-        self._grew(size)
-        return int(seq)
+        return int(
+            self.submit_report(deploy_id, msg_id, name, payload, stage, durable=durable).result()
+        )
 
-    def finish(
+    def submit_finish(
         self, deploy_id: str, status: str, msg_id: str, name: str, payload: dict[str, Any]
-    ) -> None:
-        """Mark a deployment finished and add its callback to the outbox, atomically.
+    ) -> Future[None]:
+        """:meth:`finish`, not waited for: the callback may be sent once the future is done."""
+        text = json.dumps(payload)
+        holder: dict[str, bool] = {}
 
-        The stored command loses its secret values (their names stay): nothing needs them
-        after the end, and a journal must not keep them at rest."""
-        with self._tx() as db:
+        def apply(db: sqlite3.Connection) -> None:
             row = db.execute(
                 "SELECT command FROM deployments WHERE deploy_id = ?", (deploy_id,)
             ).fetchone()
             command = json.loads(row[0]) if row else {}
-            had_secrets = bool(command.get("secret_env"))
-            if had_secrets:
+            holder["secrets"] = bool(command.get("secret_env"))
+            if holder["secrets"]:
                 command["secret_env"] = {}
             db.execute(
                 "UPDATE deployments SET state = ?, final_status = ?, finished_at = ?,"
@@ -284,14 +540,19 @@ class Journal:
                     deploy_id,
                 ),
             )
-            size = self._insert(db, msg_id, deploy_id, name, payload)
-        self._grew(size)
-        if had_secrets:
-            # The old versions of the command's page must not linger in the WAL file either.
-            # (Only then: the checkpoint costs several fsyncs, ~13 ms here, and the callback
-            # waits for it before it is sent.)
-            with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._insert(db, msg_id, deploy_id, name, text)
+
+        # Only when the command held secrets does the transaction end with a checkpoint.
+        return self._submit(apply, size=len(text), checkpoint=lambda: holder.get("secrets", False))
+
+    def finish(
+        self, deploy_id: str, status: str, msg_id: str, name: str, payload: dict[str, Any]
+    ) -> None:
+        """Mark a deployment finished and add its callback to the outbox, atomically.
+
+        The stored command loses its secret values (their names stay): nothing needs them
+        after the end, and a journal must not keep them at rest."""
+        self.submit_finish(deploy_id, status, msg_id, name, payload).result()
 
     @staticmethod
     def _insert(
@@ -299,24 +560,23 @@ class Journal:
         msg_id: str,
         deploy_id: str | None,
         name: str,
-        payload: dict[str, Any],
-    ) -> int:
-        text = json.dumps(payload)
+        text: str,
+    ) -> None:
         db.execute(
             "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
             (msg_id, deploy_id, name, text, time.time()),
         )
-        return len(text)
 
     def _grew(self, size: int) -> None:
         with self._lock:
             self._outbox_bytes += size
 
     def pending(self, *, after: int = 0, limit: int = 500) -> list[OutboxMessage]:
-        """Unacknowledged events in order, after outbox position ``after``."""
+        """Unacknowledged events in order, after outbox position ``after`` (committed ones
+        only: an event is sent only once it is on disk)."""
         with self._lock:
-            rows = self._db.execute(
+            rows = self._read.execute(
                 "SELECT seq, msg_id, deploy_id, name, payload FROM outbox WHERE seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (after, limit),
@@ -325,50 +585,84 @@ class Journal:
             OutboxMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), size=len(r[4])) for r in rows
         ]
 
+    def submit_ack(self, msg_id: str) -> Future[int | None]:
+        """:meth:`ack`, not waited for; the future gives the bytes dropped (``None``: there
+        was no such event)."""
+
+        def apply(db: sqlite3.Connection) -> int | None:
+            row = db.execute(
+                "DELETE FROM outbox WHERE msg_id = ? RETURNING length(payload)", (msg_id,)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        def dropped(size: int | None) -> None:
+            if size:
+                self._grew(-size)
+
+        return self._submit(apply, durable=False, committed=dropped)
+
     def ack(self, msg_id: str) -> bool:
         """The server has the event: drop it from the outbox.  Not waited for on disk: an
         acknowledgement lost to a power cut only makes the event go again, and the server
         drops what it already has."""
-        with self._tx(durable=False) as db:
-            row = db.execute(
-                "DELETE FROM outbox WHERE msg_id = ? RETURNING length(payload)", (msg_id,)
-            ).fetchone()
-        if row is None:
-            return False
-        with self._lock:
-            self._outbox_bytes -= int(row[0])
-        return True
+        return self.submit_ack(msg_id).result() is not None
 
     def outbox_size(self) -> int:
         """How many events wait for acknowledgement."""
         with self._lock:
-            (count,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
+            (count,) = self._read.execute("SELECT count(*) FROM outbox").fetchone()
         return int(count)
 
     def outbox_bytes(self) -> int:
-        """Bytes of the events waiting for acknowledgement (kept in memory, cheap)."""
+        """Bytes of the events waiting for acknowledgement, or queued to be written (kept in
+        memory, cheap)."""
         return self._outbox_bytes
 
 
-class _Transaction:
-    def __init__(self, journal: Journal, durable: bool) -> None:
-        self.journal = journal
+def log_failure(future: Future[Any], what: str) -> None:
+    """Log it if the write behind ``future`` fails (for a write nobody waits for)."""
+
+    def check(done: Future[Any]) -> None:
+        error = done.exception()
+        if error is not None:
+            log.error("journal: %s was not stored: %s", what, error)
+
+    future.add_done_callback(check)
+
+
+class _WriteFuture(Future[Any]):
+    """A write's future: asking for its result hands held writes to the writer first."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__()
+        self._journal = journal
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self._journal.flush()
+        return super().result(timeout)
+
+
+class _Write:
+    """One queued write: ``apply`` runs in the writer's transaction (``None``: a barrier)."""
+
+    __slots__ = ("apply", "checkpoint", "committed", "durable", "future", "size")
+
+    def __init__(
+        self,
+        journal: Journal,
+        apply: Callable[[sqlite3.Connection], Any] | None,
+        durable: bool,
+        size: int,
+        checkpoint: Callable[[], bool] | None,
+        committed: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.apply = apply
+        self.committed = committed
         self.durable = durable
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.journal._lock.acquire()
-        if not self.durable:
-            self.journal._db.execute("PRAGMA synchronous=NORMAL")
-        self.journal._db.execute("BEGIN IMMEDIATE")
-        return self.journal._db
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            self.journal._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            if not self.durable:
-                self.journal._db.execute("PRAGMA synchronous=FULL")
-            self.journal._lock.release()
+        self.size = size
+        self.checkpoint = checkpoint
+        self.future: Future[Any] = _WriteFuture(journal)
 
 
 def _entry(row: Any) -> JournalEntry:

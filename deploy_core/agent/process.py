@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from deploy_core.agent.cgroup_tracking import join as join_cgroup
+from deploy_core.agent.cgroup_tracking import move as move_to_cgroup
 from deploy_core.agent.tracking import ProcessTracker, TrackedRun
 
 DEFAULT_TAIL_BYTES = 64 * 1024
@@ -362,6 +363,12 @@ def _preexec(cgroups: Sequence[str], confinement: Confinement | None) -> Callabl
     return apply
 
 
+def _move(cgroups: Sequence[str], pid: int) -> None:
+    """Move the waiting child into the run's tracking cgroups (before it runs anything)."""
+    for path in cgroups:
+        move_to_cgroup(path, pid)
+
+
 def _resolve(
     argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None
 ) -> None:
@@ -395,10 +402,13 @@ async def _spawn(
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` held at the gate, journal who it is, then let it run.
 
-    The child is a new session; it joins the run's cgroup before ``exec``, then waits in
-    :data:`GATE` for a line on its stdin, which it gets only once :meth:`TrackedRun.spawned`
-    has committed its pid and start time.  If the agent dies before, the child reads end
-    of file and exits without running anything.
+    The child is a new session and waits in :data:`GATE` for a line on its stdin, which it
+    gets only once :meth:`TrackedRun.spawned` has committed its pid and start time and the
+    agent has moved it into the run's tracking cgroup (both at once: the journal's commit
+    and the kernel's cgroup move each take milliseconds).  If the agent dies before, the
+    child reads end of file and exits without running anything.  The move is the agent's,
+    not the child's: with no ``preexec_fn`` (unless the confinement needs one) Python
+    starts the child with ``vfork``, not a copy of the agent's memory.
     """
     child_env = dict(env) if env is not None else dict(os.environ)
     child_env.update(run.env)
@@ -415,12 +425,16 @@ async def _spawn(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_preexec(run.cgroups, confinement),
+        preexec_fn=_preexec((), confinement),
         limit=READ_BYTES,  # the reader takes a whole 1 MiB pipe before it pauses
     )
     assert proc.stdin is not None
     try:
         run.spawned(proc.pid)
+        if run.cgroups:
+            await asyncio.gather(run.saved(), asyncio.to_thread(_move, run.cgroups, proc.pid))
+        else:
+            await run.saved()
     except BaseException:
         _kill_group(proc.pid, signal.SIGKILL)
         await proc.wait()

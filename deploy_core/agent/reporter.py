@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from deploy_core.agent.journal import Journal
+from deploy_core.agent.journal import Journal, log_failure
 from deploy_core.models import EVENT_STATUS, DeployStatus, DeployStatusReport, LogBlock, LogLine
 
 # A report carries at most 1000 lines (DeployStatusReport.logs) and 256 blocks.
@@ -76,7 +76,8 @@ class OutboxReporter:
         self._flusher: asyncio.TimerHandle | None = None
 
     def report(self, status: DeployStatus, progress: int, stage: str, message: str) -> None:
-        """Write a status report (with the batched log lines) to the outbox."""
+        """Write a status report (with the batched log lines) to the outbox: committed by
+        the journal's writer while the caller goes on, sent once it is on disk."""
         self._last = (status, progress, stage, message)
         self._emit(status, progress, stage, message, durable=True)
 
@@ -169,7 +170,7 @@ class OutboxReporter:
             log_blocks=blocks,
             seq=0,  # replaced by the journal's sequence number
         )
-        self.journal.enqueue_report(
+        written = self.journal.submit_report(
             self.deploy_id,
             f"st-{uuid.uuid4().hex}",
             EVENT_STATUS,
@@ -177,4 +178,18 @@ class OutboxReporter:
             stage,
             durable=durable,
         )
-        self.wake()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: wait for the disk
+            written.result()
+            self.wake()
+            return
+        # The event loop goes on (the script starts meanwhile); the outbox's sender is woken
+        # once the report is committed, in a group with whatever else was written meanwhile.
+        log_failure(written, f"the status report of {self.deploy_id}")
+
+        def wake(_done: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(self.wake)
+
+        written.add_done_callback(wake)

@@ -23,7 +23,7 @@ from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import AgentServiceContext
 from deploy_core.agent.executor import Executor
-from deploy_core.agent.journal import ACCEPTED, STARTED, Journal
+from deploy_core.agent.journal import ACCEPTED, STARTED, Journal, log_failure
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.logs import bind
 from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus
@@ -294,7 +294,8 @@ class Agent:
         elif env.kind is Kind.ACK:
             if env.ref:
                 self._acked(env.ref)
-                self.journal.ack(env.ref)
+                # Not waited for: a lost acknowledgement only makes the event go again.
+                log_failure(self.journal.submit_ack(env.ref), f"the acknowledgement of {env.ref}")
         elif env.kind is Kind.ERROR:
             if env.ref:
                 self._acked(env.ref)
@@ -314,7 +315,7 @@ class Agent:
         if command.command_type != env.name or env.callback_id != command.deploy_id:
             self.connector.send(error_for(env, "command name or callback id does not match"))
             return
-        new = await asyncio.to_thread(self.journal.accept, command)
+        new = await asyncio.wrap_future(self.journal.submit_accept(command, at_once=True))
         self.connector.send(
             Envelope(
                 kind=Kind.ACK, ref=env.id, name=env.name, payload={"deploy_id": command.deploy_id}

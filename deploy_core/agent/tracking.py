@@ -24,6 +24,7 @@ hosts without cgroups: a script can unset it for the programs it starts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
@@ -90,7 +91,9 @@ class RunRecord:
 
 
 class RunLedger(Protocol):
-    """Where run records are kept durably (the agent's journal)."""
+    """Where run records are kept durably (the agent's journal).  A ledger may also have
+    ``submit_run(deploy_id, record, at_once=...)``: the same write, returning a
+    :class:`concurrent.futures.Future` done once it is committed, without waiting."""
 
     def record_run(self, deploy_id: str, record: dict[str, Any]) -> None:
         """Add or replace (by ``run``) one record of ``deploy_id``, committed on return."""
@@ -188,7 +191,9 @@ class ProcessTracker:
         elif limits_cgroup:
             record = replace(record, cgroup=limits_cgroup)
         run = TrackedRun(self, deploy_id, record, tuple(join))
-        run.save()
+        # Not waited for: the child cannot run before its pid is journaled (the gate), and
+        # that later record is committed after this one.
+        run.save(wait=False)
         return run
 
     def kill_recorded(self, records: Iterable[RunRecord], grace: float) -> list[str]:
@@ -290,23 +295,41 @@ class TrackedRun:
     record: RunRecord
     cgroups: tuple[str, ...] = ()
     _done: bool = field(default=False, repr=False)
+    _saved: concurrent.futures.Future[None] | None = field(default=None, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
         """Variables the child's environment gets."""
         return {MARKER_ENV: self.record.token}
 
-    def save(self) -> None:
-        """Journal the record as it is now."""
-        if self.tracker.ledger is not None and self.deploy_id is not None:
-            self.tracker.ledger.record_run(self.deploy_id, self.record.to_json())
+    def save(self, *, wait: bool = True, at_once: bool = True) -> None:
+        """Journal the record as it is now: committed on return, or with ``wait`` false
+        once :meth:`saved` returns (when the ledger can write without waiting; ``at_once``
+        false lets the write join what the agent writes next, see
+        :class:`~deploy_core.agent.journal.Journal`)."""
+        ledger = self.tracker.ledger
+        if ledger is None or self.deploy_id is None:
+            return
+        submit = getattr(ledger, "submit_run", None)
+        if wait or submit is None:
+            ledger.record_run(self.deploy_id, self.record.to_json())
+            return
+        # At once (the default): its disk time overlaps with starting the child.
+        self._saved = submit(self.deploy_id, self.record.to_json(), at_once=at_once)
+        self._saved.add_done_callback(_log_unsaved)
+
+    async def saved(self) -> None:
+        """Return once the record saved last is committed (raises if it could not be)."""
+        if self._saved is not None:
+            await asyncio.wrap_future(self._saved)
 
     def spawned(self, pid: int) -> None:
-        """The child exists (and waits): journal its pid and start time before it runs."""
+        """The child exists (and waits): journal its pid and start time, which must be
+        committed (:meth:`saved`) before it may run."""
         info = proctable.read(pid)
         self.record = replace(self.record, pid=pid, start_ticks=info.start_ticks if info else None)
         self.tracker._active[pid] = self
-        self.save()
+        self.save(wait=False)
 
     def processes(self) -> set[int]:
         """The live processes of this run now."""
@@ -375,7 +398,8 @@ class TrackedRun:
             left=tuple((i.pid, i.start_ticks) for i in left),
         )
         self.tracker._left.update(self.record.left)
-        self.save()
+        # Not waited for: whatever reports the end is committed after it (in one group).
+        self.save(wait=False, at_once=False)
         if left:
             self.tracker._left_runs[(self.deploy_id, self.record.run)] = self.record
         else:
@@ -419,6 +443,12 @@ def _find(
         for p in found
         if p in by_pid and p != os.getpid() and (since is None or by_pid[p].start_ticks >= since)
     }
+
+
+def _log_unsaved(done: concurrent.futures.Future[None]) -> None:
+    error = done.exception()
+    if error is not None:
+        log.error("a run record was not journaled: %s", error)
 
 
 def _signal(pid: int, sig: int) -> None:

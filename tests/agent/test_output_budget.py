@@ -117,6 +117,7 @@ async def test_the_outbox_reporter_waits_for_acknowledgements(tmp_path: Path) ->
     waiting = asyncio.create_task(reporter.wait_for_room())
     await asyncio.sleep(0.2)
     assert not waiting.done()
+    await asyncio.wrap_future(journal.barrier())  # the reports are committed in the background
     for msg in journal.pending():
         journal.ack(msg.msg_id)
     await asyncio.wait_for(waiting, 5)

@@ -4,6 +4,7 @@ on success stays; who it is is journaled before it runs.  Real processes, real c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -49,6 +50,12 @@ def tracker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessT
     # Whatever a test left (a service, a cgroup) goes, as on an agent's recovery.
     tracker.kill_recorded([RunRecord.from_json(r) for r in journal.runs("d1")], grace=0)
     journal.close()
+
+
+async def committed(tracker: ProcessTracker) -> None:
+    """Wait until what the tracker submitted to its journal is committed."""
+    if isinstance(tracker.ledger, Journal):
+        await asyncio.wrap_future(tracker.ledger.barrier())
 
 
 def command(deploy_id: str) -> DeployCommand:
@@ -188,6 +195,7 @@ async def test_a_service_left_on_success_survives_and_is_noted(
         assert service in [pid for pid, _ticks in run.record.left]
         if run.record.cgroup:
             assert service in members(Path(run.record.cgroup))
+        await committed(tracker)
         journaled = [RunRecord.from_json(r) for r in tracker.ledger.runs("d1")]  # type: ignore[union-attr]
         assert [r.state for r in journaled] == [LEFT_RUNNING]
     finally:
@@ -216,6 +224,7 @@ async def test_the_identity_is_journaled_before_the_child_runs(
     assert record["start_ticks"] == run.record.start_ticks
     assert record["token"] == run.record.token
     assert record["cgroup"] == (str(run.record.cgroup) if tracker.hierarchy else None)
+    await committed(tracker)  # the end record goes with the next write waited for
     assert tracker.ledger.runs("d1") == []  # type: ignore[union-attr]  # ended: forgotten
 
 
@@ -314,6 +323,7 @@ async def test_a_left_service_is_noted_until_it_exits(
     service = int((tmp_path / "svc.pid").read_text())
     journal = tracker.ledger
     assert isinstance(journal, Journal)
+    await committed(tracker)
     try:
         assert journal.with_runs() == ["d1"]
         assert not tracker.ended(run.record)
