@@ -30,7 +30,7 @@ from deploy_core.testing import DeployCenter
 SERVER_PACKAGES = ("starlette", "uvicorn", "sqlalchemy", "alembic", "httpx", "docker")
 AGENT = "lean-1"
 # What deploy_tar's deployment and rollback code brings, imported at the first deploy.tar.
-TAR_CODE = {"deploy_tar.deploy", "deploy_tar.rollback", "deploy_tar.extract", "tarfile", "gzip"}
+TAR_CODE = {"deploy_tar.deploy", "deploy_tar.rollback", "deploy_tar.extract", "tarfile"}
 
 
 def imported_modules(log: str) -> set[str]:
