@@ -109,3 +109,23 @@ def test_server_config_join_reaches_the_server(tmp_path: Path, pg_url: str) -> N
     assert done.returncode == 1
     assert "no cluster identity is published" in done.stderr, done.stderr
     assert not any(state.iterdir())
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["http://a.example", "a.example:8470", "a b", "0.0.0.0", "::", "-a.example", "a/b", ""],
+)
+def test_advertise_host_takes_a_host_only(tmp_path: Path, value: str) -> None:
+    done = deployctl("server", "--state-dir", str(tmp_path / "s"), "--advertise-host", value)
+    assert done.returncode == 2, done.stderr
+    assert "--advertise-host" in done.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was made
+
+
+def test_advertise_host_accepts_names_and_addresses() -> None:
+    from deploy_core.cli.server_command import check_advertise_host
+
+    assert check_advertise_host("deploy-a.internal") == "deploy-a.internal"
+    assert check_advertise_host("10.0.0.11") == "10.0.0.11"
+    assert check_advertise_host("[::1]") == "::1"
+    assert check_advertise_host(None) is None

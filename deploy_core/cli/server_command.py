@@ -8,6 +8,8 @@ Loaded only when the command is run or listed (``_MainGroup.lazy_commands`` in
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +120,35 @@ def cluster_settings(
     return ClusterSettings(key_file=key_file, join=join)
 
 
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def check_advertise_host(value: str | None) -> str | None:
+    """``--advertise-host``: a host name or an IP address (no scheme, port or path), and not
+    a wildcard (which nobody can reach)."""
+    if value is None:
+        return None
+    try:
+        address = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        if not _HOST_NAME.match(value):
+            raise click.BadParameter(
+                f"{value!r} is not a host name or IP address (give just the host, e.g. "
+                "deploy-a.internal or 10.0.0.11: no scheme, port or path)",
+                param_hint="--advertise-host",
+            ) from None
+        return value
+    if address.is_unspecified:
+        raise click.BadParameter(
+            f"{value} is the wildcard address: give the address the other replicas reach",
+            param_hint="--advertise-host",
+        )
+    return str(address)
+
+
 def artifact_dir_setting(path: Path | None, flag: Path | None) -> Path | None:
     """The artifact store's directory: ``--artifact-dir`` (or its variable) when given, else
     ``dir`` of ``[artifacts]`` in the server configuration (relative to the file's
@@ -206,6 +237,16 @@ def server_config_file(
     multiple=True,
     help="a host name or address agents use to reach this server (repeatable); the server "
     "certificate covers it besides localhost, 127.0.0.1 and ::1",
+)
+@click.option(
+    "--advertise-host",
+    envvar="DEPLOY_CENTER_ADVERTISE_HOST",
+    default=None,
+    callback=lambda _ctx, _param, value: check_advertise_host(value),
+    help="the host name or address other replicas reach this one's API at (and agents its "
+    "QUIC port), as announced in GET /api/cluster; default: --api-host (loopback for "
+    "0.0.0.0). Needed between machines for replicas to fetch packages from each other; "
+    "the server certificate covers it",
 )
 @click.option(
     "--cluster-key-file",
@@ -305,6 +346,7 @@ def server(
     api_insecure_http: bool,
     cluster_key_file: Path | None,
     join_cluster: bool | None,
+    advertise_host: str | None,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
@@ -319,7 +361,12 @@ def server(
         db_url=database_url(db_url, state_dir) if db_url else None,
         retention_days=parse_duration(retention) / 86400 if retention else None,
         max_log_bytes=max_log_bytes,
-        cert_names=("localhost", "127.0.0.1", "::1", *cert_names),
+        cert_names=tuple(
+            dict.fromkeys(
+                ("localhost", "127.0.0.1", "::1", *cert_names, *filter(None, [advertise_host]))
+            )
+        ),
+        advertise_host=advertise_host,
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
         max_file_transfers=max_file_transfers,
         **api_tls_settings(api_host, api_tls, api_cert, api_key, api_insecure_http),

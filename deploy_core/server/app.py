@@ -121,6 +121,10 @@ class ServerConfig:
     # How often a supplied certificate's files are checked for a renewal (served without a
     # restart).
     api_cert_check_interval: float = 60.0
+    # The host name or address other replicas reach this one's API at, and agents its QUIC
+    # endpoint (its row in ``replicas``; peers fetch artifacts from that URL).  None: the
+    # listening hosts (loopback for a wildcard).
+    advertise_host: str | None = None
     # Replicas' shared CA, tokens and secrets key, taken from (or first published to) the
     # database under a cluster key (server/cluster_identity.py); None: the state directory's.
     cluster: ClusterSettings | None = None
@@ -236,7 +240,7 @@ class DeployServer:
             ArtifactCopies(self.engine, cfg.server_id),
             admin_token=self.state.admin_token,
             ca_file=self.api_tls.ca if self.api_tls else None,
-            own_api_url=lambda: self.api_url,
+            own_api_url=lambda: self.announced_api_url,
         )
         await self.artifact_source.reconcile()
         self.transport = QuicServer(
@@ -361,6 +365,22 @@ class DeployServer:
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.api_tls else 'http'}://{host}:{self.api_port}"
 
+    @property
+    def announced_api_url(self) -> str:
+        """The API URL this replica announces to the others (``--advertise-host``)."""
+        host = self.config.advertise_host
+        if host is None:
+            return self.api_url
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.api_tls else 'http'}://{host}:{self.api_port}"
+
+    @property
+    def announced_quic_address(self) -> str:
+        """The QUIC address this replica announces (``--advertise-host``)."""
+        host = self.config.advertise_host or self.config.quic_host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.transport.port}"
+
     async def stop(self) -> None:
         """Stop serving: HTTP, loops, then the QUIC endpoint and the database."""
         if self._http is not None:
@@ -427,8 +447,8 @@ class DeployServer:
         """This replica's row in ``replicas`` (GET /api/cluster)."""
         await self.db(
             self.replicas.beat,
-            api_url=self.api_url,
-            quic_address=f"{self.config.quic_host}:{self.transport.port}",
+            api_url=self.announced_api_url,
+            quic_address=self.announced_quic_address,
             started_at=self.started_at,
             interval=self.config.heartbeat_flush_interval,
             agents_connected=len(self.transport.sessions),
