@@ -9,26 +9,27 @@ on loopback (issue 15, "Outgrow one server"):
   every deployment ends, each script ran exactly once, no report is lost, and the watchdog
   lease moves to B.
 
-The replicas share identity by a copy of the first one's state directory (the ``replicas``
-fixture of the agent failover test) until ``--join-cluster`` lands.
+Each test runs twice: the replicas sharing one identity by a copy of the first one's state
+directory (``copied``), and by the database under a cluster key, B started with
+``--join-cluster`` on an empty state directory (``joined``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from chaos_harness import read_journal
-from test_agent_failover_e2e import replicas, start_agent, wait_for
+from test_agent_failover_e2e import OWN_FILES, deployctl, start_agent, wait_for
 
 from deploy_core.testing import DeployCenter
-
-__all__ = ["replicas"]  # the two-replica fixture of the agent failover test
 
 T = TypeVar("T")
 
@@ -36,6 +37,33 @@ WAIT = 120.0  # bound on every wait for an effect on a slow, shared 2-core machi
 # The watchdog lease (15 s, not configurable from the command line) + one try (~4 s) + a
 # generous margin for a loaded machine.
 LEASE_MOVE_BOUND = 15.0 + 4.0 + 70.0
+
+
+@pytest.fixture(params=["copied", "joined"])
+def replicas(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_url: str
+) -> Iterator[tuple[DeployCenter, DeployCenter]]:
+    """Two replicas on one fresh PostgreSQL schema with one identity, neither running; A must
+    start first (a joining B takes the identity A published)."""
+    a = DeployCenter(tmp_path / "a", db_url=pg_url)
+    b = DeployCenter(tmp_path / "b", db_url=pg_url)
+    try:
+        if request.param == "copied":
+            a.start_server()
+            a.stop_server()
+            shutil.copytree(
+                a.server_dir, b.server_dir, ignore=lambda _dir, names: OWN_FILES & set(names)
+            )
+        else:
+            key = tmp_path / "cluster.key"
+            made = deployctl("cluster", "key", "--out", str(key))
+            assert made.returncode == 0, made.stderr
+            a.server_args = ["--cluster-key-file", str(key)]
+            b.server_args = ["--cluster-key-file", str(key), "--join-cluster"]
+        yield a, b
+    finally:
+        for center in (a, b):
+            center.close()
 
 
 def until(check: Callable[[], T | None], what: str, seconds: float = WAIT) -> T:
