@@ -97,10 +97,12 @@ class OutageLog:
         every: float = LOG_EVERY,
         clock: Callable[[], float] = time.monotonic,
         outage: Callable[[BaseException], bool] = is_outage,
+        failures: str = "passes failed",
     ) -> None:
         """:param what: the loop's name, which begins its lines (``"watchdog"``).
         :param outage: whether an error means the database is unreachable (the loops on
-        SQLAlchemy use :func:`is_outage`; the cluster bus also counts its driver's own)."""
+        SQLAlchemy use :func:`is_outage`; the cluster bus also counts its driver's own).
+        :param failures: what the count of failures is called in the lines."""
         if not every > 0:
             raise ValueError(f"every must be more than 0 seconds, not {every!r}")
         self.logger = logger
@@ -108,6 +110,7 @@ class OutageLog:
         self.every = every
         self.clock = clock
         self.is_outage = outage
+        self.failures_are = failures
         #: When the current outage began for this loop (``None``: not in one).
         self.since: float | None = None
         #: Passes failed by the current outage.
@@ -135,10 +138,11 @@ class OutageLog:
                 )
             else:
                 self.logger.warning(
-                    "%s: the database is still unreachable after %.0f s, %d passes failed (%s)",
+                    "%s: the database is still unreachable after %.0f s, %d %s (%s)",
                     self.what,
                     now - self.since,
                     self.failures,
+                    self.failures_are,
                     describe_error(exc),
                 )
         return True
@@ -148,10 +152,11 @@ class OutageLog:
         if self.since is None:
             return
         self.logger.info(
-            "%s: the database answers again (unreachable for %.0f s, %d passes failed)",
+            "%s: the database answers again (unreachable for %.0f s, %d %s)",
             self.what,
             self.clock() - self.since,
             self.failures,
+            self.failures_are,
         )
         self.since, self.failures, self._logged_at = None, 0, -math.inf
 
@@ -384,8 +389,8 @@ def outage_response(health: DbHealth | None, exc: BaseException) -> Response:
 
 
 class OutageGuard:
-    """ASGI middleware: ``GET /healthz``, and ``503`` for a database outage met before the
-    answer began (the token check reads the database too, before any route runs)."""
+    """ASGI middleware: ``503`` for a database outage met before the answer began (the token
+    check reads the database too, before any route runs)."""
 
     def __init__(self, app: ASGIApp, health: Callable[[], DbHealth | None]) -> None:
         """:param health: the replica's :class:`DbHealth` (``None`` before it started)."""
@@ -395,9 +400,6 @@ class OutageGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
-        if scope["path"] == HEALTH_PATH:
-            await self._health(scope, receive, send)
             return
         started = False
 
@@ -414,32 +416,26 @@ class OutageGuard:
                 raise
             await outage_response(self.health(), exc)(scope, receive, send)
 
-    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
-        health = self.health()
-        response: Response
-        if scope["method"] not in ("GET", "HEAD"):
-            response = JSONResponse(
-                {"error": f"method {scope['method']} not allowed on {HEALTH_PATH}"},
-                405,
-                headers={"Allow": "GET, HEAD"},
-            )
-        elif health is None:
-            response = JSONResponse(
-                {"ok": False, "error": "the server is starting"},
-                503,
-                headers={"Retry-After": str(RETRY_AFTER)},
-            )
-        elif (reason := await health.probe()) is not None:
-            response = JSONResponse(
-                {
-                    "ok": False,
-                    "server_id": health.server_id,
-                    "error": reason,
-                    "detail": health._detail(fenced=health.check()),
-                },
-                503,
-                headers={"Retry-After": str(RETRY_AFTER)},
-            )
-        else:
-            response = JSONResponse({"ok": True, "server_id": health.server_id})
-        await response(scope, receive, send)
+
+async def health_response(health: DbHealth | None) -> Response:
+    """The answer of ``GET /healthz`` (a route of the app, public, in the OpenAPI document):
+    ``200 {"ok": true, "server_id"}``, or ``503`` with ``Retry-After``, the reason and the
+    outage's detail."""
+    if health is None:
+        return JSONResponse(
+            {"ok": False, "error": "the server is starting"},
+            503,
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+    if (reason := await health.probe()) is not None:
+        return JSONResponse(
+            {
+                "ok": False,
+                "server_id": health.server_id,
+                "error": reason,
+                "detail": health._detail(fenced=health.check()),
+            },
+            503,
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+    return JSONResponse({"ok": True, "server_id": health.server_id})

@@ -8,17 +8,23 @@ agent whose WELCOME was lost gets in on its next try. Another key for an enrolle
 refused until an operator runs ``deployctl clients forget``. An agent enrolled before key
 pairs still proves its shared key, and :meth:`AgentRegistry.upgrade` replaces that key by
 its public key.
+
+While the database is unreachable no credential can be checked: the handshake is refused
+for now with a clear reason and a retry-after hint (:data:`UNAVAILABLE_REASON`), which the
+agent honours as it does a busy server's, and the server logs it in a few lines
+(:class:`~deploy_core.server.db_health.OutageLog`), however many agents retry.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
 from deploy_core.server.clients import AlreadyEnrolled
+from deploy_core.server.db_health import RETRY_AFTER, OutageLog
 from deploy_core.server.records import RecordStore
 from deploy_core.server.tokens import TokenError, TokenStore
 from deploy_core.transport import AgentCredential, AuthError
@@ -27,6 +33,12 @@ log = logging.getLogger(__name__)
 
 #: Runs a blocking records call off the event loop (``DeployServer.db``).
 RunBlocking = Callable[..., Awaitable[Any]]
+#: What an agent is told when its handshake meets a database outage.
+UNAVAILABLE_REASON = "the server cannot reach its database; retry later"
+#: ``payload.code`` of that refusal.
+UNAVAILABLE = "unavailable"
+
+T = TypeVar("T")
 
 
 def revoked_reason(client_id: str) -> str:
@@ -44,7 +56,19 @@ class AgentRegistry:
         """:param run: ``await run(fn, *args)`` runs a blocking call in a worker thread."""
         self._records = records
         self._tokens = tokens
-        self._run = run
+        self._blocking = run
+        self.outage = OutageLog(log, "agent handshakes", failures="refused")
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread; a database outage refuses the handshake for now."""
+        try:
+            result: T = await self._blocking(fn, *args, **kwargs)
+        except Exception as exc:
+            if not self.outage.failed(exc):
+                raise
+            raise AuthError(UNAVAILABLE_REASON, UNAVAILABLE, retry_after=RETRY_AFTER) from None
+        self.outage.ok()
+        return result
 
     async def credential(self, client_id: str) -> AgentCredential | None:
         """What the server holds for ``client_id`` (see ``AgentAuthority.credential``)."""

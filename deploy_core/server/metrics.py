@@ -404,7 +404,8 @@ class _ScrapeCollector(Collector):
             CounterMetricFamily(
                 f"{PREFIX}_agent_refusals",
                 "Agent connections refused, by reason: auth, busy (handshake limit), "
-                "handshake_timeout, protocol, flood, internal.",
+                "unavailable (database unreachable), handshake_timeout, protocol, flood, "
+                "internal.",
                 labels=["reason"],
             ),
             refusals,

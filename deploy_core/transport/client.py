@@ -8,6 +8,8 @@ server takes instead. It sends heartbeats, and reconnects with full-jitter expon
 back-off whenever the connection is lost or refused. A server at its handshake limit
 refuses a new connection with a retry-after hint (:mod:`.admission`); the agent then waits
 at least that long, plus a jittered share of its back-off, so a restart storm spreads out.
+A server that cannot check credentials for now (its database is unreachable) refuses the
+handshake with a ``retry_after`` in its ERROR, honoured the same way.
 
 An agent may know several servers (replicas on one database), and a server's name may resolve
 to several addresses: each failed attempt moves on to the next address, then the next server,
@@ -46,7 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .admission import parse_busy_reason
+from .admission import MAX_RETRY_AFTER, parse_busy_reason
 from .certs import write_private_file
 from .envelope import (
     ALPN_PROTOCOL,
@@ -76,6 +78,7 @@ __all__ = [
     "FileCredentials",
     "HandshakeRefused",
     "ServerBusy",
+    "ServerUnavailable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -217,6 +220,11 @@ class ServerBusy(Exception):
     def __init__(self, reason: str, retry_after: float) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class ServerUnavailable(ServerBusy):
+    """The server refused the handshake for now (it cannot check credentials: its database
+    is unreachable) and asked the agent to wait ``retry_after`` seconds."""
 
 
 class _MissingCredentials(Exception):
@@ -548,8 +556,11 @@ class AgentConnector:
                     busy_for = exc.retry_after
                     not_before[position[0]] = loop.time() + busy_for
                     self.busy_hints.append(busy_for)
-                    logger.info(
-                        "server %s:%d is busy; %s waits at least the %.1f s asked: %s",
+                    logger.log(
+                        logging.WARNING if isinstance(exc, ServerUnavailable) else logging.INFO,
+                        "server %s:%d refused %s for now; it waits at least the %.1f s asked: %s"
+                        if isinstance(exc, ServerUnavailable)
+                        else "server %s:%d is busy; %s waits at least the %.1f s asked: %s",
                         self._host,
                         self._port,
                         self._client_id,
@@ -777,7 +788,11 @@ class AgentConnector:
         if env is None:
             raise ConnectionError(connection.lost_reason or "connection lost during the handshake")
         if env.kind is Kind.ERROR:
-            raise HandshakeRefused(str(env.payload.get("reason") or "no reason given"))
+            reason = str(env.payload.get("reason") or "no reason given")
+            hint = env.payload.get("retry_after")
+            if isinstance(hint, int | float) and not isinstance(hint, bool) and hint > 0:
+                raise ServerUnavailable(reason, min(float(hint), MAX_RETRY_AFTER))
+            raise HandshakeRefused(reason)
         if env.kind is not kind:
             raise ProtocolError(f"expected {kind.value} from the server, got {env.kind.value}")
         return env

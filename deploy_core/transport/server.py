@@ -185,11 +185,16 @@ def size_receive_buffer(transport: asyncio.BaseTransport, size: int) -> int:
 
 class AuthError(Exception):
     """An agent may not connect; ``str(e)`` is the reason sent to it in the ERROR, and
-    ``code`` (when given) its ``payload.code``."""
+    ``code`` (when given) its ``payload.code``.  With ``retry_after`` the refusal is for now
+    (the authority cannot check credentials: its database is unreachable): the ERROR's
+    ``payload.retry_after`` asks the agent to wait that many seconds, as a busy server does."""
 
-    def __init__(self, reason: str, code: str | None = None) -> None:
+    def __init__(
+        self, reason: str, code: str | None = None, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.code = code
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -416,20 +421,32 @@ class _AgentConnection(QuicConnectionProtocol):
     # -- closing
 
     def refuse(
-        self, env: Envelope | None, reason: str, code: str | None = None, *, why: str = "protocol"
+        self,
+        env: Envelope | None,
+        reason: str,
+        code: str | None = None,
+        *,
+        why: str = "protocol",
+        retry_after: float | None = None,
     ) -> None:
-        """Send ERROR(reason[, code]), stop reading, and close once the peer has had it.
+        """Send ERROR(reason[, code][, retry_after]), stop reading, and close once the peer
+        has had it.
 
-        :param why: the refusal's kind in the server's counts (stats.REFUSAL_REASONS)."""
+        :param why: the refusal's kind in the server's counts (stats.REFUSAL_REASONS).
+        :param retry_after: seconds the agent should wait (a refusal for now; the authority
+            logs those, a few lines however many agents retry)."""
         if self.shut:
             return
         self._server.stats.refusals[why] += 1
         self.close_cause = self.close_cause or "server"
         who = self._session.client_id if self._session else self._peer()
-        logger.warning("closing connection from %s: %s", who, reason)
+        level = logging.DEBUG if retry_after is not None else logging.WARNING
+        logger.log(level, "closing connection from %s: %s", who, reason)
         error = error_for(env, reason)
         if code is not None:
             error.payload["code"] = code
+        if retry_after is not None:
+            error.payload["retry_after"] = retry_after
         self.send(error)
         # Closing at once would discard the ERROR still in flight. A PING sent in the
         # same packet is acknowledged once the peer has the ERROR.
@@ -522,7 +539,13 @@ class _AgentConnection(QuicConnectionProtocol):
             async with deadline:
                 return await self._handshake()
         except AuthError as exc:
-            self.refuse(self._last_handshake_env, str(exc), exc.code, why="auth")
+            self.refuse(
+                self._last_handshake_env,
+                str(exc),
+                exc.code,
+                why="auth" if exc.retry_after is None else "unavailable",
+                retry_after=exc.retry_after,
+            )
         except TimeoutError:
             if not deadline.expired():
                 raise

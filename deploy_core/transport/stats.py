@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 #: Why the server refused a connection (``refusals``); ``busy`` is counted by the handshake
-#: gate (admission.py), before any connection exists.
-REFUSAL_REASONS = ("auth", "handshake_timeout", "protocol", "flood", "internal")
+#: gate (admission.py), before any connection exists; ``unavailable``: the server could not
+#: check the agent's credentials for now (its database is unreachable; the agent retries).
+REFUSAL_REASONS = ("auth", "unavailable", "handshake_timeout", "protocol", "flood", "internal")
 #: Who ended an authenticated connection (``disconnects``): the ``agent`` (or the network),
 #: the ``server`` (revoked, shutting down, a protocol breach), its ``idle_timeout``, or a
 #: newer connection of the same client that ``replaced`` it.

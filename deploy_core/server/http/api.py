@@ -24,8 +24,10 @@ from starlette.types import ASGIApp, Scope
 
 from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.db_health import (
+    HEALTH_PATH,
     DatabaseUnavailable,
     OutageGuard,
+    health_response,
     is_outage,
     outage_response,
     refuse_if_fenced,
@@ -312,6 +314,15 @@ async def get_openapi(request: Request) -> Response:
     return JSONResponse(state.openapi)
 
 
+async def get_health(request: Request) -> Response:
+    """Whether this replica should get traffic: its database answers and it is not fenced.
+
+    Public (for load balancers); ``503`` with ``Retry-After`` and the reason when it should
+    get none.  The database probe is shared and reused for a second, so a flood of probes is
+    one query a second."""
+    return await health_response(services(request).db_health)
+
+
 def api_routes() -> list[BaseRoute]:
     """The core's routes (under ``/api``)."""
     return [
@@ -343,6 +354,7 @@ def create_app(server: DeployServer) -> ASGIApp:
         routes=[
             *page_routes(),
             Route("/openapi.json", get_openapi, methods=["GET"]),
+            Route(HEALTH_PATH, get_health, methods=["GET"]),
             Mount("/api", routes=routes),
         ],
         exception_handlers={

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from deploy_core import __version__
 from deploy_core.models import ID_PATTERN, DeployStatus
 from deploy_core.server.clients import CLIENT_STATES
+from deploy_core.server.db_health import HEALTH_PATH, RETRY_AFTER
 from deploy_core.server.http.admin import NewApiToken, NewJoinToken
 from deploy_core.server.http.auth import needed_scope
 from deploy_core.server.http.cluster import ClusterView
@@ -48,6 +49,7 @@ from deploy_core.server.http.responses import (
     DeploymentView,
     ErrorBody,
     Forgotten,
+    HealthView,
     JoinTokenCreated,
     JoinTokenList,
     LogPage,
@@ -95,6 +97,18 @@ ERROR_TEXT = {
     409: "refused in the current state (busy client, duplicate name, connected client …)",
     413: "the body is over the size limit",
     422: "a parameter or the body is invalid; `detail` names the fields",
+    503: "the server cannot reach its database (the token check reads it too, so any `/api` "
+    "route may answer this), or this replica is fenced: cut off from its database for longer "
+    "than its lease, it refuses new work (deploy, rollback, rollout) until the database "
+    "answers; `detail` has `server_id`, `fenced` and `unreachable_seconds`; try again after "
+    "`Retry-After` seconds, or on another replica",
+}
+#: The header of every ``503`` (server/db_health.py).
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "schema": {"type": "integer", "minimum": 0, "examples": [RETRY_AFTER]},
+    }
 }
 
 
@@ -207,6 +221,7 @@ CORE_OPERATIONS: dict[tuple[str, str], Spec] = {
     ("GET", "/api/schemas"): Spec(200, SchemaSet),
     ("GET", "/api/info"): Spec(200, ServerInfo),
     ("GET", "/api/cluster"): Spec(200, ClusterView),
+    ("GET", HEALTH_PATH): Spec(200, HealthView, also=(503,)),
     ("POST", "/api/tokens"): Spec(201, ApiTokenCreated, (400, 409, 413, 422), (), NewApiToken),
     ("GET", "/api/tokens"): Spec(200, ApiTokenList),
     ("DELETE", "/api/tokens/{name}"): Spec(200, Revoked, (404,), (
@@ -288,8 +303,9 @@ def _operation(
 ) -> dict[str, Any]:
     summary, description = _doc(route.endpoint)
     op: dict[str, Any] = {
-        "operationId": f"{route.method.lower()}_{re.sub(r'[^A-Za-z0-9]+', '_', route.path)}"
-        .rstrip("_"),
+        "operationId": f"{route.method.lower()}_{re.sub(r'[^A-Za-z0-9]+', '_', route.path)}".rstrip(
+            "_"
+        ),
         "summary": summary,
         "responses": {str(answer[0]): answer[1]},
     }
@@ -301,7 +317,7 @@ def _operation(
         op["description"] = (description + "\n\n" if description else "") + f"Needs `{scope}`."
         op["security"] = [{"bearer": []}]
         op["x-required-scope"] = scope
-        refusals = (401, 403, *refusals)
+        refusals = (401, 403, 503, *refusals)
     else:
         op["security"] = []
     if parameters:
@@ -494,6 +510,10 @@ def build_openapi(plugins: DeployPlugins, routes: Sequence[BaseRoute]) -> dict[s
         else:
             op = _unmodelled_operation(route)
         paths.setdefault(route.path, {})[route.method.lower()] = op
+    for item in paths.values():
+        for op in item.values():
+            if "503" in op["responses"]:
+                op["responses"]["503"] = {**op["responses"]["503"], "headers": RETRY_AFTER_HEADER}
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -501,7 +521,9 @@ def build_openapi(plugins: DeployPlugins, routes: Sequence[BaseRoute]) -> dict[s
             "version": __version__,
             "description": "Deploy shell scripts, packages and containers to agents. Every "
             "`/api` route needs `Authorization: Bearer <token>`; a refusal is "
-            '`{"error": "…", "detail": …}`.',
+            '`{"error": "…", "detail": …}`. While the server cannot reach its database any '
+            "`/api` route answers `503` with `Retry-After`; `GET /healthz` (public) says "
+            "whether a replica should get traffic.",
         },
         "paths": dict(sorted(paths.items())),
         "components": {

@@ -27,6 +27,20 @@ class ErrorBody(BaseModel):
     detail: Any = Field(None, description="field errors ({loc, msg, type}) or context")
 
 
+class HealthView(_Answer):
+    """``GET /healthz``: whether this replica should get traffic (``200``) or not (``503``,
+    with ``Retry-After``)."""
+
+    ok: bool = Field(description="true: the database answers and the replica is not fenced")
+    server_id: str | None = Field(None, description="this replica's id")
+    error: str | None = Field(None, description="with 503: why it should get no traffic")
+    detail: dict[str, Any] | None = Field(
+        None,
+        description="with 503: `server_id`, `fenced` (it refuses new work), "
+        "`unreachable_seconds` (since the database last answered)",
+    )
+
+
 class DeployAccepted(_Answer):
     """``202`` for a new deployment."""
 
