@@ -219,3 +219,98 @@ async def test_an_agent_is_told_the_database_is_unreachable_and_waits_the_hint(
     finally:
         await agent.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_outage_answers_have_the_documented_shapes(
+    server: DeployServer, proxy: PgProxy
+) -> None:
+    import jsonschema_rs
+
+    async with httpx.AsyncClient(
+        base_url=server.api_url,
+        headers={"Authorization": f"Bearer {server.state.admin_token}"},
+        timeout=30,
+    ) as http:
+        doc = (await http.get("/openapi.json")).json()
+        health_op = doc["paths"]["/healthz"]["get"]
+        assert health_op["security"] == []  # public
+        assert set(health_op["responses"]) == {"200", "503"}
+        for path, method in [("/api/deployments", "get"), ("/api/deploy/shell", "post")]:
+            op = doc["paths"][path][method]
+            assert "Retry-After" in op["responses"]["503"]["headers"], (path, op)
+
+        def check(answer: httpx.Response, path: str, method: str) -> None:
+            documented = doc["paths"][path][method]["responses"]
+            assert str(answer.status_code) in documented, (path, answer.status_code)
+            schema = documented[str(answer.status_code)]["content"]["application/json"]["schema"]
+            validator = jsonschema_rs.Draft202012Validator(
+                {**schema, "components": doc["components"]}
+            )
+            errors = [e.message for e in validator.iter_errors(answer.json())]
+            assert not errors, (path, errors, answer.text)
+            if answer.status_code == 503:
+                assert "Retry-After" in documented["503"]["headers"]
+                assert int(answer.headers["Retry-After"]) == RETRY_AFTER
+
+        check(await http.get("/healthz"), "/healthz", "get")
+        proxy.cut()
+
+        async def unhealthy() -> httpx.Response | None:
+            answer = await http.get("/healthz")
+            return answer if answer.status_code == 503 else None
+
+        check(await eventually(unhealthy, "/healthz to say 503"), "/healthz", "get")
+        answer = await http.get("/api/deployments")
+        assert answer.status_code == 503, answer.text
+        check(answer, "/api/deployments", "get")
+        body = {"client_id": "web-1", "script": "true"}
+        answer = await http.post("/api/deploy/shell", json=body)
+        assert answer.status_code == 503, answer.text
+        check(answer, "/api/deploy/shell", "post")
+
+
+def test_an_outage_log_says_little_and_leaves_other_errors_to_its_caller() -> None:
+    import sqlalchemy as sa
+
+    from deploy_core.server.db_health import OutageLog
+
+    now = [0.0]
+    logger = logging.getLogger("tests.outage_log")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        outage = OutageLog(logger, "loop", every=10.0, clock=lambda: now[0])
+        down = sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused\nmore"))
+        assert not outage.failed(ValueError("a bug")), "not an outage: the caller logs it"
+        assert not outage.failed(sa.exc.IntegrityError("INSERT", {}, Exception("dup")))
+        outage.ok()  # no outage yet: nothing to say
+        assert records == []
+        for _ in range(100):  # 100 passes over 25 s
+            assert outage.failed(down)
+            now[0] += 0.25
+        messages = [r.getMessage() for r in records]
+        assert len(messages) == 3, messages  # at 0, 10 and 20 s
+        assert messages[0] == (
+            "loop: the database is unreachable (Exception: connection refused); trying "
+            "again, logged at most every 10 s until it answers"
+        )
+        assert "still unreachable after 20 s, 81 passes failed" in messages[2], messages
+        assert all(r.exc_info is None and r.levelno == logging.WARNING for r in records)
+        outage.ok()
+        outage.ok()
+        assert [r.getMessage() for r in records[3:]] == [
+            "loop: the database answers again (unreachable for 25 s, 100 passes failed)"
+        ]
+        assert outage.failed(down)  # a new outage is told at once
+        assert len(records) == 5
+        with pytest.raises(ValueError, match="every"):
+            OutageLog(logger, "loop", every=0)
+    finally:
+        logger.removeHandler(handler)
