@@ -268,6 +268,8 @@ class ChaosReport:
     heartbeat_losses: int
     wall: float
     violations: list[str]
+    # With two replicas: deployments created through each replica's API (by index).
+    posted_to: Counter[int] = field(default_factory=Counter)
 
     def figures(self) -> str:
         """The run in a few lines."""
@@ -291,6 +293,11 @@ class ChaosReport:
             f"({sum(d.adopted for d in ev.history.values())} found holding the lock after a "
             "lost answer)",
             f"faults: {faults}; heartbeat losses detected by agents {self.heartbeat_losses}",
+            *(
+                [f"created through replica A {self.posted_to[0]}, B {self.posted_to[1]}"]
+                if self.config.replicas == 2
+                else []
+            ),
             f"terminal: {len(took)}/{len(ev.history)}; within the deadline {within}, within "
             f"deadline + 60 s {in_grace}",
         ]
@@ -326,9 +333,18 @@ class FailoverApi:
     picked at random and, while one does not answer (status 0: killed or restarting), to the
     next; the last replica's error is raised when none answers."""
 
-    def __init__(self, clients: list[DeployClient], rng: random.Random) -> None:
+    _count_lock = threading.Lock()  # the workers' FailoverApis share one ``answered``
+
+    def __init__(
+        self,
+        clients: list[DeployClient],
+        rng: random.Random,
+        answered: Counter[int] | None = None,
+    ) -> None:
         self.clients = clients
         self.rng = rng
+        # Deployments created, by the index of the replica whose API answered the POST.
+        self.answered: Counter[int] = Counter() if answered is None else answered
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         first = self.rng.randrange(len(self.clients))
@@ -345,8 +361,22 @@ class FailoverApi:
         raise error
 
     def deploy(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("deploy", kind, body)
-        return result
+        first = self.rng.randrange(len(self.clients))
+        error: ApiError | None = None
+        for k in range(len(self.clients)):
+            index = (first + k) % len(self.clients)
+            try:
+                result: dict[str, Any] = self.clients[index].deploy(kind, body)
+            except ApiError as exc:
+                if exc.status != 0:
+                    raise
+                error = exc
+                continue
+            with self._count_lock:
+                self.answered[index] += 1
+            return result
+        assert error is not None
+        raise error
 
     def get(self, deploy_id: str, **kwargs: Any) -> dict[str, Any]:
         result: dict[str, Any] = self._call("get", deploy_id, **kwargs)
@@ -411,6 +441,7 @@ class ChaosRun:
         self.db_url = db_url
         self.client_ids = [f"chaos-{i + 1}" for i in range(config.agents)]
         self.relays: dict[str, list[UdpRelay]] = {}
+        self.posted_to: Counter[int] = Counter()  # deployments created through each replica
         self.history: dict[str, Deployment] = {}
         self.faults: Counter[str] = Counter()
         self.problems: list[str] = []  # what the run itself ran into (API errors, …)
@@ -462,6 +493,7 @@ class ChaosRun:
             heartbeat_losses=losses,
             wall=time.monotonic() - self._started,
             violations=self.problems + find_violations(evidence),
+            posted_to=self.posted_to,
         )
 
     def _start_replicas(self) -> None:
@@ -556,7 +588,8 @@ class ChaosRun:
         ]
         if len(clients) == 1:
             return clients[0]
-        return FailoverApi(clients, random.Random(f"{self.config.seed}/api/{self._elapsed()}"))
+        rng = random.Random(f"{self.config.seed}/api/{self._elapsed()}")
+        return FailoverApi(clients, rng, self.posted_to)
 
     def _worker(self, client_id: str) -> None:
         rng = random.Random(f"{self.config.seed}/{client_id}")

@@ -237,6 +237,8 @@ def test_chaos_with_replica_kills_loses_nothing_and_runs_nothing_twice(
     assert all(report.faults[k] for k in REPLICA_FAULTS), report.failure_message()
     assert 1 <= report.faults["replica_kill"] <= 4, report.failure_message()
     assert not report.faults["server_restart"], report.faults
+    # Both replicas' APIs took deployments (the others went through the other on a kill).
+    assert report.posted_to[0] and report.posted_to[1], report.failure_message()
 
 
 def test_chaos_config_refuses_bad_replica_settings(tmp_path: Path) -> None:
