@@ -3,10 +3,12 @@ item 6): a real DeployServer on a real PostgreSQL schema behind a TCP proxy on l
 (tests/pg_proxy.py) that the test cuts and restores.
 
 - the background loops (watchdog, rollout driver, lease keeper, webhooks, heartbeats, the
-  cluster bus) log a few lines during a cut, none with a traceback for the outage, and one
-  line each when the database answers again; every loop is still running afterwards;
+  cluster bus) log a few lines during a cut or a black hole, none with a traceback for the
+  outage, and one line each when the database answers again; every loop still runs after;
 - a new agent's handshake during a cut is refused with a clear reason and a retry-after hint
-  that the agent honours (as for a busy server), and it connects once the database is back.
+  that the agent honours (as for a busy server), and it connects once the database is back;
+- the 503 answers and ``GET /healthz`` match the OpenAPI document;
+- :class:`~deploy_core.server.db_health.OutageLog` on its own, with a clock of its own.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def ours(caplog: pytest.LogCaptureFixture, since: int) -> list[logging.LogRecord
     ]
 
 
+@pytest.mark.parametrize("how", ["cut", "stall"])
 async def test_loops_log_a_few_lines_per_outage_and_one_when_it_ends(
-    server: DeployServer, proxy: PgProxy, caplog: pytest.LogCaptureFixture
+    server: DeployServer, proxy: PgProxy, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="deploy_core")
     assert server.bus is not None
@@ -120,14 +123,14 @@ async def test_loops_log_a_few_lines_per_outage_and_one_when_it_ends(
         assert made.status_code == 201, made.text
 
         start = len(caplog.records)
-        proxy.cut()
+        proxy.cut() if how == "cut" else proxy.stall()  # refused, or a black hole
         await asyncio.sleep(CUT)  # the outage lasts; what is logged meanwhile is counted
         during = ours(caplog, start)
         # By logger, what begins the line (a loop's name) and the line's template.
         by_message = collections.Counter(
             f"{r.name}: {r.getMessage().split(':')[0]}: {r.msg}" for r in during
         )
-        print(f"{len(during)} log records during a {CUT:g} s cut:")
+        print(f"{len(during)} log records during a {CUT:g} s {how}:")
         for message, count in by_message.most_common():
             print(f"  {count:4d}  {message[:150]}")
         restored_at = len(caplog.records)
