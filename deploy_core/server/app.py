@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: Every this many heartbeats, the clients recorded as connected here are checked against the
+#: open connections (:meth:`DeployServer.reconcile_connected`).
+RECONCILE_EVERY = 12
+
 DEFAULT_API_PORT = 8470
 DEFAULT_QUIC_PORT = 8471
 
@@ -175,6 +179,7 @@ class DeployServer:
         self._http: _UvicornServer | None = None
         self.api_tls: ApiTls | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._beats = 0
         self.api_port = config.api_port
         self.db_health: DbHealth | None = None
 
@@ -444,7 +449,8 @@ class DeployServer:
     # ------------------------------------------------------------------ background loops
 
     async def _beat(self) -> None:
-        """This replica's row in ``replicas`` (GET /api/cluster)."""
+        """This replica's row in ``replicas`` (GET /api/cluster), and every
+        :data:`RECONCILE_EVERY` beats the clients' rows put right."""
         await self.db(
             self.replicas.beat,
             api_url=self.announced_api_url,
@@ -453,6 +459,24 @@ class DeployServer:
             interval=self.config.heartbeat_flush_interval,
             agents_connected=len(self.transport.sessions),
         )
+        self._beats += 1
+        if self._beats % RECONCILE_EVERY == 0:
+            await self.reconcile_connected()
+
+    async def reconcile_connected(self) -> list[str]:
+        """Mark disconnected the clients recorded as connected to this replica whose
+        connection is gone: a disconnect that could not be recorded (the database was
+        unreachable when it happened) must not leave an agent listed as connected, which
+        would also tell the other replicas to send it work here.  Returns their ids."""
+        checked_from = time.time()
+        recorded = await self.db(self.records.connected_here)
+        gone = [c for c in recorded if not self.is_connected(c)]
+        if gone:
+            gone = await self.db(self.records.mark_gone, gone, connected_before=checked_from)
+            log.info(
+                "%d agents recorded as connected here were not: marked disconnected", len(gone)
+            )
+        return gone
 
     async def revoke_client(self, client_id: str) -> bool:
         """Refuse the agent from now on and cut its connection (on whichever replica)."""

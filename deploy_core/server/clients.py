@@ -218,6 +218,38 @@ class ClientRecords:
         with self.engine.begin() as conn:
             conn.execute(_TOUCH, [{"cid": cid, "ts": ts} for cid, ts in seen.items()])
 
+    def connected_here(self) -> list[str]:
+        """The clients recorded as connected to this server."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(clients.c.client_id).where(
+                        clients.c.server_id == self.server_id, clients.c.connected.is_(True)
+                    )
+                ).scalars()
+            )
+
+    def mark_gone(self, client_ids: Sequence[str], *, connected_before: float) -> list[str]:
+        """Mark disconnected those of ``client_ids`` still recorded as connected to this
+        server since before ``connected_before`` (a client that connected again meanwhile is
+        left alone); returns the ids changed."""
+        changed: list[str] = []
+        now = time.time()
+        with self.engine.begin() as conn:
+            for start in range(0, len(client_ids), 500):
+                chunk = list(client_ids[start : start + 500])
+                where = (
+                    clients.c.client_id.in_(chunk),
+                    clients.c.server_id == self.server_id,
+                    clients.c.connected.is_(True),
+                    clients.c.connected_since < connected_before,
+                )
+                changed += conn.execute(sa.select(clients.c.client_id).where(*where)).scalars()
+                conn.execute(
+                    clients.update().where(*where).values(connected=False, disconnected_since=now)
+                )
+        return changed
+
     def mark_all_disconnected(self) -> None:
         """At start-up: this server holds no connections yet."""
         with self.engine.begin() as conn:
