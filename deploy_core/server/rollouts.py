@@ -792,7 +792,10 @@ class Rollouts:
 
     async def run(self) -> None:
         """Drive every unfinished rollout while this server holds the lease."""
-        async with self.listeners.subscribe("*") as changes:
+        # Only this replica's changes wake it early: taking every replica's would make each
+        # replica read every changed record off the cluster bus; the rescan every second
+        # catches a target finished through another replica.
+        async with self.listeners.subscribe("*", remote=False) as changes:
             watcher = asyncio.create_task(self._watch(changes), name="rollout-watch")
             try:
                 while True:
