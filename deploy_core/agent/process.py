@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from deploy_core.agent import launcher
 from deploy_core.agent.cgroup_tracking import join as join_cgroup
 from deploy_core.agent.cgroup_tracking import move as move_to_cgroup
 from deploy_core.agent.tracking import ProcessTracker, TrackedRun
@@ -409,10 +410,26 @@ async def _spawn(
     child reads end of file and exits without running anything.  The move is the agent's,
     not the child's: with no ``preexec_fn`` (unless the confinement needs one) Python
     starts the child with ``vfork``, not a copy of the agent's memory.
+
+    With a spare child in the run (the tracker keeps one ready, already in its cgroup) the
+    spare becomes the run instead, and neither a fork nor a cgroup move is on the path.
     """
     child_env = dict(env) if env is not None else dict(os.environ)
     child_env.update(run.env)
-    _resolve(argv, child_env, cwd)
+    spare, run.spare = run.spare, None
+    try:
+        _resolve(argv, child_env, cwd)
+        block = launcher.script(argv, child_env, cwd) if spare and confinement is None else None
+        if block is not None:
+            launcher.check_cwd(cwd)
+    except BaseException:
+        if spare is not None:
+            await spare.discard()
+        raise
+    if spare is not None and block is not None:
+        return await _start_spare(spare.proc, run, block)
+    if spare is not None:  # not for this run: its cgroup is the run's, the child goes there
+        await spare.discard()
     proc = await asyncio.create_subprocess_exec(
         GATE_SHELL,
         "-c",
@@ -443,6 +460,31 @@ async def _spawn(
         proc.stdin.write(b"go\n")
         await proc.stdin.drain()
     proc.stdin.close()
+    return proc
+
+
+async def _start_spare(
+    proc: asyncio.subprocess.Process, run: TrackedRun, block: bytes
+) -> asyncio.subprocess.Process:
+    """Make a spare shell (:mod:`deploy_core.agent.launcher`), already in the run's cgroup,
+    the run: journal its pid, then hand it the block that becomes the program."""
+    stdin = proc.stdin
+    assert stdin is not None
+
+    def go() -> None:  # at the commit, before the reports it also woke are sent
+        with contextlib.suppress(ConnectionError):
+            stdin.write(block)
+
+    try:
+        run.spawned(proc.pid)
+        await run.saved(then=go)
+    except BaseException:
+        _kill_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    with contextlib.suppress(ConnectionError):
+        await stdin.drain()
+    stdin.close()
     return proc
 
 

@@ -164,6 +164,7 @@ class Agent:
                 host, port = self.config.metrics_listen
                 log.error("agent metrics not served: cannot listen on %s:%d: %s", host, port, exc)
         self.processes.enable_subreaper()
+        self.processes.prime()  # a spare child waits in its cgroup for each next run
         log.info("%s", self.processes.describe())
         tasks = [
             asyncio.create_task(self._reap(), name="reaper"),
@@ -190,6 +191,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.processes.close()
             self.processes.disable_subreaper()
             self.journal.close()
             if self.metrics is not None:

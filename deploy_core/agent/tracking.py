@@ -32,7 +32,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ from deploy_core.agent.cgroup_tracking import (
     kill_all,
     members,
 )
+from deploy_core.agent.launcher import Spare, make_spare, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,11 @@ class ProcessTracker:
         self._left: set[tuple[int, int]] = set()
         # The runs that left something running, until it has exited.
         self._left_runs: dict[tuple[str | None, str], RunRecord] = {}
+        # A shell waiting in a cgroup of its own for the next run (see launcher), once
+        # prime() was called; and the task making the next one.
+        self._pooling = False
+        self._spare: Spare | None = None
+        self._refill: asyncio.Task[None] | None = None
 
     @classmethod
     def detect(cls, ledger: RunLedger | None, setting: str = "auto") -> ProcessTracker:
@@ -161,6 +167,65 @@ class ProcessTracker:
         if why:
             log.warning("orphans of scripts re-parent to init, not the agent: %s", why)
 
+    def prime(self) -> None:
+        """Keep a spare child ready in its own tracking cgroup from now on, so a run starts
+        without a cgroup move on its path (:mod:`deploy_core.agent.launcher`); call on the
+        agent's event loop.  Nothing without a tracking hierarchy."""
+        if self.hierarchy is None or self._pooling:
+            return
+        self._pooling = True
+        remove_stale(self.hierarchy)
+        self._fill()
+
+    async def spare_ready(self) -> bool:
+        """Wait until the spare being made is ready; whether one waits now."""
+        refill = self._refill
+        if refill is not None:
+            await asyncio.shield(refill)
+        return self._spare is not None and self._spare.usable()
+
+    def close(self) -> None:
+        """Stop keeping a spare; kill the one waiting."""
+        self._pooling = False
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard_now()
+
+    def _fill(self) -> None:
+        if not self._pooling or self._spare is not None or self._refill is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: no spare
+            self._refill = asyncio.get_running_loop().create_task(self._make_spare())
+
+    async def _make_spare(self) -> None:
+        from deploy_core.agent.process import READ_BYTES
+
+        try:
+            assert self.hierarchy is not None
+            spare = await make_spare(self.hierarchy, READ_BYTES)
+        except Exception as exc:
+            log.warning("no spare child for the next run (it starts the classic way): %s", exc)
+            return
+        finally:
+            self._refill = None
+        if self._pooling and self._spare is None:
+            self._spare = spare
+        else:
+            await spare.discard()
+            with contextlib.suppress(OSError):
+                spare.cgroup.rmdir()
+
+    def _take_spare(self) -> Spare | None:
+        spare, self._spare = self._spare, None
+        if spare is not None and not spare.usable():
+            spare.discard_now()
+            spare = None
+        self._fill()
+        return spare
+
     def disable_subreaper(self) -> None:
         """Stop adopting orphans (the agent stops; its process may go on, as in tests)."""
         if self.subreaper:
@@ -181,16 +246,18 @@ class ProcessTracker:
         """
         record = RunRecord(run=name, token=uuid.uuid4().hex, boot_id=proctable.boot_id())
         join: list[str] = []
+        spare = None
         if self.hierarchy is not None and not (limits_cgroup and self.hierarchy.version == 2):
+            spare = self._take_spare()
             try:
-                path = self.hierarchy.create(deploy_id or "adhoc", name)
+                path = spare.cgroup if spare else self.hierarchy.create(deploy_id or "adhoc", name)
                 join.append(str(path))
                 record = replace(record, cgroup=str(path))
             except OSError as exc:
                 log.warning("run %s has no tracking cgroup: %s", name, exc)
         elif limits_cgroup:
             record = replace(record, cgroup=limits_cgroup)
-        run = TrackedRun(self, deploy_id, record, tuple(join))
+        run = TrackedRun(self, deploy_id, record, tuple(join), spare=spare)
         # Not waited for: the child cannot run before its pid is journaled (the gate), and
         # that later record is committed after this one.
         run.save(wait=False)
@@ -228,6 +295,18 @@ class ProcessTracker:
             if r.cgroup and self.hierarchy is not None and self.hierarchy.owns(Path(r.cgroup)):
                 self.hierarchy.remove(Path(r.cgroup))
 
+    def forget_soon(self, records: Iterable[RunRecord]) -> None:
+        """:meth:`forget`, on a worker thread when called on an event loop: removing a
+        cgroup waits for the kernel's ``cgroup_mutex`` (held for an RCU grace period by any
+        move, such as the next spare's), which the run's end need not wait for."""
+        records = list(records)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.forget(records)
+            return
+        loop.run_in_executor(None, self.forget, records)
+
     def ended(self, record: RunRecord) -> bool:
         """Whether nothing of a finished run is left (its service, if any, has exited)."""
         return not _find(record)
@@ -259,7 +338,12 @@ class ProcessTracker:
         # What finished runs left and has ended since (in place: runs add to it meanwhile).
         self._left -= {entry for entry in self._left if not proctable.is_same(*entry)}
         for info in proctable.own_children():
-            if info.zombie and info.pid not in self._active and info.sid != my_sid:
+            if (
+                info.zombie
+                and info.pid not in self._active
+                and info.sid != my_sid
+                and (self._spare is None or info.pid != self._spare.proc.pid)
+            ):
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(info.pid, os.WNOHANG)
                     reaped += 1
@@ -294,6 +378,8 @@ class TrackedRun:
     deploy_id: str | None
     record: RunRecord
     cgroups: tuple[str, ...] = ()
+    #: A spare child already in the run's cgroup (``cgroups``), to start the run with.
+    spare: Spare | None = field(default=None, repr=False)
     _done: bool = field(default=False, repr=False)
     _saved: concurrent.futures.Future[None] | None = field(default=None, repr=False)
 
@@ -318,10 +404,39 @@ class TrackedRun:
         self._saved = submit(self.deploy_id, self.record.to_json(), at_once=at_once)
         self._saved.add_done_callback(_log_unsaved)
 
-    async def saved(self) -> None:
-        """Return once the record saved last is committed (raises if it could not be)."""
-        if self._saved is not None:
-            await asyncio.wrap_future(self._saved)
+    async def saved(self, then: Callable[[], None] | None = None) -> None:
+        """Return once the record saved last is committed (raises if it could not be).
+
+        :param then: called on the event loop as soon as the commit is known, before other
+            work the commit woke (a report to send): what lets the child go."""
+        written = self._saved
+        if written is None:
+            if then is not None:
+                then()
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(result: concurrent.futures.Future[None]) -> None:
+            if done.done():
+                return
+            error = result.exception()
+            if error is None and then is not None:
+                try:
+                    then()
+                except Exception as exc:
+                    error = exc
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
+        def committed(result: concurrent.futures.Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(settle, result)
+
+        written.add_done_callback(committed)
+        await done
 
     def spawned(self, pid: int) -> None:
         """The child exists (and waits): journal its pid and start time, which must be
@@ -403,7 +518,7 @@ class TrackedRun:
         if left:
             self.tracker._left_runs[(self.deploy_id, self.record.run)] = self.record
         else:
-            self.tracker.forget([self.record])
+            self.tracker.forget_soon([self.record])
         return left
 
 

@@ -1,0 +1,146 @@
+"""A spare child kept ready in a tracking cgroup of its own, so a script run starts there
+without moving a process on the hot path.
+
+Moving a process into a cgroup (a write of ``cgroup.procs``) takes the kernel's
+``cgroup_threadgroup_rwsem`` for writing, which waits for an RCU grace period: 5-18 ms on
+the test host, on the path of every deployment.  A :class:`Spare` pays it ahead: a
+``/bin/sh -s`` started with an empty environment in a new session, its pipes already made,
+moved into a fresh cgroup ``<base>/pool-<id>`` while nothing waits for it.  A run takes the
+spare (its cgroup becomes the run's, recorded in the journal like any other), and once the
+journal holds the spare's pid the agent writes it one block of shell: change to the working
+directory, export the run's environment, ``exec`` the program with stdin from /dev/null.
+The shell runs nothing before it has read the block's closing brace: if the agent dies
+first, the shell reads end of file and exits with a syntax error, having run nothing.
+
+A run whose environment has names the shell cannot export, no ``PATH``, or a confinement
+(run-as user, rlimits, a limits cgroup) starts the classic way (a gate child moved by the
+agent; see :mod:`deploy_core.agent.process`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy_core.agent.cgroup_tracking import TrackingHierarchy, move
+
+SPARE_SHELL = "/bin/sh"
+POOL_PREFIX = "pool-"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass
+class Spare:
+    """A waiting shell in its own tracking cgroup, made on ``loop``."""
+
+    loop: asyncio.AbstractEventLoop
+    proc: asyncio.subprocess.Process
+    cgroup: Path
+
+    def usable(self) -> bool:
+        """Still waiting, on the running loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return running is self.loop and self.proc.returncode is None
+
+    async def discard(self) -> None:
+        """Kill the shell (it ran nothing) and wait for it."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.proc.wait(), 5)
+
+    def discard_now(self) -> None:
+        """Kill the shell without waiting (the loop may be gone); the cgroup is removed when
+        it is empty, here or by the next :func:`remove_stale`."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        for _ in range(50):
+            try:
+                self.cgroup.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)  # until the kernel has taken it out
+
+
+async def make_spare(hierarchy: TrackingHierarchy, read_limit: int) -> Spare:
+    """Start a spare shell and move it into a new cgroup of ``hierarchy`` (raises
+    :class:`OSError`); ``read_limit``: the stream readers' buffer size."""
+    path = hierarchy.base / f"{POOL_PREFIX}{uuid.uuid4().hex[:16]}"
+    path.mkdir()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            SPARE_SHELL,
+            "-s",
+            env={},
+            cwd="/",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=read_limit,
+        )
+    except BaseException:
+        path.rmdir()
+        raise
+    spare = Spare(asyncio.get_running_loop(), proc, path)
+    try:
+        await asyncio.to_thread(move, str(path), proc.pid)
+    except BaseException:
+        await spare.discard()
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        raise
+    return spare
+
+
+def script(argv: Sequence[str], env: Mapping[str, str], cwd: Any) -> bytes | None:
+    """The block a spare runs to become ``argv`` in ``cwd`` (``None``: the agent's) with
+    exactly ``env`` (``None`` returned: it cannot, start it the classic way)."""
+    if "PATH" not in env or not argv or not all(_NAME.match(name) for name in env):
+        return None
+    lines = ["{", f"cd -- {_quote(os.fspath(cwd) if cwd is not None else os.getcwd())} || exit 126"]
+    lines.append("unset OLDPWD")  # cd set it; the program gets exactly env (and PWD)
+    lines += [f"export {name}={_quote(value)}" for name, value in env.items()]
+    lines.append("exec " + " ".join(_quote(os.fspath(a)) for a in argv) + " </dev/null")
+    lines.append("}")
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+def check_cwd(cwd: Any) -> None:
+    """Raise the error starting a child in ``cwd`` would (the spare changes to it only
+    after the run started)."""
+    if cwd is None:
+        return
+    path = os.fspath(cwd)
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(20, "Not a directory", path)
+    if not os.access(path, os.X_OK):
+        raise PermissionError(13, "Permission denied", path)
+
+
+def remove_stale(hierarchy: TrackingHierarchy) -> None:
+    """Remove the empty cgroups of spares an earlier agent left (it died with them)."""
+    with contextlib.suppress(OSError):
+        for path in hierarchy.base.glob(f"{POOL_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
