@@ -15,7 +15,8 @@ cgroup v2 with controllers).  Any hierarchy the agent may write will do:
 - cgroup v1, the ``freezer`` hierarchy (frozen, killed, thawed: no member can fork while the
   agent kills) or else ``pids``.
 
-The layout is ``<base>/deploy-center/<deploy_id>/<run>``.
+The layout is ``<base>/deploy-center/<deploy_id>/<run>``, or ``<base>/deploy-center/pool-<id>``
+for a run started from a spare child (:mod:`deploy_core.agent.launcher`).
 """
 
 from __future__ import annotations

@@ -259,8 +259,8 @@ class ProcessTracker:
             record = replace(record, cgroup=limits_cgroup)
         run = TrackedRun(self, deploy_id, record, tuple(join), spare=spare)
         # Not waited for: the child cannot run before its pid is journaled (the gate), and
-        # that later record is committed after this one.
-        run.save(wait=False)
+        # that later record is committed with or after this one (it joins the next write).
+        run.save(wait=False, at_once=False)
         return run
 
     def kill_recorded(self, records: Iterable[RunRecord], grace: float) -> list[str]:

@@ -282,10 +282,12 @@ def write_file_at(
     mode: int = 0o600,
     *,
     owner: tuple[int, int] | None = None,
+    durable: bool = True,
 ) -> None:
     """Write ``data`` to ``name`` in ``parent`` atomically: a fresh temporary file (created
     exclusively, never through a link) gets the content, ``mode`` and ``owner`` through its
-    descriptor, then is renamed over ``name``."""
+    descriptor, then is renamed over ``name``.  ``durable`` false skips the fsync, for a
+    file that need not outlive a power cut (a script about to run, removed after it)."""
     temporary = f".{name}.{secrets.token_hex(6)}.tmp"
     fd = open_file_at(parent, temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -295,7 +297,8 @@ def write_file_at(
             if owner is not None:
                 os.fchown(out.fileno(), *owner)
             os.fchmod(out.fileno(), mode)  # after chown, which clears set-id bits
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         rename_at(parent, temporary, parent, name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
