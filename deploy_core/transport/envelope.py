@@ -9,6 +9,7 @@ buffering them, and turn anything that is not a valid envelope into a
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import struct
 from typing import Any, Literal
@@ -28,6 +29,7 @@ __all__ = [
     "ack_for",
     "encode",
     "error_for",
+    "pong_for",
 ]
 
 #: TLS ALPN identifier; a peer that does not offer it is not a Deploy Center peer.
@@ -184,9 +186,36 @@ class FrameDecoder:
         return envelopes
 
 
+# Ids of the answers this process makes (ACK, PONG): a random prefix and a counter, not a
+# uuid4 each (an ACK per status report is on the server's hot path).
+_ANSWER_PREFIX = uuid4().hex[:16]
+_ANSWER_IDS = itertools.count()
+
+
+def _answer(kind: Kind, env: Envelope) -> Envelope:
+    # Built without validation: every field is either a constant or taken from ``env``,
+    # which was validated when it was made or received.
+    return Envelope.model_construct(
+        v=1,
+        id=f"{_ANSWER_PREFIX}{next(_ANSWER_IDS):x}",
+        kind=kind,
+        name=env.name if kind is Kind.ACK else "",
+        wait_ack=False,
+        need_callback=False,
+        callback_id=None,
+        ref=env.id,
+        payload={},
+    )
+
+
 def ack_for(env: Envelope) -> Envelope:
     """The ACK that confirms ``env`` was received."""
-    return Envelope(kind=Kind.ACK, ref=env.id, name=env.name)
+    return _answer(Kind.ACK, env)
+
+
+def pong_for(env: Envelope) -> Envelope:
+    """The PONG answering the PING ``env``."""
+    return _answer(Kind.PONG, env)
 
 
 def error_for(env: Envelope | None, reason: str) -> Envelope:
