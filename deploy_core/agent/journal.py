@@ -77,6 +77,8 @@ WAL_AUTOCHECKPOINT_PAGES = 128
 WAL_SIZE_LIMIT = 512 * 1024
 # Writes committed in one transaction at most (the rest go in the next).
 MAX_GROUP = 256
+# Seconds the writer thread waits for work before it ends.
+WRITER_IDLE = 10.0
 # Rounds of the event loop a write made on it waits, at most, for more to join its group
 # (only while other callbacks are ready: an idle loop hands it over at once).
 TICK_HOPS = 16
@@ -153,8 +155,9 @@ class Journal:
         #: benchmarks: writes per transaction).
         self.commits = 0
         self.writes = 0
-        self._writer = threading.Thread(target=self._write_loop, name="journal", daemon=True)
-        self._writer.start()
+        # Started by the first write; it ends after WRITER_IDLE seconds without one (an idle
+        # agent holds no thread for its journal).
+        self._writer: threading.Thread | None = None
 
     def close(self) -> None:
         """Commit what was submitted, then close the database."""
@@ -163,8 +166,10 @@ class Journal:
                 return
             self._closing = True
             self._hand_over()
-            self._ready.notify()
-        self._writer.join()
+            self._notify_writer()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
         with self._lock:
             self._read.close()
         self._db.close()
@@ -205,7 +210,7 @@ class Journal:
             else:
                 self._hand_over()
                 self._queue.append(write)
-                self._ready.notify()
+                self._notify_writer()
                 schedule = False
         if schedule:
             assert loop is not None
@@ -220,7 +225,14 @@ class Journal:
         if self._tick:
             self._queue.extend(self._tick)
             self._tick.clear()
-            self._ready.notify()
+            self._notify_writer()
+
+    def _notify_writer(self) -> None:
+        """Wake the writer, or start one (the caller holds ``_ready``)."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="journal", daemon=True)
+            self._writer.start()
+        self._ready.notify()
 
     def _end_of_tick(self, loop: Any, hops: int) -> None:
         # Other callbacks ready to run may write too (a task woken by the one that wrote):
@@ -243,9 +255,10 @@ class Journal:
     def _write_loop(self) -> None:
         while True:
             with self._ready:
-                while not self._queue and not self._closing:
-                    self._ready.wait()
-                if not self._queue:
+                if not self._queue and not self._closing:
+                    self._ready.wait(WRITER_IDLE)
+                if not self._queue:  # idle (or closing): the next write starts another
+                    self._writer = None
                     return
                 group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
             try:

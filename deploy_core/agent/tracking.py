@@ -56,6 +56,8 @@ POLL = 0.05
 # SIGKILL rounds for a run without a cgroup whose processes keep forking.
 KILL_ROUNDS = 100
 _PR_SET_CHILD_SUBREAPER = 36
+# Seconds a spare child waits for a run before it is dropped (see ProcessTracker.prime).
+SPARE_IDLE = 60.0
 
 
 @dataclass(frozen=True)
@@ -213,10 +215,22 @@ class ProcessTracker:
             self._refill = None
         if self._pooling and self._spare is None:
             self._spare = spare
+            # Unused for a while, it goes (a fleet of idle agents in one process keeps no
+            # shells); the next run starts the classic way and makes another.
+            spare.loop.call_later(SPARE_IDLE, self._expire, spare)
         else:
-            await spare.discard()
-            with contextlib.suppress(OSError):
-                spare.cgroup.rmdir()
+            await self._drop(spare)
+
+    def _expire(self, spare: Spare) -> None:
+        if self._spare is spare:
+            self._spare = None
+            spare.loop.create_task(self._drop(spare))
+
+    @staticmethod
+    async def _drop(spare: Spare) -> None:
+        await spare.discard()
+        with contextlib.suppress(OSError):
+            spare.cgroup.rmdir()
 
     def _take_spare(self) -> Spare | None:
         spare, self._spare = self._spare, None

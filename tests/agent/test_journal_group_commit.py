@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy_core.agent import journal as journal_module
 from deploy_core.agent.journal import Journal
 from deploy_core.models import DeployCommand
 
@@ -219,6 +220,23 @@ async def test_what_one_step_of_the_event_loop_writes_is_one_transaction(
         now = journal.submit_run("d1", {"run": "r2", "state": "running"}, at_once=True)
         await asyncio.wait_for(asyncio.wrap_future(now), WAIT)
         assert held_report.done() and held_report.result() == 2
+    finally:
+        journal.close()
+
+
+def test_the_writer_thread_ends_when_idle_and_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "WRITER_IDLE", 0.05)
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        journal.accept(command("d1"))
+        end = time.monotonic() + WAIT
+        while any(t.name == "journal" for t in threading.enumerate()):
+            assert time.monotonic() < end, "the idle writer thread never ended"
+            time.sleep(0.02)
+        assert journal.enqueue_report("d1", "st-1", "status", report(1), "x") == 0
+        assert [m.msg_id for m in journal.pending()] == ["st-1"]
     finally:
         journal.close()
 

@@ -22,6 +22,7 @@ import pytest
 from conftest import missing_part
 
 from deploy_core.agent import proctable
+from deploy_core.agent import tracking as tracking_module
 from deploy_core.agent.cgroup_tracking import find_tracking_hierarchy, members
 from deploy_core.agent.journal import Journal
 from deploy_core.agent.launcher import POOL_PREFIX, make_spare, remove_stale
@@ -225,6 +226,39 @@ async def test_a_spare_runs_nothing_of_a_block_it_did_not_get_whole(tmp_path: Pa
         with contextlib.suppress(OSError):
             spare.cgroup.rmdir()
     assert not spare.cgroup.exists()
+
+
+async def test_an_unused_spare_goes_and_the_next_run_makes_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hierarchy, reason = find_tracking_hierarchy("auto")
+    if hierarchy is None:
+        missing_part(f"no cgroup hierarchy usable here: {reason}")
+    monkeypatch.setattr(tracking_module, "SPARE_IDLE", 0.2)
+    journal = Journal(tmp_path / "journal.db")
+    journal.accept(command("d1"))
+    tracker = ProcessTracker(hierarchy, journal)
+    try:
+        tracker.prime()
+        assert await asyncio.wait_for(tracker.spare_ready(), WAIT)
+        first = tracker._spare
+        assert first is not None
+        end = time.monotonic() + WAIT
+        while (first.cgroup.exists() or first.proc.returncode is None) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        assert first.proc.returncode is not None and not first.cgroup.exists()
+        assert not await tracker.spare_ready()
+        # The next run starts the classic way (in a cgroup of its deployment) ...
+        run = tracker.start_run("d1", "after-idle")
+        assert run.spare is None and run.record.cgroup is not None
+        assert "/d1/after-idle" in run.record.cgroup
+        result = await run_process(["/bin/sh", "-c", "true"], timeout=WAIT, tracking=run)
+        assert result.exit_code == 0
+        # ... and makes a spare for the one after.
+        assert await asyncio.wait_for(tracker.spare_ready(), WAIT)
+    finally:
+        tracker.close()
+        journal.close()
 
 
 AGENT = textwrap.dedent(
