@@ -516,7 +516,8 @@ class ChaosRun:
         if len(relays) == 1:
             self.center.start_agent(client_id, server_port=relays[0].port, wait=wait)
             return
-        # Every other agent lists the second replica first: the agents start out split.
+        # Every other agent lists the replicas the other way round, so that, wherever an
+        # agent's client id makes it start in its list, the agents do not all start on one.
         index = self.client_ids.index(client_id)
         ordered = relays if index % 2 == 0 else relays[::-1]
         args = ["agent", "--client-id", client_id]
