@@ -164,7 +164,8 @@ class Agent:
                 host, port = self.config.metrics_listen
                 log.error("agent metrics not served: cannot listen on %s:%d: %s", host, port, exc)
         self.processes.enable_subreaper()
-        self.processes.prime()  # a spare child waits in its cgroup for each next run
+        # From the first run on, a spare child waits in its cgroup for each next run.
+        self.processes.prime(now=False)
         log.info("%s", self.processes.describe())
         tasks = [
             asyncio.create_task(self._reap(), name="reaper"),

@@ -169,15 +169,19 @@ class ProcessTracker:
         if why:
             log.warning("orphans of scripts re-parent to init, not the agent: %s", why)
 
-    def prime(self) -> None:
+    def prime(self, *, now: bool = True) -> None:
         """Keep a spare child ready in its own tracking cgroup from now on, so a run starts
         without a cgroup move on its path (:mod:`deploy_core.agent.launcher`); call on the
-        agent's event loop.  Nothing without a tracking hierarchy."""
+        agent's event loop.  Nothing without a tracking hierarchy.
+
+        :param now: make the first spare now; else the first run (which starts the classic
+            way) makes it, so an agent that never deploys never holds one."""
         if self.hierarchy is None or self._pooling:
             return
         self._pooling = True
         remove_stale(self.hierarchy)
-        self._fill()
+        if now:
+            self._fill()
 
     async def spare_ready(self) -> bool:
         """Wait until the spare being made is ready; whether one waits now."""
