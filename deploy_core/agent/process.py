@@ -27,8 +27,9 @@ from deploy_core.agent.cgroup_tracking import move as move_to_cgroup
 from deploy_core.agent.tracking import ProcessTracker, TrackedRun
 
 DEFAULT_TAIL_BYTES = 64 * 1024
-# Every child starts in this gate: it waits for one line on stdin (sent once the journal
-# holds its pid), then becomes the real program, or exits unrun if the agent died first.
+# A child started the classic way (no spare, see launcher) waits in this gate: it waits for
+# one line on stdin (sent once the journal holds its pid and the agent moved it into the
+# run's cgroup), then becomes the real program, or exits unrun if the agent died first.
 GATE_SHELL = "/bin/sh"
 GATE = 'read -r _ || exit 125; exec "$@" </dev/null'
 MAX_LINE_CHARS = 8192
