@@ -24,6 +24,7 @@ would otherwise count wherever it waits); py-spy's sampling pauses the server br
 the figures of a profiled run are a bit higher: compare runs without it.
 
     .venv/bin/python bench/server_cpu.py --base /tmp/dc-base          # before and after
+    .venv/bin/python bench/server_cpu.py --base /tmp/dc-base --rounds 3   # medians of 3
     .venv/bin/python bench/server_cpu.py --agents 600 --procs 3 --idle-seconds 30
     .venv/bin/python bench/server_cpu.py --profile /tmp/prof
 """
@@ -33,8 +34,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -254,13 +257,17 @@ def flood(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=300)
-    parser.add_argument("--procs", type=int, default=2, help="agent worker processes")
+    parser.add_argument("--procs", type=int, default=4, help="agent worker processes")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
-    parser.add_argument("--flood-agents", type=int, default=50, help="0: no report flood")
-    parser.add_argument("--events", type=int, default=200, help="reports per flooding agent")
+    parser.add_argument("--flood-agents", type=int, default=20, help="0: no report flood")
+    parser.add_argument("--events", type=int, default=300, help="reports per flooding agent")
     parser.add_argument("--base", type=Path, help="a tree to measure first (the before)")
     parser.add_argument("--profile", type=Path, help="py-spy the server; profiles go here")
     parser.add_argument("--keep", type=Path, help="keep the run's directory here")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure each tree this many times, alternating"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     if not 1 <= args.flood_agents <= args.agents and args.flood_agents != 0:
         parser.error("--flood-agents must be between 0 and --agents")
@@ -273,14 +280,20 @@ def main() -> int:
     if args.base is not None:
         trees.insert(0, (args.base.resolve(), "before"))
     print(f"load {_load()}; {args.agents} agents in {args.procs} workers", flush=True)
-    results = []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for _tree, name in trees}
     try:
-        for tree, name in trees:
-            results.append(measure(tree, name, args, root))
+        for round_ in range(args.rounds):
+            for tree, name in trees:
+                runs[name].append(measure(tree, name, args, root / f"round-{round_}"))
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     print(f"load {_load()}")
+    # The median of the rounds (each figure on its own); every round's beside it.
+    results = [
+        {"tree": name, **{k: _median([r.get(k) for r in rs]) for k in rs[0]}, "all": rs}
+        for name, rs in runs.items()
+    ]
     keys = [
         ("empty_pct", "idle server CPU, no agent, % of a core", "{:.2f}"),
         ("idle_pct", "idle server CPU, N agents, % of a core", "{:.2f}"),
@@ -292,9 +305,28 @@ def main() -> int:
     print("| figure | " + " | ".join(r["tree"] for r in results) + " |")
     print("| --- |" + " --- |" * len(results))
     for key, label, fmt in keys:
-        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results]
+        cells = [_cell(fmt, r, key) for r in results]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _median(values: list[Any]) -> Any:
+    numbers = [v for v in values if isinstance(v, int | float)]
+    if not numbers or len(numbers) != len(values):
+        return values[0] if values else None
+    return statistics.median(numbers)
+
+
+def _cell(fmt: str, result: dict[str, Any], key: str) -> str:
+    if result.get(key) is None:
+        return "-"
+    text = fmt.format(result[key])
+    every = [r.get(key) for r in result["all"]]
+    if len(every) > 1 and all(v is not None for v in every):
+        text += " (" + ", ".join(fmt.format(v) for v in every) + ")"
+    return text
 
 
 if __name__ == "__main__":
