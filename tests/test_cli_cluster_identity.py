@@ -129,3 +129,42 @@ def test_advertise_host_accepts_names_and_addresses() -> None:
     assert check_advertise_host("10.0.0.11") == "10.0.0.11"
     assert check_advertise_host("[::1]") == "::1"
     assert check_advertise_host(None) is None
+
+
+@pytest.mark.parametrize("value", ["0", "2.9", "601", "soon", "-5"])
+def test_lease_seconds_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    done = deployctl("server", "--state-dir", str(tmp_path / "s"), "--lease-seconds", value)
+    assert done.returncode == 2, done.stderr
+    assert "--lease-seconds" in done.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_lease_seconds_reaches_the_duty_leases(tmp_path: Path, pg_url: str) -> None:
+    import json
+    import time
+
+    import httpx
+
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy_core.cli", "server", "--state-dir", str(state),
+         "--api-port", "0", "--quic-port", "0", "--db", pg_url, "--lease-seconds", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 60
+        while not (state / "server.json").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        info = json.loads((state / "server.json").read_text())
+        token = (state / "admin.token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        view = httpx.get(f"{info['api_url']}/api/cluster", headers=headers, timeout=30).json()
+        watchdog = {d["duty"]: d for d in view["duties"]}["watchdog"]
+        expires = watchdog["expires_at"].rstrip("Z")
+        import datetime as dt
+
+        left = dt.datetime.fromisoformat(expires).replace(tzinfo=dt.UTC).timestamp()
+        assert 0 < left - time.time() <= 4.5  # a 15 s lease would show up to 15 s left
+    finally:
+        proc.terminate()
+        proc.wait(30)

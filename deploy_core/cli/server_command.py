@@ -32,6 +32,7 @@ from deploy_core.server.http.http_limits import (
     DEFAULT_MAX_UNAUTHENTICATED,
     HttpLimits,
 )
+from deploy_core.server.leases import LEASE_SECONDS
 from deploy_core.server.webhooks import WebhookSettings
 from deploy_core.transport.files import DEFAULT_MAX_TRANSFERS
 
@@ -249,6 +250,16 @@ def server_config_file(
     "the server certificate covers it",
 )
 @click.option(
+    "--lease-seconds",
+    envvar="DEPLOY_CENTER_LEASE_SECONDS",
+    type=click.FloatRange(3, 600),
+    default=LEASE_SECONDS,
+    show_default=True,
+    help="replicas: how long a duty's lease (watchdog, retention, rollouts) lasts; a dead "
+    "replica's duties move to another within about this long, and a replica cut off from "
+    "the database this long is fenced. Give every replica the same value",
+)
+@click.option(
     "--cluster-key-file",
     type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
     default=None,
@@ -347,6 +358,7 @@ def server(
     cluster_key_file: Path | None,
     join_cluster: bool | None,
     advertise_host: str | None,
+    lease_seconds: float,
 ) -> None:
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
@@ -367,6 +379,7 @@ def server(
             )
         ),
         advertise_host=advertise_host,
+        lease_seconds=lease_seconds,
         max_artifact_bytes=parse_size(max_artifact_size, "--max-artifact-size"),
         max_file_transfers=max_file_transfers,
         **api_tls_settings(api_host, api_tls, api_cert, api_key, api_insecure_http),

@@ -267,6 +267,7 @@ class DeployServer:
             self.deployments,
             self.listeners,
             owner=cfg.server_id,
+            lease_seconds=cfg.lease_seconds,
         )
         duties = (WATCHDOG,) if cfg.retention_days is None else (WATCHDOG, RETENTION)
         self.leases = Leases(self.engine, cfg.server_id, duties, seconds=cfg.lease_seconds)

@@ -690,12 +690,16 @@ class Rollouts:
         *,
         owner: str,
         rescan_interval: float = RESCAN_INTERVAL,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.store = store
         self.deployments = deployments
         self.listeners = listeners
         self.owner = owner
         self.rescan_interval = rescan_interval
+        self.lease_seconds = lease_seconds
+        # Renewed well within the lease (a quarter of it at most), as the duty leases are.
+        self.renew_every = min(RENEW_EVERY, lease_seconds / 4)
         self.feed = RolloutFeed()
         self._wake = asyncio.Event()
         self._published: dict[str, dict[str, Any]] = {}
@@ -823,13 +827,13 @@ class Rollouts:
                 self._wake.set()
 
     async def _renew(self) -> bool:
-        self.holding = await self.db(self.store.take_lease, self.owner)
+        self.holding = await self.db(self.store.take_lease, self.owner, self.lease_seconds)
         self._renewed = time.monotonic()
         return self.holding
 
     async def _keep_lease(self) -> None:
         """Renew the lease during a long pass; stop the pass when it was lost."""
-        if time.monotonic() - self._renewed > RENEW_EVERY and not await self._renew():
+        if time.monotonic() - self._renewed > self.renew_every and not await self._renew():
             raise LeaseLost
 
     async def drive_once(self) -> None:
@@ -838,7 +842,7 @@ class Rollouts:
         rows = await self.db(self.store.active)
         if not rows:
             return
-        fresh = self.holding and time.monotonic() - self._renewed < RENEW_EVERY
+        fresh = self.holding and time.monotonic() - self._renewed < self.renew_every
         if not fresh and not await self._renew():
             return
         for row in rows:
