@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -57,3 +58,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL schema only."""
     yield from _postgres_schema_url()
+
+
+@pytest.fixture
+def proxy() -> Iterator[Any]:
+    """A TCP proxy on loopback in front of the test PostgreSQL that a test can cut and
+    restore (tests/pg_proxy.py); ``proxy.url(pg_url)`` routes a database URL through it."""
+    from tests.pg_proxy import PgProxy
+
+    p = PgProxy().start()
+    try:
+        yield p
+    finally:
+        p.close()

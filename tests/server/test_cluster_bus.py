@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,9 @@ from deploy_core.server.cluster_bus import (
     encode,
 )
 from deploy_core.server.db import deployments, status_history
+from tests.waits import eventually
 
 WAIT = 60.0
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    end = time.monotonic() + WAIT
-    while time.monotonic() < end:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --------------------------------------------------------------------------- the codec

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,11 @@ from deploy_core.server.db import clients, status_history
 from deploy_core.server.http.cluster import ClusterView
 from deploy_core.server.leases import RETENTION, WATCHDOG
 from deploy_core.server.records import Applied
+from tests.waits import eventually
 
 LEASE = 2.0
 BEAT = 0.2
 WAIT = 60.0  # the longest any condition is waited for (a slow shared machine)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Poll ``check`` until it returns something true, at most :data:`WAIT` seconds."""
-    end = time.monotonic() + WAIT
-    while time.monotonic() < end:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Cluster:

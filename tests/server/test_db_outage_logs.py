@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +29,13 @@ from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.db_health import RETRY_AFTER, is_outage
 from deploy_core.server.webhooks import WebhookSettings
 from tests.pg_proxy import PgProxy
+from tests.waits import eventually
 
 LEASE = 2.0
 BEAT = 0.2
 WAIT = 60.0  # the longest any condition is waited for (a slow shared machine)
 #: How long the database stays cut while the log is counted (seconds).
 CUT = 6.0
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    end = time.monotonic() + WAIT
-    while time.monotonic() < end:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def proxy() -> Iterator[PgProxy]:
-    p = PgProxy().start()
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest_asyncio.fixture
