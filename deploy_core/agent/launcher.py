@@ -112,6 +112,9 @@ def script(argv: Sequence[str], env: Mapping[str, str], cwd: Any) -> bytes | Non
     exactly ``env`` (``None`` returned: it cannot, start it the classic way)."""
     if "PATH" not in env or not argv or not all(_NAME.match(name) for name in env):
         return None
+    texts = [*env.values(), *(os.fspath(a) for a in argv), os.fspath(cwd or "")]
+    if any("\0" in str(text) for text in texts):
+        return None  # the classic start refuses it ("embedded null byte"), as it should
     lines = ["{", f"cd -- {_quote(os.fspath(cwd) if cwd is not None else os.getcwd())} || exit 126"]
     lines.append("unset OLDPWD")  # cd set it; the program gets exactly env (and PWD)
     lines += [f"export {name}={_quote(value)}" for name, value in env.items()]

@@ -343,3 +343,15 @@ def test_a_killed_agent_leaves_nothing_of_a_spare_started_run(tmp_path: Path) ->
         agent.communicate(timeout=WAIT)
         for pid in pids:
             kill(pid)
+
+
+def test_a_nul_byte_is_never_handed_to_a_spare() -> None:
+    from deploy_core.agent import launcher
+
+    env = {"PATH": "/usr/bin:/bin"}
+    assert launcher.script(["/bin/true"], env, None) is not None
+    # A shell reading the block would drop or stop at the NUL and run something else than
+    # asked; the classic start refuses such a value with an error instead.
+    assert launcher.script(["/bin/true"], {**env, "X": "a\0b"}, None) is None
+    assert launcher.script(["/bin/echo", "a\0b"], env, None) is None
+    assert launcher.script(["/bin/true"], env, "/tmp/\0x") is None
