@@ -120,7 +120,9 @@ def test_prune_and_retention_say_durations_humanly(tmp_path: Path) -> None:
     dry = subprocess.run(
         [*prune, "--older-than", "30", "--dry-run"], capture_output=True, text=True, timeout=60
     )
-    assert dry.stdout == "would delete 0 deployments finished more than 30 s ago\n", dry.stderr
+    assert dry.stdout == (
+        "would delete 0 deployments and 0 rollouts finished more than 30 s ago\n"
+    ), dry.stderr
 
     center = DeployCenter(tmp_path / "center")
     center.server_dir = state

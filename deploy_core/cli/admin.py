@@ -306,13 +306,16 @@ def db() -> None:
 @click.option("--dry-run", is_flag=True, help="only count what would be deleted")
 @state_dir_option
 def db_prune(older_than: str, db_url: str | None, dry_run: bool, state_dir: Path) -> None:
-    """Delete finished deployments (with history and logs) older than a duration."""
+    """Delete finished deployments (with history and logs) and finished rollouts older than
+    a duration."""
     import time
 
     import sqlalchemy as sa
 
     from deploy_core.server import db as dbm
     from deploy_core.server.records import RecordStore
+    from deploy_core.server.rollouts import RolloutStore
+    from deploy_core.server.secret_box import SecretBox
 
     age = parse_duration(older_than)
     cutoff = time.time() - age
@@ -320,19 +323,28 @@ def db_prune(older_than: str, db_url: str | None, dry_run: bool, state_dir: Path
     try:
         if dry_run:
             with engine.connect() as conn:
-                count = conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(dbm.deployments)
-                    .where(dbm.deployments.c.finished_at < cutoff)
-                ).scalar_one()
+                count, rollout_count = (
+                    conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(table)
+                        .where(table.c.finished_at < cutoff)
+                    ).scalar_one()
+                    for table in (dbm.deployments, dbm.rollouts)
+                )
             click.echo(
-                f"would delete {count} deployments finished more than {human_duration(age)} ago"
+                f"would delete {count} deployments and {rollout_count} rollouts finished more "
+                f"than {human_duration(age)} ago"
             )
             return
         deleted = RecordStore(engine).prune(cutoff)
+        # The secret box is never used to open anything here: pruning reads no secret.
+        rollouts_deleted = RolloutStore(engine, SecretBox()).prune(cutoff)
     finally:
         engine.dispose()
-    click.echo(f"deleted {deleted} deployments finished more than {human_duration(age)} ago")
+    click.echo(
+        f"deleted {deleted} deployments and {rollouts_deleted} rollouts finished more than "
+        f"{human_duration(age)} ago"
+    )
 
 
 @db.command("upgrade")

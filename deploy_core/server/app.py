@@ -336,6 +336,7 @@ class DeployServer:
                 self.records,
                 days=cfg.retention_days,
                 may_run=lambda: self.leases.holds(RETENTION),
+                rollouts=self.rollouts.store,
             )
             self._tasks.append(asyncio.create_task(retention.run(), name="retention"))
         info = {

@@ -1,7 +1,7 @@
 """Retention: finished deployments older than the configured period are deleted with their
-history, logs and secrets (``deployctl server --retention``), when the server starts and then
-once a day, by the replica that holds the retention lease.  ``deployctl db prune`` does the
-same pass by hand."""
+history, logs and secrets, and finished rollouts with their targets and history
+(``deployctl server --retention``), when the server starts and then once a day, by the
+replica that holds the retention lease.  ``deployctl db prune`` does the same pass by hand."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from deploy_core.durations import human_duration
 from deploy_core.server.db_health import OutageLog
 from deploy_core.server.records import RecordStore
+from deploy_core.server.rollouts import RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Retention:
         days: float,
         interval: float = DAY,
         may_run: Callable[[], bool] = lambda: True,
+        rollouts: RolloutStore | None = None,
     ) -> None:
         """:param may_run: whether this replica holds the retention lease (leases.py): a pass
         runs only then."""
@@ -37,6 +39,7 @@ class Retention:
         self.days = days
         self.interval = interval
         self.may_run = may_run
+        self.rollouts = rollouts
         self.outage = OutageLog(log, "retention")
 
     async def run(self) -> None:
@@ -62,4 +65,12 @@ class Retention:
                 deleted,
                 human_duration(self.days * DAY),
             )
+        if self.rollouts is not None:
+            gone = await asyncio.to_thread(self.rollouts.prune, cutoff)
+            if gone:
+                log.info(
+                    "retention: deleted %d rollouts finished more than %s ago",
+                    gone,
+                    human_duration(self.days * DAY),
+                )
         return deleted

@@ -226,6 +226,30 @@ class RolloutStore:
         self.engine = engine
         self.secret_box = secret_box
 
+    # ------------------------------------------------------------------ retention
+
+    def prune(self, older_than: float, *, batch: int = 500) -> int:
+        """Delete rollouts that finished before ``older_than`` (epoch seconds), with their
+        targets and history; unfinished ones are never touched.  In batches, so a large
+        clean-up holds no long transaction.  Returns how many rollouts were deleted.  (The
+        deployments they made are pruned by their own age, RecordStore.prune.)"""
+        deleted = 0
+        while True:
+            with self.engine.begin() as conn:
+                ids = list(
+                    conn.execute(
+                        sa.select(rollouts.c.rollout_id)
+                        .where(rollouts.c.finished_at < older_than)
+                        .limit(batch)
+                    ).scalars()
+                )
+                if not ids:
+                    return deleted
+                for table in (rollout_targets, rollout_history):
+                    conn.execute(table.delete().where(table.c.rollout_id.in_(ids)))
+                conn.execute(rollouts.delete().where(rollouts.c.rollout_id.in_(ids)))
+            deleted += len(ids)
+
     # ------------------------------------------------------------------ creation
 
     def create(

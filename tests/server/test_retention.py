@@ -248,3 +248,85 @@ async def test_the_retention_loop_outlives_a_failed_pass(caplog: pytest.LogCaptu
     assert flaky.calls >= 2
     assert "retention pass failed" in caplog.text
     assert "database gone for a moment" in caplog.text
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+def _rollout(engine: sa.engine.Engine, rollout_id: str, finished_at: float | None) -> None:
+    """A rollout row with one target and one history line, finished at ``finished_at``."""
+    now = time.time()
+    with engine.begin() as conn:
+        conn.execute(
+            db.rollouts.insert().values(
+                rollout_id=rollout_id,
+                status="succeeded" if finished_at else "running",
+                kind="shell",
+                command_type="deploy.shell",
+                request={},
+                deadline_seconds=60,
+                strategy={},
+                strategy_asked={},
+                total=1,
+                batch_count=1,
+                current_batch=0,
+                created_by="admin",
+                created_at=now - 90 * DAY,
+                updated_at=now,
+                finished_at=finished_at,
+            )
+        )
+        conn.execute(
+            db.rollout_targets.insert().values(
+                rollout_id=rollout_id, position=0, client_id="c1", batch=0, state="done"
+            )
+        )
+        conn.execute(
+            db.rollout_history.insert().values(
+                rollout_id=rollout_id, status="created", message="made", ts=now
+            )
+        )
+
+
+def _rows(engine: sa.engine.Engine, table: sa.Table) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(table.c.rollout_id)).scalars())
+
+
+async def test_a_retention_pass_deletes_old_finished_rollouts_with_their_rows(
+    store: RecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deploy_core.server.rollouts import RolloutStore
+    from deploy_core.server.secret_box import SecretBox
+
+    engine = store.engine
+    _rollout(engine, "old", time.time() - 31 * DAY)
+    _rollout(engine, "recent", time.time() - 29 * DAY)
+    _rollout(engine, "running", None)
+    retention = Retention(store, days=30, rollouts=RolloutStore(engine, SecretBox()))
+    with caplog.at_level(logging.INFO, "deploy_core.server.retention"):
+        await retention.prune()
+    for table in (db.rollouts, db.rollout_targets, db.rollout_history):
+        assert _rows(engine, table) == {"recent", "running"}, table.name
+    assert "deleted 1 rollouts finished more than 30 days ago" in caplog.text
+
+
+def test_cli_prune_counts_rollouts_too(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    run = [sys.executable, "-m", "deploy_core.cli", "db"]
+    subprocess.run([*run, "upgrade", "--state-dir", str(state)], check=True, timeout=60)
+    engine = db.make_engine(db.sqlite_url(state / "deploy-center.db"))
+    _rollout(engine, "old", time.time() - 40 * DAY)
+    dry = subprocess.run(
+        [*run, "prune", "--older-than", "30d", "--dry-run", "--state-dir", str(state)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert "would delete 0 deployments and 1 rollouts" in dry.stdout
+    assert _rows(engine, db.rollouts) == {"old"}
+    done = subprocess.run(
+        [*run, "prune", "--older-than", "30d", "--state-dir", str(state)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert "deleted 0 deployments and 1 rollouts" in done.stdout
+    assert _rows(engine, db.rollouts) == set() == _rows(engine, db.rollout_history)
+    engine.dispose()
