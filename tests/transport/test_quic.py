@@ -22,6 +22,7 @@ from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
+from aioquic.quic.logger import QuicLogger
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -498,6 +499,47 @@ async def test_commands_reach_the_agent_and_events_reach_the_server(
     assert session.last_seen > seen
     assert recorder.messages() == events
     assert received(agent) == [command]
+
+
+@pytest.mark.asyncio
+async def test_a_ping_is_answered_by_one_packet_with_the_pong_and_the_ack(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority
+) -> None:
+    """The server acknowledges a PING in the packet carrying its PONG (not in a packet of
+    its own a millisecond later): one datagram per agent heartbeat (issue 13, idle CPU)."""
+    server = await start_server()
+    authority.keys["raw-1"] = key = secrets.token_bytes(32)
+    quic_logger = QuicLogger()
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN_PROTOCOL],
+        cafile=str(certs.ca_cert),
+        verify_mode=ssl.CERT_REQUIRED,
+        server_name="localhost",
+        quic_logger=quic_logger,
+    )
+    async with asyncio.timeout(10):
+        async with connect(
+            "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
+        ) as raw:
+            assert isinstance(raw, RawClient)
+            assert (await raw.authenticate("raw-1", key)).kind is Kind.WELCOME
+            for _ in range(3):
+                (trace,) = quic_logger.to_dict()["traces"]
+                before = len(trace["events"])
+                ping = Envelope(kind=Kind.PING)
+                raw.send_env(ping)
+                pong = await raw.recv()
+                assert (pong.kind, pong.ref) == (Kind.PONG, ping.id)
+                (trace,) = quic_logger.to_dict()["traces"]
+                received = [
+                    [frame["frame_type"] for frame in event["data"]["frames"]]
+                    for event in trace["events"][before:]
+                    if event["name"] == "transport:packet_received"
+                ]
+                with_pong = [frames for frames in received if "stream" in frames]
+                assert len(with_pong) == 1, received
+                assert "ack" in with_pong[0], received
 
 
 @pytest.mark.asyncio
