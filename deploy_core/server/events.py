@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from deploy_core.plugin.errors import EventRejected as EventRejected  # defined by the contract
+from deploy_core.server.db_health import OutageLog
 from deploy_core.server.ingest import IngestClosed
 from deploy_core.server.ownership import named_deployments
 from deploy_core.server.services import PluginServices
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
 
 log = logging.getLogger(__name__)
+#: Agents' messages that could not be stored because the database is unreachable: logged
+#: once, then at most every few seconds (not one traceback per message); the agents keep
+#: them, unacknowledged, and send them again.
+_OUTAGE = OutageLog(
+    log, "agent messages", failures="messages not stored (the agents send them again)"
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -272,6 +279,7 @@ class EventRouter:
             if not future.cancelled():
                 stages.done(ctx, future.result())
                 slot.send(ack_for(ctx.envelope))
+                _OUTAGE.ok()
         except Exception as exc:
             cls._answer_stage(ctx, slot, exc)
         flight.answered(slot)
@@ -285,7 +293,7 @@ class EventRouter:
         elif isinstance(exc, EventRejected):
             log.warning("event %s from %s refused: %s", env.name, ctx.client_id, exc)
             slot.send(error_for(env, str(exc)))
-        else:
+        elif not _OUTAGE.failed(exc):
             # Not acknowledged: the agent keeps the event and sends it again later.
             log.error(
                 "handler for %s failed on an event from %s",
@@ -297,8 +305,9 @@ class EventRouter:
     async def _stored(self, session: _Answers, env: Envelope) -> None:
         try:
             await self._handle(session, env)
-        except Exception:
-            log.exception("%s from %s failed", env.kind.value, session.client_id)
+        except Exception as exc:
+            if not _OUTAGE.failed(exc):
+                log.exception("%s from %s failed", env.kind.value, session.client_id)
 
     async def _handle(self, session: _Answers, env: Envelope) -> None:
         """One message.  Whatever names a deployment is checked against the deployments of
@@ -358,11 +367,15 @@ class EventRouter:
             log.warning("event %s from %s refused: %s", env.name, session.client_id, exc)
             session.send(error_for(env, str(exc)))
             return
-        except Exception:
+        except Exception as exc:
             # Not acknowledged: the agent keeps the event and sends it again later.
-            log.exception("handler for %s failed on an event from %s", env.name, session.client_id)
+            if not _OUTAGE.failed(exc):
+                log.exception(
+                    "handler for %s failed on an event from %s", env.name, session.client_id
+                )
             return
         session.send(ack_for(env))
+        _OUTAGE.ok()
 
 
 def not_yours(client_id: str, deploy_ids: list[Any]) -> str:

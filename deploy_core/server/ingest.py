@@ -45,6 +45,8 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 
+from deploy_core.server.db_health import OutageLog
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -122,6 +124,8 @@ class Ingest:
         self.max_batch = max_batch
         self.linger = linger
         self.stats = IngestStats()
+        # A database outage fails every batch: logged once, then at most every few seconds.
+        self.outage = OutageLog(log, "ingest", failures="batches failed")
         self._stats_every = stats_every
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Piece[Any] | None] = asyncio.Queue(max_queued)
@@ -271,11 +275,15 @@ class Ingest:
         return False
 
     def _commit(self, batch: list[_Piece[Any]]) -> list[tuple[bool, Any]]:
-        """Run ``batch`` in one transaction; on failure, each piece in its own."""
+        """Run ``batch`` in one transaction; on failure, each piece in its own (unless the
+        database is unreachable: then the whole batch fails at once, logged once)."""
         try:
             with self.engine.begin() as conn:
                 results = _apply(conn, batch)
         except Exception as exc:
+            if self.outage.failed(exc):
+                self.stats.failed += len(batch)
+                return [(False, exc)] * len(batch)
             if len(batch) == 1:
                 self.stats.failed += 1
                 log.warning("ingest: a stored message failed: %s", exc, exc_info=exc)
@@ -288,6 +296,7 @@ class Ingest:
                 exc,
             )
             return [self._commit([piece])[0] for piece in batch]
+        self.outage.ok()
         self.stats.batches += 1
         self.stats.committed += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))

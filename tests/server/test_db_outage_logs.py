@@ -307,3 +307,64 @@ def test_an_outage_log_says_little_and_leaves_other_errors_to_its_caller() -> No
             OutageLog(logger, "loop", every=0)
     finally:
         logger.removeHandler(handler)
+
+
+async def test_an_agents_reports_during_an_outage_are_logged_once_not_per_message(
+    server: DeployServer, proxy: PgProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chatty deployment while the database is cut: its reports fail to be stored (and are
+    not acknowledged) without a traceback each; once it is back, they are all stored."""
+    caplog.set_level(logging.INFO, logger="deploy_core")
+    agent = Agent(
+        AgentConfig(
+            server_host="127.0.0.1",
+            server_port=server.transport.port,
+            client_id="web-1",
+            state_dir=tmp_path / "agent",
+            ca_file=server.state.certs.ca_cert,
+            join_token_file=server.state.join_token_file,
+        )
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        assert await agent.connector.wait_connected(WAIT), agent.connector.last_error
+        async with httpx.AsyncClient(
+            base_url=server.api_url,
+            headers={"Authorization": f"Bearer {server.state.admin_token}"},
+            timeout=WAIT,
+        ) as http:
+            script = "for i in $(seq 1 60); do echo line $i; sleep 0.1; done"
+            made = await http.post(
+                "/api/deploy/shell", json={"client_id": "web-1", "script": script}
+            )
+            assert made.status_code == 202, made.text
+            deploy_id = made.json()["deploy_id"]
+
+            async def running() -> bool:
+                r = await http.get(f"/api/deploy/{deploy_id}/logs")
+                return r.status_code == 200 and len(r.json()["lines"]) >= 3
+
+            await eventually(running, "the first lines to be stored")
+            start = len(caplog.records)
+            proxy.cut()
+            await asyncio.sleep(CUT)  # the script reports all along
+            during = ours(caplog, start)
+            proxy.restore()
+
+            async def done() -> dict[str, Any] | None:
+                r = await http.get(f"/api/deploy/{deploy_id}", params={"wait": 5})
+                return r.json() if r.status_code == 200 and r.json()["finished"] else None
+
+            record = await eventually(done, "the deployment to finish once the database is back")
+            assert record["status"] == "success", record
+            lines = (await http.get(f"/api/deploy/{deploy_id}/logs", params={"limit": 1000})).json()
+            texts = [x["line"] for x in lines["lines"] if x["stream"] == "stdout"]
+            assert texts == [f"line {i}" for i in range(1, 61)]  # each once, none lost
+    finally:
+        await agent.stop()
+        await asyncio.wait_for(task, 30)
+    messages = [
+        r for r in during if r.name in ("deploy_core.server.ingest", "deploy_core.server.events")
+    ]
+    assert not [r for r in during if outage_in(r) is not None], [r.getMessage() for r in during]
+    assert len(messages) <= 4, [r.getMessage() for r in messages]  # was one or two per report
