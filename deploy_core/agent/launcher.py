@@ -34,6 +34,9 @@ from typing import Any
 from deploy_core.agent.cgroup_tracking import TrackingHierarchy, move
 
 SPARE_SHELL = "/bin/sh"
+#: Bytes asked of a pipe per read, and the size asked for a child's output pipes (the spare's
+#: pipes are made before its run is known, so they are sized here for every run).
+READ_BYTES = 1 << 20
 POOL_PREFIX = "pool-"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -79,7 +82,9 @@ class Spare:
 async def make_spare(hierarchy: TrackingHierarchy, read_limit: int) -> Spare:
     """Start a spare shell and move it into a new cgroup of ``hierarchy`` (raises
     :class:`OSError`); ``read_limit``: the stream readers' buffer size."""
-    path = hierarchy.base / f"{POOL_PREFIX}{uuid.uuid4().hex[:16]}"
+    # Named with this agent's pid: another agent on the host (sharing the hierarchy) leaves
+    # it alone while this one lives (remove_stale).
+    path = hierarchy.base / f"{POOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
     path.mkdir()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -137,12 +142,31 @@ def check_cwd(cwd: Any) -> None:
         raise PermissionError(13, "Permission denied", path)
 
 
+_POOL_NAME = re.compile(rf"{POOL_PREFIX}(\d+)-[0-9a-f]+\Z")
+
+
 def remove_stale(hierarchy: TrackingHierarchy) -> None:
-    """Remove the empty cgroups of spares an earlier agent left (it died with them)."""
+    """Remove the empty cgroups of spares an earlier agent left (it died with them), but not
+    those of another agent of this host that is alive: its spare's cgroup is empty for a
+    moment between being made and the shell being moved in."""
+    me = os.getpid()
     with contextlib.suppress(OSError):
         for path in hierarchy.base.glob(f"{POOL_PREFIX}*"):
+            named = _POOL_NAME.match(path.name)
+            if named and int(named.group(1)) != me and _alive(int(named.group(1))):
+                continue
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, alive
+    return True
 
 
 def _quote(text: str) -> str:

@@ -34,7 +34,7 @@ GATE_SHELL = "/bin/sh"
 GATE = 'read -r _ || exit 125; exec "$@" </dev/null'
 MAX_LINE_CHARS = 8192
 # Bytes asked of a pipe per read, and the size asked for the child's output pipes.
-READ_BYTES = 1 << 20
+READ_BYTES = launcher.READ_BYTES
 PIPE_BYTES = 1 << 20
 # After the main process exits, how long to keep reading output a background child may still
 # be writing before we stop listening (the child keeps running: it may be the service).

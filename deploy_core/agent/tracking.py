@@ -44,7 +44,7 @@ from deploy_core.agent.cgroup_tracking import (
     kill_all,
     members,
 )
-from deploy_core.agent.launcher import Spare, make_spare, remove_stale
+from deploy_core.agent.launcher import READ_BYTES, Spare, make_spare, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,6 @@ class ProcessTracker:
             self._refill = asyncio.get_running_loop().create_task(self._make_spare())
 
     async def _make_spare(self) -> None:
-        from deploy_core.agent.process import READ_BYTES
-
         try:
             assert self.hierarchy is not None
             spare = await make_spare(self.hierarchy, READ_BYTES)

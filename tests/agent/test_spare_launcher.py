@@ -355,3 +355,33 @@ def test_a_nul_byte_is_never_handed_to_a_spare() -> None:
     assert launcher.script(["/bin/true"], {**env, "X": "a\0b"}, None) is None
     assert launcher.script(["/bin/echo", "a\0b"], env, None) is None
     assert launcher.script(["/bin/true"], env, "/tmp/\0x") is None
+
+
+def test_stale_spare_cgroups_are_removed_but_not_a_live_agents(tmp_path: Path) -> None:
+    """Two agents on one host share the tracking hierarchy: the one starting must not remove
+    the other's spare cgroup, empty for a moment between mkdir and the move."""
+    import subprocess
+    import types
+
+    from deploy_core.agent import launcher
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {
+        "live-other": f"{launcher.POOL_PREFIX}1-0123456789abcdef",  # pid 1 is alive
+        "dead": f"{launcher.POOL_PREFIX}{dead.pid}-0123456789abcdef",
+        "mine": f"{launcher.POOL_PREFIX}{os.getpid()}-0123456789abcdef",
+        "old-style": f"{launcher.POOL_PREFIX}0123456789abcdef",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / names["dead"].replace("0123", "4567")).mkdir()
+    (tmp_path / names["dead"].replace("0123", "4567") / "cgroup.procs").write_text("")
+    launcher.remove_stale(types.SimpleNamespace(base=tmp_path))  # type: ignore[arg-type]
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["live-other"] in left
+    assert names["dead"] not in left and names["mine"] not in left
+    assert names["old-style"] not in left
+    assert "busy" in left  # not a spare's
+    assert names["dead"].replace("0123", "4567") in left  # not empty: a run may be in it
