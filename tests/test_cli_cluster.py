@@ -59,3 +59,19 @@ def test_no_duty_held_and_escapes_shown_not_sent() -> None:
     text = render_status(view)
     assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;pwned\\x07" in text
     assert text.endswith("no duty is held right now (each is taken within a lease period)")
+
+
+def test_the_answering_replicas_bus_is_shown() -> None:
+    view: dict[str, Any] = {
+        "server_id": "a",
+        "live": 1,
+        "replicas": [replica("a", this=True, duties=["watchdog"])],
+        "duties": [{"duty": "watchdog", "holder": "a", "expires_at": None}],
+        "bus": {"listening": False, "sent": 5, "received": 7, "malformed": 1, "dropped": 2},
+    }
+    assert render_status(view).splitlines()[-1] == (
+        "cluster bus of a: NOT LISTENING (reconnecting); notifications sent 5, received 7, "
+        "malformed 1, dropped 2"
+    )
+    view["bus"] = None  # SQLite: one server, no bus
+    assert "cluster bus" not in render_status(view)

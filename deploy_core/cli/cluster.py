@@ -37,6 +37,13 @@ def render_status(view: dict[str, Any]) -> str:
             lines.append(f"duty {lease['duty']}: held by unlisted {lease['holder']}")
     if not view["duties"]:
         lines.append("no duty is held right now (each is taken within a lease period)")
+    bus = view.get("bus")
+    if bus:
+        state = "listening" if bus["listening"] else "NOT LISTENING (reconnecting)"
+        lines.append(
+            f"cluster bus of {view['server_id']}: {state}; notifications sent {bus['sent']}, "
+            f"received {bus['received']}, malformed {bus['malformed']}, dropped {bus['dropped']}"
+        )
     return terminal_safe("\n".join(lines))
 
 
