@@ -36,10 +36,10 @@ from aioquic.asyncio import connect, serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.server.artifacts import ArtifactStore
+from deploy_core.testing import MemoryCredentials
 from deploy_core.transport import (
     AgentConnector,
     AgentCredential,
@@ -203,32 +203,6 @@ class _Authority:
         self.public_keys[client_id] = public_key
 
 
-class _Credentials:
-    def __init__(self) -> None:
-        self.key: bytes | None = None
-
-    identity: Ed25519PrivateKey | None = None
-
-    def load_identity(self) -> Ed25519PrivateKey | None:
-        return self.identity
-
-    def create_identity(self) -> Ed25519PrivateKey:
-        self.identity = Ed25519PrivateKey.generate()
-        return self.identity
-
-    def drop_key(self) -> None:
-        self.key = None
-
-    def load_key(self) -> bytes | None:
-        return self.key
-
-    def save_key(self, key: bytes) -> None:
-        self.key = key
-
-    def join_token(self) -> str:
-        return "bench"
-
-
 async def _nothing(*args: Any) -> None:
     return None
 
@@ -260,7 +234,7 @@ async def _our_fetch(
         port=port,
         ca_file=certs_dir / "ca.pem",
         client_id="bench",
-        credentials=_Credentials(),
+        credentials=MemoryCredentials(token="bench"),
         capabilities=dict,
         on_message=_nothing,
     )

@@ -429,6 +429,60 @@ def deploy_center(tmp_path: Path) -> Iterator[DeployCenter]:
 # --------------------------------------------------------------------------- in one process
 
 
+class MemoryCredentials:
+    """An agent's credential store (``deploy_core.transport.client.CredentialStore``) in
+    memory: a shared ``key`` and/or a join ``token`` to start with, and the key pair it makes
+    when it enrols."""
+
+    def __init__(self, key: bytes | None = None, token: str | None = None) -> None:
+        self.key = key
+        self.token = token
+        self.identity: Any = None  # an Ed25519PrivateKey once made
+
+    def load_identity(self) -> Any:
+        return self.identity
+
+    def create_identity(self) -> Any:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.identity = Ed25519PrivateKey.generate()
+        return self.identity
+
+    def load_key(self) -> bytes | None:
+        return self.key
+
+    def save_key(self, key: bytes) -> None:
+        self.key = key
+
+    def drop_key(self) -> None:
+        self.key = None
+
+    def join_token(self) -> str | None:
+        return self.token
+
+
+def agent_for(server: Any, client_id: str, state_dir: Path, **config: Any) -> Any:
+    """An :class:`~deploy_core.agent.runtime.Agent` (not started) of ``server`` (a running
+    :class:`~deploy_core.server.app.DeployServer`): its QUIC port, CA and join token;
+    ``config`` adds :class:`~deploy_core.agent.runtime.AgentConfig` fields (``plugins=`` goes
+    to the agent)."""
+    from deploy_core.agent.runtime import Agent, AgentConfig
+
+    plugins = config.pop("plugins", None)
+    return Agent(
+        AgentConfig(
+            server_host="127.0.0.1",
+            server_port=server.transport.port,
+            client_id=client_id,
+            state_dir=state_dir,
+            ca_file=server.state.certs.ca_cert,
+            join_token_file=server.state.join_token_file,
+            **config,
+        ),
+        plugins=plugins,
+    )
+
+
 @dataclass
 class InProcessCenter:
     """A server and one agent running in the test's own event loop (see
@@ -455,25 +509,13 @@ async def in_process_center(
 
     import httpx
 
-    from deploy_core.agent.runtime import Agent, AgentConfig
     from deploy_core.server.app import DeployServer, ServerConfig
 
     server = DeployServer(
         ServerConfig(state_dir=root / "server", api_port=0, quic_port=0), plugins=plugins
     )
     await server.start()
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=server.transport.port,
-            client_id=client_id,
-            state_dir=root / "agent",
-            ca_file=server.state.certs.ca_cert,
-            join_token_file=server.state.join_token_file,
-            services=services or {},
-        ),
-        plugins=plugins,
-    )
+    agent = agent_for(server, client_id, root / "agent", services=services or {}, plugins=plugins)
     task = asyncio.create_task(agent.run())
     http = httpx.AsyncClient(
         base_url=server.api_url,

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from conftest import missing_part
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher
 from deploy_core.hookspecs import hookimpl
@@ -38,6 +37,7 @@ from deploy_core.plugins import load_plugins
 from deploy_core.registry import EventHandler
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.events import EventContext
+from deploy_core.testing import MemoryCredentials
 from deploy_core.transport import AgentConnector, Envelope, Kind
 
 pytestmark = pytest.mark.asyncio
@@ -47,34 +47,6 @@ STATE = ("status", "stage", "progress", "last_seq", "result", "error", "health",
          "agent_status", "updated_at", "finished_at", "rollback_state", "acked_at",
          "log_bytes")  # fmt: skip
 PROBE = "test.probe"
-
-
-class KeyCredentials:
-    """An enrolled agent's key, held in memory."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key: bytes | None = key
-
-    identity: Ed25519PrivateKey | None = None
-
-    def load_identity(self) -> Ed25519PrivateKey | None:
-        return self.identity
-
-    def create_identity(self) -> Ed25519PrivateKey:
-        self.identity = Ed25519PrivateKey.generate()
-        return self.identity
-
-    def drop_key(self) -> None:
-        self.key = None
-
-    def load_key(self) -> bytes | None:
-        return self.key
-
-    def save_key(self, key: bytes) -> None:
-        self.key = key
-
-    def join_token(self) -> str | None:
-        return None
 
 
 class ProbePlugin:
@@ -149,7 +121,7 @@ async def _connect(server: DeployServer, client_id: str, key: bytes) -> Agent:
         port=server.transport.port,
         ca_file=server.state.certs.ca_cert,
         client_id=client_id,
-        credentials=KeyCredentials(key),
+        credentials=MemoryCredentials(key=key),
         capabilities=dict,
         on_message=on_message,
         heartbeat_interval=1.0,

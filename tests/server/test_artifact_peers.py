@@ -28,13 +28,13 @@ import httpx
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.artifacts import STALE_TMP_SECONDS
 from deploy_core.server.db import artifact_copies, replicas
 from deploy_core.server.services import PluginServices
+from deploy_core.testing import MemoryCredentials
 from deploy_core.transport import AgentConnector, AgentCredential, QuicServer
 from deploy_core.transport.files import FileRefused
 
@@ -369,30 +369,6 @@ class OneAgent:
         self.public_key = public_key
 
 
-class Credentials:
-    identity: Ed25519PrivateKey | None = None
-    key: bytes | None = None
-
-    def load_identity(self) -> Ed25519PrivateKey | None:
-        return self.identity
-
-    def create_identity(self) -> Ed25519PrivateKey:
-        self.identity = Ed25519PrivateKey.generate()
-        return self.identity
-
-    def drop_key(self) -> None:
-        self.key = None
-
-    def load_key(self) -> bytes | None:
-        return self.key
-
-    def save_key(self, key: bytes) -> None:
-        self.key = key
-
-    def join_token(self) -> str | None:
-        return "join"
-
-
 @contextlib.asynccontextmanager
 async def agent_on(server: DeployServer, tmp_path: Path) -> AsyncIterator[ArtifactFetcher]:
     """A real QUIC endpoint serving ``server``'s artifacts (store, then peers) and a real
@@ -418,7 +394,7 @@ async def agent_on(server: DeployServer, tmp_path: Path) -> AsyncIterator[Artifa
         port=quic.port,
         ca_file=server.state.certs.ca_cert,
         client_id="agent-1",
-        credentials=Credentials(),
+        credentials=MemoryCredentials(token="join"),
         capabilities=dict,
         on_message=nothing,
         heartbeat_interval=1.0,

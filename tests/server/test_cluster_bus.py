@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 
-from deploy_core.agent.runtime import Agent, AgentConfig
+from deploy_core.agent.runtime import Agent
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.cluster_bus import (
     DISPATCH,
@@ -30,6 +30,7 @@ from deploy_core.server.cluster_bus import (
     encode,
 )
 from deploy_core.server.db import deployments, status_history
+from deploy_core.testing import agent_for
 from tests.waits import eventually
 
 WAIT = 60.0
@@ -139,16 +140,7 @@ async def pair(tmp_path: Path, pg_url: str) -> AsyncIterator[Pair]:
     await a.start()
     b = DeployServer(_config(tmp_path, "b", pg_url))
     await b.start()
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=a.transport.port,
-            client_id="web-1",
-            state_dir=tmp_path / "agent",
-            ca_file=a.state.certs.ca_cert,
-            join_token_file=a.state.join_token_file,
-        )
-    )
+    agent = agent_for(a, "web-1", tmp_path / "agent")
     task = asyncio.create_task(agent.run())
     pair = Pair(a, b, agent, tmp_path)
     try:

@@ -24,10 +24,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from deploy_core.agent.runtime import Agent, AgentConfig
 from deploy_core.server.app import DeployServer, ServerConfig
 from deploy_core.server.db_health import RETRY_AFTER, is_outage
 from deploy_core.server.webhooks import WebhookSettings
+from deploy_core.testing import agent_for
 from tests.pg_proxy import PgProxy
 from tests.waits import eventually
 
@@ -173,16 +173,7 @@ async def test_an_agent_is_told_the_database_is_unreachable_and_waits_the_hint(
 ) -> None:
     caplog.set_level(logging.INFO, logger="deploy_core")
     proxy.cut()
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=server.transport.port,
-            client_id="web-1",
-            state_dir=tmp_path / "agent",
-            ca_file=server.state.certs.ca_cert,
-            join_token_file=server.state.join_token_file,
-        )
-    )
+    agent = agent_for(server, "web-1", tmp_path / "agent")
     task = asyncio.create_task(agent.run())
     try:
         connector = agent.connector
@@ -315,16 +306,7 @@ async def test_an_agents_reports_during_an_outage_are_logged_once_not_per_messag
     """A chatty deployment while the database is cut: its reports fail to be stored (and are
     not acknowledged) without a traceback each; once it is back, they are all stored."""
     caplog.set_level(logging.INFO, logger="deploy_core")
-    agent = Agent(
-        AgentConfig(
-            server_host="127.0.0.1",
-            server_port=server.transport.port,
-            client_id="web-1",
-            state_dir=tmp_path / "agent",
-            ca_file=server.state.certs.ca_cert,
-            join_token_file=server.state.join_token_file,
-        )
-    )
+    agent = agent_for(server, "web-1", tmp_path / "agent")
     task = asyncio.create_task(agent.run())
     try:
         assert await agent.connector.wait_connected(WAIT), agent.connector.last_error

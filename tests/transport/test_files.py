@@ -19,10 +19,10 @@ from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher, ArtifactTimeout
 from deploy_core.server.artifacts import ArtifactStore
+from deploy_core.testing import MemoryCredentials
 from deploy_core.transport import (
     ALPN_PROTOCOL,
     AgentConnector,
@@ -66,32 +66,6 @@ class MemoryAuthority:
     async def upgrade(self, client_id: str, public_key: bytes) -> None:
         self.keys.pop(client_id, None)
         self.public_keys[client_id] = public_key
-
-
-class MemoryCredentials:
-    def __init__(self) -> None:
-        self.key: bytes | None = None
-
-    identity: Ed25519PrivateKey | None = None
-
-    def load_identity(self) -> Ed25519PrivateKey | None:
-        return self.identity
-
-    def create_identity(self) -> Ed25519PrivateKey:
-        self.identity = Ed25519PrivateKey.generate()
-        return self.identity
-
-    def drop_key(self) -> None:
-        self.key = None
-
-    def load_key(self) -> bytes | None:
-        return self.key
-
-    def save_key(self, key: bytes) -> None:
-        self.key = key
-
-    def join_token(self) -> str | None:
-        return "join-secret"
 
 
 class CountingStore:
@@ -173,7 +147,7 @@ async def rig(tmp_path: Path, certs: ServerCerts) -> AsyncIterator[Rig]:
         port=server.port,
         ca_file=certs.ca_cert,
         client_id=CLIENT,
-        credentials=MemoryCredentials(),
+        credentials=MemoryCredentials(token="join-secret"),
         capabilities=dict,
         on_message=nothing,
         heartbeat_interval=1.0,

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from deploy_core.testing import MemoryCredentials
 from deploy_core.transport import (
     ALPN_PROTOCOL,
     AgentConnector,
@@ -76,34 +77,6 @@ class MemoryAuthority:
     async def upgrade(self, client_id: str, public_key: bytes) -> None:
         del self.keys[client_id]
         self.public_keys[client_id] = public_key
-
-
-class MemoryCredentials:
-    """CredentialStore in memory."""
-
-    def __init__(self, key: bytes | None = None, token: str | None = None) -> None:
-        self.key = key
-        self.token = token
-        self.identity: Ed25519PrivateKey | None = None
-
-    def load_identity(self) -> Ed25519PrivateKey | None:
-        return self.identity
-
-    def create_identity(self) -> Ed25519PrivateKey:
-        self.identity = Ed25519PrivateKey.generate()
-        return self.identity
-
-    def load_key(self) -> bytes | None:
-        return self.key
-
-    def save_key(self, key: bytes) -> None:
-        self.key = key
-
-    def drop_key(self) -> None:
-        self.key = None
-
-    def join_token(self) -> str | None:
-        return self.token
 
 
 class Recorder:
