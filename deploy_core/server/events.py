@@ -28,12 +28,6 @@ if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
 
 log = logging.getLogger(__name__)
-#: Agents' messages that could not be stored because the database is unreachable: logged
-#: once, then at most every few seconds (not one traceback per message); the agents keep
-#: them, unacknowledged, and send them again.
-_OUTAGE = OutageLog(
-    log, "agent messages", failures="messages not stored (the agents send them again)"
-)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -199,6 +193,12 @@ class EventRouter:
 
     def __init__(self, server: DeployServer) -> None:
         self.server = server
+        #: Agents' messages not stored because the database is unreachable: logged once,
+        #: then at most every few seconds (not a traceback each); the agents keep them,
+        #: unacknowledged, and send them again.
+        self.outage = OutageLog(
+            log, "agent messages", failures="messages not stored (the agents send them again)"
+        )
         self._flights: weakref.WeakKeyDictionary[AgentSession, _Flight] = (
             weakref.WeakKeyDictionary()
         )
@@ -279,7 +279,7 @@ class EventRouter:
             if not future.cancelled():
                 stages.done(ctx, future.result())
                 slot.send(ack_for(ctx.envelope))
-                _OUTAGE.ok()
+                ctx.server.events.outage.ok()
         except Exception as exc:
             cls._answer_stage(ctx, slot, exc)
         flight.answered(slot)
@@ -293,7 +293,7 @@ class EventRouter:
         elif isinstance(exc, EventRejected):
             log.warning("event %s from %s refused: %s", env.name, ctx.client_id, exc)
             slot.send(error_for(env, str(exc)))
-        elif not _OUTAGE.failed(exc):
+        elif not ctx.server.events.outage.failed(exc):
             # Not acknowledged: the agent keeps the event and sends it again later.
             log.error(
                 "handler for %s failed on an event from %s",
@@ -306,7 +306,7 @@ class EventRouter:
         try:
             await self._handle(session, env)
         except Exception as exc:
-            if not _OUTAGE.failed(exc):
+            if not self.outage.failed(exc):
                 log.exception("%s from %s failed", env.kind.value, session.client_id)
 
     async def _handle(self, session: _Answers, env: Envelope) -> None:
@@ -369,13 +369,13 @@ class EventRouter:
             return
         except Exception as exc:
             # Not acknowledged: the agent keeps the event and sends it again later.
-            if not _OUTAGE.failed(exc):
+            if not self.outage.failed(exc):
                 log.exception(
                     "handler for %s failed on an event from %s", env.name, session.client_id
                 )
             return
         session.send(ack_for(env))
-        _OUTAGE.ok()
+        self.outage.ok()
 
 
 def not_yours(client_id: str, deploy_ids: list[Any]) -> str:
