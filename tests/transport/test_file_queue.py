@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.server.artifacts import ArtifactStore
+from deploy_core.testing import MemoryCredentials
 from deploy_core.transport import AgentConnector, QuicServer, ServerCerts, ensure_server_certs
 from deploy_core.transport.files import (
     DEFAULT_WINDOW,
@@ -24,7 +25,7 @@ from deploy_core.transport.files import (
     TransferGate,
     TransferInterrupted,
 )
-from tests.transport.test_files import MemoryAuthority, MemoryCredentials, eventually
+from tests.transport.test_files import MemoryAuthority, eventually
 
 CHUNK = 64 << 10
 BOUND = 3
@@ -78,7 +79,7 @@ async def connect(
         port=server.port,
         ca_file=certs.ca_cert,
         client_id=client_id,
-        credentials=MemoryCredentials(),
+        credentials=MemoryCredentials(token="join-secret"),
         capabilities=dict,
         on_message=nothing,
         heartbeat_interval=2.0,
