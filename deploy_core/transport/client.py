@@ -39,6 +39,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
+    PingAcknowledged,
     QuicEvent,
     StreamDataReceived,
     StreamReset,
@@ -54,6 +55,7 @@ from .envelope import (
     ALPN_PROTOCOL,
     CLIENT_ID_PATTERN,
     DEFAULT_MAX_MESSAGE_BYTES,
+    HEARTBEAT_QUIC,
     PROTOCOL_VERSION,
     Envelope,
     FrameDecoder,
@@ -248,6 +250,10 @@ class _ServerConnection(QuicConnectionProtocol):
         self.control_stream: int | None = None
         self.inbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
         self.last_frame_at = asyncio.get_running_loop().time()
+        #: The server's WELCOME said it takes QUIC PING frames as heartbeats (no PING
+        #: envelope, no PONG): the acknowledgement of each is the proof of life.
+        self.quic_heartbeats = False
+        self._ping_uid = 0
         #: Why the connection is gone; ``None`` while it is usable.
         self.lost_reason: str | None = None
         #: Seconds a busy server asked to wait before trying again (its refusal's hint).
@@ -294,6 +300,19 @@ class _ServerConnection(QuicConnectionProtocol):
         self._flush_scheduled = False
         self.transmit()
 
+    def heartbeat(self) -> None:
+        """Send one heartbeat: a QUIC PING frame when the server takes those (its ACK, a
+        packet of a few bytes that the server answers without decoding any message, is
+        the answer), else a PING envelope that the server answers with a PONG."""
+        if self.lost_reason is not None:
+            return
+        if not self.quic_heartbeats:
+            self.send(Envelope(kind=Kind.PING))
+            return
+        self._ping_uid += 1
+        self._quic.send_ping(self._ping_uid)
+        self.transmit()
+
     def lose(self, reason: str) -> None:
         """Give up on the connection: wake the reader and close."""
         self._mark_lost(reason)
@@ -314,6 +333,8 @@ class _ServerConnection(QuicConnectionProtocol):
             self.files.data_received(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, StreamReset):
             self.files.stream_reset(event.stream_id, event.error_code)
+        elif isinstance(event, PingAcknowledged):
+            self.last_frame_at = asyncio.get_running_loop().time()
         elif isinstance(event, HandshakeCompleted):
             self._handshake_over.set()
         elif isinstance(event, ConnectionTerminated):
@@ -720,7 +741,7 @@ class AgentConnector:
             if silent > limit:
                 connection.lose(f"no frame from the server for {silent:.1f} s")
                 return
-            connection.send(Envelope(kind=Kind.PING))
+            connection.heartbeat()
 
     async def _handshake(self, connection: _ServerConnection) -> None:
         connection.open_control_stream()
@@ -766,6 +787,7 @@ class AgentConnector:
         connection.send(Envelope(kind=Kind.AUTH, payload=auth))
 
         welcome = await self._expect(connection, Kind.WELCOME)
+        connection.quic_heartbeats = welcome.payload.get("heartbeat") == HEARTBEAT_QUIC
         if welcome.payload.get("public_key") == public_key.hex():
             if shared is not None:
                 credentials.drop_key()

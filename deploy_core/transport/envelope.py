@@ -21,6 +21,7 @@ __all__ = [
     "ALPN_PROTOCOL",
     "CLIENT_ID_PATTERN",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "HEARTBEAT_QUIC",
     "PROTOCOL_VERSION",
     "Envelope",
     "FrameDecoder",
@@ -39,6 +40,10 @@ PROTOCOL_VERSION = 1
 #: What an agent may call itself (checked by the server in HELLO).
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+#: WELCOME's ``heartbeat`` when the server takes QUIC PING frames as the agent's heartbeats
+#: (the agent then sends no PING envelope; the server's QUIC ACK answers). A server without
+#: it answers PING envelopes with PONGs, which every server still does.
+HEARTBEAT_QUIC = "quic"
 
 _HEADER = struct.Struct(">I")
 

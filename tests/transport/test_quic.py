@@ -21,7 +21,12 @@ import pytest_asyncio
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    PingAcknowledged,
+    QuicEvent,
+    StreamDataReceived,
+)
 from aioquic.quic.logger import QuicLogger
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -43,6 +48,8 @@ from deploy_core.transport import (
     encode,
     ensure_server_certs,
 )
+from deploy_core.transport import server as transport_server
+from deploy_core.transport.envelope import HEARTBEAT_QUIC
 
 # --------------------------------------------------------------------------- helpers
 
@@ -123,6 +130,7 @@ class RawClient(QuicConnectionProtocol):
         self.received: asyncio.Queue[Envelope] = asyncio.Queue()
         self.stream_id: int | None = None
         self.terminated: ConnectionTerminated | None = None
+        self.pings_acknowledged: list[int] = []
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
@@ -130,6 +138,8 @@ class RawClient(QuicConnectionProtocol):
                 self.received.put_nowait(env)
         elif isinstance(event, ConnectionTerminated):
             self.terminated = event
+        elif isinstance(event, PingAcknowledged):
+            self.pings_acknowledged.append(event.uid)
 
     def send_raw(self, data: bytes) -> None:
         if self.stream_id is None:
@@ -515,6 +525,98 @@ async def test_a_ping_is_answered_by_one_packet_with_the_pong_and_the_ack(
                 assert "ack" in with_pong[0], received
 
 
+def _packets_received(quic_logger: QuicLogger, since: int) -> list[list[str]]:
+    """The frame types of each packet the client received after trace event ``since``."""
+    (trace,) = quic_logger.to_dict()["traces"]
+    return [
+        [frame["frame_type"] for frame in event["data"]["frames"]]
+        for event in trace["events"][since:]
+        if event["name"] == "transport:packet_received"
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_quic_ping_heartbeat_is_answered_by_one_ack_and_counts_as_heard_from(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority
+) -> None:
+    """WELCOME offers QUIC PING frames as heartbeats; the server answers each with one
+    packet holding only its ACK (no envelope to decode or build, no ACK of a PONG to take
+    back), and the agent counts as heard from (issue 13, idle CPU)."""
+    server = await start_server()
+    authority.keys["raw-1"] = key = secrets.token_bytes(32)
+    quic_logger = QuicLogger()
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN_PROTOCOL],
+        cafile=str(certs.ca_cert),
+        verify_mode=ssl.CERT_REQUIRED,
+        server_name="localhost",
+        quic_logger=quic_logger,
+    )
+    async with asyncio.timeout(10):
+        async with connect(
+            "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
+        ) as raw:
+            assert isinstance(raw, RawClient)
+            welcome = await raw.authenticate("raw-1", key)
+            assert welcome.kind is Kind.WELCOME
+            assert welcome.payload["heartbeat"] == HEARTBEAT_QUIC
+            await eventually(lambda: server.session("raw-1") is not None)
+            session = server.session("raw-1")
+            assert session is not None
+            received_before = dict(server.stats.messages_received)
+            sent_before = dict(server.stats.messages_sent)
+            for uid in (11, 12, 13):
+                (trace,) = quic_logger.to_dict()["traces"]
+                before = len(trace["events"])
+                seen = session.last_seen
+                await asyncio.sleep(0.02)
+                raw._quic.send_ping(uid)
+                raw.transmit()
+                await eventually(lambda uid=uid: uid in raw.pings_acknowledged)  # type: ignore[misc]
+                assert _packets_received(quic_logger, before) == [["ack"]]
+                assert session.last_seen > seen
+            assert dict(server.stats.messages_received) == received_before
+            assert dict(server.stats.messages_sent) == sent_before
+
+
+@pytest.mark.asyncio
+async def test_the_agent_heartbeats_with_quic_pings_and_a_silent_link_is_still_lost(
+    start_server: StartServer, start_connector: StartConnector
+) -> None:
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: server.session("web-1") is not None)
+    session = server.session("web-1")
+    assert session is not None
+    seen = session.last_seen
+    # Heartbeats every 0.2 s, the connection lost after 3 unanswered: a second holds
+    # five, each answered in time, and none of them an envelope.
+    await asyncio.sleep(1.0)
+    assert agent.connected and server.session("web-1") is session
+    assert session.last_seen > seen
+    assert server.stats.messages_received["ping"] == 0
+    assert server.stats.messages_sent["pong"] == 0
+
+
+@pytest.mark.asyncio
+async def test_an_agent_sends_ping_envelopes_to_a_server_without_quic_heartbeats(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server older than QUIC heartbeats says nothing of them in WELCOME: the agent then
+    sends PING envelopes, which every server answers."""
+    monkeypatch.setattr(transport_server, "HEARTBEAT_QUIC", "something-else")
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: server.stats.messages_received["ping"] >= 3)
+    assert server.stats.messages_sent["pong"] >= 3
+    assert agent.connected
+
+
 @pytest.mark.asyncio
 async def test_a_failing_callback_does_not_break_the_connection(
     start_server: StartServer,
@@ -710,6 +812,37 @@ async def test_idle_agent_is_disconnected_exactly_once(
         await asyncio.sleep(0.3)
     assert len(recorder.sessions("disconnect")) == 1
     assert len(recorder.sessions("connect")) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_ended_connection_leaves_no_entry_in_the_endpoint_table(
+    start_server: StartServer, certs: ServerCerts, authority: MemoryAuthority, recorder: Recorder
+) -> None:
+    """The endpoint forgets an ended connection by its own connection ids (aioquic scans
+    every connection's), and forgets all of them: nothing of a gone agent is left."""
+    server = await start_server()
+    endpoint = server._endpoint
+    assert endpoint is not None
+    table = endpoint._protocols
+    assert isinstance(table, transport_server._ConnectionTable)
+    keys = {f"agent-{i}": secrets.token_bytes(32) for i in range(4)}
+    authority.keys.update(keys)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(raw_client(server, certs)) for _ in keys]
+        for raw, (name, key) in zip(clients, keys.items(), strict=True):
+            assert (await raw.authenticate(name, key)).kind is Kind.WELCOME
+        await eventually(lambda: len(recorder.sessions("connect")) == 4)
+        protocols = set(table.values())
+        assert len(protocols) == 4
+        # Each connection is known by several ids (the client's first and those issued).
+        assert len(table) > 4
+        assert all(set(table._ids[p]) == {c for c, q in table.items() if q is p} for p in protocols)
+        first = clients[0]
+        first.close()
+        await eventually(lambda: len(set(table.values())) == 3, timeout=5)
+        assert len(table._ids) == 3
+    await eventually(lambda: len(table) == 0, timeout=5)
+    assert table._ids == {}
 
 
 @pytest.mark.asyncio
