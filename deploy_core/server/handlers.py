@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+from sqlalchemy.engine import Connection
 
 from deploy_core.hookspecs import hookimpl
 from deploy_core.models import (
@@ -24,7 +27,13 @@ from deploy_core.server.events import (
     in_stages,
     not_yours,
 )
-from deploy_core.server.records import Applied
+from deploy_core.server.records import Applied, RecordStore
+from deploy_core.server.rows import DeploymentRow
+
+if TYPE_CHECKING:
+    from deploy_core.server.deployments import Deployments
+
+log = logging.getLogger(__name__)
 
 
 def with_server(handle: Callable[[EventContext], Awaitable[None]]) -> EventHandlerFn:
@@ -73,20 +82,73 @@ STATUS_STAGES = Stages(queue_status_report, status_stored)
 
 async def handle_callback(ctx: EventContext) -> None:
     """``command.callback``: finish the record, free the client, wake listeners, and ask
-    for a rollback the agent could not do itself (SPEC deploy-20)."""
+    for a rollback the agent could not do itself (SPEC deploy-20).
+
+    The router runs it as its two :data:`CALLBACK_STAGES`, so the callback joins the
+    transaction of the status reports queued before it (an agent sends its last report and
+    the callback together: one commit, not two in a row); this is the same, in one
+    coroutine."""
+    follow_up = _callback_stored(ctx, await (await queue_callback(ctx)))
+    if follow_up is not None:
+        await follow_up
+
+
+async def queue_callback(ctx: EventContext) -> asyncio.Future[Applied]:
+    """Validate a ``command.callback`` and queue its storing for the ingest, in the group
+    of what the ingest holds already (its first stage)."""
     try:
         callback = DeployCallbackPayload.model_validate(ctx.payload)
     except ValidationError as exc:
         raise EventRejected(f"malformed command.callback: {exc}") from None
-    records, client_id = ctx.server.records, ctx.client_id
-    applied = await ctx.server.ingest.submit(
-        lambda conn: records.finish_in(conn, client_id, callback)
+    records = ctx.server.records
+    return await ctx.server.ingest.queue_grouped(
+        _finish_callbacks, (records, ctx.client_id, callback)
     )
+
+
+def _finish_callbacks(
+    conn: Connection, callbacks: list[tuple[RecordStore, str, DeployCallbackPayload]]
+) -> list[Applied]:
+    """Store a run of callbacks in the ingest's transaction, each as :meth:`finish_in`."""
+    return [records.finish_in(conn, client_id, cb) for records, client_id, cb in callbacks]
+
+
+# What follows a finish, running (the router's stage is synchronous): kept from the
+# garbage collector until done.
+_FOLLOW_UPS: set[asyncio.Task[None]] = set()
+
+
+def callback_stored(ctx: EventContext, applied: Applied) -> None:
+    """A ``command.callback`` stored (or refused in its transaction): its second stage.
+    The record's change is told at once; what follows a finish (the next step of a cascade,
+    a rollback the agent did not do) runs on in a task of its own.  The callback is
+    acknowledged without waiting for that: a callback sent again finds the record finished
+    and would not start it again either."""
+    _callback_stored(ctx, applied)
+
+
+def _callback_stored(ctx: EventContext, applied: Applied) -> asyncio.Task[None] | None:
+    """:func:`callback_stored`; the task of what follows the finish, if any."""
     if applied.record is None:
-        raise EventRejected(not_yours(client_id, [callback.callback_id]))
-    ctx.server.deployments.record_changed(applied.record, applied.previous)
-    if applied.applied:
-        await ctx.server.deployments.finished(applied.record)
+        raise EventRejected(not_yours(ctx.client_id, [ctx.payload.get("callback_id")]))
+    deployments = ctx.server.deployments
+    deployments.record_changed(applied.record, applied.previous)
+    if not applied.applied:
+        return None
+    task = asyncio.get_running_loop().create_task(_follow_up(deployments, applied.record))
+    _FOLLOW_UPS.add(task)
+    task.add_done_callback(_FOLLOW_UPS.discard)
+    return task
+
+
+async def _follow_up(deployments: Deployments, record: DeploymentRow) -> None:
+    try:
+        await deployments.finished(record)
+    except Exception:
+        log.exception("what follows the finish of %s failed", record.deploy_id)
+
+
+CALLBACK_STAGES = Stages(queue_callback, callback_stored)
 
 
 @hookimpl
@@ -94,4 +156,5 @@ def deploy_register_event_handlers(register: Callable[[EventHandler], None]) -> 
     """Register the core's ``deploy.status`` and ``command.callback`` handlers."""
     status = in_stages(STATUS_STAGES)(checks_ownership(with_server(handle_status_report)))
     register(EventHandler(EVENT_STATUS, status))
-    register(EventHandler(EVENT_CALLBACK, checks_ownership(with_server(handle_callback))))
+    callback = in_stages(CALLBACK_STAGES)(checks_ownership(with_server(handle_callback)))
+    register(EventHandler(EVENT_CALLBACK, callback))

@@ -67,7 +67,6 @@ from deploy_core.server.rollbacks import (
     cascade_order,
     request_rollback,
 )
-from deploy_core.server.rows import DeploymentRow
 from deploy_core.server.services import PluginServices
 
 if TYPE_CHECKING:
@@ -155,29 +154,33 @@ async def rollback_deployment(request: Request) -> Response:
 
 async def get_deployment(request: Request) -> Response:
     """``GET /api/deploy/{deploy_id}`` — the record.  ``?wait=S&since=T`` long-polls up to S
-    seconds for a change after ``updated_ts`` T (or for the end, without ``since``)."""
+    seconds for a change after ``updated_ts`` T (or for the end, without ``since``).
+
+    A waiting request reads the record once, after subscribing to its changes; then each
+    change told to the listeners is the record as its transaction stored it (published
+    only after the commit), so the answer needs no read of its own: no thread hop and no
+    query between the recorded status and the response."""
     server = services(request)
     deploy_id = request.path_params["deploy_id"]
     wait = float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     since = float_param(request, "since", -1.0, -1.0, 1e12)
-    record = await record_or_404(server, deploy_id)
-    if wait > 0:
-        async with server.listeners.subscribe(deploy_id) as queue:
-            record = await record_or_404(server, deploy_id)  # read after subscribing
-            end = time.monotonic() + wait
+    if wait <= 0:
+        return JSONResponse((await record_or_404(server, deploy_id)).to_api())
+    async with server.listeners.subscribe(deploy_id) as queue:
+        view = (await record_or_404(server, deploy_id)).to_api()  # read after subscribing
+        end = time.monotonic() + wait
 
-            def settled(rec: DeploymentRow) -> bool:
-                if since >= 0:
-                    return rec.updated_at > since
-                return rec.finished_at is not None
+        def settled(view: dict[str, Any]) -> bool:
+            if since >= 0:
+                return bool(view["updated_ts"] > since)
+            return bool(view["finished"])
 
-            while not settled(record) and (left := end - time.monotonic()) > 0:
-                try:
-                    await asyncio.wait_for(queue.get(), left)
-                except TimeoutError:
-                    break
-                record = await record_or_404(server, deploy_id)
-    return JSONResponse(record.to_api())
+        while not settled(view) and (left := end - time.monotonic()) > 0:
+            try:
+                view = await asyncio.wait_for(queue.get(), left)
+            except TimeoutError:
+                break
+    return JSONResponse(view)
 
 
 async def get_status_history(request: Request) -> Response:
