@@ -8,6 +8,7 @@ and inserting the deployment that holds it commit (or fail) together.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -92,6 +93,58 @@ def acquire(
         )
     except IntegrityError as exc:
         raise LockRaced(f"the lock of client {client_id} was taken meanwhile") from exc
+
+
+#: Clients per statement in :func:`acquire_many` (inside SQLite's bound-parameter limit).
+_MANY_CHUNK = 500
+
+
+def acquire_many(
+    conn: Connection, wanted: Mapping[str, tuple[str, float]], *, owner: str, now: float
+) -> dict[str, LockRow]:
+    """:func:`acquire` for many clients at once, in a few statements: ``wanted`` maps each
+    client id to the deployment id that takes its lock and that deployment's deadline.
+    Returns the locks held by unfinished deployments, by client id: those clients are busy
+    and their locks are not taken; every other client's is.
+
+    :raises LockRaced: another transaction took one of the locks meanwhile: leave this
+        transaction (nothing of it may be kept) and try again in a new one.
+    """
+    ids = list(wanted)
+    finished = sa.select(deployments.c.deploy_id).where(
+        deployments.c.deploy_id == client_locks.c.deploy_id,
+        deployments.c.finished_at.is_not(None),
+    )
+    busy: dict[str, LockRow] = {}
+    for first in range(0, len(ids), _MANY_CHUNK):
+        chunk = ids[first : first + _MANY_CHUNK]
+        conn.execute(
+            client_locks.delete().where(
+                client_locks.c.client_id.in_(chunk),
+                sa.or_(client_locks.c.expires_at < now, finished.exists()),
+            )
+        )
+        rows = conn.execute(sa.select(client_locks).where(client_locks.c.client_id.in_(chunk)))
+        busy.update((r.client_id, LockRow.from_row(r)) for r in rows)
+    free = [cid for cid in ids if cid not in busy]
+    if free:
+        try:
+            conn.execute(
+                client_locks.insert(),
+                [
+                    {
+                        "client_id": cid,
+                        "deploy_id": wanted[cid][0],
+                        "owner": owner,
+                        "acquired_at": now,
+                        "expires_at": wanted[cid][1] + LOCK_GRACE,
+                    }
+                    for cid in free
+                ],
+            )
+        except IntegrityError as exc:
+            raise LockRaced("a client's lock was taken meanwhile") from exc
+    return busy
 
 
 def release(conn: Connection, client_id: str, deploy_id: str) -> None:

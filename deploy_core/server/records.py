@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from deploy_core.models import DeployCallbackPayload, DeployStatus, DeployStatusReport
 from deploy_core.server import locks, log_chunks
@@ -64,6 +65,25 @@ class Applied:
     applied: bool
     record: DeploymentRow | None
     previous: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewDeployment:
+    """One deployment for :meth:`RecordStore.create_deployments` (the arguments of
+    :meth:`RecordStore.create_deployment`, less ``rollback_of``)."""
+
+    deploy_id: str
+    client_id: str
+    command_type: str
+    request: dict[str, Any]
+    deadline: float
+    secret_env: dict[str, str] | None = None
+    target: str | None = None
+    artifacts: Sequence[str] = ()
+    dispatched: bool = False
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
@@ -163,6 +183,126 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             raise ClientBusy(client_id, current.deploy_id, current.acquired_at)
         assert record is not None
         return record
+
+    def create_deployments(
+        self, specs: Sequence[NewDeployment]
+    ) -> tuple[list[DeploymentRow], dict[str, ClientBusy]]:
+        """Many :meth:`create_deployment` in one transaction, with a handful of statements
+        whatever their number (a rollout starting a batch of hundreds): the created records,
+        and by client id the clients that were busy (their deployments not created). A
+        deployment whose id exists already is neither: it was created before (a rollout
+        trying a chunk again).
+
+        The records and the locks of all the others commit together, or none of them: when
+        anything is refused (a lock taken meanwhile, a ``deploy_id`` taken) nothing is kept
+        and :meth:`create_deployment` is used for each instead, whose answer for each one is
+        then that one's own.  One spec per client.
+
+        :raises ValueError: two specs name the same client or the same deployment id."""
+        if len({s.client_id for s in specs}) != len(specs):
+            raise ValueError("create_deployments takes one deployment per client")
+        if len({s.deploy_id for s in specs}) != len(specs):
+            raise ValueError("create_deployments takes distinct deployment ids")
+        if not specs:
+            return [], {}
+        try:
+            return self._create_together(specs)
+        except (locks.LockRaced, IntegrityError):
+            pass
+        created: list[DeploymentRow] = []
+        busy: dict[str, ClientBusy] = {}
+        for spec in specs:
+            try:
+                created.append(self.create_deployment(**spec.as_kwargs()))
+            except ClientBusy as exc:
+                if exc.deploy_id != spec.deploy_id:
+                    busy[spec.client_id] = exc
+                # else it exists already and holds its client's lock.
+            except IntegrityError:
+                # Its id is taken: the deployment exists already (a rollout trying again).
+                continue
+        return created, busy
+
+    def _create_together(
+        self, specs: Sequence[NewDeployment]
+    ) -> tuple[list[DeploymentRow], dict[str, ClientBusy]]:
+        now = time.time()
+        with self.engine.begin() as conn:
+            held = locks.acquire_many(
+                conn,
+                {s.client_id: (s.deploy_id, s.deadline) for s in specs},
+                owner=self.server_id,
+                now=now,
+            )
+            mine = {s.client_id: s.deploy_id for s in specs}
+            busy = {
+                cid: ClientBusy(cid, lock.deploy_id, lock.acquired_at)
+                for cid, lock in held.items()
+                if lock.deploy_id != mine[cid]  # else it exists already and holds the lock
+            }
+            todo = [s for s in specs if s.client_id not in held]
+            if not todo:
+                return [], busy
+            conn.execute(
+                deployments.insert(),
+                [
+                    {
+                        "deploy_id": s.deploy_id,
+                        "client_id": s.client_id,
+                        "command_type": s.command_type,
+                        "status": DeployStatus.PENDING.value,
+                        "stage": "pending",
+                        "progress": 0,
+                        "last_seq": -1,
+                        "request": s.request,
+                        "rollback_of": None,
+                        "rollback_wanted": False,
+                        "deadline": s.deadline,
+                        "created_at": now,
+                        "updated_at": now,
+                        "target": s.target,
+                        "dispatched_at": now if s.dispatched else None,
+                    }
+                    for s in todo
+                ],
+            )
+            artifacts = [
+                {"deploy_id": s.deploy_id, "sha256": sha}
+                for s in todo
+                for sha in sorted(set(s.artifacts))
+            ]
+            if artifacts:
+                conn.execute(deploy_artifacts.insert(), artifacts)
+            secrets = [
+                {"deploy_id": s.deploy_id, "secret_env": self.secret_box.seal(s.secret_env)}
+                for s in todo
+                if s.secret_env
+            ]
+            if secrets:
+                conn.execute(deploy_secrets.insert(), secrets)
+            conn.execute(
+                status_history.insert(),
+                [
+                    {
+                        "deploy_id": s.deploy_id,
+                        "seq": None,
+                        "status": DeployStatus.PENDING.value,
+                        "stage": "pending",
+                        "progress": 0,
+                        "message": "accepted by the server",
+                        "source": "server",
+                        "ts": now,
+                    }
+                    for s in todo
+                ],
+            )
+            rows = conn.execute(
+                sa.select(deployments).where(
+                    deployments.c.deploy_id.in_([s.deploy_id for s in todo])
+                )
+            )
+            by_id = {r.deploy_id: DeploymentRow.from_row(r) for r in rows}
+        return [by_id[s.deploy_id] for s in todo], busy
 
     def _insert_deployment(
         self,

@@ -48,9 +48,11 @@ from deploy_core.server.db_health import OutageLog, is_outage
 from deploy_core.server.deployments import Deployments
 from deploy_core.server.leases import acquire, release
 from deploy_core.server.locks import ClientBusy
+from deploy_core.server.records import NewDeployment
 from deploy_core.server.rollbacks import RollbackRefused, request_rollback
 from deploy_core.server.rows import iso_time
 from deploy_core.server.secret_box import SecretBox
+from deploy_core.server.targets import deployment_scope
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +99,15 @@ FAILURE_STATUSES = frozenset(
 MAX_TARGETS = 10_000
 # The driver looks at every unfinished rollout at least this often (seconds), events or not.
 RESCAN_INTERVAL = 1.0
+# Passes woken by finished deployments start at most this often (seconds).
+MIN_PASS_GAP = 0.2
 # The lease: how long it lasts, and how often the holder renews it during a long pass.
 LEASE_NAME = "rollouts"
 LEASE_SECONDS = 15.0
 RENEW_EVERY = 3.0
-# Targets started together: their ids committed in one transaction, then submitted at once.
-START_CHUNK = 32
+# Targets started together: their ids committed in one transaction, then their deployments
+# created in one more, then sent.
+START_CHUNK = 256
 
 
 class RolloutConflict(Exception):
@@ -826,7 +831,9 @@ class Rollouts:
         async with self.listeners.subscribe("*", remote=False) as changes:
             watcher = asyncio.create_task(self._watch(changes), name="rollout-watch")
             try:
+                loop = asyncio.get_running_loop()
                 while True:
+                    began = loop.time()
                     self._wake.clear()
                     try:
                         await self.drive_once()
@@ -836,6 +843,10 @@ class Rollouts:
                             log.exception("rollout driver pass failed")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.rescan_interval)
+                    # A pass reads every target of every unfinished rollout: the finishes of a
+                    # fleet-wide batch (hundreds a second) share passes instead of each
+                    # starting one.
+                    await asyncio.sleep(max(0.0, began + MIN_PASS_GAP - loop.time()))
             finally:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
@@ -1015,9 +1026,7 @@ class Rollouts:
             chosen = {t.row["position"]: t.row["deploy_id"] or uuid.uuid4().hex for t in ready}
             # Chosen and kept before the deployments exist: a restart reuses them.
             await self.db(self.store.choose_deploy_ids, rid, chosen, now)
-            started = await asyncio.gather(
-                *(self._submit(row, t, chosen[t.row["position"]], now, secret_env) for t in ready)
-            )
+            started = await self._submit_chunk(row, ready, chosen, now, secret_env)
             positions = [t.row["position"] for t, ok in zip(ready, started, strict=True) if ok]
             await self.db(self.store.mark_running, rid, positions, now)
             slots -= len(positions)
@@ -1048,6 +1057,78 @@ class Rollouts:
             await self.db(self.store.set_target, rid, position, waiting_since=now)
         return False
 
+    async def _submit_chunk(
+        self,
+        row: dict[str, Any],
+        ready: list[Target],
+        chosen: dict[int, str],
+        now: float,
+        secret_env: dict[str, str] | None,
+    ) -> list[bool]:
+        """Create the deployments of ``ready`` (their ids ``chosen`` by position) in one
+        transaction and send them; whether each started (see :meth:`_submit`). Were the
+        chunk refused as a whole, each target is submitted on its own."""
+        deployments = self.deployments
+        try:
+            scope, artifacts = deployment_scope(
+                deployments.plugins, row["command_type"], row["request"]
+            )
+            specs = [
+                NewDeployment(
+                    deploy_id=chosen[t.row["position"]],
+                    client_id=t.client_id,
+                    command_type=row["command_type"],
+                    request=row["request"],
+                    deadline=now + row["deadline_seconds"],
+                    secret_env=secret_env,
+                    target=scope,
+                    artifacts=artifacts,
+                    dispatched=deployments.dispatcher.session_for(t.client_id) is not None,
+                )
+                for t in ready
+            ]
+            created, busy = await self.db(deployments.records.create_deployments, specs)
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            log.warning("rollout %s: a chunk of %d could not start together (%s); one by one",
+                        row["rollout_id"], len(ready), exc)  # fmt: skip
+            submits = (
+                self._submit(row, t, chosen[t.row["position"]], now, secret_env) for t in ready
+            )
+            return list(await asyncio.gather(*submits))
+        marked = {spec.deploy_id: spec.dispatched for spec in specs}
+        for record in created:
+            deployments.record_changed(record, None)
+        for record in created:
+            await deployments.dispatcher.dispatch(record, marked=marked[record.deploy_id])
+        started = []
+        for target in ready:
+            refused = busy.get(target.client_id)
+            if refused is not None:
+                await self._busy(row, target, refused, now)
+            started.append(refused is None)
+        return started
+
+    async def _busy(self, row: dict[str, Any], target: Target, exc: ClientBusy, now: float) -> None:
+        """A target's client is busy: skip it, or fail it once it waited ``busy_timeout``
+        (until then the next pass tries again)."""
+        rid = row["rollout_id"]
+        position = target.row["position"]
+        strategy = row["strategy"]
+        waited = now - (target.row["waiting_since"] or now)
+        if strategy["busy"] == "skip":
+            await self.db(
+                self.store.set_target, rid, position, state=T_SKIPPED,
+                error=f"busy with {exc.deploy_id}",
+            )  # fmt: skip
+        elif waited > strategy["busy_timeout"]:
+            await self.db(
+                self.store.set_target, rid, position, state=T_FAILED,
+                error=f"busy with {exc.deploy_id} for {human_duration(waited)} "
+                f"(busy_timeout {human_duration(strategy['busy_timeout'])})",
+            )  # fmt: skip
+
     async def _submit(
         self,
         row: dict[str, Any],
@@ -1060,7 +1141,6 @@ class Rollouts:
         (a busy client: skipped, or tried again next pass until ``busy_timeout``)."""
         rid = row["rollout_id"]
         position = target.row["position"]
-        strategy = row["strategy"]
         try:
             await self.deployments.submit(
                 client_id=target.client_id,
@@ -1071,18 +1151,7 @@ class Rollouts:
                 deploy_id=deploy_id,
             )
         except ClientBusy as exc:
-            waited = now - (target.row["waiting_since"] or now)
-            if strategy["busy"] == "skip":
-                await self.db(
-                    self.store.set_target, rid, position, state=T_SKIPPED,
-                    error=f"busy with {exc.deploy_id}",
-                )  # fmt: skip
-            elif waited > strategy["busy_timeout"]:
-                await self.db(
-                    self.store.set_target, rid, position, state=T_FAILED,
-                    error=f"busy with {exc.deploy_id} for {human_duration(waited)} "
-                    f"(busy_timeout {human_duration(strategy['busy_timeout'])})",
-                )  # fmt: skip
+            await self._busy(row, target, exc, now)
             return False
         except IntegrityError:
             log.info("rollout %s: deployment %s of %s exists already", rid, deploy_id,

@@ -25,7 +25,7 @@ from deploy_core.models import (
 from deploy_core.server.clients import AlreadyEnrolled
 from deploy_core.server.db import client_locks, make_engine, upgrade
 from deploy_core.server.locks import LOCK_GRACE, ClientBusy
-from deploy_core.server.records import Applied, RecordStore
+from deploy_core.server.records import Applied, NewDeployment, RecordStore
 from deploy_core.server.rows import ClientRow, DeploymentRow
 
 SHELL = "deploy.shell"
@@ -273,6 +273,101 @@ def test_duplicate_deploy_id_fails_instead_of_retrying_forever(store: RecordStor
 
     assert store.lock_holder("web-2") is None
     assert record_of(store, "d1").client_id == "web-1"
+
+
+def spec(deploy_id: str, client_id: str, **extra: Any) -> NewDeployment:
+    return NewDeployment(
+        deploy_id=deploy_id,
+        client_id=client_id,
+        command_type=SHELL,
+        request={"params": {"script": "true"}},
+        deadline=time.time() + 600,
+        **extra,
+    )
+
+
+def test_many_created_together_match_one_by_one_and_busy_clients_are_left_alone(
+    store: RecordStore,
+) -> None:
+    """A rollout's chunk: every free client's deployment, lock, history, artifacts and sealed
+    secrets as create_deployment writes them; a busy client's deployment is not created and
+    its holder keeps the lock; a stale lock is taken over."""
+    create(store, "held", "web-2")
+    create(store, "old", "web-3", deadline=time.time() - LOCK_GRACE - 5)
+    specs = [
+        spec(f"r{i}", f"web-{i}", artifacts=["b" * 64, "a" * 64], secret_env={"K": "v"})
+        for i in range(1, 41)
+    ]
+
+    created, busy = store.create_deployments(specs)
+
+    assert [r.deploy_id for r in created] == [f"r{i}" for i in range(1, 41) if i != 2]
+    assert set(busy) == {"web-2"}
+    assert busy["web-2"].deploy_id == "held"
+    assert store.get("r2") is None and store.history("r2") == []
+    assert locked_by(store, "web-2") == "held"
+    assert locked_by(store, "web-3") == "r3"
+    for record in created:
+        assert record.status == "pending" and record.last_seq == -1
+        assert record.dispatched_at is None
+        assert store.get(record.deploy_id) == record
+        assert [(h.status, h.source) for h in store.history(record.deploy_id)] == [
+            ("pending", "server")
+        ]
+        assert locked_by(store, record.client_id) == record.deploy_id
+        assert store.secret_env(record.deploy_id) == {"K": "v"}
+    with store.engine.connect() as conn:
+        shas = conn.execute(
+            sa.text("SELECT sha256 FROM deploy_artifacts WHERE deploy_id = 'r1' ORDER BY sha256")
+        ).scalars()
+        assert list(shas) == ["a" * 64, "b" * 64]
+
+
+def test_many_with_an_id_taken_fall_back_to_one_by_one(store: RecordStore) -> None:
+    """A deployment id that exists (a rollout trying a chunk again after a crash) spoils the
+    shared transaction; each is then created on its own, the existing one left as it was."""
+    first = create(store, "r1", "web-1")
+
+    created, busy = store.create_deployments(
+        [spec("r1", "web-1"), spec("r2", "web-2"), spec("r3", "web-3")]
+    )
+
+    assert busy == {}
+    assert [r.deploy_id for r in created] == ["r2", "r3"]
+    assert store.get("r1") == first
+    assert [h.status for h in store.history("r1")] == ["pending"]
+    # Also when it is the only one: its lock is its own, so the client is not busy.
+    assert store.create_deployments([spec("r1", "web-1")]) == ([], {})
+
+
+def test_many_refuses_two_deployments_for_one_client(store: RecordStore) -> None:
+    with pytest.raises(ValueError, match="one deployment per client"):
+        store.create_deployments([spec("r1", "web-1"), spec("r2", "web-1")])
+    with pytest.raises(ValueError, match="distinct deployment ids"):
+        store.create_deployments([spec("r1", "web-1"), spec("r1", "web-2")])
+    assert store.get("r1") is None and store.locks() == []
+    assert store.create_deployments([]) == ([], {})
+
+
+def test_many_racing_single_creates_let_exactly_one_per_client_through(
+    store: RecordStore,
+) -> None:
+    """Chunks of 20 clients and single creates for the same clients, all at once: each
+    client ends with exactly one deployment, holding its lock."""
+    clients = [f"web-{i}" for i in range(20)]
+
+    def work(i: int) -> Any:
+        if i % 2:
+            return store.create_deployments([spec(f"m{i}-{c}", c) for c in clients])
+        return [create(store, f"s{i}-{c}", c) for c in clients[i // 2 :: 3]]
+
+    results = run_together(6, work)
+
+    assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, ClientBusy)]
+    for client in clients:
+        records, total = store.list_for_client(client)
+        assert total == 1, (client, records)
+        assert locked_by(store, client) == records[0].deploy_id
 
 
 def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
