@@ -71,6 +71,10 @@ class Outcome:
     rollback_state: dict[str, Any] | None = None
 
 
+class NotJournaled(Exception):
+    """A command's journal write failed or found it journaled before: it is not run."""
+
+
 class Executor:
     """Runs deployments for one agent, one at a time."""
 
@@ -122,23 +126,47 @@ class Executor:
             plugin_settings=self.plugin_settings,
         )
 
-    async def run(self, command: DeployCommand) -> DeployStatus:
+    async def run(
+        self, command: DeployCommand, *, accepted: concurrent.futures.Future[bool] | None = None
+    ) -> DeployStatus:
         """Run a journaled command to its callback; returns the final status once the
-        callback is on disk (and on its way)."""
+        callback is on disk (and on its way).
+
+        :param accepted: the command's journal write (:meth:`Journal.submit_accept`) when it
+            may not be committed yet: the started mark and the first report join its
+            transaction, and nothing of the plugin runs, nor is a callback written, before
+            it is committed and said the command was new.
+        :raises NotJournaled: it was not (nothing ran)."""
         # Not waited for here: it goes to the disk with the first report, before any of the
         # plugin's code runs (_deploy waits for both).
         marked = self.journal.submit_started(command.deploy_id)
         started = time.monotonic()
         if command.command_type == COMMAND_ROLLBACK:
             await asyncio.wrap_future(marked)
+            if accepted is not None:
+                await self.journaled(command, accepted)
             ctx = self._context(command, None)
             outcome = await self._manual_rollback(ctx, command)
         else:
             deploy_type = self.plugins.deploy_types.get(command.command_type)
             ctx = self._context(command, deploy_type)
-            outcome = await self._deploy(ctx, command, deploy_type)
+            outcome = await self._deploy(ctx, command, deploy_type, accepted)
+        if accepted is not None:
+            await self.journaled(command, accepted)
         await asyncio.wrap_future(self._callback(ctx, outcome, time.monotonic() - started))
         return outcome.status
+
+    @staticmethod
+    async def journaled(command: DeployCommand, accepted: concurrent.futures.Future[bool]) -> None:
+        """Return once ``accepted`` (the command's journal write) is committed as new.
+
+        :raises NotJournaled: the write failed, or the command was journaled before."""
+        try:
+            new = await asyncio.wrap_future(accepted)
+        except Exception as exc:
+            raise NotJournaled(f"the journal could not store the command: {exc}") from exc
+        if not new:
+            raise NotJournaled(f"deployment {command.deploy_id} was journaled before")
 
     async def recover(
         self,
@@ -187,7 +215,11 @@ class Executor:
     # ------------------------------------------------------------------ the flow
 
     async def _deploy(
-        self, ctx: DeployContext, command: DeployCommand, deploy_type: DeployType | None
+        self,
+        ctx: DeployContext,
+        command: DeployCommand,
+        deploy_type: DeployType | None,
+        accepted: concurrent.futures.Future[bool] | None = None,
     ) -> Outcome:
         if deploy_type is None:
             return Outcome(
@@ -201,8 +233,11 @@ class Executor:
             return Outcome(DeployStatus.FAILED, f"invalid parameters: {exc}")
         ctx.report(DeployStatus.EXECUTING, progress=0, message="deployment started")
         # The started mark (a restart must not run it again) is on disk before any of the
-        # plugin's code runs: one commit with the report above.
+        # plugin's code runs: one commit with the report above (and with the command's own
+        # write, when the agent has just received it).
         await asyncio.wrap_future(self.journal.barrier())
+        if accepted is not None:
+            await self.journaled(command, accepted)
         outcome = Outcome(DeployStatus.SUCCESS)
         prepared = await self._prepare_rollback(ctx, command, params, outcome)
         if outcome.status is not DeployStatus.SUCCESS:

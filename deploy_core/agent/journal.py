@@ -362,14 +362,25 @@ class Journal:
 
         return self._submit(apply, at_once=at_once)
 
+    def known(self, deploy_id: str) -> bool:
+        """Whether a committed write journaled ``deploy_id`` (in any state)."""
+        with self._lock:
+            row = self._read.execute(
+                "SELECT 1 FROM deployments WHERE deploy_id = ?", (deploy_id,)
+            ).fetchone()
+        return row is not None
+
     def submit_started(self, deploy_id: str) -> Future[None]:
         """:meth:`mark_started`, not waited for."""
         at = time.time()
 
         def apply(db: sqlite3.Connection) -> None:
+            # Only from accepted: a finished deployment never becomes started again (it
+            # would be taken for an interrupted one by the next agent).
             db.execute(
-                "UPDATE deployments SET state = ?, started_at = ? WHERE deploy_id = ?",
-                (STARTED, at, deploy_id),
+                "UPDATE deployments SET state = ?, started_at = ? WHERE deploy_id = ?"
+                " AND state = ?",
+                (STARTED, at, deploy_id, ACCEPTED),
             )
 
         return self._submit(apply)

@@ -7,6 +7,7 @@ outbox: written first, sent while connected, dropped only when the server acknow
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -22,7 +23,7 @@ from deploy_core import __version__
 from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import AgentServiceContext
-from deploy_core.agent.executor import Executor
+from deploy_core.agent.executor import Executor, NotJournaled
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal, log_failure
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.logs import bind
@@ -98,7 +99,10 @@ class Agent:
         #: Every script run's processes, journaled before they start (cgroup, session).
         self.processes = ProcessTracker.detect(self.journal, config.process_tracking)
         self._wake = asyncio.Event()
-        self._queue: asyncio.Queue[DeployCommand] = asyncio.Queue()
+        # Commands to run, each with its journal write when that may still be in flight
+        # (see _on_command).
+        self._queue: asyncio.Queue[tuple[DeployCommand, concurrent.futures.Future[bool] | None]]
+        self._queue = asyncio.Queue()
         self._queued: set[str] = set()
         self._sent_upto = 0
         # Sent and unacknowledged events: their sizes by message id.
@@ -253,19 +257,25 @@ class Agent:
                 else:
                     self.processes.note_left(deploy_id, record)
 
-    def _enqueue(self, command: DeployCommand) -> None:
+    def _enqueue(
+        self, command: DeployCommand, accepted: concurrent.futures.Future[bool] | None = None
+    ) -> None:
+        """Queue a command for the worker; ``accepted``: its journal write, not yet known to
+        be committed (the worker runs nothing of it before it is)."""
         if command.deploy_id not in self._queued:
             self._queued.add(command.deploy_id)
-            self._queue.put_nowait(command)
+            self._queue.put_nowait((command, accepted))
 
     async def _worker(self) -> None:
         await self._recovered.wait()
         while True:
-            command = await self._queue.get()
+            command, accepted = await self._queue.get()
             bind(deploy_id=command.deploy_id)
             started = time.monotonic()
             try:
                 if time.time() > command.expires_at:
+                    if accepted is not None:
+                        await self.executor.journaled(command, accepted)
                     status = DeployStatus.TIMEOUT
                     self.executor.refuse(
                         command,
@@ -273,9 +283,11 @@ class Agent:
                         "the deadline passed before the agent could start the deployment",
                     )
                 else:
-                    status = await self.executor.run(command)
+                    status = await self.executor.run(command, accepted=accepted)
                 if self.metrics is not None:
                     self.metrics.finished(command.command_type, status, time.monotonic() - started)
+            except NotJournaled as exc:
+                log.warning("deployment %s not run: %s", command.deploy_id, exc)
             except Exception:
                 log.exception("deployment %s could not be run", command.deploy_id)
             finally:
@@ -318,15 +330,25 @@ class Agent:
         if command.command_type != env.name or env.callback_id != command.deploy_id:
             self.connector.send(error_for(env, "command name or callback id does not match"))
             return
-        new = await asyncio.wrap_future(self.journal.submit_accept(command, at_once=True))
+        deploy_id = command.deploy_id
+        if deploy_id not in self._queued and not self.journal.known(deploy_id):
+            # New: queued for the worker before its journal write is committed, which is
+            # held until this step of the loop is over, so that the worker's started mark and
+            # first report join its transaction (one fsync before the plugin's code runs,
+            # not two in a row).  The worker runs nothing of it before that commit, and the
+            # acknowledgement below waits for it too.
+            accepted = self.journal.submit_accept(command)
+            self._enqueue(command, accepted)
+            new = await asyncio.wrap_future(accepted)
+        else:  # seen before (sent again): nothing to run, the write confirms it
+            new = await asyncio.wrap_future(self.journal.submit_accept(command, at_once=True))
+            if new:  # the journal lost it (it is never pruned): run it, as a new one
+                self._enqueue(command)
         self.connector.send(
-            Envelope(
-                kind=Kind.ACK, ref=env.id, name=env.name, payload={"deploy_id": command.deploy_id}
-            )
+            Envelope(kind=Kind.ACK, ref=env.id, name=env.name, payload={"deploy_id": deploy_id})
         )
         if new:
-            log.info("accepted deployment %s (%s)", command.deploy_id, command.command_type)
-            self._enqueue(command)
+            log.info("accepted deployment %s (%s)", deploy_id, command.command_type)
 
     def _acked(self, msg_id: str) -> None:
         if self._in_flight.pop(msg_id, None) is not None:
