@@ -1,7 +1,8 @@
 """The envelope: the one message shape on the control stream, and its framing.
 
 A frame is a 4-byte big-endian length followed by that many bytes of compact UTF-8
-JSON holding one :class:`Envelope`. Both ends refuse frames over a size limit before
+JSON holding one :class:`Envelope`; a field left out is its default (ACKs and PONGs are sent
+without the fields at their defaults). Both ends refuse frames over a size limit before
 buffering them, and turn anything that is not a valid envelope into a
 :class:`ProtocolError` that says what was wrong.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import math
 import struct
 from typing import Any, Literal
@@ -46,6 +48,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 HEARTBEAT_QUIC = "quic"
 
 _HEADER = struct.Struct(">I")
+_ANSWER_KINDS = frozenset({"ack", "pong"})
 
 
 class Kind(enum.StrEnum):
@@ -90,13 +93,35 @@ def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> byte
     :param max_bytes: largest JSON body allowed (the 4-byte prefix is not counted).
     :raises ProtocolError: when the encoded body is larger than ``max_bytes``.
     """
-    body = env.model_dump_json().encode("utf-8")
+    body = _answer_json(env) if env.kind in _ANSWER_KINDS else None
+    if body is None:
+        body = env.model_dump_json().encode("utf-8")
     if len(body) > max_bytes:
         raise ProtocolError(
             f"{env.kind.value} {env.name or env.id} encodes to {len(body)} bytes, over the "
             f"{max_bytes}-byte message limit; send large data as a file, not in the payload"
         )
     return _HEADER.pack(len(body)) + body
+
+
+def _answer_json(env: Envelope) -> bytes | None:
+    """An ACK or PONG made by :func:`ack_for` / :func:`pong_for` (nothing but an id, a name
+    and a ref), written by hand: fields at their defaults left out (every receiver fills them
+    in), so an ACK is ~110 bytes instead of ~190 (one per status report: fewer QUIC packets)
+    and costs no model serialisation.  ``None`` for any other envelope."""
+    if (
+        env.payload
+        or env.wait_ack
+        or env.need_callback
+        or env.callback_id is not None
+        or not isinstance(env.ref, str)
+    ):
+        return None
+    name = f',"name":{json.dumps(env.name)}' if env.name else ""
+    return (
+        f'{{"v":1,"id":{json.dumps(env.id)},"kind":"{env.kind.value}"{name},'
+        f'"ref":{json.dumps(env.ref)}}}'
+    ).encode()
 
 
 def _describe(error: ValidationError) -> str:
