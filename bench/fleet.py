@@ -41,10 +41,10 @@ from typing import Any
 from fleet_artifacts import add_arguments as add_artifact_arguments
 from fleet_artifacts import ship_packages
 from fleet_harness import Fleet, PeakRss, rss_kib
+from fleet_ingest import GENERATORS, describe, ingest
 from fleet_runs import (
     dispatch_latency,
     fan_out,
-    ingest,
     percentiles,
     worker_totals,
 )
@@ -54,6 +54,7 @@ SOLO = "fleet-00000"
 ROLLOUT_FINAL = ("succeeded", "failed", "aborted", "rolled_back")
 IDLE_WINDOW = 10.0
 INGEST_SLEEP = 45
+INGEST_RATE = 0.0
 
 
 class Report:
@@ -177,6 +178,42 @@ def rollout_everywhere(fleet: Fleet, ids: list[str], timeout: float) -> tuple[An
     )
 
 
+def ingest_phase(
+    fleet: Fleet, report: Report, args: argparse.Namespace, ids: list[str]
+) -> dict[str, str]:
+    """The status-event flood (fleet_runs.ingest); the deployments it leaves running."""
+    if not (args.ingest_agents and args.ingest_events):
+        return {}
+    flood = ingest(
+        fleet,
+        ids[: args.ingest_agents],
+        args.ingest_events,
+        INGEST_SLEEP,
+        args.ingest_timeout,
+        rate=args.ingest_rate,
+        generator=args.ingest_generator,
+    )
+    in_flight: dict[str, str] = flood.pop("deploys")
+    offered = f"offered at {args.ingest_rate:g}/s" if args.ingest_rate else "offered all at once"
+    report.data["ingest_detail"] = flood
+    report.add(
+        "ingest_rate",
+        f"status-event ingest into {'PostgreSQL' if args.pg else 'SQLite'}",
+        flood["rate"],
+        f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents, "
+        f"{offered}; {describe(args.ingest_generator)}; "
+        f"offered in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s; "
+        f"{flood['cpu']}; CPU per event: server {flood['server_cpu_ms']:.3f} ms, agents "
+        f"{flood['agents_cpu_ms']:.3f} ms); server: {commit_text(flood)}",
+        ">= 5,000/s into SQLite, p99 commit <= 250 ms",
+    )
+    if flood["unacknowledged"]:
+        report.problem(f"{flood['unacknowledged']} flood events never acknowledged")
+    if any(size < args.ingest_events for size in flood["history_sizes"]):
+        report.problem(f"histories hold fewer reports than sent: {flood['history_sizes']}")
+    return in_flight
+
+
 def run(args: argparse.Namespace, root: Path, report: Report) -> None:
     """Every phase, in order; a phase that cannot go on raises and the rest is skipped."""
     db_url, schema = (None, None)
@@ -193,7 +230,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         fleet.start_worker("solo", [SOLO], join_token)
         if fleet.wait_connected({SOLO}, 60.0, time.monotonic()) is None:
             raise RuntimeError(f"{SOLO} did not connect in 60 s; see {root}/solo.log")
-        measure_dispatch(fleet, report, args, "1")
+        if not args.ingest_only:
+            measure_dispatch(fleet, report, args, "1")
         rss_one = rss_kib(fleet.server_pids())
 
         # ---- N agents
@@ -238,6 +276,9 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         )
         report.data["idle_workers_cpu_pct"] = idle_workers
 
+        if args.ingest_only:
+            ingest_phase(fleet, report, args, ids)
+            return
         measure_dispatch(fleet, report, args, "N")
         one, many = report.data.get("dispatch_1"), report.data.get("dispatch_N")
         if one and many:
@@ -280,30 +321,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
             ship_packages(fleet, report, args, ids)
 
         # ---- status-event ingest (its `sleep` deployments still run at the kill below)
-        in_flight: dict[str, str] = {}
-        if args.ingest_agents and args.ingest_events:
-            flood = ingest(
-                fleet,
-                ids[: args.ingest_agents],
-                args.ingest_events,
-                INGEST_SLEEP,
-                args.ingest_timeout,
-            )
-            in_flight = flood.pop("deploys")
-            report.data["ingest_detail"] = flood
-            report.add(
-                "ingest_rate",
-                f"status-event ingest into {'PostgreSQL' if args.pg else 'SQLite'}",
-                flood["rate"],
-                f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents; "
-                f"enqueued in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s; "
-                f"{flood['cpu']}); server: {commit_text(flood)}",
-                ">= 5,000/s into SQLite, p99 commit <= 250 ms",
-            )
-            if flood["unacknowledged"]:
-                report.problem(f"{flood['unacknowledged']} flood events never acknowledged")
-            if any(size < args.ingest_events for size in flood["history_sizes"]):
-                report.problem(f"histories hold fewer reports than sent: {flood['history_sizes']}")
+        in_flight = ingest_phase(fleet, report, args, ids)
 
         # ---- kill -9 and restart
         before = worker_totals(fleet)
@@ -414,6 +432,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ingest-events", type=int, default=100, help="reports per agent")
     parser.add_argument("--ingest-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--ingest-rate",
+        type=float,
+        default=INGEST_RATE,
+        help="events/s offered by the flooding agents together, paced (0: all at once)",
+    )
+    parser.add_argument(
+        "--ingest-generator",
+        choices=GENERATORS,
+        default="reporter",
+        help="reporter: through each agent's journaled outbox; wire: on the agents' "
+        "connections without their journals (bench/fleet_ingest.py)",
+    )
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="connect the agents, flood, and stop (no dispatch, fan-out or restart)",
+    )
     parser.add_argument(
         "--keep-monitor",
         action="store_true",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -26,13 +27,17 @@ import resource
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from deploy_core.agent import runtime
+from deploy_core.agent.reporter import OutboxReporter
 from deploy_core.agent.runtime import Agent, AgentConfig
+from deploy_core.models import EVENT_STATUS, DeployStatus, DeployStatusReport
 from deploy_core.plugins import get_plugins
+from deploy_core.transport import Envelope, Kind
 
 # One agent per host scans /proc for orphans once a second.  A worker holds hundreds of
 # agents, whose scans (~8 ms each on this machine) would cost the worker whole cores that
@@ -128,45 +133,156 @@ def write_stats(
     os.replace(tmp, path)
 
 
+#: How often a worker's ticker offers the reports due (one event-loop step: one journal
+#: transaction per agent for what is due, as a running deployment's step would write).
+FLOOD_TICK = 0.02
+#: Reports one agent has sent and not yet had acknowledged, at most, with the ``wire``
+#: generator (the server stores at most 256 of one connection at once: events.MAX_IN_FLIGHT).
+WIRE_WINDOW = 256
+
+
 async def flood(agents: list[Agent], plan: dict[str, Any]) -> dict[str, Any]:
     """Send ``plan["events"]`` ``deploy.status`` reports from each agent named in
-    ``plan["deploys"]`` (client id → a deployment running on it), through each agent's
-    outbox as any report goes, and wait until the server has acknowledged them all."""
+    ``plan["deploys"]`` (client id → a deployment running on it) and wait until the server
+    has acknowledged them all.
+
+    ``plan["generator"]``: ``reporter`` (default) writes them through an
+    :class:`OutboxReporter` of the agent's journal, as a running deployment does (journaled
+    durably, sent by the agent's outbox pump, dropped on the server's ACK); ``wire`` sends the
+    same envelopes on the agent's connection without the journal.  ``plan["rate"]``: events/s
+    offered by all ``plan["flooders"]`` agents of all workers together, from
+    ``plan["start_at"]`` (wall clock) on; 0: all at once."""
     events = int(plan["events"])
+    generator = plan.get("generator", "reporter")
+    rate = float(plan.get("rate") or 0.0)
     by_id = {agent.config.client_id: agent for agent in agents}
     flooders = [
         (by_id[cid], deploy_id) for cid, deploy_id in plan["deploys"].items() if cid in by_id
     ]
-
-    async def one(agent: Agent, deploy_id: str) -> None:
-        for n in range(events):
-            report = {
-                "deploy_id": deploy_id,
-                "command_type": "deploy.shell",
-                "status": "script_running",
-                "progress": 50,
-                "stage": "script_running",
-                "message": f"flood report {n}",
-                "seq": FLOOD_SEQ + n,
-                "timestamp": time.time(),
-            }
-            await agent.send_event("deploy.status", report)
-
+    # Seconds between two reports of one agent (all agents of all workers share the rate).
+    every = int(plan.get("flooders") or len(flooders)) / rate if rate else 0.0
+    if (wait := float(plan.get("start_at") or 0.0) - time.time()) > 0:
+        await asyncio.sleep(wait)
     started = time.time()
-    await asyncio.gather(*(one(agent, deploy_id) for agent, deploy_id in flooders))
-    enqueued = time.time()
-    while time.time() - enqueued < FLOOD_DRAIN_TIMEOUT:
-        if not any(agent.journal.outbox_size() for agent, _ in flooders):
-            break
-        await asyncio.sleep(0.05)
+    if generator == "wire":
+        waits = [_wire(agent, deploy_id, events, every, started) for agent, deploy_id in flooders]
+        await asyncio.gather(*waits)
+        enqueued = max(_WIRE_OFFERED.values(), default=started)
+        unacknowledged = 0
+    else:
+        reporters = [
+            OutboxReporter(
+                agent.journal,
+                deploy_id=deploy_id,
+                command_type="deploy.shell",
+                wake=agent.executor.wake,
+            )
+            for agent, deploy_id in flooders
+        ]
+        sent = 0
+        while sent < events:
+            # Reports due by now, for every agent (n * every after the start, n < events).
+            due = events if not every else min(events, int((time.time() - started) / every) + 1)
+            for n in range(sent, due):
+                for reporter in reporters:
+                    reporter.report(
+                        DeployStatus.SCRIPT_RUNNING, 50, "script_running", f"flood report {n}"
+                    )
+            sent = due
+            if sent < events:
+                await asyncio.sleep(FLOOD_TICK)
+        enqueued = time.time()
+        await asyncio.wrap_future(_barrier([agent for agent, _ in flooders]))
+        while time.time() - enqueued < FLOOD_DRAIN_TIMEOUT:
+            if not any(agent.journal.outbox_size() for agent, _ in flooders):
+                break
+            await asyncio.sleep(0.02)
+        unacknowledged = sum(agent.journal.outbox_size() for agent, _ in flooders)
     return {
         "agents": len(flooders),
         "events": events * len(flooders),
+        "generator": generator,
         "started": started,
         "enqueued": enqueued,
         "drained": time.time(),
-        "unacknowledged": sum(agent.journal.outbox_size() for agent, _ in flooders),
+        "unacknowledged": unacknowledged,
     }
+
+
+def _barrier(agents: list[Agent]) -> concurrent.futures.Future[None]:
+    """Done once every agent's journal has committed what was written before."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    left = [len(agents)]
+
+    def one(_future: object) -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            done.set_result(None)
+
+    if not agents:
+        done.set_result(None)
+    for agent in agents:
+        agent.journal.barrier().add_done_callback(one)
+    return done
+
+
+# When each wire flooder offered its last report (wall clock), by client id.
+_WIRE_OFFERED: dict[str, float] = {}
+
+
+async def _wire(agent: Agent, deploy_id: str, events: int, every: float, started: float) -> None:
+    """The ``wire`` generator for one agent: its reports straight onto its connection (at
+    most :data:`WIRE_WINDOW` unacknowledged), the server's ACKs taken before the agent sees
+    them (they name nothing in its journal)."""
+    connector = agent.connector
+    unacked: set[str] = set()
+    room = asyncio.Event()
+    finished = asyncio.Event()
+    acked = [0]
+    passed_on = connector._on_message  # the agent's handler (a bench may reach in)
+
+    async def on_message(env: Envelope) -> None:
+        if env.kind in (Kind.ACK, Kind.ERROR) and env.ref in unacked:
+            unacked.discard(env.ref)
+            acked[0] += 1
+            room.set()
+            if acked[0] == events:
+                finished.set()
+            return
+        await passed_on(env)
+
+    connector._on_message = on_message
+    cid = agent.config.client_id
+    try:
+        for n in range(events):
+            if every and (wait := started + n * every - time.time()) > 0:
+                await asyncio.sleep(wait)
+            while len(unacked) >= WIRE_WINDOW or not connector.connected:
+                room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(room.wait(), 1.0)
+            report = DeployStatusReport(
+                deploy_id=deploy_id,
+                command_type="deploy.shell",
+                status=DeployStatus.SCRIPT_RUNNING,
+                progress=50,
+                stage="script_running",
+                message=f"flood report {n}",
+                seq=FLOOD_SEQ + n,
+            )
+            env = Envelope(
+                id=f"fl-{uuid.uuid4().hex}",
+                kind=Kind.EVENT,
+                name=EVENT_STATUS,
+                callback_id=deploy_id,
+                payload=report.model_dump(mode="json"),
+            )
+            unacked.add(env.id)
+            connector.send(env)
+        _WIRE_OFFERED[cid] = time.time()
+        await asyncio.wait_for(finished.wait(), FLOOD_DRAIN_TIMEOUT)
+    finally:
+        connector._on_message = passed_on
 
 
 async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
