@@ -9,23 +9,29 @@ Files, under the agent's ``state_dir/cache`` (0700, opened without following a l
 
 The bytes arrive on QUIC file streams (:mod:`deploy_core.transport.files`). A dropped
 connection makes the fetcher wait for the agent to reconnect (until the deadline) and ask
-for the rest. The finished file is checked against its SHA-256 before anyone may use it: on a
-mismatch it is thrown away and fetched once more from zero; a second mismatch is an error.
+for the rest. When the server has file workers (:mod:`deploy_core.transport.file_workers`,
+listed in its WELCOME), each attempt asks the control connection for a ticket and fetches
+from a worker on a connection of its own; a worker that is down, refuses or breaks off is
+not tried again by this fetch, which goes on with another worker or the control connection.
+The finished file is checked against its SHA-256 before anyone may use it: on a mismatch
+it is thrown away and fetched once more from zero; a second mismatch is an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import random
 import re
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from deploy_core.hashed_file import HashedFile, hash_file
 from deploy_core.plugin import safefs
@@ -39,6 +45,9 @@ from deploy_core.transport.files import (
     FileStreamClient,
     TransferInterrupted,
 )
+
+if TYPE_CHECKING:
+    from deploy_core.transport.client import FileWorkerLink
 
 __all__ = [
     "ArtifactError",
@@ -62,6 +71,9 @@ Waiting = Callable[[int], None]
 DEFAULT_WAIT = 600.0
 # Attempts in a row that end without a single new byte before the fetch gives up.
 _MAX_FRUITLESS = 5
+# Seconds to wait for a ticket from the control connection, and for a worker's handshake.
+_TICKET_WAIT = 15.0
+_WORKER_CONNECT_WAIT = 5.0
 _SHA256 = re.compile(SHA256_PATTERN)
 
 
@@ -104,6 +116,101 @@ class FileChannel(Protocol):
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a connection; whether there is one."""
         ...
+
+
+class FileWorkerChannel(FileChannel, Protocol):
+    """A channel that also reaches the server's file workers (:class:`AgentConnector`)."""
+
+    @property
+    def file_workers(self) -> list[tuple[str, int]]:
+        """The current server's file workers' addresses; empty without."""
+        ...
+
+    async def open_file_worker(
+        self, address: tuple[str, int], *, timeout: float | None = None
+    ) -> FileWorkerLink:
+        """Open a connection to one; :class:`ConnectionError` when it does not answer."""
+        ...
+
+
+class _Route:
+    """Where one fetch's attempts go: file workers while they serve, else the control
+    connection."""
+
+    def __init__(self, channel: FileChannel) -> None:
+        self.channel = channel
+        self.link: FileWorkerLink | None = None
+        #: Workers that failed this fetch (down, refused, broke off): not tried again.
+        self.avoid: set[tuple[str, int]] = set()
+        #: No workers for this fetch (none listed, or the server gives no tickets).
+        self.control_only = not callable(getattr(channel, "open_file_worker", None))
+        #: Attempts that went to a worker.
+        self.worker_attempts = 0
+
+    async def drop(self, why: str | None = None) -> None:
+        """Stop using the current worker (``why``: it failed, so avoid it)."""
+        link, self.link = self.link, None
+        if link is None:
+            return
+        if why is not None:
+            self.avoid.add(link.address)
+            log.warning(
+                "file worker %s:%d: %s; continuing without it",
+                link.address[0],
+                link.address[1],
+                why,
+            )
+        with contextlib.suppress(Exception):
+            await link.close()
+
+    async def files(
+        self, control: FileStreamClient, sha256: str, timeout: float
+    ) -> tuple[FileStreamClient, str | None]:
+        """The file streams for the next attempt and the ticket to send there (``None``:
+        the control connection, which needs none)."""
+        if self.control_only:
+            return control, None
+        channel: Any = self.channel
+        workers = [a for a in channel.file_workers if a not in self.avoid]
+        if not workers:
+            await self.drop()
+            return control, None
+        try:
+            grant = await control.ticket(sha256, timeout=min(_TICKET_WAIT, timeout))
+        except FileRefused as exc:
+            if exc.code != "not_found":  # an older server, or workers not ready for it
+                log.info("artifact %s: no file worker ticket (%s)", sha256[:12], exc)
+                if exc.code != "unavailable":
+                    self.control_only = True
+            await self.drop()
+            return control, None  # not_found: the control connection says why
+        except TransferInterrupted:
+            await self.drop()
+            return control, None
+        if self.link is not None and (
+            self.link.lost_reason is not None or self.link.address not in workers
+        ):
+            await self.drop(self.link.lost_reason)
+        while self.link is None and workers:
+            address = random.choice(workers)
+            try:
+                self.link = await channel.open_file_worker(
+                    address, timeout=min(_WORKER_CONNECT_WAIT, timeout)
+                )
+            except (ConnectionError, OSError) as exc:
+                self.avoid.add(address)
+                workers.remove(address)
+                log.warning(
+                    "file worker %s:%d: %s; trying %s",
+                    address[0],
+                    address[1],
+                    exc,
+                    "another" if workers else "the control connection",
+                )
+        if self.link is None:
+            return control, None
+        self.worker_attempts += 1
+        return self.link.files, grant.ticket
 
 
 class ArtifactProvider(Protocol):
@@ -303,16 +410,33 @@ class ArtifactFetcher:
     ) -> tuple[int, int, int]:
         """Fill ``partial`` up to the artifact's size; returns (bytes received, interruptions,
         size)."""
+        route = _Route(self.channel)
+        try:
+            return await self._receive_on(route, sha256, partial, deadline, progress, waiting)
+        finally:
+            await route.drop()
+
+    async def _receive_on(
+        self,
+        route: _Route,
+        sha256: str,
+        partial: HashedFile,
+        deadline: float,
+        progress: _Throttle,
+        waiting: Waiting | None,
+    ) -> tuple[int, int, int]:
         received = 0
         interruptions = 0
         fruitless = 0
         last_error = ""
         restarted = False
         while True:
-            files = await self._connected(sha256, deadline, last_error)
+            control = await self._connected(sha256, deadline, last_error)
+            files, ticket = await route.files(control, sha256, self._timeout(deadline))
+            on_worker = ticket is not None
             offset = partial.size
             incoming = files.request(
-                FileRequest(sha256=sha256, offset=offset, chunk_size=self.chunk_size)
+                FileRequest(sha256=sha256, offset=offset, chunk_size=self.chunk_size, ticket=ticket)
             )
             incoming.on_queued = functools.partial(self._queued, sha256, waiting)
             before = received
@@ -332,6 +456,11 @@ class ArtifactFetcher:
                     )
                 return received, interruptions, header.size
             except FileRefused as exc:
+                if on_worker and exc.code != "bad_offset":
+                    # The control connection gave the ticket, so the worker should not
+                    # refuse: whatever it says, the control connection can serve it.
+                    await route.drop(f"refused ({exc.code}): {exc}")
+                    continue
                 if exc.code == "bad_offset" and not restarted:
                     # The partial file is longer than the artifact: it cannot be part of it.
                     log.warning("artifact %s: %s", sha256[:12], exc)
@@ -340,6 +469,8 @@ class ArtifactFetcher:
                     continue
                 raise ArtifactError(f"the server refused artifact {sha256}: {exc}") from None
             except TransferInterrupted as exc:
+                if on_worker:
+                    await route.drop(str(exc))
                 last_error = str(exc)
                 interruptions += 1
                 fruitless = 0 if received > before else fruitless + 1

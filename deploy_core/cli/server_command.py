@@ -36,6 +36,9 @@ from deploy_core.server.leases import LEASE_SECONDS
 from deploy_core.server.webhooks import WebhookSettings
 from deploy_core.transport.files import DEFAULT_MAX_TRANSFERS
 
+#: The most file worker processes a server starts (--file-workers).
+MAX_FILE_WORKERS = 64
+
 if TYPE_CHECKING:
     from deploy_core.server.cluster_identity import ClusterSettings
 
@@ -154,9 +157,7 @@ def artifact_dir_setting(path: Path | None, flag: Path | None) -> Path | None:
     """The artifact store's directory: ``--artifact-dir`` (or its variable) when given, else
     ``dir`` of ``[artifacts]`` in the server configuration (relative to the file's
     directory), else ``None`` (the state directory's ``artifacts/``)."""
-    table: Any = read_server_config(path).get("artifacts", {}) if path else {}
-    if not isinstance(table, dict) or set(table) - {"dir"}:
-        raise click.BadParameter(f"{path}: [artifacts] takes only dir", param_hint="--config")
+    table = _artifacts_table(path)
     if flag is not None or "dir" not in table:
         return flag
     if not isinstance(table["dir"], str) or not table["dir"]:
@@ -165,11 +166,35 @@ def artifact_dir_setting(path: Path | None, flag: Path | None) -> Path | None:
     return (path.parent / table["dir"]).resolve()
 
 
+def _artifacts_table(path: Path | None) -> dict[str, Any]:
+    table: Any = read_server_config(path).get("artifacts", {}) if path else {}
+    if not isinstance(table, dict) or set(table) - {"dir", "file_workers"}:
+        raise click.BadParameter(
+            f"{path}: [artifacts] takes only dir and file_workers", param_hint="--config"
+        )
+    return table
+
+
+def file_workers_setting(path: Path | None, flag: int | None) -> int:
+    """File worker processes: ``--file-workers`` (or its variable) when given, else
+    ``file_workers`` of ``[artifacts]`` in the server configuration, else 0."""
+    if flag is not None:
+        return flag
+    value = _artifacts_table(path).get("file_workers", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_FILE_WORKERS:
+        raise click.BadParameter(
+            f"{path}: [artifacts] file_workers must be a whole number from 0 to {MAX_FILE_WORKERS}",
+            param_hint="--config",
+        )
+    return value
+
+
 def server_config_file(
     path: Path | None,
     http_flags: dict[str, Any] | None = None,
     cluster_flags: tuple[Path | None, bool | None] | None = None,
     artifact_dir: Path | None = None,
+    file_workers: int | None = None,
 ) -> dict[str, Any]:
     """What a server configuration file (``--config`` of ``server`` and ``up``) sets, as
     :class:`~deploy_core.server.app.ServerConfig` keyword arguments: plugins' settings
@@ -183,6 +208,7 @@ def server_config_file(
     :param cluster_flags: ``--cluster-key-file`` and ``--join-cluster`` (``None`` when not
         given); ``None`` for a command without them (``up``), which refuses ``[cluster]``.
     :param artifact_dir: ``--artifact-dir``, which wins over ``[artifacts]``.
+    :param file_workers: ``--file-workers``, which wins over ``[artifacts] file_workers``.
     """
     if cluster_flags is None:
         if path and "cluster" in read_server_config(path):
@@ -195,6 +221,7 @@ def server_config_file(
     return {
         "cluster": cluster_settings(path, *cluster_flags),
         "artifact_dir": artifact_dir_setting(path, artifact_dir),
+        "file_workers": file_workers_setting(path, file_workers),
         "plugin_settings": load_server_settings(path) if path else {},
         "rollback_defaults": load_rollback_defaults(path) if path else {},
         "webhooks": webhook_settings(path),
@@ -314,6 +341,15 @@ def server_config_file(
     "'waiting for the server (position N)')",
 )
 @click.option(
+    "--file-workers",
+    envvar="DEPLOY_CENTER_FILE_WORKERS",
+    type=click.IntRange(0, MAX_FILE_WORKERS),
+    default=None,
+    help="processes serving artifact transfers besides the server's own, each on a UDP port "
+    "of its own next to --quic-port (agents learn them when they connect); about one per "
+    "spare core. Default: [artifacts] file_workers of --config, else 0",
+)
+@click.option(
     "--http-header-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_HEADER_TIMEOUT,
@@ -347,6 +383,7 @@ def server(
     max_artifact_size: str,
     artifact_dir: Path | None,
     max_file_transfers: int,
+    file_workers: int | None,
     config_file: Path | None,
     http_header_timeout: float,
     http_body_timeout: float,
@@ -392,6 +429,7 @@ def server(
             },
             (cluster_key_file, join_cluster),
             artifact_dir,
+            file_workers,
         ),
     )
 

@@ -110,6 +110,9 @@ class ServerConfig:
     artifact_dir: Path | None = None
     # Artifact transfers over QUIC sent at once; more wait in line (transport/files.py).
     max_file_transfers: int = DEFAULT_MAX_TRANSFERS
+    # Processes serving artifact file streams besides the server's own, each on a UDP port
+    # of its own (transport/file_workers.py); 0: the server's process alone.
+    file_workers: int = 0
     # Header and body read timeouts and the cap on unauthenticated connections of the HTTP
     # API (server/http_limits.py).
     http_limits: HttpLimits = field(default_factory=HttpLimits)
@@ -259,6 +262,8 @@ class DeployServer:
             files=self.artifact_source,
             may_fetch=self._may_fetch,
             max_file_transfers=cfg.max_file_transfers,
+            file_workers=cfg.file_workers,
+            artifact_root=self.artifacts.root,
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)

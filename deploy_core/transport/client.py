@@ -78,6 +78,7 @@ __all__ = [
     "AgentConnector",
     "CredentialStore",
     "FileCredentials",
+    "FileWorkerLink",
     "HandshakeRefused",
     "ServerBusy",
     "ServerUnavailable",
@@ -261,6 +262,8 @@ class _ServerConnection(QuicConnectionProtocol):
         self._handshake_over = asyncio.Event()
         #: Artifact requests on their own streams (deploy-11); used once authenticated.
         self.files = FileStreamClient(quic, self.transmit)
+        #: The server's file workers' UDP ports, from its WELCOME.
+        self.file_worker_ports: list[int] = []
 
     async def wait_handshake(self) -> None:
         """Wait for the QUIC/TLS handshake; raise ConnectionError with the reason if it fails."""
@@ -360,6 +363,45 @@ class _ServerConnection(QuicConnectionProtocol):
                 self.inbox.put_nowait(env)
         if event.end_stream:
             self.lose("server closed the control stream")
+
+
+class _WorkerConnection(_ServerConnection):
+    """A connection to a file worker: file streams only, on a connected UDP socket so that
+    a worker that is gone (ICMP port unreachable) fails it at once."""
+
+    def error_received(self, exc: Exception) -> None:
+        self._mark_lost(f"file worker unreachable: {exc}")
+        self._handshake_over.set()
+
+    def _mark_lost(self, reason: str) -> None:
+        super()._mark_lost(reason)
+        self._handshake_over.set()
+
+
+class FileWorkerLink:
+    """An open connection to one of the server's file workers (:mod:`.file_workers`)."""
+
+    def __init__(
+        self, address: tuple[str, int], transport: asyncio.DatagramTransport, connection: Any
+    ) -> None:
+        self.address = address
+        self._transport = transport
+        self._connection: _WorkerConnection = connection
+
+    @property
+    def files(self) -> FileStreamClient:
+        """File streams on this connection (each request with its ticket)."""
+        return self._connection.files
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the connection is gone; ``None`` while it is usable."""
+        return self._connection.lost_reason
+
+    async def close(self) -> None:
+        """Close the connection and release its socket."""
+        self._connection._mark_lost("closed by the agent")
+        await _close_quietly(self._transport, self._connection)
 
 
 def _server_certificate(connection: _ServerConnection) -> bytes:
@@ -520,6 +562,49 @@ class AgentConnector:
         if connection is None or connection.lost_reason is not None:
             return None
         return connection.files
+
+    @property
+    def file_workers(self) -> list[tuple[str, int]]:
+        """The current server's file workers (its WELCOME listed them): the address this
+        connection reached and each worker's port; empty while disconnected or without."""
+        connection = self._connection
+        if connection is None or connection.lost_reason is not None or self.address is None:
+            return []
+        return [(self.address[0], port) for port in connection.file_worker_ports]
+
+    async def open_file_worker(
+        self, address: tuple[str, int], *, timeout: float | None = None
+    ) -> FileWorkerLink:
+        """Open a connection to a file worker (the server's certificate and CA, as the
+        control connection).
+
+        :raises ConnectionError: it did not answer within ``timeout`` (default: the
+            connect timeout) or refused.
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+        _, _, _, _, remote = infos[0]
+        quic = QuicConnection(configuration=self._configuration())
+        transport, connection = await loop.create_datagram_endpoint(
+            lambda: _WorkerConnection(quic, max_bytes=self._max_message_bytes),
+            remote_addr=cast(tuple[str, int], remote),
+        )
+        enlarge_socket_buffers(transport, SOCKET_BUFFER_BYTES)
+        link = FileWorkerLink(address, transport, connection)
+        try:
+            connection.connect(remote)
+            async with asyncio.timeout(timeout or self._connect_timeout):
+                await connection.wait_handshake()
+        except BaseException as exc:
+            await link.close()
+            if isinstance(exc, TimeoutError):
+                raise ConnectionError(
+                    f"file worker {address[0]}:{address[1]} did not answer"
+                ) from None
+            if isinstance(exc, ServerBusy):
+                raise ConnectionError(f"file worker {address[0]}:{address[1]}: {exc}") from None
+            raise
+        return link
 
     def send(self, env: Envelope) -> bool:
         """Send ``env`` now; ``False`` when not connected (nothing was sent).
@@ -788,6 +873,13 @@ class AgentConnector:
 
         welcome = await self._expect(connection, Kind.WELCOME)
         connection.quic_heartbeats = welcome.payload.get("heartbeat") == HEARTBEAT_QUIC
+        workers = welcome.payload.get("file_workers")
+        if isinstance(workers, list):
+            connection.file_worker_ports = [
+                port
+                for port in workers
+                if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+            ][:64]
         if welcome.payload.get("public_key") == public_key.hex():
             if shared is not None:
                 credentials.drop_key()

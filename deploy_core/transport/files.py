@@ -14,6 +14,17 @@ Every request travels on a fresh bidirectional QUIC stream that the agent opens 
               at a time, then FIN
     agent  -> CREDIT   8-byte big-endian integers: the offset the agent has written up to
 
+A server with file workers (:mod:`.file_workers`) also answers, on the control connection,
+a ticket request on a stream of its own::
+
+    agent  -> TICKET?  4-byte big-endian length + JSON {"ticket_for": sha256}
+    server -> TICKET   4-byte big-endian length + JSON {"ticket", "expires_in"} and FIN
+                       or {"error", "code"} and FIN
+
+after the same ``may_fetch`` check a transfer gets; the agent then sends its REQUEST, with
+``"ticket"`` added, to a worker, whose :class:`FileStreamServer` checks the ticket instead
+of an authenticated session. Everything else on the worker's connection is as above.
+
 The server keeps at most ``window`` bytes past the agent's last credit in flight, so neither
 side buffers a whole artifact, and a slow disk on the agent slows the server down instead of
 filling its memory. All the connections of one server share a :class:`TransferGate`: at most
@@ -66,6 +77,10 @@ __all__ = [
     "FileStreamClient",
     "FileStreamServer",
     "IncomingFile",
+    "TicketCheck",
+    "TicketGrant",
+    "TicketIssuer",
+    "TicketRequest",
     "TransferGate",
     "TransferInterrupted",
 ]
@@ -92,6 +107,8 @@ RESET_SERVER_ERROR = 2
 _LENGTH = struct.Struct(">I")
 _CREDIT = struct.Struct(">Q")
 _MAX_FRAME = 4096
+# A ticket (file_workers.TicketSigner) naming one artifact is about 200 characters.
+_MAX_TICKET = 2048
 # Concurrent transfers one agent connection may run.
 _MAX_TRANSFERS = 8
 # Seconds between QUEUED frames while the server gets a file from a peer replica.
@@ -106,6 +123,27 @@ class FileRequest(BaseModel):
     sha256: str = Field(pattern=SHA256_PATTERN)
     offset: int = Field(default=0, ge=0)
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+    #: Only to a file worker: the control connection's ticket naming this artifact (never
+    #: sent to a server's control connection, whose older releases forbid the field).
+    ticket: str | None = Field(default=None, max_length=_MAX_TICKET)
+
+
+class TicketRequest(BaseModel):
+    """The agent asks the control connection for a ticket to fetch ``ticket_for`` from a
+    file worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ticket_for: str = Field(pattern=SHA256_PATTERN)
+
+
+class TicketGrant(BaseModel):
+    """The server's ticket: what a file worker checks; good for ``expires_in`` seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ticket: str = Field(max_length=_MAX_TICKET)
+    expires_in: float
 
 
 class FileHeader(BaseModel):
@@ -122,7 +160,7 @@ class FileError(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    code: Literal["bad_request", "not_found", "bad_offset", "busy", "unavailable"]
+    code: Literal["bad_request", "not_found", "bad_offset", "busy", "unavailable", "forbidden"]
     error: str
 
 
@@ -147,7 +185,8 @@ class TransferInterrupted(Exception):
 
 
 def _frame(model: BaseModel) -> bytes:
-    body = model.model_dump_json().encode()
+    # Without the unset optional fields (a request's ticket): older servers forbid them.
+    body = model.model_dump_json(exclude_none=True).encode()
     return _LENGTH.pack(len(body)) + body
 
 
@@ -187,6 +226,13 @@ class ArtifactSource(Protocol):
 
 #: ``async (client_id, sha256) -> bool``: whether that agent may fetch that artifact.
 FetchCheck = Callable[[str, str], Awaitable[bool]]
+#: In a file worker: ``(request) -> client id`` the request's ticket names, after checking
+#: it allows this request; raises :class:`FileRefused` otherwise.
+TicketCheck = Callable[[FileRequest], str]
+#: On a control connection: ``(client_id, sha256) -> (ticket, seconds it is good for)``.
+TicketIssuer = Callable[[str, str], tuple[str, float]]
+# How long the server waits for an artifact to be local (from a peer) before a ticket.
+_TICKET_LOCATE_WAIT = 10.0
 
 
 class TransferGate:
@@ -347,11 +393,17 @@ class FileStreamServer:
         stall_timeout: float = 60.0,
         gate: TransferGate | None = None,
         queue_notices: bool = False,
+        tickets: TicketCheck | None = None,
+        issue_ticket: TicketIssuer | None = None,
     ) -> None:
         """:param gate: the server's bound on transfers at once, shared by its connections;
         ``None``: this connection's own gate of :data:`DEFAULT_MAX_TRANSFERS`.
         :param queue_notices: the agent understands QUEUED frames (it announced
-        :data:`CAPABILITY_FILE_QUEUE`); otherwise a waiting transfer is silent."""
+        :data:`CAPABILITY_FILE_QUEUE`); otherwise a waiting transfer is silent.
+        :param tickets: a file worker's check: every request must carry a ticket it accepts
+        (the connection has no session; ``client_id`` is then only a placeholder).
+        :param issue_ticket: the control connection of a server with file workers answers
+        ticket requests with it (after ``may_fetch``); ``None`` refuses them."""
         if window < MAX_CHUNK_SIZE:
             raise ValueError(f"window must be at least {MAX_CHUNK_SIZE} bytes, got {window}")
         self._quic = quic
@@ -363,6 +415,9 @@ class FileStreamServer:
         self._stall_timeout = stall_timeout
         self._gate = gate if gate is not None else TransferGate()
         self._queue_notices = queue_notices
+        self._tickets = tickets
+        self._issue_ticket = issue_ticket
+        self._ticket_client: str | None = None
         self._streams: dict[int, _Outgoing] = {}
         # Streams answered whose agent side is still open: late credits and the agent's FIN
         # arrive there, and must not read as new requests.
@@ -426,6 +481,18 @@ class FileStreamServer:
         if body is None:
             return
         try:
+            if b'"ticket_for"' in body:
+                wanted = TicketRequest.model_validate_json(body)
+                if self.active >= _MAX_TRANSFERS:
+                    self._refuse(
+                        out,
+                        "busy",
+                        f"{_MAX_TRANSFERS} transfers already running on this connection",
+                    )
+                    return
+                out.request = FileRequest(sha256=wanted.ticket_for)
+                out.task = asyncio.create_task(self._grant(out, wanted.ticket_for))
+                return
             request = FileRequest.model_validate_json(body)
         except ValidationError as exc:
             problems = "; ".join(
@@ -474,9 +541,71 @@ class FileStreamServer:
             self._quic.send_stream_data(out.stream_id, _frame(error), end_stream=True)
         self._transmit()
 
+    async def _grant(self, out: _Outgoing, sha: str) -> None:
+        """Answer a ticket request: the same checks as a transfer, then a signed ticket."""
+        try:
+            if self._issue_ticket is None or self._tickets is not None:
+                self._refuse(out, "unavailable", "this server has no file workers")
+                return
+            if self._may_fetch is not None and not await self._may_fetch(self._client_id, sha):
+                self._refuse(
+                    out,
+                    "not_found",
+                    f"artifact {sha} is not part of any deployment sent to client "
+                    f"{self._client_id}; an agent may fetch only its own deployments' artifacts",
+                )
+                return
+            # The workers read only the local store: have the file there first (a peer
+            # replica's copy is fetched here); one that takes long is served on this
+            # connection instead, where the agent hears QUEUED frames meanwhile.
+            located = self._source.locate(sha) if self._source is not None else None
+            if located is not None and not isinstance(located, Path):
+                getting = asyncio.ensure_future(located)
+                try:
+                    done, _ = await asyncio.wait({getting}, timeout=_TICKET_LOCATE_WAIT)
+                    located = getting.result() if done else None
+                finally:
+                    getting.cancel()
+            if located is None:
+                self._refuse(out, "unavailable", f"artifact {sha} is not in the local store yet")
+                return
+            ticket, lifetime = self._issue_ticket(self._client_id, sha)
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._quic.send_stream_data(
+                    out.stream_id,
+                    _frame(TicketGrant(ticket=ticket, expires_in=lifetime)),
+                    end_stream=True,
+                )
+            self._transmit()
+        except FileRefused as exc:
+            self._refuse(out, exc.code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("a ticket for %s to %s failed: %s", sha, self._client_id, exc)
+            self._refuse(out, "unavailable", f"no ticket: {exc}")
+        finally:
+            self._forget(out)
+
     async def _serve(self, out: _Outgoing, request: FileRequest) -> None:
         sha = request.sha256
         try:
+            if self._tickets is not None:
+                try:
+                    client_id = self._tickets(request)
+                except FileRefused as exc:
+                    self._refuse(out, exc.code, str(exc))
+                    return
+                if self._ticket_client is None:
+                    # A worker's connection belongs to the client its first ticket names.
+                    self._ticket_client = self._client_id = client_id
+                elif client_id != self._ticket_client:
+                    self._refuse(
+                        out,
+                        "forbidden",
+                        "this connection carries another client's transfers; open one of your own",
+                    )
+                    return
             if self._may_fetch is not None and not await self._may_fetch(self._client_id, sha):
                 # The same code as a missing artifact: the agent learns nothing of what other
                 # clients deploy.
@@ -626,6 +755,7 @@ class IncomingFile:
         self._chunk_size = chunk_size
         self._prefix = bytearray()
         self._header: FileHeader | None = None
+        self._grant: TicketGrant | None = None
         self._refusal: FileError | None = None
         self._pieces: list[bytes] = []
         self._buffered = 0
@@ -646,9 +776,9 @@ class IncomingFile:
         # Any bytes, a QUEUED frame included, show the server is alive and minding this
         # transfer: the no-data watchdog counts from here.
         self._activity = time.monotonic()
-        if self._header is None and self._refusal is None:
+        if self._header is None and self._refusal is None and self._grant is None:
             self._prefix += data
-            while self._header is None and self._refusal is None:
+            while self._header is None and self._refusal is None and self._grant is None:
                 try:
                     body = _take_frame(self._prefix)
                 except ValueError as exc:
@@ -664,6 +794,9 @@ class IncomingFile:
                         self._refusal = FileError.model_validate(fields)
                     elif isinstance(fields, dict) and "queued" in fields:
                         self.queue_position = QueueNotice.model_validate(fields).queued
+                        self._wake()
+                    elif isinstance(fields, dict) and "ticket" in fields:
+                        self._grant = TicketGrant.model_validate(fields)
                         self._wake()
                     else:
                         self._header = FileHeader.model_validate(fields)
@@ -725,6 +858,22 @@ class IncomingFile:
                 self.on_queued(self.queue_position)
         return self._header
 
+    async def ticket(self, *, timeout: float) -> TicketGrant:
+        """Wait for the answer to a ticket request (:meth:`FileStreamClient.ticket`).
+
+        :raises FileRefused: the server refused it (an older server: ``bad_request``).
+        :raises TransferInterrupted: the stream broke or stayed silent for ``timeout``.
+        """
+        while self._grant is None:
+            if self._refusal is not None:
+                raise FileRefused(self._refusal.code, self._refusal.error)
+            if self._header is not None:
+                raise TransferInterrupted("the server answered a ticket request with a file")
+            if self._failure is not None:
+                raise TransferInterrupted(self._failure)
+            await self._wait(timeout)
+        return self._grant
+
     async def read(self, *, timeout: float) -> bytes:
         """The next bytes: at least a chunk, except at the end; ``b""`` once all arrived.
 
@@ -773,8 +922,30 @@ class FileStreamClient:
 
     def request(self, request: FileRequest) -> IncomingFile:
         """Send ``request`` on a new stream; its answer arrives in the returned object."""
+        return self._open(request, request.chunk_size)
+
+    async def ticket(self, sha256: str, *, timeout: float) -> TicketGrant:
+        """Ask this (control) connection for a ticket to fetch ``sha256`` from a file worker.
+
+        :raises FileRefused: refused (``not_found``: not this agent's to fetch;
+            ``unavailable``: no workers, or not ready; ``bad_request``: an older server).
+        :raises TransferInterrupted: the connection broke or stayed silent for ``timeout``.
+        """
+        incoming = self._open(TicketRequest(ticket_for=sha256), DEFAULT_CHUNK_SIZE)
+        try:
+            return await incoming.ticket(timeout=timeout)
+        finally:
+            incoming._eof = incoming._grant is not None or incoming._refusal is not None
+            incoming.close()
+
+    @property
+    def lost(self) -> str | None:
+        """Why the connection is gone; ``None`` while it carries file streams."""
+        return self._lost
+
+    def _open(self, request: BaseModel, chunk_size: int) -> IncomingFile:
         stream_id = self._quic.get_next_available_stream_id()
-        incoming = IncomingFile(self, stream_id, request.chunk_size)
+        incoming = IncomingFile(self, stream_id, chunk_size)
         if self._lost is not None:
             incoming._fail(self._lost)
             return incoming

@@ -47,6 +47,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, cast
 
@@ -91,6 +92,7 @@ from .envelope import (
     error_for,
     pong_for,
 )
+from .file_workers import FileWorkerPool
 from .files import (
     CAPABILITY_FILE_QUEUE,
     DEFAULT_MAX_TRANSFERS,
@@ -660,12 +662,16 @@ class _AgentConnection(QuicConnectionProtocol):
             may_fetch=self._server._may_fetch,
             gate=self._server.transfers,
             queue_notices=capabilities.get(CAPABILITY_FILE_QUEUE) == 1,
+            issue_ticket=self._server.file_workers.issue if self._server.file_workers else None,
         )
         welcome: dict[str, Any] = {
             "client_id": client_id,
             "server_time": time.time(),
             "heartbeat": HEARTBEAT_QUIC,
         }
+        if self._server.file_workers is not None and self._server.file_workers.ports:
+            # Where an agent may fetch artifacts with a ticket (older agents ignore it).
+            welcome["file_workers"] = self._server.file_workers.ports
         if public_key is not None:
             welcome["public_key"] = public_key.hex()
         self.send(Envelope(kind=Kind.WELCOME, ref=auth.id, payload=welcome))
@@ -996,6 +1002,8 @@ class QuicServer:
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         busy_retry_after: float = DEFAULT_BUSY_RETRY_AFTER,
         max_file_transfers: int = DEFAULT_MAX_TRANSFERS,
+        file_workers: int = 0,
+        artifact_root: Path | None = None,
     ) -> None:
         """:param max_handshakes: connections in their handshake (QUIC/TLS up to WELCOME or
         refusal) at once; a new connection beyond them is refused before any TLS work with
@@ -1007,7 +1015,10 @@ class QuicServer:
         whether that agent may fetch that artifact; ``None`` lets every agent fetch every
         artifact in ``files``.
         :param max_file_transfers: file transfers sent at once over all connections; more
-        wait in line (:class:`~.files.TransferGate`)."""
+        wait in line (:class:`~.files.TransferGate`); each file worker has a line of its own.
+        :param file_workers: processes serving artifact file streams besides this one
+        (:mod:`.file_workers`), each on a UDP port of its own; 0: none.
+        :param artifact_root: the store directory the file workers read (needed with them)."""
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if idle_timeout <= 0 or handshake_timeout <= 0:
@@ -1026,6 +1037,15 @@ class QuicServer:
         self._handshake_timeout = handshake_timeout
         self._files = files
         self._may_fetch = may_fetch
+        if file_workers < 0:
+            raise ValueError(f"file_workers must not be negative, got {file_workers}")
+        if file_workers and artifact_root is None:
+            raise ValueError("file workers need the artifact store's directory (artifact_root)")
+        self._file_worker_count = file_workers
+        self._artifact_root = artifact_root
+        self._max_file_transfers = max_file_transfers
+        #: The file workers once started (``None`` without them).
+        self.file_workers: FileWorkerPool | None = None
         #: File transfers sending (``active``), waiting, and the bytes they hold.
         self.transfers = TransferGate(max_file_transfers)
         self._requested_port = port
@@ -1091,6 +1111,23 @@ class QuicServer:
         granted = size_receive_buffer(transport, SERVER_RECEIVE_BUFFER_BYTES)
         self._transport = transport
         self._endpoint = endpoint
+        if self._file_worker_count and self._artifact_root is not None:
+            pool = FileWorkerPool(
+                self._file_worker_count,
+                host=self._host,
+                cert=self._certs.cert,
+                key=self._certs.key,
+                store=self._artifact_root,
+                max_transfers=self._max_file_transfers,
+                idle_timeout=self._idle_timeout,
+            )
+            try:
+                await pool.start()
+            except BaseException:
+                endpoint.close()
+                self._endpoint = self._transport = None
+                raise
+            self.file_workers = pool
         logger.info(
             "QUIC server listening on %s:%d (receive buffer %d KiB of %d asked; at most %d "
             "handshakes at once)",
@@ -1138,6 +1175,8 @@ class QuicServer:
         self._endpoint.close()
         self._endpoint = None
         self._transport = None
+        if self.file_workers is not None:
+            await self.file_workers.close()
         tasks = [connection.task for connection in connections]
         if not tasks:
             return
