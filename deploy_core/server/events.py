@@ -23,6 +23,7 @@ from deploy_core.server.ingest import IngestClosed
 from deploy_core.server.ownership import named_deployments
 from deploy_core.server.services import PluginServices
 from deploy_core.transport import AgentSession, Envelope, Kind, ack_for, error_for
+from deploy_core.transport.envelope import CAPABILITY_ACK_REFS, acks_for
 
 if TYPE_CHECKING:
     from deploy_core.server.app import DeployServer
@@ -110,6 +111,13 @@ class EventContext:
 MAX_IN_FLIGHT = 256
 #: How long a stopping server waits for the messages being stored.
 DRAIN_WAIT = 10.0
+#: Events one ACK names at most (to an agent taking ACKs for many: CAPABILITY_ACK_REFS).
+MAX_ACK_REFS = 256
+
+
+def _takes_ack_refs(session: AgentSession) -> bool:
+    capabilities = getattr(session, "capabilities", None)
+    return isinstance(capabilities, dict) and capabilities.get(CAPABILITY_ACK_REFS) is True
 
 
 class _Answers(Protocol):
@@ -138,12 +146,20 @@ class _Slot:
 
 class _Flight:
     """One connection's messages being stored through the ingest: a task each, or for a
-    handler in :class:`Stages` the ingest's future; and their answers, in arrival order."""
+    handler in :class:`Stages` the ingest's future; and their answers, in arrival order.
+
+    To an agent that announced :data:`CAPABILITY_ACK_REFS`, the answers that become ready in
+    one turn of the event loop (a committed batch holds many of its events) go at the turn's
+    end, a run of plain ACKs among them as one ACK naming them all (at most
+    :data:`MAX_ACK_REFS`): one envelope for the agent to read instead of one per event."""
 
     def __init__(self, session: AgentSession) -> None:
         self.session = session
         self.tasks: set[asyncio.Future[Any]] = set()
         self._order: collections.deque[_Slot] = collections.deque()
+        self._acks_many = _takes_ack_refs(session)
+        # Answers ready this turn, for an agent that takes ACKs for many events.
+        self._outgoing: list[Envelope] = []
         # Set when there is room again (asyncio.Semaphore.locked() scans its waiters on
         # every acquire: a connection at its limit paid for 256 waiters per message).
         self._room: asyncio.Future[None] | None = None
@@ -165,9 +181,34 @@ class _Flight:
         """``slot`` holds all its answers: send those now first in line."""
         slot.ready = True
         order, session = self._order, self.session
+        if not self._acks_many:
+            while order and order[0].ready:
+                for env in order.popleft().answers:
+                    session.send(env)
+            return
+        outgoing = self._outgoing
+        scheduled = bool(outgoing)
         while order and order[0].ready:
-            for env in order.popleft().answers:
-                session.send(env)
+            outgoing += order.popleft().answers
+        if outgoing and not scheduled:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send the answers held for the end of the turn: runs of plain ACKs as one each."""
+        outgoing, self._outgoing = self._outgoing, []
+        run: list[Envelope] = []
+        for env in outgoing:
+            if env.kind is Kind.ACK and not env.payload and env.ref is not None:
+                run.append(env)
+                if len(run) < MAX_ACK_REFS:
+                    continue
+            if run:
+                self.session.send(acks_for(run))
+                run = []
+            if env.kind is not Kind.ACK or env.payload or env.ref is None:
+                self.session.send(env)
+        if run:
+            self.session.send(acks_for(run))
 
     def add(self, task: asyncio.Future[Any]) -> None:
         self.tasks.add(task)
@@ -221,6 +262,7 @@ class EventRouter:
             return
         if flight.tasks:  # what came before is stored first
             await asyncio.wait(list(flight.tasks))
+        flight.flush()  # and answered first
         await self._handle(session, env)
 
     async def drain(self, timeout: float = DRAIN_WAIT) -> None:

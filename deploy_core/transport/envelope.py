@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "CAPABILITY_ACK_REFS",
     "CLIENT_ID_PATTERN",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HEARTBEAT_QUIC",
@@ -30,6 +31,7 @@ __all__ = [
     "Kind",
     "ProtocolError",
     "ack_for",
+    "acks_for",
     "encode",
     "error_for",
     "pong_for",
@@ -46,6 +48,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 #: (the agent then sends no PING envelope; the server's QUIC ACK answers). A server without
 #: it answers PING envelopes with PONGs, which every server still does.
 HEARTBEAT_QUIC = "quic"
+
+#: The capability (in AUTH's ``capabilities``) of an agent that takes one ACK for many
+#: events: an ACK whose payload holds ``"refs"``, the ids of every event it acknowledges in
+#: the order they were sent (``ref`` is the first of them).  The server sends those only to
+#: an agent that announced it; to any other, one ACK per event as before.
+CAPABILITY_ACK_REFS = "ack_refs"
 
 _HEADER = struct.Struct(">I")
 _ANSWER_KINDS = frozenset({"ack", "pong"})
@@ -241,6 +249,26 @@ def _answer(kind: Kind, env: Envelope) -> Envelope:
 def ack_for(env: Envelope) -> Envelope:
     """The ACK that confirms ``env`` was received."""
     return _answer(Kind.ACK, env)
+
+
+def acks_for(acks: list[Envelope]) -> Envelope:
+    """One ACK standing for ``acks`` (made by :func:`ack_for`, in order): ``ref`` the first's,
+    ``payload.refs`` all of theirs (see :data:`CAPABILITY_ACK_REFS`).  A single one is
+    returned as it is."""
+    if len(acks) == 1:
+        return acks[0]
+    first = acks[0]
+    return Envelope.model_construct(
+        v=1,
+        id=f"{_ANSWER_PREFIX}{next(_ANSWER_IDS):x}",
+        kind=Kind.ACK,
+        name=first.name,
+        wait_ack=False,
+        need_callback=False,
+        callback_id=None,
+        ref=first.ref,
+        payload={"refs": [ack.ref for ack in acks]},
+    )
 
 
 def pong_for(env: Envelope) -> Envelope:
