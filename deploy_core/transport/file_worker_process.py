@@ -200,4 +200,6 @@ def worker_main() -> None:
         format=f"%(asctime)s file-worker-{config['index']} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # aioquic's own lines (one per handshake) are noise, as in the server (cli/groups.py).
+    logging.getLogger("quic").setLevel(max(logging.WARNING, logging.getLogger().level))
     asyncio.run(_serve_worker(config))
