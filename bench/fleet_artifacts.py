@@ -15,6 +15,18 @@ profiled; then prints where the server's CPU went: by part of the stack (aioquic
 system calls, cryptography, the database …) and the top functions by own and cumulative
 time. (The profile follows the main thread, where the event loop and QUIC run; CPU of
 other threads lands on whatever the main thread was doing, usually waiting in ``epoll``.)
+
+Or it compares the server's file workers (``deployctl server --file-workers N``)::
+
+    python bench/fleet_artifacts.py --compare-workers 0,1,2 [--agents 20] [--mb 50] [--rounds 1]
+
+one fleet of ``--agents`` agents; for each round and each N in turn, the server is killed
+and started again with N file workers, the agents reconnect, and a fresh package (new
+bytes, so no agent has it cached) goes to all of them through the store; prints each run's
+time, MB/s in all, the server's CPU (its workers included) and RSS peak, and each N's median
+MB/s against N = 0. (``bench/fleet.py`` runs its server with ``DEPLOY_CENTER_FILE_WORKERS``
+from the environment, so ``DEPLOY_CENTER_FILE_WORKERS=2 python bench/fleet.py
+--artifact-agents 100`` measures one setting there.)
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import pstats
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -324,6 +337,75 @@ def profile(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def compare_workers(args: argparse.Namespace) -> int:
+    """One fleet, a fresh package to every agent through the store with each number of file
+    workers in turn (rounds interleaved); MB/s in all per run and the ratios to 0."""
+    counts = [int(n) for n in args.compare_workers.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="fleet-workers-"))
+    fleet = Fleet(root)
+    ids = [f"fleet-{i:05d}" for i in range(args.agents)]
+    args.artifact_timeout, args.threads = args.timeout, 8
+    rates: dict[int, list[float]] = {n: [] for n in counts}
+    # The server's CPU (its workers included) per MB delivered, in ms: steadier than MB/s.
+    costs: dict[int, list[float]] = {n: [] for n in counts}
+    rows: list[str] = []
+    saved = os.environ.get("DEPLOY_CENTER_FILE_WORKERS")
+    try:
+        for turn in range(args.rounds):
+            for n in counts:
+                os.environ["DEPLOY_CENTER_FILE_WORKERS"] = str(n)
+                if fleet.server is not None:
+                    fleet.kill_server()  # kill -9: its file workers must go with it
+                fleet.start_server(60.0)
+                if not fleet.workers:
+                    token = fleet.make_join_token(uses=args.agents)
+                    for k in range(args.procs):
+                        fleet.start_worker(f"worker-{k}", ids[k :: args.procs], token)
+                started = time.monotonic()
+                if fleet.wait_connected(set(ids), 120 + 0.2 * args.agents, started) is None:
+                    print(f"not all agents connected ({n} workers)", file=sys.stderr)
+                    return 1
+                package = make_package(root / "package.tar.gz", args.mb)
+                sha = fleet.api.upload_artifact(package)["sha256"]
+                cpu = fleet.cpu_sample()
+                with PeakRss(fleet.server_pids) as peak:
+                    shipped = _deploy(fleet, ids, args, {"artifact": sha}, f"w{n}-{turn}")
+                rate = _rate(args.mb, shipped)
+                rates[n].append(rate)
+                delivered = args.mb * shipped["statuses"].get("success", 0)
+                spent = fleet.cpu_sample()[1] - cpu[1]
+                cost = spent * 1000 / delivered if delivered else 0.0
+                costs[n].append(cost)
+                row = (
+                    f"round {turn + 1}, {n} file workers: {shipped['summary']}; {rate:.1f} MB/s "
+                    f"in all; {fleet.cpu_text(cpu)}; server {cost:.0f} ms CPU per MB; "
+                    f"server RSS peak {peak.kib / 1024:.0f} MiB; load {os.getloadavg()[0]:.1f}"
+                )
+                rows.append(row)
+                print(row, flush=True)
+                shutil.rmtree(root / f"targets-w{n}-{turn}", ignore_errors=True)
+        base = statistics.median(rates[counts[0]]) if rates[counts[0]] else 0.0
+        print(f"\n{args.mb} MB package to {args.agents} agents through the store, medians:")
+        for n in counts:
+            median = statistics.median(rates[n])
+            ratio = f"{median / base:.2f}x" if base else "-"
+            print(
+                f"  {n} file workers: {median:6.1f} MB/s in all   {ratio} of {counts[0]}   "
+                f"server {statistics.median(costs[n]):.0f} ms CPU per MB"
+            )
+        return 0
+    finally:
+        if saved is None:
+            os.environ.pop("DEPLOY_CENTER_FILE_WORKERS", None)
+        else:
+            os.environ["DEPLOY_CENTER_FILE_WORKERS"] = saved
+        fleet.close()
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--serve-profiled"]:
         out, rest = sys.argv[2], sys.argv[3:]
@@ -332,12 +414,24 @@ def main() -> int:
         serve_profiled(out, rest[2:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", action="store_true", required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--profile", action="store_true")
+    mode.add_argument(
+        "--compare-workers",
+        metavar="N,N,...",
+        help="numbers of file workers to compare, e.g. 0,1,2 (the first is the base)",
+    )
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--mb", type=int, default=20, help="the package's size in MB")
+    parser.add_argument("--rounds", type=int, default=1, help="--compare-workers rounds")
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="a package deployment's timeout (s)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
     args = parser.parse_args()
+    if args.compare_workers:
+        return compare_workers(args)
     return profile(args)
 
 
