@@ -147,7 +147,11 @@ async def _serve_worker(config: dict[str, Any]) -> None:
     family, _, proto, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM, proto)
     sock.setblocking(False)
-    sock.bind(address)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        logging.getLogger(__name__).error("cannot listen on %s:%s: %s", host, config["port"], exc)
+        sys.exit(1)
     transport, endpoint = await loop.create_datagram_endpoint(
         lambda: _AdmittingEndpoint(
             configuration=configuration,

@@ -231,7 +231,19 @@ class FileWorkerPool:
         """
         try:
             for child in self._children:
-                await self._spawn(child)
+                try:
+                    await self._spawn(child)
+                except RuntimeError:
+                    if not child.port:
+                        raise
+                    logger.warning(
+                        "file worker %d could not listen on UDP port %d (taken?); it takes "
+                        "a free port instead",
+                        child.index,
+                        child.port,
+                    )
+                    child.port = 0
+                    await self._spawn(child)
         except BaseException:
             await self.close()
             raise

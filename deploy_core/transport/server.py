@@ -1120,6 +1120,10 @@ class QuicServer:
                 store=self._artifact_root,
                 max_transfers=self._max_file_transfers,
                 idle_timeout=self._idle_timeout,
+                # Next to the QUIC port, for firewalls; any free ones with port 0 (tests).
+                ports=[self.port + 1 + i for i in range(self._file_worker_count)]
+                if self._requested_port and self.port + self._file_worker_count < 65536
+                else (),
             )
             try:
                 await pool.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -414,3 +415,21 @@ async def test_close_stops_the_workers(tmp_path: Path, certs: ServerCerts) -> No
     await asyncio.wait_for(pool.close(), 20)
     assert not pool.pids
     assert not [pid for pid in pids if _alive(pid)]
+
+
+async def test_a_worker_whose_port_is_taken_takes_another(
+    tmp_path: Path, certs: ServerCerts
+) -> None:
+    store = tmp_path / "artifacts"
+    (store / "sha256").mkdir(parents=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        pool = FileWorkerPool(
+            1, host="127.0.0.1", cert=certs.cert, key=certs.key, store=store, ports=[port]
+        )
+        await pool.start()
+        try:
+            assert len(pool.ports) == 1 and pool.ports[0] != port
+        finally:
+            await asyncio.wait_for(pool.close(), 20)
