@@ -100,7 +100,7 @@ MAX_TARGETS = 10_000
 # The driver looks at every unfinished rollout at least this often (seconds), events or not.
 RESCAN_INTERVAL = 1.0
 # Passes woken by finished deployments start at most this often (seconds).
-MIN_PASS_GAP = 0.2
+MIN_PASS_GAP = 0.5
 # The lease: how long it lasts, and how often the holder renews it during a long pass.
 LEASE_NAME = "rollouts"
 LEASE_SECONDS = 15.0
