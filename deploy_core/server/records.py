@@ -25,6 +25,7 @@ from deploy_core.server import locks, log_chunks
 from deploy_core.server.clients import ClientRecords
 from deploy_core.server.db import (
     bulk_insert,
+    client_locks,
     clients,
     deploy_artifacts,
     deploy_log_chunks,
@@ -688,6 +689,82 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         self._release(conn, record.client_id, callback.callback_id)
         return Applied(True, self._get(conn, callback.callback_id), previous)
 
+    def finish_many_in(
+        self, conn: Connection, callbacks: Sequence[tuple[str, DeployCallbackPayload]]
+    ) -> list[Applied]:
+        """Many ``(client_id, callback)`` in the caller's transaction, with what
+        :meth:`finish_in` one after another would give, in a few statements whatever their
+        number (the ingest's batches, when a rollout's agents finish together): one locking
+        read of the records, one ``UPDATE`` (``executemany``), one ``INSERT`` of the history
+        lines, the locks and secrets freed in two ``DELETE``s, one read back.  The rare cases
+        (a record finished already, the same deployment twice in the batch) go through
+        :meth:`finish_in` in order."""
+        named = sorted({cb.callback_id for _client, cb in callbacks})
+        if len(named) != len(callbacks):
+            return [self.finish_in(conn, client_id, cb) for client_id, cb in callbacks]
+        rows = conn.execute(
+            sa.select(deployments)
+            .where(deployments.c.deploy_id.in_(named))
+            .order_by(deployments.c.deploy_id)
+            .with_for_update()
+        )
+        records = {row.deploy_id: DeploymentRow.from_row(row) for row in rows}
+        now = time.time()
+        finishing: list[tuple[str, DeployCallbackPayload, DeploymentRow]] = []
+        results: dict[str, Applied] = {}
+        for client_id, cb in callbacks:
+            record = records.get(cb.callback_id)
+            if record is None or record.client_id != client_id:
+                results[cb.callback_id] = Applied(False, None, None)
+            elif record.finished_at is not None:
+                results[cb.callback_id] = self.finish_in(conn, client_id, cb)
+            else:
+                finishing.append((client_id, cb, record))
+        if finishing:
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id == sa.bindparam("key"))
+                .values({name: sa.bindparam(name) for name in _FINISHED}),
+                [
+                    {
+                        "key": cb.callback_id,
+                        "status": cb.status.value,
+                        "stage": cb.status.value,
+                        "progress": 100,
+                        "result": cb.result,
+                        "error": cb.error,
+                        "health": [h.model_dump(mode="json") for h in cb.health],
+                        "rollback": cb.rollback.model_dump(mode="json") if cb.rollback else None,
+                        "rollback_state": cb.rollback_state,
+                        "agent_status": cb.status.value,
+                        "updated_at": now,
+                        "finished_at": now,
+                    }
+                    for _client, cb, _record in finishing
+                ],
+            )
+            lines = [
+                (cb.callback_id, None, cb.status.value, cb.status.value, 100,
+                 cb.error or ("succeeded" if cb.success else "finished"), "agent", now)
+                for _client, cb, _record in finishing
+            ]  # fmt: skip
+            bulk_insert(conn, status_history, _HISTORY_COLUMNS, lines)
+            ids = [cb.callback_id for _client, cb, _record in finishing]
+            conn.execute(deploy_secrets.delete().where(deploy_secrets.c.deploy_id.in_(ids)))
+            held = [{"client": r.client_id, "deploy": r.deploy_id} for _c, _cb, r in finishing]
+            conn.execute(
+                client_locks.delete().where(
+                    client_locks.c.client_id == sa.bindparam("client"),
+                    client_locks.c.deploy_id == sa.bindparam("deploy"),
+                ),
+                held,
+            )
+            after = conn.execute(sa.select(deployments).where(deployments.c.deploy_id.in_(ids)))
+            done = {row.deploy_id: DeploymentRow.from_row(row) for row in after}
+            for _client, cb, record in finishing:
+                results[cb.callback_id] = Applied(True, done[cb.callback_id], record.status)
+        return [results[cb.callback_id] for _client, cb in callbacks]
+
     def expire(self, deploy_id: str, reason: str, *, rollback_wanted: bool = True) -> Applied:
         """The watchdog's verdict: mark an unfinished deployment ``timeout`` and free its
         client (SPEC deploy-31)."""
@@ -890,6 +967,11 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
 
 # What a report changes in its record, and a history line's columns (apply_reports_in).
 _MOVED = ("status", "stage", "progress", "last_seq", "updated_at")
+# What a callback sets in a record it finishes (finish_many_in).
+_FINISHED = (
+    "status", "stage", "progress", "result", "error", "health", "rollback", "rollback_state",
+    "agent_status", "updated_at", "finished_at",
+)  # fmt: skip
 _HISTORY_COLUMNS = ("deploy_id", "seq", "status", "stage", "progress", "message", "source", "ts")
 
 

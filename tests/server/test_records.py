@@ -6,6 +6,7 @@ Every test runs against a fresh SQLite database and a fresh PostgreSQL schema.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -368,6 +369,101 @@ def test_many_racing_single_creates_let_exactly_one_per_client_through(
         records, total = store.list_for_client(client)
         assert total == 1, (client, records)
         assert locked_by(store, client) == records[0].deploy_id
+
+
+def _finishing_cases(store: RecordStore, prefix: str) -> list[tuple[str, DeployCallbackPayload]]:
+    """Deployments in every state a callback can meet, and the callbacks: success with a
+    result; a failure with health, a rollback and its state; one finished by the watchdog
+    already (a late callback); another client's; an unknown id."""
+    for i in range(1, 4):
+        store.create_deployment(
+            deploy_id=f"{prefix}{i}",
+            client_id=f"{prefix}-web-{i}",
+            command_type=SHELL,
+            request={"params": {"script": "true"}},
+            deadline=time.time() + 600,
+            secret_env={"TOKEN": "s3cret"},
+        )
+    assert store.expire(f"{prefix}3", "deadline passed").applied
+    failed = DeployCallbackPayload(
+        callback_id=f"{prefix}2",
+        command_type=SHELL,
+        deploy_type="shell",
+        status=DeployStatus.ROLLED_BACK,
+        success=False,
+        error="health check failed",
+        health=[HealthCheckResult(success=False, check_type="http", error="503", attempts=3)],
+        rollback=RollbackResult(success=True, strategy="snapshot", message="restored"),
+        rollback_state={"snapshot": "/var/lib/x"},
+    )
+    return [
+        (f"{prefix}-web-1", callback(f"{prefix}1", result={"exit_code": 0})),
+        (f"{prefix}-web-2", failed),
+        (f"{prefix}-web-3", callback(f"{prefix}3")),
+        (f"{prefix}-web-1", callback(f"{prefix}2")),  # not its deployment
+        (f"{prefix}-web-1", callback(f"{prefix}404")),
+    ]
+
+
+def _finished_state(store: RecordStore, prefix: str, applied: list[Applied]) -> Any:
+    def strip(value: Any) -> Any:
+        text = repr(value).replace(prefix, "P")
+        return re.sub(r"\d{9,}\.\d+", "T", text)
+
+    records = [record_of(store, f"{prefix}{i}").as_dict() for i in range(1, 4)]
+    for record in records:
+        assert record["finished_at"] is not None
+        for key in ("created_at", "updated_at", "finished_at", "deadline", "dispatched_at"):
+            record.pop(key, None)
+    history = [
+        [
+            (h.status, h.stage, h.progress, h.message, h.source, h.seq)
+            for h in store.history(f"{prefix}{i}")
+        ]
+        for i in range(1, 4)
+    ]
+    secrets = [store.secret_env(f"{prefix}{i}") for i in range(1, 4)]
+    locks_left = sorted(
+        lock.deploy_id for lock in store.locks() if lock.deploy_id.startswith(prefix)
+    )
+    answers = [(a.applied, a.previous, a.record.deploy_id if a.record else None) for a in applied]
+    return strip((records, history, secrets, locks_left, answers))
+
+
+def test_callbacks_finished_together_match_one_by_one(store: RecordStore) -> None:
+    """finish_many_in (the ingest's batch of callbacks) leaves records, histories, locks and
+    secrets as finish_in one after another does, and answers each callback the same."""
+    singles = _finishing_cases(store, "alpha")
+    together = _finishing_cases(store, "omega")
+
+    with store.engine.begin() as conn:
+        one_by_one = [store.finish_in(conn, client_id, cb) for client_id, cb in singles]
+    with store.engine.begin() as conn:
+        many = store.finish_many_in(conn, together)
+
+    assert _finished_state(store, "omega", many) == _finished_state(store, "alpha", one_by_one)
+    assert [a.applied for a in many] == [True, True, False, False, False]
+    assert record_of(store, "omega2").health == [
+        HealthCheckResult(success=False, check_type="http", error="503", attempts=3).model_dump(
+            mode="json"
+        )
+    ]
+    assert record_of(store, "omega1").result == {"exit_code": 0}
+    assert store.lock_holder("omega-web-1") is None and store.lock_holder("omega-web-2") is None
+
+
+def test_the_same_deployment_twice_in_one_batch_is_finished_once(store: RecordStore) -> None:
+    create(store, "d1", "web-1")
+
+    with store.engine.begin() as conn:
+        first, second = store.finish_many_in(
+            conn, [("web-1", callback("d1")), ("web-1", callback("d1", DeployStatus.FAILED))]
+        )
+
+    assert first.applied and not second.applied
+    assert record_of(store, "d1").status == "success"
+    # As finish_in does: the agent's own status is kept, a repeat changes nothing.
+    assert [h.status for h in store.history("d1")] == ["pending", "success"]
 
 
 def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
