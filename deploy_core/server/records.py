@@ -952,6 +952,37 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             )
         return True
 
+    @staticmethod
+    def mark_acked_many_in(conn: Connection, acks: Sequence[tuple[str, str]]) -> list[bool]:
+        """Many ``(client_id, deploy_id)`` :meth:`mark_acked_in` in two statements (the
+        ingest's batch, when a rollout's agents acknowledge their commands together):
+        whether each deployment is the client's."""
+        named = sorted({deploy_id for _client, deploy_id in acks})
+        rows = conn.execute(
+            sa.select(
+                deployments.c.deploy_id, deployments.c.client_id, deployments.c.acked_at
+            ).where(deployments.c.deploy_id.in_(named))
+        ).all()
+        found = {row.deploy_id: row for row in rows}
+        owned = [
+            (row := found.get(deploy_id)) is not None and row.client_id == client_id
+            for client_id, deploy_id in acks
+        ]
+        fresh = sorted(
+            {
+                d
+                for (_c, d), mine in zip(acks, owned, strict=True)
+                if mine and found[d].acked_at is None
+            }
+        )
+        if fresh:
+            conn.execute(
+                deployments.update()
+                .where(deployments.c.deploy_id.in_(fresh), deployments.c.acked_at.is_(None))
+                .values(acked_at=time.time())
+            )
+        return owned
+
     def _set(self, deploy_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:
             conn.execute(

@@ -466,6 +466,27 @@ def test_the_same_deployment_twice_in_one_batch_is_finished_once(store: RecordSt
     assert [h.status for h in store.history("d1")] == ["pending", "success"]
 
 
+def test_acks_marked_together_keep_the_first_time_and_refuse_other_clients(
+    store: RecordStore,
+) -> None:
+    for i in range(1, 4):
+        create(store, f"d{i}", f"web-{i}")
+    store.mark_acked("web-1", "d1")
+    first = record_of(store, "d1").acked_at
+    assert first is not None
+
+    with store.engine.begin() as conn:
+        owned = store.mark_acked_many_in(
+            conn,
+            [("web-1", "d1"), ("web-2", "d2"), ("web-1", "d3"), ("web-3", "nope"), ("web-2", "d2")],
+        )
+
+    assert owned == [True, True, False, False, True]
+    assert record_of(store, "d1").acked_at == first  # acknowledged again: the first time stays
+    assert record_of(store, "d2").acked_at is not None
+    assert record_of(store, "d3").acked_at is None  # web-1 may not acknowledge web-3's
+
+
 def test_rollback_deployment_marks_the_original_rolled_back(store: RecordStore) -> None:
     create(store, "d1")
     store.mark_acked("web-1", "d1")
