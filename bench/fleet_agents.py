@@ -38,6 +38,7 @@ from deploy_core.agent.runtime import Agent, AgentConfig
 from deploy_core.models import EVENT_STATUS, DeployStatus, DeployStatusReport
 from deploy_core.plugins import get_plugins
 from deploy_core.transport import Envelope, Kind
+from deploy_core.transport.envelope import CAPABILITY_ACK_REFS
 
 # One agent per host scans /proc for orphans once a second.  A worker holds hundreds of
 # agents, whose scans (~8 ms each on this machine) would cost the worker whole cores that
@@ -242,11 +243,13 @@ async def _wire(agent: Agent, deploy_id: str, events: int, every: float, started
     passed_on = connector._on_message  # the agent's handler (a bench may reach in)
 
     async def on_message(env: Envelope) -> None:
-        if env.kind in (Kind.ACK, Kind.ERROR) and env.ref in unacked:
-            unacked.discard(env.ref)
-            acked[0] += 1
+        refs = env.payload.get("refs") if env.kind is Kind.ACK else None
+        refs = refs if isinstance(refs, list) else [env.ref]
+        if env.kind in (Kind.ACK, Kind.ERROR) and refs[0] in unacked:
+            unacked.difference_update(refs)
+            acked[0] += len(refs)
             room.set()
-            if acked[0] == events:
+            if acked[0] >= events:
                 finished.set()
             return
         await passed_on(env)
@@ -303,6 +306,9 @@ async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
         )
         for client_id in args.ids
     ]
+    if args.ack_refs:
+        for agent in agents:
+            take_ack_refs(agent)
     crashed: list[str] = []
 
     async def run_one(agent: Agent) -> None:
@@ -347,6 +353,26 @@ async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
     write_stats(args.stats, agents, counter, crashed, extra)
 
 
+def take_ack_refs(agent: Agent) -> None:
+    """Have ``agent`` announce :data:`CAPABILITY_ACK_REFS` and hand its handler an ACK for
+    many events as one ACK per event (the agent runtime of this tree does not take them
+    itself yet; an agent that does would drop them from its journal in one write)."""
+    connector = agent.connector
+    announced = connector._capabilities  # a bench may reach in
+    handler = connector._on_message
+    connector._capabilities = lambda: {**announced(), CAPABILITY_ACK_REFS: True}
+
+    async def on_message(env: Envelope) -> None:
+        refs = env.payload.get("refs") if env.kind is Kind.ACK else None
+        if not isinstance(refs, list):
+            await handler(env)
+            return
+        for ref in refs:
+            await handler(Envelope.model_construct(**{**dict(env), "ref": ref, "payload": {}}))
+
+    connector._on_message = on_message
+
+
 def log_unfinished(log: logging.Logger, limit: int = 40) -> None:
     """Name the tasks still running (and where they wait) when agents do not stop in time."""
     current = asyncio.current_task()
@@ -376,6 +402,12 @@ def main() -> int:
         type=Path,
         required=True,
         help='when this file appears: flood {"events": E, "deploys": {client id: deploy id}}',
+    )
+    parser.add_argument(
+        "--ack-refs",
+        action="store_true",
+        help="agents announce ack_refs (one ACK for many events); the worker hands each "
+        "agent such an ACK as one ACK per event, as an agent runtime taking them would",
     )
     parser.add_argument("ids", nargs="+")
     args = parser.parse_args()

@@ -192,6 +192,8 @@ class Fleet:
     workers: list[Worker] = field(default_factory=list)
     # Interpreter options before the server's "-m deploy_core.cli" (e.g. "-m cProfile -o F").
     server_wrapper: list[str] = field(default_factory=list)
+    # More arguments for every worker (bench/fleet_agents.py), e.g. ["--ack-refs"].
+    worker_args: list[str] = field(default_factory=list)
     _api: DeployClient | None = None
 
     @property
@@ -278,7 +280,7 @@ class Fleet:
         args = [sys.executable, str(WORKER_SCRIPT), "--server", f"127.0.0.1:{self.quic_port}"]
         args += ["--ca", str(self.server_dir / "ca.pem"), "--join-token-file", str(join_token_file)]
         args += ["--root", str(self.root / "agents"), "--stats", str(stats), "--log", str(log)]
-        args += ["--control", str(control)]
+        args += ["--control", str(control), *self.worker_args]
         proc = _start([*args, *ids], self.root / f"{name}.out", env)
         worker = Worker(name, ids, proc, stats, log, control)
         self.workers.append(worker)

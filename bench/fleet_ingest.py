@@ -24,6 +24,7 @@ queued-to-committed p99 comes from its ``ingest:`` log lines (server/ingest.py).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from fleet_harness import Fleet
@@ -32,6 +33,17 @@ from fleet_runs import ingest_figures
 GENERATORS = ("reporter", "wire")
 INGEST_FIGURES_WAIT = 25.0
 START_WAIT = 60.0
+
+
+def udp_datagrams() -> int:
+    """UDP datagrams this machine has received so far (/proc/net/snmp: every process's, so
+    others' traffic counts too; on loopback each datagram sent is also received)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    except OSError:
+        return 0
+    header, values = [line for line in lines if line and line[0] == "Udp:"][:2]
+    return int(values[header.index("InDatagrams")])
 
 
 def describe(generator: str) -> str:
@@ -76,6 +88,7 @@ def ingest(
     commanded = []
     log_from = server_log.stat().st_size if server_log.exists() else 0
     cpu = fleet.cpu_sample()
+    datagrams = udp_datagrams()
     # Every worker starts at the same wall-clock moment, so the pace is the total's.
     start_at = time.time() + 0.5
     for worker in fleet.workers:
@@ -103,6 +116,7 @@ def ingest(
     if not all(results) or errors:
         raise RuntimeError(f"the flood did not finish in {timeout:g} s: {errors or results}")
     busy = fleet.cpu_text(cpu)
+    datagrams = udp_datagrams() - datagrams
     # CPU seconds per event (a loaded machine distorts wall time much more than these); the
     # idle agents' heartbeats over the same time are in them too (a few % of a core).
     _now, server_cpu, worker_cpu = fleet.cpu_sample()
@@ -126,6 +140,7 @@ def ingest(
     return {
         "server_cpu_ms": server_cpu * 1000 / max(total, 1),
         "agents_cpu_ms": worker_cpu * 1000 / max(total, 1),
+        "datagrams_per_event": datagrams / max(total, 1),
         "events": total,
         "agents": len(deploys),
         "generator": generator,

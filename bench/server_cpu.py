@@ -140,7 +140,11 @@ def _short(frame: str) -> str:
 def measure(tree: Path | None, name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """One tree's figures (``tree`` None: this checkout)."""
     wrapper = [] if tree is None else ["-c", _BOOT, str(tree)]
-    fleet = Fleet(root / name, server_wrapper=wrapper)
+    fleet = Fleet(
+        root / name,
+        server_wrapper=wrapper,
+        worker_args=["--ack-refs"] if args.ack_refs else [],
+    )
     ids = [f"fleet-{i:05d}" for i in range(args.agents)]
     result: dict[str, Any] = {"tree": name, "load_start": _load()}
     try:
@@ -262,6 +266,12 @@ def main() -> int:
     parser.add_argument("--flood-agents", type=int, default=20, help="0: no report flood")
     parser.add_argument("--events", type=int, default=300, help="reports per flooding agent")
     parser.add_argument("--base", type=Path, help="a tree to measure first (the before)")
+    parser.add_argument(
+        "--ack-refs",
+        action="store_true",
+        help="agents announce ack_refs (one ACK for many events; a server that does not know "
+        "it sends one per event): with --base, the server's side of it before/after",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy the server; profiles go here")
     parser.add_argument("--keep", type=Path, help="keep the run's directory here")
     parser.add_argument(
