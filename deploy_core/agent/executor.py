@@ -27,7 +27,7 @@ from deploy_core.agent.context import DeployContext, DeployFailed
 from deploy_core.agent.health import run_health_checks
 from deploy_core.agent.journal import Journal
 from deploy_core.agent.process import KILL_GRACE
-from deploy_core.agent.reporter import OutboxReporter
+from deploy_core.agent.reporter import MAX_BATCH_BYTES, MAX_UNACKED_BYTES, OutboxReporter
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.models import (
     COMMAND_ROLLBACK,
@@ -108,11 +108,18 @@ class Executor:
         log.info("constraints: %s", self.constraints.describe())
 
     def _context(self, command: DeployCommand, deploy_type: DeployType | None) -> DeployContext:
+        # The outbox's bound from the command itself: the reporter would read it from the
+        # journal, where a command just received may not be committed yet (its write joins
+        # the started mark's transaction).
+        budget = command.log_budget_bytes
         reporter = OutboxReporter(
             self.journal,
             deploy_id=command.deploy_id,
             command_type=command.command_type,
             wake=self.wake,
+            max_unacked_bytes=None
+            if budget is None
+            else max(MAX_BATCH_BYTES, min(MAX_UNACKED_BYTES, budget // 4)),
         )
 
         return DeployContext(
