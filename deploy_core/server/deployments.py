@@ -59,29 +59,37 @@ class Deployments:
         rollback_of: str | None = None,
         secret_env: dict[str, str] | None = None,
         deploy_id: str | None = None,
+        before: Callable[[], object] | None = None,
     ) -> DeploymentRow:
         """Record a new deployment (taking the client's lock, in one transaction) and send it
         if the agent is connected.  ``deploy_id`` is one the caller chose and recorded
         beforehand (a rollout's target), so that trying again never makes a second
-        deployment: the id is unique.
+        deployment: the id is unique.  ``before``: blocking work run first, on the same
+        worker thread (the API's read and checks of the client: one hand-over to a thread
+        per request, not two); what it raises, ``submit`` raises, and nothing is recorded.
         :raises ClientBusy: the client is busy."""
         deploy_id = deploy_id or uuid.uuid4().hex
         target, artifacts = deployment_scope(self.plugins, command_type, request)
         # Sent at once when its agent is here: marked dispatched in the same transaction.
         connected = self.dispatcher.session_for(client_id) is not None
-        record = await self.db(
-            self.records.create_deployment,
-            deploy_id=deploy_id,
-            client_id=client_id,
-            command_type=command_type,
-            request=request,
-            deadline=deadline,
-            rollback_of=rollback_of,
-            secret_env=secret_env,
-            target=target,
-            artifacts=artifacts,
-            dispatched=connected,
-        )
+
+        def create() -> DeploymentRow:
+            if before is not None:
+                before()
+            return self.records.create_deployment(
+                deploy_id=deploy_id,
+                client_id=client_id,
+                command_type=command_type,
+                request=request,
+                deadline=deadline,
+                rollback_of=rollback_of,
+                secret_env=secret_env,
+                target=target,
+                artifacts=artifacts,
+                dispatched=connected,
+            )
+
+        record = await self.db(create)
         self.record_changed(record, None)
         await self.dispatcher.dispatch(record, marked=connected)
         return record

@@ -67,6 +67,7 @@ from deploy_core.server.rollbacks import (
     cascade_order,
     request_rollback,
 )
+from deploy_core.server.rows import ClientRow
 from deploy_core.server.services import PluginServices
 
 if TYPE_CHECKING:
@@ -90,21 +91,30 @@ async def create_deployment(request: Request) -> Response:
     deploy_type_of(server, kind)
     prepared = await prepare_deploy(server, kind, await json_body(request))
     common = prepared.common
-    client = await server.db(server.records.get_client, common.client_id)
-    if client is None:
-        raise ApiError(404, f"unknown client {common.client_id!r}: no agent enrolled with that id")
-    prepared.check_capabilities(client)
-    seconds = prepared.seconds
+    clients: list[ClientRow] = []
+
+    def check_client() -> None:
+        # On the thread that then records the deployment (one hand-over per request).
+        client = server.records.get_client(common.client_id)
+        if client is None:
+            raise ApiError(
+                404, f"unknown client {common.client_id!r}: no agent enrolled with that id"
+            )
+        prepared.check_capabilities(client)
+        clients.append(client)
+
     try:
         record = await server.deployments.submit(
             client_id=common.client_id,
             command_type=prepared.deploy_type.name,
             request=prepared.request,
-            deadline=time.time() + seconds,
+            deadline=time.time() + prepared.seconds,
             secret_env=common.secret_env,
+            before=check_client,
         )
     except ClientBusy as exc:
         raise ApiError(409, str(exc), {"busy_with": exc.deploy_id}) from None
+    client = clients[0]
     return JSONResponse(
         {
             "deploy_id": record.deploy_id,
