@@ -332,10 +332,13 @@ class ClientRecords:
             + sa.func.coalesce(clients.c.disconnected_since, 0.0)
             + sa.func.coalesce(clients.c.revoked_at, 0.0)
         )
+        # Summed as whole milliseconds: a sum of floats depends on the order the database
+        # reads the rows in, which an UPDATE of other columns may change (PostgreSQL).
+        millis = sa.cast(sa.func.round(stamps * 1000), sa.BigInteger)
         query = sa.select(
             sa.func.count(),
             sa.func.sum(sa.case((clients.c.connected.is_(True), 1), else_=0)),
-            sa.func.sum(stamps),
+            sa.func.sum(millis),
             sa.func.max(clients.c.connected_since),
             sa.func.max(clients.c.disconnected_since),
         )
