@@ -18,6 +18,9 @@ from deploy_core.server.rollouts import RolloutStore
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
+#: After a failed pass, or while another replica holds the duty, the next look comes this
+#: soon (seconds) instead of a whole interval later.
+RETRY = 10.0
 
 
 class Retention:
@@ -32,28 +35,34 @@ class Retention:
         interval: float = DAY,
         may_run: Callable[[], bool] = lambda: True,
         rollouts: RolloutStore | None = None,
+        retry: float = RETRY,
     ) -> None:
         """:param may_run: whether this replica holds the retention lease (leases.py): a pass
         runs only then."""
         self.records = records
         self.days = days
         self.interval = interval
+        self.retry = retry
         self.may_run = may_run
         self.rollouts = rollouts
         self.outage = OutageLog(log, "retention")
 
     async def run(self) -> None:
         """Pass after pass until cancelled, the first at once; a failed pass is logged (a
-        database outage without its traceback) and the next one runs."""
+        database outage without its traceback) and tried again ``retry`` seconds later, and
+        while this replica does not hold the duty it looks again as often (a pass waits a
+        whole ``interval`` only after one that ran)."""
         while True:
+            wait = min(self.interval, self.retry)
             try:
                 if self.may_run():
                     await self.prune()
                     self.outage.ok()
+                    wait = self.interval
             except Exception as exc:
                 if not self.outage.failed(exc):
                     log.exception("retention pass failed")
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(wait)
 
     async def prune(self) -> int:
         """One pass; returns how many deployments it deleted."""
