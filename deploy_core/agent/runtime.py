@@ -52,10 +52,6 @@ SETTLE_EVERY = 10
 SEND_WINDOW_BYTES = 2 * 1024 * 1024
 # Outbox messages read at most per round of the pump.
 PUMP_BATCH = 64
-# While at most this many bytes of the outbox wait to be sent, the pump reads them on the
-# event loop (a few small rows: well under a millisecond) instead of on a worker thread,
-# whose hand-over cost more than the read on the path of every report (issue 13).
-INLINE_READ_BYTES = 64 * 1024
 
 
 @dataclass
@@ -374,13 +370,12 @@ class Agent:
                 self._in_flight.clear()
                 self._last_resend = time.monotonic()
             while self.connector.connected and self._window_open():
-                unsent = self.journal.outbox_bytes() - sum(self._in_flight.values())
-                if unsent <= INLINE_READ_BYTES:
-                    batch = self.journal.pending(after=self._sent_upto, limit=PUMP_BATCH)
-                else:
-                    batch = await asyncio.to_thread(
-                        self.journal.pending, after=self._sent_upto, limit=PUMP_BATCH
-                    )
+                # On a worker thread: read on the event loop, the same few rows made the
+                # dispatch of `true` slower (p50 1.14x in bench/dispatch.py --against): the
+                # loop gave up the GIL for SQLite and waited to get it back.
+                batch = await asyncio.to_thread(
+                    self.journal.pending, after=self._sent_upto, limit=PUMP_BATCH
+                )
                 if not batch:
                     break
                 for msg in batch:
