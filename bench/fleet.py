@@ -181,7 +181,7 @@ def rollout_everywhere(fleet: Fleet, ids: list[str], timeout: float) -> tuple[An
 def ingest_phase(
     fleet: Fleet, report: Report, args: argparse.Namespace, ids: list[str]
 ) -> dict[str, str]:
-    """The status-event flood (fleet_runs.ingest); the deployments it leaves running."""
+    """The status-event flood (fleet_ingest.ingest); the deployments it leaves running."""
     if not (args.ingest_agents and args.ingest_events):
         return {}
     flood = ingest(
