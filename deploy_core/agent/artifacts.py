@@ -56,6 +56,7 @@ __all__ = [
     "ArtifactTimeout",
     "FetchedArtifact",
     "FileChannel",
+    "FileWorkerChannel",
     "Progress",
     "Waiting",
 ]
