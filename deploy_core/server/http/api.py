@@ -169,7 +169,8 @@ async def get_deployment(request: Request) -> Response:
     A waiting request reads the record once, after subscribing to its changes; then each
     change told to the listeners is the record as its transaction stored it (published
     only after the commit), so the answer needs no read of its own: no thread hop and no
-    query between the recorded status and the response."""
+    query between the recorded status and the response.  Woken, it answers the newest
+    change published by then."""
     server = services(request)
     deploy_id = request.path_params["deploy_id"]
     wait = float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
@@ -190,6 +191,10 @@ async def get_deployment(request: Request) -> Response:
                 view = await asyncio.wait_for(queue.get(), left)
             except TimeoutError:
                 break
+            # The newest of what was published meanwhile (an agent's last report and its
+            # callback are stored in one transaction: answer the end, not the report).
+            while not queue.empty():
+                view = queue.get_nowait()
     return JSONResponse(view)
 
 
