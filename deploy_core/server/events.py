@@ -371,9 +371,9 @@ class EventRouter:
             deploy_id = env.payload.get("deploy_id")
             if deploy_id is None:
                 return
-            records, client_id = self.server.records, session.client_id
-            owned = isinstance(deploy_id, str) and await self.server.ingest.submit(
-                lambda conn: records.mark_acked_in(conn, client_id, deploy_id)
+            # Grouped: a rollout's agents acknowledge their commands within the same moments.
+            owned = isinstance(deploy_id, str) and await self.server.ingest.submit_grouped(
+                self.server.records.mark_acked_many_in, (session.client_id, deploy_id)
             )
             if not owned:
                 session.send(error_for(env, not_yours(session.client_id, [deploy_id])))
