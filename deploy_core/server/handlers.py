@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-from sqlalchemy.engine import Connection
 
 from deploy_core.hookspecs import hookimpl
 from deploy_core.models import (
@@ -27,7 +26,7 @@ from deploy_core.server.events import (
     in_stages,
     not_yours,
 )
-from deploy_core.server.records import Applied, RecordStore
+from deploy_core.server.records import Applied
 from deploy_core.server.rows import DeploymentRow
 
 if TYPE_CHECKING:
@@ -101,16 +100,8 @@ async def queue_callback(ctx: EventContext) -> asyncio.Future[Applied]:
     except ValidationError as exc:
         raise EventRejected(f"malformed command.callback: {exc}") from None
     records = ctx.server.records
-    return await ctx.server.ingest.queue_grouped(
-        _finish_callbacks, (records, ctx.client_id, callback)
-    )
-
-
-def _finish_callbacks(
-    conn: Connection, callbacks: list[tuple[RecordStore, str, DeployCallbackPayload]]
-) -> list[Applied]:
-    """Store a run of callbacks in the ingest's transaction, each as :meth:`finish_in`."""
-    return [records.finish_in(conn, client_id, cb) for records, client_id, cb in callbacks]
+    # A run of callbacks (a rollout's agents finishing together) in a few statements.
+    return await ctx.server.ingest.queue_grouped(records.finish_many_in, (ctx.client_id, callback))
 
 
 # What follows a finish, running (the router's stage is synchronous): kept from the
