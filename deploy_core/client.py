@@ -591,8 +591,15 @@ class DeployClient:
             record = newer
 
     def wait(self, deploy_id: str, *, timeout: float = 600) -> dict[str, Any]:
-        """Block until the deployment finishes; the final record."""
-        final: dict[str, Any] = {}
-        for final in self.watch(deploy_id, timeout=timeout):  # noqa: B007 - the last one counts
-            pass
-        return final
+        """Block until the deployment finishes; the final record.  Long-polls for the end
+        (``?wait`` without ``since``): one request answered when it finishes, not one per
+        change of status as :meth:`watch` makes.
+        :raises TimeoutError: not finished within ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        record = self.get(deploy_id, wait=max(0.001, min(20.0, timeout)))
+        while not record["finished"]:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"deployment {deploy_id} did not finish within {timeout:g}s")
+            record = self.get(deploy_id, wait=min(20.0, left))
+        return record

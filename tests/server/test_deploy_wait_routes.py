@@ -6,6 +6,7 @@ agent over real QUIC."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from deploy_core.client import DeployClient
 from deploy_core.plugins import load_plugins
 from deploy_core.testing import InProcessCenter, in_process_center
 
@@ -78,3 +80,24 @@ async def test_a_waiting_get_of_an_unknown_deployment_is_a_404(center: InProcess
     answer = await center.http.get("/api/deploy/no-such-id", params={"wait": 5})
     assert answer.status_code == 404
     assert center.server.listeners.count() == before  # its subscription was dropped
+
+
+async def test_deploy_client_wait_returns_the_final_record_or_times_out(
+    center: InProcessCenter,
+) -> None:
+    """``DeployClient.wait`` long-polls for the end (one request, not one per change)."""
+    server = center.server
+    api = DeployClient(server.api_url, server.state.admin_token)
+    try:
+        answer = await post(center, "web-1", "sleep 0.3; echo done")
+        record = await asyncio.to_thread(api.wait, answer.json()["deploy_id"], timeout=60)
+        assert record["finished"] and record["status"] == "success"
+        assert record["result"]["stdout_tail"] == "done\n"
+
+        answer = await post(center, "web-1", "sleep 30")
+        deploy_id = answer.json()["deploy_id"]
+        with pytest.raises(TimeoutError, match="did not finish within 1s"):
+            await asyncio.to_thread(api.wait, deploy_id, timeout=1)
+        assert not (await center.http.get(f"/api/deploy/{deploy_id}")).json()["finished"]
+    finally:
+        api.close()
