@@ -109,7 +109,8 @@ class Agent:
         self._sent_upto = 0
         # Sent and unacknowledged events: their sizes by message id.
         self._in_flight: dict[str, int] = {}
-        self._last_resend = time.monotonic()
+        # When each of those was sent (time.monotonic()), oldest first.
+        self._sent_at: dict[str, float] = {}
         self._stopping = asyncio.Event()
         # The worker starts nothing new until interrupted deployments are dealt with.
         self._recovered = asyncio.Event()
@@ -303,6 +304,7 @@ class Agent:
             self.metrics.connects.inc()
         self._sent_upto = 0
         self._in_flight.clear()
+        self._sent_at.clear()
         self._wake.set()
 
     async def _on_message(self, env: Envelope) -> None:
@@ -353,6 +355,7 @@ class Agent:
             log.info("accepted deployment %s (%s)", deploy_id, command.command_type)
 
     def _acked(self, msg_id: str) -> None:
+        self._sent_at.pop(msg_id, None)
         if self._in_flight.pop(msg_id, None) is not None:
             self._wake.set()
 
@@ -365,10 +368,13 @@ class Agent:
             self._wake.clear()
             if not self.connector.connected:
                 continue
-            if time.monotonic() - self._last_resend > RESEND_AFTER:
+            oldest = next(iter(self._sent_at.values()), None)
+            if oldest is not None and time.monotonic() - oldest > RESEND_AFTER:
+                # Unacknowledged for RESEND_AFTER: everything not acknowledged goes again
+                # (not every RESEND_AFTER whatever was sent a moment ago).
+                self._sent_at.clear()
                 self._sent_upto = 0
                 self._in_flight.clear()
-                self._last_resend = time.monotonic()
             while self.connector.connected and self._window_open():
                 # On a worker thread: read on the event loop, the same few rows made the
                 # dispatch of `true` slower (p50 1.14x in bench/dispatch.py --against): the
@@ -389,6 +395,7 @@ class Agent:
                     if not self._window_open() or not self.connector.send(env):
                         break
                     self._in_flight[msg.msg_id] = msg.size
+                    self._sent_at.setdefault(msg.msg_id, time.monotonic())
                     self._sent_upto = msg.seq
                 if len(batch) < PUMP_BATCH:
                     # All that was committed: what commits later wakes the pump again.
