@@ -13,9 +13,10 @@ reports: one read, one ``UPDATE`` and one ``INSERT`` for a run of them,
 :meth:`~deploy_core.server.records.RecordStore.apply_reports_in`).
 
 - **Latency.**  An idle writer commits what it finds at once: a lone agent's event waits for
-  no timer.  While one transaction runs, the next batch gathers in the queue; only when the
-  last batch held more than one piece (several agents are busy) does the writer linger
-  :attr:`Ingest.linger` seconds for more before it begins.
+  no timer.  While one transaction runs, the next batch gathers in the queue; only when
+  pieces were waiting as the last transaction ended (the writer is behind: many agents are
+  busy) does the writer linger :attr:`Ingest.linger` seconds for more before it begins.  One
+  agent's report and callback, queued together, are committed at once.
 - **Failures.**  When a batch's transaction fails (one piece raised, or the commit did), it is
   rolled back whole and every piece runs again in a transaction of its own: a bad piece
   fails alone, and no piece is told it was stored unless its own transaction committed.
@@ -136,7 +137,8 @@ class Ingest:
         self._window: list[float] = []  # latencies since the figures were last logged
         self._closed = False
         self._stopped = False
-        self._last_batch = 0
+        # Pieces were waiting when the last transaction ended: busy, so linger for more.
+        self._behind = False
 
     def start(self) -> None:
         """Start the writer (in the running event loop)."""
@@ -242,13 +244,13 @@ class Ingest:
                 break
             batch: list[_Piece[Any]] = [first]
             stopping = self._take(batch)
-            if not stopping and self.linger and self._last_batch > 1:
+            if not stopping and self.linger and self._behind:
                 await asyncio.sleep(self.linger)  # busy: let the next batch fill up
                 stopping = self._take(batch)
-            self._last_batch = len(batch)
             began = time.monotonic()
             outcomes = await loop.run_in_executor(self._executor, self._commit, batch)
             now = time.monotonic()
+            self._behind = not self._queue.empty()
             if self._on_batch is not None:
                 self._on_batch(len(batch), now - began)
             for piece, (ok, value) in zip(batch, outcomes, strict=True):
