@@ -111,6 +111,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="per rollout")
     parser.add_argument("--keep", type=Path, help="run in DIR and keep it")
     args = parser.parse_args()
+    # No agent scans /proc for orphans while it measures: in a worker each agent's scan
+    # collects the other agents' finished scripts, which then end with code 255 (see
+    # fleet_agents.py); `true` leaves no orphans.
+    os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
     root = args.keep or Path(tempfile.mkdtemp(prefix="rollout-fleet-"))
     root.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(root)
