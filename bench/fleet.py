@@ -507,6 +507,9 @@ def main() -> int:
         args.connect_timeout = 60.0 + 0.15 * args.agents
     args.artifact_agents = min(args.artifact_agents, args.agents)
     args.ingest_agents = min(args.ingest_agents, args.agents)
+    # No agent scans /proc for orphans during the run (fleet_agents.py): in a worker each
+    # agent's scan collects the other agents' finished scripts, which then end with code 255.
+    os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)  # also when started with SIGINT ignored (`cmd &`)
     report = Report()
