@@ -46,12 +46,12 @@ from fleet_runs import (
     dispatch_latency,
     fan_out,
     percentiles,
+    rollout_true,
     worker_totals,
 )
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SOLO = "fleet-00000"
-ROLLOUT_FINAL = ("succeeded", "failed", "aborted", "rolled_back")
 IDLE_SETTLE = 10.0
 IDLE_WINDOW = 10.0
 INGEST_SLEEP = 45
@@ -134,47 +134,16 @@ def measure_dispatch(fleet: Fleet, report: Report, args: argparse.Namespace, whi
 
 
 def rollout_everywhere(fleet: Fleet, ids: list[str], timeout: float) -> tuple[Any, ...]:
-    """``true`` on every agent through one ``POST /api/rollouts`` with ``max_parallel`` =
-    N: seconds from the POST until the rollout ended, and until the last target finished."""
-    from datetime import datetime
-
-    posted = time.time()
-    answer = fleet.api.request(
-        "POST",
-        "/api/rollouts",
-        json={
-            "type": "shell",
-            "request": {"script": "true"},
-            "targets": {"clients": ids},
-            "strategy": {"max_parallel": len(ids)},
-        },
-    )
-    url = f"/api/rollouts/{answer['rollout_id']}"
-    end = time.monotonic() + timeout
-    rollout: dict[str, Any] = {"status": "?", "counts": {}}
-    while time.monotonic() < end and rollout["status"] not in ROLLOUT_FINAL:
-        time.sleep(0.5)
-        rollout = fleet.api.request("GET", url)
-    ended = time.time() - posted
-    finishes = [
-        datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00")).timestamp()
-        for b in rollout.get("batches", [])
-        for t in b["targets"]
-        if t["finished_at"]
-    ]
-    last = max(finishes) - posted if finishes else float("nan")
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(rollout["counts"].items()))
+    """``true`` on every agent through one rollout (``fleet_runs.rollout_true``): seconds
+    from the POST until the rollout ended, and until the last target finished."""
+    got = rollout_true(fleet.api, ids, timeout)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(got["counts"].items()))
     return (
         "rollout_true_all",
         f"`true` on all {len(ids)} as one rollout (max_parallel {len(ids)})",
-        {
-            "status": rollout["status"],
-            "counts": rollout["counts"],
-            "ended_s": ended,
-            "last_finished_s": last,
-        },
-        f"{rollout['status']} ({counts}); last target finished {last:.1f} s after the POST, "
-        f"rollout ended (seen by polling) {ended:.1f} s",
+        got,
+        f"{got['status']} ({counts}); last target finished {got['last_finished_s']:.1f} s after "
+        f"the POST, rollout ended (seen by polling) {got['ended_s']:.1f} s",
         "",
     )
 

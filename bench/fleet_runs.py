@@ -145,6 +145,48 @@ def fan_out(
     }
 
 
+ROLLOUT_FINAL = ("succeeded", "failed", "aborted", "rolled_back")
+
+
+def rollout_true(api: DeployClient, ids: list[str], timeout: float) -> dict[str, Any]:
+    """``true`` on every agent of ``ids`` through one ``POST /api/rollouts`` with
+    ``max_parallel`` = N, polled every 0.5 s by its summary (the newest rollout in the list:
+    every target's rendering only at the end): its status, counts, seconds from the POST until
+    the poll saw it end (``ended_s``) and until its last target finished (``last_finished_s``)."""
+    from datetime import datetime
+
+    posted = time.time()
+    answer = api.request(
+        "POST",
+        "/api/rollouts",
+        json={
+            "type": "shell",
+            "request": {"script": "true"},
+            "targets": {"clients": ids},
+            "strategy": {"max_parallel": len(ids)},
+        },
+    )
+    end = time.monotonic() + timeout
+    summary: dict[str, Any] = {"status": "?"}
+    while time.monotonic() < end and summary["status"] not in ROLLOUT_FINAL:
+        time.sleep(0.5)
+        summary = api.request("GET", "/api/rollouts", params={"limit": 1})["items"][0]
+    ended = time.time() - posted
+    rollout = api.request("GET", f"/api/rollouts/{answer['rollout_id']}")
+    finishes = [
+        datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00")).timestamp()
+        for b in rollout.get("batches", [])
+        for t in b["targets"]
+        if t["finished_at"]
+    ]
+    return {
+        "status": rollout["status"],
+        "counts": rollout["counts"],
+        "ended_s": ended,
+        "last_finished_s": (max(finishes) - posted) if finishes else float("nan"),
+    }
+
+
 def make_package(path: Path, megabytes: int) -> Path:
     """A tar.gz of ``megabytes`` MB of random bytes (so gzip cannot shrink it)."""
     payload = path.with_name("payload.bin")
@@ -178,84 +220,6 @@ def worker_totals(fleet: Fleet) -> dict[str, Any]:
     return totals
 
 
-def ingest(
-    fleet: Fleet, ids: list[str], events: int, script_seconds: int, timeout: float
-) -> dict[str, Any]:
-    """Status-event ingest: start ``sleep`` on each agent of ``ids``, and once each runs have
-    every one of them send ``events`` ``deploy.status`` reports for it through its outbox
-    (``fleet_agents.flood``).  The rate is all events over the time from the first enqueued
-    to the last acknowledged by the server (it acknowledges an event once it is stored).
-    ``deploys`` (client id → deployment) are still running when this returns, usually."""
-    api = fleet.api
-    server_log = fleet.root / "server.log"
-    deploys = {
-        cid: api.deploy("shell", {"client_id": cid, "script": f"sleep {script_seconds}"})[
-            "deploy_id"
-        ]
-        for cid in ids
-    }
-    waiting, end = set(deploys.values()), time.monotonic() + 60.0
-    while waiting and time.monotonic() < end:
-        for deploy_id in list(waiting):
-            record = api.get(deploy_id)
-            if record["status"] == "script_running" or record["finished"]:
-                waiting.discard(deploy_id)
-        time.sleep(0.2)
-    if waiting:
-        raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in 60 s")
-    commanded = []
-    log_from = server_log.stat().st_size if server_log.exists() else 0
-    cpu = fleet.cpu_sample()
-    for worker in fleet.workers:
-        mine = {cid: deploys[cid] for cid in worker.ids if cid in deploys}
-        if mine:
-            worker.command_flood({"events": events, "deploys": mine})
-            commanded.append(worker)
-    results: list[dict[str, Any]] = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        results = [w.stats().get("flood", {}) for w in commanded]
-        if all(results):
-            break
-        time.sleep(0.5)
-    errors = [r["error"] for r in results if "error" in r]
-    if not all(results) or errors:
-        raise RuntimeError(f"the flood did not finish in {timeout:g} s: {errors or results}")
-    busy = fleet.cpu_text(cpu)
-    total = sum(r["events"] for r in results)
-    started = min(r["started"] for r in results)
-    enqueued = max(r["enqueued"] for r in results) - started
-    drained = max(r["drained"] for r in results) - started
-    stored = [len(api.history(deploy_id)) for deploy_id in list(deploys.values())[:5]]
-    # The server logs its ingest figures every 10 s that committed something: wait for the
-    # window holding the flood's end.
-    end, commits = time.monotonic() + INGEST_FIGURES_WAIT, []
-    while time.monotonic() < end:
-        commits = ingest_figures(server_log, log_from)
-        if sum(c["messages"] for c in commits) >= total:
-            break
-        time.sleep(1.0)
-    return {
-        "events": total,
-        "agents": len(deploys),
-        "rate": total / max(drained, 1e-9),
-        "enqueue_s": enqueued,
-        "drain_s": drained,
-        "unacknowledged": sum(r["unacknowledged"] for r in results),
-        "history_sizes": stored,
-        "cpu": busy,
-        "deploys": deploys,
-        # The server's own count: messages (the flood's reports, and the other agents'
-        # messages meanwhile) per transaction, and the worst p99 queued -> committed of the
-        # 10 s windows.
-        "server_messages": sum(c["messages"] for c in commits),
-        "server_transactions": sum(c["transactions"] for c in commits),
-        "commit_p99_ms": max((c["p99_ms"] for c in commits), default=None),
-        "commit_p50_ms": max((c["p50_ms"] for c in commits), default=None),
-    }
-
-
-INGEST_FIGURES_WAIT = 25.0
 _FIGURES = re.compile(
     r"ingest: (?P<messages>\d+) messages in (?P<transactions>\d+) transactions .*?"
     r"p50 (?P<p50>[\d.]+) ms, p99 (?P<p99>[\d.]+) ms"

@@ -35,13 +35,11 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from fleet_harness import Fleet, process_tree
+from fleet_runs import rollout_true
 
-FINAL = ("succeeded", "failed", "aborted", "rolled_back")
 _INGEST = re.compile(
     r"ingest: (\d+) messages in (\d+) transactions .*?p99 ([\d.]+) ms", re.IGNORECASE
 )
@@ -60,39 +58,6 @@ def lost_connections(fleet: Fleet) -> int:
     """How many times the workers' agents said they lost the server, so far."""
     logs = [w.log for w in fleet.workers if w.log.exists()]
     return sum(log.read_text(errors="replace").count("no frame from the server") for log in logs)
-
-
-def rollout(fleet: Fleet, ids: list[str], timeout: float) -> dict[str, Any]:
-    posted = time.time()
-    answer = fleet.api.request(
-        "POST",
-        "/api/rollouts",
-        json={
-            "type": "shell",
-            "request": {"script": "true"},
-            "targets": {"clients": ids},
-            "strategy": {"max_parallel": len(ids)},
-        },
-    )
-    url = f"/api/rollouts/{answer['rollout_id']}"
-    end = time.monotonic() + timeout
-    view: dict[str, Any] = {"status": "?", "counts": {}}
-    # The summary while it runs (every target's rendering is only needed at the end).
-    while time.monotonic() < end and view["status"] not in FINAL:
-        time.sleep(0.5)
-        view = fleet.api.request("GET", "/api/rollouts", params={"limit": 1})["items"][0]
-    view = fleet.api.request("GET", url)
-    finishes = [
-        datetime.fromisoformat(t["finished_at"].replace("Z", "+00:00")).timestamp()
-        for b in view.get("batches", [])
-        for t in b["targets"]
-        if t["finished_at"]
-    ]
-    return {
-        "status": view["status"],
-        "counts": view["counts"],
-        "last_finished_s": (max(finishes) - posted) if finishes else float("nan"),
-    }
 
 
 def wait_all_connected(fleet: Fleet, ids: set[str], timeout: float) -> None:
@@ -137,7 +102,7 @@ def main() -> int:
                 offset = len(server_log.read_text(errors="replace"))
                 lost_before = lost_connections(fleet)
                 sample = fleet.cpu_sample()
-                got = rollout(fleet, ids, args.timeout)
+                got = rollout_true(fleet.api, ids, args.timeout)
                 server_cpu, workers_cpu = fleet.cpu_since(sample)
                 lines = server_log.read_text(errors="replace")[offset:]
                 ingest = [m.groups() for m in _INGEST.finditer(lines)]

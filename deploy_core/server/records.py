@@ -489,14 +489,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         history lines, in order (server/ingest.py's batches).  A report's ``seq`` must be
         newer than the last applied; nothing moves a finished record's status (its history
         and logs are still kept)."""
-        named = sorted({report.deploy_id for _client, report in reports})
-        rows = conn.execute(
-            sa.select(deployments)
-            .where(deployments.c.deploy_id.in_(named))
-            .order_by(deployments.c.deploy_id)
-            .with_for_update()
-        )
-        records = {row.deploy_id: DeploymentRow.from_row(row) for row in rows}
+        records = _locked(conn, {report.deploy_id for _client, report in reports})
         changed: dict[str, DeploymentRow] = {}
         lines: list[tuple[Any, ...]] = []
         results: list[Applied] = []
@@ -702,13 +695,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         named = sorted({cb.callback_id for _client, cb in callbacks})
         if len(named) != len(callbacks):
             return [self.finish_in(conn, client_id, cb) for client_id, cb in callbacks]
-        rows = conn.execute(
-            sa.select(deployments)
-            .where(deployments.c.deploy_id.in_(named))
-            .order_by(deployments.c.deploy_id)
-            .with_for_update()
-        )
-        records = {row.deploy_id: DeploymentRow.from_row(row) for row in rows}
+        records = _locked(conn, set(named))
         now = time.time()
         finishing: list[tuple[str, DeployCallbackPayload, DeploymentRow]] = []
         results: dict[str, Applied] = {}
@@ -1004,6 +991,18 @@ _FINISHED = (
     "agent_status", "updated_at", "finished_at",
 )  # fmt: skip
 _HISTORY_COLUMNS = ("deploy_id", "seq", "status", "stage", "progress", "message", "source", "ts")
+
+
+def _locked(conn: Connection, deploy_ids: set[str]) -> dict[str, DeploymentRow]:
+    """The records of ``deploy_ids`` that exist, read with a lock for update (PostgreSQL; in
+    id order, so that two transactions take them in the same order)."""
+    rows = conn.execute(
+        sa.select(deployments)
+        .where(deployments.c.deploy_id.in_(sorted(deploy_ids)))
+        .order_by(deployments.c.deploy_id)
+        .with_for_update()
+    )
+    return {row.deploy_id: DeploymentRow.from_row(row) for row in rows}
 
 
 def _history(

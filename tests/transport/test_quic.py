@@ -245,15 +245,23 @@ async def start_connector(certs: ServerCerts) -> AsyncIterator[StartConnector]:
 
 
 @contextlib.asynccontextmanager
-async def raw_client(server: QuicServer, certs: ServerCerts) -> AsyncIterator[RawClient]:
+async def raw_client(
+    server: QuicServer,
+    certs: ServerCerts,
+    quic_logger: QuicLogger | None = None,
+    *,
+    timeout: float = 5.0,
+) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` connected to ``server`` (its packets traced in ``quic_logger``)."""
     configuration = QuicConfiguration(
         is_client=True,
         alpn_protocols=[ALPN_PROTOCOL],
         cafile=str(certs.ca_cert),
         verify_mode=ssl.CERT_REQUIRED,
         server_name="localhost",
+        quic_logger=quic_logger,
     )
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(timeout):
         async with connect(
             "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
         ) as client:
@@ -493,36 +501,23 @@ async def test_a_ping_is_answered_by_one_packet_with_the_pong_and_the_ack(
     server = await start_server()
     authority.keys["raw-1"] = key = secrets.token_bytes(32)
     quic_logger = QuicLogger()
-    configuration = QuicConfiguration(
-        is_client=True,
-        alpn_protocols=[ALPN_PROTOCOL],
-        cafile=str(certs.ca_cert),
-        verify_mode=ssl.CERT_REQUIRED,
-        server_name="localhost",
-        quic_logger=quic_logger,
-    )
-    async with asyncio.timeout(10):
-        async with connect(
-            "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
-        ) as raw:
-            assert isinstance(raw, RawClient)
-            assert (await raw.authenticate("raw-1", key)).kind is Kind.WELCOME
-            for _ in range(3):
-                (trace,) = quic_logger.to_dict()["traces"]
-                before = len(trace["events"])
-                ping = Envelope(kind=Kind.PING)
-                raw.send_env(ping)
-                pong = await raw.recv()
-                assert (pong.kind, pong.ref) == (Kind.PONG, ping.id)
-                (trace,) = quic_logger.to_dict()["traces"]
-                received = [
-                    [frame["frame_type"] for frame in event["data"]["frames"]]
-                    for event in trace["events"][before:]
-                    if event["name"] == "transport:packet_received"
-                ]
-                with_pong = [frames for frames in received if "stream" in frames]
-                assert len(with_pong) == 1, received
-                assert "ack" in with_pong[0], received
+    async with raw_client(server, certs, quic_logger, timeout=10) as raw:
+        assert (await raw.authenticate("raw-1", key)).kind is Kind.WELCOME
+        for _ in range(3):
+            before = _trace_length(quic_logger)
+            ping = Envelope(kind=Kind.PING)
+            raw.send_env(ping)
+            pong = await raw.recv()
+            assert (pong.kind, pong.ref) == (Kind.PONG, ping.id)
+            received = _packets_received(quic_logger, before)
+            with_pong = [frames for frames in received if "stream" in frames]
+            assert len(with_pong) == 1, received
+            assert "ack" in with_pong[0], received
+
+
+def _trace_length(quic_logger: QuicLogger) -> int:
+    (trace,) = quic_logger.to_dict()["traces"]
+    return len(trace["events"])
 
 
 def _packets_received(quic_logger: QuicLogger, since: int) -> list[list[str]]:
@@ -545,39 +540,26 @@ async def test_a_quic_ping_heartbeat_is_answered_by_one_ack_and_counts_as_heard_
     server = await start_server()
     authority.keys["raw-1"] = key = secrets.token_bytes(32)
     quic_logger = QuicLogger()
-    configuration = QuicConfiguration(
-        is_client=True,
-        alpn_protocols=[ALPN_PROTOCOL],
-        cafile=str(certs.ca_cert),
-        verify_mode=ssl.CERT_REQUIRED,
-        server_name="localhost",
-        quic_logger=quic_logger,
-    )
-    async with asyncio.timeout(10):
-        async with connect(
-            "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
-        ) as raw:
-            assert isinstance(raw, RawClient)
-            welcome = await raw.authenticate("raw-1", key)
-            assert welcome.kind is Kind.WELCOME
-            assert welcome.payload["heartbeat"] == HEARTBEAT_QUIC
-            await eventually(lambda: server.session("raw-1") is not None)
-            session = server.session("raw-1")
-            assert session is not None
-            received_before = dict(server.stats.messages_received)
-            sent_before = dict(server.stats.messages_sent)
-            for uid in (11, 12, 13):
-                (trace,) = quic_logger.to_dict()["traces"]
-                before = len(trace["events"])
-                seen = session.last_seen
-                await asyncio.sleep(0.02)
-                raw._quic.send_ping(uid)
-                raw.transmit()
-                await eventually(lambda uid=uid: uid in raw.pings_acknowledged)  # type: ignore[misc]
-                assert _packets_received(quic_logger, before) == [["ack"]]
-                assert session.last_seen > seen
-            assert dict(server.stats.messages_received) == received_before
-            assert dict(server.stats.messages_sent) == sent_before
+    async with raw_client(server, certs, quic_logger, timeout=10) as raw:
+        welcome = await raw.authenticate("raw-1", key)
+        assert welcome.kind is Kind.WELCOME
+        assert welcome.payload["heartbeat"] == HEARTBEAT_QUIC
+        await eventually(lambda: server.session("raw-1") is not None)
+        session = server.session("raw-1")
+        assert session is not None
+        received_before = dict(server.stats.messages_received)
+        sent_before = dict(server.stats.messages_sent)
+        for uid in (11, 12, 13):
+            before = _trace_length(quic_logger)
+            seen = session.last_seen
+            await asyncio.sleep(0.02)
+            raw._quic.send_ping(uid)
+            raw.transmit()
+            await eventually(lambda uid=uid: uid in raw.pings_acknowledged)  # type: ignore[misc]
+            assert _packets_received(quic_logger, before) == [["ack"]]
+            assert session.last_seen > seen
+        assert dict(server.stats.messages_received) == received_before
+        assert dict(server.stats.messages_sent) == sent_before
 
 
 @pytest.mark.asyncio
