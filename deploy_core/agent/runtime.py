@@ -52,6 +52,8 @@ SETTLE_EVERY = 10
 SEND_WINDOW_BYTES = 2 * 1024 * 1024
 # Outbox messages read at most per round of the pump.
 PUMP_BATCH = 64
+# Seconds before the outbox pump tries again after a pass that failed.
+PUMP_RETRY = 1.0
 
 
 @dataclass
@@ -361,30 +363,40 @@ class Agent:
 
     async def _pump(self) -> None:
         """Send outbox events in order while connected, at most :data:`SEND_WINDOW_BYTES`
-        of them unacknowledged at a time."""
+        of them unacknowledged at a time.  A pass that fails (the journal could not be read)
+        is logged and the next one runs: the outbox is never left without its sender."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             self._wake.clear()
             if not self.connector.connected:
                 continue
-            oldest = next(iter(self._sent_at.values()), None)
-            if oldest is not None and time.monotonic() - oldest > RESEND_AFTER:
-                # Unacknowledged for RESEND_AFTER: everything not acknowledged goes again
-                # (not every RESEND_AFTER whatever was sent a moment ago).
-                self._sent_at.clear()
-                self._sent_upto = 0
-                self._in_flight.clear()
-            while self.connector.connected and self._window_open():
-                # On a worker thread: read on the event loop, the same few rows made the
-                # dispatch of `true` slower (p50 1.14x in bench/dispatch.py --against): the
-                # loop gave up the GIL for SQLite and waited to get it back.
-                batch = await asyncio.to_thread(
-                    self.journal.pending, after=self._sent_upto, limit=PUMP_BATCH
-                )
-                if not batch:
-                    break
-                for msg in batch:
+            try:
+                await self._pump_once()
+            except Exception:
+                log.exception("outbox: sending failed; trying again in %g s", PUMP_RETRY)
+                await asyncio.sleep(PUMP_RETRY)
+
+    async def _pump_once(self) -> None:
+        """One pass of :meth:`_pump`: send what the window allows."""
+        oldest = next(iter(self._sent_at.values()), None)
+        if oldest is not None and time.monotonic() - oldest > RESEND_AFTER:
+            # Unacknowledged for RESEND_AFTER: everything not acknowledged goes again
+            # (not every RESEND_AFTER whatever was sent a moment ago).
+            self._sent_at.clear()
+            self._sent_upto = 0
+            self._in_flight.clear()
+        while self.connector.connected and self._window_open():
+            # On a worker thread: read on the event loop, the same few rows made the
+            # dispatch of `true` slower (p50 1.14x in bench/dispatch.py --against): the
+            # loop gave up the GIL for SQLite and waited to get it back.
+            batch = await asyncio.to_thread(
+                self.journal.pending, after=self._sent_upto, limit=PUMP_BATCH
+            )
+            if not batch:
+                break
+            for msg in batch:
+                try:
                     env = Envelope(
                         id=msg.msg_id,
                         kind=Kind.EVENT,
@@ -392,15 +404,23 @@ class Agent:
                         callback_id=msg.deploy_id,
                         payload=msg.payload,
                     )
-                    if not self._window_open() or not self.connector.send(env):
-                        break
-                    self._in_flight[msg.msg_id] = msg.size
-                    self._sent_at.setdefault(msg.msg_id, time.monotonic())
+                except ValidationError as exc:
+                    # No server would take it, now or later: dropped, not left to stop
+                    # every event behind it.
+                    log.error("outbox: event %s (%r) cannot be sent, dropped: %s",
+                              msg.msg_id, msg.name, exc)  # fmt: skip
+                    await asyncio.to_thread(self.journal.ack, msg.msg_id)
                     self._sent_upto = msg.seq
-                if len(batch) < PUMP_BATCH:
-                    # All that was committed: what commits later wakes the pump again.
+                    continue
+                if not self._window_open() or not self.connector.send(env):
                     break
-                await asyncio.sleep(0)
+                self._in_flight[msg.msg_id] = msg.size
+                self._sent_at.setdefault(msg.msg_id, time.monotonic())
+                self._sent_upto = msg.seq
+            if len(batch) < PUMP_BATCH:
+                # All that was committed: what commits later wakes the pump again.
+                break
+            await asyncio.sleep(0)
 
     def _window_open(self) -> bool:
         # One event always goes, however large, so nothing waits forever.

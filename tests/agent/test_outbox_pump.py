@@ -1,0 +1,81 @@
+"""The agent's outbox pump outlives what would stop it: an event no server can take (a name
+outside the wire's pattern) is dropped with an error, and a pass whose journal read fails is
+logged and tried again; every other event still reaches the server.  Before, either ended
+the pump's task for the life of the agent, and nothing it reported left the outbox again.
+A real server and agent over QUIC, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy_core.plugins import load_plugins
+from deploy_core.testing import InProcessCenter, in_process_center
+
+
+@pytest.fixture
+async def center(tmp_path: Path) -> AsyncIterator[InProcessCenter]:
+    plugins = load_plugins(env={"DEPLOY_CORE_PLUGINS": "deploy_shell"})
+    async with in_process_center(tmp_path, plugins) as center:
+        yield center
+
+
+async def _outbox_empties(center: InProcessCenter, timeout: float = 20.0) -> None:
+    journal = center.agent.journal
+    end = time.monotonic() + timeout
+    while journal.outbox_size() and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    assert journal.outbox_size() == 0, "events left in the outbox"
+
+
+async def _deploy_true(center: InProcessCenter) -> dict[str, Any]:
+    answer = await center.http.post(
+        "/api/deploy/shell", json={"client_id": "web-1", "script": "true"}
+    )
+    assert answer.status_code == 202, answer.text
+    deploy_id = answer.json()["deploy_id"]
+    waited = await center.http.get(f"/api/deploy/{deploy_id}", params={"wait": 30}, timeout=40)
+    record: dict[str, Any] = waited.json()
+    return record
+
+
+async def test_an_event_no_server_takes_is_dropped_and_the_rest_still_go(
+    center: InProcessCenter, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = center.agent.journal
+    with caplog.at_level(logging.ERROR, logger="deploy_core.agent.runtime"):
+        await asyncio.to_thread(journal.enqueue, "ev-bad", "Not A Wire Name!", {"x": 1})
+        center.agent._wake.set()
+        record = await _deploy_true(center)
+        await _outbox_empties(center)
+    assert record["finished"] and record["status"] == "success"
+    assert "outbox: event ev-bad ('Not A Wire Name!') cannot be sent, dropped" in caplog.text
+
+
+async def test_a_pass_whose_journal_read_fails_is_tried_again(
+    center: InProcessCenter, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = center.agent.journal
+    real = journal.pending
+    failures: list[dict[str, Any]] = []
+
+    def pending(**kwargs: Any) -> Any:
+        if len(failures) < 2:
+            failures.append(kwargs)
+            raise sqlite3.OperationalError("database is locked")
+        return real(**kwargs)
+
+    monkeypatch.setattr(journal, "pending", pending)
+    with caplog.at_level(logging.ERROR, logger="deploy_core.agent.runtime"):
+        record = await _deploy_true(center)
+        await _outbox_empties(center)
+    assert record["finished"] and record["status"] == "success"
+    assert len(failures) == 2
+    assert caplog.text.count("outbox: sending failed; trying again in 1 s") == 2
