@@ -461,6 +461,34 @@ class MemoryCredentials:
         return self.token
 
 
+def connector_for(
+    port: int, ca_file: Path, client_id: str, *, token: str = "join-secret", **options: Any
+) -> Any:
+    """An :class:`~deploy_core.transport.AgentConnector` (not started) to a QUIC server on
+    loopback ``port`` whose CA is ``ca_file``, enrolling with ``token`` from a
+    :class:`MemoryCredentials`, with no capabilities, ignoring messages, and quick to retry
+    (``options`` replace any of its arguments)."""
+    from deploy_core.transport import AgentConnector
+
+    async def ignore(*_args: Any) -> None:
+        return None
+
+    arguments: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "ca_file": ca_file,
+        "client_id": client_id,
+        "credentials": MemoryCredentials(token=token),
+        "capabilities": dict,
+        "on_message": ignore,
+        "heartbeat_interval": 1.0,
+        "backoff_initial": 0.05,
+        "backoff_max": 0.2,
+        "connect_timeout": 3.0,
+    }
+    return AgentConnector(**(arguments | options))
+
+
 def agent_for(server: Any, client_id: str, state_dir: Path, **config: Any) -> Any:
     """An :class:`~deploy_core.agent.runtime.Agent` (not started) of ``server`` (a running
     :class:`~deploy_core.server.app.DeployServer`): its QUIC port, CA and join token;

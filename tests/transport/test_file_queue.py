@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.server.artifacts import ArtifactStore
-from deploy_core.testing import MemoryCredentials
+from deploy_core.testing import connector_for
 from deploy_core.transport import AgentConnector, QuicServer, ServerCerts, ensure_server_certs
 from deploy_core.transport.files import (
     DEFAULT_WINDOW,
@@ -74,16 +74,11 @@ async def server(tmp_path: Path, certs: ServerCerts) -> AsyncIterator[QuicServer
 async def connect(
     stack: AsyncExitStack, server: QuicServer, certs: ServerCerts, client_id: str
 ) -> AgentConnector:
-    connector = AgentConnector(
-        host="127.0.0.1",
-        port=server.port,
-        ca_file=certs.ca_cert,
-        client_id=client_id,
-        credentials=MemoryCredentials(token="join-secret"),
-        capabilities=dict,
-        on_message=nothing,
+    connector: AgentConnector = connector_for(
+        server.port,
+        certs.ca_cert,
+        client_id,
         heartbeat_interval=2.0,
-        backoff_initial=0.05,
         backoff_max=0.5,
         connect_timeout=10.0,
     )

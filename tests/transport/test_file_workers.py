@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher
 from deploy_core.server.artifacts import ArtifactStore
-from deploy_core.testing import MemoryCredentials
+from deploy_core.testing import MemoryCredentials, connector_for
 from deploy_core.transport import (
     AgentConnector,
     AgentCredential,
@@ -121,19 +121,7 @@ async def rig(tmp_path: Path, certs: ServerCerts) -> AsyncIterator[Rig]:
     )
     await server.start()
     assert server.file_workers is not None
-    connector = AgentConnector(
-        host="127.0.0.1",
-        port=server.port,
-        ca_file=certs.ca_cert,
-        client_id=CLIENT,
-        credentials=MemoryCredentials(token="join-secret"),
-        capabilities=dict,
-        on_message=nothing,
-        heartbeat_interval=1.0,
-        backoff_initial=0.05,
-        backoff_max=0.2,
-        connect_timeout=3.0,
-    )
+    connector = connector_for(server.port, certs.ca_cert, CLIENT)
     task = asyncio.create_task(connector.run())
     try:
         assert await connector.wait_connected(10)

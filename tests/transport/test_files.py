@@ -22,7 +22,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataRecei
 
 from deploy_core.agent.artifacts import ArtifactError, ArtifactFetcher, ArtifactTimeout
 from deploy_core.server.artifacts import ArtifactStore
-from deploy_core.testing import MemoryCredentials
+from deploy_core.testing import connector_for
 from deploy_core.transport import (
     ALPN_PROTOCOL,
     AgentConnector,
@@ -142,19 +142,7 @@ async def rig(tmp_path: Path, certs: ServerCerts) -> AsyncIterator[Rig]:
         files=source,
     )
     await server.start()
-    connector = AgentConnector(
-        host="127.0.0.1",
-        port=server.port,
-        ca_file=certs.ca_cert,
-        client_id=CLIENT,
-        credentials=MemoryCredentials(token="join-secret"),
-        capabilities=dict,
-        on_message=nothing,
-        heartbeat_interval=1.0,
-        backoff_initial=0.05,
-        backoff_max=0.2,
-        connect_timeout=3.0,
-    )
+    connector = connector_for(server.port, certs.ca_cert, CLIENT)
     task = asyncio.create_task(connector.run())
     try:
         assert await connector.wait_connected(10)
