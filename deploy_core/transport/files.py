@@ -541,19 +541,27 @@ class FileStreamServer:
             self._quic.send_stream_data(out.stream_id, _frame(error), end_stream=True)
         self._transmit()
 
+    async def _may_serve(self, out: _Outgoing, sha: str) -> bool:
+        """Whether this connection's client may fetch ``sha``; if not, the request is
+        refused with the same code as a missing artifact (the agent learns nothing of what
+        other clients deploy)."""
+        if self._may_fetch is None or await self._may_fetch(self._client_id, sha):
+            return True
+        self._refuse(
+            out,
+            "not_found",
+            f"artifact {sha} is not part of any deployment sent to client "
+            f"{self._client_id}; an agent may fetch only its own deployments' artifacts",
+        )
+        return False
+
     async def _grant(self, out: _Outgoing, sha: str) -> None:
         """Answer a ticket request: the same checks as a transfer, then a signed ticket."""
         try:
             if self._issue_ticket is None or self._tickets is not None:
                 self._refuse(out, "unavailable", "this server has no file workers")
                 return
-            if self._may_fetch is not None and not await self._may_fetch(self._client_id, sha):
-                self._refuse(
-                    out,
-                    "not_found",
-                    f"artifact {sha} is not part of any deployment sent to client "
-                    f"{self._client_id}; an agent may fetch only its own deployments' artifacts",
-                )
+            if not await self._may_serve(out, sha):
                 return
             # The workers read only the local store: have the file there first (a peer
             # replica's copy is fetched here); one that takes long is served on this
@@ -606,15 +614,7 @@ class FileStreamServer:
                         "this connection carries another client's transfers; open one of your own",
                     )
                     return
-            if self._may_fetch is not None and not await self._may_fetch(self._client_id, sha):
-                # The same code as a missing artifact: the agent learns nothing of what other
-                # clients deploy.
-                self._refuse(
-                    out,
-                    "not_found",
-                    f"artifact {sha} is not part of any deployment sent to client "
-                    f"{self._client_id}; an agent may fetch only its own deployments' artifacts",
-                )
+            if not await self._may_serve(out, sha):
                 return
             try:
                 located = self._source.locate(sha) if self._source is not None else None
