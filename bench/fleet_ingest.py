@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_harness import Fleet
-from fleet_runs import ingest_figures
+from fleet_runs import ingest_figures, start_sleeps
 
 GENERATORS = ("reporter", "wire")
 INGEST_FIGURES_WAIT = 25.0
@@ -70,21 +70,7 @@ def ingest(
         raise ValueError(f"generator must be one of {GENERATORS}, not {generator!r}")
     api = fleet.api
     server_log = fleet.root / "server.log"
-    deploys = {
-        cid: api.deploy("shell", {"client_id": cid, "script": f"sleep {script_seconds}"})[
-            "deploy_id"
-        ]
-        for cid in ids
-    }
-    waiting, end = set(deploys.values()), time.monotonic() + START_WAIT
-    while waiting and time.monotonic() < end:
-        for deploy_id in list(waiting):
-            record = api.get(deploy_id)
-            if record["status"] == "script_running" or record["finished"]:
-                waiting.discard(deploy_id)
-        time.sleep(0.2)
-    if waiting:
-        raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in {START_WAIT} s")
+    deploys = start_sleeps(api, ids, script_seconds, START_WAIT)
     commanded = []
     log_from = server_log.stat().st_size if server_log.exists() else 0
     cpu = fleet.cpu_sample()

@@ -187,6 +187,26 @@ def rollout_true(api: DeployClient, ids: list[str], timeout: float) -> dict[str,
     }
 
 
+def start_sleeps(api: DeployClient, ids: list[str], seconds: int, timeout: float) -> dict[str, str]:
+    """Deploy ``sleep seconds`` on each agent of ``ids`` and wait until every one runs (or
+    ended): client id → deployment id.
+    :raises RuntimeError: some did not start within ``timeout`` seconds."""
+    deploys = {
+        cid: api.deploy("shell", {"client_id": cid, "script": f"sleep {seconds}"})["deploy_id"]
+        for cid in ids
+    }
+    waiting, end = set(deploys.values()), time.monotonic() + timeout
+    while waiting and time.monotonic() < end:
+        for deploy_id in list(waiting):
+            record = api.get(deploy_id)
+            if record["status"] == "script_running" or record["finished"]:
+                waiting.discard(deploy_id)
+        time.sleep(0.2)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in {timeout:g} s")
+    return deploys
+
+
 def make_package(path: Path, megabytes: int) -> Path:
     """A tar.gz of ``megabytes`` MB of random bytes (so gzip cannot shrink it)."""
     payload = path.with_name("payload.bin")

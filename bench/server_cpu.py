@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_harness import Fleet
+from fleet_runs import start_sleeps
 
 HERE = Path(__file__).resolve().parent
 SETTLE = 5.0
@@ -197,19 +198,7 @@ def flood(
     fleet: Fleet, ids: list[str], args: argparse.Namespace, idle_rate: float, name: str
 ) -> dict[str, Any]:
     api = fleet.api
-    deploys = {
-        cid: api.deploy("shell", {"client_id": cid, "script": "sleep 600"})["deploy_id"]
-        for cid in ids
-    }
-    waiting, end = set(deploys.values()), time.monotonic() + 60.0
-    while waiting and time.monotonic() < end:
-        for deploy_id in list(waiting):
-            record = api.get(deploy_id)
-            if record["status"] == "script_running" or record["finished"]:
-                waiting.discard(deploy_id)
-        time.sleep(0.2)
-    if waiting:
-        raise RuntimeError(f"{len(waiting)} `sleep` deployments did not start in 60 s")
+    deploys = start_sleeps(api, ids, 600, 60.0)
     time.sleep(SETTLE)  # their first reports stored
     profiler = Profiler(args.profile, f"{name}-reports")
     commanded = []
