@@ -7,7 +7,8 @@ upgrade``); plugin tables live on :data:`plugin_metadata` and are created when m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,66 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+#: Seconds a SQLite transaction waits for the server's other threads' transaction to end
+#: before it begins anyway (and SQLite's own busy timeout applies, as between processes).
+WRITER_WAIT = 30.0
+
+
+def _one_writer_at_a_time(engine: Engine) -> None:
+    """Begin every transaction of a SQLite ``engine`` with ``BEGIN IMMEDIATE`` (the write
+    lock at once, so that a read-then-write such as "apply this report unless finished" is
+    atomic), after waiting for the transaction another thread of this process holds.
+
+    SQLite lets one writer in at a time, and one that finds the lock taken polls: its busy
+    handler sleeps 1, 2, 5, 10 … up to 100 ms between tries, however soon the lock is free.
+    With the ingest, the dispatcher, a rollout's driver and the API writing at once (a
+    rollout to a thousand agents), transactions of a millisecond waited tens to hundreds of
+    milliseconds that way.  A lock of the process's own hands the turn over at once and in
+    order; other processes on the same file (``deployctl`` admin commands) still meet
+    SQLite's busy timeout.
+    """
+    turn = threading.Lock()
+    holders: set[int] = set()  # id() of the DB-API connections that hold ``turn``
+
+    def raw(connection: Any) -> int:
+        return id(getattr(connection, "dbapi_connection", None) or connection)
+
+    def give_back(connection: Any) -> None:
+        key = raw(connection)
+        if key in holders:
+            holders.discard(key)
+            turn.release()
+
+    @sa.event.listens_for(engine, "begin")
+    def _sqlite_begin(conn: Any) -> None:
+        key = raw(conn.connection)
+        waited = key not in holders and turn.acquire(timeout=WRITER_WAIT)
+        if waited:
+            holders.add(key)
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            give_back(conn.connection)
+            raise
+
+    dialect: Any = engine.dialect
+
+    def ending(end: Callable[[Any], None]) -> Callable[[Any], None]:
+        def end_then_give_back(connection: Any) -> None:
+            try:
+                end(connection)
+            finally:
+                give_back(connection)
+
+        return end_then_give_back
+
+    # The turn ends once the COMMIT or ROLLBACK has run (the "commit" event comes before
+    # it), or when the connection is closed (an invalidated one ends with neither).
+    dialect.do_commit = ending(dialect.do_commit)
+    dialect.do_rollback = ending(dialect.do_rollback)
+    dialect.do_close = ending(dialect.do_close)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys, secure delete,
     and database files private to the server's user (0600); PostgreSQL gets a connect
@@ -372,10 +433,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
-        @sa.event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        _one_writer_at_a_time(engine)
         return engine
     # A dead or cut-off PostgreSQL is noticed in seconds, not minutes (server/db_health.py):
     # connecting gives up after CONNECT_TIMEOUT, and an established connection whose packets
