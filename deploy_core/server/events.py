@@ -373,7 +373,9 @@ class EventRouter:
                 return
             # Grouped: a rollout's agents acknowledge their commands within the same moments.
             owned = isinstance(deploy_id, str) and await self.server.ingest.submit_grouped(
-                self.server.records.mark_acked_many_in, (session.client_id, deploy_id)
+                self.server.records.mark_acked_many_in,
+                (session.client_id, deploy_id),
+                key=session.client_id,
             )
             if not owned:
                 session.send(error_for(env, not_yours(session.client_id, [deploy_id])))

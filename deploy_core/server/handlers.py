@@ -64,7 +64,9 @@ async def queue_status_report(ctx: EventContext) -> asyncio.Future[Applied]:
     except ValidationError as exc:
         raise EventRejected(f"malformed deploy.status: {exc}") from None
     records = ctx.server.records
-    return await ctx.server.ingest.queue_grouped(records.apply_reports_in, (ctx.client_id, report))
+    return await ctx.server.ingest.queue_grouped(
+        records.apply_reports_in, (ctx.client_id, report), key=ctx.client_id
+    )
 
 
 def status_stored(ctx: EventContext, applied: Applied) -> None:
@@ -101,7 +103,9 @@ async def queue_callback(ctx: EventContext) -> asyncio.Future[Applied]:
         raise EventRejected(f"malformed command.callback: {exc}") from None
     records = ctx.server.records
     # A run of callbacks (a rollout's agents finishing together) in a few statements.
-    return await ctx.server.ingest.queue_grouped(records.finish_many_in, (ctx.client_id, callback))
+    return await ctx.server.ingest.queue_grouped(
+        records.finish_many_in, (ctx.client_id, callback), key=ctx.client_id
+    )
 
 
 # What follows a finish, running (the router's stage is synchronous): kept from the

@@ -386,3 +386,107 @@ async def test_close_with_submitters_waiting_for_room_leaves_none_hanging(
     assert all(isinstance(o, IngestClosed) for o in outcomes if isinstance(o, BaseException))
     assert len(stored) >= 2 and all(o.applied for o in stored)  # the held one and the queued
     assert agent_lines(store, "d0") == [(seq, f"report {seq}") for seq in range(len(stored))]
+
+
+def _pieces(spec: list[tuple[str, str | None]]) -> list[Any]:
+    """Pieces for :func:`regrouped`: (function, key) each; function ``"-"`` is ungrouped."""
+    from deploy_core.server.ingest import _Piece
+
+    funcs: dict[str, Any] = {}
+
+    def func(name: str) -> Any:
+        return funcs.setdefault(name, lambda conn, args: list(args))
+
+    return [
+        _Piece(lambda conn: None, None, 0.0)  # type: ignore[arg-type]
+        if name == "-"
+        else _Piece(None, None, 0.0, func(name), index, key)  # type: ignore[arg-type]
+        for index, (name, key) in enumerate(spec)
+    ]
+
+
+def test_regrouping_gathers_each_function_and_keeps_each_keys_order() -> None:
+    from deploy_core.server.ingest import regrouped
+
+    # Three agents, each: report, report, callback; interleaved as a rollout's arrive.
+    spec = [("r", "a"), ("r", "b"), ("r", "a"), ("f", "a"), ("r", "b"), ("r", "c")]
+    spec += [("f", "b"), ("r", "c"), ("f", "c")]
+    order = regrouped(_pieces(spec))
+    assert [spec[i][0] for i in order] == ["r"] * 6 + ["f"] * 3
+    for key in "abc":
+        mine = [i for i in order if spec[i][1] == key]
+        assert mine == sorted(mine), key
+    # Without keys (or across an ungrouped piece) nothing moves.
+    unkeyed = [(name, None) for name, _ in spec]
+    assert regrouped(_pieces(unkeyed)) == list(range(len(spec)))
+    barrier = [("r", "a"), ("f", "a"), ("-", None), ("r", "b"), ("f", "b"), ("r", "c")]
+    assert regrouped(_pieces(barrier)) == [0, 1, 2, 3, 5, 4]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_regrouping_random_batches_moves_nothing_it_must_not(seed: int) -> None:
+    from deploy_core.server.ingest import regrouped
+
+    rng = random.Random(seed)
+    spec = [
+        (rng.choice("rfa-") if rng.random() < 0.9 else "r", rng.choice(["a", "b", "c", "d", None]))
+        for _ in range(rng.randrange(1, 60))
+    ]
+    order = regrouped(_pieces(spec))
+    assert sorted(order) == list(range(len(spec)))  # each piece once
+    position = {index: at for at, index in enumerate(order)}
+    for i, (name_i, key_i) in enumerate(spec):
+        for j in range(i + 1, len(spec)):
+            name_j, key_j = spec[j]
+            fixed = name_i == "-" or name_j == "-" or key_i is None or key_j is None
+            if fixed or key_i == key_j:
+                assert position[i] < position[j], (i, j, spec)
+
+
+async def test_interleaved_reports_and_callbacks_of_many_agents_take_one_call_each(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    """A rollout's finish: each agent's last report then its callback, interleaved with the
+    others'; queued with keys they go in one apply_reports_in and one finish_many_in call,
+    each agent's report still before its callback."""
+    clients = 30
+    for n in range(clients):
+        await asyncio.to_thread(create, store, f"d{n}", f"c{n}")
+    await asyncio.to_thread(create, store, "plug", "plug")
+    calls: dict[str, list[int]] = {"reports": [], "finishes": []}
+    apply_reports, finish_many = store.apply_reports_in, store.finish_many_in
+
+    def counted_reports(conn: Connection, items: list[Any]) -> list[Any]:
+        calls["reports"].append(len(items))
+        return apply_reports(conn, items)
+
+    def counted_finishes(conn: Connection, items: list[Any]) -> list[Any]:
+        calls["finishes"].append(len(items))
+        return finish_many(conn, items)
+
+    gate = Gate(ingest)
+    plug = asyncio.ensure_future(ingest.submit(applying(store, "plug", report("plug", 0))))
+    await gate.wait_arrived()
+    futures = []
+    for n in range(clients):
+        client = f"c{n}"
+        futures.append(
+            await ingest.queue_grouped(
+                counted_reports, (client, report(f"d{n}", 7, "last")), key=client
+            )
+        )
+        callback = DeployCallbackPayload(
+            callback_id=f"d{n}", command_type=SHELL, deploy_type="shell",
+            status=DeployStatus.SUCCESS, success=True,
+        )  # fmt: skip
+        futures.append(await ingest.queue_grouped(counted_finishes, (client, callback), key=client))
+    gate.open()
+    results = await asyncio.wait_for(asyncio.gather(*futures), WAIT)
+    await plug
+    assert calls == {"reports": [clients], "finishes": [clients]}
+    assert all(result.applied for result in results)
+    for n in range(clients):
+        record = store.get(f"d{n}")
+        assert record is not None and record.status == "success" and record.last_seq == 7
+        statuses = [h.message for h in store.history(f"d{n}")]
+        assert statuses.index("last") < len(statuses) - 1  # the report went in before the end
