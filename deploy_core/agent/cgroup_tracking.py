@@ -21,19 +21,50 @@ for a run started from a spare child (:mod:`deploy_core.agent.launcher`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import re
 import signal
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 TRACKING_DIR = "deploy-center"
 # Rounds of "kill every member, look again" before giving up on a cgroup that keeps forking.
 KILL_ROUNDS = 200
 FREEZE_WAIT = 1.0
+#: Threads (per process) for cgroup file-system calls that wait for the kernel (see
+#: :func:`off_loop`).
+CGROUP_THREADS = 2
+
+T = TypeVar("T")
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def off_loop(call: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """Run ``call(*args)`` (a cgroup ``mkdir``, move or ``rmdir``) on a thread of a small
+    pool of its own, for the running event loop to await.
+
+    Moving a process into a cgroup waits for an RCU grace period (5-18 ms on the test host),
+    and a ``mkdir`` or ``rmdir`` waits for the kernel's ``cgroup_mutex``, which every move
+    holds meanwhile: a host-wide queue.  On the default executor such calls took its few
+    threads from everything else an agent does there (reading its journal's outbox before
+    it sends): a thousand agents of one benchmark host, each making its next spare and
+    removing its last run's cgroup, held up their reports by seconds.  Here they wait among
+    themselves.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(CGROUP_THREADS, thread_name_prefix="cgroup")
+    return asyncio.get_running_loop().run_in_executor(_pool, call, *args)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy_core.agent.cgroup_tracking import TrackingHierarchy, move
+from deploy_core.agent.cgroup_tracking import TrackingHierarchy, move, off_loop
 
 SPARE_SHELL = "/bin/sh"
 #: Bytes asked of a pipe per read, and the size asked for a child's output pipes (the spare's
@@ -85,7 +85,7 @@ async def make_spare(hierarchy: TrackingHierarchy, read_limit: int) -> Spare:
     # Named with this agent's pid: another agent on the host (sharing the hierarchy) leaves
     # it alone while this one lives (remove_stale).
     path = hierarchy.base / f"{POOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
-    path.mkdir()
+    await off_loop(path.mkdir)
     try:
         proc = await asyncio.create_subprocess_exec(
             SPARE_SHELL,
@@ -103,7 +103,7 @@ async def make_spare(hierarchy: TrackingHierarchy, read_limit: int) -> Spare:
         raise
     spare = Spare(asyncio.get_running_loop(), proc, path)
     try:
-        await asyncio.to_thread(move, str(path), proc.pid)
+        await off_loop(move, str(path), proc.pid)
     except BaseException:
         await spare.discard()
         with contextlib.suppress(OSError):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from deploy_core.agent import launcher
 from deploy_core.agent.cgroup_tracking import join as join_cgroup
 from deploy_core.agent.cgroup_tracking import move as move_to_cgroup
+from deploy_core.agent.cgroup_tracking import off_loop
 from deploy_core.agent.tracking import ProcessTracker, TrackedRun
 
 DEFAULT_TAIL_BYTES = 64 * 1024
@@ -450,7 +451,7 @@ async def _spawn(
     try:
         run.spawned(proc.pid)
         if run.cgroups:
-            await asyncio.gather(run.saved(), asyncio.to_thread(_move, run.cgroups, proc.pid))
+            await asyncio.gather(run.saved(), off_loop(_move, run.cgroups, proc.pid))
         else:
             await run.saved()
     except BaseException:

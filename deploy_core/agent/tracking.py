@@ -43,6 +43,7 @@ from deploy_core.agent.cgroup_tracking import (
     find_tracking_hierarchy,
     kill_all,
     members,
+    off_loop,
 )
 from deploy_core.agent.launcher import READ_BYTES, Spare, make_spare, remove_stale
 
@@ -317,11 +318,11 @@ class ProcessTracker:
         move, such as the next spare's), which the run's end need not wait for."""
         records = list(records)
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             self.forget(records)
             return
-        loop.run_in_executor(None, self.forget, records)
+        off_loop(self.forget, records)
 
     def ended(self, record: RunRecord) -> bool:
         """Whether nothing of a finished run is left (its service, if any, has exited)."""
