@@ -7,8 +7,9 @@ upgrade``); plugin tables live on :data:`plugin_metadata` and are created when m
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,9 +355,11 @@ WRITER_WAIT = 30.0
 
 
 def _one_writer_at_a_time(engine: Engine) -> None:
-    """Begin every transaction of a SQLite ``engine`` with ``BEGIN IMMEDIATE`` (the write
-    lock at once, so that a read-then-write such as "apply this report unless finished" is
-    atomic), after waiting for the transaction another thread of this process holds.
+    """Begin every transaction of ``engine.begin()`` on SQLite with ``BEGIN IMMEDIATE`` (the
+    write lock at once, so that a read-then-write such as "apply this report unless
+    finished" is atomic), after waiting for the transaction another thread of this process
+    holds.  What ``engine.connect()`` reads (it never commits) begins with a plain ``BEGIN``:
+    a snapshot of the database, beside the writer (WAL), taking no turn.
 
     SQLite lets one writer in at a time, and one that finds the lock taken polls: its busy
     handler sleeps 1, 2, 5, 10 … up to 100 ms between tries, however soon the lock is free.
@@ -368,6 +371,7 @@ def _one_writer_at_a_time(engine: Engine) -> None:
     """
     turn = threading.Lock()
     holders: set[int] = set()  # id() of the DB-API connections that hold ``turn``
+    beginning = threading.local()  # .writing: engine.begin() is beginning its transaction
 
     def raw(connection: Any) -> int:
         return id(getattr(connection, "dbapi_connection", None) or connection)
@@ -380,6 +384,9 @@ def _one_writer_at_a_time(engine: Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _sqlite_begin(conn: Any) -> None:
+        if not getattr(beginning, "writing", False):
+            conn.exec_driver_sql("BEGIN")
+            return
         key = raw(conn.connection)
         waited = key not in holders and turn.acquire(timeout=WRITER_WAIT)
         if waited:
@@ -389,6 +396,20 @@ def _one_writer_at_a_time(engine: Engine) -> None:
         except BaseException:
             give_back(conn.connection)
             raise
+
+    @contextlib.contextmanager
+    def begin() -> Iterator[Connection]:
+        # Engine.begin(), telling the "begin" event above that this transaction writes.
+        with engine.connect() as conn:
+            beginning.writing = True
+            try:
+                transaction = conn.begin()
+            finally:
+                beginning.writing = False
+            with transaction:
+                yield conn
+
+    engine.begin = begin  # type: ignore[method-assign,assignment]
 
     dialect: Any = engine.dialect
 

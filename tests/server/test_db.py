@@ -6,6 +6,7 @@ Every test that takes ``db_url`` runs against SQLite and against PostgreSQL.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.script import ScriptDirectory
 
+from deploy_core.server import db
 from deploy_core.server.db import (
     clients,
     current_revision,
@@ -174,6 +176,65 @@ def test_sqlite_engine_uses_wal_and_enforces_foreign_keys(tmp_path: Path) -> Non
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         raw.close()
+
+
+def test_sqlite_threads_take_turns_to_write_and_reads_wait_for_no_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """engine.begin() transactions of one process wait for each other's end (a lock of the
+    process, handed over at once) instead of SQLite's sleeping busy handler; an
+    engine.connect() read begins beside a writer and sees the last commit."""
+    engine = make_engine(sqlite_url(tmp_path / "turns.db"))
+    upgrade(engine)
+    holding, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with engine.begin() as conn:
+            conn.execute(clients.insert().values(client_id="a", enrolled_at=1.0))
+            order.append("first wrote")
+            holding.set()
+            assert release.wait(30)
+            order.append("first ends")
+
+    def second() -> None:
+        assert holding.wait(30)
+        with engine.begin() as conn:
+            order.append("second began")
+            conn.execute(clients.insert().values(client_id="b", enrolled_at=2.0))
+
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        assert holding.wait(30)
+        # A read while the first holds the write lock: not blocked, the last commit's view.
+        with engine.connect() as conn:
+            seen = conn.execute(sa.select(clients.c.client_id)).scalars().all()
+        assert seen == [] and order == ["first wrote"]
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        assert order == ["first wrote", "first ends", "second began"]
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(clients.c.client_id).order_by("client_id")).scalars()
+            assert rows.all() == ["a", "b"]
+        # A failed transaction gives its turn back too.
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(clients.insert().values(client_id="a", enrolled_at=3.0))
+        monkeypatch.setattr(db, "WRITER_WAIT", 120.0)
+        began = threading.Event()
+
+        def third() -> None:
+            with engine.begin():
+                began.set()
+
+        thread = threading.Thread(target=third)
+        thread.start()
+        assert began.wait(30), "the failed transaction kept the turn"
+        thread.join(30)
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize(
