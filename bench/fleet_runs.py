@@ -152,7 +152,8 @@ def rollout_true(api: DeployClient, ids: list[str], timeout: float) -> dict[str,
     """``true`` on every agent of ``ids`` through one ``POST /api/rollouts`` with
     ``max_parallel`` = N, polled every 0.5 s by its summary (the newest rollout in the list:
     every target's rendering only at the end): its status, counts, seconds from the POST until
-    the poll saw it end (``ended_s``) and until its last target finished (``last_finished_s``)."""
+    the poll saw it end (``ended_s``) and until its last target finished (``last_finished_s``),
+    and until a tenth, half and nine tenths had finished (``finished_s``)."""
     from datetime import datetime
 
     posted = time.time()
@@ -179,11 +180,14 @@ def rollout_true(api: DeployClient, ids: list[str], timeout: float) -> dict[str,
         for t in b["targets"]
         if t["finished_at"]
     ]
+    after = sorted(f - posted for f in finishes)
     return {
         "status": rollout["status"],
         "counts": rollout["counts"],
         "ended_s": ended,
-        "last_finished_s": (max(finishes) - posted) if finishes else float("nan"),
+        "last_finished_s": after[-1] if after else float("nan"),
+        # Seconds from the POST by which a tenth, half, nine tenths of the targets finished.
+        "finished_s": [after[int(p * (len(after) - 1))] for p in (0.1, 0.5, 0.9)] if after else [],
     }
 
 

@@ -111,7 +111,8 @@ def main() -> int:
                 transactions = sum(int(t) for _, t, _ in ingest)
                 print(
                     f"  round {round_ + 1}, {mode}: {got['status']} {got['counts']}; last target "
-                    f"finished {got['last_finished_s']:.1f} s after the POST; CPU server "
+                    f"finished {got['last_finished_s']:.1f} s after the POST (10/50/90 %: "
+                    f"{'/'.join(f'{s:.1f}' for s in got['finished_s'])} s); CPU server "
                     f"{server_cpu:.0f} %, workers {workers_cpu:.0f} %; ingest {messages} messages "
                     f"in {transactions} transactions, worst p99 {worst:.0f} ms; "
                     f"{lost_connections(fleet) - lost_before} agents lost the server",
