@@ -45,6 +45,18 @@ def test_bad_labels_stop_the_agent(tmp_path: Path, text: str, message: str) -> N
         settings(tmp_path, text)
 
 
+async def _recorded_connected(center: Any) -> Any:
+    """The client's row once the server has stored its connection (the agent may know it is
+    connected before the server's bookkeeping has committed)."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        row = await center.server.db(center.server.records.get_client, "web-1")
+        if row.connected:
+            return row
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the server did not record the connection")
+
+
 async def _stored_labels(center: Any) -> dict[str, str]:
     """Cut the agent's connection so it connects again with its (changed) labels; the labels
     stored when it is back."""
@@ -63,7 +75,7 @@ async def _stored_labels(center: Any) -> dict[str, str]:
 async def test_the_server_checks_and_stores_labels(tmp_path: Path) -> None:
     plugins = load_plugins(env={"DEPLOY_CORE_PLUGINS": "deploy_shell"})
     async with in_process_center(tmp_path, plugins) as center:
-        row = await center.server.db(center.server.records.get_client, "web-1")
+        row = await _recorded_connected(center)
         assert row.labels == {}
         center.agent.config.labels = {"role": "web"}
         assert await _stored_labels(center) == {"role": "web"}
