@@ -388,8 +388,7 @@ def _one_writer_at_a_time(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
             return
         key = raw(conn.connection)
-        waited = key not in holders and turn.acquire(timeout=WRITER_WAIT)
-        if waited:
+        if key not in holders and turn.acquire(timeout=WRITER_WAIT):
             holders.add(key)
         try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -442,8 +441,8 @@ def make_engine(url: str) -> Engine:
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Take the write lock when a transaction begins (BEGIN IMMEDIATE) so that a
-            # read-then-write, such as "apply this report unless finished", is atomic.
+            # The driver issues no BEGIN of its own: _one_writer_at_a_time's "begin" event
+            # does (BEGIN IMMEDIATE for engine.begin(), a plain BEGIN for reads).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             # Deleted rows (a finished deployment's sealed secrets) are overwritten on disk.
