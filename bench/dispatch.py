@@ -76,6 +76,16 @@ def phases(
     return [answered - posted, first - answered, last - first, finished - last, seen - finished]
 
 
+def udp_datagrams_sent() -> int:
+    """The host's count of UDP datagrams sent (``/proc/net/snmp``), -1 where there is none."""
+    try:
+        lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()]
+    except OSError:
+        return -1
+    names, values = (ln for ln in lines if ln[0] == "Udp:")
+    return int(values[names.index("OutDatagrams")])
+
+
 def measure(n: int) -> tuple[list[float], list[list[float]]]:
     """``n`` deployments of ``true``: the seconds of each, and of each one's phases."""
     deploy_times: list[float] = []
@@ -88,6 +98,7 @@ def measure(n: int) -> tuple[list[float], list[list[float]]]:
             api = center.api
             for _ in range(5):  # warm-up
                 center.wait(center.deploy("shell", "bench", script="true"))
+            sent_before = udp_datagrams_sent()
             for _ in range(n):
                 start, posted = time.perf_counter(), time.time()
                 deploy_id = api.deploy("shell", {"client_id": "bench", "script": "true"})[
@@ -101,6 +112,12 @@ def measure(n: int) -> tuple[list[float], list[list[float]]]:
                     raise SystemExit(f"deployment {deploy_id} ended {record['status']}")
                 history = api.history(deploy_id)
                 split.append(phases(posted, answered, seen, record, history))
+            sent = udp_datagrams_sent() - sent_before
+            if sent >= 0:
+                print(
+                    f"UDP datagrams sent on this host: {sent / n:.1f} per deployment (the QUIC "
+                    "traffic between server and agent, and anything else here)"
+                )
         finally:
             center.close()
     return deploy_times, split

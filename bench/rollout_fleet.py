@@ -31,7 +31,9 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +62,18 @@ def lost_connections(fleet: Fleet) -> int:
     return sum(log.read_text(errors="replace").count("no frame from the server") for log in logs)
 
 
+def start_py_spy(fleet: Fleet, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording the server for ``seconds`` into ``out`` (collapsed stacks, a
+    thread's name first), without stopping the server at each sample."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    assert fleet.server is not None
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(fleet.server.pid), "--duration", str(int(seconds)),
+         "--rate", "100", "--threads", "--nonblocking", "--format", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def wait_all_connected(fleet: Fleet, ids: set[str], timeout: float) -> None:
     if fleet.wait_connected(ids, timeout, time.monotonic()) is None:
         raise RuntimeError(f"only {len(fleet.connected() & ids)}/{len(ids)} connected")
@@ -75,6 +89,11 @@ def main() -> int:
     parser.add_argument("--nice", type=int, default=10, help="the workers' niceness when niced")
     parser.add_argument("--timeout", type=float, default=300.0, help="per rollout")
     parser.add_argument("--keep", type=Path, help="run in DIR and keep it")
+    parser.add_argument(
+        "--profile", type=float, metavar="S",
+        help="record the server with py-spy (on PATH or in the venv) for the first S seconds "
+        "of each rollout, into profile-<round>-<mode>.txt (collapsed stacks, per thread)",
+    )  # fmt: skip
     args = parser.parse_args()
     # No agent scans /proc for orphans while it measures: in a worker each agent's scan
     # collects the other agents' finished scripts, which then end with code 255 (see
@@ -102,7 +121,13 @@ def main() -> int:
                 offset = len(server_log.read_text(errors="replace"))
                 lost_before = lost_connections(fleet)
                 sample = fleet.cpu_sample()
+                spy = None
+                if args.profile:
+                    out = root / f"profile-{round_ + 1}-{'niced' if nice else 'same'}.txt"
+                    spy = start_py_spy(fleet, args.profile, out)
                 got = rollout_true(fleet.api, ids, args.timeout)
+                if spy is not None:
+                    spy.wait(timeout=args.profile + 30)
                 server_cpu, workers_cpu = fleet.cpu_since(sample)
                 lines = server_log.read_text(errors="replace")[offset:]
                 ingest = [m.groups() for m in _INGEST.finditer(lines)]
@@ -132,8 +157,6 @@ def main() -> int:
     finally:
         fleet.close()
         if args.keep is None:
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
 
 

@@ -70,8 +70,10 @@ from .quic_settings import (
     MAX_DATA,
     MAX_STREAM_DATA,
     SOCKET_BUFFER_BYTES,
+    acknowledge_with_answer,
     datagram_size_for,
     enlarge_socket_buffers,
+    pace_acknowledgement,
 )
 
 __all__ = [
@@ -92,6 +94,8 @@ _STABLE_AFTER = 10.0
 _CLOSE_LINGER = 0.5
 # Heartbeats missed in a row before the connection counts as lost.
 _MISSED_HEARTBEATS = 3
+#: aioquic's own acknowledgement delay (its timer granularity), kept for bytes in bulk.
+_AIOQUIC_ACK_DELAY = 0.001  # its K_GRANULARITY
 # QUIC puts the close reason in one packet; keep it well inside.
 _MAX_REASON_CHARS = 300
 
@@ -282,11 +286,14 @@ class _ServerConnection(QuicConnectionProtocol):
         # The base class transmits after every datagram. Once connected, an agent mostly
         # receives (artifact bytes) and owes the server ACKs, which aioquic delays by 1 ms
         # anyway: transmitting only when the timer must move spares it about a third of its
-        # CPU per received byte. What it sends itself is transmitted as it is queued.
+        # CPU per received byte. What it sends itself is transmitted as it is queued. A
+        # message's ACK waits for the answer (pace_acknowledgement).
         if not self._handshake_over.is_set():
             super().datagram_received(data, addr)
             return
-        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        now = self._loop.time()
+        pace_acknowledgement(self._quic, len(data), now, at_once=_AIOQUIC_ACK_DELAY)
+        self._quic.receive_datagram(cast(bytes, data), addr, now=now)
         self._process_events()
         if self._quic.get_timer() != self._timer_at:
             self.transmit()
@@ -301,6 +308,7 @@ class _ServerConnection(QuicConnectionProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        acknowledge_with_answer(self._quic, self._loop.time())
         self.transmit()
 
     def heartbeat(self) -> None:
@@ -314,6 +322,7 @@ class _ServerConnection(QuicConnectionProtocol):
             return
         self._ping_uid += 1
         self._quic.send_ping(self._ping_uid)
+        acknowledge_with_answer(self._quic, self._loop.time())
         self.transmit()
 
     def lose(self, reason: str) -> None:

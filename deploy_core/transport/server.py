@@ -51,7 +51,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, cast
 
-from aioquic import tls
 from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer as _QuicEndpoint
@@ -117,8 +116,10 @@ from .quic_settings import (
     MAX_DATAGRAM_SIZE,
     MAX_STREAM_DATA,
     SOCKET_BUFFER_BYTES,
+    acknowledge_with_answer,
     datagram_size_for,
     enlarge_socket_buffers,
+    pace_acknowledgement,
 )
 from .stats import TransportStats
 
@@ -302,18 +303,6 @@ class AgentSession:
         return f"<AgentSession {self.client_id} {self.remote[0]}:{self.remote[1]} {state}>"
 
 
-def _ack_now(quic: QuicConnection, now: float) -> None:
-    """Have the next packet acknowledge what arrived, as aioquic would only ``_ack_delay``
-    (1 ms) later in a packet of its own: an answer (a PONG, a report's ACK) then carries the
-    acknowledgement of what it answers, one datagram instead of two.  A no-op on an aioquic
-    that keeps its packet spaces otherwise (checked with 1.2 to 1.7)."""
-    spaces = getattr(quic, "_spaces", None)
-    space: Any = spaces.get(tls.Epoch.ONE_RTT) if isinstance(spaces, dict) else None
-    ack_at = getattr(space, "ack_at", None)
-    if isinstance(ack_at, float) and ack_at > now:
-        space.ack_at = now
-
-
 async def _guarded(what: str, client_id: str, call: Awaitable[None]) -> None:
     """Await a user callback; its exceptions are logged, never passed on."""
     try:
@@ -343,6 +332,8 @@ class _AgentConnection(QuicConnectionProtocol):
         # Serves the agent's file requests once it is authenticated (deploy-11).
         self._files: FileStreamServer | None = None
         self._flush_scheduled = False
+        # Something was queued to send since the last flush: its packet carries the ACKs.
+        self._answering = False
         self._linger: asyncio.Task[None] | None = None
         self._disconnected = asyncio.Event()
         self._flushed = asyncio.Event()
@@ -360,8 +351,12 @@ class _AgentConnection(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         # aioquic's transmits after each datagram; here once per loop turn (_flush), after
         # every datagram of this connection the endpoint read in this turn and the answers
-        # they got at once, so that one packet carries the ACKs and the answers.
-        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        # they got at once, so that one packet carries the ACKs and the answers. A heartbeat
+        # (a QUIC PING) is acknowledged in that packet (one datagram each way, no timer); a
+        # message's ACK waits for the answer the server sends once it is stored.
+        now = self._loop.time()
+        pace_acknowledgement(self._quic, len(data), now, at_once=0.0)
+        self._quic.receive_datagram(cast(bytes, data), addr, now=now)
         if self._session is not None:
             # Heard from: a heartbeat is a QUIC PING frame, which raises no event.
             self._session.last_seen = time.time()
@@ -438,16 +433,16 @@ class _AgentConnection(QuicConnectionProtocol):
         frame = encode(env, max_bytes=self._server._max_message_bytes)
         self._quic.send_stream_data(self._control_stream, frame)
         self._server.stats.sent(env.kind.value, len(frame))
+        self._answering = True
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        # Acknowledged at once, not ``_ack_delay`` later by a timer of its own: the packet
-        # then carries the answers sent meanwhile, and a heartbeat (a QUIC PING) costs one
-        # datagram each way and no timer.
         self._flush_scheduled = False
-        _ack_now(self._quic, self._loop.time())
+        if self._answering:
+            self._answering = False
+            acknowledge_with_answer(self._quic, self._loop.time())
         self.transmit()
 
     # -- closing
