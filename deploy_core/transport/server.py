@@ -41,9 +41,11 @@ import hashlib
 import hmac
 import json
 import logging
+import platform
 import re
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -178,7 +180,7 @@ def size_receive_buffer(transport: asyncio.BaseTransport, size: int) -> int:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return 0
-    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    force = _so_rcvbufforce()
     try:
         if force is None:
             raise PermissionError("no SO_RCVBUFFORCE here")
@@ -187,6 +189,23 @@ def size_receive_buffer(transport: asyncio.BaseTransport, size: int) -> int:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+#: Linux's SO_RCVBUFFORCE in its generic socket options, which these machines use.
+_LINUX_SO_RCVBUFFORCE = 33
+_GENERIC_SOCKET_OPTIONS = frozenset(
+    {"x86_64", "amd64", "i386", "i686", "aarch64", "arm64", "armv7l", "armv6l", "riscv64", "s390x"}
+)
+
+
+def _so_rcvbufforce() -> int | None:
+    """SO_RCVBUFFORCE, also where Python does not name it: 3.11 (Debian 12's) has no
+    ``socket.SO_RCVBUFFORCE``, and its server got the 8 MiB ``rmem_max`` allows instead of
+    the buffer it asked for, even as root; 2,000 agents then overflowed it in one rollout."""
+    value = getattr(socket, "SO_RCVBUFFORCE", None)
+    if value is None and sys.platform == "linux" and platform.machine() in _GENERIC_SOCKET_OPTIONS:
+        return _LINUX_SO_RCVBUFFORCE
+    return value
 
 
 class AuthError(Exception):
