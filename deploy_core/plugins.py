@@ -223,9 +223,7 @@ class DeployPlugins:
         for impl in self.pm.hook.deploy_register_cli_commands.get_hookimpls():
             owner = impl.plugin_name
 
-            def register(
-                command: Any, group: str | None = None, _owner: str = owner
-            ) -> None:
+            def register(command: Any, group: str | None = None, _owner: str = owner) -> None:
                 if not isinstance(command, click.Command) or not command.name:
                     raise PluginError(
                         f"plugin {_owner!r} passed {type(command).__name__} to "

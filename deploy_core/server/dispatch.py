@@ -5,11 +5,16 @@ A command is marked dispatched before it leaves, so a server that dies right aft
 never later claims the agent did not get it.  With several replicas, a deployment whose agent
 is connected to another replica is announced on the cluster bus (server/cluster_bus.py); the
 replica holding the agent claims and sends it (:meth:`Dispatcher.deliver_announced`).
+
+The dispatcher also counts the commands it sent that their agents have not acknowledged yet
+(:meth:`Dispatcher.room`): a rollout starts its next chunk of targets only once most of the
+last one was acknowledged, so a thousand starts do not outrun what this server can take in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -21,6 +26,10 @@ from deploy_core.transport import AgentSession, Envelope, Kind, QuicServer
 
 if TYPE_CHECKING:
     from deploy_core.server.cluster_bus import ClusterBus
+
+#: A command sent from here counts as awaiting its ACK at most this long (seconds): an agent
+#: that went away never acknowledges; redelivery and the deadline take care of its command.
+UNACKED_MEMORY = 30.0
 
 
 class Dispatcher:
@@ -34,6 +43,10 @@ class Dispatcher:
         self.max_log_bytes = max_log_bytes
         #: The cluster bus of a replica on PostgreSQL (None: this server is alone).
         self.bus: ClusterBus | None = None
+        # Deployment id -> when its command was sent from here, oldest first, until the
+        # agent's ACK is stored (acknowledged) or UNACKED_MEMORY has passed.
+        self._unacked: dict[str, float] = {}
+        self._acked = asyncio.Event()
 
     async def command_for(
         self, record: DeploymentRow, capabilities: Mapping[str, Any] | None = None
@@ -83,6 +96,51 @@ class Dispatcher:
         if not marked:
             await asyncio.to_thread(self.records.mark_dispatched, record.deploy_id)
         session.send(envelope)
+        self.sent(record.deploy_id)
+
+    def sent(self, deploy_id: str) -> None:
+        """``deploy_id``'s command left now: it awaits its ACK (newest last)."""
+        self._unacked.pop(deploy_id, None)
+        self._unacked[deploy_id] = time.monotonic()
+
+    def acknowledged(self, deploy_id: str) -> None:
+        """The agent's ACK of ``deploy_id``'s command is stored."""
+        if self._unacked.pop(deploy_id, None) is not None:
+            self._acked.set()
+
+    def awaiting_ack(self) -> int:
+        """How many commands sent from here in the last UNACKED_MEMORY seconds their agents
+        have not acknowledged."""
+        unacked, oldest = self._unacked, time.monotonic() - UNACKED_MEMORY
+        while unacked:
+            deploy_id, sent = next(iter(unacked.items()))
+            if sent > oldest:
+                break
+            del unacked[deploy_id]
+        return len(unacked)
+
+    async def room(self, limit: int, timeout: float) -> bool:
+        """Wait until at most ``limit`` commands await their ACK (:meth:`awaiting_ack`);
+        ``False`` if that took longer than ``timeout`` seconds (the caller goes on anyway).
+
+        This is how a large rollout keeps pace with the server: a command's ACK comes back
+        once the agent journaled it and this server read and stored the ACK, so while the
+        server is behind (its socket full, its loop busy with answers) the next starts
+        wait, instead of adding thousands of agents' messages, and their retransmissions,
+        to a queue that already holds seconds of work."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.awaiting_ack() > limit:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            # Woken by an ACK, or when the oldest command stops counting.
+            oldest = next(iter(self._unacked.values()))
+            expires = oldest + UNACKED_MEMORY - time.monotonic()
+            self._acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), max(0.0, min(left, expires)) + 0.001)
+        return True
 
     def session_for(self, client_id: str) -> AgentSession | None:
         """The open session of ``client_id`` on this replica, if any."""

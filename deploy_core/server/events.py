@@ -379,6 +379,8 @@ class EventRouter:
             )
             if not owned:
                 session.send(error_for(env, not_yours(session.client_id, [deploy_id])))
+                return
+            self.server.dispatcher.acknowledged(deploy_id)
             return
         if env.kind is Kind.ERROR:
             log.warning("agent %s reports an error: %s", session.client_id, env.payload)

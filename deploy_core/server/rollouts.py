@@ -108,6 +108,9 @@ RENEW_EVERY = 3.0
 # Targets started together: their ids committed in one transaction, then their deployments
 # created in one more, then sent.
 START_CHUNK = 256
+# A chunk after the first starts once at most START_CHUNK commands of this server await their
+# agents' ACK (Dispatcher.room), or after this many seconds of waiting in any case.
+START_PACING_TIMEOUT = 10.0
 
 
 class RolloutConflict(Exception):
@@ -1022,6 +1025,11 @@ class Rollouts:
                     ready.append(target)
             if not ready:
                 continue
+            if first and not await self.deployments.dispatcher.room(
+                START_CHUNK, START_PACING_TIMEOUT
+            ):
+                log.info("rollout %s: commands still unacknowledged after %g s; starting more",
+                         rid, START_PACING_TIMEOUT)  # fmt: skip
             now = time.time()
             chosen = {t.row["position"]: t.row["deploy_id"] or uuid.uuid4().hex for t in ready}
             # Chosen and kept before the deployments exist: a restart reuses them.
