@@ -62,16 +62,36 @@ def lost_connections(fleet: Fleet) -> int:
     return sum(log.read_text(errors="replace").count("no frame from the server") for log in logs)
 
 
-def start_py_spy(fleet: Fleet, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy recording the server for ``seconds`` into ``out`` (collapsed stacks, a
-    thread's name first), without stopping the server at each sample."""
+def start_py_spy(fleet: Fleet, seconds: float, out: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy recording the server and the first worker for ``seconds`` into ``out`` and
+    ``out`` with ``-worker`` (collapsed stacks, a thread's name first), without stopping
+    them at each sample."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     assert fleet.server is not None
-    return subprocess.Popen(
-        [spy, "record", "--pid", str(fleet.server.pid), "--duration", str(int(seconds)),
-         "--rate", "100", "--threads", "--nonblocking", "--format", "raw", "-o", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    pids = {out: fleet.server.pid, out.with_stem(out.stem + "-worker"): fleet.worker_pids()[0]}
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "100",
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "-o",
+                str(path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for path, pid in pids.items()
+    ]
 
 
 def wait_all_connected(fleet: Fleet, ids: set[str], timeout: float) -> None:
@@ -132,7 +152,8 @@ def main() -> int:
                     spy = start_py_spy(fleet, args.profile, out)
                 got = rollout_true(fleet.api, ids, args.timeout)
                 if spy is not None:
-                    spy.wait(timeout=args.profile + 30)
+                    for each in spy:
+                        each.wait(timeout=args.profile + 30)
                 server_cpu, workers_cpu = fleet.cpu_since(sample)
                 lines = server_log.read_text(errors="replace")[offset:]
                 ingest = [m.groups() for m in _INGEST.finditer(lines)]

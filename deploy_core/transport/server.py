@@ -835,8 +835,14 @@ def _key_offer(payload: dict[str, Any]) -> tuple[bytes, bytes] | None:
     return public_key, signature
 
 
-#: Datagrams handled per event-loop turn: the one asyncio read, then more read here.
-_READ_BATCH = 64
+#: Datagrams handled per event-loop turn: the one asyncio read, then more read here until
+#: the socket is empty, this many in all, or _READ_BUDGET seconds have gone. asyncio runs
+#: every callback that is ready in each turn; when a rollout has thousands of them queued a
+#: turn takes hundreds of milliseconds, and 64 datagrams a turn (as before) read fewer than
+#: 2,000 agents' heartbeats alone: the socket then held seconds of datagrams, heartbeats went
+#: unanswered and agents gave the server up.
+_READ_BATCH = 4096
+_READ_BUDGET = 0.05
 # Larger than any QUIC datagram (they fit one path MTU).
 _MAX_UDP_READ = 65535
 # How long, and how many, connection ids refused as busy are remembered.
@@ -893,7 +899,8 @@ class _AdmittingEndpoint(_QuicEndpoint):
     asyncio's datagram transport reads one datagram each time the socket is readable, so a
     full receive buffer costs a select() and a loop turn per datagram while thousands of
     agents send Initials at once; with ``sock`` (the endpoint's own non-blocking socket)
-    each datagram asyncio hands over is followed by up to ``_READ_BATCH - 1`` more read here.
+    each datagram asyncio hands over is followed by what else the socket holds, read here
+    (at most ``_READ_BATCH`` in all, for at most ``_READ_BUDGET`` seconds).
     """
 
     def __init__(
@@ -915,8 +922,11 @@ class _AdmittingEndpoint(_QuicEndpoint):
         sock = self._sock
         if sock is None:
             return
-        for _ in range(_READ_BATCH - 1):
+        until = time.monotonic() + _READ_BUDGET
+        for n in range(1, _READ_BATCH):
             if self._transport is None or self._transport.is_closing():
+                return
+            if n % 64 == 0 and time.monotonic() > until:
                 return
             try:
                 data, addr = sock.recvfrom(_MAX_UDP_READ)
