@@ -74,6 +74,8 @@ from .quic_settings import (
     datagram_size_for,
     enlarge_socket_buffers,
     pace_acknowledgement,
+    patient_probes,
+    peer_closed,
 )
 
 __all__ = [
@@ -295,6 +297,9 @@ class _ServerConnection(QuicConnectionProtocol):
         pace_acknowledgement(self._quic, len(data), now, at_once=_AIOQUIC_ACK_DELAY)
         self._quic.receive_datagram(cast(bytes, data), addr, now=now)
         self._process_events()
+        closed = peer_closed(self._quic)
+        if closed is not None and self.lost_reason is None:
+            self.quic_event_received(closed)
         if self._quic.get_timer() != self._timer_at:
             self.transmit()
 
@@ -348,6 +353,7 @@ class _ServerConnection(QuicConnectionProtocol):
         elif isinstance(event, PingAcknowledged):
             self.last_frame_at = asyncio.get_running_loop().time()
         elif isinstance(event, HandshakeCompleted):
+            patient_probes(self._quic)
             self._handshake_over.set()
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason_phrase or f"QUIC error code {event.error_code:#x}"

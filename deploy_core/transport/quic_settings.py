@@ -14,6 +14,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from aioquic import tls
+from aioquic.quic.events import ConnectionTerminated
 
 if TYPE_CHECKING:
     from aioquic.quic.connection import QuicConnection
@@ -25,11 +26,14 @@ __all__ = [
     "MAX_DATAGRAM_SIZE",
     "MAX_STREAM_DATA",
     "MESSAGE_ACK_DELAY",
+    "PROBE_FLOOR",
     "SOCKET_BUFFER_BYTES",
     "acknowledge_with_answer",
     "datagram_size_for",
     "enlarge_socket_buffers",
     "pace_acknowledgement",
+    "patient_probes",
+    "peer_closed",
 ]
 
 #: Connection-wide and per-stream flow-control windows (both ends use the same).
@@ -97,6 +101,40 @@ def pace_acknowledgement(quic: QuicConnection, size: int, now: float, *, at_once
     quic._ack_delay = at_once
     if size >= _BULK_DATAGRAM:
         _ack_by(quic, now + at_once)
+
+
+#: The least time either end waits for an acknowledgement before it sends again what is
+#: unacknowledged (a probe, RFC 9002 section 6.2).
+PROBE_FLOOR = 0.5
+
+
+def patient_probes(quic: QuicConnection) -> None:
+    """Call once the handshake is over: wait at least :data:`PROBE_FLOOR` before a probe.
+
+    aioquic probes after the round-trip time plus the peer's ``max_ack_delay`` (25 ms): on
+    loopback or a LAN about 30 ms, doubling each time. A server busy with a rollout to
+    thousands of agents answers seconds late, not never; every agent then resent each
+    unacknowledged message six or seven times (30 ms, 60 ms ... 4 s), and each copy was one
+    more datagram for that same server to decrypt and acknowledge. Counting the peer's
+    ``max_ack_delay`` as at least the floor keeps a real loss recovered within a second and
+    the copies to two or three. Loss found by reordering (later packets acknowledged) is not
+    touched: a lost packet amid a transfer is resent as soon as before.
+
+    Sets aioquic's ``_loss.max_ack_delay``; on an aioquic without it, nothing changes."""
+    loss = getattr(quic, "_loss", None)
+    max_ack_delay = getattr(loss, "max_ack_delay", None)
+    if isinstance(max_ack_delay, float) and max_ack_delay < PROBE_FLOOR:
+        loss.max_ack_delay = PROBE_FLOOR  # type: ignore[union-attr]
+
+
+def peer_closed(quic: QuicConnection) -> ConnectionTerminated | None:
+    """The connection's end (the peer's CONNECTION_CLOSE) as soon as it arrived.
+
+    aioquic hands the ConnectionTerminated event over only when its draining period ends,
+    three probe timeouts later (with :data:`PROBE_FLOOR`, 1.5 s or more): meanwhile an agent
+    would not know the server had closed, nor why. Reads aioquic's ``_close_event``."""
+    event = getattr(quic, "_close_event", None)
+    return event if isinstance(event, ConnectionTerminated) else None
 
 
 def acknowledge_with_answer(quic: QuicConnection, now: float) -> None:

@@ -60,6 +60,7 @@ from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfigura
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.events import (
     ConnectionTerminated,
+    HandshakeCompleted,
     PingAcknowledged,
     QuicEvent,
     StopSendingReceived,
@@ -122,6 +123,8 @@ from .quic_settings import (
     datagram_size_for,
     enlarge_socket_buffers,
     pace_acknowledgement,
+    patient_probes,
+    peer_closed,
 )
 from .stats import TransportStats
 
@@ -380,6 +383,9 @@ class _AgentConnection(QuicConnectionProtocol):
             # Heard from: a heartbeat is a QUIC PING frame, which raises no event.
             self._session.last_seen = time.time()
         self._process_events()
+        closed = peer_closed(self._quic)
+        if closed is not None and not self.shut:
+            self.quic_event_received(closed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -396,6 +402,8 @@ class _AgentConnection(QuicConnectionProtocol):
             self._files.stream_reset(event.stream_id)
         elif isinstance(event, PingAcknowledged) and event.uid == _FLUSH_PING:
             self._flushed.set()
+        elif isinstance(event, HandshakeCompleted):
+            patient_probes(self._quic)
         elif isinstance(event, ConnectionTerminated):
             idle = event.reason_phrase == "Idle timeout"  # aioquic's words for its own timer
             self.close_cause = self.close_cause or ("idle_timeout" if idle else "agent")

@@ -570,6 +570,28 @@ async def test_an_unanswered_message_is_still_acknowledged(
         await eventually(lambda: raw._quic._loss.bytes_in_flight == 0)
 
 
+@pytest.mark.asyncio
+async def test_both_ends_wait_at_least_the_probe_floor_before_resending(
+    start_server: StartServer, start_connector: StartConnector
+) -> None:
+    """A server answering late is not a lost packet: neither end probes (resends what is
+    unacknowledged) sooner than PROBE_FLOOR after the handshake, though both are on
+    loopback, where aioquic alone would probe after ~30 ms (issue 13: 2,000 agents resending
+    to a busy server)."""
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: server.session("web-1") is not None)
+    (connection,) = [c for c in server._connections if not c.shut]
+    agent_connection = agent._connection
+    assert agent_connection is not None
+    for quic in (connection._quic, agent_connection._quic):
+        assert quic._loss.get_probe_timeout() >= transport_settings.PROBE_FLOOR
+    # Before the floor, the same connection probed within tens of milliseconds.
+    connection._quic._loss.max_ack_delay = 0.025
+    assert connection._quic._loss.get_probe_timeout() < transport_settings.PROBE_FLOOR / 4
+
+
 def _handshaken_pair(certs: ServerCerts) -> tuple[QuicConnection, QuicConnection, list[float]]:
     """An aioquic client and server connection, handshaken in memory (no sockets, a clock
     of our own: ``clock[0]``)."""
