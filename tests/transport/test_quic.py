@@ -257,6 +257,18 @@ async def start_connector(certs: ServerCerts) -> AsyncIterator[StartConnector]:
         assert task.done()
 
 
+def client_configuration(certs: ServerCerts, **extra: Any) -> QuicConfiguration:
+    """A QUIC client's configuration trusting only the server's CA."""
+    return QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN_PROTOCOL],
+        cafile=str(certs.ca_cert),
+        verify_mode=ssl.CERT_REQUIRED,
+        server_name="localhost",
+        **extra,
+    )
+
+
 @contextlib.asynccontextmanager
 async def raw_client(
     server: QuicServer,
@@ -266,14 +278,7 @@ async def raw_client(
     timeout: float = 5.0,
 ) -> AsyncIterator[RawClient]:
     """A :class:`RawClient` connected to ``server`` (its packets traced in ``quic_logger``)."""
-    configuration = QuicConfiguration(
-        is_client=True,
-        alpn_protocols=[ALPN_PROTOCOL],
-        cafile=str(certs.ca_cert),
-        verify_mode=ssl.CERT_REQUIRED,
-        server_name="localhost",
-        quic_logger=quic_logger,
-    )
+    configuration = client_configuration(certs, quic_logger=quic_logger)
     async with asyncio.timeout(timeout):
         async with connect(
             "127.0.0.1", server.port, configuration=configuration, create_protocol=RawClient
@@ -597,13 +602,8 @@ def _handshaken_pair(certs: ServerCerts) -> tuple[QuicConnection, QuicConnection
     of our own: ``clock[0]``)."""
     clock = [1000.0]
     client = QuicConnection(
-        configuration=QuicConfiguration(
-            is_client=True,
-            alpn_protocols=[ALPN_PROTOCOL],
-            cafile=str(certs.ca_cert),
-            verify_mode=ssl.CERT_REQUIRED,
-            server_name="localhost",
-            max_datagram_size=transport_settings.MAX_DATAGRAM_SIZE,
+        configuration=client_configuration(
+            certs, max_datagram_size=transport_settings.MAX_DATAGRAM_SIZE
         )
     )
     server_configuration = QuicConfiguration(
