@@ -410,3 +410,34 @@ def test_the_servers_receive_buffer_goes_past_rmem_max_on_every_python(
         granted = size_receive_buffer(_SocketOnly(sock), rmem_max * 4)  # type: ignore[arg-type]
     # Linux reports twice what it grants; capped, it would be 2 * rmem_max.
     assert granted == 2 * rmem_max * 4
+
+
+@pytest.mark.asyncio
+async def test_one_loop_turn_reads_all_the_socket_holds(certs: ServerCerts) -> None:
+    """Hundreds of datagrams waiting (a rollout's turn took long) are read in the one turn
+    that is handed the first, not 64 a turn: 2,000 agents' heartbeats alone outran that."""
+    server = QuicServer(
+        host="127.0.0.1",
+        port=0,
+        certs=certs,
+        authority=SlowAuthority(delay=0),
+        on_connect=_nothing,
+        on_message=_nothing,
+        on_disconnect=_nothing,
+    )
+    await server.start()
+    endpoint, server_sock = server._endpoint, server._endpoint._sock  # type: ignore[union-attr]
+    assert endpoint is not None and server_sock is not None
+    # Short-header datagrams for no connection: read, then dropped by aioquic.
+    junk = b"\x40" + bytes(40)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        try:
+            # No await from here on: asyncio's reader does not run meanwhile.
+            for _ in range(500):
+                sender.sendto(junk, ("127.0.0.1", server.port))
+            data, addr = server_sock.recvfrom(2048)
+            endpoint.datagram_received(data, addr)
+            with pytest.raises(BlockingIOError):
+                server_sock.recvfrom(2048)
+        finally:
+            await asyncio.wait_for(server.close(), 10)
