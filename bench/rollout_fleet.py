@@ -114,10 +114,14 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile", type=float, metavar="S",
-        help="record the server with py-spy (on PATH or in the venv) for the first S seconds "
-        "of each rollout, into profile-<round>-<mode>.txt (collapsed stacks, per thread)",
+        help="record the server and the first worker with py-spy (on PATH or in the venv) for "
+        "the first S seconds of each rollout, into profile-<round>-<mode>[-worker].txt "
+        "(collapsed stacks, per thread)",
     )  # fmt: skip
     args = parser.parse_args()
+    modes = set(args.modes.split(","))
+    if not modes or not modes <= {"same", "niced"}:
+        parser.error(f"--modes takes same, niced or same,niced; got {args.modes!r}")
     # No agent scans /proc for orphans while it measures: in a worker each agent's scan
     # collects the other agents' finished scripts, which then end with code 255 (see
     # fleet_agents.py); `true` leaves no orphans.
@@ -138,7 +142,7 @@ def main() -> int:
         time.sleep(5.0)
         for round_ in range(args.rounds):
             for mode, nice in zip(results, (0, args.nice), strict=True):
-                if ("niced" if nice else "same") not in args.modes.split(","):
+                if ("niced" if nice else "same") not in modes:
                     continue
                 renice(fleet, nice)
                 wait_all_connected(fleet, set(ids), 120.0)
@@ -176,11 +180,11 @@ def main() -> int:
         medians = {mode: statistics.median(v) for mode, v in results.items() if v}
         for mode, value in medians.items():
             print(f"  median, {mode}: {value:.1f} s")
-        if len(medians) == 2 and all(results.values()):
+        if len(medians) == 2:
             same, niced = medians.values()
             print(f"  ratio (same priority / niced): {same / niced:.2f}")
-        wanted = [v for (_, v), name in zip(results.items(), ("same", "niced"), strict=True)
-                  if name in args.modes.split(",")]  # fmt: skip
+        wanted = [v for v, name in zip(results.values(), ("same", "niced"), strict=True)
+                  if name in modes]  # fmt: skip
         return 0 if all(len(v) == args.rounds for v in wanted) else 1
     finally:
         fleet.close()

@@ -99,9 +99,12 @@ class Dispatcher:
         self.sent(record.deploy_id)
 
     def sent(self, deploy_id: str) -> None:
-        """``deploy_id``'s command left now: it awaits its ACK (newest last)."""
+        """``deploy_id``'s command left now: it awaits its ACK (newest last). Commands
+        past UNACKED_MEMORY are dropped here too, so that the count stays small when no
+        rollout asks for it."""
         self._unacked.pop(deploy_id, None)
         self._unacked[deploy_id] = time.monotonic()
+        self.awaiting_ack()
 
     def acknowledged(self, deploy_id: str) -> None:
         """The agent's ACK of ``deploy_id``'s command is stored."""

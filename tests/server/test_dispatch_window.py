@@ -52,3 +52,18 @@ async def test_a_command_never_acknowledged_stops_counting_after_a_while(
     assert d.awaiting_ack() == 2
     assert await d.room(1, timeout=5) is True  # "gone" is forgotten within 0.2 s
     assert d.awaiting_ack() == 1
+
+
+@pytest.mark.asyncio
+async def test_commands_never_acknowledged_are_not_kept_when_no_rollout_asks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a rollout nobody asks for the count; sending still drops what is too old, so
+    a server of agents that never answer does not gather their ids forever."""
+    monkeypatch.setattr(dispatch, "UNACKED_MEMORY", 0.05)
+    d = dispatcher()
+    for i in range(100):
+        d.sent(f"old-{i}")
+    await asyncio.sleep(0.1)
+    d.sent("new")
+    assert list(d._unacked) == ["new"]
