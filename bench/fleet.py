@@ -186,6 +186,98 @@ def ingest_phase(
     return in_flight
 
 
+def timeline_text(timeline: list[tuple[float, int]], every: float) -> str:
+    """``(seconds, count)`` polls as ``"5 s: 0, 10 s: 120, …"``, one per ``every`` seconds
+    (the first poll at or past each mark), and the last poll."""
+    shown: list[str] = []
+    mark = every
+    for seconds, count in timeline:
+        if seconds >= mark:
+            shown.append(f"{seconds:.0f} s: {count}")
+            while mark <= seconds:
+                mark += every
+    if timeline and (not shown or not shown[-1].startswith(f"{timeline[-1][0]:.0f} s")):
+        shown.append(f"{timeline[-1][0]:.0f} s: {timeline[-1][1]}")
+    return ", ".join(shown)
+
+
+def restart_phase(
+    fleet: Fleet,
+    report: Report,
+    args: argparse.Namespace,
+    ids: list[str],
+    in_flight: dict[str, str],
+) -> None:
+    """``kill -9`` the server, start it again on the same state, and measure the return:
+    seconds until all ``ids`` are back (with a timeline), refusals, and how the deployments
+    in ``in_flight`` (client id -> deployment id) ended."""
+    before = worker_totals(fleet)
+    killed = time.monotonic()
+    fleet.kill_server()
+    fleet.start_server(60.0)
+    api_up = time.monotonic() - killed
+    timeline: list[tuple[float, int]] = []
+    back = fleet.wait_connected(set(ids), args.connect_timeout, killed, timeline)
+    report.add(
+        "restart_timeline",
+        "connected after the kill (every 5 s)",
+        timeline,
+        timeline_text(timeline, 5.0),
+    )
+    time.sleep(2.0)  # refusals logged around the last connections
+    after = worker_totals(fleet)
+    refusals = after["refusals"] - before["refusals"]
+    enrolled_again = after["already_enrolled"] - before["already_enrolled"]
+    refused_agents = sorted(set(after["refused_ids"]) - set(before["refused_ids"]))
+    if back is None:
+        count = len(fleet.connected() & set(ids))
+        report.problem(
+            f"after the restart only {count}/{len(ids)} came back in {args.connect_timeout:g} s"
+        )
+    else:
+        report.add(
+            "restart_back_s",
+            f"kill -9 + restart: all {len(ids)} back",
+            back,
+            f"{back:.1f} s after the kill (the API answered after {api_up:.1f} s)",
+            "all within 60 s",
+        )
+    report.add(
+        "restart_refusals",
+        "refusals agents logged during the restart",
+        refusals,
+        f"{refusals} ({enrolled_again} 'already enrolled'; {len(refused_agents)} agents)",
+        "0 refused",
+    )
+    busy = after["busy"] - before["busy"]
+    report.add(
+        "restart_busy",
+        "busy refusals during the restart (retry-after hints)",
+        busy,
+        f"{busy} (the server at its handshake limit; each agent waited its hint)" if busy else "0",
+        "",
+    )
+    if in_flight:
+        finals: Counter[str] = Counter()
+        for deploy_id in in_flight.values():
+            try:
+                finals[fleet.api.wait(deploy_id, timeout=INGEST_SLEEP + 120)["status"]] += 1
+            except TimeoutError:
+                finals["unfinished"] += 1
+        report.add(
+            "over_the_kill",
+            f"`sleep {INGEST_SLEEP}` deployments running across the kill",
+            dict(finals),
+            ", ".join(f"{n} {status}" for status, n in finals.most_common()),
+            "0 lost",
+        )
+        if finals.get("success", 0) != len(in_flight):
+            report.problem(f"deployments running across the kill ended {dict(finals)}")
+    report.data["initial_refusals"] = before["refusals"]
+    report.data["refused_agents"] = refused_agents
+    report.data["worker_log_categories"] = after["categories"]
+
+
 def run(args: argparse.Namespace, root: Path, report: Report) -> None:
     """Every phase, in order; a phase that cannot go on raises and the rest is skipped."""
     db_url, schema = (None, None)
@@ -259,6 +351,9 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         if args.ingest_only:
             ingest_phase(fleet, report, args, ids)
             return
+        if args.restart_only:
+            restart_phase(fleet, report, args, ids, {})
+            return
         measure_dispatch(fleet, report, args, "N")
         one, many = report.data.get("dispatch_1"), report.data.get("dispatch_N")
         if one and many:
@@ -304,66 +399,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         in_flight = ingest_phase(fleet, report, args, ids)
 
         # ---- kill -9 and restart
-        before = worker_totals(fleet)
-        killed = time.monotonic()
-        fleet.kill_server()
-        fleet.start_server(60.0)
-        api_up = time.monotonic() - killed
-        back = fleet.wait_connected(set(ids), args.connect_timeout, killed)
-        time.sleep(2.0)  # refusals logged around the last connections
-        after = worker_totals(fleet)
-        refusals = after["refusals"] - before["refusals"]
-        enrolled_again = after["already_enrolled"] - before["already_enrolled"]
-        refused_agents = sorted(set(after["refused_ids"]) - set(before["refused_ids"]))
-        if back is None:
-            count = len(fleet.connected() & set(ids))
-            report.problem(
-                f"after the restart only {count}/{len(ids)} came back in {args.connect_timeout:g} s"
-            )
-        else:
-            report.add(
-                "restart_back_s",
-                f"kill -9 + restart: all {len(ids)} back",
-                back,
-                f"{back:.1f} s after the kill (the API answered after {api_up:.1f} s)",
-                "all within 60 s",
-            )
-        report.add(
-            "restart_refusals",
-            "refusals agents logged during the restart",
-            refusals,
-            f"{refusals} ({enrolled_again} 'already enrolled'; {len(refused_agents)} agents)",
-            "0 refused",
-        )
-        busy = after["busy"] - before["busy"]
-        report.add(
-            "restart_busy",
-            "busy refusals during the restart (retry-after hints)",
-            busy,
-            f"{busy} (the server at its handshake limit; each agent waited its hint)"
-            if busy
-            else "0",
-            "",
-        )
-        if in_flight:
-            finals: Counter[str] = Counter()
-            for deploy_id in in_flight.values():
-                try:
-                    finals[fleet.api.wait(deploy_id, timeout=INGEST_SLEEP + 120)["status"]] += 1
-                except TimeoutError:
-                    finals["unfinished"] += 1
-            report.add(
-                "over_the_kill",
-                f"`sleep {INGEST_SLEEP}` deployments running across the kill",
-                dict(finals),
-                ", ".join(f"{n} {status}" for status, n in finals.most_common()),
-                "0 lost",
-            )
-            if finals.get("success", 0) != len(in_flight):
-                report.problem(f"deployments running across the kill ended {dict(finals)}")
-        report.data["initial_refusals"] = before["refusals"]
-        report.data["refused_agents"] = refused_agents
-        report.data["worker_log_categories"] = after["categories"]
+        restart_phase(fleet, report, args, ids, in_flight)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
@@ -435,6 +471,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ingest-only",
         action="store_true",
         help="connect the agents, flood, and stop (no dispatch, fan-out or restart)",
+    )
+    parser.add_argument(
+        "--restart-only",
+        action="store_true",
+        help="connect the agents, measure idle, then kill -9 and restart (nothing between)",
     )
     parser.add_argument(
         "--keep-monitor",

@@ -321,11 +321,24 @@ class Fleet:
         except Exception:
             return set()
 
-    def wait_connected(self, ids: set[str], timeout: float, started: float) -> float | None:
-        """Seconds from ``started`` (monotonic) until all ``ids`` are connected, or None."""
+    def wait_connected(
+        self,
+        ids: set[str],
+        timeout: float,
+        started: float,
+        timeline: list[tuple[float, int]] | None = None,
+    ) -> float | None:
+        """Seconds from ``started`` (monotonic) until all ``ids`` are connected, or None.
+
+        :param timeline: when given, gets ``(seconds since started, how many connected)``
+            at every poll.
+        """
         interval = 0.5 if len(ids) <= 500 else 1.0
         while time.monotonic() - started < timeout:
-            if ids <= self.connected():
+            here = self.connected() & ids
+            if timeline is not None:
+                timeline.append((time.monotonic() - started, len(here)))
+            if len(here) == len(ids):
                 return time.monotonic() - started
             time.sleep(interval)
         return None
