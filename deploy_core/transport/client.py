@@ -77,6 +77,7 @@ from .quic_settings import (
     patient_probes,
     peer_closed,
 )
+from .stateless_reset import drain_after_reset, is_stateless_reset
 
 __all__ = [
     "AgentConnector",
@@ -294,9 +295,14 @@ class _ServerConnection(QuicConnectionProtocol):
             super().datagram_received(data, addr)
             return
         now = self._loop.time()
-        pace_acknowledgement(self._quic, len(data), now, at_once=_AIOQUIC_ACK_DELAY)
-        self._quic.receive_datagram(cast(bytes, data), addr, now=now)
-        self._process_events()
+        if is_stateless_reset(self._quic, cast(bytes, data)):
+            # The server restarted and lost this connection: reconnect now rather than
+            # after three missed heartbeats.
+            drain_after_reset(self._quic, now)
+        else:
+            pace_acknowledgement(self._quic, len(data), now, at_once=_AIOQUIC_ACK_DELAY)
+            self._quic.receive_datagram(cast(bytes, data), addr, now=now)
+            self._process_events()
         closed = peer_closed(self._quic)
         if closed is not None and self.lost_reason is None:
             self.quic_event_received(closed)

@@ -126,6 +126,7 @@ from .quic_settings import (
     patient_probes,
     peer_closed,
 )
+from .stateless_reset import StatelessResets, reset_key_from
 from .stats import TransportStats
 
 __all__ = [
@@ -345,6 +346,7 @@ class _AgentConnection(QuicConnectionProtocol):
     ) -> None:
         super().__init__(quic, stream_handler)
         self._server = server
+        server.resets.issue(quic)
         self._decoder = FrameDecoder(max_bytes=server._max_message_bytes)
         self._inbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
         self._control_stream: int | None = None
@@ -912,11 +914,17 @@ class _AdmittingEndpoint(_QuicEndpoint):
     """
 
     def __init__(
-        self, *, gate: HandshakeGate, sock: socket.socket | None = None, **kwargs: Any
+        self,
+        *,
+        gate: HandshakeGate,
+        resets: StatelessResets | None = None,
+        sock: socket.socket | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._protocols = _ConnectionTable()
         self._gate = gate
+        self._resets = resets
         self._sock = sock
         self._last_busy_log = -1.0
         # Connection ids refused as busy lately (monotonic time of the refusal): a late or
@@ -946,8 +954,19 @@ class _AdmittingEndpoint(_QuicEndpoint):
             self._datagram(data, addr)
 
     def _datagram(self, data: bytes | str, addr: NetworkAddress) -> None:
+        if not isinstance(data, bytes) or not data:
+            return
+        if not data[0] & 0x80:
+            # A short-header packet: for a connection this process does not know (it
+            # restarted, or forgot a closed one), a stateless reset tells the agent at once.
+            cid_length = self._configuration.connection_id_length
+            if data[1 : 1 + cid_length] not in self._protocols:
+                reset = self._resets.reset_for(data, cid_length) if self._resets else None
+                if reset is not None and self._transport is not None:
+                    self._transport.sendto(reset, addr)
+                return
         # Only a long-header packet (the first bit set) can be an Initial.
-        if isinstance(data, bytes) and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and data[0] & 0x80:
+        elif len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
             try:
                 header = pull_quic_header(
                     Buffer(data=data), host_cid_length=self._configuration.connection_id_length
@@ -1036,6 +1055,7 @@ class QuicServer:
         max_file_transfers: int = DEFAULT_MAX_TRANSFERS,
         file_workers: int = 0,
         artifact_root: Path | None = None,
+        stateless_reset_key: bytes | None = None,
     ) -> None:
         """:param max_handshakes: connections in their handshake (QUIC/TLS up to WELCOME or
         refusal) at once; a new connection beyond them is refused before any TLS work with
@@ -1050,7 +1070,10 @@ class QuicServer:
         wait in line (:class:`~.files.TransferGate`); each file worker has a line of its own.
         :param file_workers: processes serving artifact file streams besides this one
         (:mod:`.file_workers`), each on a UDP port of its own; 0: none.
-        :param artifact_root: the store directory the file workers read (needed with them)."""
+        :param artifact_root: the store directory the file workers read (needed with them).
+        :param stateless_reset_key: 32 bytes or more that survive a restart, from which the
+        connections' stateless reset tokens derive (:mod:`.stateless_reset`); ``None``
+        derives it from the TLS private key in ``certs``, read at :meth:`start`."""
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if idle_timeout <= 0 or handshake_timeout <= 0:
@@ -1081,6 +1104,9 @@ class QuicServer:
         #: File transfers sending (``active``), waiting, and the bytes they hold.
         self.transfers = TransferGate(max_file_transfers)
         self._requested_port = port
+        self._stateless_reset_key = stateless_reset_key
+        #: Stateless resets: the tokens of the connection ids issued, the resets sent.
+        self.resets = StatelessResets(stateless_reset_key)
         self._sessions: dict[str, AgentSession] = {}
         #: Authenticated sessions by client id (a live, read-only view).
         self.sessions: Mapping[str, AgentSession] = MappingProxyType(self._sessions)
@@ -1116,6 +1142,9 @@ class QuicServer:
         if self._endpoint is not None:
             raise RuntimeError("QuicServer.start() called twice")
         configuration = self._configuration()
+        if self._stateless_reset_key is None:
+            # The same key after a restart: agents recognise its resets of their old ids.
+            self.resets = StatelessResets(reset_key_from(self._certs.key.read_bytes()))
         self._certificate_digest = certificate_digest(
             x509.load_pem_x509_certificates(self._certs.cert.read_bytes())[0]
         )
@@ -1135,6 +1164,7 @@ class QuicServer:
                 configuration=configuration,
                 create_protocol=functools.partial(_AgentConnection, server=self),
                 gate=self._gate,
+                resets=self.resets,
                 sock=sock,
             ),
             sock=sock,

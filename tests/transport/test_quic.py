@@ -57,6 +57,7 @@ from deploy_core.transport import quic_settings as transport_settings
 from deploy_core.transport import server as transport_server
 from deploy_core.transport.envelope import HEARTBEAT_QUIC
 from deploy_core.transport.quic_settings import acknowledge_with_answer, pace_acknowledgement
+from deploy_core.transport.stateless_reset import StatelessResets, is_stateless_reset
 
 # --------------------------------------------------------------------------- helpers
 
@@ -878,6 +879,139 @@ async def test_agent_reconnects_after_server_restart(
     await eventually(lambda: second.session("web-1") is not None)
     assert len(recorder.sessions("connect")) == 2
     assert len(recorder.sessions("disconnect")) == 1
+
+
+class _Void:
+    """A datagram transport that sends nothing."""
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def crash(server: QuicServer) -> None:
+    """Stop ``server`` as ``kill -9`` does for its agents: nothing more reaches them (no
+    CONNECTION_CLOSE), then its socket closes and its connections' state is gone."""
+    for connection in server._connections:
+        connection._transport = _Void()  # type: ignore[assignment]
+    await asyncio.wait_for(server.close(), 10)
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_server_resets_the_agents_old_connection_at_once(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a crash and restart (same certificate, so the same reset key), the agent's
+    next heartbeat to the new process is answered with a stateless reset and the agent
+    reconnects at once, instead of after three missed heartbeats (issue 13: 15-20 s of a
+    fleet's return after ``kill -9``)."""
+    caplog.set_level(logging.INFO, logger="deploy_core.transport.client")
+    first = await start_server(idle_timeout=30.0)
+    port = first.port
+    # Three missed heartbeats would take over 3 s; a reset comes with the next one (1 s).
+    agent = start_connector(first, MemoryCredentials(token="join-secret"), heartbeat_interval=1.0)
+    assert await agent.wait_connected(5)
+    await eventually(lambda: len(recorder.sessions("connect")) == 1)
+    old_connection = agent._connection
+    assert old_connection is not None
+
+    await crash(first)
+    second = await start_server(port=port, idle_timeout=30.0)
+    await eventually(lambda: second.session("web-1") is not None, timeout=15)
+    assert old_connection.lost_reason is not None
+    assert "stateless reset" in old_connection.lost_reason, old_connection.lost_reason
+    assert second.resets.sent >= 1
+    assert any("lost: connection closed: stateless reset" in r.getMessage() for r in caplog.records)
+    # Draining after a reset sends nothing: the old connection never closed towards the
+    # server (no second reset answered a CONNECTION_CLOSE of it).
+    assert old_connection._quic._close_pending is False
+
+
+@pytest.mark.asyncio
+async def test_a_reset_under_another_key_does_not_end_the_connection(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reset whose token was not made with the key the agent's connection ids came with
+    (a forger's, or a server that lost its key) is ignored: the agent finds the server gone
+    only when its heartbeats go unanswered."""
+    caplog.set_level(logging.INFO, logger="deploy_core.transport.client")
+    first = await start_server(idle_timeout=30.0)
+    port = first.port
+    agent = start_connector(first, MemoryCredentials(token="join-secret"), heartbeat_interval=0.5)
+    assert await agent.wait_connected(5)
+    await eventually(lambda: len(recorder.sessions("connect")) == 1)
+    old_connection = agent._connection
+    assert old_connection is not None
+
+    await crash(first)
+    second = await start_server(port=port, idle_timeout=30.0, stateless_reset_key=bytes(32))
+    await eventually(lambda: second.session("web-1") is not None, timeout=15)
+    assert second.resets.sent >= 1  # it answered the old heartbeats, with the wrong tokens
+    assert old_connection.lost_reason is not None
+    assert "no frame from the server" in old_connection.lost_reason, old_connection.lost_reason
+
+
+@pytest.mark.asyncio
+async def test_the_agent_holds_the_servers_reset_tokens_and_knows_a_reset(
+    start_server: StartServer, start_connector: StartConnector
+) -> None:
+    """Every connection id the server gave the agent (in the handshake and in
+    NEW_CONNECTION_ID frames) carries the token of the server's key; a datagram ending with
+    one is a reset, one ending with anything else, or a long-header packet, is not."""
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    connection = agent._connection
+    assert connection is not None
+    quic = connection._quic
+    await eventually(lambda: len(quic._peer_cid_available) >= 1)
+    held = [quic._peer_cid, *quic._peer_cid_available]
+    for connection_id in held:
+        assert connection_id.stateless_reset_token == server.resets.token(connection_id.cid)
+    reset = server.resets.reset_for(b"\x41" + quic._peer_cid.cid + bytes(30), 8)
+    assert reset is not None and is_stateless_reset(quic, reset)
+    other = server.resets.reset_for(b"\x41" + quic._peer_cid_available[0].cid + bytes(30), 8)
+    assert other is not None and is_stateless_reset(quic, other)
+    forged = reset[:-1] + bytes([reset[-1] ^ 1])
+    assert not is_stateless_reset(quic, forged)
+    assert not is_stateless_reset(quic, bytes([0xC0]) + reset[1:])  # long header
+    assert not is_stateless_reset(quic, reset[-20:])  # shorter than any reset
+    assert connection.lost_reason is None
+
+
+def test_stateless_resets_are_smaller_than_what_they_answer_and_rate_limited() -> None:
+    clock = [100.0]
+    resets = StatelessResets(bytes(range(32)), rate=10, clock=lambda: clock[0])
+    cid = bytes(range(8))
+    assert resets.token(cid) == StatelessResets(bytes(range(32))).token(cid)  # survives
+    assert resets.token(cid) != StatelessResets(bytes(32)).token(cid)
+    assert resets.token(cid) != resets.token(bytes(8))
+    short = b"\x40" + cid + bytes(20)  # 29 bytes, like a heartbeat's packet
+    reset = resets.reset_for(short, 8)
+    assert reset is not None
+    assert len(reset) == len(short) - 1 and reset[0] & 0xC0 == 0x40
+    assert reset.endswith(resets.token(cid))
+    big = resets.reset_for(b"\x40" + cid + bytes(1400), 8)
+    assert big is not None and len(big) == 43
+    assert resets.reset_for(b"\x40" + cid + bytes(12), 8) is None  # 21 bytes: no room
+    assert resets.reset_for(b"\xc0" + cid + bytes(40), 8) is None  # a long header
+    sent = [resets.reset_for(short, 8) for _ in range(20)]
+    assert sum(r is not None for r in sent) == 10 - 2  # 2 went out above
+    assert resets.limited == 12 and resets.sent == 10
+    clock[0] += 0.5
+    assert sum(resets.reset_for(short, 8) is not None for _ in range(20)) == 5
+    with pytest.raises(ValueError, match="32 bytes"):
+        StatelessResets(b"short")
+    with pytest.raises(ValueError, match="rate"):
+        StatelessResets(rate=0)
 
 
 class SilenceRelay:
