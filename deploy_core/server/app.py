@@ -183,6 +183,9 @@ class DeployServer:
         self.api_tls: ApiTls | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._beats = 0
+        # Agents recorded as connected here (before a restart: those about to come back),
+        # which sizes the heartbeat interval asked of each (QuicServer.heartbeat_interval).
+        self._expected_agents = 0
         self.api_port = config.api_port
         self.db_health: DbHealth | None = None
 
@@ -251,6 +254,7 @@ class DeployServer:
             own_api_url=lambda: self.announced_api_url,
         )
         await self.artifact_source.reconcile()
+        self._expected_agents = len(await self.db(self.records.connected_here))
         self.transport = QuicServer(
             host=cfg.quic_host,
             port=cfg.quic_port,
@@ -264,6 +268,7 @@ class DeployServer:
             max_file_transfers=cfg.max_file_transfers,
             file_workers=cfg.file_workers,
             artifact_root=self.artifacts.root,
+            fleet_size=lambda: self._expected_agents,
         )
         self.dispatcher = Dispatcher(self.records, self.transport, max_log_bytes=cfg.max_log_bytes)
         self.deployments = Deployments(self.records, self.plugins, self.listeners, self.dispatcher)
@@ -478,6 +483,7 @@ class DeployServer:
         checked_from = time.time()
         recorded = await self.db(self.records.connected_here)
         gone = [c for c in recorded if not self.is_connected(c)]
+        self._expected_agents = len(recorded) - len(gone)
         if gone:
             gone = await self.db(self.records.mark_gone, gone, connected_before=checked_from)
             log.info(

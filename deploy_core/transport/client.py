@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import random
 import re
 import socket
@@ -97,6 +98,23 @@ _STABLE_AFTER = 10.0
 _CLOSE_LINGER = 0.5
 # Heartbeats missed in a row before the connection counts as lost.
 _MISSED_HEARTBEATS = 3
+# The longest heartbeat interval a server may ask for, as a share of the QUIC idle timeout
+# (the connection must not go idle between two heartbeats).
+_HEARTBEATS_PER_IDLE_TIMEOUT = 4
+
+
+def heartbeat_interval(asked: object, own: float, idle_timeout: float) -> float:
+    """The heartbeat interval to keep on a connection whose server's WELCOME asked for
+    ``asked`` seconds at least: the longer of that and ``own``, but never longer than a
+    quarter of ``idle_timeout`` for the server's sake; ``own`` when ``asked`` is not a finite
+    positive number (a server before this, or a malformed WELCOME)."""
+    if not isinstance(asked, int | float) or isinstance(asked, bool):
+        return own
+    if not math.isfinite(asked) or asked <= own:
+        return own
+    return max(own, min(float(asked), idle_timeout / _HEARTBEATS_PER_IDLE_TIMEOUT))
+
+
 #: aioquic's own acknowledgement delay (its timer granularity), kept for bytes in bulk.
 _AIOQUIC_ACK_DELAY = 0.001  # its K_GRANULARITY
 # QUIC puts the close reason in one packet; keep it well inside.
@@ -261,6 +279,8 @@ class _ServerConnection(QuicConnectionProtocol):
         #: The server's WELCOME said it takes QUIC PING frames as heartbeats (no PING
         #: envelope, no PONG): the acknowledgement of each is the proof of life.
         self.quic_heartbeats = False
+        #: Seconds between heartbeats on this connection (the server may ask for longer).
+        self.heartbeat_interval: float | None = None
         self._ping_uid = 0
         #: Why the connection is gone; ``None`` while it is usable.
         self.lost_reason: str | None = None
@@ -840,9 +860,10 @@ class AgentConnector:
 
     async def _heartbeat(self, connection: _ServerConnection) -> None:
         loop = asyncio.get_running_loop()
-        limit = _MISSED_HEARTBEATS * self._heartbeat_interval
+        interval = connection.heartbeat_interval or self._heartbeat_interval
+        limit = _MISSED_HEARTBEATS * interval
         while True:
-            await asyncio.sleep(self._heartbeat_interval)
+            await asyncio.sleep(interval)
             silent = loop.time() - connection.last_frame_at
             if silent > limit:
                 connection.lose(f"no frame from the server for {silent:.1f} s")
@@ -894,6 +915,15 @@ class AgentConnector:
 
         welcome = await self._expect(connection, Kind.WELCOME)
         connection.quic_heartbeats = welcome.payload.get("heartbeat") == HEARTBEAT_QUIC
+        connection.heartbeat_interval = heartbeat_interval(
+            welcome.payload.get("heartbeat_interval"), self._heartbeat_interval, self._idle_timeout
+        )
+        if connection.heartbeat_interval != self._heartbeat_interval:
+            logger.debug(
+                "server asked %s for a heartbeat every %.1f s",
+                self._client_id,
+                connection.heartbeat_interval,
+            )
         workers = welcome.payload.get("file_workers")
         if isinstance(workers, list):
             connection.file_worker_ports = [

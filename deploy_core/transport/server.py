@@ -164,6 +164,13 @@ _FLUSH_PING = 1
 _REPLACE_WAIT = 10.0
 # How long close() lets callbacks finish before cancelling them.
 _SHUTDOWN_WAIT = 5.0
+#: Heartbeats a second the server asks its agents to keep to, together: each one costs the
+#: server a datagram in and one out (~0.25 ms of CPU). Beyond this many agents per heartbeat
+#: interval, the WELCOME asks each for a longer interval (:meth:`QuicServer.heartbeat_interval`).
+DEFAULT_HEARTBEATS_PER_SECOND = 250.0
+#: The longest heartbeat interval the server asks for, as a share of its QUIC idle timeout:
+#: four heartbeats fit in the time after which it counts a silent agent gone.
+_HEARTBEATS_PER_IDLE_TIMEOUT = 4
 # Envelopes waiting for on_message; an agent that outruns the server this far is cut off.
 _MAX_PENDING = 10_000
 # QUIC puts the close reason in one packet; keep it well inside.
@@ -692,6 +699,9 @@ class _AgentConnection(QuicConnectionProtocol):
             "client_id": client_id,
             "server_time": time.time(),
             "heartbeat": HEARTBEAT_QUIC,
+            # The least interval between heartbeats: a large fleet's keep the server's CPU
+            # bounded (agents before this ignore it, and keep their own).
+            "heartbeat_interval": self._server.heartbeat_interval(),
         }
         if self._server.file_workers is not None and self._server.file_workers.ports:
             # Where an agent may fetch artifacts with a ticket (older agents ignore it).
@@ -1056,6 +1066,8 @@ class QuicServer:
         file_workers: int = 0,
         artifact_root: Path | None = None,
         stateless_reset_key: bytes | None = None,
+        heartbeats_per_second: float = DEFAULT_HEARTBEATS_PER_SECOND,
+        fleet_size: Callable[[], int] | None = None,
     ) -> None:
         """:param max_handshakes: connections in their handshake (QUIC/TLS up to WELCOME or
         refusal) at once; a new connection beyond them is refused before any TLS work with
@@ -1073,7 +1085,11 @@ class QuicServer:
         :param artifact_root: the store directory the file workers read (needed with them).
         :param stateless_reset_key: 32 bytes or more that survive a restart, from which the
         connections' stateless reset tokens derive (:mod:`.stateless_reset`); ``None``
-        derives it from the TLS private key in ``certs``, read at :meth:`start`."""
+        derives it from the TLS private key in ``certs``, read at :meth:`start`.
+        :param heartbeats_per_second: the heartbeats all agents together should send at
+        most; agents connecting to a larger fleet are asked for a longer interval.
+        :param fleet_size: how many agents to expect (e.g. those recorded as connected here
+        before a restart); the larger of it and those connected sizes that interval."""
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
         if idle_timeout <= 0 or handshake_timeout <= 0:
@@ -1104,6 +1120,10 @@ class QuicServer:
         #: File transfers sending (``active``), waiting, and the bytes they hold.
         self.transfers = TransferGate(max_file_transfers)
         self._requested_port = port
+        if heartbeats_per_second <= 0:
+            raise ValueError(f"heartbeats_per_second must be positive, got {heartbeats_per_second}")
+        self._heartbeats_per_second = heartbeats_per_second
+        self._fleet_size = fleet_size
         self._stateless_reset_key = stateless_reset_key
         #: Stateless resets: the tokens of the connection ids issued, the resets sent.
         self.resets = StatelessResets(stateless_reset_key)
@@ -1215,6 +1235,18 @@ class QuicServer:
         """Artifact bytes sent on file streams since the start, live connections included."""
         live = sum(c._files.bytes_sent for c in self._connections if c._files and not c.shut)
         return self.stats.artifact_bytes_closed + live
+
+    def heartbeat_interval(self) -> float:
+        """The heartbeat interval (seconds) the WELCOME asks a connecting agent for at
+        least: the fleet (the larger of those connected or in their handshake and
+        ``fleet_size()``) divided by ``heartbeats_per_second``, at most a quarter of the
+        idle timeout; 0.0 while the fleet is small enough for any interval."""
+        fleet = len(self._sessions) + self._gate.in_progress
+        if self._fleet_size is not None:
+            with contextlib.suppress(Exception):  # a broken estimate must not stop a WELCOME
+                fleet = max(fleet, int(self._fleet_size()))
+        interval = fleet / self._heartbeats_per_second
+        return round(min(interval, self._idle_timeout / _HEARTBEATS_PER_IDLE_TIMEOUT), 1)
 
     def session(self, client_id: str) -> AgentSession | None:
         """The connected session of ``client_id``, or ``None``."""

@@ -53,6 +53,7 @@ from deploy_core.transport import (
     encode,
     ensure_server_certs,
 )
+from deploy_core.transport import client as transport_client
 from deploy_core.transport import quic_settings as transport_settings
 from deploy_core.transport import server as transport_server
 from deploy_core.transport.envelope import HEARTBEAT_QUIC
@@ -1012,6 +1013,59 @@ def test_stateless_resets_are_smaller_than_what_they_answer_and_rate_limited() -
         StatelessResets(b"short")
     with pytest.raises(ValueError, match="rate"):
         StatelessResets(rate=0)
+
+
+@pytest.mark.asyncio
+async def test_the_welcome_asks_a_large_fleet_for_longer_heartbeats(
+    start_server: StartServer, start_connector: StartConnector
+) -> None:
+    """A server expecting more agents than its heartbeat budget covers asks each for a
+    longer interval in its WELCOME, and the agent keeps to it (issue 13: idle CPU with
+    2,000 agents is their heartbeats)."""
+    expected = [4]
+    server = await start_server(
+        idle_timeout=30.0, heartbeats_per_second=1.0, fleet_size=lambda: expected[0]
+    )
+    assert server.heartbeat_interval() == 4.0
+    agent = start_connector(server, MemoryCredentials(token="join-secret"), heartbeat_interval=0.2)
+    assert await agent.wait_connected(5)
+    connection = agent._connection
+    assert connection is not None
+    assert connection.heartbeat_interval == 4.0
+    await asyncio.sleep(1.0)  # its own 0.2 s would have sent about five by now
+    assert connection._ping_uid == 0
+    assert connection.lost_reason is None
+    # Never longer than a quarter of the idle timeout; a broken estimate is not fatal.
+    expected[0] = 100_000
+    assert server.heartbeat_interval() == 7.5
+
+    def broken() -> int:
+        raise RuntimeError("database gone")
+
+    server._fleet_size = broken
+    assert server.heartbeat_interval() == 1.0  # the one agent connected, at 1 a second
+
+
+@pytest.mark.parametrize(
+    ("asked", "kept"),
+    [
+        (None, 5.0),
+        (0.0, 5.0),
+        (3.0, 5.0),  # never shorter than the agent's own
+        (6.5, 6.5),
+        (100.0, 7.5),  # at most a quarter of the idle timeout
+        (float("nan"), 5.0),
+        (float("inf"), 5.0),
+        (-7.0, 5.0),
+        (True, 5.0),
+        ("60", 5.0),
+        ([9], 5.0),
+    ],
+)
+def test_the_agent_takes_a_servers_heartbeat_interval_only_within_bounds(
+    asked: object, kept: float
+) -> None:
+    assert transport_client.heartbeat_interval(asked, 5.0, 30.0) == kept
 
 
 class SilenceRelay:
