@@ -216,8 +216,10 @@ def restart_phase(
     fleet.kill_server()
     fleet.start_server(60.0)
     api_up = time.monotonic() - killed
+    cpu = fleet.cpu_sample()  # the new server's, from when its API answers
     timeline: list[tuple[float, int]] = []
     back = fleet.wait_connected(set(ids), args.connect_timeout, killed, timeline)
+    cpu_back = fleet.cpu_text(cpu)
     report.add(
         "restart_timeline",
         "connected after the kill (every 5 s)",
@@ -239,7 +241,8 @@ def restart_phase(
             "restart_back_s",
             f"kill -9 + restart: all {len(ids)} back",
             back,
-            f"{back:.1f} s after the kill (the API answered after {api_up:.1f} s)",
+            f"{back:.1f} s after the kill (the API answered after {api_up:.1f} s; "
+            f"meanwhile {cpu_back})",
             "all within 60 s",
         )
     report.add(
