@@ -148,6 +148,15 @@ class HandshakeGate:
         self.in_progress = max(0, self.in_progress - 1)
         self._ended.append(self._clock())
 
+    def queued(self) -> int:
+        """About how many refused agents were told to come back and are not due yet: the
+        virtual queue's length at the rate slots are given back."""
+        now = self._clock()
+        ahead = self._reserved - now
+        if ahead <= 0:
+            return 0
+        return int(ahead * self._turnover_rate(now))
+
     def retry_after(self) -> float:
         """The hint for the refusal just counted, in seconds: how long until the slot it
         booked in the virtual queue, at least the base, at most :data:`MAX_RETRY_AFTER`."""

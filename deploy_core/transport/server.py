@@ -1238,10 +1238,11 @@ class QuicServer:
 
     def heartbeat_interval(self) -> float:
         """The heartbeat interval (seconds) the WELCOME asks a connecting agent for at
-        least: the fleet (the larger of those connected or in their handshake and
-        ``fleet_size()``) divided by ``heartbeats_per_second``, at most a quarter of the
-        idle timeout; 0.0 while the fleet is small enough for any interval."""
-        fleet = len(self._sessions) + self._gate.in_progress
+        least: the fleet (the larger of those connected, in their handshake or told to
+        come back by the handshake gate, and ``fleet_size()``) divided by
+        ``heartbeats_per_second``, at most a quarter of the idle timeout; 0.0 while the
+        fleet is small enough for any interval."""
+        fleet = len(self._sessions) + self._gate.in_progress + self._gate.queued()
         if self._fleet_size is not None:
             with contextlib.suppress(Exception):  # a broken estimate must not stop a WELCOME
                 fleet = max(fleet, int(self._fleet_size()))

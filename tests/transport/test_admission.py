@@ -303,11 +303,16 @@ def test_the_hint_books_the_refused_one_after_another_at_the_measured_pace() -> 
         assert not gate.try_enter()
     # 21 booked since, at the 10 ends measured over 0.9 s.
     assert gate.retry_after() == pytest.approx(21 * 0.9 / 10)
+    assert gate.queued() == 21  # told to come back and not due yet
+    now[0] += 21 * 0.9 / 10 / 3  # a third of the way: fewer are still to come
+    assert 0 < gate.queued() < 21
     for _ in range(1000):
         gate.try_enter()
     assert gate.retry_after() == MAX_RETRY_AFTER
     assert (gate.in_progress, gate.peak) == (2, 2)
     assert gate.refused == 4 + 1 + 20 + 1000
+    now[0] += 10_000
+    assert gate.queued() == 0
 
 
 def test_busy_reasons_round_trip_and_are_capped() -> None:
