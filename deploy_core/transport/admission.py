@@ -10,13 +10,15 @@ how long to wait::
     server busy: 64 handshakes in progress; retry after 2.0 s
 
 No connection state, no TLS work: one small packet per refused Initial. The hint is a
-reservation in a virtual queue: each refusal books the next free moment at the rate the
-server has been giving slots back (handshakes ending, measured over the last 2 s), so the
+reservation in a virtual queue: each refusal books the next free moment at the pace the
+gate can give slots back (the larger of the handshakes ended over the last 2 s and
+``limit`` slots turning over at the median time a handshake held one lately), so the
 refused of a large storm are told to come back one after another at about the pace they can
 be admitted, instead of all retrying into the same second; never less than
-``retry_after``, never more than :data:`MAX_RETRY_AFTER`. Agents
-(:mod:`.client`) read the hint with :func:`parse_busy_reason` and wait at least that long,
-plus jittered exponential back-off.
+``retry_after``, never more than :data:`MAX_RETRY_AFTER`. Counting only the handshakes that
+ended would keep the hints as long as they made the arrivals slow. Agents (:mod:`.client`)
+read the hint with :func:`parse_busy_reason` and wait at least that long, plus a jitter of
+at most a quarter of it.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class HandshakeGate:
         self.refused = 0
         # When handshakes ended (slots given back), for the turnover rate.
         self._ended: collections.deque[float] = collections.deque(maxlen=4096)
+        # How long the last handshakes held their slot (seconds), for the capacity.
+        self._durations: collections.deque[float] = collections.deque(maxlen=256)
+        self._capacity = 0.0  # slots a second at their median hold; 0 before 8 measures
         # The virtual queue's end: the moment the last refused agent was told to come back.
         self._reserved = clock()
         self._last_hint = retry_after
@@ -143,10 +148,21 @@ class HandshakeGate:
         self.peak = max(self.peak, self.in_progress)
         return True
 
-    def leave(self) -> None:
-        """Give a slot back (the handshake ended, either way)."""
+    def leave(self, held: float | None = None) -> None:
+        """Give a slot back (the handshake ended, either way), held for ``held`` seconds
+        when known."""
         self.in_progress = max(0, self.in_progress - 1)
         self._ended.append(self._clock())
+        if held is not None and held >= 0:
+            self._durations.append(held)
+            if len(self._durations) >= 8:
+                median = sorted(self._durations)[len(self._durations) // 2]
+                self._capacity = self.limit / max(median, 0.01)
+
+    def pace(self) -> float:
+        """Slots the gate gives back per second, as the hints count on (see
+        :meth:`try_enter`)."""
+        return self._turnover_rate(self._clock())
 
     def queued(self) -> int:
         """About how many refused agents were told to come back and are not due yet: the
@@ -163,10 +179,15 @@ class HandshakeGate:
         return self._last_hint
 
     def _turnover_rate(self, now: float) -> float:
-        """Slots given back per second over the last 2 s; before two were, ``limit`` per
-        base retry-after."""
+        """Slots the gate can give back per second: the larger of those given back over
+        the last 2 s and what ``limit`` slots turn over at the median time a handshake held
+        one lately (with fewer arrivals than the gate could take, the refused are told to
+        come back as soon as they could be admitted, not at the pace they arrived; the
+        pace of arrivals alone would keep the hints as long as they made it); before any
+        measure, ``limit`` per base retry-after."""
         while self._ended and now - self._ended[0] > 2.0:
             self._ended.popleft()
+        capacity = self._capacity
         if len(self._ended) < 2:
-            return self.limit / self.base_retry_after
-        return len(self._ended) / max(now - self._ended[0], 0.25)
+            return capacity or self.limit / self.base_retry_after
+        return max(capacity, len(self._ended) / max(now - self._ended[0], 0.25))

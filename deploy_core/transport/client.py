@@ -745,6 +745,12 @@ class AgentConnector:
                     floor = busy_for
                 else:
                     floor = max(0.0, not_before.pop(position[0], 0.0) - loop.time())
+                if busy_for:
+                    # The hint is a turn the server booked for this agent in its queue:
+                    # jitter of a quarter of it at most spreads the refused without
+                    # leaving that turn unused for seconds (the doubling back-off is for
+                    # a server that does not answer).
+                    ceiling = min(ceiling, max(self._backoff_initial, busy_for / 4))
                 delay = floor + random.uniform(0, ceiling)
                 self.backoff_waits.append(delay)
                 with contextlib.suppress(TimeoutError):

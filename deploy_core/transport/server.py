@@ -373,6 +373,7 @@ class _AgentConnection(QuicConnectionProtocol):
         self.close_cause: str | None = None
         # The endpoint took a handshake slot for this connection; given back once.
         self._in_handshake = True
+        self._handshake_began = time.monotonic()
         self.task = asyncio.create_task(self._serve())
         self.task.add_done_callback(self._served)
         server._connections.add(self)
@@ -535,7 +536,7 @@ class _AgentConnection(QuicConnectionProtocol):
         """Give the handshake slot back (authenticated, refused or gone; idempotent)."""
         if self._in_handshake:
             self._in_handshake = False
-            self._server._gate.leave()
+            self._server._gate.leave(time.monotonic() - self._handshake_began)
 
     def _mark_shut(self) -> None:
         if self.shut:
@@ -1027,10 +1028,13 @@ class _AdmittingEndpoint(_QuicEndpoint):
             self._last_busy_log = now
             logger.warning(
                 "%d handshakes in progress (the limit); refusing new connections with a "
-                "retry-after hint (now %.1f s; %d refused since the start)",
+                "retry-after hint (now %.1f s; %d refused since the start; admitting about "
+                "%.0f a second, %d told to come back)",
                 gate.in_progress,
                 retry_after,
                 gate.refused,
+                gate.pace(),
+                gate.queued(),
             )
 
 

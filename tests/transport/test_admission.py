@@ -315,6 +315,29 @@ def test_the_hint_books_the_refused_one_after_another_at_the_measured_pace() -> 
     assert gate.queued() == 0
 
 
+def test_the_hint_counts_on_what_the_gate_can_take_not_on_how_few_came() -> None:
+    """With handshakes holding their slot 0.1 s, 4 slots turn over 40 times a second, even
+    while only 2 a second arrived (the refused waiting out long hints): the hints book turns
+    at the gate's pace, so they shrink instead of staying as long as they made the arrivals
+    slow (issue 13: a fleet's return after a restart)."""
+    now = [0.0]
+    gate = HandshakeGate(limit=4, retry_after=0.5, clock=lambda: now[0])
+    for _ in range(8):  # slow arrivals: one every 0.5 s, each done in 0.1 s
+        assert gate.try_enter()
+        now[0] += 0.1
+        gate.leave(0.1)
+        now[0] += 0.4
+    assert gate.pace() == pytest.approx(40.0)
+    for _ in range(4):
+        assert gate.try_enter()
+    for _ in range(40):
+        assert not gate.try_enter()
+    assert gate.retry_after() == pytest.approx(40 / 40.0)  # at 40 a second, not at 2
+    assert gate.queued() == 40
+    gate.leave()  # a slot given back without a measure changes nothing
+    assert gate.pace() == pytest.approx(40.0)
+
+
 def test_busy_reasons_round_trip_and_are_capped() -> None:
     assert parse_busy_reason(busy_reason(64, 2.5)) == 2.5
     assert parse_busy_reason("server busy: 1 handshakes in progress; retry after 900 s") == (

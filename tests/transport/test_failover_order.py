@@ -98,6 +98,33 @@ async def test_one_server_backs_off_on_every_failure_as_before(
 
 
 @pytest.mark.asyncio
+async def test_a_busy_hint_is_kept_with_a_quarter_of_it_as_jitter_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused again and again, the agent waits its hint plus at most a quarter of it, not
+    the doubling back-off (which reaches backoff_max): the hint is the turn the server
+    booked for it, and a long jitter on top left turns unused (issue 13: the fleet's return
+    after a restart). A server that fails otherwise still gets the doubling back-off."""
+    monkeypatch.setattr(client_module.random, "uniform", lambda _low, high: high)
+    conn = connector(
+        "web-1", tmp_path / "ca.pem", servers=[("a", 1)], backoff_initial=0.001, backoff_max=1.0
+    )
+    hints = iter([0.004, 0.004, 0.004, 0.004, 0.004, 0.004])
+
+    def busy(host: str, port: int) -> Exception:
+        return ServerBusy("busy", next(hints, 0.004))
+
+    await attempts(conn, 6, busy)
+    waits = list(conn.backoff_waits)[:5]
+    assert waits == pytest.approx([0.004 + 0.001] * 5)  # the hint + max(initial, hint / 4)
+    failing = connector(
+        "web-1", tmp_path / "ca.pem", servers=[("a", 1)], backoff_initial=0.001, backoff_max=1.0
+    )
+    await attempts(failing, 6, lambda host, port: ConnectionError("down"))
+    assert list(failing.backoff_waits)[:5] == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.016])
+
+
+@pytest.mark.asyncio
 async def test_a_busy_server_is_not_tried_again_before_its_hint_but_the_next_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
