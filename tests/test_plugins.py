@@ -751,3 +751,43 @@ async def test_lifecycle_notifications_follow_a_deployment_despite_a_failing_plu
     assert finished["deploy_id"] == deploy_id and finished["finished"] is True
     assert "plugin boom failed in deploy_status_changed" in caplog.text
     assert "plugin boom failed in deploy_finished" in caplog.text
+
+
+class GoodbyePlugin:
+    """An agent service that sends one last event as it is stopped, and the server side
+    that records it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    @hookimpl
+    def deploy_register_event_handlers(self, register: Callable[[EventHandler], None]) -> None:
+        async def on_goodbye(ctx: EventContext) -> None:
+            self.received.append(ctx.payload)
+
+        register(EventHandler("stoptest.goodbye", on_goodbye))
+
+    @hookimpl
+    def deploy_agent_services(self, register: Callable[[AgentService], None]) -> None:
+        async def waits_then_says_goodbye(ctx: AgentServiceContext) -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await ctx.send_event("stoptest.goodbye", {"bye": True})
+
+        register(AgentService("goodbye", waits_then_says_goodbye))
+
+
+async def test_a_graceful_stop_ends_the_services_first_and_flushes_their_events(
+    tmp_path: Path,
+) -> None:
+    """An agent stopping ends its services while still connected and gives the outbox a
+    moment to reach the server: an event a service queues as it ends is delivered, not left
+    for the next start (the chaos test found a monitor batch queued during the stop)."""
+    plugin = GoodbyePlugin()
+    plugins = load_plugins(extra=[("stoptest", plugin)], entry_points=False)
+    async with in_process_center(tmp_path, plugins) as center:
+        assert center.agent.connector.connected
+        await center.agent.stop()
+        await _eventually(lambda: bool(plugin.received), timeout=10)
+    assert plugin.received == [{"bye": True}]

@@ -54,6 +54,8 @@ SEND_WINDOW_BYTES = 2 * 1024 * 1024
 PUMP_BATCH = 64
 # Seconds before the outbox pump tries again after a pass that failed.
 PUMP_RETRY = 1.0
+#: How long a graceful stop waits, while connected, for the outbox to be acknowledged.
+STOP_FLUSH_WAIT = 2.0
 
 
 @dataclass
@@ -182,6 +184,7 @@ class Agent:
             asyncio.create_task(self._pump(), name="outbox"),
             asyncio.create_task(self._worker(), name="worker"),
         ]
+        services: list[asyncio.Task[None]] = []
         for name, service in self.plugins.agent_services.entries.items():
             ctx = AgentServiceContext(
                 client_id=self.config.client_id,
@@ -189,7 +192,8 @@ class Agent:
                 send_event=self.send_event,
                 config=dict(self.config.services.get(name, {})),
             )
-            tasks.append(asyncio.create_task(self._service(name, service.run, ctx)))
+            services.append(asyncio.create_task(self._service(name, service.run, ctx)))
+        tasks += services
         try:
             try:
                 await self._recover()
@@ -197,6 +201,13 @@ class Agent:
                 self._recovered.set()
             await self._stopping.wait()
         finally:
+            # Services first, so that none queues an event while the agent leaves; then
+            # what the outbox holds has a moment to reach the server (the rest is sent
+            # after the next start: it is on disk either way).
+            for task in services:
+                task.cancel()
+            await asyncio.gather(*services, return_exceptions=True)
+            await self._flush_outbox(STOP_FLUSH_WAIT)
             await self.connector.stop()
             for task in tasks:
                 task.cancel()
@@ -206,6 +217,19 @@ class Agent:
             self.journal.close()
             if self.metrics is not None:
                 self.metrics.close()
+
+    async def _flush_outbox(self, timeout: float) -> None:
+        """While connected, wait up to ``timeout`` seconds for the server to acknowledge
+        what the outbox holds."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.connector.connected and time.monotonic() < deadline:
+            try:
+                if not await asyncio.to_thread(self.journal.outbox_size):
+                    return
+            except Exception:  # a journal that cannot be read is not the stop's concern
+                return
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Ask :meth:`run` to return."""

@@ -914,8 +914,8 @@ async def test_a_restarted_server_resets_the_agents_old_connection_at_once(
     caplog.set_level(logging.INFO, logger="deploy_core.transport.client")
     first = await start_server(idle_timeout=30.0)
     port = first.port
-    # Three missed heartbeats would take over 3 s; a reset comes with the next one (1 s).
-    agent = start_connector(first, MemoryCredentials(token="join-secret"), heartbeat_interval=1.0)
+    # Three missed heartbeats would take over 6 s; a reset comes with the next one (2 s).
+    agent = start_connector(first, MemoryCredentials(token="join-secret"), heartbeat_interval=2.0)
     assert await agent.wait_connected(5)
     await eventually(lambda: len(recorder.sessions("connect")) == 1)
     old_connection = agent._connection
