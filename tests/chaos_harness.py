@@ -48,6 +48,8 @@ _WEIGHTS = (4, 3, 1, 1, 2)
 OWN_FILES = {"server.id", "server.json"}
 # What the agent logs when its heartbeats go unanswered (transport/client.py).
 HEARTBEAT_LOSS = "no frame from the server for"
+# What it logs when a restarted server resets its old connection (transport/stateless_reset).
+RESET_LOSS = "connection closed: stateless reset"
 NEVER_STARTED = "never started"
 TERMINAL_GRACE = 60.0  # DESIGN §3 / issue 6: terminal within deadline + 60 s
 
@@ -270,6 +272,8 @@ class ChaosReport:
     violations: list[str]
     # With two replicas: deployments created through each replica's API (by index).
     posted_to: Counter[int] = field(default_factory=Counter)
+    # Lost connections the agents learnt of from a restarted server's stateless reset.
+    reset_losses: int = 0
 
     def figures(self) -> str:
         """The run in a few lines."""
@@ -292,7 +296,8 @@ class ChaosReport:
             f"{self.config.agents} agents in {self.wall:.0f} s "
             f"({sum(d.adopted for d in ev.history.values())} found holding the lock after a "
             "lost answer)",
-            f"faults: {faults}; heartbeat losses detected by agents {self.heartbeat_losses}",
+            f"faults: {faults}; losses detected by agents: {self.heartbeat_losses} by missed "
+            f"heartbeats, {self.reset_losses} by stateless resets",
             *(
                 [f"created through replica A {self.posted_to[0]}, B {self.posted_to[1]}"]
                 if self.config.replicas == 2
@@ -472,9 +477,9 @@ class ChaosRun:
             self._done.set()
             chaos.join(120)
             evidence = self._settle_and_gather()
-            losses = sum(
-                self.center.log(f"agent-{c}").count(HEARTBEAT_LOSS) for c in self.client_ids
-            )
+            texts = [self.center.log(f"agent-{c}") for c in self.client_ids]
+            losses = sum(text.count(HEARTBEAT_LOSS) for text in texts)
+            resets = sum(text.count(RESET_LOSS) for text in texts)
         except Exception as exc:
             raise RuntimeError(
                 f"chaos run with seed {self.config.seed} broke off ({self.root}): {exc}"
@@ -491,6 +496,7 @@ class ChaosRun:
             evidence=evidence,
             faults=self.faults,
             heartbeat_losses=losses,
+            reset_losses=resets,
             wall=time.monotonic() - self._started,
             violations=self.problems + find_violations(evidence),
             posted_to=self.posted_to,
