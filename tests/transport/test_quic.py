@@ -900,6 +900,32 @@ async def crash(server: QuicServer) -> None:
     await asyncio.wait_for(server.close(), 10)
 
 
+async def _crash_and_restart(
+    start_server: StartServer,
+    start_connector: StartConnector,
+    recorder: Recorder,
+    heartbeat_interval: float,
+    **second_options: Any,
+) -> tuple[QuicServer, Any]:
+    """An agent connected to a server that then crashes; a new server on the same port
+    (``second_options`` for it) once the agent is back: (the new server, the agent's old
+    connection)."""
+    first = await start_server(idle_timeout=30.0)
+    port = first.port
+    agent = start_connector(
+        first, MemoryCredentials(token="join-secret"), heartbeat_interval=heartbeat_interval
+    )
+    assert await agent.wait_connected(5)
+    await eventually(lambda: len(recorder.sessions("connect")) == 1)
+    old_connection = agent._connection
+    assert old_connection is not None
+    await crash(first)
+    second = await start_server(port=port, idle_timeout=30.0, **second_options)
+    await eventually(lambda: second.session("web-1") is not None, timeout=15)
+    assert old_connection.lost_reason is not None
+    return second, old_connection
+
+
 @pytest.mark.asyncio
 async def test_a_restarted_server_resets_the_agents_old_connection_at_once(
     start_server: StartServer,
@@ -912,19 +938,10 @@ async def test_a_restarted_server_resets_the_agents_old_connection_at_once(
     reconnects at once, instead of after three missed heartbeats (issue 13: 15-20 s of a
     fleet's return after ``kill -9``)."""
     caplog.set_level(logging.INFO, logger="deploy_core.transport.client")
-    first = await start_server(idle_timeout=30.0)
-    port = first.port
     # Three missed heartbeats would take over 6 s; a reset comes with the next one (2 s).
-    agent = start_connector(first, MemoryCredentials(token="join-secret"), heartbeat_interval=2.0)
-    assert await agent.wait_connected(5)
-    await eventually(lambda: len(recorder.sessions("connect")) == 1)
-    old_connection = agent._connection
-    assert old_connection is not None
-
-    await crash(first)
-    second = await start_server(port=port, idle_timeout=30.0)
-    await eventually(lambda: second.session("web-1") is not None, timeout=15)
-    assert old_connection.lost_reason is not None
+    second, old_connection = await _crash_and_restart(
+        start_server, start_connector, recorder, heartbeat_interval=2.0
+    )
     assert "stateless reset" in old_connection.lost_reason, old_connection.lost_reason
     assert second.resets.sent >= 1
     assert any("lost: connection closed: stateless reset" in r.getMessage() for r in caplog.records)
@@ -943,20 +960,14 @@ async def test_a_reset_under_another_key_does_not_end_the_connection(
     """A reset whose token was not made with the key the agent's connection ids came with
     (a forger's, or a server that lost its key) is ignored: the agent finds the server gone
     only when its heartbeats go unanswered."""
-    caplog.set_level(logging.INFO, logger="deploy_core.transport.client")
-    first = await start_server(idle_timeout=30.0)
-    port = first.port
-    agent = start_connector(first, MemoryCredentials(token="join-secret"), heartbeat_interval=0.5)
-    assert await agent.wait_connected(5)
-    await eventually(lambda: len(recorder.sessions("connect")) == 1)
-    old_connection = agent._connection
-    assert old_connection is not None
-
-    await crash(first)
-    second = await start_server(port=port, idle_timeout=30.0, stateless_reset_key=bytes(32))
-    await eventually(lambda: second.session("web-1") is not None, timeout=15)
+    second, old_connection = await _crash_and_restart(
+        start_server,
+        start_connector,
+        recorder,
+        heartbeat_interval=0.5,
+        stateless_reset_key=bytes(32),
+    )
     assert second.resets.sent >= 1  # it answered the old heartbeats, with the wrong tokens
-    assert old_connection.lost_reason is not None
     assert "no frame from the server" in old_connection.lost_reason, old_connection.lost_reason
 
 
