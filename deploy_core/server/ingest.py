@@ -14,9 +14,11 @@ reports: one read, one ``UPDATE`` and one ``INSERT`` for a run of them,
 
 - **Latency.**  An idle writer commits what it finds at once: a lone agent's event waits for
   no timer.  While one transaction runs, the next batch gathers in the queue; only when
-  pieces were waiting as the last transaction ended (the writer is behind: many agents are
-  busy) does the writer linger :attr:`Ingest.linger` seconds for more before it begins.  One
-  agent's report and callback, queued together, are committed at once.
+  pieces of more than one sender (``key``; work queued without one counts as a sender of its
+  own) were queued during the last transaction and still waited as it ended (the writer is
+  behind: many agents are busy) does the writer linger :attr:`Ingest.linger` seconds for
+  more before it begins.  One agent's report and callback, queued together or one during
+  the other's commit, are committed at once.
 - **Failures.**  When a batch's transaction fails (one piece raised, or the commit did), it is
   rolled back whole and every piece runs again in a transaction of its own: a bad piece
   fails alone, and no piece is told it was stored unless its own transaction committed.
@@ -145,8 +147,10 @@ class Ingest:
         self._window: list[float] = []  # latencies since the figures were last logged
         self._closed = False
         self._stopped = False
-        # Pieces were waiting when the last transaction ended: busy, so linger for more.
+        # Pieces of several senders were waiting when the last transaction ended: busy, so
+        # linger for more.  The senders of what was queued since the transaction began:
         self._behind = False
+        self._senders: set[Hashable] = set()
 
     def start(self) -> None:
         """Start the writer (in the running event loop)."""
@@ -220,6 +224,8 @@ class Ingest:
         return await piece.future
 
     async def _enqueue(self, piece: _Piece[Any]) -> None:
+        if len(self._senders) < 2:
+            self._senders.add(piece.key if piece.key is not None else id(piece))
         try:
             self._queue.put_nowait(piece)
         except asyncio.QueueFull:
@@ -263,9 +269,10 @@ class Ingest:
                 await asyncio.sleep(self.linger)  # busy: let the next batch fill up
                 stopping = self._take(batch)
             began = time.monotonic()
+            self._senders.clear()
             outcomes = await loop.run_in_executor(self._executor, self._commit, batch)
             now = time.monotonic()
-            self._behind = not self._queue.empty()
+            self._behind = len(self._senders) > 1 and not self._queue.empty()
             if self._on_batch is not None:
                 self._on_batch(len(batch), now - began)
             for piece, (ok, value) in zip(batch, outcomes, strict=True):

@@ -490,3 +490,50 @@ async def test_interleaved_reports_and_callbacks_of_many_agents_take_one_call_ea
         assert record is not None and record.status == "success" and record.last_seq == 7
         statuses = [h.message for h in store.history(f"d{n}")]
         assert statuses.index("last") < len(statuses) - 1  # the report went in before the end
+
+
+@pytest.mark.parametrize("senders", [1, 2])
+async def test_the_writer_lingers_only_when_several_senders_wait(
+    store: RecordStore, monkeypatch: pytest.MonkeyPatch, senders: int
+) -> None:
+    """Pieces queued during a transaction: of one agent (its last report, then its callback)
+    they go at once, of several the writer lingers for more (a busy fleet)."""
+    linger = 0.0173  # a value nothing else sleeps for
+    lingered: list[float] = []
+    sleep = asyncio.sleep
+
+    async def recording(delay: float, *args: Any, **kwargs: Any) -> Any:
+        if delay == linger:
+            lingered.append(delay)
+        return await sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", recording)
+    ingest = Ingest(store.engine, stats_every=None, linger=linger)
+    ingest.start()
+    try:
+        for n in range(2):
+            await asyncio.to_thread(create, store, f"d{n}", f"c{n}")
+        gate = Gate(ingest)
+        first = asyncio.ensure_future(ingest.submit(applying(store, "c0", report("d0", 0))))
+        await gate.wait_arrived()  # held in its transaction
+        pieces = (
+            [("c0", "d0", 1), ("c0", "d0", 2)]
+            if senders == 1
+            else [("c0", "d0", 1), ("c1", "d1", 0)]
+        )
+        later = [
+            asyncio.ensure_future(
+                ingest.submit_grouped(store.apply_reports_in, (client, report(d, seq)), key=client)
+            )
+            for client, d, seq in pieces
+        ]
+        await queued(ingest, 2)
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(first, *later), WAIT)
+        assert lingered == ([] if senders == 1 else [linger])
+        assert [(seq, line) for seq, line in agent_lines(store, "d0")][:2] == [
+            (0, "report 0"),
+            (1, "report 1"),
+        ]
+    finally:
+        await ingest.close()
