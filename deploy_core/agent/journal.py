@@ -446,6 +446,14 @@ class Journal:
             ).fetchone()
         return list(json.loads(row[0])) if row else []
 
+    def run_cgroups(self) -> set[str]:
+        """The cgroup of every run record kept, of any deployment."""
+        with self._lock:
+            rows = self._read.execute(
+                "SELECT processes FROM deployments WHERE processes != '[]'"
+            ).fetchall()
+        return {r["cgroup"] for (text,) in rows for r in json.loads(text) if r.get("cgroup")}
+
     def with_runs(self) -> list[str]:
         """Deployments that still have run records (running, or a service left running)."""
         with self._lock:

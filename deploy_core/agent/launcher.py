@@ -6,11 +6,18 @@ Moving a process into a cgroup (a write of ``cgroup.procs``) takes the kernel's
 the test host, on the path of every deployment.  A :class:`Spare` pays it ahead: a
 ``/bin/sh -s`` started with an empty environment in a new session, its pipes already made,
 moved into a fresh cgroup ``<base>/pool-<id>`` while nothing waits for it.  A run takes the
-spare (its cgroup becomes the run's, recorded in the journal like any other), and once the
-journal holds the spare's pid the agent writes it one block of shell: change to the working
-directory, export the run's environment, ``exec`` the program with stdin from /dev/null.
-The shell runs nothing before it has read the block's closing brace: if the agent dies
-first, the shell reads end of file and exits with a syntax error, having run nothing.
+spare (its cgroup becomes the run's, recorded in the journal like any other) and the agent
+writes it one block of shell at once: change to the working directory, export the run's
+environment, ``exec`` the program with stdin from /dev/null.  The shell runs nothing before
+it has read the block's closing brace: if the agent dies first, the shell reads end of file
+and exits with a syntax error, having run nothing.
+
+The run's record goes to the journal beside the block, not before it: the spare's cgroup is
+what finds the run if the agent dies before that commit.  A spare's cgroup is named for its
+agent (pid and start time), and the next agent on the host kills whatever runs in the spare
+cgroups of a dead agent that no journaled run names (:func:`clear_stale`), before it recovers
+the journaled runs; so a run is never left behind, and the deployment's first fsync after
+the command's is not on the path of its script.
 
 A run whose environment has names the shell cannot export, no ``PATH``, or a confinement
 (run-as user, rlimits, a limits cgroup) starts the classic way (a gate child moved by the
@@ -26,12 +33,13 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy_core.agent.cgroup_tracking import TrackingHierarchy, move, off_loop
+from deploy_core.agent import proctable
+from deploy_core.agent.cgroup_tracking import TrackingHierarchy, kill_all, members, move, off_loop
 
 SPARE_SHELL = "/bin/sh"
 #: Bytes asked of a pipe per read, and the size asked for a child's output pipes (the spare's
@@ -66,7 +74,7 @@ class Spare:
 
     def discard_now(self) -> None:
         """Kill the shell without waiting (the loop may be gone); the cgroup is removed when
-        it is empty, here or by the next :func:`remove_stale`."""
+        it is empty, here or by the next :func:`clear_stale`."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(self.proc.pid, signal.SIGKILL)
         for _ in range(50):
@@ -82,9 +90,9 @@ class Spare:
 async def make_spare(hierarchy: TrackingHierarchy, read_limit: int) -> Spare:
     """Start a spare shell and move it into a new cgroup of ``hierarchy`` (raises
     :class:`OSError`); ``read_limit``: the stream readers' buffer size."""
-    # Named with this agent's pid: another agent on the host (sharing the hierarchy) leaves
-    # it alone while this one lives (remove_stale).
-    path = hierarchy.base / f"{POOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
+    # Named with this agent's pid and start time: another agent on the host (sharing the
+    # hierarchy) leaves it alone while this one lives (clear_stale).
+    path = hierarchy.base / f"{POOL_PREFIX}{_owner()}-{uuid.uuid4().hex[:16]}"
     await off_loop(path.mkdir)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -142,21 +150,56 @@ def check_cwd(cwd: Any) -> None:
         raise PermissionError(13, "Permission denied", path)
 
 
-_POOL_NAME = re.compile(rf"{POOL_PREFIX}(\d+)-[0-9a-f]+\Z")
+#: ``pool-<pid>-<start ticks>-<hex>``; before the start ticks were added, ``pool-<pid>-<hex>``.
+_POOL_NAME = re.compile(rf"{POOL_PREFIX}(\d+)-(?:(\d+)-)?[0-9a-f]+\Z")
 
 
-def remove_stale(hierarchy: TrackingHierarchy) -> None:
-    """Remove the empty cgroups of spares an earlier agent left (it died with them), but not
-    those of another agent of this host that is alive: its spare's cgroup is empty for a
-    moment between being made and the shell being moved in."""
-    me = os.getpid()
+def _owner() -> str:
+    """This process as a spare cgroup names it: pid and start time (a pid alone may be
+    reused by another process after the agent died)."""
+    info = proctable.read(os.getpid())
+    return f"{os.getpid()}-{info.start_ticks if info is not None else 0}"
+
+
+def clear_stale(hierarchy: TrackingHierarchy, recorded: Collection[str] = ()) -> list[int]:
+    """Clear the spare cgroups an earlier agent left (it died with them); the pids killed.
+
+    Not those of another agent of this host that is alive (its spare's cgroup is empty for
+    a moment between being made and the shell being moved in), nor those a journaled run
+    names (``recorded``, cgroup paths: the run's recovery kills or keeps what is in them).
+    What runs in any other is a spare that took its run's block before the run's record was
+    committed (see the module's text), or a spare that never did: killed, and the cgroup
+    removed.  An unrecognised name is only removed when empty."""
+    killed: list[int] = []
+    keep = {os.path.normpath(path) for path in recorded}
     with contextlib.suppress(OSError):
         for path in hierarchy.base.glob(f"{POOL_PREFIX}*"):
             named = _POOL_NAME.match(path.name)
-            if named and int(named.group(1)) != me and _alive(int(named.group(1))):
+            if named and _owner_alive(int(named.group(1)), named.group(2)):
                 continue
+            if named and os.path.normpath(path) not in keep:
+                with contextlib.suppress(OSError):
+                    if members(path):
+                        killed += sorted(kill_all(path))
             with contextlib.suppress(OSError):
                 path.rmdir()
+    return killed
+
+
+def _owner_alive(pid: int, start_ticks: str | None) -> bool:
+    """Whether the agent a spare cgroup names lives (this one does only under the name it
+    gives now: its own cgroups of an older name are an earlier agent's with the same pid)."""
+    if pid == os.getpid():
+        return start_ticks is not None and f"{pid}-{start_ticks}" == _owner()
+    if start_ticks is not None:
+        return proctable.is_same(pid, int(start_ticks)) or not _readable(pid)
+    return _alive(pid)
+
+
+def _readable(pid: int) -> bool:
+    """Whether /proc shows ``pid`` (or nothing has it): else it may be hidden from this agent
+    (``hidepid``), and a hidden process is taken to be alive."""
+    return proctable.read(pid) is not None or not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -469,23 +469,19 @@ async def _start_spare(
     proc: asyncio.subprocess.Process, run: TrackedRun, block: bytes
 ) -> asyncio.subprocess.Process:
     """Make a spare shell (:mod:`deploy_core.agent.launcher`), already in the run's cgroup,
-    the run: journal its pid, then hand it the block that becomes the program."""
+    the run: hand it the block that becomes the program, its pid journaled meanwhile (its
+    cgroup finds it until that commit, see the launcher)."""
     stdin = proc.stdin
     assert stdin is not None
-
-    def go() -> None:  # at the commit, before the reports it also woke are sent
+    try:
+        run.spawned(proc.pid, journal=False)
         with contextlib.suppress(ConnectionError):
             stdin.write(block)
-
-    try:
-        run.spawned(proc.pid)
-        await run.saved(then=go)
+            await stdin.drain()
     except BaseException:
         _kill_group(proc.pid, signal.SIGKILL)
         await proc.wait()
         raise
-    with contextlib.suppress(ConnectionError):
-        await stdin.drain()
     stdin.close()
     return proc
 

@@ -32,7 +32,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,7 +45,7 @@ from deploy_core.agent.cgroup_tracking import (
     members,
     off_loop,
 )
-from deploy_core.agent.launcher import READ_BYTES, Spare, make_spare, remove_stale
+from deploy_core.agent.launcher import READ_BYTES, Spare, clear_stale, make_spare
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class RunLedger(Protocol):
 
     def record_run(self, deploy_id: str, record: dict[str, Any]) -> None:
         """Add or replace (by ``run``) one record of ``deploy_id``, committed on return."""
+
+    def run_cgroups(self) -> set[str]:
+        """The cgroup of every run record kept (of any deployment)."""
 
 
 def become_subreaper(on: bool = True) -> str | None:
@@ -180,7 +183,17 @@ class ProcessTracker:
         if self.hierarchy is None or self._pooling:
             return
         self._pooling = True
-        remove_stale(self.hierarchy)
+        # Before the journaled runs are recovered: a spare-started run whose record an
+        # agent that died never committed is found by its spare's cgroup alone.
+        recorded = self.ledger.run_cgroups() if self.ledger is not None else set()
+        killed = clear_stale(self.hierarchy, recorded)
+        if killed:
+            log.warning(
+                "killed %d process(es) of run(s) an earlier agent started but had not "
+                "journaled yet: %s",
+                len(killed),
+                ", ".join(map(str, killed)),
+            )
         if now:
             self._fill()
 
@@ -421,47 +434,23 @@ class TrackedRun:
         self._saved = submit(self.deploy_id, self.record.to_json(), at_once=at_once)
         self._saved.add_done_callback(_log_unsaved)
 
-    async def saved(self, then: Callable[[], None] | None = None) -> None:
-        """Return once the record saved last is committed (raises if it could not be).
+    async def saved(self) -> None:
+        """Return once the record saved last is committed (raises if it could not be)."""
+        if self._saved is not None:
+            # Shielded: a wait cancelled (the deployment's) must not cancel the write.
+            await asyncio.shield(asyncio.wrap_future(self._saved))
 
-        :param then: called on the event loop as soon as the commit is known, before other
-            work the commit woke (a report to send): what lets the child go."""
-        written = self._saved
-        if written is None:
-            if then is not None:
-                then()
-            return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def settle(result: concurrent.futures.Future[None]) -> None:
-            if done.done():
-                return
-            error = result.exception()
-            if error is None and then is not None:
-                try:
-                    then()
-                except Exception as exc:
-                    error = exc
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(None)
-
-        def committed(result: concurrent.futures.Future[None]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
-                loop.call_soon_threadsafe(settle, result)
-
-        written.add_done_callback(committed)
-        await done
-
-    def spawned(self, pid: int) -> None:
-        """The child exists (and waits): journal its pid and start time, which must be
-        committed (:meth:`saved`) before it may run."""
+    def spawned(self, pid: int, *, journal: bool = True) -> None:
+        """The child exists (and waits): note its pid and start time, and journal them.  A
+        child started the classic way may run only once that is committed (:meth:`saved`).
+        ``journal`` false: a spare-started run, which its spare's cgroup (journaled by
+        :meth:`ProcessTracker.start_run`, and found by the next agent even before that,
+        see the launcher) identifies: the pid goes to the journal with the run's end."""
         info = proctable.read(pid)
         self.record = replace(self.record, pid=pid, start_ticks=info.start_ticks if info else None)
         self.tracker._active[pid] = self
-        self.save(wait=False)
+        if journal:
+            self.save(wait=False)
 
     def processes(self) -> set[int]:
         """The live processes of this run now."""

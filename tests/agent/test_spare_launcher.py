@@ -25,7 +25,7 @@ from deploy_core.agent import proctable
 from deploy_core.agent import tracking as tracking_module
 from deploy_core.agent.cgroup_tracking import find_tracking_hierarchy, members
 from deploy_core.agent.journal import Journal
-from deploy_core.agent.launcher import POOL_PREFIX, make_spare, remove_stale
+from deploy_core.agent.launcher import POOL_PREFIX, clear_stale, make_spare
 from deploy_core.agent.process import READ_BYTES, run_process
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.models import DeployCommand
@@ -121,14 +121,24 @@ async def test_a_spare_started_run_gets_what_a_classic_start_gives(
     assert await asyncio.wait_for(primed.spare_ready(), WAIT)
 
 
-async def test_a_spare_started_run_is_journaled_before_it_runs(
+async def test_a_spare_started_run_is_journaled_while_it_runs(
     primed: ProcessTracker, tmp_path: Path
 ) -> None:
+    """The run's record (its spare's cgroup) reaches the journal while the program runs, not
+    before it may start (a dead agent's unjournaled run is found by its cgroup: see
+    test_a_killed_agent_leaves_nothing_of_a_run_it_had_not_journaled)."""
     program = textwrap.dedent(
         f"""
-        import json, os, sqlite3
+        import json, os, sqlite3, time
         db = sqlite3.connect({str(tmp_path / "journal.db")!r})
-        (runs,) = db.execute("SELECT processes FROM deployments WHERE deploy_id = 'd1'").fetchone()
+        end = time.monotonic() + {WAIT}
+        while time.monotonic() < end:
+            (runs,) = db.execute(
+                "SELECT processes FROM deployments WHERE deploy_id = 'd1'"
+            ).fetchone()
+            if json.loads(runs):
+                break
+            time.sleep(0.01)
         print(json.dumps({{"pid": os.getpid(), "sid": os.getsid(0), "runs": json.loads(runs)}}))
         """
     )
@@ -142,9 +152,8 @@ async def test_a_spare_started_run_is_journaled_before_it_runs(
     assert result.exit_code == 0, result.stderr_tail
     seen = json.loads(result.stdout_tail)
     (record,) = seen["runs"]
-    assert record["pid"] == seen["pid"] == seen["sid"]  # the spare became the program
+    assert seen["pid"] == seen["sid"] == run.record.pid  # the spare became the program
     assert record["cgroup"] == run.record.cgroup and POOL_PREFIX in record["cgroup"]
-    assert record["start_ticks"] == run.record.start_ticks
 
 
 async def test_a_timeout_kills_a_spare_started_run_and_its_escapee(
@@ -263,16 +272,22 @@ async def test_an_unused_spare_goes_and_the_next_run_makes_another(
 
 AGENT = textwrap.dedent(
     """
-    import asyncio, sys, time
+    import asyncio, concurrent.futures, sys, time
     from pathlib import Path
     from deploy_core.agent.journal import Journal
     from deploy_core.agent.process import run_process
     from deploy_core.agent.tracking import ProcessTracker
     from deploy_core.models import DeployCommand
 
+    class Unjournaled(Journal):
+        # Run records never committed: the agent dies before that commit.
+
+        def submit_run(self, deploy_id, record, *, at_once=False):
+            return concurrent.futures.Future()
+
     async def main():
         tmp = Path(sys.argv[1])
-        journal = Journal(tmp / "journal.db")
+        journal = (Unjournaled if sys.argv[2] == "unjournaled" else Journal)(tmp / "journal.db")
         journal.accept(DeployCommand(deploy_id="d1", command_type="deploy.test", params={},
                                      expires_at=time.time() + 600))
         tracker = ProcessTracker.detect(journal)
@@ -296,27 +311,44 @@ AGENT = textwrap.dedent(
 )
 
 
-def test_a_killed_agent_leaves_nothing_of_a_spare_started_run(tmp_path: Path) -> None:
-    """The agent (a real process, with a spare) is killed with SIGKILL while its run and an
-    escapee in a new session run; the next agent's recovery, from the journal alone, kills
-    both, and leaves no spare cgroup behind."""
-    hierarchy, reason = find_tracking_hierarchy("auto")
-    if hierarchy is None:
-        missing_part(f"no cgroup hierarchy usable here: {reason}")
+def start_agent(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], str, Path, list[int]]:
+    """The AGENT above, with its run going: the run's cgroup, the spare it keeps for the next
+    run, and the pids of the run's program and of its escapee (in a new session)."""
     agent = subprocess.Popen(
-        [sys.executable, "-c", AGENT, str(tmp_path)],
+        [sys.executable, "-c", AGENT, str(tmp_path), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
     )
-    pids: list[int] = []
+    assert agent.stdout is not None
+    cgroup = agent.stdout.readline().decode().strip()
+    next_spare = Path(agent.stdout.readline().decode().strip())
+    pids = [int(wait_for_file(tmp_path / n)) for n in ("main.pid", "escaped.pid")]
+    assert POOL_PREFIX in next_spare.name and members(next_spare)
+    assert POOL_PREFIX in cgroup and set(pids) <= members(Path(cgroup))
+    return agent, cgroup, next_spare, pids
+
+
+def journaled_runs(tmp_path: Path) -> list[RunRecord]:
+    journal = Journal(tmp_path / "journal.db")
     try:
-        assert agent.stdout is not None
-        cgroup = agent.stdout.readline().decode().strip()
-        next_spare = Path(agent.stdout.readline().decode().strip())
-        pids = [int(wait_for_file(tmp_path / n)) for n in ("main.pid", "escaped.pid")]
-        assert POOL_PREFIX in next_spare.name and members(next_spare)
-        assert POOL_PREFIX in cgroup and set(pids) <= members(Path(cgroup))
+        return [RunRecord.from_json(r) for r in journal.runs("d1")]
+    finally:
+        journal.close()
+
+
+def test_a_killed_agent_leaves_nothing_of_a_spare_started_run(tmp_path: Path) -> None:
+    """The agent (a real process, with a spare) is killed with SIGKILL while its run and an
+    escapee in a new session run; the next agent leaves the journaled run's cgroup to its
+    recovery, which, from the journal alone, kills both, and leaves no spare cgroup behind."""
+    hierarchy, reason = find_tracking_hierarchy("auto")
+    if hierarchy is None:
+        missing_part(f"no cgroup hierarchy usable here: {reason}")
+    agent, cgroup, next_spare, pids = start_agent(tmp_path, "journaled")
+    try:
+        end = time.monotonic() + WAIT
+        while not journaled_runs(tmp_path) and time.monotonic() < end:
+            time.sleep(0.02)  # the record is committed while the run goes
         agent.kill()
         agent.wait(WAIT)
         assert all(alive(p) for p in pids)  # the agent's death alone kills nothing
@@ -325,19 +357,55 @@ def test_a_killed_agent_leaves_nothing_of_a_spare_started_run(tmp_path: Path) ->
             records = [RunRecord.from_json(r) for r in journal.runs("d1")]
             assert [r.cgroup for r in records] == [cgroup]
             tracker = ProcessTracker(hierarchy, journal)
+            # The next agent's start clears the dead one's spare cgroups, but not one a
+            # journaled run names: that run's recovery decides.
+            tracker.prime(now=False)
+            assert all(alive(p) for p in pids)
             killed = tracker.kill_recorded(records, grace=0.5)
+            tracker.close()
         finally:
             journal.close()
         assert len(killed) == 2
         assert not any(alive(p) for p in pids)
         assert not Path(cgroup).exists()
-        # The spare the dead agent kept for its next run exited on end of file; its empty
-        # cgroup is removed by the next agent.
+        # The spare the dead agent kept for its next run is gone with its cgroup.
         end = time.monotonic() + WAIT
         while next_spare.exists() and time.monotonic() < end:
-            remove_stale(hierarchy)
+            clear_stale(hierarchy)
             time.sleep(0.05)
         assert not next_spare.exists()
+    finally:
+        agent.kill()
+        agent.communicate(timeout=WAIT)
+        for pid in pids:
+            kill(pid)
+
+
+def test_a_killed_agent_leaves_nothing_of_a_run_it_had_not_journaled(tmp_path: Path) -> None:
+    """A spare takes its run's block before the run's record is committed: an agent killed
+    in between has journaled nothing of the run; the next agent's start finds the run by its
+    spare's cgroup, kills it and its escapee, and removes the cgroup."""
+    hierarchy, reason = find_tracking_hierarchy("auto")
+    if hierarchy is None:
+        missing_part(f"no cgroup hierarchy usable here: {reason}")
+    agent, cgroup, next_spare, pids = start_agent(tmp_path, "unjournaled")
+    try:
+        agent.kill()
+        agent.wait(WAIT)
+        assert all(alive(p) for p in pids)
+        journal = Journal(tmp_path / "journal.db")
+        try:
+            assert journal.runs("d1") == [] and journal.run_cgroups() == set()
+            tracker = ProcessTracker(hierarchy, journal)
+            tracker.prime(now=False)
+            tracker.close()
+        finally:
+            journal.close()
+        end = time.monotonic() + WAIT
+        while any(alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.02)  # SIGKILLed: only the kernel's reaping is left
+        assert not any(alive(p) for p in pids)
+        assert not Path(cgroup).exists() and not next_spare.exists()
     finally:
         agent.kill()
         agent.communicate(timeout=WAIT)
@@ -367,10 +435,16 @@ def test_stale_spare_cgroups_are_removed_but_not_a_live_agents(tmp_path: Path) -
 
     dead = subprocess.Popen(["true"])
     dead.wait()
+    init = proctable.read(1)
+    assert init is not None
     names = {
         "live-other": f"{launcher.POOL_PREFIX}1-0123456789abcdef",  # pid 1 is alive
+        "live-other-now": f"{launcher.POOL_PREFIX}1-{init.start_ticks}-0123456789abcdef",
+        "reused": f"{launcher.POOL_PREFIX}1-{init.start_ticks + 1}-0123456789abcdef",
         "dead": f"{launcher.POOL_PREFIX}{dead.pid}-0123456789abcdef",
+        "dead-now": f"{launcher.POOL_PREFIX}{dead.pid}-{init.start_ticks}-0123456789abcdef",
         "mine": f"{launcher.POOL_PREFIX}{os.getpid()}-0123456789abcdef",
+        "mine-now": f"{launcher.POOL_PREFIX}{launcher._owner()}-0123456789abcdef",
         "old-style": f"{launcher.POOL_PREFIX}0123456789abcdef",
     }
     for name in names.values():
@@ -378,10 +452,13 @@ def test_stale_spare_cgroups_are_removed_but_not_a_live_agents(tmp_path: Path) -
     (tmp_path / "busy").mkdir()
     (tmp_path / names["dead"].replace("0123", "4567")).mkdir()
     (tmp_path / names["dead"].replace("0123", "4567") / "cgroup.procs").write_text("")
-    launcher.remove_stale(types.SimpleNamespace(base=tmp_path))  # type: ignore[arg-type]
+    launcher.clear_stale(types.SimpleNamespace(base=tmp_path))  # type: ignore[arg-type]
     left = {p.name for p in tmp_path.iterdir()}
-    assert names["live-other"] in left
-    assert names["dead"] not in left and names["mine"] not in left
+    assert {names["live-other"], names["live-other-now"], names["mine-now"]} <= left
+    # An agent named with its start time is dead when its pid now has another start.
+    assert names["reused"] not in left
+    assert names["dead"] not in left and names["dead-now"] not in left
+    assert names["mine"] not in left  # an earlier agent's with this pid
     assert names["old-style"] not in left
     assert "busy" in left  # not a spare's
     assert names["dead"].replace("0123", "4567") in left  # not empty: a run may be in it
