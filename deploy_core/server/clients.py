@@ -261,8 +261,9 @@ class ClientRecords:
 
     def get_client(self, client_id: str) -> ClientRow | None:
         """One client, without its key."""
-        rows = self.list_clients([client_id])
-        return rows[0] if rows else None
+        with self.engine.connect() as conn:
+            row = conn.execute(_ONE_CLIENT, {"client_id": client_id}).first()
+        return ClientRow.from_row(row) if row else None
 
     def list_clients(self, ids: Sequence[str] | None = None) -> list[ClientRow]:
         """Known clients, without their keys, by id; ``credential`` says what the agent
@@ -381,6 +382,10 @@ def _client_select() -> sa.Select[Any]:
         (clients.c.public_key.is_not(None), "public_key"), else_="shared_key"
     ).label("credential")
     return sa.select(*cols, credential).order_by(clients.c.client_id)
+
+
+# Built once: the read of every POST /api/deploy (a statement built cost more than the query).
+_ONE_CLIENT = _client_select().where(clients.c.client_id == sa.bindparam("client_id"))
 
 
 @dataclass(frozen=True)

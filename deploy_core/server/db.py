@@ -502,16 +502,36 @@ def bulk_insert(
     type conversion (numbers and strings)."""
     if not rows:
         return
-    compiled = table.insert().compile(dialect=conn.dialect, column_keys=list(columns))
-    if compiled.positional:
-        order = [list(columns).index(key) for key in compiled.positiontup or ()]
-        if order == list(range(len(columns))):
-            params: list[Any] = list(rows)
-        else:
-            params = [tuple(row[i] for i in order) for row in rows]
+    sql, order = _insert_sql(conn.dialect, table, tuple(columns))
+    if order is None:
+        params: list[Any] = [dict(zip(columns, row, strict=True)) for row in rows]
+    elif order == tuple(range(len(columns))):
+        params = list(rows)
     else:
-        params = [dict(zip(columns, row, strict=True)) for row in rows]
-    conn.exec_driver_sql(str(compiled), params)
+        params = [tuple(row[i] for i in order) for row in rows]
+    conn.exec_driver_sql(sql, params)
+
+
+#: The driver's ``INSERT`` of :func:`bulk_insert` by dialect, table and columns: compiling it
+#: cost more than running it for the one or two rows of a status report.
+_INSERTS: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, tuple[int, ...] | None]] = {}
+
+
+def _insert_sql(
+    dialect: Any, table: sa.Table, columns: tuple[str, ...]
+) -> tuple[str, tuple[int, ...] | None]:
+    """The SQL and, for a positional paramstyle, the order of ``columns`` it takes."""
+    key = (dialect.name, dialect.paramstyle, table.fullname, columns)
+    cached = _INSERTS.get(key)
+    if cached is None:
+        compiled = table.insert().compile(dialect=dialect, column_keys=list(columns))
+        order = (
+            tuple(columns.index(name) for name in compiled.positiontup or ())
+            if compiled.positional
+            else None
+        )
+        cached = _INSERTS[key] = (str(compiled), order)
+    return cached
 
 
 def migrations_config(engine: Engine) -> Any:

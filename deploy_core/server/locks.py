@@ -42,8 +42,26 @@ class LockRaced(Exception):
 
 def holder(conn: Connection, client_id: str) -> LockRow | None:
     """The lock row of ``client_id``, if one is held."""
-    row = conn.execute(sa.select(client_locks).where(client_locks.c.client_id == client_id)).first()
+    row = conn.execute(_HOLDER, {"client_id": client_id}).first()
     return LockRow.from_row(row) if row else None
+
+
+# Built once (the path of every POST /api/deploy): executed with their parameters.
+_HOLDER = sa.select(client_locks).where(client_locks.c.client_id == sa.bindparam("client_id"))
+# A lock whose deployment finished, or whose expiry passed, is stale.
+_CLEAR_STALE = client_locks.delete().where(
+    client_locks.c.client_id == sa.bindparam("client_id"),
+    sa.or_(
+        client_locks.c.expires_at < sa.bindparam("now"),
+        sa.select(deployments.c.deploy_id)
+        .where(
+            deployments.c.deploy_id == client_locks.c.deploy_id,
+            deployments.c.finished_at.is_not(None),
+        )
+        .exists(),
+    ),
+)
+_TAKE = client_locks.insert()
 
 
 def held(conn: Connection) -> list[LockRow]:
@@ -68,28 +86,20 @@ def acquire(
     :raises LockRaced: another transaction took the lock meanwhile: leave this transaction
         and try again in a new one.
     """
-    finished = sa.select(deployments.c.deploy_id).where(
-        deployments.c.deploy_id == client_locks.c.deploy_id,
-        deployments.c.finished_at.is_not(None),
-    )
-    conn.execute(
-        client_locks.delete().where(
-            client_locks.c.client_id == client_id,
-            sa.or_(client_locks.c.expires_at < now, finished.exists()),
-        )
-    )
+    conn.execute(_CLEAR_STALE, {"client_id": client_id, "now": now})
     current = holder(conn, client_id)
     if current is not None:
         raise ClientBusy(client_id, current.deploy_id, current.acquired_at)
     try:
         conn.execute(
-            client_locks.insert().values(
-                client_id=client_id,
-                deploy_id=deploy_id,
-                owner=owner,
-                acquired_at=now,
-                expires_at=deadline + LOCK_GRACE,
-            )
+            _TAKE,
+            {
+                "client_id": client_id,
+                "deploy_id": deploy_id,
+                "owner": owner,
+                "acquired_at": now,
+                "expires_at": deadline + LOCK_GRACE,
+            },
         )
     except IntegrityError as exc:
         raise LockRaced(f"the lock of client {client_id} was taken meanwhile") from exc

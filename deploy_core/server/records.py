@@ -324,23 +324,24 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         """The ``pending`` record, its artifacts, sealed secrets and first history line; a
         rollback's original learns who undoes it."""
         conn.execute(
-            deployments.insert().values(
-                deploy_id=deploy_id,
-                client_id=client_id,
-                command_type=command_type,
-                status=DeployStatus.PENDING.value,
-                stage="pending",
-                progress=0,
-                last_seq=-1,
-                request=request,
-                rollback_of=rollback_of,
-                rollback_wanted=False,
-                deadline=deadline,
-                created_at=now,
-                updated_at=now,
-                target=target,
-                dispatched_at=now if dispatched else None,
-            )
+            _INSERT_DEPLOYMENT,
+            {
+                "deploy_id": deploy_id,
+                "client_id": client_id,
+                "command_type": command_type,
+                "status": DeployStatus.PENDING.value,
+                "stage": "pending",
+                "progress": 0,
+                "last_seq": -1,
+                "request": request,
+                "rollback_of": rollback_of,
+                "rollback_wanted": False,
+                "deadline": deadline,
+                "created_at": now,
+                "updated_at": now,
+                "target": target,
+                "dispatched_at": now if dispatched else None,
+            },
         )
         if artifacts:
             conn.execute(
@@ -395,9 +396,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             return [DeploymentRow.from_row(r) for r in rows]
 
     def _get(self, conn: Connection, deploy_id: str) -> DeploymentRow | None:
-        row = conn.execute(
-            sa.select(deployments).where(deployments.c.deploy_id == deploy_id)
-        ).first()
+        row = conn.execute(_GET, {"deploy_id": deploy_id}).first()
         return DeploymentRow.from_row(row) if row else None
 
     def history(self, deploy_id: str) -> list[HistoryRow]:
@@ -518,15 +517,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             results.append(Applied(moved, record, previous))
         if changed:
             conn.execute(
-                deployments.update()
-                .where(deployments.c.deploy_id == sa.bindparam("key"))
-                .values(
-                    status=sa.bindparam("status"),
-                    stage=sa.bindparam("stage"),
-                    progress=sa.bindparam("progress"),
-                    last_seq=sa.bindparam("last_seq"),
-                    updated_at=sa.bindparam("updated_at"),
-                ),
+                _MOVE,
                 [{"key": key, **{c: getattr(r, c) for c in _MOVED}} for key, r in changed.items()],
             )
         bulk_insert(conn, status_history, _HISTORY_COLUMNS, lines)
@@ -709,9 +700,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 finishing.append((client_id, cb, record))
         if finishing:
             conn.execute(
-                deployments.update()
-                .where(deployments.c.deploy_id == sa.bindparam("key"))
-                .values({name: sa.bindparam(name) for name in _FINISHED}),
+                _FINISH,
                 [
                     {
                         "key": cb.callback_id,
@@ -737,16 +726,10 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             ]  # fmt: skip
             bulk_insert(conn, status_history, _HISTORY_COLUMNS, lines)
             ids = [cb.callback_id for _client, cb, _record in finishing]
-            conn.execute(deploy_secrets.delete().where(deploy_secrets.c.deploy_id.in_(ids)))
+            conn.execute(_FORGET_SECRETS, {"ids": ids})
             held = [{"client": r.client_id, "deploy": r.deploy_id} for _c, _cb, r in finishing]
-            conn.execute(
-                client_locks.delete().where(
-                    client_locks.c.client_id == sa.bindparam("client"),
-                    client_locks.c.deploy_id == sa.bindparam("deploy"),
-                ),
-                held,
-            )
-            after = conn.execute(sa.select(deployments).where(deployments.c.deploy_id.in_(ids)))
+            conn.execute(_FREE_LOCK, held)
+            after = conn.execute(_READ_BACK, {"ids": ids})
             done = {row.deploy_id: DeploymentRow.from_row(row) for row in after}
             for _client, cb, record in finishing:
                 results[cb.callback_id] = Applied(True, done[cb.callback_id], record.status)
@@ -945,11 +928,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         ingest's batch, when a rollout's agents acknowledge their commands together):
         whether each deployment is the client's."""
         named = sorted({deploy_id for _client, deploy_id in acks})
-        rows = conn.execute(
-            sa.select(
-                deployments.c.deploy_id, deployments.c.client_id, deployments.c.acked_at
-            ).where(deployments.c.deploy_id.in_(named))
-        ).all()
+        rows = conn.execute(_ACK_READ, {"ids": named}).all()
         found = {row.deploy_id: row for row in rows}
         owned = [
             (row := found.get(deploy_id)) is not None and row.client_id == client_id
@@ -963,11 +942,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             }
         )
         if fresh:
-            conn.execute(
-                deployments.update()
-                .where(deployments.c.deploy_id.in_(fresh), deployments.c.acked_at.is_(None))
-                .values(acked_at=time.time())
-            )
+            conn.execute(_ACK, {"ids": fresh, "now": time.time()})
         return owned
 
     def _set(self, deploy_id: str, **values: Any) -> None:
@@ -996,13 +971,52 @@ _HISTORY_COLUMNS = ("deploy_id", "seq", "status", "stage", "progress", "message"
 def _locked(conn: Connection, deploy_ids: set[str]) -> dict[str, DeploymentRow]:
     """The records of ``deploy_ids`` that exist, read with a lock for update (PostgreSQL; in
     id order, so that two transactions take them in the same order)."""
-    rows = conn.execute(
-        sa.select(deployments)
-        .where(deployments.c.deploy_id.in_(sorted(deploy_ids)))
-        .order_by(deployments.c.deploy_id)
-        .with_for_update()
-    )
+    rows = conn.execute(_LOCKED, {"ids": sorted(deploy_ids)})
     return {row.deploy_id: DeploymentRow.from_row(row) for row in rows}
+
+
+# The statements of the ingest's hot path, built once (building one cost more than running
+# it, for a report or two): executed with their parameters.
+_LOCKED = (
+    sa.select(deployments)
+    .where(deployments.c.deploy_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(deployments.c.deploy_id)
+    .with_for_update()
+)
+_READ_BACK = sa.select(deployments).where(
+    deployments.c.deploy_id.in_(sa.bindparam("ids", expanding=True))
+)
+_MOVE = (
+    deployments.update()
+    .where(deployments.c.deploy_id == sa.bindparam("key"))
+    .values({name: sa.bindparam(name) for name in _MOVED})
+)
+_FINISH = (
+    deployments.update()
+    .where(deployments.c.deploy_id == sa.bindparam("key"))
+    .values({name: sa.bindparam(name) for name in _FINISHED})
+)
+_FORGET_SECRETS = deploy_secrets.delete().where(
+    deploy_secrets.c.deploy_id.in_(sa.bindparam("ids", expanding=True))
+)
+_FREE_LOCK = client_locks.delete().where(
+    client_locks.c.client_id == sa.bindparam("client"),
+    client_locks.c.deploy_id == sa.bindparam("deploy"),
+)
+_GET = sa.select(deployments).where(deployments.c.deploy_id == sa.bindparam("deploy_id"))
+_INSERT_HISTORY = status_history.insert()
+_INSERT_DEPLOYMENT = deployments.insert()
+_ACK_READ = sa.select(
+    deployments.c.deploy_id, deployments.c.client_id, deployments.c.acked_at
+).where(deployments.c.deploy_id.in_(sa.bindparam("ids", expanding=True)))
+_ACK = (
+    deployments.update()
+    .where(
+        deployments.c.deploy_id.in_(sa.bindparam("ids", expanding=True)),
+        deployments.c.acked_at.is_(None),
+    )
+    .values(acked_at=sa.bindparam("now"))
+)
 
 
 def _history(
@@ -1019,14 +1033,15 @@ def _history(
 ) -> None:
     """Add a line to a deployment's status history (``seq``: the agent report's, if any)."""
     conn.execute(
-        status_history.insert().values(
-            deploy_id=deploy_id,
-            seq=seq,
-            status=status,
-            stage=stage,
-            progress=progress,
-            message=message,
-            source=source,
-            ts=ts,
-        )
+        _INSERT_HISTORY,
+        {
+            "deploy_id": deploy_id,
+            "seq": seq,
+            "status": status,
+            "stage": stage,
+            "progress": progress,
+            "message": message,
+            "source": source,
+            "ts": ts,
+        },
     )
