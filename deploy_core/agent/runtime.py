@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from deploy_core import __version__
+from deploy_core.agent import child_watcher
 from deploy_core.agent.artifacts import ArtifactFetcher
 from deploy_core.agent.constraints import ConstraintPolicy, Constraints
 from deploy_core.agent.context import AgentServiceContext
@@ -168,6 +169,7 @@ class Agent:
     async def run(self) -> None:
         """Recover what a previous run left, then serve until :meth:`stop`."""
         bind(client_id=self.config.client_id)  # on every log line (deploy_core.logs)
+        child_watcher.install()  # Python 3.11: no thread per script run (see the module)
         if self.metrics is not None and self.config.metrics_listen is not None:
             try:
                 self.metrics.serve(*self.config.metrics_listen)
