@@ -177,8 +177,9 @@ class Agent:
                 host, port = self.config.metrics_listen
                 log.error("agent metrics not served: cannot listen on %s:%d: %s", host, port, exc)
         self.processes.enable_subreaper()
-        # From the first run on, a spare child waits in its cgroup for each next run.
-        self.processes.prime(now=False)
+        # A spare child waits in its cgroup for the next run, from the start: the first run
+        # after a start or a long idle time does not pay a cgroup move on its path.
+        self.processes.prime(now=True)
         log.info("%s", self.processes.describe())
         tasks = [
             asyncio.create_task(self._reap(), name="reaper"),

@@ -57,8 +57,9 @@ POLL = 0.05
 # SIGKILL rounds for a run without a cgroup whose processes keep forking.
 KILL_ROUNDS = 100
 _PR_SET_CHILD_SUBREAPER = 36
-# Seconds a spare child waits for a run before it is dropped (see ProcessTracker.prime).
-SPARE_IDLE = 60.0
+# Seconds a spare child waits for a run before it is dropped (see ProcessTracker.prime);
+# ``None``: it waits until a run takes it or the agent stops.
+SPARE_IDLE: float | None = None
 
 
 @dataclass(frozen=True)
@@ -231,9 +232,10 @@ class ProcessTracker:
             self._refill = None
         if self._pooling and self._spare is None:
             self._spare = spare
-            # Unused for a while, it goes (a fleet of idle agents in one process keeps no
-            # shells); the next run starts the classic way and makes another.
-            spare.loop.call_later(SPARE_IDLE, self._expire, spare)
+            if SPARE_IDLE is not None:
+                # Unused for a while, it goes; the next run starts the classic way and makes
+                # another.
+                spare.loop.call_later(SPARE_IDLE, self._expire, spare)
         else:
             await self._drop(spare)
 
