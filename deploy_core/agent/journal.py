@@ -80,11 +80,8 @@ MAX_GROUP = 256
 # Seconds the writer thread waits for work before it ends.
 WRITER_IDLE = 10.0
 # Rounds of the event loop a write made on it waits, at most, for more to join its group
-# (only while other callbacks are ready: an idle loop hands it over at once), and seconds:
-# a round of a busy loop (a flood of output, or the hundreds of agents one benchmark
-# process holds) may take milliseconds, and a write waited 16 of them.
+# (only while other callbacks are ready: an idle loop hands it over at once).
 TICK_HOPS = 16
-TICK_WAIT = 0.001
 
 
 @dataclass(frozen=True)
@@ -196,8 +193,7 @@ class Journal:
         committed, before the future is done.
 
         Submitted on a thread running an event loop, a write is held until the loop has
-        nothing else ready (at most :data:`TICK_HOPS` rounds and :data:`TICK_WAIT` seconds,
-        checked at the end of each round), so what one step of the agent
+        nothing else ready (at most :data:`TICK_HOPS` rounds), so what one step of the agent
         writes goes in one transaction; ``at_once`` hands it (and what is held) to the
         writer now, for a write the caller is about to wait for while other work goes on
         (the disk's time overlaps with it).  Asking the future for its result hands it over
@@ -218,7 +214,7 @@ class Journal:
                 schedule = False
         if schedule:
             assert loop is not None
-            loop.call_soon(self._end_of_tick, loop, 0, time.monotonic() + TICK_WAIT)
+            loop.call_soon(self._end_of_tick, loop, 0)
         if size:
             self._grew(size)
         return write.future
@@ -238,11 +234,11 @@ class Journal:
             self._writer.start()
         self._ready.notify()
 
-    def _end_of_tick(self, loop: Any, hops: int, until: float) -> None:
+    def _end_of_tick(self, loop: Any, hops: int) -> None:
         # Other callbacks ready to run may write too (a task woken by the one that wrote):
-        # let them, a bounded number of rounds and at most until ``until``.
-        if hops < TICK_HOPS and getattr(loop, "_ready", None) and time.monotonic() < until:
-            loop.call_soon(self._end_of_tick, loop, hops + 1, until)
+        # let them, a bounded number of rounds.
+        if hops < TICK_HOPS and getattr(loop, "_ready", None):
+            loop.call_soon(self._end_of_tick, loop, hops + 1)
             return
         with self._ready:
             self._hand_over()
