@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -87,12 +88,15 @@ class Spare:
                 time.sleep(0.01)  # until the kernel has taken it out
 
 
-async def make_spare(hierarchy: TrackingHierarchy, read_limit: int) -> Spare:
+async def make_spare(hierarchy: TrackingHierarchy, read_limit: int, journal: str = "") -> Spare:
     """Start a spare shell and move it into a new cgroup of ``hierarchy`` (raises
-    :class:`OSError`); ``read_limit``: the stream readers' buffer size."""
+    :class:`OSError`); ``read_limit``: the stream readers' buffer size; ``journal``: the
+    :func:`journal_id` of the agent's journal, if it keeps one."""
     # Named with this agent's pid and start time: another agent on the host (sharing the
-    # hierarchy) leaves it alone while this one lives (clear_stale).
-    path = hierarchy.base / f"{POOL_PREFIX}{_owner()}-{uuid.uuid4().hex[:16]}"
+    # hierarchy) leaves it alone while this one lives; and with its journal: only the next
+    # agent of that journal kills what runs in it (clear_stale).
+    tag = f"j{journal}-" if journal else ""
+    path = hierarchy.base / f"{POOL_PREFIX}{_owner()}-{tag}{uuid.uuid4().hex[:16]}"
     await off_loop(path.mkdir)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -150,8 +154,14 @@ def check_cwd(cwd: Any) -> None:
         raise PermissionError(13, "Permission denied", path)
 
 
-#: ``pool-<pid>-<start ticks>-<hex>``; before the start ticks were added, ``pool-<pid>-<hex>``.
-_POOL_NAME = re.compile(rf"{POOL_PREFIX}(\d+)-(?:(\d+)-)?[0-9a-f]+\Z")
+#: ``pool-<pid>-<start ticks>-j<journal id>-<hex>`` (no ``j…`` part: an agent without a
+#: journal); before the start ticks were added, ``pool-<pid>-<hex>``.
+_POOL_NAME = re.compile(rf"{POOL_PREFIX}(\d+)-(?:(\d+)-)?(?:j([0-9a-f]{{12}})-)?[0-9a-f]+\Z")
+
+
+def journal_id(path: os.PathLike[str] | str) -> str:
+    """What names an agent's journal in its spare cgroups' names (12 hex digits)."""
+    return hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:12]
 
 
 def _owner() -> str:
@@ -161,15 +171,20 @@ def _owner() -> str:
     return f"{os.getpid()}-{info.start_ticks if info is not None else 0}"
 
 
-def clear_stale(hierarchy: TrackingHierarchy, recorded: Collection[str] = ()) -> list[int]:
+def clear_stale(
+    hierarchy: TrackingHierarchy, journal: str = "", recorded: Collection[str] = ()
+) -> list[int]:
     """Clear the spare cgroups an earlier agent left (it died with them); the pids killed.
 
     Not those of another agent of this host that is alive (its spare's cgroup is empty for
-    a moment between being made and the shell being moved in), nor those a journaled run
-    names (``recorded``, cgroup paths: the run's recovery kills or keeps what is in them).
-    What runs in any other is a spare that took its run's block before the run's record was
+    a moment between being made and the shell being moved in).  Of a dead agent of the same
+    journal (``journal``, its :func:`journal_id`), those its journal's runs name are left to
+    their recovery (``recorded``, cgroup paths: it kills or keeps what is in them); what
+    runs in any other is a spare that took its run's block before the run's record was
     committed (see the module's text), or a spare that never did: killed, and the cgroup
-    removed.  An unrecognised name is only removed when empty."""
+    removed.  The spare cgroups of another journal's dead agent (a second agent of the host,
+    down for now) and unrecognised names are only removed when empty: that agent's own next
+    start decides."""
     killed: list[int] = []
     keep = {os.path.normpath(path) for path in recorded}
     with contextlib.suppress(OSError):
@@ -177,7 +192,8 @@ def clear_stale(hierarchy: TrackingHierarchy, recorded: Collection[str] = ()) ->
             named = _POOL_NAME.match(path.name)
             if named and _owner_alive(int(named.group(1)), named.group(2)):
                 continue
-            if named and os.path.normpath(path) not in keep:
+            mine = bool(journal) and named is not None and named.group(3) == journal
+            if mine and os.path.normpath(path) not in keep:
                 with contextlib.suppress(OSError):
                     if members(path):
                         killed += sorted(kill_all(path))

@@ -45,7 +45,7 @@ from deploy_core.agent.cgroup_tracking import (
     members,
     off_loop,
 )
-from deploy_core.agent.launcher import READ_BYTES, Spare, clear_stale, make_spare
+from deploy_core.agent.launcher import READ_BYTES, Spare, clear_stale, journal_id, make_spare
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class RunLedger(Protocol):
     def run_cgroups(self) -> set[str]:
         """The cgroup of every run record kept (of any deployment)."""
 
+    @property
+    def path(self) -> Path:
+        """The ledger's file: what names this agent's spare cgroups (launcher.journal_id)."""
+
 
 def become_subreaper(on: bool = True) -> str | None:
     """Make this process the child subreaper of everything it starts (or no longer, with
@@ -150,6 +154,8 @@ class ProcessTracker:
         self._pooling = False
         self._spare: Spare | None = None
         self._refill: asyncio.Task[None] | None = None
+        # Its spare cgroups' names carry it: only this journal's next agent kills in them.
+        self._journal_id = journal_id(ledger.path) if ledger is not None else ""
 
     @classmethod
     def detect(cls, ledger: RunLedger | None, setting: str = "auto") -> ProcessTracker:
@@ -187,7 +193,7 @@ class ProcessTracker:
         # Before the journaled runs are recovered: a spare-started run whose record an
         # agent that died never committed is found by its spare's cgroup alone.
         recorded = self.ledger.run_cgroups() if self.ledger is not None else set()
-        killed = clear_stale(self.hierarchy, recorded)
+        killed = clear_stale(self.hierarchy, self._journal_id, recorded)
         if killed:
             log.warning(
                 "killed %d process(es) of run(s) an earlier agent started but had not "
@@ -224,7 +230,7 @@ class ProcessTracker:
     async def _make_spare(self) -> None:
         try:
             assert self.hierarchy is not None
-            spare = await make_spare(self.hierarchy, READ_BYTES)
+            spare = await make_spare(self.hierarchy, READ_BYTES, self._journal_id)
         except Exception as exc:
             log.warning("no spare child for the next run (it starts the classic way): %s", exc)
             return

@@ -383,8 +383,9 @@ def test_a_killed_agent_leaves_nothing_of_a_spare_started_run(tmp_path: Path) ->
 
 def test_a_killed_agent_leaves_nothing_of_a_run_it_had_not_journaled(tmp_path: Path) -> None:
     """A spare takes its run's block before the run's record is committed: an agent killed
-    in between has journaled nothing of the run; the next agent's start finds the run by its
-    spare's cgroup, kills it and its escapee, and removes the cgroup."""
+    in between has journaled nothing of the run; the next agent of its journal finds the run
+    by its spare's cgroup at its start, kills it and its escapee, and removes the cgroup
+    (another agent of the host, with another journal, does not)."""
     hierarchy, reason = find_tracking_hierarchy("auto")
     if hierarchy is None:
         missing_part(f"no cgroup hierarchy usable here: {reason}")
@@ -393,6 +394,16 @@ def test_a_killed_agent_leaves_nothing_of_a_run_it_had_not_journaled(tmp_path: P
         agent.kill()
         agent.wait(WAIT)
         assert all(alive(p) for p in pids)
+        # Another agent of the host (another journal) starting meanwhile leaves it alone:
+        # what that dead agent left is for its own next start to judge.
+        other = Journal(tmp_path / "other" / "journal.db")
+        try:
+            bystander = ProcessTracker(hierarchy, other)
+            bystander.prime(now=False)
+            bystander.close()
+        finally:
+            other.close()
+        assert all(alive(p) for p in pids) and Path(cgroup).exists()
         journal = Journal(tmp_path / "journal.db")
         try:
             assert journal.runs("d1") == [] and journal.run_cgroups() == set()
