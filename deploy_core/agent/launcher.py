@@ -14,10 +14,10 @@ and exits with a syntax error, having run nothing.
 
 The run's record goes to the journal beside the block, not before it: the spare's cgroup is
 what finds the run if the agent dies before that commit.  A spare's cgroup is named for its
-agent (pid and start time), and the next agent on the host kills whatever runs in the spare
-cgroups of a dead agent that no journaled run names (:func:`clear_stale`), before it recovers
-the journaled runs; so a run is never left behind, and the deployment's first fsync after
-the command's is not on the path of its script.
+agent (pid and start time) and its journal, and the agent's next start (same journal) kills
+whatever runs in its dead predecessor's spare cgroups that no journaled run names
+(:func:`clear_stale`), before it recovers the journaled runs; so a run is never left behind,
+and the deployment's first fsync after the command's is not on the path of its script.
 
 A run whose environment has names the shell cannot export, no ``PATH``, or a confinement
 (run-as user, rlimits, a limits cgroup) starts the classic way (a gate child moved by the

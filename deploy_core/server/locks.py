@@ -49,17 +49,17 @@ def holder(conn: Connection, client_id: str) -> LockRow | None:
 # Built once (the path of every POST /api/deploy): executed with their parameters.
 _HOLDER = sa.select(client_locks).where(client_locks.c.client_id == sa.bindparam("client_id"))
 # A lock whose deployment finished, or whose expiry passed, is stale.
+_HOLDER_FINISHED = (
+    sa.select(deployments.c.deploy_id)
+    .where(
+        deployments.c.deploy_id == client_locks.c.deploy_id,
+        deployments.c.finished_at.is_not(None),
+    )
+    .exists()
+)
 _CLEAR_STALE = client_locks.delete().where(
     client_locks.c.client_id == sa.bindparam("client_id"),
-    sa.or_(
-        client_locks.c.expires_at < sa.bindparam("now"),
-        sa.select(deployments.c.deploy_id)
-        .where(
-            deployments.c.deploy_id == client_locks.c.deploy_id,
-            deployments.c.finished_at.is_not(None),
-        )
-        .exists(),
-    ),
+    sa.or_(client_locks.c.expires_at < sa.bindparam("now"), _HOLDER_FINISHED),
 )
 _TAKE = client_locks.insert()
 
@@ -121,17 +121,13 @@ def acquire_many(
         transaction (nothing of it may be kept) and try again in a new one.
     """
     ids = list(wanted)
-    finished = sa.select(deployments.c.deploy_id).where(
-        deployments.c.deploy_id == client_locks.c.deploy_id,
-        deployments.c.finished_at.is_not(None),
-    )
     busy: dict[str, LockRow] = {}
     for first in range(0, len(ids), _MANY_CHUNK):
         chunk = ids[first : first + _MANY_CHUNK]
         conn.execute(
             client_locks.delete().where(
                 client_locks.c.client_id.in_(chunk),
-                sa.or_(client_locks.c.expires_at < now, finished.exists()),
+                sa.or_(client_locks.c.expires_at < now, _HOLDER_FINISHED),
             )
         )
         rows = conn.execute(sa.select(client_locks).where(client_locks.c.client_id.in_(chunk)))

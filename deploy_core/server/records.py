@@ -392,7 +392,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
         if not wanted:
             return []
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(deployments).where(deployments.c.deploy_id.in_(wanted)))
+            rows = conn.execute(_BY_IDS, {"ids": wanted})
             return [DeploymentRow.from_row(r) for r in rows]
 
     def _get(self, conn: Connection, deploy_id: str) -> DeploymentRow | None:
@@ -729,7 +729,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             conn.execute(_FORGET_SECRETS, {"ids": ids})
             held = [{"client": r.client_id, "deploy": r.deploy_id} for _c, _cb, r in finishing]
             conn.execute(_FREE_LOCK, held)
-            after = conn.execute(_READ_BACK, {"ids": ids})
+            after = conn.execute(_BY_IDS, {"ids": ids})
             done = {row.deploy_id: DeploymentRow.from_row(row) for row in after}
             for _client, cb, record in finishing:
                 results[cb.callback_id] = Applied(True, done[cb.callback_id], record.status)
@@ -983,7 +983,7 @@ _LOCKED = (
     .order_by(deployments.c.deploy_id)
     .with_for_update()
 )
-_READ_BACK = sa.select(deployments).where(
+_BY_IDS = sa.select(deployments).where(
     deployments.c.deploy_id.in_(sa.bindparam("ids", expanding=True))
 )
 _MOVE = (
