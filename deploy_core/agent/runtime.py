@@ -55,6 +55,8 @@ SEND_WINDOW_BYTES = 2 * 1024 * 1024
 PUMP_BATCH = 64
 # Seconds before the outbox pump tries again after a pass that failed.
 PUMP_RETRY = 1.0
+# The shortest wait for the resend clock (an event just past its RESEND_AFTER).
+PUMP_MIN_WAIT = 0.05
 #: How long a graceful stop waits, while connected, for the outbox to be acknowledged.
 STOP_FLUSH_WAIT = 2.0
 
@@ -394,7 +396,7 @@ class Agent:
         is logged and the next one runs: the outbox is never left without its sender."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 1.0)
+                await asyncio.wait_for(self._wake.wait(), self._resend_due())
             self._wake.clear()
             if not self.connector.connected:
                 continue
@@ -403,6 +405,18 @@ class Agent:
             except Exception:
                 log.exception("outbox: sending failed; trying again in %g s", PUMP_RETRY)
                 await asyncio.sleep(PUMP_RETRY)
+                self._wake.set()
+
+    def _resend_due(self) -> float:
+        """Seconds until the oldest unacknowledged event is due to go again (at most
+        :data:`RESEND_AFTER`).  Everything else that gives the pump work wakes it (a
+        commit to the outbox, an acknowledgement, a connection): an idle agent's pump
+        does not poll its journal.  Polling it every second cost a fleet of 500 agents in
+        one process most of that process's idle CPU (bench/fleet.py's workers)."""
+        oldest = next(iter(self._sent_at.values()), None)
+        if oldest is None or not self.connector.connected:  # a connection wakes it
+            return RESEND_AFTER
+        return max(PUMP_MIN_WAIT, oldest + RESEND_AFTER - time.monotonic())
 
     async def _pump_once(self) -> None:
         """One pass of :meth:`_pump`: send what the window allows."""

@@ -79,3 +79,63 @@ async def test_a_pass_whose_journal_read_fails_is_tried_again(
     assert record["finished"] and record["status"] == "success"
     assert len(failures) == 2
     assert caplog.text.count("outbox: sending failed; trying again in 1 s") == 2
+
+
+async def test_an_idle_agent_does_not_poll_its_outbox(
+    center: InProcessCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every source of work wakes the pump (a commit, an acknowledgement, a connection);
+    # it used to read its journal every second anyway: most of an idle fleet's CPU.
+    await _deploy_true(center)
+    await _outbox_empties(center)
+    journal = center.agent.journal
+    reads: list[float] = []
+    real = journal.pending
+
+    def pending(**kwargs: Any) -> Any:
+        reads.append(time.monotonic())
+        return real(**kwargs)
+
+    monkeypatch.setattr(journal, "pending", pending)
+    await asyncio.sleep(2.5)
+    assert reads == []
+    # ... and still sends at once what is written.
+    record = await _deploy_true(center)
+    assert record["status"] == "success"
+    assert reads
+
+
+async def test_an_event_left_unacknowledged_goes_again(
+    center: InProcessCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deploy_core.agent import runtime
+    from deploy_core.transport import Envelope, Kind
+
+    monkeypatch.setattr(runtime, "RESEND_AFTER", 0.5)
+    agent = center.agent
+    sent: list[str] = []
+    real_send = agent.connector.send
+
+    def send(env: Envelope) -> bool:
+        if env.id == "ev-once":
+            sent.append(env.id)
+        return bool(real_send(env))
+
+    monkeypatch.setattr(agent.connector, "send", send)
+    real_on_message = agent._on_message
+    swallowed: list[str] = []
+
+    async def on_message(env: Envelope) -> None:
+        if env.kind in (Kind.ACK, Kind.ERROR) and env.ref == "ev-once" and not swallowed:
+            swallowed.append(env.ref)  # the server's acknowledgement is lost on the way
+            return
+        await real_on_message(env)
+
+    monkeypatch.setattr(agent.connector, "_on_message", on_message)
+    await asyncio.to_thread(agent.journal.enqueue, "ev-once", "bench.once", {"x": 1})
+    agent._wake.set()
+    await _outbox_empties(center)
+    # Answered (the server refuses a name it has no handler for, which answers it too),
+    # the answer lost, the event sent again once RESEND_AFTER had passed, then answered.
+    assert swallowed == ["ev-once"]
+    assert sent == ["ev-once", "ev-once"]
