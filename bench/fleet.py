@@ -299,7 +299,8 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         join_token = fleet.make_join_token(uses=args.agents)
 
         # ---- one agent
-        fleet.start_worker("solo", [SOLO], join_token)
+        # The measured agent makes its spare at start, as every agent does.
+        fleet.start_worker("solo", [SOLO], join_token, {"DEPLOY_CENTER_FLEET_SPARES": "start"})
         if fleet.wait_connected({SOLO}, 60.0, time.monotonic()) is None:
             raise RuntimeError(f"{SOLO} did not connect in 60 s; see {root}/solo.log")
         if not args.ingest_only:
@@ -491,6 +492,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip `true` on all N as one rollout (issue 14)",
     )
+    parser.add_argument(
+        "--worker-spares",
+        choices=("first-run", "start"),
+        default="first-run",
+        help="when the workers' agents make their spare shell: at their first run (default; "
+        "one host holds one, thousands of idle shells slow every process start and exit on "
+        "this machine) or at start, as an agent does (the solo agent always does)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="run in DIR and keep it")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
@@ -527,12 +536,14 @@ def main() -> int:
     # No agent scans /proc for orphans during the run (fleet_agents.py): in a worker each
     # agent's scan collects the other agents' finished scripts, which then end with code 255.
     os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
+    os.environ["DEPLOY_CENTER_FLEET_SPARES"] = args.worker_spares
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)  # also when started with SIGINT ignored (`cmd &`)
     report = Report()
     print(
         f"fleet: {args.agents} agents in {args.procs}+1 processes, "
-        f"{'PostgreSQL' if args.pg else 'SQLite'}, {os.cpu_count()} CPUs",
+        f"{'PostgreSQL' if args.pg else 'SQLite'}, {os.cpu_count()} CPUs; the workers' agents "
+        f"make their spare shell at {args.worker_spares.replace('-', ' ')}",
         flush=True,
     )
     code = 0

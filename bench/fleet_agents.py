@@ -48,6 +48,11 @@ from deploy_core.transport.envelope import CAPABILITY_ACK_REFS
 # ("Unknown child process"): bench/replicas.py sets DEPLOY_CENTER_FLEET_REAP_INTERVAL past
 # its run so that no agent scans while it measures.
 FLEET_REAP_INTERVAL = float(os.environ.get("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "60"))
+# When the workers' agents make their spare shell (deploy_core.agent.launcher): "start", as
+# an agent does, or "first-run".  Thousands of idle shells on this machine's two cores slow
+# every process start and exit on it, the solo agent's scripts included (bench/README.md,
+# "the spare shells of 2,000 agents on one host"); one host holds one.
+FLEET_SPARES = os.environ.get("DEPLOY_CENTER_FLEET_SPARES", "start")
 STATS_EVERY = 1.0
 STOP_TIMEOUT = 30.0
 # Flood reports carry sequence numbers above any the executor gives, so the server applies
@@ -288,6 +293,16 @@ async def _wire(agent: Agent, deploy_id: str, events: int, every: float, started
         connector._on_message = passed_on
 
 
+def spare_at_first_run(agent: Agent) -> None:
+    """The agent makes its first spare shell at its first run, not when it starts."""
+    tracker = agent.processes
+
+    def prime(*, now: bool = True) -> None:
+        type(tracker).prime(tracker, now=False)
+
+    tracker.prime = prime  # type: ignore[method-assign]
+
+
 async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
     """Start every agent, report until told to stop, then stop them all."""
     host, _, port = args.server.rpartition(":")
@@ -309,6 +324,9 @@ async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
     if args.ack_refs:
         for agent in agents:
             take_ack_refs(agent)
+    if FLEET_SPARES == "first-run":
+        for agent in agents:
+            spare_at_first_run(agent)
     crashed: list[str] = []
 
     async def run_one(agent: Agent) -> None:

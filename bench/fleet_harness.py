@@ -268,9 +268,16 @@ class Fleet:
         path.chmod(0o600)
         return path
 
-    def start_worker(self, name: str, ids: list[str], join_token_file: Path) -> Worker:
-        """A worker process running the agents ``ids``."""
-        env = dict(os.environ)
+    def start_worker(
+        self,
+        name: str,
+        ids: list[str],
+        join_token_file: Path,
+        env_extra: dict[str, str] | None = None,
+    ) -> Worker:
+        """A worker process running the agents ``ids`` (``env_extra``: more of its
+        environment)."""
+        env = {**os.environ, **(env_extra or {})}
         if not self.keep_monitor:
             # One docker daemon here stands for every host's: N samplers on it are not
             # what a fleet's server sees.
