@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -400,6 +401,7 @@ def server(
     """Run the server: the HTTP API and the QUIC endpoint for agents."""
     from deploy_core.server.app import DeployServer, ServerConfig
     from deploy_core.server.cluster_identity import ClusterIdentityError
+    from deploy_core.server.gc_policy import FrozenSurvivors
 
     config = ServerConfig(
         state_dir=state_dir,
@@ -441,9 +443,16 @@ def server(
             await srv.stop()
             raise click.ClickException(str(exc)) from None
         print_server_banner(srv)
+        # This process is the server's: its full collections walk only what is new
+        # (DEPLOY_CENTER_GC_FREEZE=0: CPython's own policy).
+        survivors = None
+        if os.environ.get("DEPLOY_CENTER_GC_FREEZE", "1") != "0":
+            survivors = FrozenSurvivors(asyncio.get_running_loop()).install()
         try:
             await stop.wait()
         finally:
+            if survivors is not None:
+                survivors.close()
             await srv.stop()
 
     run_until_signal(run)
