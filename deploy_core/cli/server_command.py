@@ -447,7 +447,12 @@ def server(
         # (DEPLOY_CENTER_GC_FREEZE=0: CPython's own policy).
         survivors = None
         if os.environ.get("DEPLOY_CENTER_GC_FREEZE", "1") != "0":
-            survivors = FrozenSurvivors(asyncio.get_running_loop()).install()
+            stats = srv.transport.stats
+            survivors = FrozenSurvivors(
+                asyncio.get_running_loop(),
+                ended=lambda: sum(stats.disconnects.values()) + sum(stats.refusals.values()),
+                open_now=lambda: len(srv.transport.sessions),
+            ).install()
         try:
             await stop.wait()
         finally:

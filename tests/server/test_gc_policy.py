@@ -1,7 +1,7 @@
 """The server process's collector policy (deploy_core.server.gc_policy): what survives a full
-collection is frozen, so the next ones walk only what is new; every THAW_EVERY seconds it
-all goes back once; closing gives everything back.  Run in a child interpreter, so this
-test process's own collector is left as it was."""
+collection is frozen, so the next ones walk only what is new; every THAW_EVERY seconds, or
+once enough connections have ended, it all goes back once; closing gives everything back.
+Run in a child interpreter, so this test process's own collector is left as it was."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ CHILD = textwrap.dedent(
         loop = asyncio.get_running_loop()
         out = {}
         kept = [Node() for _ in range(20000)]  # long-lived, like connections
-        survivors = FrozenSurvivors(loop, thaw_every=3600).install()
+        state = {"ended": 0}
+        survivors = FrozenSurvivors(
+            loop, thaw_every=3600, ended=lambda: state["ended"], open_now=lambda: 1000
+        ).install()
         gc.collect()
         await asyncio.sleep(0)  # the freeze runs on the loop, after the collection
         await asyncio.sleep(0)
@@ -53,6 +56,17 @@ CHILD = textwrap.dedent(
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         out["frozen_again"] = gc.get_freeze_count() > 0
+        # 199 connections ended: below the 200 that bring a thaw forward; 200: thawed.
+        state["ended"] += 199
+        gc.collect()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        out["frozen_after_199_ended"] = gc.get_freeze_count() > 0
+        state["ended"] += 1
+        gc.collect()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        out["frozen_after_200_ended"] = gc.get_freeze_count()
         out["counts"] = [survivors.full_collections, survivors.freezes, survivors.thaws]
         survivors.close()
         out["frozen_after_close"] = gc.get_freeze_count()
@@ -80,7 +94,9 @@ def test_survivors_of_a_full_collection_are_frozen_and_thawed() -> None:
     assert out["frozen_after_thaw"] == 0
     assert out["cycle_freed_after_thaw"] is True
     assert out["frozen_again"] is True
+    assert out["frozen_after_199_ended"] is True
+    assert out["frozen_after_200_ended"] == 0
     full, freezes, thaws = out["counts"]
-    assert full >= 5 and freezes >= 3 and thaws == 1
+    assert full >= 7 and freezes >= 4 and thaws == 2
     assert out["frozen_after_close"] == 0
     assert out["callback_removed"] is True
