@@ -35,12 +35,11 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fleet_artifacts import add_arguments as add_artifact_arguments
 from fleet_artifacts import ship_packages
-from fleet_harness import Fleet, PeakRss, rss_kib
+from fleet_harness import Fleet, PeakRss, end_on_signals, rss_kib
 from fleet_ingest import GENERATORS, describe, ingest
 from fleet_runs import (
     dispatch_latency,
@@ -505,10 +504,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def commit_text(flood: dict[str, Any]) -> str:
     """The server's own ingest figures during the flood (its log), in words."""
     if flood.get("commit_p99_ms") is None:
@@ -537,8 +532,7 @@ def main() -> int:
     # agent's scan collects the other agents' finished scripts, which then end with code 255.
     os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
     os.environ["DEPLOY_CENTER_FLEET_SPARES"] = args.worker_spares
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)  # also when started with SIGINT ignored (`cmd &`)
+    end_on_signals()
     report = Report()
     print(
         f"fleet: {args.agents} agents in {args.procs}+1 processes, "

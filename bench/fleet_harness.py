@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from deploy_core.client import DeployClient
@@ -130,6 +131,23 @@ def _start(
         )
     finally:
         out.close()
+
+
+_ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    for other in _ENDING:  # a second signal (`timeout` passes one on) must not stop the clean-up
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def end_on_signals() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP end the run like Ctrl-C (a KeyboardInterrupt), so the
+    run's ``finally`` blocks stop the fleet's processes on the way out; also when started
+    with SIGINT ignored (``cmd &``).  The first one ends the run; later ones are ignored."""
+    for signum in _ENDING:
+        signal.signal(signum, _interrupt)
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -29,15 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 
-from fleet_harness import Fleet, _end, rss_kib
+from fleet_harness import Fleet, _end, end_on_signals, rss_kib
 
 MODES = (("frozen", "1"), ("CPython's", "0"))
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def one_mode(root: Path, args: argparse.Namespace, freeze: str) -> list[float]:
@@ -89,8 +84,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.agents < 1 or args.procs < 1 or args.waves < 1:
         raise SystemExit("--agents, --procs and --waves must be at least 1")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    end_on_signals()
     # The workers' agents scan /proc for orphans only past the run (see fleet_agents.py).
     os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
     os.environ.setdefault("DEPLOY_CENTER_FLEET_SPARES", "first-run")

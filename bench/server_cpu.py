@@ -37,17 +37,15 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from fleet_harness import Fleet
+from fleet_harness import Fleet, end_on_signals
 from fleet_runs import start_sleeps
 
 HERE = Path(__file__).resolve().parent
@@ -249,10 +247,6 @@ def flood(
     return out
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=300)
@@ -285,8 +279,7 @@ def main() -> int:
     # the idle figures measured the scans, not the agents.
     os.environ.setdefault("DEPLOY_CENTER_FLEET_REAP_INTERVAL", "86400")
     # SIGTERM and SIGHUP end the run like Ctrl-C: the fleet's workers are stopped on the way.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    end_on_signals()
     root = args.keep or Path(tempfile.mkdtemp(prefix="server-cpu-"))
     trees: list[tuple[Path | None, str]] = [(None, "after")]
     if args.base is not None:
