@@ -235,7 +235,14 @@ def test_snapshot_rollback_stops_what_the_release_started_and_lists_it(
         record = deploy(
             center,
             "shell",
-            script=f"setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}; exit 5",
+            # `$!` is setsid's pid until it execs sleep: wait (bounded) for the exec, so the
+            # rollback's scan sees the command line the assertion names, not a half-started one.
+            script=(
+                f"setsid sleep 300 </dev/null >/dev/null 2>&1 & p=$!; echo $p > {pidfile}; "
+                "for i in $(seq 500); do "
+                "[ \"$(tr -d '\\000' < /proc/$p/cmdline)\" = sleep300 ] && break; sleep 0.01; "
+                "done; exit 5"
+            ),
             workdir=str(workdir),
         )
         new_pid = int(pidfile.read_text())
