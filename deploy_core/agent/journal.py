@@ -18,6 +18,18 @@ loop does not stop for the disk; the plain methods wait for it ("committed on re
 Writes commit in the order they were submitted, so waiting for one write means every write
 submitted before it is on disk too.  Reads use a second connection and never wait for a
 commit in flight.
+
+The outbox's sender does not read back what was just written: each committed outbox row is
+also put in an in-memory feed (:meth:`Journal.committed`), in order, before its write is
+released.  The sender reads the database only when the feed cannot answer: after a
+reconnection or a resend (it starts again from the oldest unacknowledged event), or after
+the feed overflowed (:data:`FEED_MAX`, e.g. while disconnected).
+
+An acknowledgement's delete (:meth:`Journal.submit_ack`) waits up to :data:`ACK_LINGER` for
+another write to share its transaction: a report travelling alone then costs its agent one
+transaction, not two.  Those deletes are the one exception to the order above (they touch
+only rows nothing else writes, so their order does not matter); asking for one's result, and
+:meth:`Journal.flush`, hand them over at once.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import sqlite3
 import threading
 import time
 from asyncio import _get_running_loop as asyncio_running_loop
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -82,6 +95,12 @@ WRITER_IDLE = 10.0
 # Rounds of the event loop a write made on it waits, at most, for more to join its group
 # (only while other callbacks are ready: an idle loop hands it over at once).
 TICK_HOPS = 16
+# Committed outbox messages the in-memory feed holds at most; past that it is emptied and the
+# sender reads the database until it has caught up (a long disconnection, a flood of output).
+FEED_MAX = 1024
+# Seconds an acknowledgement's delete waits, at most, for another write to join (on an event
+# loop; elsewhere it is handed over at once).
+ACK_LINGER = 0.25
 
 
 @dataclass(frozen=True)
@@ -144,11 +163,21 @@ class Journal:
             "SELECT coalesce(sum(length(payload)), 0) FROM outbox"
         ).fetchone()
         self._outbox_bytes = int(outbox_bytes)
+        # The feed (see the module's text): every outbox row committed with a sequence number
+        # above _feed_from, in order, guarded by _lock.  Rows already there are read back.
+        (newest,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()
+        self._feed: deque[OutboxMessage] = deque()
+        self._feed_from = int(newest)
+        # What the writer's transaction in progress inserted into the outbox (writer only).
+        self._inserted: list[tuple[int, str, str | None, str, str]] = []
         self._read = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._queue: list[_Write] = []
         # Writes made on the event loop's thread, queued when the loop's step is over.
         self._tick: list[_Write] = []
         self._tick_loop: Any = None
+        # Acknowledgements' deletes waiting for company (ACK_LINGER), handed over with the next
+        # write or by a timer.
+        self._lazy: list[_Write] = []
         self._ready = threading.Condition(threading.Lock())
         self._closing = False
         #: Transactions committed by the writer, and the writes they held (for tests and
@@ -185,6 +214,7 @@ class Journal:
         checkpoint: Callable[[], bool] | None = None,
         committed: Callable[[Any], None] | None = None,
         at_once: bool = False,
+        lazy: bool = False,
     ) -> Future[Any]:
         """Queue one write for the writer; its future is done once it is committed (with
         ``apply``'s result) or failed.  ``size``: bytes it adds to the outbox (counted now,
@@ -197,13 +227,19 @@ class Journal:
         writes goes in one transaction; ``at_once`` hands it (and what is held) to the
         writer now, for a write the caller is about to wait for while other work goes on
         (the disk's time overlaps with it).  Asking the future for its result hands it over
-        too, so waiting for it on the loop's own thread cannot hang."""
+        too, so waiting for it on the loop's own thread cannot hang.  ``lazy`` (on a loop):
+        held until another write is handed over, or :data:`ACK_LINGER` seconds."""
         write = _Write(self, apply, durable, size, checkpoint, committed)
         loop = None if at_once else asyncio_running_loop()
+        linger = False
         with self._ready:
             if self._closing:
                 raise RuntimeError(f"the journal {self.path} is closed")
-            if loop is not None and (not self._tick or self._tick_loop is loop):
+            if lazy and loop is not None:
+                self._lazy.append(write)
+                linger = len(self._lazy) == 1
+                schedule = False
+            elif loop is not None and (not self._tick or self._tick_loop is loop):
                 self._tick.append(write)
                 self._tick_loop = loop
                 schedule = len(self._tick) == 1
@@ -215,17 +251,31 @@ class Journal:
         if schedule:
             assert loop is not None
             loop.call_soon(self._end_of_tick, loop, 0)
+        elif linger:
+            assert loop is not None
+            loop.call_later(ACK_LINGER, self._end_of_linger)
         if size:
             self._grew(size)
         return write.future
 
     def _hand_over(self) -> None:
-        """Move the writes held for the end of the loop's step to the writer's queue (the
-        caller holds ``_ready``)."""
+        """Move the writes held for the end of the loop's step, and the lingering
+        acknowledgements, to the writer's queue (the caller holds ``_ready``)."""
+        if self._lazy:
+            self._queue.extend(self._lazy)
+            self._lazy.clear()
+            self._notify_writer()
         if self._tick:
             self._queue.extend(self._tick)
             self._tick.clear()
             self._notify_writer()
+
+    def _end_of_linger(self) -> None:
+        with self._ready:
+            if self._lazy and not self._closing:
+                self._queue.extend(self._lazy)
+                self._lazy.clear()
+                self._notify_writer()
 
     def _notify_writer(self) -> None:
         """Wake the writer, or start one (the caller holds ``_ready``)."""
@@ -244,7 +294,8 @@ class Journal:
             self._hand_over()
 
     def flush(self) -> None:
-        """Hand what is held for the end of the event loop's step to the writer now."""
+        """Hand what is held for the end of the event loop's step, and the lingering
+        acknowledgements, to the writer now."""
         with self._ready:
             self._hand_over()
 
@@ -281,20 +332,26 @@ class Journal:
                 if not durable:
                     db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("BEGIN IMMEDIATE")
+                self._inserted.clear()
                 for write in work:
                     assert write.apply is not None
                     db.execute("SAVEPOINT w")
+                    inserted = len(self._inserted)
                     try:
                         result = write.apply(db)
                     except Exception as exc:
                         db.execute("ROLLBACK TO w")
                         db.execute("RELEASE w")
+                        del self._inserted[inserted:]
                         results.append((write, None, exc))
                     else:
                         db.execute("RELEASE w")
                         results.append((write, result, None))
                 db.execute("COMMIT")
+                # Before any write is released: whoever it wakes finds its rows in the feed.
+                self._publish()
             except Exception as exc:  # nothing of the group is stored
+                self._inserted.clear()
                 failed = exc
                 if db.in_transaction:
                     try:
@@ -586,19 +643,50 @@ class Journal:
         after the end, and a journal must not keep them at rest."""
         self.submit_finish(deploy_id, status, msg_id, name, payload).result()
 
-    @staticmethod
     def _insert(
+        self,
         db: sqlite3.Connection,
         msg_id: str,
         deploy_id: str | None,
         name: str,
         text: str,
     ) -> None:
-        db.execute(
+        cur = db.execute(
             "INSERT INTO outbox (msg_id, deploy_id, name, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
             (msg_id, deploy_id, name, text, time.time()),
         )
+        assert cur.lastrowid is not None
+        self._inserted.append((cur.lastrowid, msg_id, deploy_id, name, text))
+
+    def _publish(self) -> None:
+        """Put what the committed transaction inserted into the outbox in the feed (writer
+        thread, before the writes are released)."""
+        if not self._inserted:
+            return
+        messages = [
+            OutboxMessage(seq, msg_id, deploy_id, name, json.loads(text), size=len(text))
+            for seq, msg_id, deploy_id, name, text in self._inserted
+        ]
+        self._inserted.clear()
+        with self._lock:
+            self._feed.extend(messages)
+            if len(self._feed) > FEED_MAX:  # nobody takes them: read back when needed
+                self._feed_from = self._feed[-1].seq
+                self._feed.clear()
+
+    def committed(self, *, after: int, limit: int) -> list[OutboxMessage] | None:
+        """What :meth:`pending` would return, from the in-memory feed, without a read;
+        ``None`` when the feed cannot tell (rows from before it: read the database).  Rows
+        up to ``after`` leave the feed: a caller that goes back to an earlier position (to
+        send everything unacknowledged again) reads the database."""
+        with self._lock:
+            if after < self._feed_from:
+                return None
+            feed = self._feed
+            while feed and feed[0].seq <= after:
+                self._feed_from = feed.popleft().seq
+            return [feed[i] for i in range(min(limit, len(feed)))]
 
     def _grew(self, size: int) -> None:
         with self._lock:
@@ -618,8 +706,9 @@ class Journal:
         ]
 
     def submit_ack(self, msg_id: str) -> Future[int | None]:
-        """:meth:`ack`, not waited for; the future gives the bytes dropped (``None``: there
-        was no such event)."""
+        """:meth:`ack`, not waited for (on an event loop it waits up to
+        :data:`ACK_LINGER` for another write to join); the future gives the bytes dropped
+        (``None``: there was no such event)."""
 
         def apply(db: sqlite3.Connection) -> int | None:
             row = db.execute(
@@ -631,12 +720,14 @@ class Journal:
             if size:
                 self._grew(-size)
 
-        return self._submit(apply, durable=False, committed=dropped)
+        return self._submit(apply, durable=False, committed=dropped, lazy=True)
 
     def ack(self, msg_id: str) -> bool:
         """The server has the event: drop it from the outbox.  Not waited for on disk: an
         acknowledgement lost to a power cut only makes the event go again, and the server
-        drops what it already has."""
+        drops what it already has.  On an event loop the delete waits (up to
+        :data:`ACK_LINGER`) for another write's transaction; a wait for its result, as here,
+        hands it over at once."""
         return self.submit_ack(msg_id).result() is not None
 
     def outbox_size(self) -> int:

@@ -130,6 +130,9 @@ class OutboxReporter:
         acknowledges what it has stored).  While the agent is disconnected this waits until
         the deadline's end: the script blocks on its output, which is the point."""
         while self.journal.outbox_bytes() > self.max_unacked_bytes:
+            # What the server acknowledged leaves the count once its delete commits: that
+            # must not wait for company (Journal.submit_ack) while the script waits for room.
+            self.journal.flush()
             await asyncio.sleep(ROOM_POLL)
 
     def flush(self) -> None:

@@ -330,3 +330,98 @@ def test_what_was_acknowledged_survives_a_sigkill_mid_batch(tmp_path: Path) -> N
         assert journal.outbox_size() == len(payloads)
     finally:
         journal.close()
+
+
+def test_the_feed_gives_what_was_committed_without_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outbox's sender takes what was just committed from memory (Journal.committed);
+    # what it returns must be exactly what a read of the database returns.
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        journal.accept(command("d1"))
+        assert journal.committed(after=0, limit=10) == []
+        journal.enqueue_report("d1", "st-1", "status", report(1), "executing")
+
+        def broken(db: sqlite3.Connection) -> None:
+            journal._insert(db, "ev-gone", "d1", "status", "{}")
+            raise ValueError("this write fails after its insert")
+
+        failed = journal._submit(broken, at_once=True)
+        journal.finish("d1", "success", "cb-1", "command.callback", {"ok": True})
+        with pytest.raises(ValueError):
+            failed.result(WAIT)
+        fed = journal.committed(after=0, limit=10)
+        assert fed == journal.pending()  # the failed write's row is in neither
+        assert [m.msg_id for m in fed] == ["st-1", "cb-1"]
+        assert fed[0].payload["seq"] == 0 and fed[1].payload == {"ok": True}
+        assert journal.committed(after=fed[0].seq, limit=1) == fed[1:]
+        # Gone from the feed once passed: going back to an earlier position needs a read.
+        assert journal.committed(after=0, limit=10) is None
+        assert journal.committed(after=fed[1].seq, limit=10) == []
+    finally:
+        journal.close()
+    # A journal opened again feeds only what it commits: the rows before it are read.
+    again = Journal(tmp_path / "journal.db")
+    try:
+        assert again.committed(after=0, limit=10) is None
+        newest = again.pending()[-1].seq
+        again.enqueue("ev-2", "bench.event", {"n": 2})
+        assert [m.msg_id for m in again.committed(after=newest, limit=10) or []] == ["ev-2"]
+    finally:
+        again.close()
+
+
+def test_a_feed_nobody_takes_overflows_to_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "FEED_MAX", 5)
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        for n in range(4):
+            journal.enqueue(f"ev-{n}", "bench.event", {"n": n})
+        assert len(journal.committed(after=0, limit=100) or []) == 4
+        for n in range(4, 8):  # 8 > FEED_MAX: held in the database only
+            journal.enqueue(f"ev-{n}", "bench.event", {"n": n})
+        assert len(journal._feed) <= 5
+        assert journal.committed(after=0, limit=100) is None
+        rows = journal.pending(limit=100)
+        assert [m.payload["n"] for m in rows] == list(range(8))
+        # Caught up by reading: what comes next is fed again.
+        journal.enqueue("ev-8", "bench.event", {"n": 8})
+        assert journal.committed(after=rows[-1].seq, limit=100) == journal.pending(
+            after=rows[-1].seq
+        )
+    finally:
+        journal.close()
+
+
+async def test_an_acknowledgement_rides_with_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A report travelling alone used to cost two transactions: its own and its ACK's delete.
+    monkeypatch.setattr(journal_module, "ACK_LINGER", 300.0)
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        journal.accept(command("d1"))
+        await asyncio.wrap_future(journal.submit_report("d1", "st-1", "s", report(1), "x"))
+        await asyncio.wrap_future(journal.submit_report("d1", "st-2", "s", report(2), "x"))
+        commits = journal.commits
+        acked = journal.submit_ack("st-1")
+        for _ in range(5):  # a few rounds of the loop: the delete waits for company
+            await asyncio.sleep(0.01)
+        assert not acked.done() and journal.outbox_size() == 2
+        third = journal.submit_report("d1", "st-3", "s", report(3), "x")
+        await asyncio.wrap_future(third)
+        assert acked.done() and acked.result() > 0
+        assert journal.commits - commits == 1  # the delete and the report: one transaction
+        assert [m.msg_id for m in journal.pending()] == ["st-2", "st-3"]
+        # Asked for its result, a lingering delete is handed over at once.
+        assert journal.submit_ack("st-2").result(5) is not None
+        # ... and one with nothing to ride with is committed after ACK_LINGER.
+        monkeypatch.setattr(journal_module, "ACK_LINGER", 0.05)
+        alone = journal.submit_ack("st-3")
+        assert await asyncio.wait_for(asyncio.wrap_future(alone), WAIT) is not None
+        assert journal.outbox_size() == 0 and journal.outbox_bytes() == 0
+    finally:
+        journal.close()
