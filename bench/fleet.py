@@ -290,6 +290,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         db_url=db_url,
         keep_monitor=args.keep_monitor,
         worker_args=["--ack-refs"] if args.ack_refs else [],
+        worker_nice=args.worker_nice,
     )
     ids = [f"fleet-{i:05d}" for i in range(args.agents)]
     try:
@@ -499,6 +500,16 @@ def _parser() -> argparse.ArgumentParser:
         "one host holds one, thousands of idle shells slow every process start and exit on "
         "this machine) or at start, as an agent does (the solo agent always does)",
     )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        choices=range(0, 20),
+        metavar="N",
+        help="a diagnosis, not the targets' conditions: run the agent workers at nice N "
+        "(their processes and their autogroups), so that the server gets the CPU it would "
+        "have on a machine of its own (default 0)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="run in DIR and keep it")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
@@ -537,7 +548,13 @@ def main() -> int:
     print(
         f"fleet: {args.agents} agents in {args.procs}+1 processes, "
         f"{'PostgreSQL' if args.pg else 'SQLite'}, {os.cpu_count()} CPUs; the workers' agents "
-        f"make their spare shell at {args.worker_spares.replace('-', ' ')}",
+        f"make their spare shell at {args.worker_spares.replace('-', ' ')}"
+        + (
+            f"; the workers run at nice {args.worker_nice} (a diagnosis: the server gets "
+            "the CPU it would have alone)"
+            if args.worker_nice
+            else ""
+        ),
         flush=True,
     )
     code = 0

@@ -150,6 +150,21 @@ def end_on_signals() -> None:
         signal.signal(signum, _interrupt)
 
 
+def set_autogroup_nice(pid: int, nice: int) -> bool:
+    """Give ``pid``'s autogroup the nice value ``nice``; whether it could.
+
+    Every process started here has a session of its own (``_start``), and with the kernel's
+    autogroups (``/proc/sys/kernel/sched_autogroup_enabled``) each session is one group that
+    the scheduler shares the CPUs among as one: a process's own nice value counts only inside
+    its group.  So on a full machine the server gets one group's share whatever the agent
+    workers' nice values are; the group's value is what lowers theirs."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        return False
+    return True
+
+
 def _killpg(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -212,6 +227,9 @@ class Fleet:
     server_wrapper: list[str] = field(default_factory=list)
     # More arguments for every worker (bench/fleet_agents.py), e.g. ["--ack-refs"].
     worker_args: list[str] = field(default_factory=list)
+    # The workers' nice value (0: as this process): a diagnosis, to give the server the
+    # CPU it would have on a machine of its own (see set_nice).
+    worker_nice: int = 0
     _api: DeployClient | None = None
 
     @property
@@ -306,7 +324,11 @@ class Fleet:
         args += ["--ca", str(self.server_dir / "ca.pem"), "--join-token-file", str(join_token_file)]
         args += ["--root", str(self.root / "agents"), "--stats", str(stats), "--log", str(log)]
         args += ["--control", str(control), *self.worker_args]
+        if self.worker_nice:
+            args = ["nice", "-n", str(self.worker_nice), *args]
         proc = _start([*args, *ids], self.root / f"{name}.out", env)
+        if self.worker_nice:
+            set_autogroup_nice(proc.pid, self.worker_nice)
         worker = Worker(name, ids, proc, stats, log, control)
         self.workers.append(worker)
         return worker
