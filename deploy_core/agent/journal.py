@@ -95,9 +95,11 @@ WRITER_IDLE = 10.0
 # Rounds of the event loop a write made on it waits, at most, for more to join its group
 # (only while other callbacks are ready: an idle loop hands it over at once).
 TICK_HOPS = 16
-# Committed outbox messages the in-memory feed holds at most; past that it is emptied and the
-# sender reads the database until it has caught up (a long disconnection, a flood of output).
+# Committed outbox messages the in-memory feed holds at most, and their bytes (as stored);
+# past either it is emptied and the sender reads the database until it has caught up (a long
+# disconnection, a flood of output).
 FEED_MAX = 1024
+FEED_MAX_BYTES = 4 * 1024 * 1024
 # Seconds an acknowledgement's delete waits, at most, for another write to join (on an event
 # loop; elsewhere it is handed over at once).
 ACK_LINGER = 0.25
@@ -168,6 +170,7 @@ class Journal:
         (newest,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()
         self._feed: deque[OutboxMessage] = deque()
         self._feed_from = int(newest)
+        self._feed_bytes = 0
         # What the writer's transaction in progress inserted into the outbox (writer only).
         self._inserted: list[tuple[int, str, str | None, str, str]] = []
         self._read = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -671,9 +674,12 @@ class Journal:
         self._inserted.clear()
         with self._lock:
             self._feed.extend(messages)
-            if len(self._feed) > FEED_MAX:  # nobody takes them: read back when needed
+            self._feed_bytes += sum(m.size for m in messages)
+            if len(self._feed) > FEED_MAX or self._feed_bytes > FEED_MAX_BYTES:
+                # Nobody takes them (now): read back when needed.
                 self._feed_from = self._feed[-1].seq
                 self._feed.clear()
+                self._feed_bytes = 0
 
     def committed(self, *, after: int, limit: int) -> list[OutboxMessage] | None:
         """What :meth:`pending` would return, from the in-memory feed, without a read;
@@ -685,7 +691,9 @@ class Journal:
                 return None
             feed = self._feed
             while feed and feed[0].seq <= after:
-                self._feed_from = feed.popleft().seq
+                gone = feed.popleft()
+                self._feed_from = gone.seq
+                self._feed_bytes -= gone.size
             return [feed[i] for i in range(min(limit, len(feed)))]
 
     def _grew(self, size: int) -> None:

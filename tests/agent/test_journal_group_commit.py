@@ -392,6 +392,14 @@ def test_a_feed_nobody_takes_overflows_to_reads(
         assert journal.committed(after=rows[-1].seq, limit=100) == journal.pending(
             after=rows[-1].seq
         )
+        # Bytes bound it too: two large events overflow it at once.
+        monkeypatch.setattr(journal_module, "FEED_MAX_BYTES", 3000)
+        newest = journal.pending(limit=100)[-1].seq
+        journal.enqueue("ev-big-1", "bench.event", {"x": "a" * 2000})
+        assert [m.msg_id for m in journal.committed(after=newest, limit=100) or []] == ["ev-big-1"]
+        journal.enqueue("ev-big-2", "bench.event", {"x": "b" * 2000})
+        assert journal.committed(after=newest, limit=100) is None
+        assert journal._feed_bytes == 0
     finally:
         journal.close()
 
