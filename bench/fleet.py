@@ -171,7 +171,7 @@ def ingest_phase(
         flood["rate"],
         f"{flood['rate']:.0f} events/s ({flood['events']} from {flood['agents']} agents, "
         f"{offered}; {describe(args.ingest_generator)}"
-        f"{'; agents take one ACK for many (--ack-refs)' if args.ack_refs else ''}; "
+        f"{'; one ACK per event (--plain-acks)' if args.plain_acks else ''}; "
         f"offered in {flood['enqueue_s']:.1f} s, all acked in {flood['drain_s']:.1f} s; "
         f"{flood['cpu']}; CPU per event: server {flood['server_cpu_ms']:.3f} ms, agents "
         f"{flood['agents_cpu_ms']:.3f} ms; {flood['datagrams_per_event']:.1f} UDP datagrams "
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace, root: Path, report: Report) -> None:
         root,
         db_url=db_url,
         keep_monitor=args.keep_monitor,
-        worker_args=["--ack-refs"] if args.ack_refs else [],
+        worker_args=["--plain-acks"] if args.plain_acks else [],
         worker_nice=args.worker_nice,
     )
     ids = [f"fleet-{i:05d}" for i in range(args.agents)]
@@ -466,10 +466,11 @@ def _parser() -> argparse.ArgumentParser:
         "connections without their journals (bench/fleet_ingest.py)",
     )
     parser.add_argument(
-        "--ack-refs",
+        "--plain-acks",
         action="store_true",
-        help="agents announce ack_refs: one ACK for the events stored together (the workers "
-        "split it for the agents' runtime, which does not take it itself yet)",
+        help="agents do not announce ack_refs: the server answers each event with an ACK of "
+        "its own, as it does for agents older than ack_refs (default: one ACK for the events "
+        "stored together)",
     )
     parser.add_argument(
         "--ingest-only",

@@ -324,6 +324,9 @@ async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
     if args.ack_refs:
         for agent in agents:
             take_ack_refs(agent)
+    if args.plain_acks:
+        for agent in agents:
+            plain_acks(agent)
     if FLEET_SPARES == "first-run":
         for agent in agents:
             spare_at_first_run(agent)
@@ -371,10 +374,22 @@ async def run_agents(args: argparse.Namespace, counter: OutcomeCounter) -> None:
     write_stats(args.stats, agents, counter, crashed, extra)
 
 
+def plain_acks(agent: Agent) -> None:
+    """Have ``agent`` not announce :data:`CAPABILITY_ACK_REFS`: the server answers each of
+    its events with an ACK of its own, as it does for agents older than ``ack_refs``."""
+    connector = agent.connector
+    announced = connector._capabilities  # a bench may reach in
+    connector._capabilities = lambda: {
+        k: v for k, v in announced().items() if k != CAPABILITY_ACK_REFS
+    }
+
+
 def take_ack_refs(agent: Agent) -> None:
-    """Have ``agent`` announce :data:`CAPABILITY_ACK_REFS` and hand its handler an ACK for
-    many events as one ACK per event (the agent runtime of this tree does not take them
-    itself yet; an agent that does would drop them from its journal in one write)."""
+    """For an agent runtime that does not take :data:`CAPABILITY_ACK_REFS` itself (trees
+    before it did, e.g. a ``server_cpu.py --base``): announce it and hand the agent's
+    handler an ACK for many events as one ACK per event.  Nothing to do for one that does."""
+    if agent.capabilities().get(CAPABILITY_ACK_REFS):
+        return
     connector = agent.connector
     announced = connector._capabilities  # a bench may reach in
     handler = connector._on_message
@@ -424,8 +439,13 @@ def main() -> int:
     parser.add_argument(
         "--ack-refs",
         action="store_true",
-        help="agents announce ack_refs (one ACK for many events); the worker hands each "
-        "agent such an ACK as one ACK per event, as an agent runtime taking them would",
+        help="for an agent runtime that does not take ack_refs itself (an older tree): "
+        "announce it, and hand each agent such an ACK as one ACK per event",
+    )
+    parser.add_argument(
+        "--plain-acks",
+        action="store_true",
+        help="agents do not announce ack_refs: one ACK per event, as older agents get",
     )
     parser.add_argument("ids", nargs="+")
     args = parser.parse_args()

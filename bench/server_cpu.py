@@ -259,7 +259,8 @@ def main() -> int:
         "--ack-refs",
         action="store_true",
         help="agents announce ack_refs (one ACK for many events; a server that does not know "
-        "it sends one per event): with --base, the server's side of it before/after",
+        "it sends one per event): with --base, the server's side of it before/after (this "
+        "tree's agents announce it anyway; the flag matters for an older --base tree's)",
     )
     parser.add_argument("--profile", type=Path, help="py-spy the server; profiles go here")
     parser.add_argument("--keep", type=Path, help="keep the run's directory here")

@@ -717,12 +717,23 @@ class Journal:
         """:meth:`ack`, not waited for (on an event loop it waits up to
         :data:`ACK_LINGER` for another write to join); the future gives the bytes dropped
         (``None``: there was no such event)."""
+        return self.submit_acks([msg_id])
+
+    def submit_acks(self, msg_ids: list[str]) -> Future[int | None]:
+        """:meth:`submit_ack` for many events at once (one ACK naming them all, capability
+        ``ack_refs``): one write; the future gives the bytes dropped in all (``None``: none
+        of them was there)."""
+        ids = list(msg_ids)
 
         def apply(db: sqlite3.Connection) -> int | None:
-            row = db.execute(
-                "DELETE FROM outbox WHERE msg_id = ? RETURNING length(payload)", (msg_id,)
-            ).fetchone()
-            return None if row is None else int(row[0])
+            dropped: int | None = None
+            for msg_id in ids:
+                row = db.execute(
+                    "DELETE FROM outbox WHERE msg_id = ? RETURNING length(payload)", (msg_id,)
+                ).fetchone()
+                if row is not None:
+                    dropped = (dropped or 0) + int(row[0])
+            return dropped
 
         def dropped(size: int | None) -> None:
             if size:

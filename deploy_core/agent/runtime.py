@@ -32,6 +32,7 @@ from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatu
 from deploy_core.plugins import DeployPlugins, get_agent_plugins
 from deploy_core.private import private_dir
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
+from deploy_core.transport.envelope import CAPABILITY_ACK_REFS
 from deploy_core.transport.files import DEFAULT_CHUNK_SIZE
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ PUMP_RETRY = 1.0
 PUMP_MIN_WAIT = 0.05
 #: How long a graceful stop waits, while connected, for the outbox to be acknowledged.
 STOP_FLUSH_WAIT = 2.0
+#: Event ids one ACK may name (``payload.refs``, capability ``ack_refs``); the server sends
+#: at most 256.  An ACK naming more, or anything but ids, counts for its ``ref`` only.
+MAX_ACK_REFS = 1024
+MAX_REF_LENGTH = 128
 
 
 @dataclass
@@ -164,6 +169,8 @@ class Agent:
         return {
             "agent_version": __version__,
             CAPABILITY_LOG_BUDGET: True,
+            # One ACK for the events the server stored together (payload.refs).
+            CAPABILITY_ACK_REFS: True,
             **self.plugins.capabilities(),
             "labels": dict(self.config.labels),
         }
@@ -343,10 +350,15 @@ class Agent:
         if env.kind is Kind.COMMAND:
             await self._on_command(env)
         elif env.kind is Kind.ACK:
-            if env.ref:
-                self._acked(env.ref)
+            refs = _acknowledged(env)
+            if refs:
+                for ref in refs:
+                    self._acked(ref)
                 # Not waited for: a lost acknowledgement only makes the event go again.
-                log_failure(self.journal.submit_ack(env.ref), f"the acknowledgement of {env.ref}")
+                what = f"the acknowledgement of {refs[0]}" + (
+                    f" and {len(refs) - 1} more" if len(refs) > 1 else ""
+                )
+                log_failure(self.journal.submit_acks(refs), what)
         elif env.kind is Kind.ERROR:
             if env.ref:
                 self._acked(env.ref)
@@ -471,3 +483,21 @@ class Agent:
     def _window_open(self) -> bool:
         # One event always goes, however large, so nothing waits forever.
         return not self._in_flight or sum(self._in_flight.values()) < SEND_WINDOW_BYTES
+
+
+def _acknowledged(env: Envelope) -> list[str]:
+    """The ids of the events an ACK acknowledges: its ``payload.refs`` (an ACK for many,
+    capability ``ack_refs``), else its ``ref``.  ``refs`` that are not a list of ids (at most
+    :data:`MAX_ACK_REFS`, each a string of at most :data:`MAX_REF_LENGTH`) are logged and
+    only ``ref`` counts: nothing the server did not name leaves the outbox."""
+    refs = env.payload.get("refs")
+    if refs is None:
+        return [env.ref] if env.ref else []
+    if (
+        isinstance(refs, list)
+        and 0 < len(refs) <= MAX_ACK_REFS
+        and all(isinstance(r, str) and 0 < len(r) <= MAX_REF_LENGTH for r in refs)
+    ):
+        return list(dict.fromkeys(refs))
+    log.warning("an acknowledgement's refs are not a list of event ids; only its ref counts")
+    return [env.ref] if env.ref else []

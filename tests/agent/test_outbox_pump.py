@@ -146,3 +146,75 @@ async def test_an_event_left_unacknowledged_goes_again(
     # the answer lost, the event sent again once RESEND_AFTER had passed, then answered.
     assert swallowed == ["ev-once"]
     assert sent == ["ev-once", "ev-once"]
+
+
+async def test_one_ack_for_many_events_drops_them_all(
+    center: InProcessCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The agent announces ack_refs; the server answers the reports it stored together with
+    # one ACK naming them all, and the agent drops every one of them from its outbox.
+    from deploy_core.agent.reporter import OutboxReporter
+    from deploy_core.models import DeployStatus
+    from deploy_core.transport import Envelope, Kind
+    from deploy_core.transport.envelope import CAPABILITY_ACK_REFS
+
+    agent = center.agent
+    assert agent.capabilities()[CAPABILITY_ACK_REFS] is True
+    answer = await center.http.post(
+        "/api/deploy/shell", json={"client_id": "web-1", "script": "sleep 2"}
+    )
+    assert answer.status_code == 202, answer.text
+    deploy_id = answer.json()["deploy_id"]
+    end = time.monotonic() + 20
+    while agent.journal.get(deploy_id) is None or agent.journal.get(deploy_id).state != "started":
+        assert time.monotonic() < end, "the deployment did not start"
+        await asyncio.sleep(0.02)
+    acks: list[Envelope] = []
+    real_on_message = agent.connector._on_message
+
+    async def on_message(env: Envelope) -> None:
+        if env.kind is Kind.ACK:
+            acks.append(env)
+        await real_on_message(env)
+
+    monkeypatch.setattr(agent.connector, "_on_message", on_message)
+    reporter = OutboxReporter(
+        agent.journal, deploy_id=deploy_id, command_type="deploy.shell", wake=agent.executor.wake
+    )
+    before = {m.msg_id for m in agent.journal.pending(limit=10_000)}
+    for n in range(100):  # one step of the loop: one transaction, sent together
+        reporter.report(DeployStatus.SCRIPT_RUNNING, 50, "script_running", f"report {n}")
+    await asyncio.wrap_future(agent.journal.barrier())
+    ours = {m.msg_id for m in agent.journal.pending(limit=10_000)} - before
+    assert len(ours) == 100
+    await _outbox_empties(center)
+    named = [ref for env in acks for ref in env.payload.get("refs", [env.ref])]
+    assert ours <= set(named)
+    assert max(len(env.payload.get("refs", [])) for env in acks) > 1
+    record = await center.http.get(f"/api/deploy/{deploy_id}", params={"wait": 30}, timeout=40)
+    assert record.json()["status"] == "success"
+
+
+def test_refs_that_are_not_event_ids_count_for_nothing_but_the_ref(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from deploy_core.agent.runtime import MAX_ACK_REFS, _acknowledged
+    from deploy_core.transport import Envelope, Kind
+
+    def ack(payload: dict[str, Any], ref: str | None = "ev-1") -> Envelope:
+        return Envelope(kind=Kind.ACK, ref=ref, name="deploy.status", payload=payload)
+
+    assert _acknowledged(ack({})) == ["ev-1"]
+    assert _acknowledged(ack({}, ref=None)) == []
+    assert _acknowledged(ack({"refs": ["ev-1", "ev-2", "ev-2"]})) == ["ev-1", "ev-2"]
+    with caplog.at_level(logging.WARNING, logger="deploy_core.agent.runtime"):
+        for refs in (
+            "ev-2",
+            ["ev-2", 3],
+            [],
+            ["x" * 129],
+            [f"ev-{n}" for n in range(MAX_ACK_REFS + 1)],
+            [["ev-2"]],
+        ):
+            assert _acknowledged(ack({"refs": refs})) == ["ev-1"]
+    assert caplog.text.count("refs are not a list of event ids") == 6
