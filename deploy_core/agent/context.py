@@ -169,10 +169,13 @@ class DeployContext:
     def mask(self, text: str) -> str:
         """``text`` with every secret value of the deployment replaced by ``***``: each
         value whole, and each line of a multi-line value (a PEM key), so neither a text
-        holding the whole value nor one line of output shows any of it."""
+        holding the whole value nor one line of output shows any of it.  A value spanning
+        lines becomes one ``***`` per line, its line breaks kept: output holding it whole
+        (read in one chunk) has the same lines as output read line by line, and the line
+        after it is not glued to the mask."""
         for secret in self._secrets:
             if secret in text:
-                text = text.replace(secret, MASK)
+                text = text.replace(secret, _mask_for(secret))
         return text
 
     def mask_data(self, data: Any) -> Any:
@@ -485,6 +488,17 @@ class DeployContext:
             folder.close()
             raise
         return folder, Path(folder.path) / name
+
+
+def _mask_for(secret: str) -> str:
+    """What replaces ``secret``: :data:`MASK`, or for a value spanning lines one per line,
+    its line breaks (and empty lines) kept."""
+    if "\n" not in secret:
+        return MASK
+    return "\n".join(
+        (MASK + "\r" if part.endswith("\r") else MASK) if part.strip("\r") else part
+        for part in secret.split("\n")
+    )
 
 
 def masked_forms(values: Iterable[str]) -> list[str]:

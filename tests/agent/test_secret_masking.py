@@ -3,6 +3,7 @@ longer one is left showing after the shorter one is masked."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -56,3 +57,26 @@ def test_overlapping_secrets_are_masked_whole_through_the_server(
     assert not any("def" in line or SHORT in line for line in lines)
     assert MASKED in record["result"]["stdout_tail"]
     assert SHORT not in record["result"]["stdout_tail"]
+
+
+def test_a_multi_line_secret_keeps_its_line_breaks_when_masked_whole(tmp_path: Path) -> None:
+    # Read in one chunk, a PEM key printed whole used to become one "***" that swallowed its
+    # last line break: the next line of output was glued to it ("***token=...").  Read line
+    # by line it gave one "***" per line.  Both now give the same lines.
+    key = "-----BEGIN KEY-----\nAAAABBBBCCCC\nDDDDEEEEFFFF\n-----END KEY-----\n"
+    reporter = RecordingReporter()
+    command = DeployCommand(
+        deploy_id="pem-1",
+        command_type="deploy.shell",
+        params={},
+        secret_env={"KEY": key, "TOKEN": "tok-123456"},
+        expires_at=time.time() + 60,
+    )
+    ctx = DeployContext(command=command, reporter=reporter, data_dir=tmp_path)
+    whole = ctx.mask(f"key follows\n{key}token=tok-123456\n")
+    by_line = "".join(ctx.mask(line) for line in f"key follows\n{key}token=tok-123456\n"
+                      .splitlines(keepends=True))  # fmt: skip
+    assert whole == by_line == f"key follows\n{MASK}\n{MASK}\n{MASK}\n{MASK}\ntoken={MASK}\n"
+    crlf = key.replace("\n", "\r\n")
+    assert ctx.mask(f"a\r\n{crlf}b") == f"a\r\n{MASK}\r\n{MASK}\r\n{MASK}\r\n{MASK}\r\nb"
+    assert ctx.mask(json.dumps(key)) == f'"{MASK}"'
