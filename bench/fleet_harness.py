@@ -225,10 +225,10 @@ class Fleet:
     workers: list[Worker] = field(default_factory=list)
     # Interpreter options before the server's "-m deploy_core.cli" (e.g. "-m cProfile -o F").
     server_wrapper: list[str] = field(default_factory=list)
-    # More arguments for every worker (bench/fleet_agents.py), e.g. ["--ack-refs"].
+    # More arguments for every worker (bench/fleet_agents.py), e.g. ["--plain-acks"].
     worker_args: list[str] = field(default_factory=list)
     # The workers' nice value (0: as this process): a diagnosis, to give the server the
-    # CPU it would have on a machine of its own (see set_nice).
+    # CPU it would have on a machine of its own (see set_autogroup_nice).
     worker_nice: int = 0
     _api: DeployClient | None = None
 
@@ -327,8 +327,13 @@ class Fleet:
         if self.worker_nice:
             args = ["nice", "-n", str(self.worker_nice), *args]
         proc = _start([*args, *ids], self.root / f"{name}.out", env)
-        if self.worker_nice:
-            set_autogroup_nice(proc.pid, self.worker_nice)
+        if self.worker_nice and not set_autogroup_nice(proc.pid, self.worker_nice):
+            print(
+                f"  warning: {name}'s autogroup could not be set to nice {self.worker_nice}: "
+                "where autogroups apply, the server does not get the CPU first",
+                file=sys.stderr,
+                flush=True,
+            )
         worker = Worker(name, ids, proc, stats, log, control)
         self.workers.append(worker)
         return worker

@@ -264,18 +264,15 @@ class Journal:
     def _hand_over(self) -> None:
         """Move the writes held for the end of the loop's step, and the lingering
         acknowledgements, to the writer's queue (the caller holds ``_ready``)."""
-        if self._lazy:
-            self._queue.extend(self._lazy)
-            self._lazy.clear()
-            self._notify_writer()
-        if self._tick:
-            self._queue.extend(self._tick)
-            self._tick.clear()
-            self._notify_writer()
+        for held in (self._lazy, self._tick):
+            if held:
+                self._queue.extend(held)
+                held.clear()
+                self._notify_writer()
 
     def _end_of_linger(self) -> None:
         with self._ready:
-            if self._lazy and not self._closing:
+            if self._lazy:  # else handed over already (with a write, a flush or close)
                 self._queue.extend(self._lazy)
                 self._lazy.clear()
                 self._notify_writer()
