@@ -91,12 +91,20 @@ def test_a_failing_write_fails_alone_in_its_group(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.db")
     try:
         journal.accept(command("d1"))
+        commits = journal.commits
         release, first = held(journal)
         before = journal.submit_report("d1", "st-a", "status", report(1), "executing")
         # No such deployment: the report cannot get a sequence number.
         bad = journal.submit_report("nope", "st-bad", "status", report(2), "executing")
         # The same message id twice: the outbox refuses the second.
         dup = journal.submit_report("d1", "st-a", "status", report(3), "executing")
+
+        def half_done(db: sqlite3.Connection) -> None:
+            journal._insert(db, "ev-half", "d1", "status", "{}")
+            raise ValueError("this write fails after its insert")
+
+        # A write that did part of its work before it failed leaves none of it.
+        half = journal._submit(half_done, at_once=True)
         after = journal.submit_finish("d1", "success", "cb-1", "callback", {"ok": True})
         release.set()
         first.result(WAIT)
@@ -105,8 +113,12 @@ def test_a_failing_write_fails_alone_in_its_group(tmp_path: Path) -> None:
             bad.result(WAIT)
         with pytest.raises(sqlite3.IntegrityError):
             dup.result(WAIT)
+        with pytest.raises(ValueError):
+            half.result(WAIT)
         after.result(WAIT)
         assert [m.msg_id for m in journal.pending()] == ["st-a", "cb-1"]
+        assert [m.msg_id for m in journal.committed(after=0, limit=10) or []] == ["st-a", "cb-1"]
+        assert journal.commits == commits + 2  # the held write's, then one for the rest
         entry = journal.get("d1")
         assert entry is not None and entry.state == "finished"
         # The refused duplicate's report did not take a number: the next one is 1.

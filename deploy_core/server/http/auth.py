@@ -70,7 +70,9 @@ class TokenAuth:
             except UnicodeDecodeError:
                 token = ""
             if token:
-                caller = await self.server.db(self.server.tokens.verify, token)
+                # The admin token needs no query, nor a worker thread's round trip.
+                tokens = self.server.tokens
+                caller = tokens.admin(token) or await self.server.db(tokens.verify, token)
         peer = (scope.get("client") or ("?", 0))[0]
         if caller is None:
             reason = "no bearer token" if not value else "unknown token"
