@@ -169,7 +169,11 @@ class Executor:
 
         :raises NotJournaled: the write failed, or the command was journaled before."""
         try:
-            new = await asyncio.wrap_future(accepted)
+            # Done already (it committed with the started mark, which the caller waited
+            # for): read it here.  wrap_future would hand even a done future over through
+            # call_soon_threadsafe, two turns of the loop in which the command's ACK and
+            # first report were sent before the script could start.
+            new = accepted.result() if accepted.done() else await asyncio.wrap_future(accepted)
         except Exception as exc:
             raise NotJournaled(f"the journal could not store the command: {exc}") from exc
         if not new:
