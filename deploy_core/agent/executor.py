@@ -254,9 +254,10 @@ class Executor:
         if outcome.status is not DeployStatus.SUCCESS:
             return outcome
         try:
-            outcome.result = await asyncio.wait_for(
-                deploy_type.executor(ctx, params), params.timeout + EXECUTOR_GRACE
-            )
+            # In this task (asyncio.timeout, not wait_for's task of its own): the plugin's
+            # first step runs now, and its end resumes this at once, not a loop turn later.
+            async with asyncio.timeout(params.timeout + EXECUTOR_GRACE):
+                outcome.result = await deploy_type.executor(ctx, params)
         except DeployFailed as exc:
             outcome.status, outcome.error, outcome.result = exc.status, str(exc), exc.result
         except TimeoutError:

@@ -546,7 +546,8 @@ async def run_process(
     timed_out = False
     try:
         try:
-            await asyncio.wait_for(proc.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own: no extra loop turn
+                await proc.wait()
         except TimeoutError:
             timed_out = True
             # Everything of the run, escaped or not, even what ignores SIGTERM.

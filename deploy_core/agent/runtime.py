@@ -409,7 +409,8 @@ class Agent:
         is logged and the next one runs: the outbox is never left without its sender."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._resend_due())
+                async with asyncio.timeout(self._resend_due()):  # woken at once, in this task
+                    await self._wake.wait()
             self._wake.clear()
             if not self.connector.connected:
                 continue
