@@ -300,8 +300,9 @@ class Journal:
             self._hand_over()
 
     def barrier(self) -> Future[None]:
-        """A future done once every write submitted before it is committed."""
-        return self._submit(None, durable=False)
+        """A future done once every write submitted before it is committed; handed to the
+        writer at once, with what is held (whoever asks for a barrier waits for it)."""
+        return self._submit(None, durable=False, at_once=True)
 
     def _write_loop(self) -> None:
         while True:
@@ -631,8 +632,12 @@ class Journal:
             )
             self._insert(db, msg_id, deploy_id, name, text)
 
-        # Only when the command held secrets does the transaction end with a checkpoint.
-        return self._submit(apply, size=len(text), checkpoint=lambda: holder.get("secrets", False))
+        # Only when the command held secrets does the transaction end with a checkpoint.  At
+        # once (with the last report and run records held): the deployment's end waits for
+        # it, and nothing else of the deployment comes to join it.
+        return self._submit(
+            apply, size=len(text), checkpoint=lambda: holder.get("secrets", False), at_once=True
+        )
 
     def finish(
         self, deploy_id: str, status: str, msg_id: str, name: str, payload: dict[str, Any]
