@@ -188,7 +188,10 @@ async def get_deployment(request: Request) -> Response:
 
         while not settled(view) and (left := end - time.monotonic()) > 0:
             try:
-                view = await asyncio.wait_for(queue.get(), left)
+                # In this task (not wait_for's own): woken, it answers in the same loop turn,
+                # before the ACK of the agent's callback goes out.
+                async with asyncio.timeout(left):
+                    view = await queue.get()
             except TimeoutError:
                 break
             # The newest of what was published meanwhile (an agent's last report and its
