@@ -212,14 +212,14 @@ async def test_what_one_step_of_the_event_loop_writes_is_one_transaction(
     try:
         journal.accept(command("d1"))
         commits, writes = journal.commits, journal.writes
-        # As the executor does it: the started mark, the first report, then a wait for both.
+        # The started mark, the first report, then a wait for the report.
         marked = journal.submit_started("d1")
         first = journal.submit_report("d1", "st-1", "status", report(1), "executing")
 
         async def another_task() -> None:  # woken meanwhile, it writes too
             journal.submit_run("d1", {"run": "r1", "state": "running"})
 
-        await asyncio.gather(another_task(), asyncio.wrap_future(journal.barrier()))
+        await asyncio.gather(another_task(), asyncio.wrap_future(first))
         assert marked.done() and first.result() == 0
         assert (journal.commits - commits, journal.writes - writes) == (1, 3)
         entry = journal.get("d1")
@@ -232,6 +232,12 @@ async def test_what_one_step_of_the_event_loop_writes_is_one_transaction(
         now = journal.submit_run("d1", {"run": "r2", "state": "running"}, at_once=True)
         await asyncio.wait_for(asyncio.wrap_future(now), WAIT)
         assert held_report.done() and held_report.result() == 2
+        # A barrier is handed over at once too (whoever asks for one waits for it), with
+        # what was held: the executor's started mark and first report, in one commit.
+        commits = journal.commits
+        held_report = journal.submit_report("d1", "st-4", "status", report(4), "x")
+        await asyncio.wait_for(asyncio.wrap_future(journal.barrier()), WAIT)
+        assert held_report.done() and journal.commits == commits + 1
     finally:
         journal.close()
 
