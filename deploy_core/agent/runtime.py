@@ -28,7 +28,7 @@ from deploy_core.agent.executor import Executor, NotJournaled
 from deploy_core.agent.journal import ACCEPTED, STARTED, Journal, log_failure
 from deploy_core.agent.tracking import ENDED, ProcessTracker, RunRecord
 from deploy_core.logs import bind
-from deploy_core.models import CAPABILITY_LOG_BUDGET, DeployCommand, DeployStatus
+from deploy_core.models import CAPABILITY_LOG_BUDGET, EVENT_STATUS, DeployCommand, DeployStatus
 from deploy_core.plugins import DeployPlugins, get_agent_plugins
 from deploy_core.private import private_dir
 from deploy_core.transport import AgentConnector, Envelope, FileCredentials, Kind, error_for
@@ -58,6 +58,15 @@ PUMP_BATCH = 64
 PUMP_RETRY = 1.0
 # The shortest wait for the resend clock (an event just past its RESEND_AFTER).
 PUMP_MIN_WAIT = 0.05
+#: Seconds a status report may wait, committed, for what its deployment commits next
+#: (another report, its callback) to travel with it: one message and one of the server's
+#: transactions for several.  A callback, or any other event, goes at once and takes the
+#: waiting reports along.  (A dispatch of ``true``: the three reports and the callback in
+#: one packet, not four.)
+STATUS_LINGER = 0.010
+#: Waiting status reports go at once past this many (or PUMP_BATCH bytes' worth of reports
+#: is not the point: a flood of reports fills its batches without waiting).
+LINGER_MAX_EVENTS = 16
 #: How long a graceful stop waits, while connected, for the outbox to be acknowledged.
 STOP_FLUSH_WAIT = 2.0
 #: Event ids one ACK may name (``payload.refs``, capability ``ack_refs``); the server sends
@@ -119,6 +128,8 @@ class Agent:
         self._queue = asyncio.Queue()
         self._queued: set[str] = set()
         self._sent_upto = 0
+        # While status reports wait (STATUS_LINGER): when they go at the latest (loop time).
+        self._linger_until: float | None = None
         # Sent and unacknowledged events: their sizes by message id.
         self._in_flight: dict[str, int] = {}
         # When each of those was sent (time.monotonic()), oldest first.
@@ -407,12 +418,16 @@ class Agent:
         """Send outbox events in order while connected, at most :data:`SEND_WINDOW_BYTES`
         of them unacknowledged at a time.  A pass that fails (the journal could not be read)
         is logged and the next one runs: the outbox is never left without its sender."""
+        loop = asyncio.get_running_loop()
         while True:
+            wait = self._resend_due()
+            if self._linger_until is not None:
+                wait = min(wait, max(0.0, self._linger_until - loop.time()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._resend_due()):  # woken at once, in this task
+                async with asyncio.timeout(wait):  # woken at once, in this task
                     await self._wake.wait()
             self._wake.clear()
-            if not self.connector.connected:
+            if not self.connector.connected or self._lingering(loop.time()):
                 continue
             try:
                 await self._pump_once()
@@ -420,6 +435,25 @@ class Agent:
                 log.exception("outbox: sending failed; trying again in %g s", PUMP_RETRY)
                 await asyncio.sleep(PUMP_RETRY)
                 self._wake.set()
+
+    def _lingering(self, now: float) -> bool:
+        """Whether what is committed and unsent is only status reports that may wait a
+        moment longer (:data:`STATUS_LINGER` from when the first of them was seen), for what
+        their deployment commits next to go with them."""
+        waiting = self.journal.committed(after=self._sent_upto, limit=LINGER_MAX_EVENTS)
+        if (
+            not waiting  # nothing, or the feed cannot tell (a resend, a reconnection)
+            or len(waiting) >= LINGER_MAX_EVENTS
+            or any(m.name != EVENT_STATUS for m in waiting)
+        ):
+            self._linger_until = None
+            return False
+        if self._linger_until is None:
+            self._linger_until = now + STATUS_LINGER
+        if now < self._linger_until:
+            return True
+        self._linger_until = None
+        return False
 
     def _resend_due(self) -> float:
         """Seconds until the oldest unacknowledged event is due to go again (at most

@@ -218,3 +218,102 @@ def test_refs_that_are_not_event_ids_count_for_nothing_but_the_ref(
         ):
             assert _acknowledged(ack({"refs": refs})) == ["ev-1"]
     assert caplog.text.count("refs are not a list of event ids") == 6
+
+
+def _lingering_agent(tmp_path: Path) -> Any:
+    """What Agent._lingering reads, around a real journal: the pump's position and its
+    linger deadline."""
+    from types import SimpleNamespace
+
+    from deploy_core.agent.journal import Journal
+    from deploy_core.models import DeployCommand
+
+    journal = Journal(tmp_path / "journal.db")
+    journal.accept(
+        DeployCommand(
+            deploy_id="d1",
+            command_type="deploy.shell",
+            params={"script": "true"},
+            issued_at=time.time(),
+            expires_at=time.time() + 60,
+        )
+    )
+    return SimpleNamespace(journal=journal, _sent_upto=0, _linger_until=None)
+
+
+def _status(journal: Any, n: int) -> None:
+    from deploy_core.models import EVENT_STATUS
+
+    journal.enqueue_report("d1", f"st-{n}", EVENT_STATUS, {"n": n}, "script_running")
+
+
+def test_status_reports_wait_a_moment_for_what_follows_and_no_longer(tmp_path: Path) -> None:
+    from deploy_core.agent import runtime
+    from deploy_core.agent.runtime import Agent
+    from deploy_core.models import EVENT_CALLBACK
+
+    agent = _lingering_agent(tmp_path)
+    journal = agent.journal
+    try:
+        assert Agent._lingering(agent, 100.0) is False  # nothing to send
+        _status(journal, 0)
+        _status(journal, 1)
+        # Reports alone wait, STATUS_LINGER from when the pump first saw them, however
+        # often it is woken meanwhile ...
+        assert Agent._lingering(agent, 100.0) is True
+        assert agent._linger_until == 100.0 + runtime.STATUS_LINGER
+        assert Agent._lingering(agent, 100.0 + runtime.STATUS_LINGER / 2) is True
+        # ... then go.
+        assert Agent._lingering(agent, 100.0 + runtime.STATUS_LINGER) is False
+        assert agent._linger_until is None
+        # A callback goes at once, and takes the reports before it along.
+        _status(journal, 2)
+        assert Agent._lingering(agent, 200.0) is True
+        journal.finish("d1", "success", "cb-1", EVENT_CALLBACK, {"ok": True})
+        assert Agent._lingering(agent, 200.0) is False
+        assert agent._linger_until is None
+    finally:
+        journal.close()
+
+
+def test_other_events_and_many_reports_do_not_wait(tmp_path: Path) -> None:
+    from deploy_core.agent import runtime
+    from deploy_core.agent.runtime import Agent
+
+    agent = _lingering_agent(tmp_path)
+    journal = agent.journal
+    try:
+        journal.enqueue("ev-1", "docker.event", {"x": 1})  # an agent service's event
+        assert Agent._lingering(agent, 1.0) is False
+        agent._sent_upto = journal.pending()[-1].seq
+        for n in range(runtime.LINGER_MAX_EVENTS):  # a flood fills its batches at once
+            _status(journal, n)
+        assert Agent._lingering(agent, 2.0) is False
+        # The feed cannot tell after a resend (back to the oldest): the pump reads and sends.
+        agent._sent_upto = 0
+        assert journal.committed(after=0, limit=1) is None
+        assert Agent._lingering(agent, 3.0) is False
+    finally:
+        journal.close()
+
+
+async def test_a_running_script_s_report_reaches_the_server_while_it_runs(
+    center: InProcessCenter,
+) -> None:
+    # Reports wait STATUS_LINGER at most: "script started" is on the server long before a
+    # script of a few seconds ends.
+    answer = await center.http.post(
+        "/api/deploy/shell", json={"client_id": "web-1", "script": "sleep 3"}
+    )
+    assert answer.status_code == 202, answer.text
+    deploy_id = answer.json()["deploy_id"]
+    started = time.monotonic()
+    seen: dict[str, Any] = {}
+    while time.monotonic() - started < 2.5:
+        seen = (await center.http.get(f"/api/deploy/{deploy_id}")).json()
+        if seen["status"] == "script_running":
+            break
+        await asyncio.sleep(0.02)
+    assert seen["status"] == "script_running" and not seen["finished"]
+    record = await center.http.get(f"/api/deploy/{deploy_id}", params={"wait": 30}, timeout=40)
+    assert record.json()["status"] == "success"
