@@ -128,6 +128,8 @@ class Agent:
         self._queue = asyncio.Queue()
         self._queued: set[str] = set()
         self._sent_upto = 0
+        # ACKs of journaled commands, for the pump to send (see _on_command).
+        self._acks: list[Envelope] = []
         # While status reports wait (STATUS_LINGER): when they go at the latest (loop time).
         self._linger_until: float | None = None
         # Sent and unacknowledged events: their sizes by message id.
@@ -399,13 +401,16 @@ class Agent:
             accepted = self.journal.submit_accept(command)
             self._enqueue(command, accepted)
             new = await asyncio.wrap_future(accepted)
+            # Sent by the outbox pump, in the turn that sends the deployment's first report
+            # (committed with the command): one message, and one of the server's
+            # transactions, for both.
+            self._acks.append(_ack(env, deploy_id))
+            self._wake.set()
         else:  # seen before (sent again): nothing to run, the write confirms it
             new = await asyncio.wrap_future(self.journal.submit_accept(command, at_once=True))
             if new:  # the journal lost it (it is never pruned): run it, as a new one
                 self._enqueue(command)
-        self.connector.send(
-            Envelope(kind=Kind.ACK, ref=env.id, name=env.name, payload={"deploy_id": deploy_id})
-        )
+            self.connector.send(_ack(env, deploy_id))
         if new:
             log.info("accepted deployment %s (%s)", deploy_id, command.command_type)
 
@@ -429,6 +434,9 @@ class Agent:
             self._wake.clear()
             if not self.connector.connected or self._lingering(loop.time()):
                 continue
+            acks, self._acks = self._acks, []
+            for ack in acks:  # before the events: the first is its command's report
+                self.connector.send(ack)
             try:
                 await self._pump_once()
             except Exception:
@@ -518,6 +526,13 @@ class Agent:
     def _window_open(self) -> bool:
         # One event always goes, however large, so nothing waits forever.
         return not self._in_flight or sum(self._in_flight.values()) < SEND_WINDOW_BYTES
+
+
+def _ack(command: Envelope, deploy_id: str) -> Envelope:
+    """The ACK of a command: it is journaled."""
+    return Envelope(
+        kind=Kind.ACK, ref=command.id, name=command.name, payload={"deploy_id": deploy_id}
+    )
 
 
 def _acknowledged(env: Envelope) -> list[str]:

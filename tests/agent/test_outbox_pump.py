@@ -317,3 +317,43 @@ async def test_a_running_script_s_report_reaches_the_server_while_it_runs(
     assert seen["status"] == "script_running" and not seen["finished"]
     record = await center.http.get(f"/api/deploy/{deploy_id}", params={"wait": 30}, timeout=40)
     assert record.json()["status"] == "success"
+
+
+async def test_a_short_deployment_travels_as_one_message_and_one_transaction(
+    center: InProcessCenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command's ACK and the reports wait for the callback (a linger longer than any
+    # machine takes to run `true`, so the test does not depend on the machine's speed):
+    # the agent sends them together, the server stores them in one transaction.
+    from deploy_core.agent import runtime
+    from deploy_core.models import EVENT_CALLBACK, EVENT_STATUS
+    from deploy_core.transport import Envelope, Kind
+
+    await _deploy_true(center)  # the first deployment makes the agent's spare shell
+    await _outbox_empties(center)
+    monkeypatch.setattr(runtime, "STATUS_LINGER", 30.0)
+    agent = center.agent
+    sent: list[tuple[str, str, str | None]] = []  # kind, name, the journal's state then
+    real_send = agent.connector.send
+
+    def send(env: Envelope) -> bool:
+        deploy_id = env.payload.get("deploy_id") or env.callback_id
+        entry = agent.journal.get(deploy_id) if deploy_id else None
+        sent.append((env.kind.value, env.name or "", entry.state if entry else None))
+        return bool(real_send(env))
+
+    monkeypatch.setattr(agent.connector, "send", send)
+    batches = center.server.ingest.stats.batches
+    record = await _deploy_true(center)
+    await _outbox_empties(center)
+    assert record["status"] == "success"
+    ack, event = Kind.ACK.value, Kind.EVENT.value
+    # The ACK left only once the callback was journaled: with the reports and it.
+    assert sent == [
+        (ack, "deploy.shell", "finished"),
+        (event, EVENT_STATUS, "finished"),
+        (event, EVENT_STATUS, "finished"),
+        (event, EVENT_STATUS, "finished"),
+        (event, EVENT_CALLBACK, "finished"),
+    ]
+    assert center.server.ingest.stats.batches == batches + 1
