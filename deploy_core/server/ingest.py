@@ -264,6 +264,10 @@ class Ingest:
             if first is None:
                 break
             batch: list[_Piece[Any]] = [first]
+            # One turn of the loop first: the other messages of the datagram that brought
+            # this one (an agent's command ACK, its reports and its callback travel together)
+            # are queued in it, and go in this transaction too.
+            await asyncio.sleep(0)
             stopping = self._take(batch)
             if not stopping and self.linger and self._behind:
                 await asyncio.sleep(self.linger)  # busy: let the next batch fill up

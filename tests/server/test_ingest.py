@@ -179,6 +179,27 @@ async def test_nothing_is_answered_before_its_transaction_commits(
     assert agent_lines(store, "d0") == [(0, "report 0")]
 
 
+async def test_what_is_queued_in_the_next_turn_joins_the_first_piece_s_transaction(
+    store: RecordStore, ingest: Ingest
+) -> None:
+    # The messages of one datagram (an agent's command ACK, its reports, its callback) are
+    # queued over a turn or two of the loop; the idle writer waits one turn before it takes
+    # its batch, so they share one transaction.
+    await asyncio.to_thread(create, store, "d0", "c0")
+    batches = ingest.stats.batches
+
+    async def next_turn() -> Any:
+        await asyncio.sleep(0)  # queued after the writer was woken by the first
+        return await ingest.submit(applying(store, "c0", report("d0", 1)))
+
+    first = asyncio.ensure_future(ingest.submit(applying(store, "c0", report("d0", 0))))
+    second = asyncio.ensure_future(next_turn())
+    assert (await asyncio.wait_for(first, WAIT)).applied
+    assert (await asyncio.wait_for(second, WAIT)).applied
+    assert ingest.stats.batches == batches + 1
+    assert agent_lines(store, "d0") == [(0, "report 0"), (1, "report 1")]
+
+
 async def test_a_failed_commit_answers_with_the_error_and_stores_nothing(
     store: RecordStore, ingest: Ingest
 ) -> None:
