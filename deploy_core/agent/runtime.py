@@ -64,8 +64,8 @@ PUMP_MIN_WAIT = 0.05
 #: waiting reports along.  (A dispatch of ``true``: the three reports and the callback in
 #: one packet, not four.)
 STATUS_LINGER = 0.010
-#: Waiting status reports go at once past this many (or PUMP_BATCH bytes' worth of reports
-#: is not the point: a flood of reports fills its batches without waiting).
+#: Waiting status reports go at once when this many wait: a flood of reports (a script's
+#: output) fills its messages without waiting.
 LINGER_MAX_EVENTS = 16
 #: How long a graceful stop waits, while connected, for the outbox to be acknowledged.
 STOP_FLUSH_WAIT = 2.0
