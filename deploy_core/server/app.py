@@ -53,7 +53,7 @@ from deploy_core.server.rollback_plan import RollbackDefaults
 from deploy_core.server.rollouts import Rollouts, RolloutStore
 from deploy_core.server.secret_box import SecretBox
 from deploy_core.server.state import SERVER_INFO, ServerState, init_state
-from deploy_core.server.tokens import TokenStore
+from deploy_core.server.tokens import Caller, TokenStore
 from deploy_core.server.watchdog import Watchdog
 from deploy_core.server.webhooks import Webhooks, WebhookSettings
 from deploy_core.transport import AgentSession, QuicServer
@@ -426,6 +426,12 @@ class DeployServer:
     async def db(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a blocking records call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def caller(self, token: str) -> Caller | None:
+        """Who an API token belongs to (``None``: nobody).  The admin token needs no query,
+        nor a worker thread's round trip; a named token is read from the database each
+        time, so a revocation counts at once on every replica."""
+        return self.tokens.admin(token) or await self.db(self.tokens.verify, token)
 
     # ------------------------------------------------------------------ transport callbacks
 

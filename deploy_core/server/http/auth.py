@@ -70,9 +70,7 @@ class TokenAuth:
             except UnicodeDecodeError:
                 token = ""
             if token:
-                # The admin token needs no query, nor a worker thread's round trip.
-                tokens = self.server.tokens
-                caller = tokens.admin(token) or await self.server.db(tokens.verify, token)
+                caller = await self.server.caller(token)
         peer = (scope.get("client") or ("?", 0))[0]
         if caller is None:
             reason = "no bearer token" if not value else "unknown token"

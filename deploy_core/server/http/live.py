@@ -141,7 +141,7 @@ async def authenticate(server: DeployServer, websocket: WebSocket) -> tuple[Call
     if mode not in CLIENTS_MODES:
         raise Refused(CLOSE_BAD_REQUEST, f"clients must be one of {', '.join(CLIENTS_MODES)}")
     token = token.strip()
-    caller = await server.db(server.tokens.verify, token) if token else None
+    caller = await server.caller(token) if token else None
     if caller is None:
         raise Refused(CLOSE_UNAUTHORIZED, "unknown API token")
     if not allows(caller.scope, "read"):
@@ -297,7 +297,7 @@ class LiveFeed:
 
     async def _reverify(self) -> None:
         # The token was given once; a revoked one must not keep its feed.
-        if await self.server.db(self.server.tokens.verify, self._token) is None:
+        if await self.server.caller(self._token) is None:
             raise Refused(CLOSE_UNAUTHORIZED, "API token revoked")
 
     async def send_clients_if_changed(self) -> None:
