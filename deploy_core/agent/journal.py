@@ -265,17 +265,19 @@ class Journal:
         """Move the writes held for the end of the loop's step, and the lingering
         acknowledgements, to the writer's queue (the caller holds ``_ready``)."""
         for held in (self._lazy, self._tick):
-            if held:
-                self._queue.extend(held)
-                held.clear()
-                self._notify_writer()
+            self._move(held)
+
+    def _move(self, held: list[_Write]) -> None:
+        """Move ``held`` (emptied) to the writer's queue, if it holds anything (the caller
+        holds ``_ready``)."""
+        if held:
+            self._queue.extend(held)
+            held.clear()
+            self._notify_writer()
 
     def _end_of_linger(self) -> None:
         with self._ready:
-            if self._lazy:  # else handed over already (with a write, a flush or close)
-                self._queue.extend(self._lazy)
-                self._lazy.clear()
-                self._notify_writer()
+            self._move(self._lazy)  # empty if handed over already (a write, a flush, close)
 
     def _notify_writer(self) -> None:
         """Wake the writer, or start one (the caller holds ``_ready``)."""
