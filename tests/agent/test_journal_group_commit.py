@@ -6,6 +6,7 @@ SQLite files, real threads, a real process killed mid-flood."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -233,11 +234,19 @@ async def test_what_one_step_of_the_event_loop_writes_is_one_transaction(
         await asyncio.wait_for(asyncio.wrap_future(now), WAIT)
         assert held_report.done() and held_report.result() == 2
         # A barrier is handed over at once too (whoever asks for one waits for it), with
-        # what was held: the executor's started mark and first report, in one commit.
+        # what was held: the executor's started mark and first report, in one commit.  It
+        # commits while this loop does not turn (held to the end of the step, it would
+        # not: concurrent.futures.wait does not hand it over, as asking its result does).
         commits = journal.commits
         held_report = journal.submit_report("d1", "st-4", "status", report(4), "x")
-        await asyncio.wait_for(asyncio.wrap_future(journal.barrier()), WAIT)
+        barrier = journal.barrier()
+        assert concurrent.futures.wait([barrier], timeout=WAIT).not_done == set()
         assert held_report.done() and journal.commits == commits + 1
+        # So does a callback's write (the deployment's end waits for it), with what is held.
+        held_report = journal.submit_report("d1", "st-5", "status", report(5), "x")
+        finish = journal.submit_finish("d1", "success", "cb-1", "callback", {"ok": True})
+        assert concurrent.futures.wait([finish], timeout=WAIT).not_done == set()
+        assert held_report.done() and journal.commits == commits + 2
     finally:
         journal.close()
 
