@@ -46,9 +46,12 @@ def test_every_route_refuses_missing_and_wrong_tokens(center: DeployCenter) -> N
                 paths.append((method, "/api" + path))
     assert len(paths) >= 18
     for method, path in paths:
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer"},
-                        {"Authorization": "Token " + (center.server_dir / "admin.token")
-                         .read_text().strip()}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": "Bearer"},
+            {"Authorization": "Token " + (center.server_dir / "admin.token").read_text().strip()},
+        ):
             response = httpx.request(method, center.api.url + path, headers=headers)
             assert response.status_code == 401, (method, path, headers, response.text)
             assert "token" in response.json()["error"]
@@ -56,8 +59,9 @@ def test_every_route_refuses_missing_and_wrong_tokens(center: DeployCenter) -> N
 
 def test_scopes_read_deploy_admin(center: DeployCenter) -> None:
     tokens = {
-        scope: center.api.request("POST", "/api/tokens",
-                                  json={"name": f"t-{scope}", "scope": scope})["token"]
+        scope: center.api.request(
+            "POST", "/api/tokens", json={"name": f"t-{scope}", "scope": scope}
+        )["token"]
         for scope in ("read", "deploy", "admin")
     }
     read = DeployClient(center.api.url, tokens["read"])
@@ -92,8 +96,12 @@ def test_scopes_read_deploy_admin(center: DeployCenter) -> None:
 
 
 def test_bad_token_requests_are_refused(center: DeployCenter) -> None:
-    for body in ({"name": "../x", "scope": "read"}, {"name": "ok", "scope": "root"},
-                 {"name": "ok"}, {"name": "ok", "scope": "read", "extra": 1}):
+    for body in (
+        {"name": "../x", "scope": "read"},
+        {"name": "ok", "scope": "root"},
+        {"name": "ok"},
+        {"name": "ok", "scope": "read", "extra": 1},
+    ):
         with pytest.raises(ApiError) as err:
             center.api.request("POST", "/api/tokens", json=body)
         assert err.value.status == 422
@@ -142,10 +150,19 @@ def test_an_existing_client_id_cannot_be_taken_over(center: DeployCenter, tmp_pa
     # A second agent with a fresh state directory claims the id "s1" with the join token.
     center.root.joinpath("agent-s1-impostor").mkdir()
     proc = center._spawn(
-        ["agent", "--server", f"127.0.0.1:{center.quic_port}", "--client-id", "s1",
-         "--state-dir", str(center.root / "agent-s1-impostor"),
-         "--ca", str(center.server_dir / "ca.pem"),
-         "--join-token-file", str(center.server_dir / "join.token")],
+        [
+            "agent",
+            "--server",
+            f"127.0.0.1:{center.quic_port}",
+            "--client-id",
+            "s1",
+            "--state-dir",
+            str(center.root / "agent-s1-impostor"),
+            "--ca",
+            str(center.server_dir / "ca.pem"),
+            "--join-token-file",
+            str(center.server_dir / "join.token"),
+        ],
         "agent-s1-impostor.log",
     )
     try:

@@ -235,9 +235,7 @@ def test_real_answers_have_the_documented_shapes(api: Api) -> None:
     assert reader.status_code == 403
     api.check(reader, "/api/tokens")
     api.check(http.delete("/api/tokens/reader"), "/api/tokens/{name}", "delete")
-    api.check(
-        http.post("/api/clients/seed-1/revoke"), "/api/clients/{client_id}/revoke", "post"
-    )
+    api.check(http.post("/api/clients/seed-1/revoke"), "/api/clients/{client_id}/revoke", "post")
     api.check(http.delete("/api/clients/seed-1"), "/api/clients/{client_id}", "delete")
 
     stored = api.check(http.post("/api/artifacts", content=b"package"), "/api/artifacts", "post")

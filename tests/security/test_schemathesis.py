@@ -70,9 +70,7 @@ CONFIG: dict[str, Any] = {
             # printable, which the document states but JSON Schema does not check: 422.
             "include-path-regex": "^/api/webhooks$",
             "include-method": "POST",
-            "checks": {
-                "positive_data_acceptance": {"expected-statuses": ["2xx", "409", "422"]}
-            },
+            "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "409", "422"]}},
         },
     ],
 }

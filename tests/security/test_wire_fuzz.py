@@ -394,8 +394,10 @@ def test_a_replayed_auth_is_refused(wire: Wire) -> None:
 
     async def legit(peer: RawPeer) -> None:
         nonce = await peer.hello("victim")
-        auth = Envelope(kind=Kind.AUTH, payload={"method": "key",
-                                                 "mac": mac_for(wire.victim_key, nonce, "victim")})
+        auth = Envelope(
+            kind=Kind.AUTH,
+            payload={"method": "key", "mac": mac_for(wire.victim_key, nonce, "victim")},
+        )
         captured.append(auth)
         peer.send_env(auth)
         assert (await peer.recv()).kind is Kind.WELCOME

@@ -122,9 +122,7 @@ class ProbePlugin:
                 raise LookupError(f"no artifact {params.artifact}")
             raise ValueError(f"artifact {params.artifact} is stored; refused all the same")
 
-        register(
-            DeployType("deploy.probe", ProbeParams, never_runs, server_check=stored_only)
-        )
+        register(DeployType("deploy.probe", ProbeParams, never_runs, server_check=stored_only))
 
 
 async def _wait_for_seen(server: DeployServer, client_id: str) -> int | None:
