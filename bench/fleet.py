@@ -178,11 +178,31 @@ def ingest_phase(
         f"per event, machine-wide); server: {commit_text(flood)}",
         ">= 5,000/s into SQLite, p99 commit <= 250 ms",
     )
+    if args.ingest_rate:
+        report.add(*cpu_budget(flood, args.ingest_rate))
     if flood["unacknowledged"]:
         report.problem(f"{flood['unacknowledged']} flood events never acknowledged")
     if any(size < args.ingest_events for size in flood["history_sizes"]):
         report.problem(f"histories hold fewer reports than sent: {flood['history_sizes']}")
     return in_flight
+
+
+def cpu_budget(flood: dict[str, Any], rate: float) -> tuple[str, str, float, str, str]:
+    """The cores the offered ``rate`` needs at the CPU per event this flood measured (the
+    server's, the agents', each as if the other were elsewhere), against this machine's: a
+    rate whose need exceeds the cores cannot be sustained here, whatever the server does."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    server = flood["server_cpu_ms"] * rate / 1000
+    agents = flood["agents_cpu_ms"] * rate / 1000
+    return (
+        "ingest_cpu_needed",
+        f"cores {rate:g} events/s need at these costs",
+        server + agents,
+        f"server {server:.2f} + agent workers {agents:.2f} = {server + agents:.2f} cores "
+        f"(this machine: {cores}; the server alone, at its measured cost, would take "
+        f"{1000 / max(flood['server_cpu_ms'], 1e-9):.0f} events/s on one core)",
+        "",
+    )
 
 
 def timeline_text(timeline: list[tuple[float, int]], every: float) -> str:

@@ -67,12 +67,15 @@ from .envelope import (
 from .files import CAPABILITY_FILE_QUEUE, FileStreamClient
 from .identity import auth_transcript, certificate_digest, new_private_key, public_bytes
 from .quic_settings import (
+    ANSWERLESS_ACK_DELAY,
     CONGESTION_CONTROL,
     MAX_DATA,
     MAX_STREAM_DATA,
     SOCKET_BUFFER_BYTES,
+    ack_due,
     acknowledge_with_answer,
     datagram_size_for,
+    defer_acknowledgement,
     enlarge_socket_buffers,
     pace_acknowledgement,
     patient_probes,
@@ -273,6 +276,9 @@ class _ServerConnection(QuicConnectionProtocol):
         self._decoder = FrameDecoder(max_bytes=max_bytes)
         self._max_bytes = max_bytes
         self._flush_scheduled = False
+        # What the datagram being read held needs an answer or a prompt acknowledgement
+        # (anything but the server's ACKs of this agent's events).
+        self._answered = True
         self.control_stream: int | None = None
         self.inbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
         self.last_frame_at = asyncio.get_running_loop().time()
@@ -320,9 +326,15 @@ class _ServerConnection(QuicConnectionProtocol):
             # after three missed heartbeats.
             drain_after_reset(self._quic, now)
         else:
+            owed = ack_due(self._quic)
             pace_acknowledgement(self._quic, len(data), now, at_once=_AIOQUIC_ACK_DELAY)
+            self._answered = False
             self._quic.receive_datagram(cast(bytes, data), addr, now=now)
             self._process_events()
+            if owed is None and not self._answered:
+                # Only the server's ACKs of this agent's events (or nothing to read): no
+                # answer will carry the acknowledgement; the next event or heartbeat will.
+                defer_acknowledgement(self._quic, now + ANSWERLESS_ACK_DELAY)
         closed = peer_closed(self._quic)
         if closed is not None and self.lost_reason is None:
             self.quic_event_received(closed)
@@ -370,10 +382,13 @@ class _ServerConnection(QuicConnectionProtocol):
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived) and event.stream_id == self.control_stream:
             self._control_data(event)
+            return
+        if not isinstance(event, PingAcknowledged):
+            self._answered = True  # file data, a reset, a handshake event: acknowledged soon
+        if isinstance(event, StreamDataReceived):
+            self.files.data_received(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, StreamReset) and event.stream_id == self.control_stream:
             self.lose("server reset the control stream")
-        elif isinstance(event, StreamDataReceived):
-            self.files.data_received(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, StreamReset):
             self.files.stream_reset(event.stream_id, event.error_code)
         elif isinstance(event, PingAcknowledged):
@@ -398,6 +413,8 @@ class _ServerConnection(QuicConnectionProtocol):
             return
         self.last_frame_at = asyncio.get_running_loop().time()
         for env in envelopes:
+            if env.kind is not Kind.ACK:
+                self._answered = True  # answered, or worth acknowledging soon
             if env.kind is Kind.PING:
                 self.send(Envelope(kind=Kind.PONG, ref=env.id))
             elif env.kind is not Kind.PONG:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from aioquic.quic.connection import QuicConnection
 
 __all__ = [
+    "ANSWERLESS_ACK_DELAY",
     "CONGESTION_CONTROL",
     "LOOPBACK_DATAGRAM_SIZE",
     "MAX_DATA",
@@ -30,6 +31,7 @@ __all__ = [
     "SOCKET_BUFFER_BYTES",
     "acknowledge_with_answer",
     "datagram_size_for",
+    "defer_acknowledgement",
     "enlarge_socket_buffers",
     "pace_acknowledgement",
     "patient_probes",
@@ -137,6 +139,36 @@ def peer_closed(quic: QuicConnection) -> ConnectionTerminated | None:
     return event if isinstance(event, ConnectionTerminated) else None
 
 
+#: How long an agent's acknowledgement of a datagram that gets no answer from it (the
+#: server's ACKs of its events) may wait for the agent's next packet to carry it: under
+#: :data:`PROBE_FLOOR`, the least the server waits before it probes (patient_probes counts
+#: the agent's delay as legitimate up to there, so its RTT estimate stays right).
+ANSWERLESS_ACK_DELAY = 0.2
+
+
+def ack_due(quic: QuicConnection) -> float | None:
+    """When this end's next acknowledgement is due (loop time), if one is owed."""
+    space = _one_rtt(quic)
+    ack_at = getattr(space, "ack_at", None)
+    return ack_at if isinstance(ack_at, float) else None
+
+
+def defer_acknowledgement(quic: QuicConnection, until: float) -> None:
+    """Let the acknowledgement owed wait until ``until`` (loop time) for a packet of this
+    end's own to carry it: for datagrams nothing here will answer (the caller knows that only
+    once it has read them, after aioquic set the usual delay).  The caller makes sure nothing
+    owed from before is delayed."""
+    space = _one_rtt(quic)
+    ack_at = getattr(space, "ack_at", None)
+    if isinstance(ack_at, float) and ack_at < until:
+        space.ack_at = until
+
+
+def _one_rtt(quic: QuicConnection) -> Any:
+    spaces = getattr(quic, "_spaces", None)
+    return spaces.get(tls.Epoch.ONE_RTT) if isinstance(spaces, dict) else None
+
+
 def acknowledge_with_answer(quic: QuicConnection, now: float) -> None:
     """Call before transmitting what this end sends: the packet carries the ACK of what
     arrived (aioquic writes an ACK only once it is due)."""
@@ -144,8 +176,7 @@ def acknowledge_with_answer(quic: QuicConnection, now: float) -> None:
 
 
 def _ack_by(quic: QuicConnection, when: float) -> None:
-    spaces = getattr(quic, "_spaces", None)
-    space: Any = spaces.get(tls.Epoch.ONE_RTT) if isinstance(spaces, dict) else None
+    space = _one_rtt(quic)
     ack_at = getattr(space, "ack_at", None)
     if isinstance(ack_at, float) and ack_at > when:
         space.ack_at = when

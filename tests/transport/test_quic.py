@@ -578,6 +578,61 @@ async def test_an_unanswered_message_is_still_acknowledged(
 
 
 @pytest.mark.asyncio
+async def test_the_agent_acknowledges_the_servers_acks_with_its_next_packet(
+    start_server: StartServer, start_connector: StartConnector
+) -> None:
+    """A datagram holding only the server's ACKs of the agent's events gets no answer from
+    the agent: its QUIC acknowledgement waits (ANSWERLESS_ACK_DELAY, under the probe floor)
+    for the agent's next packet instead of leaving on its own 20 ms later, one datagram less
+    for the server per report (issue 13, paced ingest).  Anything else is acknowledged as
+    before, and a deferred acknowledgement still leaves."""
+    server = await start_server()
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: server.session("web-1") is not None)
+    session = server.session("web-1")
+    assert session is not None
+    (server_side,) = [c for c in server._connections if not c.shut]
+    connection = agent._connection
+    assert connection is not None
+    space = connection._quic._spaces[tls.Epoch.ONE_RTT]
+    loop = asyncio.get_running_loop()
+    # When the acknowledgement is due, right after the agent read each datagram.
+    due: list[float] = []
+    receive = connection.datagram_received
+
+    def recording(data: bytes | str, addr: Any) -> None:
+        receive(data, addr)
+        if space.ack_at is not None:
+            due.append(space.ack_at - loop.time())
+
+    connection.datagram_received = recording  # type: ignore[method-assign]
+    assert transport_settings.ANSWERLESS_ACK_DELAY < transport_settings.PROBE_FLOOR
+
+    async def sent_and_read(env: Envelope) -> float:
+        await eventually(lambda: space.ack_at is None)  # nothing owed from before
+        due.clear()
+        session.send(env)
+        await eventually(lambda: bool(due))
+        return due[0]
+
+    # The server's ACK of an event: deferred.
+    wait = await sent_and_read(Envelope(kind=Kind.ACK, ref="ev-1"))
+    assert wait > transport_settings.MESSAGE_ACK_DELAY * 2
+    # The agent's next packet (an event) carries it: nothing owed once that is out.
+    assert agent.send(Envelope(kind=Kind.EVENT, name="deploy.progress", payload={}))
+    await asyncio.sleep(0)
+    assert space.ack_at is None
+    # A command (which the agent answers) is acknowledged within the message delay.
+    command = Envelope(kind=Kind.COMMAND, name="deploy.start", payload={"deploy_id": "d1"})
+    assert await sent_and_read(command) <= transport_settings.MESSAGE_ACK_DELAY
+    # Deferred with nothing to carry it, the acknowledgement leaves on its own.
+    await sent_and_read(Envelope(kind=Kind.ACK, ref="ev-2"))
+    await eventually(lambda: server_side._quic._loss.bytes_in_flight == 0)
+    assert space.ack_at is None
+
+
+@pytest.mark.asyncio
 async def test_both_ends_wait_at_least_the_probe_floor_before_resending(
     start_server: StartServer, start_connector: StartConnector
 ) -> None:
