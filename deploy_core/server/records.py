@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -502,11 +502,16 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
                 results.append(Applied(False, record, previous))
                 continue
             moved = record.finished_at is None
-            record = replace(record, last_seq=report.seq, updated_at=time.time())
             if moved:
-                record = replace(
-                    record, status=report.status.value, stage=report.stage, progress=report.progress
+                record = record.replaced(
+                    last_seq=report.seq,
+                    updated_at=time.time(),
+                    status=report.status.value,
+                    stage=report.stage,
+                    progress=report.progress,
                 )
+            else:
+                record = record.replaced(last_seq=report.seq, updated_at=time.time())
             message = report.message if moved else f"(after finish) {report.message}"
             lines.append((report.deploy_id, report.seq, report.status.value, report.stage,
                           report.progress, message, "agent", report.timestamp))  # fmt: skip
@@ -561,7 +566,7 @@ class RecordStore(ClientRecords, OwnershipRecords, TargetRecords):
             .where(deployments.c.deploy_id == report.deploy_id)
             .values(log_bytes=record.log_bytes + used, log_truncated=truncated)
         )
-        return replace(record, log_bytes=record.log_bytes + used, log_truncated=truncated)
+        return record.replaced(log_bytes=record.log_bytes + used, log_truncated=truncated)
 
     def secret_env(self, deploy_id: str) -> dict[str, str]:
         """The secret environment of an unfinished deployment (empty when none)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
@@ -23,16 +24,27 @@ def iso_time(ts: float | None) -> str | None:
     """Epoch seconds as the API shows times: ISO 8601 in UTC with a ``Z``."""
     if ts is None:
         return None
+    return _iso(ts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso(ts: float) -> str:
+    # Cached: a record's view is made for every status report it gets (listeners, metrics),
+    # and its creation time and deadline are the same each time.
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
+_FIELD_SETS: dict[type, frozenset[str]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
     names = _FIELD_NAMES.get(cls)
     if names is None:
         names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        _FIELD_SETS[cls] = frozenset(names)
     return names
 
 
@@ -53,6 +65,19 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         """The row as a ``{column: value}`` dict (a new dict; the values are the row's)."""
         return {name: getattr(self, name) for name in _field_names(type(self))}
+
+    def replaced(self, **changes: Any) -> Self:
+        """A copy with ``changes``: :func:`dataclasses.replace` without its scan of the
+        fields on every call (the ingest makes one per status report; ``replace`` took a
+        tenth of the server's CPU in a flood of them).
+
+        :raises TypeError: ``changes`` names a field the row does not have."""
+        cls = type(self)
+        names = _field_names(cls)
+        if not changes.keys() <= _FIELD_SETS[cls]:
+            unknown = sorted(changes.keys() - _FIELD_SETS[cls])
+            raise TypeError(f"{cls.__name__} has no field {unknown[0]!r}")
+        return cls(*[changes[n] if n in changes else getattr(self, n) for n in names])
 
 
 @dataclass(frozen=True, slots=True)

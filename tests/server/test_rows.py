@@ -41,6 +41,7 @@ from deploy_core.server.rows import (
     LockRow,
     LogLineRow,
     Row,
+    iso_time,
 )
 from deploy_core.server.tokens import TokenStore
 
@@ -353,6 +354,25 @@ def test_rows_are_frozen_and_slotted(cls: type[Row]) -> None:
         row.surprise = 1  # type: ignore[attr-defined]
     assert not hasattr(row, "__dict__")
     assert row.as_dict() == dict.fromkeys(names)
+
+
+@pytest.mark.parametrize("cls", ROW_CLASSES, ids=lambda c: c.__name__)
+def test_replaced_gives_what_dataclasses_replace_gives(cls: type[Row]) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    row = cls.from_row({name: f"old-{name}" for name in names})
+    for changes in ({}, {names[0]: "new"}, {name: f"new-{name}" for name in names[::2]}):
+        copy = row.replaced(**changes)
+        assert copy == dataclasses.replace(row, **changes)  # type: ignore[type-var]
+        assert type(copy) is cls and copy is not row
+    assert row.as_dict() == {name: f"old-{name}" for name in names}  # unchanged
+    with pytest.raises(TypeError, match="no field 'not_a_column'"):
+        row.replaced(**{names[0]: "x", "not_a_column": 1})
+
+
+def test_api_times_are_the_same_from_the_cache() -> None:
+    for ts in (0.0, 1_796_586_000.0, 1_796_586_000.5, 1_796_586_000.123456):
+        assert iso_time(ts) == iso_time(ts) == old_iso_time(ts)
+    assert iso_time(None) is None
 
 
 def test_a_stored_row_cannot_be_changed(store: RecordStore) -> None:
