@@ -277,8 +277,9 @@ class _ServerConnection(QuicConnectionProtocol):
         self._max_bytes = max_bytes
         self._flush_scheduled = False
         # What the datagram being read held needs an answer or a prompt acknowledgement
-        # (anything but the server's ACKs of this agent's events).
+        # (anything but whole ACKs of this agent's events); the ACKs it held.
         self._answered = True
+        self._acks_read = 0
         self.control_stream: int | None = None
         self.inbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
         self.last_frame_at = asyncio.get_running_loop().time()
@@ -328,12 +329,12 @@ class _ServerConnection(QuicConnectionProtocol):
         else:
             owed = ack_due(self._quic)
             pace_acknowledgement(self._quic, len(data), now, at_once=_AIOQUIC_ACK_DELAY)
-            self._answered = False
+            self._answered, self._acks_read = False, 0
             self._quic.receive_datagram(cast(bytes, data), addr, now=now)
             self._process_events()
-            if owed is None and not self._answered:
-                # Only the server's ACKs of this agent's events (or nothing to read): no
-                # answer will carry the acknowledgement; the next event or heartbeat will.
+            if owed is None and self._acks_read and not self._answered:
+                # Only whole ACKs of this agent's events: no answer will carry the
+                # acknowledgement; the agent's next event or heartbeat will.
                 defer_acknowledgement(self._quic, now + ANSWERLESS_ACK_DELAY)
         closed = peer_closed(self._quic)
         if closed is not None and self.lost_reason is None:
@@ -412,8 +413,12 @@ class _ServerConnection(QuicConnectionProtocol):
             self.lose(f"server sent a bad frame: {exc}")
             return
         self.last_frame_at = asyncio.get_running_loop().time()
+        if self._decoder.pending:
+            self._answered = True  # part of a message: its sender's window must move
         for env in envelopes:
-            if env.kind is not Kind.ACK:
+            if env.kind is Kind.ACK:
+                self._acks_read += 1
+            else:
                 self._answered = True  # answered, or worth acknowledging soon
             if env.kind is Kind.PING:
                 self.send(Envelope(kind=Kind.PONG, ref=env.id))

@@ -223,6 +223,11 @@ class FrameDecoder:
         del self._buffer[:offset]
         return envelopes
 
+    @property
+    def pending(self) -> int:
+        """Bytes received of a frame not yet complete."""
+        return len(self._buffer)
+
 
 # Ids of the answers this process makes (ACK, PONG): a random prefix and a counter, not a
 # uuid4 each (an ACK per status report is on the server's hot path).

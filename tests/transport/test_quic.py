@@ -626,6 +626,14 @@ async def test_the_agent_acknowledges_the_servers_acks_with_its_next_packet(
     # A command (which the agent answers) is acknowledged within the message delay.
     command = Envelope(kind=Kind.COMMAND, name="deploy.start", payload={"deploy_id": "d1"})
     assert await sent_and_read(command) <= transport_settings.MESSAGE_ACK_DELAY
+    # A message spanning many datagrams is acknowledged as it arrives (the server's window
+    # must move), though none of its datagrams holds a whole envelope.
+    big = Envelope(kind=Kind.COMMAND, name="deploy.start", payload={"script": "x" * 60_000})
+    await eventually(lambda: space.ack_at is None)
+    due.clear()
+    session.send(big)
+    await eventually(lambda: big in received(agent))
+    assert len(due) > 10 and max(due) <= transport_settings.MESSAGE_ACK_DELAY, due
     # Deferred with nothing to carry it, the acknowledgement leaves on its own.
     await sent_and_read(Envelope(kind=Kind.ACK, ref="ev-2"))
     await eventually(lambda: server_side._quic._loss.bytes_in_flight == 0)
