@@ -29,6 +29,7 @@ __all__ = [
     "MESSAGE_ACK_DELAY",
     "PROBE_FLOOR",
     "SOCKET_BUFFER_BYTES",
+    "ack_due",
     "acknowledge_with_answer",
     "datagram_size_for",
     "defer_acknowledgement",
