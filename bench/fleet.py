@@ -192,7 +192,7 @@ def cpu_budget(flood: dict[str, Any], rate: float) -> tuple[str, str, float, str
     server's, the agents'), against this machine's.  Those costs are this run's: they fall
     when reports share packets or the server keeps up, so a need above the cores says what
     this run could not have sustained, not a bound."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = os.cpu_count()
     server = flood["server_cpu_ms"] * rate / 1000
     agents = flood["agents_cpu_ms"] * rate / 1000
     return (

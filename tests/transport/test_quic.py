@@ -293,6 +293,18 @@ def received(connector: AgentConnector) -> list[Envelope]:
     return connector.received  # type: ignore[attr-defined,no-any-return]
 
 
+async def connected_agent(
+    server: QuicServer, start_connector: StartConnector
+) -> tuple[AgentConnector, AgentSession]:
+    """An agent ("web-1", join token) connected to ``server``, and its session there."""
+    agent = start_connector(server, MemoryCredentials(token="join-secret"))
+    assert await agent.wait_connected(5)
+    await eventually(lambda: server.session("web-1") is not None)
+    session = server.session("web-1")
+    assert session is not None
+    return agent, session
+
+
 # --------------------------------------------------------------------------- authentication
 
 
@@ -484,11 +496,7 @@ async def test_commands_reach_the_agent_and_events_reach_the_server(
     start_server: StartServer, start_connector: StartConnector, recorder: Recorder
 ) -> None:
     server = await start_server()
-    agent = start_connector(server, MemoryCredentials(token="join-secret"))
-    assert await agent.wait_connected(5)
-    await eventually(lambda: server.session("web-1") is not None)
-    session = server.session("web-1")
-    assert session is not None
+    agent, session = await connected_agent(server, start_connector)
 
     command = Envelope(
         kind=Kind.COMMAND, name="deploy.start", wait_ack=True, payload={"deploy_id": "d1"}
@@ -587,11 +595,7 @@ async def test_the_agent_acknowledges_the_servers_acks_with_its_next_packet(
     for the server per report (issue 13, paced ingest).  Anything else is acknowledged as
     before, and a deferred acknowledgement still leaves."""
     server = await start_server()
-    agent = start_connector(server, MemoryCredentials(token="join-secret"))
-    assert await agent.wait_connected(5)
-    await eventually(lambda: server.session("web-1") is not None)
-    session = server.session("web-1")
-    assert session is not None
+    agent, session = await connected_agent(server, start_connector)
     (server_side,) = [c for c in server._connections if not c.shut]
     connection = agent._connection
     assert connection is not None
@@ -649,9 +653,7 @@ async def test_both_ends_wait_at_least_the_probe_floor_before_resending(
     loopback, where aioquic alone would probe after ~30 ms (issue 13: 2,000 agents resending
     to a busy server)."""
     server = await start_server()
-    agent = start_connector(server, MemoryCredentials(token="join-secret"))
-    assert await agent.wait_connected(5)
-    await eventually(lambda: server.session("web-1") is not None)
+    agent, _session = await connected_agent(server, start_connector)
     (connection,) = [c for c in server._connections if not c.shut]
     agent_connection = agent._connection
     assert agent_connection is not None
@@ -827,11 +829,7 @@ async def test_the_agent_heartbeats_with_quic_pings_and_a_silent_link_is_still_l
     start_server: StartServer, start_connector: StartConnector
 ) -> None:
     server = await start_server()
-    agent = start_connector(server, MemoryCredentials(token="join-secret"))
-    assert await agent.wait_connected(5)
-    await eventually(lambda: server.session("web-1") is not None)
-    session = server.session("web-1")
-    assert session is not None
+    agent, session = await connected_agent(server, start_connector)
     seen = session.last_seen
     # Heartbeats every 0.2 s, the connection lost after 3 unanswered: a second holds
     # five, each answered in time, and none of them an envelope.
